@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create .venv and install kvactors into it.
+#   bash scripts/setup.sh          runtime only (enough for `kvactors demo`)
+#   bash scripts/setup.sh --test   plus the test tools and the kvikio wheels
+# torch: kept if the venv already has one; otherwise the CPU build on a machine
+# without an NVIDIA driver (a plain `pip install torch` would pull a multi-GB
+# CUDA build), and the default build where `nvidia-smi` answers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "${PIP[@]}" torch
+  else
+    "${PIP[@]}" "torch==2.13.0" || {
+      echo "setup: no CPU torch 2.13.0 wheel here; install a CPU build of torch into .venv first" >&2
+      exit 1
+    }
+  fi
+fi
+if [ "${1:-}" = "--test" ]; then
+  "${PIP[@]}" -e ".[test]"
+  # kvikio without its CUDA dependencies: importable everywhere; used only where
+  # the CUDA driver loads (POSIX I/O otherwise). Optional: tests skip without it.
+  "${PIP[@]}" --no-deps kvikio-cu13 libkvikio-cu13 nvidia-cufile \
+    || echo "setup: kvikio wheels not installed; GDS tests will be skipped" >&2
+else
+  "${PIP[@]}" -e .
+fi

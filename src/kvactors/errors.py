@@ -1,0 +1,79 @@
+"""Every error kvactors raises, under one root.
+
+Each class is one line of meaning; the docstring says when it is raised.
+"Cannot store now" is *not* an error: ``prepare_store`` returns ``None``.
+"""
+
+from __future__ import annotations
+
+
+class KVActorsError(Exception):
+    """Root of every error raised by kvactors."""
+
+
+class ConfigError(KVActorsError, ValueError):
+    """A configuration value is wrong; the message names the field."""
+
+
+class UnknownPolicyError(ConfigError):
+    """An eviction policy name is not one kvactors knows; the message lists those it does."""
+
+
+class InvalidKeyError(KVActorsError, TypeError):
+    """A block key is not ``bytes`` or ``int``, or a call names the same key twice."""
+
+
+class BlockStateError(KVActorsError, LookupError):
+    """A key is absent or in the wrong state for the call (not ready, not pinned, ...)."""
+
+
+class BlockNotFoundError(BlockStateError):
+    """A key that must be present is not."""
+
+
+class BlockNotReadyError(BlockStateError):
+    """A key is present but still being written (ref count -1)."""
+
+
+class BlockNotPinnedError(BlockStateError):
+    """``complete_load`` named a key that no reader holds."""
+
+
+class ActorClosed(KVActorsError):
+    """The actor (or the whole cache) is closed; queued and new requests fail with this."""
+
+
+class ActorStartError(KVActorsError):
+    """An actor failed while starting; the cause is chained."""
+
+
+class TierError(KVActorsError):
+    """A tier failed a transfer; the cause is chained and the tier name is in the message."""
+
+
+class TierFailed(TierError):
+    """A tier actor crashed; the cache keeps serving from the other tiers."""
+
+
+class TransferError(TierError):
+    """Reading or writing block bytes failed (I/O error, disk full, short read)."""
+
+
+class IntegrityError(TransferError):
+    """A block read back from storage does not match its checksum."""
+
+
+class CacheLockedError(KVActorsError):
+    """Another process holds the NVMe directory of this cache."""
+
+
+class TensorSpecError(KVActorsError, ValueError):
+    """A user tensor has the wrong shape, dtype, device or size for the blocks named."""
+
+
+class PagedCacheError(KVActorsError):
+    """Bad use of the paged KV cache (unknown request, table used after free, too large)."""
+
+
+class OutOfBlocksError(PagedCacheError):
+    """The paged KV cache cannot find enough free blocks, even after offloading."""

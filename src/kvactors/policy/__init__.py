@@ -1,0 +1,51 @@
+"""Eviction policies: pure, synchronous orderings of one tier's blocks.
+
+| name           | keeps                                   | pick it when                                  |
+|----------------|-----------------------------------------|-----------------------------------------------|
+| ``lru``        | one recency list                        | the default; cheapest, good on chat traces    |
+| ``arc``        | recency (T1) and frequency (T2) lists   | scans mix with reuse; adapts between the two  |
+| ``weighted_lru`` | recency aged by frequency and size    | a few shared prefixes are reused far more     |
+
+Each policy implements :class:`CachePolicy`; ``make_policy(name, capacity)``
+builds one by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kvactors.errors import UnknownPolicyError
+from kvactors.policy._base import BlockStatus, CachePolicy, Key
+from kvactors.policy.arc import ARCPolicy
+from kvactors.policy.lru import LRUPolicy
+from kvactors.policy.weighted_lru import WeightedLRUPolicy
+
+__all__ = [
+    "POLICIES",
+    "ARCPolicy",
+    "BlockStatus",
+    "CachePolicy",
+    "Key",
+    "LRUPolicy",
+    "WeightedLRUPolicy",
+    "make_policy",
+]
+
+POLICIES: dict[str, Callable[[int], CachePolicy]] = {
+    "lru": LRUPolicy,
+    "arc": ARCPolicy,
+    "weighted_lru": WeightedLRUPolicy,
+}
+
+
+def make_policy(name: str, capacity: int) -> CachePolicy:
+    """Build the policy called ``name`` for a tier of ``capacity`` blocks.
+
+    Raises :class:`~kvactors.errors.UnknownPolicyError` listing the known names.
+    """
+    try:
+        factory = POLICIES[name]
+    except (KeyError, TypeError):
+        known = ", ".join(sorted(POLICIES))
+        raise UnknownPolicyError(f"unknown policy {name!r}; supported: {known}") from None
+    return factory(capacity)
