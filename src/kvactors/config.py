@@ -1,0 +1,153 @@
+"""Configuration: one msgspec ``Config`` for the whole cache, loadable from TOML.
+
+Every value is checked when the config is built or loaded; a wrong one raises
+:class:`~kvactors.errors.ConfigError` whose message names the field
+(``cpu.num_blocks``, ``nvme.threads``, ...).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from kvactors.errors import ConfigError
+from kvactors.policy import POLICIES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Config", "GPUConfig", "NVMeConfig", "TierConfig"]
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def _check_positive(obj: msgspec.Struct, *names: str) -> None:
+    # msgspec checks ``Meta`` bounds only when decoding; direct construction
+    # (``TierConfig(num_blocks=0)``) is checked here with the same message.
+    for name in names:
+        value = getattr(obj, name)
+        if type(value) is not int or value < 1:
+            raise ConfigError(f"{name}: expected an int >= 1, got {value!r}")
+
+
+class GPUConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The engine-side pool that stores copy from and loads copy into.
+
+    ``device``: ``"auto"`` picks ``cuda`` when available, else ``cpu`` (same code).
+    """
+
+    num_blocks: Positive = 256
+    device: str = "auto"
+    threads: Positive = 2
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "num_blocks", "threads")
+
+
+class TierConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The CPU tier: ``num_blocks`` slots ordered by ``policy``."""
+
+    num_blocks: Positive = 1024
+    policy: str = "lru"
+    threads: Positive = 2
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "num_blocks", "threads")
+
+
+class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The NVMe tier. ``directory=None`` uses a temporary directory removed on close.
+
+    ``backend``: ``"auto"`` uses kvikio where the CUDA driver loads, POSIX I/O in
+    worker threads otherwise; ``"posix"`` or ``"kvikio"`` force one.
+    """
+
+    num_blocks: Positive = 4096
+    policy: str = "lru"
+    directory: str | None = None
+    backend: Literal["auto", "posix", "kvikio"] = "auto"
+    threads: Positive = 4
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "num_blocks", "threads")
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Everything ``kvactors.open`` needs.
+
+    - ``block_bytes``: bytes of one offload block (all tiers share it).
+    - ``write_mode``: ``"write_back"`` demotes blocks evicted from CPU to NVMe;
+      ``"write_through"`` also writes every stored block to NVMe at once.
+    - ``mailbox_size``: bound of every actor's mailbox (commands wait for room,
+      hints are dropped). ``max_inflight``: requests the coordinator runs at once.
+    - ``nvme=None`` runs with GPU and CPU tiers only.
+    """
+
+    block_bytes: Positive = 64 * KiB
+    gpu: GPUConfig = GPUConfig()
+    cpu: TierConfig = TierConfig()
+    nvme: NVMeConfig | None = NVMeConfig()
+    write_mode: Literal["write_back", "write_through"] = "write_back"
+    mailbox_size: Positive = 256
+    max_inflight: Positive = 32
+    event_buffer: NonNegative = 1024
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "block_bytes", "mailbox_size", "max_inflight")
+        for field, tier in (("cpu", self.cpu), ("nvme", self.nvme)):
+            if tier is not None and tier.policy not in POLICIES:
+                known = ", ".join(sorted(POLICIES))
+                raise ConfigError(
+                    f"{field}.policy: unknown policy {tier.policy!r}; supported: {known}"
+                )
+        if self.gpu.device not in ("auto", "cpu", "cuda") and not self.gpu.device.startswith(
+            "cuda:"
+        ):
+            raise ConfigError(
+                f"gpu.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.gpu.device!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build a config from plain data (as parsed from TOML or JSON)."""
+        try:
+            return msgspec.convert(data, cls)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"invalid config: {_field_message(exc)}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Config:
+        """Load a config from a TOML file; unknown keys and wrong values raise ConfigError."""
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied and validated."""
+        data = msgspec.to_builtins(self)
+        data.update(msgspec.to_builtins(changes))
+        return Config.from_dict(data)
+
+
+def _field_message(exc: msgspec.ValidationError) -> str:
+    # msgspec says "Expected `int` >= 1, got `0` - at `$.cpu.num_blocks`"; lead
+    # with the field path, as users scan for it first.
+    text = str(exc)
+    head, sep, where = text.rpartition(" - at `$.")
+    if sep:
+        return f"{where.rstrip('`')}: {head}"
+    return text
