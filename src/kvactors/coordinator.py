@@ -1,0 +1,582 @@
+"""The coordinator: the front door of the cache.
+
+``async with kvactors.open(config) as kv:`` starts the tier actors, the policy
+actor and the coordinator actor in one task group and stops them in dependency
+order on exit (coordinator, policy, tiers). Every request travels as a message
+to the coordinator actor, which runs up to ``max_inflight`` handshakes at once,
+each ``prepare -> transfer -> complete``:
+
+- the handshake runs in the coordinator's task, not the caller's, so
+  ``complete`` always runs: a cancelled caller never leaves a pin or a
+  half-written block behind;
+- a caller cancelled before its transfer starts skips the transfer; a store
+  whose caller was cancelled completes with ``success=False`` (its bytes may be
+  torn), so it is never served. The job already in flight finishes first: until
+  then ``src`` may still be read / ``dst`` written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import msgspec
+import torch
+
+from kvactors.actors import Actor, ActorStats, Future
+from kvactors.config import Config
+from kvactors.errors import (
+    ActorClosed,
+    InvalidKeyError,
+    TensorSpecError,
+    TierError,
+    TierFailed,
+)
+from kvactors.events import CacheEvent
+from kvactors.policy import Key
+from kvactors.policy_actor import (
+    CompleteLoad,
+    CompleteStore,
+    Demotion,
+    GetSnapshot,
+    LoadPlan,
+    Lookup,
+    LookupResult,
+    MarkFailed,
+    PolicyActor,
+    PrepareLoad,
+    PrepareStore,
+    Snapshot,
+    StorePlan,
+    Subscribe,
+)
+from kvactors.tier_actor import BlockMedium, Copy, Read, TierActor, TierStats, Write
+
+__all__ = ["CacheStats", "KVCache", "LoadResult", "StoreResult", "open"]
+
+
+class StoreResult(msgspec.Struct, frozen=True):
+    """``stored`` blocks were written; ``present`` were already cached."""
+
+    stored: int
+    present: int
+
+
+class LoadResult(msgspec.Struct, frozen=True):
+    """Every block was loaded; ``tiers[i]`` is where block ``i`` came from."""
+
+    tiers: list[str]
+
+
+class LatencyStats(msgspec.Struct, frozen=True):
+    count: int
+    p50_us: float
+    p99_us: float
+
+
+class CacheStats(msgspec.Struct, frozen=True):
+    policy: Snapshot
+    tiers: dict[str, TierStats]
+    actors: list[ActorStats]
+    latency: dict[str, LatencyStats]
+    failed_stores: int
+    failed_loads: int
+    prefetch_dropped: int
+
+
+# -- messages ---------------------------------------------------------------------
+
+
+class Ticket:
+    """Set by the caller when it is cancelled; read by the handshake between steps."""
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+
+class DoLookup(msgspec.Struct, frozen=True, tag=True):
+    keys: list[Key]
+
+
+class DoStore(msgspec.Struct, frozen=True, tag=True):
+    keys: list[Key]
+    src: Any  # list[int] of GPU-pool slots, or a (n, block_bytes) uint8 tensor
+    ticket: Any
+
+
+class DoLoad(msgspec.Struct, frozen=True, tag=True):
+    keys: list[Key]
+    dst: Any
+    ticket: Any
+
+
+class DoPrefetch(msgspec.Struct, frozen=True, tag=True):
+    keys: list[Key]
+
+
+CoordinatorRequest = DoLookup | DoStore | DoLoad | DoPrefetch
+
+
+def _check_keys(keys: Sequence[Key], what: str) -> list[Key]:
+    keys = list(keys)
+    if not keys:
+        raise InvalidKeyError(f"{what}: no keys given")
+    for key in keys:
+        if type(key) is not int and type(key) is not bytes:
+            raise InvalidKeyError(
+                f"{what}: block key {key!r} has type {type(key).__name__}; keys must be bytes or int"
+            )
+    if len(set(keys)) != len(keys):
+        seen: set[Key] = set()
+        for key in keys:
+            if key in seen:
+                raise InvalidKeyError(f"{what}: block key {key!r} is named twice")
+            seen.add(key)
+    return keys
+
+
+class _Latency:
+    """A bounded reservoir of latencies in microseconds."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self.samples: list[float] = []
+        self.size = size
+        self.count = 0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        if len(self.samples) < self.size:
+            self.samples.append(seconds * 1e6)
+        else:
+            self.samples[self.count % self.size] = seconds * 1e6
+
+    def snapshot(self) -> LatencyStats:
+        if not self.samples:
+            return LatencyStats(0, 0.0, 0.0)
+        s = sorted(self.samples)
+        return LatencyStats(self.count, s[len(s) // 2], s[min(len(s) - 1, int(len(s) * 0.99))])
+
+
+class Coordinator(Actor[CoordinatorRequest]):
+    """Runs handshakes; see the module docstring."""
+
+    def __init__(
+        self,
+        config: Config,
+        policy: PolicyActor,
+        gpu: TierActor,
+        cpu: TierActor,
+        nvme: TierActor | None,
+    ) -> None:
+        super().__init__(
+            "coordinator", mailbox_size=config.mailbox_size, concurrency=config.max_inflight
+        )
+        self.config = config
+        self.policy = policy
+        self.gpu = gpu
+        self.cpu = cpu
+        self.nvme = nvme
+        self.block_bytes = config.block_bytes
+        self.latency = {name: _Latency() for name in ("lookup", "store", "load")}
+        self.failed_stores = 0
+        self.failed_loads = 0
+        self.failed_tiers: set[str] = set()
+
+    async def handle(self, message: CoordinatorRequest) -> Any:
+        start = time.perf_counter()
+        match message:
+            case DoLookup(keys):
+                result = await self.policy.ask(Lookup(keys))
+                self.latency["lookup"].add(time.perf_counter() - start)
+                return result
+            case DoStore(keys, src, ticket):
+                try:
+                    return await self._store(keys, src, ticket)
+                finally:
+                    self.latency["store"].add(time.perf_counter() - start)
+            case DoLoad(keys, dst, ticket):
+                try:
+                    return await self._load(keys, dst, ticket)
+                finally:
+                    self.latency["load"].add(time.perf_counter() - start)
+            case DoPrefetch(keys):
+                return await self._prefetch(keys)
+
+    # -- transfers ------------------------------------------------------------------
+
+    def _rows(self, side: Any, index: list[int]) -> tuple[TierActor, Any]:
+        """Where the user's blocks ``index`` are: GPU-pool slots or tensor rows."""
+        if isinstance(side, torch.Tensor):
+            if len(index) == side.shape[0] and index == list(range(len(index))):
+                return self.cpu, side
+            return self.cpu, side[torch.tensor(index, dtype=torch.long, device=side.device)]
+        return self.gpu, [side[i] for i in index]
+
+    async def _to_cpu(self, cpu_ids: list[int], side: Any, index: list[int]) -> None:
+        """Write the caller's blocks ``index`` into ``cpu`` slots ``cpu_ids``."""
+        if not cpu_ids:
+            return
+        if isinstance(side, torch.Tensor):
+            _, rows = self._rows(side, index)
+            await self._ask_tier(self.cpu, Write(cpu_ids, rows))
+        else:
+            gpu_ids = [side[i] for i in index]
+            await self._ask_tier(self.gpu, Copy(self.cpu.medium, cpu_ids, gpu_ids, outbound=True))
+
+    async def _from_tier(
+        self, tier: TierActor, ids: list[int], side: Any, index: list[int]
+    ) -> None:
+        """Copy slots ``ids`` of ``tier`` into the caller's blocks ``index``."""
+        if not ids:
+            return
+        if isinstance(side, torch.Tensor):
+            if index == list(range(side.shape[0])):
+                await self._ask_tier(tier, Read(ids, side))
+                return
+            rows = torch.empty((len(ids), self.block_bytes), dtype=torch.uint8)
+            await self._ask_tier(tier, Read(ids, rows))
+            side[torch.tensor(index, dtype=torch.long, device=side.device)] = rows.to(side.device)
+        else:
+            gpu_ids = [side[i] for i in index]
+            await self._ask_tier(self.gpu, Copy(tier.medium, ids, gpu_ids))
+
+    async def _ask_tier(self, tier: TierActor, job: Any) -> Any:
+        try:
+            return await tier.ask(job)
+        except ActorClosed as exc:
+            self.failed_tiers.add(tier.name)
+            raise TierFailed(f"tier {tier.name!r} is down") from exc
+
+    async def _demote(self, demote: Demotion | None) -> bool:
+        """Write evicted ``cpu`` blocks down to ``nvme``; ``False`` if that failed."""
+        if demote is None or self.nvme is None:
+            return False
+        try:
+            await self._ask_tier(self.nvme, Copy(self.cpu.medium, demote.cpu_ids, demote.nvme_ids))
+        except TierError:
+            await self._tier_failed(self.nvme)
+            return False
+        return True
+
+    async def _tier_failed(self, tier: TierActor) -> None:
+        if tier.statistics().running and tier.tier_stats().crashed is None:
+            return  # a job failed; the tier itself is alive
+        if tier.name not in self.failed_tiers:
+            self.failed_tiers.add(tier.name)
+            await self.policy.ask(MarkFailed(tier.name))
+
+    # -- handshakes -----------------------------------------------------------------
+
+    async def _store(self, keys: list[Key], src: Any, ticket: Ticket) -> StoreResult | None:
+        plan: StorePlan | None = await self.policy.ask(PrepareStore(keys))
+        if plan is None:
+            return None
+        stored = demoted = through = False
+        try:
+            demoted = await self._demote(plan.demote)
+            if ticket.cancelled:
+                return None
+            await self._to_cpu(plan.cpu_ids, src, plan.index)
+            stored = not ticket.cancelled
+            if stored and plan.through_keys and self.nvme is not None:
+                cpu_ids = [plan.cpu_ids[j] for j in plan.through_pos]
+                try:
+                    await self._ask_tier(
+                        self.nvme, Copy(self.cpu.medium, cpu_ids, plan.through_ids)
+                    )
+                    through = True
+                except TierError:
+                    await self._tier_failed(self.nvme)
+        except BaseException:
+            self.failed_stores += 1
+            raise
+        finally:
+            # Runs whatever happened above, cancellation of this task included.
+            with anyio.CancelScope(shield=True):
+                await self.policy.ask(CompleteStore(plan, stored, demoted, through))
+        return StoreResult(len(plan.keys), len(keys) - len(plan.keys))
+
+    async def _load(self, keys: list[Key], dst: Any, ticket: Ticket) -> LoadResult:
+        plan: LoadPlan = await self.policy.ask(PrepareLoad(keys))
+        promoted = demoted = False
+        try:
+            demoted = await self._demote(plan.demote)
+            if plan.promote_keys and self.nvme is not None:
+                try:
+                    await self._ask_tier(
+                        self.nvme,
+                        Copy(self.cpu.medium, plan.promote_cpu_ids, plan.promote_nvme_ids, True),
+                    )
+                    promoted = True
+                except TierError:
+                    await self._tier_failed(self.nvme)
+                    raise
+            if not ticket.cancelled:
+                cpu_ids = plan.cpu_ids + plan.promote_cpu_ids
+                cpu_pos = plan.cpu_pos + plan.promote_pos
+                await self._from_tier(self.cpu, cpu_ids, dst, cpu_pos)
+                if plan.direct_keys and self.nvme is not None:
+                    await self._from_tier(self.nvme, plan.direct_nvme_ids, dst, plan.direct_pos)
+        except BaseException:
+            self.failed_loads += 1
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.policy.ask(CompleteLoad(plan, promoted, demoted))
+        tiers = ["cpu"] * len(keys)
+        for pos in plan.promote_pos + plan.direct_pos:
+            tiers[pos] = "nvme"
+        return LoadResult(tiers)
+
+    async def _prefetch(self, keys: list[Key]) -> int:
+        if self.nvme is None:
+            return 0
+        plan: LoadPlan = await self.policy.ask(PrepareLoad(keys, prefetch=True))
+        promoted = demoted = False
+        try:
+            demoted = await self._demote(plan.demote)
+            if plan.promote_keys:
+                await self._ask_tier(
+                    self.nvme,
+                    Copy(self.cpu.medium, plan.promote_cpu_ids, plan.promote_nvme_ids, True),
+                )
+                promoted = True
+        except TierError:
+            await self._tier_failed(self.nvme)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.policy.ask(CompleteLoad(plan, promoted, demoted))
+        return len(plan.promote_keys) if promoted else 0
+
+
+class KVCache:
+    """The handle ``kvactors.open`` yields. Every method may be called from any
+    task of the event loop that opened the cache.
+
+    Sources and destinations (``src`` / ``dst``) are either a list of GPU-pool
+    slot ids, one per key, or a tensor of ``len(keys)`` blocks: shape
+    ``(n, block_bytes)`` ``uint8``, or any contiguous tensor of
+    ``n * block_bytes`` bytes whose first dimension is ``n``.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        coordinator: Coordinator,
+        task_group: anyio.abc.TaskGroup,
+    ) -> None:
+        self.config = config
+        self._coord = coordinator
+        self._tg = task_group
+        self._closed = False
+
+    @property
+    def gpu_pool(self) -> BlockMedium:
+        """The GPU pool (``device="cpu"`` without CUDA) that slot ids name."""
+        return self._coord.gpu.medium
+
+    # -- validation -----------------------------------------------------------------
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ActorClosed(f"{what}: the cache is closed")
+
+    def _check_side(self, side: Any, n: int, what: str) -> Any:
+        bb = self.config.block_bytes
+        if isinstance(side, torch.Tensor):
+            if side.dim() == 0 or side.shape[0] != n:
+                raise TensorSpecError(
+                    f"{what}: tensor must have {n} blocks in its first dimension, "
+                    f"got shape {tuple(side.shape)}"
+                )
+            if side.nbytes != n * bb:
+                raise TensorSpecError(
+                    f"{what}: tensor holds {side.nbytes} bytes, expected {n} x {bb}"
+                )
+            if not side.is_contiguous():
+                raise TensorSpecError(f"{what}: tensor must be contiguous")
+            return side.view(torch.uint8).view(n, bb) if side.dtype != torch.uint8 else side.view(n, bb)
+        try:
+            ids = [int(i) for i in side]
+        except TypeError:
+            raise TensorSpecError(
+                f"{what}: expected a tensor or a list of GPU-pool slot ids, got {type(side).__name__}"
+            ) from None
+        if len(ids) != n:
+            raise TensorSpecError(f"{what}: {len(ids)} slot ids for {n} keys")
+        limit = self.gpu_pool.num_blocks
+        for i in ids:
+            if not 0 <= i < limit:
+                raise TensorSpecError(f"{what}: GPU-pool slot {i} is out of range 0..{limit - 1}")
+        if len(set(ids)) != len(ids):
+            raise TensorSpecError(f"{what}: a GPU-pool slot id is named twice")
+        return ids
+
+    async def _ask(self, message: Any, ticket: Ticket | None) -> Any:
+        try:
+            return await self._coord.ask(message)
+        except BaseException:
+            if ticket is not None:
+                ticket.cancelled = True
+            raise
+
+    # -- the API --------------------------------------------------------------------
+
+    async def lookup(self, keys: Sequence[Key]) -> LookupResult:
+        """How many leading ``keys`` are available, and in which tier each is.
+
+        Raises :class:`~kvactors.errors.InvalidKeyError` for bad keys and
+        :class:`~kvactors.errors.ActorClosed` after close. Cancelling it changes nothing.
+        """
+        self._check_open("lookup")
+        return await self._ask(DoLookup(_check_keys(keys, "lookup")), None)  # type: ignore[no-any-return]
+
+    async def store(self, keys: Sequence[Key], src: Any) -> StoreResult | None:
+        """Store the blocks of ``src`` under ``keys`` (keys already cached are skipped).
+
+        Returns ``None`` when the cache cannot take them now (every block pinned
+        or in flight): nothing changed. Raises :class:`~kvactors.errors.TierError`
+        if the transfer failed (the blocks are then not stored). If cancelled,
+        the store completes as failed; ``src`` may still be read until the job
+        in flight ends.
+        """
+        self._check_open("store")
+        keys = _check_keys(keys, "store")
+        side = self._check_side(src, len(keys), "store src")
+        ticket = Ticket()
+        return await self._ask(DoStore(keys, side, ticket), ticket)  # type: ignore[no-any-return]
+
+    async def load(self, keys: Sequence[Key], dst: Any) -> LoadResult:
+        """Copy the cached blocks ``keys`` into ``dst``, promoting NVMe blocks to CPU.
+
+        Raises :class:`~kvactors.errors.BlockNotFoundError` (nothing pinned) if a
+        key is not available, :class:`~kvactors.errors.TierError` if a transfer
+        failed. If cancelled, every pin is released; ``dst`` may still be
+        written until the job in flight ends.
+        """
+        self._check_open("load")
+        keys = _check_keys(keys, "load")
+        side = self._check_side(dst, len(keys), "load dst")
+        ticket = Ticket()
+        return await self._ask(DoLoad(keys, side, ticket), ticket)  # type: ignore[no-any-return]
+
+    def submit_store(self, keys: Sequence[Key], src: Any) -> Future[StoreResult | None]:
+        """Start :meth:`store` and return its future at once (poll ``done()``)."""
+        return self._submit(self.store(keys, src))
+
+    def submit_load(self, keys: Sequence[Key], dst: Any) -> Future[LoadResult]:
+        """Start :meth:`load` and return its future at once (poll ``done()``)."""
+        return self._submit(self.load(keys, dst))
+
+    def _submit(self, coro: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        if self._closed:
+            coro.close()
+            fut.set_exception(ActorClosed("submit: the cache is closed"))
+            return fut
+
+        async def run() -> None:
+            try:
+                fut.set_result(await coro)
+            except Exception as exc:  # delivered through the future, never lost
+                fut.set_exception(exc)
+            except BaseException:
+                fut.set_exception(ActorClosed("the cache closed before the request finished"))
+                raise
+
+        self._tg.start_soon(run)
+        return fut
+
+    def prefetch(self, keys: Sequence[Key]) -> bool:
+        """Hint that ``keys`` will be loaded soon: NVMe blocks are promoted to CPU.
+
+        Lossy: returns ``False`` (and counts it) when the coordinator's mailbox
+        is full or the cache is closed. Never waits, never raises for that.
+        """
+        return self._coord.try_tell(DoPrefetch(_check_keys(keys, "prefetch")))
+
+    async def events(self) -> AsyncIterator[CacheEvent]:
+        """Events from now on; the stream ends when the cache closes."""
+        self._check_open("events")
+        stream: AsyncIterator[CacheEvent] = await self._coord.policy.ask(Subscribe())
+        return stream
+
+    async def stats(self) -> CacheStats:
+        self._check_open("stats")
+        snap: Snapshot = await self._coord.policy.ask(GetSnapshot())
+        tiers = [self._coord.gpu, self._coord.cpu]
+        if self._coord.nvme is not None:
+            tiers.append(self._coord.nvme)
+        actors = [self._coord.statistics(), self._coord.policy.statistics()]
+        actors += [t.statistics() for t in tiers]
+        return CacheStats(
+            policy=snap,
+            tiers={t.name: t.tier_stats() for t in tiers},
+            actors=actors,
+            latency={k: v.snapshot() for k, v in self._coord.latency.items()},
+            failed_stores=self._coord.failed_stores,
+            failed_loads=self._coord.failed_loads,
+            prefetch_dropped=self._coord.statistics().hints_dropped,
+        )
+
+
+@asynccontextmanager
+async def open(config: Config | None = None) -> AsyncIterator[KVCache]:  # noqa: A001
+    """Start every actor of a cache built from ``config`` (defaults when ``None``).
+
+    On exit, in-flight requests finish, then the coordinator, the policy actor
+    and the tiers stop in that order; requests still queued fail with
+    :class:`~kvactors.errors.ActorClosed`. A start-up failure (say, an NVMe
+    directory that cannot be created) raises :class:`~kvactors.errors.ActorStartError`.
+    """
+    from kvactors.media import build_media
+
+    config = config or Config()
+    gpu_m, cpu_m, nvme_m = build_media(config)
+    gpu = TierActor(gpu_m, threads=config.gpu.threads, mailbox_size=config.mailbox_size)
+    cpu = TierActor(cpu_m, threads=config.cpu.threads, mailbox_size=config.mailbox_size)
+    nvme = None
+    if nvme_m is not None:
+        assert config.nvme is not None
+        nvme = TierActor(nvme_m, threads=config.nvme.threads, mailbox_size=config.mailbox_size)
+    policy = PolicyActor(config)
+    coord = Coordinator(config, policy, gpu, cpu, nvme)
+    tiers = [t for t in (gpu, cpu, nvme) if t is not None]
+    order: list[Actor[Any]] = [*tiers, policy, coord]
+    async with anyio.create_task_group() as tg:
+        started: list[Actor[Any]] = []
+        try:
+            for actor in order:
+                await tg.start(actor.run)
+                started.append(actor)
+            async with anyio.create_task_group() as user_tg:
+                kv = KVCache(config, coord, user_tg)
+                try:
+                    yield kv
+                finally:
+                    kv._closed = True
+        finally:
+            # Dependency order: nothing new reaches the coordinator, then the
+            # policy actor, then the tiers that in-flight handshakes still use.
+            with anyio.CancelScope(shield=True):
+                for actor in reversed(order):
+                    await actor.stop()
+                    if actor is coord:
+                        await _drain(coord)
+            # A tier actor closes its medium when it stops; media of tiers that
+            # never started are closed here.
+            for tier in tiers:
+                if tier not in started:
+                    tier.medium.close()
+
+
+async def _drain(coord: Coordinator) -> None:
+    """Wait until the coordinator's in-flight handshakes have finished."""
+    while coord.statistics().running:
+        await anyio.sleep(0.001)
+

@@ -1,0 +1,211 @@
+"""Tier actors: one per medium, running Write / Read / Copy / Drop jobs on slot ids.
+
+A tier actor owns its medium's bytes (never its metadata: that is the policy
+actor's). Jobs run in worker threads under the tier's own
+``anyio.CapacityLimiter`` so the event loop never blocks on a large copy or a
+file; jobs of at most ``inline_bytes`` on memory media run inline, where a
+thread hop would cost more than the copy. With ``concurrency`` > 1 several
+jobs are in flight at once: the policy actor hands every slot to one job only,
+so jobs never touch the same slot.
+
+Every reply is a :class:`JobReport` (bytes moved, seconds). A failure reaches
+the asker as :class:`~kvactors.errors.TransferError` naming the tier and job;
+the actor keeps serving.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import anyio
+import msgspec
+import torch
+
+from kvactors.actors import Actor
+from kvactors.errors import KVActorsError, TransferError
+
+__all__ = [
+    "BlockMedium",
+    "Copy",
+    "Drop",
+    "JobReport",
+    "Read",
+    "TierActor",
+    "TierRequest",
+    "TierStats",
+    "Write",
+]
+
+
+class BlockMedium(Protocol):
+    """Bytes of ``num_blocks`` slots of ``block_bytes`` each; blocking calls.
+
+    ``rows`` tensors are ``(n, block_bytes)`` ``uint8``; ``ids`` are slot ids,
+    unique within one call.
+    """
+
+    name: str
+    num_blocks: int
+    block_bytes: int
+    in_memory: bool
+
+    def read_into(self, ids: list[int], rows: torch.Tensor) -> None: ...
+
+    def write_from(self, ids: list[int], rows: torch.Tensor) -> None: ...
+
+    def drop(self, ids: list[int]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# -- jobs -------------------------------------------------------------------------
+
+
+class Write(msgspec.Struct, frozen=True, tag=True):
+    """Write ``rows[i]`` into slot ``ids[i]``."""
+
+    ids: list[int]
+    rows: Any  # torch.Tensor (n, block_bytes) uint8
+
+
+class Read(msgspec.Struct, frozen=True, tag=True):
+    """Read slot ``ids[i]`` into ``rows[i]``."""
+
+    ids: list[int]
+    rows: Any  # torch.Tensor (n, block_bytes) uint8
+
+
+class Copy(msgspec.Struct, frozen=True, tag=True):
+    """Copy slot ``src_ids[i]`` of ``src`` (another medium) into this tier's ``ids[i]``,
+    or the other way round with ``outbound=True``."""
+
+    src: Any  # BlockMedium
+    src_ids: list[int]
+    ids: list[int]
+    outbound: bool = False
+
+
+class Drop(msgspec.Struct, frozen=True, tag=True):
+    """Forget slots ``ids`` (their bytes need not survive)."""
+
+    ids: list[int]
+
+
+class Crash(msgspec.Struct, frozen=True, tag=True):
+    """Test hook: make the actor fail every job from now on (simulates a dead device)."""
+
+    reason: str
+
+
+TierRequest = Write | Read | Copy | Drop | Crash
+
+
+class JobReport(msgspec.Struct, frozen=True):
+    tier: str
+    op: str
+    blocks: int
+    bytes: int
+    seconds: float
+
+
+class TierStats(msgspec.Struct, frozen=True):
+    name: str
+    jobs: int
+    failed_jobs: int
+    bytes_read: int
+    bytes_written: int
+    busy_seconds: float
+    crashed: str | None
+
+
+class TierActor(Actor[TierRequest]):
+    """The actor of one medium; see the module docstring."""
+
+    def __init__(
+        self,
+        medium: BlockMedium,
+        *,
+        threads: int = 2,
+        mailbox_size: int = 64,
+        inline_bytes: int = 256 * 1024,
+    ) -> None:
+        super().__init__(medium.name, mailbox_size=mailbox_size, concurrency=threads)
+        self.medium = medium
+        self.limiter = anyio.CapacityLimiter(threads)
+        self.inline_bytes = inline_bytes
+        self._jobs = 0
+        self._failed_jobs = 0
+        self._bytes_read = 0
+        self._bytes_written = 0
+        self._busy = 0.0
+        self._crashed: str | None = None
+
+    async def handle(self, message: TierRequest) -> JobReport | None:
+        if self._crashed is not None:
+            raise TransferError(f"tier {self.name!r} is down: {self._crashed}")
+        match message:
+            case Write(ids, rows):
+                return await self._job("write", len(ids), self.medium.write_from, ids, rows)
+            case Read(ids, rows):
+                return await self._job("read", len(ids), self.medium.read_into, ids, rows)
+            case Copy(src, src_ids, ids, outbound):
+                op = "copy_out" if outbound else "copy_in"
+                return await self._job(op, len(ids), _copy, src, src_ids, self.medium, ids, outbound)
+            case Drop(ids):
+                self.medium.drop(ids)
+                return None
+            case Crash(reason):
+                self._crashed = reason
+                return None
+
+    async def _job(
+        self, op: str, blocks: int, fn: Callable[..., None], *args: Any
+    ) -> JobReport:
+        nbytes = blocks * self.medium.block_bytes
+        start = time.perf_counter()
+        try:
+            if self.medium.in_memory and nbytes <= self.inline_bytes:
+                fn(*args)
+            else:
+                await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        except KVActorsError:
+            self._failed_jobs += 1
+            raise
+        except Exception as exc:
+            self._failed_jobs += 1
+            raise TransferError(f"tier {self.name!r}: {op} of {blocks} blocks failed: {exc}") from exc
+        seconds = time.perf_counter() - start
+        self._jobs += 1
+        self._busy += seconds
+        if op in ("write", "copy_in"):
+            self._bytes_written += nbytes
+        else:
+            self._bytes_read += nbytes
+        return JobReport(self.name, op, blocks, nbytes, seconds)
+
+    async def on_stop(self) -> None:
+        self.medium.close()
+
+    def tier_stats(self) -> TierStats:
+        return TierStats(
+            name=self.name,
+            jobs=self._jobs,
+            failed_jobs=self._failed_jobs,
+            bytes_read=self._bytes_read,
+            bytes_written=self._bytes_written,
+            busy_seconds=self._busy,
+            crashed=self._crashed,
+        )
+
+
+def _copy(
+    src: BlockMedium, src_ids: list[int], dst: BlockMedium, dst_ids: list[int], outbound: bool
+) -> None:
+    """Copy between two media through one staging buffer (blocking)."""
+    if outbound:
+        src, dst, src_ids, dst_ids = dst, src, dst_ids, src_ids
+    staging = torch.empty((len(src_ids), src.block_bytes), dtype=torch.uint8)
+    src.read_into(src_ids, staging)
+    dst.write_from(dst_ids, staging)
