@@ -18,6 +18,10 @@ Layers, top to bottom (no import goes upward)::
 from __future__ import annotations
 
 from kvactors import errors
+from kvactors.actors import Future
+from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
+from kvactors.coordinator import CacheStats, KVCache, LoadResult, StoreResult, open
+from kvactors.events import CacheEvent
 from kvactors.manager import (
     LoadStoreSpec,
     ManagerStats,
@@ -29,6 +33,17 @@ from kvactors.policy import POLICIES, CachePolicy, make_policy
 
 __all__ = [
     "POLICIES",
+    "CacheEvent",
+    "CacheStats",
+    "Config",
+    "Future",
+    "GPUConfig",
+    "KVCache",
+    "LoadResult",
+    "NVMeConfig",
+    "StoreResult",
+    "TierConfig",
+    "open",
     "CachePolicy",
     "LoadStoreSpec",
     "ManagerStats",

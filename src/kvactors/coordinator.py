@@ -66,7 +66,8 @@ class StoreResult(msgspec.Struct, frozen=True):
 
 
 class LoadResult(msgspec.Struct, frozen=True):
-    """Every block was loaded; ``tiers[i]`` is where block ``i`` came from."""
+    """``len(tiers)`` leading blocks were loaded (all of them unless ``partial``);
+    ``tiers[i]`` is where block ``i`` came from."""
 
     tiers: list[str]
 
@@ -113,6 +114,7 @@ class DoLoad(msgspec.Struct, frozen=True, tag=True):
     keys: list[Key]
     dst: Any
     ticket: Any
+    partial: bool = False
 
 
 class DoPrefetch(msgspec.Struct, frozen=True, tag=True):
@@ -199,9 +201,9 @@ class Coordinator(Actor[CoordinatorRequest]):
                     return await self._store(keys, src, ticket)
                 finally:
                     self.latency["store"].add(time.perf_counter() - start)
-            case DoLoad(keys, dst, ticket):
+            case DoLoad(keys, dst, ticket, partial):
                 try:
-                    return await self._load(keys, dst, ticket)
+                    return await self._load(keys, dst, ticket, partial)
                 finally:
                     self.latency["load"].add(time.perf_counter() - start)
             case DoPrefetch(keys):
@@ -301,8 +303,11 @@ class Coordinator(Actor[CoordinatorRequest]):
                 await self.policy.ask(CompleteStore(plan, stored, demoted, through))
         return StoreResult(len(plan.keys), len(keys) - len(plan.keys))
 
-    async def _load(self, keys: list[Key], dst: Any, ticket: Ticket) -> LoadResult:
-        plan: LoadPlan = await self.policy.ask(PrepareLoad(keys))
+    async def _load(
+        self, keys: list[Key], dst: Any, ticket: Ticket, partial: bool
+    ) -> LoadResult:
+        plan: LoadPlan = await self.policy.ask(PrepareLoad(keys, partial=partial))
+        n = len(plan.cpu_keys) + len(plan.promote_keys) + len(plan.direct_keys)
         promoted = demoted = False
         try:
             demoted = await self._demote(plan.demote)
@@ -328,7 +333,7 @@ class Coordinator(Actor[CoordinatorRequest]):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.policy.ask(CompleteLoad(plan, promoted, demoted))
-        tiers = ["cpu"] * len(keys)
+        tiers = ["cpu"] * n
         for pos in plan.promote_pos + plan.direct_pos:
             tiers[pos] = "nvme"
         return LoadResult(tiers)
@@ -451,10 +456,13 @@ class KVCache:
         ticket = Ticket()
         return await self._ask(DoStore(keys, side, ticket), ticket)  # type: ignore[no-any-return]
 
-    async def load(self, keys: Sequence[Key], dst: Any) -> LoadResult:
+    async def load(self, keys: Sequence[Key], dst: Any, *, partial: bool = False) -> LoadResult:
         """Copy the cached blocks ``keys`` into ``dst``, promoting NVMe blocks to CPU.
 
-        Raises :class:`~kvactors.errors.BlockNotFoundError` (nothing pinned) if a
+        With ``partial=True`` it loads the longest leading run of keys available
+        at the time of the call (a lookup and a load in one atomic step; other
+        requests may evict blocks between a separate ``lookup`` and ``load``)
+        and says how many in the result. Otherwise it raises :class:`~kvactors.errors.BlockNotFoundError` (nothing pinned) if a
         key is not available, :class:`~kvactors.errors.TierError` if a transfer
         failed. If cancelled, every pin is released; ``dst`` may still be
         written until the job in flight ends.
@@ -463,15 +471,17 @@ class KVCache:
         keys = _check_keys(keys, "load")
         side = self._check_side(dst, len(keys), "load dst")
         ticket = Ticket()
-        return await self._ask(DoLoad(keys, side, ticket), ticket)  # type: ignore[no-any-return]
+        return await self._ask(DoLoad(keys, side, ticket, partial), ticket)  # type: ignore[no-any-return]
 
     def submit_store(self, keys: Sequence[Key], src: Any) -> Future[StoreResult | None]:
         """Start :meth:`store` and return its future at once (poll ``done()``)."""
         return self._submit(self.store(keys, src))
 
-    def submit_load(self, keys: Sequence[Key], dst: Any) -> Future[LoadResult]:
+    def submit_load(
+        self, keys: Sequence[Key], dst: Any, *, partial: bool = False
+    ) -> Future[LoadResult]:
         """Start :meth:`load` and return its future at once (poll ``done()``)."""
-        return self._submit(self.load(keys, dst))
+        return self._submit(self.load(keys, dst, partial=partial))
 
     def _submit(self, coro: Any) -> Future[Any]:
         fut: Future[Any] = Future()
@@ -534,7 +544,7 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:  # noqa:
     :class:`~kvactors.errors.ActorClosed`. A start-up failure (say, an NVMe
     directory that cannot be created) raises :class:`~kvactors.errors.ActorStartError`.
     """
-    from kvactors.media import build_media
+    from kvactors.tier_media import build_media
 
     config = config or Config()
     gpu_m, cpu_m, nvme_m = build_media(config)

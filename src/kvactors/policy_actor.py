@@ -139,11 +139,13 @@ class CompleteStore(msgspec.Struct, frozen=True, tag=True):
 
 class PrepareLoad(msgspec.Struct, frozen=True, tag=True):
     """Pin ``keys`` for reading. ``prefetch=True`` plans only promotions of
-    ``nvme``-only keys and skips (instead of failing on) absent ones."""
+    ``nvme``-only keys and skips (instead of failing on) absent ones.
+    ``partial=True`` pins the longest leading run of available keys only."""
 
     keys: list[Key]
     promote: bool = True
     prefetch: bool = False
+    partial: bool = False
 
 
 class CompleteLoad(msgspec.Struct, frozen=True, tag=True):
@@ -226,7 +228,9 @@ class PolicyActor(Actor[PolicyRequest]):
                     return self.prepare_store(keys)
                 case CompleteStore(plan, stored, demoted, through):
                     return self.complete_store(plan, stored, demoted, through)
-                case PrepareLoad(keys, promote, prefetch):
+                case PrepareLoad(keys, promote, prefetch, partial):
+                    if partial:
+                        keys = keys[: self.lookup(keys).hits]
                     return self.prepare_load(keys, promote=promote, prefetch=prefetch)
                 case CompleteLoad(plan, promoted, demoted):
                     return self.complete_load(plan, promoted, demoted)

@@ -34,6 +34,7 @@ __all__ = [
     "Read",
     "TierActor",
     "TierRequest",
+    "OpStats",
     "TierStats",
     "Write",
 ]
@@ -110,13 +111,24 @@ class JobReport(msgspec.Struct, frozen=True):
     seconds: float
 
 
+class OpStats(msgspec.Struct, frozen=True):
+    """Totals of one kind of job: ``write``, ``read``, ``copy_in`` or ``copy_out``."""
+
+    jobs: int
+    bytes: int
+    seconds: float
+
+
 class TierStats(msgspec.Struct, frozen=True):
+    """``copy_in`` moved bytes from another medium into this tier, ``copy_out`` the other way."""
+
     name: str
     jobs: int
     failed_jobs: int
     bytes_read: int
     bytes_written: int
     busy_seconds: float
+    ops: dict[str, OpStats]
     crashed: str | None
 
 
@@ -140,6 +152,7 @@ class TierActor(Actor[TierRequest]):
         self._bytes_read = 0
         self._bytes_written = 0
         self._busy = 0.0
+        self._ops: dict[str, list[float]] = {}
         self._crashed: str | None = None
 
     async def handle(self, message: TierRequest) -> JobReport | None:
@@ -179,6 +192,10 @@ class TierActor(Actor[TierRequest]):
         seconds = time.perf_counter() - start
         self._jobs += 1
         self._busy += seconds
+        acc = self._ops.setdefault(op, [0, 0, 0.0])
+        acc[0] += 1
+        acc[1] += nbytes
+        acc[2] += seconds
         if op in ("write", "copy_in"):
             self._bytes_written += nbytes
         else:
@@ -196,6 +213,7 @@ class TierActor(Actor[TierRequest]):
             bytes_read=self._bytes_read,
             bytes_written=self._bytes_written,
             busy_seconds=self._busy,
+            ops={op: OpStats(int(a[0]), int(a[1]), a[2]) for op, a in self._ops.items()},
             crashed=self._crashed,
         )
 

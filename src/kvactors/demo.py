@@ -1,0 +1,167 @@
+"""``kvactors demo``: replay a trace through the whole stack with real bytes.
+
+Every request of the trace, in file order, with up to ``concurrency`` requests
+in flight: ``lookup`` its blocks; ``load`` the leading hits into its GPU-pool
+slots and check each loaded block against the bytes derived from its key (a
+mismatch fails the run); then write the missing blocks' bytes into the GPU
+pool and ``store`` them. The next request's blocks are hinted with ``prefetch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import anyio
+import torch
+
+import kvactors
+from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
+from kvactors.errors import KVActorsError
+
+__all__ = ["DemoResult", "block_bytes_for", "run_demo"]
+
+
+class IntegrityFailure(KVActorsError):
+    """A block loaded back differs from the bytes stored under its key."""
+
+
+# direction -> (tier actor, job kind) whose counters measure it
+DIRECTIONS = {
+    "gpu->cpu": ("gpu", "copy_out"),
+    "cpu->gpu": ("gpu", "copy_in"),
+    "cpu->nvme": ("nvme", "copy_in"),
+    "nvme->cpu": ("nvme", "copy_out"),
+    "nvme->gpu": ("nvme", "read"),
+}
+
+_MUL = 0x9E3779B97F4A7C15 & 0x7FFFFFFFFFFFFFFF
+
+
+def block_bytes_for(keys: list[int], block_bytes: int, device: torch.device) -> torch.Tensor:
+    """The bytes of ``keys``' blocks: ``(n, block_bytes)`` uint8, unique per key and offset."""
+    words = block_bytes // 8
+    k = torch.tensor(keys, dtype=torch.int64, device=device).unsqueeze(1)
+    pos = torch.arange(words, dtype=torch.int64, device=device).unsqueeze(0)
+    rows = (k * _MUL) ^ (pos * 0x100000001B3 + k)
+    return rows.view(torch.uint8).view(len(keys), block_bytes)
+
+
+class DemoResult(dict[str, Any]):
+    """The demo's figures, ready for the report."""
+
+
+async def run_demo(
+    requests: list[list[int]],
+    config: Config,
+    *,
+    concurrency: int = 4,
+    progress: Any = None,
+) -> DemoResult:
+    """Replay ``requests`` (lists of int keys) through a cache built from ``config``.
+
+    Raises :class:`IntegrityFailure` on the first block that loads back wrong.
+    """
+    max_len = max((len(r) for r in requests), default=1)
+    if config.gpu.num_blocks < concurrency * max_len:
+        raise kvactors.errors.ConfigError(
+            f"gpu.num_blocks: {config.gpu.num_blocks} < concurrency x longest request "
+            f"({concurrency} x {max_len})"
+        )
+    bb = config.block_bytes
+    counts = {"requests": 0, "blocks": 0, "hits": 0, "hits_cpu": 0, "hits_nvme": 0}
+    counts |= {"stored": 0, "store_refused": 0, "verified": 0, "prefetch_sent": 0}
+    start = time.perf_counter()
+    async with kvactors.open(config) as kv:
+        pool: Any = kv.gpu_pool
+        device = pool.device
+        free_ranges = list(range(concurrency))
+        send, recv = anyio.create_memory_object_stream[int](concurrency)
+        for r in free_ranges:
+            send.send_nowait(r)
+
+        async def serve(i: int, blocks: list[int], slot_range: int) -> None:
+            try:
+                base = slot_range * max_len
+                slots = list(range(base, base + len(blocks)))
+                # Lookup and load in one step: a separate lookup could be
+                # outdated by the time the load runs (other requests evict).
+                found = await kv.load(blocks, slots, partial=True)
+                hits = len(found.tiers)
+                if hits:
+                    got = pool.rows(slots[:hits])
+                    want = block_bytes_for(blocks[:hits], bb, device)
+                    if not torch.equal(got, want):
+                        bad = next(
+                            j for j in range(hits) if not torch.equal(got[j], want[j])
+                        )
+                        raise IntegrityFailure(
+                            f"request {i}: block {blocks[bad]} loaded back wrong"
+                        )
+                    counts["verified"] += hits
+                    counts["hits_cpu"] += found.tiers.count("cpu")
+                    counts["hits_nvme"] += found.tiers.count("nvme")
+                counts["hits"] += hits
+                counts["blocks"] += len(blocks)
+                missing = blocks[hits:]
+                if missing:
+                    pool.write_rows(slots[hits:], block_bytes_for(missing, bb, device))
+                    res = await kv.store(missing, slots[hits:])
+                    if res is None:
+                        counts["store_refused"] += len(missing)
+                    else:
+                        counts["stored"] += res.stored
+                counts["requests"] += 1
+                if progress is not None:
+                    progress(1)
+            finally:
+                send.send_nowait(slot_range)
+
+        async with anyio.create_task_group() as tg:
+            for i, blocks in enumerate(requests):
+                slot_range = await recv.receive()
+                if i + 1 < len(requests) and kv.prefetch(requests[i + 1]):
+                    counts["prefetch_sent"] += 1
+                tg.start_soon(serve, i, blocks, slot_range)
+        stats = await kv.stats()
+        send.close()
+        recv.close()
+    elapsed = time.perf_counter() - start
+    result = DemoResult(counts)
+    result["seconds"] = elapsed
+    result["prefix_hit_ratio"] = counts["hits"] / max(1, counts["blocks"])
+    moved: dict[str, dict[str, float]] = {}
+    for direction, (tier, op) in DIRECTIONS.items():
+        t = stats.tiers.get(tier)
+        o = t.ops.get(op) if t is not None else None
+        if o is not None:
+            moved[direction] = {
+                "bytes": o.bytes,
+                "jobs": o.jobs,
+                "seconds": o.seconds,
+                "gb_per_s": o.bytes / o.seconds / 1e9 if o.seconds else 0.0,
+            }
+    result["moved"] = moved
+    result["latency_us"] = {
+        k: {"count": v.count, "p50": v.p50_us, "p99": v.p99_us} for k, v in stats.latency.items()
+    }
+    result["promoted"] = stats.policy.promoted
+    result["demoted"] = stats.policy.demoted
+    result["prefetch_dropped"] = stats.prefetch_dropped
+    result["failed_stores"] = stats.failed_stores
+    result["failed_loads"] = stats.failed_loads
+    return result
+
+
+def default_config(args: argparse.Namespace) -> Config:
+    nvme = None if args.no_nvme else NVMeConfig(num_blocks=args.nvme_blocks, directory=args.nvme_dir)
+    return Config(
+        block_bytes=args.block_kib * 1024,
+        gpu=GPUConfig(num_blocks=args.concurrency * 256, device=args.device),
+        cpu=TierConfig(num_blocks=args.cpu_blocks, policy=args.policy),
+        nvme=nvme,
+        write_mode=args.write_mode,
+    )
+
+
