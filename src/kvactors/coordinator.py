@@ -303,9 +303,7 @@ class Coordinator(Actor[CoordinatorRequest]):
                 await self.policy.ask(CompleteStore(plan, stored, demoted, through))
         return StoreResult(len(plan.keys), len(keys) - len(plan.keys))
 
-    async def _load(
-        self, keys: list[Key], dst: Any, ticket: Ticket, partial: bool
-    ) -> LoadResult:
+    async def _load(self, keys: list[Key], dst: Any, ticket: Ticket, partial: bool) -> LoadResult:
         plan: LoadPlan = await self.policy.ask(PrepareLoad(keys, partial=partial))
         n = len(plan.cpu_keys) + len(plan.promote_keys) + len(plan.direct_keys)
         promoted = demoted = False
@@ -405,7 +403,11 @@ class KVCache:
                 )
             if not side.is_contiguous():
                 raise TensorSpecError(f"{what}: tensor must be contiguous")
-            return side.view(torch.uint8).view(n, bb) if side.dtype != torch.uint8 else side.view(n, bb)
+            return (
+                side.view(torch.uint8).view(n, bb)
+                if side.dtype != torch.uint8
+                else side.view(n, bb)
+            )
         try:
             ids = [int(i) for i in side]
         except TypeError:
@@ -536,7 +538,7 @@ class KVCache:
 
 
 @asynccontextmanager
-async def open(config: Config | None = None) -> AsyncIterator[KVCache]:  # noqa: A001
+async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
     """Start every actor of a cache built from ``config`` (defaults when ``None``).
 
     On exit, in-flight requests finish, then the coordinator, the policy actor
@@ -589,4 +591,3 @@ async def _drain(coord: Coordinator) -> None:
     """Wait until the coordinator's in-flight handshakes have finished."""
     while coord.statistics().running:
         await anyio.sleep(0.001)
-

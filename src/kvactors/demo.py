@@ -93,9 +93,7 @@ async def run_demo(
                     got = pool.rows(slots[:hits])
                     want = block_bytes_for(blocks[:hits], bb, device)
                     if not torch.equal(got, want):
-                        bad = next(
-                            j for j in range(hits) if not torch.equal(got[j], want[j])
-                        )
+                        bad = next(j for j in range(hits) if not torch.equal(got[j], want[j]))
                         raise IntegrityFailure(
                             f"request {i}: block {blocks[bad]} loaded back wrong"
                         )
@@ -155,7 +153,9 @@ async def run_demo(
 
 
 def default_config(args: argparse.Namespace) -> Config:
-    nvme = None if args.no_nvme else NVMeConfig(num_blocks=args.nvme_blocks, directory=args.nvme_dir)
+    nvme = (
+        None if args.no_nvme else NVMeConfig(num_blocks=args.nvme_blocks, directory=args.nvme_dir)
+    )
     return Config(
         block_bytes=args.block_kib * 1024,
         gpu=GPUConfig(num_blocks=args.concurrency * 256, device=args.device),
@@ -163,5 +163,3 @@ def default_config(args: argparse.Namespace) -> Config:
         nvme=nvme,
         write_mode=args.write_mode,
     )
-
-

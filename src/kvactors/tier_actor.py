@@ -31,10 +31,10 @@ __all__ = [
     "Copy",
     "Drop",
     "JobReport",
+    "OpStats",
     "Read",
     "TierActor",
     "TierRequest",
-    "OpStats",
     "TierStats",
     "Write",
 ]
@@ -165,7 +165,9 @@ class TierActor(Actor[TierRequest]):
                 return await self._job("read", len(ids), self.medium.read_into, ids, rows)
             case Copy(src, src_ids, ids, outbound):
                 op = "copy_out" if outbound else "copy_in"
-                return await self._job(op, len(ids), _copy, src, src_ids, self.medium, ids, outbound)
+                return await self._job(
+                    op, len(ids), _copy, src, src_ids, self.medium, ids, outbound
+                )
             case Drop(ids):
                 self.medium.drop(ids)
                 return None
@@ -173,9 +175,7 @@ class TierActor(Actor[TierRequest]):
                 self._crashed = reason
                 return None
 
-    async def _job(
-        self, op: str, blocks: int, fn: Callable[..., None], *args: Any
-    ) -> JobReport:
+    async def _job(self, op: str, blocks: int, fn: Callable[..., None], *args: Any) -> JobReport:
         nbytes = blocks * self.medium.block_bytes
         start = time.perf_counter()
         try:
@@ -188,7 +188,9 @@ class TierActor(Actor[TierRequest]):
             raise
         except Exception as exc:
             self._failed_jobs += 1
-            raise TransferError(f"tier {self.name!r}: {op} of {blocks} blocks failed: {exc}") from exc
+            raise TransferError(
+                f"tier {self.name!r}: {op} of {blocks} blocks failed: {exc}"
+            ) from exc
         seconds = time.perf_counter() - start
         self._jobs += 1
         self._busy += seconds

@@ -234,5 +234,3 @@ class Actor(Generic[M]):
             hints_dropped=self._dropped,
             running=self._running,
         )
-
-

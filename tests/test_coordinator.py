@@ -1,0 +1,339 @@
+"""End-to-end scenarios through ``kvactors.open``: real bytes across GPU pool, CPU and NVMe."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import torch
+
+import kvactors
+from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
+from kvactors.demo import block_bytes_for
+from kvactors.errors import (
+    ActorClosed,
+    BlockNotFoundError,
+    ConfigError,
+    InvalidKeyError,
+    TensorSpecError,
+    TierError,
+)
+from kvactors.tier_actor import Crash
+
+pytestmark = pytest.mark.anyio
+
+BB = 4096
+CPU = torch.device("cpu")
+
+
+def small_config(**changes: Any) -> Config:
+    base = Config(
+        block_bytes=BB,
+        gpu=GPUConfig(num_blocks=64, device="cpu"),
+        cpu=TierConfig(num_blocks=8),
+        nvme=NVMeConfig(num_blocks=64, backend="posix"),
+    )
+    return base.replace(**changes) if changes else base
+
+
+@pytest.fixture
+async def kv() -> AsyncIterator[kvactors.KVCache]:
+    with anyio.fail_after(20):
+        async with kvactors.open(small_config()) as cache:
+            yield cache
+
+
+def fill(kv: kvactors.KVCache, keys: list[int], slots: list[int]) -> None:
+    kv.gpu_pool.write_rows(slots, block_bytes_for(keys, BB, CPU))  # type: ignore[attr-defined]
+
+
+def rows(kv: kvactors.KVCache, slots: list[int]) -> torch.Tensor:
+    return kv.gpu_pool.rows(slots)  # type: ignore[attr-defined,no-any-return]
+
+
+async def settled(kv: kvactors.KVCache) -> kvactors.CacheStats:
+    """Stats once no handshake is in flight: no pins and no blocks being written."""
+    with anyio.fail_after(10):
+        while True:
+            stats = await kv.stats()
+            tiers = stats.policy.tiers.values()
+            if all(t.pinned == 0 and t.being_written == 0 for t in tiers):
+                return stats
+            await anyio.sleep(0.01)
+
+
+async def test_store_demote_promote_and_load_back_byte_exact(kv: kvactors.KVCache) -> None:
+    """20 blocks into a CPU tier of 8: the 12 least recent are demoted to NVMe.
+    Loading all 20 returns every byte; with all 8 CPU blocks pinned by that load
+    the NVMe ones are read directly. A load of 4 NVMe blocks alone promotes them,
+    demoting the 4 least recent CPU blocks in turn."""
+    events: Any = await kv.events()
+    keys = list(range(100, 120))
+    fill(kv, keys, list(range(20)))
+    for i in range(0, 20, 4):  # several stores, so earlier blocks age out of CPU
+        res = await kv.store(keys[i : i + 4], list(range(i, i + 4)))
+        assert res == kvactors.StoreResult(stored=4, present=0)
+    found = await kv.lookup(keys)
+    assert found.hits == 20
+    assert found.tiers == ["nvme"] * 12 + ["cpu"] * 8
+    dst = list(range(32, 52))
+    loaded = await kv.load(keys, dst)
+    assert loaded.tiers == ["nvme"] * 12 + ["cpu"] * 8
+    assert torch.equal(rows(kv, dst), block_bytes_for(keys, BB, CPU))
+    stats = await settled(kv)
+    assert (stats.policy.demoted, stats.policy.promoted) == (12, 0)
+    dst = list(range(52, 56))
+    assert (await kv.load(keys[:4], dst)).tiers == ["nvme"] * 4
+    assert torch.equal(rows(kv, dst), block_bytes_for(keys[:4], BB, CPU))
+    found = await kv.lookup(keys)
+    assert found.tiers[:4] == ["cpu"] * 4
+    stats = await settled(kv)
+    assert (stats.policy.promoted, stats.policy.demoted) == (4, 16)  # 4 CPU victims written down
+    assert stats.failed_loads == stats.failed_stores == 0
+    seen: list[kvactors.CacheEvent] = []
+    with events:
+        while True:
+            try:
+                seen.append(events.receive_nowait())
+            except anyio.WouldBlock:
+                break
+    kinds = {e.kind for e in seen}
+    assert {"stored", "removed", "demoted", "promoted"} <= kinds
+    demoted = [k for e in seen if e.kind == "demoted" for k in e.keys]
+    assert sorted(demoted)[:12] == keys[:12]
+
+
+async def test_store_skips_present_keys_and_user_tensors_round_trip(kv: kvactors.KVCache) -> None:
+    keys = [b"a" * 16, b"b" * 16, b"c" * 16]
+    src = torch.randint(0, 256, (3, BB), dtype=torch.uint8)
+    assert await kv.store(keys, src) == kvactors.StoreResult(3, 0)
+    assert await kv.store(keys[:2] + [b"d"], torch.zeros(3, BB, dtype=torch.uint8)) == (
+        kvactors.StoreResult(1, 2)
+    )
+    out = torch.empty(3, BB, dtype=torch.uint8)
+    await kv.load(keys, out)
+    assert torch.equal(out, src)
+    # Any dtype works when the bytes add up: 3 blocks of 1024 float32.
+    as_float = torch.empty(3, BB // 4, dtype=torch.float32)
+    await kv.load(keys, as_float)
+    assert torch.equal(as_float.view(torch.uint8).view(3, BB), src)
+
+
+async def test_partial_load_stops_at_the_first_missing_key(kv: kvactors.KVCache) -> None:
+    fill(kv, [1, 2, 3], [0, 1, 2])
+    await kv.store([1, 2, 3], [0, 1, 2])
+    res = await kv.load([1, 2, 99, 3], [10, 11, 12, 13], partial=True)
+    assert res.tiers == ["cpu", "cpu"]
+    assert torch.equal(rows(kv, [10, 11]), block_bytes_for([1, 2], BB, CPU))
+    with pytest.raises(BlockNotFoundError, match="99"):
+        await kv.load([1, 99], [10, 11])
+    await settled(kv)
+
+
+async def test_prefetch_promotes_nvme_blocks_to_cpu(kv: kvactors.KVCache) -> None:
+    keys = list(range(16))
+    fill(kv, keys, keys)
+    for i in range(0, 16, 8):
+        await kv.store(keys[i : i + 8], keys[i : i + 8])
+    assert (await kv.lookup([0, 1])).tiers == ["nvme", "nvme"]
+    assert kv.prefetch([0, 1])
+    with anyio.fail_after(5):
+        while (await kv.lookup([0, 1])).tiers != ["cpu", "cpu"]:
+            await anyio.sleep(0.01)
+    assert (await kv.stats()).policy.promoted == 2
+
+
+async def test_submit_returns_pollable_futures(kv: kvactors.KVCache) -> None:
+    fill(kv, [7, 8], [0, 1])
+    fut = kv.submit_store([7, 8], [0, 1])
+    with anyio.fail_after(5):
+        while not fut.done():
+            await anyio.lowlevel.checkpoint()
+    assert fut.result() == kvactors.StoreResult(2, 0)
+    load = kv.submit_load([7, 8], [5, 6])
+    assert (await load).tiers == ["cpu", "cpu"]
+    assert torch.equal(rows(kv, [5, 6]), block_bytes_for([7, 8], BB, CPU))
+    bad = kv.submit_load([404], [9])
+    with pytest.raises(BlockNotFoundError):
+        await bad
+
+
+class SlowWrites:
+    """Makes one medium's writes wait until released, to cancel callers mid-transfer."""
+
+    def __init__(self, medium: Any, method: str) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        original = getattr(medium, method)
+
+        def slow(*args: Any) -> None:
+            self.entered.set()
+            self.gate.wait(10)
+            original(*args)
+
+        setattr(medium, method, slow)
+
+
+async def wait_entered(slow: SlowWrites) -> None:
+    with anyio.fail_after(5):
+        while not slow.entered.is_set():
+            await anyio.sleep(0.005)
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+async def test_cancelled_store_leaves_nothing_behind(when: str) -> None:
+    """A store cancelled while its transfer is queued or running completes as failed:
+    no pin, no not-ready block, and the key is not served."""
+    config = small_config(gpu={"num_blocks": 64, "device": "cpu", "threads": 1})
+    with anyio.fail_after(20):
+        async with kvactors.open(config) as kv:
+            slow = SlowWrites(kv._coord.cpu.medium, "write_from")
+            kv._coord.gpu.inline_bytes = 0  # run copies in threads, so they can be slow
+            fill(kv, [1, 2], [0, 1])
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(kv.store, [1, 2], [0, 1])
+                    if when == "during":
+                        await wait_entered(slow)
+                    else:
+                        await anyio.lowlevel.checkpoint()
+                    scope.cancel()
+            slow.gate.set()
+            stats = await settled(kv)
+            assert stats.policy.tiers["cpu"].used == 0
+            assert stats.policy.tiers["cpu"].free == 8
+            assert (await kv.lookup([1, 2])).hits == 0
+            # The cache keeps working afterwards.
+            assert await kv.store([1, 2], [0, 1]) == kvactors.StoreResult(2, 0)
+
+
+async def test_cancelled_load_releases_its_pins() -> None:
+    with anyio.fail_after(20):
+        async with kvactors.open(small_config()) as kv:
+            fill(kv, [1, 2], [0, 1])
+            await kv.store([1, 2], [0, 1])
+            slow = SlowWrites(kv._coord.gpu.medium, "write_from")
+            kv._coord.gpu.inline_bytes = 0
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(kv.load, [1, 2], [10, 11])
+                    await wait_entered(slow)
+                    assert (await kv.stats()).policy.tiers["cpu"].pinned == 2
+                    scope.cancel()
+            slow.gate.set()
+            stats = await settled(kv)
+            assert stats.policy.tiers["cpu"].pinned == 0
+            assert (await kv.lookup([1, 2])).hits == 2
+
+
+async def test_many_cancelled_callers_leave_consistent_tiers() -> None:
+    with anyio.fail_after(30):
+        async with kvactors.open(small_config()) as kv:
+            keys = list(range(40))
+            fill(kv, keys, keys)
+
+            async def churn(i: int) -> None:
+                with anyio.move_on_after(0.001 * (i % 5)):
+                    await kv.store(keys[i : i + 3], keys[i : i + 3])
+                    await kv.load(keys[i : i + 3], [40 + j for j in range(3)], partial=True)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(0, 36):
+                    tg.start_soon(churn, i)
+            stats = await settled(kv)
+            for tier in stats.policy.tiers.values():
+                assert tier.used + tier.free == tier.capacity
+
+
+async def test_crashed_tier_reaches_callers_and_the_rest_keeps_working() -> None:
+    with anyio.fail_after(20):
+        async with kvactors.open(small_config()) as kv:
+            keys = list(range(12))
+            fill(kv, keys, keys)
+            await kv.store(keys[:8], keys[:8])
+            await kv.store(keys[8:], keys[8:])  # demotes 4 blocks to NVMe
+            assert (await kv.lookup(keys)).tiers[:4] == ["nvme"] * 4
+            await kv._coord.nvme.ask(Crash("device lost"))  # type: ignore[union-attr]
+            with pytest.raises(TierError, match="device lost"):
+                await kv.load(keys[:1], [20])
+            stats = await settled(kv)
+            assert stats.policy.failed == ["nvme"]
+            assert stats.tiers["nvme"].crashed == "device lost"
+            # CPU blocks still load, and stores still land in CPU.
+            await kv.load(keys[8:], [30, 31, 32, 33])
+            assert torch.equal(rows(kv, [30, 31, 32, 33]), block_bytes_for(keys[8:], BB, CPU))
+            fill(kv, [50], [50])
+            assert await kv.store([50], [50]) == kvactors.StoreResult(1, 0)
+            assert (await kv.lookup(keys)).hits == 0  # NVMe blocks no longer count
+
+
+async def test_shutdown_with_requests_in_flight_fails_them_cleanly() -> None:
+    futures: list[kvactors.Future[Any]] = []
+    with anyio.fail_after(20):
+        async with kvactors.open(small_config(max_inflight=1, mailbox_size=2)) as kv:
+            keys = list(range(30))
+            fill(kv, keys, keys)
+            futures = [kv.submit_store([k], [k]) for k in keys]
+            await anyio.lowlevel.checkpoint()
+    assert all(f.done() for f in futures)
+    outcomes = {type(f.exception()).__name__ if f.exception() else "ok" for f in futures}
+    assert outcomes <= {"ok", "ActorClosed"}
+    with pytest.raises(ActorClosed):
+        await kv.lookup([1])
+    assert kv.submit_store([1], [1]).exception() is not None
+
+
+async def test_bad_input_gets_typed_errors_and_changes_nothing(kv: kvactors.KVCache) -> None:
+    with pytest.raises(InvalidKeyError, match="str"):
+        await kv.store(["x"], [0])  # type: ignore[list-item]
+    with pytest.raises(InvalidKeyError, match="twice"):
+        await kv.store([1, 1], [0, 1])
+    with pytest.raises(InvalidKeyError, match="no keys"):
+        await kv.lookup([])
+    with pytest.raises(TensorSpecError, match="bytes"):
+        await kv.store([1], torch.zeros(1, BB - 1, dtype=torch.uint8))
+    with pytest.raises(TensorSpecError, match="first dimension"):
+        await kv.store([1, 2], torch.zeros(1, 2 * BB, dtype=torch.uint8))
+    with pytest.raises(TensorSpecError, match="out of range"):
+        await kv.store([1], [10_000])
+    with pytest.raises(TensorSpecError, match="twice"):
+        await kv.store([1, 2], [3, 3])
+    stats = await kv.stats()
+    assert stats.policy.tiers["cpu"].used == 0
+
+
+def test_config_from_toml_names_the_bad_field(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('block_bytes = 8192\nwrite_mode = "write_through"\n[cpu]\nnum_blocks = 16\n')
+    cfg = Config.from_toml(good)
+    assert (cfg.block_bytes, cfg.cpu.num_blocks, cfg.write_mode) == (8192, 16, "write_through")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[nvme]\nthreads = 0\n")
+    with pytest.raises(ConfigError, match=r"nvme\.threads"):
+        Config.from_toml(bad)
+    with pytest.raises(ConfigError, match="policy"):
+        Config.from_dict({"cpu": {"policy": "fifo"}})
+
+
+async def test_write_through_puts_every_stored_block_in_nvme_at_once() -> None:
+    with anyio.fail_after(20):
+        async with kvactors.open(small_config(write_mode="write_through")) as kv:
+            fill(kv, [1, 2, 3], [0, 1, 2])
+            await kv.store([1, 2, 3], [0, 1, 2])
+            stats = await settled(kv)
+            assert stats.policy.tiers["nvme"].used == 3
+            assert stats.tiers["nvme"].ops["copy_in"].bytes == 3 * BB
+
+
+async def test_nvme_directory_is_used_and_kept(tmp_path: Path) -> None:
+    config = small_config(nvme={"num_blocks": 16, "directory": str(tmp_path), "backend": "posix"})
+    with anyio.fail_after(20):
+        async with kvactors.open(config) as kv:
+            fill(kv, [1], [0])
+            await kv.store([1], [0])
+    assert any(tmp_path.iterdir())
