@@ -112,7 +112,7 @@ async def test_store_skips_present_keys_and_user_tensors_round_trip(kv: kvactors
     keys = [b"a" * 16, b"b" * 16, b"c" * 16]
     src = torch.randint(0, 256, (3, BB), dtype=torch.uint8)
     assert await kv.store(keys, src) == kvactors.StoreResult(3, 0)
-    assert await kv.store(keys[:2] + [b"d"], torch.zeros(3, BB, dtype=torch.uint8)) == (
+    assert await kv.store([*keys[:2], b"d"], torch.zeros(3, BB, dtype=torch.uint8)) == (
         kvactors.StoreResult(1, 2)
     )
     out = torch.empty(3, BB, dtype=torch.uint8)

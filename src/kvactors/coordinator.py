@@ -130,8 +130,9 @@ def _check_keys(keys: Sequence[Key], what: str) -> list[Key]:
         raise InvalidKeyError(f"{what}: no keys given")
     for key in keys:
         if type(key) is not int and type(key) is not bytes:
+            kind = type(key).__name__
             raise InvalidKeyError(
-                f"{what}: block key {key!r} has type {type(key).__name__}; keys must be bytes or int"
+                f"{what}: block key {key!r} has type {kind}; keys must be bytes or int"
             )
     if len(set(keys)) != len(keys):
         seen: set[Key] = set()
@@ -411,8 +412,9 @@ class KVCache:
         try:
             ids = [int(i) for i in side]
         except TypeError:
+            kind = type(side).__name__
             raise TensorSpecError(
-                f"{what}: expected a tensor or a list of GPU-pool slot ids, got {type(side).__name__}"
+                f"{what}: expected a tensor or a list of GPU-pool slot ids, got {kind}"
             ) from None
         if len(ids) != n:
             raise TensorSpecError(f"{what}: {len(ids)} slot ids for {n} keys")
@@ -464,8 +466,9 @@ class KVCache:
         With ``partial=True`` it loads the longest leading run of keys available
         at the time of the call (a lookup and a load in one atomic step; other
         requests may evict blocks between a separate ``lookup`` and ``load``)
-        and says how many in the result. Otherwise it raises :class:`~kvactors.errors.BlockNotFoundError` (nothing pinned) if a
-        key is not available, :class:`~kvactors.errors.TierError` if a transfer
+        and says how many in the result. Otherwise it raises
+        :class:`~kvactors.errors.BlockNotFoundError` (nothing pinned) if a key
+        is not available, :class:`~kvactors.errors.TierError` if a transfer
         failed. If cancelled, every pin is released; ``dst`` may still be
         written until the job in flight ends.
         """
@@ -578,16 +581,11 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
             with anyio.CancelScope(shield=True):
                 for actor in reversed(order):
                     await actor.stop()
-                    if actor is coord:
-                        await _drain(coord)
+                    if actor is coord and actor in started:
+                        # In-flight handshakes still need the policy and the tiers.
+                        await coord.wait_stopped()
             # A tier actor closes its medium when it stops; media of tiers that
             # never started are closed here.
             for tier in tiers:
                 if tier not in started:
                     tier.medium.close()
-
-
-async def _drain(coord: Coordinator) -> None:
-    """Wait until the coordinator's in-flight handshakes have finished."""
-    while coord.statistics().running:
-        await anyio.sleep(0.001)

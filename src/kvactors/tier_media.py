@@ -120,9 +120,8 @@ class FileStore:
             want = n * bb
             got = os.preadv(self.fd, [buf[pos * bb : pos * bb + want]], slot * bb)
             if got != want:
-                raise TransferError(
-                    f"{self.name}: short read of slots {slot}..{slot + n - 1}: {got} of {want} bytes"
-                )
+                where = f"slots {slot}..{slot + n - 1}"
+                raise TransferError(f"{self.name}: short read of {where}: {got} of {want} bytes")
         if host is not rows:
             rows.copy_(host)
 

@@ -73,6 +73,7 @@ class Actor(Generic[M]):
         self._send, self._recv = anyio.create_memory_object_stream[Envelope[M]](mailbox_size)
         self._closing = False
         self._running = False
+        self._stopped = anyio.Event()
         self._handled = 0
         self._failed = 0
         self._dropped = 0
@@ -148,6 +149,7 @@ class Actor(Generic[M]):
             self._closing = True
             self._send.close()
             self._recv.close()
+            self._stopped.set()
             raise ActorStartError(f"actor {self.name!r} failed to start: {exc}") from exc
         self._running = True
         task_status.started()
@@ -166,6 +168,7 @@ class Actor(Generic[M]):
                     await self.on_stop()
                 except Exception:
                     log.exception("actor %r: on_stop failed", self.name)
+            self._stopped.set()
 
     async def _serve(self, recv: MemoryObjectReceiveStream[Envelope[M]]) -> None:
         async with recv:
@@ -218,6 +221,10 @@ class Actor(Generic[M]):
         self._closing = True
         self._send.close()
         await anyio.lowlevel.checkpoint()
+
+    async def wait_stopped(self) -> None:
+        """Wait until ``run`` has finished (after :meth:`stop`, or cancellation)."""
+        await self._stopped.wait()
 
     @property
     def closed(self) -> bool:
