@@ -1,0 +1,147 @@
+"""``kvactors bench actors``: the cost of the actor path against the synchronous core.
+
+Both sides do the same work on the same kind of memory pools: store a batch
+of new blocks (handshake + GPU-pool -> CPU copy), look it up, load it back
+(handshake + CPU -> GPU-pool copy). The actor side goes through
+``kv.store`` / ``kv.lookup`` / ``kv.load`` (coordinator, policy actor, tier
+actors); the baseline calls one :class:`~kvactors.manager.OffloadingManager`
+and copies inline, as a scheduler embedding the core would. Also reported:
+the microseconds of one bare ``ask`` round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import anyio
+import torch
+
+import kvactors
+from kvactors.actors import Actor
+from kvactors.config import Config, GPUConfig, TierConfig
+from kvactors.manager import OffloadingManager
+from kvactors.report import RATE, RATIO, Report
+from kvactors.tier_media import MemoryPool
+
+GOAL_RATIO = 0.5
+
+
+class _Echo(Actor[int]):
+    async def handle(self, message: int) -> int:
+        return message
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64], help="keys per call")
+    parser.add_argument("--blocks", type=int, default=20_000, help="blocks moved per measurement")
+    parser.add_argument("--block-kib", type=int, default=4, help="block size in KiB")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent callers (actor path)")
+    parser.add_argument("--repeat", type=int, default=3, help="best of N")
+
+
+def _sync_round(batch: int, rounds: int, bb: int, cap: int) -> float:
+    gpu = MemoryPool("gpu", batch, bb, torch.device("cpu"))
+    cpu = MemoryPool("cpu", cap, bb, torch.device("cpu"))
+    mgr = OffloadingManager(cap, block_size=bb)
+    slots = list(range(batch))
+    start = time.perf_counter()
+    for r in range(rounds):
+        keys = list(range(r * batch, (r + 1) * batch))
+        out = mgr.prepare_store(keys)
+        assert out is not None
+        cpu.write_from(out.store_spec.block_ids, gpu.rows(slots))
+        mgr.complete_store(keys)
+        mgr.lookup(keys)
+        spec = mgr.prepare_load(keys)
+        gpu.write_from(slots, cpu.rows(spec.block_ids))
+        mgr.complete_load(keys)
+    return time.perf_counter() - start
+
+
+async def _actor_round(batch: int, rounds: int, bb: int, cap: int, clients: int) -> float:
+    config = Config(
+        block_bytes=bb,
+        gpu=GPUConfig(num_blocks=batch * clients, device="cpu"),
+        cpu=TierConfig(num_blocks=cap),
+        nvme=None,
+    )
+    async with kvactors.open(config) as kv:
+        per_client = rounds // clients
+
+        async def client(c: int) -> None:
+            slots = list(range(c * batch, (c + 1) * batch))
+            for r in range(per_client):
+                base = (c * per_client + r) * batch
+                keys = list(range(base, base + batch))
+                await kv.store(keys, slots)
+                await kv.lookup(keys)
+                await kv.load(keys, slots)
+
+        start = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for c in range(clients):
+                tg.start_soon(client, c)
+        return time.perf_counter() - start
+
+
+async def _ask_round_trip(n: int = 20_000) -> float:
+    async with anyio.create_task_group() as tg:
+        echo = _Echo("echo")
+        await tg.start(echo.run)
+        start = time.perf_counter()
+        for i in range(n):
+            await echo.ask(i)
+        elapsed = time.perf_counter() - start
+        await echo.stop()
+    return elapsed / n * 1e6
+
+
+def run(args: argparse.Namespace) -> Report:
+    bb = args.block_kib * 1024
+    rows: list[list[object]] = []
+    results: dict[str, object] = {}
+    met = True
+    for batch in args.batches:
+        rounds = max(args.clients, args.blocks // batch)
+        rounds -= rounds % args.clients
+        cap = max(4 * batch * args.clients, 1024)
+        ops = rounds * batch * 3  # store + lookup + load, per block
+        sync_best = actor_best = float("inf")
+        for _ in range(args.repeat):
+            sync_best = min(sync_best, _sync_round(batch, rounds, bb, cap))
+            actor_best = min(
+                actor_best, anyio.run(_actor_round, batch, rounds, bb, cap, args.clients)
+            )
+        sync_rate, actor_rate = ops / sync_best, ops / actor_best
+        ratio = actor_rate / sync_rate
+        if batch >= 64:
+            met &= ratio >= GOAL_RATIO
+        rows.append([batch, sync_rate, actor_rate, ratio])
+        results[str(batch)] = {
+            "sync_block_ops_per_s": sync_rate,
+            "actor_block_ops_per_s": actor_rate,
+            "ratio": ratio,
+        }
+    rtt = min(anyio.run(_ask_round_trip) for _ in range(args.repeat))
+    summary: dict[str, Any] = {
+        "block_bytes": bb,
+        "clients": args.clients,
+        "batches": results,
+        "ask_round_trip_us": rtt,
+        "goal_ratio_at_64": GOAL_RATIO,
+        "goal_met": met,
+    }
+    return Report(
+        title="kvactors bench actors: store + lookup + load, block-ops/s",
+        columns=["batch", "sync core", "actor path", "ratio"],
+        rows=rows,
+        summary=summary,
+        formats={"sync core": RATE, "actor path": RATE, "ratio": RATIO},
+        notes=[
+            f"one ask round trip: {rtt:.1f} us; {args.clients} concurrent callers on the actor path",
+            f"goal: actor path >= {GOAL_RATIO}x the sync core at 64-key batches: "
+            + ("met" if met else "NOT met"),
+        ],
+    )
