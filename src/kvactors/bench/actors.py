@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> Report:
         summary=summary,
         formats={"sync core": RATE, "actor path": RATE, "ratio": RATIO},
         notes=[
-            f"one ask round trip: {rtt:.1f} us; {args.clients} concurrent callers on the actor path",
+            f"one ask round trip: {rtt:.1f} us; "
+            f"{args.clients} concurrent callers on the actor path",
             f"goal: actor path >= {GOAL_RATIO}x the sync core at 64-key batches: "
             + ("met" if met else "NOT met"),
         ],
