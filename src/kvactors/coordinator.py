@@ -17,6 +17,7 @@ each ``prepare -> transfer -> complete``:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -30,7 +31,9 @@ from kvactors.actors import Actor, ActorStats, Future
 from kvactors.config import Config
 from kvactors.errors import (
     ActorClosed,
+    IntegrityError,
     InvalidKeyError,
+    KVActorsError,
     TensorSpecError,
     TierError,
     TierFailed,
@@ -41,6 +44,7 @@ from kvactors.policy_actor import (
     CompleteLoad,
     CompleteStore,
     Demotion,
+    Drop,
     GetSnapshot,
     LoadPlan,
     Lookup,
@@ -54,6 +58,7 @@ from kvactors.policy_actor import (
     Subscribe,
 )
 from kvactors.tier_actor import BlockMedium, Copy, Read, TierActor, TierStats, Write
+from kvactors.tier_actor import Drop as TierDrop
 
 __all__ = ["CacheStats", "KVCache", "LoadResult", "StoreResult", "open"]
 
@@ -232,21 +237,25 @@ class Coordinator(Actor[CoordinatorRequest]):
             await self._ask_tier(self.gpu, Copy(self.cpu.medium, cpu_ids, gpu_ids, outbound=True))
 
     async def _from_tier(
-        self, tier: TierActor, ids: list[int], side: Any, index: list[int]
+        self, tier: TierActor, ids: list[int], side: Any, index: list[int], keys: list[Key]
     ) -> None:
-        """Copy slots ``ids`` of ``tier`` into the caller's blocks ``index``."""
+        """Copy slots ``ids`` (blocks ``keys``) of ``tier`` into the caller's blocks ``index``.
+
+        Reads from ``nvme`` are verified against each block's checksum.
+        """
         if not ids:
             return
+        verify = keys if tier is self.nvme else None
         if isinstance(side, torch.Tensor):
             if index == list(range(side.shape[0])):
-                await self._ask_tier(tier, Read(ids, side))
+                await self._ask_tier(tier, Read(ids, side, verify))
                 return
             rows = torch.empty((len(ids), self.block_bytes), dtype=torch.uint8)
-            await self._ask_tier(tier, Read(ids, rows))
+            await self._ask_tier(tier, Read(ids, rows, verify))
             side[torch.tensor(index, dtype=torch.long, device=side.device)] = rows.to(side.device)
         else:
             gpu_ids = [side[i] for i in index]
-            await self._ask_tier(self.gpu, Copy(tier.medium, ids, gpu_ids))
+            await self._ask_tier(self.gpu, Copy(tier.medium, ids, gpu_ids, keys=verify))
 
     async def _ask_tier(self, tier: TierActor, job: Any) -> Any:
         try:
@@ -255,16 +264,31 @@ class Coordinator(Actor[CoordinatorRequest]):
             self.failed_tiers.add(tier.name)
             raise TierFailed(f"tier {tier.name!r} is down") from exc
 
-    async def _demote(self, demote: Demotion | None) -> bool:
-        """Write evicted ``cpu`` blocks down to ``nvme``; ``False`` if that failed."""
-        if demote is None or self.nvme is None:
-            return False
+    async def _to_nvme(self, cpu_ids: list[int], nvme_ids: list[int], keys: list[Key]) -> bool:
+        """Write ``cpu`` blocks down to ``nvme`` (indexed under ``keys``); ``False`` on failure."""
+        assert self.nvme is not None
         try:
-            await self._ask_tier(self.nvme, Copy(self.cpu.medium, demote.cpu_ids, demote.nvme_ids))
+            await self._ask_tier(self.nvme, Copy(self.cpu.medium, cpu_ids, nvme_ids, keys=keys))
         except TierError:
             await self._tier_failed(self.nvme)
             return False
         return True
+
+    async def _promote(self, cpu_ids: list[int], nvme_ids: list[int], keys: list[Key]) -> None:
+        """Read verified ``nvme`` blocks up into ``cpu`` slots."""
+        assert self.nvme is not None
+        try:
+            await self._ask_tier(
+                self.nvme, Copy(self.cpu.medium, cpu_ids, nvme_ids, outbound=True, keys=keys)
+            )
+        except TierError:
+            await self._tier_failed(self.nvme)
+            raise
+
+    async def _demote(self, demote: Demotion | None) -> bool:
+        if demote is None or self.nvme is None:
+            return False
+        return await self._to_nvme(demote.cpu_ids, demote.nvme_ids, demote.keys)
 
     async def _tier_failed(self, tier: TierActor) -> None:
         if tier.statistics().running and tier.tier_stats().crashed is None:
@@ -272,6 +296,15 @@ class Coordinator(Actor[CoordinatorRequest]):
         if tier.name not in self.failed_tiers:
             self.failed_tiers.add(tier.name)
             await self.policy.ask(MarkFailed(tier.name))
+
+    async def _drop_corrupted(self, keys: list[Key]) -> None:
+        """Forget blocks that failed their checksum: index first, then metadata."""
+        if not keys or self.nvme is None:
+            return
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(KVActorsError):  # a tier that is down: nothing to forget
+                await self.nvme.ask(TierDrop(keys))
+            await self.policy.ask(Drop("nvme", keys, corrupted=True))
 
     # -- handshakes -----------------------------------------------------------------
 
@@ -288,13 +321,7 @@ class Coordinator(Actor[CoordinatorRequest]):
             stored = not ticket.cancelled
             if stored and plan.through_keys and self.nvme is not None:
                 cpu_ids = [plan.cpu_ids[j] for j in plan.through_pos]
-                try:
-                    await self._ask_tier(
-                        self.nvme, Copy(self.cpu.medium, cpu_ids, plan.through_ids)
-                    )
-                    through = True
-                except TierError:
-                    await self._tier_failed(self.nvme)
+                through = await self._to_nvme(cpu_ids, plan.through_ids, plan.through_keys)
         except BaseException:
             self.failed_stores += 1
             raise
@@ -305,33 +332,47 @@ class Coordinator(Actor[CoordinatorRequest]):
         return StoreResult(len(plan.keys), len(keys) - len(plan.keys))
 
     async def _load(self, keys: list[Key], dst: Any, ticket: Ticket, partial: bool) -> LoadResult:
+        try:
+            return await self._load_once(keys, dst, ticket, partial)
+        except IntegrityError:
+            if not partial:
+                self.failed_loads += 1
+                raise
+        # The corrupt blocks are gone now: a partial load stops before them.
+        return await self._load_once(keys, dst, ticket, partial)
+
+    async def _load_once(
+        self, keys: list[Key], dst: Any, ticket: Ticket, partial: bool
+    ) -> LoadResult:
         plan: LoadPlan = await self.policy.ask(PrepareLoad(keys, partial=partial))
         n = len(plan.cpu_keys) + len(plan.promote_keys) + len(plan.direct_keys)
         promoted = demoted = False
+        corrupted: list[Key] = []
         try:
             demoted = await self._demote(plan.demote)
-            if plan.promote_keys and self.nvme is not None:
-                try:
-                    await self._ask_tier(
-                        self.nvme,
-                        Copy(self.cpu.medium, plan.promote_cpu_ids, plan.promote_nvme_ids, True),
-                    )
-                    promoted = True
-                except TierError:
-                    await self._tier_failed(self.nvme)
-                    raise
+            if plan.promote_keys:
+                await self._promote(plan.promote_cpu_ids, plan.promote_nvme_ids, plan.promote_keys)
+                promoted = True
             if not ticket.cancelled:
                 cpu_ids = plan.cpu_ids + plan.promote_cpu_ids
                 cpu_pos = plan.cpu_pos + plan.promote_pos
-                await self._from_tier(self.cpu, cpu_ids, dst, cpu_pos)
+                await self._from_tier(
+                    self.cpu, cpu_ids, dst, cpu_pos, plan.cpu_keys + plan.promote_keys
+                )
                 if plan.direct_keys and self.nvme is not None:
-                    await self._from_tier(self.nvme, plan.direct_nvme_ids, dst, plan.direct_pos)
+                    await self._from_tier(
+                        self.nvme, plan.direct_nvme_ids, dst, plan.direct_pos, plan.direct_keys
+                    )
+        except IntegrityError as exc:
+            corrupted = exc.keys
+            raise
         except BaseException:
             self.failed_loads += 1
             raise
         finally:
             with anyio.CancelScope(shield=True):
                 await self.policy.ask(CompleteLoad(plan, promoted, demoted))
+                await self._drop_corrupted(corrupted)
         tiers = ["cpu"] * n
         for pos in plan.promote_pos + plan.direct_pos:
             tiers[pos] = "nvme"
@@ -342,19 +383,20 @@ class Coordinator(Actor[CoordinatorRequest]):
             return 0
         plan: LoadPlan = await self.policy.ask(PrepareLoad(keys, prefetch=True))
         promoted = demoted = False
+        corrupted: list[Key] = []
         try:
             demoted = await self._demote(plan.demote)
             if plan.promote_keys:
-                await self._ask_tier(
-                    self.nvme,
-                    Copy(self.cpu.medium, plan.promote_cpu_ids, plan.promote_nvme_ids, True),
-                )
+                await self._promote(plan.promote_cpu_ids, plan.promote_nvme_ids, plan.promote_keys)
                 promoted = True
+        except IntegrityError as exc:
+            corrupted = exc.keys
         except TierError:
-            await self._tier_failed(self.nvme)
+            pass  # a hint: nothing to report; the tier was marked failed if it crashed
         finally:
             with anyio.CancelScope(shield=True):
                 await self.policy.ask(CompleteLoad(plan, promoted, demoted))
+                await self._drop_corrupted(corrupted)
         return len(plan.promote_keys) if promoted else 0
 
 
@@ -559,7 +601,8 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
     if nvme_m is not None:
         assert config.nvme is not None
         nvme = TierActor(nvme_m, threads=config.nvme.threads, mailbox_size=config.mailbox_size)
-    policy = PolicyActor(config)
+    recovered = [(e.key, e.slot) for e in nvme_m.recovered()] if nvme_m is not None else []
+    policy = PolicyActor(config, recovered)
     coord = Coordinator(config, policy, gpu, cpu, nvme)
     tiers = [t for t in (gpu, cpu, nvme) if t is not None]
     order: list[Actor[Any]] = [*tiers, policy, coord]

@@ -60,7 +60,14 @@ class TransferError(TierError):
 
 
 class IntegrityError(TransferError):
-    """A block read back from storage does not match its checksum."""
+    """Blocks read back from storage do not match their checksums (or were torn).
+
+    ``keys`` lists them; they are removed from the cache and never served.
+    """
+
+    def __init__(self, message: str, keys: list[bytes | int] | None = None) -> None:
+        super().__init__(message)
+        self.keys: list[bytes | int] = list(keys or [])
 
 
 class CacheLockedError(KVActorsError):

@@ -29,6 +29,7 @@ import msgspec
 
 from kvactors.errors import (
     BlockNotFoundError,
+    BlockStateError,
     BlockNotPinnedError,
     BlockNotReadyError,
     ConfigError,
@@ -283,9 +284,7 @@ class OffloadingManager:
                 for undo in pinned:
                     undo.ref_cnt -= 1
                 if block is None:
-                    raise BlockNotFoundError(
-                        f"prepare_load: block {key!r} is not in {self.medium}"
-                    )
+                    raise BlockNotFoundError(f"prepare_load: block {key!r} is not in {self.medium}")
                 raise BlockNotReadyError(f"prepare_load: block {key!r} is still being written")
             block.ref_cnt += 1
             pinned.append(block)
@@ -313,6 +312,31 @@ class OffloadingManager:
                 raise BlockNotPinnedError(f"complete_load: block {key!r} is not pinned")
             block.ref_cnt -= 1
             unpinned.append(block)
+
+    def restore(self, blocks: Iterable[tuple[Key, int]]) -> list[Key]:
+        """Load ``(key, slot id)`` pairs found on disk into an empty manager, as ready.
+
+        They enter in the given order (oldest first, for recency). Pairs with a
+        bad key type, an out-of-range slot or a slot or key already restored
+        are skipped; the keys restored are returned. Free slots are then handed
+        out lowest first. Raises :class:`~kvactors.errors.BlockStateError` if the
+        manager is not empty.
+        """
+        if len(self._policy) or self._next_fresh:
+            raise BlockStateError(f"restore: the {self.medium} manager is not empty")
+        used: set[int] = set()
+        restored: list[Key] = []
+        for key, block_id in blocks:
+            if type(key) not in (int, bytes) or not 0 <= block_id < self.num_blocks:
+                continue
+            if block_id in used or key in self._policy:
+                continue
+            used.add(block_id)
+            self._policy.insert(key, BlockStatus(block_id, ref_cnt=0))
+            restored.append(key)
+        self._next_fresh = self.num_blocks
+        self._free_list = [i for i in range(self.num_blocks - 1, -1, -1) if i not in used]
+        return restored
 
     # -- removal and events -----------------------------------------------------
 

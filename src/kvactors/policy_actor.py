@@ -20,6 +20,7 @@ written: the victims' ``cpu`` slots are the ones handed to the new blocks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -193,7 +194,7 @@ class PolicyActor(Actor[PolicyRequest]):
     """Owns the per-tier managers; handlers are synchronous inside, so every
     request is atomic with respect to every other."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, recovered: Sequence[tuple[Key, int]] = ()) -> None:
         super().__init__("policy", mailbox_size=config.mailbox_size)
         self.write_through = config.write_mode == "write_through"
         self.cpu = OffloadingManager(
@@ -212,6 +213,8 @@ class PolicyActor(Actor[PolicyRequest]):
                 enable_events=True,
                 medium=NVME,
             )
+            # Blocks a reopened NVMe directory still holds (verified when read).
+            self.nvme.restore(recovered)
         self.hub = EventHub(config.event_buffer)
         self.failed: set[str] = set()
         self.promoted = 0

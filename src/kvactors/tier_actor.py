@@ -24,7 +24,8 @@ import msgspec
 import torch
 
 from kvactors.actors import Actor
-from kvactors.errors import KVActorsError, TransferError
+from kvactors.errors import IntegrityError, KVActorsError, TransferError
+from kvactors.policy import Key
 
 __all__ = [
     "BlockMedium",
@@ -52,11 +53,19 @@ class BlockMedium(Protocol):
     block_bytes: int
     in_memory: bool
 
-    def read_into(self, ids: list[int], rows: torch.Tensor) -> None: ...
+    def read_into(
+        self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None
+    ) -> list[int]:
+        """Fill ``rows``; return the positions that failed verification against ``keys``."""
+        ...
 
-    def write_from(self, ids: list[int], rows: torch.Tensor) -> None: ...
+    def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
+        """Write ``rows``; media that index blocks record them under ``keys``."""
+        ...
 
-    def drop(self, ids: list[int]) -> None: ...
+    def drop(self, keys: list[Key]) -> None:
+        """Forget blocks ``keys`` (media that index blocks remove their records)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -65,33 +74,36 @@ class BlockMedium(Protocol):
 
 
 class Write(msgspec.Struct, frozen=True, tag=True):
-    """Write ``rows[i]`` into slot ``ids[i]``."""
+    """Write ``rows[i]`` into slot ``ids[i]`` (as block ``keys[i]`` when given)."""
 
     ids: list[int]
     rows: Any  # torch.Tensor (n, block_bytes) uint8
+    keys: list[Key] | None = None
 
 
 class Read(msgspec.Struct, frozen=True, tag=True):
-    """Read slot ``ids[i]`` into ``rows[i]``."""
+    """Read slot ``ids[i]`` into ``rows[i]``, verified as block ``keys[i]`` when given."""
 
     ids: list[int]
     rows: Any  # torch.Tensor (n, block_bytes) uint8
+    keys: list[Key] | None = None
 
 
 class Copy(msgspec.Struct, frozen=True, tag=True):
     """Copy slot ``src_ids[i]`` of ``src`` (another medium) into this tier's ``ids[i]``,
-    or the other way round with ``outbound=True``."""
+    or the other way round with ``outbound=True``. ``keys`` name the blocks."""
 
     src: Any  # BlockMedium
     src_ids: list[int]
     ids: list[int]
     outbound: bool = False
+    keys: list[Key] | None = None
 
 
 class Drop(msgspec.Struct, frozen=True, tag=True):
-    """Forget slots ``ids`` (their bytes need not survive)."""
+    """Forget blocks ``keys`` (their bytes need not survive)."""
 
-    ids: list[int]
+    keys: list[Key]
 
 
 class Crash(msgspec.Struct, frozen=True, tag=True):
@@ -159,23 +171,22 @@ class TierActor(Actor[TierRequest]):
         if self._crashed is not None:
             raise TransferError(f"tier {self.name!r} is down: {self._crashed}")
         match message:
-            case Write(ids, rows):
-                return await self._job("write", len(ids), self.medium.write_from, ids, rows)
-            case Read(ids, rows):
-                return await self._job("read", len(ids), self.medium.read_into, ids, rows)
-            case Copy(src, src_ids, ids, outbound):
+            case Write(ids, rows, keys):
+                return await self._job("write", len(ids), self.medium.write_from, ids, rows, keys)
+            case Read(ids, rows, keys):
+                return await self._job("read", len(ids), _read, self.medium, ids, rows, keys)
+            case Copy(src, src_ids, ids, outbound, keys):
                 op = "copy_out" if outbound else "copy_in"
-                return await self._job(
-                    op, len(ids), _copy, src, src_ids, self.medium, ids, outbound
-                )
-            case Drop(ids):
-                self.medium.drop(ids)
+                args = (src, src_ids, self.medium, ids, outbound, keys)
+                return await self._job(op, len(ids), _copy, *args)
+            case Drop(keys):
+                await self._job("drop", 0, self.medium.drop, keys)
                 return None
             case Crash(reason):
                 self._crashed = reason
                 return None
 
-    async def _job(self, op: str, blocks: int, fn: Callable[..., None], *args: Any) -> JobReport:
+    async def _job(self, op: str, blocks: int, fn: Callable[..., object], *args: Any) -> JobReport:
         nbytes = blocks * self.medium.block_bytes
         start = time.perf_counter()
         try:
@@ -220,12 +231,29 @@ class TierActor(Actor[TierRequest]):
         )
 
 
+def _read(medium: BlockMedium, ids: list[int], rows: torch.Tensor, keys: list[Key] | None) -> None:
+    """Read, turning failed verifications into :class:`IntegrityError` (blocking)."""
+    bad = medium.read_into(ids, rows, keys)
+    if bad:
+        assert keys is not None
+        bad_keys = [keys[i] for i in bad]
+        raise IntegrityError(
+            f"tier {medium.name!r}: {len(bad)} block(s) failed their checksum: {bad_keys[:8]!r}",
+            bad_keys,
+        )
+
+
 def _copy(
-    src: BlockMedium, src_ids: list[int], dst: BlockMedium, dst_ids: list[int], outbound: bool
+    src: BlockMedium,
+    src_ids: list[int],
+    dst: BlockMedium,
+    dst_ids: list[int],
+    outbound: bool,
+    keys: list[Key] | None,
 ) -> None:
     """Copy between two media through one staging buffer (blocking)."""
     if outbound:
         src, dst, src_ids, dst_ids = dst, src, dst_ids, src_ids
     staging = torch.empty((len(src_ids), src.block_bytes), dtype=torch.uint8)
-    src.read_into(src_ids, staging)
-    dst.write_from(dst_ids, staging)
+    _read(src, src_ids, staging, keys)
+    dst.write_from(dst_ids, staging, keys)

@@ -4,21 +4,27 @@
   the GPU pool (CUDA, or ``device="cpu"`` without a GPU) and the CPU tier
   (pinned when CUDA exists).
 - :class:`FileStore`: NVMe slots in one preallocated file, slot ``i`` at offset
-  ``i * block_bytes``, read and written with POSIX ``pread``/``pwrite`` (runs of
-  adjacent slots merged into one call).
+  ``i * block_bytes``, read and written with POSIX ``preadv``/``pwritev`` (runs
+  of adjacent slots merged into one call). Every block written carries a CRC-32
+  kept in an on-disk index (:mod:`kvactors.nvme_index`) and checked when read
+  back; reopening the directory serves what was durably stored before.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 
 from kvactors.config import Config
-from kvactors.errors import ConfigError, TransferError
+from kvactors.errors import CacheLockedError, ConfigError, TransferError
+from kvactors.nvme_index import Entry, NVMeIndex, checksum
+from kvactors.policy import Key
 
 __all__ = ["FileStore", "MemoryPool", "build_media", "resolve_device"]
 
@@ -71,81 +77,168 @@ class MemoryPool:
     def write_rows(self, ids: list[int], rows: torch.Tensor) -> None:
         self.data.index_copy_(0, self._index(ids), rows.to(self.device, non_blocking=True))
 
-    def read_into(self, ids: list[int], rows: torch.Tensor) -> None:
+    def read_into(
+        self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None
+    ) -> list[int]:
         if rows.device == self.device:
             torch.index_select(self.data, 0, self._index(ids), out=rows)
         else:
             rows.copy_(self.rows(ids), non_blocking=False)
+        return []
 
-    def write_from(self, ids: list[int], rows: torch.Tensor) -> None:
+    def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
         self.write_rows(ids, rows)
 
-    def drop(self, ids: list[int]) -> None:
-        del ids  # memory slots need no cleanup
+    def drop(self, keys: list[Key]) -> None:
+        del keys  # memory slots need no cleanup
 
     def close(self) -> None:
         pass
 
 
 class FileStore:
-    """NVMe block slots in one preallocated file under ``directory``.
+    """NVMe block slots in one preallocated file under ``directory``, with an index.
 
     ``directory=None`` makes a temporary directory, removed on :meth:`close`.
+    A directory is held by one process at a time (an ``flock`` on its ``lock``
+    file); a second opener gets :class:`~kvactors.errors.CacheLockedError`.
+    Blocks written with their keys are checksummed and indexed once their bytes
+    are fsynced; :meth:`recovered` lists what a reopened directory still holds.
     """
 
     in_memory = False
 
     def __init__(
-        self, name: str, num_blocks: int, block_bytes: int, directory: str | None = None
+        self,
+        name: str,
+        num_blocks: int,
+        block_bytes: int,
+        directory: str | None = None,
+        *,
+        durable: bool = True,
     ) -> None:
         self.name = name
         self.num_blocks = num_blocks
         self.block_bytes = block_bytes
+        self.durable = durable
         self._tmp = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="kvactors-"))
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.path = self.directory / "blocks.bin"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise CacheLockedError(
+                f"{self.directory} is in use by another kvactors process"
+            ) from None
+        self.fd = -1
+        try:
+            self.index = NVMeIndex(self.directory, block_bytes, num_blocks)
+            self.path = self.directory / "blocks.bin"
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             os.ftruncate(self.fd, num_blocks * block_bytes)
-        except OSError:
-            os.close(self.fd)
+        except BaseException:
+            self._release()
             raise
+        self._index_lock = threading.Lock()  # worker threads share the index
+        # I/O entry points, replaceable by fault-injection tests.
+        self.pwritev = os.pwritev
+        self.preadv = os.preadv
+        self.fdatasync = os.fdatasync
+        self.corrupted = 0
 
-    def read_into(self, ids: list[int], rows: torch.Tensor) -> None:
+    def recovered(self) -> list[Entry]:
+        """Blocks the directory held when opened, oldest first (not yet verified)."""
+        return self.index.entries()
+
+    def read_into(
+        self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None
+    ) -> list[int]:
+        """Read slots into ``rows``; returns the positions whose bytes failed the
+        checksum of ``keys`` (or are not indexed under that key)."""
         host = rows if rows.device.type == "cpu" else torch.empty_like(rows, device="cpu")
         buf = memoryview(host.numpy()).cast("B")  # type: ignore[arg-type]
         bb = self.block_bytes
+        bad: list[int] = []
         for pos, slot, n in _runs(ids):
             want = n * bb
-            got = os.preadv(self.fd, [buf[pos * bb : pos * bb + want]], slot * bb)
+            where = f"slots {slot}..{slot + n - 1}"
+            try:
+                got = self.preadv(self.fd, [buf[pos * bb : pos * bb + want]], slot * bb)
+            except OSError as exc:
+                if keys is None:
+                    raise TransferError(f"{self.name}: reading {where} failed: {exc}") from exc
+                got = 0  # with keys, unreadable blocks are misses, not errors
             if got != want:
-                where = f"slots {slot}..{slot + n - 1}"
-                raise TransferError(f"{self.name}: short read of {where}: {got} of {want} bytes")
+                if keys is None:
+                    raise TransferError(f"{self.name}: short read of {where}: {got} of {want}")
+                # Blocks past the end of a short read are torn: never data.
+                bad.extend(range(pos + got // bb, pos + n))
+        if keys is not None:
+            with self._index_lock:
+                entries = [self.index.lookup_slot(slot) for slot in ids]
+            torn = set(bad)
+            bad = []
+            for pos, (key, entry) in enumerate(zip(keys, entries)):
+                if (
+                    pos in torn
+                    or entry is None
+                    or entry.key != key
+                    or checksum(buf[pos * bb : (pos + 1) * bb]) != entry.crc
+                ):
+                    bad.append(pos)
+            self.corrupted += len(bad)
         if host is not rows:
             rows.copy_(host)
+        return bad
 
-    def write_from(self, ids: list[int], rows: torch.Tensor) -> None:
+    def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
+        """Write ``rows`` into slots, fsync them, then index them under ``keys``."""
         host = rows.cpu().contiguous()
         buf = memoryview(host.numpy()).cast("B")  # type: ignore[arg-type]
         bb = self.block_bytes
+        # The slots' old records are superseded by the new ones below; a crash in
+        # between leaves old records over new bytes, which fail their checksum.
         for pos, slot, n in _runs(ids):
             want = n * bb
-            done = os.pwritev(self.fd, [buf[pos * bb : pos * bb + want]], slot * bb)
+            done = self.pwritev(self.fd, [buf[pos * bb : pos * bb + want]], slot * bb)
             if done != want:
-                raise TransferError(
-                    f"{self.name}: short write of slots {slot}..{slot + n - 1}: {done} of {want}"
-                )
+                where = f"slots {slot}..{slot + n - 1}"
+                raise TransferError(f"{self.name}: short write of {where}: {done} of {want}")
+        if keys is None:
+            return
+        if self.durable:
+            self.fdatasync(self.fd)
+        items = [
+            (key, slot, checksum(buf[pos * bb : (pos + 1) * bb]))
+            for pos, (key, slot) in enumerate(zip(keys, ids))
+        ]
+        with self._index_lock:
+            self.index.put(items, sync=self.durable)
 
-    def drop(self, ids: list[int]) -> None:
-        del ids
+    def drop(self, keys: list[Key]) -> None:
+        """Remove the index records of ``keys`` (their slots' bytes stay until reused)."""
+        with self._index_lock:
+            known = [k for k in keys if k in self.index.by_key]
+            if known:
+                self.index.delete(known)
 
-    def close(self) -> None:
+    def _release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-            if self._tmp:
-                shutil.rmtree(self.directory, ignore_errors=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def close(self) -> None:
+        if self._lock_fd < 0:
+            return
+        self.index.close()
+        self._release()
+        if self._tmp:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def build_media(config: Config) -> tuple[MemoryPool, MemoryPool, FileStore | None]:
