@@ -70,7 +70,7 @@ async def test_reopen_with_another_block_size_is_a_config_error(tmp_path: Path) 
     with anyio.fail_after(20):
         async with kvactors.open(durable_config(tmp_path)) as kv:
             await store_keys(kv, [1])
-        with pytest.raises(ConfigError, match="nvme.directory"):
+        with pytest.raises(ConfigError, match=r"nvme\.directory"):
             async with kvactors.open(durable_config(tmp_path, block_bytes=2 * BB)):
                 pass
 
