@@ -11,8 +11,9 @@ each ``prepare -> transfer -> complete``:
   half-written block behind;
 - a caller cancelled before its transfer starts skips the transfer; a store
   whose caller was cancelled completes with ``success=False`` (its bytes may be
-  torn), so it is never served. The job already in flight finishes first: until
-  then ``src`` may still be read / ``dst`` written.
+  torn), so it is never served. The cancelled call returns once the job already
+  in flight has finished: after ``store`` / ``load`` returns, by cancellation
+  or otherwise, kvactors no longer reads ``src`` or writes ``dst``.
 """
 
 from __future__ import annotations
@@ -203,11 +204,15 @@ class Coordinator(Actor[CoordinatorRequest]):
                 self.latency["lookup"].add(time.perf_counter() - start)
                 return result
             case DoStore(keys, src, ticket):
+                if ticket.cancelled:
+                    return None
                 try:
                     return await self._store(keys, src, ticket)
                 finally:
                     self.latency["store"].add(time.perf_counter() - start)
             case DoLoad(keys, dst, ticket, partial):
+                if ticket.cancelled:
+                    return None
                 try:
                     return await self._load(keys, dst, ticket, partial)
                 finally:
@@ -469,11 +474,18 @@ class KVCache:
         return ids
 
     async def _ask(self, message: Any, ticket: Ticket | None) -> Any:
+        # Cancelled while waiting for mailbox room: nothing was sent, nothing to undo.
+        reply = await self._coord.post(message)
         try:
-            return await self._coord.ask(message)
+            return await reply.wait()
         except BaseException:
             if ticket is not None:
+                # Tell the handshake to skip what it has not started, and wait
+                # (shielded) for it to settle: once this call has returned, even
+                # by cancellation, kvactors no longer touches ``src`` / ``dst``.
                 ticket.cancelled = True
+                with anyio.CancelScope(shield=True):
+                    await reply.settled()
             raise
 
     # -- the API --------------------------------------------------------------------
@@ -493,8 +505,8 @@ class KVCache:
         Returns ``None`` when the cache cannot take them now (every block pinned
         or in flight): nothing changed. Raises :class:`~kvactors.errors.TierError`
         if the transfer failed (the blocks are then not stored). If cancelled,
-        the store completes as failed; ``src`` may still be read until the job
-        in flight ends.
+        the store completes as failed, and the call returns once the transfer in
+        flight (if any) has ended: ``src`` is not read afterwards.
         """
         self._check_open("store")
         keys = _check_keys(keys, "store")
@@ -511,8 +523,8 @@ class KVCache:
         and says how many in the result. Otherwise it raises
         :class:`~kvactors.errors.BlockNotFoundError` (nothing pinned) if a key
         is not available, :class:`~kvactors.errors.TierError` if a transfer
-        failed. If cancelled, every pin is released; ``dst`` may still be
-        written until the job in flight ends.
+        failed. If cancelled, every pin is released, and the call returns once
+        the transfer in flight (if any) has ended: ``dst`` is not written afterwards.
         """
         self._check_open("load")
         keys = _check_keys(keys, "load")

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -143,9 +144,9 @@ class FileStore:
             raise
         self._index_lock = threading.Lock()  # worker threads share the index
         # I/O entry points, replaceable by fault-injection tests.
-        self.pwritev = os.pwritev
-        self.preadv = os.preadv
-        self.fdatasync = os.fdatasync
+        self.pwritev: Callable[..., int] = os.pwritev
+        self.preadv: Callable[..., int] = os.preadv
+        self.fdatasync: Callable[[int], None] = os.fdatasync
         self.corrupted = 0
 
     def recovered(self) -> list[Entry]:

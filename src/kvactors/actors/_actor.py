@@ -103,6 +103,12 @@ class Actor(Generic[M]):
         await self._post(Envelope(message, reply))
         return await reply.wait()
 
+    async def post(self, message: M) -> Future[Any]:
+        """Send ``message`` (waiting for mailbox room) and return its reply future."""
+        reply: Future[Any] = Future()
+        await self._post(Envelope(message, reply))
+        return reply
+
     def ask_nowait(self, message: M) -> Future[Any]:
         """Post ``message`` without waiting; raises ``anyio.WouldBlock`` when full."""
         reply: Future[Any] = Future()

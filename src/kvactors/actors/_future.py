@@ -65,6 +65,11 @@ class Future(Generic[T]):
             await self._event.wait()
         return self.result()
 
+    async def settled(self) -> None:
+        """Wait until a result or an error is set, without raising either."""
+        if self._state == _PENDING:
+            await self._event.wait()
+
     def __await__(self) -> Generator[Any, None, T]:
         return self.wait().__await__()
 

@@ -1,0 +1,185 @@
+"""A soak run: many concurrent requests across every tier, with faults injected.
+
+Clients store, load (with ``partial=True``) and prefetch random prefixes of a
+shared key space while the NVMe store fails some writes with ``ENOSPC`` and
+flips bytes in some reads. At the end:
+
+- every loaded block was checked against the bytes derived from its key
+  (``wrong_bytes`` must be 0);
+- a model built only from the cache's own events says which keys should be
+  present; a key it holds that ``lookup`` cannot find was lost silently
+  (``lost`` must be 0);
+- every tier has no pins, no blocks being written, and ``used + free == capacity``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import time
+from typing import Any
+
+import anyio
+import msgspec
+import torch
+
+import kvactors
+from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
+from kvactors.demo import block_bytes_for
+from kvactors.errors import KVActorsError
+from kvactors.tier_media import FileStore
+
+__all__ = ["SoakResult", "run_soak"]
+
+
+class SoakResult(msgspec.Struct, frozen=True):
+    seconds: float
+    operations: int
+    stores: int
+    loads: int
+    blocks_verified: int
+    faults_injected: int
+    errors_seen: int
+    wrong_bytes: int
+    lost: int
+    invariants_ok: bool
+    events_dropped: int
+
+
+class _Faults:
+    """Wraps a FileStore's I/O entry points to fail writes and corrupt reads."""
+
+    def __init__(self, store: FileStore, rng: random.Random, p_write: float, p_read: float):
+        self.count = 0
+        pwritev, preadv = store.pwritev, store.preadv
+
+        def bad_write(fd: int, buffers: Any, offset: int) -> int:
+            if rng.random() < p_write:
+                self.count += 1
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return pwritev(fd, buffers, offset)
+
+        def bad_read(fd: int, buffers: Any, offset: int) -> int:
+            n = preadv(fd, buffers, offset)
+            if n and rng.random() < p_read:
+                self.count += 1
+                buffers[0][0] ^= 0xFF
+            return n
+
+        store.pwritev = bad_write
+        store.preadv = bad_read
+
+
+async def run_soak(
+    *,
+    seconds: float = 5.0,
+    clients: int = 8,
+    keys: int = 400,
+    seed: int = 0,
+    p_write_fault: float = 0.02,
+    p_read_fault: float = 0.02,
+    block_bytes: int = 4096,
+) -> SoakResult:
+    """Run the soak for about ``seconds`` and return what it saw."""
+    rng = random.Random(seed)
+    longest = 16
+    config = Config(
+        block_bytes=block_bytes,
+        gpu=GPUConfig(num_blocks=clients * longest, device="cpu"),
+        cpu=TierConfig(num_blocks=keys // 8),
+        nvme=NVMeConfig(num_blocks=keys // 2, backend="posix"),
+        mailbox_size=16,
+        max_inflight=8,
+        event_buffer=1_000_000,
+    )
+    counts = {"ops": 0, "stores": 0, "loads": 0, "verified": 0, "errors": 0, "wrong": 0}
+    model: dict[Any, set[str]] = {}
+    start = time.perf_counter()
+    async with kvactors.open(config) as kv:
+        nvme: Any = kv._coord.nvme
+        faults = _Faults(nvme.medium, rng, p_write_fault, p_read_fault)
+        events: Any = await kv.events()
+        pool: Any = kv.gpu_pool
+        dev = pool.device
+        deadline = time.perf_counter() + seconds
+
+        async def client(c: int) -> None:
+            crng = random.Random(seed * 1000 + c)
+            slots = list(range(c * longest, (c + 1) * longest))
+            while time.perf_counter() < deadline:
+                first = crng.randrange(keys)
+                n = crng.randint(1, longest)
+                chunk = [(first + i) % keys for i in range(n)]
+                if len(set(chunk)) != len(chunk):
+                    continue
+                op = crng.random()
+                try:
+                    with anyio.move_on_after(crng.choice([None, 0.0005, 0.005])):
+                        if op < 0.45:
+                            pool.write_rows(slots[:n], block_bytes_for(chunk, block_bytes, dev))
+                            await kv.store(chunk, slots[:n])
+                            counts["stores"] += 1
+                        elif op < 0.9:
+                            res = await kv.load(chunk, slots[:n], partial=True)
+                            got = len(res.tiers)
+                            want = block_bytes_for(chunk[:got], block_bytes, dev)
+                            if not torch.equal(pool.rows(slots[:got]), want):
+                                counts["wrong"] += 1
+                            counts["verified"] += got
+                            counts["loads"] += 1
+                        else:
+                            kv.prefetch(chunk)
+                except KVActorsError:
+                    counts["errors"] += 1
+                counts["ops"] += 1
+
+        async with anyio.create_task_group() as tg:
+            for c in range(clients):
+                tg.start_soon(client, c)
+
+        # Let prefetches still queued finish, then settle.
+        with anyio.fail_after(30):
+            while True:
+                stats = await kv.stats()
+                busy = any(t.pinned or t.being_written for t in stats.policy.tiers.values())
+                if not busy and stats.actors[0].mailbox_depth == 0:
+                    break
+                await anyio.sleep(0.01)
+        with events:
+            while True:
+                try:
+                    ev = events.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+                for key in ev.keys:
+                    tiers = model.setdefault(key, set())
+                    if ev.kind in ("stored", "promoted", "demoted"):
+                        tiers.add(ev.tier)
+                    elif ev.kind in ("removed", "corrupted"):
+                        tiers.discard(ev.tier)
+        present = [k for k, tiers in model.items() if tiers]
+        lost = 0
+        for i in range(0, len(present), 64):
+            chunk = present[i : i + 64]
+            for k in chunk:
+                if (await kv.lookup([k])).hits != 1:
+                    lost += 1
+        ok = all(
+            t.pinned == 0 and t.being_written == 0 and t.used + t.free == t.capacity
+            for t in stats.policy.tiers.values()
+        )
+        result = SoakResult(
+            seconds=time.perf_counter() - start,
+            operations=counts["ops"],
+            stores=counts["stores"],
+            loads=counts["loads"],
+            blocks_verified=counts["verified"],
+            faults_injected=faults.count,
+            errors_seen=counts["errors"],
+            wrong_bytes=counts["wrong"],
+            lost=lost,
+            invariants_ok=ok,
+            events_dropped=stats.policy.events_dropped,
+        )
+    return result
