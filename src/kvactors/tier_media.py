@@ -249,5 +249,12 @@ def build_media(config: Config) -> tuple[MemoryPool, MemoryPool, FileStore | Non
     cpu = MemoryPool("cpu", config.cpu.num_blocks, config.block_bytes, torch.device("cpu"), True)
     nvme = None
     if config.nvme is not None:
-        nvme = FileStore("nvme", config.nvme.num_blocks, config.block_bytes, config.nvme.directory)
+        # A temporary directory dies with the process: no fsync needed there.
+        nvme = FileStore(
+            "nvme",
+            config.nvme.num_blocks,
+            config.block_bytes,
+            config.nvme.directory,
+            durable=config.nvme.directory is not None,
+        )
     return gpu, cpu, nvme
