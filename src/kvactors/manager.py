@@ -29,9 +29,9 @@ import msgspec
 
 from kvactors.errors import (
     BlockNotFoundError,
-    BlockStateError,
     BlockNotPinnedError,
     BlockNotReadyError,
+    BlockStateError,
     ConfigError,
     InvalidKeyError,
 )

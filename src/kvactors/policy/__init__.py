@@ -1,10 +1,10 @@
 """Eviction policies: pure, synchronous orderings of one tier's blocks.
 
-| name           | keeps                                   | pick it when                                  |
-|----------------|-----------------------------------------|-----------------------------------------------|
-| ``lru``        | one recency list                        | the default; cheapest, good on chat traces    |
-| ``arc``        | recency (T1) and frequency (T2) lists   | scans mix with reuse; adapts between the two  |
-| ``weighted_lru`` | recency aged by frequency and size    | a few shared prefixes are reused far more     |
+- ``lru``: one recency list. The default; cheapest, good on chat traces.
+- ``arc``: recency (T1) and frequency (T2) lists that trade space; adapts when
+  scans mix with reuse.
+- ``weighted_lru``: recency aged by frequency and block size; for workloads
+  where a few shared prefixes are reused far more than the rest.
 
 Each policy implements :class:`CachePolicy`; ``make_policy(name, capacity)``
 builds one by name.
