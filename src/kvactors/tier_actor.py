@@ -263,6 +263,9 @@ def _copy(
     """Copy between two media through one staging buffer (blocking)."""
     if outbound:
         src, dst, src_ids, dst_ids = dst, src, dst_ids, src_ids
-    staging = torch.empty((len(src_ids), src.block_bytes), dtype=torch.uint8)
+    # Pinned staging (CUDA only) lets host <-> device copies run as DMA.
+    staging = torch.empty(
+        (len(src_ids), src.block_bytes), dtype=torch.uint8, pin_memory=torch.cuda.is_available()
+    )
     _read(src, src_ids, staging, keys)
     dst.write_from(dst_ids, staging, keys)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -50,7 +51,13 @@ def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
 
 
 class MemoryPool:
-    """Block slots in one ``(num_blocks, block_bytes)`` uint8 tensor."""
+    """Block slots in one ``(num_blocks, block_bytes)`` uint8 tensor.
+
+    On CUDA every copy runs on the pool's own stream and the calling worker
+    thread waits for that stream only, so the event loop never blocks and other
+    streams keep running. The CPU tier is pinned when CUDA exists, so copies
+    between it and the GPU pool are asynchronous DMA.
+    """
 
     in_memory = True
 
@@ -61,30 +68,48 @@ class MemoryPool:
         self.num_blocks = num_blocks
         self.block_bytes = block_bytes
         self.device = device
+        self.pinned = pin and device.type == "cpu" and torch.cuda.is_available()
         self.data = torch.zeros(
-            (num_blocks, block_bytes),
-            dtype=torch.uint8,
-            device=device,
-            pin_memory=pin and device.type == "cpu" and torch.cuda.is_available(),
+            (num_blocks, block_bytes), dtype=torch.uint8, device=device, pin_memory=self.pinned
+        )
+        self.stream = (
+            torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+            if device.type == "cuda"
+            else None
         )
 
     def _index(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
+    def _on_stream(self) -> contextlib.AbstractContextManager[object]:
+        return torch.cuda.stream(self.stream) if self.stream is not None else _NULL
+
+    def _finish(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+
     def rows(self, ids: list[int]) -> torch.Tensor:
         """A copy of slots ``ids`` as ``(n, block_bytes)``."""
-        return self.data.index_select(0, self._index(ids))
+        with self._on_stream():
+            out = self.data.index_select(0, self._index(ids))
+        self._finish()
+        return out
 
     def write_rows(self, ids: list[int], rows: torch.Tensor) -> None:
-        self.data.index_copy_(0, self._index(ids), rows.to(self.device, non_blocking=True))
+        """Copy ``rows`` into slots ``ids`` (blocking until done)."""
+        with self._on_stream():
+            self.data.index_copy_(0, self._index(ids), rows.to(self.device, non_blocking=True))
+        self._finish()
 
     def read_into(
         self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None
     ) -> list[int]:
-        if rows.device == self.device:
-            torch.index_select(self.data, 0, self._index(ids), out=rows)
-        else:
-            rows.copy_(self.rows(ids), non_blocking=False)
+        with self._on_stream():
+            if rows.device == self.device:
+                torch.index_select(self.data, 0, self._index(ids), out=rows)
+            else:
+                rows.copy_(self.data.index_select(0, self._index(ids)), non_blocking=True)
+        self._finish()
         return []
 
     def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
@@ -95,6 +120,9 @@ class MemoryPool:
 
     def close(self) -> None:
         pass
+
+
+_NULL = contextlib.nullcontext()
 
 
 class FileStore:
