@@ -23,6 +23,7 @@ from kvactors.errors import (
     TensorSpecError,
     TierError,
 )
+from kvactors import tier_actor
 from kvactors.tier_actor import Crash
 
 pytestmark = pytest.mark.anyio
@@ -164,19 +165,19 @@ async def test_submit_returns_pollable_futures(kv: kvactors.KVCache) -> None:
 
 
 class SlowWrites:
-    """Makes one medium's writes wait until released, to cancel callers mid-transfer."""
+    """Makes every pool-to-pool copy wait until released, to cancel callers mid-transfer."""
 
-    def __init__(self, medium: Any, method: str) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.gate = threading.Event()
         self.entered = threading.Event()
-        original = getattr(medium, method)
+        original = tier_actor.copy_rows
 
         def slow(*args: Any) -> None:
             self.entered.set()
             self.gate.wait(10)
             original(*args)
 
-        setattr(medium, method, slow)
+        monkeypatch.setattr(tier_actor, "copy_rows", slow)
 
 
 async def wait_entered(slow: SlowWrites) -> None:
@@ -186,13 +187,15 @@ async def wait_entered(slow: SlowWrites) -> None:
 
 
 @pytest.mark.parametrize("when", ["before", "during"])
-async def test_cancelled_store_leaves_nothing_behind(when: str) -> None:
+async def test_cancelled_store_leaves_nothing_behind(
+    when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A store cancelled while its transfer is queued or running completes as failed:
     no pin, no not-ready block, and the key is not served."""
     config = small_config(gpu={"num_blocks": 64, "device": "cpu", "threads": 1})
     with anyio.fail_after(20):
         async with kvactors.open(config) as kv:
-            slow = SlowWrites(kv._coord.cpu.medium, "write_from")
+            slow = SlowWrites(monkeypatch)
             kv._coord.gpu.inline_bytes = 0  # run copies in threads, so they can be slow
             fill(kv, [1, 2], [0, 1])
             with anyio.CancelScope() as scope:
@@ -202,7 +205,11 @@ async def test_cancelled_store_leaves_nothing_behind(when: str) -> None:
                         await wait_entered(slow)
                     else:
                         await anyio.lowlevel.checkpoint()
+                    # The cancelled store returns only once its copy has ended,
+                    # which the timer allows a little later.
+                    threading.Timer(0.2, slow.gate.set).start()
                     scope.cancel()
+            assert slow.gate.is_set() or when == "before"
             slow.gate.set()
             stats = await settled(kv)
             assert stats.policy.tiers["cpu"].used == 0
@@ -212,20 +219,22 @@ async def test_cancelled_store_leaves_nothing_behind(when: str) -> None:
             assert await kv.store([1, 2], [0, 1]) == kvactors.StoreResult(2, 0)
 
 
-async def test_cancelled_load_releases_its_pins() -> None:
+async def test_cancelled_load_releases_its_pins(monkeypatch: pytest.MonkeyPatch) -> None:
     with anyio.fail_after(20):
         async with kvactors.open(small_config()) as kv:
             fill(kv, [1, 2], [0, 1])
             await kv.store([1, 2], [0, 1])
-            slow = SlowWrites(kv._coord.gpu.medium, "write_from")
+            slow = SlowWrites(monkeypatch)
             kv._coord.gpu.inline_bytes = 0
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(kv.load, [1, 2], [10, 11])
                     await wait_entered(slow)
                     assert (await kv.stats()).policy.tiers["cpu"].pinned == 2
+                    threading.Timer(0.2, slow.gate.set).start()
                     scope.cancel()
-            slow.gate.set()
+            # The cancelled load returned only after its copy into dst ended.
+            assert slow.gate.is_set()
             stats = await settled(kv)
             assert stats.policy.tiers["cpu"].pinned == 0
             assert (await kv.lookup([1, 2])).hits == 2

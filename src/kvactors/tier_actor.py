@@ -26,6 +26,7 @@ import torch
 from kvactors.actors import Actor
 from kvactors.errors import IntegrityError, KVActorsError, TransferError
 from kvactors.policy import Key
+from kvactors.tier_media import FileStore, MemoryPool, copy_rows
 
 __all__ = [
     "BlockMedium",
@@ -242,7 +243,10 @@ class TierActor(Actor[TierRequest]):
 
 def _read(medium: BlockMedium, ids: list[int], rows: torch.Tensor, keys: list[Key] | None) -> None:
     """Read, turning failed verifications into :class:`IntegrityError` (blocking)."""
-    bad = medium.read_into(ids, rows, keys)
+    _raise_bad(medium, medium.read_into(ids, rows, keys), keys)
+
+
+def _raise_bad(medium: BlockMedium, bad: list[int], keys: list[Key] | None) -> None:
     if bad:
         assert keys is not None
         bad_keys = [keys[i] for i in bad]
@@ -260,9 +264,21 @@ def _copy(
     outbound: bool,
     keys: list[Key] | None,
 ) -> None:
-    """Copy between two media through one staging buffer (blocking)."""
+    """Copy between two media (blocking), without staging where the media allow."""
     if outbound:
         src, dst, src_ids, dst_ids = dst, src, dst_ids, src_ids
+    if isinstance(src, MemoryPool) and isinstance(dst, MemoryPool):
+        with src._on_stream():
+            copy_rows(src.data, src_ids, dst.data, dst_ids)
+        src._finish()
+        return
+    if isinstance(src, MemoryPool) and isinstance(dst, FileStore) and src.device.type == "cpu":
+        dst.write_buffers(dst_ids, src.buffers(src_ids), keys)
+        return
+    if isinstance(src, FileStore) and isinstance(dst, MemoryPool) and dst.device.type == "cpu":
+        bad = src.read_buffers(src_ids, dst.buffers(dst_ids), keys)
+        _raise_bad(src, bad, keys)
+        return
     # Pinned staging (CUDA only) lets host <-> device copies run as DMA.
     staging = torch.empty(
         (len(src_ids), src.block_bytes), dtype=torch.uint8, pin_memory=torch.cuda.is_available()
