@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kvactors
+from kvactors import tier_actor
 from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
 from kvactors.demo import block_bytes_for
 from kvactors.errors import (
@@ -23,7 +24,6 @@ from kvactors.errors import (
     TensorSpecError,
     TierError,
 )
-from kvactors import tier_actor
 from kvactors.tier_actor import Crash
 
 pytestmark = pytest.mark.anyio
