@@ -19,7 +19,9 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -50,7 +52,13 @@ def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+T = TypeVar("T")
+_Run = tuple[int, int, int]
 _IOV_MAX = 1024
+
+
+def _map(fn: Callable[[_Run], T], runs: list[_Run]) -> list[T]:
+    return [fn(run) for run in runs]
 
 
 def _vectored(call: Callable[..., int], fd: int, bufs: list[memoryview], offset: int) -> int:
@@ -212,6 +220,7 @@ class FileStore:
         *,
         durable: bool = True,
         backend: str = "posix",
+        io_threads: int = 2,
     ) -> None:
         self.name = name
         self.backend = backend
@@ -243,6 +252,8 @@ class FileStore:
         self.pwritev: Callable[..., int] = os.pwritev
         self.preadv: Callable[..., int] = os.preadv
         self.fdatasync: Callable[[int], None] = os.fdatasync
+        self.io_threads = io_threads
+        self._pool = ThreadPoolExecutor(io_threads, "kvactors-io") if io_threads > 1 else None
         self._kvikio: _KvikioIO | None = None
         if backend == "kvikio":
             self._kvikio = _KvikioIO(self.path)
@@ -271,8 +282,9 @@ class FileStore:
         """Read slot ``ids[i]`` into ``bufs[i]`` (one block each), one ``preadv``
         per run of adjacent slots; verify against ``keys`` as :meth:`read_into`."""
         bb = self.block_bytes
-        bad: list[int] = []
-        for pos, slot, n in _runs(ids):
+
+        def read_run(run: _Run) -> list[int]:
+            pos, slot, n = run
             want = n * bb
             where = f"slots {slot}..{slot + n - 1}"
             try:
@@ -285,7 +297,10 @@ class FileStore:
                 if keys is None:
                     raise TransferError(f"{self.name}: short read of {where}: {got} of {want}")
                 # Blocks past the end of a short read are torn: never data.
-                bad.extend(range(pos + got // bb, pos + n))
+                return list(range(pos + got // bb, pos + n))
+            return []
+
+        bad = [pos for torn in self._each_run(read_run, _runs(ids)) for pos in torn]
         if keys is not None:
             with self._index_lock:
                 entries = [self.index.lookup_slot(slot) for slot in ids]
@@ -302,6 +317,18 @@ class FileStore:
             self.corrupted += len(bad)
         return bad
 
+    def _each_run(self, fn: Callable[[_Run], T], runs: list[_Run]) -> list[T]:
+        """``fn`` over ``runs``, split across the store's I/O threads when there are
+        many runs (one syscall each): then syscall cost, not bandwidth, limits."""
+        if self._pool is None or len(runs) < 16:
+            return [fn(run) for run in runs]
+        k = self.io_threads
+        futures = [self._pool.submit(_map, fn, runs[i::k]) for i in range(k)]
+        results: list[T] = []
+        for fut in futures:
+            results += fut.result()  # re-raises the first I/O error
+        return results
+
     def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
         """Write ``rows`` into slots, fsync them, then index them under ``keys``."""
         self.write_buffers(ids, _row_views(rows.cpu().contiguous()), keys)
@@ -314,12 +341,15 @@ class FileStore:
         bb = self.block_bytes
         # The slots' old records are superseded by the new ones below; a crash in
         # between leaves old records over new bytes, which fail their checksum.
-        for pos, slot, n in _runs(ids):
-            want = n * bb
+
+        def write_run(run: _Run) -> None:
+            pos, slot, n = run
             done = _vectored(self.pwritev, self.fd, bufs[pos : pos + n], slot * bb)
-            if done != want:
+            if done != n * bb:
                 where = f"slots {slot}..{slot + n - 1}"
-                raise TransferError(f"{self.name}: short write of {where}: {done} of {want}")
+                raise TransferError(f"{self.name}: short write of {where}: {done} of {n * bb}")
+
+        self._each_run(write_run, _runs(ids))
         if keys is None:
             return
         if self.durable:
@@ -347,6 +377,8 @@ class FileStore:
         if self._lock_fd < 0:
             return
         self.index.close()
+        if self._pool is not None:
+            self._pool.shutdown()
         if self._kvikio is not None:
             self._kvikio.close()
         self._release()

@@ -1,0 +1,192 @@
+"""``kvactors bench transfer``: block copies against one contiguous copy of the same bytes.
+
+For each block size, ``--mib`` MiB of blocks move with shuffled (non-adjacent)
+slot ids, through the same functions the tier actors call:
+
+- GPU pool -> CPU tier and back (gather/scatter; the GPU pool is on the CPU
+  without CUDA), against one contiguous tensor copy of the same bytes;
+- CPU tier -> NVMe and back (vectored ``pwritev``/``preadv`` straight from the
+  pool's rows), against one sequential ``pwrite``/``pread`` of the same bytes.
+  Both sides go through the page cache (no ``O_DIRECT``, no fsync), so they
+  compare like with like; with CUDA, GPU -> pinned CPU is also measured.
+
+Each figure is the best of ``--repeat`` runs, the baseline and the measured path
+interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvactors.report import GBPS, RATIO, Report
+from kvactors.tier_media import FileStore, MemoryPool, copy_rows, resolve_device
+
+GOALS = {"memory": 0.7, "nvme": 0.8, "cuda": 0.8}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sizes", default="64K,512K,2M", help="block sizes, comma separated (K/M suffixes)"
+    )
+    parser.add_argument("--mib", type=int, default=256, help="MiB moved per measurement")
+    parser.add_argument("--repeat", type=int, default=3, help="best of N")
+    parser.add_argument("--dir", default=None, help="directory for the NVMe files")
+
+
+def _size(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 1024, "M": 1024**2}.get(text[-1:], 1)
+    return int(text.rstrip("KM")) * mult
+
+
+def _best(fn: Callable[[], object], base: Callable[[], object], repeat: int) -> tuple[float, float]:
+    fn()
+    base()
+    t_fn = t_base = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        base()
+        t_base = min(t_base, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn()
+        t_fn = min(t_fn, time.perf_counter() - t0)
+    return t_fn, t_base
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _result(
+    path: str, size: int, nbytes: int, t_fn: float, t_base: float, goal: str
+) -> dict[str, Any]:
+    ratio = t_base / t_fn
+    if goal == "memory":
+        checked = size >= 512 * 1024
+    elif goal == "cuda":
+        checked = size >= 2 * 2**20
+    else:
+        checked = True
+    return {
+        "path": path,
+        "block_kib": size // 1024,
+        "gb_per_s": nbytes / t_fn / 1e9,
+        "baseline_gb_per_s": nbytes / t_base / 1e9,
+        "ratio": ratio,
+        "goal": GOALS[goal] if checked else None,
+        "goal_met": ratio >= GOALS[goal] if checked else None,
+    }
+
+
+def _measure_size(
+    size: int, mib: int, repeat: int, device: torch.device, directory: Path, rng: random.Random
+) -> list[dict[str, Any]]:
+    n = max(1, mib * 2**20 // size)
+    nbytes = n * size
+    gpu = MemoryPool("gpu", 2 * n, size, device)
+    cpu = MemoryPool("cpu", 2 * n, size, torch.device("cpu"), pin=True)
+    gpu.data.random_(0, 255)
+    src_ids = rng.sample(range(2 * n), n)
+    dst_ids = rng.sample(range(2 * n), n)
+    flat_gpu = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    flat_cpu = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cpu.pinned)
+    out: list[dict[str, Any]] = []
+
+    def gather() -> None:
+        copy_rows(gpu.data, src_ids, cpu.data, dst_ids)
+        _sync(device)
+
+    def scatter() -> None:
+        copy_rows(cpu.data, dst_ids, gpu.data, src_ids)
+        _sync(device)
+
+    def contiguous_down() -> None:
+        flat_cpu.copy_(flat_gpu, non_blocking=True)
+        _sync(device)
+
+    def contiguous_up() -> None:
+        flat_gpu.copy_(flat_cpu, non_blocking=True)
+        _sync(device)
+
+    label = "gpu" if device.type == "cuda" else "gpu pool (cpu)"
+    down_goal = "cuda" if device.type == "cuda" else "memory"
+    out.append(
+        _result(f"{label} -> cpu", size, nbytes, *_best(gather, contiguous_down, repeat), down_goal)
+    )
+    out.append(
+        _result(f"cpu -> {label}", size, nbytes, *_best(scatter, contiguous_up, repeat), "memory")
+    )
+
+    store = FileStore("nvme", 2 * n, size, str(directory / f"s{size}"), durable=False)
+    seq = os.open(directory / f"seq{size}.bin", os.O_RDWR | os.O_CREAT, 0o600)
+    flat_view = memoryview(flat_cpu.numpy()).cast("B")  # type: ignore[arg-type]
+    nvme_ids = rng.sample(range(2 * n), n)
+    try:
+
+        def write_blocks() -> None:
+            store.write_buffers(nvme_ids, cpu.buffers(dst_ids))
+
+        def write_seq() -> None:
+            os.pwrite(seq, flat_view, 0)
+
+        def read_blocks() -> None:
+            store.read_buffers(nvme_ids, cpu.buffers(dst_ids))
+
+        def read_seq() -> None:
+            os.preadv(seq, [flat_view], 0)
+
+        out.append(
+            _result("cpu -> nvme", size, nbytes, *_best(write_blocks, write_seq, repeat), "nvme")
+        )
+        out.append(
+            _result("nvme -> cpu", size, nbytes, *_best(read_blocks, read_seq, repeat), "nvme")
+        )
+    finally:
+        store.close()
+        os.close(seq)
+    return out
+
+
+def run(args: argparse.Namespace) -> Report:
+    device = resolve_device("auto")
+    rng = random.Random(0)
+    directory = Path(args.dir or tempfile.mkdtemp(prefix="kvactors-bench-"))
+    results: list[dict[str, Any]] = []
+    for size in [_size(s) for s in args.sizes.split(",")]:
+        results += _measure_size(size, args.mib, args.repeat, device, directory, rng)
+    met = all(r["goal_met"] is not False for r in results)
+    rows: list[list[object]] = [
+        [
+            r["path"],
+            r["block_kib"],
+            r["gb_per_s"],
+            r["baseline_gb_per_s"],
+            r["ratio"],
+            r["goal_met"],
+        ]
+        for r in results
+    ]
+    return Report(
+        title=f"kvactors bench transfer ({device.type}): blocks vs one contiguous copy",
+        columns=["path", "block KiB", "GB/s", "baseline GB/s", "ratio", "goal met"],
+        rows=rows,
+        summary={"device": device.type, "results": results, "goals": GOALS, "goal_met": met},
+        formats={"GB/s": GBPS, "baseline GB/s": GBPS, "ratio": RATIO},
+        notes=[
+            "baseline: one contiguous tensor copy (memory) or one sequential pwrite/pread "
+            "of the same bytes (nvme), page cache warm for both",
+            f"goals: memory >= {GOALS['memory']} at 512 KiB and above, nvme >= {GOALS['nvme']}"
+            + (f", GPU -> pinned CPU >= {GOALS['cuda']} at 2 MiB" if device.type == "cuda" else "")
+            + (": met" if met else ": NOT all met"),
+        ],
+    )

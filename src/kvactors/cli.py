@@ -1,0 +1,148 @@
+"""The ``kvactors`` command line.
+
+Every command is a module exposing two functions::
+
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> kvactors.report.Report
+
+and is registered by one line below: top-level commands in :data:`COMMANDS`,
+``kvactors bench <name>`` in :data:`BENCHES`. The CLI adds ``--json`` to every
+command; ``run`` reads ``args.json`` only to silence its progress bars. A
+command's module is imported only when that command runs (or for ``--help``),
+so a command that needs torch does not slow the others down.
+
+Output: the report as a table on stdout, or with ``--json`` exactly one line
+of JSON. A :class:`~kvactors.errors.KVActorsError` prints one line on stderr
+and exits with status 2, like a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import cast
+
+from kvactors.errors import KVActorsError
+from kvactors.report import Report
+
+__all__ = ["BENCHES", "COMMANDS", "build_parser", "main"]
+
+COMMANDS: list[tuple[str, str]] = [
+    ("demo", "kvactors.demo"),
+    ("replay", "kvactors.replay"),
+]
+"""Top-level commands other than ``bench``: (name, module)."""
+
+BENCHES: list[tuple[str, str]] = [
+    ("policy", "kvactors.bench.policy"),
+    ("actors", "kvactors.bench.actors"),
+    ("soak", "kvactors.bench.soak"),
+    ("transfer", "kvactors.bench.transfer"),
+]
+"""``kvactors bench`` subcommands: (name, module), modules under ``kvactors.bench``."""
+
+Runner = Callable[[argparse.Namespace], Report]
+
+
+def _first_words(argv: Sequence[str]) -> list[str]:
+    # No option before a command takes a value, so the leading non-option
+    # words are the command path (``bench policy``).
+    return [arg for arg in argv if not arg.startswith("-")][:2]
+
+
+def _add_command(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    module_name: str,
+    *,
+    load: bool,
+) -> None:
+    if not load:
+        # Never selected in this run: a bare entry keeps the choice valid.
+        subparsers.add_parser(name)
+        return
+    module = importlib.import_module(module_name)
+    doc = (module.__doc__ or "").strip()
+    parser = subparsers.add_parser(
+        name,
+        help=doc.splitlines()[0] if doc else None,
+        description=doc or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cast(Callable[[argparse.ArgumentParser], None], module.add_arguments)(parser)
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (one line) instead of the table",
+    )
+    parser.set_defaults(run=cast(Runner, module.run))
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The argument parser, loading only the command modules that ``argv`` selects.
+
+    With no command in ``argv`` (``kvactors --help``) every module is loaded.
+    """
+    from kvactors import __version__
+
+    words = _first_words(argv)
+    chosen = words[0] if words else None
+    parser = argparse.ArgumentParser(
+        prog="kvactors",
+        description="Tiered KV-cache offloading: trace replay, benchmarks and a demo.",
+    )
+    parser.add_argument("--version", action="version", version=f"kvactors {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS:
+        _add_command(commands, name, module, load=chosen in (None, name))
+
+    bench = commands.add_parser(
+        "bench",
+        help="speed benchmarks, each against a baseline measured in the same run",
+        description="Speed benchmarks; each prints its figures and a ratio against a "
+        "baseline measured in the same run.",
+    )
+    benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    bench_chosen = words[1] if chosen == "bench" and len(words) > 1 else None
+    for name, module in BENCHES:
+        load = chosen == "bench" and bench_chosen in (None, name)
+        _add_command(benches, name, module, load=load)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command in ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    0 on success, 2 for a usage error or a :class:`~kvactors.errors.KVActorsError`
+    (one line on stderr), 130 when interrupted.
+    """
+    args_list = sys.argv[1:] if argv is None else argv
+    parser = build_parser(args_list)
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    try:
+        report = cast(Runner, args.run)(args)
+    except KVActorsError as exc:
+        message = " ".join(str(exc).split())
+        print(f"kvactors: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    try:
+        if args.json:
+            print(report.to_json())
+        else:
+            report.render(sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``kvactors replay | head``): stop quietly, and keep
+        # the interpreter's final flush from raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return 0
