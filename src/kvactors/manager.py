@@ -24,6 +24,7 @@ manager per tier, and a user's own scheduler may embed one directly.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import filterfalse
 
 import msgspec
 
@@ -97,12 +98,17 @@ class ManagerStats(msgspec.Struct, frozen=True):
     failed_prepares: int
 
 
+_KEY_TYPES = frozenset((int, bytes))
+
+
 def _check_keys(keys: Sequence[Key]) -> None:
-    for key in keys:
-        if type(key) is not int and type(key) is not bytes:
-            raise InvalidKeyError(
-                f"block key {key!r} has type {type(key).__name__}; keys must be bytes or int"
-            )
+    # The common case runs at C speed: one set of types, one set of keys.
+    if not set(map(type, keys)) <= _KEY_TYPES:
+        for key in keys:
+            if type(key) is not int and type(key) is not bytes:
+                raise InvalidKeyError(
+                    f"block key {key!r} has type {type(key).__name__}; keys must be bytes or int"
+                )
     if len(set(keys)) != len(keys):
         seen: set[Key] = set()
         for key in keys:
@@ -204,7 +210,8 @@ class OffloadingManager:
         """
         keys = keys if isinstance(keys, list) else list(keys)
         policy = self._policy
-        to_store = [key for key in keys if key not in policy]
+        # Keys not held (``get`` is None; a block record is always truthy), in C.
+        to_store = list(filterfalse(policy.get, keys))
         if not to_store:
             return PrepareStoreOutput([], LoadStoreSpec([], self.medium), [])
         _check_keys(to_store)
@@ -232,9 +239,7 @@ class OffloadingManager:
         if n_reused:
             ids.extend(reversed(free_list[-n_reused:]))
             del free_list[-n_reused:]
-        insert = policy.insert
-        for key, block_id in zip(to_store, ids):
-            insert(key, BlockStatus(block_id))
+        policy.insert_many(zip(to_store, map(BlockStatus, ids)))
         return PrepareStoreOutput(to_store, LoadStoreSpec(ids, self.medium), evicted, evicted_ids)
 
     def complete_store(self, keys: Iterable[Key], success: bool = True) -> None:
@@ -252,10 +257,11 @@ class OffloadingManager:
             raise BlockNotFoundError(f"complete_store: block {missing!r} is not in {self.medium}")
         done: list[Key] = []
         if success:
+            append = done.append
             for key, block in zip(keys, blocks):
                 if block.ref_cnt < 0:  # type: ignore[union-attr]
                     block.ref_cnt = 0  # type: ignore[union-attr]
-                    done.append(key)
+                    append(key)
             self._stores += len(done)
             if done and self._events is not None:
                 self._events.append(OffloadingEvent(done, self.block_size, self.medium, False))

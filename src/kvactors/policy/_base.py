@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import ClassVar, Protocol, TypeAlias, runtime_checkable
 
 Key: TypeAlias = bytes | int
@@ -50,13 +50,15 @@ class CachePolicy(Protocol):
 
     def insert(self, key: Key, block: BlockStatus) -> None: ...
 
+    def insert_many(self, items: Iterable[tuple[Key, BlockStatus]]) -> None:
+        """``insert`` each pair in order (one call for a whole store)."""
+        ...
+
     def remove(self, key: Key) -> None: ...
 
     def touch(self, keys: Sequence[Key]) -> None: ...
 
-    def evict(
-        self, n: int, protected: Container[Key]
-    ) -> list[tuple[Key, BlockStatus]] | None: ...
+    def evict(self, n: int, protected: Container[Key]) -> list[tuple[Key, BlockStatus]] | None: ...
 
     def keys(self) -> Iterator[Key]:
         """Every key held, in no promised order."""

@@ -9,7 +9,7 @@ a hit in B2 shrinks it.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import ClassVar
 
 from kvactors.policy._base import BlockStatus, Key
@@ -46,6 +46,10 @@ class ARCPolicy:
         self.b2.pop(key, None)
         self.t1[key] = block
         self._all[key] = block
+
+    def insert_many(self, items: Iterable[tuple[Key, BlockStatus]]) -> None:
+        for key, block in items:
+            self.insert(key, block)
 
     def remove(self, key: Key) -> None:
         del self._all[key]

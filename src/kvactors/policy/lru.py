@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Container, Iterator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import ClassVar
 
 from kvactors.policy._base import BlockStatus, Key
+
+
+def _drain(it: Iterator[object]) -> None:
+    deque(it, maxlen=0)
 
 
 class LRUPolicy:
@@ -30,30 +34,34 @@ class LRUPolicy:
     def insert(self, key: Key, block: BlockStatus) -> None:
         self._blocks[key] = block
 
+    def insert_many(self, items: Iterable[tuple[Key, BlockStatus]]) -> None:
+        self._blocks.update(items)
+
     def remove(self, key: Key) -> None:
         del self._blocks[key]
 
     def touch(self, keys: Sequence[Key]) -> None:
         blocks = self._blocks
-        move = blocks.move_to_end
-        for key in reversed(keys):
-            if key in blocks:
-                move(key)
+        # for key in reversed(keys): if key in blocks: move_to_end(key), run in C.
+        _drain(map(blocks.move_to_end, filter(blocks.__contains__, reversed(keys))))
 
     def evict(self, n: int, protected: Container[Key]) -> list[tuple[Key, BlockStatus]] | None:
         if n <= 0:
             return []
         victims: list[tuple[Key, BlockStatus]] = []
-        for key, block in self._blocks.items():
-            if block.ref_cnt == 0 and key not in protected:
-                victims.append((key, block))
-                if len(victims) == n:
+        append = victims.append
+        left = n
+        for item in self._blocks.items():
+            if item[1].ref_cnt == 0 and item[0] not in protected:
+                append(item)
+                left -= 1
+                if not left:
                     break
         else:
             return None
-        blocks = self._blocks
+        pop = self._blocks.pop
         for key, _ in victims:
-            del blocks[key]
+            pop(key)
         return victims
 
     def keys(self) -> Iterator[Key]:
