@@ -64,6 +64,10 @@ def format_value(value: object, spec: str | None = None) -> str:
     return str(value)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 class Report(msgspec.Struct, kw_only=True):
     """The result of one command.
 
@@ -82,14 +86,18 @@ class Report(msgspec.Struct, kw_only=True):
     formats: dict[str, str] = {}
 
     def render(self, file: TextIO | None = None) -> None:
-        """Print the title, the table (numbers right-aligned) and the notes to ``file``."""
+        """Print the title, the table and the notes to ``file`` (default stdout).
+
+        Columns holding only numbers (and ``None``) are right-aligned, others
+        left-aligned.
+        """
         out = sys.stdout if file is None else file
         specs = [self.formats.get(name) for name in self.columns]
         cells = [
             [format_value(value, spec) for value, spec in zip(row, specs)] for row in self.rows
         ]
         numeric = [
-            all(isinstance(row[i], int | float) or row[i] is None for row in self.rows)
+            all(_is_number(row[i]) or row[i] is None for row in self.rows)
             and any(row[i] is not None for row in self.rows)
             for i in range(len(self.columns))
         ]

@@ -38,7 +38,7 @@ class TraceError(KVActorsError, ValueError):
 class TraceRequest(msgspec.Struct, frozen=True):
     """One request of a trace: when it arrived, its lengths and its prefix blocks."""
 
-    timestamp: Annotated[float, msgspec.Meta(ge=0)] | NonNegative
+    timestamp: NonNegative | Annotated[float, msgspec.Meta(ge=0)]
     input_length: NonNegative
     output_length: NonNegative
     hash_ids: list[int]
@@ -66,17 +66,27 @@ def load_trace(path: str | os.PathLike[str]) -> list[TraceRequest]:
             continue
         try:
             request = _decoder.decode(line)
-        except msgspec.DecodeError as exc:
+        except msgspec.ValidationError as exc:
             raise TraceError(f"{os.fspath(path)}:{lineno}: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise TraceError(f"{os.fspath(path)}:{lineno}: not valid JSON ({exc})") from None
         ids = request.hash_ids
         if len(set(ids)) != len(ids):
-            seen: set[int] = set()
-            dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
             raise TraceError(
-                f"{os.fspath(path)}:{lineno}: block id {dup} is named twice in hash_ids"
+                f"{os.fspath(path)}:{lineno}: block id {_first_repeat(ids)} "
+                "is named twice in `$.hash_ids`"
             )
         requests.append(request)
     return requests
+
+
+def _first_repeat(ids: list[int]) -> int:
+    seen: set[int] = set()
+    for i in ids:
+        if i in seen:
+            return i
+        seen.add(i)
+    raise AssertionError("no repeated id")
 
 
 def bundled_trace(name: str = "conversation") -> Path:

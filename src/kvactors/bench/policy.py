@@ -1,0 +1,216 @@
+"""``kvactors bench policy``: block operations per second of the manager's handshake.
+
+Each request of the trace runs the full handshake through an
+:class:`~kvactors.manager.OffloadingManager` (``lookup``, ``touch``,
+``prepare_store``, ``complete_store``, exactly as ``kvactors replay`` does),
+and counts ``len(blocks)`` block operations. The baseline is a bare
+``OrderedDict`` LRU doing the same work on the same requests: count the
+leading present keys, ``move_to_end`` the present keys in reverse, insert the
+missing keys after ``popitem(last=False)`` evictions. Runs are interleaved
+(baseline, then each policy, repeated) and the best of ``--repeat`` is kept;
+the garbage collector is paused while a run is timed, as ``timeit`` does.
+
+Goals: at least 0.5x the bare baseline and at least 500,000 block-ops/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from kvactors.manager import OffloadingManager
+from kvactors.policy import POLICIES
+from kvactors.policy._base import Key
+from kvactors.replay import (
+    BLOCK_TOKENS,
+    DEFAULT_CAPACITY,
+    add_capacity_arguments,
+    capacity_blocks,
+    handshake,
+    positive_int,
+    resolve_trace,
+)
+from kvactors.report import RATE, RATIO, Report, progress
+from kvactors.traces import load_trace
+
+__all__ = ["MIN_OPS_PER_S", "MIN_RATIO", "add_arguments", "bare_lru", "run"]
+
+MIN_RATIO = 0.5
+"""Goal: a policy's block-ops/s over the bare ``OrderedDict`` LRU's, same run."""
+MIN_OPS_PER_S = 500_000
+"""Goal: block operations per second of the full handshake."""
+
+BASELINE = "bare OrderedDict LRU"
+
+
+def bare_lru(requests: Sequence[Sequence[Key]], capacity: int) -> int:
+    """The baseline: the handshake on a bare ``OrderedDict``; returns the leading hits.
+
+    Same semantics as the manager with the ``lru`` policy: a request with more
+    blocks than ``capacity`` stores nothing, and evictions never hit the
+    request's own keys (they were just moved to the most-recent end).
+    """
+    cache: OrderedDict[Key, None] = OrderedDict()
+    move = cache.move_to_end
+    evict = cache.popitem
+    hits = 0
+    for blocks in requests:
+        for key in blocks:
+            if key not in cache:
+                break
+            hits += 1
+        for key in reversed(blocks):
+            if key in cache:
+                move(key)
+        if len(blocks) > capacity:
+            continue
+        missing = [key for key in blocks if key not in cache]
+        for _ in range(len(cache) + len(missing) - capacity):
+            evict(last=False)
+        for key in missing:
+            cache[key] = None
+    return hits
+
+
+def _manager_run(
+    requests: Sequence[Sequence[Key]], policy: str, capacity: int
+) -> Callable[[], int]:
+    def one_pass() -> int:
+        manager = OffloadingManager(capacity, block_size=BLOCK_TOKENS, policy=policy)
+        return handshake(manager, requests)[0]
+
+    return one_pass
+
+
+def _timed(fn: Callable[[], int]) -> tuple[float, int]:
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        hits = fn()
+        return time.perf_counter() - start, hits
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``kvactors bench policy``."""
+    parser.add_argument(
+        "--trace",
+        metavar="PATH",
+        help="a Mooncake JSONL trace or a bundled name (default: the bundled conversation trace)",
+    )
+    parser.add_argument(
+        "--policy",
+        choices=[*POLICIES, "all"],
+        default="all",
+        help="policy to measure (default: all)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=5,
+        metavar="N",
+        help="runs of each subject; the best is kept (default: 5)",
+    )
+    add_capacity_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> Report:
+    """Run ``kvactors bench policy``; raises the trace's or the capacity's typed error."""
+    path = resolve_trace(args.trace)
+    requests = [request.hash_ids for request in load_trace(path)]
+    unique = len({key for blocks in requests for key in blocks})
+    capacity = capacity_blocks(unique, blocks=args.blocks, fraction=args.capacity)
+    ops = sum(len(blocks) for blocks in requests)
+    names = list(POLICIES) if args.policy == "all" else [args.policy]
+
+    subjects: list[tuple[str, Callable[[], int]]] = [
+        (BASELINE, lambda: bare_lru(requests, capacity))
+    ]
+    subjects += [(name, _manager_run(requests, name, capacity)) for name in names]
+    best: dict[str, float] = {}
+    hits: dict[str, int] = {}
+    runs = [(rep, subject) for rep in range(args.repeat) for subject in subjects]
+    show: bool | None = False if args.json else None
+    for _, (label, fn) in progress(runs, len(runs), "bench policy", enabled=show):
+        seconds, hits[label] = _timed(fn)
+        best[label] = min(seconds, best.get(label, seconds))
+
+    base_rate = ops / best[BASELINE]
+    rows: list[list[object]] = [
+        [BASELINE, hits[BASELINE] / ops if ops else 0.0, best[BASELINE], base_rate, 1.0, None, None]
+    ]
+    results: dict[str, object] = {}
+    all_met = True
+    for name in names:
+        rate = ops / best[name]
+        ratio = rate / base_rate
+        ratio_met = ratio >= MIN_RATIO
+        rate_met = rate >= MIN_OPS_PER_S
+        all_met = all_met and ratio_met and rate_met
+        hit_ratio = hits[name] / ops if ops else 0.0
+        rows.append([name, hit_ratio, best[name], rate, ratio, ratio_met, rate_met])
+        results[name] = {
+            "seconds": best[name],
+            "block_ops_per_s": rate,
+            "ratio_vs_baseline": ratio,
+            "hits": hits[name],
+            "ratio_goal_met": ratio_met,
+            "rate_goal_met": rate_met,
+        }
+    notes = [
+        f"trace: {path} ({len(requests):,} requests, {ops:,} block-ops per run)",
+        f"capacity: {capacity:,} blocks"
+        + (
+            ""
+            if args.blocks is not None
+            else f" ({float(args.capacity or DEFAULT_CAPACITY):g} of {unique:,} unique)"
+        ),
+        f"best of {args.repeat} interleaved runs; one block-op is one key of one request "
+        "through lookup + touch + prepare_store + complete_store.",
+        f"goals: >= {MIN_RATIO}x the bare LRU and >= {MIN_OPS_PER_S:,} block-ops/s: "
+        + ("all met" if all_met else "NOT all met"),
+    ]
+    if "lru" in hits and hits["lru"] != hits[BASELINE]:
+        notes.append(
+            f"warning: lru found {hits['lru']:,} hits but the bare LRU {hits[BASELINE]:,}; "
+            "the two should agree."
+        )
+    return Report(
+        title=f"bench policy: {path.name}, {capacity:,} blocks",
+        columns=[
+            "handshake",
+            "hit ratio",
+            "best s",
+            "block-ops/s",
+            "x bare LRU",
+            f">= {MIN_RATIO}x",
+            f">= {MIN_OPS_PER_S // 1000}k/s",
+        ],
+        rows=rows,
+        summary={
+            "command": "bench policy",
+            "trace": str(path),
+            "requests": len(requests),
+            "block_ops_per_run": ops,
+            "capacity_blocks": capacity,
+            "repeat": args.repeat,
+            "goals": {"min_ratio": MIN_RATIO, "min_block_ops_per_s": MIN_OPS_PER_S},
+            "baseline": {
+                "name": BASELINE,
+                "seconds": best[BASELINE],
+                "block_ops_per_s": base_rate,
+                "hits": hits[BASELINE],
+            },
+            "policies": results,
+            "all_goals_met": all_met,
+        },
+        notes=notes,
+        formats={"hit ratio": RATIO, "best s": RATIO, "block-ops/s": RATE, "x bare LRU": ".2f"},
+    )

@@ -1,0 +1,236 @@
+"""The ``kvactors`` command line: tables, ``--json``, errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvactors.cli import BENCHES, COMMANDS, main
+
+# The hand-worked trace of tests/test_replay.py: with 4 blocks LRU finds 7 leading
+# hits of 18 accesses and evicts 6 times; 7 unique blocks.
+HAND_TRACE = [[1, 2, 3], [1, 2, 4], [1, 5, 6], [1, 2, 3], [1, 5], [2, 3], [7, 2]]
+
+
+@pytest.fixture
+def trace(tmp_path: Path) -> Path:
+    path = tmp_path / "hand.jsonl"
+    with open(path, "w") as f:
+        for i, ids in enumerate(HAND_TRACE):
+            record = {"timestamp": i, "input_length": 512 * len(ids), "output_length": 1}
+            f.write(json.dumps({**record, "hash_ids": ids}) + "\n")
+    return path
+
+
+def last_json(out: str) -> dict[str, Any]:
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, "--json prints exactly one line"
+    value = json.loads(lines[-1])
+    assert isinstance(value, dict)
+    return value
+
+
+def test_replay_table(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """4 blocks. LRU: 7 hits, 6 evictions (tests/test_replay.py). MIN, with next uses:
+    r0 stores 1,2,3; r1 2 hits, stores 4 in the free slot; r2 1 hit, evicts 4
+    (never used again) and 3 (tie with 2 at r3, deeper); r3 2 hits, evicts 6;
+    r4 2 hits; r5 2 hits; r6 [7,2] no leading hit, evicts one block.
+    MIN: 9 hits (0.500), 4 evictions; 2 is resident at r6 but not leading, so
+    MIN finds 10 resident blocks and the trace is flagged as not prefix-closed.
+    """
+    assert main(["replay", str(trace), "--blocks", "4", "--policy", "lru"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    lines = out.splitlines()
+    assert lines[0] == "replay: hand.jsonl, 4 blocks"
+    assert lines[1] == ""
+    assert lines[2].split() == [
+        "policy", "hits", "hit", "ratio", "MIN", "bound", "of", "MIN", "stores", "refused",
+        "evictions",
+    ]  # fmt: skip
+    assert set(lines[3]) == {"-", " "}
+    assert lines[4].split() == ["lru", "7", "0.389", "0.500", "0.778", "0", "6"]
+    assert len(lines) > 5
+    assert lines[5] == ""
+    notes = lines[6:]
+    assert f"trace: {trace} (7 requests, 18 block accesses)" in notes
+    assert "capacity: 4 blocks (--blocks 4)" in notes
+    bound_note = next(note for note in notes if note.startswith("MIN bound:"))
+    assert "Belady's offline MIN on the same accesses, 9 hits" in bound_note
+    assert any("not prefix-closed: MIN finds 10 blocks resident" in note for note in notes)
+
+
+def test_replay_json_summary(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--capacity 0.5 of 7 unique blocks is 3 blocks.
+
+    LRU (least recent first): r0 1 2 3; r1 2 hits, evict 3; r2 1 hit, evict 2,4;
+    r3 1 hit, evict 5,6; r4 1 hit, evict 2; r5 [2,3] 0 hits, evict 1; r6 0 hits,
+    evict 5: 5 hits, 8 evictions. MIN: r1 2 hits (evict 3); r2 1 (evict 2,4);
+    r3 1 (evict 5,6); r4 1 (evict 3, deeper than 2); r5 1 (evict 5); r6 0
+    (evict 3; 2 resident, not leading): 6 hits, 7 resident, 8 evictions.
+    """
+    assert main(["replay", str(trace), "--capacity", "0.5", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    report = last_json(out)
+    summary = report["summary"]
+    assert summary["command"] == "replay"
+    assert summary["trace"] == str(trace)
+    assert summary["capacity_blocks"] == 3
+    assert summary["capacity_fraction"] == 0.5
+    assert summary["unique_blocks"] == 7
+    assert summary["requests"] == 7
+    assert summary["block_accesses"] == 18
+    assert summary["belady"] == {
+        "hits": 6,
+        "resident_hits": 7,
+        "hit_ratio": 6 / 18,
+        "stores_refused": 0,
+        "evictions": 8,
+    }
+    policies = summary["policies"]
+    assert list(policies) == ["lru", "arc", "weighted_lru"]
+    lru = policies["lru"]
+    assert (lru["hits"], lru["evictions"], lru["stores_refused"]) == (5, 8, 0)
+    assert lru["hit_ratio"] == 5 / 18
+    assert lru["of_belady"] == 5 / 6
+    rows = report["rows"]
+    assert rows[0] == ["lru", 5, 5 / 18, 6 / 18, 5 / 6, 0, 8]
+
+
+def test_replay_capacity_floor_from_the_cli(
+    trace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """7 unique blocks: 0.29 -> floor(2.03) = 2; 1/7 -> exactly 1; 0.1 -> 0 is an error."""
+    assert main(["replay", str(trace), "--capacity", "0.29", "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["summary"]["capacity_blocks"] == 2
+    assert main(["replay", str(trace), "--capacity", "1/7", "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["summary"]["capacity_blocks"] == 1
+    assert main(["replay", str(trace), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "kvactors: error: --capacity 0.1 of 7 unique blocks is 0 blocks; it must give at least 1\n"
+    )
+
+
+def test_replay_defaults_to_the_bundled_conversation_trace(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["replay", "--policy", "lru", "--json"]) == 0
+    summary = last_json(capsys.readouterr().out)["summary"]
+    assert Path(str(summary["trace"])).name == "mooncake_conversation.jsonl"
+    assert summary["requests"] == 12_031
+    assert summary["unique_blocks"] == 182_790
+    assert summary["capacity_blocks"] == 18_279  # floor(0.1 * 182,790)
+    assert list(summary["policies"]) == ["lru"]
+
+
+def test_malformed_trace_is_one_line_on_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        '{"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1]}\n'
+        '{"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": "x"}\n'
+    )
+    assert main(["replay", str(path), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (f"kvactors: error: {path}:2: Expected `array`, got `str` - at `$.hash_ids`\n")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["replay", "--blocks", "4", "--capacity", "0.5"],
+        ["replay", "--capacity", "0"],
+        ["replay", "--capacity", "1.5"],
+        ["replay", "--capacity", "abc"],
+        ["replay", "--blocks", "0"],
+        ["replay", "--policy", "fifo"],
+        ["bench", "nope"],
+        ["bench"],
+        ["nope"],
+        [],
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "usage: kvactors" in err
+
+
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name, _ in COMMANDS:
+        assert name in out
+    assert "bench" in out
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name, _ in BENCHES:
+        assert name in out
+
+
+def test_bench_policy_json(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "policy", "--trace", str(trace), "--blocks", "4", "--repeat", "2"]
+    assert main([*argv, "--policy", "lru", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    summary = last_json(out)["summary"]
+    assert summary["block_ops_per_run"] == 18
+    assert summary["capacity_blocks"] == 4
+    assert summary["repeat"] == 2
+    assert summary["baseline"]["hits"] == 7
+    lru = summary["policies"]["lru"]
+    assert lru["hits"] == 7
+    assert lru["block_ops_per_s"] > 0
+    assert lru["ratio_goal_met"] == (lru["ratio_vs_baseline"] >= 0.5)
+    assert lru["rate_goal_met"] == (lru["block_ops_per_s"] >= 500_000)
+
+
+def test_bench_policy_table(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "policy", "--trace", str(trace), "--blocks", "4", "--repeat", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "bench policy: hand.jsonl, 4 blocks"
+    assert lines[2].split()[:4] == ["handshake", "hit", "ratio", "best"]
+    assert lines[4].startswith("bare OrderedDict LRU")
+    assert [line.split()[0] for line in lines[5:8]] == ["lru", "arc", "weighted_lru"]
+    assert lines[5].split()[1] == "0.389"  # 7 / 18, the same as the bare LRU
+    assert lines[4].split()[3] == "0.389"
+
+
+def test_replay_command_does_not_import_benchmarks() -> None:
+    """A command's module loads only when it runs (or for --help)."""
+    code = (
+        "import sys; from kvactors.cli import build_parser; build_parser(['replay']); "
+        "print('kvactors.bench.policy' in sys.modules); "
+        "build_parser(['bench', 'policy']); print('kvactors.bench.policy' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split() == ["False", "True"]
+
+
+def test_console_script_keeps_stdout_clean(trace: Path) -> None:
+    """The installed entry point: --json writes one line to stdout and nothing else."""
+    script = Path(sys.executable).with_name("kvactors")
+    if not script.exists():
+        pytest.skip("kvactors console script not installed next to this interpreter")
+    done = subprocess.run(
+        [str(script), "replay", str(trace), "--blocks", "4", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0
+    assert done.stderr == ""
+    assert json.loads(done.stdout)["summary"]["policies"]["lru"]["hits"] == 7
