@@ -40,6 +40,7 @@ from kvactors.errors import (
     TierFailed,
 )
 from kvactors.events import CacheEvent
+from kvactors.manager import check_keys
 from kvactors.policy import Key
 from kvactors.policy_actor import (
     CompleteLoad,
@@ -134,18 +135,7 @@ def _check_keys(keys: Sequence[Key], what: str) -> list[Key]:
     keys = list(keys)
     if not keys:
         raise InvalidKeyError(f"{what}: no keys given")
-    for key in keys:
-        if type(key) is not int and type(key) is not bytes:
-            kind = type(key).__name__
-            raise InvalidKeyError(
-                f"{what}: block key {key!r} has type {kind}; keys must be bytes or int"
-            )
-    if len(set(keys)) != len(keys):
-        seen: set[Key] = set()
-        for key in keys:
-            if key in seen:
-                raise InvalidKeyError(f"{what}: block key {key!r} is named twice")
-            seen.add(key)
+    check_keys(keys, what)
     return keys
 
 

@@ -101,19 +101,23 @@ class ManagerStats(msgspec.Struct, frozen=True):
 _KEY_TYPES = frozenset((int, bytes))
 
 
-def _check_keys(keys: Sequence[Key]) -> None:
+def check_keys(keys: Sequence[Key], what: str = "") -> None:
+    """Raise :class:`~kvactors.errors.InvalidKeyError` for a key that is not
+    ``bytes``/``int`` or is named twice; ``what`` prefixes the message."""
+    prefix = f"{what}: " if what else ""
     # The common case runs at C speed: one set of types, one set of keys.
     if not set(map(type, keys)) <= _KEY_TYPES:
         for key in keys:
             if type(key) is not int and type(key) is not bytes:
+                kind = type(key).__name__
                 raise InvalidKeyError(
-                    f"block key {key!r} has type {type(key).__name__}; keys must be bytes or int"
+                    f"{prefix}block key {key!r} has type {kind}; keys must be bytes or int"
                 )
     if len(set(keys)) != len(keys):
         seen: set[Key] = set()
         for key in keys:
             if key in seen:
-                raise InvalidKeyError(f"block key {key!r} is named twice in one call")
+                raise InvalidKeyError(f"{prefix}block key {key!r} is named twice in one call")
             seen.add(key)
 
 
@@ -214,7 +218,7 @@ class OffloadingManager:
         to_store = list(filterfalse(policy.get, keys))
         if not to_store:
             return PrepareStoreOutput([], LoadStoreSpec([], self.medium), [])
-        _check_keys(to_store)
+        check_keys(to_store)
         free_list = self._free_list
         need = len(to_store) - (self.num_blocks - self._next_fresh + len(free_list))
         evicted: list[Key] = []
