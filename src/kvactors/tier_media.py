@@ -148,9 +148,6 @@ class MemoryPool:
             else None
         )
 
-    def _index(self, ids: list[int]) -> torch.Tensor:
-        return torch.tensor(ids, dtype=torch.long, device=self.device)
-
     def _on_stream(self) -> contextlib.AbstractContextManager[object]:
         return torch.cuda.stream(self.stream) if self.stream is not None else _NULL
 
@@ -160,8 +157,9 @@ class MemoryPool:
 
     def rows(self, ids: list[int]) -> torch.Tensor:
         """A copy of slots ``ids`` as ``(n, block_bytes)``."""
+        out = torch.empty((len(ids), self.block_bytes), dtype=torch.uint8, device=self.device)
         with self._on_stream():
-            out = self.data.index_select(0, self._index(ids))
+            copy_rows(self.data, ids, out, list(range(len(ids))))
         self._finish()
         return out
 

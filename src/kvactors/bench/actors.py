@@ -5,7 +5,8 @@ of new blocks (handshake + GPU-pool -> CPU copy), look it up, load it back
 (handshake + CPU -> GPU-pool copy). The actor side goes through
 ``kv.store`` / ``kv.lookup`` / ``kv.load`` (coordinator, policy actor, tier
 actors); the baseline calls one :class:`~kvactors.manager.OffloadingManager`
-and copies inline, as a scheduler embedding the core would. Also reported:
+and copies inline with the same copy function the tier actors use, as a
+scheduler embedding the core would. Also reported:
 the microseconds of one bare ``ask`` round trip.
 """
 
@@ -23,7 +24,7 @@ from kvactors.actors import Actor
 from kvactors.config import Config, GPUConfig, TierConfig
 from kvactors.manager import OffloadingManager
 from kvactors.report import RATE, RATIO, Report
-from kvactors.tier_media import MemoryPool
+from kvactors.tier_media import MemoryPool, copy_rows
 
 GOAL_RATIO = 0.5
 
@@ -51,11 +52,11 @@ def _sync_round(batch: int, rounds: int, bb: int, cap: int) -> float:
         keys = list(range(r * batch, (r + 1) * batch))
         out = mgr.prepare_store(keys)
         assert out is not None
-        cpu.write_from(out.store_spec.block_ids, gpu.rows(slots))
+        copy_rows(gpu.data, slots, cpu.data, out.store_spec.block_ids)
         mgr.complete_store(keys)
         mgr.lookup(keys)
         spec = mgr.prepare_load(keys)
-        gpu.write_from(slots, cpu.rows(spec.block_ids))
+        copy_rows(cpu.data, spec.block_ids, gpu.data, slots)
         mgr.complete_load(keys)
     return time.perf_counter() - start
 
