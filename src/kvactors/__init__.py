@@ -17,11 +17,9 @@ Layers, top to bottom (no import goes upward)::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from kvactors import errors
-from kvactors.actors import Future
-from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
-from kvactors.coordinator import CacheStats, KVCache, LoadResult, StoreResult, open
-from kvactors.events import CacheEvent
 from kvactors.manager import (
     LoadStoreSpec,
     ManagerStats,
@@ -30,6 +28,40 @@ from kvactors.manager import (
     PrepareStoreOutput,
 )
 from kvactors.policy import POLICIES, CachePolicy, make_policy
+
+if TYPE_CHECKING:
+    from kvactors.actors import Future
+    from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
+    from kvactors.coordinator import CacheStats, KVCache, LoadResult, StoreResult, open
+    from kvactors.events import CacheEvent
+
+# The async stack imports torch (seconds); the synchronous core and the CLI's
+# replay do not need it, so these names load on first use (PEP 562).
+_LAZY = {
+    "Future": "kvactors.actors",
+    "Config": "kvactors.config",
+    "GPUConfig": "kvactors.config",
+    "NVMeConfig": "kvactors.config",
+    "TierConfig": "kvactors.config",
+    "CacheStats": "kvactors.coordinator",
+    "KVCache": "kvactors.coordinator",
+    "LoadResult": "kvactors.coordinator",
+    "StoreResult": "kvactors.coordinator",
+    "open": "kvactors.coordinator",
+    "CacheEvent": "kvactors.events",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvactors' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "POLICIES",

@@ -39,6 +39,10 @@ class BlockNotPinnedError(BlockStateError):
     """``complete_load`` named a key that no reader holds."""
 
 
+class TraceError(KVActorsError, ValueError):
+    """A trace cannot be read or a line of it is malformed; the message names the file and line."""
+
+
 class ActorClosed(KVActorsError):
     """The actor (or the whole cache) is closed; queued and new requests fail with this."""
 

@@ -184,17 +184,16 @@ class OffloadingManager:
 
     def lookup(self, keys: Iterable[Key]) -> int:
         """How many leading ``keys`` are present and ready. Changes no order."""
+        keys = keys if isinstance(keys, Sequence) else list(keys)
         get = self._policy.get
         hits = 0
-        asked = 0
         for key in keys:
-            asked += 1
             block = get(key)
             if block is None or block.ref_cnt < 0:
                 break
             hits += 1
         self._lookups += 1
-        self._lookup_keys += asked
+        self._lookup_keys += len(keys)
         self._hits += hits
         return hits
 

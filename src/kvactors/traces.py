@@ -19,7 +19,7 @@ from typing import Annotated
 
 import msgspec
 
-from kvactors.errors import KVActorsError
+from kvactors.errors import TraceError
 
 __all__ = ["BUNDLED_TRACES", "TraceError", "TraceRequest", "bundled_trace", "load_trace"]
 
@@ -29,10 +29,6 @@ BUNDLED_TRACES = ("conversation", "synthetic")
 _DATA = Path(__file__).resolve().parent / "data"
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
-
-
-class TraceError(KVActorsError, ValueError):
-    """A trace cannot be read or a line of it is malformed; the message names the line."""
 
 
 class TraceRequest(msgspec.Struct, frozen=True):
