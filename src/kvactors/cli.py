@@ -39,6 +39,7 @@ COMMANDS: list[tuple[str, str]] = [
 BENCHES: list[tuple[str, str]] = [
     ("policy", "kvactors.bench.policy"),
     ("actors", "kvactors.bench.actors"),
+    ("paged", "kvactors.bench.paged"),
     ("soak", "kvactors.bench.soak"),
     ("transfer", "kvactors.bench.transfer"),
 ]

@@ -1,0 +1,178 @@
+"""The KV tensors attention kernels read, and block moves between them and offload rows.
+
+Layout, per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (index 0
+of the first dimension holds keys, 1 values), the layout of vLLM's paged
+attention. Token ``p`` of a sequence whose block table is ``table`` lives at
+``layer[:, table[p // block_size], p % block_size]``.
+
+One *offload row* is one block gathered across all layers: ``block_size_bytes``
+bytes laid out ``[num_layers, 2, block_size, num_kv_heads, head_dim]`` in the
+cache's dtype. ``gather`` builds rows from blocks and ``scatter`` writes rows back,
+both batched over many blocks; ``copy_blocks`` copies blocks inside the pool
+(copy-on-write for forks, defragmentation). Every move works on ``uint8`` views,
+so every dtype (fp8 included) moves bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvactors.errors import PagedCacheError, TensorSpecError
+from kvactors.paged.config import KVCacheConfig
+
+__all__ = ["KVTensors"]
+
+_WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+class KVTensors:
+    """The paged KV cache's tensors, one per layer.
+
+    ``layers`` may be given (tensors an engine already owns); they must have the
+    layout, dtype and device ``config`` describes, else
+    :class:`~kvactors.errors.TensorSpecError`. Otherwise zeroed tensors are
+    allocated on ``config.resolved_device()``.
+    """
+
+    def __init__(self, config: KVCacheConfig, layers: Sequence[torch.Tensor] | None = None) -> None:
+        self.config = config
+        c = config
+        self.shape = (2, c.num_gpu_blocks, c.block_size, c.num_kv_heads, c.head_dim)
+        if layers is None:
+            device = c.resolved_device()
+            self.layers = [
+                torch.zeros(self.shape, dtype=c.torch_dtype, device=device)
+                for _ in range(c.num_layers)
+            ]
+        else:
+            self.layers = list(layers)
+            self._check_layers()
+        self.device = self.layers[0].device
+        # Per layer, a view [2, num_blocks, words of one block of keys (or values)],
+        # in the widest integer type that divides it: moves go a word, not a byte, at a time.
+        self._side_bytes = c.block_size * c.num_kv_heads * c.head_dim * c.torch_dtype.itemsize
+        self._word = next(w for w in _WORDS if self._side_bytes % w.itemsize == 0)
+        if any(t.data_ptr() % self._word.itemsize for t in self.layers):
+            self._word = torch.uint8
+        self._raw = [
+            t.view(torch.uint8).view(2, c.num_gpu_blocks, -1).view(self._word) for t in self.layers
+        ]
+
+    def _check_layers(self) -> None:
+        c = self.config
+        if len(self.layers) != c.num_layers:
+            raise TensorSpecError(
+                f"layers: expected {c.num_layers} tensors, got {len(self.layers)}"
+            )
+        device = self.layers[0].device
+        for i, t in enumerate(self.layers):
+            if tuple(t.shape) != self.shape:
+                raise TensorSpecError(
+                    f"layers[{i}]: expected shape {self.shape}, got {tuple(t.shape)}"
+                )
+            if t.dtype != c.torch_dtype:
+                raise TensorSpecError(f"layers[{i}]: expected dtype {c.dtype}, got {t.dtype}")
+            if t.device != device:
+                raise TensorSpecError(f"layers[{i}]: on {t.device}, layers[0] is on {device}")
+            if not t.is_contiguous():
+                raise TensorSpecError(f"layers[{i}]: must be contiguous")
+
+    def key_cache(self, layer: int) -> torch.Tensor:
+        """Keys of ``layer``: ``[num_blocks, block_size, num_kv_heads, head_dim]`` (a view)."""
+        return self.layers[layer][0]
+
+    def value_cache(self, layer: int) -> torch.Tensor:
+        """Values of ``layer``: ``[num_blocks, block_size, num_kv_heads, head_dim]`` (a view)."""
+        return self.layers[layer][1]
+
+    # -- block moves ----------------------------------------------------------------
+
+    def _index(self, block_ids: Sequence[int], what: str, unique: bool) -> torch.Tensor:
+        n = self.config.num_gpu_blocks
+        for b in block_ids:
+            if type(b) is not int or not 0 <= b < n:
+                raise PagedCacheError(f"{what}: block id {b!r} is out of range 0..{n - 1}")
+        if unique and len(set(block_ids)) != len(block_ids):
+            raise PagedCacheError(f"{what}: a destination block id is named twice")
+        return torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
+
+    def _rows(self, rows: torch.Tensor, n: int, what: str) -> torch.Tensor:
+        """``rows`` as a ``[n, num_layers, 2, side_bytes]`` uint8 view."""
+        bb = self.config.block_size_bytes
+        if rows.dim() == 0 or rows.shape[0] != n or rows.nbytes != n * bb:
+            raise TensorSpecError(
+                f"{what}: expected {n} rows of {bb} bytes, got shape {tuple(rows.shape)} "
+                f"of {rows.dtype}"
+            )
+        if not rows.is_contiguous():
+            raise TensorSpecError(f"{what}: rows must be contiguous")
+        view = rows.view(torch.uint8).view(n, self.config.num_layers, 2, self._side_bytes)
+        return view.view(self._word) if rows.data_ptr() % self._word.itemsize == 0 else view
+
+    def _layers_as(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The per-layer views in the element type of ``rows`` (words, or bytes)."""
+        if rows.dtype == self._word:
+            return self._raw
+        return [raw.view(torch.uint8) for raw in self._raw]
+
+    def gather(self, block_ids: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Offload rows of ``block_ids``: a ``(len(block_ids), block_size_bytes)`` uint8 tensor.
+
+        Row ``i`` holds block ``block_ids[i]`` across all layers. ``out`` (contiguous,
+        ``len(block_ids) * block_size_bytes`` bytes, any device) receives the rows
+        and is returned; by default a new tensor on the cache's device.
+        """
+        idx = self._index(block_ids, "gather", unique=False)
+        n = len(block_ids)
+        if out is None:
+            out = torch.empty(
+                (n, self.config.block_size_bytes), dtype=torch.uint8, device=self.device
+            )
+        view = self._rows(out, n, "gather out")
+        if not n:
+            return out
+        if view.device != self.device:
+            # Gather on the pool's device, then one contiguous copy across (D2H).
+            staged = self.gather(block_ids)
+            out.view(torch.uint8).view(n, -1).copy_(staged)
+            return out
+        for layer, raw in enumerate(self._layers_as(view)):
+            for side in (0, 1):
+                torch.index_select(raw[side], 0, idx, out=view[:, layer, side])
+        return out
+
+    def scatter(self, block_ids: Sequence[int], rows: torch.Tensor) -> None:
+        """Write offload row ``i`` of ``rows`` into block ``block_ids[i]``, every layer.
+
+        ``rows``: contiguous, ``len(block_ids) * block_size_bytes`` bytes, first
+        dimension ``len(block_ids)``, any device. Raises
+        :class:`~kvactors.errors.TensorSpecError` for a wrong ``rows`` and
+        :class:`~kvactors.errors.PagedCacheError` for a bad or repeated block id.
+        """
+        idx = self._index(block_ids, "scatter", unique=True)
+        n = len(block_ids)
+        view = self._rows(rows, n, "scatter rows")
+        if not n:
+            return
+        if view.device != self.device:
+            view = view.to(self.device)
+        # Advanced-index assignment (index_put_): much faster than index_copy_ on the CPU.
+        for layer, raw in enumerate(self._layers_as(view)):
+            raw[:, idx] = view[:, layer].transpose(0, 1)
+
+    def copy_blocks(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Copy block ``src[i]`` to block ``dst[i]`` in every layer.
+
+        Every source is read before any destination is written, so the two lists
+        may overlap (a permutation is fine). Destinations must be distinct.
+        """
+        if len(src) != len(dst):
+            raise PagedCacheError(f"copy_blocks: {len(src)} sources for {len(dst)} destinations")
+        src_idx = self._index(src, "copy_blocks", unique=False)
+        dst_idx = self._index(dst, "copy_blocks", unique=True)
+        if not len(src):
+            return
+        for raw in self._raw:
+            raw[:, dst_idx] = raw[:, src_idx]  # the right side is a copy: overlap is fine

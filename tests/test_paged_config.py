@@ -1,0 +1,111 @@
+"""KVCacheConfig sizes and validation, and the block keys' stability."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Any
+
+import pytest
+
+from kvactors.errors import ConfigError, PagedCacheError
+from kvactors.paged import KVCacheConfig, hash_block, hash_blocks, hash_tail, root_key
+
+BASE: dict[str, Any] = {
+    "num_layers": 2,
+    "num_kv_heads": 4,
+    "head_dim": 8,
+    "num_gpu_blocks": 10,
+    "dtype": "float16",
+    "block_size": 16,
+}
+
+
+def make(**changes: Any) -> KVCacheConfig:
+    return KVCacheConfig(**{**BASE, **changes})
+
+
+def test_sizes_are_derived_from_the_layout() -> None:
+    c = make()
+    assert c.kv_size_per_token == 2 * 2 * 4 * 8 * 2  # k+v, layers, heads, dim, fp16
+    assert c.block_size_bytes == 16 * 256
+    assert (c.blocks_per_offload, c.offload_bytes) == (1, 4096)
+    assert c.watermark_blocks == 1  # ceil(0.1 * 10)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "itemsize"),
+    [("float32", 4), ("bfloat16", 2), ("float8_e4m3fn", 1), ("float8_e5m2", 1)],
+)
+def test_dtype_sets_the_size(dtype: str, itemsize: int) -> None:
+    assert make(dtype=dtype).kv_size_per_token == 2 * 2 * 4 * 8 * itemsize
+
+
+def test_offload_block_packs_whole_blocks() -> None:
+    c = make(offload_block_bytes=3 * 4096)
+    assert (c.blocks_per_offload, c.offload_bytes) == (3, 3 * 4096)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"num_kv_heads": 0}, "num_kv_heads"),
+        ({"num_layers": 1.5}, "num_layers"),
+        ({"head_dim": -8}, "head_dim"),
+        ({"num_gpu_blocks": 0}, "num_gpu_blocks"),
+        ({"block_size": 0}, "block_size"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"dtype": "torch.float16"}, "dtype"),
+        ({"device": "tpu"}, "device"),
+        ({"device": "cuda:x"}, "device"),
+        ({"offload_block_bytes": 6000}, "block_size"),  # 4096 does not divide it
+        ({"offload_block_bytes": 0}, "offload_block_bytes"),
+        ({"watermark": 1.0}, "watermark"),
+        ({"watermark": -0.1}, "watermark"),
+        ({"watermark": float("nan")}, "watermark"),
+    ],
+)
+def test_a_wrong_value_names_its_field(changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make(**changes)
+    assert str(info.value).startswith(f"{field}:")
+
+
+def test_block_key_is_pinned_blake2b_of_parent_and_int64_tokens() -> None:
+    """The same bytes in every process and on every machine: never Python's hash()."""
+    parent = bytes(32)
+    key = hash_block(parent, [1, 2, 3, 4])
+    expected = hashlib.blake2b(
+        parent + struct.pack("<4q", 1, 2, 3, 4), digest_size=32, person=b"kvactors.block"
+    ).digest()
+    assert key == expected
+    assert key.hex() == "cb409e35bc3863d9e4c4b690e2b76e9f9ffc7a2eebbf436a6b3c7a0236f37438"
+    tail = hash_tail(parent, [1, 2, 3, 4])
+    assert tail.hex() == "feac9e147d563bb5b677ae74085ffa8f0cb84b7118c509c9f97f5e7b1b4af9b1"
+    assert root_key(make()).hex() == (
+        "93467034a58b1f855d7a04597b2e59d816304abf773352ee4eb7a690124980ac"
+    )
+
+
+def test_keys_chain_over_full_blocks_only() -> None:
+    root = root_key(make())
+    tokens = list(range(10))
+    keys = hash_blocks(root, tokens, 4)
+    assert keys == [hash_block(root, [0, 1, 2, 3]), hash_block(keys[0], [4, 5, 6, 7])]
+    assert hash_blocks(keys[0], tokens, 4, start=1) == keys[1:]
+    # A different first block changes every later key.
+    assert hash_blocks(root, [9, *tokens[1:]], 4)[1] != keys[1]
+
+
+def test_root_covers_layout_and_namespace_only() -> None:
+    base = root_key(make())
+    assert root_key(make(num_gpu_blocks=99, device="auto", watermark=0.5)) == base
+    assert root_key(make(namespace="model-b")) != base
+    assert root_key(make(dtype="bfloat16")) != base
+    assert root_key(make(offload_block_bytes=8192)) != base
+
+
+@pytest.mark.parametrize("bad", [1.5, 2**63, "a", None])
+def test_a_token_that_is_not_an_int64_is_refused(bad: Any) -> None:
+    with pytest.raises(PagedCacheError, match="token id"):
+        hash_block(bytes(32), [1, bad, 3, 4])
