@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -79,6 +80,7 @@ def test_main_prints_the_table_and_exits_0(
         "logits",
     ]  # fmt: skip
     assert out.count(" equal\n") == 6
+    assert re.search(r"^offloader +KVCache$", out, re.M)  # the coordinator, by default
     assert out.rstrip().endswith("all logits equal the dense reference bit for bit")
 
 

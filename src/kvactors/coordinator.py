@@ -161,6 +161,16 @@ class _Latency:
         return LatencyStats(self.count, s[len(s) // 2], s[min(len(s) - 1, int(len(s) * 0.99))])
 
 
+class _Lifted:
+    """What the upward part of a load plan completed, whatever was raised after."""
+
+    __slots__ = ("demoted", "promoted")
+
+    def __init__(self) -> None:
+        self.demoted = False
+        self.promoted = False
+
+
 class Coordinator(Actor[CoordinatorRequest]):
     """Runs handshakes; see the module docstring."""
 
@@ -280,6 +290,14 @@ class Coordinator(Actor[CoordinatorRequest]):
             await self._tier_failed(self.nvme)
             raise
 
+    async def _lift(self, plan: LoadPlan, lifted: _Lifted) -> None:
+        """Demote the plan's CPU victims, then promote its NVMe blocks into CPU,
+        recording in ``lifted`` what completed (for ``CompleteLoad``)."""
+        lifted.demoted = await self._demote(plan.demote)
+        if plan.promote_keys:
+            await self._promote(plan.promote_cpu_ids, plan.promote_nvme_ids, plan.promote_keys)
+            lifted.promoted = True
+
     async def _demote(self, demote: Demotion | None) -> bool:
         if demote is None or self.nvme is None:
             return False
@@ -341,13 +359,10 @@ class Coordinator(Actor[CoordinatorRequest]):
     ) -> LoadResult:
         plan: LoadPlan = await self.policy.ask(PrepareLoad(keys, partial=partial))
         n = len(plan.cpu_keys) + len(plan.promote_keys) + len(plan.direct_keys)
-        promoted = demoted = False
+        lifted = _Lifted()
         corrupted: list[Key] = []
         try:
-            demoted = await self._demote(plan.demote)
-            if plan.promote_keys:
-                await self._promote(plan.promote_cpu_ids, plan.promote_nvme_ids, plan.promote_keys)
-                promoted = True
+            await self._lift(plan, lifted)
             if not ticket.cancelled:
                 cpu_ids = plan.cpu_ids + plan.promote_cpu_ids
                 cpu_pos = plan.cpu_pos + plan.promote_pos
@@ -366,7 +381,7 @@ class Coordinator(Actor[CoordinatorRequest]):
             raise
         finally:
             with anyio.CancelScope(shield=True):
-                await self.policy.ask(CompleteLoad(plan, promoted, demoted))
+                await self.policy.ask(CompleteLoad(plan, lifted.promoted, lifted.demoted))
                 await self._drop_corrupted(corrupted)
         tiers = ["cpu"] * n
         for pos in plan.promote_pos + plan.direct_pos:
@@ -377,22 +392,19 @@ class Coordinator(Actor[CoordinatorRequest]):
         if self.nvme is None:
             return 0
         plan: LoadPlan = await self.policy.ask(PrepareLoad(keys, prefetch=True))
-        promoted = demoted = False
+        lifted = _Lifted()
         corrupted: list[Key] = []
         try:
-            demoted = await self._demote(plan.demote)
-            if plan.promote_keys:
-                await self._promote(plan.promote_cpu_ids, plan.promote_nvme_ids, plan.promote_keys)
-                promoted = True
+            await self._lift(plan, lifted)
         except IntegrityError as exc:
             corrupted = exc.keys
         except TierError:
             pass  # a hint: nothing to report; the tier was marked failed if it crashed
         finally:
             with anyio.CancelScope(shield=True):
-                await self.policy.ask(CompleteLoad(plan, promoted, demoted))
+                await self.policy.ask(CompleteLoad(plan, lifted.promoted, lifted.demoted))
                 await self._drop_corrupted(corrupted)
-        return len(plan.promote_keys) if promoted else 0
+        return len(plan.promote_keys) if lifted.promoted else 0
 
 
 class KVCache:
