@@ -14,7 +14,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from kvactors import OffloadingEvent, OffloadingManager
+from _managers import MANAGER_POLICIES, make_manager
+from kvactors import OffloadingEvent
 from kvactors.errors import BlockStateError
 
 KEYS = st.lists(st.integers(0, 11), min_size=1, max_size=5, unique=True)
@@ -27,9 +28,7 @@ class ManagerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.mgr = OffloadingManager(
-            self.capacity, block_size=16, policy=self.policy, enable_events=True
-        )
+        self.mgr = make_manager(self.capacity, self.policy, enable_events=True)
         self.ref: dict[int, int] = {}  # key -> ref count (-1 = being written)
         self.slot: dict[int, int] = {}
         self.events: list[OffloadingEvent] = []
@@ -153,7 +152,7 @@ def machine_for(policy: str) -> type[ManagerMachine]:
     return type(f"{policy}Machine", (ManagerMachine,), {"policy": policy})
 
 
-@pytest.mark.parametrize("policy", ["lru", "arc", "weighted_lru"])
+@pytest.mark.parametrize("policy", MANAGER_POLICIES)
 def test_manager_state_machine(policy: str) -> None:
     run_state_machine_as_test(
         machine_for(policy),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from _managers import LRU_CORES, MANAGER_POLICIES, make_manager
 from kvactors import OffloadingEvent, OffloadingManager
 from kvactors.errors import (
     BlockNotFoundError,
@@ -15,8 +16,6 @@ from kvactors.errors import (
     UnknownPolicyError,
 )
 from kvactors.policy import ARCPolicy
-
-POLICIES = ["lru", "arc", "weighted_lru"]
 
 
 def stored(mgr: OffloadingManager, keys: list[int]) -> list[int]:
@@ -30,11 +29,11 @@ def ev(keys: list[int], removed: bool) -> OffloadingEvent:
     return OffloadingEvent(block_hashes=keys, block_size=16, medium="CPU", removed=removed)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", MANAGER_POLICIES)
 def test_store_complete_lookup(policy: str) -> None:
     """Fresh slots come in order; blocks are invisible until completed; lookup counts
     leading ready keys only; storing present keys again allocates nothing."""
-    mgr = OffloadingManager(4, block_size=16, policy=policy, enable_events=True)
+    mgr = make_manager(4, policy, enable_events=True)
     out = mgr.prepare_store([1, 2, 3])
     assert out is not None
     assert out.block_hashes_to_store == [1, 2, 3]
@@ -54,10 +53,11 @@ def test_store_complete_lookup(policy: str) -> None:
     assert (stats.capacity, stats.used, stats.free, stats.being_written) == (4, 4, 0, 0)
 
 
-def test_lru_evicts_least_recent_and_reuses_last_freed_first() -> None:
+@pytest.mark.parametrize("policy", LRU_CORES)
+def test_lru_evicts_least_recent_and_reuses_last_freed_first(policy: str) -> None:
     """Touch [3, 1] makes 3 most recent, then 1; victims come from the old end,
     and their slots are handed out last-freed-first."""
-    mgr = OffloadingManager(4, block_size=16, policy="lru", enable_events=True)
+    mgr = make_manager(4, policy, enable_events=True)
     assert stored(mgr, [1, 2, 3, 4]) == [0, 1, 2, 3]
     mgr.take_events()
     mgr.touch([3, 1])  # reverse walk: 1 moves, then 3 -> order 2, 4, 1, 3
@@ -71,11 +71,11 @@ def test_lru_evicts_least_recent_and_reuses_last_freed_first() -> None:
     assert mgr.lookup([2]) == 0
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", MANAGER_POLICIES)
 def test_pinned_and_unready_blocks_are_never_evicted(policy: str) -> None:
     """With every other block pinned or being written, prepare_store returns None
     and changes nothing; once unpinned the same call succeeds."""
-    mgr = OffloadingManager(3, block_size=16, policy=policy)
+    mgr = make_manager(3, policy)
     stored(mgr, [1, 2])
     assert mgr.prepare_store([3]) is not None  # 3 is now being written
     spec = mgr.prepare_load([1, 2])
@@ -91,10 +91,10 @@ def test_pinned_and_unready_blocks_are_never_evicted(policy: str) -> None:
     assert out.block_hashes_evicted == [1]
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", MANAGER_POLICIES)
 def test_keys_named_in_the_call_are_protected(policy: str) -> None:
     """prepare_store never evicts a key the same call names, even an idle one."""
-    mgr = OffloadingManager(2, block_size=16, policy=policy)
+    mgr = make_manager(2, policy)
     stored(mgr, [1, 2])
     assert mgr.prepare_store([1, 2, 3]) is None
     out = mgr.prepare_store([2, 3])
@@ -102,9 +102,9 @@ def test_keys_named_in_the_call_are_protected(policy: str) -> None:
     assert out.block_hashes_evicted == [1]
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", MANAGER_POLICIES)
 def test_failed_store_frees_slots_and_leaves_ready_keys(policy: str) -> None:
-    mgr = OffloadingManager(4, block_size=16, policy=policy, enable_events=True)
+    mgr = make_manager(4, policy, enable_events=True)
     stored(mgr, [1])
     out = mgr.prepare_store([1, 2, 3])
     assert out is not None
@@ -119,9 +119,9 @@ def test_failed_store_frees_slots_and_leaves_ready_keys(policy: str) -> None:
     assert mgr.take_events() == [ev([1], False)]
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", MANAGER_POLICIES)
 def test_load_pins_in_key_order_and_bad_loads_change_nothing(policy: str) -> None:
-    mgr = OffloadingManager(4, block_size=16, policy=policy)
+    mgr = make_manager(4, policy)
     stored(mgr, [10, 11, 12])
     assert mgr.prepare_load([12, 10]).block_ids == [2, 0]
     assert mgr.stats().pinned == 2
@@ -141,12 +141,13 @@ def test_load_pins_in_key_order_and_bad_loads_change_nothing(policy: str) -> Non
     assert mgr.stats().pinned == 0
 
 
-def test_bad_input_gets_typed_errors() -> None:
+@pytest.mark.parametrize("policy", LRU_CORES)
+def test_bad_input_gets_typed_errors(policy: str) -> None:
     with pytest.raises(ConfigError, match="num_blocks"):
         OffloadingManager(0, block_size=16)
     with pytest.raises(UnknownPolicyError, match="arc, lru, weighted_lru"):
         OffloadingManager(4, block_size=16, policy="fifo")
-    mgr = OffloadingManager(4, block_size=16)
+    mgr = make_manager(4, policy)
     with pytest.raises(InvalidKeyError, match="str"):
         mgr.prepare_store(["a"])  # type: ignore[list-item]
     with pytest.raises(InvalidKeyError, match="twice"):
@@ -156,8 +157,9 @@ def test_bad_input_gets_typed_errors() -> None:
         mgr.complete_store([7])
 
 
-def test_events_off_records_nothing() -> None:
-    mgr = OffloadingManager(2, block_size=16)
+@pytest.mark.parametrize("policy", LRU_CORES)
+def test_events_off_records_nothing(policy: str) -> None:
+    mgr = make_manager(2, policy)
     stored(mgr, [1, 2])
     stored(mgr, [3])
     assert mgr.take_events() == []
@@ -167,7 +169,7 @@ def test_arc_lists_and_target_follow_the_spec() -> None:
     """T1 -> T2 on a second use of a ready block; victims go to the ghost lists;
     a B1 hit grows the target by max(1, |B2|/|B1|)."""
     policy = ARCPolicy(3)
-    mgr = OffloadingManager(3, block_size=16, policy=policy)
+    mgr = make_manager(3, policy)
     stored(mgr, [1, 2, 3])
     mgr.touch([1])  # 1: T1 -> T2
     assert (list(policy.t1), list(policy.t2)) == ([2, 3], [1])
@@ -186,7 +188,7 @@ def test_arc_lists_and_target_follow_the_spec() -> None:
 
 def test_arc_failed_evict_is_atomic() -> None:
     policy = ARCPolicy(2)
-    mgr = OffloadingManager(2, block_size=16, policy=policy)
+    mgr = make_manager(2, policy)
     stored(mgr, [1, 2])
     mgr.prepare_load([1])
     snapshot = (list(policy.t1), list(policy.t2), list(policy.b1), policy.target)
@@ -208,8 +210,9 @@ def test_weighted_lru_keeps_frequently_used_blocks() -> None:
     assert mgr.lookup([1]) == 1
 
 
-def test_restore_loads_blocks_found_on_disk() -> None:
-    mgr = OffloadingManager(4, block_size=16)
+@pytest.mark.parametrize("policy", LRU_CORES)
+def test_restore_loads_blocks_found_on_disk(policy: str) -> None:
+    mgr = make_manager(4, policy)
     assert mgr.restore([(b"a", 2), (b"b", 0), (b"c", 2), ("bad", 1), (b"d", 9)]) == [b"a", b"b"]
     assert mgr.lookup([b"a", b"b"]) == 2
     out = mgr.prepare_store([b"x", b"y"])

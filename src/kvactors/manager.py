@@ -24,7 +24,8 @@ manager per tier, and a user's own scheduler may embed one directly.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from itertools import filterfalse
+from itertools import compress, count, filterfalse, takewhile
+from operator import attrgetter
 
 import msgspec
 
@@ -39,7 +40,13 @@ from kvactors.errors import (
 from kvactors.policy import make_policy
 from kvactors.policy._base import BlockStatus, CachePolicy, Key
 
+try:
+    from kvactors._lru_core import LRUCore as _LRUCore
+except ImportError:  # built without a C compiler: the Python manager does it all
+    _LRUCore = None  # type: ignore[assignment,misc]
+
 __all__ = [
+    "NATIVE_LRU",
     "LoadStoreSpec",
     "ManagerStats",
     "OffloadingEvent",
@@ -98,7 +105,11 @@ class ManagerStats(msgspec.Struct, frozen=True):
     failed_prepares: int
 
 
+NATIVE_LRU: bool = _LRUCore is not None
+"""Whether the compiled LRU core was built (see :class:`OffloadingManager`'s ``native``)."""
+
 _KEY_TYPES = frozenset((int, bytes))
+_BLOCK_ID = attrgetter("block_id")
 
 
 def check_keys(keys: Sequence[Key], what: str = "") -> None:
@@ -121,6 +132,21 @@ def check_keys(keys: Sequence[Key], what: str = "") -> None:
             seen.add(key)
 
 
+def _use_native(policy: str | CachePolicy, native: bool | None) -> bool:
+    """Whether a manager of ``policy`` runs on the compiled LRU core."""
+    if native is False:
+        return False
+    usable = _LRUCore is not None and isinstance(policy, str) and policy == "lru"
+    if native and not usable:
+        why = (
+            "the compiled core (kvactors._lru_core) is not built"
+            if _LRUCore is None
+            else f"it implements the 'lru' policy only, not {policy!r}"
+        )
+        raise ConfigError(f"native=True: {why}")
+    return usable
+
+
 class OffloadingManager:
     """Metadata of one tier: ``num_blocks`` slots ordered by an eviction ``policy``.
 
@@ -129,9 +155,31 @@ class OffloadingManager:
     :class:`~kvactors.policy.CachePolicy` instance. ``block_size`` is reported
     in events only. Not thread-safe: one owner (an actor or a scheduler) calls it.
 
+    ``native``: the ``"lru"`` policy has a compiled core (``kvactors._lru_core``,
+    built from ``native/lru_core.c`` at install time) with the same behaviour,
+    several times faster. ``None`` (default) uses it when it is built and the
+    policy is ``"lru"``; ``False`` always uses the Python manager; ``True``
+    demands the compiled core (:class:`~kvactors.errors.ConfigError` if it is
+    not built or the policy is not ``"lru"``). On the compiled core
+    :attr:`policy` is ``None`` and :meth:`get` returns a snapshot.
+
     Raises :class:`~kvactors.errors.ConfigError` for ``num_blocks <= 0`` and
     :class:`~kvactors.errors.UnknownPolicyError` for an unknown policy name.
     """
+
+    def __new__(
+        cls,
+        num_blocks: int,
+        *,
+        block_size: int,
+        policy: str | CachePolicy = "lru",
+        enable_events: bool = False,
+        medium: str = "CPU",
+        native: bool | None = None,
+    ) -> OffloadingManager:
+        if cls is OffloadingManager and _use_native(policy, native):
+            return object.__new__(_NativeLRUManager)
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -141,20 +189,19 @@ class OffloadingManager:
         policy: str | CachePolicy = "lru",
         enable_events: bool = False,
         medium: str = "CPU",
+        native: bool | None = None,
     ) -> None:
-        if type(num_blocks) is not int or num_blocks <= 0:
-            raise ConfigError(f"num_blocks must be a positive int, got {num_blocks!r}")
-        if type(block_size) is not int or block_size <= 0:
-            raise ConfigError(f"block_size must be a positive int, got {block_size!r}")
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.medium = medium
+        self._setup(num_blocks, block_size, enable_events, medium)
         self._policy: CachePolicy = (
             make_policy(policy, num_blocks) if isinstance(policy, str) else policy
         )
+        # The policy's ``get`` (a bound C method for the built-in policies).
+        self._get = self._policy.get
         self._next_fresh = 0
         self._free_list: list[int] = []
-        self._events: list[OffloadingEvent] | None = [] if enable_events else None
+        # Keys at ref -1 (prepared, not completed): an index of the blocks'
+        # ``ref_cnt == -1`` so lookups and completions test membership in C.
+        self._writing: set[Key] = set()
         self._lookups = 0
         self._lookup_keys = 0
         self._hits = 0
@@ -162,11 +209,36 @@ class OffloadingManager:
         self._evictions = 0
         self._failed_prepares = 0
 
+    def _setup(self, num_blocks: int, block_size: int, enable_events: bool, medium: str) -> None:
+        """Check and set what every manager has, whatever its core."""
+        if type(num_blocks) is not int or num_blocks <= 0:
+            raise ConfigError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        if type(block_size) is not int or block_size <= 0:
+            raise ConfigError(f"block_size must be a positive int, got {block_size!r}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.medium = medium
+        self._events: list[OffloadingEvent] | None = [] if enable_events else None
+
+    def _event(self, keys: list[Key], removed: bool) -> None:
+        if self._events is not None and keys:
+            self._events.append(OffloadingEvent(keys, self.block_size, self.medium, removed))
+
     # -- queries ----------------------------------------------------------------
 
     @property
-    def policy(self) -> CachePolicy:
+    def policy(self) -> CachePolicy | None:
+        """The eviction policy object; ``None`` on the compiled LRU core."""
         return self._policy
+
+    @property
+    def policy_name(self) -> str:
+        return self._policy.name
+
+    @property
+    def native(self) -> bool:
+        """Whether this manager runs on the compiled LRU core."""
+        return False
 
     @property
     def num_free_blocks(self) -> int:
@@ -184,14 +256,14 @@ class OffloadingManager:
 
     def lookup(self, keys: Iterable[Key]) -> int:
         """How many leading ``keys`` are present and ready. Changes no order."""
-        keys = keys if isinstance(keys, Sequence) else list(keys)
-        get = self._policy.get
-        hits = 0
-        for key in keys:
-            block = get(key)
-            if block is None or block.ref_cnt < 0:
-                break
-            hits += 1
+        if type(keys) is not list and type(keys) is not tuple:
+            keys = list(keys)
+        # The leading present keys (a block record is always truthy), in C ...
+        hits = len(list(takewhile(self._get, keys)))
+        # ... cut at the first one still being written, if any is.
+        writing = self._writing
+        if writing and hits and not writing.isdisjoint(keys[:hits]):
+            hits = next(compress(count(), map(writing.__contains__, keys[:hits])))
         self._lookups += 1
         self._lookup_keys += len(keys)
         self._hits += hits
@@ -199,7 +271,7 @@ class OffloadingManager:
 
     def touch(self, keys: Iterable[Key]) -> None:
         """Mark ``keys`` used, the first key most recently. Absent keys are ignored."""
-        self._policy.touch(keys if isinstance(keys, Sequence) else list(keys))
+        self._policy.touch(keys if type(keys) is list or type(keys) is tuple else list(keys))
 
     # -- store ------------------------------------------------------------------
 
@@ -211,10 +283,10 @@ class OffloadingManager:
         :meth:`complete_store`. Raises :class:`~kvactors.errors.InvalidKeyError`
         (nothing changed) for a key that is not ``bytes``/``int`` or named twice.
         """
-        keys = keys if isinstance(keys, list) else list(keys)
+        keys = keys if type(keys) is list else list(keys)
         policy = self._policy
         # Keys not held (``get`` is None; a block record is always truthy), in C.
-        to_store = list(filterfalse(policy.get, keys))
+        to_store = list(filterfalse(self._get, keys))
         if not to_store:
             return PrepareStoreOutput([], LoadStoreSpec([], self.medium), [])
         check_keys(to_store)
@@ -227,13 +299,11 @@ class OffloadingManager:
             if victims is None:
                 self._failed_prepares += 1
                 return None
-            for key, block in victims:
-                evicted.append(key)
-                evicted_ids.append(block.block_id)
+            evicted = [key for key, _ in victims]
+            evicted_ids = list(map(_BLOCK_ID, [block for _, block in victims]))
             free_list.extend(evicted_ids)
             self._evictions += need
-            if self._events is not None:
-                self._events.append(OffloadingEvent(evicted, self.block_size, self.medium, True))
+            self._event(evicted, True)
         # Fresh ids first, in order; then reuse freed ids, last freed first.
         n_fresh = min(len(to_store), self.num_blocks - self._next_fresh)
         ids = list(range(self._next_fresh, self._next_fresh + n_fresh))
@@ -243,6 +313,7 @@ class OffloadingManager:
             ids.extend(reversed(free_list[-n_reused:]))
             del free_list[-n_reused:]
         policy.insert_many(zip(to_store, map(BlockStatus, ids)))
+        self._writing.update(to_store)
         return PrepareStoreOutput(to_store, LoadStoreSpec(ids, self.medium), evicted, evicted_ids)
 
     def complete_store(self, keys: Iterable[Key], success: bool = True) -> None:
@@ -252,28 +323,32 @@ class OffloadingManager:
         :class:`~kvactors.errors.BlockNotFoundError` (nothing changed) for an
         absent key.
         """
-        keys = keys if isinstance(keys, list) else list(keys)
-        get = self._policy.get
-        blocks = [get(key) for key in keys]
+        keys = keys if type(keys) is list else list(keys)
+        blocks = list(map(self._get, keys))
         if None in blocks:
             missing = keys[blocks.index(None)]
             raise BlockNotFoundError(f"complete_store: block {missing!r} is not in {self.medium}")
-        done: list[Key] = []
+        writing = self._writing
+        # The keys still at ref -1, in call order (C pipeline).
+        pending = list(filter(writing.__contains__, keys))
+        if not pending:
+            return
+        before = len(writing)
+        writing.difference_update(pending)
+        if before - len(writing) != len(pending):  # a key named twice: complete it once
+            pending = list(dict.fromkeys(pending))
+        get = self._get
         if success:
-            append = done.append
-            for key, block in zip(keys, blocks):
-                if block.ref_cnt < 0:  # type: ignore[union-attr]
-                    block.ref_cnt = 0  # type: ignore[union-attr]
-                    append(key)
-            self._stores += len(done)
-            if done and self._events is not None:
-                self._events.append(OffloadingEvent(done, self.block_size, self.medium, False))
+            for block in map(get, pending):
+                block.ref_cnt = 0  # type: ignore[union-attr]
+            self._stores += len(pending)
+            self._event(pending, False)
         else:
             remove = self._policy.remove
-            for key, block in zip(keys, blocks):
-                if block.ref_cnt < 0:  # type: ignore[union-attr]
-                    remove(key)
-                    self._free_list.append(block.block_id)  # type: ignore[union-attr]
+            free = self._free_list.append
+            for key in pending:
+                free(get(key).block_id)  # type: ignore[union-attr]
+                remove(key)
 
     # -- load -------------------------------------------------------------------
 
@@ -284,7 +359,7 @@ class OffloadingManager:
         :class:`~kvactors.errors.BlockNotReadyError` naming the key; then no key
         is pinned.
         """
-        get = self._policy.get
+        get = self._get
         ids: list[int] = []
         pinned: list[BlockStatus] = []
         for key in keys:
@@ -307,7 +382,7 @@ class OffloadingManager:
         :class:`~kvactors.errors.BlockNotPinnedError` naming the key; then no key
         is unpinned.
         """
-        get = self._policy.get
+        get = self._get
         unpinned: list[BlockStatus] = []
         for key in keys:
             block = get(key)
@@ -355,7 +430,7 @@ class OffloadingManager:
         Absent, pinned and being-written keys are skipped. Returns the keys
         removed; one ``removed`` event lists them.
         """
-        get = self._policy.get
+        get = self._get
         removed: list[Key] = []
         for key in keys:
             block = get(key)
@@ -363,8 +438,7 @@ class OffloadingManager:
                 self._policy.remove(key)
                 self._free_list.append(block.block_id)
                 removed.append(key)
-        if removed and self._events is not None:
-            self._events.append(OffloadingEvent(removed, self.block_size, self.medium, True))
+        self._event(removed, True)
         return removed
 
     def take_events(self) -> list[OffloadingEvent]:
@@ -375,15 +449,13 @@ class OffloadingManager:
         return events
 
     def stats(self) -> ManagerStats:
+        get = self._get
         pinned = 0
-        writing = 0
-        for key in self._iter_keys():
-            block = self._policy.get(key)
-            assert block is not None
-            if block.ref_cnt > 0:
+        for key in self._policy.keys():  # noqa: SIM118 (a CachePolicy promises keys(), not iter)
+            block = get(key)
+            if block is not None and block.ref_cnt > 0:
                 pinned += 1
-            elif block.ref_cnt < 0:
-                writing += 1
+        writing = len(self._writing)
         used = len(self._policy)
         return ManagerStats(
             medium=self.medium,
@@ -401,5 +473,131 @@ class OffloadingManager:
             failed_prepares=self._failed_prepares,
         )
 
-    def _iter_keys(self) -> list[Key]:
-        return list(self._policy.keys())
+
+class _NativeLRUManager(OffloadingManager):
+    """The ``lru`` manager on the compiled core: the same contract, its state in C arrays.
+
+    The core raises plain exceptions carrying the key (``KeyError``: absent,
+    ``ValueError``: wrong state, ``TypeError``/``IndexError``: a bad new key);
+    this class turns them into the typed errors the Python manager raises.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        *,
+        block_size: int,
+        policy: str | CachePolicy = "lru",
+        enable_events: bool = False,
+        medium: str = "CPU",
+        native: bool | None = None,
+    ) -> None:
+        self._setup(num_blocks, block_size, enable_events, medium)
+        self._core = core = _LRUCore(num_blocks)
+        # The two calls a scheduler makes most go straight to C (same contract:
+        # any iterable of keys; lookup counts hits; touch ignores absent keys).
+        self.lookup = core.lookup  # type: ignore[method-assign,assignment]
+        self.touch = core.touch  # type: ignore[method-assign,assignment]
+
+    @property
+    def policy(self) -> CachePolicy | None:
+        return None
+
+    @property
+    def policy_name(self) -> str:
+        return "lru"
+
+    @property
+    def native(self) -> bool:
+        return True
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._core.counters()[1]
+
+    def __len__(self) -> int:
+        return len(self._core)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._core
+
+    def get(self, key: Key) -> BlockStatus | None:
+        found = self._core.get(key)
+        return None if found is None else BlockStatus(found[0], found[1])
+
+    def prepare_store(self, keys: Iterable[Key]) -> PrepareStoreOutput | None:
+        keys = keys if type(keys) is list else list(keys)
+        try:
+            out = self._core.prepare_store(keys)
+        except (TypeError, IndexError):
+            core = self._core
+            check_keys([key for key in keys if key not in core])  # the typed error
+            raise
+        if out is None:
+            return None
+        to_store, ids, evicted, evicted_ids = out
+        self._event(evicted, True)
+        return PrepareStoreOutput(to_store, LoadStoreSpec(ids, self.medium), evicted, evicted_ids)
+
+    def complete_store(self, keys: Iterable[Key], success: bool = True) -> None:
+        try:
+            done = self._core.complete_store(keys, success)
+        except KeyError as exc:
+            raise BlockNotFoundError(
+                f"complete_store: block {exc.args[0]!r} is not in {self.medium}"
+            ) from None
+        if success:
+            self._event(done, False)
+
+    def prepare_load(self, keys: Iterable[Key]) -> LoadStoreSpec:
+        try:
+            return LoadStoreSpec(self._core.prepare_load(keys), self.medium)
+        except KeyError as exc:
+            raise BlockNotFoundError(
+                f"prepare_load: block {exc.args[0]!r} is not in {self.medium}"
+            ) from None
+        except ValueError as exc:
+            raise BlockNotReadyError(
+                f"prepare_load: block {exc.args[0]!r} is still being written"
+            ) from None
+
+    def complete_load(self, keys: Iterable[Key]) -> None:
+        try:
+            self._core.complete_load(keys)
+        except KeyError as exc:
+            raise BlockNotFoundError(
+                f"complete_load: block {exc.args[0]!r} is not in {self.medium}"
+            ) from None
+        except ValueError as exc:
+            key = exc.args[0]
+            raise BlockNotPinnedError(f"complete_load: block {key!r} is not pinned") from None
+
+    def restore(self, blocks: Iterable[tuple[Key, int]]) -> list[Key]:
+        if len(self._core) or self._core.counters()[1] != self.num_blocks:
+            raise BlockStateError(f"restore: the {self.medium} manager is not empty")
+        return self._core.restore((key, block_id) for key, block_id in blocks)
+
+    def remove(self, keys: Iterable[Key]) -> list[Key]:
+        removed = self._core.remove(keys)
+        self._event(removed, True)
+        return removed
+
+    def stats(self) -> ManagerStats:
+        used, free, pinned, writing, lookups, lookup_keys, hits, stores, evictions, failed = (
+            self._core.counters()
+        )
+        return ManagerStats(
+            medium=self.medium,
+            policy="lru",
+            capacity=self.num_blocks,
+            used=used,
+            free=free,
+            pinned=pinned,
+            being_written=writing,
+            lookups=lookups,
+            lookup_keys=lookup_keys,
+            hits=hits,
+            stores=stores,
+            evictions=evictions,
+            failed_prepares=failed,
+        )

@@ -126,7 +126,7 @@ def replay(
     manager = OffloadingManager(capacity, block_size=BLOCK_TOKENS, policy=policy)
     hits, refused = handshake(manager, requests, show_progress=show_progress, label=policy)
     return ReplayResult(
-        policy=manager.policy.name,
+        policy=manager.policy_name,
         capacity=capacity,
         requests=len(requests),
         accesses=sum(map(len, requests)),

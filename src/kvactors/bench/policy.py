@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from kvactors.manager import OffloadingManager
+from kvactors.manager import NATIVE_LRU, OffloadingManager
 from kvactors.policy import POLICIES
 from kvactors.policy._base import Key
 from kvactors.replay import (
@@ -75,11 +75,15 @@ def bare_lru(requests: Sequence[Sequence[Key]], capacity: int) -> int:
     return hits
 
 
+PYTHON_LRU = "lru (python core)"
+"""The Python ``lru`` manager, measured beside the compiled one as a reference."""
+
+
 def _manager_run(
-    requests: Sequence[Sequence[Key]], policy: str, capacity: int
+    requests: Sequence[Sequence[Key]], policy: str, capacity: int, native: bool | None = None
 ) -> Callable[[], int]:
     def one_pass() -> int:
-        manager = OffloadingManager(capacity, block_size=BLOCK_TOKENS, policy=policy)
+        manager = OffloadingManager(capacity, block_size=BLOCK_TOKENS, policy=policy, native=native)
         return handshake(manager, requests)[0]
 
     return one_pass
@@ -134,6 +138,9 @@ def run(args: argparse.Namespace) -> Report:
         (BASELINE, lambda: bare_lru(requests, capacity))
     ]
     subjects += [(name, _manager_run(requests, name, capacity)) for name in names]
+    reference = "lru" in names and NATIVE_LRU
+    if reference:
+        subjects.append((PYTHON_LRU, _manager_run(requests, "lru", capacity, native=False)))
     best: dict[str, float] = {}
     hits: dict[str, int] = {}
     runs = [(rep, subject) for rep in range(args.repeat) for subject in subjects]
@@ -163,6 +170,28 @@ def run(args: argparse.Namespace) -> Report:
             "hits": hits[name],
             "ratio_goal_met": ratio_met,
             "rate_goal_met": rate_met,
+            "core": "compiled" if name == "lru" and NATIVE_LRU else "python",
+        }
+    if reference:
+        rate = ops / best[PYTHON_LRU]
+        ratio = rate / base_rate
+        rows.append(
+            [
+                PYTHON_LRU,
+                hits[PYTHON_LRU] / ops if ops else 0.0,
+                best[PYTHON_LRU],
+                rate,
+                ratio,
+                None,
+                None,
+            ]
+        )
+        results[PYTHON_LRU] = {
+            "seconds": best[PYTHON_LRU],
+            "block_ops_per_s": rate,
+            "ratio_vs_baseline": ratio,
+            "hits": hits[PYTHON_LRU],
+            "core": "python",
         }
     notes = [
         f"trace: {path} ({len(requests):,} requests, {ops:,} block-ops per run)",
@@ -174,6 +203,10 @@ def run(args: argparse.Namespace) -> Report:
         ),
         f"best of {args.repeat} interleaved runs; one block-op is one key of one request "
         "through lookup + touch + prepare_store + complete_store.",
+        "lru runs on the compiled core (kvactors._lru_core)"
+        + (f"; '{PYTHON_LRU}' is the Python manager, for reference (no goal)" if reference else "")
+        if NATIVE_LRU
+        else "lru runs on the Python manager: the compiled core is not built",
         f"goals: >= {MIN_RATIO}x the bare LRU and >= {MIN_OPS_PER_S:,} block-ops/s: "
         + ("all met" if all_met else "NOT all met"),
     ]

@@ -5,31 +5,30 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import ClassVar, Protocol, TypeAlias, runtime_checkable
 
+import msgspec
+
 Key: TypeAlias = bytes | int
 """A block key. Stable across processes: a chained hash as ``bytes`` or ``int``."""
 
 
-class BlockStatus:
+class BlockStatus(msgspec.Struct, eq=False, gc=False):
     """One block of one tier: its slot id and its reference count.
 
     ``ref_cnt`` is ``-1`` while the block is being written (not readable, not
     evictable), ``0`` when idle (evictable) and ``n > 0`` while ``n`` readers hold it.
     ``size`` is the block's weight for size-aware policies (1 for uniform blocks).
+
+    A mutable struct built in C (a store creates one per block), compared by
+    identity and never tracked by the garbage collector (it holds only ints).
     """
 
-    __slots__ = ("block_id", "ref_cnt", "size")
-
-    def __init__(self, block_id: int, ref_cnt: int = -1, size: int = 1) -> None:
-        self.block_id = block_id
-        self.ref_cnt = ref_cnt
-        self.size = size
+    block_id: int
+    ref_cnt: int = -1
+    size: int = 1
 
     @property
     def is_ready(self) -> bool:
         return self.ref_cnt >= 0
-
-    def __repr__(self) -> str:
-        return f"BlockStatus(block_id={self.block_id}, ref_cnt={self.ref_cnt})"
 
 
 @runtime_checkable
