@@ -24,7 +24,7 @@ if [ "${1:-}" = "--test" ]; then
   "${PIP[@]}" -e ".[test]"
   # kvikio without its CUDA dependencies: importable everywhere; used only where
   # the CUDA driver loads (POSIX I/O otherwise). Optional: tests skip without it.
-  "${PIP[@]}" --no-deps kvikio-cu13 libkvikio-cu13 nvidia-cufile \
+  "${PIP[@]}" --no-deps kvikio-cu13 libkvikio-cu13 nvidia-cufile rapids-logger cuda-pathfinder \
     || echo "setup: kvikio wheels not installed; GDS tests will be skipped" >&2
 else
   "${PIP[@]}" -e .

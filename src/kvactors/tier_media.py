@@ -4,8 +4,9 @@
   the GPU pool (CUDA, or ``device="cpu"`` without a GPU) and the CPU tier
   (pinned when CUDA exists).
 - :class:`FileStore`: NVMe slots in one preallocated file, slot ``i`` at offset
-  ``i * block_bytes``, read and written with POSIX ``preadv``/``pwritev`` (runs
-  of adjacent slots merged into one call). Every block written carries a CRC-32
+  ``i * block_bytes``, read and written with POSIX ``preadv``/``pwritev`` through
+  the page cache (a request's slots sorted, each run of adjacent slots one call;
+  reads spread over I/O threads, writes on one). Every block written carries a CRC-32
   kept in an on-disk index (:mod:`kvactors.nvme_index`) and checked when read
   back; reopening the directory serves what was durably stored before.
 """
@@ -19,7 +20,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TypeVar
 
@@ -41,28 +42,42 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
-    """Split ``ids`` into runs of consecutive slots: ``(position, first_slot, length)``."""
-    runs: list[tuple[int, int, int]] = []
-    start = 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or ids[i] != ids[i - 1] + 1:
-            runs.append((start, ids[start], i - start))
-            start = i
-    return runs
+def _batches(ids: list[int]) -> list[tuple[int, list[int]]]:
+    """The positions of ``ids`` grouped into runs of adjacent slots, in slot order:
+    ``(first_slot, positions)`` with ``ids[positions[j]] == first_slot + j``.
+
+    Sorting first merges slots that are adjacent in the file but not in the
+    request (a shuffled free list) into one vectored call, and walks the file
+    forwards. The sort is stable: a slot named twice keeps its last buffer last.
+    """
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    batches: list[tuple[int, list[int]]] = []
+    prev = -2
+    run: list[int] = []
+    for pos in order:
+        slot = ids[pos]
+        if slot == prev + 1:
+            run.append(pos)
+        else:
+            run = [pos]
+            batches.append((slot, run))
+        prev = slot
+    return batches
 
 
 T = TypeVar("T")
-_Run = tuple[int, int, int]
+_Batch = tuple[int, list[int]]
 _IOV_MAX = 1024
 
 
-def _map(fn: Callable[[_Run], T], runs: list[_Run]) -> list[T]:
-    return [fn(run) for run in runs]
+def _map(fn: Callable[[_Batch], T], batches: list[_Batch]) -> list[T]:
+    return [fn(batch) for batch in batches]
 
 
 def _vectored(call: Callable[..., int], fd: int, bufs: list[memoryview], offset: int) -> int:
     """``preadv``/``pwritev`` of many buffers at ``offset``, IOV_MAX at a time."""
+    if len(bufs) <= _IOV_MAX:
+        return call(fd, bufs, offset)
     done = 0
     for i in range(0, len(bufs), _IOV_MAX):
         chunk = bufs[i : i + _IOV_MAX]
@@ -277,54 +292,67 @@ class FileStore:
     def read_buffers(
         self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None = None
     ) -> list[int]:
-        """Read slot ``ids[i]`` into ``bufs[i]`` (one block each), one ``preadv``
-        per run of adjacent slots; verify against ``keys`` as :meth:`read_into`."""
+        """Read slot ``ids[i]`` into ``bufs[i]`` (one block each), one ``preadv`` per
+        run of adjacent slots in slot order; verify against ``keys`` as :meth:`read_into`.
+
+        Without ``keys`` an I/O error or a short read raises
+        :class:`~kvactors.errors.TransferError`; with ``keys`` the blocks it
+        touched are reported bad instead. Either way every read has finished
+        (no I/O thread still writes into ``bufs``) when this returns or raises.
+        """
         bb = self.block_bytes
 
-        def read_run(run: _Run) -> list[int]:
-            pos, slot, n = run
+        def read_batch(batch: _Batch) -> list[int]:
+            slot, positions = batch
+            n = len(positions)
             want = n * bb
-            where = f"slots {slot}..{slot + n - 1}"
             try:
-                got = _vectored(self.preadv, self.fd, bufs[pos : pos + n], slot * bb)
+                got = _vectored(self.preadv, self.fd, [bufs[p] for p in positions], slot * bb)
             except OSError as exc:
                 if keys is None:
+                    where = f"slots {slot}..{slot + n - 1}"
                     raise TransferError(f"{self.name}: reading {where} failed: {exc}") from exc
                 got = 0  # with keys, unreadable blocks are misses, not errors
             if got != want:
                 if keys is None:
+                    where = f"slots {slot}..{slot + n - 1}"
                     raise TransferError(f"{self.name}: short read of {where}: {got} of {want}")
                 # Blocks past the end of a short read are torn: never data.
-                return list(range(pos + got // bb, pos + n))
+                return positions[got // bb :]
             return []
 
-        bad = [pos for torn in self._each_run(read_run, _runs(ids)) for pos in torn]
-        if keys is not None:
-            with self._index_lock:
-                entries = [self.index.lookup_slot(slot) for slot in ids]
-            torn = set(bad)
-            bad = []
-            for pos, (key, entry) in enumerate(zip(keys, entries)):
-                if (
-                    pos in torn
-                    or entry is None
-                    or entry.key != key
-                    or checksum(bufs[pos]) != entry.crc
-                ):
-                    bad.append(pos)
-            self.corrupted += len(bad)
+        torn = {pos for bad in self._each_batch(read_batch, _batches(ids)) for pos in bad}
+        if keys is None:
+            return []
+        with self._index_lock:
+            entries = [self.index.lookup_slot(slot) for slot in ids]
+        bad = [
+            pos
+            for pos, (key, entry) in enumerate(zip(keys, entries))
+            if pos in torn or entry is None or entry.key != key or checksum(bufs[pos]) != entry.crc
+        ]
+        self.corrupted += len(bad)
         return bad
 
-    def _each_run(self, fn: Callable[[_Run], T], runs: list[_Run]) -> list[T]:
-        """``fn`` over ``runs``, split across the store's I/O threads when there are
-        many runs (one syscall each): then syscall cost, not bandwidth, limits."""
-        if self._pool is None or len(runs) < 16:
-            return [fn(run) for run in runs]
-        k = self.io_threads
-        futures = [self._pool.submit(_map, fn, runs[i::k]) for i in range(k)]
+    def _each_batch(
+        self, fn: Callable[[_Batch], T], batches: list[_Batch], *, threads: bool = True
+    ) -> list[T]:
+        """``fn`` over ``batches`` in order, or, with ``threads`` and many batches,
+        over contiguous stretches of them (of the file) on the store's I/O threads.
+
+        A stretch stops at its first error; every stretch has stopped before the
+        first error (in file order) is re-raised, so no worker touches the
+        caller's buffers after this returns or raises.
+        """
+        if not threads or self._pool is None or len(batches) < 16:
+            return [fn(batch) for batch in batches]
+        step = -(-len(batches) // self.io_threads)
+        stretches = [batches[i : i + step] for i in range(0, len(batches), step)]
+        futures = [self._pool.submit(_map, fn, stretch) for stretch in stretches]
+        wait(futures)
         results: list[T] = []
         for fut in futures:
-            results += fut.result()  # re-raises the first I/O error
+            results += fut.result()  # re-raises the first error, in file order
         return results
 
     def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
@@ -335,19 +363,27 @@ class FileStore:
         self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None = None
     ) -> None:
         """Write ``bufs[i]`` into slot ``ids[i]``, one ``pwritev`` per run of adjacent
-        slots; with ``keys``, fsync the bytes and then index them."""
+        slots in slot order; with ``keys``, fsync the bytes and then index them.
+
+        An ``OSError`` (or :class:`~kvactors.errors.TransferError` for a short
+        write) is raised once the runs before it in slot order are written; then
+        nothing is indexed and the slots hold unknown bytes.
+        """
         bb = self.block_bytes
         # The slots' old records are superseded by the new ones below; a crash in
         # between leaves old records over new bytes, which fail their checksum.
 
-        def write_run(run: _Run) -> None:
-            pos, slot, n = run
-            done = _vectored(self.pwritev, self.fd, bufs[pos : pos + n], slot * bb)
+        def write_batch(batch: _Batch) -> None:
+            slot, positions = batch
+            n = len(positions)
+            done = _vectored(self.pwritev, self.fd, [bufs[p] for p in positions], slot * bb)
             if done != n * bb:
                 where = f"slots {slot}..{slot + n - 1}"
                 raise TransferError(f"{self.name}: short write of {where}: {done} of {n * bb}")
 
-        self._each_run(write_run, _runs(ids))
+        # One thread: buffered writes to one file serialize on its inode lock, so
+        # more threads only add hand-offs (measured in docs/benchmarks.md).
+        self._each_batch(write_batch, _batches(ids), threads=False)
         if keys is None:
             return
         if self.durable:
@@ -422,13 +458,29 @@ class _KvikioIO:
 
         self.file = kvikio.CuFile(path, "r+")
 
+    def _each(self, call: Callable[..., object], buffers: list[memoryview], offset: int) -> int:
+        """One kvikio request per buffer at consecutive offsets, all in flight
+        together; the bytes done, stopping at the first short one."""
+        futures = []
+        for buf in buffers:
+            futures.append(call(buf, len(buf), offset))
+            offset += len(buf)
+        done = 0
+        short = False
+        for buf, fut in zip(buffers, futures):
+            n = int(fut.get())  # type: ignore[attr-defined]
+            if not short:
+                done += n
+                short = n != len(buf)
+        return done
+
     def preadv(self, fd: int, buffers: list[memoryview], offset: int) -> int:
         del fd
-        return int(self.file.pread(buffers[0], len(buffers[0]), offset).get())
+        return self._each(self.file.pread, buffers, offset)
 
     def pwritev(self, fd: int, buffers: list[memoryview], offset: int) -> int:
         del fd
-        return int(self.file.pwrite(buffers[0], len(buffers[0]), offset).get())
+        return self._each(self.file.pwrite, buffers, offset)
 
     def close(self) -> None:
         self.file.close()

@@ -5,10 +5,13 @@ slot ids, through the same functions the tier actors call:
 
 - GPU pool -> CPU tier and back (gather/scatter; the GPU pool is on the CPU
   without CUDA), against one contiguous tensor copy of the same bytes;
-- CPU tier -> NVMe and back (vectored ``pwritev``/``preadv`` straight from the
-  pool's rows), against one sequential ``pwrite``/``pread`` of the same bytes.
-  Both sides go through the page cache (no ``O_DIRECT``, no fsync), so they
-  compare like with like; with CUDA, GPU -> pinned CPU is also measured.
+- CPU tier -> NVMe and back (``FileStore.write_buffers``/``read_buffers``:
+  vectored ``pwritev``/``preadv`` straight from the pool's rows, a call per run
+  of adjacent slots), against one sequential ``pwrite``/``pread`` of the same
+  bytes. Both sides go through the page cache (no ``O_DIRECT``, no fsync), so
+  they compare like with like; with CUDA, GPU -> pinned CPU is also measured.
+
+The files are removed afterwards (and the directory, unless ``--dir`` named it).
 
 Each figure is the best of ``--repeat`` runs, the baseline and the measured path
 interleaved.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -154,6 +158,8 @@ def _measure_size(
     finally:
         store.close()
         os.close(seq)
+        shutil.rmtree(directory / f"s{size}", ignore_errors=True)
+        (directory / f"seq{size}.bin").unlink(missing_ok=True)
     return out
 
 
@@ -161,9 +167,14 @@ def run(args: argparse.Namespace) -> Report:
     device = resolve_device("auto")
     rng = random.Random(0)
     directory = Path(args.dir or tempfile.mkdtemp(prefix="kvactors-bench-"))
+    directory.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
-    for size in [_size(s) for s in args.sizes.split(",")]:
-        results += _measure_size(size, args.mib, args.repeat, device, directory, rng)
+    try:
+        for size in [_size(s) for s in args.sizes.split(",")]:
+            results += _measure_size(size, args.mib, args.repeat, device, directory, rng)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(directory, ignore_errors=True)
     met = all(r["goal_met"] is not False for r in results)
     rows: list[list[object]] = [
         [

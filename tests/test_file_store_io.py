@@ -1,0 +1,227 @@
+"""How the NVMe store turns a request into system calls: slots sorted, runs of
+adjacent slots merged into one vectored call, reads spread over I/O threads, and
+what a failure in one run does to the others."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kvactors.errors import TransferError
+from kvactors.tier_media import FileStore, MemoryPool, _batches, _KvikioIO
+
+BB = 4096
+
+
+def pool(n: int, seed: int) -> MemoryPool:
+    cpu = MemoryPool("cpu", n, BB, torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    cpu.data.copy_(torch.randint(0, 256, (n, BB), dtype=torch.uint8, generator=g))
+    return cpu
+
+
+def test_batches_sort_slots_and_merge_adjacent_ones() -> None:
+    ids = [7, 3, 5, 0, 4, 6, 10, 9]
+    assert _batches(ids) == [(0, [3]), (3, [1, 4, 2, 5, 0]), (9, [7, 6])]
+    assert _batches([]) == []
+    # A slot named twice stays in request order (the later buffer is written last).
+    assert _batches([2, 2, 3]) == [(2, [0]), (2, [1, 2])]
+
+
+@pytest.mark.parametrize("io_threads", [1, 2, 3])
+def test_shuffled_slots_round_trip(tmp_path: Path, io_threads: int) -> None:
+    """Many shuffled slots (enough runs to use the I/O threads) come back byte-exact."""
+    n = 600
+    rng = random.Random(io_threads)
+    src = pool(n, 1)
+    src_ids = rng.sample(range(n), 300)
+    slots = rng.sample(range(2 * n), 300)
+    keys: list[bytes | int] = [1000 + s for s in slots]
+    store = FileStore("nvme", 2 * n, BB, str(tmp_path), io_threads=io_threads)
+    try:
+        store.write_buffers(slots, src.buffers(src_ids), keys)
+        dst = MemoryPool("cpu", n, BB, torch.device("cpu"))
+        dst_ids = rng.sample(range(n), 300)
+        assert store.read_buffers(slots, dst.buffers(dst_ids), keys) == []
+        assert torch.equal(dst.data[dst_ids], src.data[src_ids])
+        # Reading without keys is the same bytes, unchecked.
+        again = MemoryPool("cpu", n, BB, torch.device("cpu"))
+        assert store.read_buffers(slots, again.buffers(dst_ids)) == []
+        assert torch.equal(again.data[dst_ids], src.data[src_ids])
+    finally:
+        store.close()
+
+
+def test_adjacent_slots_are_one_call_in_file_order(tmp_path: Path) -> None:
+    src = pool(8, 2)
+    store = FileStore("nvme", 16, BB, str(tmp_path), io_threads=1)
+    calls: list[tuple[int, int]] = []
+
+    def spy(real: Any) -> Any:
+        def call(fd: int, bufs: list[memoryview], offset: int) -> int:
+            calls.append((offset // BB, len(bufs)))
+            return int(real(fd, bufs, offset))
+
+        return call
+
+    try:
+        store.pwritev = spy(os.pwritev)
+        store.preadv = spy(os.preadv)
+        ids = [12, 4, 6, 5, 0, 13]
+        store.write_buffers(ids, src.buffers(list(range(6))))
+        assert calls == [(0, 1), (4, 3), (12, 2)]
+        calls.clear()
+        dst = MemoryPool("cpu", 8, BB, torch.device("cpu"))
+        store.read_buffers(ids, dst.buffers(list(range(6))))
+        assert calls == [(0, 1), (4, 3), (12, 2)]
+        assert torch.equal(dst.data[:6], src.data[:6])
+    finally:
+        store.close()
+
+
+def test_runs_longer_than_iov_max_are_split(tmp_path: Path) -> None:
+    n = 1100  # more buffers than one preadv/pwritev takes (IOV_MAX = 1024)
+    src = MemoryPool("cpu", n, 512, torch.device("cpu"))
+    src.data.copy_(torch.randint(0, 256, (n, 512), dtype=torch.uint8))
+    store = FileStore("nvme", n, 512, str(tmp_path))
+    try:
+        ids = list(range(n))
+        store.write_buffers(ids, src.buffers(ids))
+        dst = MemoryPool("cpu", n, 512, torch.device("cpu"))
+        store.read_buffers(ids, dst.buffers(ids))
+        assert torch.equal(dst.data, src.data)
+    finally:
+        store.close()
+
+
+def failing_at(real: Any, bad_slot: int, result: int | None) -> Any:
+    """An I/O call that fails (``result=None``) or returns ``result`` bytes for the
+    run starting at ``bad_slot``, and records every offset it was called with."""
+
+    def call(fd: int, bufs: list[memoryview], offset: int) -> int:
+        with lock:
+            seen.append(offset // BB)
+        if offset // BB == bad_slot:
+            if result is None:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real(fd, bufs, offset)
+            return result
+        return int(real(fd, bufs, offset))
+
+    lock = threading.Lock()
+    seen: list[int] = []
+    call.seen = seen  # type: ignore[attr-defined]
+    return call
+
+
+@pytest.mark.parametrize("io_threads", [1, 2])
+def test_a_failed_read_run_is_reported_after_all_runs_finished(
+    tmp_path: Path, io_threads: int
+) -> None:
+    """A run that fails stops its thread's stretch of the file; the other stretches
+    finish before the error reaches the caller, so no I/O thread is still writing
+    into the caller's buffers afterwards."""
+    n = 64
+    src = pool(n, 3)
+    slots = [2 * i for i in range(n)]  # no two adjacent: 64 runs, threads used
+    keys: list[bytes | int] = list(range(n))
+    store = FileStore("nvme", 2 * n, BB, str(tmp_path), io_threads=io_threads)
+    try:
+        store.write_buffers(slots, src.buffers(list(range(n))), keys)
+        store.preadv = failing_at(os.preadv, bad_slot=10, result=None)
+        dst = MemoryPool("cpu", n, BB, torch.device("cpu"))
+        with pytest.raises(TransferError, match=r"reading slots 10\.\.10 failed"):
+            store.read_buffers(slots, dst.buffers(list(range(n))))
+        seen = sorted(store.preadv.seen)  # type: ignore[attr-defined]
+        if io_threads == 1:
+            assert seen == slots[:6]  # in file order, up to the failed run
+        else:
+            assert seen == slots[:6] + slots[32:]  # the second stretch ran to its end
+        # With keys the failed block is a miss and every other block is served.
+        assert store.read_buffers(slots, dst.buffers(list(range(n))), keys) == [5]
+        good = [i for i in range(n) if i != 5]
+        assert torch.equal(dst.data[good], src.data[good])
+    finally:
+        store.close()
+
+
+def test_a_short_read_tears_only_the_end_of_its_run(tmp_path: Path) -> None:
+    src = pool(6, 4)
+    ids = [9, 3, 4, 5, 6, 0]  # runs: [0], [3, 4, 5, 6], [9]
+    keys: list[bytes | int] = [10, 11, 12, 13, 14, 15]
+    store = FileStore("nvme", 12, BB, str(tmp_path))
+    try:
+        store.write_buffers(ids, src.buffers(list(range(6))), keys)
+        # The run at slot 3 stops after one block and a half: slots 4..6 are torn.
+        store.preadv = failing_at(os.preadv, bad_slot=3, result=BB + BB // 2)
+        dst = MemoryPool("cpu", 6, BB, torch.device("cpu"))
+        assert store.read_buffers(ids, dst.buffers(list(range(6))), keys) == [2, 3, 4]
+        assert store.corrupted == 3
+        with pytest.raises(TransferError, match=r"short read of slots 3\.\.6"):
+            store.read_buffers(ids, dst.buffers(list(range(6))))
+    finally:
+        store.close()
+
+
+def test_a_failed_write_run_stops_the_write_and_indexes_nothing(tmp_path: Path) -> None:
+    src = pool(4, 5)
+    store = FileStore("nvme", 16, BB, str(tmp_path))
+    try:
+        store.pwritev = failing_at(os.pwritev, bad_slot=8, result=None)
+        with pytest.raises(OSError, match="Input/output error"):
+            store.write_buffers([12, 8, 2, 3], src.buffers([0, 1, 2, 3]), [1, 2, 3, 4])
+        # Slot order: the run at 2 was written, the one at 8 failed, 12 never started.
+        assert store.pwritev.seen == [2, 8]  # type: ignore[attr-defined]
+        assert store.recovered() == []
+        store.pwritev = failing_at(os.pwritev, bad_slot=8, result=100)
+        with pytest.raises(TransferError, match=r"short write of slots 8\.\.8: 100 of 4096"):
+            store.write_buffers([12, 8], src.buffers([0, 1]), [1, 2])
+        assert store.recovered() == []
+    finally:
+        store.close()
+
+
+class _FakeFuture:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get(self) -> int:
+        return self.n
+
+
+class _FakeCuFile:
+    """kvikio.CuFile's pread/pwrite over a bytearray, short after ``limit`` bytes."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.data = bytearray(size)
+        self.limit = limit
+
+    def pread(self, buf: memoryview, size: int, offset: int) -> _FakeFuture:
+        n = max(0, min(size, self.limit - offset))
+        buf[:n] = self.data[offset : offset + n]
+        return _FakeFuture(n)
+
+    def pwrite(self, buf: memoryview, size: int, offset: int) -> _FakeFuture:
+        n = max(0, min(size, self.limit - offset))
+        self.data[offset : offset + n] = buf[:n]
+        return _FakeFuture(n)
+
+
+def test_kvikio_adapter_handles_runs_of_several_buffers() -> None:
+    """The kvikio adapter issues one request per buffer of a run (no CUDA needed)."""
+    io = _KvikioIO.__new__(_KvikioIO)
+    io.file = _FakeCuFile(8 * BB, limit=6 * BB)
+    src = pool(4, 6)
+    assert io.pwritev(-1, src.buffers([0, 1, 2]), 2 * BB) == 3 * BB
+    dst = MemoryPool("cpu", 4, BB, torch.device("cpu"))
+    assert io.preadv(-1, dst.buffers([0, 1, 2]), 2 * BB) == 3 * BB
+    assert torch.equal(dst.data[:3], src.data[:3])
+    # Past the file's end: the byte count stops at the first short request.
+    assert io.preadv(-1, dst.buffers([0, 1, 2]), 4 * BB) == 2 * BB
