@@ -1,8 +1,9 @@
 """Building managers for the manager tests, on either core.
 
 ``"lru-python"`` is the ``lru`` policy on the Python manager; ``"lru"`` runs on
-the compiled core where it is built (the Python manager otherwise), so every
-scenario and the state machine check both against the same expectations.
+the compiled core where it is built (the Python manager otherwise); the same
+for every built-in policy. So every scenario and the state machine check both
+cores against the same expectations.
 """
 
 from __future__ import annotations
@@ -10,12 +11,17 @@ from __future__ import annotations
 from typing import Any
 
 from kvactors import OffloadingManager
+from kvactors.policy import CachePolicy
 
-MANAGER_POLICIES = ["lru", "lru-python", "arc", "weighted_lru"]
+POLICY_NAMES = ["lru", "arc", "weighted_lru"]
+MANAGER_POLICIES = [f"{name}{core}" for name in POLICY_NAMES for core in ("", "-python")]
 LRU_CORES = ["lru", "lru-python"]
 
 
-def make_manager(num_blocks: int, policy: str = "lru", **kwargs: Any) -> OffloadingManager:
-    if policy == "lru-python":
-        return OffloadingManager(num_blocks, block_size=16, policy="lru", native=False, **kwargs)
+def make_manager(
+    num_blocks: int, policy: str | CachePolicy = "lru", **kwargs: Any
+) -> OffloadingManager:
+    if isinstance(policy, str) and policy.endswith("-python"):
+        name = policy.removesuffix("-python")
+        return OffloadingManager(num_blocks, block_size=16, policy=name, native=False, **kwargs)
     return OffloadingManager(num_blocks, block_size=16, policy=policy, **kwargs)

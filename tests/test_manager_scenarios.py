@@ -196,9 +196,10 @@ def test_arc_failed_evict_is_atomic() -> None:
     assert (list(policy.t1), list(policy.t2), list(policy.b1), policy.target) == snapshot
 
 
-def test_weighted_lru_keeps_frequently_used_blocks() -> None:
+@pytest.mark.parametrize("policy", ["weighted_lru", "weighted_lru-python"])
+def test_weighted_lru_keeps_frequently_used_blocks(policy: str) -> None:
     """A block touched many times outlives more recent blocks touched once."""
-    mgr = OffloadingManager(3, block_size=16, policy="weighted_lru")
+    mgr = make_manager(3, policy)
     stored(mgr, [1, 2, 3])
     for _ in range(5):
         mgr.touch([1])

@@ -1,4 +1,4 @@
-"""The compiled LRU core (native/lru_core.c) against the Python manager.
+"""The compiled manager core (native/manager_core.c) against the Python manager.
 
 The scenario tests and the state machine already run both cores against the
 same expectations; here random operation sequences drive one manager of each
@@ -7,6 +7,7 @@ core side by side and every answer, error, event and snapshot must agree.
 
 from __future__ import annotations
 
+import random
 import shutil
 import sysconfig
 from typing import Any
@@ -17,8 +18,10 @@ from hypothesis import strategies as st
 
 from kvactors import OffloadingManager, manager
 from kvactors.errors import BlockNotPinnedError, ConfigError, KVActorsError
+from kvactors.policy import ARCPolicy, LRUPolicy, WeightedLRUPolicy
 
-needs_native = pytest.mark.skipif(not manager.NATIVE_LRU, reason="compiled core not built")
+WRITTEN, READY, PINNED = "written", "ready", "pinned"
+needs_native = pytest.mark.skipif(not manager.NATIVE, reason="compiled core not built")
 
 
 def _compiler() -> str | None:
@@ -28,17 +31,20 @@ def _compiler() -> str | None:
 
 @pytest.mark.skipif(_compiler() is None, reason="no C compiler to build the core with")
 def test_core_is_built_where_a_compiler_exists() -> None:
-    assert manager.NATIVE_LRU, "setup.py builds kvactors._lru_core; the build failed"
+    assert manager.NATIVE, "setup.py builds kvactors._manager_core; the build failed"
     mgr = OffloadingManager(4, block_size=16)
-    assert mgr.native and mgr.policy is None and mgr.policy_name == "lru"
+    assert mgr.native
+    assert mgr.policy is None
+    assert mgr.policy_name == "lru"
 
 
 def test_native_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ConfigError, match="'lru' policy only"):
-        OffloadingManager(4, block_size=16, policy="arc", native=True)
+    with pytest.raises(ConfigError, match="built-in policies by name only"):
+        OffloadingManager(4, block_size=16, policy=ARCPolicy(4), native=True)
     python = OffloadingManager(4, block_size=16, native=False)
-    assert not python.native and python.policy is not None
-    monkeypatch.setattr(manager, "_LRUCore", None)
+    assert not python.native
+    assert python.policy is not None
+    monkeypatch.setattr(manager, "_ManagerCore", None)
     with pytest.raises(ConfigError, match="not built"):
         OffloadingManager(4, block_size=16, native=True)
     assert not OffloadingManager(4, block_size=16).native  # falls back quietly
@@ -52,7 +58,8 @@ def test_snapshot_and_unpin_of_a_key_named_twice() -> None:
     mgr.complete_store([7])
     mgr.prepare_load([7])
     block = mgr.get(7)
-    assert block is not None and (block.block_id, block.ref_cnt) == (0, 1)
+    assert block is not None
+    assert (block.block_id, block.ref_cnt) == (0, 1)
     with pytest.raises(BlockNotPinnedError, match="7"):
         mgr.complete_load([7, 7])  # pinned once: the second unpin fails, the first is undone
     assert mgr.stats().pinned == 1
@@ -60,7 +67,7 @@ def test_snapshot_and_unpin_of_a_key_named_twice() -> None:
     assert mgr.stats().pinned == 0
 
 
-KEYS = st.lists(st.integers(0, 9), min_size=0, max_size=5)
+KEYS = st.lists(st.integers(0, 11), min_size=0, max_size=5)
 OPS = st.lists(
     st.one_of(
         st.tuples(st.just("lookup"), KEYS),
@@ -71,37 +78,103 @@ OPS = st.lists(
         st.tuples(st.just("complete_load"), KEYS),
         st.tuples(st.just("remove"), KEYS),
         st.tuples(st.just("prepare_store"), st.just(["x", 1])),
+        # The same calls on keys that make them succeed, so blocks become
+        # ready, pinned and evictable often enough to exercise the order.
+        st.tuples(st.just("complete_store"), st.just(WRITTEN), st.booleans()),
+        st.tuples(st.just("prepare_load"), st.just(READY)),
+        st.tuples(st.just("complete_load"), st.just(PINNED)),
+        st.tuples(st.just("store"), KEYS),
+        st.tuples(st.just("store"), KEYS),
+        st.tuples(st.just("store"), KEYS),
     ),
-    max_size=60,
+    min_size=20,
+    max_size=100,
 )
 
 
-def _apply(mgr: OffloadingManager, op: tuple[Any, ...]) -> object:
-    name, keys, *rest = op
+def _resolve(keys: object, python: OffloadingManager) -> list[int]:
+    """Stand-ins: the keys of ``python`` being written, ready, or pinned, in key order."""
+    if isinstance(keys, list):
+        return keys
+    wanted = {WRITTEN: lambda r: r < 0, READY: lambda r: r >= 0, PINNED: lambda r: r > 0}[keys]
+    return [k for k in range(12) if (block := python.get(k)) is not None and wanted(block.ref_cnt)]
+
+
+def _apply(mgr: OffloadingManager, name: str, args: list[Any]) -> object:
     try:
-        result = getattr(mgr, name)(keys, *rest)
+        if name == "store":  # the whole handshake: prepare, then complete what it returned
+            out = mgr.prepare_store(*args)
+            if out is not None:
+                mgr.complete_store(out.block_hashes_to_store)
+            return out
+        return getattr(mgr, name)(*args)
     except KVActorsError as exc:
         return (type(exc).__name__, str(exc))
-    return result
 
 
 @needs_native
+@pytest.mark.parametrize("policy", ["lru", "arc", "weighted_lru"])
 @given(ops=OPS, capacity=st.integers(1, 6))
 @settings(max_examples=300, deadline=None)
-def test_native_and_python_managers_agree(ops: list[tuple[Any, ...]], capacity: int) -> None:
-    native = OffloadingManager(capacity, block_size=16, enable_events=True, native=True)
-    python = OffloadingManager(capacity, block_size=16, enable_events=True, native=False)
+def test_native_and_python_managers_agree(
+    policy: str, ops: list[tuple[Any, ...]], capacity: int
+) -> None:
+    kwargs: dict[str, Any] = {"block_size": 16, "policy": policy, "enable_events": True}
+    native = OffloadingManager(capacity, native=True, **kwargs)
+    python = OffloadingManager(capacity, native=False, **kwargs)
     assert python.policy is not None
     for op in ops:
-        assert _apply(native, op) == _apply(python, op), op
+        name, keys, *rest = op
+        args = [_resolve(keys, python), *rest]
+        assert _apply(native, name, args) == _apply(python, name, args), op
         assert native.stats() == python.stats(), op
         assert native.take_events() == python.take_events(), op
-        order = list(python.policy.keys())  # least recent first
-        assert native._core.keys() == order, op  # type: ignore[attr-defined]
+        order = list(python.policy.keys())
         assert [_state(native, k) for k in order] == [_state(python, k) for k in order], op
-        assert [k for k in range(10) if k in native] == [k for k in range(10) if k in python]
+        assert len(native) == len(python)
+        state = native._core.policy_state()  # type: ignore[attr-defined]
+        assert state == _policy_state(python.policy), op
+        assert [k for k in range(12) if k in native] == [k for k in range(12) if k in python]
+
+
+def _policy_state(policy: object) -> tuple[object, ...]:
+    """The Python policy's order data, in the shape the compiled core reports it."""
+    if isinstance(policy, LRUPolicy):
+        return ("lru", list(policy.keys()))
+    if isinstance(policy, ARCPolicy):
+        lists = [list(lst) for lst in (policy.t1, policy.t2, policy.b1, policy.b2)]
+        return ("arc", policy.target, *lists)
+    assert isinstance(policy, WeightedLRUPolicy)
+    live = {key: (policy._prio[key][0], policy._freq[key]) for key in policy.keys()}  # noqa: SIM118
+    return ("weighted_lru", policy.clock, live)
 
 
 def _state(mgr: OffloadingManager, key: int) -> tuple[int, int] | None:
     block = mgr.get(key)
     return None if block is None else (block.block_id, block.ref_cnt)
+
+
+@needs_native
+@pytest.mark.parametrize("policy", ["lru", "arc", "weighted_lru"])
+@pytest.mark.parametrize("seed", range(4))
+def test_long_seeded_runs_agree(policy: str, seed: int) -> None:
+    """Thousands of handshakes on a small cache: ghost hits, target moves and
+    clock rises that short generated examples reach only rarely."""
+    rng = random.Random(seed)
+    kwargs: dict[str, Any] = {"block_size": 16, "policy": policy, "enable_events": True}
+    native = OffloadingManager(4, native=True, **kwargs)
+    python = OffloadingManager(4, native=False, **kwargs)
+    assert python.policy is not None
+    for step in range(3000):
+        keys = rng.sample(range(16), rng.randint(1, 4))
+        roll = rng.random()
+        name = "touch" if roll < 0.3 else "remove" if roll < 0.35 else "store"
+        if roll > 0.9:  # a reader holds a block across the next steps
+            name, keys = "prepare_load", _resolve(READY, python)[:1]
+        elif roll > 0.8:
+            name, keys = "complete_load", _resolve(PINNED, python)[:1]
+        assert _apply(native, name, [keys]) == _apply(python, name, [keys]), (step, name, keys)
+        state = native._core.policy_state()  # type: ignore[attr-defined]
+        assert state == _policy_state(python.policy), step
+    assert native.stats() == python.stats()
+    assert native.stats().evictions > 100

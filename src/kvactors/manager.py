@@ -41,12 +41,12 @@ from kvactors.policy import make_policy
 from kvactors.policy._base import BlockStatus, CachePolicy, Key
 
 try:
-    from kvactors._lru_core import LRUCore as _LRUCore
+    from kvactors._manager_core import ManagerCore as _ManagerCore
 except ImportError:  # built without a C compiler: the Python manager does it all
-    _LRUCore = None  # type: ignore[assignment,misc]
+    _ManagerCore = None  # type: ignore[assignment,misc]
 
 __all__ = [
-    "NATIVE_LRU",
+    "NATIVE",
     "LoadStoreSpec",
     "ManagerStats",
     "OffloadingEvent",
@@ -105,8 +105,10 @@ class ManagerStats(msgspec.Struct, frozen=True):
     failed_prepares: int
 
 
-NATIVE_LRU: bool = _LRUCore is not None
-"""Whether the compiled LRU core was built (see :class:`OffloadingManager`'s ``native``)."""
+NATIVE: bool = _ManagerCore is not None
+"""Whether the compiled core was built (see :class:`OffloadingManager`'s ``native``)."""
+
+_NATIVE_POLICIES = ("lru", "arc", "weighted_lru")
 
 _KEY_TYPES = frozenset((int, bytes))
 _BLOCK_ID = attrgetter("block_id")
@@ -136,12 +138,12 @@ def _use_native(policy: str | CachePolicy, native: bool | None) -> bool:
     """Whether a manager of ``policy`` runs on the compiled LRU core."""
     if native is False:
         return False
-    usable = _LRUCore is not None and isinstance(policy, str) and policy == "lru"
+    usable = _ManagerCore is not None and isinstance(policy, str) and policy in _NATIVE_POLICIES
     if native and not usable:
         why = (
-            "the compiled core (kvactors._lru_core) is not built"
-            if _LRUCore is None
-            else f"it implements the 'lru' policy only, not {policy!r}"
+            "the compiled core (kvactors._manager_core) is not built"
+            if _ManagerCore is None
+            else f"it implements the built-in policies by name only, not {policy!r}"
         )
         raise ConfigError(f"native=True: {why}")
     return usable
@@ -155,12 +157,13 @@ class OffloadingManager:
     :class:`~kvactors.policy.CachePolicy` instance. ``block_size`` is reported
     in events only. Not thread-safe: one owner (an actor or a scheduler) calls it.
 
-    ``native``: the ``"lru"`` policy has a compiled core (``kvactors._lru_core``,
-    built from ``native/lru_core.c`` at install time) with the same behaviour,
-    several times faster. ``None`` (default) uses it when it is built and the
-    policy is ``"lru"``; ``False`` always uses the Python manager; ``True``
-    demands the compiled core (:class:`~kvactors.errors.ConfigError` if it is
-    not built or the policy is not ``"lru"``). On the compiled core
+    ``native``: the built-in policies have a compiled core
+    (``kvactors._manager_core``, built from ``native/manager_core.c`` at install
+    time) with the same behaviour, several times faster. ``None`` (default)
+    uses it when it is built and ``policy`` is a built-in name; ``False`` always
+    uses the Python manager; ``True`` demands the compiled core
+    (:class:`~kvactors.errors.ConfigError` if it is not built or ``policy`` is a
+    :class:`~kvactors.policy.CachePolicy` object). On the compiled core
     :attr:`policy` is ``None`` and :meth:`get` returns a snapshot.
 
     Raises :class:`~kvactors.errors.ConfigError` for ``num_blocks <= 0`` and
@@ -178,7 +181,7 @@ class OffloadingManager:
         native: bool | None = None,
     ) -> OffloadingManager:
         if cls is OffloadingManager and _use_native(policy, native):
-            return object.__new__(_NativeLRUManager)
+            return object.__new__(_NativeManager)
         return object.__new__(cls)
 
     def __init__(
@@ -228,7 +231,7 @@ class OffloadingManager:
 
     @property
     def policy(self) -> CachePolicy | None:
-        """The eviction policy object; ``None`` on the compiled LRU core."""
+        """The eviction policy object; ``None`` on the compiled core."""
         return self._policy
 
     @property
@@ -237,7 +240,7 @@ class OffloadingManager:
 
     @property
     def native(self) -> bool:
-        """Whether this manager runs on the compiled LRU core."""
+        """Whether this manager runs on the compiled core."""
         return False
 
     @property
@@ -474,8 +477,8 @@ class OffloadingManager:
         )
 
 
-class _NativeLRUManager(OffloadingManager):
-    """The ``lru`` manager on the compiled core: the same contract, its state in C arrays.
+class _NativeManager(OffloadingManager):
+    """A manager on the compiled core: the same contract, its state in C arrays.
 
     The core raises plain exceptions carrying the key (``KeyError``: absent,
     ``ValueError``: wrong state, ``TypeError``/``IndexError``: a bad new key);
@@ -493,7 +496,9 @@ class _NativeLRUManager(OffloadingManager):
         native: bool | None = None,
     ) -> None:
         self._setup(num_blocks, block_size, enable_events, medium)
-        self._core = core = _LRUCore(num_blocks)
+        assert isinstance(policy, str)  # __new__ sends only built-in names here
+        self._policy_name = policy
+        self._core = core = _ManagerCore(num_blocks, policy)
         # The two calls a scheduler makes most go straight to C (same contract:
         # any iterable of keys; lookup counts hits; touch ignores absent keys).
         self.lookup = core.lookup  # type: ignore[method-assign,assignment]
@@ -505,7 +510,7 @@ class _NativeLRUManager(OffloadingManager):
 
     @property
     def policy_name(self) -> str:
-        return "lru"
+        return self._policy_name
 
     @property
     def native(self) -> bool:
@@ -588,7 +593,7 @@ class _NativeLRUManager(OffloadingManager):
         )
         return ManagerStats(
             medium=self.medium,
-            policy="lru",
+            policy=self._policy_name,
             capacity=self.num_blocks,
             used=used,
             free=free,
