@@ -8,7 +8,7 @@ import anyio
 import msgspec
 import pytest
 
-from kvactors.actors import Actor, Future
+from kvactors.actors import NOT_NOW, Actor, Future
 from kvactors.errors import ActorClosed, ActorStartError
 
 pytestmark = pytest.mark.anyio
@@ -178,3 +178,88 @@ async def test_future_polling_contract() -> None:
     failed.set_exception(KeyError("k"))
     with pytest.raises(KeyError):
         failed.result()
+
+
+class Quick(Actor[Msg]):
+    """Answers ``Add`` at once (``handle_now``); ``Park`` and ``Boom`` take the mailbox."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__("quick", **kw)
+        self.total = 0
+        self.release = anyio.Event()
+        self.parked = anyio.Event()
+
+    def handle_now(self, message: Msg) -> Any:
+        match message:
+            case Add(n):
+                self.total += n
+                return self.total
+            case Boom():
+                raise ValueError("boom now")
+        return NOT_NOW
+
+    async def handle(self, message: Msg) -> Any:
+        if isinstance(message, Park):
+            self.parked.set()
+            await self.release.wait()
+            return "released"
+        return self.handle_now(message)
+
+
+async def test_idle_actor_answers_an_ask_in_the_askers_task() -> None:
+    """No mailbox round trip: the reply is there before anything else runs."""
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            actor = Quick()
+            await tg.start(actor.run)
+            assert await actor.ask(Add(2)) == 2
+            assert actor.ask_now(Add(3)) == 5
+            with pytest.raises(ValueError, match="boom now"):
+                await actor.ask(Boom())
+            stats = actor.statistics()
+            assert (stats.handled, stats.failed, stats.handled_direct) == (2, 1, 3)
+            assert stats.mailbox_depth == 0
+            await actor.stop()
+            assert actor.ask_now(Add(1)) is NOT_NOW
+            with pytest.raises(ActorClosed):
+                await actor.ask(Add(1))
+
+
+async def test_a_busy_actor_keeps_mailbox_order_for_direct_capable_asks() -> None:
+    """While a message is in hand or queued, asks go through the mailbox, so a
+    tell sent earlier is handled before a later ask."""
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            actor = Quick(mailbox_size=4)
+            await tg.start(actor.run)
+            parked = actor.ask_nowait(Park())
+            await actor.parked.wait()
+            assert actor.ask_now(Add(1)) is NOT_NOW  # busy: nothing handled
+            await actor.tell(Add(10))
+            later = actor.ask_nowait(Add(1))
+            assert actor.statistics().mailbox_depth == 2
+            actor.release.set()
+            assert await parked == "released"
+            assert await later == 11
+            assert actor.statistics().handled_direct == 0
+            # Idle again: direct.
+            assert await actor.ask(Add(1)) == 12
+            assert actor.statistics().handled_direct == 1
+            await actor.stop()
+
+
+async def test_a_sender_cancelled_while_waiting_for_room_sends_nothing() -> None:
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            actor = Counter(mailbox_size=1)
+            await tg.start(actor.run)
+            parked = actor.ask_nowait(Park())
+            await actor.parked.wait()
+            queued = actor.ask_nowait(Add(1))
+            with anyio.move_on_after(0.05):
+                await actor.ask(Add(100))  # waits for room, then is cancelled
+            actor.release.set()
+            assert await parked == "released"
+            assert await queued == 1
+            assert await actor.ask(Add(0)) == 1  # the cancelled Add(100) never ran
+            await actor.stop()

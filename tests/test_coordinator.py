@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -346,3 +347,172 @@ async def test_nvme_directory_is_used_and_kept(tmp_path: Path) -> None:
             fill(kv, [1], [0])
             await kv.store([1], [0])
     assert any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("inline_bytes", [0, 256 * 1024])
+async def test_inline_and_threaded_copies_move_the_same_bytes(inline_bytes: int) -> None:
+    """``inline_bytes=0`` runs every copy in a worker thread, the default runs
+    these small ones on the event loop; either way every byte comes back,
+    through GPU-pool slots, user tensors, demotions and NVMe promotions."""
+    with anyio.fail_after(20):
+        async with kvactors.open(small_config(inline_bytes=inline_bytes)) as kv:
+            keys = list(range(200, 216))
+            fill(kv, keys, list(range(16)))
+            for i in range(0, 16, 4):  # 16 blocks into a CPU tier of 8: 8 demoted
+                await kv.store(keys[i : i + 4], list(range(i, i + 4)))
+            src = torch.randint(0, 256, (2, BB), dtype=torch.uint8)
+            await kv.store([b"x", b"y"], src)
+            dst = list(range(20, 36))
+            assert (await kv.load(keys, dst)).tiers.count("nvme") >= 8
+            assert torch.equal(rows(kv, dst), block_bytes_for(keys, BB, CPU))
+            out = torch.empty(2, BB, dtype=torch.uint8)
+            await kv.load([b"x", b"y"], out)
+            assert torch.equal(out, src)
+            stats = await settled(kv)
+            direct = {a.name: a.handled_direct for a in stats.actors}
+            if inline_bytes:
+                assert direct["gpu"] > 0
+            else:
+                assert direct["gpu"] == direct["cpu"] == 0
+            assert direct["nvme"] == 0  # file I/O always goes to a worker thread
+            assert stats.failed_loads == stats.failed_stores == 0
+
+
+async def test_file_io_never_runs_on_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copies that touch the NVMe file run in worker threads, whatever their
+    size; small memory-to-memory copies run on the event loop thread."""
+    on_loop: dict[bool, list[bool]] = {True: [], False: []}
+    original = tier_actor._copy
+
+    def recording(src: Any, src_ids: Any, dst: Any, *rest: Any) -> None:
+        touches_file = not (src.in_memory and dst.in_memory)
+        on_loop[touches_file].append(threading.current_thread() is threading.main_thread())
+        original(src, src_ids, dst, *rest)
+
+    monkeypatch.setattr(tier_actor, "_copy", recording)
+    config = small_config(cpu={"num_blocks": 4})
+    with anyio.fail_after(20):
+        async with kvactors.open(config) as kv:
+            keys = list(range(12))
+            fill(kv, keys, keys)
+            for i in range(0, 12, 4):
+                await kv.store(keys[i : i + 4], keys[i : i + 4])  # demotions to NVMe
+            # 12 blocks, 4 CPU slots: reads straight from NVMe into the GPU pool.
+            await kv.load(keys, list(range(20, 32)))
+            assert torch.equal(rows(kv, list(range(20, 32))), block_bytes_for(keys, BB, CPU))
+    assert on_loop[True]
+    assert not any(on_loop[True])
+    assert on_loop[False]
+    assert all(on_loop[False])
+
+
+@pytest.mark.parametrize("inline_bytes", [0, 256 * 1024])
+async def test_cancelled_callers_leave_no_pins_with_inline_or_threaded_copies(
+    inline_bytes: int,
+) -> None:
+    with anyio.fail_after(30):
+        async with kvactors.open(small_config(inline_bytes=inline_bytes)) as kv:
+            keys = list(range(40))
+            fill(kv, keys, keys)
+            for i in range(0, 40, 4):
+                await kv.store(keys[i : i + 4], keys[i : i + 4])
+
+            async def churn(i: int) -> None:
+                with anyio.CancelScope() as scope:
+                    if i % 2:
+                        scope.cancel()  # cancelled before it even posts
+                    await anyio.lowlevel.checkpoint()
+                    await kv.load(keys[i : i + 3], [40 + i, 41 + i, 42 + i], partial=True)
+                    await kv.store([1000 + i], [i])
+
+            async with anyio.create_task_group() as tg:
+                for i in range(0, 20):
+                    tg.start_soon(churn, i)
+                await anyio.lowlevel.checkpoint()
+                tg.cancel_scope.cancel()  # the rest, wherever they are
+            stats = await settled(kv)
+            for tier in stats.policy.tiers.values():
+                assert tier.pinned == tier.being_written == 0
+                assert tier.used + tier.free == tier.capacity
+            # Whatever is served is byte-exact.
+            found = await kv.lookup(keys)
+            dst = list(range(0, found.hits))
+            await kv.load(keys[: found.hits], dst)
+            assert torch.equal(rows(kv, dst), block_bytes_for(keys[: found.hits], BB, CPU))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(-1, "`int` >= 0"), (8 * 1024 * 1024, "`int` <= 4194304"), ("big", "Expected `int`")],
+)
+def test_inline_bytes_is_checked_and_named(value: object, message: str) -> None:
+    assert Config().inline_bytes == 256 * 1024
+    assert Config.from_dict({"inline_bytes": 0}).inline_bytes == 0
+    with pytest.raises(ConfigError, match=rf"inline_bytes: .*{re.escape(message)}"):
+        Config.from_dict({"inline_bytes": value})
+    with pytest.raises(ConfigError, match=r"inline_bytes: expected an int from 0 to 4194304"):
+        Config(inline_bytes=value)  # type: ignore[arg-type]
+
+
+async def test_memory_only_handshakes_run_at_once_and_others_by_mailbox() -> None:
+    """An idle coordinator runs a store or load that needs no NVMe transfer to
+    its end in the caller's task; one that demotes or reads NVMe blocks goes
+    through its mailbox. Both leave the same state behind."""
+    with anyio.fail_after(20):
+        async with kvactors.open(small_config()) as kv:
+            keys = list(range(300, 316))
+            fill(kv, keys, list(range(16)))
+
+            def counts(stats: kvactors.CacheStats) -> tuple[int, int]:
+                coord = next(a for a in stats.actors if a.name == "coordinator")
+                return coord.handled - coord.handled_direct, coord.handled_direct
+
+            await kv.store(keys[:8], list(range(8)))  # room in CPU: at once
+            assert counts(await kv.stats()) == (0, 1)
+            await kv.load(keys[:8], list(range(20, 28)))  # all in CPU: at once
+            assert counts(await kv.stats()) == (0, 2)
+            await kv.store(keys[8:], list(range(8, 16)))  # evicts, demotes: mailbox
+            assert counts(await kv.stats()) == (1, 2)
+            await kv.load(keys[:4], list(range(30, 34)))  # NVMe blocks: mailbox
+            assert counts(await kv.stats()) == (2, 2)
+            await kv.load(keys[:4], list(range(40, 44)), partial=True)  # partial: mailbox
+            assert counts(await kv.stats()) == (3, 2)
+            assert torch.equal(rows(kv, list(range(20, 28))), block_bytes_for(keys[:8], BB, CPU))
+            assert torch.equal(rows(kv, list(range(30, 34))), block_bytes_for(keys[:4], BB, CPU))
+            assert torch.equal(rows(kv, list(range(40, 44))), block_bytes_for(keys[:4], BB, CPU))
+            stats = await settled(kv)
+            assert (stats.policy.demoted, stats.policy.promoted) == (12, 4)  # 4 more to promote
+            assert stats.latency["store"].count == 2
+            assert stats.latency["load"].count == 3
+
+
+async def test_every_call_yields_and_a_call_cancelled_before_it_runs_changes_nothing(
+    kv: kvactors.KVCache,
+) -> None:
+    """Calls answered at once still let other tasks run (one checkpoint each),
+    and a caller already cancelled stores nothing."""
+    fill(kv, [1, 2], [0, 1])
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        before = ticks
+        for _ in range(5):
+            await kv.store([1, 2], [0, 1])
+            await kv.lookup([1, 2])
+            await kv.load([1, 2], [5, 6])
+        assert ticks >= before + 15
+        tg.cancel_scope.cancel()
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await kv.store([3], [2])
+    assert (await kv.lookup([3])).hits == 0
+    stats = await settled(kv)
+    assert stats.policy.tiers["cpu"].used == 2

@@ -29,6 +29,9 @@ NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 KiB = 1024
 MiB = 1024 * KiB
 
+MAX_INLINE_BYTES = 4 * MiB
+InlineBytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_INLINE_BYTES)]
+
 
 def _check_positive(obj: msgspec.Struct, *names: str) -> None:
     # msgspec checks ``Meta`` bounds only when decoding; direct construction
@@ -90,6 +93,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     - ``mailbox_size``: bound of every actor's mailbox (commands wait for room,
       hints are dropped). ``max_inflight``: requests the coordinator runs at once.
     - ``nvme=None`` runs with GPU and CPU tiers only.
+    - ``inline_bytes``: memory-to-memory copies (GPU pool <-> CPU tier, user
+      tensors) of at most this many bytes run on the event loop instead of a
+      worker thread, whose hop costs more than copying a few hundred KiB.
+      ``0`` sends every copy to a thread; at most 4 MiB, so no large copy ever
+      blocks the loop. File I/O always runs in threads.
     """
 
     block_bytes: Positive = 64 * KiB
@@ -100,9 +108,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     mailbox_size: Positive = 256
     max_inflight: Positive = 32
     event_buffer: NonNegative = 1024
+    inline_bytes: InlineBytes = 256 * KiB
 
     def __post_init__(self) -> None:
         _check_positive(self, "block_bytes", "mailbox_size", "max_inflight")
+        value = self.inline_bytes
+        if type(value) is not int or not 0 <= value <= MAX_INLINE_BYTES:
+            raise ConfigError(
+                f"inline_bytes: expected an int from 0 to {MAX_INLINE_BYTES} (4 MiB), got {value!r}"
+            )
         for field, tier in (("cpu", self.cpu), ("nvme", self.nvme)):
             if tier is not None and tier.policy not in POLICIES:
                 known = ", ".join(sorted(POLICIES))

@@ -2,9 +2,11 @@
 
 ``async with kvactors.open(config) as kv:`` starts the tier actors, the policy
 actor and the coordinator actor in one task group and stops them in dependency
-order on exit (coordinator, policy, tiers). Every request travels as a message
-to the coordinator actor, which runs up to ``max_inflight`` handshakes at once,
-each ``prepare -> transfer -> complete``:
+order on exit (coordinator, policy, tiers). Every store, load and prefetch
+travels as a message to the coordinator actor, which runs up to
+``max_inflight`` handshakes at once, each ``prepare -> transfer -> complete``
+(``lookup``, ``events`` and ``stats`` involve no handshake and ask the policy
+actor directly):
 
 - the handshake runs in the coordinator's task, not the caller's, so
   ``complete`` always runs: a cancelled caller never leaves a pin or a
@@ -13,7 +15,13 @@ each ``prepare -> transfer -> complete``:
   whose caller was cancelled completes with ``success=False`` (its bytes may be
   torn), so it is never served. The cancelled call returns once the job already
   in flight has finished: after ``store`` / ``load`` returns, by cancellation
-  or otherwise, kvactors no longer reads ``src`` or writes ``dst``.
+  or otherwise, kvactors no longer reads ``src`` or writes ``dst``;
+- a handshake that needs no await at all (every block in memory, copies of at
+  most ``Config.inline_bytes``, the actors involved idle) runs at once, to its
+  end, in the caller's task (``Coordinator.handle_now``): with no await inside
+  it, nothing can cancel it half-way or interleave with it. Every call yields
+  to the event loop once before it starts, and is cancelled there if its
+  caller is.
 """
 
 from __future__ import annotations
@@ -25,10 +33,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import torch
 
-from kvactors.actors import Actor, ActorStats, Future
+from kvactors.actors import NOT_NOW, Actor, ActorStats, Future
 from kvactors.config import Config
 from kvactors.errors import (
     ActorClosed,
@@ -107,10 +116,6 @@ class Ticket:
         self.cancelled = False
 
 
-class DoLookup(msgspec.Struct, frozen=True, tag=True):
-    keys: list[Key]
-
-
 class DoStore(msgspec.Struct, frozen=True, tag=True):
     keys: list[Key]
     src: Any  # list[int] of GPU-pool slots, or a (n, block_bytes) uint8 tensor
@@ -128,7 +133,10 @@ class DoPrefetch(msgspec.Struct, frozen=True, tag=True):
     keys: list[Key]
 
 
-CoordinatorRequest = DoLookup | DoStore | DoLoad | DoPrefetch
+CoordinatorRequest = DoStore | DoLoad | DoPrefetch
+
+
+_INT = frozenset((int,))
 
 
 def _check_keys(keys: Sequence[Key], what: str) -> list[Key]:
@@ -191,7 +199,8 @@ class Coordinator(Actor[CoordinatorRequest]):
         self.cpu = cpu
         self.nvme = nvme
         self.block_bytes = config.block_bytes
-        self.latency = {name: _Latency() for name in ("lookup", "store", "load")}
+        # ``kv.lookup`` asks the policy actor itself and keeps its own latencies.
+        self.latency = {name: _Latency() for name in ("store", "load")}
         self.failed_stores = 0
         self.failed_loads = 0
         self.failed_tiers: set[str] = set()
@@ -199,10 +208,6 @@ class Coordinator(Actor[CoordinatorRequest]):
     async def handle(self, message: CoordinatorRequest) -> Any:
         start = time.perf_counter()
         match message:
-            case DoLookup(keys):
-                result = await self.policy.ask(Lookup(keys))
-                self.latency["lookup"].add(time.perf_counter() - start)
-                return result
             case DoStore(keys, src, ticket):
                 if ticket.cancelled:
                     return None
@@ -220,47 +225,128 @@ class Coordinator(Actor[CoordinatorRequest]):
             case DoPrefetch(keys):
                 return await self._prefetch(keys)
 
+    def handle_now(self, message: CoordinatorRequest) -> Any:
+        # A handshake whose every step an idle actor answers at once (blocks in
+        # memory only, copies of at most ``inline_bytes``) runs right here to
+        # its end, with no await: nothing can interleave with it or cancel it
+        # half-way, so prepare -> transfer -> complete holds as in ``handle``.
+        # Anything else returns NOT_NOW before changing anything.
+        match message:
+            case DoStore(keys, src, _):
+                tier = self.cpu if isinstance(src, torch.Tensor) else self.gpu
+                if not tier.can_run_now(len(keys), self.cpu.medium):
+                    return NOT_NOW
+                start = time.perf_counter()
+                plan = self.policy.ask_now(PrepareStore(keys, local=True))
+                if plan is NOT_NOW:
+                    return NOT_NOW
+                try:
+                    return None if plan is None else self._store_now(keys, src, plan)
+                finally:
+                    self.latency["store"].add(time.perf_counter() - start)
+            case DoLoad(keys, dst, _, partial):
+                tier = self.cpu if isinstance(dst, torch.Tensor) else self.gpu
+                if partial or not tier.can_run_now(len(keys), self.cpu.medium):
+                    return NOT_NOW
+                start = time.perf_counter()
+                plan = self.policy.ask_now(PrepareLoad(keys, local=True))
+                if plan is NOT_NOW:
+                    return NOT_NOW
+                try:
+                    return self._load_now(dst, plan)
+                finally:
+                    self.latency["load"].add(time.perf_counter() - start)
+        return NOT_NOW
+
+    def _run_now(self, actor: Actor[Any], message: Any) -> Any:
+        result = actor.ask_now(message)
+        # Checked idle just before, and nothing else has run since.
+        assert result is not NOT_NOW, f"{actor.name} was not idle"
+        return result
+
+    def _store_now(self, keys: list[Key], src: Any, plan: StorePlan) -> StoreResult:
+        """``_store`` for a memory-only plan, without awaiting."""
+        assert plan.demote is None
+        assert not plan.through_keys
+        stored = False
+        try:
+            if plan.cpu_ids:
+                self._run_now(*self._store_job(plan.cpu_ids, src, plan.index))
+            stored = True
+        except BaseException:
+            self.failed_stores += 1
+            raise
+        finally:
+            self._run_now(self.policy, CompleteStore(plan, stored, False, False))
+        return StoreResult(len(plan.keys), len(keys) - len(plan.keys))
+
+    def _load_now(self, dst: Any, plan: LoadPlan) -> LoadResult:
+        """``_load_once`` for a plan of blocks ready in ``cpu``, without awaiting."""
+        assert not plan.promote_keys
+        assert not plan.direct_keys
+        assert plan.demote is None
+        try:
+            actor, job, rows = self._read_job(
+                self.cpu, plan.cpu_ids, dst, plan.cpu_pos, plan.cpu_keys
+            )
+            self._run_now(actor, job)
+            if rows is not None:
+                self._scatter(dst, plan.cpu_pos, rows)
+        except BaseException:
+            self.failed_loads += 1
+            raise
+        finally:
+            self._run_now(self.policy, CompleteLoad(plan, False, False))
+        return LoadResult(["cpu"] * len(plan.cpu_keys))
+
     # -- transfers ------------------------------------------------------------------
 
-    def _rows(self, side: Any, index: list[int]) -> tuple[TierActor, Any]:
-        """Where the user's blocks ``index`` are: GPU-pool slots or tensor rows."""
+    def _store_job(self, cpu_ids: list[int], side: Any, index: list[int]) -> tuple[TierActor, Any]:
+        """The tier and job that write the caller's blocks ``index`` (positions in
+        increasing order) into ``cpu`` slots ``cpu_ids``."""
         if isinstance(side, torch.Tensor):
-            if len(index) == side.shape[0] and index == list(range(len(index))):
-                return self.cpu, side
-            return self.cpu, side[torch.tensor(index, dtype=torch.long, device=side.device)]
-        return self.gpu, [side[i] for i in index]
+            if len(index) != side.shape[0]:
+                side = side[torch.tensor(index, dtype=torch.long, device=side.device)]
+            return self.cpu, Write(cpu_ids, side)
+        # All positions: the slot list itself.
+        gpu_ids = side if len(index) == len(side) else [side[i] for i in index]
+        return self.gpu, Copy(self.cpu.medium, cpu_ids, gpu_ids, outbound=True)
+
+    def _read_job(
+        self, tier: TierActor, ids: list[int], side: Any, index: list[int], keys: list[Key]
+    ) -> tuple[TierActor, Any, torch.Tensor | None]:
+        """The tier and job that copy slots ``ids`` (blocks ``keys``) of ``tier`` into
+        the caller's blocks ``index``, and the rows to scatter into ``side`` after
+        it (``None``: the job writes ``side`` itself). Reads from ``nvme`` are
+        verified against each block's checksum."""
+        verify = keys if tier is self.nvme else None
+        if isinstance(side, torch.Tensor):
+            if index == list(range(side.shape[0])):
+                return tier, Read(ids, side, verify), None
+            rows = torch.empty((len(ids), self.block_bytes), dtype=torch.uint8)
+            return tier, Read(ids, rows, verify), rows
+        gpu_ids = [side[i] for i in index]
+        return self.gpu, Copy(tier.medium, ids, gpu_ids, keys=verify), None
+
+    @staticmethod
+    def _scatter(side: torch.Tensor, index: list[int], rows: torch.Tensor) -> None:
+        side[torch.tensor(index, dtype=torch.long, device=side.device)] = rows.to(side.device)
 
     async def _to_cpu(self, cpu_ids: list[int], side: Any, index: list[int]) -> None:
         """Write the caller's blocks ``index`` into ``cpu`` slots ``cpu_ids``."""
-        if not cpu_ids:
-            return
-        if isinstance(side, torch.Tensor):
-            _, rows = self._rows(side, index)
-            await self._ask_tier(self.cpu, Write(cpu_ids, rows))
-        else:
-            gpu_ids = [side[i] for i in index]
-            await self._ask_tier(self.gpu, Copy(self.cpu.medium, cpu_ids, gpu_ids, outbound=True))
+        if cpu_ids:
+            await self._ask_tier(*self._store_job(cpu_ids, side, index))
 
     async def _from_tier(
         self, tier: TierActor, ids: list[int], side: Any, index: list[int], keys: list[Key]
     ) -> None:
-        """Copy slots ``ids`` (blocks ``keys``) of ``tier`` into the caller's blocks ``index``.
-
-        Reads from ``nvme`` are verified against each block's checksum.
-        """
+        """Copy slots ``ids`` (blocks ``keys``) of ``tier`` into the caller's blocks ``index``."""
         if not ids:
             return
-        verify = keys if tier is self.nvme else None
-        if isinstance(side, torch.Tensor):
-            if index == list(range(side.shape[0])):
-                await self._ask_tier(tier, Read(ids, side, verify))
-                return
-            rows = torch.empty((len(ids), self.block_bytes), dtype=torch.uint8)
-            await self._ask_tier(tier, Read(ids, rows, verify))
-            side[torch.tensor(index, dtype=torch.long, device=side.device)] = rows.to(side.device)
-        else:
-            gpu_ids = [side[i] for i in index]
-            await self._ask_tier(self.gpu, Copy(tier.medium, ids, gpu_ids, keys=verify))
+        actor, job, rows = self._read_job(tier, ids, side, index, keys)
+        await self._ask_tier(actor, job)
+        if rows is not None:
+            self._scatter(side, index, rows)
 
     async def _ask_tier(self, tier: TierActor, job: Any) -> Any:
         try:
@@ -310,6 +396,15 @@ class Coordinator(Actor[CoordinatorRequest]):
             self.failed_tiers.add(tier.name)
             await self.policy.ask(MarkFailed(tier.name))
 
+    async def _settle(self, message: CompleteStore | CompleteLoad) -> None:
+        """Send a ``Complete*``: it is handled whatever happened before,
+        cancellation of this task included."""
+        # An idle policy actor settles it right here, with no await that a
+        # cancellation could interrupt; otherwise wait for it, shielded.
+        if self.policy.ask_now(message) is NOT_NOW:
+            with anyio.CancelScope(shield=True):
+                await self.policy.ask(message)
+
     async def _drop_corrupted(self, keys: list[Key]) -> None:
         """Forget blocks that failed their checksum: index first, then metadata."""
         if not keys or self.nvme is None:
@@ -327,7 +422,8 @@ class Coordinator(Actor[CoordinatorRequest]):
             return None
         stored = demoted = through = False
         try:
-            demoted = await self._demote(plan.demote)
+            if plan.demote is not None:
+                demoted = await self._demote(plan.demote)
             if ticket.cancelled:
                 return None
             await self._to_cpu(plan.cpu_ids, src, plan.index)
@@ -340,8 +436,7 @@ class Coordinator(Actor[CoordinatorRequest]):
             raise
         finally:
             # Runs whatever happened above, cancellation of this task included.
-            with anyio.CancelScope(shield=True):
-                await self.policy.ask(CompleteStore(plan, stored, demoted, through))
+            await self._settle(CompleteStore(plan, stored, demoted, through))
         return StoreResult(len(plan.keys), len(keys) - len(plan.keys))
 
     async def _load(self, keys: list[Key], dst: Any, ticket: Ticket, partial: bool) -> LoadResult:
@@ -362,13 +457,16 @@ class Coordinator(Actor[CoordinatorRequest]):
         lifted = _Lifted()
         corrupted: list[Key] = []
         try:
-            await self._lift(plan, lifted)
+            if plan.demote is not None or plan.promote_keys:
+                await self._lift(plan, lifted)
             if not ticket.cancelled:
-                cpu_ids = plan.cpu_ids + plan.promote_cpu_ids
-                cpu_pos = plan.cpu_pos + plan.promote_pos
-                await self._from_tier(
-                    self.cpu, cpu_ids, dst, cpu_pos, plan.cpu_keys + plan.promote_keys
-                )
+                if plan.promote_keys:
+                    cpu_ids = plan.cpu_ids + plan.promote_cpu_ids
+                    cpu_pos = plan.cpu_pos + plan.promote_pos
+                    cpu_keys = plan.cpu_keys + plan.promote_keys
+                else:
+                    cpu_ids, cpu_pos, cpu_keys = plan.cpu_ids, plan.cpu_pos, plan.cpu_keys
+                await self._from_tier(self.cpu, cpu_ids, dst, cpu_pos, cpu_keys)
                 if plan.direct_keys and self.nvme is not None:
                     await self._from_tier(
                         self.nvme, plan.direct_nvme_ids, dst, plan.direct_pos, plan.direct_keys
@@ -380,9 +478,8 @@ class Coordinator(Actor[CoordinatorRequest]):
             self.failed_loads += 1
             raise
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.policy.ask(CompleteLoad(plan, lifted.promoted, lifted.demoted))
-                await self._drop_corrupted(corrupted)
+            await self._settle(CompleteLoad(plan, lifted.promoted, lifted.demoted))
+            await self._drop_corrupted(corrupted)
         tiers = ["cpu"] * n
         for pos in plan.promote_pos + plan.direct_pos:
             tiers[pos] = "nvme"
@@ -401,9 +498,8 @@ class Coordinator(Actor[CoordinatorRequest]):
         except TierError:
             pass  # a hint: nothing to report; the tier was marked failed if it crashed
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.policy.ask(CompleteLoad(plan, lifted.promoted, lifted.demoted))
-                await self._drop_corrupted(corrupted)
+            await self._settle(CompleteLoad(plan, lifted.promoted, lifted.demoted))
+            await self._drop_corrupted(corrupted)
         return len(plan.promote_keys) if lifted.promoted else 0
 
 
@@ -427,6 +523,7 @@ class KVCache:
         self._coord = coordinator
         self._tg = task_group
         self._closed = False
+        self._lookup_latency = _Latency()
 
     @property
     def gpu_pool(self) -> BlockMedium:
@@ -459,7 +556,12 @@ class KVCache:
                 else side.view(n, bb)
             )
         try:
-            ids = [int(i) for i in side]
+            # A list of plain ints is taken as it is (copied); anything else
+            # (numpy or torch integers, tuples, ranges) is converted.
+            if type(side) is list and set(map(type, side)) <= _INT:
+                ids = list(side)
+            else:
+                ids = [int(i) for i in side]
         except TypeError:
             kind = type(side).__name__
             raise TensorSpecError(
@@ -468,26 +570,36 @@ class KVCache:
         if len(ids) != n:
             raise TensorSpecError(f"{what}: {len(ids)} slot ids for {n} keys")
         limit = self.gpu_pool.num_blocks
-        for i in ids:
-            if not 0 <= i < limit:
-                raise TensorSpecError(f"{what}: GPU-pool slot {i} is out of range 0..{limit - 1}")
+        if ids and (min(ids) < 0 or max(ids) >= limit):
+            bad = next(i for i in ids if not 0 <= i < limit)
+            raise TensorSpecError(f"{what}: GPU-pool slot {bad} is out of range 0..{limit - 1}")
         if len(set(ids)) != len(ids):
             raise TensorSpecError(f"{what}: a GPU-pool slot id is named twice")
         return ids
 
-    async def _ask(self, message: Any, ticket: Ticket | None) -> Any:
-        # Cancelled while waiting for mailbox room: nothing was sent, nothing to undo.
-        reply = await self._coord.post(message)
+    async def _ask(self, message: Any, ticket: Ticket) -> Any:
+        # Every call yields to the event loop once, before anything happens
+        # (and raises there if its caller is cancelled).
+        await anyio.lowlevel.checkpoint()
+        # An idle coordinator runs a handshake that needs no await at once,
+        # to its end (``Coordinator.handle_now``); any other goes by mailbox.
+        result = self._coord.ask_now(message)
+        if result is not NOT_NOW:
+            return result
+        try:
+            reply = self._coord.ask_nowait(message)
+        except anyio.WouldBlock:
+            # Cancelled while waiting for mailbox room: nothing was sent, nothing to undo.
+            reply = await self._coord.post(message)
         try:
             return await reply.wait()
         except BaseException:
-            if ticket is not None:
-                # Tell the handshake to skip what it has not started, and wait
-                # (shielded) for it to settle: once this call has returned, even
-                # by cancellation, kvactors no longer touches ``src`` / ``dst``.
-                ticket.cancelled = True
-                with anyio.CancelScope(shield=True):
-                    await reply.settled()
+            # Tell the handshake to skip what it has not started, and wait
+            # (shielded) for it to settle: once this call has returned, even
+            # by cancellation, kvactors no longer touches ``src`` / ``dst``.
+            ticket.cancelled = True
+            with anyio.CancelScope(shield=True):
+                await reply.settled()
             raise
 
     # -- the API --------------------------------------------------------------------
@@ -499,7 +611,14 @@ class KVCache:
         :class:`~kvactors.errors.ActorClosed` after close. Cancelling it changes nothing.
         """
         self._check_open("lookup")
-        return await self._ask(DoLookup(_check_keys(keys, "lookup")), None)  # type: ignore[no-any-return]
+        message = Lookup(_check_keys(keys, "lookup"))
+        await anyio.lowlevel.checkpoint()  # yield once, as every call does
+        # No handshake to protect: ask the policy actor itself, which answers
+        # at once when idle (no mailbox round trip through the coordinator).
+        start = time.perf_counter()
+        result: LookupResult = await self._coord.policy.ask(message)
+        self._lookup_latency.add(time.perf_counter() - start)
+        return result
 
     async def store(self, keys: Sequence[Key], src: Any) -> StoreResult | None:
         """Store the blocks of ``src`` under ``keys`` (keys already cached are skipped).
@@ -589,7 +708,11 @@ class KVCache:
             policy=snap,
             tiers={t.name: t.tier_stats() for t in tiers},
             actors=actors,
-            latency={k: v.snapshot() for k, v in self._coord.latency.items()},
+            latency={
+                "lookup": self._lookup_latency.snapshot(),
+                "store": self._coord.latency["store"].snapshot(),
+                "load": self._coord.latency["load"].snapshot(),
+            },
             failed_stores=self._coord.failed_stores,
             failed_loads=self._coord.failed_loads,
             prefetch_dropped=self._coord.statistics().hints_dropped,
@@ -609,12 +732,19 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
 
     config = config or Config()
     gpu_m, cpu_m, nvme_m = build_media(config)
-    gpu = TierActor(gpu_m, threads=config.gpu.threads, mailbox_size=config.mailbox_size)
-    cpu = TierActor(cpu_m, threads=config.cpu.threads, mailbox_size=config.mailbox_size)
+    inline = config.inline_bytes
+    gpu = TierActor(
+        gpu_m, threads=config.gpu.threads, mailbox_size=config.mailbox_size, inline_bytes=inline
+    )
+    cpu = TierActor(
+        cpu_m, threads=config.cpu.threads, mailbox_size=config.mailbox_size, inline_bytes=inline
+    )
     nvme = None
     if nvme_m is not None:
         assert config.nvme is not None
-        nvme = TierActor(nvme_m, threads=config.nvme.threads, mailbox_size=config.mailbox_size)
+        nvme = TierActor(
+            nvme_m, threads=config.nvme.threads, mailbox_size=config.mailbox_size, inline_bytes=0
+        )
     recovered = [(e.key, e.slot) for e in nvme_m.recovered()] if nvme_m is not None else []
     policy = PolicyActor(config, recovered)
     coord = Coordinator(config, policy, gpu, cpu, nvme)

@@ -25,9 +25,9 @@ from typing import Any
 
 import msgspec
 
-from kvactors.actors import Actor
+from kvactors.actors import NOT_NOW, Actor
 from kvactors.config import Config
-from kvactors.errors import BlockNotFoundError, TierFailed
+from kvactors.errors import BlockNotFoundError, BlockNotReadyError, TierFailed
 from kvactors.events import CacheEvent, EventHub, EventKind
 from kvactors.manager import ManagerStats, OffloadingManager
 from kvactors.policy import Key
@@ -128,7 +128,12 @@ class Lookup(msgspec.Struct, frozen=True, tag=True):
 
 
 class PrepareStore(msgspec.Struct, frozen=True, tag=True):
+    """Plan a store of ``keys``. ``local=True``: only a plan that touches no
+    ``nvme`` slot (no demotion, no write-through); otherwise ``NOT_NOW`` is the
+    answer and nothing changed."""
+
     keys: list[Key]
+    local: bool = False
 
 
 class CompleteStore(msgspec.Struct, frozen=True, tag=True):
@@ -141,12 +146,15 @@ class CompleteStore(msgspec.Struct, frozen=True, tag=True):
 class PrepareLoad(msgspec.Struct, frozen=True, tag=True):
     """Pin ``keys`` for reading. ``prefetch=True`` plans only promotions of
     ``nvme``-only keys and skips (instead of failing on) absent ones.
-    ``partial=True`` pins the longest leading run of available keys only."""
+    ``partial=True`` pins the longest leading run of available keys only.
+    ``local=True``: only when every key is ready in ``cpu``; otherwise the
+    answer is ``NOT_NOW`` and nothing is pinned."""
 
     keys: list[Key]
     promote: bool = True
     prefetch: bool = False
     partial: bool = False
+    local: bool = False
 
 
 class CompleteLoad(msgspec.Struct, frozen=True, tag=True):
@@ -192,7 +200,8 @@ PolicyRequest = (
 
 class PolicyActor(Actor[PolicyRequest]):
     """Owns the per-tier managers; handlers are synchronous inside, so every
-    request is atomic with respect to every other."""
+    request is atomic with respect to every other, and an idle policy actor
+    answers an ``ask`` in the asker's task (:meth:`Actor.handle_now`)."""
 
     def __init__(self, config: Config, recovered: Sequence[tuple[Key, int]] = ()) -> None:
         super().__init__("policy", mailbox_size=config.mailbox_size)
@@ -223,15 +232,24 @@ class PolicyActor(Actor[PolicyRequest]):
         self.corrupted = 0
 
     async def handle(self, message: PolicyRequest) -> Any:
+        return self.handle_now(message)
+
+    def handle_now(self, message: PolicyRequest) -> Any:
+        # Every request is answered without awaiting, so an idle policy actor
+        # serves an ``ask`` in the asker's task (see ``kvactors.actors``).
         try:
             match message:
                 case Lookup(keys):
                     return self.lookup(keys)
-                case PrepareStore(keys):
+                case PrepareStore(keys, local):
+                    if local and not self._store_is_local(keys):
+                        return NOT_NOW
                     return self.prepare_store(keys)
                 case CompleteStore(plan, stored, demoted, through):
                     return self.complete_store(plan, stored, demoted, through)
-                case PrepareLoad(keys, promote, prefetch, partial):
+                case PrepareLoad(keys, promote, prefetch, partial, local):
+                    if local:
+                        return self._prepare_local_load(keys)
                     if partial:
                         keys = keys[: self.lookup(keys).hits]
                     return self.prepare_load(keys, promote=promote, prefetch=prefetch)
@@ -268,12 +286,16 @@ class PolicyActor(Actor[PolicyRequest]):
         return None
 
     def lookup(self, keys: list[Key]) -> LookupResult:
-        tiers: list[str] = []
-        for key in keys:
-            tier = self._tier_of(key)
-            if tier is None:
-                break
-            tiers.append(tier)
+        # The leading keys ready in ``cpu`` in one manager call; key by key
+        # only from the first one that is not.
+        hits = self.cpu.lookup(keys)
+        tiers = [CPU] * hits
+        if hits < len(keys) and self._nvme() is not None:
+            for key in keys[hits:]:
+                tier = self._tier_of(key)
+                if tier is None:
+                    break
+                tiers.append(tier)
         return LookupResult(len(tiers), tiers)
 
     def _demote(self, keys: list[Key], cpu_ids: list[int]) -> Demotion | None:
@@ -307,8 +329,11 @@ class PolicyActor(Actor[PolicyRequest]):
         if out is None:
             return None
         new = out.block_hashes_to_store
-        pos_of = {k: i for i, k in enumerate(keys)}
-        index = [pos_of[k] for k in new]
+        if len(new) == len(keys):
+            index = list(range(len(keys)))  # all new, in key order
+        else:
+            pos_of = {k: i for i, k in enumerate(keys)}
+            index = [pos_of[k] for k in new]
         demote = self._demote(out.block_hashes_evicted, out.block_ids_evicted)
         through_keys: list[Key] = []
         through_pos: list[int] = []
@@ -340,7 +365,34 @@ class PolicyActor(Actor[PolicyRequest]):
         if plan.through_keys and self.nvme is not None:
             self.nvme.complete_store(plan.through_keys, success=through and stored)
 
+    def _store_is_local(self, keys: list[Key]) -> bool:
+        """Whether storing ``keys`` now needs no ``nvme`` transfer: no NVMe tier,
+        or no write-through and room in ``cpu`` without evicting (a victim
+        would be demoted)."""
+        nvme = self._nvme()
+        if nvme is None:
+            return True
+        if self.write_through:
+            return False
+        cpu = self.cpu
+        new = sum(1 for k in keys if k not in cpu and k not in nvme)
+        return new <= cpu.num_free_blocks
+
+    def _prepare_local_load(self, keys: list[Key]) -> Any:
+        """Pin ``keys`` if every one is ready in ``cpu``; else ``NOT_NOW``, nothing pinned."""
+        try:
+            cpu_ids = self.cpu.prepare_load(keys).block_ids
+        except (BlockNotFoundError, BlockNotReadyError):
+            return NOT_NOW
+        return LoadPlan(keys, cpu_ids, list(range(len(keys))), [], [], [], [], [], [], [], None)
+
     def prepare_load(self, keys: list[Key], *, promote: bool, prefetch: bool) -> LoadPlan:
+        if not prefetch and keys:
+            # Commonly every block is ready in ``cpu``: pin them in one manager
+            # call, which pins nothing when one is not (then plan key by key).
+            plan: LoadPlan = self._prepare_local_load(keys)
+            if plan is not NOT_NOW:
+                return plan
         cpu_keys: list[Key] = []
         cpu_pos: list[int] = []
         nvme_keys: list[Key] = []

@@ -3,10 +3,12 @@
 A tier actor owns its medium's bytes (never its metadata: that is the policy
 actor's). Jobs run in worker threads under the tier's own
 ``anyio.CapacityLimiter`` so the event loop never blocks on a large copy or a
-file; jobs of at most ``inline_bytes`` on memory media run inline, where a
-thread hop would cost more than the copy. With ``concurrency`` > 1 several
-jobs are in flight at once: the policy actor hands every slot to one job only,
-so jobs never touch the same slot.
+file. Jobs of at most ``inline_bytes`` between memory media (never a file) run
+inline on the event loop, where a thread hop would cost more than the copy;
+an idle tier actor runs them in the asker's task (``handle_now``), so such a
+job costs neither a thread hop nor a mailbox round trip. With
+``concurrency`` > 1 several jobs are in flight at once: the policy actor hands
+every slot to one job only, so jobs never touch the same slot.
 
 Every reply is a :class:`JobReport` (bytes moved, seconds). A failure reaches
 the asker as :class:`~kvactors.errors.TransferError` naming the tier and job;
@@ -23,7 +25,7 @@ import anyio
 import msgspec
 import torch
 
-from kvactors.actors import Actor
+from kvactors.actors import NOT_NOW, Actor
 from kvactors.errors import IntegrityError, KVActorsError, TransferError
 from kvactors.policy import Key
 from kvactors.tier_media import FileStore, MemoryPool, copy_rows
@@ -168,9 +170,37 @@ class TierActor(Actor[TierRequest]):
         self._ops: dict[str, list[float]] = {}
         self._crashed: str | None = None
 
-    async def handle(self, message: TierRequest) -> JobReport | None:
+    def handle_now(self, message: TierRequest) -> Any:
+        # Small memory-to-memory jobs run right here, on the event loop: a
+        # worker-thread hop costs more than copying ``inline_bytes``. File I/O
+        # and larger copies return ``NOT_NOW`` and go to :meth:`handle`.
         if self._crashed is not None:
             raise TransferError(f"tier {self.name!r} is down: {self._crashed}")
+        match message:
+            case Write(ids, rows, keys):
+                if self._inline(len(ids), None):
+                    return self._run("write", len(ids), self.medium.write_from, ids, rows, keys)
+            case Read(ids, rows, keys):
+                if self._inline(len(ids), None):
+                    return self._run("read", len(ids), _read, self.medium, ids, rows, keys)
+            case Copy(src, src_ids, ids, outbound, keys):
+                if self._inline(len(ids), src):
+                    op = "copy_out" if outbound else "copy_in"
+                    args = (src, src_ids, self.medium, ids, outbound, keys)
+                    return self._run(op, len(ids), _copy, *args)
+            case Drop(keys):
+                if self.medium.in_memory:
+                    self._run("drop", 0, self.medium.drop, keys)
+                    return None
+            case Crash(reason):
+                self._crashed = reason
+                return None
+        return NOT_NOW
+
+    async def handle(self, message: TierRequest) -> JobReport | None:
+        result = self.handle_now(message)
+        if result is not NOT_NOW:
+            return result  # type: ignore[no-any-return]
         match message:
             case Write(ids, rows, keys):
                 return await self._job("write", len(ids), self.medium.write_from, ids, rows, keys)
@@ -183,12 +213,45 @@ class TierActor(Actor[TierRequest]):
             case Drop(keys):
                 await self._job("drop", 0, self.medium.drop, keys)
                 return None
-            case Crash(reason):
-                self._crashed = reason
-                return None
+        raise AssertionError(f"tier {self.name!r}: unhandled {message!r}")  # pragma: no cover
+
+    def can_run_now(self, blocks: int, other: BlockMedium | None = None) -> bool:
+        """Whether :meth:`ask_now` would run a job of ``blocks`` between this medium
+        and ``other`` at once: the actor is idle and up, and the job is inline."""
+        return (
+            not self._pending
+            and self._running
+            and not self._closing
+            and self._crashed is None
+            and self._inline(blocks, other)
+        )
+
+    def _inline(self, blocks: int, other: BlockMedium | None) -> bool:
+        """Whether a job of ``blocks`` runs on the event loop: memory on both
+        sides (never a file) and at most ``inline_bytes``."""
+        return (
+            self.medium.in_memory
+            and (other is None or other.in_memory)
+            and blocks * self.medium.block_bytes <= self.inline_bytes
+        )
+
+    def _run(self, op: str, blocks: int, fn: Callable[..., object], *args: Any) -> JobReport:
+        """Run a small job inline (blocking, briefly)."""
+        t0 = time.perf_counter()
+        try:
+            fn(*args)
+        except KVActorsError:
+            self._failed_jobs += 1
+            raise
+        except Exception as exc:
+            self._failed_jobs += 1
+            raise TransferError(
+                f"tier {self.name!r}: {op} of {blocks} blocks failed: {exc}"
+            ) from exc
+        return self._done(op, blocks, time.perf_counter() - t0)
 
     async def _job(self, op: str, blocks: int, fn: Callable[..., object], *args: Any) -> JobReport:
-        nbytes = blocks * self.medium.block_bytes
+        """Run a job in a worker thread under the tier's limiter."""
         spent = [0.0]
 
         def timed() -> None:
@@ -200,10 +263,7 @@ class TierActor(Actor[TierRequest]):
                 spent[0] = time.perf_counter() - t0
 
         try:
-            if self.medium.in_memory and nbytes <= self.inline_bytes:
-                timed()
-            else:
-                await anyio.to_thread.run_sync(timed, limiter=self.limiter)
+            await anyio.to_thread.run_sync(timed, limiter=self.limiter)
         except KVActorsError:
             self._failed_jobs += 1
             raise
@@ -212,10 +272,15 @@ class TierActor(Actor[TierRequest]):
             raise TransferError(
                 f"tier {self.name!r}: {op} of {blocks} blocks failed: {exc}"
             ) from exc
-        seconds = spent[0]
+        return self._done(op, blocks, spent[0])
+
+    def _done(self, op: str, blocks: int, seconds: float) -> JobReport:
+        nbytes = blocks * self.medium.block_bytes
         self._jobs += 1
         self._busy += seconds
-        acc = self._ops.setdefault(op, [0, 0, 0.0])
+        acc = self._ops.get(op)
+        if acc is None:
+            acc = self._ops[op] = [0, 0, 0.0]
         acc[0] += 1
         acc[1] += nbytes
         acc[2] += seconds

@@ -1,7 +1,8 @@
-"""The actor runtime: ``Actor`` (bounded mailbox, ``ask`` / ``tell`` / ``try_tell``),
-``Envelope`` (message + one-shot reply) and ``Future`` (the reply slot)."""
+"""The actor runtime: ``Actor`` (bounded mailbox, ``ask`` / ``tell`` / ``try_tell``,
+direct asks of an idle actor through ``handle_now``), ``Envelope`` (message +
+one-shot reply), ``Future`` (the reply slot) and ``NOT_NOW``."""
 
-from kvactors.actors._actor import Actor, ActorStats, Envelope
+from kvactors.actors._actor import NOT_NOW, Actor, ActorStats, Envelope
 from kvactors.actors._future import Future
 
-__all__ = ["Actor", "ActorStats", "Envelope", "Future"]
+__all__ = ["NOT_NOW", "Actor", "ActorStats", "Envelope", "Future"]

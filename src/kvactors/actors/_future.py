@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -21,10 +21,14 @@ class Future(Generic[T]):
     Nobody awaiting a future is a normal event: its result is simply dropped.
     """
 
-    __slots__ = ("_event", "_state", "_value")
+    __slots__ = ("_event", "_new_event", "_state", "_value")
 
-    def __init__(self) -> None:
-        self._event = anyio.Event()
+    def __init__(self, new_event: Callable[[], anyio.Event] = anyio.Event) -> None:
+        # The event is made only when someone waits before the result is set,
+        # by ``new_event`` (actors pass their event loop's event class, which
+        # skips looking up the async backend each time).
+        self._new_event = new_event
+        self._event: anyio.Event | None = None
         self._state = _PENDING
         self._value: Any = None
 
@@ -49,12 +53,19 @@ class Future(Generic[T]):
     def set_result(self, value: T) -> None:
         if self._state == _PENDING:
             self._state, self._value = _DONE, value
-            self._event.set()
+            if self._event is not None:
+                self._event.set()
 
     def set_exception(self, error: BaseException) -> None:
         if self._state == _PENDING:
             self._state, self._value = _FAILED, error
-            self._event.set()
+            if self._event is not None:
+                self._event.set()
+
+    async def _settle(self) -> None:
+        if self._event is None:
+            self._event = self._new_event()
+        await self._event.wait()
 
     async def wait(self) -> T:
         """Wait for the result and return it (or raise the error).
@@ -62,13 +73,13 @@ class Future(Generic[T]):
         Cancelling the waiter does not cancel the work: the result is dropped.
         """
         if self._state == _PENDING:
-            await self._event.wait()
+            await self._settle()
         return self.result()
 
     async def settled(self) -> None:
         """Wait until a result or an error is set, without raising either."""
         if self._state == _PENDING:
-            await self._event.wait()
+            await self._settle()
 
     def __await__(self) -> Generator[Any, None, T]:
         return self.wait().__await__()

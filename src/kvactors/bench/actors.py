@@ -6,8 +6,9 @@ of new blocks (handshake + GPU-pool -> CPU copy), look it up, load it back
 ``kv.store`` / ``kv.lookup`` / ``kv.load`` (coordinator, policy actor, tier
 actors); the baseline calls one :class:`~kvactors.manager.OffloadingManager`
 and copies inline with the same copy function the tier actors use, as a
-scheduler embedding the core would. Also reported:
-the microseconds of one bare ``ask`` round trip.
+scheduler embedding the core would. Also reported: the microseconds of one
+bare ``ask`` round trip, and per actor how many messages went through its
+mailbox and how many an idle actor answered at once in the asker's task.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def _sync_round(batch: int, rounds: int, bb: int, cap: int) -> float:
     return time.perf_counter() - start
 
 
-async def _actor_round(batch: int, rounds: int, bb: int, cap: int, clients: int) -> float:
+async def _actor_round(
+    batch: int, rounds: int, bb: int, cap: int, clients: int, asks: dict[str, int] | None = None
+) -> float:
     config = Config(
         block_bytes=bb,
         gpu=GPUConfig(num_blocks=batch * clients, device="cpu"),
@@ -84,7 +87,13 @@ async def _actor_round(batch: int, rounds: int, bb: int, cap: int, clients: int)
         async with anyio.create_task_group() as tg:
             for c in range(clients):
                 tg.start_soon(client, c)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        if asks is not None:
+            # Messages handled, and of those answered in the asker's task.
+            for actor in (await kv.stats()).actors:
+                asks[f"{actor.name}.handled"] = actor.handled
+                asks[f"{actor.name}.direct"] = actor.handled_direct
+        return elapsed
 
 
 async def _ask_round_trip(n: int = 20_000) -> float:
@@ -99,6 +108,20 @@ async def _ask_round_trip(n: int = 20_000) -> float:
     return elapsed / n * 1e6
 
 
+def _asks_note(batch: int, result: Any) -> str:
+    """Where the messages of one actor run went: mailbox or answered at once."""
+    asks: dict[str, int] = result["asks"]
+    parts = []
+    for name in ("coordinator", "policy", "gpu", "cpu"):
+        handled = asks.get(f"{name}.handled", 0)
+        direct = asks.get(f"{name}.direct", 0)
+        parts.append(f"{name} {handled - direct}/{direct}")
+    return (
+        f"batch {batch}: {result['calls']} calls; messages via mailbox/answered at once: "
+        + ", ".join(parts)
+    )
+
+
 def run(args: argparse.Namespace) -> Report:
     bb = args.block_kib * 1024
     rows: list[list[object]] = []
@@ -110,10 +133,11 @@ def run(args: argparse.Namespace) -> Report:
         cap = max(4 * batch * args.clients, 1024)
         ops = rounds * batch * 3  # store + lookup + load, per block
         sync_best = actor_best = float("inf")
+        asks: dict[str, int] = {}
         for _ in range(args.repeat):
             sync_best = min(sync_best, _sync_round(batch, rounds, bb, cap))
             actor_best = min(
-                actor_best, anyio.run(_actor_round, batch, rounds, bb, cap, args.clients)
+                actor_best, anyio.run(_actor_round, batch, rounds, bb, cap, args.clients, asks)
             )
         sync_rate, actor_rate = ops / sync_best, ops / actor_best
         ratio = actor_rate / sync_rate
@@ -124,6 +148,8 @@ def run(args: argparse.Namespace) -> Report:
             "sync_block_ops_per_s": sync_rate,
             "actor_block_ops_per_s": actor_rate,
             "ratio": ratio,
+            "calls": rounds * 3,
+            "asks": asks,
         }
     rtt = min(anyio.run(_ask_round_trip) for _ in range(args.repeat))
     summary: dict[str, Any] = {
@@ -143,6 +169,7 @@ def run(args: argparse.Namespace) -> Report:
         notes=[
             f"one ask round trip: {rtt:.1f} us; "
             f"{args.clients} concurrent callers on the actor path",
+            *(_asks_note(batch, results[str(batch)]) for batch in args.batches),
             f"goal: actor path >= {GOAL_RATIO}x the sync core at 64-key batches: "
             + ("met" if met else "NOT met"),
         ],
