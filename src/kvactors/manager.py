@@ -194,9 +194,20 @@ class OffloadingManager:
         medium: str = "CPU",
         native: bool | None = None,
     ) -> None:
-        self._setup(num_blocks, block_size, enable_events, medium)
+        if type(num_blocks) is not int or num_blocks <= 0:
+            raise ConfigError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        if type(block_size) is not int or block_size <= 0:
+            raise ConfigError(f"block_size must be a positive int, got {block_size!r}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.medium = medium
+        self._events: list[OffloadingEvent] | None = [] if enable_events else None
+        self._init_state(policy)
+
+    def _init_state(self, policy: str | CachePolicy) -> None:
+        """The core's own state: here a policy object and Python containers."""
         self._policy: CachePolicy = (
-            make_policy(policy, num_blocks) if isinstance(policy, str) else policy
+            make_policy(policy, self.num_blocks) if isinstance(policy, str) else policy
         )
         # The policy's ``get`` (a bound C method for the built-in policies).
         self._get = self._policy.get
@@ -211,17 +222,6 @@ class OffloadingManager:
         self._stores = 0
         self._evictions = 0
         self._failed_prepares = 0
-
-    def _setup(self, num_blocks: int, block_size: int, enable_events: bool, medium: str) -> None:
-        """Check and set what every manager has, whatever its core."""
-        if type(num_blocks) is not int or num_blocks <= 0:
-            raise ConfigError(f"num_blocks must be a positive int, got {num_blocks!r}")
-        if type(block_size) is not int or block_size <= 0:
-            raise ConfigError(f"block_size must be a positive int, got {block_size!r}")
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.medium = medium
-        self._events: list[OffloadingEvent] | None = [] if enable_events else None
 
     def _event(self, keys: list[Key], removed: bool) -> None:
         if self._events is not None and keys:
@@ -452,28 +452,45 @@ class OffloadingManager:
         return events
 
     def stats(self) -> ManagerStats:
+        used, free, pinned, writing, lookups, lookup_keys, hits, stores, evictions, failed = (
+            self._counters()
+        )
+        return ManagerStats(
+            medium=self.medium,
+            policy=self.policy_name,
+            capacity=self.num_blocks,
+            used=used,
+            free=free,
+            pinned=pinned,
+            being_written=writing,
+            lookups=lookups,
+            lookup_keys=lookup_keys,
+            hits=hits,
+            stores=stores,
+            evictions=evictions,
+            failed_prepares=failed,
+        )
+
+    def _counters(self) -> tuple[int, int, int, int, int, int, int, int, int, int]:
+        """(used, free, pinned, writing, lookups, lookup_keys, hits, stores, evictions,
+        failed_prepares), the order the compiled core reports them in."""
         get = self._get
         pinned = 0
         for key in self._policy.keys():  # noqa: SIM118 (a CachePolicy promises keys(), not iter)
             block = get(key)
             if block is not None and block.ref_cnt > 0:
                 pinned += 1
-        writing = len(self._writing)
-        used = len(self._policy)
-        return ManagerStats(
-            medium=self.medium,
-            policy=self._policy.name,
-            capacity=self.num_blocks,
-            used=used,
-            free=self.num_free_blocks,
-            pinned=pinned,
-            being_written=writing,
-            lookups=self._lookups,
-            lookup_keys=self._lookup_keys,
-            hits=self._hits,
-            stores=self._stores,
-            evictions=self._evictions,
-            failed_prepares=self._failed_prepares,
+        return (
+            len(self._policy),
+            self.num_free_blocks,
+            pinned,
+            len(self._writing),
+            self._lookups,
+            self._lookup_keys,
+            self._hits,
+            self._stores,
+            self._evictions,
+            self._failed_prepares,
         )
 
 
@@ -485,20 +502,11 @@ class _NativeManager(OffloadingManager):
     this class turns them into the typed errors the Python manager raises.
     """
 
-    def __init__(
-        self,
-        num_blocks: int,
-        *,
-        block_size: int,
-        policy: str | CachePolicy = "lru",
-        enable_events: bool = False,
-        medium: str = "CPU",
-        native: bool | None = None,
-    ) -> None:
-        self._setup(num_blocks, block_size, enable_events, medium)
+    def _init_state(self, policy: str | CachePolicy) -> None:
         assert isinstance(policy, str)  # __new__ sends only built-in names here
         self._policy_name = policy
-        self._core = core = _ManagerCore(num_blocks, policy)
+        self._core = core = _ManagerCore(self.num_blocks, policy)
+        self._counters = core.counters  # type: ignore[method-assign]
         # The two calls a scheduler makes most go straight to C (same contract:
         # any iterable of keys; lookup counts hits; touch ignores absent keys).
         self.lookup = core.lookup  # type: ignore[method-assign,assignment]
@@ -586,23 +594,3 @@ class _NativeManager(OffloadingManager):
         removed = self._core.remove(keys)
         self._event(removed, True)
         return removed
-
-    def stats(self) -> ManagerStats:
-        used, free, pinned, writing, lookups, lookup_keys, hits, stores, evictions, failed = (
-            self._core.counters()
-        )
-        return ManagerStats(
-            medium=self.medium,
-            policy=self._policy_name,
-            capacity=self.num_blocks,
-            used=used,
-            free=free,
-            pinned=pinned,
-            being_written=writing,
-            lookups=lookups,
-            lookup_keys=lookup_keys,
-            hits=hits,
-            stores=stores,
-            evictions=evictions,
-            failed_prepares=failed,
-        )
