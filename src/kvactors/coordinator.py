@@ -287,7 +287,7 @@ class Coordinator(Actor[CoordinatorRequest]):
         assert plan.demote is None
         try:
             actor, job, rows = self._read_job(
-                self.cpu, plan.cpu_ids, dst, plan.cpu_pos, plan.cpu_keys
+                self.cpu, plan.cpu_ids, dst, plan.cpu_pos, plan.cpu_keys, True
             )
             self._run_now(actor, job)
             if rows is not None:
@@ -313,19 +313,27 @@ class Coordinator(Actor[CoordinatorRequest]):
         return self.gpu, Copy(self.cpu.medium, cpu_ids, gpu_ids, outbound=True)
 
     def _read_job(
-        self, tier: TierActor, ids: list[int], side: Any, index: list[int], keys: list[Key]
+        self,
+        tier: TierActor,
+        ids: list[int],
+        side: Any,
+        index: list[int],
+        keys: list[Key],
+        increasing: bool,
     ) -> tuple[TierActor, Any, torch.Tensor | None]:
         """The tier and job that copy slots ``ids`` (blocks ``keys``) of ``tier`` into
         the caller's blocks ``index``, and the rows to scatter into ``side`` after
         it (``None``: the job writes ``side`` itself). Reads from ``nvme`` are
-        verified against each block's checksum."""
+        verified against each block's checksum. ``increasing``: ``index`` is in
+        increasing order, so all of ``side``'s positions means ``side`` itself."""
         verify = keys if tier is self.nvme else None
+        whole = len(index) == len(side) and (increasing or index == list(range(len(side))))
         if isinstance(side, torch.Tensor):
-            if index == list(range(side.shape[0])):
+            if whole:
                 return tier, Read(ids, side, verify), None
             rows = torch.empty((len(ids), self.block_bytes), dtype=torch.uint8)
             return tier, Read(ids, rows, verify), rows
-        gpu_ids = [side[i] for i in index]
+        gpu_ids = side if whole else [side[i] for i in index]
         return self.gpu, Copy(tier.medium, ids, gpu_ids, keys=verify), None
 
     @staticmethod
@@ -338,12 +346,18 @@ class Coordinator(Actor[CoordinatorRequest]):
             await self._ask_tier(*self._store_job(cpu_ids, side, index))
 
     async def _from_tier(
-        self, tier: TierActor, ids: list[int], side: Any, index: list[int], keys: list[Key]
+        self,
+        tier: TierActor,
+        ids: list[int],
+        side: Any,
+        index: list[int],
+        keys: list[Key],
+        increasing: bool = False,
     ) -> None:
         """Copy slots ``ids`` (blocks ``keys``) of ``tier`` into the caller's blocks ``index``."""
         if not ids:
             return
-        actor, job, rows = self._read_job(tier, ids, side, index, keys)
+        actor, job, rows = self._read_job(tier, ids, side, index, keys, increasing)
         await self._ask_tier(actor, job)
         if rows is not None:
             self._scatter(side, index, rows)
@@ -460,16 +474,24 @@ class Coordinator(Actor[CoordinatorRequest]):
             if plan.demote is not None or plan.promote_keys:
                 await self._lift(plan, lifted)
             if not ticket.cancelled:
+                # Plan positions are in increasing order, promoted ones apart.
                 if plan.promote_keys:
                     cpu_ids = plan.cpu_ids + plan.promote_cpu_ids
                     cpu_pos = plan.cpu_pos + plan.promote_pos
                     cpu_keys = plan.cpu_keys + plan.promote_keys
                 else:
                     cpu_ids, cpu_pos, cpu_keys = plan.cpu_ids, plan.cpu_pos, plan.cpu_keys
-                await self._from_tier(self.cpu, cpu_ids, dst, cpu_pos, cpu_keys)
+                await self._from_tier(
+                    self.cpu, cpu_ids, dst, cpu_pos, cpu_keys, not plan.promote_keys
+                )
                 if plan.direct_keys and self.nvme is not None:
                     await self._from_tier(
-                        self.nvme, plan.direct_nvme_ids, dst, plan.direct_pos, plan.direct_keys
+                        self.nvme,
+                        plan.direct_nvme_ids,
+                        dst,
+                        plan.direct_pos,
+                        plan.direct_keys,
+                        True,
                     )
         except IntegrityError as exc:
             corrupted = exc.keys
@@ -555,13 +577,25 @@ class KVCache:
                 if side.dtype != torch.uint8
                 else side.view(n, bb)
             )
+        limit = self.gpu_pool.num_blocks
+        if type(side) is list and len(side) == n and n:
+            # The common case in a few C-speed passes: distinct plain ints in
+            # range. Anything else takes the checks below, which name the error.
+            try:
+                order = sorted(side)
+            except TypeError:
+                order = None
+            if (
+                order is not None
+                and order[0] >= 0
+                and order[-1] < limit
+                and set(map(type, side)) <= _INT
+                and len(set(order)) == n
+            ):
+                return side.copy()
         try:
-            # A list of plain ints is taken as it is (copied); anything else
-            # (numpy or torch integers, tuples, ranges) is converted.
-            if type(side) is list and set(map(type, side)) <= _INT:
-                ids = list(side)
-            else:
-                ids = [int(i) for i in side]
+            # Numpy or torch integers, tuples, ranges: converted.
+            ids = [int(i) for i in side]
         except TypeError:
             kind = type(side).__name__
             raise TensorSpecError(
@@ -569,7 +603,6 @@ class KVCache:
             ) from None
         if len(ids) != n:
             raise TensorSpecError(f"{what}: {len(ids)} slot ids for {n} keys")
-        limit = self.gpu_pool.num_blocks
         if ids and (min(ids) < 0 or max(ids) >= limit):
             bad = next(i for i in ids if not 0 <= i < limit)
             raise TensorSpecError(f"{what}: GPU-pool slot {bad} is out of range 0..{limit - 1}")
