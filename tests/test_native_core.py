@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvactors import OffloadingManager, manager
-from kvactors.errors import BlockNotPinnedError, ConfigError, KVActorsError
+from kvactors.errors import BlockNotPinnedError, ConfigError, InvalidKeyError, KVActorsError
 from kvactors.policy import ARCPolicy, LRUPolicy, WeightedLRUPolicy
 
 WRITTEN, READY, PINNED = "written", "ready", "pinned"
@@ -178,3 +178,30 @@ def test_long_seeded_runs_agree(policy: str, seed: int) -> None:
         assert state == _policy_state(python.policy), step
     assert native.stats() == python.stats()
     assert native.stats().evictions > 100
+
+
+@pytest.mark.parametrize("core", ["native", "python"])
+def test_argument_checks_agree_on_both_paths(core: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if core == "python":
+        monkeypatch.setattr(manager, "_first_bad_key", None)
+        monkeypatch.setattr(manager, "_first_bad_slot", None)
+    elif not manager.NATIVE:
+        pytest.skip("compiled core not built")
+    for ids, ok in [
+        ([0, 1, 3], True),
+        ([3], True),
+        ([], False),
+        ([0, 4], False),  # out of range
+        ([-1, 0], False),
+        ([1, 1], False),  # named twice
+        ([0, True], False),  # not a plain int
+        ([0, 1.0], False),
+        ([0, 2**70], False),
+        ((0, 1), False),  # not a list: the caller converts and checks
+    ]:
+        assert manager.distinct_slots(ids, 4) is ok, ids
+    manager.check_keys([1, b"x", 2])
+    with pytest.raises(InvalidKeyError, match="'a' has type str"):
+        manager.check_keys([1, "a"])  # type: ignore[list-item]
+    with pytest.raises(InvalidKeyError, match="b'x' is named twice"):
+        manager.check_keys([b"x", 1, b"x"], "store")

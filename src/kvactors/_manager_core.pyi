@@ -4,6 +4,9 @@ from collections.abc import Iterable
 
 from kvactors.policy._base import Key
 
+def first_bad_key(keys: Iterable[object], /) -> int: ...
+def first_bad_slot(ids: list[object], limit: int, /) -> int: ...
+
 class ManagerCore:
     def __init__(
         self,

@@ -49,7 +49,7 @@ from kvactors.errors import (
     TierFailed,
 )
 from kvactors.events import CacheEvent
-from kvactors.manager import check_keys
+from kvactors.manager import check_keys, distinct_slots
 from kvactors.policy import Key
 from kvactors.policy_actor import (
     CompleteLoad,
@@ -134,9 +134,6 @@ class DoPrefetch(msgspec.Struct, frozen=True, tag=True):
 
 
 CoordinatorRequest = DoStore | DoLoad | DoPrefetch
-
-
-_INT = frozenset((int,))
 
 
 def _check_keys(keys: Sequence[Key], what: str) -> list[Key]:
@@ -578,21 +575,8 @@ class KVCache:
                 else side.view(n, bb)
             )
         limit = self.gpu_pool.num_blocks
-        if type(side) is list and len(side) == n and n:
-            # The common case in a few C-speed passes: distinct plain ints in
-            # range. Anything else takes the checks below, which name the error.
-            try:
-                order = sorted(side)
-            except TypeError:
-                order = None
-            if (
-                order is not None
-                and order[0] >= 0
-                and order[-1] < limit
-                and set(map(type, side)) <= _INT
-                and len(set(order)) == n
-            ):
-                return side.copy()
+        if distinct_slots(side, limit) and len(side) == n:
+            return side.copy()  # the common case; anything else gets the checks below
         try:
             # Numpy or torch integers, tuples, ranges: converted.
             ids = [int(i) for i in side]

@@ -42,8 +42,12 @@ from kvactors.policy._base import BlockStatus, CachePolicy, Key
 
 try:
     from kvactors._manager_core import ManagerCore as _ManagerCore
+    from kvactors._manager_core import first_bad_key as _first_bad_key
+    from kvactors._manager_core import first_bad_slot as _first_bad_slot
 except ImportError:  # built without a C compiler: the Python manager does it all
     _ManagerCore = None  # type: ignore[assignment,misc]
+    _first_bad_key = None  # type: ignore[assignment]
+    _first_bad_slot = None  # type: ignore[assignment]
 
 __all__ = [
     "NATIVE",
@@ -111,12 +115,15 @@ NATIVE: bool = _ManagerCore is not None
 _NATIVE_POLICIES = ("lru", "arc", "weighted_lru")
 
 _KEY_TYPES = frozenset((int, bytes))
+_INT_TYPE = frozenset((int,))
 _BLOCK_ID = attrgetter("block_id")
 
 
 def check_keys(keys: Sequence[Key], what: str = "") -> None:
     """Raise :class:`~kvactors.errors.InvalidKeyError` for a key that is not
     ``bytes``/``int`` or is named twice; ``what`` prefixes the message."""
+    if _first_bad_key is not None and _first_bad_key(keys) < 0:
+        return  # the common case, in one C pass
     prefix = f"{what}: " if what else ""
     # The common case runs at C speed: one set of types, one set of keys.
     if not set(map(type, keys)) <= _KEY_TYPES:
@@ -147,6 +154,28 @@ def _use_native(policy: str | CachePolicy, native: bool | None) -> bool:
         )
         raise ConfigError(f"native=True: {why}")
     return usable
+
+
+def distinct_slots(ids: object, limit: int) -> bool:
+    """Whether ``ids`` is a non-empty ``list`` of distinct plain ints in ``0..limit-1``.
+
+    A fast yes for the common case (one C pass when the core is built); a no
+    says only that the caller must look closer (and name the error).
+    """
+    if type(ids) is not list or not ids:
+        return False
+    if _first_bad_slot is not None:
+        return _first_bad_slot(ids, limit) < 0
+    try:
+        order = sorted(ids)
+    except TypeError:
+        return False
+    return (
+        order[0] >= 0
+        and order[-1] < limit
+        and set(map(type, ids)) <= _INT_TYPE
+        and len(set(order)) == len(order)
+    )
 
 
 class OffloadingManager:
