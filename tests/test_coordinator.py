@@ -326,6 +326,8 @@ def test_config_from_toml_names_the_bad_field(tmp_path: Path) -> None:
     bad.write_text("[nvme]\nthreads = 0\n")
     with pytest.raises(ConfigError, match=r"nvme\.threads"):
         Config.from_toml(bad)
+    with pytest.raises(ConfigError, match=r"nvme\.stripes"):
+        Config.from_dict({"nvme": {"stripes": 0}})
     with pytest.raises(ConfigError, match="policy"):
         Config.from_dict({"cpu": {"policy": "fifo"}})
 

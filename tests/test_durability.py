@@ -29,6 +29,14 @@ BB = 4096
 CPU = torch.device("cpu")
 
 
+STRIPES = NVMeConfig().stripes
+
+
+def block_place(directory: Path, slot: int) -> tuple[Path, int]:
+    """The file that holds ``slot`` of the default layout and the slot's offset in it."""
+    return directory / f"blocks.{slot % STRIPES}.bin", slot // STRIPES * BB
+
+
 def durable_config(directory: Path, **changes: Any) -> Config:
     base = Config(
         block_bytes=BB,
@@ -79,8 +87,8 @@ async def test_a_second_opener_gets_a_lock_error(tmp_path: Path) -> None:
     with anyio.fail_after(20):
         async with kvactors.open(durable_config(tmp_path)):
             with pytest.raises(CacheLockedError, match="in use"):
-                FileStore("nvme", 64, BB, str(tmp_path))
-        FileStore("nvme", 64, BB, str(tmp_path)).close()  # released on close
+                FileStore("nvme", 64, BB, str(tmp_path), stripes=2)
+        FileStore("nvme", 64, BB, str(tmp_path), stripes=2).close()  # released on close
 
 
 def corrupt(path: Path, offset: int) -> None:
@@ -100,16 +108,16 @@ async def test_damaged_block_files_are_misses_not_garbage(tmp_path: Path, damage
     with anyio.fail_after(20):
         async with kvactors.open(durable_config(tmp_path)) as kv:
             await store_keys(kv, keys)
-        index = NVMeIndex(tmp_path, BB, 64)
+        index = NVMeIndex(tmp_path, BB, 64, STRIPES)
         slot_of = {e.key: e.slot for e in index.entries()}
         index.close()
         victim = max(keys, key=slot_of.__getitem__)
         good = keys[: keys.index(victim)]
-        blocks = tmp_path / "blocks.bin"
+        blocks, offset = block_place(tmp_path, slot_of[victim])
         if damage == "flip":
-            corrupt(blocks, slot_of[victim] * BB + 100)
+            corrupt(blocks, offset + 100)
         else:
-            os.truncate(blocks, slot_of[victim] * BB + 10)
+            os.truncate(blocks, offset + 10)
         async with kvactors.open(durable_config(tmp_path)) as kv:
             events: Any = await kv.events()
             with events:
@@ -132,7 +140,7 @@ async def test_damaged_block_files_are_misses_not_garbage(tmp_path: Path, damage
                         break
             assert any(e.kind == "corrupted" and e.keys == [victim] for e in seen)
         # The drop is durable too: a third open no longer lists the block.
-        index = NVMeIndex(tmp_path, BB, 64)
+        index = NVMeIndex(tmp_path, BB, 64, STRIPES)
         assert victim not in {e.key for e in index.entries()}
         index.close()
 
@@ -142,8 +150,8 @@ async def test_corrupt_partial_load_returns_the_good_prefix(tmp_path: Path) -> N
     with anyio.fail_after(20):
         async with kvactors.open(durable_config(tmp_path)) as kv:
             await store_keys(kv, keys)
-        index = NVMeIndex(tmp_path, BB, 64)
-        corrupt(tmp_path / "blocks.bin", index.by_key[2].slot * BB)
+        index = NVMeIndex(tmp_path, BB, 64, STRIPES)
+        corrupt(*block_place(tmp_path, index.by_key[2].slot))
         index.close()
         async with kvactors.open(durable_config(tmp_path)) as kv:
             out = torch.empty(4, BB, dtype=torch.uint8)

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from kvactors.errors import TransferError
+from kvactors import tier_media
+from kvactors.errors import ConfigError, TransferError
 from kvactors.tier_media import FileStore, MemoryPool, _batches, _KvikioIO
 
 BB = 4096
@@ -35,17 +36,27 @@ def test_batches_sort_slots_and_merge_adjacent_ones() -> None:
     assert _batches([2, 2, 3]) == [(2, [0]), (2, [1, 2])]
 
 
-@pytest.mark.parametrize("io_threads", [1, 2, 3])
-def test_shuffled_slots_round_trip(tmp_path: Path, io_threads: int) -> None:
-    """Many shuffled slots (enough runs to use the I/O threads) come back byte-exact."""
+def test_batches_over_stripes_merge_slots_adjacent_in_their_file() -> None:
+    """Slot s lives in file s % 2 at block s // 2: 3, 5, 7 are one run of file 1."""
+    ids = [7, 3, 5, 0, 4, 6, 10, 9]
+    assert _batches(ids, 2) == [(0, [3]), (4, [4, 5]), (10, [6]), (3, [1, 2, 0, 7])]
+
+
+@pytest.mark.parametrize(
+    ("io_threads", "stripes"), [(1, 1), (2, 1), (3, 1), (2, 2), (3, 3), (1, 2)]
+)
+def test_shuffled_slots_round_trip(tmp_path: Path, io_threads: int, stripes: int) -> None:
+    """Many shuffled slots (enough runs to use the I/O threads) come back byte-exact,
+    over one file or several."""
     n = 600
-    rng = random.Random(io_threads)
+    rng = random.Random(io_threads * 10 + stripes)
     src = pool(n, 1)
     src_ids = rng.sample(range(n), 300)
     slots = rng.sample(range(2 * n), 300)
     keys: list[bytes | int] = [1000 + s for s in slots]
-    store = FileStore("nvme", 2 * n, BB, str(tmp_path), io_threads=io_threads)
+    store = FileStore("nvme", 2 * n, BB, str(tmp_path), io_threads=io_threads, stripes=stripes)
     try:
+        assert len(store.paths) == stripes
         store.write_buffers(slots, src.buffers(src_ids), keys)
         dst = MemoryPool("cpu", n, BB, torch.device("cpu"))
         dst_ids = rng.sample(range(n), 300)
@@ -217,11 +228,54 @@ class _FakeCuFile:
 def test_kvikio_adapter_handles_runs_of_several_buffers() -> None:
     """The kvikio adapter issues one request per buffer of a run (no CUDA needed)."""
     io = _KvikioIO.__new__(_KvikioIO)
-    io.file = _FakeCuFile(8 * BB, limit=6 * BB)
+    # Two stripes: each descriptor reaches its own file.
+    io.files = {7: _FakeCuFile(8 * BB, limit=6 * BB), 8: _FakeCuFile(8 * BB, limit=8 * BB)}
     src = pool(4, 6)
-    assert io.pwritev(-1, src.buffers([0, 1, 2]), 2 * BB) == 3 * BB
+    assert io.pwritev(7, src.buffers([0, 1, 2]), 2 * BB) == 3 * BB
     dst = MemoryPool("cpu", 4, BB, torch.device("cpu"))
-    assert io.preadv(-1, dst.buffers([0, 1, 2]), 2 * BB) == 3 * BB
+    assert io.preadv(7, dst.buffers([0, 1, 2]), 2 * BB) == 3 * BB
     assert torch.equal(dst.data[:3], src.data[:3])
+    assert io.files[8].data == bytearray(8 * BB)  # the other stripe untouched
     # Past the file's end: the byte count stops at the first short request.
-    assert io.preadv(-1, dst.buffers([0, 1, 2]), 4 * BB) == 2 * BB
+    assert io.preadv(7, dst.buffers([0, 1, 2]), 4 * BB) == 2 * BB
+
+
+def test_a_directory_reopens_only_with_its_stripes(tmp_path: Path) -> None:
+    """Slots are placed by the stripe count, so a directory made with 2 files is
+    refused (naming the field) with 3, and reopens byte-exact with 2."""
+    src = pool(4, 2)
+    store = FileStore("nvme", 9, BB, str(tmp_path), stripes=2)
+    store.write_buffers([8, 1, 4, 7], src.buffers([0, 1, 2, 3]), [80, 10, 40, 70])
+    store.close()
+    assert sorted(p.name for p in tmp_path.glob("blocks*")) == ["blocks.0.bin", "blocks.1.bin"]
+    assert (tmp_path / "blocks.0.bin").stat().st_size == 5 * BB  # slots 0, 2, 4, 6, 8
+    assert (tmp_path / "blocks.1.bin").stat().st_size == 4 * BB
+    with pytest.raises(ConfigError, match=r"nvme\.stripes = 3"):
+        FileStore("nvme", 9, BB, str(tmp_path), stripes=3)
+    store = FileStore("nvme", 9, BB, str(tmp_path), stripes=2)
+    try:
+        assert sorted(e.key for e in store.recovered()) == [10, 40, 70, 80]
+        dst = MemoryPool("cpu", 4, BB, torch.device("cpu"))
+        assert store.read_buffers([8, 1, 4, 7], dst.buffers([0, 1, 2, 3]), [80, 10, 40, 70]) == []
+        assert torch.equal(dst.data, src.data)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_large_host_copies_split_over_threads_move_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    """From SPLIT_COPY_BYTES up, copy_rows splits the runs over torch's thread
+    count; every row lands where a plain gather/scatter puts it."""
+    monkeypatch.setattr(tier_media, "SPLIT_COPY_BYTES", 4 * BB)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    rng = random.Random(threads)
+    src = pool(64, 3)
+    dst = MemoryPool("cpu", 80, BB, torch.device("cpu"))
+    src_ids = rng.sample(range(64), 40)
+    dst_ids = rng.sample(range(80), 40)
+    tier_media.copy_rows(src.data, src_ids, dst.data, dst_ids)
+    assert torch.equal(dst.data[dst_ids], src.data[src_ids])
+    untouched = sorted(set(range(80)) - set(dst_ids))
+    assert not dst.data[untouched].any()

@@ -72,6 +72,9 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     ``backend``: ``"auto"`` uses kvikio where the CUDA driver loads, POSIX I/O in
     worker threads otherwise; ``"posix"`` or ``"kvikio"`` force one.
+    ``stripes``: files the block slots are spread over, round robin; buffered
+    writes to one file serialise on its inode lock, so writes to different files
+    run in parallel. A directory is reopened with the stripes it was made with.
     """
 
     num_blocks: Positive = 4096
@@ -79,9 +82,10 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     directory: str | None = None
     backend: Literal["auto", "posix", "kvikio"] = "auto"
     threads: Positive = 4
+    stripes: Positive = 2
 
     def __post_init__(self) -> None:
-        _check_positive(self, "num_blocks", "threads")
+        _check_positive(self, "num_blocks", "threads", "stripes")
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -62,6 +62,7 @@ class Meta(msgspec.Struct, array_like=True, tag=0):
     version: int
     block_bytes: int
     num_blocks: int
+    stripes: int = 1  # files the slots are spread over (absent in older logs: one)
 
 
 class Put(msgspec.Struct, array_like=True, tag=1):
@@ -97,10 +98,13 @@ class NVMeIndex:
     and serialises index updates itself.
     """
 
-    def __init__(self, directory: Path, block_bytes: int, num_blocks: int) -> None:
+    def __init__(
+        self, directory: Path, block_bytes: int, num_blocks: int, stripes: int = 1
+    ) -> None:
         self.directory = directory
         self.block_bytes = block_bytes
         self.num_blocks = num_blocks
+        self.stripes = stripes
         self.snap_path = directory / "index.snap"
         self.log_path = directory / "index.log"
         self.by_slot: dict[int, Entry] = {}
@@ -113,6 +117,9 @@ class NVMeIndex:
         self._load()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the index
 
+    def _meta(self) -> Meta:
+        return Meta(_VERSION, self.block_bytes, self.num_blocks, self.stripes)
+
     # -- recovery -------------------------------------------------------------------
 
     def _check_meta(self, meta: Meta) -> None:
@@ -123,6 +130,11 @@ class NVMeIndex:
                 f"nvme.directory: holds blocks of {meta.block_bytes} bytes x {meta.num_blocks}, "
                 f"config asks for {self.block_bytes} x {self.num_blocks}"
             )
+        if meta.stripes != self.stripes:
+            raise ConfigError(
+                f"nvme.directory: its blocks are spread over {meta.stripes} file(s), "
+                f"config asks for nvme.stripes = {self.stripes}"
+            )
 
     def _load(self) -> None:
         if self.snap_path.exists():
@@ -132,7 +144,7 @@ class NVMeIndex:
                 self._apply(put)
         if not self.log_path.exists():
             with open(self.log_path, "wb") as fh:
-                fh.write(self._frame(Meta(_VERSION, self.block_bytes, self.num_blocks)))
+                fh.write(self._frame(self._meta()))
                 fh.flush()
                 os.fsync(fh.fileno())
             _fsync_dir(self.directory)
@@ -230,7 +242,7 @@ class NVMeIndex:
         entries = [
             Put(*_encode_key(e.key), e.slot, e.crc) for e in (self.by_key[k] for k in self.order)
         ]
-        snap = Snapshot(Meta(_VERSION, self.block_bytes, self.num_blocks), entries)
+        snap = Snapshot(self._meta(), entries)
         tmp = self.snap_path.with_suffix(".snap.tmp")
         with open(tmp, "wb") as fh:
             fh.write(msgspec.msgpack.encode(snap))
@@ -242,7 +254,7 @@ class NVMeIndex:
         # snapshot: the same records again, so the same state.
         self._log.close()
         with open(self.log_path, "wb") as fh:
-            fh.write(self._frame(Meta(_VERSION, self.block_bytes, self.num_blocks)))
+            fh.write(self._frame(self._meta()))
             fh.flush()
             os.fsync(fh.fileno())
         self._log = open(self.log_path, "ab")  # noqa: SIM115

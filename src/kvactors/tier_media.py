@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -42,21 +42,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _batches(ids: list[int]) -> list[tuple[int, list[int]]]:
-    """The positions of ``ids`` grouped into runs of adjacent slots, in slot order:
-    ``(first_slot, positions)`` with ``ids[positions[j]] == first_slot + j``.
+def _batches(ids: list[int], stripes: int = 1) -> list[tuple[int, list[int]]]:
+    """The positions of ``ids`` grouped into runs of slots adjacent in their file,
+    in file order: ``(first_slot, positions)`` with
+    ``ids[positions[j]] == first_slot + j * stripes``.
 
-    Sorting first merges slots that are adjacent in the file but not in the
-    request (a shuffled free list) into one vectored call, and walks the file
-    forwards. The sort is stable: a slot named twice keeps its last buffer last.
+    Slot ``s`` lives in file ``s % stripes`` at block ``s // stripes``. Sorting
+    first merges slots that are adjacent in a file but not in the request (a
+    shuffled free list) into one vectored call, and walks each file forwards.
+    The sort is stable: a slot named twice keeps its last buffer last.
     """
-    order = sorted(range(len(ids)), key=ids.__getitem__)
+    if stripes == 1:
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+    else:
+        span = max(ids, default=0) + 1  # file first, then slot: one int per slot
+        places = [slot % stripes * span + slot for slot in ids]
+        order = sorted(range(len(ids)), key=places.__getitem__)
     batches: list[tuple[int, list[int]]] = []
-    prev = -2
+    prev = -2 * stripes
     run: list[int] = []
     for pos in order:
         slot = ids[pos]
-        if slot == prev + 1:
+        if slot == prev + stripes:
             run.append(pos)
         else:
             run = [pos]
@@ -109,19 +116,67 @@ def _pairs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]
     return runs
 
 
+SPLIT_COPY_BYTES = 4 * 2**20
+"""Host copies of at least this many bytes are split over torch's intra-op thread count
+(``torch.get_num_threads()``), as one large ``Tensor.copy_`` is."""
+
+_copy_pool: ThreadPoolExecutor | None = None
+_copy_workers = 0
+_copy_pool_lock = threading.Lock()
+
+
+def _copy_executor(workers: int) -> ThreadPoolExecutor:
+    """The shared pool of copy helper threads, grown to ``workers`` if need be."""
+    global _copy_pool, _copy_workers
+    with _copy_pool_lock:
+        if _copy_pool is None or _copy_workers < workers:
+            # A smaller pool left behind finishes its queued parts and exits.
+            old, _copy_pool = _copy_pool, ThreadPoolExecutor(workers, "kvactors-copy")
+            _copy_workers = workers
+            if old is not None:
+                old.shutdown(wait=False)
+        return _copy_pool
+
+
+def _copy_runs(s: Any, d: Any, runs: list[tuple[int, int, int]]) -> None:
+    # numpy releases the GIL while it copies, so parts run in parallel.
+    for si, di, n in runs:
+        d[di : di + n] = s[si : si + n]
+
+
+def _host_copy(s: Any, d: Any, runs: list[tuple[int, int, int]]) -> None:
+    """Copy ``runs`` of rows of array ``s`` into ``d``; large copies in parallel parts."""
+    parts = min(torch.get_num_threads(), len(runs))
+    if parts < 2 or sum(n for _, _, n in runs) * s.shape[1] < SPLIT_COPY_BYTES:
+        _copy_runs(s, d, runs)
+        return
+    pool = _copy_executor(parts - 1)
+    step = -(-len(runs) // parts)
+    futures = [
+        pool.submit(_copy_runs, s, d, runs[i : i + step]) for i in range(step, len(runs), step)
+    ]
+    try:
+        _copy_runs(s, d, runs[:step])
+    finally:
+        # Every part ends before this returns (or raises): no write after it.
+        for future in futures:
+            future.exception()
+    for future in futures:
+        future.result()
+
+
 def copy_rows(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int]) -> None:
     """``dst[dst_ids[i]] = src[src_ids[i]]`` for ``(n, block_bytes)`` tensors.
 
-    Host to host: one ``memcpy`` per run through numpy (a single pass, near the
-    speed of one contiguous copy from 64 KiB blocks up; torch's
-    ``index_select`` + ``index_copy_`` make two passes through a temporary).
+    Host to host: one ``memcpy`` per run of adjacent rows through numpy, in a
+    single pass (torch's ``index_select`` + ``index_copy_`` make two through a
+    temporary); from ``SPLIT_COPY_BYTES`` up, the runs are split over as many
+    threads as torch uses for one large copy.
     With CUDA on either side: a gather on the device, then one asynchronous copy
     per run (pinned host memory makes them DMA), on the current stream.
     """
     if src.device.type == "cpu" and dst.device.type == "cpu":
-        s, d = src.numpy(), dst.numpy()
-        for si, di, n in _pairs(src_ids, dst_ids):
-            d[di : di + n] = s[si : si + n]
+        _host_copy(src.numpy(), dst.numpy(), _pairs(src_ids, dst_ids))
         return
     if src.device.type != "cpu":
         index = torch.tensor(src_ids, dtype=torch.long, device=src.device)
@@ -213,7 +268,12 @@ _NULL = contextlib.nullcontext()
 
 
 class FileStore:
-    """NVMe block slots in one preallocated file under ``directory``, with an index.
+    """NVMe block slots in preallocated files under ``directory``, with an index.
+
+    Slot ``s`` lives in file ``s % stripes`` (``blocks.bin`` for one stripe,
+    ``blocks.K.bin`` for more). Buffered writes to one file serialise on its
+    inode lock; spread over several files they run in parallel, one I/O thread
+    per file.
 
     ``directory=None`` makes a temporary directory, removed on :meth:`close`.
     A directory is held by one process at a time (an ``flock`` on its ``lock``
@@ -234,8 +294,12 @@ class FileStore:
         durable: bool = True,
         backend: str = "posix",
         io_threads: int = 2,
+        stripes: int = 1,
     ) -> None:
+        if stripes < 1:
+            raise ConfigError(f"nvme.stripes must be at least 1, got {stripes}")
         self.name = name
+        self.stripes = stripes
         self.backend = backend
         self.num_blocks = num_blocks
         self.block_bytes = block_bytes
@@ -251,12 +315,16 @@ class FileStore:
             raise CacheLockedError(
                 f"{self.directory} is in use by another kvactors process"
             ) from None
-        self.fd = -1
+        self.fds: list[int] = []
         try:
-            self.index = NVMeIndex(self.directory, block_bytes, num_blocks)
-            self.path = self.directory / "blocks.bin"
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.ftruncate(self.fd, num_blocks * block_bytes)
+            self.index = NVMeIndex(self.directory, block_bytes, num_blocks, stripes)
+            names = ["blocks.bin"] if stripes == 1 else [f"blocks.{k}.bin" for k in range(stripes)]
+            self.paths = [self.directory / name for name in names]
+            for k, path in enumerate(self.paths):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                self.fds.append(fd)
+                # The file of stripe k holds slots k, k + stripes, k + 2 * stripes, ...
+                os.ftruncate(fd, (num_blocks - k + stripes - 1) // stripes * block_bytes)
         except BaseException:
             self._release()
             raise
@@ -269,7 +337,7 @@ class FileStore:
         self._pool = ThreadPoolExecutor(io_threads, "kvactors-io") if io_threads > 1 else None
         self._kvikio: _KvikioIO | None = None
         if backend == "kvikio":
-            self._kvikio = _KvikioIO(self.path)
+            self._kvikio = _KvikioIO(dict(zip(self.fds, self.paths)))
             self.pwritev = self._kvikio.pwritev
             self.preadv = self._kvikio.preadv
         self.corrupted = 0
@@ -301,27 +369,30 @@ class FileStore:
         (no I/O thread still writes into ``bufs``) when this returns or raises.
         """
         bb = self.block_bytes
+        stripes = self.stripes
 
         def read_batch(batch: _Batch) -> list[int]:
             slot, positions = batch
             n = len(positions)
             want = n * bb
+            fd, offset = self.fds[slot % stripes], slot // stripes * bb
             try:
-                got = _vectored(self.preadv, self.fd, [bufs[p] for p in positions], slot * bb)
+                got = _vectored(self.preadv, fd, [bufs[p] for p in positions], offset)
             except OSError as exc:
                 if keys is None:
-                    where = f"slots {slot}..{slot + n - 1}"
+                    where = self._slots(slot, n)
                     raise TransferError(f"{self.name}: reading {where} failed: {exc}") from exc
                 got = 0  # with keys, unreadable blocks are misses, not errors
             if got != want:
                 if keys is None:
-                    where = f"slots {slot}..{slot + n - 1}"
+                    where = self._slots(slot, n)
                     raise TransferError(f"{self.name}: short read of {where}: {got} of {want}")
                 # Blocks past the end of a short read are torn: never data.
                 return positions[got // bb :]
             return []
 
-        torn = {pos for bad in self._each_batch(read_batch, _batches(ids)) for pos in bad}
+        batches = _batches(ids, stripes)
+        torn = {pos for bad in self._in_stretches(read_batch, batches) for pos in bad}
         if keys is None:
             return []
         with self._index_lock:
@@ -334,25 +405,36 @@ class FileStore:
         self.corrupted += len(bad)
         return bad
 
-    def _each_batch(
-        self, fn: Callable[[_Batch], T], batches: list[_Batch], *, threads: bool = True
-    ) -> list[T]:
-        """``fn`` over ``batches`` in order, or, with ``threads`` and many batches,
-        over contiguous stretches of them (of the file) on the store's I/O threads.
+    def _slots(self, slot: int, n: int) -> str:
+        last = slot + (n - 1) * self.stripes
+        every = f" (every {self.stripes})" if self.stripes > 1 else ""
+        return f"slots {slot}..{last}{every}"
 
-        A stretch stops at its first error; every stretch has stopped before the
-        first error (in file order) is re-raised, so no worker touches the
-        caller's buffers after this returns or raises.
-        """
-        if not threads or self._pool is None or len(batches) < 16:
+    def _in_stretches(self, fn: Callable[[_Batch], T], batches: list[_Batch]) -> list[T]:
+        """``fn`` over ``batches``; with many, over contiguous stretches of them on
+        the store's I/O threads (reads of one file run in parallel)."""
+        if self._pool is None or len(batches) < 16:
             return [fn(batch) for batch in batches]
         step = -(-len(batches) // self.io_threads)
-        stretches = [batches[i : i + step] for i in range(0, len(batches), step)]
-        futures = [self._pool.submit(_map, fn, stretch) for stretch in stretches]
-        wait(futures)
-        results: list[T] = []
+        return self._in_groups(fn, [batches[i : i + step] for i in range(0, len(batches), step)])
+
+    def _in_groups(self, fn: Callable[[_Batch], T], groups: list[list[_Batch]]) -> list[T]:
+        """``fn`` over each group of batches in order, the groups on the I/O threads.
+
+        A group stops at its first error; every group has stopped before the
+        first error (in group order) is re-raised, so no worker touches the
+        caller's buffers after this returns or raises.
+        """
+        if self._pool is None or len(groups) < 2:
+            return [fn(batch) for group in groups for batch in group]
+        # The calling thread takes the first group itself: one hand-off fewer.
+        futures = [self._pool.submit(_map, fn, group) for group in groups[1:]]
+        try:
+            results = _map(fn, groups[0])
+        finally:
+            wait(futures)
         for fut in futures:
-            results += fut.result()  # re-raises the first error, in file order
+            results += fut.result()  # re-raises the first error, in group order
         return results
 
     def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
@@ -370,24 +452,30 @@ class FileStore:
         nothing is indexed and the slots hold unknown bytes.
         """
         bb = self.block_bytes
+        stripes = self.stripes
         # The slots' old records are superseded by the new ones below; a crash in
         # between leaves old records over new bytes, which fail their checksum.
 
         def write_batch(batch: _Batch) -> None:
             slot, positions = batch
             n = len(positions)
-            done = _vectored(self.pwritev, self.fd, [bufs[p] for p in positions], slot * bb)
+            fd, offset = self.fds[slot % stripes], slot // stripes * bb
+            done = _vectored(self.pwritev, fd, [bufs[p] for p in positions], offset)
             if done != n * bb:
-                where = f"slots {slot}..{slot + n - 1}"
+                where = self._slots(slot, n)
                 raise TransferError(f"{self.name}: short write of {where}: {done} of {n * bb}")
 
-        # One thread: buffered writes to one file serialize on its inode lock, so
-        # more threads only add hand-offs (measured in docs/benchmarks.md).
-        self._each_batch(write_batch, _batches(ids), threads=False)
+        # One group per file: buffered writes to one file serialize on its inode
+        # lock, so threads help only across files (measured in docs/benchmarks.md).
+        batches = _batches(ids, stripes)
+        files = [[b for b in batches if b[0] % stripes == k] for k in range(stripes)]
+        self._in_groups(write_batch, [group for group in files if group])
         if keys is None:
             return
         if self.durable:
-            self.fdatasync(self.fd)
+            for k, group in enumerate(files):
+                if group:
+                    self.fdatasync(self.fds[k])
         items = [(key, slot, checksum(buf)) for key, slot, buf in zip(keys, ids, bufs)]
         with self._index_lock:
             self.index.put(items, sync=self.durable)
@@ -400,9 +488,9 @@ class FileStore:
                 self.index.delete(known)
 
     def _release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -453,10 +541,11 @@ class _KvikioIO:
     each block's checksum can be verified before it is used.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, paths: dict[int, Path]) -> None:
         import kvikio
 
-        self.file = kvikio.CuFile(path, "r+")
+        # One CuFile per stripe, found by the POSIX descriptor of the same file.
+        self.files = {fd: kvikio.CuFile(path, "r+") for fd, path in paths.items()}
 
     def _each(self, call: Callable[..., object], buffers: list[memoryview], offset: int) -> int:
         """One kvikio request per buffer at consecutive offsets, all in flight
@@ -475,15 +564,14 @@ class _KvikioIO:
         return done
 
     def preadv(self, fd: int, buffers: list[memoryview], offset: int) -> int:
-        del fd
-        return self._each(self.file.pread, buffers, offset)
+        return self._each(self.files[fd].pread, buffers, offset)
 
     def pwritev(self, fd: int, buffers: list[memoryview], offset: int) -> int:
-        del fd
-        return self._each(self.file.pwrite, buffers, offset)
+        return self._each(self.files[fd].pwrite, buffers, offset)
 
     def close(self) -> None:
-        self.file.close()
+        for file in self.files.values():
+            file.close()
 
 
 def build_media(config: Config) -> tuple[MemoryPool, MemoryPool, FileStore | None]:
@@ -501,5 +589,7 @@ def build_media(config: Config) -> tuple[MemoryPool, MemoryPool, FileStore | Non
             config.nvme.directory,
             durable=config.nvme.directory is not None,
             backend=resolve_nvme_backend(config.nvme.backend),
+            io_threads=max(2, config.nvme.stripes),
+            stripes=config.nvme.stripes,
         )
     return gpu, cpu, nvme

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from kvactors.config import NVMeConfig
 from kvactors.report import GBPS, RATIO, Report
 from kvactors.tier_media import FileStore, MemoryPool, copy_rows, resolve_device
 
@@ -44,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mib", type=int, default=256, help="MiB moved per measurement")
     parser.add_argument("--repeat", type=int, default=3, help="best of N")
     parser.add_argument("--dir", default=None, help="directory for the NVMe files")
+    parser.add_argument(
+        "--stripes",
+        type=int,
+        default=NVMeConfig().stripes,
+        help="files the NVMe slots are spread over (default: %(default)s, as nvme.stripes)",
+    )
 
 
 def _size(text: str) -> int:
@@ -93,7 +100,13 @@ def _result(
 
 
 def _measure_size(
-    size: int, mib: int, repeat: int, device: torch.device, directory: Path, rng: random.Random
+    size: int,
+    mib: int,
+    repeat: int,
+    device: torch.device,
+    directory: Path,
+    rng: random.Random,
+    stripes: int,
 ) -> list[dict[str, Any]]:
     n = max(1, mib * 2**20 // size)
     nbytes = n * size
@@ -131,7 +144,15 @@ def _measure_size(
         _result(f"cpu -> {label}", size, nbytes, *_best(scatter, contiguous_up, repeat), "memory")
     )
 
-    store = FileStore("nvme", 2 * n, size, str(directory / f"s{size}"), durable=False)
+    store = FileStore(
+        "nvme",
+        2 * n,
+        size,
+        str(directory / f"s{size}"),
+        durable=False,
+        io_threads=max(2, stripes),  # as build_media sizes the store for a config
+        stripes=stripes,
+    )
     seq = os.open(directory / f"seq{size}.bin", os.O_RDWR | os.O_CREAT, 0o600)
     flat_view = memoryview(flat_cpu.numpy()).cast("B")  # type: ignore[arg-type]
     nvme_ids = rng.sample(range(2 * n), n)
@@ -171,7 +192,9 @@ def run(args: argparse.Namespace) -> Report:
     results: list[dict[str, Any]] = []
     try:
         for size in [_size(s) for s in args.sizes.split(",")]:
-            results += _measure_size(size, args.mib, args.repeat, device, directory, rng)
+            results += _measure_size(
+                size, args.mib, args.repeat, device, directory, rng, args.stripes
+            )
     finally:
         if args.dir is None:
             shutil.rmtree(directory, ignore_errors=True)
