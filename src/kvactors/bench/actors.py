@@ -37,10 +37,10 @@ class _Echo(Actor[int]):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64], help="keys per call")
-    parser.add_argument("--blocks", type=int, default=20_000, help="blocks moved per measurement")
+    parser.add_argument("--blocks", type=int, default=80_000, help="blocks moved per measurement")
     parser.add_argument("--block-kib", type=int, default=4, help="block size in KiB")
     parser.add_argument("--clients", type=int, default=4, help="concurrent callers (actor path)")
-    parser.add_argument("--repeat", type=int, default=3, help="best of N")
+    parser.add_argument("--repeat", type=int, default=5, help="best of N")
 
 
 def _sync_round(batch: int, rounds: int, bb: int, cap: int) -> float:
