@@ -1,8 +1,10 @@
 """Build hook for the optional compiled core (metadata lives in pyproject.toml).
 
 ``kvactors._manager_core`` (native/manager_core.c) is the manager's state
-machine with the built-in eviction policies, in C. It is optional: where no C compiler is found the build goes on without
-it and kvactors uses the pure-Python manager, which has the same behaviour.
+machine with the built-in eviction policies, in C; ``kvactors._io_core``
+(native/io_core.c) issues the NVMe store's vectored reads and writes with the
+GIL released. Both are optional: where no C compiler is found the build goes
+on without them and kvactors uses its Python code, which behaves the same.
 """
 
 from setuptools import Extension, setup
@@ -15,6 +17,13 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
             optional=True,
-        )
+        ),
+        Extension(
+            "kvactors._io_core",
+            sources=["native/io_core.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                                "-Wno-missing-field-initializers"],
+            optional=True,
+        ),
     ]
 )

@@ -42,12 +42,23 @@ def test_batches_over_stripes_merge_slots_adjacent_in_their_file() -> None:
     assert _batches(ids, 2) == [(0, [3]), (4, [4, 5]), (10, [6]), (3, [1, 2, 0, 7])]
 
 
+@pytest.fixture(params=["native", "python"])
+def io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on the compiled I/O loop and on one system call per batch from Python."""
+    if request.param == "python":
+        monkeypatch.setattr(tier_media, "_io_vectored", None)
+    elif tier_media._io_vectored is None:
+        pytest.skip("compiled I/O core not built")
+    return str(request.param)
+
+
 @pytest.mark.parametrize(
     ("io_threads", "stripes"), [(1, 1), (2, 1), (3, 1), (2, 2), (3, 3), (1, 2)]
 )
+@pytest.mark.usefixtures("io_path")
 def test_shuffled_slots_round_trip(tmp_path: Path, io_threads: int, stripes: int) -> None:
     """Many shuffled slots (enough runs to use the I/O threads) come back byte-exact,
-    over one file or several."""
+    over one file or several, on either I/O path."""
     n = 600
     rng = random.Random(io_threads * 10 + stripes)
     src = pool(n, 1)
@@ -97,6 +108,7 @@ def test_adjacent_slots_are_one_call_in_file_order(tmp_path: Path) -> None:
         store.close()
 
 
+@pytest.mark.usefixtures("io_path")
 def test_runs_longer_than_iov_max_are_split(tmp_path: Path) -> None:
     n = 1100  # more buffers than one preadv/pwritev takes (IOV_MAX = 1024)
     src = MemoryPool("cpu", n, 512, torch.device("cpu"))
@@ -279,3 +291,50 @@ def test_large_host_copies_split_over_threads_move_the_same_bytes(
     assert torch.equal(dst.data[dst_ids], src.data[src_ids])
     untouched = sorted(set(range(80)) - set(dst_ids))
     assert not dst.data[untouched].any()
+
+
+@pytest.mark.usefixtures("io_path")
+def test_a_truncated_file_is_a_short_read_on_either_path(tmp_path: Path) -> None:
+    """Blocks past the end of a cut stripe file: torn with keys (a miss), a
+    TransferError naming the slots without."""
+    src = pool(8, 4)
+    ids = list(range(8))
+    keys: list[bytes | int] = [100 + i for i in ids]
+    store = FileStore("nvme", 8, BB, str(tmp_path), stripes=2)
+    try:
+        store.write_buffers(ids, src.buffers(ids), keys)
+        os.truncate(store.paths[1], BB + BB // 2)  # stripe 1 keeps slot 1, half of slot 3
+        dst = MemoryPool("cpu", 8, BB, torch.device("cpu"))
+        assert store.read_buffers(ids, dst.buffers(ids), keys) == [3, 5, 7]
+        assert torch.equal(dst.data[[0, 1, 2, 4, 6]], src.data[[0, 1, 2, 4, 6]])
+        with pytest.raises(TransferError, match=r"short read of slots 1\.\.7 \(every 2\)"):
+            store.read_buffers(ids, dst.buffers(ids))
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(tier_media._io_vectored is None, reason="compiled I/O core not built")
+def test_io_core_reports_bytes_or_errno_per_batch(tmp_path: Path) -> None:
+    vectored = tier_media._io_vectored
+    assert vectored is not None
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        src = pool(3, 5)
+        # Two batches: blocks 0-1 at offset 0, block 2 at offset 4 * BB.
+        assert vectored(True, [fd, fd], [0, 4 * BB], [2, 1], src.buffers([0, 1, 2])) == [
+            2 * BB,
+            BB,
+        ]
+        dst = MemoryPool("cpu", 4, BB, torch.device("cpu"))
+        # A batch past the end reads short; a bad descriptor is -errno; the rest still run.
+        bufs = dst.buffers([0, 1, 2, 3])
+        got = vectored(False, [fd, 10**6, fd], [4 * BB, 0, 0], [2, 1, 1], bufs)
+        assert got == [BB, -errno.EBADF, BB]
+        assert torch.equal(dst.data[[0, 3]], src.data[[2, 0]])
+        with pytest.raises(ValueError, match="add up"):
+            vectored(False, [fd], [0], [2], dst.buffers([0]))
+        with pytest.raises(BufferError, match="not writable"):
+            vectored(False, [fd], [0], [1], [bytes(BB)])  # a read needs a writable buffer
+    finally:
+        os.close(fd)

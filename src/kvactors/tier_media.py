@@ -31,6 +31,11 @@ from kvactors.errors import CacheLockedError, ConfigError, TransferError
 from kvactors.nvme_index import Entry, NVMeIndex, checksum
 from kvactors.policy import Key
 
+try:
+    from kvactors._io_core import vectored as _io_vectored
+except ImportError:  # built without a C compiler: one system call per batch from Python
+    _io_vectored = None  # type: ignore[assignment]
+
 __all__ = ["FileStore", "MemoryPool", "build_media", "resolve_device"]
 
 
@@ -369,19 +374,15 @@ class FileStore:
         (no I/O thread still writes into ``bufs``) when this returns or raises.
         """
         bb = self.block_bytes
-        stripes = self.stripes
 
-        def read_batch(batch: _Batch) -> list[int]:
+        def read_done(batch: _Batch, got: int | OSError) -> list[int]:
             slot, positions = batch
             n = len(positions)
             want = n * bb
-            fd, offset = self.fds[slot % stripes], slot // stripes * bb
-            try:
-                got = _vectored(self.preadv, fd, [bufs[p] for p in positions], offset)
-            except OSError as exc:
+            if isinstance(got, OSError):
                 if keys is None:
                     where = self._slots(slot, n)
-                    raise TransferError(f"{self.name}: reading {where} failed: {exc}") from exc
+                    raise TransferError(f"{self.name}: reading {where} failed: {got}") from got
                 got = 0  # with keys, unreadable blocks are misses, not errors
             if got != want:
                 if keys is None:
@@ -391,8 +392,8 @@ class FileStore:
                 return positions[got // bb :]
             return []
 
-        batches = _batches(ids, stripes)
-        torn = {pos for bad in self._in_stretches(read_batch, batches) for pos in bad}
+        run = self._runner(False, bufs, read_done)
+        torn = {pos for bad in self._in_stretches(run, _batches(ids, self.stripes)) for pos in bad}
         if keys is None:
             return []
         with self._index_lock:
@@ -410,27 +411,75 @@ class FileStore:
         every = f" (every {self.stripes})" if self.stripes > 1 else ""
         return f"slots {slot}..{last}{every}"
 
-    def _in_stretches(self, fn: Callable[[_Batch], T], batches: list[_Batch]) -> list[T]:
-        """``fn`` over ``batches``; with many, over contiguous stretches of them on
+    def _runner(
+        self,
+        write: bool,
+        bufs: list[memoryview],
+        done: Callable[[_Batch, int | OSError], T],
+    ) -> Callable[[list[_Batch]], list[T]]:
+        """What runs one group of batches: their system calls, each batch's result
+        through ``done`` (bytes done, or the error), stopping at the first raise.
+
+        With the compiled I/O core and the plain POSIX calls, one C call does the
+        whole group's system calls with the GIL released, then ``done`` judges
+        them; otherwise each batch is one ``preadv``/``pwritev`` from Python
+        (the path fault-injection tests replace).
+        """
+        bb, stripes, fds = self.block_bytes, self.stripes, self.fds
+        call = self.pwritev if write else self.preadv
+        if _io_vectored is not None and call is (os.pwritev if write else os.preadv):
+
+            def run_native(group: list[_Batch]) -> list[T]:
+                got = _io_vectored(
+                    write,
+                    [fds[slot % stripes] for slot, _ in group],
+                    [slot // stripes * bb for slot, _ in group],
+                    [len(positions) for _, positions in group],
+                    [bufs[p] for _, positions in group for p in positions],
+                )
+                return [
+                    done(batch, n if n >= 0 else OSError(-n, os.strerror(-n)))
+                    for batch, n in zip(group, got)
+                ]
+
+            return run_native
+
+        def one(batch: _Batch) -> T:
+            slot, positions = batch
+            fd, offset = fds[slot % stripes], slot // stripes * bb
+            try:
+                got: int | OSError = _vectored(call, fd, [bufs[p] for p in positions], offset)
+            except OSError as exc:
+                got = exc
+            return done(batch, got)
+
+        return lambda group: [one(batch) for batch in group]
+
+    def _in_stretches(
+        self, run: Callable[[list[_Batch]], list[T]], batches: list[_Batch]
+    ) -> list[T]:
+        """``run`` over ``batches``; with many, over contiguous stretches of them on
         the store's I/O threads (reads of one file run in parallel)."""
         if self._pool is None or len(batches) < 16:
-            return [fn(batch) for batch in batches]
+            return run(batches)
         step = -(-len(batches) // self.io_threads)
-        return self._in_groups(fn, [batches[i : i + step] for i in range(0, len(batches), step)])
+        return self._in_groups(run, [batches[i : i + step] for i in range(0, len(batches), step)])
 
-    def _in_groups(self, fn: Callable[[_Batch], T], groups: list[list[_Batch]]) -> list[T]:
-        """``fn`` over each group of batches in order, the groups on the I/O threads.
+    def _in_groups(
+        self, run: Callable[[list[_Batch]], list[T]], groups: list[list[_Batch]]
+    ) -> list[T]:
+        """``run`` over each group of batches, the groups on the I/O threads.
 
         A group stops at its first error; every group has stopped before the
         first error (in group order) is re-raised, so no worker touches the
         caller's buffers after this returns or raises.
         """
         if self._pool is None or len(groups) < 2:
-            return [fn(batch) for group in groups for batch in group]
+            return [result for group in groups for result in run(group)]
         # The calling thread takes the first group itself: one hand-off fewer.
-        futures = [self._pool.submit(_map, fn, group) for group in groups[1:]]
+        futures = [self._pool.submit(run, group) for group in groups[1:]]
         try:
-            results = _map(fn, groups[0])
+            results = run(groups[0])
         finally:
             wait(futures)
         for fut in futures:
@@ -456,11 +505,11 @@ class FileStore:
         # The slots' old records are superseded by the new ones below; a crash in
         # between leaves old records over new bytes, which fail their checksum.
 
-        def write_batch(batch: _Batch) -> None:
+        def write_done(batch: _Batch, done: int | OSError) -> None:
+            if isinstance(done, OSError):
+                raise done
             slot, positions = batch
             n = len(positions)
-            fd, offset = self.fds[slot % stripes], slot // stripes * bb
-            done = _vectored(self.pwritev, fd, [bufs[p] for p in positions], offset)
             if done != n * bb:
                 where = self._slots(slot, n)
                 raise TransferError(f"{self.name}: short write of {where}: {done} of {n * bb}")
@@ -469,7 +518,7 @@ class FileStore:
         # lock, so threads help only across files (measured in docs/benchmarks.md).
         batches = _batches(ids, stripes)
         files = [[b for b in batches if b[0] % stripes == k] for k in range(stripes)]
-        self._in_groups(write_batch, [group for group in files if group])
+        self._in_groups(self._runner(True, bufs, write_done), [group for group in files if group])
         if keys is None:
             return
         if self.durable:

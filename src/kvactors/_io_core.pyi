@@ -1,0 +1,5 @@
+"""Types of the compiled I/O loop (native/io_core.c); see kvactors.tier_media."""
+
+def vectored(
+    write: bool, fds: list[int], offsets: list[int], counts: list[int], buffers: list[memoryview], /
+) -> list[int]: ...
