@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -230,30 +230,39 @@ class Coordinator(Actor[CoordinatorRequest]):
         # Anything else returns NOT_NOW before changing anything.
         match message:
             case DoStore(keys, src, _):
-                tier = self.cpu if isinstance(src, torch.Tensor) else self.gpu
-                if not tier.can_run_now(len(keys), self.cpu.medium):
-                    return NOT_NOW
-                start = time.perf_counter()
-                plan = self.policy.ask_now(PrepareStore(keys, local=True))
-                if plan is NOT_NOW:
-                    return NOT_NOW
-                try:
-                    return None if plan is None else self._store_now(keys, src, plan)
-                finally:
-                    self.latency["store"].add(time.perf_counter() - start)
-            case DoLoad(keys, dst, _, partial):
-                tier = self.cpu if isinstance(dst, torch.Tensor) else self.gpu
-                if partial or not tier.can_run_now(len(keys), self.cpu.medium):
-                    return NOT_NOW
-                start = time.perf_counter()
-                plan = self.policy.ask_now(PrepareLoad(keys, local=True))
-                if plan is NOT_NOW:
-                    return NOT_NOW
-                try:
-                    return self._load_now(dst, plan)
-                finally:
-                    self.latency["load"].add(time.perf_counter() - start)
+                return self._at_once(
+                    "store",
+                    src,
+                    len(keys),
+                    PrepareStore(keys, local=True),
+                    lambda plan: None if plan is None else self._store_now(keys, src, plan),
+                )
+            case DoLoad(keys, dst, _, partial) if not partial:
+                return self._at_once(
+                    "load",
+                    dst,
+                    len(keys),
+                    PrepareLoad(keys, local=True),
+                    lambda plan: self._load_now(dst, plan),
+                )
         return NOT_NOW
+
+    def _at_once(
+        self, kind: str, side: Any, n: int, prepare: Any, finish: Callable[[Any], Any]
+    ) -> Any:
+        """Prepare at once and ``finish`` the plan, or NOT_NOW with nothing changed
+        when the tier cannot copy ``n`` blocks inline or the plan needs NVMe."""
+        tier = self.cpu if isinstance(side, torch.Tensor) else self.gpu
+        if not tier.can_run_now(n, self.cpu.medium):
+            return NOT_NOW
+        start = time.perf_counter()
+        plan = self.policy.ask_now(prepare)
+        if plan is NOT_NOW:
+            return NOT_NOW
+        try:
+            return finish(plan)
+        finally:
+            self.latency[kind].add(time.perf_counter() - start)
 
     def _run_now(self, actor: Actor[Any], message: Any) -> Any:
         result = actor.ask_now(message)

@@ -17,8 +17,9 @@ the actor keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import anyio
@@ -235,11 +236,11 @@ class TierActor(Actor[TierRequest]):
             and blocks * self.medium.block_bytes <= self.inline_bytes
         )
 
-    def _run(self, op: str, blocks: int, fn: Callable[..., object], *args: Any) -> JobReport:
-        """Run a small job inline (blocking, briefly)."""
-        t0 = time.perf_counter()
+    @contextlib.contextmanager
+    def _failures(self, op: str, blocks: int) -> Iterator[None]:
+        """Count a failed job; a medium's own error becomes a TransferError naming it."""
         try:
-            fn(*args)
+            yield
         except KVActorsError:
             self._failed_jobs += 1
             raise
@@ -248,6 +249,12 @@ class TierActor(Actor[TierRequest]):
             raise TransferError(
                 f"tier {self.name!r}: {op} of {blocks} blocks failed: {exc}"
             ) from exc
+
+    def _run(self, op: str, blocks: int, fn: Callable[..., object], *args: Any) -> JobReport:
+        """Run a small job inline (blocking, briefly)."""
+        t0 = time.perf_counter()
+        with self._failures(op, blocks):
+            fn(*args)
         return self._done(op, blocks, time.perf_counter() - t0)
 
     async def _job(self, op: str, blocks: int, fn: Callable[..., object], *args: Any) -> JobReport:
@@ -262,16 +269,8 @@ class TierActor(Actor[TierRequest]):
             finally:
                 spent[0] = time.perf_counter() - t0
 
-        try:
+        with self._failures(op, blocks):
             await anyio.to_thread.run_sync(timed, limiter=self.limiter)
-        except KVActorsError:
-            self._failed_jobs += 1
-            raise
-        except Exception as exc:
-            self._failed_jobs += 1
-            raise TransferError(
-                f"tier {self.name!r}: {op} of {blocks} blocks failed: {exc}"
-            ) from exc
         return self._done(op, blocks, spent[0])
 
     def _done(self, op: str, blocks: int, seconds: float) -> JobReport:
