@@ -125,7 +125,8 @@ def check_keys(keys: Sequence[Key], what: str = "") -> None:
     if _first_bad_key is not None and _first_bad_key(keys) < 0:
         return  # the common case, in one C pass
     prefix = f"{what}: " if what else ""
-    # The common case runs at C speed: one set of types, one set of keys.
+    # Without the compiled check (or to name the bad key): one set of types,
+    # one set of keys, both built in C; the loops run only to name the culprit.
     if not set(map(type, keys)) <= _KEY_TYPES:
         for key in keys:
             if type(key) is not int and type(key) is not bytes:
@@ -142,7 +143,7 @@ def check_keys(keys: Sequence[Key], what: str = "") -> None:
 
 
 def _use_native(policy: str | CachePolicy, native: bool | None) -> bool:
-    """Whether a manager of ``policy`` runs on the compiled LRU core."""
+    """Whether a manager of ``policy`` runs on the compiled core."""
     if native is False:
         return False
     usable = _ManagerCore is not None and isinstance(policy, str) and policy in _NATIVE_POLICIES
