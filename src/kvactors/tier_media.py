@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import shutil
 import tempfile
@@ -78,12 +79,22 @@ def _batches(ids: list[int], stripes: int = 1) -> list[tuple[int, list[int]]]:
 
 
 T = TypeVar("T")
+P = TypeVar("P")
 _Batch = tuple[int, list[int]]
 _IOV_MAX = 1024
 
 
-def _map(fn: Callable[[_Batch], T], batches: list[_Batch]) -> list[T]:
-    return [fn(batch) for batch in batches]
+def _fan_out(pool: ThreadPoolExecutor, fn: Callable[[P], T], parts: list[P]) -> list[T]:
+    """``fn`` over each of ``parts``: the first on the calling thread (one hand-off
+    fewer), the others on ``pool``. Every part has ended before this returns or
+    raises, so no worker touches a caller's buffers afterwards; the first error,
+    in part order, is re-raised."""
+    futures = [pool.submit(fn, part) for part in parts[1:]]
+    try:
+        first = fn(parts[0])
+    finally:
+        wait(futures)
+    return [first, *(future.result() for future in futures)]
 
 
 def _vectored(call: Callable[..., int], fd: int, bufs: list[memoryview], offset: int) -> int:
@@ -155,19 +166,9 @@ def _host_copy(s: Any, d: Any, runs: list[tuple[int, int, int]]) -> None:
     if parts < 2 or sum(n for _, _, n in runs) * s.shape[1] < SPLIT_COPY_BYTES:
         _copy_runs(s, d, runs)
         return
-    pool = _copy_executor(parts - 1)
     step = -(-len(runs) // parts)
-    futures = [
-        pool.submit(_copy_runs, s, d, runs[i : i + step]) for i in range(step, len(runs), step)
-    ]
-    try:
-        _copy_runs(s, d, runs[:step])
-    finally:
-        # Every part ends before this returns (or raises): no write after it.
-        for future in futures:
-            future.exception()
-    for future in futures:
-        future.result()
+    chunks = [runs[i : i + step] for i in range(0, len(runs), step)]
+    _fan_out(_copy_executor(parts - 1), functools.partial(_copy_runs, s, d), chunks)
 
 
 def copy_rows(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int]) -> None:
@@ -476,15 +477,7 @@ class FileStore:
         """
         if self._pool is None or len(groups) < 2:
             return [result for group in groups for result in run(group)]
-        # The calling thread takes the first group itself: one hand-off fewer.
-        futures = [self._pool.submit(run, group) for group in groups[1:]]
-        try:
-            results = run(groups[0])
-        finally:
-            wait(futures)
-        for fut in futures:
-            results += fut.result()  # re-raises the first error, in group order
-        return results
+        return [result for part in _fan_out(self._pool, run, groups) for result in part]
 
     def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
         """Write ``rows`` into slots, fsync them, then index them under ``keys``."""
