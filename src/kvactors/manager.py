@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from itertools import compress, count, filterfalse, takewhile
-from operator import attrgetter
 
 import msgspec
 
@@ -116,7 +115,6 @@ _NATIVE_POLICIES = ("lru", "arc", "weighted_lru")
 
 _KEY_TYPES = frozenset((int, bytes))
 _INT_TYPE = frozenset((int,))
-_BLOCK_ID = attrgetter("block_id")
 
 
 def check_keys(keys: Sequence[Key], what: str = "") -> None:
@@ -333,7 +331,7 @@ class OffloadingManager:
                 self._failed_prepares += 1
                 return None
             evicted = [key for key, _ in victims]
-            evicted_ids = list(map(_BLOCK_ID, [block for _, block in victims]))
+            evicted_ids = [block.block_id for _, block in victims]
             free_list.extend(evicted_ids)
             self._evictions += need
             self._event(evicted, True)

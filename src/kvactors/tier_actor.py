@@ -219,13 +219,7 @@ class TierActor(Actor[TierRequest]):
     def can_run_now(self, blocks: int, other: BlockMedium | None = None) -> bool:
         """Whether :meth:`ask_now` would run a job of ``blocks`` between this medium
         and ``other`` at once: the actor is idle and up, and the job is inline."""
-        return (
-            not self._pending
-            and self._running
-            and not self._closing
-            and self._crashed is None
-            and self._inline(blocks, other)
-        )
+        return self.idle and self._crashed is None and self._inline(blocks, other)
 
     def _inline(self, blocks: int, other: BlockMedium | None) -> bool:
         """Whether a job of ``blocks`` runs on the event loop: memory on both

@@ -159,7 +159,7 @@ class Actor(Generic[M]):
         """The reply to ``message`` if the actor is idle (running, nothing posted
         and unfinished) and :meth:`handle_now` answers it; else :data:`NOT_NOW`,
         and nothing was sent. Never waits; raises what the handler raised."""
-        if self._pending or not self._running or self._closing:
+        if not self.idle:
             return NOT_NOW
         # In hand now: an ask made from inside the handler goes to the mailbox.
         self._pending += 1
@@ -360,6 +360,12 @@ class Actor(Generic[M]):
     @property
     def closed(self) -> bool:
         return self._closing
+
+    @property
+    def idle(self) -> bool:
+        """Running and open with nothing posted and unfinished: an ``ask`` now is
+        answered in the asker's task if :meth:`handle_now` can answer it."""
+        return not self._pending and self._running and not self._closing
 
     def statistics(self) -> ActorStats:
         return ActorStats(
