@@ -18,7 +18,7 @@ import anyio
 import torch
 
 import kvactors
-from kvactors.demo import block_bytes_for
+from kvactors.cli.demo import block_bytes_for
 from kvactors.traces import bundled_trace, load_trace
 
 

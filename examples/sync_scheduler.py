@@ -27,7 +27,7 @@ import anyio.lowlevel
 import torch
 
 import kvactors
-from kvactors.demo import block_bytes_for
+from kvactors.cli.demo import block_bytes_for
 from kvactors.traces import bundled_trace, load_trace
 
 

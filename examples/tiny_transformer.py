@@ -39,6 +39,7 @@ import torch
 
 import kvactors
 from kvactors.errors import BlockNotFoundError, OutOfBlocksError, TensorSpecError
+from kvactors.keys import Key
 from kvactors.paged import (
     KVCacheConfig,
     KVTensors,
@@ -47,7 +48,6 @@ from kvactors.paged import (
     PagedKVCache,
     SwappedOut,
 )
-from kvactors.policy import Key
 
 # -- the model --------------------------------------------------------------------
 

@@ -211,8 +211,8 @@ def test_replay_command_does_not_import_benchmarks() -> None:
     """A command's module loads only when it runs (or for --help)."""
     code = (
         "import sys; from kvactors.cli import build_parser; build_parser(['replay']); "
-        "print('kvactors.bench.policy' in sys.modules); "
-        "build_parser(['bench', 'policy']); print('kvactors.bench.policy' in sys.modules)"
+        "print('kvactors.cli.bench.policy' in sys.modules); "
+        "build_parser(['bench', 'policy']); print('kvactors.cli.bench.policy' in sys.modules)"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60

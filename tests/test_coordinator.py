@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import kvactors
-from kvactors import tier_actor
+from kvactors.cache import tier_actor
+from kvactors.cache.tier_actor import Crash
+from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
-from kvactors.demo import block_bytes_for
 from kvactors.errors import (
     ActorClosed,
     BlockNotFoundError,
@@ -25,7 +26,6 @@ from kvactors.errors import (
     TensorSpecError,
     TierError,
 )
-from kvactors.tier_actor import Crash
 
 pytestmark = pytest.mark.anyio
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import kvactors
+from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
-from kvactors.demo import block_bytes_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cuda]
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import kvactors
+from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
-from kvactors.demo import block_bytes_for
 from kvactors.errors import CacheLockedError, ConfigError, IntegrityError
-from kvactors.nvme_index import NVMeIndex
-from kvactors.tier_media import FileStore
+from kvactors.media import FileStore
+from kvactors.media.nvme_index import NVMeIndex
 
 pytestmark = pytest.mark.anyio
 
@@ -235,7 +235,7 @@ def test_compaction_keeps_live_entries_and_slot_reuse(tmp_path: Path) -> None:
 WRITER = textwrap.dedent(
     """
     import sys, anyio, torch, kvactors
-    from kvactors.demo import block_bytes_for
+    from kvactors.cli.demo import block_bytes_for
     from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
 
     async def main(directory):

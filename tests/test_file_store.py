@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvactors.errors import ConfigError, TransferError
-from kvactors.tier_media import FileStore, kvikio_available, resolve_nvme_backend
+from kvactors.media import FileStore, kvikio_available, resolve_nvme_backend
 
 BB = 8192
 

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 import torch
 
-from kvactors import tier_media
 from kvactors.errors import ConfigError, TransferError
-from kvactors.tier_media import FileStore, MemoryPool, _batches, _KvikioIO
+from kvactors.media import FileStore, MemoryPool, file_store, memory
+from kvactors.media.file_store import _batches
+from kvactors.media.kvikio_io import _KvikioIO
 
 BB = 4096
 
@@ -46,8 +47,8 @@ def test_batches_over_stripes_merge_slots_adjacent_in_their_file() -> None:
 def io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test on the compiled I/O loop and on one system call per batch from Python."""
     if request.param == "python":
-        monkeypatch.setattr(tier_media, "_io_vectored", None)
-    elif tier_media._io_vectored is None:
+        monkeypatch.setattr(file_store, "_io_vectored", None)
+    elif file_store._io_vectored is None:
         pytest.skip("compiled I/O core not built")
     return str(request.param)
 
@@ -280,14 +281,14 @@ def test_large_host_copies_split_over_threads_move_the_same_bytes(
 ) -> None:
     """From SPLIT_COPY_BYTES up, copy_rows splits the runs over torch's thread
     count; every row lands where a plain gather/scatter puts it."""
-    monkeypatch.setattr(tier_media, "SPLIT_COPY_BYTES", 4 * BB)
+    monkeypatch.setattr(memory, "SPLIT_COPY_BYTES", 4 * BB)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     rng = random.Random(threads)
     src = pool(64, 3)
     dst = MemoryPool("cpu", 80, BB, torch.device("cpu"))
     src_ids = rng.sample(range(64), 40)
     dst_ids = rng.sample(range(80), 40)
-    tier_media.copy_rows(src.data, src_ids, dst.data, dst_ids)
+    memory.copy_rows(src.data, src_ids, dst.data, dst_ids)
     assert torch.equal(dst.data[dst_ids], src.data[src_ids])
     untouched = sorted(set(range(80)) - set(dst_ids))
     assert not dst.data[untouched].any()
@@ -313,9 +314,9 @@ def test_a_truncated_file_is_a_short_read_on_either_path(tmp_path: Path) -> None
         store.close()
 
 
-@pytest.mark.skipif(tier_media._io_vectored is None, reason="compiled I/O core not built")
+@pytest.mark.skipif(file_store._io_vectored is None, reason="compiled I/O core not built")
 def test_io_core_reports_bytes_or_errno_per_batch(tmp_path: Path) -> None:
-    vectored = tier_media._io_vectored
+    vectored = file_store._io_vectored
     assert vectored is not None
     path = tmp_path / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

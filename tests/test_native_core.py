@@ -16,8 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvactors import OffloadingManager, manager, tier_media
+from kvactors import OffloadingManager, manager
 from kvactors.errors import BlockNotPinnedError, ConfigError, InvalidKeyError, KVActorsError
+from kvactors.media import file_store
 from kvactors.policy import ARCPolicy, LRUPolicy, WeightedLRUPolicy
 
 WRITTEN, READY, PINNED = "written", "ready", "pinned"
@@ -32,7 +33,7 @@ def _compiler() -> str | None:
 @pytest.mark.skipif(_compiler() is None, reason="no C compiler to build the core with")
 def test_core_is_built_where_a_compiler_exists() -> None:
     assert manager.NATIVE, "setup.py builds kvactors._manager_core; the build failed"
-    assert tier_media._io_vectored is not None, "setup.py builds kvactors._io_core; it failed"
+    assert file_store._io_vectored is not None, "setup.py builds kvactors._io_core; it failed"
     mgr = OffloadingManager(4, block_size=16)
     assert mgr.native
     assert mgr.policy is None

@@ -7,7 +7,7 @@ import argparse
 import msgspec
 import pytest
 
-from kvactors.bench import paged
+from kvactors.cli.bench import paged
 
 
 def parse(*argv: str) -> argparse.Namespace:

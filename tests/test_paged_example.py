@@ -13,7 +13,7 @@ import anyio
 import pytest
 import torch
 
-from kvactors.policy import Key
+from kvactors.keys import Key
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny_transformer.py"
 

@@ -34,6 +34,7 @@ from kvactors.errors import (
     TensorSpecError,
     TransferError,
 )
+from kvactors.keys import Key
 from kvactors.paged import (
     Allocation,
     KVCacheConfig,
@@ -44,7 +45,6 @@ from kvactors.paged import (
     hash_blocks,
     root_key,
 )
-from kvactors.policy import Key
 
 pytestmark = pytest.mark.anyio
 

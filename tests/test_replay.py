@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvactors.cli.replay import belady, capacity_blocks, replay, resolve_trace
 from kvactors.errors import ConfigError, InvalidKeyError, KVActorsError
 from kvactors.policy import POLICIES
-from kvactors.replay import belady, capacity_blocks, replay, resolve_trace
 from kvactors.traces import BUNDLED_TRACES, TraceError, TraceRequest, bundled_trace, load_trace
 
 # The textbook reference string (Silberschatz, Operating System Concepts): with

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kvactors.report import (
+from kvactors.cli.report import (
     COUNT,
     GBPS,
     RATE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from kvactors.soak import run_soak
+from kvactors.cli.soak import run_soak
 
 pytestmark = pytest.mark.anyio
 

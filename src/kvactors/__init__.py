@@ -1,16 +1,18 @@
 """kvactors: tiered KV-cache offloading for LLM serving.
 
-Layers, top to bottom (no import goes upward)::
+Folders are the layers, top to bottom (no import goes upward)::
 
-    cli/            kvactors demo | replay | bench
+    cli/            kvactors demo | replay | bench ... (cli/bench/: one module a benchmark)
     paged/          engine-side paged KV cache (block tables, allocator)
-    coordinator     the front door: lookup / load / store / prefetch, events, stats
-    policy actor    which block is in which tier, one OffloadingManager per tier
-    tier actors     Write / Read / Copy / Drop jobs on one medium's slots
-    media/          bytes only: GPU pool, CPU pool, NVMe store
+    cache/          the served cache: coordinator (the front door: lookup / load /
+                    store / prefetch, events, stats), policy actor (which block is in
+                    which tier), tier actors (jobs on one medium's slots), KVCache, open
+    media/          bytes only: memory pools (GPU pool, CPU tier), the NVMe file store
+                    and its index, kvikio I/O
     actors/         mailbox, envelope + one-shot reply, ask / tell
-    manager         one tier's metadata: slots, ref counts, events (vLLM API)
+    manager/        one tier's metadata: slots, ref counts, events (vLLM API)
     policy/         eviction order only: lru, arc, weighted_lru
+    config.py, errors.py, keys.py, traces.py   shared by every layer
 
 ``OffloadingManager`` is the synchronous core a scheduler may embed directly.
 """
@@ -31,9 +33,9 @@ from kvactors.policy import POLICIES, CachePolicy, make_policy
 
 if TYPE_CHECKING:
     from kvactors.actors import Future
+    from kvactors.cache.coordinator import CacheStats, KVCache, LoadResult, StoreResult, open
+    from kvactors.cache.events import CacheEvent
     from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
-    from kvactors.coordinator import CacheStats, KVCache, LoadResult, StoreResult, open
-    from kvactors.events import CacheEvent
 
 # The async stack imports torch (seconds); the synchronous core and the CLI's
 # replay do not need it, so these names load on first use (PEP 562).
@@ -43,12 +45,12 @@ _LAZY = {
     "GPUConfig": "kvactors.config",
     "NVMeConfig": "kvactors.config",
     "TierConfig": "kvactors.config",
-    "CacheStats": "kvactors.coordinator",
-    "KVCache": "kvactors.coordinator",
-    "LoadResult": "kvactors.coordinator",
-    "StoreResult": "kvactors.coordinator",
-    "open": "kvactors.coordinator",
-    "CacheEvent": "kvactors.events",
+    "CacheStats": "kvactors.cache.coordinator",
+    "KVCache": "kvactors.cache.coordinator",
+    "LoadResult": "kvactors.cache.coordinator",
+    "StoreResult": "kvactors.cache.coordinator",
+    "open": "kvactors.cache.coordinator",
+    "CacheEvent": "kvactors.cache.events",
 }
 
 

@@ -1,4 +1,4 @@
-"""Types of the compiled I/O loop (native/io_core.c); see kvactors.tier_media."""
+"""Types of the compiled I/O loop (native/io_core.c); see kvactors.media."""
 
 def vectored(
     write: bool, fds: list[int], offsets: list[int], counts: list[int], buffers: list[memoryview], /

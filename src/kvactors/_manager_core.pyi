@@ -2,7 +2,7 @@
 
 from collections.abc import Iterable
 
-from kvactors.policy._base import Key
+from kvactors.keys import Key
 
 def first_bad_key(keys: Iterable[object], /) -> int: ...
 def first_bad_slot(ids: list[object], limit: int, /) -> int: ...

@@ -36,6 +36,7 @@ import msgspec
 import torch
 
 from kvactors.errors import KVActorsError
+from kvactors.keys import Key
 from kvactors.paged.allocator import (
     AllocatorStats,
     BlockAllocator,
@@ -45,7 +46,6 @@ from kvactors.paged.allocator import (
 )
 from kvactors.paged.config import KVCacheConfig
 from kvactors.paged.kv_tensors import KVTensors
-from kvactors.policy import Key
 
 __all__ = ["Allocation", "Offloader", "PagedKVCache", "PagedStats", "SupportsHits", "SwappedOut"]
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kvactors.errors import UnknownPolicyError
-from kvactors.policy._base import BlockStatus, CachePolicy, Key
+from kvactors.keys import Key
+from kvactors.policy._base import BlockStatus, CachePolicy
 from kvactors.policy.arc import ARCPolicy
 from kvactors.policy.lru import LRUPolicy
 from kvactors.policy.weighted_lru import WeightedLRUPolicy

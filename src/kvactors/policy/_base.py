@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Container, Iterable, Iterator, Sequence
-from typing import ClassVar, Protocol, TypeAlias, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import msgspec
 
-Key: TypeAlias = bytes | int
-"""A block key. Stable across processes: a chained hash as ``bytes`` or ``int``."""
+from kvactors.keys import Key
 
 
 class BlockStatus(msgspec.Struct, eq=False, gc=False):

@@ -12,7 +12,8 @@ from collections import OrderedDict
 from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import ClassVar
 
-from kvactors.policy._base import BlockStatus, Key
+from kvactors.keys import Key
+from kvactors.policy._base import BlockStatus
 
 
 class ARCPolicy:

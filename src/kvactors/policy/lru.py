@@ -8,7 +8,8 @@ from itertools import compress, filterfalse, islice
 from operator import attrgetter, not_
 from typing import ClassVar
 
-from kvactors.policy._base import BlockStatus, Key
+from kvactors.keys import Key
+from kvactors.policy._base import BlockStatus
 
 _REF_CNT = attrgetter("ref_cnt")
 

@@ -22,7 +22,8 @@ from collections.abc import Container, Iterable, Iterator, Sequence
 from itertools import count
 from typing import ClassVar
 
-from kvactors.policy._base import BlockStatus, Key
+from kvactors.keys import Key
+from kvactors.policy._base import BlockStatus
 
 
 class WeightedLRUPolicy:

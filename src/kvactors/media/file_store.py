@@ -1,51 +1,39 @@
-"""The three media as the tier actors see them (:class:`~kvactors.tier_actor.BlockMedium`).
-
-- :class:`MemoryPool`: ``num_blocks x block_bytes`` bytes in one torch tensor;
-  the GPU pool (CUDA, or ``device="cpu"`` without a GPU) and the CPU tier
-  (pinned when CUDA exists).
-- :class:`FileStore`: NVMe slots in one preallocated file, slot ``i`` at offset
-  ``i * block_bytes``, read and written with POSIX ``preadv``/``pwritev`` through
-  the page cache (a request's slots sorted, each run of adjacent slots one call;
-  reads spread over I/O threads, writes on one). Every block written carries a CRC-32
-  kept in an on-disk index (:mod:`kvactors.nvme_index`) and checked when read
-  back; reopening the directory serves what was durably stored before.
+"""The NVMe medium: :class:`FileStore`, slots in preallocated files read and written
+with POSIX ``preadv``/``pwritev`` through the page cache (a request's slots sorted,
+each run of adjacent slots one call; reads spread over I/O threads, writes on one).
+Every block written carries a CRC-32 kept in an on-disk index
+(:mod:`kvactors.media.nvme_index`) and checked when read back; reopening the
+directory serves what was durably stored before.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import functools
 import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
-from kvactors.config import Config
 from kvactors.errors import CacheLockedError, ConfigError, TransferError
-from kvactors.nvme_index import Entry, NVMeIndex, checksum
-from kvactors.policy import Key
+from kvactors.keys import Key
+from kvactors.media.kvikio_io import _KvikioIO
+from kvactors.media.memory import _fan_out
+from kvactors.media.nvme_index import Entry, NVMeIndex, checksum
 
 try:
     from kvactors._io_core import vectored as _io_vectored
 except ImportError:  # built without a C compiler: one system call per batch from Python
     _io_vectored = None  # type: ignore[assignment]
 
-__all__ = ["FileStore", "MemoryPool", "build_media", "resolve_device"]
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"gpu.device: {name!r} asked for, but CUDA is not available")
-    return torch.device(name)
+T = TypeVar("T")
+_Batch = tuple[int, list[int]]
 
 
 def _batches(ids: list[int], stripes: int = 1) -> list[tuple[int, list[int]]]:
@@ -78,23 +66,7 @@ def _batches(ids: list[int], stripes: int = 1) -> list[tuple[int, list[int]]]:
     return batches
 
 
-T = TypeVar("T")
-P = TypeVar("P")
-_Batch = tuple[int, list[int]]
 _IOV_MAX = 1024
-
-
-def _fan_out(pool: ThreadPoolExecutor, fn: Callable[[P], T], parts: list[P]) -> list[T]:
-    """``fn`` over each of ``parts``: the first on the calling thread (one hand-off
-    fewer), the others on ``pool``. Every part has ended before this returns or
-    raises, so no worker touches a caller's buffers afterwards; the first error,
-    in part order, is re-raised."""
-    futures = [pool.submit(fn, part) for part in parts[1:]]
-    try:
-        first = fn(parts[0])
-    finally:
-        wait(futures)
-    return [first, *(future.result() for future in futures)]
 
 
 def _vectored(call: Callable[..., int], fd: int, bufs: list[memoryview], offset: int) -> int:
@@ -116,161 +88,6 @@ def _row_views(rows: torch.Tensor) -> list[memoryview]:
     flat = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
     bb = rows.shape[1] if rows.dim() == 2 else rows.numel()
     return [flat[i * bb : (i + 1) * bb] for i in range(rows.shape[0])]
-
-
-def _pairs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:
-    """Runs adjacent in both id lists: ``(first_src, first_dst, length)``."""
-    runs: list[tuple[int, int, int]] = []
-    i = 0
-    n = len(src_ids)
-    while i < n:
-        j = i + 1
-        while j < n and src_ids[j] == src_ids[j - 1] + 1 and dst_ids[j] == dst_ids[j - 1] + 1:
-            j += 1
-        runs.append((src_ids[i], dst_ids[i], j - i))
-        i = j
-    return runs
-
-
-SPLIT_COPY_BYTES = 4 * 2**20
-"""Host copies of at least this many bytes are split over torch's intra-op thread count
-(``torch.get_num_threads()``), as one large ``Tensor.copy_`` is."""
-
-_copy_pool: ThreadPoolExecutor | None = None
-_copy_workers = 0
-_copy_pool_lock = threading.Lock()
-
-
-def _copy_executor(workers: int) -> ThreadPoolExecutor:
-    """The shared pool of copy helper threads, grown to ``workers`` if need be."""
-    global _copy_pool, _copy_workers
-    with _copy_pool_lock:
-        if _copy_pool is None or _copy_workers < workers:
-            # A smaller pool left behind finishes its queued parts and exits.
-            old, _copy_pool = _copy_pool, ThreadPoolExecutor(workers, "kvactors-copy")
-            _copy_workers = workers
-            if old is not None:
-                old.shutdown(wait=False)
-        return _copy_pool
-
-
-def _copy_runs(s: Any, d: Any, runs: list[tuple[int, int, int]]) -> None:
-    # numpy releases the GIL while it copies, so parts run in parallel.
-    for si, di, n in runs:
-        d[di : di + n] = s[si : si + n]
-
-
-def _host_copy(s: Any, d: Any, runs: list[tuple[int, int, int]]) -> None:
-    """Copy ``runs`` of rows of array ``s`` into ``d``; large copies in parallel parts."""
-    parts = min(torch.get_num_threads(), len(runs))
-    if parts < 2 or sum(n for _, _, n in runs) * s.shape[1] < SPLIT_COPY_BYTES:
-        _copy_runs(s, d, runs)
-        return
-    step = -(-len(runs) // parts)
-    chunks = [runs[i : i + step] for i in range(0, len(runs), step)]
-    _fan_out(_copy_executor(parts - 1), functools.partial(_copy_runs, s, d), chunks)
-
-
-def copy_rows(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int]) -> None:
-    """``dst[dst_ids[i]] = src[src_ids[i]]`` for ``(n, block_bytes)`` tensors.
-
-    Host to host: one ``memcpy`` per run of adjacent rows through numpy, in a
-    single pass (torch's ``index_select`` + ``index_copy_`` make two through a
-    temporary); from ``SPLIT_COPY_BYTES`` up, the runs are split over as many
-    threads as torch uses for one large copy.
-    With CUDA on either side: a gather on the device, then one asynchronous copy
-    per run (pinned host memory makes them DMA), on the current stream.
-    """
-    if src.device.type == "cpu" and dst.device.type == "cpu":
-        _host_copy(src.numpy(), dst.numpy(), _pairs(src_ids, dst_ids))
-        return
-    if src.device.type != "cpu":
-        index = torch.tensor(src_ids, dtype=torch.long, device=src.device)
-        gathered = src.index_select(0, index)
-        pos = 0
-        for _, di, n in _pairs(list(range(len(src_ids))), dst_ids):
-            dst[di : di + n].copy_(gathered[pos : pos + n], non_blocking=True)
-            pos += n
-        return
-    for si, di, n in _pairs(src_ids, dst_ids):
-        dst[di : di + n].copy_(src[si : si + n], non_blocking=True)
-
-
-class MemoryPool:
-    """Block slots in one ``(num_blocks, block_bytes)`` uint8 tensor.
-
-    On CUDA every copy runs on the pool's own stream and the calling worker
-    thread waits for that stream only, so the event loop never blocks and other
-    streams keep running. The CPU tier is pinned when CUDA exists, so copies
-    between it and the GPU pool are asynchronous DMA.
-    """
-
-    in_memory = True
-
-    def __init__(
-        self, name: str, num_blocks: int, block_bytes: int, device: torch.device, pin: bool = False
-    ) -> None:
-        self.name = name
-        self.num_blocks = num_blocks
-        self.block_bytes = block_bytes
-        self.device = device
-        self.pinned = pin and device.type == "cpu" and torch.cuda.is_available()
-        self.data = torch.zeros(
-            (num_blocks, block_bytes), dtype=torch.uint8, device=device, pin_memory=self.pinned
-        )
-        self.stream = (
-            torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-            if device.type == "cuda"
-            else None
-        )
-
-    def _on_stream(self) -> contextlib.AbstractContextManager[object]:
-        return torch.cuda.stream(self.stream) if self.stream is not None else _NULL
-
-    def _finish(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()
-
-    def rows(self, ids: list[int]) -> torch.Tensor:
-        """A copy of slots ``ids`` as ``(n, block_bytes)``."""
-        out = torch.empty((len(ids), self.block_bytes), dtype=torch.uint8, device=self.device)
-        with self._on_stream():
-            copy_rows(self.data, ids, out, list(range(len(ids))))
-        self._finish()
-        return out
-
-    def write_rows(self, ids: list[int], rows: torch.Tensor) -> None:
-        """Copy ``rows`` into slots ``ids`` (blocking until done)."""
-        with self._on_stream():
-            copy_rows(rows, list(range(len(ids))), self.data, ids)
-        self._finish()
-
-    def read_into(
-        self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None
-    ) -> list[int]:
-        with self._on_stream():
-            copy_rows(self.data, ids, rows, list(range(len(ids))))
-        self._finish()
-        return []
-
-    def buffers(self, ids: list[int]) -> list[memoryview]:
-        """Writable byte views of slots ``ids`` (host pools only), for vectored file I/O."""
-        assert self.device.type == "cpu"
-        flat = memoryview(self.data.numpy()).cast("B")  # type: ignore[arg-type]
-        bb = self.block_bytes
-        return [flat[i * bb : (i + 1) * bb] for i in ids]
-
-    def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
-        self.write_rows(ids, rows)
-
-    def drop(self, keys: list[Key]) -> None:
-        del keys  # memory slots need no cleanup
-
-    def close(self) -> None:
-        pass
-
-
-_NULL = contextlib.nullcontext()
 
 
 class FileStore:
@@ -548,90 +365,3 @@ class FileStore:
         self._release()
         if self._tmp:
             shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def kvikio_available() -> bool:
-    """Whether kvikio imports and the CUDA driver loads (GDS or kvikio's compat mode)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libcuda.so.1")
-        import kvikio  # noqa: F401
-    except (OSError, ImportError):
-        return False
-    return True
-
-
-def resolve_nvme_backend(name: str) -> str:
-    """``"kvikio"`` or ``"posix"`` for a configured ``nvme.backend``."""
-    if name == "posix":
-        return "posix"
-    available = kvikio_available()
-    if name == "kvikio" and not available:
-        raise ConfigError(
-            "nvme.backend: 'kvikio' asked for, but kvikio or the CUDA driver (libcuda.so.1) "
-            "cannot be loaded here; use 'auto' or 'posix'"
-        )
-    return "kvikio" if available else "posix"
-
-
-class _KvikioIO:
-    """``preadv`` / ``pwritev`` with the POSIX signatures, through one ``kvikio.CuFile``.
-
-    kvikio uses GPUDirect Storage where the driver and file system allow it and
-    its own thread pool of POSIX calls otherwise. Reads land in host memory so
-    each block's checksum can be verified before it is used.
-    """
-
-    def __init__(self, paths: dict[int, Path]) -> None:
-        import kvikio
-
-        # One CuFile per stripe, found by the POSIX descriptor of the same file.
-        self.files = {fd: kvikio.CuFile(path, "r+") for fd, path in paths.items()}
-
-    def _each(self, call: Callable[..., object], buffers: list[memoryview], offset: int) -> int:
-        """One kvikio request per buffer at consecutive offsets, all in flight
-        together; the bytes done, stopping at the first short one."""
-        futures = []
-        for buf in buffers:
-            futures.append(call(buf, len(buf), offset))
-            offset += len(buf)
-        done = 0
-        short = False
-        for buf, fut in zip(buffers, futures):
-            n = int(fut.get())  # type: ignore[attr-defined]
-            if not short:
-                done += n
-                short = n != len(buf)
-        return done
-
-    def preadv(self, fd: int, buffers: list[memoryview], offset: int) -> int:
-        return self._each(self.files[fd].pread, buffers, offset)
-
-    def pwritev(self, fd: int, buffers: list[memoryview], offset: int) -> int:
-        return self._each(self.files[fd].pwrite, buffers, offset)
-
-    def close(self) -> None:
-        for file in self.files.values():
-            file.close()
-
-
-def build_media(config: Config) -> tuple[MemoryPool, MemoryPool, FileStore | None]:
-    """The GPU pool, the CPU tier and the NVMe store a config describes."""
-    device = resolve_device(config.gpu.device)
-    gpu = MemoryPool("gpu", config.gpu.num_blocks, config.block_bytes, device)
-    cpu = MemoryPool("cpu", config.cpu.num_blocks, config.block_bytes, torch.device("cpu"), True)
-    nvme = None
-    if config.nvme is not None:
-        # A temporary directory dies with the process: no fsync needed there.
-        nvme = FileStore(
-            "nvme",
-            config.nvme.num_blocks,
-            config.block_bytes,
-            config.nvme.directory,
-            durable=config.nvme.directory is not None,
-            backend=resolve_nvme_backend(config.nvme.backend),
-            io_threads=max(2, config.nvme.stripes),
-            stripes=config.nvme.stripes,
-        )
-    return gpu, cpu, nvme

@@ -22,10 +22,10 @@ import torch
 
 import kvactors
 from kvactors.actors import Actor
+from kvactors.cli.report import RATE, RATIO, Report
 from kvactors.config import Config, GPUConfig, TierConfig
 from kvactors.manager import OffloadingManager
-from kvactors.report import RATE, RATIO, Report
-from kvactors.tier_media import MemoryPool, copy_rows
+from kvactors.media import MemoryPool, copy_rows
 
 GOAL_RATIO = 0.5
 

@@ -18,9 +18,9 @@ import msgspec
 import torch
 
 import kvactors
+from kvactors.cli.report import Report
 from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
 from kvactors.errors import KVActorsError
-from kvactors.report import Report
 
 __all__ = ["DemoResult", "block_bytes_for", "run_demo"]
 
@@ -173,7 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Report:
-    from kvactors.report import ProgressBar
+    from kvactors.cli.report import ProgressBar
     from kvactors.traces import bundled_trace, load_trace
 
     path = args.trace or bundled_trace("conversation")

@@ -38,20 +38,8 @@ import msgspec
 import torch
 
 from kvactors.actors import NOT_NOW, Actor, ActorStats, Future
-from kvactors.config import Config
-from kvactors.errors import (
-    ActorClosed,
-    IntegrityError,
-    InvalidKeyError,
-    KVActorsError,
-    TensorSpecError,
-    TierError,
-    TierFailed,
-)
-from kvactors.events import CacheEvent
-from kvactors.manager import check_keys, distinct_slots
-from kvactors.policy import Key
-from kvactors.policy_actor import (
+from kvactors.cache.events import CacheEvent
+from kvactors.cache.policy_actor import (
     CompleteLoad,
     CompleteStore,
     Demotion,
@@ -68,8 +56,21 @@ from kvactors.policy_actor import (
     StorePlan,
     Subscribe,
 )
-from kvactors.tier_actor import BlockMedium, Copy, Read, TierActor, TierStats, Write
-from kvactors.tier_actor import Drop as TierDrop
+from kvactors.cache.tier_actor import Copy, Read, TierActor, TierStats, Write
+from kvactors.cache.tier_actor import Drop as TierDrop
+from kvactors.config import Config
+from kvactors.errors import (
+    ActorClosed,
+    IntegrityError,
+    InvalidKeyError,
+    KVActorsError,
+    TensorSpecError,
+    TierError,
+    TierFailed,
+)
+from kvactors.keys import Key
+from kvactors.manager import check_keys, distinct_slots
+from kvactors.media import BlockMedium
 
 __all__ = ["CacheStats", "KVCache", "LoadResult", "StoreResult", "open"]
 
@@ -754,7 +755,7 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
     :class:`~kvactors.errors.ActorClosed`. A start-up failure (say, an NVMe
     directory that cannot be created) raises :class:`~kvactors.errors.ActorStartError`.
     """
-    from kvactors.tier_media import build_media
+    from kvactors.media import build_media
 
     config = config or Config()
     gpu_m, cpu_m, nvme_m = build_media(config)

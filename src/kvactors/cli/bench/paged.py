@@ -33,10 +33,10 @@ from typing import Any
 import anyio
 import torch
 
+from kvactors.cli.replay import positive_int
+from kvactors.cli.report import GBPS, RATE, RATIO, Report, progress
+from kvactors.keys import Key
 from kvactors.paged import BlockAllocator, KVCacheConfig, Offloader, PagedKVCache
-from kvactors.policy import Key
-from kvactors.replay import positive_int
-from kvactors.report import GBPS, RATE, RATIO, Report, progress
 
 __all__ = ["MIN_COPY_RATIO", "MIN_OPS_PER_S", "MIN_OPS_RATIO", "add_arguments", "run"]
 
@@ -298,8 +298,8 @@ async def _measure_round_trips(
         return await _round_trips(
             args, _RowStore(4 * args.swap_blocks, config.offload_bytes), args.repeat, show
         )
+    from kvactors.cache.coordinator import open as open_cache
     from kvactors.config import Config, GPUConfig, TierConfig
-    from kvactors.coordinator import open as open_cache
 
     tiers = Config(
         block_bytes=config.offload_bytes,

@@ -9,7 +9,7 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
-from kvactors.policy import Key
+from kvactors.keys import Key
 
 __all__ = ["CacheEvent", "EventHub"]
 

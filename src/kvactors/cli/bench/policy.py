@@ -21,10 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from kvactors.manager import NATIVE, OffloadingManager
-from kvactors.policy import POLICIES
-from kvactors.policy._base import Key
-from kvactors.replay import (
+from kvactors.cli.replay import (
     BLOCK_TOKENS,
     DEFAULT_CAPACITY,
     add_capacity_arguments,
@@ -33,7 +30,10 @@ from kvactors.replay import (
     positive_int,
     resolve_trace,
 )
-from kvactors.report import RATE, RATIO, Report, progress
+from kvactors.cli.report import RATE, RATIO, Report, progress
+from kvactors.keys import Key
+from kvactors.manager import NATIVE, OffloadingManager
+from kvactors.policy import POLICIES
 from kvactors.traces import load_trace
 
 __all__ = ["MIN_OPS_PER_S", "MIN_RATIO", "add_arguments", "bare_lru", "run"]

@@ -34,7 +34,7 @@ from pathlib import Path
 import msgspec
 
 from kvactors.errors import ConfigError
-from kvactors.policy import Key
+from kvactors.keys import Key
 
 __all__ = ["Entry", "NVMeIndex", "checksum"]
 

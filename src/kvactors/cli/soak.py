@@ -25,10 +25,10 @@ import msgspec
 import torch
 
 import kvactors
+from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
-from kvactors.demo import block_bytes_for
 from kvactors.errors import KVActorsError
-from kvactors.tier_media import FileStore
+from kvactors.media import FileStore
 
 __all__ = ["SoakResult", "run_soak"]
 

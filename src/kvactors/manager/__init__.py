@@ -36,8 +36,9 @@ from kvactors.errors import (
     ConfigError,
     InvalidKeyError,
 )
+from kvactors.keys import Key
 from kvactors.policy import make_policy
-from kvactors.policy._base import BlockStatus, CachePolicy, Key
+from kvactors.policy._base import BlockStatus, CachePolicy
 
 try:
     from kvactors._manager_core import ManagerCore as _ManagerCore

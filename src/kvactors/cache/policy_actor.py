@@ -26,11 +26,11 @@ from typing import Any
 import msgspec
 
 from kvactors.actors import NOT_NOW, Actor
+from kvactors.cache.events import CacheEvent, EventHub, EventKind
 from kvactors.config import Config
 from kvactors.errors import BlockNotFoundError, BlockNotReadyError, TierFailed
-from kvactors.events import CacheEvent, EventHub, EventKind
+from kvactors.keys import Key
 from kvactors.manager import ManagerStats, OffloadingManager
-from kvactors.policy import Key
 
 __all__ = [
     "CompleteLoad",

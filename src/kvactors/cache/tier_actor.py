@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import msgspec
@@ -28,11 +28,10 @@ import torch
 
 from kvactors.actors import NOT_NOW, Actor
 from kvactors.errors import IntegrityError, KVActorsError, TransferError
-from kvactors.policy import Key
-from kvactors.tier_media import FileStore, MemoryPool, copy_rows
+from kvactors.keys import Key
+from kvactors.media import BlockMedium, FileStore, MemoryPool, copy_rows
 
 __all__ = [
-    "BlockMedium",
     "Copy",
     "Drop",
     "JobReport",
@@ -43,35 +42,6 @@ __all__ = [
     "TierStats",
     "Write",
 ]
-
-
-class BlockMedium(Protocol):
-    """Bytes of ``num_blocks`` slots of ``block_bytes`` each; blocking calls.
-
-    ``rows`` tensors are ``(n, block_bytes)`` ``uint8``; ``ids`` are slot ids,
-    unique within one call.
-    """
-
-    name: str
-    num_blocks: int
-    block_bytes: int
-    in_memory: bool
-
-    def read_into(
-        self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None
-    ) -> list[int]:
-        """Fill ``rows``; return the positions that failed verification against ``keys``."""
-        ...
-
-    def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
-        """Write ``rows``; media that index blocks record them under ``keys``."""
-        ...
-
-    def drop(self, keys: list[Key]) -> None:
-        """Forget blocks ``keys`` (media that index blocks remove their records)."""
-        ...
-
-    def close(self) -> None: ...
 
 
 # -- jobs -------------------------------------------------------------------------

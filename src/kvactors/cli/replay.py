@@ -29,11 +29,11 @@ from pathlib import Path
 
 import msgspec
 
+from kvactors.cli.report import COUNT, RATIO, Report, progress
 from kvactors.errors import ConfigError, InvalidKeyError
+from kvactors.keys import Key
 from kvactors.manager import OffloadingManager
 from kvactors.policy import POLICIES
-from kvactors.policy._base import Key
-from kvactors.report import COUNT, RATIO, Report, progress
 from kvactors.traces import BUNDLED_TRACES, bundled_trace, load_trace
 
 __all__ = [

@@ -6,8 +6,8 @@ import argparse
 
 import anyio
 
-from kvactors.report import COUNT, Report
-from kvactors.soak import run_soak
+from kvactors.cli.report import COUNT, Report
+from kvactors.cli.soak import run_soak
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@
 Every command is a module exposing two functions::
 
     add_arguments(parser: argparse.ArgumentParser) -> None
-    run(args: argparse.Namespace) -> kvactors.report.Report
+    run(args: argparse.Namespace) -> kvactors.cli.report.Report
 
 and is registered by one line below: top-level commands in :data:`COMMANDS`,
 ``kvactors bench <name>`` in :data:`BENCHES`. The CLI adds ``--json`` to every
@@ -25,25 +25,25 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import cast
 
+from kvactors.cli.report import Report
 from kvactors.errors import KVActorsError
-from kvactors.report import Report
 
 __all__ = ["BENCHES", "COMMANDS", "build_parser", "main"]
 
 COMMANDS: list[tuple[str, str]] = [
-    ("demo", "kvactors.demo"),
-    ("replay", "kvactors.replay"),
+    ("demo", "kvactors.cli.demo"),
+    ("replay", "kvactors.cli.replay"),
 ]
 """Top-level commands other than ``bench``: (name, module)."""
 
 BENCHES: list[tuple[str, str]] = [
-    ("policy", "kvactors.bench.policy"),
-    ("actors", "kvactors.bench.actors"),
-    ("paged", "kvactors.bench.paged"),
-    ("soak", "kvactors.bench.soak"),
-    ("transfer", "kvactors.bench.transfer"),
+    ("policy", "kvactors.cli.bench.policy"),
+    ("actors", "kvactors.cli.bench.actors"),
+    ("paged", "kvactors.cli.bench.paged"),
+    ("soak", "kvactors.cli.bench.soak"),
+    ("transfer", "kvactors.cli.bench.transfer"),
 ]
-"""``kvactors bench`` subcommands: (name, module), modules under ``kvactors.bench``."""
+"""``kvactors bench`` subcommands: (name, module), modules under ``kvactors.cli.bench``."""
 
 Runner = Callable[[argparse.Namespace], Report]
 

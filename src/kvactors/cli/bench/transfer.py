@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
+from kvactors.cli.report import GBPS, RATIO, Report
 from kvactors.config import NVMeConfig
-from kvactors.report import GBPS, RATIO, Report
-from kvactors.tier_media import FileStore, MemoryPool, copy_rows, resolve_device
+from kvactors.media import FileStore, MemoryPool, copy_rows, resolve_device
 
 GOALS = {"memory": 0.7, "nvme": 0.8, "cuda": 0.8}
 
