@@ -6,12 +6,16 @@
  * threads then contend for. Here one call takes a whole stretch of batches:
  * it pins the buffers, releases the GIL, and loops over the system calls.
  *
- *   vectored(write, fds, offsets, counts, buffers) -> list[int]
+ *   vectored(write, fds, offsets, counts, buffers, faults=None) -> list[int]
  *
  * Batch i reads (or writes) the next counts[i] buffers at offsets[i] of file
  * descriptor fds[i]. The result holds, per batch, the bytes done (less than
  * asked for on a short transfer) or -errno when the system call failed; the
  * caller decides what a short or failed batch means. EINTR is retried.
+ *
+ * faults (fault injection on this same loop): per batch, 0 runs it, -errno
+ * fails it with that error without a system call, n > 0 transfers only its
+ * first n bytes (a short call).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -49,28 +53,52 @@ one_batch(int write, int fd, struct iovec *iov, Py_ssize_t n, long long offset)
     return done;
 }
 
+/* A batch limited to its first `limit` bytes (limit > 0), as an injected short call. */
+static long long
+short_batch(int write, int fd, struct iovec *iov, Py_ssize_t n, long long offset, long long limit)
+{
+    Py_ssize_t k = 0;
+    long long left = limit;
+    while (k < n && (long long)iov[k].iov_len < left) {
+        left -= (long long)iov[k].iov_len;
+        k++;
+    }
+    if (k == n)
+        return one_batch(write, fd, iov, n, offset);
+    size_t keep = iov[k].iov_len;
+    iov[k].iov_len = (size_t)left;
+    long long got = one_batch(write, fd, iov, k + 1, offset);
+    iov[k].iov_len = keep;
+    return got;
+}
+
 static PyObject *
 vectored(PyObject *Py_UNUSED(module), PyObject *args)
 {
     int write;
-    PyObject *fds, *offsets, *counts, *bufs;
-    if (!PyArg_ParseTuple(args, "pO!O!O!O!", &write, &PyList_Type, &fds, &PyList_Type, &offsets,
-                          &PyList_Type, &counts, &PyList_Type, &bufs))
+    PyObject *fds, *offsets, *counts, *bufs, *faults = Py_None;
+    if (!PyArg_ParseTuple(args, "pO!O!O!O!|O", &write, &PyList_Type, &fds, &PyList_Type, &offsets,
+                          &PyList_Type, &counts, &PyList_Type, &bufs, &faults))
         return NULL;
     Py_ssize_t nb = PyList_GET_SIZE(fds), nbuf = PyList_GET_SIZE(bufs);
     if (PyList_GET_SIZE(offsets) != nb || PyList_GET_SIZE(counts) != nb) {
         PyErr_SetString(PyExc_ValueError, "fds, offsets and counts differ in length");
         return NULL;
     }
+    if (faults != Py_None && (!PyList_Check(faults) || PyList_GET_SIZE(faults) != nb)) {
+        PyErr_SetString(PyExc_ValueError, "faults must be None or one int per batch");
+        return NULL;
+    }
     int *fd = PyMem_Malloc((size_t)(nb ? nb : 1) * sizeof(int));
     long long *off = PyMem_Malloc((size_t)(nb ? nb : 1) * sizeof(long long));
     Py_ssize_t *cnt = PyMem_Malloc((size_t)(nb ? nb : 1) * sizeof(Py_ssize_t));
     long long *res = PyMem_Malloc((size_t)(nb ? nb : 1) * sizeof(long long));
+    long long *plan = PyMem_Calloc((size_t)(nb ? nb : 1), sizeof(long long));
     Py_buffer *views = PyMem_Calloc((size_t)(nbuf ? nbuf : 1), sizeof(Py_buffer));
     struct iovec *iov = PyMem_Malloc((size_t)(nbuf ? nbuf : 1) * sizeof(struct iovec));
     Py_ssize_t held = 0;
     PyObject *out = NULL;
-    if (!fd || !off || !cnt || !res || !views || !iov) {
+    if (!fd || !off || !cnt || !res || !plan || !views || !iov) {
         PyErr_NoMemory();
         goto done;
     }
@@ -79,6 +107,8 @@ vectored(PyObject *Py_UNUSED(module), PyObject *args)
         fd[i] = (int)PyLong_AsLong(PyList_GET_ITEM(fds, i));
         off[i] = PyLong_AsLongLong(PyList_GET_ITEM(offsets, i));
         cnt[i] = PyLong_AsSsize_t(PyList_GET_ITEM(counts, i));
+        if (faults != Py_None)
+            plan[i] = PyLong_AsLongLong(PyList_GET_ITEM(faults, i));
         if (PyErr_Occurred())
             goto done;
         if (cnt[i] < 0 || off[i] < 0) {
@@ -102,7 +132,12 @@ vectored(PyObject *Py_UNUSED(module), PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     Py_ssize_t at = 0;
     for (Py_ssize_t i = 0; i < nb; i++) {
-        res[i] = one_batch(write, fd[i], iov + at, cnt[i], off[i]);
+        if (plan[i] < 0)
+            res[i] = plan[i];
+        else if (plan[i] > 0)
+            res[i] = short_batch(write, fd[i], iov + at, cnt[i], off[i], plan[i]);
+        else
+            res[i] = one_batch(write, fd[i], iov + at, cnt[i], off[i]);
         at += cnt[i];
     }
     Py_END_ALLOW_THREADS
@@ -124,6 +159,7 @@ done:
     PyMem_Free(off);
     PyMem_Free(cnt);
     PyMem_Free(res);
+    PyMem_Free(plan);
     PyMem_Free(views);
     PyMem_Free(iov);
     return out;
@@ -131,7 +167,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"vectored", (PyCFunction)vectored, METH_VARARGS,
-     "vectored(write, fds, offsets, counts, buffers) -> bytes done (or -errno) per batch"},
+     "vectored(write, fds, offsets, counts, buffers, faults=None) -> bytes done (or -errno) "
+     "per batch"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -205,7 +205,7 @@ def test_torn_log_tail_is_cut_off(tmp_path: Path) -> None:
     index = NVMeIndex(tmp_path, BB, 16)
     index.put([(1, 0, 11), (b"k", 1, 22)])
     index.close()
-    with open(tmp_path / "index.log", "ab") as fh:
+    with open(tmp_path / "index.1.log", "ab") as fh:
         fh.write(b"\x20\x00\x00\x00garbage")  # a frame cut short by a crash
     index = NVMeIndex(tmp_path, BB, 16)
     assert index.torn_tail
@@ -228,7 +228,8 @@ def test_compaction_keeps_live_entries_and_slot_reuse(tmp_path: Path) -> None:
     assert sorted((e.slot, e.key) for e in again.entries()) == [
         (s, 2992 + s) for s in range(8) if 2992 + s != 2999
     ]
-    assert again.log_records < 1100
+    assert again.log_records <= 1100
+    assert again.compactions == 0  # the reopen replayed only the log tail
     again.close()
 
 

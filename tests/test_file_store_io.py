@@ -339,3 +339,82 @@ def test_io_core_reports_bytes_or_errno_per_batch(tmp_path: Path) -> None:
             vectored(False, [fd], [0], [1], [bytes(BB)])  # a read needs a writable buffer
     finally:
         os.close(fd)
+
+
+class Scripted:
+    """Faults by slot: a planned result for the call starting at a slot, a byte
+    flipped in reads of another; records the calls it was asked about."""
+
+    def __init__(self, plan: dict[int, int], corrupt: int | None = None) -> None:
+        self.plan = plan
+        self.corrupt = corrupt
+        self.asked: list[tuple[bool, int, int]] = []
+        self.reads: list[int] = []
+
+    def on_io(self, write: bool, stripe: int, offset: int, nbytes: int) -> int:
+        slot = offset // BB  # one stripe in these tests
+        self.asked.append((write, slot, nbytes // BB))
+        return self.plan.get(slot, 0)
+
+    def on_read(self, buffers: list[memoryview]) -> None:
+        self.reads.append(len(buffers))
+        if self.corrupt is not None and len(buffers) > self.corrupt:
+            buffers[self.corrupt][0] ^= 0xFF
+
+
+@pytest.mark.usefixtures("io_path")
+def test_injected_faults_reach_the_path_users_run(tmp_path: Path) -> None:
+    """The fault hook is asked about every planned call, on the compiled loop as on
+    the Python one; an injected errno fails the run without I/O, a short result
+    tears the end of it, a flipped byte fails the checksum."""
+    src = pool(6, 7)
+    ids = [9, 3, 4, 5, 6, 0]  # runs: [0], [3..6], [9]
+    keys: list[bytes | int] = [10, 11, 12, 13, 14, 15]
+    store = FileStore("nvme", 12, BB, str(tmp_path), io_threads=1)
+    try:
+        store.faults = Scripted({3: -errno.ENOSPC})
+        with pytest.raises(OSError, match="No space left"):
+            store.write_buffers(ids, src.buffers(list(range(6))), keys)
+        assert store.faults.asked == [(True, 0, 1), (True, 3, 4), (True, 9, 1)]  # every call
+        assert store.recovered() == []  # the write stopped at the failed run: none indexed
+        store.faults = None
+        store.write_buffers(ids, src.buffers(list(range(6))), keys)
+        dst = MemoryPool("cpu", 6, BB, torch.device("cpu"))
+        faults = Scripted({3: BB + 10}, corrupt=0)
+        store.faults = faults
+        # Slot 3's run stops after one block and 10 bytes: 4, 5, 6 torn; the byte
+        # flipped in the first buffer of every read fails 9, 0 and 3.
+        assert store.read_buffers(ids, dst.buffers(list(range(6))), keys) == [0, 1, 2, 3, 4, 5]
+        assert faults.asked == [(False, 0, 1), (False, 3, 4), (False, 9, 1)]
+        assert faults.reads == [1, 4, 1]
+        store.faults = Scripted({9: -errno.EIO})
+        assert store.read_buffers(ids, dst.buffers(list(range(6))), keys) == [0]
+        assert torch.equal(dst.data[1:], src.data[1:])
+    finally:
+        store.close()
+
+
+def test_injected_faults_count_what_they_did(tmp_path: Path) -> None:
+    from kvactors.media.faults import InjectedFaults
+
+    src = pool(64, 8)
+    store = FileStore("nvme", 128, BB, str(tmp_path), io_threads=2)
+    try:
+        faults = InjectedFaults(3, p_write=0.5)
+        store.faults = faults
+        failed = 0
+        for i in range(32):
+            try:
+                store.write_buffers([2 * i], src.buffers([i]), [i])
+            except OSError:
+                failed += 1
+        assert failed == faults.writes_failed > 0
+        assert len(store.recovered()) == 32 - failed
+        store.faults = InjectedFaults(4, p_corrupt=1.0)
+        slots = [e.slot for e in store.recovered()]
+        keys: list[bytes | int] = [e.key for e in store.recovered()]
+        dst = MemoryPool("cpu", 64, BB, torch.device("cpu"))
+        bad = store.read_buffers(slots, dst.buffers(list(range(len(slots)))), keys)
+        assert len(bad) == len(slots) == store.faults.reads_corrupted
+    finally:
+        store.close()

@@ -1,5 +1,11 @@
 """Types of the compiled I/O loop (native/io_core.c); see kvactors.media."""
 
 def vectored(
-    write: bool, fds: list[int], offsets: list[int], counts: list[int], buffers: list[memoryview], /
+    write: bool,
+    fds: list[int],
+    offsets: list[int],
+    counts: list[int],
+    buffers: list[memoryview],
+    faults: list[int] | None = None,
+    /,
 ) -> list[int]: ...

@@ -78,6 +78,18 @@ class CacheLockedError(KVActorsError):
     """Another process holds the NVMe directory of this cache."""
 
 
+class StoreOpenError(ActorStartError):
+    """The NVMe directory cannot be opened or set up (a file in its place, no
+    permission, too many open files, ...); the message names the path and the
+    ``OSError`` is chained."""
+
+
+class IndexDamagedError(StoreOpenError):
+    """A file of the NVMe directory is damaged in a way recovery does not repair by
+    guessing (the geometry record, a directory where a file should be); the
+    message names the file."""
+
+
 class TensorSpecError(KVActorsError, ValueError):
     """A user tensor has the wrong shape, dtype, device or size for the blocks named."""
 

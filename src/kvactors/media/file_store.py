@@ -12,15 +12,20 @@ import fcntl
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 
-from kvactors.errors import CacheLockedError, ConfigError, TransferError
+from kvactors.errors import (
+    CacheLockedError,
+    ConfigError,
+    IndexDamagedError,
+    StoreOpenError,
+    TransferError,
+)
 from kvactors.keys import Key
 from kvactors.media.kvikio_io import _KvikioIO
 from kvactors.media.memory import _fan_out
@@ -33,6 +38,7 @@ except ImportError:  # built without a C compiler: one system call per batch fro
 
 
 T = TypeVar("T")
+MAX_BLOCKS = 2**32  # slots are u32 in the index records
 _Batch = tuple[int, list[int]]
 
 
@@ -83,11 +89,46 @@ def _vectored(call: Callable[..., int], fd: int, bufs: list[memoryview], offset:
     return done
 
 
+def _first_bytes(views: list[memoryview], limit: int) -> list[memoryview]:
+    """``views`` cut to their first ``limit`` bytes (all of them for ``limit`` 0)."""
+    if limit <= 0:
+        return views
+    out = []
+    for view in views:
+        if limit <= 0:
+            break
+        out.append(view[:limit])
+        limit -= len(view)
+    return out
+
+
 def _row_views(rows: torch.Tensor) -> list[memoryview]:
     """One writable byte view per row of a contiguous CPU ``(n, block_bytes)`` tensor."""
     flat = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
     bb = rows.shape[1] if rows.dim() == 2 else rows.numel()
     return [flat[i * bb : (i + 1) * bb] for i in range(rows.shape[0])]
+
+
+class Faults(Protocol):
+    """Faults injected into a :class:`FileStore`'s I/O, on the path users run
+    (the compiled loop included): set :attr:`FileStore.faults`.
+
+    ``on_io`` is asked once per system call planned (one run of adjacent slots
+    of one file): ``0`` runs it, a negative ``-errno`` fails it with that error
+    without touching the file, a positive ``n`` smaller than ``nbytes``
+    transfers only the first ``n`` bytes (a short call). ``on_read`` sees the
+    buffers of each read that completed and may change their bytes (a device
+    returning bad data). Both may be called from I/O threads at once.
+    """
+
+    def on_io(self, write: bool, stripe: int, offset: int, nbytes: int) -> int: ...
+
+    def on_read(self, buffers: list[memoryview]) -> None: ...
+
+
+def _startup(path: Path, exc: OSError) -> StoreOpenError:
+    what = exc.strerror or str(exc)
+    return StoreOpenError(f"nvme.directory: cannot open {path}: {what}")
 
 
 class FileStore:
@@ -98,11 +139,18 @@ class FileStore:
     inode lock; spread over several files they run in parallel, one I/O thread
     per file.
 
-    ``directory=None`` makes a temporary directory, removed on :meth:`close`.
-    A directory is held by one process at a time (an ``flock`` on its ``lock``
-    file); a second opener gets :class:`~kvactors.errors.CacheLockedError`.
-    Blocks written with their keys are checksummed and indexed once their bytes
-    are fsynced; :meth:`recovered` lists what a reopened directory still holds.
+    ``directory=None`` makes a temporary directory, removed on :meth:`close`
+    (and when opening fails). A directory is held by one process at a time: an
+    ``flock`` on the directory itself, which no file deleted inside it releases;
+    a second opener gets :class:`~kvactors.errors.CacheLockedError`. Opening
+    checks sizes first (``num_blocks`` below 2**32, the files' bytes against
+    the free space of the disk: :class:`~kvactors.errors.ConfigError` naming
+    the field); an ``OSError`` while opening (permissions, a file where the
+    directory should be, too many open files) is a
+    :class:`~kvactors.errors.StoreOpenError` naming the path, and leaves
+    nothing open. Blocks written with their keys are checksummed and indexed
+    once their bytes are fsynced; :meth:`recovered` lists what a reopened
+    directory still holds.
     """
 
     in_memory = False
@@ -118,52 +166,118 @@ class FileStore:
         backend: str = "posix",
         io_threads: int = 2,
         stripes: int = 1,
+        faults: Faults | None = None,
     ) -> None:
         if stripes < 1:
             raise ConfigError(f"nvme.stripes must be at least 1, got {stripes}")
+        if not 1 <= num_blocks < MAX_BLOCKS:
+            raise ConfigError(
+                f"nvme.num_blocks must be between 1 and {MAX_BLOCKS - 1}, got {num_blocks}"
+            )
+        if block_bytes < 1:
+            raise ConfigError(f"block_bytes must be positive, got {block_bytes}")
         self.name = name
         self.stripes = stripes
         self.backend = backend
         self.num_blocks = num_blocks
         self.block_bytes = block_bytes
         self.durable = durable
-        self._tmp = directory is None
-        self.directory = Path(directory or tempfile.mkdtemp(prefix="kvactors-"))
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise CacheLockedError(
-                f"{self.directory} is in use by another kvactors process"
-            ) from None
+        self.faults = faults
+        self.corrupted = 0
         self.fds: list[int] = []
+        self._lock_fd = -1
+        self._tmp = directory is None
+        self._pool: ThreadPoolExecutor | None = None
+        self._kvikio: _KvikioIO | None = None
+        if directory is None:
+            try:
+                directory = tempfile.mkdtemp(prefix="kvactors-")
+            except OSError as exc:
+                raise _startup(Path(tempfile.gettempdir()), exc) from exc
+        self.directory = Path(directory)
+        names = ["blocks.bin"] if stripes == 1 else [f"blocks.{k}.bin" for k in range(stripes)]
+        self.paths = [self.directory / name for name in names]
         try:
-            self.index = NVMeIndex(self.directory, block_bytes, num_blocks, stripes)
-            names = ["blocks.bin"] if stripes == 1 else [f"blocks.{k}.bin" for k in range(stripes)]
-            self.paths = [self.directory / name for name in names]
-            for k, path in enumerate(self.paths):
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-                self.fds.append(fd)
-                # The file of stripe k holds slots k, k + stripes, k + 2 * stripes, ...
-                os.ftruncate(fd, (num_blocks - k + stripes - 1) // stripes * block_bytes)
-        except BaseException:
+            self._open(num_blocks, block_bytes, stripes)
+        except BaseException as exc:
             self._release()
+            if self._tmp:
+                shutil.rmtree(self.directory, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise _startup(Path(exc.filename or self.directory), exc) from exc
             raise
-        self._index_lock = threading.Lock()  # worker threads share the index
-        # I/O entry points, replaceable by fault-injection tests.
+        # I/O entry points of the Python path (kvikio replaces them).
         self.pwritev: Callable[..., int] = os.pwritev
         self.preadv: Callable[..., int] = os.preadv
         self.fdatasync: Callable[[int], None] = os.fdatasync
         self.io_threads = io_threads
         self._pool = ThreadPoolExecutor(io_threads, "kvactors-io") if io_threads > 1 else None
-        self._kvikio: _KvikioIO | None = None
         if backend == "kvikio":
             self._kvikio = _KvikioIO(dict(zip(self.fds, self.paths)))
             self.pwritev = self._kvikio.pwritev
             self.preadv = self._kvikio.preadv
-        self.corrupted = 0
+
+    def _open(self, num_blocks: int, block_bytes: int, stripes: int) -> None:
+        """Lock the directory, check sizes, recover the index, open the files."""
+        if self.directory.exists() and not self.directory.is_dir():
+            raise StoreOpenError(f"nvme.directory: {self.directory} exists and is not a directory")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheLockedError(
+                f"{self.directory} is in use by another kvactors process"
+            ) from None
+        for path in self.paths:
+            if path.is_dir():
+                raise IndexDamagedError(f"{path} is a directory, not a block file; move it away")
+        sizes = [(num_blocks - k + stripes - 1) // stripes * block_bytes for k in range(stripes)]
+        self._check_space(sizes)
+        self.index = NVMeIndex(
+            self.directory,
+            block_bytes,
+            num_blocks,
+            stripes,
+            data_files=self.paths,
+            sync=self.durable,
+        )
+        try:
+            for path, size in zip(self.paths, sizes):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                self.fds.append(fd)
+                # The file of stripe k holds slots k, k + stripes, k + 2 * stripes, ...
+                have = os.fstat(fd).st_size
+                if have > size:  # never shrink a file that holds blocks
+                    raise IndexDamagedError(
+                        f"{path} holds {have} bytes, more than {size} for its "
+                        f"{block_bytes}-byte slots: not the file index.meta describes"
+                    )
+                if have < size:
+                    os.ftruncate(fd, size)
+        except BaseException:
+            self.index.close()
+            raise
+
+    def _check_space(self, sizes: list[int]) -> None:
+        """The files' bytes not yet on disk must fit its free space."""
+        missing = 0
+        for path, size in zip(self.paths, sizes):
+            try:
+                st = os.stat(path)
+                missing += max(0, size - st.st_blocks * 512)
+            except FileNotFoundError:
+                missing += size
+        # Room for the index too: a snapshot and a log of every slot, as an upper bound.
+        missing += 2 * 64 * self.num_blocks
+        vfs = os.statvfs(self.directory)
+        free = vfs.f_bavail * vfs.f_frsize
+        if missing > free:
+            raise ConfigError(
+                f"nvme.num_blocks: {self.num_blocks} blocks of {self.block_bytes} bytes need "
+                f"{missing / 2**30:.1f} GiB more on the disk of {self.directory}, "
+                f"which has {free / 2**30:.1f} GiB free"
+            )
 
     def recovered(self) -> list[Entry]:
         """Blocks the directory held when opened, oldest first (not yet verified)."""
@@ -214,12 +328,11 @@ class FileStore:
         torn = {pos for bad in self._in_stretches(run, _batches(ids, self.stripes)) for pos in bad}
         if keys is None:
             return []
-        with self._index_lock:
-            entries = [self.index.lookup_slot(slot) for slot in ids]
+        crcs = self.index.match(ids, keys)
         bad = [
             pos
-            for pos, (key, entry) in enumerate(zip(keys, entries))
-            if pos in torn or entry is None or entry.key != key or checksum(bufs[pos]) != entry.crc
+            for pos, crc in enumerate(crcs)
+            if pos in torn or crc < 0 or checksum(bufs[pos]) != crc
         ]
         self.corrupted += len(bad)
         return bad
@@ -245,6 +358,16 @@ class FileStore:
         """
         bb, stripes, fds = self.block_bytes, self.stripes, self.fds
         call = self.pwritev if write else self.preadv
+        faults = self.faults
+
+        def plan(group: list[_Batch]) -> list[int] | None:
+            if faults is None:
+                return None
+            return [
+                faults.on_io(write, slot % stripes, slot // stripes * bb, len(positions) * bb)
+                for slot, positions in group
+            ]
+
         if _io_vectored is not None and call is (os.pwritev if write else os.preadv):
 
             def run_native(group: list[_Batch]) -> list[T]:
@@ -254,7 +377,12 @@ class FileStore:
                     [slot // stripes * bb for slot, _ in group],
                     [len(positions) for _, positions in group],
                     [bufs[p] for _, positions in group for p in positions],
+                    plan(group),
                 )
+                if faults is not None and not write:
+                    for (_, positions), n in zip(group, got):
+                        if n > 0:
+                            faults.on_read([bufs[p] for p in positions])
                 return [
                     done(batch, n if n >= 0 else OSError(-n, os.strerror(-n)))
                     for batch, n in zip(group, got)
@@ -262,16 +390,27 @@ class FileStore:
 
             return run_native
 
-        def one(batch: _Batch) -> T:
+        def one(batch: _Batch, injected: int) -> T:
             slot, positions = batch
             fd, offset = fds[slot % stripes], slot // stripes * bb
-            try:
-                got: int | OSError = _vectored(call, fd, [bufs[p] for p in positions], offset)
-            except OSError as exc:
-                got = exc
+            views = [bufs[p] for p in positions]
+            got: int | OSError
+            if injected < 0:
+                got = OSError(-injected, os.strerror(-injected))
+            else:
+                try:
+                    got = _vectored(call, fd, _first_bytes(views, injected), offset)
+                except OSError as exc:
+                    got = exc
+                if faults is not None and not write and isinstance(got, int) and got > 0:
+                    faults.on_read(views)
             return done(batch, got)
 
-        return lambda group: [one(batch) for batch in group]
+        def run_python(group: list[_Batch]) -> list[T]:
+            plans = plan(group) or [0] * len(group)
+            return [one(batch, injected) for batch, injected in zip(group, plans)]
+
+        return run_python
 
     def _in_stretches(
         self, run: Callable[[list[_Batch]], list[T]], batches: list[_Batch]
@@ -336,30 +475,26 @@ class FileStore:
                 if group:
                     self.fdatasync(self.fds[k])
         items = [(key, slot, checksum(buf)) for key, slot, buf in zip(keys, ids, bufs)]
-        with self._index_lock:
-            self.index.put(items, sync=self.durable)
+        self.index.put(items, sync=self.durable)
 
     def drop(self, keys: list[Key]) -> None:
         """Remove the index records of ``keys`` (their slots' bytes stay until reused)."""
-        with self._index_lock:
-            known = [k for k in keys if k in self.index.by_key]
-            if known:
-                self.index.delete(known)
+        self.index.delete(keys)
 
     def _release(self) -> None:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
         if self._lock_fd >= 0:
-            os.close(self._lock_fd)
+            os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
 
     def close(self) -> None:
         if self._lock_fd < 0:
             return
-        self.index.close()
         if self._pool is not None:
             self._pool.shutdown()
+        self.index.close()
         if self._kvikio is not None:
             self._kvikio.close()
         self._release()

@@ -1,12 +1,29 @@
 """The NVMe tier's on-disk index: which key is in which slot, with its checksum.
 
-Two files under the cache directory, both written with msgspec:
+Files under the cache directory (all little-endian, every record CRC-32 framed):
 
-- ``index.snap``: a snapshot of every live entry, replaced atomically
-  (write ``index.snap.tmp``, fsync, rename, fsync the directory);
-- ``index.log``: records appended since the snapshot, each framed as
-  ``u32 length | u32 crc32(payload) | payload``. A torn or corrupt tail (a crash
-  in the middle of an append) ends the replay there and is cut off.
+- ``index.meta``: the geometry (``block_bytes``, ``num_blocks``, ``stripes``),
+  written atomically (temporary file, fsync, rename, fsync of the directory)
+  *before* any block file exists, and never rewritten: a directory is reopened
+  with the geometry it was made with, or refused.
+- ``index.snap``: every live entry at the last compaction (a header naming the
+  log generation it covers and the record count, then the records), replaced
+  atomically.
+- ``index.G.log``: records appended since the rotation that started generation
+  ``G``; replayed in generation order over the snapshot on reopen. A torn or
+  corrupt tail (a crash in the middle of an append) ends the replay of that log
+  and is cut off.
+
+A record is 24 bytes plus the key, padded to 8 bytes:
+``u32 crc32(rest) | u8 op | u8 kind | u16 key length | u32 slot | u32 block crc32 |
+u64 sequence | key``. Every update carries a sequence number; an update older than
+what the table already holds for its slot or key is ignored, so replay order
+across a snapshot taken while stores went on does not matter.
+
+The live table is compact: with the compiled core (``kvactors._nvme_index``) a
+fixed 48-byte record per slot (keys of up to 32 bytes inline) plus a 4-byte
+open-addressing hash of keys, no Python object per block; without it, a Python
+reference table of dicts that behaves the same.
 
 Crash safety, and where fsync matters:
 
@@ -14,75 +31,59 @@ Crash safety, and where fsync matters:
   appended, and the log is fsynced before a write job reports success: a block
   reported stored survives a crash at any later instant;
 - evictions write nothing: the slot's next ``Put`` supersedes the old key. A
-  crash between the new bytes and the new record leaves the old record pointing
-  at new bytes; its checksum no longer matches, so the block is a miss when read,
-  never data;
+  crash between the new bytes and the new record leaves the old record over
+  new bytes; its checksum no longer matches, so the block is a miss when read;
 - ``Del`` records (integrity failures, explicit drops) are appended without
-  fsync: losing one only brings back a record whose checksum check fails again.
+  fsync: losing one only brings back a record whose checksum check fails again
+  (or, for a drop, a block whose bytes are still exact).
 
-Compaction rewrites the snapshot when the log holds more than
-``max(1024, 2 x live entries)`` records.
+Compaction starts when the logs hold more records than ``max(MIN_LOG_RECORDS,
+live entries)``: under the lock it only rotates to a new log generation; a
+background thread then copies the table a chunk of slots at a time (the lock
+held for one chunk), writes ``index.snap.tmp``, fsyncs it, renames it over
+``index.snap``, fsyncs the directory and only then deletes the older logs. A
+crash at any point reopens from the previous snapshot and every log after it.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 
-from kvactors.errors import ConfigError
+from kvactors.errors import ConfigError, IndexDamagedError
 from kvactors.keys import Key
 
-__all__ = ["Entry", "NVMeIndex", "checksum"]
+try:
+    from kvactors._nvme_index import Table as _NativeTable
+except ImportError:  # built without a C compiler: the Python reference table
+    _NativeTable = None  # type: ignore[misc,assignment]
 
-_FRAME = struct.Struct("<II")
-_VERSION = 1
+__all__ = ["MIN_LOG_RECORDS", "Entry", "NVMeIndex", "checksum"]
+
+VERSION = 2
+MIN_LOG_RECORDS = 1024
+CHUNK_SLOTS = 1 << 16  # slots copied per lock hold while a snapshot is written
+
+_REC = struct.Struct("<IBBHIIQ")  # crc, op, kind, key length, slot, block crc, seq
+_META = struct.Struct("<8sIIQQII")  # magic, version, stripes, block_bytes, num_blocks, 0, crc
+_SNAP = struct.Struct("<8sIIQQQQII")  # magic, version, stripes, gen, count, bb, nb, 0, crc
+_LOG = struct.Struct("<8sIIQI4x")  # magic, version, 0, gen, crc
+META_MAGIC, SNAP_MAGIC, LOG_MAGIC = b"KVAMETA2", b"KVASNAP2", b"KVALOG02"
+OP_PUT, OP_DEL = 1, 2
+KIND_INT, KIND_BYTES, KIND_BIGINT = 0, 1, 2
+_I64 = 1 << 63
 
 
 def checksum(data: memoryview | bytes) -> int:
     """CRC-32 of one block's bytes."""
     return zlib.crc32(data)
-
-
-def _encode_key(key: Key) -> tuple[int, bytes]:
-    if type(key) is bytes:
-        return 1, key
-    assert isinstance(key, int)
-    return 0, key.to_bytes((key.bit_length() + 8) // 8, "little", signed=True)
-
-
-def _decode_key(kind: int, raw: bytes) -> Key:
-    return raw if kind == 1 else int.from_bytes(raw, "little", signed=True)
-
-
-class Meta(msgspec.Struct, array_like=True, tag=0):
-    version: int
-    block_bytes: int
-    num_blocks: int
-    stripes: int = 1  # files the slots are spread over (absent in older logs: one)
-
-
-class Put(msgspec.Struct, array_like=True, tag=1):
-    kind: int
-    key: bytes
-    slot: int
-    crc: int
-
-
-class Del(msgspec.Struct, array_like=True, tag=2):
-    kind: int
-    key: bytes
-
-
-Record = Meta | Put | Del
-
-
-class Snapshot(msgspec.Struct):
-    meta: Meta
-    entries: list[Put]
 
 
 class Entry(msgspec.Struct, frozen=True):
@@ -91,178 +92,166 @@ class Entry(msgspec.Struct, frozen=True):
     crc: int
 
 
-class NVMeIndex:
-    """Key -> (slot, checksum) for one cache directory; see the module docstring.
+def encode_key(key: Key) -> tuple[int, bytes]:
+    """``(kind, raw bytes)`` of a key as records store it."""
+    if isinstance(key, bytes):
+        return KIND_BYTES, bytes(key)
+    if -_I64 <= key < _I64:
+        return KIND_INT, key.to_bytes(8, "little", signed=True)
+    return KIND_BIGINT, key.to_bytes((key.bit_length() + 8) // 8, "little", signed=True)
 
-    Not thread-safe: the NVMe store calls it from one job at a time per slot set
-    and serialises index updates itself.
-    """
 
-    def __init__(
-        self, directory: Path, block_bytes: int, num_blocks: int, stripes: int = 1
-    ) -> None:
-        self.directory = directory
-        self.block_bytes = block_bytes
+def decode_key(kind: int, raw: bytes) -> Key:
+    return raw if kind == KIND_BYTES else int.from_bytes(raw, "little", signed=True)
+
+
+def frame(op: int, key: Key, slot: int, crc: int, seq: int) -> bytes:
+    """One record, framed and padded."""
+    kind, raw = encode_key(key)
+    body = _REC.pack(0, op, kind, len(raw), slot, crc, seq)[4:] + raw
+    body += bytes(-(len(body) + 4) % 8)
+    return struct.pack("<I", zlib.crc32(body)) + body
+
+
+class _Table(Protocol):
+    """The live entries; the compiled ``Table`` and :class:`_PyTable` both follow it."""
+
+    def put(self, key: Key, slot: int, crc: int, seq: int) -> None: ...
+    def delete(self, key: Key, seq: int) -> bool: ...
+    def get(self, slot: int) -> tuple[Key, int] | None: ...
+    def find(self, key: Key) -> int: ...
+    def apply(self, data: bytes, offset: int) -> tuple[int, int, int]: ...
+    def dump(self, lo: int, hi: int) -> tuple[bytes, int]: ...
+    def entries(self) -> list[tuple[Key, int, int]]: ...
+    def __len__(self) -> int: ...
+    @property
+    def max_seq(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
+class _PyTable:
+    """The reference table: dicts keyed by slot and key (one object per entry)."""
+
+    def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.stripes = stripes
-        self.snap_path = directory / "index.snap"
-        self.log_path = directory / "index.log"
-        self.by_slot: dict[int, Entry] = {}
-        self.by_key: dict[Key, Entry] = {}
-        self.order: dict[Key, None] = {}  # recovery order, oldest first
-        self.log_records = 0
-        self.torn_tail = False
-        self._enc = msgspec.msgpack.Encoder()
-        self._dec = msgspec.msgpack.Decoder(Record)
-        self._load()
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the index
+        self.by_slot: dict[int, tuple[Key, int, int]] = {}  # slot -> (key, crc, seq)
+        self.by_key: dict[Key, int] = {}
+        self.max_seq = 0
 
-    def _meta(self) -> Meta:
-        return Meta(_VERSION, self.block_bytes, self.num_blocks, self.stripes)
+    def __len__(self) -> int:
+        return len(self.by_key)
 
-    # -- recovery -------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return 0  # not measured: Python objects
 
-    def _check_meta(self, meta: Meta) -> None:
-        if meta.version != _VERSION:
-            raise ConfigError(f"nvme.directory: index version {meta.version} is not supported")
-        if (meta.block_bytes, meta.num_blocks) != (self.block_bytes, self.num_blocks):
-            raise ConfigError(
-                f"nvme.directory: holds blocks of {meta.block_bytes} bytes x {meta.num_blocks}, "
-                f"config asks for {self.block_bytes} x {self.num_blocks}"
-            )
-        if meta.stripes != self.stripes:
-            raise ConfigError(
-                f"nvme.directory: its blocks are spread over {meta.stripes} file(s), "
-                f"config asks for nvme.stripes = {self.stripes}"
-            )
-
-    def _load(self) -> None:
-        if self.snap_path.exists():
-            snap = msgspec.msgpack.decode(self.snap_path.read_bytes(), type=Snapshot)
-            self._check_meta(snap.meta)
-            for put in snap.entries:
-                self._apply(put)
-        if not self.log_path.exists():
-            with open(self.log_path, "wb") as fh:
-                fh.write(self._frame(self._meta()))
-                fh.flush()
-                os.fsync(fh.fileno())
-            _fsync_dir(self.directory)
+    def put(self, key: Key, slot: int, crc: int, seq: int) -> None:
+        self.max_seq = max(self.max_seq, seq)
+        if not 0 <= slot < self.num_blocks:
             return
-        data = self.log_path.read_bytes()
-        off = 0
-        good = 0
-        while off + _FRAME.size <= len(data):
-            length, crc = _FRAME.unpack_from(data, off)
-            payload = data[off + _FRAME.size : off + _FRAME.size + length]
-            if len(payload) != length or zlib.crc32(payload) != crc:
-                break
-            try:
-                record = self._dec.decode(payload)
-            except msgspec.DecodeError:
-                break
-            if isinstance(record, Meta):
-                self._check_meta(record)
-            else:
-                self._apply(record)
-            self.log_records += 1
-            off += _FRAME.size + length
-            good = off
-        if good != len(data):
-            # A torn append: cut it off so new records follow good ones.
-            self.torn_tail = True
-            with open(self.log_path, "r+b") as fh:
-                fh.truncate(good)
-                os.fsync(fh.fileno())
-
-    def _apply(self, record: Put | Del) -> None:
-        key = _decode_key(record.kind, record.key)
-        old = self.by_key.pop(key, None)
+        old = self.by_key.get(key)
+        if old is not None and self.by_slot[old][2] > seq:
+            return  # the key was written again later
+        here = self.by_slot.get(slot)
+        if here is not None and here[2] > seq:
+            return  # the slot was reused later
         if old is not None:
-            self.by_slot.pop(old.slot, None)
-            self.order.pop(key, None)
-        if isinstance(record, Put):
-            if not 0 <= record.slot < self.num_blocks:
-                return
-            prev = self.by_slot.get(record.slot)
-            if prev is not None:
-                # The slot was reused: its earlier key is gone.
-                self.by_key.pop(prev.key, None)
-                self.order.pop(prev.key, None)
-            entry = Entry(key, record.slot, record.crc)
-            self.by_slot[record.slot] = entry
-            self.by_key[key] = entry
-            self.order[key] = None
+            del self.by_slot[old]
+            here = self.by_slot.get(slot)
+        if here is not None:
+            del self.by_key[here[0]]  # the slot was reused: its earlier key is gone
+        self.by_slot[slot] = (key, crc, seq)
+        self.by_key[key] = slot
 
-    def entries(self) -> list[Entry]:
-        """Live entries, oldest first."""
-        return [self.by_key[k] for k in self.order]
+    def delete(self, key: Key, seq: int) -> bool:
+        self.max_seq = max(self.max_seq, seq)
+        slot = self.by_key.get(key)
+        if slot is None or self.by_slot[slot][2] > seq:
+            return False
+        del self.by_key[key]
+        del self.by_slot[slot]
+        return True
 
-    # -- updates --------------------------------------------------------------------
+    def get(self, slot: int) -> tuple[Key, int] | None:
+        entry = self.by_slot.get(slot)
+        return None if entry is None else (entry[0], entry[1])
 
-    def _frame(self, record: Record) -> bytes:
-        payload = self._enc.encode(record)
-        return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+    def find(self, key: Key) -> int:
+        return self.by_key.get(key, -1)
 
-    def put(self, items: list[tuple[Key, int, int]], *, sync: bool = True) -> None:
-        """Record ``(key, slot, crc)`` for blocks whose bytes are already durable."""
-        frames = []
-        for key, slot, crc in items:
-            kind, raw = _encode_key(key)
-            record = Put(kind, raw, slot, crc)
-            self._apply(record)
-            frames.append(self._frame(record))
-        self._append(b"".join(frames), sync)
+    def apply(self, data: bytes, offset: int) -> tuple[int, int, int]:
+        """Apply the records of ``data`` from ``offset``; ``(applied, end, ok)`` where
+        ``end`` is where the first bad record starts (or the end) and ``ok`` is 0
+        when one was found."""
+        n = 0
+        size = len(data)
+        while offset < size:
+            if offset + _REC.size > size:
+                return n, offset, 0
+            crc, op, kind, klen, slot, bcrc, seq = _REC.unpack_from(data, offset)
+            total = _REC.size + klen + (-(_REC.size + klen) % 8)
+            if offset + total > size or zlib.crc32(data[offset + 4 : offset + total]) != crc:
+                return n, offset, 0
+            if op not in (OP_PUT, OP_DEL) or kind > KIND_BIGINT:
+                return n, offset, 0
+            raw = data[offset + _REC.size : offset + _REC.size + klen]
+            key = decode_key(kind, raw)
+            if op == OP_PUT:
+                self.put(key, slot, bcrc, seq)
+            else:
+                self.delete(key, seq)
+            n += 1
+            offset += total
+        return n, offset, 1
 
-    def delete(self, keys: list[Key]) -> None:
-        frames = []
-        for key in keys:
-            kind, raw = _encode_key(key)
-            record = Del(kind, raw)
-            self._apply(record)
-            frames.append(self._frame(record))
-        self._append(b"".join(frames), sync=False)
-
-    def _append(self, data: bytes, sync: bool) -> None:
-        if not data:
-            return
-        self._log.write(data)
-        self._log.flush()
-        if sync:
-            os.fdatasync(self._log.fileno())
-        self.log_records += 1
-        if self.log_records > max(1024, 2 * len(self.by_key)):
-            self.compact()
-
-    def lookup_slot(self, slot: int) -> Entry | None:
-        return self.by_slot.get(slot)
-
-    def compact(self) -> None:
-        """Write a snapshot of the live entries and start an empty log."""
-        entries = [
-            Put(*_encode_key(e.key), e.slot, e.crc) for e in (self.by_key[k] for k in self.order)
+    def dump(self, lo: int, hi: int) -> tuple[bytes, int]:
+        parts = [
+            frame(OP_PUT, e[0], slot, e[1], e[2])
+            for slot in range(lo, min(hi, self.num_blocks))
+            if (e := self.by_slot.get(slot)) is not None
         ]
-        snap = Snapshot(self._meta(), entries)
-        tmp = self.snap_path.with_suffix(".snap.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(msgspec.msgpack.encode(snap))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.snap_path)
-        _fsync_dir(self.directory)
-        # A crash from here until the truncate replays the old log over the new
-        # snapshot: the same records again, so the same state.
-        self._log.close()
-        with open(self.log_path, "wb") as fh:
-            fh.write(self._frame(self._meta()))
-            fh.flush()
-            os.fsync(fh.fileno())
-        self._log = open(self.log_path, "ab")  # noqa: SIM115
-        self.log_records = 1
+        return b"".join(parts), len(parts)
 
-    def close(self) -> None:
-        if not self._log.closed:
-            self._log.close()
+    def entries(self) -> list[tuple[Key, int, int]]:
+        items = sorted(self.by_slot.items(), key=lambda item: item[1][2])
+        return [(key, slot, crc) for slot, (key, crc, _) in items]
+
+
+def new_table(num_blocks: int, native: bool | None = None) -> _Table:
+    """The compiled table where built (``native=None``), else the Python one."""
+    if native is None:
+        native = _NativeTable is not None
+    if native:
+        if _NativeTable is None:
+            raise ConfigError("the compiled NVMe index (kvactors._nvme_index) is not built")
+        table: _Table = _NativeTable(num_blocks)
+        return table
+    return _PyTable(num_blocks)
+
+
+class _ByKey(Mapping[Key, Entry]):
+    """A read-only view of the index by key."""
+
+    def __init__(self, index: NVMeIndex) -> None:
+        self._index = index
+
+    def __getitem__(self, key: Key) -> Entry:
+        table = self._index.table
+        slot = table.find(key)
+        got = table.get(slot) if slot >= 0 else None
+        if got is None:
+            raise KeyError(key)
+        return Entry(key, slot, got[1])
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, (bytes, int)) and self._index.table.find(key) >= 0
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter([key for key, _, _ in self._index.table.entries()])
+
+    def __len__(self) -> int:
+        return len(self._index.table)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -271,3 +260,409 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _read_file(path: Path) -> bytes:
+    """A file's bytes; a directory in its place is a damaged directory."""
+    if path.is_dir():
+        raise IndexDamagedError(f"{path} is a directory, not an index file; move it away")
+    return path.read_bytes()
+
+
+class NVMeIndex:
+    """Key -> (slot, checksum) for one cache directory; see the module docstring.
+
+    Thread-safe: updates and lookups take :attr:`lock`; a background compaction
+    takes it for one chunk of slots at a time.
+
+    ``data_files`` names the block files: if any exists while ``index.meta``
+    does not, the directory's geometry is unknown and it is refused
+    (:class:`~kvactors.errors.IndexDamagedError`) rather than reshaped.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        block_bytes: int,
+        num_blocks: int,
+        stripes: int = 1,
+        *,
+        data_files: list[Path] | None = None,
+        sync: bool = True,
+        native: bool | None = None,
+    ) -> None:
+        self.directory = directory
+        self.block_bytes = block_bytes
+        self.num_blocks = num_blocks
+        self.stripes = stripes
+        self.sync = sync
+        self.meta_path = directory / "index.meta"
+        self.snap_path = directory / "index.snap"
+        self.lock = threading.Lock()
+        self.table = new_table(num_blocks, native)
+        self.by_key = _ByKey(self)
+        self.torn_tail = False
+        self.quarantined: list[Path] = []
+        self.log_records = 0  # records in the logs not covered by the snapshot
+        self.compactions = 0
+        self.compaction_waits = 0  # updates that waited for a compaction to finish
+        self.compaction_error: BaseException | None = None
+        self._compactor: threading.Thread | None = None
+        self._old_records = 0  # records in logs the running compaction will retire
+        self._log_fd = -1
+        self._check_meta(data_files or [])
+        self.gen = self._load()
+        self._seq = self.table.max_seq
+        self._open_log()
+        if self.quarantined or self.torn_tail:
+            self.compact()  # what verified, durable on its own again
+
+    # -- geometry -------------------------------------------------------------------
+
+    def _meta_bytes(self) -> bytes:
+        head = _META.pack(
+            META_MAGIC, VERSION, self.stripes, self.block_bytes, self.num_blocks, 0, 0
+        )
+        return head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
+
+    def _check_meta(self, data_files: list[Path]) -> None:
+        path = self.meta_path
+        if not path.exists() and not path.is_symlink():
+            others = [p for p in data_files if p.exists()]
+            if others or self.snap_path.exists() or list(self.directory.glob("index.*.log")):
+                found = others[0] if others else self.snap_path
+                raise IndexDamagedError(
+                    f"{path} is missing but {found.name} exists: the directory's geometry "
+                    "(block_bytes, num_blocks, stripes) is unknown, so it is not reopened; "
+                    "move the directory away or restore the file"
+                )
+            _write_atomic(path, self._meta_bytes())
+            return
+        data = _read_file(path)
+        if len(data) != _META.size or zlib.crc32(data[:-4]) != _META.unpack(data)[-1]:
+            raise IndexDamagedError(
+                f"{path} is damaged (not a kvactors geometry record): the directory's "
+                "block_bytes / num_blocks / stripes are unknown, so it is not reopened"
+            )
+        magic, version, stripes, bb, nb, _, _ = _META.unpack(data)
+        if magic != META_MAGIC or version != VERSION:
+            raise IndexDamagedError(f"{path}: index version {version} is not supported")
+        if (bb, nb) != (self.block_bytes, self.num_blocks):
+            raise ConfigError(
+                f"nvme.directory: holds blocks of {bb} bytes x {nb}, "
+                f"config asks for {self.block_bytes} x {self.num_blocks}"
+            )
+        if stripes != self.stripes:
+            raise ConfigError(
+                f"nvme.directory: its blocks are spread over {stripes} file(s), "
+                f"config asks for nvme.stripes = {self.stripes}"
+            )
+
+    # -- recovery -------------------------------------------------------------------
+
+    def _log_path(self, gen: int) -> Path:
+        return self.directory / f"index.{gen}.log"
+
+    def _logs(self) -> list[int]:
+        gens = []
+        for path in self.directory.glob("index.*.log"):
+            middle = path.name[len("index.") : -len(".log")]
+            if middle.isdigit():
+                gens.append(int(middle))
+        return sorted(gens)
+
+    def _quarantine(self, path: Path) -> None:
+        n = 0
+        while (target := path.with_name(f"{path.name}.damaged{n or ''}")).exists():
+            n += 1
+        os.replace(path, target)
+        self.quarantined.append(target)
+
+    def _load(self) -> int:
+        """Snapshot, then every log from its generation on; the newest generation."""
+        for stale in self.directory.glob("index.*.tmp"):
+            stale.unlink()  # a crash while writing it: never renamed, never used
+        covered = 0
+        if self.snap_path.exists() or self.snap_path.is_symlink():
+            data = _read_file(self.snap_path)
+            ok = len(data) >= _SNAP.size
+            if ok:
+                magic, version, stripes, gen, count, bb, nb, _, crc = _SNAP.unpack_from(data)
+                ok = magic == SNAP_MAGIC and zlib.crc32(data[: _SNAP.size - 4]) == crc
+            if ok:
+                if version != VERSION:
+                    raise IndexDamagedError(f"{self.snap_path}: version {version} not supported")
+                if (bb, nb, stripes) != (self.block_bytes, self.num_blocks, self.stripes):
+                    raise IndexDamagedError(
+                        f"{self.snap_path} describes {bb} x {nb} blocks over {stripes} "
+                        f"file(s), {self.meta_path.name} {self.block_bytes} x "
+                        f"{self.num_blocks} over {self.stripes}"
+                    )
+                applied, end, good = self.table.apply(data, _SNAP.size)
+                ok = bool(good) and applied == count and end == len(data)
+                covered = gen
+            if not ok:
+                # Keep the entries that verified (each record has its own CRC),
+                # set the file aside and replay every log there is.
+                self._quarantine(self.snap_path)
+                covered = 0
+        gens = self._logs()
+        for gen in gens:
+            if gen < covered:
+                self._log_path(gen).unlink()  # retired by the snapshot
+        gens = [g for g in gens if g >= covered]
+        for i, gen in enumerate(gens):
+            self._replay(gen, last=i == len(gens) - 1)
+        return max([covered, *self._logs()], default=0) or 1
+
+    def _replay(self, gen: int, *, last: bool) -> None:
+        path = self._log_path(gen)
+        data = _read_file(path)
+        head = _LOG.size
+        if len(data) < head:
+            # Created but its header never reached the disk: nothing was in it.
+            if data.strip(b"\0") and not last:
+                self._quarantine(path)
+            else:
+                path.unlink()
+                self.torn_tail = self.torn_tail or bool(data)
+            return
+        magic, version, _, got_gen, crc = _LOG.unpack_from(data)
+        bad_head = magic != LOG_MAGIC or version != VERSION or got_gen != gen
+        if bad_head or zlib.crc32(data[: head - 8]) != crc:
+            self._quarantine(path)
+            return
+        applied, end, good = self.table.apply(data, head)
+        self.log_records += applied
+        if not good:
+            # A torn append (or damage): cut the log there so new records follow good ones.
+            self.torn_tail = True
+            with open(path, "r+b") as fh:
+                fh.truncate(end)
+                os.fsync(fh.fileno())
+
+    # -- the log --------------------------------------------------------------------
+
+    def _log_header(self, gen: int) -> bytes:
+        head = _LOG.pack(LOG_MAGIC, VERSION, 0, gen, 0)
+        return (
+            head[: _LOG.size - 8] + struct.pack("<I", zlib.crc32(head[: _LOG.size - 8])) + bytes(4)
+        )
+
+    def _open_log(self) -> None:
+        self._log_fd = self._create_log(self.gen)
+
+    def _create_log(self, gen: int) -> int:
+        """The descriptor of log ``gen``, its header durable (created if new)."""
+        path = self._log_path(gen)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            if os.fstat(fd).st_size == 0:
+                os.write(fd, self._log_header(gen))
+                if self.sync:
+                    os.fsync(fd)
+                    _fsync_dir(self.directory)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return fd
+
+    def _append(self, data: bytes, records: int, sync: bool) -> None:
+        """Append framed records (the lock held). On failure (a full disk) the log
+        is cut back to where it was, so later records never follow a torn one."""
+        at = os.lseek(self._log_fd, 0, os.SEEK_END)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._log_fd, view) :]
+            if sync and self.sync:
+                os.fdatasync(self._log_fd)
+        except BaseException:
+            os.ftruncate(self._log_fd, at)
+            raise
+        self.log_records += records
+        if self.log_records > max(MIN_LOG_RECORDS, len(self.table)) and self._compactor is None:
+            try:
+                self._start_compaction(background=True)
+            except OSError as exc:  # a full disk: retried after the next append
+                self.compaction_error = exc
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _hold_back(self) -> None:
+        """Wait for a running compaction only while the logs hold more than twice
+        ``max(MIN_LOG_RECORDS, live)`` records (writes outrunning the snapshot),
+        so the log bound holds at all times."""
+        while True:
+            worker = self._compactor
+            if worker is None or worker is threading.current_thread():
+                return
+            if self.log_records <= 2 * max(MIN_LOG_RECORDS, len(self.table)):
+                return
+            self.compaction_waits += 1
+            worker.join()
+
+    def put(self, items: list[tuple[Key, int, int]], *, sync: bool = True) -> None:
+        """Record ``(key, slot, crc)`` for blocks whose bytes are already durable."""
+        if not items:
+            return
+        self._hold_back()
+        with self.lock:
+            first = self._seq + 1
+            data = b"".join(
+                frame(OP_PUT, key, slot, crc, first + i) for i, (key, slot, crc) in enumerate(items)
+            )
+            self._append(data, len(items), sync)  # durable first, then in the table
+            self._seq += len(items)
+            for i, (key, slot, crc) in enumerate(items):
+                self.table.put(key, slot, crc, first + i)
+
+    def delete(self, keys: list[Key]) -> list[Key]:
+        """Remove ``keys`` (those present); returns the keys removed."""
+        self._hold_back()
+        with self.lock:
+            frames = []
+            gone = []
+            for key in keys:
+                seq = self._next_seq()
+                if self.table.delete(key, seq):
+                    frames.append(frame(OP_DEL, key, 0, 0, seq))
+                    gone.append(key)
+            if frames:
+                self._append(b"".join(frames), len(frames), sync=False)
+            return gone
+
+    def lookup_slot(self, slot: int) -> Entry | None:
+        with self.lock:
+            got = self.table.get(slot)
+        return None if got is None else Entry(got[0], slot, got[1])
+
+    def match(self, slots: list[int], keys: list[Key]) -> list[int]:
+        """The checksum indexed for ``keys[i]`` at ``slots[i]``, or -1 where the slot
+        holds another key or nothing."""
+        with self.lock:
+            got = [self.table.get(slot) for slot in slots]
+        return [g[1] if g is not None and g[0] == key else -1 for g, key in zip(got, keys)]
+
+    def entries(self) -> list[Entry]:
+        """Live entries, oldest first."""
+        with self.lock:
+            items = self.table.entries()
+        return [Entry(key, slot, crc) for key, slot, crc in items]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    # -- compaction -----------------------------------------------------------------
+
+    def compact(self) -> None:
+        """Write a snapshot of the live entries and retire the logs it covers
+        (in the caller's thread; waits for a background compaction first)."""
+        self.wait_compaction()
+        with self.lock:
+            self._start_compaction(background=False)
+        self._write_snapshot()
+
+    def wait_compaction(self) -> None:
+        worker = self._compactor
+        if worker is not None:
+            worker.join()
+
+    def _start_compaction(self, *, background: bool) -> None:
+        """Rotate to a new log generation (the lock held); the snapshot of
+        everything before it is written by :meth:`_write_snapshot`."""
+        if self.sync:
+            os.fdatasync(self._log_fd)  # the Dels too: the next snapshot includes them
+        fd = self._create_log(self.gen + 1)
+        os.close(self._log_fd)
+        self._log_fd = fd
+        self.gen += 1
+        self._old_records = self.log_records
+        if background:
+            self._compactor = threading.Thread(
+                target=self._background, name="kvactors-index-compaction", daemon=True
+            )
+            self._compactor.start()
+        else:
+            self._compactor = threading.current_thread()
+
+    def _background(self) -> None:
+        try:
+            self._write_snapshot()
+        except BaseException as exc:  # retried at the next rotation; stores go on
+            self.compaction_error = exc
+
+    def _write_snapshot(self) -> None:
+        try:
+            self._snapshot(self.gen)  # the new log: everything before it is in the table
+        finally:
+            with self.lock:
+                self._compactor = None
+
+    def _snapshot(self, gen: int) -> None:
+        tmp = self.snap_path.with_name("index.snap.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        count = 0
+        h = 0
+        try:
+            os.write(fd, bytes(_SNAP.size))
+            for lo in range(0, self.num_blocks, CHUNK_SLOTS):
+                with self.lock:
+                    data, n = self.table.dump(lo, lo + CHUNK_SLOTS)
+                if data:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                count += n
+            head = _SNAP.pack(
+                SNAP_MAGIC,
+                VERSION,
+                self.stripes,
+                gen,
+                count,
+                self.block_bytes,
+                self.num_blocks,
+                0,
+                0,
+            )[:-4]
+            h = zlib.crc32(head)
+            os.pwrite(fd, head + struct.pack("<I", h), 0)
+            if self.sync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, self.snap_path)
+        if self.sync:
+            _fsync_dir(self.directory)
+        with self.lock:
+            for old in self._logs():
+                if old < gen:
+                    self._log_path(old).unlink()
+            self.log_records -= self._old_records
+            self._old_records = 0
+            self.compactions += 1
+
+    def close(self) -> None:
+        self.wait_compaction()
+        with self.lock:
+            if self._log_fd >= 0:
+                os.close(self._log_fd)
+                self._log_fd = -1

@@ -1,0 +1,175 @@
+"""Opening an NVMe directory: the lock, sizes checked first, typed errors that
+leave nothing open, and damaged files."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kvactors.errors import (
+    CacheLockedError,
+    ConfigError,
+    IndexDamagedError,
+    KVActorsError,
+    StoreOpenError,
+)
+from kvactors.media import FileStore
+
+BB = 4096
+
+HOLDER = textwrap.dedent(
+    """
+    import sys
+    from kvactors.media import FileStore
+    store = FileStore("nvme", 16, 4096, sys.argv[1], stripes=2)
+    print("open", flush=True)
+    sys.stdin.readline()
+    store.close()
+    """
+)
+
+
+def test_deleting_files_does_not_release_the_lock(tmp_path: Path) -> None:
+    """Another process holds the directory; every file in it is deleted (the old
+    ``lock`` file trick): a second opener is still refused."""
+    directory = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(directory)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "open\n"
+        for path in directory.iterdir():
+            path.unlink()
+        with pytest.raises(CacheLockedError, match="in use"):
+            FileStore("nvme", 16, BB, str(directory), stripes=2)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert proc.returncode == 0
+    FileStore("nvme", 16, BB, str(directory), stripes=2).close()  # free once it exits
+
+
+def temp_dirs(root: Path) -> list[Path]:
+    return sorted(root.glob("kvactors-*"))
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Temporary directories of the store land under ``tmp_path``."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+def test_more_blocks_than_the_disk_holds_is_a_config_error(private_tmp: Path) -> None:
+    """2**31 blocks of 4 KiB (8 TiB) on this disk: refused naming the field, the
+    temporary directory removed, nothing left open: the next open works."""
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ConfigError, match=r"nvme\.num_blocks: 2147483648 blocks"):
+        FileStore("nvme", 2**31, BB)
+    assert temp_dirs(private_tmp) == []
+    assert len(os.listdir("/proc/self/fd")) == fds
+    FileStore("nvme", 16, BB).close()
+    with pytest.raises(ConfigError, match=r"nvme\.num_blocks must be between"):
+        FileStore("nvme", 2**32, BB)
+
+
+def test_a_failed_open_of_a_named_directory_leaves_it_unlocked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nvme\.num_blocks"):
+        FileStore("nvme", 2**40, BB, str(tmp_path))
+    FileStore("nvme", 16, BB, str(tmp_path)).close()  # not locked, not damaged
+
+
+def test_a_file_where_the_directory_should_be(tmp_path: Path) -> None:
+    path = tmp_path / "cache"
+    path.write_text("not a directory")
+    with pytest.raises(StoreOpenError, match=r"cache exists and is not a directory"):
+        FileStore("nvme", 16, BB, str(path))
+    with pytest.raises(StoreOpenError, match="Not a directory"):
+        FileStore("nvme", 16, BB, str(path / "below"))
+
+
+def test_a_directory_where_a_block_file_should_be(tmp_path: Path) -> None:
+    (tmp_path / "blocks.1.bin").mkdir()
+    with pytest.raises(IndexDamagedError, match=r"blocks\.1\.bin is a directory"):
+        FileStore("nvme", 16, BB, str(tmp_path), stripes=2)
+    (tmp_path / "blocks.1.bin").rmdir()
+    FileStore("nvme", 16, BB, str(tmp_path), stripes=2).close()
+
+
+def test_permission_denied_is_a_startup_error(
+    private_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An EACCES from the file system (forced here: the tests may run as root)
+    while creating the block files: a StoreOpenError naming the file, the
+    temporary directory gone."""
+    real = os.open
+
+    def deny(path: Any, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith(".bin"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", deny)
+    with pytest.raises(StoreOpenError, match=r"blocks\.bin: Permission denied") as info:
+        FileStore("nvme", 16, BB)
+    assert isinstance(info.value.__cause__, PermissionError)
+    assert isinstance(info.value, KVActorsError)
+    monkeypatch.setattr(os, "open", real)
+    assert temp_dirs(private_tmp) == []
+
+
+def test_too_many_open_files_is_a_startup_error(private_tmp: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 1, hard))
+    try:
+        with pytest.raises(StoreOpenError, match="Too many open files"):
+            FileStore("nvme", 16, BB, stripes=4)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert temp_dirs(private_tmp) == []
+    FileStore("nvme", 16, BB, stripes=4).close()
+
+
+def test_a_block_file_longer_than_its_geometry_is_never_shrunk(tmp_path: Path) -> None:
+    FileStore("nvme", 16, BB, str(tmp_path), stripes=2).close()
+    path = tmp_path / "blocks.0.bin"
+    os.truncate(path, 100 * BB)
+    with pytest.raises(IndexDamagedError, match=r"blocks\.0\.bin holds 409600 bytes"):
+        FileStore("nvme", 16, BB, str(tmp_path), stripes=2)
+    assert path.stat().st_size == 100 * BB
+
+
+def test_a_truncated_block_file_grows_back_and_its_blocks_are_misses(tmp_path: Path) -> None:
+    store = FileStore("nvme", 8, BB, str(tmp_path))
+    data = torch.randint(0, 256, (2, BB), dtype=torch.uint8)
+    store.write_from([0, 7], data, [1, 2])
+    store.close()
+    os.truncate(tmp_path / "blocks.bin", BB)
+    store = FileStore("nvme", 8, BB, str(tmp_path))
+    try:
+        assert (tmp_path / "blocks.bin").stat().st_size == 8 * BB
+        out = torch.empty(2, BB, dtype=torch.uint8)
+        assert store.read_into([0, 7], out, [1, 2]) == [1]
+        assert torch.equal(out[0], data[0])
+    finally:
+        store.close()

@@ -1,0 +1,323 @@
+"""The NVMe index: its live table (compiled and Python), log and snapshot files,
+compaction in the background, and recovery from damaged files."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvactors.errors import ConfigError, IndexDamagedError
+from kvactors.keys import Key
+from kvactors.media import nvme_index
+from kvactors.media.nvme_index import MIN_LOG_RECORDS, NVMeIndex, new_table
+
+BB = 4096
+
+
+@pytest.fixture(params=["python", "native"])
+def native(request: pytest.FixtureRequest) -> bool:
+    if request.param == "native" and nvme_index._NativeTable is None:
+        pytest.skip("compiled NVMe index not built")
+    return request.param == "native"
+
+
+def state(index: NVMeIndex) -> list[tuple[Key, int, int]]:
+    return [(e.key, e.slot, e.crc) for e in index.entries()]
+
+
+KEYS = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.binary(max_size=40),  # past the 32 inline bytes too
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["put", "del"]), KEYS, st.integers(0, 9), st.integers(0, 2**32 - 1)
+        ),
+        max_size=60,
+    )
+)
+def test_tables_agree_with_a_model(ops: list[tuple[str, Key, int, int]]) -> None:
+    """Both tables (and a plain dict model) hold the same entries after any
+    sequence of puts and deletes, in the same oldest-first order."""
+    tables = [new_table(10, native=False)]
+    if nvme_index._NativeTable is not None:
+        tables.append(new_table(10, native=True))
+    model: dict[Key, tuple[int, int, int]] = {}
+    for seq, (op, key, slot, crc) in enumerate(ops, 1):
+        if op == "put":
+            for other in [k for k, v in model.items() if v[0] == slot]:
+                del model[other]
+            model[key] = (slot, crc, seq)
+        else:
+            model.pop(key, None)
+        for table in tables:
+            if op == "put":
+                table.put(key, slot, crc, seq)
+            else:
+                table.delete(key, seq)
+    want = [(k, v[0], v[1]) for k, v in sorted(model.items(), key=lambda kv: kv[1][2])]
+    for table in tables:
+        assert table.entries() == want
+        assert len(table) == len(model)
+        for key, (slot, crc, _) in model.items():
+            assert table.find(key) == slot
+            assert table.get(slot) == (key, crc)
+
+
+def test_older_updates_lose_to_newer_ones(native: bool) -> None:
+    """Sequence numbers decide, whatever order records are applied in (a snapshot
+    taken while stores went on, then the log replayed over it)."""
+    table = new_table(4, native)
+    table.put(b"new", 1, 7, 10)
+    table.put(b"old", 1, 5, 3)  # the slot was reused later: ignored
+    table.put(b"new", 2, 5, 4)  # the key was written again later: ignored
+    table.delete(b"new", 9)  # older than the put: ignored
+    assert table.entries() == [(b"new", 1, 7)]
+    table.delete(b"new", 11)
+    assert table.entries() == []
+
+
+def test_dump_and_apply_round_trip(native: bool) -> None:
+    src = new_table(100, native)
+    keys: list[Key] = [i * 7 for i in range(50)] + [bytes([i]) * (i % 45 + 1) for i in range(50)]
+    for i, key in enumerate(keys):
+        src.put(key, i, i * 3, i + 1)
+    data, n = src.dump(0, 100)
+    assert n == 100
+    for other in (True, False) if nvme_index._NativeTable is not None else (False,):
+        dst = new_table(100, other)  # the file format is the same for both tables
+        assert dst.apply(data, 0) == (100, len(data), 1)
+        assert dst.entries() == src.entries()
+        # A record cut short stops the replay where it starts.
+        dst = new_table(100, other)
+        applied, _, ok = dst.apply(data[:-3], 0)
+        assert (applied, ok) == (99, 0)
+        assert len(dst) == 99
+
+
+def test_torn_tail_is_cut_and_new_records_follow_good_ones(tmp_path: Path, native: bool) -> None:
+    index = NVMeIndex(tmp_path, BB, 16, native=native)
+    index.put([(1, 0, 11), (b"k", 1, 22)])
+    index.close()
+    with open(tmp_path / "index.1.log", "ab") as fh:
+        fh.write(b"\x20\x00\x00\x00garbage")
+    index = NVMeIndex(tmp_path, BB, 16, native=native)
+    assert index.torn_tail
+    assert state(index) == [(1, 0, 11), (b"k", 1, 22)]
+    index.put([(2, 2, 33)])
+    index.close()
+    again = NVMeIndex(tmp_path, BB, 16, native=native)
+    assert not again.torn_tail
+    assert [k for k, _, _ in state(again)] == [1, b"k", 2]
+    again.close()
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_log_stays_bounded_by_live_entries_counting_records(
+    tmp_path: Path, native: bool, batch: int
+) -> None:
+    """1,000 live entries rewritten in appends of 1 or 64 records: the logs never
+    hold more than max(MIN_LOG_RECORDS, live) records plus what was appended
+    while a compaction ran, and reopening replays only that tail."""
+    index = NVMeIndex(tmp_path, BB, 1000, sync=False, native=native)
+    worst = 0
+    for round_ in range(20):
+        for lo in range(0, 1000, batch):
+            slots = range(lo, min(lo + batch, 1000))
+            index.put([(round_ * 1000 + s, s, s) for s in slots], sync=False)
+            worst = max(worst, index.log_records)
+    index.close()
+    assert worst <= 2 * max(MIN_LOG_RECORDS, 1000) + 64  # at all times
+    assert index.compactions >= 5
+    again = NVMeIndex(tmp_path, BB, 1000, native=native)
+    assert again.log_records <= max(MIN_LOG_RECORDS, 1000) + 64
+    assert sorted(k for k, _, _ in state(again)) == list(range(19000, 20000))
+    again.close()
+
+
+def test_stores_go_on_while_a_snapshot_is_written(tmp_path: Path, native: bool) -> None:
+    """A background compaction copies the table a chunk at a time: puts from
+    another thread keep landing, and after a reopen every put is there."""
+    n = 4 * nvme_index.CHUNK_SLOTS
+    index = NVMeIndex(tmp_path, BB, n, sync=False, native=native)
+    index.put([(i, i, i) for i in range(n)], sync=False)
+    stop = threading.Event()
+    written: list[int] = []
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set() and i < 50_000:
+            index.put([(10**9 + i, i % n, 1)], sync=False)
+            written.append(i)
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    time.sleep(0.01)
+    index.compact()
+    stop.set()
+    thread.join()
+    index.close()
+    want = {}
+    for i in range(n):
+        want[i] = i
+    for i in written:
+        want[i % n] = 10**9 + i
+    again = NVMeIndex(tmp_path, BB, n, native=native)
+    assert {e.slot: e.key for e in again.entries()} == want
+    again.close()
+
+
+def test_a_crash_at_any_point_of_compaction_keeps_the_state(tmp_path: Path, native: bool) -> None:
+    """The files a compaction leaves at each step (rotated log only; snapshot
+    written but not renamed; renamed but old logs not deleted) all reopen to
+    the same entries."""
+    index = NVMeIndex(tmp_path, BB, 64, native=native)
+    index.put([(i, i, i) for i in range(40)])
+    index.delete([3, 4])
+    index.close()
+    want = state(NVMeIndex(tmp_path, BB, 64, native=native))
+    # Rotated to a new log, snapshot not written yet.
+    index = NVMeIndex(tmp_path, BB, 64, native=native)
+    with index.lock:
+        index._start_compaction(background=False)
+    index._compactor = None
+    index.put([(100, 5, 9)])
+    index.close()
+    want = [w for w in want if w[1] != 5] + [(100, 5, 9)]
+    assert state(NVMeIndex(tmp_path, BB, 64, native=native)) == want
+    # Snapshot written, old logs still there (the unlink step never ran).
+    index = NVMeIndex(tmp_path, BB, 64, native=native)
+    logs = {p.name: p.read_bytes() for p in tmp_path.glob("index.*.log")}
+    index.compact()
+    index.close()
+    for name, data in logs.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "index.snap.tmp").write_bytes(b"half a snapshot")
+    again = NVMeIndex(tmp_path, BB, 64, native=native)
+    assert state(again) == want
+    assert not (tmp_path / "index.snap.tmp").exists()
+    again.close()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "half", "directory"])
+def test_a_damaged_snapshot_is_set_aside_and_what_verifies_is_kept(
+    tmp_path: Path, native: bool, damage: str
+) -> None:
+    index = NVMeIndex(tmp_path, BB, 64, native=native)
+    index.put([(i, i, i) for i in range(20)])
+    index.compact()
+    index.put([(100, 30, 1)])  # in the log after the snapshot
+    index.close()
+    snap = tmp_path / "index.snap"
+    data = snap.read_bytes()
+    if damage == "garbage":
+        snap.write_bytes(os.urandom(len(data)))
+    elif damage == "empty":
+        snap.write_bytes(b"")
+    elif damage == "half":
+        snap.write_bytes(data[: len(data) // 2])
+    else:
+        snap.unlink()
+        snap.mkdir()
+        with pytest.raises(IndexDamagedError, match=r"index\.snap is a directory"):
+            NVMeIndex(tmp_path, BB, 64, native=native)
+        return
+    again = NVMeIndex(tmp_path, BB, 64, native=native)
+    got = state(again)
+    assert again.quarantined == [tmp_path / "index.snap.damaged"]
+    # Whatever is kept is exactly what was written; the log after the snapshot too.
+    assert (100, 30, 1) in got
+    assert set(got) <= {(i, i, i) for i in range(20)} | {(100, 30, 1)}
+    if damage == "half":
+        assert len(got) >= 5  # the records before the cut verified
+    again.put([(200, 40, 2)])
+    again.close()
+    # The state after recovery is durable on its own: reopening needs nothing set aside.
+    third = NVMeIndex(tmp_path, BB, 64, native=native)
+    assert third.quarantined == []
+    assert state(third) == [*got, (200, 40, 2)]
+    third.close()
+
+
+def test_a_garbage_log_is_set_aside(tmp_path: Path, native: bool) -> None:
+    index = NVMeIndex(tmp_path, BB, 16, native=native)
+    index.put([(1, 1, 1)])
+    index.compact()
+    index.put([(2, 2, 2)])
+    index.close()
+    (log,) = tmp_path.glob("index.*.log")
+    log.write_bytes(os.urandom(200))
+    again = NVMeIndex(tmp_path, BB, 16, native=native)
+    assert state(again) == [(1, 1, 1)]  # the snapshot's entries; the log's are lost, not wrong
+    assert again.quarantined == [log.with_name(log.name + ".damaged")]
+    again.close()
+
+
+def test_geometry_never_changes_silently(tmp_path: Path) -> None:
+    index = NVMeIndex(tmp_path, BB, 16, 2)
+    index.close()
+    for bb, nb, stripes, field in [
+        (2 * BB, 16, 2, "nvme.directory"),
+        (BB, 8, 2, "nvme.directory"),
+        (BB, 16, 1, r"nvme\.stripes = 1"),
+    ]:
+        with pytest.raises(ConfigError, match=field):
+            NVMeIndex(tmp_path, bb, nb, stripes)
+    # A damaged geometry record is refused naming the file, never rewritten.
+    meta = tmp_path / "index.meta"
+    meta.write_bytes(meta.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(IndexDamagedError, match=r"index\.meta is damaged"):
+        NVMeIndex(tmp_path, BB, 16, 2)
+    meta.write_bytes(b"")
+    with pytest.raises(IndexDamagedError, match=r"index\.meta is damaged"):
+        NVMeIndex(tmp_path, 2 * BB, 16, 2)
+
+
+def test_block_files_without_a_geometry_record_are_refused(tmp_path: Path) -> None:
+    """A crash while the directory was made (or files from elsewhere): block
+    files but no index.meta. Refused, naming the files, never reshaped."""
+    (tmp_path / "blocks.0.bin").write_bytes(bytes(BB))
+    with pytest.raises(IndexDamagedError, match=r"index\.meta is missing but blocks\.0\.bin"):
+        NVMeIndex(tmp_path, BB, 16, 2, data_files=[tmp_path / "blocks.0.bin"])
+    assert (tmp_path / "blocks.0.bin").stat().st_size == BB
+
+
+def test_many_random_reopens_match_a_model(tmp_path: Path, native: bool) -> None:
+    """Puts, deletes, compactions and reopens in random order: every reopen
+    holds exactly the model's entries."""
+    rng = random.Random(5)
+    model: dict[int, tuple[int, int]] = {}
+    index = NVMeIndex(tmp_path, BB, 32, sync=False, native=native)
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.6:
+            key, slot = rng.randrange(100), rng.randrange(32)
+            for other in [k for k, v in model.items() if v[0] == slot]:
+                del model[other]
+            model[key] = (slot, key * 3)
+            index.put([(key, slot, key * 3)], sync=False)
+        elif op < 0.8:
+            key = rng.randrange(100)
+            model.pop(key, None)
+            index.delete([key])
+        elif op < 0.9:
+            index.compact()
+        else:
+            index.close()
+            index = NVMeIndex(tmp_path, BB, 32, sync=False, native=native)
+        assert sorted((e.key, e.slot, e.crc) for e in index.entries()) == sorted(
+            (k, s, c) for k, (s, c) in model.items()
+        )
+    index.close()
