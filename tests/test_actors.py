@@ -1,32 +1,37 @@
-"""The actor runtime: ask/tell, backpressure, errors, start-up failures and shutdown."""
+"""The actor runtime: ask/tell/try_tell, where a message runs, backpressure,
+cancellation, errors, start-up failures and shutdown."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import anyio
-import msgspec
+import anyio.lowlevel
 import pytest
 
-from kvactors.actors import NOT_NOW, Actor, Future
+from kvactors.actors import Actor, Future, Message
 from kvactors.errors import ActorClosed, ActorStartError
 
 pytestmark = pytest.mark.anyio
 
 
-class Add(msgspec.Struct, frozen=True, tag=True):
+class Add(Message[int], frozen=True, tag=True):
     n: int
 
 
-class Boom(msgspec.Struct, frozen=True, tag=True):
+class Boom(Message[None], frozen=True, tag=True):
     pass
 
 
-class Park(msgspec.Struct, frozen=True, tag=True):
+class Park(Message[str], frozen=True, tag=True):
     """Wait until the test releases the actor."""
 
 
-Msg = Add | Boom | Park
+class WhoRuns(Message[object], frozen=True, tag=True):
+    """Reply with the task the handler runs in."""
+
+
+Msg = Add | Boom | Park | WhoRuns
 
 
 class Counter(Actor[Msg]):
@@ -35,19 +40,30 @@ class Counter(Actor[Msg]):
         self.total = 0
         self.release = anyio.Event()
         self.parked = anyio.Event()
+        self.in_hand = 0
+        self.most_in_hand = 0
+        self.finished: list[str] = []
         self.stopped = False
 
     async def handle(self, message: Msg) -> Any:
-        match message:
-            case Add(n):
-                self.total += n
-                return self.total
-            case Boom():
-                raise ValueError("boom")
-            case Park():
-                self.parked.set()
-                await self.release.wait()
-                return "released"
+        self.in_hand += 1
+        self.most_in_hand = max(self.most_in_hand, self.in_hand)
+        try:
+            match message:
+                case Add(n):
+                    self.total += n
+                    return self.total
+                case Boom():
+                    raise ValueError("boom")
+                case Park():
+                    self.parked.set()
+                    await self.release.wait()
+                    return "released"
+                case WhoRuns():
+                    return anyio.get_current_task().id
+        finally:
+            self.in_hand -= 1
+            self.finished.append(type(message).__name__)
 
     async def on_stop(self) -> None:
         self.stopped = True
@@ -58,13 +74,42 @@ class FailsToStart(Actor[Msg]):
         raise OSError("no device")
 
 
-async def test_ask_returns_the_reply_and_tell_is_handled_in_order() -> None:
+async def park(actor: Counter, tg: anyio.abc.TaskGroup) -> Future[str]:
+    """Ask ``Park`` from a task of ``tg`` and wait until the actor holds it."""
+    fut: Future[str] = Future()
+
+    async def run() -> None:
+        try:
+            fut.set_result(await actor.ask(Park()))
+        except Exception as exc:
+            fut.set_exception(exc)
+
+    tg.start_soon(run)
+    await actor.parked.wait()
+    return fut
+
+
+def submit(tg: anyio.abc.TaskGroup, actor: Counter, message: Any) -> Future[Any]:
+    fut: Future[Any] = Future()
+
+    async def run() -> None:
+        try:
+            fut.set_result(await actor.ask(message))
+        except Exception as exc:
+            fut.set_exception(exc)
+
+    tg.start_soon(run)
+    return fut
+
+
+async def test_ask_returns_the_typed_reply_and_tell_is_handled_in_order() -> None:
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             actor = Counter()
             await tg.start(actor.run)
-            assert await actor.ask(Add(2)) == 2
-            await actor.tell(Add(3))
+            total: int = await actor.ask(Add(2))
+            assert total == 2
+            await actor.tell(Add(3))  # type: ignore[arg-type]
             assert await actor.ask(Add(0)) == 5
             assert actor.statistics().handled == 3
             await actor.stop()
@@ -94,6 +139,77 @@ async def test_startup_error_reaches_the_starter() -> None:
         await actor.ask(Add(1))
 
 
+async def test_an_idle_actor_runs_an_ask_in_the_askers_task_a_busy_one_by_mailbox() -> None:
+    """Same handler, two places: the asker's task when the actor has a free
+    place and nothing queued, a serving task otherwise; order is kept."""
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            actor = Counter(mailbox_size=4)
+            await tg.start(actor.run)
+            assert await actor.ask(WhoRuns()) == anyio.get_current_task().id
+            parked = await park(actor, tg)
+            await actor.tell(Add(10))  # type: ignore[arg-type]
+            later = submit(tg, actor, WhoRuns())
+            await anyio.wait_all_tasks_blocked()
+            assert actor.statistics().mailbox_depth == 2
+            actor.release.set()
+            assert await parked == "released"
+            assert await later != anyio.get_current_task().id  # a serving task ran it
+            assert actor.finished == ["WhoRuns", "Park", "Add", "WhoRuns"]
+            assert await actor.ask(Add(1)) == 11
+            await actor.stop()
+
+
+async def test_concurrency_bounds_the_messages_in_hand_wherever_they_run() -> None:
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            actor = Counter(mailbox_size=16, concurrency=2)
+            await tg.start(actor.run)
+            futures = [submit(tg, actor, Park()) for _ in range(5)]
+            await anyio.wait_all_tasks_blocked()
+            assert actor.in_hand == 2
+            assert actor.statistics().mailbox_depth == 3
+            actor.release.set()
+            assert [await f for f in futures] == ["released"] * 5
+            assert actor.most_in_hand == 2
+            await actor.stop()
+
+
+@pytest.mark.parametrize("where", ["asker", "mailbox"])
+async def test_a_cancelled_asker_cancels_the_handler_and_returns_after_it(where: str) -> None:
+    """Cancelling the asker cancels the handler at its next await, in either
+    place, and ``ask`` returns only once the handler's ``finally`` has run."""
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            actor = Counter(mailbox_size=4)
+            await tg.start(actor.run)
+            blocker = await park(actor, tg) if where == "mailbox" else None
+            seen: list[list[str]] = []
+
+            async def asker() -> None:
+                try:
+                    await actor.ask(Park())
+                finally:
+                    seen.append(list(actor.finished))
+
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(asker)
+                    if blocker is not None:
+                        await anyio.wait_all_tasks_blocked()
+                        actor.parked = anyio.Event()
+                        actor.release.set()  # the blocker ends, the asker's Park starts
+                        actor.release = anyio.Event()
+                        assert await blocker == "released"
+                    await actor.parked.wait()
+                    scope.cancel()
+            assert len(seen) == 1
+            assert seen[0].count("Park") == (2 if blocker else 1)
+            assert actor.in_hand == 0
+            assert await actor.ask(Add(1)) == 1  # still serving
+            await actor.stop()
+
+
 async def test_full_mailbox_applies_backpressure_and_drops_hints() -> None:
     """With the actor parked on one message and a mailbox of 2, two more fit;
     a third ask waits for room, and hints are dropped and counted."""
@@ -101,30 +217,19 @@ async def test_full_mailbox_applies_backpressure_and_drops_hints() -> None:
         async with anyio.create_task_group() as tg:
             actor = Counter(mailbox_size=2)
             await tg.start(actor.run)
-            parked = actor.ask_nowait(Park())
-            await actor.parked.wait()
-            first = actor.ask_nowait(Add(1))
-            second = actor.ask_nowait(Add(1))
-            assert actor.statistics().mailbox_depth == 2
-            with pytest.raises(anyio.WouldBlock):
-                actor.ask_nowait(Add(1))
-            assert actor.try_tell(Add(100)) is False
-            assert actor.statistics().hints_dropped == 1
-
-            sent = anyio.Event()
-
-            async def blocked_ask() -> None:
-                await actor.ask(Add(10))
-                sent.set()
-
-            tg.start_soon(blocked_ask)
+            parked = await park(actor, tg)
+            first, second = submit(tg, actor, Add(1)), submit(tg, actor, Add(1))
             await anyio.wait_all_tasks_blocked()
-            assert not sent.is_set()  # waiting for room, not dropped
+            assert actor.statistics().mailbox_depth == 2
+            assert actor.try_tell(Add(100)) is False  # type: ignore[arg-type]
+            assert actor.statistics().hints_dropped == 1
+            third = submit(tg, actor, Add(10))
+            await anyio.wait_all_tasks_blocked()
+            assert not third.done()  # waiting for room, not dropped
+            assert actor.statistics().mailbox_depth == 2
             actor.release.set()
             assert await parked == "released"
-            assert (await first, await second) == (1, 2)
-            await sent.wait()
-            assert actor.total == 12
+            assert (await first, await second, await third) == (1, 2, 12)
             await actor.stop()
 
 
@@ -133,9 +238,9 @@ async def test_stop_fails_queued_requests_and_later_sends() -> None:
         async with anyio.create_task_group() as tg:
             actor = Counter(mailbox_size=4)
             await tg.start(actor.run)
-            parked = actor.ask_nowait(Park())
-            await actor.parked.wait()
-            queued = [actor.ask_nowait(Add(1)) for _ in range(3)]
+            parked = await park(actor, tg)
+            queued = [submit(tg, actor, Add(1)) for _ in range(3)]
+            await anyio.wait_all_tasks_blocked()
             await actor.stop()
             actor.release.set()
             assert await parked == "released"  # the message in hand finishes
@@ -144,23 +249,40 @@ async def test_stop_fails_queued_requests_and_later_sends() -> None:
                     await fut
             with pytest.raises(ActorClosed):
                 await actor.ask(Add(1))
-            assert actor.try_tell(Add(1)) is False
+            assert actor.try_tell(Add(1)) is False  # type: ignore[arg-type]
     assert actor.total == 0
     assert actor.stopped
+
+
+async def test_on_stop_waits_for_messages_handled_in_askers_tasks() -> None:
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            actor = Counter()
+            await tg.start(actor.run)
+            parked = await park(actor, tg)  # runs in the asker's task
+            await actor.stop()
+            await anyio.wait_all_tasks_blocked()
+            assert not actor.stopped  # on_stop waits for the message in hand
+            actor.release.set()
+            assert await parked == "released"
+            await actor.wait_stopped()
+            assert actor.stopped
 
 
 async def test_cancelling_the_task_group_fails_in_flight_and_queued_asks() -> None:
     with anyio.fail_after(5):
         actor = Counter(mailbox_size=4)
-        async with anyio.create_task_group() as tg:
-            await tg.start(actor.run)
-            parked = actor.ask_nowait(Park())
-            await actor.parked.wait()
-            queued = actor.ask_nowait(Add(1))
-            tg.cancel_scope.cancel()
-        for fut in (parked, queued):
-            assert fut.done()
-            assert isinstance(fut.exception(), ActorClosed)
+        async with anyio.create_task_group() as outer:
+            async with anyio.create_task_group() as tg:
+                await tg.start(actor.run)
+                blocker = await park(actor, outer)  # in the asker's task
+                queued = submit(outer, actor, Add(1))
+                await anyio.wait_all_tasks_blocked()
+                tg.cancel_scope.cancel()
+                # ``run`` ends only once the message in the asker's task has.
+                actor.release.set()
+            assert await blocker == "released"
+            assert isinstance(await queued.settled() or queued.exception(), ActorClosed)
         assert actor.stopped
 
 
@@ -180,82 +302,14 @@ async def test_future_polling_contract() -> None:
         failed.result()
 
 
-class Quick(Actor[Msg]):
-    """Answers ``Add`` at once (``handle_now``); ``Park`` and ``Boom`` take the mailbox."""
-
-    def __init__(self, **kw: Any) -> None:
-        super().__init__("quick", **kw)
-        self.total = 0
-        self.release = anyio.Event()
-        self.parked = anyio.Event()
-
-    def handle_now(self, message: Msg) -> Any:
-        match message:
-            case Add(n):
-                self.total += n
-                return self.total
-            case Boom():
-                raise ValueError("boom now")
-        return NOT_NOW
-
-    async def handle(self, message: Msg) -> Any:
-        if isinstance(message, Park):
-            self.parked.set()
-            await self.release.wait()
-            return "released"
-        return self.handle_now(message)
-
-
-async def test_idle_actor_answers_an_ask_in_the_askers_task() -> None:
-    """No mailbox round trip: the reply is there before anything else runs."""
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            actor = Quick()
-            await tg.start(actor.run)
-            assert await actor.ask(Add(2)) == 2
-            assert actor.ask_now(Add(3)) == 5
-            with pytest.raises(ValueError, match="boom now"):
-                await actor.ask(Boom())
-            stats = actor.statistics()
-            assert (stats.handled, stats.failed, stats.handled_direct) == (2, 1, 3)
-            assert stats.mailbox_depth == 0
-            await actor.stop()
-            assert actor.ask_now(Add(1)) is NOT_NOW
-            with pytest.raises(ActorClosed):
-                await actor.ask(Add(1))
-
-
-async def test_a_busy_actor_keeps_mailbox_order_for_direct_capable_asks() -> None:
-    """While a message is in hand or queued, asks go through the mailbox, so a
-    tell sent earlier is handled before a later ask."""
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            actor = Quick(mailbox_size=4)
-            await tg.start(actor.run)
-            parked = actor.ask_nowait(Park())
-            await actor.parked.wait()
-            assert actor.ask_now(Add(1)) is NOT_NOW  # busy: nothing handled
-            await actor.tell(Add(10))
-            later = actor.ask_nowait(Add(1))
-            assert actor.statistics().mailbox_depth == 2
-            actor.release.set()
-            assert await parked == "released"
-            assert await later == 11
-            assert actor.statistics().handled_direct == 0
-            # Idle again: direct.
-            assert await actor.ask(Add(1)) == 12
-            assert actor.statistics().handled_direct == 1
-            await actor.stop()
-
-
 async def test_a_sender_cancelled_while_waiting_for_room_sends_nothing() -> None:
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             actor = Counter(mailbox_size=1)
             await tg.start(actor.run)
-            parked = actor.ask_nowait(Park())
-            await actor.parked.wait()
-            queued = actor.ask_nowait(Add(1))
+            parked = await park(actor, tg)
+            queued = submit(tg, actor, Add(1))
+            await anyio.wait_all_tasks_blocked()
             with anyio.move_on_after(0.05):
                 await actor.ask(Add(100))  # waits for room, then is cancelled
             actor.release.set()

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import kvactors
-from kvactors.cache import tier_actor
-from kvactors.cache.tier_actor import Crash
+from kvactors.cache import tier_actor, transfers
 from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
 from kvactors.errors import (
@@ -25,6 +24,7 @@ from kvactors.errors import (
     InvalidKeyError,
     TensorSpecError,
     TierError,
+    TierFailed,
 )
 
 pytestmark = pytest.mark.anyio
@@ -171,14 +171,14 @@ class SlowWrites:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.gate = threading.Event()
         self.entered = threading.Event()
-        original = tier_actor.copy_rows
+        original = transfers.copy_rows
 
         def slow(*args: Any) -> None:
             self.entered.set()
             self.gate.wait(10)
             original(*args)
 
-        monkeypatch.setattr(tier_actor, "copy_rows", slow)
+        monkeypatch.setattr(transfers, "copy_rows", slow)
 
 
 async def wait_entered(slow: SlowWrites) -> None:
@@ -193,11 +193,11 @@ async def test_cancelled_store_leaves_nothing_behind(
 ) -> None:
     """A store cancelled while its transfer is queued or running completes as failed:
     no pin, no not-ready block, and the key is not served."""
-    config = small_config(gpu={"num_blocks": 64, "device": "cpu", "threads": 1})
+    # inline_bytes=0: copies run in threads, so they can be slow.
+    config = small_config(cpu={"num_blocks": 8, "threads": 1}, inline_bytes=0)
     with anyio.fail_after(20):
         async with kvactors.open(config) as kv:
             slow = SlowWrites(monkeypatch)
-            kv._coord.gpu.inline_bytes = 0  # run copies in threads, so they can be slow
             fill(kv, [1, 2], [0, 1])
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
@@ -222,11 +222,10 @@ async def test_cancelled_store_leaves_nothing_behind(
 
 async def test_cancelled_load_releases_its_pins(monkeypatch: pytest.MonkeyPatch) -> None:
     with anyio.fail_after(20):
-        async with kvactors.open(small_config()) as kv:
+        async with kvactors.open(small_config(inline_bytes=0)) as kv:
             fill(kv, [1, 2], [0, 1])
             await kv.store([1, 2], [0, 1])
             slow = SlowWrites(monkeypatch)
-            kv._coord.gpu.inline_bytes = 0
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(kv.load, [1, 2], [10, 11])
@@ -268,15 +267,23 @@ async def test_crashed_tier_reaches_callers_and_the_rest_keeps_working() -> None
             await kv.store(keys[:8], keys[:8])
             await kv.store(keys[8:], keys[8:])  # demotes 4 blocks to NVMe
             assert (await kv.lookup(keys)).tiers[:4] == ["nvme"] * 4
-            await kv._coord.nvme.ask(Crash("device lost"))  # type: ignore[union-attr]
+            # The device goes away: every I/O of the NVMe medium fails from now on.
+            store: Any = kv.medium("nvme")
+
+            def dead(*args: Any) -> None:
+                raise TierFailed("device lost")
+
+            store.read_buffers = store.write_buffers = dead
             with pytest.raises(TierError, match="device lost"):
                 await kv.load(keys[:1], [20])
             stats = await settled(kv)
             assert stats.policy.failed == ["nvme"]
             assert stats.tiers["nvme"].crashed == "device lost"
             # CPU blocks still load, and stores still land in CPU.
-            await kv.load(keys[8:], [30, 31, 32, 33])
-            assert torch.equal(rows(kv, [30, 31, 32, 33]), block_bytes_for(keys[8:], BB, CPU))
+            # (the lookup above made 4 the most recent CPU block, 11 the least:
+            # the failed promotion's victim)
+            await kv.load(keys[4:8], [30, 31, 32, 33])
+            assert torch.equal(rows(kv, [30, 31, 32, 33]), block_bytes_for(keys[4:8], BB, CPU))
             fill(kv, [50], [50])
             assert await kv.store([50], [50]) == kvactors.StoreResult(1, 0)
             assert (await kv.lookup(keys)).hits == 0  # NVMe blocks no longer count
@@ -339,7 +346,7 @@ async def test_write_through_puts_every_stored_block_in_nvme_at_once() -> None:
             await kv.store([1, 2, 3], [0, 1, 2])
             stats = await settled(kv)
             assert stats.policy.tiers["nvme"].used == 3
-            assert stats.tiers["nvme"].ops["copy_in"].bytes == 3 * BB
+            assert stats.tiers["nvme"].transfers["cpu->nvme"].bytes == 3 * BB
 
 
 async def test_nvme_directory_is_used_and_kept(tmp_path: Path) -> None:
@@ -371,12 +378,6 @@ async def test_inline_and_threaded_copies_move_the_same_bytes(inline_bytes: int)
             await kv.load([b"x", b"y"], out)
             assert torch.equal(out, src)
             stats = await settled(kv)
-            direct = {a.name: a.handled_direct for a in stats.actors}
-            if inline_bytes:
-                assert direct["gpu"] > 0
-            else:
-                assert direct["gpu"] == direct["cpu"] == 0
-            assert direct["nvme"] == 0  # file I/O always goes to a worker thread
             assert stats.failed_loads == stats.failed_stores == 0
 
 
@@ -384,14 +385,14 @@ async def test_file_io_never_runs_on_the_event_loop(monkeypatch: pytest.MonkeyPa
     """Copies that touch the NVMe file run in worker threads, whatever their
     size; small memory-to-memory copies run on the event loop thread."""
     on_loop: dict[bool, list[bool]] = {True: [], False: []}
-    original = tier_actor._copy
+    original = tier_actor.move
 
-    def recording(src: Any, src_ids: Any, dst: Any, *rest: Any) -> None:
-        touches_file = not (src.in_memory and dst.in_memory)
+    def recording(src: Any, dst: Any, *rest: Any) -> None:
+        touches_file = src.rows is None or dst.rows is None
         on_loop[touches_file].append(threading.current_thread() is threading.main_thread())
-        original(src, src_ids, dst, *rest)
+        original(src, dst, *rest)
 
-    monkeypatch.setattr(tier_actor, "_copy", recording)
+    monkeypatch.setattr(tier_actor, "move", recording)
     config = small_config(cpu={"num_blocks": 4})
     with anyio.fail_after(20):
         async with kvactors.open(config) as kv:
@@ -456,36 +457,36 @@ def test_inline_bytes_is_checked_and_named(value: object, message: str) -> None:
         Config(inline_bytes=value)  # type: ignore[arg-type]
 
 
-async def test_memory_only_handshakes_run_at_once_and_others_by_mailbox() -> None:
-    """An idle coordinator runs a store or load that needs no NVMe transfer to
-    its end in the caller's task; one that demotes or reads NVMe blocks goes
-    through its mailbox. Both leave the same state behind."""
+@pytest.mark.parametrize("max_inflight", [1, 32])
+async def test_handshakes_in_the_callers_task_or_by_mailbox_leave_the_same_state(
+    max_inflight: int,
+) -> None:
+    """With ``max_inflight=1`` and concurrent callers most handshakes wait in the
+    coordinator's mailbox; with 32 each runs in its caller's task. The same
+    requests leave the same blocks, bytes and counters either way."""
     with anyio.fail_after(20):
-        async with kvactors.open(small_config()) as kv:
+        async with kvactors.open(small_config(max_inflight=max_inflight)) as kv:
             keys = list(range(300, 316))
             fill(kv, keys, list(range(16)))
-
-            def counts(stats: kvactors.CacheStats) -> tuple[int, int]:
-                coord = next(a for a in stats.actors if a.name == "coordinator")
-                return coord.handled - coord.handled_direct, coord.handled_direct
-
-            await kv.store(keys[:8], list(range(8)))  # room in CPU: at once
-            assert counts(await kv.stats()) == (0, 1)
-            await kv.load(keys[:8], list(range(20, 28)))  # all in CPU: at once
-            assert counts(await kv.stats()) == (0, 2)
-            await kv.store(keys[8:], list(range(8, 16)))  # evicts, demotes: mailbox
-            assert counts(await kv.stats()) == (1, 2)
-            await kv.load(keys[:4], list(range(30, 34)))  # NVMe blocks: mailbox
-            assert counts(await kv.stats()) == (2, 2)
-            await kv.load(keys[:4], list(range(40, 44)), partial=True)  # partial: mailbox
-            assert counts(await kv.stats()) == (3, 2)
-            assert torch.equal(rows(kv, list(range(20, 28))), block_bytes_for(keys[:8], BB, CPU))
-            assert torch.equal(rows(kv, list(range(30, 34))), block_bytes_for(keys[:4], BB, CPU))
-            assert torch.equal(rows(kv, list(range(40, 44))), block_bytes_for(keys[:4], BB, CPU))
+            async with anyio.create_task_group() as tg:
+                for i in range(0, 8, 2):
+                    tg.start_soon(kv.store, keys[i : i + 2], list(range(i, i + 2)))
+            await kv.store(keys[8:], list(range(8, 16)))  # evicts, demotes 8
+            # Concurrent loads of blocks in CPU (promotions of the others would
+            # evict and demote blocks the next load names).
+            async with anyio.create_task_group() as tg:
+                for i in range(2, 4):
+                    dst = list(range(20 + 4 * i, 24 + 4 * i))
+                    tg.start_soon(kv.load, keys[4 * i : 4 * i + 4], dst)
+            await kv.load(keys[:8], list(range(20, 28)))
+            assert torch.equal(rows(kv, list(range(20, 36))), block_bytes_for(keys, BB, CPU))
             stats = await settled(kv)
-            assert (stats.policy.demoted, stats.policy.promoted) == (12, 4)  # 4 more to promote
-            assert stats.latency["store"].count == 2
+            assert stats.policy.tiers["cpu"].used == 8
+            assert stats.policy.demoted >= 8
+            assert stats.latency["store"].count == 5
             assert stats.latency["load"].count == 3
+            coord = next(a for a in stats.actors if a.name == "coordinator")
+            assert (coord.handled, coord.failed) == (8, 0)
 
 
 async def test_every_call_yields_and_a_call_cancelled_before_it_runs_changes_nothing(

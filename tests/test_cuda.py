@@ -26,7 +26,7 @@ async def test_cuda_pool_round_trip_through_every_tier() -> None:
         async with kvactors.open(config) as kv:
             pool = kv.gpu_pool
             assert pool.device.type == "cuda"  # type: ignore[attr-defined]
-            assert kv._coord.cpu.medium.pinned  # type: ignore[attr-defined]
+            assert kv.medium("cpu").pinned  # type: ignore[attr-defined]
             keys = list(range(24))
             want = block_bytes_for(keys, BB, torch.device("cuda"))
             pool.write_rows(keys, want)  # type: ignore[attr-defined]

@@ -172,7 +172,7 @@ def failing(err: int, calls: list[int]) -> Callable[..., int]:
 async def test_write_errors_keep_the_cpu_copy_and_free_nvme_slots(tmp_path: Path, err: int) -> None:
     with anyio.fail_after(20):
         async with kvactors.open(durable_config(tmp_path)) as kv:
-            store: FileStore = kv._coord.nvme.medium  # type: ignore[union-attr,assignment]
+            store: FileStore = kv.medium("nvme")  # type: ignore[assignment]
             calls: list[int] = []
             store.pwritev = failing(err, calls)
             data = block_bytes_for([7, 8], BB, CPU)
@@ -194,7 +194,7 @@ async def test_read_errors_are_misses(tmp_path: Path) -> None:
         async with kvactors.open(durable_config(tmp_path)) as kv:
             await store_keys(kv, [1, 2])
         async with kvactors.open(durable_config(tmp_path)) as kv:
-            store: FileStore = kv._coord.nvme.medium  # type: ignore[union-attr,assignment]
+            store: FileStore = kv.medium("nvme")  # type: ignore[assignment]
             store.preadv = failing(errno.EIO, [])
             with pytest.raises(IntegrityError):
                 await load_all(kv, [1, 2])

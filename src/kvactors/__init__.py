@@ -4,12 +4,13 @@ Folders are the layers, top to bottom (no import goes upward)::
 
     cli/            kvactors demo | replay | bench ... (cli/bench/: one module a benchmark)
     paged/          engine-side paged KV cache (block tables, allocator)
-    cache/          the served cache: coordinator (the front door: lookup / load /
-                    store / prefetch, events, stats), policy actor (which block is in
-                    which tier), tier actors (jobs on one medium's slots), KVCache, open
-    media/          bytes only: memory pools (GPU pool, CPU tier), the NVMe file store
-                    and its index, kvikio I/O
-    actors/         mailbox, envelope + one-shot reply, ask / tell
+    cache/          the served cache: handle (KVCache, open: the front door), coordinator
+                    (prepare -> transfers -> complete), policy actor (which block is in
+                    which tier of the chain), tier actors (transfers on one medium),
+                    messages, transfers (plans, the one copy function), results, events
+    media/          bytes only: the BlockMedium protocol, memory pools (GPU pool, CPU
+                    tier), the NVMe file store and its index, kvikio I/O
+    actors/         mailbox, typed messages, one-shot reply; ask / tell / try_tell
     manager/        one tier's metadata: slots, ref counts, events (vLLM API)
     policy/         eviction order only: lru, arc, weighted_lru
     config.py, errors.py, keys.py, traces.py   shared by every layer
@@ -33,8 +34,9 @@ from kvactors.policy import POLICIES, CachePolicy, make_policy
 
 if TYPE_CHECKING:
     from kvactors.actors import Future
-    from kvactors.cache.coordinator import CacheStats, KVCache, LoadResult, StoreResult, open
     from kvactors.cache.events import CacheEvent
+    from kvactors.cache.handle import KVCache, open
+    from kvactors.cache.results import CacheStats, LoadResult, LookupResult, StoreResult
     from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
 
 # The async stack imports torch (seconds); the synchronous core and the CLI's
@@ -45,11 +47,12 @@ _LAZY = {
     "GPUConfig": "kvactors.config",
     "NVMeConfig": "kvactors.config",
     "TierConfig": "kvactors.config",
-    "CacheStats": "kvactors.cache.coordinator",
-    "KVCache": "kvactors.cache.coordinator",
-    "LoadResult": "kvactors.cache.coordinator",
-    "StoreResult": "kvactors.cache.coordinator",
-    "open": "kvactors.cache.coordinator",
+    "CacheStats": "kvactors.cache.results",
+    "KVCache": "kvactors.cache.handle",
+    "LoadResult": "kvactors.cache.results",
+    "LookupResult": "kvactors.cache.results",
+    "StoreResult": "kvactors.cache.results",
+    "open": "kvactors.cache.handle",
     "CacheEvent": "kvactors.cache.events",
 }
 
@@ -76,6 +79,7 @@ __all__ = [
     "KVCache",
     "LoadResult",
     "LoadStoreSpec",
+    "LookupResult",
     "ManagerStats",
     "NVMeConfig",
     "OffloadingEvent",

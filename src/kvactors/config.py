@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import msgspec
 
 from kvactors.errors import ConfigError
 from kvactors.policy import POLICIES
 
+if TYPE_CHECKING:
+    from kvactors.media.base import BlockMedium
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Config", "GPUConfig", "NVMeConfig", "TierConfig"]
+__all__ = ["TIERS", "Config", "GPUConfig", "NVMeConfig", "TierConfig", "TierSpec"]
+
+MAX_BLOCKS = 2**31 - 1
+"""Slots of one tier at most (slot ids are 32-bit in the compiled manager core)."""
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+Blocks = Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOCKS)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 KiB = 1024
@@ -40,6 +47,25 @@ def _check_positive(obj: msgspec.Struct, *names: str) -> None:
         value = getattr(obj, name)
         if type(value) is not int or value < 1:
             raise ConfigError(f"{name}: expected an int >= 1, got {value!r}")
+        if name == "num_blocks" and value > MAX_BLOCKS:
+            raise ConfigError(f"{name}: expected an int <= {MAX_BLOCKS}, got {value!r}")
+
+
+class TierSpec(Protocol):
+    """What one tier of the chain below the GPU pool needs from its config entry.
+
+    A tier is one config entry (a struct with these fields and ``open_medium``),
+    one medium (a :class:`~kvactors.media.BlockMedium`) and one tier actor,
+    which ``kvactors.open`` makes for every entry of :data:`TIERS` that is set.
+    """
+
+    num_blocks: int
+    policy: str
+    threads: int
+
+    def open_medium(self, name: str, config: Config) -> BlockMedium:
+        """Make (and open) this tier's medium; raise ConfigError / a startup error."""
+        ...
 
 
 class GPUConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -48,7 +74,7 @@ class GPUConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``device``: ``"auto"`` picks ``cuda`` when available, else ``cpu`` (same code).
     """
 
-    num_blocks: Positive = 256
+    num_blocks: Blocks = 256
     device: str = "auto"
     threads: Positive = 2
 
@@ -59,12 +85,19 @@ class GPUConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class TierConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The CPU tier: ``num_blocks`` slots ordered by ``policy``."""
 
-    num_blocks: Positive = 1024
+    num_blocks: Blocks = 1024
     policy: str = "lru"
     threads: Positive = 2
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_blocks", "threads")
+
+    def open_medium(self, name: str, config: Config) -> BlockMedium:
+        import torch
+
+        from kvactors.media import MemoryPool
+
+        return MemoryPool(name, self.num_blocks, config.block_bytes, torch.device("cpu"), True)
 
 
 class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -77,7 +110,7 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     run in parallel. A directory is reopened with the stripes it was made with.
     """
 
-    num_blocks: Positive = 4096
+    num_blocks: Blocks = 4096
     policy: str = "lru"
     directory: str | None = None
     backend: Literal["auto", "posix", "kvikio"] = "auto"
@@ -86,6 +119,27 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_blocks", "threads", "stripes")
+
+    def open_medium(self, name: str, config: Config) -> BlockMedium:
+        from kvactors.media import FileStore, resolve_nvme_backend
+
+        # A temporary directory dies with the process: no fsync needed there.
+        return FileStore(
+            name,
+            self.num_blocks,
+            config.block_bytes,
+            self.directory,
+            durable=self.directory is not None,
+            backend=resolve_nvme_backend(self.backend),
+            io_threads=max(2, self.stripes),
+            stripes=self.stripes,
+        )
+
+
+TIERS: tuple[str, ...] = ("cpu", "nvme")
+"""The chain below the GPU pool, top first: each name is a field of :class:`Config`
+holding a :class:`TierSpec` (or ``None``: not configured). Stores land in the
+first; blocks evicted from one tier move down to the next."""
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -102,6 +156,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
       worker thread, whose hop costs more than copying a few hundred KiB.
       ``0`` sends every copy to a thread; at most 4 MiB, so no large copy ever
       blocks the loop. File I/O always runs in threads.
+    - ``move_bytes=False``: a metadata-only cache, for replaying traces through
+      the real actors: every handshake is planned, routed to its tier actors and
+      completed as usual, but no byte is copied, and ``src`` / ``dst`` are
+      ``None``. Pools are still allocated: use a small ``block_bytes``.
+    - ``TIERS`` orders the chain below the GPU pool (``cpu``, then ``nvme``);
+      ``chain()`` lists the tiers set.
     """
 
     block_bytes: Positive = 64 * KiB
@@ -113,16 +173,21 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_inflight: Positive = 32
     event_buffer: NonNegative = 1024
     inline_bytes: InlineBytes = 256 * KiB
+    move_bytes: bool = True
 
     def __post_init__(self) -> None:
         _check_positive(self, "block_bytes", "mailbox_size", "max_inflight")
+        if type(self.event_buffer) is not int or self.event_buffer < 0:
+            raise ConfigError(f"event_buffer: expected an int >= 0, got {self.event_buffer!r}")
+        if self.cpu is None:
+            raise ConfigError("cpu: the CPU tier is required (stores land there)")
         value = self.inline_bytes
         if type(value) is not int or not 0 <= value <= MAX_INLINE_BYTES:
             raise ConfigError(
                 f"inline_bytes: expected an int from 0 to {MAX_INLINE_BYTES} (4 MiB), got {value!r}"
             )
-        for field, tier in (("cpu", self.cpu), ("nvme", self.nvme)):
-            if tier is not None and tier.policy not in POLICIES:
+        for field, tier in self.chain():
+            if tier.policy not in POLICIES:
                 known = ", ".join(sorted(POLICIES))
                 raise ConfigError(
                     f"{field}.policy: unknown policy {tier.policy!r}; supported: {known}"
@@ -133,6 +198,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             raise ConfigError(
                 f"gpu.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.gpu.device!r}"
             )
+
+    def chain(self) -> list[tuple[str, TierSpec]]:
+        """The tiers below the GPU pool that this config sets, top (fastest) first."""
+        chain: list[tuple[str, TierSpec]] = []
+        for name in TIERS:
+            spec = getattr(self, name)
+            if spec is not None:
+                chain.append((name, spec))
+        return chain
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:

@@ -1,8 +1,8 @@
-"""The actor runtime: ``Actor`` (bounded mailbox, ``ask`` / ``tell`` / ``try_tell``,
-direct asks of an idle actor through ``handle_now``), ``Envelope`` (message +
-one-shot reply), ``Future`` (the reply slot) and ``NOT_NOW``."""
+"""The actor runtime: ``Actor`` (bounded mailbox; ``ask`` / ``tell`` / ``try_tell``),
+``Message`` (the base of every message, typed by its reply), ``Envelope`` (a
+message in a mailbox, with its reply slot) and ``Future`` (the reply slot)."""
 
-from kvactors.actors._actor import NOT_NOW, Actor, ActorStats, Envelope
+from kvactors.actors._actor import Actor, ActorStats, Envelope, Message
 from kvactors.actors._future import Future
 
-__all__ = ["NOT_NOW", "Actor", "ActorStats", "Envelope", "Future"]
+__all__ = ["Actor", "ActorStats", "Envelope", "Future", "Message"]

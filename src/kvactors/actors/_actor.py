@@ -1,23 +1,28 @@
-"""The actor runtime: a bounded mailbox of envelopes served by one or more tasks.
+"""The actor runtime: a bounded mailbox of typed messages, served by one or more tasks.
 
-An actor owns its state; nothing else touches it. Callers ``ask`` (send an
-envelope carrying the message and a one-shot :class:`Future`, then await the
-future) or ``tell`` (no reply). Hints go through ``try_tell``, which drops the
-message and counts it when the mailbox is full instead of waiting.
+An actor owns its state; nothing else touches it. Every message is a
+:class:`Message` whose type parameter is its reply type, so ``await
+actor.ask(message)`` is typed. Three send verbs:
+
+- ``ask``: send and await the reply (waits for mailbox room: backpressure);
+- ``tell``: send with no reply (waits for room too);
+- ``try_tell``: a lossy hint, dropped and counted when the mailbox is full.
+
+One path, two places it may run. An actor handles at most ``concurrency``
+messages at once, in the order they were sent. An ``ask`` that finds the
+actor running with a free place and nothing queued runs the handler in the
+asker's task (no hand-off to a serving task and back); otherwise the
+envelope waits in the mailbox for a serving task. It is the same handler
+either way, and cancellation means the same either way: cancelling the asker
+cancels the handler at its next await (in the mailbox case through the
+envelope's cancel scope), and ``ask`` returns only once the handler has
+finished. So a handler's ``finally`` always runs before its asker goes on.
 
 Life cycle: ``await task_group.start(actor.run)`` returns once ``on_start`` has
 succeeded (its error reaches the starter as :class:`ActorStartError`).
-``await actor.stop()`` closes the mailbox: the message being handled finishes,
-messages still queued fail with :class:`ActorClosed`, ``on_stop`` runs, and the
-``run`` task ends, so nothing outlives the caller's task group.
-
-Direct asks: an actor whose handler can answer a message without awaiting
-(:meth:`Actor.handle_now`) serves an ``ask`` in the asker's task when it is
-idle, that is running with nothing posted and not yet finished. Nothing is
-overtaken and nothing interleaves (a synchronous handler runs to completion on
-the one event loop thread), so the actor still handles one message after the
-other in the order sent; the two task switches of a mailbox round trip are
-saved. Under contention, and for every ``tell`` / ``post``, the mailbox is used.
+``await actor.stop()`` closes the mailbox: later sends raise
+:class:`ActorClosed`, queued messages fail with it, the messages in hand
+finish, ``on_stop`` runs, and the ``run`` task ends.
 """
 
 from __future__ import annotations
@@ -36,31 +41,32 @@ from kvactors.actors._future import Future
 from kvactors.errors import ActorClosed, ActorStartError
 
 M = TypeVar("M")
+R = TypeVar("R")
 
 log = logging.getLogger("kvactors.actors")
 
 
-class _NotNow:
-    """The type of :data:`NOT_NOW`."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NOT_NOW"
+class Message(msgspec.Struct, Generic[R], frozen=True):
+    """Base of every message; ``R`` is the type of its reply (``None`` for tells)."""
 
 
-NOT_NOW: Any = _NotNow()
-"""What :meth:`Actor.handle_now` returns for a message that needs the mailbox path."""
+class Envelope:
+    """A message travelling through a mailbox, its reply slot (``None`` for a tell),
+    and the cancel scope its handler runs under once a serving task takes it."""
 
+    __slots__ = ("cancelled", "message", "reply", "scope")
 
-class Envelope(Generic[M]):
-    """A message and the reply slot travelling beside it (``None`` for a tell)."""
-
-    __slots__ = ("message", "reply")
-
-    def __init__(self, message: M, reply: Future[Any] | None) -> None:
+    def __init__(self, message: Any, reply: Future[Any] | None) -> None:
         self.message = message
         self.reply = reply
+        self.scope: anyio.CancelScope | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """The asker gave up: skip the message if still queued, else cancel its handler."""
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 class ActorStats(msgspec.Struct, frozen=True):
@@ -73,18 +79,15 @@ class ActorStats(msgspec.Struct, frozen=True):
     failed: int
     hints_dropped: int
     running: bool
-    handled_direct: int = 0
-    """Of ``handled`` and ``failed``, the asks served in the asker's task (idle actor)."""
 
 
 class Actor(Generic[M]):
     """Base class of every kvactors actor.
 
-    Subclasses implement :meth:`handle` with a ``match`` over their message
-    union and may override :meth:`on_start` / :meth:`on_stop`. With
-    ``concurrency > 1`` that many messages are handled at once (tier actors use
-    this to keep several transfers in flight); state changes between awaits
-    stay atomic because everything runs on one event loop thread.
+    Subclasses implement :meth:`handle` (one ``match`` over their message
+    union, one case per message) and may override :meth:`on_start` /
+    :meth:`on_stop`. State changes between awaits stay atomic: everything runs
+    on one event loop thread.
     """
 
     def __init__(self, name: str, *, mailbox_size: int = 64, concurrency: int = 1) -> None:
@@ -95,25 +98,20 @@ class Actor(Generic[M]):
         self.name = name
         self._mailbox_size = mailbox_size
         self._concurrency = concurrency
-        # The mailbox: queued envelopes (at most ``mailbox_size``), and the serving
-        # tasks waiting for one, each woken by its own event.
-        self._queue: deque[Envelope[M]] = deque()
-        self._idle: deque[anyio.Event] = deque()
-        self._looking = 0  # serving tasks that will check the queue without a wake-up
+        self._queue: deque[Envelope] = deque()
+        self._waiting: deque[anyio.Event] = deque()  # serving tasks waiting for work
+        self._in_hand = 0  # messages being handled, in any task
         self._closing = False
         self._running = False
         self._stopped = anyio.Event()
         # The running backend's event class: made directly, an event skips the
-        # backend look-up of ``anyio.Event()`` (one or two per message).
+        # backend look-up of ``anyio.Event()``.
         self._new_event: Callable[[], anyio.Event] = type(self._stopped)
+        self._drained: anyio.Event | None = None  # set when the last message in hand ends
+        self._room: anyio.Event | None = None  # set when a message leaves a full mailbox
         self._handled = 0
         self._failed = 0
         self._dropped = 0
-        self._direct = 0
-        # Messages posted and not yet handled (or failed). Zero means idle: no
-        # message queued, handed to a serving task, or in hand.
-        self._pending = 0
-        self._room: anyio.Event | None = None  # set when a message leaves a full mailbox
 
     # -- to override ---------------------------------------------------------------
 
@@ -121,78 +119,46 @@ class Actor(Generic[M]):
         """Handle one message; the return value is the asker's reply."""
         raise NotImplementedError
 
-    def handle_now(self, message: M) -> Any:
-        """Handle ``message`` without awaiting, or return :data:`NOT_NOW`.
-
-        Called by :meth:`ask` in the asker's task, only while the actor is idle
-        (running, nothing posted and unfinished); the return value is the reply
-        and an error raised here reaches the asker. It must not await or block
-        for long. The default defers every message to the mailbox.
-        """
-        return NOT_NOW
-
     async def on_start(self) -> None:
         """Acquire resources; an error here fails ``run`` before it reports ready."""
 
     async def on_stop(self) -> None:
-        """Release resources; runs shielded from cancellation after the last message."""
+        """Release resources; runs shielded, after the last message in hand ended."""
 
     # -- sending -------------------------------------------------------------------
 
-    async def ask(self, message: M) -> Any:
-        """Send ``message`` and await the reply.
+    async def ask(self, message: Message[R]) -> R:
+        """Send ``message`` and await its reply (or the handler's error).
 
-        Waits for mailbox room (backpressure). Raises :class:`ActorClosed` if
-        the actor is closed, or whatever the handler raised. If the caller is
-        cancelled the message may still be handled; its reply is dropped.
-        An idle actor that can answer at once does so in the caller's task
-        (:meth:`ask_now`): that ask neither waits nor is a cancellation point.
+        Raises :class:`ActorClosed` if the actor is closed. If the caller is
+        cancelled, the handler is cancelled at its next await and this returns
+        (raising the cancellation) only once the handler has ended.
         """
-        result = self.ask_now(message)
-        if result is not NOT_NOW:
-            return result
-        reply: Future[Any] = Future(self._new_event)
-        await self._post(Envelope(message, reply))
-        return await reply.wait()
-
-    def ask_now(self, message: M) -> Any:
-        """The reply to ``message`` if the actor is idle (running, nothing posted
-        and unfinished) and :meth:`handle_now` answers it; else :data:`NOT_NOW`,
-        and nothing was sent. Never waits; raises what the handler raised."""
-        if not self.idle:
-            return NOT_NOW
-        # In hand now: an ask made from inside the handler goes to the mailbox.
-        self._pending += 1
+        if (
+            self._running
+            and not self._closing
+            and not self._queue
+            and self._in_hand < self._concurrency
+        ):
+            return await self._run_here(message)  # type: ignore[no-any-return]
+        envelope = Envelope(message, Future(self._new_event))
+        await self._post(envelope)
+        reply = envelope.reply
+        assert reply is not None
         try:
-            result = self.handle_now(message)
-        except Exception:
-            self._failed += 1
-            self._direct += 1
+            return await reply.wait()  # type: ignore[no-any-return]
+        except BaseException:
+            if not reply.done():
+                envelope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await reply.settled()
             raise
-        finally:
-            self._pending -= 1
-        if result is not NOT_NOW:
-            self._handled += 1
-            self._direct += 1
-        return result
 
-    async def post(self, message: M) -> Future[Any]:
-        """Send ``message`` (waiting for mailbox room) and return its reply future."""
-        reply: Future[Any] = Future(self._new_event)
-        await self._post(Envelope(message, reply))
-        return reply
-
-    def ask_nowait(self, message: M) -> Future[Any]:
-        """Post ``message`` without waiting; raises ``anyio.WouldBlock`` when full."""
-        reply: Future[Any] = Future(self._new_event)
-        self._post_nowait(Envelope(message, reply))
-        return reply
-
-    async def tell(self, message: M) -> None:
+    async def tell(self, message: Message[None]) -> None:
         """Send ``message`` with no reply; waits for mailbox room."""
         await self._post(Envelope(message, None))
 
-    def try_tell(self, message: M) -> bool:
+    def try_tell(self, message: Message[None]) -> bool:
         """Send a lossy hint: ``False`` (and counted as dropped) when the mailbox is
         full or the actor is closed. Never waits."""
         try:
@@ -202,37 +168,48 @@ class Actor(Generic[M]):
             return False
         return True
 
-    async def _post(self, envelope: Envelope[M]) -> None:
+    async def _run_here(self, message: Any) -> Any:
+        self._in_hand += 1
+        try:
+            result = await self.handle(message)
+        except Exception:
+            self._failed += 1
+            raise
+        finally:
+            self._ended()
+        self._handled += 1
+        return result
+
+    async def _post(self, envelope: Envelope) -> None:
         while True:
             try:
-                # With room in the mailbox, post without a scheduling round; the
-                # caller awaits its reply next anyway.
                 self._post_nowait(envelope)
                 return
             except anyio.WouldBlock:
-                # Full: wait until a serving task takes a message (backpressure).
-                # Cancelled here, nothing was sent.
+                # Full: wait until a serving task takes a message. Cancelled
+                # here, nothing was sent.
                 if self._room is None:
                     self._room = self._new_event()
                 await self._room.wait()
 
-    def _post_nowait(self, envelope: Envelope[M]) -> None:
+    def _post_nowait(self, envelope: Envelope) -> None:
         if self._closing:
             raise ActorClosed(f"actor {self.name!r} is closed")
         if len(self._queue) >= self._mailbox_size:
             raise anyio.WouldBlock
         self._queue.append(envelope)
-        self._pending += 1
-        # Wake an idle serving task unless one about to look will take it.
-        if self._idle and len(self._queue) > self._looking:
-            self._idle.popleft().set()
+        self._wake()
 
-    def _took(self) -> None:
-        # A message left the mailbox: senders waiting for room try again.
-        room = self._room
-        if room is not None:
-            self._room = None
-            room.set()
+    def _wake(self) -> None:
+        # A serving task takes the next envelope when there is one and a place.
+        if self._waiting and self._queue and self._in_hand < self._concurrency:
+            self._waiting.popleft().set()
+
+    def _ended(self) -> None:
+        self._in_hand -= 1
+        if self._in_hand == 0 and self._drained is not None:
+            self._drained.set()
+        self._wake()
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -242,7 +219,6 @@ class Actor(Generic[M]):
             await self.on_start()
         except Exception as exc:
             self._close()
-            self._fail_queued()
             self._stopped.set()
             raise ActorStartError(f"actor {self.name!r} failed to start: {exc}") from exc
         self._running = True
@@ -254,8 +230,11 @@ class Actor(Generic[M]):
         finally:
             self._running = False
             self._close()
-            self._fail_queued()
             with anyio.CancelScope(shield=True):
+                # Messages handled in their askers' tasks end before on_stop.
+                if self._in_hand:
+                    self._drained = self._new_event()
+                    await self._drained.wait()
                 try:
                     await self.on_stop()
                 except Exception:
@@ -263,51 +242,40 @@ class Actor(Generic[M]):
             self._stopped.set()
 
     async def _serve(self) -> None:
-        queue = self._queue
         try:
-            batch = 0
             while not self._closing:
-                if not queue:
-                    if batch:
-                        # Just replied: the asker runs in the next loop round and
-                        # often posts again at once. One scheduling round here
-                        # finds that message queued, with no wake-up to pay.
-                        batch = 0
-                        self._looking += 1
-                        try:
-                            await anyio.lowlevel.checkpoint()
-                        finally:
-                            self._looking -= 1
-                        continue
-                    # Empty: wait to be woken by the next post (or by ``stop``).
+                if not self._queue or self._in_hand >= self._concurrency:
                     wake = self._new_event()
-                    self._idle.append(wake)
+                    self._waiting.append(wake)
                     try:
                         await wake.wait()
                     finally:
                         if not wake.is_set():  # cancelled: no longer waiting
-                            self._idle.remove(wake)
+                            self._waiting.remove(wake)
                     continue
-                # Take what is queued without a scheduling round each; yield to
-                # the loop every 16 messages for fairness and cancellation.
-                if batch >= 16:
-                    batch = 0
-                    await anyio.lowlevel.checkpoint()
-                    continue
-                batch += 1
-                envelope = queue.popleft()
+                envelope = self._queue.popleft()
                 self._took()
+                if envelope.cancelled:
+                    assert envelope.reply is not None
+                    envelope.reply.set_exception(ActorClosed("the asker was cancelled"))
+                    continue
                 await self._dispatch(envelope)
+                # Yield between messages: fairness, and a place to be cancelled.
+                await anyio.lowlevel.checkpoint()
         finally:
-            # Cancelled or closed: whatever is still queued fails, never hangs.
             self._fail_queued()
 
-    async def _dispatch(self, envelope: Envelope[M]) -> None:
+    async def _dispatch(self, envelope: Envelope) -> None:
         reply = envelope.reply
+        self._in_hand += 1
         try:
-            result = await self.handle(envelope.message)
+            with anyio.CancelScope() as scope:
+                envelope.scope = scope
+                result = await self.handle(envelope.message)
+            if scope.cancelled_caught:
+                # Cancelled by its asker, who raises its own cancellation.
+                raise ActorClosed(f"actor {self.name!r}: the request was cancelled")
         except Exception as exc:
-            self._pending -= 1
             self._failed += 1
             if reply is not None:
                 reply.set_exception(exc)
@@ -316,41 +284,45 @@ class Actor(Generic[M]):
                 log.error("actor %r: %s failed: %r", self.name, type(envelope.message), exc)
             return
         except BaseException:
-            self._pending -= 1
             # Cancelled mid-message (the task group is going down): the asker
             # must not wait forever.
             if reply is not None:
                 reply.set_exception(ActorClosed(f"actor {self.name!r} stopped mid-request"))
             raise
-        self._pending -= 1
+        finally:
+            self._ended()
         self._handled += 1
         if reply is not None:
             reply.set_result(result)
 
-    def _fail(self, envelope: Envelope[M]) -> None:
-        self._pending -= 1
-        if envelope.reply is not None:
-            envelope.reply.set_exception(
-                ActorClosed(f"actor {self.name!r} closed before handling the request")
-            )
+    def _took(self) -> None:
+        # A message left the mailbox: senders waiting for room try again.
+        room = self._room
+        if room is not None:
+            self._room = None
+            room.set()
 
     def _fail_queued(self) -> None:
         while self._queue:
-            self._fail(self._queue.popleft())
+            envelope = self._queue.popleft()
+            if envelope.reply is not None:
+                envelope.reply.set_exception(
+                    ActorClosed(f"actor {self.name!r} closed before handling the request")
+                )
 
     def _close(self) -> None:
-        # Later sends raise ActorClosed; idle serving tasks and senders waiting
-        # for room wake up to see it.
+        # Later sends raise ActorClosed; waiting serving tasks and senders wake to see it.
         self._closing = True
-        while self._idle:
-            self._idle.popleft().set()
+        while self._waiting:
+            self._waiting.popleft().set()
         self._took()
 
     async def stop(self) -> None:
-        """Close the mailbox. The message in hand finishes; queued ones fail with
+        """Close the mailbox. Messages in hand finish; queued ones fail with
         :class:`ActorClosed`; later sends raise it. Returns at once; the ``run``
-        task ends when the message in hand is done."""
+        task ends when the messages in hand are done."""
         self._close()
+        self._fail_queued()
         await anyio.lowlevel.checkpoint()
 
     async def wait_stopped(self) -> None:
@@ -361,12 +333,6 @@ class Actor(Generic[M]):
     def closed(self) -> bool:
         return self._closing
 
-    @property
-    def idle(self) -> bool:
-        """Running and open with nothing posted and unfinished: an ``ask`` now is
-        answered in the asker's task if :meth:`handle_now` can answer it."""
-        return not self._pending and self._running and not self._closing
-
     def statistics(self) -> ActorStats:
         return ActorStats(
             name=self.name,
@@ -376,5 +342,4 @@ class Actor(Generic[M]):
             failed=self._failed,
             hints_dropped=self._dropped,
             running=self._running,
-            handled_direct=self._direct,
         )

@@ -97,8 +97,8 @@ async def run_soak(
     model: dict[Any, set[str]] = {}
     start = time.perf_counter()
     async with kvactors.open(config) as kv:
-        nvme: Any = kv._coord.nvme
-        faults = _Faults(nvme.medium, rng, p_write_fault, p_read_fault)
+        nvme: Any = kv.medium("nvme")
+        faults = _Faults(nvme, rng, p_write_fault, p_read_fault)
         events: Any = await kv.events()
         pool: Any = kv.gpu_pool
         dev = pool.device

@@ -279,6 +279,10 @@ class FileStore:
                 f"which has {free / 2**30:.1f} GiB free"
             )
 
+    def tensor(self) -> None:
+        """Not a memory medium: bytes move through ``read_buffers`` / ``write_buffers``."""
+        return None
+
     def recovered(self) -> list[Entry]:
         """Blocks the directory held when opened, oldest first (not yet verified)."""
         return self.index.entries()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
@@ -60,25 +60,39 @@ def _pairs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]
 
 
 SPLIT_COPY_BYTES = 4 * 2**20
-"""Host copies of at least this many bytes are split over torch's intra-op thread count
-(``torch.get_num_threads()``), as one large ``Tensor.copy_`` is."""
-
-_copy_pool: ThreadPoolExecutor | None = None
-_copy_workers = 0
-_copy_pool_lock = threading.Lock()
+"""Host copies of at least this many bytes are split over the copy pool's threads
+plus the calling one, as one large ``Tensor.copy_`` is over torch's threads."""
 
 
-def _copy_executor(workers: int) -> ThreadPoolExecutor:
-    """The shared pool of copy helper threads, grown to ``workers`` if need be."""
-    global _copy_pool, _copy_workers
-    with _copy_pool_lock:
-        if _copy_pool is None or _copy_workers < workers:
-            # A smaller pool left behind finishes its queued parts and exits.
-            old, _copy_pool = _copy_pool, ThreadPoolExecutor(workers, "kvactors-copy")
-            _copy_workers = workers
-            if old is not None:
-                old.shutdown(wait=False)
-        return _copy_pool
+class CopyPool:
+    """Helper threads for large host copies, owned by one cache and closed with it.
+
+    Sized once, at creation, to torch's intra-op thread count minus the calling
+    thread (``torch.get_num_threads() - 1``); never resized while in use.
+    """
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = max(0, torch.get_num_threads() - 1) if workers is None else workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def executor(self) -> ThreadPoolExecutor | None:
+        """The pool (made on first use); ``None`` with no workers or once closed."""
+        if self.workers == 0 or self._closed:
+            return None
+        with self._lock:
+            if self._pool is None and not self._closed:
+                self._pool = ThreadPoolExecutor(self.workers, "kvactors-copy")
+            return self._pool
+
+    def close(self) -> None:
+        """Wait for copies in progress, then stop the threads. Later copies run unsplit."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def _copy_runs(s: Any, d: Any, runs: list[tuple[int, int, int]]) -> None:
@@ -87,29 +101,36 @@ def _copy_runs(s: Any, d: Any, runs: list[tuple[int, int, int]]) -> None:
         d[di : di + n] = s[si : si + n]
 
 
-def _host_copy(s: Any, d: Any, runs: list[tuple[int, int, int]]) -> None:
+def _host_copy(s: Any, d: Any, runs: list[tuple[int, int, int]], pool: CopyPool | None) -> None:
     """Copy ``runs`` of rows of array ``s`` into ``d``; large copies in parallel parts."""
-    parts = min(torch.get_num_threads(), len(runs))
-    if parts < 2 or sum(n for _, _, n in runs) * s.shape[1] < SPLIT_COPY_BYTES:
+    executor = pool.executor() if pool is not None else None
+    parts = min(pool.workers + 1 if pool is not None else 1, len(runs))
+    if executor is None or parts < 2 or sum(n for _, _, n in runs) * s.shape[1] < SPLIT_COPY_BYTES:
         _copy_runs(s, d, runs)
         return
     step = -(-len(runs) // parts)
     chunks = [runs[i : i + step] for i in range(0, len(runs), step)]
-    _fan_out(_copy_executor(parts - 1), functools.partial(_copy_runs, s, d), chunks)
+    _fan_out(executor, functools.partial(_copy_runs, s, d), chunks)
 
 
-def copy_rows(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int]) -> None:
+def copy_rows(
+    src: torch.Tensor,
+    src_ids: list[int],
+    dst: torch.Tensor,
+    dst_ids: list[int],
+    pool: CopyPool | None = None,
+) -> None:
     """``dst[dst_ids[i]] = src[src_ids[i]]`` for ``(n, block_bytes)`` tensors.
 
     Host to host: one ``memcpy`` per run of adjacent rows through numpy, in a
     single pass (torch's ``index_select`` + ``index_copy_`` make two through a
-    temporary); from ``SPLIT_COPY_BYTES`` up, the runs are split over as many
-    threads as torch uses for one large copy.
+    temporary); from ``SPLIT_COPY_BYTES`` up, the runs are split over ``pool``'s
+    threads and the calling one.
     With CUDA on either side: a gather on the device, then one asynchronous copy
     per run (pinned host memory makes them DMA), on the current stream.
     """
     if src.device.type == "cpu" and dst.device.type == "cpu":
-        _host_copy(src.numpy(), dst.numpy(), _pairs(src_ids, dst_ids))
+        _host_copy(src.numpy(), dst.numpy(), _pairs(src_ids, dst_ids), pool)
         return
     if src.device.type != "cpu":
         index = torch.tensor(src_ids, dtype=torch.long, device=src.device)
@@ -126,6 +147,13 @@ def copy_rows(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids:
 _NULL = contextlib.nullcontext()
 
 
+def row_buffers(rows: torch.Tensor, ids: Iterable[int]) -> list[memoryview]:
+    """Writable byte views of rows ``ids`` of a contiguous host ``(n, block_bytes)`` tensor."""
+    flat = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
+    bb = rows.shape[1]
+    return [flat[i * bb : (i + 1) * bb] for i in ids]
+
+
 class MemoryPool:
     """Block slots in one ``(num_blocks, block_bytes)`` uint8 tensor.
 
@@ -136,6 +164,7 @@ class MemoryPool:
     """
 
     in_memory = True
+    durable = False
 
     def __init__(
         self, name: str, num_blocks: int, block_bytes: int, device: torch.device, pin: bool = False
@@ -186,12 +215,40 @@ class MemoryPool:
     def buffers(self, ids: list[int]) -> list[memoryview]:
         """Writable byte views of slots ``ids`` (host pools only), for vectored file I/O."""
         assert self.device.type == "cpu"
-        flat = memoryview(self.data.numpy()).cast("B")  # type: ignore[arg-type]
-        bb = self.block_bytes
-        return [flat[i * bb : (i + 1) * bb] for i in ids]
+        return row_buffers(self.data, ids)
 
     def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
         self.write_rows(ids, rows)
+
+    def tensor(self) -> torch.Tensor:
+        return self.data
+
+    def on_stream(self) -> contextlib.AbstractContextManager[object]:
+        """Run CUDA copies on the pool's own stream (a no-op on the host)."""
+        return self._on_stream()
+
+    def finish(self) -> None:
+        """Wait for the pool's stream (a no-op on the host)."""
+        self._finish()
+
+    def read_buffers(
+        self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None = None
+    ) -> list[int]:
+        rows = self.rows(ids).cpu()
+        for buf, row in zip(bufs, row_buffers(rows, range(len(ids)))):
+            buf[:] = row
+        return []
+
+    def write_buffers(
+        self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None = None
+    ) -> None:
+        rows = torch.empty((len(ids), self.block_bytes), dtype=torch.uint8)
+        for buf, view in zip(row_buffers(rows, range(len(ids))), bufs):
+            buf[:] = view
+        self.write_rows(ids, rows)
+
+    def recovered(self) -> list[Any]:
+        return []  # memory holds nothing across processes
 
     def drop(self, keys: list[Key]) -> None:
         del keys  # memory slots need no cleanup

@@ -298,7 +298,7 @@ async def _measure_round_trips(
         return await _round_trips(
             args, _RowStore(4 * args.swap_blocks, config.offload_bytes), args.repeat, show
         )
-    from kvactors.cache.coordinator import open as open_cache
+    from kvactors.cache.handle import open as open_cache
     from kvactors.config import Config, GPUConfig, TierConfig
 
     tiers = Config(

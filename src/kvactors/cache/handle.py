@@ -1,0 +1,377 @@
+"""The served cache's front door: :func:`open` and the :class:`KVCache` handle it yields.
+
+``async with kvactors.open(config) as kv:`` opens the media (the GPU pool and
+one medium per tier of ``Config.chain()``), starts one tier actor per tier,
+the policy actor and the coordinator in one task group, and on exit waits for
+the futures of ``submit_*``, lets handshakes in flight finish, then stops the
+coordinator, the policy actor and the tiers in that order. Every resource the
+cache made (media, the copy threads) is closed with it.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import torch
+
+from kvactors.actors import Actor, Future
+from kvactors.cache.coordinator import Coordinator
+from kvactors.cache.events import CacheEvent
+from kvactors.cache.messages import GetSnapshot, Load, Lookup, Prefetch, Store, Subscribe
+from kvactors.cache.policy_actor import PolicyActor
+from kvactors.cache.results import (
+    CacheStats,
+    Latency,
+    LoadResult,
+    LookupResult,
+    StoreResult,
+)
+from kvactors.cache.tier_actor import TierActor
+from kvactors.config import Config
+from kvactors.errors import ActorClosed, InvalidKeyError, TensorSpecError
+from kvactors.keys import Key
+from kvactors.manager import check_keys, distinct_slots
+from kvactors.media import BlockMedium, CopyPool, MemoryPool, open_media
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["KVCache", "open"]
+
+
+def _check_keys(keys: object, what: str) -> list[Key]:
+    if type(keys) is not list:
+        if not isinstance(keys, (list, tuple)):
+            kind = type(keys).__name__
+            raise InvalidKeyError(f"{what}: keys must be a list or tuple of keys, got {kind}")
+        keys = list(keys)
+    if not keys:
+        raise InvalidKeyError(f"{what}: no keys given")
+    check_keys(keys, what)
+    return keys
+
+
+def _slot_ids(side: object, what: str) -> list[int]:
+    """The ints of a list / tuple / range of integers (numpy and torch integers
+    included); anything else (floats, strings, sets, bools) is refused."""
+    if not isinstance(side, (list, tuple, range)):
+        kind = type(side).__name__
+        raise TensorSpecError(
+            f"{what}: expected a tensor or a list of GPU-pool slot ids, got {kind}"
+        )
+    ids: list[int] = []
+    for i in side:
+        if isinstance(i, bool) or (isinstance(i, torch.Tensor) and i.is_floating_point()):
+            raise TensorSpecError(f"{what}: slot ids must be integers, got {i!r}")
+        try:
+            ids.append(operator.index(i))
+        except TypeError:
+            raise TensorSpecError(f"{what}: slot ids must be integers, got {i!r}") from None
+    return ids
+
+
+def _unwrap(group: BaseExceptionGroup[Any]) -> BaseException | None:
+    """The single error a group of groups holds, if it holds exactly one."""
+    errors = group.exceptions
+    if len(errors) != 1:
+        return None
+    inner = errors[0]
+    return _unwrap(inner) if isinstance(inner, BaseExceptionGroup) else inner
+
+
+class KVCache:
+    """The handle ``kvactors.open`` yields. Every method may be called from any
+    task of the event loop that opened the cache.
+
+    Sources and destinations (``src`` / ``dst``) are either a list of GPU-pool
+    slot ids, one per key, or a tensor of ``len(keys)`` blocks on the CPU or a
+    CUDA device: shape ``(n, block_bytes)`` ``uint8``, or any contiguous tensor
+    of ``n * block_bytes`` bytes whose first dimension is ``n``. With
+    ``Config(move_bytes=False)`` they are ``None``: blocks are placed,
+    evicted, promoted and demoted as usual, and no byte moves.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        coordinator: Coordinator,
+        task_group: anyio.abc.TaskGroup,
+    ) -> None:
+        self.config = config
+        self._coord = coordinator
+        self._policy = coordinator.policy
+        self._tg = task_group
+        self._closed = False
+        self._lookup_latency = Latency()
+
+    @property
+    def gpu_pool(self) -> MemoryPool:
+        """The GPU pool (``device="cpu"`` without CUDA) that slot ids name."""
+        return self._coord.gpu
+
+    def medium(self, tier: str) -> BlockMedium:
+        """The medium of tier ``tier`` (``"cpu"``, ``"nvme"``, ...)."""
+        try:
+            return self._coord.tiers[tier].medium
+        except KeyError:
+            known = ", ".join(self._coord.chain)
+            raise KeyError(f"no tier named {tier!r}; this cache has {known}") from None
+
+    # -- validation -----------------------------------------------------------------
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ActorClosed(f"{what}: the cache is closed")
+
+    def _check_side(self, side: Any, n: int, what: str) -> Any:
+        if not self.config.move_bytes:
+            if side is not None:
+                raise TensorSpecError(f"{what}: must be None with move_bytes=False")
+            return None
+        bb = self.config.block_bytes
+        if isinstance(side, torch.Tensor):
+            if side.device.type not in ("cpu", "cuda"):
+                raise TensorSpecError(
+                    f"{what}: tensor must be on the CPU or a CUDA device, got {side.device}"
+                )
+            if side.dim() == 0 or side.shape[0] != n:
+                raise TensorSpecError(
+                    f"{what}: tensor must have {n} blocks in its first dimension, "
+                    f"got shape {tuple(side.shape)}"
+                )
+            if side.nbytes != n * bb:
+                raise TensorSpecError(
+                    f"{what}: tensor holds {side.nbytes} bytes, expected {n} x {bb}"
+                )
+            if not side.is_contiguous():
+                raise TensorSpecError(f"{what}: tensor must be contiguous")
+            return (
+                side.view(torch.uint8).view(n, bb)
+                if side.dtype != torch.uint8
+                else side.view(n, bb)
+            )
+        limit = self.gpu_pool.num_blocks
+        if distinct_slots(side, limit) and len(side) == n:
+            return side.copy()  # the common case; anything else gets the checks below
+        ids = _slot_ids(side, what)
+        if len(ids) != n:
+            raise TensorSpecError(f"{what}: {len(ids)} slot ids for {n} keys")
+        if ids and (min(ids) < 0 or max(ids) >= limit):
+            bad = next(i for i in ids if not 0 <= i < limit)
+            raise TensorSpecError(f"{what}: GPU-pool slot {bad} is out of range 0..{limit - 1}")
+        if len(set(ids)) != len(ids):
+            raise TensorSpecError(f"{what}: a GPU-pool slot id is named twice")
+        return ids
+
+    async def _call(self, request: Store | Load) -> Any:
+        # Every call yields to the event loop once, before anything happens
+        # (and is cancelled there, with nothing done, if its caller is).
+        await anyio.lowlevel.checkpoint()
+        return await self._coord.ask(request)
+
+    # -- the API --------------------------------------------------------------------
+
+    async def lookup(self, keys: Sequence[Key]) -> LookupResult:
+        """How many leading ``keys`` are available, and in which tier each is.
+
+        Each hit counts as an access of its block for the eviction policy.
+        Raises :class:`~kvactors.errors.InvalidKeyError` for bad keys and
+        :class:`~kvactors.errors.ActorClosed` after close. Cancelling it changes nothing.
+        """
+        self._check_open("lookup")
+        message = Lookup(_check_keys(keys, "lookup"))
+        await anyio.lowlevel.checkpoint()
+        start = time.perf_counter()
+        result = await self._policy.ask(message)
+        self._lookup_latency.add(time.perf_counter() - start)
+        return result
+
+    def _store(self, keys: Sequence[Key], src: Any) -> Store:
+        self._check_open("store")
+        checked = _check_keys(keys, "store")
+        return Store(checked, self._check_side(src, len(checked), "store src"))
+
+    def _load(self, keys: Sequence[Key], dst: Any, partial: bool) -> Load:
+        self._check_open("load")
+        checked = _check_keys(keys, "load")
+        return Load(checked, self._check_side(dst, len(checked), "load dst"), bool(partial))
+
+    async def store(self, keys: Sequence[Key], src: Any) -> StoreResult | None:
+        """Store the blocks of ``src`` under ``keys`` (keys already cached are skipped).
+
+        Returns ``None`` when the cache cannot take them now (every block pinned
+        or in flight): nothing changed. A key another store is still writing
+        is waited for: it is then present, or stored by this call if that
+        store failed. Raises :class:`~kvactors.errors.TierError` if the
+        transfer failed (the blocks are then not stored). If cancelled, the
+        store completes as failed, and the call returns once the transfer in
+        flight (if any) has ended: ``src`` is not read afterwards.
+        """
+        result: StoreResult | None = await self._call(self._store(keys, src))
+        return result
+
+    async def load(self, keys: Sequence[Key], dst: Any, *, partial: bool = False) -> LoadResult:
+        """Copy the cached blocks ``keys`` into ``dst``, promoting deeper blocks to CPU.
+
+        With ``partial=True`` it loads the longest leading run of keys available
+        at the time of the call (a lookup and a load in one atomic step; other
+        requests may evict blocks between a separate ``lookup`` and ``load``)
+        and says how many in the result; blocks that fail their checksum end
+        the run (they are dropped). Otherwise it raises
+        :class:`~kvactors.errors.BlockNotFoundError` (nothing pinned) if a key
+        is not available, :class:`~kvactors.errors.TierError` if a transfer
+        failed. If cancelled, every pin is released, and the call returns once
+        the transfer in flight (if any) has ended: ``dst`` is not written afterwards.
+        """
+        result: LoadResult = await self._call(self._load(keys, dst, partial))
+        return result
+
+    def submit_store(self, keys: Sequence[Key], src: Any) -> Future[StoreResult | None]:
+        """Start :meth:`store` and return its future at once (poll ``done()``).
+        Arguments are checked here: a bad one raises at once."""
+        if self._closed:
+            return self._submit(Store([], None))
+        return self._submit(self._store(keys, src))
+
+    def submit_load(
+        self, keys: Sequence[Key], dst: Any, *, partial: bool = False
+    ) -> Future[LoadResult]:
+        """Start :meth:`load` and return its future at once (poll ``done()``)."""
+        if self._closed:
+            return self._submit(Load([], None))
+        return self._submit(self._load(keys, dst, partial))
+
+    def _submit(self, request: Store | Load) -> Future[Any]:
+        fut: Future[Any] = Future()
+        if self._closed:
+            fut.set_exception(ActorClosed("submit: the cache is closed"))
+            return fut
+
+        async def run() -> None:
+            try:
+                fut.set_result(await self._call(request))
+            except Exception as exc:  # delivered through the future, never lost
+                fut.set_exception(exc)
+            except BaseException:
+                fut.set_exception(ActorClosed("the cache closed before the request finished"))
+                raise
+
+        self._tg.start_soon(run)
+        return fut
+
+    def prefetch(self, keys: Sequence[Key]) -> bool:
+        """Hint that ``keys`` will be loaded soon: blocks held below the CPU tier
+        are promoted to it.
+
+        Lossy: returns ``False`` (and counts it) when the coordinator's mailbox
+        is full or the cache is closed. Never waits, never raises for that.
+        """
+        return self._coord.try_tell(Prefetch(_check_keys(keys, "prefetch")))
+
+    async def events(self) -> AsyncIterator[CacheEvent]:
+        """Events from now on; the stream ends when the cache closes."""
+        self._check_open("events")
+        return await self._policy.ask(Subscribe())
+
+    async def stats(self) -> CacheStats:
+        self._check_open("stats")
+        snap = await self._policy.ask(GetSnapshot())
+        tiers = list(self._coord.tiers.values())
+        actors = [self._coord.statistics(), self._policy.statistics()]
+        actors += [t.statistics() for t in tiers]
+        return CacheStats(
+            policy=snap,
+            tiers={t.name: t.tier_stats() for t in tiers},
+            actors=actors,
+            latency={
+                "lookup": self._lookup_latency.snapshot(),
+                "store": self._coord.latency["store"].snapshot(),
+                "load": self._coord.latency["load"].snapshot(),
+            },
+            failed_stores=self._coord.failed_stores,
+            failed_loads=self._coord.failed_loads,
+            prefetch_dropped=self._coord.statistics().hints_dropped,
+        )
+
+
+@asynccontextmanager
+async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
+    """Start every actor of a cache built from ``config`` (defaults when ``None``).
+
+    On exit, the futures of ``submit_*`` and the handshakes in flight finish,
+    then the coordinator, the policy actor and the tiers stop in that order;
+    requests still queued fail with :class:`~kvactors.errors.ActorClosed`.
+    Pools too large for this machine raise :class:`~kvactors.errors.ConfigError`
+    naming the field before anything is allocated; a start-up failure (say, an
+    NVMe directory that cannot be created) raises
+    :class:`~kvactors.errors.ActorStartError` or the medium's own typed error,
+    with everything opened so far closed again. An error raised in the body
+    leaves the block as itself, not wrapped in an exception group.
+    """
+    config = config or Config()
+    gpu, media = open_media(config)
+    copier = CopyPool()
+    tiers: list[TierActor] = []
+    started: list[Actor[Any]] = []
+    try:
+        specs = dict(config.chain())
+        for medium in media:
+            # File media always do their I/O in threads (inline_bytes: 0).
+            inline = config.inline_bytes if medium.in_memory else 0
+            tiers.append(
+                TierActor(
+                    medium,
+                    threads=specs[medium.name].threads,
+                    mailbox_size=config.mailbox_size,
+                    inline_bytes=inline,
+                    copier=copier,
+                    move_bytes=config.move_bytes,
+                )
+            )
+        recovered = [[(e.key, e.slot) for e in m.recovered()] for m in media]
+        policy = PolicyActor(config, [(m.name, m.durable) for m in media], recovered)
+        coord = Coordinator(config, policy, gpu, tiers)
+        order: list[Actor[Any]] = [*tiers, policy, coord]
+        async with anyio.create_task_group() as tg:
+            try:
+                for actor in order:
+                    await tg.start(actor.run)
+                    started.append(actor)
+                kv: KVCache | None = None
+                try:
+                    async with anyio.create_task_group() as user_tg:
+                        kv = KVCache(config, coord, user_tg)
+                        yield kv
+                finally:
+                    if kv is not None:
+                        kv._closed = True
+            finally:
+                # Dependency order: nothing new reaches the coordinator, then the
+                # policy actor, then the tiers that in-flight handshakes still use.
+                with anyio.CancelScope(shield=True):
+                    for actor in reversed(order):
+                        await actor.stop()
+                        if actor is coord and actor in started:
+                            await coord.wait_stopped()
+    except BaseExceptionGroup as group:
+        single = _unwrap(group)
+        if isinstance(single, Exception):
+            raise single from None
+        raise
+    finally:
+        # A tier actor closes its medium when it stops; media of tiers that
+        # never started are closed here, and the cache's own threads.
+        for tier in tiers:
+            if tier not in started:
+                tier.medium.close()
+        for medium in media[len(tiers) :]:
+            medium.close()
+        gpu.close()
+        copier.close()

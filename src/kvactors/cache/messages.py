@@ -1,0 +1,181 @@
+"""Every message of the served cache, each typed by its reply (``Message[R]``).
+
+Three actors, three unions: the coordinator's (:data:`CoordinatorRequest`),
+the policy actor's (:data:`PolicyRequest`) and a tier actor's
+(:data:`TierRequest`). Plans (:class:`StorePlan`, :class:`LoadPlan`) are
+ordered lists of :class:`~kvactors.cache.transfers.Transfer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from kvactors.actors import Message
+from kvactors.cache.events import CacheEvent
+from kvactors.cache.results import LoadResult, LookupResult, Snapshot, StoreResult
+from kvactors.cache.transfers import Side, Transfer
+from kvactors.keys import Key
+
+__all__ = [
+    "Complete",
+    "CoordinatorRequest",
+    "Drop",
+    "Forget",
+    "GetSnapshot",
+    "JobReport",
+    "Load",
+    "LoadPlan",
+    "Lookup",
+    "MarkFailed",
+    "Move",
+    "PolicyRequest",
+    "Prefetch",
+    "PrepareLoad",
+    "PrepareStore",
+    "Store",
+    "StorePlan",
+    "Subscribe",
+    "TierRequest",
+]
+
+
+# -- plans ------------------------------------------------------------------------
+
+
+class StorePlan(msgspec.Struct, frozen=True):
+    """Store ``new`` (of the request's ``keys``): run ``transfers`` in order.
+
+    ``busy`` are keys another store is still writing: not present yet, so the
+    coordinator waits for ``wait`` (that store's completion) and tries them
+    again. ``pins`` is empty (a store pins nothing to read).
+    """
+
+    keys: list[Key]
+    new: list[Key]
+    transfers: list[Transfer]
+    busy: list[Key]
+    wait: list[Any]  # anyio.Event of each store still writing a busy key
+    pins: list[tuple[int, list[Key]]] = []
+
+
+class LoadPlan(msgspec.Struct, frozen=True):
+    """Load the request's leading ``len(tiers)`` keys (``keys``): run ``transfers``
+    in order; ``tiers[i]`` is where block ``i`` comes from. ``pins`` are the
+    ``(tier index, keys)`` pinned for reading, unpinned when the plan completes."""
+
+    keys: list[Key]
+    tiers: list[str]
+    transfers: list[Transfer]
+    pins: list[tuple[int, list[Key]]]
+
+
+# -- the coordinator's ------------------------------------------------------------
+
+
+class Store(Message[StoreResult | None], frozen=True, tag=True):
+    keys: list[Key]
+    src: Any  # list[int] of GPU-pool slots, or a (n, block_bytes) uint8 tensor
+
+
+class Load(Message[LoadResult], frozen=True, tag=True):
+    keys: list[Key]
+    dst: Any
+    partial: bool = False
+
+
+class Prefetch(Message[None], frozen=True, tag=True):
+    keys: list[Key]
+
+
+CoordinatorRequest = Store | Load | Prefetch
+
+
+# -- the policy actor's -----------------------------------------------------------
+
+
+class Lookup(Message[LookupResult], frozen=True, tag=True):
+    """The leading available keys; each hit counts as an access of its block."""
+
+    keys: list[Key]
+
+
+class PrepareStore(Message[StorePlan | None], frozen=True, tag=True):
+    keys: list[Key]
+
+
+class PrepareLoad(Message[LoadPlan], frozen=True, tag=True):
+    """Pin ``keys`` for reading. ``prefetch=True`` plans only promotions of keys
+    held below the top tier and skips absent ones; ``partial=True`` pins the
+    longest leading run of available keys only."""
+
+    keys: list[Key]
+    partial: bool = False
+    prefetch: bool = False
+
+
+class Complete(Message[list[Key]], frozen=True, tag=True):
+    """Settle a plan: ``done[i]`` says whether ``plan.transfers[i]`` completed.
+    Handled whatever happened before; the reply lists the request's keys a
+    durable tier now holds."""
+
+    plan: StorePlan | LoadPlan
+    done: list[bool]
+
+
+class Drop(Message[list[Key]], frozen=True, tag=True):
+    """Remove idle ``keys`` from ``tier`` (e.g. blocks that failed their checksum)."""
+
+    tier: str
+    keys: list[Key]
+    corrupted: bool = False
+
+
+class MarkFailed(Message[None], frozen=True, tag=True):
+    """Stop placing blocks in ``tier``: it is down. Its blocks count as absent."""
+
+    tier: str
+
+
+class Subscribe(Message[AsyncIterator[CacheEvent]], frozen=True, tag=True):
+    pass
+
+
+class GetSnapshot(Message[Snapshot], frozen=True, tag=True):
+    pass
+
+
+PolicyRequest = (
+    Lookup | PrepareStore | PrepareLoad | Complete | Drop | MarkFailed | Subscribe | GetSnapshot
+)
+
+
+# -- a tier actor's ---------------------------------------------------------------
+
+
+class JobReport(msgspec.Struct, frozen=True):
+    tier: str
+    op: str
+    blocks: int
+    bytes: int
+    seconds: float
+
+
+class Move(Message[JobReport], frozen=True, tag=True):
+    """Run one transfer: copy ``src``'s slots into ``dst``'s, for blocks ``keys``."""
+
+    src: Side
+    dst: Side
+    keys: list[Key]
+
+
+class Forget(Message[None], frozen=True, tag=True):
+    """Forget blocks ``keys`` in this tier's medium (index records of a write that
+    failed or was cancelled, or of blocks that failed their checksum)."""
+
+    keys: list[Key]
+
+
+TierRequest = Move | Forget

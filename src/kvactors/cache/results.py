@@ -1,0 +1,122 @@
+"""What the served cache's calls return: results, per-tier and per-transfer stats."""
+
+from __future__ import annotations
+
+import msgspec
+
+from kvactors.actors import ActorStats
+from kvactors.keys import Key
+from kvactors.manager import ManagerStats
+
+__all__ = [
+    "CacheStats",
+    "LatencyStats",
+    "LoadResult",
+    "LookupResult",
+    "OpStats",
+    "Snapshot",
+    "StoreResult",
+    "TierStats",
+]
+
+
+class StoreResult(msgspec.Struct, frozen=True):
+    """``stored`` blocks were written by this call; ``present`` were already cached.
+
+    ``durable`` lists the call's keys that a durable tier (an NVMe tier with a
+    ``directory``) holds once the call returns: written there by this call
+    (``write_through``) or already there. Only those survive a crash of the
+    process; a block missing from it is in memory only, for now.
+    """
+
+    stored: int
+    present: int
+    durable: list[Key] = []
+
+
+class LoadResult(msgspec.Struct, frozen=True):
+    """``len(tiers)`` leading blocks were loaded (all of them unless ``partial``);
+    ``tiers[i]`` is where block ``i`` came from."""
+
+    tiers: list[str]
+
+
+class LookupResult(msgspec.Struct, frozen=True):
+    """``hits`` leading keys are available; ``tiers[i]`` says where key ``i`` is."""
+
+    hits: int
+    tiers: list[str]
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    """The managers' stats, the failed tiers and placement counters."""
+
+    tiers: dict[str, ManagerStats]
+    failed: list[str]
+    promoted: int
+    demoted: int
+    demotions_lost: int
+    corrupted: int
+    events_published: int
+    events_dropped: int
+
+
+class OpStats(msgspec.Struct, frozen=True):
+    """Totals of the transfers between one (source, destination) pair."""
+
+    jobs: int
+    bytes: int
+    seconds: float
+
+
+class TierStats(msgspec.Struct, frozen=True):
+    """The transfers a tier actor ran (it runs those whose I/O its medium does),
+    keyed ``"source->destination"`` (``"gpu->cpu"``, ``"nvme->gpu"``,
+    ``"tensor->cpu"`` for a caller's tensor, ...)."""
+
+    name: str
+    jobs: int
+    failed_jobs: int
+    bytes_read: int
+    bytes_written: int
+    busy_seconds: float
+    transfers: dict[str, OpStats]
+    crashed: str | None
+
+
+class LatencyStats(msgspec.Struct, frozen=True):
+    count: int
+    p50_us: float
+    p99_us: float
+
+
+class CacheStats(msgspec.Struct, frozen=True):
+    policy: Snapshot
+    tiers: dict[str, TierStats]
+    actors: list[ActorStats]
+    latency: dict[str, LatencyStats]
+    failed_stores: int
+    failed_loads: int
+    prefetch_dropped: int
+
+
+class Latency:
+    """A bounded reservoir of latencies in microseconds."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self.samples: list[float] = []
+        self.size = size
+        self.count = 0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        if len(self.samples) < self.size:
+            self.samples.append(seconds * 1e6)
+        else:
+            self.samples[self.count % self.size] = seconds * 1e6
+
+    def snapshot(self) -> LatencyStats:
+        if not self.samples:
+            return LatencyStats(0, 0.0, 0.0)
+        s = sorted(self.samples)
+        return LatencyStats(self.count, s[len(s) // 2], s[min(len(s) - 1, int(len(s) * 0.99))])
