@@ -48,7 +48,7 @@ WRITER = textwrap.dedent(
             write_mode=mode,
         )
         async with kvactors.open(config) as kv:
-            store = kv._coord.nvme.medium
+            store = kv.medium("nvme")
             if variant == "enospc":
                 store.faults = InjectedFaults(1, p_write=0.3)
             if variant == "full":  # fill the disk but for ~150 blocks' worth

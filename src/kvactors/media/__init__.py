@@ -16,7 +16,6 @@ this machine.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
@@ -62,8 +61,8 @@ def _gib(n: float) -> str:
 def check_sizes(config: Config, device: torch.device) -> None:
     """Raise :class:`~kvactors.errors.ConfigError` naming the field when the pools a
     config asks for cannot fit this machine: host memory (the CPU tier, a GPU
-    pool on ``device="cpu"``, every tier's slot metadata), the GPU's memory, and
-    the disk under an NVMe directory. Nothing is allocated before this passes."""
+    pool on ``device="cpu"``, every tier's slot metadata) and the GPU's memory.
+    Nothing is allocated before this passes."""
     bb = config.block_bytes
     host = _host_memory()
     wanted: list[tuple[str, int]] = []  # (field, host bytes)
@@ -92,22 +91,7 @@ def check_sizes(config: Config, device: torch.device) -> None:
                     f"{field}: the pools up to this one need {_gib(total)} of host memory "
                     f"(block_bytes = {bb}); this machine has {_gib(host)}"
                 )
-    nvme = config.nvme
-    if nvme is not None and nvme.directory is not None:
-        path = Path(nvme.directory)
-        while not path.exists() and path != path.parent:
-            path = path.parent
-        try:
-            st = os.statvfs(path)
-        except OSError:
-            return  # the file store reports what is wrong with the directory
-        disk = st.f_blocks * st.f_frsize
-        need = nvme.num_blocks * bb
-        if need > disk:
-            raise ConfigError(
-                f"nvme.num_blocks: {nvme.num_blocks} blocks x {bb} bytes = {_gib(need)}, "
-                f"more than the disk under {nvme.directory} holds ({_gib(disk)})"
-            )
+    # The disk under an NVMe directory is checked by the file store when it opens.
 
 
 def open_media(config: Config) -> tuple[MemoryPool, list[BlockMedium]]:
