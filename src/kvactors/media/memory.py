@@ -101,16 +101,32 @@ def _copy_runs(s: Any, d: Any, runs: list[tuple[int, int, int]]) -> None:
         d[di : di + n] = s[si : si + n]
 
 
-def _host_copy(s: Any, d: Any, runs: list[tuple[int, int, int]], pool: CopyPool | None) -> None:
+def _host_copy(
+    s: Any, d: Any, runs: list[tuple[int, int, int]], pool: CopyPool | None
+) -> None:
     """Copy ``runs`` of rows of array ``s`` into ``d``; large copies in parallel parts."""
+    total = sum(n for _, _, n in runs)
     executor = pool.executor() if pool is not None else None
-    parts = min(pool.workers + 1 if pool is not None else 1, len(runs))
-    if executor is None or parts < 2 or sum(n for _, _, n in runs) * s.shape[1] < SPLIT_COPY_BYTES:
+    parts = min(pool.workers + 1 if pool is not None else 1, total)
+    if executor is None or parts < 2 or total * s.shape[1] < SPLIT_COPY_BYTES:
         _copy_runs(s, d, runs)
         return
-    step = -(-len(runs) // parts)
-    chunks = [runs[i : i + step] for i in range(0, len(runs), step)]
-    _fan_out(executor, functools.partial(_copy_runs, s, d), chunks)
+    # Equal shares of rows, cutting runs where a share ends.
+    share = -(-total // parts)
+    chunks: list[list[tuple[int, int, int]]] = [[]]
+    room = share
+    for si, di, n in runs:
+        while n:
+            take = min(n, room)
+            chunks[-1].append((si, di, take))
+            si, di, n, room = si + take, di + take, n - take, room - take
+            if not room and n:
+                chunks.append([])
+                room = share
+        if not room:
+            chunks.append([])
+            room = share
+    _fan_out(executor, functools.partial(_copy_runs, s, d), [c for c in chunks if c])
 
 
 def copy_rows(

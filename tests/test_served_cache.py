@@ -1,0 +1,435 @@
+"""Promises of the served cache (``kvactors.open``), one test each: eviction order
+through lookups and loads, strict arguments, durable store results, cancellation
+and concurrency, start-up sizes, typed errors leaving ``async with``."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import torch
+
+import kvactors
+from kvactors.cache import transfers
+from kvactors.cli.demo import block_bytes_for
+from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
+from kvactors.errors import (
+    ActorClosed,
+    ConfigError,
+    InvalidKeyError,
+    KVActorsError,
+    TensorSpecError,
+)
+from kvactors.media.faults import InjectedFaults
+
+pytestmark = pytest.mark.anyio
+
+BB = 4096
+CPU = torch.device("cpu")
+
+
+def config(**changes: Any) -> Config:
+    base = Config(
+        block_bytes=BB,
+        gpu=GPUConfig(num_blocks=64, device="cpu"),
+        cpu=TierConfig(num_blocks=8),
+        nvme=NVMeConfig(num_blocks=64, backend="posix"),
+    )
+    return base.replace(**changes) if changes else base
+
+
+def fill(kv: kvactors.KVCache, keys: list[int], slots: list[int]) -> None:
+    kv.gpu_pool.write_rows(slots, block_bytes_for(keys, BB, CPU))
+
+
+def rows(kv: kvactors.KVCache, slots: list[int]) -> torch.Tensor:
+    return kv.gpu_pool.rows(slots)
+
+
+async def settled(kv: kvactors.KVCache) -> kvactors.CacheStats:
+    with anyio.fail_after(10):
+        while True:
+            stats = await kv.stats()
+            if all(t.pinned == t.being_written == 0 for t in stats.policy.tiers.values()):
+                return stats
+            await anyio.sleep(0.01)
+
+
+# -- 1. the eviction policy applies to the served cache ----------------------------
+
+
+@pytest.mark.parametrize("policy", ["lru", "arc", "weighted_lru"])
+@pytest.mark.parametrize("access", ["load", "lookup"])
+async def test_a_block_used_before_each_store_survives(policy: str, access: str) -> None:
+    """CPU tier of 4: a block loaded (or looked up) before each of 20 stores of
+    new blocks is never the one evicted; the others come and go."""
+    cfg = config(cpu={"num_blocks": 4, "policy": policy}, nvme=None)
+    with anyio.fail_after(20):
+        async with kvactors.open(cfg) as kv:
+            fill(kv, [0], [0])
+            await kv.store([0], [0])
+            for i in range(1, 21):
+                if access == "load":
+                    await kv.load([0], [1])
+                else:
+                    assert (await kv.lookup([0])).hits == 1
+                fill(kv, [i], [2])
+                assert await kv.store([i], [2]) == kvactors.StoreResult(1, 0)
+                assert (await kv.lookup([0])).tiers == ["cpu"], f"evicted after {i} stores"
+            assert (await kv.lookup([1])).hits == 0  # the cold ones did leave
+            await kv.load([0], [1])
+            assert torch.equal(rows(kv, [1]), block_bytes_for([0], BB, CPU))
+
+
+async def test_without_accesses_the_oldest_block_leaves_first() -> None:
+    """The counter-test: never touched, the first block is gone after 4 stores."""
+    with anyio.fail_after(20):
+        async with kvactors.open(config(cpu={"num_blocks": 4}, nvme=None)) as kv:
+            fill(kv, list(range(6)), list(range(6)))
+            for i in range(5):
+                await kv.store([i], [i])
+            assert (await kv.lookup([0])).hits == 0
+            assert (await kv.lookup([1])).hits == 1
+
+
+async def test_lru_order_follows_lookups_first_key_most_recent() -> None:
+    with anyio.fail_after(20):
+        async with kvactors.open(config(cpu={"num_blocks": 4}, nvme=None)) as kv:
+            fill(kv, list(range(6)), list(range(6)))
+            await kv.store([0, 1, 2, 3], [0, 1, 2, 3])
+            await kv.lookup([2, 0])  # 2 most recent, then 0; 1 and 3 older
+            await kv.store([4], [4])  # evicts the least recent: 1 (stored first of 1, 3)
+            await kv.store([5], [5])  # then 3
+            found = {k: (await kv.lookup([k])).hits for k in range(6)}
+            assert found == {0: 1, 1: 0, 2: 1, 3: 0, 4: 1, 5: 1}
+
+
+async def test_a_metadata_only_cache_places_blocks_through_the_actors() -> None:
+    """``move_bytes=False``: the same placement (evictions, demotions,
+    promotions), no bytes and ``None`` sides; a side given is refused."""
+    cfg = config(cpu={"num_blocks": 4}, nvme={"num_blocks": 16}, move_bytes=False)
+    with anyio.fail_after(20):
+        async with kvactors.open(cfg) as kv:
+            for i in range(0, 12, 2):
+                assert await kv.store([i, i + 1], None) == kvactors.StoreResult(2, 0)
+            found = await kv.lookup(list(range(12)))
+            assert found.hits == 12
+            assert found.tiers.count("cpu") == 4
+            loaded = await kv.load([0, 1], None)
+            assert loaded.tiers == ["nvme", "nvme"]
+            stats = await settled(kv)
+            assert (stats.policy.demoted, stats.policy.promoted) == (10, 2)
+            with pytest.raises(TensorSpecError, match="None"):
+                await kv.store([99], [0])
+
+
+# -- 8. strict arguments --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "side",
+    [[0.9, 1.7], "01", {0, 1}, [0, "1"], [True, False], torch.tensor([0.0, 1.0]), 5, None],
+)
+async def test_slot_lists_must_be_lists_of_integers(side: Any) -> None:
+    with anyio.fail_after(20):
+        async with kvactors.open(config()) as kv:
+            with pytest.raises(TensorSpecError):
+                await kv.store([1, 2], side)
+            with pytest.raises(TensorSpecError):
+                await kv.load([1, 2], side)
+            assert (await kv.stats()).policy.tiers["cpu"].used == 0
+
+
+@pytest.mark.parametrize("keys", [b"\x28\x29", "ab", 5, None, {1, 2}, (k for k in [1, 2])])
+async def test_key_lists_must_be_lists_or_tuples(keys: Any) -> None:
+    with anyio.fail_after(20):
+        async with kvactors.open(config()) as kv:
+            with pytest.raises(InvalidKeyError, match="list or tuple"):
+                await kv.store(keys, [0, 1])
+            with pytest.raises(InvalidKeyError):
+                await kv.lookup(keys)
+            with pytest.raises(InvalidKeyError):
+                await kv.load(keys, [0, 1])
+            with pytest.raises(InvalidKeyError):
+                kv.prefetch(keys)
+            with pytest.raises(InvalidKeyError):
+                kv.submit_store(keys, [0, 1])
+            assert (await kv.stats()).policy.tiers["cpu"].used == 0
+            # Tuples and numpy-free int subclasses of lists are fine.
+            fill(kv, [40, 41], [0, 1])
+            assert await kv.store((40, 41), range(2)) == kvactors.StoreResult(2, 0)
+
+
+async def test_an_unusable_destination_device_is_refused() -> None:
+    with anyio.fail_after(20):
+        async with kvactors.open(config()) as kv:
+            fill(kv, [1], [0])
+            await kv.store([1], [0])
+            with pytest.raises(TensorSpecError, match="meta"):
+                await kv.load([1], torch.empty(1, BB, dtype=torch.uint8, device="meta"))
+            with pytest.raises(TensorSpecError, match="meta"):
+                await kv.store([2], torch.empty(1, BB, dtype=torch.uint8, device="meta"))
+            assert (await settled(kv)).policy.tiers["cpu"].used == 1
+
+
+def test_config_refuses_a_negative_event_buffer_and_huge_tiers() -> None:
+    with pytest.raises(ConfigError, match="event_buffer"):
+        Config(event_buffer=-1)
+    with pytest.raises(ConfigError, match="event_buffer"):
+        Config.from_dict({"event_buffer": -1})
+    with pytest.raises(ConfigError, match=r"nvme\.num_blocks"):
+        Config.from_dict({"nvme": {"num_blocks": 2**31}})
+    with pytest.raises(ConfigError, match="num_blocks"):
+        NVMeConfig(num_blocks=2**31)
+
+
+async def test_a_typed_error_leaves_the_block_as_itself() -> None:
+    """Not an exception group: ``except KVActorsError`` catches it."""
+    with anyio.fail_after(20):
+        with pytest.raises(InvalidKeyError) as info:
+            async with kvactors.open(config()) as kv:
+                await kv.lookup(["not a key"])  # type: ignore[list-item]
+        assert isinstance(info.value, KVActorsError)
+        try:
+            async with kvactors.open(config()) as kv:
+                raise TensorSpecError("mine")
+        except KVActorsError as exc:
+            assert str(exc) == "mine"
+
+
+# -- 9. start-up sizes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"cpu": {"num_blocks": 1_600_000}, "block_bytes": 65536}, r"cpu\.num_blocks"),  # 100 GiB
+        ({"gpu": {"num_blocks": 4, "device": "cpu"}, "block_bytes": 2**40}, r"gpu\.num_blocks"),
+        ({"nvme": {"num_blocks": 2**30}, "block_bytes": 4096}, r"nvme\.num_blocks"),
+    ],
+)
+async def test_pools_too_large_for_the_machine_are_refused_naming_the_field(
+    changes: dict[str, Any], field: str, tmp_path: Path
+) -> None:
+    changes = dict(changes)
+    nvme = changes.pop("nvme", {"num_blocks": 16})
+    cfg = config(**changes, nvme={**nvme, "directory": str(tmp_path), "backend": "posix"})
+    with anyio.fail_after(20):
+        with pytest.raises(ConfigError, match=field):
+            async with kvactors.open(cfg):
+                pass
+        # Nothing was left open: the same directory opens at once.
+        good = config(nvme={"num_blocks": 16, "directory": str(tmp_path), "backend": "posix"})
+        async with kvactors.open(good) as kv:
+            fill(kv, [1], [0])
+            assert await kv.store([1], [0]) == kvactors.StoreResult(1, 0)
+
+
+# -- 2. what a store result promises ------------------------------------------------------
+
+
+async def test_store_result_says_which_blocks_are_durable(tmp_path: Path) -> None:
+    cfg = config(
+        write_mode="write_through",
+        nvme={"num_blocks": 16, "directory": str(tmp_path), "backend": "posix"},
+    )
+    with anyio.fail_after(20):
+        async with kvactors.open(cfg) as kv:
+            fill(kv, [1, 2, 3, 4], [0, 1, 2, 3])
+            assert await kv.store([1, 2], [0, 1]) == kvactors.StoreResult(2, 0, [1, 2])
+            store: Any = kv.medium("nvme")
+            store.faults = InjectedFaults(0, p_write=1.0)  # the disk is full
+            result = await kv.store([3, 4], [2, 3])
+            assert result == kvactors.StoreResult(2, 0, [])  # in CPU only
+            assert (await kv.lookup([3, 4])).tiers == ["cpu", "cpu"]
+            store.faults = None
+            again = await kv.store([1, 3], [0, 2])
+            assert again == kvactors.StoreResult(0, 2, [1])
+        # What survives a restart is exactly what was reported durable.
+        async with kvactors.open(cfg) as kv:
+            assert (await kv.lookup([1, 2])).tiers == ["nvme", "nvme"]
+            assert (await kv.lookup([3])).hits == 0
+            assert (await kv.lookup([4])).hits == 0
+
+
+async def test_write_back_and_temporary_nvme_report_nothing_durable() -> None:
+    with anyio.fail_after(20):
+        async with kvactors.open(config(write_mode="write_through")) as kv:
+            fill(kv, [1], [0])
+            assert await kv.store([1], [0]) == kvactors.StoreResult(1, 0, [])
+        async with kvactors.open(config()) as kv:
+            fill(kv, [1], [0])
+            assert await kv.store([1], [0]) == kvactors.StoreResult(1, 0, [])
+
+
+# -- 7. cancellation and concurrency ------------------------------------------------------
+
+
+class Gate:
+    """Holds every copy of ``transfers.move`` of the chosen direction until released."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, direction: str) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        original = transfers.move
+        from kvactors.cache import tier_actor
+
+        def held(src: Any, dst: Any, *rest: Any) -> None:
+            if f"{src.name}->{dst.name}" == direction:
+                self.entered.set()
+                self.gate.wait(10)
+            original(src, dst, *rest)
+
+        monkeypatch.setattr(tier_actor, "move", held)
+
+    async def wait_entered(self) -> None:
+        with anyio.fail_after(5):
+            while not self.entered.is_set():
+                await anyio.sleep(0.005)
+
+
+async def test_a_write_through_store_cancelled_during_its_nvme_write_is_never_readable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cfg = config(
+        write_mode="write_through",
+        nvme={"num_blocks": 16, "directory": str(tmp_path), "backend": "posix"},
+    )
+    with anyio.fail_after(20):
+        async with kvactors.open(cfg) as kv:
+            gate = Gate(monkeypatch, "cpu->nvme")
+            fill(kv, [1, 2], [0, 1])
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(kv.store, [1, 2], [0, 1])
+                    await gate.wait_entered()
+                    threading.Timer(0.1, gate.gate.set).start()
+                    scope.cancel()
+            # The write to NVMe completed after the cancellation: still not served.
+            assert (await kv.lookup([1, 2])).hits == 0
+            stats = await settled(kv)
+            assert stats.policy.tiers["nvme"].used == stats.policy.tiers["cpu"].used == 0
+        async with kvactors.open(cfg) as kv:
+            assert (await kv.lookup([1, 2])).hits == 0  # nor after a restart
+
+
+@pytest.mark.parametrize("first", ["completes", "is cancelled"])
+async def test_a_second_store_of_a_key_being_written_waits_for_the_first(
+    first: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not reported present while the first store writes it; if the first store
+    is cancelled, the second one stores the key."""
+    with anyio.fail_after(20):
+        async with kvactors.open(config(inline_bytes=0)) as kv:
+            gate = Gate(monkeypatch, "gpu->cpu")
+            fill(kv, [1], [0])
+            fill(kv, [1], [1])
+            second: list[Any] = []
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(kv.store, [1], [0])
+                    await gate.wait_entered()
+
+                    async def again() -> None:
+                        with anyio.CancelScope(shield=True):
+                            second.append(await kv.store([1], [1]))
+
+                    tg.start_soon(again)
+                    await anyio.sleep(0.05)
+                    assert not second  # waiting, not "present"
+                    if first == "is cancelled":
+                        scope.cancel()
+                    gate.gate.set()
+            with anyio.fail_after(5):
+                while not second:
+                    await anyio.sleep(0.01)
+            if first == "completes":
+                assert second == [kvactors.StoreResult(0, 1)]
+            else:
+                assert second == [kvactors.StoreResult(1, 0)]
+            assert (await kv.lookup([1])).hits == 1
+            await kv.load([1], [5])
+            assert torch.equal(rows(kv, [5]), block_bytes_for([1], BB, CPU))
+
+
+class CorruptOne:
+    """A device that returns bad bytes for one block, wherever it is read."""
+
+    def __init__(self, key: int) -> None:
+        self.head = bytes(block_bytes_for([key], BB, CPU)[0, :16].tolist())
+        self.hits = 0
+
+    def on_io(self, write: bool, stripe: int, offset: int, nbytes: int) -> int:
+        return 0
+
+    def on_read(self, buffers: list[memoryview]) -> None:
+        for buf in buffers:
+            if bytes(buf[:16]) == self.head:
+                self.hits += 1
+                buf[0] ^= 0xFF
+
+
+async def test_concurrent_partial_loads_over_a_corrupt_block_return_the_good_prefix() -> None:
+    with anyio.fail_after(30):
+        async with kvactors.open(config(cpu={"num_blocks": 4})) as kv:
+            keys = list(range(8))
+            fill(kv, keys, keys)
+            for i in range(0, 8, 4):
+                await kv.store(keys[i : i + 4], keys[i : i + 4])
+            for i in range(4, 8):  # make room: blocks 0..3 live in NVMe only
+                assert (await kv.lookup([i])).tiers == ["cpu"]
+            store: Any = kv.medium("nvme")
+            store.faults = CorruptOne(2)
+            results: list[int] = []
+
+            async def loader(c: int) -> None:
+                dst = list(range(10 + 4 * c, 14 + 4 * c))
+                got = await kv.load(keys[:4], dst, partial=True)
+                n = len(got.tiers)
+                assert torch.equal(rows(kv, dst[:n]), block_bytes_for(keys[:n], BB, CPU))
+                results.append(n)
+
+            async with anyio.create_task_group() as tg:
+                for c in range(8):
+                    tg.start_soon(loader, c)
+            assert results == [2] * 8
+            assert store.faults.hits >= 1
+            stats = await settled(kv)
+            assert stats.policy.corrupted == 1
+
+
+async def test_leaving_the_block_waits_for_futures_submitted_just_before() -> None:
+    futures: list[kvactors.Future[Any]] = []
+    with anyio.fail_after(20):
+        async with kvactors.open(config()) as kv:
+            keys = list(range(10))
+            fill(kv, keys, keys)
+            futures = [kv.submit_store([k], [k]) for k in keys]
+        assert all(f.done() for f in futures)
+        assert [f.result() for f in futures] == [kvactors.StoreResult(1, 0)] * 10
+        with pytest.raises(ActorClosed):
+            await kv.lookup([1])
+
+
+async def test_the_copy_threads_belong_to_one_cache_and_close_with_it() -> None:
+    """Large host copies are split over the cache's own threads: none is left
+    once the cache closes, and two caches never share them."""
+    def ours() -> set[str]:
+        return {t.name for t in threading.enumerate() if t.name.startswith("kvactors")}
+
+    before = ours()
+    cfg = config(block_bytes=2**20, gpu={"num_blocks": 8, "device": "cpu"}, nvme=None)
+    with anyio.fail_after(30):
+        async with kvactors.open(cfg) as kv:
+            data = torch.randint(0, 256, (8, 2**20), dtype=torch.uint8)
+            kv.gpu_pool.write_rows(list(range(8)), data)
+            await kv.store(list(range(8)), list(range(8)))
+            out = torch.empty(8, 2**20, dtype=torch.uint8)
+            await kv.load(list(range(8)), out)
+            assert torch.equal(out, data)
+            assert ours() - before  # the split copies ran on the cache's threads
+    assert ours() == before
