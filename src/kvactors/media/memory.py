@@ -101,9 +101,7 @@ def _copy_runs(s: Any, d: Any, runs: list[tuple[int, int, int]]) -> None:
         d[di : di + n] = s[si : si + n]
 
 
-def _host_copy(
-    s: Any, d: Any, runs: list[tuple[int, int, int]], pool: CopyPool | None
-) -> None:
+def _host_copy(s: Any, d: Any, runs: list[tuple[int, int, int]], pool: CopyPool | None) -> None:
     """Copy ``runs`` of rows of array ``s`` into ``d``; large copies in parallel parts."""
     total = sum(n for _, _, n in runs)
     executor = pool.executor() if pool is not None else None
