@@ -1,28 +1,47 @@
-"""Build hook for the optional compiled core (metadata lives in pyproject.toml).
+"""Build hook for the optional compiled cores (metadata lives in pyproject.toml).
 
-``kvactors._manager_core`` (native/manager_core.c) is the manager's state
-machine with the built-in eviction policies, in C; ``kvactors._io_core``
+``kvactors._manager_core`` (native/manager_core.c and one file per built-in
+policy, native/policy_*.c) is the manager's state machine; ``kvactors._io_core``
 (native/io_core.c) issues the NVMe store's vectored reads and writes with the
-GIL released. Both are optional: where no C compiler is found the build goes
-on without them and kvactors uses its Python code, which behaves the same.
+GIL released; ``kvactors._key_checks`` (native/key_checks.c) checks the async
+API's keys and slot ids in one pass. All are optional: where no C compiler is
+found the build goes on without them and kvactors uses its Python code, which
+behaves the same.
 """
 
 from setuptools import Extension, setup
+
+FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+
+# The manager core and its policies: a new policy is one more native/policy_*.c
+# here and one more entry in POLICY_TABLE (native/manager_core.c).
+MANAGER_SOURCES = [
+    "native/manager_core.c",
+    "native/policy_lru.c",
+    "native/policy_arc.c",
+    "native/policy_weighted_lru.c",
+    "native/policy_python.c",
+]
 
 setup(
     ext_modules=[
         Extension(
             "kvactors._manager_core",
-            sources=["native/manager_core.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                                "-Wno-missing-field-initializers"],
+            sources=MANAGER_SOURCES,
+            depends=["native/manager_core.h"],
+            extra_compile_args=FLAGS,
             optional=True,
         ),
         Extension(
             "kvactors._io_core",
             sources=["native/io_core.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                                "-Wno-missing-field-initializers"],
+            extra_compile_args=FLAGS,
+            optional=True,
+        ),
+        Extension(
+            "kvactors._key_checks",
+            sources=["native/key_checks.c"],
+            extra_compile_args=FLAGS,
             optional=True,
         ),
     ]

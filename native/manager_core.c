@@ -1,620 +1,38 @@
-/* kvactors._manager_core: one tier's metadata and eviction order, in C.
+/* kvactors._manager_core: one tier's metadata on one state machine, in C.
  *
- * The same state machine as kvactors.manager.OffloadingManager with the
- * built-in policies (the Python manager and kvactors.policy are the reference;
- * the tests run both cores against one model and against each other):
+ * The same state machine as the Python reference manager
+ * (kvactors/manager/_reference.py); the tests run both against one model and
+ * against each other. The core owns the key map, the slots, ref counts (-1
+ * being written, 0 idle, n pinned by n readers), the free slots and the
+ * counters; the eviction order is the policy's, behind the table of functions
+ * in manager_core.h (POLICY_TABLE below lists the built-in ones; any other
+ * policy is a Python CachePolicy object reached through python_policy_ops).
  *
- *   lru           one recency list
- *   arc           resident lists T1/T2 and ghost lists B1/B2 (keys only, each
- *                 trimmed to the capacity), a float target size for T1
- *   weighted_lru  GreedyDual-Size-Frequency: an indexed min-heap of slots by
- *                 (priority, push sequence), priority = clock + freq^fw / size^sw
- *
- * Slot ids index flat arrays: the key held, the ref count (-1 being written,
- * 0 idle, n pinned by n readers) and the policy's order data. A dict maps
- * key -> slot id. Lists run from head (least recent) to tail.
- *
- * Errors are plain Python exceptions carrying the offending key; the Python
- * manager turns them into kvactors.errors types:
- *   KeyError(key)    the key is not held
- *   ValueError(key)  wrong state (not ready for a load, not pinned for an unpin)
- *   TypeError(key)   a new key that is not exactly int or bytes
- *   IndexError(key)  a new key named twice in one prepare_store
- * Every method validates before it mutates: on an exception nothing changed.
+ * Every method first snapshots its keys into a tuple (so a key's __hash__ or
+ * __eq__ that mutates the caller's list frees nothing we use), then checks
+ * the whole call, then changes state: an error leaves nothing changed. Errors
+ * are kvactors.errors types with the messages the Python manager raises.
+ * A method that is re-entered (from a key's __hash__/__eq__ or the policy)
+ * raises ManagerBusyError.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
+#include "manager_core.h"
+
 #include <string.h>
 
-#include <math.h>
+static const PolicyOps *const POLICY_TABLE[] = {&lru_ops, &arc_ops, &weighted_lru_ops, NULL};
 
-enum { LRU, ARC, GDSF };
-enum { T1 = 0, T2 = 1 }; /* resident lists; LRU uses T1 only */
+/* Slot ids are int32 and fresh slots are handed out in order. */
+#define MAX_BLOCKS ((Py_ssize_t)INT32_MAX)
+#define MIN_GROWTH 64
 
-typedef struct {
-    PyObject_HEAD
-    int policy;
-    Py_ssize_t n;          /* capacity in blocks */
-    PyObject *map;         /* dict: key -> slot id (an item of slot_objs) */
-    PyObject *slot_objs;   /* tuple of the ints 0..n-1 */
-    PyObject **keys;       /* key held by each slot (owned), NULL when free */
-    int32_t *ref;
-    int32_t *prev;
-    int32_t *next;
-    uint8_t *where;        /* T1 or T2 */
-    uint32_t *stamp;       /* == epoch: named in the current prepare_store */
-    int32_t *scratch;      /* victims of one prepare_store */
-    int32_t *scratch2;     /* heap entries set aside while choosing them */
-    int32_t *free_stack;   /* freed slot ids, last freed on top */
-    Py_ssize_t nfree;
-    Py_ssize_t next_fresh; /* fresh ids are handed out in order first */
-    uint32_t epoch;
-    int32_t head[2], tail[2];
-    Py_ssize_t len[2];
-    /* arc: ghosts live in a pool of 2n+2 entries, gmap: key -> entry */
-    double target;
-    PyObject *gmap, *gidx_objs;
-    PyObject **gkeys;
-    int32_t *gprev, *gnext, *gfree;
-    uint8_t *gwhich;
-    Py_ssize_t ngfree, gsize;
-    int32_t ghead[2], gtail[2];
-    Py_ssize_t glen[2];
-    /* weighted_lru */
-    double clock, fw, sw;
-    uint64_t seq;
-    double *prio;
-    uint64_t *pseq;
-    int64_t *freq;
-    int32_t *heap, *hpos;
-    Py_ssize_t hlen;
-    Py_ssize_t used, writing, pinned;
-    long long lookups, lookup_keys, hits, stores, evictions, failed_prepares;
-} Core;
+static PyObject *KVInvalidKey, *KVNotFound, *KVNotReady, *KVNotPinned, *KVState, *KVConfig,
+    *KVUnknownPolicy, *KVBusy;
+PyObject *KVPolicyError;
 
-/* -- helpers ------------------------------------------------------------- */
+/* -- shared helpers ------------------------------------------------------ */
 
-/* The slot of key: >= 0, -1 when absent, -2 with an exception set. */
-static inline int32_t
-slot_of(Core *self, PyObject *key)
-{
-    PyObject *v = PyDict_GetItemWithError(self->map, key);
-    if (v == NULL)
-        return PyErr_Occurred() ? -2 : -1;
-    return (int32_t)PyLong_AsLong(v);
-}
-
-/* Doubly linked lists over index arrays; one function pair serves the
- * resident lists (slots) and the ghost lists (ghost entries). */
-static inline void
-list_unlink(int32_t *prev, int32_t *next, int32_t *head, int32_t *tail, int32_t i)
-{
-    int32_t p = prev[i], nx = next[i];
-    if (p >= 0)
-        next[p] = nx;
-    else
-        *head = nx;
-    if (nx >= 0)
-        prev[nx] = p;
-    else
-        *tail = p;
-}
-
-static inline void
-list_push(int32_t *prev, int32_t *next, int32_t *head, int32_t *tail, int32_t i)
-{
-    prev[i] = *tail;
-    next[i] = -1;
-    if (*tail >= 0)
-        next[*tail] = i;
-    else
-        *head = i;
-    *tail = i;
-}
-
-static inline void
-unlink_slot(Core *self, int32_t i)
-{
-    int w = self->where[i];
-    list_unlink(self->prev, self->next, &self->head[w], &self->tail[w], i);
-    self->len[w]--;
-}
-
-static inline void
-push_tail(Core *self, int32_t i, int w)
-{
-    self->where[i] = (uint8_t)w;
-    list_push(self->prev, self->next, &self->head[w], &self->tail[w], i);
-    self->len[w]++;
-}
-
-/* -- weighted_lru: an indexed min-heap of slots ----------------------------- */
-
-static inline int
-hless(Core *self, int32_t a, int32_t b)
-{
-    return self->prio[a] < self->prio[b] ||
-           (self->prio[a] == self->prio[b] && self->pseq[a] < self->pseq[b]);
-}
-
-static inline void
-hset(Core *self, Py_ssize_t pos, int32_t s)
-{
-    self->heap[pos] = s;
-    self->hpos[s] = (int32_t)pos;
-}
-
-static void
-sift_up(Core *self, Py_ssize_t pos)
-{
-    int32_t s = self->heap[pos];
-    while (pos > 0) {
-        Py_ssize_t parent = (pos - 1) / 2;
-        if (!hless(self, s, self->heap[parent]))
-            break;
-        hset(self, pos, self->heap[parent]);
-        pos = parent;
-    }
-    hset(self, pos, s);
-}
-
-static void
-sift_down(Core *self, Py_ssize_t pos)
-{
-    int32_t s = self->heap[pos];
-    for (;;) {
-        Py_ssize_t child = 2 * pos + 1;
-        if (child >= self->hlen)
-            break;
-        if (child + 1 < self->hlen && hless(self, self->heap[child + 1], self->heap[child]))
-            child++;
-        if (!hless(self, self->heap[child], s))
-            break;
-        hset(self, pos, self->heap[child]);
-        pos = child;
-    }
-    hset(self, pos, s);
-}
-
-static void
-heap_push(Core *self, int32_t s)
-{
-    hset(self, self->hlen++, s);
-    sift_up(self, self->hlen - 1);
-}
-
-static void
-heap_remove(Core *self, int32_t s)
-{
-    Py_ssize_t pos = self->hpos[s];
-    if (pos < 0)
-        return;
-    self->hpos[s] = -1;
-    int32_t last = self->heap[--self->hlen];
-    if (pos < self->hlen) {
-        hset(self, pos, last);
-        sift_up(self, pos);
-        sift_down(self, self->hpos[last]);
-    }
-}
-
-static int32_t
-heap_pop(Core *self)
-{
-    int32_t s = self->heap[0];
-    heap_remove(self, s);
-    return s;
-}
-
-/* A new priority for slot s: clock + freq^fw / size^sw (blocks have size 1). */
-static void
-gdsf_push(Core *self, int32_t s)
-{
-    self->prio[s] = self->clock + pow((double)self->freq[s], self->fw) / pow(1.0, self->sw);
-    self->pseq[s] = self->seq++;
-    if (self->hpos[s] >= 0) {
-        sift_up(self, self->hpos[s]);
-        sift_down(self, self->hpos[s]);
-    }
-    else
-        heap_push(self, s);
-}
-
-/* -- arc: ghost lists -------------------------------------------------------- */
-
-/* The ghost entry of key: >= 0, -1 when none, -2 with an exception set. */
-static inline int32_t
-ghost_of(Core *self, PyObject *key)
-{
-    PyObject *v = PyDict_GetItemWithError(self->gmap, key);
-    if (v == NULL)
-        return PyErr_Occurred() ? -2 : -1;
-    return (int32_t)PyLong_AsLong(v);
-}
-
-static int
-ghost_drop(Core *self, int32_t g)
-{
-    PyObject *key = self->gkeys[g];
-    if (PyDict_DelItem(self->gmap, key) < 0)
-        return -1;
-    int w = self->gwhich[g];
-    list_unlink(self->gprev, self->gnext, &self->ghead[w], &self->gtail[w], g);
-    self->glen[w]--;
-    self->gkeys[g] = NULL;
-    Py_DECREF(key);
-    self->gfree[self->ngfree++] = g;
-    return 0;
-}
-
-/* Append key to ghost list w, then trim w to the capacity, oldest first. */
-static int
-ghost_add(Core *self, PyObject *key, int w)
-{
-    int32_t g = self->gfree[--self->ngfree];
-    if (PyDict_SetItem(self->gmap, key, PyTuple_GET_ITEM(self->gidx_objs, g)) < 0) {
-        self->ngfree++;
-        return -1;
-    }
-    Py_INCREF(key);
-    self->gkeys[g] = key;
-    self->gwhich[g] = (uint8_t)w;
-    list_push(self->gprev, self->gnext, &self->ghead[w], &self->gtail[w], g);
-    self->glen[w]++;
-    while (self->glen[w] > self->n)
-        if (ghost_drop(self, self->ghead[w]) < 0)
-            return -1;
-    return 0;
-}
-
-/* -- the policy's side of insert / remove ------------------------------------ */
-
-static int
-order_insert(Core *self, PyObject *key, int32_t i)
-{
-    switch (self->policy) {
-    case ARC: {
-        int32_t g = ghost_of(self, key);
-        if (g == -2 || (g >= 0 && ghost_drop(self, g) < 0))
-            return -1;
-        push_tail(self, i, T1);
-        break;
-    }
-    case GDSF:
-        self->freq[i] = 1;
-        gdsf_push(self, i);
-        break;
-    default:
-        push_tail(self, i, T1);
-    }
-    return 0;
-}
-
-static inline void
-order_remove(Core *self, int32_t i)
-{
-    if (self->policy == GDSF)
-        heap_remove(self, i);
-    else
-        unlink_slot(self, i);
-}
-
-/* Insert key at slot i as most recent with ref count r. */
-static int
-hold(Core *self, PyObject *key, int32_t i, int32_t r)
-{
-    if (order_insert(self, key, i) < 0)
-        return -1;
-    if (PyDict_SetItem(self->map, key, PyTuple_GET_ITEM(self->slot_objs, i)) < 0) {
-        order_remove(self, i);
-        return -1;
-    }
-    Py_INCREF(key);
-    self->keys[i] = key;
-    self->ref[i] = r;
-    self->used++;
-    return 0;
-}
-
-/* Drop slot i (its key leaves the map) and push it on the free stack.
- * Returns the key (a new reference) or NULL with an exception set. */
-static PyObject *
-release(Core *self, int32_t i)
-{
-    PyObject *key = self->keys[i];
-    if (PyDict_DelItem(self->map, key) < 0)
-        return NULL;
-    order_remove(self, i);
-    self->keys[i] = NULL;
-    self->free_stack[self->nfree++] = i;
-    self->used--;
-    return key; /* the reference keys[i] owned */
-}
-
-static int
-key_error(PyObject *type, PyObject *key)
-{
-    PyObject *args = PyTuple_Pack(1, key);
-    if (args != NULL) {
-        PyErr_SetObject(type, args);
-        Py_DECREF(args);
-    }
-    return -1;
-}
-
-#define FAST(seq, arg)                                                        \
-    PyObject *seq = PySequence_Fast((arg), "keys must be an iterable");       \
-    if (seq == NULL)                                                          \
-        return NULL;                                                          \
-    Py_ssize_t len_##seq = PySequence_Fast_GET_SIZE(seq);                     \
-    PyObject **items_##seq = PySequence_Fast_ITEMS(seq)
-
-/* -- object life --------------------------------------------------------- */
-
-static int
-Core_init(Core *self, PyObject *args, PyObject *kwds)
-{
-    static char *kwlist[] = {"num_blocks", "policy", "frequency_weight", "size_weight", NULL};
-    Py_ssize_t n;
-    const char *policy = "lru";
-    double fw = 1.0, sw = 1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|sdd", kwlist, &n, &policy, &fw, &sw))
-        return -1;
-    if (self->map != NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "ManagerCore is already initialised");
-        return -1;
-    }
-    if (n <= 0 || n > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "num_blocks must be in 1..2**31-1");
-        return -1;
-    }
-    if (strcmp(policy, "lru") == 0)
-        self->policy = LRU;
-    else if (strcmp(policy, "arc") == 0)
-        self->policy = ARC;
-    else if (strcmp(policy, "weighted_lru") == 0)
-        self->policy = GDSF;
-    else {
-        PyErr_Format(PyExc_ValueError, "unknown policy %s", policy);
-        return -1;
-    }
-    self->n = n;
-    self->fw = fw;
-    self->sw = sw;
-    self->map = PyDict_New();
-    self->slot_objs = PyTuple_New(n);
-    if (self->map == NULL || self->slot_objs == NULL)
-        return -1;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *v = PyLong_FromSsize_t(i);
-        if (v == NULL)
-            return -1;
-        PyTuple_SET_ITEM(self->slot_objs, i, v);
-    }
-    self->keys = PyMem_Calloc((size_t)n, sizeof(PyObject *));
-    self->ref = PyMem_Calloc((size_t)n, sizeof(int32_t));
-    self->prev = PyMem_Calloc((size_t)n, sizeof(int32_t));
-    self->next = PyMem_Calloc((size_t)n, sizeof(int32_t));
-    self->where = PyMem_Calloc((size_t)n, 1);
-    self->stamp = PyMem_Calloc((size_t)n, sizeof(uint32_t));
-    self->scratch = PyMem_Calloc((size_t)n, sizeof(int32_t));
-    self->scratch2 = PyMem_Calloc((size_t)n, sizeof(int32_t));
-    self->free_stack = PyMem_Calloc((size_t)n, sizeof(int32_t));
-    if (!self->keys || !self->ref || !self->prev || !self->next || !self->where ||
-        !self->stamp || !self->scratch || !self->scratch2 || !self->free_stack) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    self->head[T1] = self->tail[T1] = self->head[T2] = self->tail[T2] = -1;
-    self->ghead[T1] = self->gtail[T1] = self->ghead[T2] = self->gtail[T2] = -1;
-    self->epoch = 1;
-    if (self->policy == ARC) {
-        /* Each ghost list holds at most n keys, n + 1 for a moment while trimming. */
-        Py_ssize_t g = 2 * n + 2;
-        self->gsize = g;
-        self->gmap = PyDict_New();
-        self->gidx_objs = PyTuple_New(g);
-        if (self->gmap == NULL || self->gidx_objs == NULL)
-            return -1;
-        for (Py_ssize_t i = 0; i < g; i++) {
-            PyObject *v = PyLong_FromSsize_t(i);
-            if (v == NULL)
-                return -1;
-            PyTuple_SET_ITEM(self->gidx_objs, i, v);
-        }
-        self->gkeys = PyMem_Calloc((size_t)g, sizeof(PyObject *));
-        self->gprev = PyMem_Calloc((size_t)g, sizeof(int32_t));
-        self->gnext = PyMem_Calloc((size_t)g, sizeof(int32_t));
-        self->gfree = PyMem_Calloc((size_t)g, sizeof(int32_t));
-        self->gwhich = PyMem_Calloc((size_t)g, 1);
-        if (!self->gkeys || !self->gprev || !self->gnext || !self->gfree || !self->gwhich) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        for (Py_ssize_t i = 0; i < g; i++)
-            self->gfree[i] = (int32_t)(g - 1 - i);
-        self->ngfree = g;
-    }
-    if (self->policy == GDSF) {
-        self->prio = PyMem_Calloc((size_t)n, sizeof(double));
-        self->pseq = PyMem_Calloc((size_t)n, sizeof(uint64_t));
-        self->freq = PyMem_Calloc((size_t)n, sizeof(int64_t));
-        self->heap = PyMem_Calloc((size_t)n, sizeof(int32_t));
-        self->hpos = PyMem_Malloc((size_t)n * sizeof(int32_t));
-        if (!self->prio || !self->pseq || !self->freq || !self->heap || !self->hpos) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        for (Py_ssize_t i = 0; i < n; i++)
-            self->hpos[i] = -1;
-    }
-    return 0;
-}
-
-static void
-Core_dealloc(Core *self)
-{
-    if (self->keys != NULL) {
-        for (Py_ssize_t i = 0; i < self->n; i++)
-            Py_XDECREF(self->keys[i]);
-    }
-    PyMem_Free(self->keys);
-    PyMem_Free(self->ref);
-    PyMem_Free(self->prev);
-    PyMem_Free(self->next);
-    PyMem_Free(self->where);
-    PyMem_Free(self->stamp);
-    PyMem_Free(self->scratch);
-    PyMem_Free(self->scratch2);
-    PyMem_Free(self->free_stack);
-    if (self->gkeys != NULL) {
-        for (Py_ssize_t i = 0; i < self->gsize; i++)
-            Py_XDECREF(self->gkeys[i]);
-    }
-    PyMem_Free(self->gkeys);
-    PyMem_Free(self->gprev);
-    PyMem_Free(self->gnext);
-    PyMem_Free(self->gfree);
-    PyMem_Free(self->gwhich);
-    PyMem_Free(self->prio);
-    PyMem_Free(self->pseq);
-    PyMem_Free(self->freq);
-    PyMem_Free(self->heap);
-    PyMem_Free(self->hpos);
-    Py_XDECREF(self->map);
-    Py_XDECREF(self->slot_objs);
-    Py_XDECREF(self->gmap);
-    Py_XDECREF(self->gidx_objs);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-/* -- queries ------------------------------------------------------------- */
-
-static PyObject *
-Core_lookup(Core *self, PyObject *arg)
-{
-    FAST(seq, arg);
-    Py_ssize_t hits = 0;
-    for (; hits < len_seq; hits++) {
-        int32_t s = slot_of(self, items_seq[hits]);
-        if (s == -2) {
-            Py_DECREF(seq);
-            return NULL;
-        }
-        if (s < 0 || self->ref[s] < 0)
-            break;
-    }
-    self->lookups++;
-    self->lookup_keys += len_seq;
-    self->hits += hits;
-    Py_DECREF(seq);
-    return PyLong_FromSsize_t(hits);
-}
-
-/* arc: a touch of a key that is not resident. */
-static int
-arc_touch_ghost(Core *self, PyObject *key)
-{
-    int32_t g = ghost_of(self, key);
-    if (g < 0)
-        return g == -2 ? -1 : 0;
-    int w = self->gwhich[g];
-    double mine = (double)self->glen[w], other = (double)self->glen[1 - w];
-    double delta = other / mine > 1.0 ? other / mine : 1.0;
-    if (w == T1) { /* B1 hit: T1 was too small */
-        self->target = self->target + delta;
-        if (self->target > (double)self->n)
-            self->target = (double)self->n;
-    }
-    else {
-        self->target = self->target - delta;
-        if (self->target < 0.0)
-            self->target = 0.0;
-    }
-    list_unlink(self->gprev, self->gnext, &self->ghead[w], &self->gtail[w], g);
-    list_push(self->gprev, self->gnext, &self->ghead[w], &self->gtail[w], g);
-    return 0;
-}
-
-static PyObject *
-Core_touch(Core *self, PyObject *arg)
-{
-    FAST(seq, arg);
-    /* In reverse, so the first key ends most recent. */
-    for (Py_ssize_t k = len_seq - 1; k >= 0; k--) {
-        int32_t s = slot_of(self, items_seq[k]);
-        if (s == -2)
-            goto fail;
-        switch (self->policy) {
-        case LRU:
-            if (s >= 0 && s != self->tail[T1]) {
-                unlink_slot(self, s);
-                push_tail(self, s, T1);
-            }
-            break;
-        case ARC:
-            if (s < 0) {
-                if (arc_touch_ghost(self, items_seq[k]) < 0)
-                    goto fail;
-            }
-            /* T1 -> T2 once ready (a block being written was only just
-             * inserted: not a second use); T2 -> its recent end. */
-            else if (self->where[s] == T2 || self->ref[s] >= 0) {
-                unlink_slot(self, s);
-                push_tail(self, s, T2);
-            }
-            break;
-        default:
-            if (s >= 0) {
-                self->freq[s]++;
-                gdsf_push(self, s);
-            }
-        }
-    }
-    Py_DECREF(seq);
-    Py_RETURN_NONE;
-fail:
-    Py_DECREF(seq);
-    return NULL;
-}
-
-static PyObject *
-Core_get(Core *self, PyObject *key)
-{
-    int32_t s = slot_of(self, key);
-    if (s == -2)
-        return NULL;
-    if (s < 0)
-        Py_RETURN_NONE;
-    return Py_BuildValue("(ii)", (int)s, (int)self->ref[s]);
-}
-
-static PyObject *
-Core_keys(Core *self, PyObject *Py_UNUSED(ignored))
-{
-    PyObject *out = PyList_New(self->used);
-    if (out == NULL)
-        return NULL;
-    Py_ssize_t k = 0;
-    if (self->policy == GDSF) { /* slot order */
-        for (Py_ssize_t i = 0; i < self->n; i++)
-            if (self->keys[i] != NULL) {
-                Py_INCREF(self->keys[i]);
-                PyList_SET_ITEM(out, k++, self->keys[i]);
-            }
-        return out;
-    }
-    for (int w = T1; w <= T2; w++) /* least recent first; arc: T1 then T2 */
-        for (int32_t i = self->head[w]; i >= 0; i = self->next[i]) {
-            Py_INCREF(self->keys[i]);
-            PyList_SET_ITEM(out, k++, self->keys[i]);
-        }
-    return out;
-}
-
-static PyObject *
-list_keys(PyObject **keys, int32_t *next, int32_t head, Py_ssize_t len)
+PyObject *
+core_list_keys(PyObject **keys, const int32_t *next, int32_t head, Py_ssize_t len)
 {
     PyObject *out = PyList_New(len);
     if (out == NULL)
@@ -627,38 +45,448 @@ list_keys(PyObject **keys, int32_t *next, int32_t head, Py_ssize_t len)
     return out;
 }
 
-/* The policy's order data, for tests and debugging:
- *   lru           ("lru", [keys, least recent first])
- *   arc           ("arc", target, T1, T2, B1, B2)   lists least recent first
- *   weighted_lru  ("weighted_lru", clock, {key: (priority, frequency)}) */
+int
+policy_insert_each(Core *core, PyObject *const *keys, const int32_t *slots, Py_ssize_t n)
+{
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (core->ops->insert(core, keys[k], slots[k]) < 0)
+            return -1;
+    return 0;
+}
+
+static inline int
+exact_key(PyObject *key)
+{
+    return PyLong_CheckExact(key) || PyBytes_CheckExact(key);
+}
+
+/* The exception being raised (a lookup of a key failed) becomes the cause of
+ * InvalidKeyError("METHOD: block key of type T is not usable (E: msg)"). */
+int
+core_key_fault(const char *method, PyObject *key)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value == NULL) {
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        return -1;
+    }
+    if (tb != NULL)
+        PyException_SetTraceback(value, tb);
+    PyErr_Format(KVInvalidKey, "%s: block key of type %s is not usable (%s: %S)", method,
+                 _PyType_Name(Py_TYPE(key)), _PyType_Name(Py_TYPE(value)), value);
+    PyObject *t2, *v2, *tb2;
+    PyErr_Fetch(&t2, &v2, &tb2);
+    PyErr_NormalizeException(&t2, &v2, &tb2);
+    if (v2 != NULL) {
+        Py_INCREF(value);
+        PyException_SetCause(v2, value);
+        PyException_SetContext(v2, value);
+    }
+    else
+        Py_DECREF(value);
+    PyErr_Restore(t2, v2, tb2);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return -1;
+}
+
+static int
+state_error(PyObject *type, const char *method, PyObject *key, const char *what, PyObject *medium)
+{
+    if (medium != NULL)
+        PyErr_Format(type, "%s: block %R %s %U", method, key, what, medium);
+    else
+        PyErr_Format(type, "%s: block %R %s", method, key, what);
+    return -1;
+}
+
+/* A method starts: refuse re-entry, snapshot the keys (a new tuple). */
+static PyObject *
+enter(Core *self, const char *method, PyObject *arg)
+{
+    if (self->ops == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ManagerCore is not initialised");
+        return NULL;
+    }
+    if (self->busy) {
+        PyErr_Format(KVBusy,
+                     "%s: the %U manager is already running a call (a key's __hash__/__eq__ "
+                     "or its policy called back into it)",
+                     method, self->medium);
+        return NULL;
+    }
+    PyObject *seq;
+    if (arg == NULL) {
+        seq = PyTuple_New(0);
+    }
+    else {
+        seq = PySequence_Tuple(arg);
+        if (seq == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(KVInvalidKey, "%s: keys must be an iterable of keys, got %s", method,
+                         _PyType_Name(Py_TYPE(arg)));
+        }
+    }
+    if (seq != NULL)
+        self->busy = 1;
+    return seq;
+}
+
+static inline PyObject *
+leave(Core *self, PyObject *seq, PyObject *result)
+{
+    self->busy = 0;
+    Py_XDECREF(seq);
+    return result;
+}
+
+/* Every key of items can be looked up (exact int/bytes always can; others
+ * are looked up once, running their __hash__ and maybe __eq__). */
+static int
+check_usable(Core *self, const char *method, PyObject *const *items, Py_ssize_t n)
+{
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (!exact_key(items[k]) && core_slot(self, items[k]) == -2)
+            return core_key_fault(method, items[k]);
+    return 0;
+}
+
+/* The slot of each key (-1: absent) into slots[]. */
+static int
+slots_of(Core *self, const char *method, PyObject *const *items, Py_ssize_t n, int32_t *slots)
+{
+    for (Py_ssize_t k = 0; k < n; k++)
+        if ((slots[k] = core_slot(self, items[k])) == -2)
+            return core_key_fault(method, items[k]);
+    return 0;
+}
+
+/* A slot per key of a call: the small buffer when it fits, else PyMem. */
+#define SMALL 64
+static int32_t *
+new_slots(Py_ssize_t n, int32_t *small)
+{
+    if (n <= SMALL)
+        return small;
+    int32_t *slots = PyMem_Malloc((size_t)n * sizeof(int32_t));
+    if (slots == NULL)
+        PyErr_NoMemory();
+    return slots;
+}
+
+static inline void
+free_slots(int32_t *slots, int32_t *small)
+{
+    if (slots != small)
+        PyMem_Free(slots);
+}
+
+/* The per-slot arrays hold at least `need` slots (need <= n). */
+static int
+reserve(Core *self, Py_ssize_t need)
+{
+    if (need <= self->cap)
+        return 0;
+    Py_ssize_t cap = self->cap ? self->cap : MIN_GROWTH;
+    while (cap < need)
+        cap *= 2;
+    if (cap > self->n)
+        cap = self->n;
+    GROW(self->keys, cap);
+    GROW(self->ids, cap);
+    GROW(self->ref, cap);
+    GROW(self->stamp, cap);
+    GROW(self->free_stack, cap);
+    if (self->ops->grow(self, self->cap, cap) < 0)
+        return -1;
+    for (Py_ssize_t i = self->cap; i < cap; i++) {
+        self->keys[i] = NULL;
+        self->ids[i] = NULL;
+        self->stamp[i] = 0;
+    }
+    self->cap = cap;
+    return 0;
+}
+
+static inline int
+set_ref(Core *self, int32_t s, int32_t r)
+{
+    self->ref[s] = r;
+    return self->ops->ref_changed ? self->ops->ref_changed(self, s) : 0;
+}
+
+/* Slot s's id as an int (borrowed; made once, kept while the core lives). */
+static inline PyObject *
+slot_id(Core *self, int32_t s)
+{
+    if (self->ids[s] == NULL)
+        self->ids[s] = PyLong_FromLong(s);
+    return self->ids[s];
+}
+
+/* key enters the map at slot s with ref r. Returns the slot id object
+ * (borrowed) or NULL. The policy is told by the caller. */
+static PyObject *
+hold(Core *self, PyObject *key, int32_t s, int32_t r)
+{
+    PyObject *id = slot_id(self, s);
+    if (id == NULL || PyDict_SetItem(self->map, key, id) < 0)
+        return NULL;
+    Py_INCREF(key);
+    self->keys[s] = key;
+    self->ref[s] = r;
+    self->used++;
+    return id;
+}
+
+/* Slot s leaves the map and goes on the free stack. Returns its key (new
+ * reference) and, in *id, its slot id object (new reference). */
+static PyObject *
+release(Core *self, int32_t s, PyObject **id)
+{
+    PyObject *key = self->keys[s];
+    if (PyDict_DelItem(self->map, key) < 0)
+        return NULL;
+    if (id != NULL)
+        *id = Py_NewRef(self->ids[s]);
+    self->keys[s] = NULL;
+    self->free_stack[self->nfree++] = s;
+    self->used--;
+    return key; /* the reference keys[s] owned */
+}
+
+static inline int32_t
+take_slot(Core *self)
+{
+    if (self->stack_first ? self->nfree > 0 : self->next_fresh >= self->n)
+        return self->free_stack[--self->nfree];
+    return (int32_t)self->next_fresh++;
+}
+
+/* -- object life --------------------------------------------------------- */
+
+static int
+Core_init(Core *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"num_blocks", "policy", "block_size", "options", "medium",
+                             "block_type", NULL};
+    PyObject *nobj, *policy = NULL, *options = NULL, *medium = NULL, *block_type = Py_None;
+    Py_ssize_t block_size = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OnOUO", kwlist, &nobj, &policy, &block_size,
+                                     &options, &medium, &block_type))
+        return -1;
+    if (self->ops != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ManagerCore is already initialised");
+        return -1;
+    }
+    Py_ssize_t n = PyLong_Check(nobj) ? PyLong_AsSsize_t(nobj) : -1;
+    if (n == -1 && PyErr_Occurred())
+        PyErr_Clear();
+    if (!PyLong_CheckExact(nobj) || n <= 0 || n > MAX_BLOCKS) {
+        PyErr_Format(KVConfig, "num_blocks must be an int in 1..%zd, got %R", MAX_BLOCKS, nobj);
+        return -1;
+    }
+    if (block_size <= 0) {
+        PyErr_Format(KVConfig, "block_size must be a positive int, got %zd", block_size);
+        return -1;
+    }
+    const PolicyOps *ops = NULL;
+    if (policy == NULL || PyUnicode_Check(policy)) {
+        const char *name = policy == NULL ? "lru" : PyUnicode_AsUTF8(policy);
+        if (name == NULL)
+            return -1;
+        for (const PolicyOps *const *p = POLICY_TABLE; *p != NULL; p++)
+            if (strcmp((*p)->name, name) == 0)
+                ops = *p;
+        if (ops == NULL) {
+            PyErr_Format(KVUnknownPolicy, "unknown policy %R for the compiled core", policy);
+            return -1;
+        }
+    }
+    else {
+        ops = &python_policy_ops;
+        options = PyTuple_Pack(2, policy, block_type);
+        if (options == NULL)
+            return -1;
+    }
+    self->n = n;
+    self->block_size = (double)block_size;
+    self->epoch = 1;
+    self->medium = medium ? medium : PyUnicode_FromString("CPU");
+    if (medium != NULL)
+        Py_INCREF(medium);
+    self->map = PyDict_New();
+    if (self->map == NULL || self->medium == NULL) {
+        if (ops == &python_policy_ops)
+            Py_DECREF(options);
+        return -1;
+    }
+    self->ops = ops;
+    int rc = ops->init(self, options);
+    if (ops == &python_policy_ops)
+        Py_DECREF(options);
+    return rc;
+}
+
+static int
+Core_traverse(Core *self, visitproc visit, void *arg)
+{
+    if (self->ops != NULL && self->ops->traverse != NULL)
+        return self->ops->traverse(self, visit, arg);
+    return 0;
+}
+
+static void
+Core_dealloc(Core *self)
+{
+    PyObject_GC_UnTrack(self);
+    if (self->ops != NULL)
+        self->ops->dealloc(self);
+    for (Py_ssize_t i = 0; i < self->cap; i++) {
+        Py_XDECREF(self->keys[i]);
+        Py_XDECREF(self->ids[i]);
+    }
+    PyMem_Free(self->keys);
+    PyMem_Free(self->ids);
+    PyMem_Free(self->ref);
+    PyMem_Free(self->stamp);
+    PyMem_Free(self->free_stack);
+    PyMem_Free(self->scratch);
+    Py_XDECREF(self->map);
+    Py_XDECREF(self->medium);
+    Py_XDECREF(self->policy_obj);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* -- queries ------------------------------------------------------------- */
+
+/* The fast start of lookup, touch and prepare_store with a built-in policy:
+ * a list whose keys are all exact int/bytes is used in place, since no Python
+ * code runs while its items are read (exact keys hash and compare in C; those
+ * calls make no object until they are done reading, except prepare_store's
+ * first list, made before). Anything else is snapshotted by enter(). Returns
+ * a new reference to the list or tuple; *items, *n its keys. */
+static PyObject *
+enter_in_place(Core *self, const char *method, PyObject *arg, PyObject ***items, Py_ssize_t *n)
+{
+    if (PyList_CheckExact(arg) && self->ops != &python_policy_ops && self->ops != NULL &&
+        !self->busy) {
+        Py_ssize_t len = PyList_GET_SIZE(arg);
+        PyObject **keys = PySequence_Fast_ITEMS(arg);
+        Py_ssize_t k = 0;
+        while (k < len && exact_key(keys[k]))
+            k++;
+        if (k == len) {
+            self->busy = 1;
+            *items = keys;
+            *n = len;
+            return Py_NewRef(arg);
+        }
+    }
+    PyObject *seq = enter(self, method, arg);
+    if (seq != NULL) {
+        *items = &PyTuple_GET_ITEM(seq, 0);
+        *n = PyTuple_GET_SIZE(seq);
+    }
+    return seq;
+}
+
+static PyObject *
+lookup(Core *self, PyObject *const *items, Py_ssize_t n)
+{
+    Py_ssize_t hits = 0;
+    for (; hits < n; hits++) {
+        int32_t s = core_slot(self, items[hits]);
+        if (s == -2)
+            return core_key_fault("lookup", items[hits]), NULL;
+        if (s < 0 || self->ref[s] < 0)
+            break;
+    }
+    if (check_usable(self, "lookup", items + hits, n - hits) < 0)
+        return NULL;
+    self->lookups++;
+    self->lookup_keys += n;
+    self->hits += hits;
+    return PyLong_FromSsize_t(hits);
+}
+
+static PyObject *
+Core_lookup(Core *self, PyObject *arg)
+{
+    PyObject **items;
+    Py_ssize_t n;
+    PyObject *seq = enter_in_place(self, "lookup", arg, &items, &n);
+    return seq == NULL ? NULL : leave(self, seq, lookup(self, items, n));
+}
+
+static PyObject *
+touch(Core *self, PyObject *const *items, Py_ssize_t n)
+{
+    if (check_usable(self, "touch", items, n) < 0 || self->ops->touch(self, items, n) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Core_touch(Core *self, PyObject *arg)
+{
+    PyObject **items;
+    Py_ssize_t n;
+    PyObject *seq = enter_in_place(self, "touch", arg, &items, &n);
+    return seq == NULL ? NULL : leave(self, seq, touch(self, items, n));
+}
+
+static PyObject *
+Core_get(Core *self, PyObject *key)
+{
+    PyObject *seq = enter(self, "get", NULL);
+    if (seq == NULL)
+        return NULL;
+    int32_t s = core_slot(self, key);
+    PyObject *out;
+    if (s == -2)
+        out = (core_key_fault("get", key), NULL);
+    else if (s < 0)
+        out = Py_NewRef(Py_None);
+    else
+        out = Py_BuildValue("(ii)", (int)s, (int)self->ref[s]);
+    return leave(self, seq, out);
+}
+
+static int
+Core_contains(Core *self, PyObject *key)
+{
+    PyObject *seq = enter(self, "__contains__", NULL);
+    if (seq == NULL)
+        return -1;
+    int32_t s = core_slot(self, key);
+    if (s == -2)
+        core_key_fault("__contains__", key);
+    leave(self, seq, NULL);
+    return s == -2 ? -1 : s >= 0;
+}
+
+static Py_ssize_t
+Core_len(Core *self)
+{
+    return self->used;
+}
+
+static PyObject *
+Core_keys(Core *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *seq = enter(self, "keys", NULL);
+    return seq == NULL ? NULL : leave(self, seq, self->ops->keys(self));
+}
+
 static PyObject *
 Core_policy_state(Core *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->policy == LRU)
-        return Py_BuildValue("(sN)", "lru",
-                             list_keys(self->keys, self->next, self->head[T1], self->len[T1]));
-    if (self->policy == ARC)
-        return Py_BuildValue(
-            "(sdNNNN)", "arc", self->target,
-            list_keys(self->keys, self->next, self->head[T1], self->len[T1]),
-            list_keys(self->keys, self->next, self->head[T2], self->len[T2]),
-            list_keys(self->gkeys, self->gnext, self->ghead[T1], self->glen[T1]),
-            list_keys(self->gkeys, self->gnext, self->ghead[T2], self->glen[T2]));
-    PyObject *prio = PyDict_New();
-    if (prio == NULL)
-        return NULL;
-    for (Py_ssize_t i = 0; i < self->n; i++) {
-        if (self->keys[i] == NULL)
-            continue;
-        PyObject *v = Py_BuildValue("(dL)", self->prio[i], (long long)self->freq[i]);
-        if (v == NULL || PyDict_SetItem(prio, self->keys[i], v) < 0) {
-            Py_XDECREF(v);
-            Py_DECREF(prio);
-            return NULL;
-        }
-        Py_DECREF(v);
-    }
-    return Py_BuildValue("(sdN)", "weighted_lru", self->clock, prio);
+    PyObject *seq = enter(self, "policy_state", NULL);
+    return seq == NULL ? NULL : leave(self, seq, self->ops->state(self));
 }
 
 static PyObject *
@@ -669,191 +497,199 @@ Core_counters(Core *self, PyObject *Py_UNUSED(ignored))
                          self->hits, self->stores, self->evictions, self->failed_prepares);
 }
 
-static Py_ssize_t
-Core_len(Core *self)
+/* (slots the per-slot arrays hold, bytes they take): grown as used. */
+static PyObject *
+Core_allocated(Core *self, PyObject *Py_UNUSED(ignored))
 {
-    return self->used;
-}
-
-static int
-Core_contains(Core *self, PyObject *key)
-{
-    int32_t s = slot_of(self, key);
-    return s == -2 ? -1 : s >= 0;
+    return Py_BuildValue("n", self->cap);
 }
 
 /* -- store --------------------------------------------------------------- */
 
-static inline int
-evictable(Core *self, int32_t i, uint32_t epoch)
+static PyObject *
+prepare_store(Core *self, PyObject *seq)
 {
-    return self->ref[i] == 0 && self->stamp[i] != epoch;
-}
-
-/* The next evictable slot from *cursor on in its list (-1: none left). */
-static int32_t
-next_evictable(Core *self, int32_t *cursor, uint32_t epoch)
-{
-    while (*cursor >= 0) {
-        int32_t i = *cursor;
-        *cursor = self->next[i];
-        if (evictable(self, i, epoch))
-            return i;
+    /* to_store is made before the keys are read: making a list may run the
+     * garbage collector, whose finalizers could change a list used in place. */
+    PyObject *to_store = PyList_New(0);
+    if (to_store == NULL)
+        return NULL;
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *ids = NULL, *evicted = NULL, *evicted_ids = NULL, *out = NULL;
+    int32_t small[SMALL];
+    int32_t *slots = new_slots(len, small);
+    if (slots == NULL)
+        return NULL;
+    if (++self->epoch == 0) { /* wrapped: old stamps could collide */
+        memset(self->stamp, 0, (size_t)self->cap * sizeof(uint32_t));
+        self->epoch = 1;
     }
-    return -1;
-}
-
-/* Put up to need victims in scratch, in eviction order, changing nothing the
- * caller can see; returns how many were found. */
-static Py_ssize_t
-choose_victims(Core *self, Py_ssize_t need, uint32_t epoch)
-{
-    Py_ssize_t found = 0;
-    if (self->policy == LRU) {
-        int32_t cursor = self->head[T1];
-        int32_t i;
-        while (found < need && (i = next_evictable(self, &cursor, epoch)) >= 0)
-            self->scratch[found++] = i;
-        return found;
-    }
-    if (self->policy == ARC) {
-        /* From T1 while it holds at least int(target) blocks, else from T2;
-         * from the other list when one has no evictable block left. */
-        int32_t cursor[2] = {self->head[T1], self->head[T2]};
-        Py_ssize_t t1_left = self->len[T1];
-        Py_ssize_t target = (Py_ssize_t)self->target;
-        for (; found < need; found++) {
-            int first = t1_left >= target ? T1 : T2;
-            int32_t i = next_evictable(self, &cursor[first], epoch);
-            if (i < 0 && (i = next_evictable(self, &cursor[1 - first], epoch)) < 0)
-                break;
-            if (self->where[i] == T1)
-                t1_left--;
-            self->scratch[found] = i;
-        }
-        return found;
-    }
-    /* weighted_lru: lowest (priority, sequence) first; set aside the rest. */
-    Py_ssize_t kept = 0;
-    while (found < need && self->hlen > 0) {
-        int32_t i = heap_pop(self);
-        if (evictable(self, i, epoch))
-            self->scratch[found++] = i;
+    uint32_t epoch = self->epoch;
+    /* 1. every key looked up (a key that cannot be is an error first) */
+    if (slots_of(self, "prepare_store", items, len, slots) < 0)
+        goto done;
+    Py_ssize_t m = 0;
+    for (Py_ssize_t k = 0; k < len; k++) {
+        if (slots[k] >= 0)
+            self->stamp[slots[k]] = epoch; /* named in this call: never a victim */
         else
-            self->scratch2[kept++] = i;
+            m++;
     }
-    for (Py_ssize_t k = 0; k < kept; k++)
-        heap_push(self, self->scratch2[k]);
-    if (found < need)
-        for (Py_ssize_t k = 0; k < found; k++)
-            heap_push(self, self->scratch[k]);
-    return found;
+    for (Py_ssize_t k = 0; k < len; k++) /* no object is made: the keys stay put */
+        if (slots[k] < 0 && PyList_Append(to_store, items[k]) < 0)
+            goto done;
+    if (m == 0) { /* nothing to store: the policy is not called */
+        out = Py_BuildValue("(O[][][])", to_store);
+        goto done;
+    }
+    /* From here on only the keys to_store holds are read (and, by the
+     * Python entry's evict, the snapshot it always gets). */
+    PyObject **new_keys = &PyList_GET_ITEM(to_store, 0);
+    /* 2. new keys are exactly int or bytes, 3. each named once */
+    for (Py_ssize_t k = 0; k < m; k++)
+        if (!exact_key(new_keys[k])) {
+            PyErr_Format(KVInvalidKey,
+                         "prepare_store: block key %R has type %s; keys must be bytes or int",
+                         new_keys[k], _PyType_Name(Py_TYPE(new_keys[k])));
+            goto done;
+        }
+    if (m > 1) {
+        PyObject *seen = PySet_New(NULL);
+        if (seen == NULL)
+            goto done;
+        for (Py_ssize_t k = 0; k < m; k++) {
+            int had = PySet_Contains(seen, new_keys[k]);
+            if (had == 0)
+                had = PySet_Add(seen, new_keys[k]) < 0 ? -1 : 0;
+            if (had != 0) {
+                Py_DECREF(seen);
+                if (had > 0)
+                    PyErr_Format(KVInvalidKey,
+                                 "prepare_store: block key %R is named twice in one call",
+                                 new_keys[k]);
+                goto done;
+            }
+        }
+        Py_DECREF(seen);
+    }
+    Py_ssize_t room = self->n - self->next_fresh + self->nfree;
+    Py_ssize_t need = m > room ? m - room : 0;
+    Py_ssize_t fresh = self->n - self->next_fresh;
+    if (reserve(self, self->next_fresh + (m < fresh ? m : fresh)) < 0)
+        goto done;
+    if (need > self->scratch_len) {
+        int32_t *scratch = PyMem_Realloc(self->scratch, (size_t)need * sizeof(int32_t));
+        if (scratch == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        self->scratch = scratch;
+        self->scratch_len = need;
+    }
+    ids = PyList_New(m);
+    evicted = PyList_New(need);
+    evicted_ids = PyList_New(need);
+    if (ids == NULL || evicted == NULL || evicted_ids == NULL)
+        goto done;
+    if (need > 0) {
+        Py_ssize_t got = self->ops->evict(self, need, epoch, items, len, self->scratch);
+        if (got < 0)
+            goto done;
+        if (got < need) {
+            self->failed_prepares++;
+            out = Py_NewRef(Py_None);
+            goto done;
+        }
+        for (Py_ssize_t v = 0; v < need; v++) {
+            PyObject *id;
+            PyObject *key = release(self, self->scratch[v], &id);
+            if (key == NULL)
+                goto done;
+            PyList_SET_ITEM(evicted, v, key);
+            PyList_SET_ITEM(evicted_ids, v, id);
+        }
+        self->evictions += need;
+    }
+    for (Py_ssize_t k = 0; k < m; k++) {
+        int32_t s = take_slot(self);
+        PyObject *id = hold(self, new_keys[k], s, -1);
+        if (id == NULL)
+            goto done;
+        Py_INCREF(id);
+        PyList_SET_ITEM(ids, k, id);
+        slots[k] = s;
+    }
+    self->writing += m;
+    if (self->ops->insert_many(self, new_keys, slots, m) < 0)
+        goto done;
+    out = PyTuple_Pack(4, to_store, ids, evicted, evicted_ids);
+done:
+    free_slots(slots, small);
+    Py_XDECREF(to_store);
+    Py_XDECREF(ids);
+    Py_XDECREF(evicted);
+    Py_XDECREF(evicted_ids);
+    return out;
 }
 
 /* prepare_store(keys) -> (to_store, ids, evicted, evicted_ids) or None. */
 static PyObject *
 Core_prepare_store(Core *self, PyObject *arg)
 {
-    FAST(seq, arg);
-    PyObject *to_store = NULL, *ids = NULL, *evicted = NULL, *evicted_ids = NULL;
-    if (++self->epoch == 0) { /* wrapped: old stamps could collide */
-        memset(self->stamp, 0, (size_t)self->n * sizeof(uint32_t));
-        self->epoch = 1;
-    }
-    uint32_t epoch = self->epoch;
-    to_store = PyList_New(0);
-    if (to_store == NULL)
+    PyObject **items;
+    Py_ssize_t n;
+    PyObject *seq = enter_in_place(self, "prepare_store", arg, &items, &n);
+    return seq == NULL ? NULL : leave(self, seq, prepare_store(self, seq));
+}
+
+static PyObject *
+complete_store(Core *self, PyObject *seq, int success)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
+    PyObject *done = NULL;
+    int32_t small[SMALL];
+    int32_t *slots = new_slots(n, small);
+    if (slots == NULL)
+        return NULL;
+    if (slots_of(self, "complete_store", items, n, slots) < 0)
         goto fail;
-    for (Py_ssize_t k = 0; k < len_seq; k++) {
-        PyObject *key = items_seq[k];
-        int32_t s = slot_of(self, key);
-        if (s == -2)
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (slots[k] < 0) {
+            state_error(KVNotFound, "complete_store", items[k], "is not in", self->medium);
             goto fail;
-        if (s >= 0) {
-            self->stamp[s] = epoch; /* named in this call: never a victim */
+        }
+    done = PyList_New(0);
+    if (done == NULL)
+        goto fail;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        int32_t s = slots[k];
+        /* removed by a failure above, or ready (also: named twice) */
+        if (self->keys[s] == NULL || self->ref[s] != -1)
             continue;
+        if (PyList_Append(done, items[k]) < 0)
+            goto fail;
+        self->writing--;
+        if (success) {
+            self->stores++;
+            if (set_ref(self, s, 0) < 0)
+                goto fail;
         }
-        if (!PyLong_CheckExact(key) && !PyBytes_CheckExact(key)) {
-            key_error(PyExc_TypeError, key);
-            goto fail;
-        }
-        if (PyList_Append(to_store, key) < 0)
-            goto fail;
-    }
-    Py_ssize_t m = PyList_GET_SIZE(to_store);
-    if (m > 1) {
-        PyObject *set = PySet_New(to_store);
-        if (set == NULL)
-            goto fail;
-        Py_ssize_t distinct = PySet_GET_SIZE(set);
-        Py_DECREF(set);
-        if (distinct != m) {
-            PyObject **items = PySequence_Fast_ITEMS(to_store);
-            for (Py_ssize_t a = 1; a < m; a++)
-                for (Py_ssize_t b = 0; b < a; b++) {
-                    int eq = PyObject_RichCompareBool(items[a], items[b], Py_EQ);
-                    if (eq < 0)
-                        goto fail;
-                    if (eq) {
-                        key_error(PyExc_IndexError, items[a]);
-                        goto fail;
-                    }
-                }
+        else {
+            if (self->ops->remove(self, self->keys[s], s) < 0)
+                goto fail;
+            PyObject *gone = release(self, s, NULL);
+            if (gone == NULL)
+                goto fail;
+            Py_DECREF(gone);
         }
     }
-    Py_ssize_t need = m - (self->n - self->next_fresh + self->nfree);
-    if (need < 0)
-        need = 0;
-    if (need > 0) {
-        Py_ssize_t found = choose_victims(self, need, epoch);
-        if (found < need) {
-            self->failed_prepares++;
-            Py_DECREF(to_store);
-            Py_DECREF(seq);
-            Py_RETURN_NONE;
-        }
-    }
-    evicted = PyList_New(need);
-    evicted_ids = PyList_New(need);
-    ids = PyList_New(m);
-    if (evicted == NULL || evicted_ids == NULL || ids == NULL)
-        goto fail;
-    /* From here on nothing can fail but the dict's own allocation. */
-    for (Py_ssize_t v = 0; v < need; v++) {
-        int32_t i = self->scratch[v];
-        int w = self->where[i];
-        if (self->policy == GDSF && self->prio[i] > self->clock)
-            self->clock = self->prio[i]; /* the clock rises to each victim's priority */
-        PyObject *key = release(self, i);
-        if (key == NULL)
-            goto fail;
-        PyList_SET_ITEM(evicted, v, key);
-        if (self->policy == ARC && ghost_add(self, key, w) < 0) /* T1 -> B1, T2 -> B2 */
-            goto fail;
-        PyObject *id = PyTuple_GET_ITEM(self->slot_objs, i);
-        Py_INCREF(id);
-        PyList_SET_ITEM(evicted_ids, v, id);
-    }
-    self->evictions += need;
-    PyObject **new_keys = PySequence_Fast_ITEMS(to_store);
-    for (Py_ssize_t k = 0; k < m; k++) {
-        int32_t i = self->next_fresh < self->n ? (int32_t)self->next_fresh++
-                                               : self->free_stack[--self->nfree];
-        if (hold(self, new_keys[k], i, -1) < 0)
-            goto fail;
-        PyObject *id = PyTuple_GET_ITEM(self->slot_objs, i);
-        Py_INCREF(id);
-        PyList_SET_ITEM(ids, k, id);
-    }
-    self->writing += m;
-    Py_DECREF(seq);
-    return Py_BuildValue("(NNNN)", to_store, ids, evicted, evicted_ids);
+    free_slots(slots, small);
+    return done;
 fail:
-    Py_XDECREF(to_store);
-    Py_XDECREF(ids);
-    Py_XDECREF(evicted);
-    Py_XDECREF(evicted_ids);
-    Py_DECREF(seq);
+    free_slots(slots, small);
+    Py_XDECREF(done);
     return NULL;
 }
 
@@ -865,136 +701,129 @@ Core_complete_store(Core *self, PyObject *args)
     int success;
     if (!PyArg_ParseTuple(args, "Op", &arg, &success))
         return NULL;
-    FAST(seq, arg);
-    for (Py_ssize_t k = 0; k < len_seq; k++) {
-        int32_t s = slot_of(self, items_seq[k]);
-        if (s < 0) {
-            if (s == -1)
-                key_error(PyExc_KeyError, items_seq[k]);
-            Py_DECREF(seq);
-            return NULL;
-        }
-    }
-    PyObject *done = PyList_New(0);
-    if (done == NULL) {
-        Py_DECREF(seq);
-        return NULL;
-    }
-    for (Py_ssize_t k = 0; k < len_seq; k++) {
-        PyObject *key = items_seq[k];
-        int32_t s = slot_of(self, key);
-        if (s == -2)
-            goto fail;
-        if (s < 0 || self->ref[s] != -1) /* removed by a failure above, or ready */
-            continue;
-        if (PyList_Append(done, key) < 0)
-            goto fail;
-        self->writing--;
-        if (success) {
-            self->ref[s] = 0;
-            self->stores++;
-        }
-        else {
-            PyObject *gone = release(self, s);
-            if (gone == NULL)
-                goto fail;
-            Py_DECREF(gone);
-        }
-    }
-    Py_DECREF(seq);
-    return done;
-fail:
-    Py_DECREF(done);
-    Py_DECREF(seq);
-    return NULL;
+    PyObject *seq = enter(self, "complete_store", arg);
+    return seq == NULL ? NULL : leave(self, seq, complete_store(self, seq, success));
 }
 
 /* -- load ---------------------------------------------------------------- */
 
 static PyObject *
-Core_prepare_load(Core *self, PyObject *arg)
+prepare_load(Core *self, PyObject *seq)
 {
-    FAST(seq, arg);
-    PyObject *ids = PyList_New(len_seq);
-    if (ids == NULL) {
-        Py_DECREF(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
+    PyObject *ids = NULL;
+    int32_t small[SMALL];
+    int32_t *slots = new_slots(n, small);
+    if (slots == NULL)
         return NULL;
-    }
-    for (Py_ssize_t k = 0; k < len_seq; k++) {
-        int32_t s = slot_of(self, items_seq[k]);
-        if (s < 0 || self->ref[s] < 0) {
-            if (s != -2)
-                key_error(s == -1 ? PyExc_KeyError : PyExc_ValueError, items_seq[k]);
-            Py_DECREF(ids);
-            Py_DECREF(seq);
-            return NULL;
+    if (slots_of(self, "prepare_load", items, n, slots) < 0)
+        goto done;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (slots[k] < 0) {
+            state_error(KVNotFound, "prepare_load", items[k], "is not in", self->medium);
+            goto done;
         }
-        PyObject *id = PyTuple_GET_ITEM(self->slot_objs, s);
-        Py_INCREF(id);
-        PyList_SET_ITEM(ids, k, id);
+        if (self->ref[slots[k]] < 0) {
+            state_error(KVNotReady, "prepare_load", items[k], "is still being written", NULL);
+            goto done;
+        }
     }
-    for (Py_ssize_t k = 0; k < len_seq; k++) {
-        int32_t s = (int32_t)PyLong_AsLong(PyList_GET_ITEM(ids, k));
-        if (self->ref[s]++ == 0)
+    ids = PyList_New(n);
+    if (ids == NULL)
+        goto done;
+    for (Py_ssize_t k = 0; k < n; k++)
+        PyList_SET_ITEM(ids, k, Py_NewRef(self->ids[slots[k]]));
+    for (Py_ssize_t k = 0; k < n; k++) {
+        int32_t s = slots[k];
+        if (self->ref[s] == 0)
             self->pinned++;
+        if (set_ref(self, s, self->ref[s] + 1) < 0) {
+            Py_CLEAR(ids);
+            goto done;
+        }
     }
-    Py_DECREF(seq);
+done:
+    free_slots(slots, small);
     return ids;
 }
 
 static PyObject *
-Core_complete_load(Core *self, PyObject *arg)
+Core_prepare_load(Core *self, PyObject *arg)
 {
-    FAST(seq, arg);
-    int32_t *slots = PyMem_Malloc((size_t)(len_seq ? len_seq : 1) * sizeof(int32_t));
-    if (slots == NULL) {
-        Py_DECREF(seq);
-        return PyErr_NoMemory();
-    }
-    for (Py_ssize_t k = 0; k < len_seq; k++) {
-        if ((slots[k] = slot_of(self, items_seq[k])) == -2)
-            goto fail;
-    }
+    PyObject *seq = enter(self, "prepare_load", arg);
+    return seq == NULL ? NULL : leave(self, seq, prepare_load(self, seq));
+}
+
+static PyObject *
+complete_load(Core *self, PyObject *seq)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
+    PyObject *out = NULL;
+    int32_t small[SMALL];
+    int32_t *slots = new_slots(n, small);
+    if (slots == NULL)
+        return NULL;
+    if (slots_of(self, "complete_load", items, n, slots) < 0)
+        goto done;
     /* One at a time with undo, so a key named twice but pinned once fails. */
-    for (Py_ssize_t k = 0; k < len_seq; k++) {
+    for (Py_ssize_t k = 0; k < n; k++) {
         int32_t s = slots[k];
         if (s < 0 || self->ref[s] <= 0) {
             for (Py_ssize_t j = 0; j < k; j++)
                 if (self->ref[slots[j]]++ == 0)
                     self->pinned++;
-            key_error(s == -1 ? PyExc_KeyError : PyExc_ValueError, items_seq[k]);
-            goto fail;
+            if (s < 0)
+                state_error(KVNotFound, "complete_load", items[k], "is not in", self->medium);
+            else
+                state_error(KVNotPinned, "complete_load", items[k], "is not pinned", NULL);
+            goto done;
         }
         if (--self->ref[s] == 0)
             self->pinned--;
     }
-    PyMem_Free(slots);
-    Py_DECREF(seq);
-    Py_RETURN_NONE;
-fail:
-    PyMem_Free(slots);
-    Py_DECREF(seq);
-    return NULL;
+    if (self->ops->ref_changed != NULL)
+        for (Py_ssize_t k = 0; k < n; k++)
+            if (self->ops->ref_changed(self, slots[k]) < 0)
+                goto done;
+    out = Py_NewRef(Py_None);
+done:
+    free_slots(slots, small);
+    return out;
+}
+
+static PyObject *
+Core_complete_load(Core *self, PyObject *arg)
+{
+    PyObject *seq = enter(self, "complete_load", arg);
+    return seq == NULL ? NULL : leave(self, seq, complete_load(self, seq));
 }
 
 /* -- removal and restore ------------------------------------------------- */
 
 static PyObject *
-Core_remove(Core *self, PyObject *arg)
+remove_keys(Core *self, PyObject *seq)
 {
-    FAST(seq, arg);
-    PyObject *removed = PyList_New(0);
-    if (removed == NULL) {
-        Py_DECREF(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
+    PyObject *removed = NULL;
+    int32_t small[SMALL];
+    int32_t *slots = new_slots(n, small);
+    if (slots == NULL)
         return NULL;
-    }
-    for (Py_ssize_t k = 0; k < len_seq; k++) {
-        int32_t s = slot_of(self, items_seq[k]);
-        if (s == -2)
+    if (slots_of(self, "remove", items, n, slots) < 0)
+        goto fail;
+    removed = PyList_New(0);
+    if (removed == NULL)
+        goto fail;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        int32_t s = slots[k];
+        if (s < 0 || self->keys[s] == NULL || self->ref[s] != 0)
+            continue; /* absent (or named twice), pinned or being written */
+        if (self->ops->remove(self, self->keys[s], s) < 0)
             goto fail;
-        if (s < 0 || self->ref[s] != 0)
-            continue;
-        PyObject *key = release(self, s);
+        PyObject *key = release(self, s, NULL);
         if (key == NULL)
             goto fail;
         int rc = PyList_Append(removed, key);
@@ -1002,11 +831,87 @@ Core_remove(Core *self, PyObject *arg)
         if (rc < 0)
             goto fail;
     }
-    Py_DECREF(seq);
+    free_slots(slots, small);
     return removed;
 fail:
-    Py_DECREF(removed);
-    Py_DECREF(seq);
+    free_slots(slots, small);
+    Py_XDECREF(removed);
+    return NULL;
+}
+
+static PyObject *
+Core_remove(Core *self, PyObject *arg)
+{
+    PyObject *seq = enter(self, "remove", arg);
+    return seq == NULL ? NULL : leave(self, seq, remove_keys(self, seq));
+}
+
+static PyObject *
+restore(Core *self, PyObject *seq)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    if (self->used || self->next_fresh || self->nfree) {
+        PyErr_Format(KVState, "restore: the %U manager is not empty", self->medium);
+        return NULL;
+    }
+    /* 1. check every pair: (key, slot id) with an int slot id */
+    Py_ssize_t top = -1; /* the highest slot id that may be restored */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *pair = PyTuple_GET_ITEM(seq, k);
+        if (!(PyTuple_Check(pair) || PyList_Check(pair)) || PySequence_Fast_GET_SIZE(pair) != 2) {
+            PyErr_Format(KVInvalidKey, "restore: item %zd is not a (key, slot id) pair: %R", k,
+                         pair);
+            return NULL;
+        }
+        PyObject *key = PySequence_Fast_GET_ITEM(pair, 0);
+        PyObject *id = PySequence_Fast_GET_ITEM(pair, 1);
+        if (!PyLong_CheckExact(id)) {
+            PyErr_Format(KVInvalidKey, "restore: slot id %R of key %R is not an int", id, key);
+            return NULL;
+        }
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(id, &overflow);
+        if (exact_key(key) && !overflow && v >= 0 && v < self->n && v > top)
+            top = (Py_ssize_t)v;
+    }
+    if (reserve(self, top + 1) < 0)
+        return NULL;
+    /* 2. restore them: bad key types, out-of-range and taken slots, keys
+     * already restored are skipped */
+    PyObject *restored = PyList_New(0);
+    if (restored == NULL)
+        return NULL;
+    Py_ssize_t high = -1;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *pair = PyTuple_GET_ITEM(seq, k);
+        PyObject *key = PySequence_Fast_GET_ITEM(pair, 0);
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(PySequence_Fast_GET_ITEM(pair, 1), &overflow);
+        if (!exact_key(key) || overflow || v < 0 || v >= self->n || self->keys[v] != NULL)
+            continue;
+        int32_t s = core_slot(self, key);
+        if (s == -2)
+            goto fail;
+        if (s >= 0)
+            continue;
+        if (hold(self, key, (int32_t)v, 0) == NULL || self->ops->insert(self, key, (int32_t)v) < 0 ||
+            PyList_Append(restored, key) < 0)
+            goto fail;
+        if (v > high)
+            high = (Py_ssize_t)v;
+    }
+    /* Free slots are then handed out lowest first: the holes below the
+     * highest restored slot (on the stack, lowest on top), then the fresh ids
+     * above it in order. */
+    self->next_fresh = high + 1;
+    self->nfree = 0;
+    for (Py_ssize_t i = high; i >= 0; i--)
+        if (self->keys[i] == NULL)
+            self->free_stack[self->nfree++] = (int32_t)i;
+    self->stack_first = 1;
+    return restored;
+fail:
+    Py_DECREF(restored);
     return NULL;
 }
 
@@ -1014,74 +919,46 @@ fail:
 static PyObject *
 Core_restore(Core *self, PyObject *arg)
 {
-    if (self->used || self->next_fresh) {
-        PyErr_SetString(PyExc_ValueError, "restore needs an empty core");
-        return NULL;
-    }
-    PyObject *it = PyObject_GetIter(arg);
-    if (it == NULL)
-        return NULL;
-    PyObject *restored = PyList_New(0);
-    char *taken = PyMem_Calloc((size_t)self->n, 1);
-    PyObject *pair;
-    if (restored == NULL || taken == NULL)
-        goto fail;
-    while ((pair = PyIter_Next(it)) != NULL) {
-        PyObject *key;
-        Py_ssize_t id;
-        if (!PyArg_ParseTuple(pair, "On", &key, &id)) {
-            Py_DECREF(pair);
-            goto fail;
-        }
-        int ok = (PyLong_CheckExact(key) || PyBytes_CheckExact(key)) && id >= 0 &&
-                 id < self->n && !taken[id];
-        if (ok) {
-            int32_t s = slot_of(self, key);
-            if (s == -2) {
-                Py_DECREF(pair);
-                goto fail;
-            }
-            ok = s == -1;
-        }
-        if (ok) {
-            if (hold(self, key, (int32_t)id, 0) < 0 || PyList_Append(restored, key) < 0) {
-                Py_DECREF(pair);
-                goto fail;
-            }
-            taken[id] = 1;
-        }
-        Py_DECREF(pair);
-    }
-    if (PyErr_Occurred())
-        goto fail;
-    /* Free slots are handed out lowest first: push them highest first. */
-    self->next_fresh = self->n;
-    self->nfree = 0;
-    for (Py_ssize_t i = self->n - 1; i >= 0; i--)
-        if (!taken[i])
-            self->free_stack[self->nfree++] = (int32_t)i;
-    PyMem_Free(taken);
-    Py_DECREF(it);
-    return restored;
-fail:
-    PyMem_Free(taken);
-    Py_XDECREF(restored);
-    Py_DECREF(it);
-    return NULL;
+    PyObject *seq = enter(self, "restore", arg);
+    return seq == NULL ? NULL : leave(self, seq, restore(self, seq));
 }
 
 /* -- type ---------------------------------------------------------------- */
 
+static PyObject *
+Core_get_policy(Core *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->policy_obj ? self->policy_obj : Py_None);
+}
+
+static PyObject *
+Core_get_policy_name(Core *self, void *Py_UNUSED(closure))
+{
+    if (self->ops == NULL)
+        Py_RETURN_NONE;
+    if (self->policy_obj != NULL)
+        return PyObject_GetAttrString(self->policy_obj, "name");
+    return PyUnicode_FromString(self->ops->name);
+}
+
+static PyGetSetDef Core_getset[] = {
+    {"policy", (getter)Core_get_policy, NULL, "The CachePolicy object called back, or None.", NULL},
+    {"policy_name", (getter)Core_get_policy_name, NULL, "The policy's name.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMethodDef Core_methods[] = {
     {"lookup", (PyCFunction)Core_lookup, METH_O, "Leading keys present and ready."},
-    {"touch", (PyCFunction)Core_touch, METH_O, "Move present keys to the recent end, in reverse."},
+    {"touch", (PyCFunction)Core_touch, METH_O, "Mark keys used, the first most recently."},
     {"get", (PyCFunction)Core_get, METH_O, "(slot id, ref count) of a key, or None."},
-    {"keys", (PyCFunction)Core_keys, METH_NOARGS, "Keys held, least recent first."},
+    {"keys", (PyCFunction)Core_keys, METH_NOARGS, "Keys held, in the policy's order."},
     {"policy_state", (PyCFunction)Core_policy_state, METH_NOARGS,
      "The policy's order data (lists, ghosts, target, priorities), for tests."},
     {"counters", (PyCFunction)Core_counters, METH_NOARGS,
      "(used, free, pinned, writing, lookups, lookup_keys, hits, stores, evictions, "
      "failed_prepares)"},
+    {"allocated", (PyCFunction)Core_allocated, METH_NOARGS,
+     "Slots the per-slot arrays hold now (grown as slots are first used)."},
     {"prepare_store", (PyCFunction)Core_prepare_store, METH_O,
      "(to_store, ids, evicted, evicted_ids), or None when too few idle blocks."},
     {"complete_store", (PyCFunction)Core_complete_store, METH_VARARGS,
@@ -1102,108 +979,82 @@ static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "kvactors._manager_core.ManagerCore",
     .tp_basicsize = sizeof(Core),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "One tier's block metadata and eviction order (see kvactors.manager).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Core_init,
     .tp_dealloc = (destructor)Core_dealloc,
+    .tp_traverse = (traverseproc)Core_traverse,
     .tp_methods = Core_methods,
+    .tp_getset = Core_getset,
     .tp_as_sequence = &Core_as_sequence,
-};
-
-/* -- argument checks of the async API, one pass each -------------------------- */
-
-/* first_bad_key(keys) -> -1 when every key is exactly int or bytes and none is
- * named twice, else the index of the first key that is not. */
-static PyObject *
-first_bad_key(PyObject *Py_UNUSED(module), PyObject *arg)
-{
-    FAST(seq, arg);
-    Py_ssize_t bad = -1;
-    PyObject *seen = NULL;
-    for (Py_ssize_t k = 0; k < len_seq && bad < 0; k++)
-        if (!PyLong_CheckExact(items_seq[k]) && !PyBytes_CheckExact(items_seq[k]))
-            bad = k;
-    if (bad < 0 && len_seq > 1) {
-        seen = PySet_New(NULL);
-        if (seen == NULL)
-            goto fail;
-        for (Py_ssize_t k = 0; k < len_seq; k++) {
-            int had = PySet_Contains(seen, items_seq[k]);
-            if (had < 0 || (!had && PySet_Add(seen, items_seq[k]) < 0))
-                goto fail;
-            if (had) {
-                bad = k;
-                break;
-            }
-        }
-        Py_DECREF(seen);
-    }
-    Py_DECREF(seq);
-    return PyLong_FromSsize_t(bad);
-fail:
-    Py_XDECREF(seen);
-    Py_DECREF(seq);
-    return NULL;
-}
-
-/* first_bad_slot(ids, limit) -> -1 when ids is a list of distinct plain ints
- * in 0..limit-1, else the index of the first id that is not. */
-static PyObject *
-first_bad_slot(PyObject *Py_UNUSED(module), PyObject *args)
-{
-    PyObject *ids;
-    Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &ids, &limit))
-        return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(ids);
-    if (limit <= 0)
-        return PyLong_FromSsize_t(n ? 0 : -1);
-    uint8_t *seen = PyMem_Calloc((size_t)limit, 1);
-    if (seen == NULL)
-        return PyErr_NoMemory();
-    Py_ssize_t bad = -1;
-    for (Py_ssize_t k = 0; k < n; k++) {
-        PyObject *item = PyList_GET_ITEM(ids, k);
-        Py_ssize_t v = PyLong_CheckExact(item) ? PyLong_AsSsize_t(item) : -1;
-        if (v == -1 && PyErr_Occurred())
-            PyErr_Clear(); /* too large for a slot id: bad */
-        if (v < 0 || v >= limit || seen[v]) {
-            bad = k;
-            break;
-        }
-        seen[v] = 1;
-    }
-    PyMem_Free(seen);
-    return PyLong_FromSsize_t(bad);
-}
-
-static PyMethodDef module_methods[] = {
-    {"first_bad_key", (PyCFunction)first_bad_key, METH_O,
-     "Index of the first key that is not exactly int/bytes or is named twice; -1: none."},
-    {"first_bad_slot", (PyCFunction)first_bad_slot, METH_VARARGS,
-     "Index of the first id of a list that is not a distinct int in 0..limit-1; -1: none."},
-    {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "kvactors._manager_core",
-    "One tier's block metadata and eviction order, in C.", -1, module_methods,
+    "One tier's block metadata and eviction order, in C.", -1, NULL,
 };
+
+static int
+import_errors(void)
+{
+    PyObject *errors = PyImport_ImportModule("kvactors.errors");
+    if (errors == NULL)
+        return -1;
+    struct {
+        PyObject **slot;
+        const char *name;
+    } wanted[] = {
+        {&KVInvalidKey, "InvalidKeyError"},   {&KVNotFound, "BlockNotFoundError"},
+        {&KVNotReady, "BlockNotReadyError"},  {&KVNotPinned, "BlockNotPinnedError"},
+        {&KVState, "BlockStateError"},        {&KVConfig, "ConfigError"},
+        {&KVUnknownPolicy, "UnknownPolicyError"}, {&KVBusy, "ManagerBusyError"},
+        {&KVPolicyError, "PolicyError"},
+    };
+    for (size_t i = 0; i < sizeof(wanted) / sizeof(wanted[0]); i++)
+        if ((*wanted[i].slot = PyObject_GetAttrString(errors, wanted[i].name)) == NULL) {
+            Py_DECREF(errors);
+            return -1;
+        }
+    Py_DECREF(errors);
+    return 0;
+}
 
 PyMODINIT_FUNC
 PyInit__manager_core(void)
 {
-    if (PyType_Ready(&CoreType) < 0)
+    if (import_errors() < 0 || PyType_Ready(&CoreType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    Py_ssize_t count = 0;
+    while (POLICY_TABLE[count] != NULL)
+        count++;
+    PyObject *names = PyTuple_New(count);
+    if (names == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *name = PyUnicode_FromString(POLICY_TABLE[i]->name);
+        if (name == NULL) {
+            Py_DECREF(names);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(names, i, name);
+    }
+    if (PyModule_AddObject(m, "POLICIES", names) < 0) {
+        Py_DECREF(names);
+        goto fail;
+    }
+    if (PyModule_AddIntConstant(m, "MAX_BLOCKS", (long)MAX_BLOCKS) < 0)
+        goto fail;
     Py_INCREF(&CoreType);
     if (PyModule_AddObject(m, "ManagerCore", (PyObject *)&CoreType) < 0) {
         Py_DECREF(&CoreType);
-        Py_DECREF(m);
-        return NULL;
+        goto fail;
     }
     return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
 }

@@ -1,8 +1,11 @@
-"""The compiled manager core (native/manager_core.c) against the Python manager.
+"""The compiled manager core (native/) against the Python reference manager.
 
 The scenario tests and the state machine already run both cores against the
 same expectations; here random operation sequences drive one manager of each
-core side by side and every answer, error, event and snapshot must agree.
+core side by side and every answer, error, event, statistic and the policy's
+order data must agree: for every policy of ``kvactors.policy.POLICIES`` (a
+new one is picked up here by name), at several block sizes, and for a user's
+own ``CachePolicy`` object, which the compiled core calls back.
 """
 
 from __future__ import annotations
@@ -10,19 +13,26 @@ from __future__ import annotations
 import random
 import shutil
 import sysconfig
-from typing import Any
+from collections.abc import Container, Iterable, Iterator, Sequence
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvactors import OffloadingManager, manager
-from kvactors.errors import BlockNotPinnedError, ConfigError, InvalidKeyError, KVActorsError
+from kvactors.errors import (
+    BlockNotPinnedError,
+    ConfigError,
+    KVActorsError,
+)
+from kvactors.manager import _checks
 from kvactors.media import file_store
-from kvactors.policy import ARCPolicy, LRUPolicy, WeightedLRUPolicy
+from kvactors.policy import POLICIES, BlockStatus, Key, LRUPolicy
 
 WRITTEN, READY, PINNED = "written", "ready", "pinned"
 needs_native = pytest.mark.skipif(not manager.NATIVE, reason="compiled core not built")
+BLOCK_SIZES = [1, 16, 3]
 
 
 def _compiler() -> str | None:
@@ -34,6 +44,7 @@ def _compiler() -> str | None:
 def test_core_is_built_where_a_compiler_exists() -> None:
     assert manager.NATIVE, "setup.py builds kvactors._manager_core; the build failed"
     assert file_store._io_vectored is not None, "setup.py builds kvactors._io_core; it failed"
+    assert {"lru", "arc", "weighted_lru"} <= set(manager.NATIVE_POLICIES)
     mgr = OffloadingManager(4, block_size=16)
     assert mgr.native
     assert mgr.policy is None
@@ -41,14 +52,12 @@ def test_core_is_built_where_a_compiler_exists() -> None:
 
 
 def test_native_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    # As if built (it is refused before any core is made): a policy object is Python only.
-    monkeypatch.setattr(manager, "_ManagerCore", manager._ManagerCore or object)
-    with pytest.raises(ConfigError, match="built-in policies by name only"):
-        OffloadingManager(4, block_size=16, policy=ARCPolicy(4), native=True)
     python = OffloadingManager(4, block_size=16, native=False)
     assert not python.native
     assert python.policy is not None
-    monkeypatch.setattr(manager, "_ManagerCore", None)
+    with pytest.raises(ConfigError, match="native must be"):
+        OffloadingManager(4, block_size=16, native="yes")  # type: ignore[arg-type]
+    monkeypatch.setattr(_checks, "NATIVE", False)
     with pytest.raises(ConfigError, match="not built"):
         OffloadingManager(4, block_size=16, native=True)
     assert not OffloadingManager(4, block_size=16).native  # falls back quietly
@@ -63,13 +72,63 @@ def test_snapshot_and_unpin_of_a_key_named_twice() -> None:
     mgr.prepare_load([7])
     block = mgr.get(7)
     assert block is not None
-    assert (block.block_id, block.ref_cnt) == (0, 1)
+    assert (block.block_id, block.ref_cnt, block.size) == (0, 1, 16)
     with pytest.raises(BlockNotPinnedError, match="7"):
         mgr.complete_load([7, 7])  # pinned once: the second unpin fails, the first is undone
     assert mgr.stats().pinned == 1
     mgr.complete_load([7])
     assert mgr.stats().pinned == 0
 
+
+class RecordingFIFO:
+    """A user's own policy: first in, first out, ignoring touches; it records
+    every call the manager makes, so the two cores can be held to the same calls."""
+
+    name: ClassVar[str] = "recording_fifo"
+
+    def __init__(self) -> None:
+        self.blocks: dict[Key, BlockStatus] = {}
+        self.calls: list[tuple[object, ...]] = []
+
+    def get(self, key: Key) -> BlockStatus | None:
+        return self.blocks.get(key)
+
+    def insert(self, key: Key, block: BlockStatus) -> None:
+        self.calls.append(("insert", key, block.block_id, block.ref_cnt, block.size))
+        self.blocks[key] = block
+
+    def insert_many(self, items: Iterable[tuple[Key, BlockStatus]]) -> None:
+        items = list(items)
+        self.calls.append(("insert_many", [(k, b.block_id, b.ref_cnt, b.size) for k, b in items]))
+        self.blocks.update(items)
+
+    def remove(self, key: Key) -> None:
+        self.calls.append(("remove", key))
+        del self.blocks[key]
+
+    def touch(self, keys: Sequence[Key]) -> None:
+        self.calls.append(("touch", list(keys)))
+
+    def evict(self, n: int, protected: Container[Key]) -> list[tuple[Key, BlockStatus]] | None:
+        # The ref counts it reads are the manager's, kept current on both cores.
+        idle = [k for k, b in self.blocks.items() if b.ref_cnt == 0 and k not in protected]
+        self.calls.append(("evict", n, sorted(idle, key=repr)))
+        if len(idle) < n:
+            return None
+        return [(k, self.blocks.pop(k)) for k in idle[:n]]
+
+    def keys(self) -> Iterator[Key]:
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.blocks
+
+
+USER = "user:recording_fifo"
+DIFF_POLICIES = [*POLICIES, USER]
 
 KEYS = st.lists(st.integers(0, 11), min_size=0, max_size=5)
 OPS = st.lists(
@@ -82,6 +141,8 @@ OPS = st.lists(
         st.tuples(st.just("complete_load"), KEYS),
         st.tuples(st.just("remove"), KEYS),
         st.tuples(st.just("prepare_store"), st.just(["x", 1])),
+        st.tuples(st.just("prepare_load"), st.just([1, [2]])),
+        st.tuples(st.just("remove"), st.just([1, [2]])),
         # The same calls on keys that make them succeed, so blocks become
         # ready, pinned and evictable often enough to exercise the order.
         st.tuples(st.just("complete_store"), st.just(WRITTEN), st.booleans()),
@@ -96,7 +157,21 @@ OPS = st.lists(
 )
 
 
-def _resolve(keys: object, python: OffloadingManager) -> list[int]:
+def _pair(policy: str, capacity: int, block_size: int) -> tuple[OffloadingManager, ...]:
+    """A manager on each core: (compiled, Python reference)."""
+    kwargs: dict[str, Any] = {"block_size": block_size, "enable_events": True}
+    if policy == USER:
+        return (
+            OffloadingManager(capacity, policy=RecordingFIFO(), native=True, **kwargs),
+            OffloadingManager(capacity, policy=RecordingFIFO(), native=False, **kwargs),
+        )
+    return (
+        OffloadingManager(capacity, policy=policy, native=True, **kwargs),
+        OffloadingManager(capacity, policy=policy, native=False, **kwargs),
+    )
+
+
+def _resolve(keys: object, python: OffloadingManager) -> list[Any]:
     """Stand-ins: the keys of ``python`` being written, ready, or pinned, in key order."""
     if isinstance(keys, list):
         return keys
@@ -116,41 +191,15 @@ def _apply(mgr: OffloadingManager, name: str, args: list[Any]) -> object:
         return (type(exc).__name__, str(exc))
 
 
-@needs_native
-@pytest.mark.parametrize("policy", ["lru", "arc", "weighted_lru"])
-@given(ops=OPS, capacity=st.integers(1, 6))
-@settings(max_examples=300, deadline=None)
-def test_native_and_python_managers_agree(
-    policy: str, ops: list[tuple[Any, ...]], capacity: int
-) -> None:
-    kwargs: dict[str, Any] = {"block_size": 16, "policy": policy, "enable_events": True}
-    native = OffloadingManager(capacity, native=True, **kwargs)
-    python = OffloadingManager(capacity, native=False, **kwargs)
-    assert python.policy is not None
-    for op in ops:
-        name, keys, *rest = op
-        args = [_resolve(keys, python), *rest]
-        assert _apply(native, name, args) == _apply(python, name, args), op
-        assert native.stats() == python.stats(), op
-        assert native.take_events() == python.take_events(), op
-        order = list(python.policy.keys())
-        assert [_state(native, k) for k in order] == [_state(python, k) for k in order], op
-        assert len(native) == len(python)
-        state = native._core.policy_state()  # type: ignore[attr-defined]
-        assert state == _policy_state(python.policy), op
-        assert [k for k in range(12) if k in native] == [k for k in range(12) if k in python]
-
-
-def _policy_state(policy: object) -> tuple[object, ...]:
-    """The Python policy's order data, in the shape the compiled core reports it."""
-    if isinstance(policy, LRUPolicy):
-        return ("lru", list(policy.keys()))
-    if isinstance(policy, ARCPolicy):
-        lists = [list(lst) for lst in (policy.t1, policy.t2, policy.b1, policy.b2)]
-        return ("arc", policy.target, *lists)
-    assert isinstance(policy, WeightedLRUPolicy)
-    live = {key: (policy._prio[key][0], policy._freq[key]) for key in policy.keys()}  # noqa: SIM118
-    return ("weighted_lru", policy.clock, live)
+def _order(mgr: OffloadingManager) -> object:
+    """The policy's order data: the compiled core's report, or the Python policy's."""
+    if mgr.native and isinstance(mgr.policy_name, str) and mgr.policy is None:
+        return mgr._core.policy_state()  # type: ignore[attr-defined]
+    policy = mgr.policy
+    assert policy is not None
+    if isinstance(policy, RecordingFIFO):
+        return (list(policy.blocks), policy.calls)
+    return policy.order_state()  # type: ignore[attr-defined]
 
 
 def _state(mgr: OffloadingManager, key: int) -> tuple[int, int] | None:
@@ -158,18 +207,40 @@ def _state(mgr: OffloadingManager, key: int) -> tuple[int, int] | None:
     return None if block is None else (block.block_id, block.ref_cnt)
 
 
+def _agree(native: OffloadingManager, python: OffloadingManager, op: object) -> None:
+    assert native.stats() == python.stats(), op
+    assert native.take_events() == python.take_events(), op
+    assert _order(native) == _order(python), op
+    assert len(native) == len(python)
+    assert [_state(native, k) for k in range(12)] == [_state(python, k) for k in range(12)], op
+
+
 @needs_native
-@pytest.mark.parametrize("policy", ["lru", "arc", "weighted_lru"])
-@pytest.mark.parametrize("seed", range(4))
-def test_long_seeded_runs_agree(policy: str, seed: int) -> None:
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("policy", DIFF_POLICIES)
+@given(ops=OPS, capacity=st.integers(1, 6))
+@settings(max_examples=75, deadline=None)
+def test_native_and_python_managers_agree(
+    policy: str, block_size: int, ops: list[tuple[Any, ...]], capacity: int
+) -> None:
+    native, python = _pair(policy, capacity, block_size)
+    for op in ops:
+        name, keys, *rest = op
+        args = [_resolve(keys, python), *rest]
+        assert _apply(native, name, args) == _apply(python, name, args), op
+        _agree(native, python, op)
+
+
+@needs_native
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("policy", DIFF_POLICIES)
+@pytest.mark.parametrize("seed", range(2))
+def test_long_seeded_runs_agree(policy: str, block_size: int, seed: int) -> None:
     """Thousands of handshakes on a small cache: ghost hits, target moves and
     clock rises that short generated examples reach only rarely."""
     rng = random.Random(seed)
-    kwargs: dict[str, Any] = {"block_size": 16, "policy": policy, "enable_events": True}
-    native = OffloadingManager(4, native=True, **kwargs)
-    python = OffloadingManager(4, native=False, **kwargs)
-    assert python.policy is not None
-    for step in range(3000):
+    native, python = _pair(policy, 4, block_size)
+    for step in range(1500):
         keys = rng.sample(range(16), rng.randint(1, 4))
         roll = rng.random()
         name = "touch" if roll < 0.3 else "remove" if roll < 0.35 else "store"
@@ -178,34 +249,48 @@ def test_long_seeded_runs_agree(policy: str, seed: int) -> None:
         elif roll > 0.8:
             name, keys = "complete_load", _resolve(PINNED, python)[:1]
         assert _apply(native, name, [keys]) == _apply(python, name, [keys]), (step, name, keys)
-        state = native._core.policy_state()  # type: ignore[attr-defined]
-        assert state == _policy_state(python.policy), step
+        assert _order(native) == _order(python), step
     assert native.stats() == python.stats()
     assert native.stats().evictions > 100
 
 
-@pytest.mark.parametrize("core", ["native", "python"])
-def test_argument_checks_agree_on_both_paths(core: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if core == "python":
-        monkeypatch.setattr(manager, "_first_bad_key", None)
-        monkeypatch.setattr(manager, "_first_bad_slot", None)
-    elif not manager.NATIVE:
-        pytest.skip("compiled core not built")
-    for ids, ok in [
-        ([0, 1, 3], True),
-        ([3], True),
-        ([], False),
-        ([0, 4], False),  # out of range
-        ([-1, 0], False),
-        ([1, 1], False),  # named twice
-        ([0, True], False),  # not a plain int
-        ([0, 1.0], False),
-        ([0, 2**70], False),
-        ((0, 1), False),  # not a list: the caller converts and checks
-    ]:
-        assert manager.distinct_slots(ids, 4) is ok, ids
-    manager.check_keys([1, b"x", 2])
-    with pytest.raises(InvalidKeyError, match="'a' has type str"):
-        manager.check_keys([1, "a"])  # type: ignore[list-item]
-    with pytest.raises(InvalidKeyError, match="b'x' is named twice"):
-        manager.check_keys([b"x", 1, b"x"], "store")
+@needs_native
+def test_weighted_lru_priorities_follow_the_block_size() -> None:
+    """size ** size_weight divides each block's weight on both cores (it used to be
+    ignored by the compiled one)."""
+    for native in (True, False):
+        mgr = OffloadingManager(4, block_size=4, policy="weighted_lru", native=native)
+        out = mgr.prepare_store([1])
+        assert out is not None
+        mgr.complete_store([1])
+        mgr.touch([1])
+        state = _order(mgr)
+        assert state == ("weighted_lru", 0.0, {1: (2 / 4, 2)}), native
+
+
+@needs_native
+def test_user_policy_runs_on_the_compiled_core_by_default() -> None:
+    policy = RecordingFIFO()
+    mgr = OffloadingManager(2, block_size=8, policy=policy)
+    assert mgr.native
+    assert mgr.policy is policy
+    assert mgr.policy_name == "recording_fifo"
+    out = mgr.prepare_store([1, 2])
+    assert out is not None
+    mgr.complete_store([1, 2])
+    assert policy.blocks[1].ref_cnt == 0  # the core keeps the policy's records current
+    mgr.prepare_load([1])
+    assert policy.blocks[1].ref_cnt == 1
+    out = mgr.prepare_store([3])
+    assert out is not None
+    assert out.block_hashes_evicted == [2]  # 1 is pinned: FIFO takes the next idle one
+    assert policy.calls[0] == ("insert_many", [(1, 0, -1, 8), (2, 1, -1, 8)])
+    assert ("evict", 1, [2]) in policy.calls
+
+
+def test_python_manager_passes_the_same_sizes_to_a_policy() -> None:
+    mgr = OffloadingManager(2, block_size=8, policy=LRUPolicy(), native=False)
+    mgr.prepare_store([1])
+    block = mgr.get(1)
+    assert block is not None
+    assert block.size == 8

@@ -39,6 +39,16 @@ class BlockNotPinnedError(BlockStateError):
     """``complete_load`` named a key that no reader holds."""
 
 
+class PolicyError(KVActorsError, RuntimeError):
+    """A ``CachePolicy`` broke its contract (``evict`` returned a wrong count, a pinned,
+    protected or unknown key); the message names the policy and the key."""
+
+
+class ManagerBusyError(KVActorsError, RuntimeError):
+    """A manager was called while already running a call on the same thread: a key's
+    ``__hash__``/``__eq__`` or the policy called back into it."""
+
+
 class TraceError(KVActorsError, ValueError):
     """A trace cannot be read or a line of it is malformed; the message names the file and line."""
 

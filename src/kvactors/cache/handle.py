@@ -36,8 +36,7 @@ from kvactors.cache.results import (
 from kvactors.cache.tier_actor import TierActor
 from kvactors.config import Config
 from kvactors.errors import ActorClosed, InvalidKeyError, TensorSpecError
-from kvactors.keys import Key
-from kvactors.manager import check_keys, distinct_slots
+from kvactors.keys import Key, check_keys, distinct_slots
 from kvactors.media import BlockMedium, CopyPool, MemoryPool, open_media
 
 if sys.version_info < (3, 11):  # pragma: no cover

@@ -118,6 +118,12 @@ class ARCPolicy:
                 ghost.popitem(last=False)
         return [(key, block) for key, block, _ in victims]
 
+    def order_state(self) -> tuple[object, ...]:
+        """``("arc", target, T1, T2, B1, B2)``, each list least recent first: the
+        order data the compiled core's ``arc`` entry reports too."""
+        lists = [list(lst) for lst in (self.t1, self.t2, self.b1, self.b2)]
+        return ("arc", self.target, *lists)
+
     def keys(self) -> Iterator[Key]:
         return iter(self._all)
 

@@ -62,6 +62,11 @@ class LRUPolicy:
             return None
         return list(zip(victims, map(blocks.pop, victims)))
 
+    def order_state(self) -> tuple[object, ...]:
+        """``("lru", [keys, least recent first])``: the order data the compiled
+        core's ``lru`` entry reports too (the differential tests compare them)."""
+        return ("lru", list(self._blocks))
+
     def keys(self) -> Iterator[Key]:
         return iter(self._blocks)
 

@@ -107,6 +107,12 @@ class WeightedLRUPolicy:
             self.clock = max(self.clock, p)
         return out
 
+    def order_state(self) -> tuple[object, ...]:
+        """``("weighted_lru", clock, {key: (priority, frequency)})``: the order
+        data the compiled core's ``weighted_lru`` entry reports too."""
+        live = {key: (self._prio[key][0], self._freq[key]) for key in self._blocks}
+        return ("weighted_lru", self.clock, live)
+
     def keys(self) -> Iterator[Key]:
         return iter(self._blocks)
 

@@ -1,0 +1,6 @@
+"""Types of the compiled key and slot-id checks (native/key_checks.c); see kvactors.keys."""
+
+from collections.abc import Iterable
+
+def first_bad_key(keys: Iterable[object], /) -> int: ...
+def first_bad_slot(ids: list[object], limit: int, /) -> int: ...
