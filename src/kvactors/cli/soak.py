@@ -2,7 +2,8 @@
 
 Clients store, load (with ``partial=True``) and prefetch random prefixes of a
 shared key space while the NVMe store fails some writes with ``ENOSPC`` and
-flips bytes in some reads. At the end:
+flips bytes in some reads, through its fault hook (``FileStore.faults``, asked
+on the I/O path users run, the compiled loop included). At the end:
 
 - every loaded block was checked against the bytes derived from its key
   (``wrong_bytes`` must be 0);
@@ -14,8 +15,6 @@ flips bytes in some reads. At the end:
 
 from __future__ import annotations
 
-import errno
-import os
 import random
 import time
 from typing import Any
@@ -28,7 +27,7 @@ import kvactors
 from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
 from kvactors.errors import KVActorsError
-from kvactors.media import FileStore
+from kvactors.media.faults import InjectedFaults
 
 __all__ = ["SoakResult", "run_soak"]
 
@@ -47,30 +46,6 @@ class SoakResult(msgspec.Struct, frozen=True):
     events_dropped: int
 
 
-class _Faults:
-    """Wraps a FileStore's I/O entry points to fail writes and corrupt reads."""
-
-    def __init__(self, store: FileStore, rng: random.Random, p_write: float, p_read: float):
-        self.count = 0
-        pwritev, preadv = store.pwritev, store.preadv
-
-        def bad_write(fd: int, buffers: Any, offset: int) -> int:
-            if rng.random() < p_write:
-                self.count += 1
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return pwritev(fd, buffers, offset)
-
-        def bad_read(fd: int, buffers: Any, offset: int) -> int:
-            n = preadv(fd, buffers, offset)
-            if n and rng.random() < p_read:
-                self.count += 1
-                buffers[0][0] ^= 0xFF
-            return n
-
-        store.pwritev = bad_write
-        store.preadv = bad_read
-
-
 async def run_soak(
     *,
     seconds: float = 5.0,
@@ -82,7 +57,6 @@ async def run_soak(
     block_bytes: int = 4096,
 ) -> SoakResult:
     """Run the soak for about ``seconds`` and return what it saw."""
-    rng = random.Random(seed)
     longest = 16
     config = Config(
         block_bytes=block_bytes,
@@ -98,7 +72,8 @@ async def run_soak(
     start = time.perf_counter()
     async with kvactors.open(config) as kv:
         nvme: Any = kv.medium("nvme")
-        faults = _Faults(nvme, rng, p_write_fault, p_read_fault)
+        faults = InjectedFaults(seed, p_write=p_write_fault, p_corrupt=p_read_fault)
+        nvme.faults = faults
         events: Any = await kv.events()
         pool: Any = kv.gpu_pool
         dev = pool.device
