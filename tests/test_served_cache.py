@@ -164,6 +164,24 @@ async def test_key_lists_must_be_lists_or_tuples(keys: Any) -> None:
             assert await kv.store((40, 41), range(2)) == kvactors.StoreResult(2, 0)
 
 
+async def test_sparse_grad_tensors_and_a_non_bool_partial_are_refused() -> None:
+    with anyio.fail_after(20):
+        async with kvactors.open(config()) as kv:
+            fill(kv, [1], [0])
+            await kv.store([1], [0])
+            sparse = torch.zeros(1, BB, dtype=torch.uint8).to_sparse()
+            with pytest.raises(TensorSpecError, match="dense"):
+                await kv.load([1], sparse)
+            with pytest.raises(TensorSpecError, match="dense"):
+                await kv.store([2], sparse)
+            grad = torch.zeros(1, BB // 4, dtype=torch.float32, requires_grad=True)
+            with pytest.raises(TensorSpecError, match="grad"):
+                await kv.load([1], grad)
+            with pytest.raises(TensorSpecError, match="partial"):
+                await kv.load([1], [5], partial="no")  # type: ignore[arg-type]
+            assert (await settled(kv)).policy.tiers["cpu"].pinned == 0
+
+
 async def test_an_unusable_destination_device_is_refused() -> None:
     with anyio.fail_after(20):
         async with kvactors.open(config()) as kv:

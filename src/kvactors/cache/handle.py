@@ -136,6 +136,10 @@ class KVCache:
             return None
         bb = self.config.block_bytes
         if isinstance(side, torch.Tensor):
+            if side.layout != torch.strided:
+                raise TensorSpecError(f"{what}: tensor must be dense (strided), got {side.layout}")
+            if side.requires_grad and what.startswith("load"):
+                raise TensorSpecError(f"{what}: tensor requires grad; pass a detached tensor")
             if side.device.type not in ("cpu", "cuda"):
                 raise TensorSpecError(
                     f"{what}: tensor must be on the CPU or a CUDA device, got {side.device}"
@@ -200,7 +204,9 @@ class KVCache:
     def _load(self, keys: Sequence[Key], dst: Any, partial: bool) -> Load:
         self._check_open("load")
         checked = _check_keys(keys, "load")
-        return Load(checked, self._check_side(dst, len(checked), "load dst"), bool(partial))
+        if type(partial) is not bool:
+            raise TensorSpecError(f"load: partial must be True or False, got {partial!r}")
+        return Load(checked, self._check_side(dst, len(checked), "load dst"), partial)
 
     async def store(self, keys: Sequence[Key], src: Any) -> StoreResult | None:
         """Store the blocks of ``src`` under ``keys`` (keys already cached are skipped).
