@@ -4,9 +4,10 @@
 policy, native/policy_*.c) is the manager's state machine; ``kvactors._io_core``
 (native/io_core.c) issues the NVMe store's vectored reads and writes with the
 GIL released; ``kvactors._key_checks`` (native/key_checks.c) checks the async
-API's keys and slot ids in one pass. All are optional: where no C compiler is
-found the build goes on without them and kvactors uses its Python code, which
-behaves the same.
+API's keys and slot ids in one pass; ``kvactors._nvme_index``
+(native/nvme_index.c) holds the NVMe index's live table in compact arrays. All
+are optional: where no C compiler is found the build goes on without them and
+kvactors uses its Python code, which behaves the same.
 """
 
 from setuptools import Extension, setup
@@ -29,6 +30,12 @@ setup(
             "kvactors._manager_core",
             sources=MANAGER_SOURCES,
             depends=["native/manager_core.h"],
+            extra_compile_args=FLAGS,
+            optional=True,
+        ),
+        Extension(
+            "kvactors._nvme_index",
+            sources=["native/nvme_index.c"],
             extra_compile_args=FLAGS,
             optional=True,
         ),

@@ -146,10 +146,13 @@ def test_log_stays_bounded_by_live_entries_counting_records(
     again.close()
 
 
-def test_stores_go_on_while_a_snapshot_is_written(tmp_path: Path, native: bool) -> None:
+def test_stores_go_on_while_a_snapshot_is_written(
+    tmp_path: Path, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A background compaction copies the table a chunk at a time: puts from
     another thread keep landing, and after a reopen every put is there."""
-    n = 4 * nvme_index.CHUNK_SLOTS
+    monkeypatch.setattr(nvme_index, "CHUNK_SLOTS", 512)
+    n = 16 * nvme_index.CHUNK_SLOTS
     index = NVMeIndex(tmp_path, BB, n, sync=False, native=native)
     index.put([(i, i, i) for i in range(n)], sync=False)
     stop = threading.Event()
@@ -157,7 +160,7 @@ def test_stores_go_on_while_a_snapshot_is_written(tmp_path: Path, native: bool) 
 
     def writer() -> None:
         i = 0
-        while not stop.is_set() and i < 50_000:
+        while not stop.is_set() and i < 20_000:
             index.put([(10**9 + i, i % n, 1)], sync=False)
             written.append(i)
             i += 1

@@ -42,6 +42,7 @@ BENCHES: list[tuple[str, str]] = [
     ("paged", "kvactors.cli.bench.paged"),
     ("soak", "kvactors.cli.bench.soak"),
     ("transfer", "kvactors.cli.bench.transfer"),
+    ("nvme-index", "kvactors.cli.bench.nvme_index"),
 ]
 """``kvactors bench`` subcommands: (name, module), modules under ``kvactors.cli.bench``."""
 

@@ -62,8 +62,10 @@ from kvactors.keys import Key
 
 try:
     from kvactors._nvme_index import Table as _NativeTable
+    from kvactors._nvme_index import encode as _native_encode
 except ImportError:  # built without a C compiler: the Python reference table
     _NativeTable = None  # type: ignore[misc,assignment]
+    _native_encode = None  # type: ignore[assignment]
 
 __all__ = ["MIN_LOG_RECORDS", "Entry", "NVMeIndex", "checksum"]
 
@@ -103,6 +105,16 @@ def encode_key(key: Key) -> tuple[int, bytes]:
 
 def decode_key(kind: int, raw: bytes) -> Key:
     return raw if kind == KIND_BYTES else int.from_bytes(raw, "little", signed=True)
+
+
+def encode(op: int, keys: list[Key], slots: list[int], crcs: list[int], first_seq: int) -> bytes:
+    """Records of ``keys`` numbered from ``first_seq`` (compiled where built)."""
+    if _native_encode is not None:
+        return _native_encode(op, keys, slots, crcs, first_seq)
+    return b"".join(
+        frame(op, key, slot, crc, first_seq + i)
+        for i, (key, slot, crc) in enumerate(zip(keys, slots, crcs))
+    )
 
 
 def frame(op: int, key: Key, slot: int, crc: int, seq: int) -> bytes:
@@ -151,10 +163,10 @@ class _PyTable:
         if not 0 <= slot < self.num_blocks:
             return
         old = self.by_key.get(key)
-        if old is not None and self.by_slot[old][2] > seq:
-            return  # the key was written again later
+        if old is not None and self.by_slot[old][2] >= seq:
+            return  # the key was written again later (or this very record again)
         here = self.by_slot.get(slot)
-        if here is not None and here[2] > seq:
+        if here is not None and here[2] >= seq:
             return  # the slot was reused later
         if old is not None:
             del self.by_slot[old]
@@ -522,15 +534,12 @@ class NVMeIndex:
         if not items:
             return
         self._hold_back()
+        keys, slots, crcs = (list(column) for column in zip(*items))
         with self.lock:
-            first = self._seq + 1
-            data = b"".join(
-                frame(OP_PUT, key, slot, crc, first + i) for i, (key, slot, crc) in enumerate(items)
-            )
+            data = encode(OP_PUT, keys, slots, crcs, self._seq + 1)
             self._append(data, len(items), sync)  # durable first, then in the table
             self._seq += len(items)
-            for i, (key, slot, crc) in enumerate(items):
-                self.table.put(key, slot, crc, first + i)
+            self.table.apply(data, 0)
 
     def delete(self, keys: list[Key]) -> list[Key]:
         """Remove ``keys`` (those present); returns the keys removed."""

@@ -1,0 +1,754 @@
+/* kvactors._nvme_index: the NVMe index's live table in compact native arrays.
+ *
+ * One 48-byte record per slot (sequence number, block CRC-32, key kind and
+ * length, a hash tag, the key inline when it has at most 32 bytes, else a
+ * pointer to its own copy) and an open-addressing hash of keys to slots
+ * (u32 per bucket, linear probing with backward-shift deletion, at most 3/4
+ * full). No Python object per block: keys become Python objects only when
+ * asked for (get, entries).
+ *
+ * Records on disk (snapshot and log, see kvactors/media/nvme_index.py) are
+ * parsed and applied here straight from the file's bytes:
+ *   u32 crc32(rest) | u8 op | u8 kind | u16 klen | u32 slot | u32 crc | u64 seq | key | pad to 8
+ * An update older (by sequence number) than what the table holds for its
+ * slot or key is ignored, so replay order across a snapshot does not matter.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define INLINE 32
+#define HEAD 24
+#define OP_PUT 1
+#define OP_DEL 2
+#define KIND_INT 0
+#define KIND_BYTES 1
+#define KIND_BIGINT 2
+
+/* CRC-32 (zlib's polynomial, so Python checks records with zlib.crc32), sliced by 8:
+ * for 56-byte records it is several times faster than calling zlib per record. */
+static uint32_t crc_table[8][256];
+
+static void
+crc_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
+        crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xff];
+}
+
+static uint32_t
+crc32_of(const uint8_t *p, size_t n)
+{
+    uint32_t c = 0xffffffffu;
+    while (n >= 8) {
+        uint32_t lo, hi;
+        memcpy(&lo, p, 4);
+        memcpy(&hi, p + 4, 4);
+        lo ^= c;
+        c = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff] ^
+            crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24] ^
+            crc_table[3][hi & 0xff] ^ crc_table[2][(hi >> 8) & 0xff] ^
+            crc_table[1][(hi >> 16) & 0xff] ^ crc_table[0][hi >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n--)
+        c = crc_table[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+    return c ^ 0xffffffffu;
+}
+
+typedef struct {
+    uint64_t seq; /* 0: empty slot */
+    uint32_t crc;
+    uint16_t klen;
+    uint8_t kind;
+    uint8_t tag;
+    union {
+        uint8_t in[INLINE];
+        uint8_t *out;
+    } key;
+} rec_t;
+
+typedef struct {
+    PyObject_HEAD
+    uint32_t num_blocks;
+    rec_t *recs;
+    uint32_t *ht; /* slot + 1, 0 empty */
+    uint64_t mask;
+    Py_ssize_t live;
+    uint64_t max_seq;
+    size_t out_bytes; /* keys stored out of line */
+} Table;
+
+static uint64_t
+mix(uint64_t h)
+{
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ULL;
+    h ^= h >> 33;
+    return h;
+}
+
+static uint64_t
+key_hash(uint8_t kind, const uint8_t *data, size_t len)
+{
+    uint64_t h = mix(((uint64_t)kind << 32) ^ len ^ 0x9e3779b97f4a7c15ULL);
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w;
+        memcpy(&w, data + i, 8);
+        h = mix(h ^ w) + 0x9e3779b97f4a7c15ULL;
+    }
+    if (i < len) {
+        uint64_t w = 0;
+        memcpy(&w, data + i, len - i);
+        h = mix(h ^ w ^ ((uint64_t)(len - i) << 56));
+    }
+    return h;
+}
+
+static const uint8_t *
+rec_key(const rec_t *r)
+{
+    return r->klen > INLINE ? r->key.out : r->key.in;
+}
+
+static int
+rec_is(const rec_t *r, uint8_t kind, const uint8_t *data, size_t len, uint8_t tag)
+{
+    return r->tag == tag && r->kind == kind && r->klen == len && memcmp(rec_key(r), data, len) == 0;
+}
+
+/* The bucket holding the key, or the empty bucket where it would go. */
+static uint64_t
+probe(Table *t, uint8_t kind, const uint8_t *data, size_t len, uint64_t h, int *found)
+{
+    uint8_t tag = (uint8_t)(h >> 56);
+    uint64_t i = h & t->mask;
+    for (;;) {
+        uint32_t v = t->ht[i];
+        if (v == 0) {
+            *found = 0;
+            return i;
+        }
+        if (rec_is(&t->recs[v - 1], kind, data, len, tag)) {
+            *found = 1;
+            return i;
+        }
+        i = (i + 1) & t->mask;
+    }
+}
+
+static int64_t
+find_slot(Table *t, uint8_t kind, const uint8_t *data, size_t len)
+{
+    int found;
+    uint64_t i = probe(t, kind, data, len, key_hash(kind, data, len), &found);
+    return found ? (int64_t)t->ht[i] - 1 : -1;
+}
+
+/* Remove slot s's record (live) from the hash and the array. */
+static void
+remove_slot(Table *t, uint32_t s)
+{
+    rec_t *r = &t->recs[s];
+    int found;
+    uint64_t i = probe(t, r->kind, rec_key(r), r->klen, key_hash(r->kind, rec_key(r), r->klen),
+                       &found);
+    if (found) {
+        /* Backward-shift deletion keeps every probe chain unbroken. */
+        uint64_t j = i;
+        for (;;) {
+            j = (j + 1) & t->mask;
+            uint32_t v = t->ht[j];
+            if (v == 0)
+                break;
+            rec_t *o = &t->recs[v - 1];
+            uint64_t home = key_hash(o->kind, rec_key(o), o->klen) & t->mask;
+            /* Move v back to i if its home is not in (i, j] cyclically. */
+            int between = i <= j ? (home > i && home <= j) : (home > i || home <= j);
+            if (!between) {
+                t->ht[i] = v;
+                i = j;
+            }
+        }
+        t->ht[i] = 0;
+    }
+    if (r->klen > INLINE) {
+        t->out_bytes -= r->klen;
+        PyMem_RawFree(r->key.out);
+    }
+    memset(r, 0, sizeof(*r));
+    t->live--;
+}
+
+static int
+put_hashed(Table *t, uint8_t kind, const uint8_t *data, size_t len, uint64_t slot, uint32_t crc,
+           uint64_t seq, uint64_t h)
+{
+    if (seq > t->max_seq)
+        t->max_seq = seq;
+    if (slot >= t->num_blocks)
+        return 0;
+    int found;
+    uint64_t bucket = probe(t, kind, data, len, h, &found);
+    int64_t old = found ? (int64_t)t->ht[bucket] - 1 : -1;
+    if (old >= 0 && t->recs[old].seq >= seq)
+        return 0; /* the key was written again later (or this very record again) */
+    rec_t *r = &t->recs[slot];
+    if (r->seq && r->seq >= seq)
+        return 0; /* the slot was reused later */
+    if (old >= 0 || r->seq) {
+        if (old >= 0)
+            remove_slot(t, (uint32_t)old);
+        if (r->seq)
+            remove_slot(t, (uint32_t)slot); /* its earlier key is gone */
+        bucket = probe(t, kind, data, len, h, &found); /* buckets moved */
+    }
+    uint8_t *copy = NULL;
+    if (len > INLINE) {
+        copy = PyMem_RawMalloc(len);
+        if (copy == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(copy, data, len);
+        t->out_bytes += len;
+    }
+    r->seq = seq;
+    r->crc = crc;
+    r->klen = (uint16_t)len;
+    r->kind = kind;
+    r->tag = (uint8_t)(h >> 56);
+    if (copy)
+        r->key.out = copy;
+    else
+        memcpy(r->key.in, data, len);
+    t->ht[bucket] = (uint32_t)slot + 1;
+    t->live++;
+    return 0;
+}
+
+static int
+do_put(Table *t, uint8_t kind, const uint8_t *data, size_t len, uint64_t slot, uint32_t crc,
+       uint64_t seq)
+{
+    return put_hashed(t, kind, data, len, slot, crc, seq, key_hash(kind, data, len));
+}
+
+static int
+do_delete(Table *t, uint8_t kind, const uint8_t *data, size_t len, uint64_t seq)
+{
+    if (seq > t->max_seq)
+        t->max_seq = seq;
+    int64_t s = find_slot(t, kind, data, len);
+    if (s < 0 || t->recs[s].seq > seq)
+        return 0;
+    remove_slot(t, (uint32_t)s);
+    return 1;
+}
+
+/* -- keys between Python and records ---------------------------------------------- */
+
+typedef struct {
+    uint8_t kind;
+    const uint8_t *data;
+    size_t len;
+    uint8_t small[8];
+    PyObject *hold; /* a bytes object to release, or NULL */
+} key_t_;
+
+static int
+key_in(PyObject *o, key_t_ *k)
+{
+    k->hold = NULL;
+    if (PyBytes_Check(o)) {
+        k->kind = KIND_BYTES;
+        k->data = (const uint8_t *)PyBytes_AS_STRING(o);
+        k->len = (size_t)PyBytes_GET_SIZE(o);
+        if (k->len > 65535) {
+            PyErr_SetString(PyExc_ValueError, "keys of the NVMe index are at most 65535 bytes");
+            return -1;
+        }
+        return 0;
+    }
+    if (!PyLong_Check(o)) {
+        PyErr_SetString(PyExc_TypeError, "a key is bytes or int");
+        return -1;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (!overflow) {
+        uint64_t u = (uint64_t)v;
+        for (int i = 0; i < 8; i++)
+            k->small[i] = (uint8_t)(u >> (8 * i));
+        k->kind = KIND_INT;
+        k->data = k->small;
+        k->len = 8;
+        return 0;
+    }
+    PyObject *bits = PyObject_CallMethod(o, "bit_length", NULL);
+    if (bits == NULL)
+        return -1;
+    long long nbits = PyLong_AsLongLong(bits);
+    Py_DECREF(bits);
+    if (nbits < 0 && PyErr_Occurred())
+        return -1;
+    /* signed=True is keyword-only: call through the method object. */
+    PyObject *meth = PyObject_GetAttrString(o, "to_bytes");
+    if (meth == NULL)
+        return -1;
+    PyObject *args = Py_BuildValue("(Ls)", (nbits + 8) / 8, "little");
+    PyObject *kw = Py_BuildValue("{s:O}", "signed", Py_True);
+    PyObject *raw = args && kw ? PyObject_Call(meth, args, kw) : NULL;
+    Py_XDECREF(args);
+    Py_XDECREF(kw);
+    Py_DECREF(meth);
+    if (raw == NULL)
+        return -1;
+    k->hold = raw;
+    k->kind = KIND_BIGINT;
+    k->data = (const uint8_t *)PyBytes_AS_STRING(raw);
+    k->len = (size_t)PyBytes_GET_SIZE(raw);
+    return 0;
+}
+
+static PyObject *
+key_out(uint8_t kind, const uint8_t *data, size_t len)
+{
+    if (kind == KIND_BYTES)
+        return PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)len);
+    if (kind == KIND_INT && len == 8) {
+        uint64_t u = 0;
+        for (int i = 0; i < 8; i++)
+            u |= (uint64_t)data[i] << (8 * i);
+        return PyLong_FromLongLong((long long)u);
+    }
+    PyObject *raw = PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)len);
+    if (raw == NULL)
+        return NULL;
+    PyObject *meth = PyObject_GetAttrString((PyObject *)&PyLong_Type, "from_bytes");
+    PyObject *args = meth ? Py_BuildValue("(Os)", raw, "little") : NULL;
+    PyObject *kw = args ? Py_BuildValue("{s:O}", "signed", Py_True) : NULL;
+    PyObject *out = kw ? PyObject_Call(meth, args, kw) : NULL;
+    Py_XDECREF(kw);
+    Py_XDECREF(args);
+    Py_XDECREF(meth);
+    Py_DECREF(raw);
+    return out;
+}
+
+/* -- the type ------------------------------------------------------------------------ */
+
+static int
+Table_init(Table *self, PyObject *args, PyObject *kwds)
+{
+    unsigned long long n;
+    if (!PyArg_ParseTuple(args, "K", &n))
+        return -1;
+    if (n == 0 || n >= (1ULL << 32) - 1) {
+        PyErr_SetString(PyExc_ValueError, "num_blocks must be in 1 .. 2**32 - 2");
+        return -1;
+    }
+    if (self->recs != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Table is initialised once");
+        return -1;
+    }
+    uint64_t cap = 16;
+    while (cap < n + n / 3 + 1)
+        cap <<= 1;
+    /* calloc: pages of untouched slots and buckets cost no memory until used. */
+    self->recs = calloc((size_t)n, sizeof(rec_t));
+    self->ht = calloc((size_t)cap, sizeof(uint32_t));
+    if (self->recs == NULL || self->ht == NULL) {
+        free(self->recs);
+        free(self->ht);
+        self->recs = NULL;
+        self->ht = NULL;
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->num_blocks = (uint32_t)n;
+    self->mask = cap - 1;
+    return 0;
+}
+
+static void
+Table_dealloc(Table *self)
+{
+    if (self->recs != NULL && self->out_bytes) {
+        for (uint32_t s = 0; s < self->num_blocks; s++)
+            if (self->recs[s].seq && self->recs[s].klen > INLINE)
+                PyMem_RawFree(self->recs[s].key.out);
+    }
+    free(self->recs);
+    free(self->ht);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Table_put(Table *self, PyObject *args)
+{
+    PyObject *key;
+    unsigned long long slot, crc, seq;
+    if (!PyArg_ParseTuple(args, "OKKK", &key, &slot, &crc, &seq))
+        return NULL;
+    key_t_ k;
+    if (key_in(key, &k) < 0)
+        return NULL;
+    int rc = do_put(self, k.kind, k.data, k.len, slot, (uint32_t)crc, seq);
+    Py_XDECREF(k.hold);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Table_delete(Table *self, PyObject *args)
+{
+    PyObject *key;
+    unsigned long long seq;
+    if (!PyArg_ParseTuple(args, "OK", &key, &seq))
+        return NULL;
+    key_t_ k;
+    if (key_in(key, &k) < 0)
+        return NULL;
+    int gone = do_delete(self, k.kind, k.data, k.len, seq);
+    Py_XDECREF(k.hold);
+    return PyBool_FromLong(gone);
+}
+
+static PyObject *
+Table_get(Table *self, PyObject *arg)
+{
+    long long slot = PyLong_AsLongLong(arg);
+    if (slot == -1 && PyErr_Occurred())
+        return NULL;
+    if (slot < 0 || slot >= self->num_blocks || self->recs[slot].seq == 0)
+        Py_RETURN_NONE;
+    rec_t *r = &self->recs[slot];
+    PyObject *key = key_out(r->kind, rec_key(r), r->klen);
+    if (key == NULL)
+        return NULL;
+    return Py_BuildValue("(NI)", key, (unsigned int)r->crc);
+}
+
+static PyObject *
+Table_find(Table *self, PyObject *arg)
+{
+    key_t_ k;
+    if (key_in(arg, &k) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            return PyLong_FromLong(-1);
+        }
+        return NULL;
+    }
+    int64_t s = find_slot(self, k.kind, k.data, k.len);
+    Py_XDECREF(k.hold);
+    return PyLong_FromLongLong(s);
+}
+
+#define WINDOW 16
+
+/* Records are parsed and checked a window at a time, their hash buckets
+ * prefetched, then applied: the random bucket reads overlap instead of each
+ * waiting for memory in turn. */
+static PyObject *
+Table_apply(Table *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t offset;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &offset))
+        return NULL;
+    const uint8_t *data = view.buf;
+    Py_ssize_t size = view.len, n = 0;
+    int ok = 1;
+    const uint8_t *win[WINDOW];
+    uint64_t hash[WINDOW];
+    while (ok && offset < size) {
+        int w = 0;
+        while (w < WINDOW && offset < size) {
+            if (offset + HEAD > size) {
+                ok = 0;
+                break;
+            }
+            const uint8_t *p = data + offset;
+            uint32_t crc;
+            uint16_t klen;
+            memcpy(&crc, p, 4);
+            memcpy(&klen, p + 6, 2);
+            Py_ssize_t total = HEAD + klen + ((8 - (HEAD + klen) % 8) % 8);
+            if (offset + total > size || crc32_of(p + 4, (size_t)(total - 4)) != crc ||
+                (p[4] != OP_PUT && p[4] != OP_DEL) || p[5] > KIND_BIGINT) {
+                ok = 0;
+                break;
+            }
+            hash[w] = key_hash(p[5], p + HEAD, klen);
+            __builtin_prefetch(&self->ht[hash[w] & self->mask]);
+            win[w++] = p;
+            offset += total;
+        }
+        for (int k = 0; k < w; k++) {
+            const uint8_t *p = win[k];
+            uint32_t bcrc, slot;
+            uint16_t klen;
+            uint64_t seq;
+            memcpy(&klen, p + 6, 2);
+            memcpy(&slot, p + 8, 4);
+            memcpy(&bcrc, p + 12, 4);
+            memcpy(&seq, p + 16, 8);
+            int rc = p[4] == OP_PUT
+                         ? put_hashed(self, p[5], p + HEAD, klen, slot, bcrc, seq, hash[k])
+                         : do_delete(self, p[5], p + HEAD, klen, seq);
+            if (rc < 0) {
+                PyBuffer_Release(&view);
+                return NULL;
+            }
+            n++;
+        }
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nni)", n, offset, ok);
+}
+
+static Py_ssize_t
+frame_size(const rec_t *r)
+{
+    return HEAD + r->klen + ((8 - (HEAD + r->klen) % 8) % 8);
+}
+
+static PyObject *
+Table_dump(Table *self, PyObject *args)
+{
+    unsigned long long lo, hi;
+    if (!PyArg_ParseTuple(args, "KK", &lo, &hi))
+        return NULL;
+    if (hi > self->num_blocks)
+        hi = self->num_blocks;
+    Py_ssize_t size = 0, n = 0;
+    for (uint64_t s = lo; s < hi; s++)
+        if (self->recs[s].seq) {
+            size += frame_size(&self->recs[s]);
+            n++;
+        }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL)
+        return NULL;
+    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(out);
+    memset(p, 0, (size_t)size);
+    for (uint64_t s = lo; s < hi; s++) {
+        rec_t *r = &self->recs[s];
+        if (!r->seq)
+            continue;
+        Py_ssize_t total = frame_size(r);
+        uint32_t slot = (uint32_t)s;
+        p[4] = OP_PUT;
+        p[5] = r->kind;
+        memcpy(p + 6, &r->klen, 2);
+        memcpy(p + 8, &slot, 4);
+        memcpy(p + 12, &r->crc, 4);
+        memcpy(p + 16, &r->seq, 8);
+        memcpy(p + HEAD, rec_key(r), r->klen);
+        uint32_t crc = crc32_of(p + 4, (size_t)(total - 4));
+        memcpy(p, &crc, 4);
+        p += total;
+    }
+    return Py_BuildValue("(Nn)", out, n);
+}
+
+typedef struct {
+    uint64_t seq;
+    uint32_t slot;
+} order_t;
+
+static int
+by_seq(const void *a, const void *b)
+{
+    uint64_t x = ((const order_t *)a)->seq, y = ((const order_t *)b)->seq;
+    return x < y ? -1 : x > y;
+}
+
+static PyObject *
+Table_entries(Table *self, PyObject *Py_UNUSED(ignored))
+{
+    order_t *order = PyMem_RawMalloc((size_t)(self->live ? self->live : 1) * sizeof(order_t));
+    if (order == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t n = 0;
+    for (uint32_t s = 0; s < self->num_blocks && n < self->live; s++)
+        if (self->recs[s].seq)
+            order[n++] = (order_t){self->recs[s].seq, s};
+    qsort(order, (size_t)n, sizeof(order_t), by_seq);
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        rec_t *r = &self->recs[order[i].slot];
+        PyObject *key = key_out(r->kind, rec_key(r), r->klen);
+        PyObject *item = key ? Py_BuildValue("(NII)", key, (unsigned int)order[i].slot,
+                                             (unsigned int)r->crc)
+                             : NULL;
+        if (item == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    PyMem_RawFree(order);
+    return out;
+}
+
+static Py_ssize_t
+Table_len(Table *self)
+{
+    return self->live;
+}
+
+static PyObject *
+Table_max_seq(Table *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(self->max_seq);
+}
+
+static PyObject *
+Table_nbytes(Table *self, void *Py_UNUSED(closure))
+{
+    size_t n = (size_t)self->num_blocks * sizeof(rec_t) + (size_t)(self->mask + 1) * 4 +
+               self->out_bytes;
+    return PyLong_FromSize_t(n);
+}
+
+static PyMethodDef Table_methods[] = {
+    {"put", (PyCFunction)Table_put, METH_VARARGS, "put(key, slot, crc, seq)"},
+    {"delete", (PyCFunction)Table_delete, METH_VARARGS, "delete(key, seq) -> removed"},
+    {"get", (PyCFunction)Table_get, METH_O, "get(slot) -> (key, crc) or None"},
+    {"find", (PyCFunction)Table_find, METH_O, "find(key) -> slot or -1"},
+    {"apply", (PyCFunction)Table_apply, METH_VARARGS,
+     "apply(data, offset) -> (records applied, end offset, ok)"},
+    {"dump", (PyCFunction)Table_dump, METH_VARARGS, "dump(lo, hi) -> (records, count)"},
+    {"entries", (PyCFunction)Table_entries, METH_NOARGS,
+     "entries() -> [(key, slot, crc)] oldest first"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Table_getset[] = {
+    {"max_seq", (getter)Table_max_seq, NULL, "the largest sequence number seen", NULL},
+    {"nbytes", (getter)Table_nbytes, NULL, "bytes the table's arrays and keys take", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods Table_seq = {.sq_length = (lenfunc)Table_len};
+
+static PyTypeObject TableType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvactors._nvme_index.Table",
+    .tp_basicsize = sizeof(Table),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The NVMe index's live entries: one record per slot, keys inline.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Table_init,
+    .tp_dealloc = (destructor)Table_dealloc,
+    .tp_methods = Table_methods,
+    .tp_getset = Table_getset,
+    .tp_as_sequence = &Table_seq,
+};
+
+/* encode(op, keys, slots, crcs, first_seq) -> bytes: records numbered from first_seq. */
+static PyObject *
+encode(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int op;
+    PyObject *keys, *slots, *crcs;
+    unsigned long long seq;
+    if (!PyArg_ParseTuple(args, "iO!O!O!K", &op, &PyList_Type, &keys, &PyList_Type, &slots,
+                          &PyList_Type, &crcs, &seq))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    if (PyList_GET_SIZE(slots) != n || PyList_GET_SIZE(crcs) != n) {
+        PyErr_SetString(PyExc_ValueError, "keys, slots and crcs differ in length");
+        return NULL;
+    }
+    key_t_ *ks = PyMem_Calloc((size_t)(n ? n : 1), sizeof(key_t_));
+    if (ks == NULL)
+        return PyErr_NoMemory();
+    PyObject *out = NULL;
+    Py_ssize_t got = 0, size = 0;
+    for (; got < n; got++) {
+        if (key_in(PyList_GET_ITEM(keys, got), &ks[got]) < 0)
+            goto done;
+        size += HEAD + (Py_ssize_t)ks[got].len + ((8 - (HEAD + ks[got].len) % 8) % 8);
+    }
+    out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL)
+        goto done;
+    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(out);
+    memset(p, 0, (size_t)size);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long slot = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(slots, i));
+        unsigned long long crc = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(crcs, i));
+        if (PyErr_Occurred() || slot > UINT32_MAX || crc > UINT32_MAX) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_OverflowError, "slot and crc are u32");
+            Py_CLEAR(out);
+            goto done;
+        }
+        uint32_t s32 = (uint32_t)slot, c32 = (uint32_t)crc;
+        uint16_t klen = (uint16_t)ks[i].len;
+        uint64_t sq = seq + (uint64_t)i;
+        Py_ssize_t total = HEAD + klen + ((8 - (HEAD + klen) % 8) % 8);
+        p[4] = (uint8_t)op;
+        p[5] = ks[i].kind;
+        memcpy(p + 6, &klen, 2);
+        memcpy(p + 8, &s32, 4);
+        memcpy(p + 12, &c32, 4);
+        memcpy(p + 16, &sq, 8);
+        memcpy(p + HEAD, ks[i].data, klen);
+        uint32_t fc = crc32_of(p + 4, (size_t)(total - 4));
+        memcpy(p, &fc, 4);
+        p += total;
+    }
+done:
+    for (Py_ssize_t i = 0; i < got; i++)
+        Py_XDECREF(ks[i].hold);
+    PyMem_Free(ks);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"encode", (PyCFunction)encode, METH_VARARGS,
+     "encode(op, keys, slots, crcs, first_seq) -> framed records"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "kvactors._nvme_index",
+    "The NVMe index's live table in compact native arrays.", -1, module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__nvme_index(void)
+{
+    crc_init();
+    if (PyType_Ready(&TableType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&TableType);
+    if (PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0) {
+        Py_DECREF(&TableType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
