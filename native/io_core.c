@@ -16,12 +16,20 @@
  * faults (fault injection on this same loop): per batch, 0 runs it, -errno
  * fails it with that error without a system call, n > 0 transfers only its
  * first n bytes (a short call).
+ *
+ * align > 0: the descriptors are O_DIRECT with that alignment; a batch whose
+ * buffers are all aligned goes straight to the device, any other through an
+ * aligned bounce buffer (offsets and lengths must be aligned either way).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
 #include <limits.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #ifndef IOV_MAX
 #define IOV_MAX 1024
@@ -29,7 +37,7 @@
 
 /* One batch: all its buffers, IOV_MAX at a time; stops at a short transfer. */
 static long long
-one_batch(int write, int fd, struct iovec *iov, Py_ssize_t n, long long offset)
+raw_batch(int write, int fd, struct iovec *iov, Py_ssize_t n, long long offset)
 {
     long long done = 0;
     while (n > 0) {
@@ -53,10 +61,107 @@ one_batch(int write, int fd, struct iovec *iov, Py_ssize_t n, long long offset)
     return done;
 }
 
-/* A batch limited to its first `limit` bytes (limit > 0), as an injected short call. */
-static long long
-short_batch(int write, int fd, struct iovec *iov, Py_ssize_t n, long long offset, long long limit)
+#define BOUNCE_BYTES (4 << 20)
+
+typedef struct {
+    size_t align; /* 0: buffered descriptors; else O_DIRECT, this alignment */
+    uint8_t *bounce; /* allocated on first need, freed by the caller */
+} direct_t;
+
+static int
+is_aligned(const struct iovec *iov, Py_ssize_t n, size_t align)
 {
+    for (Py_ssize_t k = 0; k < n; k++)
+        if ((uintptr_t)iov[k].iov_base % align || iov[k].iov_len % align)
+            return 0;
+    return 1;
+}
+
+/* O_DIRECT with buffers that are not aligned: through an aligned bounce buffer,
+ * BOUNCE_BYTES at a time (the file offset and total length must be aligned). */
+static long long
+bounced_batch(int write, int fd, struct iovec *iov, Py_ssize_t n, long long offset, direct_t *d)
+{
+    long long total = 0;
+    for (Py_ssize_t k = 0; k < n; k++)
+        total += (long long)iov[k].iov_len;
+    if (total % (long long)d->align || offset % (long long)d->align)
+        return -(long long)EINVAL;
+    if (d->bounce == NULL) {
+        void *p = NULL;
+        if (posix_memalign(&p, d->align < 4096 ? 4096 : d->align, BOUNCE_BYTES) != 0)
+            return -(long long)ENOMEM;
+        d->bounce = p;
+    }
+    long long done = 0;
+    Py_ssize_t k = 0;
+    size_t within = 0; /* bytes of iov[k] already moved */
+    while (done < total) {
+        size_t chunk = total - done > BOUNCE_BYTES ? BOUNCE_BYTES : (size_t)(total - done);
+        if (write) {
+            size_t filled = 0;
+            Py_ssize_t kk = k;
+            size_t w = within;
+            while (filled < chunk) {
+                size_t take = iov[kk].iov_len - w;
+                if (take > chunk - filled)
+                    take = chunk - filled;
+                memcpy(d->bounce + filled, (uint8_t *)iov[kk].iov_base + w, take);
+                filled += take;
+                w += take;
+                if (w == iov[kk].iov_len) {
+                    kk++;
+                    w = 0;
+                }
+            }
+        }
+        ssize_t got;
+        do {
+            got = write ? pwrite(fd, d->bounce, chunk, (off_t)(offset + done))
+                        : pread(fd, d->bounce, chunk, (off_t)(offset + done));
+        } while (got < 0 && errno == EINTR);
+        if (got < 0)
+            return done ? done : -(long long)errno;
+        /* Move the cursor over the bytes done (scattering them on a read). */
+        size_t moved = 0;
+        while (moved < (size_t)got) {
+            size_t take = iov[k].iov_len - within;
+            if (take > (size_t)got - moved)
+                take = (size_t)got - moved;
+            if (!write)
+                memcpy((uint8_t *)iov[k].iov_base + within, d->bounce + moved, take);
+            moved += take;
+            within += take;
+            if (within == iov[k].iov_len) {
+                k++;
+                within = 0;
+            }
+        }
+        done += got;
+        if ((size_t)got != chunk)
+            return done;
+    }
+    return done;
+}
+
+static long long
+one_batch(int write, int fd, struct iovec *iov, Py_ssize_t n, long long offset, direct_t *d)
+{
+    if (d->align && !is_aligned(iov, n, d->align))
+        return bounced_batch(write, fd, iov, n, offset, d);
+    return raw_batch(write, fd, iov, n, offset);
+}
+
+/* A batch limited to its first `limit` bytes (limit > 0), as an injected short call
+ * (rounded down to the alignment of O_DIRECT descriptors). */
+static long long
+short_batch(int write, int fd, struct iovec *iov, Py_ssize_t n, long long offset, long long limit,
+            direct_t *d)
+{
+    if (d->align)
+        limit -= limit % (long long)d->align;
+    if (limit <= 0)
+        return 0;
     Py_ssize_t k = 0;
     long long left = limit;
     while (k < n && (long long)iov[k].iov_len < left) {
@@ -64,10 +169,10 @@ short_batch(int write, int fd, struct iovec *iov, Py_ssize_t n, long long offset
         k++;
     }
     if (k == n)
-        return one_batch(write, fd, iov, n, offset);
+        return one_batch(write, fd, iov, n, offset, d);
     size_t keep = iov[k].iov_len;
     iov[k].iov_len = (size_t)left;
-    long long got = one_batch(write, fd, iov, k + 1, offset);
+    long long got = one_batch(write, fd, iov, k + 1, offset, d);
     iov[k].iov_len = keep;
     return got;
 }
@@ -77,9 +182,15 @@ vectored(PyObject *Py_UNUSED(module), PyObject *args)
 {
     int write;
     PyObject *fds, *offsets, *counts, *bufs, *faults = Py_None;
-    if (!PyArg_ParseTuple(args, "pO!O!O!O!|O", &write, &PyList_Type, &fds, &PyList_Type, &offsets,
-                          &PyList_Type, &counts, &PyList_Type, &bufs, &faults))
+    Py_ssize_t align = 0;
+    if (!PyArg_ParseTuple(args, "pO!O!O!O!|On", &write, &PyList_Type, &fds, &PyList_Type, &offsets,
+                          &PyList_Type, &counts, &PyList_Type, &bufs, &faults, &align))
         return NULL;
+    if (align < 0) {
+        PyErr_SetString(PyExc_ValueError, "align must be 0 (buffered) or positive");
+        return NULL;
+    }
+    direct_t direct = {(size_t)align, NULL};
     Py_ssize_t nb = PyList_GET_SIZE(fds), nbuf = PyList_GET_SIZE(bufs);
     if (PyList_GET_SIZE(offsets) != nb || PyList_GET_SIZE(counts) != nb) {
         PyErr_SetString(PyExc_ValueError, "fds, offsets and counts differ in length");
@@ -135,9 +246,9 @@ vectored(PyObject *Py_UNUSED(module), PyObject *args)
         if (plan[i] < 0)
             res[i] = plan[i];
         else if (plan[i] > 0)
-            res[i] = short_batch(write, fd[i], iov + at, cnt[i], off[i], plan[i]);
+            res[i] = short_batch(write, fd[i], iov + at, cnt[i], off[i], plan[i], &direct);
         else
-            res[i] = one_batch(write, fd[i], iov + at, cnt[i], off[i]);
+            res[i] = one_batch(write, fd[i], iov + at, cnt[i], off[i], &direct);
         at += cnt[i];
     }
     Py_END_ALLOW_THREADS
@@ -160,6 +271,7 @@ done:
     PyMem_Free(cnt);
     PyMem_Free(res);
     PyMem_Free(plan);
+    free(direct.bounce);
     PyMem_Free(views);
     PyMem_Free(iov);
     return out;
@@ -167,7 +279,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"vectored", (PyCFunction)vectored, METH_VARARGS,
-     "vectored(write, fds, offsets, counts, buffers, faults=None) -> bytes done (or -errno) "
+     "vectored(write, fds, offsets, counts, buffers, faults=None, align=0) -> bytes done "
+     "(or -errno) "
      "per batch"},
     {NULL, NULL, 0, NULL},
 };

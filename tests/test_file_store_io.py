@@ -362,15 +362,18 @@ class Scripted:
             buffers[self.corrupt][0] ^= 0xFF
 
 
+@pytest.mark.parametrize("io", ["buffered", "direct"])
 @pytest.mark.usefixtures("io_path")
-def test_injected_faults_reach_the_path_users_run(tmp_path: Path) -> None:
+def test_injected_faults_reach_the_path_users_run(tmp_path: Path, io: str) -> None:
     """The fault hook is asked about every planned call, on the compiled loop as on
     the Python one; an injected errno fails the run without I/O, a short result
     tears the end of it, a flipped byte fails the checksum."""
     src = pool(6, 7)
     ids = [9, 3, 4, 5, 6, 0]  # runs: [0], [3..6], [9]
     keys: list[bytes | int] = [10, 11, 12, 13, 14, 15]
-    store = FileStore("nvme", 12, BB, str(tmp_path), io_threads=1)
+    if io == "direct" and file_store._io_vectored is None:
+        pytest.skip("direct I/O runs on the compiled I/O core")
+    store = FileStore("nvme", 12, BB, str(tmp_path), io_threads=1, io=io)
     try:
         store.faults = Scripted({3: -errno.ENOSPC})
         with pytest.raises(OSError, match="No space left"):
@@ -380,9 +383,9 @@ def test_injected_faults_reach_the_path_users_run(tmp_path: Path) -> None:
         store.faults = None
         store.write_buffers(ids, src.buffers(list(range(6))), keys)
         dst = MemoryPool("cpu", 6, BB, torch.device("cpu"))
-        faults = Scripted({3: BB + 10}, corrupt=0)
+        faults = Scripted({3: BB + 10 if io == "buffered" else BB}, corrupt=0)
         store.faults = faults
-        # Slot 3's run stops after one block and 10 bytes: 4, 5, 6 torn; the byte
+        # Slot 3's run stops after one block (and 10 bytes, buffered): 4, 5, 6 torn; the byte
         # flipped in the first buffer of every read fails 9, 0 and 3.
         assert store.read_buffers(ids, dst.buffers(list(range(6))), keys) == [0, 1, 2, 3, 4, 5]
         assert faults.asked == [(False, 0, 1), (False, 3, 4), (False, 9, 1)]
@@ -418,3 +421,66 @@ def test_injected_faults_count_what_they_did(tmp_path: Path) -> None:
         assert len(bad) == len(slots) == store.faults.reads_corrupted
     finally:
         store.close()
+
+
+def test_io_mode_follows_the_config(tmp_path: Path) -> None:
+    """auto: direct for a named directory with page-multiple blocks, buffered for a
+    temporary one or odd sizes; direct asked for where it cannot run is refused."""
+    if file_store._io_vectored is None:
+        pytest.skip("compiled I/O core not built")
+    cases = [
+        (dict(directory=str(tmp_path / "a")), BB, "direct"),
+        (dict(directory=None), BB, "buffered"),
+        (dict(directory=str(tmp_path / "b")), 512, "buffered"),
+        (dict(directory=str(tmp_path / "c"), io="buffered"), BB, "buffered"),
+        (dict(directory=str(tmp_path / "d"), io="direct"), BB, "direct"),
+    ]
+    for kwargs, bb, want in cases:
+        store = FileStore("nvme", 8, bb, **kwargs)  # type: ignore[arg-type]
+        try:
+            assert store.io == want
+            assert len(store.direct_fds) == (store.stripes if want == "direct" else 0)
+        finally:
+            store.close()
+    with pytest.raises(ConfigError, match=r"nvme\.io = 'direct' needs block_bytes"):
+        FileStore("nvme", 8, 512, str(tmp_path / "e"), io="direct")
+    with pytest.raises(ConfigError, match=r"nvme\.io must be"):
+        FileStore("nvme", 8, BB, str(tmp_path / "f"), io="fast")
+
+
+@pytest.mark.parametrize("offset", [0, 64, 1])
+def test_direct_io_round_trips_aligned_and_unaligned_buffers(tmp_path: Path, offset: int) -> None:
+    """O_DIRECT takes page-aligned buffers as they are and any others through an
+    aligned bounce buffer: the same bytes either way, runs longer than the
+    bounce buffer included."""
+    if file_store._io_vectored is None:
+        pytest.skip("compiled I/O core not built")
+    n = 1100  # one run of 4.3 MiB: more than the 4 MiB bounce buffer
+    raw = torch.randint(0, 256, (n * BB + 2 * BB,), dtype=torch.uint8)
+    skip = (-raw.data_ptr() % 4096 + offset) % (2 * BB)
+    src = raw[skip : skip + n * BB].view(n, BB)
+    store = FileStore("nvme", 2 * n, BB, str(tmp_path), io="direct", io_threads=2)
+    try:
+        ids = list(range(n))
+        keys: list[bytes | int] = [10 + i for i in ids]
+        store.write_from(ids, src, keys)
+        out_raw = torch.empty(n * BB + 2 * BB, dtype=torch.uint8)
+        skip = (-out_raw.data_ptr() % 4096 + offset) % (2 * BB)
+        out = out_raw[skip : skip + n * BB].view(n, BB)
+        assert store.read_into(ids, out, keys) == []
+        assert torch.equal(out, src)
+        shuffled = random.Random(offset).sample(range(n, 2 * n), 300)
+        store.write_from(shuffled, src[:300], [1000 + s for s in shuffled])
+        back = torch.empty(300, BB, dtype=torch.uint8)
+        assert store.read_into(shuffled, back, [1000 + s for s in shuffled]) == []
+        assert torch.equal(back, src[:300])
+    finally:
+        store.close()
+
+
+def test_memory_pools_on_the_host_are_page_aligned() -> None:
+    for n in (1, 3, 100):
+        cpu = MemoryPool("cpu", n, BB, torch.device("cpu"))
+        assert cpu.data.data_ptr() % 4096 == 0
+        assert cpu.data.shape == (n, BB)
+        assert not cpu.data.any()

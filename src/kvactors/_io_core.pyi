@@ -7,5 +7,6 @@ def vectored(
     counts: list[int],
     buffers: list[memoryview],
     faults: list[int] | None = None,
+    align: int = 0,
     /,
 ) -> list[int]: ...

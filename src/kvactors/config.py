@@ -108,6 +108,11 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``stripes``: files the block slots are spread over, round robin; buffered
     writes to one file serialise on its inode lock, so writes to different files
     run in parallel. A directory is reopened with the stripes it was made with.
+    ``io``: ``"direct"`` reads and writes the block files with ``O_DIRECT``
+    (past the page cache, several requests in flight per file; blocks a multiple
+    of 4096 bytes); ``"buffered"`` through the page cache; ``"auto"`` is direct
+    for a named directory whose file system takes ``O_DIRECT`` with such
+    blocks, buffered otherwise (a temporary directory, a tmpfs).
     """
 
     num_blocks: Blocks = 4096
@@ -116,6 +121,7 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backend: Literal["auto", "posix", "kvikio"] = "auto"
     threads: Positive = 4
     stripes: Positive = 2
+    io: Literal["auto", "direct", "buffered"] = "auto"
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_blocks", "threads", "stripes")
@@ -133,6 +139,7 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             backend=resolve_nvme_backend(self.backend),
             io_threads=max(2, self.stripes),
             stripes=self.stripes,
+            io=self.io,
         )
 
 

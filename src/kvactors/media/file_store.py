@@ -8,6 +8,7 @@ directory serves what was durably stored before.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -39,6 +40,7 @@ except ImportError:  # built without a C compiler: one system call per batch fro
 
 T = TypeVar("T")
 MAX_BLOCKS = 2**32  # slots are u32 in the index records
+DIRECT_ALIGN = 4096  # offsets, lengths and (else bounced) buffers of O_DIRECT I/O
 _Batch = tuple[int, list[int]]
 
 
@@ -167,6 +169,7 @@ class FileStore:
         io_threads: int = 2,
         stripes: int = 1,
         faults: Faults | None = None,
+        io: str = "auto",
     ) -> None:
         if stripes < 1:
             raise ConfigError(f"nvme.stripes must be at least 1, got {stripes}")
@@ -185,6 +188,7 @@ class FileStore:
         self.faults = faults
         self.corrupted = 0
         self.fds: list[int] = []
+        self.direct_fds: list[int] = []  # O_DIRECT descriptors of the same files
         self._lock_fd = -1
         self._tmp = directory is None
         self._pool: ThreadPoolExecutor | None = None
@@ -197,8 +201,11 @@ class FileStore:
         self.directory = Path(directory)
         names = ["blocks.bin"] if stripes == 1 else [f"blocks.{k}.bin" for k in range(stripes)]
         self.paths = [self.directory / name for name in names]
+        if io not in ("auto", "direct", "buffered"):
+            raise ConfigError(f"nvme.io must be 'auto', 'direct' or 'buffered', got {io!r}")
         try:
             self._open(num_blocks, block_bytes, stripes)
+            self.io = self._open_direct(io)
         except BaseException as exc:
             self._release()
             if self._tmp:
@@ -258,6 +265,43 @@ class FileStore:
         except BaseException:
             self.index.close()
             raise
+
+    def _open_direct(self, io: str) -> str:
+        """``"direct"`` (O_DIRECT descriptors opened beside the buffered ones) or
+        ``"buffered"``, for the configured ``nvme.io``.
+
+        ``auto`` is direct for a named directory on a file system that takes
+        O_DIRECT with page-multiple blocks, buffered otherwise (a temporary
+        directory, a tmpfs, odd block sizes).
+        """
+        if io == "buffered" or (io == "auto" and self._tmp):
+            return "buffered"
+        if self.block_bytes % DIRECT_ALIGN:
+            if io == "direct":
+                raise ConfigError(
+                    f"nvme.io = 'direct' needs block_bytes a multiple of {DIRECT_ALIGN}, "
+                    f"got {self.block_bytes}"
+                )
+            return "buffered"
+        if _io_vectored is None or self.backend == "kvikio":
+            if io == "direct":
+                raise ConfigError(
+                    "nvme.io = 'direct' needs the compiled I/O core and the posix backend"
+                )
+            return "buffered"
+        for path in self.paths:
+            try:
+                self.direct_fds.append(os.open(path, os.O_RDWR | os.O_DIRECT))
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or io == "direct":
+                    raise ConfigError(
+                        f"nvme.io = 'direct': {path} cannot be opened with O_DIRECT: {exc.strerror}"
+                    ) from exc
+                for fd in self.direct_fds:
+                    os.close(fd)
+                self.direct_fds = []
+                return "buffered"
+        return "direct"
 
     def _check_space(self, sizes: list[int]) -> None:
         """The files' bytes not yet on disk must fit its free space."""
@@ -373,15 +417,17 @@ class FileStore:
             ]
 
         if _io_vectored is not None and call is (os.pwritev if write else os.preadv):
+            nfds, align = (self.direct_fds, DIRECT_ALIGN) if self.direct_fds else (fds, 0)
 
             def run_native(group: list[_Batch]) -> list[T]:
                 got = _io_vectored(
                     write,
-                    [fds[slot % stripes] for slot, _ in group],
+                    [nfds[slot % stripes] for slot, _ in group],
                     [slot // stripes * bb for slot, _ in group],
                     [len(positions) for _, positions in group],
                     [bufs[p] for _, positions in group for p in positions],
                     plan(group),
+                    align,
                 )
                 if faults is not None and not write:
                     for (_, positions), n in zip(group, got):
@@ -467,11 +513,16 @@ class FileStore:
                 where = self._slots(slot, n)
                 raise TransferError(f"{self.name}: short write of {where}: {done} of {n * bb}")
 
-        # One group per file: buffered writes to one file serialize on its inode
-        # lock, so threads help only across files (measured in docs/benchmarks.md).
+        # Buffered writes to one file serialize on its inode lock, so threads help
+        # only across files: one group per file (measured in docs/benchmarks.md).
+        # Direct writes keep several requests in flight per file instead.
         batches = _batches(ids, stripes)
         files = [[b for b in batches if b[0] % stripes == k] for k in range(stripes)]
-        self._in_groups(self._runner(True, bufs, write_done), [group for group in files if group])
+        run = self._runner(True, bufs, write_done)
+        if self.direct_fds:
+            self._in_stretches(run, batches)
+        else:
+            self._in_groups(run, [group for group in files if group])
         if keys is None:
             return
         if self.durable:
@@ -486,9 +537,10 @@ class FileStore:
         self.index.delete(keys)
 
     def _release(self) -> None:
-        for fd in self.fds:
+        for fd in self.fds + self.direct_fds:
             os.close(fd)
         self.fds = []
+        self.direct_fds = []
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1

@@ -168,6 +168,21 @@ def row_buffers(rows: torch.Tensor, ids: Iterable[int]) -> list[memoryview]:
     return [flat[i * bb : (i + 1) * bb] for i in ids]
 
 
+PAGE = 4096
+
+
+def _page_aligned(
+    num_blocks: int, block_bytes: int, device: torch.device, pinned: bool
+) -> torch.Tensor:
+    """A zeroed ``(num_blocks, block_bytes)`` tensor; on the host it starts on a page
+    boundary, so rows of page-multiple blocks can go to ``O_DIRECT`` files as they are."""
+    if device.type != "cpu":
+        return torch.zeros((num_blocks, block_bytes), dtype=torch.uint8, device=device)
+    raw = torch.zeros(num_blocks * block_bytes + PAGE, dtype=torch.uint8, pin_memory=pinned)
+    skip = -raw.data_ptr() % PAGE
+    return raw[skip : skip + num_blocks * block_bytes].view(num_blocks, block_bytes)
+
+
 class MemoryPool:
     """Block slots in one ``(num_blocks, block_bytes)`` uint8 tensor.
 
@@ -188,9 +203,7 @@ class MemoryPool:
         self.block_bytes = block_bytes
         self.device = device
         self.pinned = pin and device.type == "cpu" and torch.cuda.is_available()
-        self.data = torch.zeros(
-            (num_blocks, block_bytes), dtype=torch.uint8, device=device, pin_memory=self.pinned
-        )
+        self.data = _page_aligned(num_blocks, block_bytes, device, self.pinned)
         self.stream = (
             torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
             if device.type == "cuda"

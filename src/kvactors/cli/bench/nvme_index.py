@@ -95,7 +95,9 @@ def measure(
     rss0 = _rss()
     index = NVMeIndex(directory, 4096, blocks, 1, sync=False)
     t0 = time.perf_counter()
-    for lo in progress(range(0, blocks, batch), -(-blocks // batch), "fill", enabled=False if quiet else None):
+    for lo in progress(
+        range(0, blocks, batch), -(-blocks // batch), "fill", enabled=False if quiet else None
+    ):
         n = min(batch, blocks - lo)
         keys = _keys(rng, n, key_bytes)
         index.put([(k, lo + i, i) for i, k in enumerate(keys)], sync=False)
@@ -111,7 +113,9 @@ def measure(
     most_log = 0.0
     compacting_calls = 0
     t0 = time.perf_counter()
-    for _ in progress(range(0, total, batch), -(-total // batch), "long run", enabled=False if quiet else None):
+    for _ in progress(
+        range(0, total, batch), -(-total // batch), "long run", enabled=False if quiet else None
+    ):
         keys = _keys(rng, batch, key_bytes)
         items = [(k, rng.randrange(blocks), 7) for k in keys]
         running = index._compactor is not None
