@@ -3,8 +3,8 @@
  * One 48-byte record per slot (sequence number, block CRC-32, key kind and
  * length, a hash tag, the key inline when it has at most 32 bytes, else a
  * pointer to its own copy) and an open-addressing hash of keys to slots
- * (u32 per bucket, linear probing with backward-shift deletion, at most 3/4
- * full). No Python object per block: keys become Python objects only when
+ * (u32 per bucket: the slot and spare bits of the key's hash; linear probing
+ * with backward-shift deletion, at most 3/4 full). No Python object per block: keys become Python objects only when
  * asked for (get, entries).
  *
  * Records on disk (snapshot and log, see kvactors/media/nvme_index.py) are
@@ -17,6 +17,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #define INLINE 32
 #define HEAD 24
@@ -83,6 +84,8 @@ typedef struct {
     rec_t *recs;
     uint32_t *ht; /* slot + 1, 0 empty */
     uint64_t mask;
+    unsigned slot_bits; /* bits of a bucket holding slot + 1 */
+    size_t recs_bytes, ht_bytes;
     Py_ssize_t live;
     uint64_t max_seq;
     size_t out_bytes; /* keys stored out of line */
@@ -129,11 +132,33 @@ rec_is(const rec_t *r, uint8_t kind, const uint8_t *data, size_t len, uint8_t ta
     return r->tag == tag && r->kind == kind && r->klen == len && memcmp(rec_key(r), data, len) == 0;
 }
 
+/* A bucket holds slot + 1 in its low slot_bits and, above them, as many bits
+ * of the key's hash as are left: most collisions are told apart without
+ * reading the (random, uncached) record they point at. */
+static uint32_t
+bucket_tag(const Table *t, uint64_t h)
+{
+    return t->slot_bits >= 32 ? 0 : (uint32_t)(h >> 32) >> t->slot_bits;
+}
+
+static uint32_t
+bucket_slot(const Table *t, uint32_t v)
+{
+    return (t->slot_bits >= 32 ? v : v & ((1u << t->slot_bits) - 1)) - 1;
+}
+
+static uint32_t
+bucket_of(const Table *t, uint64_t h, uint32_t slot)
+{
+    return t->slot_bits >= 32 ? slot + 1 : (bucket_tag(t, h) << t->slot_bits) | (slot + 1);
+}
+
 /* The bucket holding the key, or the empty bucket where it would go. */
 static uint64_t
 probe(Table *t, uint8_t kind, const uint8_t *data, size_t len, uint64_t h, int *found)
 {
     uint8_t tag = (uint8_t)(h >> 56);
+    uint32_t btag = bucket_tag(t, h);
     uint64_t i = h & t->mask;
     for (;;) {
         uint32_t v = t->ht[i];
@@ -141,7 +166,8 @@ probe(Table *t, uint8_t kind, const uint8_t *data, size_t len, uint64_t h, int *
             *found = 0;
             return i;
         }
-        if (rec_is(&t->recs[v - 1], kind, data, len, tag)) {
+        if ((t->slot_bits >= 32 || v >> t->slot_bits == btag) &&
+            rec_is(&t->recs[bucket_slot(t, v)], kind, data, len, tag)) {
             *found = 1;
             return i;
         }
@@ -154,7 +180,7 @@ find_slot(Table *t, uint8_t kind, const uint8_t *data, size_t len)
 {
     int found;
     uint64_t i = probe(t, kind, data, len, key_hash(kind, data, len), &found);
-    return found ? (int64_t)t->ht[i] - 1 : -1;
+    return found ? (int64_t)bucket_slot(t, t->ht[i]) : -1;
 }
 
 /* Remove slot s's record (live) from the hash and the array. */
@@ -173,7 +199,7 @@ remove_slot(Table *t, uint32_t s)
             uint32_t v = t->ht[j];
             if (v == 0)
                 break;
-            rec_t *o = &t->recs[v - 1];
+            rec_t *o = &t->recs[bucket_slot(t, v)];
             uint64_t home = key_hash(o->kind, rec_key(o), o->klen) & t->mask;
             /* Move v back to i if its home is not in (i, j] cyclically. */
             int between = i <= j ? (home > i && home <= j) : (home > i || home <= j);
@@ -202,7 +228,7 @@ put_hashed(Table *t, uint8_t kind, const uint8_t *data, size_t len, uint64_t slo
         return 0;
     int found;
     uint64_t bucket = probe(t, kind, data, len, h, &found);
-    int64_t old = found ? (int64_t)t->ht[bucket] - 1 : -1;
+    int64_t old = found ? (int64_t)bucket_slot(t, t->ht[bucket]) : -1;
     if (old >= 0 && t->recs[old].seq >= seq)
         return 0; /* the key was written again later (or this very record again) */
     rec_t *r = &t->recs[slot];
@@ -234,7 +260,7 @@ put_hashed(Table *t, uint8_t kind, const uint8_t *data, size_t len, uint64_t slo
         r->key.out = copy;
     else
         memcpy(r->key.in, data, len);
-    t->ht[bucket] = (uint32_t)slot + 1;
+    t->ht[bucket] = bucket_of(t, h, (uint32_t)slot);
     t->live++;
     return 0;
 }
@@ -352,6 +378,19 @@ key_out(uint8_t kind, const uint8_t *data, size_t len)
 
 /* -- the type ------------------------------------------------------------------------ */
 
+static void *
+zeroed(size_t bytes)
+{
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+#ifdef MADV_HUGEPAGE
+    if (bytes >= (2u << 20))
+        madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
 static int
 Table_init(Table *self, PyObject *args, PyObject *kwds)
 {
@@ -369,12 +408,18 @@ Table_init(Table *self, PyObject *args, PyObject *kwds)
     uint64_t cap = 16;
     while (cap < n + n / 3 + 1)
         cap <<= 1;
-    /* calloc: pages of untouched slots and buckets cost no memory until used. */
-    self->recs = calloc((size_t)n, sizeof(rec_t));
-    self->ht = calloc((size_t)cap, sizeof(uint32_t));
+    /* Anonymous maps: pages of untouched slots and buckets cost no memory until
+     * used, and huge pages (where the kernel gives them) cut the page faults of
+     * filling a large table by 512. */
+    self->recs_bytes = (size_t)n * sizeof(rec_t);
+    self->ht_bytes = (size_t)cap * sizeof(uint32_t);
+    self->recs = zeroed(self->recs_bytes);
+    self->ht = zeroed(self->ht_bytes);
     if (self->recs == NULL || self->ht == NULL) {
-        free(self->recs);
-        free(self->ht);
+        if (self->recs)
+            munmap(self->recs, self->recs_bytes);
+        if (self->ht)
+            munmap(self->ht, self->ht_bytes);
         self->recs = NULL;
         self->ht = NULL;
         PyErr_NoMemory();
@@ -382,6 +427,9 @@ Table_init(Table *self, PyObject *args, PyObject *kwds)
     }
     self->num_blocks = (uint32_t)n;
     self->mask = cap - 1;
+    self->slot_bits = 1;
+    while (self->slot_bits < 32 && (1ULL << self->slot_bits) <= n)
+        self->slot_bits++;
     return 0;
 }
 
@@ -393,8 +441,10 @@ Table_dealloc(Table *self)
             if (self->recs[s].seq && self->recs[s].klen > INLINE)
                 PyMem_RawFree(self->recs[s].key.out);
     }
-    free(self->recs);
-    free(self->ht);
+    if (self->recs)
+        munmap(self->recs, self->recs_bytes);
+    if (self->ht)
+        munmap(self->ht, self->ht_bytes);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -594,15 +644,23 @@ Table_entries(Table *self, PyObject *Py_UNUSED(ignored))
     qsort(order, (size_t)n, sizeof(order_t), by_seq);
     PyObject *out = PyList_New(n);
     for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        if (i + 8 < n)
+            __builtin_prefetch(&self->recs[order[i + 8].slot]);
         rec_t *r = &self->recs[order[i].slot];
-        PyObject *key = key_out(r->kind, rec_key(r), r->klen);
-        PyObject *item = key ? Py_BuildValue("(NII)", key, (unsigned int)order[i].slot,
-                                             (unsigned int)r->crc)
-                             : NULL;
-        if (item == NULL) {
+        PyObject *item = PyTuple_New(3);
+        PyObject *key = item ? key_out(r->kind, rec_key(r), r->klen) : NULL;
+        PyObject *slot = key ? PyLong_FromUnsignedLong(order[i].slot) : NULL;
+        PyObject *crc = slot ? PyLong_FromUnsignedLong(r->crc) : NULL;
+        if (crc == NULL) {
+            Py_XDECREF(key);
+            Py_XDECREF(slot);
+            Py_XDECREF(item);
             Py_CLEAR(out);
             break;
         }
+        PyTuple_SET_ITEM(item, 0, key);
+        PyTuple_SET_ITEM(item, 1, slot);
+        PyTuple_SET_ITEM(item, 2, crc);
         PyList_SET_ITEM(out, i, item);
     }
     PyMem_RawFree(order);
@@ -624,8 +682,7 @@ Table_max_seq(Table *self, void *Py_UNUSED(closure))
 static PyObject *
 Table_nbytes(Table *self, void *Py_UNUSED(closure))
 {
-    size_t n = (size_t)self->num_blocks * sizeof(rec_t) + (size_t)(self->mask + 1) * 4 +
-               self->out_bytes;
+    size_t n = self->recs_bytes + self->ht_bytes + self->out_bytes;
     return PyLong_FromSize_t(n);
 }
 

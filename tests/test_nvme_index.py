@@ -214,10 +214,13 @@ def test_a_crash_at_any_point_of_compaction_keeps_the_state(tmp_path: Path, nati
     again.close()
 
 
+@pytest.mark.parametrize("mapped", [False, True])
 @pytest.mark.parametrize("damage", ["garbage", "empty", "half", "directory"])
 def test_a_damaged_snapshot_is_set_aside_and_what_verifies_is_kept(
-    tmp_path: Path, native: bool, damage: str
+    tmp_path: Path, native: bool, damage: str, mapped: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if mapped:  # files read through mmap, as large ones are
+        monkeypatch.setattr(nvme_index, "MAP_BYTES", 1)
     index = NVMeIndex(tmp_path, BB, 64, native=native)
     index.put([(i, i, i) for i in range(20)])
     index.compact()
