@@ -528,11 +528,11 @@ Table_apply(Table *self, PyObject *args)
     int ok = 1;
     const uint8_t *win[WINDOW];
     uint64_t hash[WINDOW];
-    while (ok && offset < size) {
+    while (ok == 1 && offset < size) {
         int w = 0;
         while (w < WINDOW && offset < size) {
             if (offset + HEAD > size) {
-                ok = 0;
+                ok = 2; /* the buffer ends inside a record */
                 break;
             }
             const uint8_t *p = data + offset;
@@ -541,7 +541,11 @@ Table_apply(Table *self, PyObject *args)
             memcpy(&crc, p, 4);
             memcpy(&klen, p + 6, 2);
             Py_ssize_t total = HEAD + klen + ((8 - (HEAD + klen) % 8) % 8);
-            if (offset + total > size || crc32_of(p + 4, (size_t)(total - 4)) != crc ||
+            if (offset + total > size) {
+                ok = 2;
+                break;
+            }
+            if (crc32_of(p + 4, (size_t)(total - 4)) != crc ||
                 (p[4] != OP_PUT && p[4] != OP_DEL) || p[5] > KIND_BIGINT) {
                 ok = 0;
                 break;
@@ -692,7 +696,7 @@ static PyMethodDef Table_methods[] = {
     {"get", (PyCFunction)Table_get, METH_O, "get(slot) -> (key, crc) or None"},
     {"find", (PyCFunction)Table_find, METH_O, "find(key) -> slot or -1"},
     {"apply", (PyCFunction)Table_apply, METH_VARARGS,
-     "apply(data, offset) -> (records applied, end offset, ok)"},
+     "apply(data, offset) -> (records applied, end offset, 1 | 0 bad record | 2 cut short)"},
     {"dump", (PyCFunction)Table_dump, METH_VARARGS, "dump(lo, hi) -> (records, count)"},
     {"entries", (PyCFunction)Table_entries, METH_NOARGS,
      "entries() -> [(key, slot, crc)] oldest first"},

@@ -6,6 +6,7 @@
 - :mod:`~kvactors.media.file_store`: :class:`FileStore`, the NVMe tier's files.
 - :mod:`~kvactors.media.nvme_index`: the file store's crash-safe on-disk index.
 - :mod:`~kvactors.media.kvikio_io`: GPUDirect Storage I/O where the CUDA driver loads.
+- :mod:`~kvactors.media.faults`: faults injected into the file store's I/O path.
 
 :func:`open_media` builds what a config describes: the GPU pool, then one
 medium per tier of the chain (``Config.chain()``, each through its config

@@ -1,9 +1,12 @@
 """The NVMe medium: :class:`FileStore`, slots in preallocated files read and written
-with POSIX ``preadv``/``pwritev`` through the page cache (a request's slots sorted,
-each run of adjacent slots one call; reads spread over I/O threads, writes on one).
-Every block written carries a CRC-32 kept in an on-disk index
-(:mod:`kvactors.media.nvme_index`) and checked when read back; reopening the
-directory serves what was durably stored before.
+with vectored ``preadv``/``pwritev`` (a request's slots sorted, each run of
+adjacent slots one call, long requests spread over I/O threads), with
+``O_DIRECT`` past the page cache (``nvme.io = "direct"``, the default on a real
+directory) or through it (``"buffered"``). Every block written carries a CRC-32
+kept in an on-disk index (:mod:`kvactors.media.nvme_index`) and checked when
+read back; reopening the directory serves what was durably stored before.
+Faults are injected through :attr:`FileStore.faults` (see :class:`Faults`) on
+the same calls.
 """
 
 from __future__ import annotations
@@ -139,7 +142,9 @@ class FileStore:
     Slot ``s`` lives in file ``s % stripes`` (``blocks.bin`` for one stripe,
     ``blocks.K.bin`` for more). Buffered writes to one file serialise on its
     inode lock; spread over several files they run in parallel, one I/O thread
-    per file.
+    per file. ``io`` is ``nvme.io`` (``"auto"``, ``"direct"``, ``"buffered"``,
+    see :class:`~kvactors.config.NVMeConfig`); :attr:`io` says which one runs.
+    Direct writes and reads keep up to ``io_threads`` requests in flight.
 
     ``directory=None`` makes a temporary directory, removed on :meth:`close`
     (and when opening fails). A directory is held by one process at a time: an
@@ -400,9 +405,11 @@ class FileStore:
         through ``done`` (bytes done, or the error), stopping at the first raise.
 
         With the compiled I/O core and the plain POSIX calls, one C call does the
-        whole group's system calls with the GIL released, then ``done`` judges
-        them; otherwise each batch is one ``preadv``/``pwritev`` from Python
-        (the path fault-injection tests replace).
+        whole group's system calls with the GIL released (on the ``O_DIRECT``
+        descriptors in direct mode), then ``done`` judges them; otherwise each
+        batch is one ``preadv``/``pwritev`` from Python on the buffered
+        descriptors (no compiler, kvikio, or entry points replaced). Either
+        way :attr:`faults` is asked about every batch first.
         """
         bb, stripes, fds = self.block_bytes, self.stripes, self.fds
         call = self.pwritev if write else self.preadv

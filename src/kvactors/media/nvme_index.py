@@ -49,14 +49,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import mmap
 import os
 import struct
 import threading
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import msgspec
 
@@ -75,7 +74,7 @@ __all__ = ["MIN_LOG_RECORDS", "Entry", "NVMeIndex", "checksum"]
 VERSION = 2
 MIN_LOG_RECORDS = 1024
 CHUNK_SLOTS = 1 << 14  # slots copied per lock hold while a snapshot is written
-MAP_BYTES = 1 << 20  # index files from this size are mapped, not read into memory
+READ_BYTES = 16 << 20  # index files are read and applied this many bytes at a time
 
 _REC = struct.Struct("<IBBHIIQ")  # crc, op, kind, key length, slot, block crc, seq
 _META = struct.Struct("<8sIIQQII")  # magic, version, stripes, block_bytes, num_blocks, 0, crc
@@ -85,6 +84,7 @@ META_MAGIC, SNAP_MAGIC, LOG_MAGIC = b"KVAMETA2", b"KVASNAP2", b"KVALOG02"
 OP_PUT, OP_DEL = 1, 2
 KIND_INT, KIND_BYTES, KIND_BIGINT = 0, 1, 2
 _I64 = 1 << 63
+Buffer: TypeAlias = bytes | bytearray | memoryview
 
 
 def checksum(data: memoryview | bytes) -> int:
@@ -136,7 +136,7 @@ class _Table(Protocol):
     def delete(self, key: Key, seq: int) -> bool: ...
     def get(self, slot: int) -> tuple[Key, int] | None: ...
     def find(self, key: Key) -> int: ...
-    def apply(self, data: bytes | mmap.mmap, offset: int) -> tuple[int, int, int]: ...
+    def apply(self, data: Buffer, offset: int) -> tuple[int, int, int]: ...
     def dump(self, lo: int, hi: int) -> tuple[bytes, int]: ...
     def entries(self) -> list[tuple[Key, int, int]]: ...
     def __len__(self) -> int: ...
@@ -196,22 +196,25 @@ class _PyTable:
     def find(self, key: Key) -> int:
         return self.by_key.get(key, -1)
 
-    def apply(self, data: bytes | mmap.mmap, offset: int) -> tuple[int, int, int]:
-        """Apply the records of ``data`` from ``offset``; ``(applied, end, ok)`` where
-        ``end`` is where the first bad record starts (or the end) and ``ok`` is 0
-        when one was found."""
+    def apply(self, data: Buffer, offset: int) -> tuple[int, int, int]:
+        """Apply the records of ``data`` from ``offset``; ``(applied, end, ok)``:
+        ``end`` is where the records applied end, ``ok`` is 1 when that is the end
+        of ``data``, 0 when a bad record starts there, 2 when ``data`` ends in the
+        middle of the record that starts there."""
         n = 0
         size = len(data)
         while offset < size:
             if offset + _REC.size > size:
-                return n, offset, 0
+                return n, offset, 2
             crc, op, kind, klen, slot, bcrc, seq = _REC.unpack_from(data, offset)
             total = _REC.size + klen + (-(_REC.size + klen) % 8)
-            if offset + total > size or zlib.crc32(data[offset + 4 : offset + total]) != crc:
+            if offset + total > size:
+                return n, offset, 2
+            if zlib.crc32(data[offset + 4 : offset + total]) != crc:
                 return n, offset, 0
             if op not in (OP_PUT, OP_DEL) or kind > KIND_BIGINT:
                 return n, offset, 0
-            raw = data[offset + _REC.size : offset + _REC.size + klen]
+            raw = bytes(data[offset + _REC.size : offset + _REC.size + klen])
             key = decode_key(kind, raw)
             if op == OP_PUT:
                 self.put(key, slot, bcrc, seq)
@@ -290,23 +293,19 @@ def _write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-@contextlib.contextmanager
-def _read_file(path: Path) -> Iterator[bytes | mmap.mmap]:
-    """A file's bytes (a large one mapped, read ahead sequentially, not copied);
-    a directory in its place is a damaged directory."""
+def _read_file(path: Path) -> bytes:
+    """A small file's bytes; a directory in its place is a damaged directory."""
+    if path.is_dir():
+        raise IndexDamagedError(f"{path} is a directory, not an index file; move it away")
+    return path.read_bytes()
+
+
+def _head(path: Path, size: int) -> bytes:
+    """The first ``size`` bytes of an index file (fewer if it is shorter)."""
     if path.is_dir():
         raise IndexDamagedError(f"{path} is a directory, not an index file; move it away")
     with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size < MAP_BYTES:
-            yield fh.read()
-            return
-        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            mapped.madvise(mmap.MADV_SEQUENTIAL)
-            yield mapped
-        finally:
-            mapped.close()
+        return fh.read(size)
 
 
 @contextlib.contextmanager
@@ -390,8 +389,7 @@ class NVMeIndex:
                 )
             _write_atomic(path, self._meta_bytes())
             return
-        with _read_file(path) as mapped:
-            data = bytes(mapped)
+        data = _read_file(path)
         if len(data) != _META.size or zlib.crc32(data[:-4]) != _META.unpack(data)[-1]:
             raise IndexDamagedError(
                 f"{path} is damaged (not a kvactors geometry record): the directory's "
@@ -437,8 +435,7 @@ class NVMeIndex:
             stale.unlink()  # a crash while writing it: never renamed, never used
         covered = 0
         if self.snap_path.exists() or self.snap_path.is_symlink():
-            with _read_file(self.snap_path) as data:
-                covered = self._load_snapshot(data)
+            covered = self._load_snapshot()
             if covered < 0:
                 # Keep the entries that verified (each record has its own CRC),
                 # set the file aside and replay every log there is.
@@ -453,57 +450,78 @@ class NVMeIndex:
             self._replay(gen, last=i == len(gens) - 1)
         return max([covered, *self._logs()], default=0) or 1
 
-    def _load_snapshot(self, data: bytes | mmap.mmap) -> int:
-        """Apply a snapshot's records; the generation it covers, -1 if damaged."""
-        covered = -1
-        ok = len(data) >= _SNAP.size
-        if ok:
-            magic, version, stripes, gen, count, bb, nb, _, crc = _SNAP.unpack_from(data)
-            ok = magic == SNAP_MAGIC and zlib.crc32(data[: _SNAP.size - 4]) == crc
-        if ok:
-            if version != VERSION:
-                raise IndexDamagedError(f"{self.snap_path}: version {version} not supported")
-            if (bb, nb, stripes) != (self.block_bytes, self.num_blocks, self.stripes):
-                raise IndexDamagedError(
-                    f"{self.snap_path} describes {bb} x {nb} blocks over {stripes} "
-                    f"file(s), {self.meta_path.name} {self.block_bytes} x "
-                    f"{self.num_blocks} over {self.stripes}"
-                )
-            applied, end, good = self.table.apply(data, _SNAP.size)
-            ok = bool(good) and applied == count and end == len(data)
-            covered = gen if ok else -1
-        return covered
+    def _apply_file(self, path: Path, start: int) -> tuple[int, int, bool]:
+        """Apply the records of ``path`` from byte ``start``, read a chunk at a time
+        into one buffer (no copy of the whole file in memory); ``(applied, end,
+        intact)``: ``end`` is where the records applied end, ``intact`` whether
+        that is the end of the file."""
+        buf = bytearray(READ_BYTES + 65536)
+        view = memoryview(buf)
+        have = 0
+        pos = start  # file offset of buf[0]
+        applied = 0
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            while True:
+                got = fh.readinto(view[have:READ_BYTES])
+                have += got
+                if have == 0:
+                    return applied, pos, True
+                n, end, ok = self.table.apply(view[:have], 0)
+                applied += n
+                if ok == 0 or (ok == 2 and got == 0):
+                    return applied, pos + end, False  # a bad record, or cut short at the end
+                rest = have - end
+                buf[:rest] = buf[end:have]
+                pos += end
+                have = rest
+                if got == 0:
+                    return applied, pos, True
+
+    def _load_snapshot(self) -> int:
+        """Apply the snapshot's records; the generation it covers, -1 if damaged."""
+        data = _head(self.snap_path, _SNAP.size)
+        if len(data) < _SNAP.size:
+            return -1
+        magic, version, stripes, gen, count, bb, nb, _, crc = _SNAP.unpack_from(data)
+        if magic != SNAP_MAGIC or zlib.crc32(data[: _SNAP.size - 4]) != crc:
+            return -1
+        if version != VERSION:
+            raise IndexDamagedError(f"{self.snap_path}: version {version} not supported")
+        if (bb, nb, stripes) != (self.block_bytes, self.num_blocks, self.stripes):
+            raise IndexDamagedError(
+                f"{self.snap_path} describes {bb} x {nb} blocks over {stripes} "
+                f"file(s), {self.meta_path.name} {self.block_bytes} x "
+                f"{self.num_blocks} over {self.stripes}"
+            )
+        applied, _, intact = self._apply_file(self.snap_path, _SNAP.size)
+        return gen if intact and applied == count else -1
 
     def _replay(self, gen: int, *, last: bool) -> None:
         path = self._log_path(gen)
-        with _read_file(path) as data:
-            end = self._replay_data(path, data, gen, last)
-        if end >= 0:
+        head = _LOG.size
+        data = _head(path, head)
+        if len(data) < head:
+            # Created but its header never reached the disk: nothing was in it.
+            if data.strip(b"\0") and not last:
+                self._quarantine(path)
+            else:
+                path.unlink()
+                self.torn_tail = self.torn_tail or bool(data)
+            return
+        magic, version, _, got_gen, crc = _LOG.unpack_from(data)
+        bad_head = magic != LOG_MAGIC or version != VERSION or got_gen != gen
+        if bad_head or zlib.crc32(data[: head - 8]) != crc:
+            self._quarantine(path)
+            return
+        applied, end, intact = self._apply_file(path, head)
+        self.log_records += applied
+        if not intact:
             # A torn append (or damage): cut the log there so new records follow good ones.
             self.torn_tail = True
             with open(path, "r+b") as fh:
                 fh.truncate(end)
                 os.fsync(fh.fileno())
-
-    def _replay_data(self, path: Path, data: bytes | mmap.mmap, gen: int, last: bool) -> int:
-        """Apply one log's records; where to cut it (-1: nothing to cut)."""
-        head = _LOG.size
-        if len(data) < head:
-            # Created but its header never reached the disk: nothing was in it.
-            if bytes(data).strip(b"\0") and not last:
-                self._quarantine(path)
-            else:
-                path.unlink()
-                self.torn_tail = self.torn_tail or bool(len(data))
-            return -1
-        magic, version, _, got_gen, crc = _LOG.unpack_from(data)
-        bad_head = magic != LOG_MAGIC or version != VERSION or got_gen != gen
-        if bad_head or zlib.crc32(data[: head - 8]) != crc:
-            self._quarantine(path)
-            return -1
-        applied, end, good = self.table.apply(data, head)
-        self.log_records += applied
-        return -1 if good else end
 
     # -- the log --------------------------------------------------------------------
 
