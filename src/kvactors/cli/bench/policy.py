@@ -11,12 +11,21 @@ missing keys after ``popitem(last=False)`` evictions. Runs are interleaved
 the garbage collector is paused while a run is timed, as ``timeit`` does.
 
 Goals: at least 0.5x the bare baseline and at least 500,000 block-ops/s.
+
+``--memory N`` measures something else instead: the RAM one manager of each
+policy takes per block once ``N`` blocks (32-byte keys) are stored, and once
+``N`` more have evicted them (ARC then remembers ``N`` ghost keys), each in a
+fresh process, as the growth of its resident set; the keys themselves are
+made before the first reading and are not counted (their size is printed).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
+import os
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -122,11 +131,94 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="runs of each subject; the best is kept (default: 5)",
     )
+    parser.add_argument(
+        "--memory",
+        type=positive_int,
+        metavar="N",
+        help="instead of timing: RAM per block of a manager holding N blocks",
+    )
     add_capacity_arguments(parser)
+
+
+KEY_BYTES = 32
+"""The key size of ``--memory`` (a chained 32-byte hash, as the NVMe tier stores)."""
+
+
+def _rss() -> int:
+    """This process's resident set in bytes."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the peak, which only grows here
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _fill(policy: str, blocks: int, native: bool | None, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    """In a fresh process: RSS growth per block after N stores, then after N more."""
+    keys = [i.to_bytes(KEY_BYTES, "big") for i in range(2 * blocks)]
+    gc.collect()
+    gc.disable()
+    before = _rss()
+    manager = OffloadingManager(blocks, block_size=BLOCK_TOKENS, policy=policy, native=native)
+    figures: list[float] = []
+    start = time.perf_counter()
+    for first in (0, blocks):
+        for at in range(first, first + blocks, 64):
+            stored = manager.prepare_store(keys[at : min(at + 64, first + blocks)])
+            assert stored is not None
+            manager.complete_store(stored.block_hashes_to_store)
+        figures.append((_rss() - before) / blocks)
+    out.put((figures, time.perf_counter() - start, manager.native))
+
+
+def _memory(args: argparse.Namespace, names: list[str]) -> Report:
+    blocks: int = args.memory
+    context = multiprocessing.get_context("spawn")
+    rows: list[list[object]] = []
+    results: dict[str, object] = {}
+    show: bool | None = False if args.json else None
+    for name in progress(names, len(names), "bench policy --memory", enabled=show):
+        queue = context.Queue()
+        child = context.Process(target=_fill, args=(name, blocks, None, queue))
+        child.start()
+        figures, seconds, native = queue.get()
+        child.join()
+        rows.append([name, "compiled" if native else "python", figures[0], figures[1], seconds])
+        results[name] = {
+            "core": "compiled" if native else "python",
+            "bytes_per_block_full": figures[0],
+            "bytes_per_block_after_evicting_all": figures[1],
+            "seconds": seconds,
+        }
+    key_size = sys.getsizeof(bytes(KEY_BYTES))
+    return Report(
+        title=f"bench policy --memory: {blocks:,} blocks, {KEY_BYTES}-byte keys",
+        columns=["policy", "core", "B/block full", "B/block after N more", "s"],
+        rows=rows,
+        summary={
+            "command": "bench policy --memory",
+            "blocks": blocks,
+            "key_bytes": KEY_BYTES,
+            "key_object_bytes": key_size,
+            "policies": results,
+        },
+        notes=[
+            "RAM growth of a fresh process per block stored (resident set), the keys "
+            f"made beforehand and not counted: each {KEY_BYTES}-byte key is a "
+            f"{key_size}-byte bytes object the caller owns and the manager references.",
+            "'after N more': N further stores evicted the first N (arc keeps them as ghosts).",
+        ],
+        formats={"B/block full": ".1f", "B/block after N more": ".1f", "s": ".1f"},
+    )
 
 
 def run(args: argparse.Namespace) -> Report:
     """Run ``kvactors bench policy``; raises the trace's or the capacity's typed error."""
+    if getattr(args, "memory", None):
+        return _memory(args, list(POLICIES) if args.policy == "all" else [args.policy])
     path = resolve_trace(args.trace)
     requests = [request.hash_ids for request in load_trace(path)]
     unique = len({key for blocks in requests for key in blocks})
