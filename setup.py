@@ -29,7 +29,7 @@ setup(
         Extension(
             "kvactors._manager_core",
             sources=MANAGER_SOURCES,
-            depends=["native/manager_core.h"],
+            depends=["native/manager_core.h", "native/key_table.h"],
             extra_compile_args=FLAGS,
             optional=True,
         ),

@@ -196,7 +196,6 @@ reserve(Core *self, Py_ssize_t need)
     if (cap > self->n)
         cap = self->n;
     GROW(self->keys, cap);
-    GROW(self->ids, cap);
     GROW(self->ref, cap);
     GROW(self->stamp, cap);
     GROW(self->free_stack, cap);
@@ -204,7 +203,6 @@ reserve(Core *self, Py_ssize_t need)
         return -1;
     for (Py_ssize_t i = self->cap; i < cap; i++) {
         self->keys[i] = NULL;
-        self->ids[i] = NULL;
         self->stamp[i] = 0;
     }
     self->cap = cap;
@@ -218,23 +216,18 @@ set_ref(Core *self, int32_t s, int32_t r)
     return self->ops->ref_changed ? self->ops->ref_changed(self, s) : 0;
 }
 
-/* Slot s's id as an int (borrowed; made once, kept while the core lives). */
-static inline PyObject *
-slot_id(Core *self, int32_t s)
-{
-    if (self->ids[s] == NULL)
-        self->ids[s] = PyLong_FromLong(s);
-    return self->ids[s];
-}
-
-/* key enters the map at slot s with ref r. Returns the slot id object
- * (borrowed) or NULL. The policy is told by the caller. */
+/* key (absent, exact int or bytes) enters the map at slot s with ref r.
+ * Returns the slot id as a new int, or NULL. The policy is told by the caller. */
 static PyObject *
 hold(Core *self, PyObject *key, int32_t s, int32_t r)
 {
-    PyObject *id = slot_id(self, s);
-    if (id == NULL || PyDict_SetItem(self->map, key, id) < 0)
+    PyObject *id = PyLong_FromLong(s);
+    if (id == NULL)
         return NULL;
+    if (kt_insert(&self->map, key, s) < 0) {
+        Py_DECREF(id);
+        return NULL;
+    }
     Py_INCREF(key);
     self->keys[s] = key;
     self->ref[s] = r;
@@ -243,15 +236,14 @@ hold(Core *self, PyObject *key, int32_t s, int32_t r)
 }
 
 /* Slot s leaves the map and goes on the free stack. Returns its key (new
- * reference) and, in *id, its slot id object (new reference). */
+ * reference) and, in *id, its slot id (a new int). */
 static PyObject *
 release(Core *self, int32_t s, PyObject **id)
 {
     PyObject *key = self->keys[s];
-    if (PyDict_DelItem(self->map, key) < 0)
+    if (id != NULL && (*id = PyLong_FromLong(s)) == NULL)
         return NULL;
-    if (id != NULL)
-        *id = Py_NewRef(self->ids[s]);
+    kt_delete(&self->map, key, s);
     self->keys[s] = NULL;
     self->free_stack[self->nfree++] = s;
     self->used--;
@@ -318,8 +310,7 @@ Core_init(Core *self, PyObject *args, PyObject *kwds)
     self->medium = medium ? medium : PyUnicode_FromString("CPU");
     if (medium != NULL)
         Py_INCREF(medium);
-    self->map = PyDict_New();
-    if (self->map == NULL || self->medium == NULL) {
+    if (self->medium == NULL) {
         if (ops == &python_policy_ops)
             Py_DECREF(options);
         return -1;
@@ -345,17 +336,14 @@ Core_dealloc(Core *self)
     PyObject_GC_UnTrack(self);
     if (self->ops != NULL)
         self->ops->dealloc(self);
-    for (Py_ssize_t i = 0; i < self->cap; i++) {
+    for (Py_ssize_t i = 0; i < self->cap; i++)
         Py_XDECREF(self->keys[i]);
-        Py_XDECREF(self->ids[i]);
-    }
     PyMem_Free(self->keys);
-    PyMem_Free(self->ids);
+    kt_free(&self->map);
     PyMem_Free(self->ref);
     PyMem_Free(self->stamp);
     PyMem_Free(self->free_stack);
     PyMem_Free(self->scratch);
-    Py_XDECREF(self->map);
     Py_XDECREF(self->medium);
     Py_XDECREF(self->policy_obj);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -616,7 +604,6 @@ prepare_store(Core *self, PyObject *seq)
         PyObject *id = hold(self, new_keys[k], s, -1);
         if (id == NULL)
             goto done;
-        Py_INCREF(id);
         PyList_SET_ITEM(ids, k, id);
         slots[k] = s;
     }
@@ -732,8 +719,14 @@ prepare_load(Core *self, PyObject *seq)
     ids = PyList_New(n);
     if (ids == NULL)
         goto done;
-    for (Py_ssize_t k = 0; k < n; k++)
-        PyList_SET_ITEM(ids, k, Py_NewRef(self->ids[slots[k]]));
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *id = PyLong_FromLong(slots[k]);
+        if (id == NULL) {
+            Py_CLEAR(ids);
+            goto done;
+        }
+        PyList_SET_ITEM(ids, k, id);
+    }
     for (Py_ssize_t k = 0; k < n; k++) {
         int32_t s = slots[k];
         if (self->ref[s] == 0)
@@ -894,8 +887,11 @@ restore(Core *self, PyObject *seq)
             goto fail;
         if (s >= 0)
             continue;
-        if (hold(self, key, (int32_t)v, 0) == NULL || self->ops->insert(self, key, (int32_t)v) < 0 ||
-            PyList_Append(restored, key) < 0)
+        PyObject *id = hold(self, key, (int32_t)v, 0);
+        if (id == NULL)
+            goto fail;
+        Py_DECREF(id);
+        if (self->ops->insert(self, key, (int32_t)v) < 0 || PyList_Append(restored, key) < 0)
             goto fail;
         if (v > high)
             high = (Py_ssize_t)v;

@@ -31,6 +31,8 @@
 #include <Python.h>
 #include <stdint.h>
 
+#include "key_table.h"
+
 typedef struct Core Core;
 
 typedef struct PolicyOps {
@@ -78,9 +80,8 @@ struct Core {
     Py_ssize_t cap;         /* slots the per-slot arrays hold now (<= n) */
     double block_size;      /* every block's size, for size-aware policies */
     PyObject *medium;       /* the tier's name, for error messages */
-    PyObject *map;          /* dict: key -> slot id (an int) */
+    KeyTable map;           /* key -> slot id */
     PyObject **keys;        /* key held by each slot (owned), NULL when free */
-    PyObject **ids;         /* each slot's id as an int (owned, made on first use) */
     int32_t *ref;           /* -1 being written, 0 idle, n > 0 pinned n times */
     uint32_t *stamp;        /* == epoch: named in the current prepare_store */
     int32_t *free_stack;    /* freed slot ids, last freed on top */
@@ -99,10 +100,7 @@ struct Core {
 static inline int32_t
 core_slot(Core *core, PyObject *key)
 {
-    PyObject *v = PyDict_GetItemWithError(core->map, key);
-    if (v == NULL)
-        return PyErr_Occurred() ? -2 : -1;
-    return (int32_t)PyLong_AsLong(v);
+    return kt_find(&core->map, core->keys, key);
 }
 
 static inline int

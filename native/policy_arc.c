@@ -13,7 +13,7 @@ typedef struct {
     Py_ssize_t len[2];
     double target;
     /* ghosts: gmap key -> entry index; entries gkeys/gprev/gnext/gwhich */
-    PyObject *gmap;
+    KeyTable gmap;
     PyObject **gkeys;
     int32_t *gprev, *gnext, *gfree;
     uint8_t *gwhich;
@@ -35,8 +35,7 @@ arc_init(Core *core, PyObject *options)
     core->pstate = p;
     for (int w = T1; w <= T2; w++)
         p->head[w] = p->tail[w] = p->ghead[w] = p->gtail[w] = -1;
-    p->gmap = PyDict_New();
-    return p->gmap == NULL ? -1 : 0;
+    return 0;
 }
 
 static void
@@ -48,7 +47,7 @@ arc_dealloc(Core *core)
     if (p->gkeys != NULL)
         for (Py_ssize_t g = 0; g < p->gcap; g++)
             Py_XDECREF(p->gkeys[g]);
-    Py_XDECREF(p->gmap);
+    kt_free(&p->gmap);
     PyMem_Free(p->prev);
     PyMem_Free(p->next);
     PyMem_Free(p->where);
@@ -100,18 +99,14 @@ ghost_reserve(Arc *p)
 static inline int32_t
 ghost_of(Arc *p, PyObject *key)
 {
-    PyObject *v = PyDict_GetItemWithError(p->gmap, key);
-    if (v == NULL)
-        return PyErr_Occurred() ? -2 : -1;
-    return (int32_t)PyLong_AsLong(v);
+    return kt_find(&p->gmap, p->gkeys, key);
 }
 
 static int
 ghost_drop(Arc *p, int32_t g)
 {
     PyObject *key = p->gkeys[g];
-    if (PyDict_DelItem(p->gmap, key) < 0)
-        return -1;
+    kt_delete(&p->gmap, key, g);
     int w = p->gwhich[g];
     list_unlink(p->gprev, p->gnext, &p->ghead[w], &p->gtail[w], g);
     p->glen[w]--;
@@ -128,12 +123,7 @@ ghost_add(Core *core, Arc *p, PyObject *key, int w)
     if (ghost_reserve(p) < 0)
         return -1;
     int32_t g = p->gfree[p->ngfree - 1];
-    PyObject *id = PyLong_FromLong(g);
-    if (id == NULL)
-        return -1;
-    int rc = PyDict_SetItem(p->gmap, key, id);
-    Py_DECREF(id);
-    if (rc < 0)
+    if (kt_insert(&p->gmap, key, g) < 0)
         return -1;
     p->ngfree--;
     Py_INCREF(key);
