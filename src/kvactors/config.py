@@ -24,7 +24,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["TIERS", "Config", "GPUConfig", "NVMeConfig", "TierConfig", "TierSpec"]
+__all__ = [
+    "TIERS",
+    "Config",
+    "GPUConfig",
+    "MetricsConfig",
+    "NVMeConfig",
+    "RemoteConfig",
+    "TierConfig",
+    "TierSpec",
+]
 
 MAX_BLOCKS = 2**31 - 1
 """Slots of one tier at most (slot ids are 32-bit in the compiled manager core)."""
@@ -149,6 +158,67 @@ holding a :class:`TierSpec` (or ``None``: not configured). Stores land in the
 first; blocks evicted from one tier move down to the next."""
 
 
+class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The remote tier: a Valkey / Redis server or cluster shared by many engines
+    (see docs/remote.md).
+
+    - ``url``: one server, ``redis://host:port/db`` (``rediss://`` for TLS,
+      ``unix:///path`` for a socket); with ``cluster = true`` one node of a cluster.
+    - ``nodes``: ``["host:port", ...]`` start-up nodes of a cluster (overrides ``url``).
+    - ``namespace``: prefix of every key; with ``model`` (the model identity:
+      name, revision, dtype, parallel rank, ...) and ``layout`` (anything else
+      that shapes a block's bytes) and ``block_bytes`` it makes the key space,
+      so engines share blocks exactly when their bytes are compatible.
+    - ``connect_timeout`` / ``timeout``: seconds to connect / for one reply;
+      past them the server is marked down. ``retry_after``: seconds a down
+      server is left alone before the next call tries it again.
+    - ``threads``: worker threads (and connections) of the remote tier.
+    - ``write_policy``: ``"write_through"`` writes every stored block to the
+      server at once (other engines see it at once); ``"on_demotion"`` writes
+      blocks only when they leave the CPU tier.
+    - ``ttl``: seconds a value lives on the server (``None``: until evicted).
+    - ``max_batch_bytes``: values carried by one pipeline at most.
+    """
+
+    url: str | None = "redis://127.0.0.1:6379/0"
+    nodes: list[str] = []
+    cluster: bool = False
+    namespace: str = "kvactors"
+    model: str = ""
+    layout: str = ""
+    connect_timeout: float = 0.5
+    timeout: float = 2.0
+    retry_after: float = 1.0
+    threads: Positive = 4
+    write_policy: Literal["write_through", "on_demotion"] = "write_through"
+    ttl: float | None = None
+    max_batch_bytes: Positive = 64 * MiB
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "threads", "max_batch_bytes")
+        for name in ("connect_timeout", "timeout", "retry_after"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name}: expected seconds > 0, got {value!r}")
+        if self.ttl is not None and (not isinstance(self.ttl, (int, float)) or self.ttl <= 0):
+            raise ConfigError(f"ttl: expected seconds > 0 or none, got {self.ttl!r}")
+        if self.url is None and not self.nodes:
+            raise ConfigError("url: give url or nodes")
+        if not self.namespace or any(c in self.namespace for c in "{}: "):
+            raise ConfigError(
+                f"namespace: expected a non-empty name without braces, colons "
+                f"or spaces, got {self.namespace!r}"
+            )
+
+
+class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Prometheus metrics of every tier (``kvactors.cache.metrics``): with ``port``
+    set, ``kvactors.open`` serves them over HTTP on ``host:port`` (``0``: any free port)."""
+
+    port: NonNegative | None = None
+    host: str = "127.0.0.1"
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Everything ``kvactors.open`` needs.
 
@@ -158,6 +228,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     - ``mailbox_size``: bound of every actor's mailbox (commands wait for room,
       hints are dropped). ``max_inflight``: requests the coordinator runs at once.
     - ``nvme=None`` runs with GPU and CPU tiers only.
+    - ``remote``: a Valkey / Redis tier after the local ones (``None``: none).
+    - ``metrics``: Prometheus metrics over HTTP (``None``: not served).
     - ``inline_bytes``: memory-to-memory copies (GPU pool <-> CPU tier, user
       tensors) of at most this many bytes run on the event loop instead of a
       worker thread, whose hop costs more than copying a few hundred KiB.
@@ -181,6 +253,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     event_buffer: NonNegative = 1024
     inline_bytes: InlineBytes = 256 * KiB
     move_bytes: bool = True
+    remote: RemoteConfig | None = None
+    metrics: MetricsConfig | None = None
 
     def __post_init__(self) -> None:
         _check_positive(self, "block_bytes", "mailbox_size", "max_inflight")

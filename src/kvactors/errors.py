@@ -69,6 +69,11 @@ class TierFailed(TierError):
     """A tier actor crashed; the cache keeps serving from the other tiers."""
 
 
+class RemoteUnavailable(TierFailed):
+    """The remote store (a Valkey / Redis server or every node a call needs) refused the
+    connection or did not answer in time; it is tried again after ``remote.retry_after``."""
+
+
 class TransferError(TierError):
     """Reading or writing block bytes failed (I/O error, disk full, short read)."""
 

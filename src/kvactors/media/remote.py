@@ -1,0 +1,520 @@
+"""The remote medium: :class:`RemoteStore`, blocks in a Valkey / Redis server or cluster.
+
+One key per block, ``{namespace}:{fingerprint}:{key hex}``, where the
+fingerprint hashes everything that makes bytes compatible (``block_bytes``,
+the layout and model identity the user supplies, and :data:`FORMAT_VERSION`),
+so engines running different models never see each other's blocks. Each
+value is a small header and the block's bytes::
+
+    magic "KVR1" | fingerprint (8) | key length u16 | payload length u64 |
+    xxh3-64 of the payload u64 | key | payload
+
+A value that is absent (never stored, or evicted by the server), truncated,
+garbage, or written under another fingerprint or key is a *miss*, counted and
+reported, never bytes handed to the caller.
+
+Every call blocks (the tier actor runs it in a worker thread). Reads land in
+the client's own reply buffer first; only a value that passed every check is
+copied into the caller's destination, before the call returns, so a
+destination is never written after the call returned or was abandoned.
+
+Failures: a server that refuses connections or does not answer within
+``timeout`` raises :class:`~kvactors.errors.RemoteUnavailable` and is then
+left alone for ``retry_after`` seconds (calls fail at once, without touching
+the network); the first call after that tries it again, so the store
+reconnects by itself once the server is back. In a cluster the nodes are
+judged one by one: keys whose node is down are misses while the other nodes
+serve theirs; only when every node a call needs is down does it raise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+import torch
+
+from kvactors.errors import ConfigError, RemoteUnavailable
+from kvactors.keys import Key
+
+__all__ = [
+    "FORMAT_VERSION",
+    "RemoteCounters",
+    "RemoteStore",
+    "fingerprint",
+    "parse_node",
+]
+
+FORMAT_VERSION = 1
+"""Version of the value format; part of the fingerprint, so a change starts a new namespace."""
+
+MAGIC = b"KVR1"
+_HEAD = struct.Struct("<4s8sHQQ")  # magic, fingerprint, key length, payload length, xxh3
+HEADER_BYTES = _HEAD.size
+
+T = TypeVar("T")
+
+
+def _xxh3() -> Callable[[Any], int]:
+    try:
+        import xxhash
+    except ImportError:  # pragma: no cover - the remote extra installs it
+        raise ConfigError(
+            "remote: the remote tier needs the 'remote' extra: pip install 'kvactors[remote]'"
+        ) from None
+    fn: Callable[[Any], int] = xxhash.xxh3_64_intdigest
+    return fn
+
+
+def fingerprint(block_bytes: int, model: str = "", layout: str = "") -> bytes:
+    """8 bytes naming what makes block bytes compatible between engines."""
+    text = (
+        f"kvactors-remote/{FORMAT_VERSION}|block_bytes={block_bytes}|layout={layout}|model={model}"
+    )
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
+def encode_key(key: Key) -> bytes:
+    """A key as bytes, the same in every process (``int`` and ``bytes`` keys never collide)."""
+    if type(key) is bytes:
+        return b"b" + key
+    assert isinstance(key, int)
+    return b"i" + key.to_bytes((key.bit_length() + 8) // 8, "little", signed=True)
+
+
+def parse_node(text: str) -> tuple[str, int]:
+    """``"host:port"`` -> ``(host, port)``; a bad one raises ConfigError."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"remote.nodes: expected 'host:port', got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class RemoteCounters(msgspec.Struct, frozen=True):
+    """What a :class:`RemoteStore` saw since it opened.
+
+    ``misses`` counts absent values (never stored or evicted by the server),
+    ``corrupt`` values present but refused (truncated, garbage, foreign),
+    ``node_failures`` calls to a node that failed or was skipped while down.
+    """
+
+    hits: int
+    misses: int
+    corrupt: int
+    lookups: int
+    stored: int
+    bytes_read: int
+    bytes_written: int
+    read_seconds: float
+    write_seconds: float
+    node_failures: int
+    down: list[str]
+
+
+class _Node:
+    """One server: its client and when it may be tried again after a failure."""
+
+    __slots__ = ("client", "down_until", "error", "name")
+
+    def __init__(self, name: str, client: Any) -> None:
+        self.name = name
+        self.client = client
+        self.down_until = 0.0
+        self.error = ""
+
+
+class RemoteStore:
+    """Blocks of ``block_bytes`` in a Valkey / Redis server (``url``) or cluster
+    (``nodes``, or ``url`` with ``cluster=True``); see the module docstring.
+
+    ``num_blocks`` is nominal (the server decides what it keeps); slot ids in
+    the :class:`~kvactors.media.base.BlockMedium` calls are ignored and
+    ``keys`` name the blocks. ``max_batch_bytes`` bounds the values one
+    pipeline carries, so a large request never buffers unbounded replies.
+    """
+
+    in_memory = False
+
+    def __init__(
+        self,
+        name: str,
+        block_bytes: int,
+        *,
+        url: str | None = None,
+        nodes: Sequence[str] = (),
+        cluster: bool = False,
+        namespace: str = "kvactors",
+        model: str = "",
+        layout: str = "",
+        connect_timeout: float = 0.5,
+        timeout: float = 2.0,
+        retry_after: float = 1.0,
+        max_batch_bytes: int = 64 * 2**20,
+        ttl: float | None = None,
+        num_blocks: int = 2**31 - 1,
+    ) -> None:
+        try:
+            import redis
+            import redis.cluster
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise ConfigError(
+                "remote: the remote tier needs the 'remote' extra: pip install 'kvactors[remote]'"
+            ) from None
+        if any(c in namespace for c in "{}: ") or not namespace:
+            raise ConfigError(
+                f"remote.namespace: expected a non-empty name without '{{', '}}', ':' "
+                f"or spaces, got {namespace!r}"
+            )
+        if url is None and not nodes:
+            raise ConfigError("remote: give a url or a list of cluster nodes")
+        self.name = name
+        self.block_bytes = block_bytes
+        self.num_blocks = num_blocks
+        self.namespace = namespace
+        self.fingerprint = fingerprint(block_bytes, model, layout)
+        self.prefix = f"{namespace}:{self.fingerprint.hex()}:".encode()
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self.max_batch_bytes = max_batch_bytes
+        self.ttl_ms = None if ttl is None else max(1, int(ttl * 1000))
+        self._hash = _xxh3()
+        self._errors: tuple[type[BaseException], ...] = (
+            redis.ConnectionError,
+            redis.TimeoutError,
+            redis.exceptions.ClusterError,
+            OSError,
+        )
+        self._response_error = redis.ResponseError
+        common: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": connect_timeout,
+            # One quick retry: a pooled connection the server closed (say, it
+            # restarted) fails once and is replaced; a dead server is not
+            # hammered, it waits ``retry_after``.
+            "retry": Retry(NoBackoff(), 1),
+        }
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(
+            ("hits", "misses", "corrupt", "lookups", "stored", "bytes_read", "bytes_written"), 0
+        )
+        self._seconds = {"read": 0.0, "write": 0.0}
+        self._node_failures = 0
+        self._cluster: Any = None
+        self._nodes: dict[str, _Node] = {}
+        if nodes or cluster:
+            startup = [
+                redis.cluster.ClusterNode(*parse_node(n))  # type: ignore[no-untyped-call]
+                for n in nodes
+            ]
+            try:
+                if startup:
+                    self._cluster = redis.cluster.RedisCluster(
+                        startup_nodes=startup, require_full_coverage=False, **common
+                    )
+                else:
+                    assert url is not None
+                    self._cluster = redis.cluster.RedisCluster.from_url(
+                        url, require_full_coverage=False, **common
+                    )
+            except (*self._errors, redis.RedisError) as exc:
+                raise RemoteUnavailable(
+                    f"remote {name!r}: cannot reach the cluster: {exc}"
+                ) from exc
+            self.where = ",".join(nodes) if nodes else str(url)
+        else:
+            assert url is not None
+            try:
+                client = redis.Redis.from_url(url, **common)
+            except ValueError as exc:
+                raise ConfigError(f"remote.url: {exc}") from None
+            self._nodes["server"] = _Node(url, client)
+            self.where = url
+
+    # -- keys and values ------------------------------------------------------------
+
+    def redis_key(self, key: Key) -> bytes:
+        """The server key of block ``key``."""
+        return self.prefix + encode_key(key).hex().encode()
+
+    def header(self, key: Key, payload: memoryview) -> bytes:
+        """The header of a value holding ``payload`` as block ``key``."""
+        raw = encode_key(key)
+        head = _HEAD.pack(MAGIC, self.fingerprint, len(raw), len(payload), self._hash(payload))
+        return head + raw
+
+    def _verify(self, key: Key, value: Any) -> memoryview | None:
+        """The payload of ``value`` if it is block ``key``'s, whole; else ``None``."""
+        raw = encode_key(key)
+        if not isinstance(value, bytes) or len(value) < HEADER_BYTES:
+            return None
+        magic, fp, klen, plen, digest = _HEAD.unpack_from(value)
+        start = HEADER_BYTES + klen
+        if (
+            magic != MAGIC
+            or fp != self.fingerprint
+            or klen != len(raw)
+            or plen != self.block_bytes
+            or len(value) != start + plen
+            or value[HEADER_BYTES:start] != raw
+        ):
+            return None
+        payload = memoryview(value)[start:]
+        if self._hash(payload) != digest:
+            return None
+        return payload
+
+    # -- nodes ----------------------------------------------------------------------
+
+    def _groups(self, rkeys: list[bytes]) -> list[tuple[_Node, list[int]]]:
+        """The positions of ``rkeys`` grouped by the node that serves them."""
+        if self._cluster is None:
+            return [(self._nodes["server"], list(range(len(rkeys))))]
+        groups: dict[str, list[int]] = {}
+        cluster = self._cluster
+        for pos, rkey in enumerate(rkeys):
+            node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(rkey))
+            groups.setdefault(node.name, []).append(pos)
+            if node.name not in self._nodes:
+                self._nodes[node.name] = _Node(node.name, cluster.get_redis_connection(node))
+        return [(self._nodes[name], positions) for name, positions in groups.items()]
+
+    def _batches(self, positions: list[int]) -> Iterator[list[int]]:
+        step = max(1, self.max_batch_bytes // (self.block_bytes + HEADER_BYTES))
+        for i in range(0, len(positions), step):
+            yield positions[i : i + step]
+
+    def _run(
+        self, rkeys: list[bytes], call: Callable[[Any, list[int]], None], what: str
+    ) -> list[int]:
+        """``call(pipeline, positions)`` per node and batch; returns the positions
+        whose node failed or is down (their keys count as misses). Raises
+        RemoteUnavailable when every node the keys need failed."""
+        groups = self._groups(rkeys)
+        failed: list[int] = []
+        errors: list[str] = []
+        now = time.monotonic()
+        for node, positions in groups:
+            if node.down_until > now:
+                failed += positions
+                errors.append(f"{node.name}: {node.error} (retrying in {self.retry_after:g} s)")
+                continue
+            try:
+                for batch in self._batches(positions):
+                    pipe = node.client.pipeline(transaction=False)
+                    call(pipe, batch)
+            except self._errors as exc:
+                node.down_until = time.monotonic() + self.retry_after
+                node.error = f"{type(exc).__name__}: {exc}"
+                errors.append(f"{node.name}: {node.error}")
+                failed += positions
+                if self._cluster is not None:
+                    self._refresh()
+            else:
+                node.down_until = 0.0
+        if failed:
+            with self._lock:
+                self._node_failures += len(errors)
+            if len(failed) == len(rkeys):
+                raise RemoteUnavailable(
+                    f"remote {self.name!r}: {what} failed: " + "; ".join(errors[:4])
+                )
+        return failed
+
+    def _refresh(self) -> None:
+        # The cluster's map of slots may have changed (a node failed over or
+        # left): reload it; where no node answers the old map stays.
+        with contextlib.suppress(Exception):  # RedisClusterException when no node answers
+            self._cluster.nodes_manager.initialize()
+        self._nodes = {n: v for n, v in self._nodes.items() if self._known(n)}
+
+    def _known(self, name: str) -> bool:
+        return self._cluster.get_node(node_name=name) is not None
+
+    # -- block calls ----------------------------------------------------------------
+
+    def contains(self, keys: Sequence[Key]) -> list[bool]:
+        """Whether each block is present on the server (its bytes are checked on read).
+
+        Keys whose node is down are ``False``; raises RemoteUnavailable when
+        every node is.
+        """
+        rkeys = [self.redis_key(k) for k in keys]
+        found = [False] * len(rkeys)
+
+        def ask(pipe: Any, batch: list[int]) -> None:
+            for pos in batch:
+                pipe.exists(rkeys[pos])
+            for pos, n in zip(batch, pipe.execute(raise_on_error=False)):
+                found[pos] = n == 1
+
+        self._run(rkeys, ask, "lookup")
+        with self._lock:
+            self._counts["lookups"] += len(rkeys)
+        return found
+
+    def get_into(self, keys: Sequence[Key], bufs: Sequence[memoryview]) -> list[int]:
+        """Read block ``keys[i]`` into ``bufs[i]`` (``block_bytes`` each); return the
+        positions that missed (absent, refused, or on a node that is down).
+        Nothing is written into a buffer whose value did not verify."""
+        t0 = time.perf_counter()
+        rkeys = [self.redis_key(k) for k in keys]
+        missed: list[int] = []
+        hits = absent = corrupt = 0
+
+        def fetch(pipe: Any, batch: list[int]) -> None:
+            nonlocal hits, absent, corrupt
+            for pos in batch:
+                pipe.get(rkeys[pos])
+            for pos, value in zip(batch, pipe.execute(raise_on_error=False)):
+                if value is None or isinstance(value, Exception):
+                    absent += 1
+                    missed.append(pos)
+                    continue
+                payload = self._verify(keys[pos], value)
+                if payload is None:
+                    corrupt += 1
+                    missed.append(pos)
+                    continue
+                bufs[pos][:] = payload  # verified: only now touch the caller's buffer
+                hits += 1
+
+        down = self._run(rkeys, fetch, "read")
+        with self._lock:
+            c = self._counts
+            c["hits"] += hits
+            c["misses"] += absent + len(down)
+            c["corrupt"] += corrupt
+            c["bytes_read"] += hits * self.block_bytes
+            self._seconds["read"] += time.perf_counter() - t0
+        return sorted(set(missed) | set(down))
+
+    def put(self, keys: Sequence[Key], bufs: Sequence[memoryview]) -> list[int]:
+        """Write block ``keys[i]`` from ``bufs[i]``; return the positions not written
+        (the server refused them, e.g. out of memory under ``noeviction``, or
+        their node is down). Raises RemoteUnavailable when no node took any."""
+        t0 = time.perf_counter()
+        rkeys = [self.redis_key(k) for k in keys]
+        refused: list[int] = []
+        ttl = self.ttl_ms
+
+        def send(pipe: Any, batch: list[int]) -> None:
+            for pos in batch:
+                payload = bufs[pos]
+                value = b"".join((self.header(keys[pos], payload), payload))
+                pipe.set(rkeys[pos], value, px=ttl)
+            for pos, ok in zip(batch, pipe.execute(raise_on_error=False)):
+                if ok is not True:
+                    if isinstance(ok, self._errors):
+                        raise ok
+                    refused.append(pos)
+
+        down = self._run(rkeys, send, "write")
+        bad = sorted(set(refused) | set(down))
+        with self._lock:
+            self._counts["stored"] += len(rkeys) - len(bad)
+            self._counts["bytes_written"] += (len(rkeys) - len(bad)) * self.block_bytes
+            self._seconds["write"] += time.perf_counter() - t0
+        return bad
+
+    def delete(self, keys: Sequence[Key]) -> None:
+        """Remove blocks ``keys`` from the server (values that failed verification)."""
+        rkeys = [self.redis_key(k) for k in keys]
+
+        def remove(pipe: Any, batch: list[int]) -> None:
+            for pos in batch:
+                pipe.delete(rkeys[pos])
+            pipe.execute(raise_on_error=False)
+
+        self._run(rkeys, remove, "delete")
+
+    # -- the BlockMedium protocol -----------------------------------------------------
+
+    def read_into(
+        self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None
+    ) -> list[int]:
+        """Fill ``rows`` with blocks ``keys`` (``ids`` are ignored); return the misses."""
+        del ids
+        if keys is None:
+            raise ConfigError("remote: reads name blocks by key")
+        host = rows if rows.device.type == "cpu" else torch.empty_like(rows, device="cpu")
+        missed = self.get_into(keys, _row_views(host))
+        if host is not rows:
+            rows.copy_(host)
+        return missed
+
+    def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
+        """Write ``rows`` as blocks ``keys`` (``ids`` are ignored). Refused blocks
+        are simply not stored: the remote tier is a cache."""
+        del ids
+        if keys is None:
+            raise ConfigError("remote: writes name blocks by key")
+        self.put(keys, _row_views(rows.cpu().contiguous()))
+
+    def drop(self, keys: list[Key]) -> None:
+        """Nothing: the server is shared and evicts by itself; see :meth:`delete`."""
+        del keys
+
+    # -- state ----------------------------------------------------------------------
+
+    def ping(self) -> bool:
+        """Whether every known node answers now (marks them up or down)."""
+        if self._cluster is not None and not self._nodes:
+            self._groups([self.prefix])
+        ok = True
+        for node in list(self._nodes.values()):
+            try:
+                node.client.ping()
+            except self._errors as exc:
+                node.down_until = time.monotonic() + self.retry_after
+                node.error = f"{type(exc).__name__}: {exc}"
+                ok = False
+            else:
+                node.down_until = 0.0
+        return ok
+
+    @property
+    def down(self) -> list[str]:
+        """Nodes currently left alone after a failure."""
+        now = time.monotonic()
+        return sorted(n.name for n in self._nodes.values() if n.down_until > now)
+
+    def counters(self) -> RemoteCounters:
+        with self._lock:
+            c = dict(self._counts)
+            seconds = dict(self._seconds)
+            failures = self._node_failures
+        return RemoteCounters(
+            hits=c["hits"],
+            misses=c["misses"],
+            corrupt=c["corrupt"],
+            lookups=c["lookups"],
+            stored=c["stored"],
+            bytes_read=c["bytes_read"],
+            bytes_written=c["bytes_written"],
+            read_seconds=seconds["read"],
+            write_seconds=seconds["write"],
+            node_failures=failures,
+            down=self.down,
+        )
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            self._cluster.close()
+        for node in self._nodes.values():
+            if self._cluster is None:
+                node.client.close()
+        self._nodes = {}
+
+
+def _row_views(rows: torch.Tensor) -> list[memoryview]:
+    flat = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
+    bb = rows.shape[1]
+    return [flat[i * bb : (i + 1) * bb] for i in range(rows.shape[0])]

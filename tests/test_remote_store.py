@@ -1,0 +1,318 @@
+"""The remote medium against real servers: bytes exact across processes, every damaged
+or foreign value a miss, a dead or hung server a typed error and then a reconnect,
+``maxmemory`` a miss, a 3-node cluster with a node killed mid-run."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _redis import redis_cluster, redis_server, server_binary, shared_server  # noqa: F401
+from kvactors.cli.demo import block_bytes_for
+from kvactors.config import Config, RemoteConfig
+from kvactors.errors import ConfigError, RemoteUnavailable
+from kvactors.media.local_server import LocalCluster, LocalServer
+from kvactors.media.remote import HEADER_BYTES, RemoteStore, fingerprint
+
+BB = 16 * 1024
+CPU = torch.device("cpu")
+
+
+def rows_for(keys: list[int], bb: int = BB) -> torch.Tensor:
+    return block_bytes_for(keys, bb, CPU).clone()
+
+
+@pytest.fixture
+def store(redis_server: LocalServer) -> Iterator[RemoteStore]:  # noqa: F811
+    s = RemoteStore("remote", BB, url=redis_server.url, timeout=1.0, retry_after=0.2)
+    yield s
+    s.close()
+
+
+def test_round_trip_is_byte_exact(store: RemoteStore) -> None:
+    """Blocks written under int and bytes keys read back exactly; absent keys miss."""
+    keys: list[int | bytes] = [1, 2, -3, 2**70, b"\x00abc", b"{slot}"]
+    rows = torch.randint(0, 256, (len(keys), BB), dtype=torch.uint8)
+    store.write_from([], rows, keys)
+    assert store.contains([*keys, 99, b"\x01abc"]) == [True] * len(keys) + [False, False]
+    out = torch.zeros_like(rows)
+    assert store.read_into([], out, keys) == []
+    assert torch.equal(out, rows)
+    assert store.read_into([], out[:1], [99]) == [0]
+    counts = store.counters()
+    assert (counts.hits, counts.misses, counts.stored) == (len(keys), 1, len(keys))
+    assert counts.bytes_read == counts.bytes_written == len(keys) * BB
+
+
+def test_int_and_bytes_keys_never_collide(store: RemoteStore) -> None:
+    assert store.redis_key(1) != store.redis_key(b"\x01")
+    assert store.redis_key(0) != store.redis_key(b"")
+
+
+def test_store_in_one_process_load_in_another(redis_server: LocalServer) -> None:  # noqa: F811
+    """Process A writes blocks and exits; process B reads them byte-exact."""
+    keys = list(range(100, 132))
+    code = textwrap.dedent(
+        f"""
+        import sys, torch
+        from kvactors.cli.demo import block_bytes_for
+        from kvactors.media.remote import RemoteStore
+        s = RemoteStore("remote", {BB}, url={redis_server.url!r}, model="m")
+        keys = {keys!r}
+        if sys.argv[1] == "store":
+            s.write_from([], block_bytes_for(keys, {BB}, torch.device("cpu")), keys)
+        else:
+            out = torch.zeros(len(keys), {BB}, dtype=torch.uint8)
+            assert s.read_into([], out, keys) == []
+            assert torch.equal(out, block_bytes_for(keys, {BB}, torch.device("cpu")))
+            print("exact", len(keys))
+        s.close()
+        """
+    )
+    for role in ("store", "load"):
+        done = subprocess.run(
+            [sys.executable, "-c", code, role], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["exact", str(len(keys))]
+
+
+def _damage(server: LocalServer, store: RemoteStore, key: int, value: bytes) -> None:
+    server.client().set(store.redis_key(key), value)
+
+
+def test_garbage_truncated_and_foreign_values_are_misses(
+    redis_server: LocalServer,  # noqa: F811
+    store: RemoteStore,
+) -> None:
+    """Each damaged value is a counted miss and leaves the destination untouched."""
+    keys = [1, 2, 3, 4, 5, 6]
+    rows = rows_for(keys)
+    store.write_from([], rows, keys)
+    c = redis_server.client()
+    good = c.get(store.redis_key(1))
+    assert len(good) > HEADER_BYTES + BB
+    # Garbage; truncated; one byte of the payload flipped; block 1's value under key 4.
+    _damage(redis_server, store, 2, b"not a block at all")
+    _damage(redis_server, store, 3, c.get(store.redis_key(3))[:-100])
+    flipped = bytearray(c.get(store.redis_key(5)))
+    flipped[-1] ^= 0x40
+    _damage(redis_server, store, 5, bytes(flipped))
+    _damage(redis_server, store, 4, good)
+    # A value from another namespace (another model's fingerprint) copied in as block 6.
+    other = RemoteStore("remote", BB, url=redis_server.url, model="another-model")
+    assert other.fingerprint != store.fingerprint
+    other.write_from([], rows[5:6], [6])
+    _damage(redis_server, store, 6, c.get(other.redis_key(6)))
+    other.close()
+
+    out = torch.full_like(rows, 7)
+    missed = store.read_into([], out, keys)
+    assert missed == [1, 2, 3, 4, 5]
+    assert torch.equal(out[0], rows[0])
+    assert bool((out[1:] == 7).all())  # never written into
+    assert store.counters().corrupt == 5
+
+
+def test_namespaces_and_models_do_not_see_each_other(redis_server: LocalServer) -> None:  # noqa: F811
+    a = RemoteStore("remote", BB, url=redis_server.url, model="llama-8b")
+    b = RemoteStore("remote", BB, url=redis_server.url, model="llama-70b")
+    c = RemoteStore("remote", BB, url=redis_server.url, namespace="fleet2", model="llama-8b")
+    d = RemoteStore("remote", 2 * BB, url=redis_server.url, model="llama-8b")
+    a.write_from([], rows_for([1]), [1])
+    assert a.contains([1]) == [True]
+    assert b.contains([1]) == c.contains([1]) == d.contains([1]) == [False]
+    assert fingerprint(BB, "m", "x") != fingerprint(BB, "m", "y")
+    for s in (a, b, c, d):
+        s.close()
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_damaged_value_is_a_miss(
+    shared_server: LocalServer,  # noqa: F811
+    data: st.DataObject,
+) -> None:
+    """Whatever byte of a value is changed, or wherever it is cut, it is never served."""
+    bb = 1024
+    s = RemoteStore("remote", bb, url=shared_server.url, namespace="hyp")
+    try:
+        s.write_from([], rows_for([7], bb), [7])
+        value = bytearray(shared_server.client().get(s.redis_key(7)))
+        if data.draw(st.booleans(), label="truncate"):
+            cut = data.draw(st.integers(0, len(value) - 1), label="length")
+            damaged = bytes(value[:cut])
+        else:
+            at = data.draw(st.integers(0, len(value) - 1), label="at")
+            value[at] ^= data.draw(st.integers(1, 255), label="xor")
+            damaged = bytes(value)
+        shared_server.client().set(s.redis_key(7), damaged)
+        out = torch.full((1, bb), 3, dtype=torch.uint8)
+        assert s.read_into([], out, [7]) == [0]
+        assert bool((out == 3).all())
+    finally:
+        s.close()
+
+
+def test_server_killed_and_restarted_mid_stream(redis_server: LocalServer) -> None:  # noqa: F811
+    """Killed: calls raise RemoteUnavailable, quickly, then fail fast while it is down;
+    restarted on the same port: the store reconnects by itself (the data is gone)."""
+    s = RemoteStore("remote", BB, url=redis_server.url, timeout=1.0, retry_after=0.3)
+    keys = list(range(8))
+    rows = rows_for(keys)
+    outcomes: list[str] = []
+    deadline = time.monotonic() + 30
+    for step in range(60):
+        assert time.monotonic() < deadline
+        if step == 10:
+            redis_server.kill()
+        if step == 30:
+            redis_server.start()
+        t0 = time.monotonic()
+        try:
+            s.write_from([], rows, keys)
+            out = torch.zeros_like(rows)
+            missed = s.read_into([], out, keys)
+            assert missed == []
+            assert torch.equal(out, rows)
+            outcomes.append("ok")
+        except RemoteUnavailable:
+            outcomes.append("down")
+            assert s.down == [redis_server.url]
+        assert time.monotonic() - t0 < 2.5  # never longer than the timeouts allow
+        time.sleep(0.05)
+    assert outcomes[:10] == ["ok"] * 10
+    assert outcomes[10:30] == ["down"] * 20
+    assert outcomes[-1] == "ok"  # reconnected without being told
+    assert s.counters().node_failures >= 1
+    s.close()
+
+
+def test_hung_server_times_out(redis_server: LocalServer) -> None:  # noqa: F811
+    """A server that stops answering (SIGSTOP) is a RemoteUnavailable after ``timeout``."""
+    s = RemoteStore("remote", BB, url=redis_server.url, timeout=0.3, retry_after=0.2)
+    s.write_from([], rows_for([1]), [1])
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RemoteUnavailable):
+            s.contains([1])
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    time.sleep(0.25)
+    assert s.contains([1]) == [True]
+    s.close()
+
+
+def test_maxmemory_full_is_misses_not_errors() -> None:
+    """allkeys-lru: the server evicts, older blocks miss, every hit is exact.
+    noeviction: writes are refused (reported, not raised) and reads still work."""
+    bb = 256 * 1024
+    keys = list(range(64))  # 16 MiB of values into 4 MiB
+    rows = rows_for(keys, bb)
+    with LocalServer(binary=server_binary(), maxmemory=4 * 2**20) as server:
+        s = RemoteStore("remote", bb, url=server.url)
+        for i in range(0, 64, 8):
+            s.write_from([], rows[i : i + 8], keys[i : i + 8])
+        out = torch.zeros_like(rows)
+        missed = s.read_into([], out, keys)
+        assert 0 < len(missed) < 64
+        hit = [i for i in keys if i not in missed]
+        assert torch.equal(out[hit], rows[hit])
+        s.close()
+    with LocalServer(binary=server_binary(), maxmemory=4 * 2**20, policy="noeviction") as server:
+        s = RemoteStore("remote", bb, url=server.url)
+        refused: list[int] = []
+        for i in range(0, 64, 8):
+            views = [memoryview(rows[j].numpy()) for j in range(i, i + 8)]
+            refused += [i + pos for pos in s.put(keys[i : i + 8], views)]
+        assert 0 < len(refused) < 64
+        out = torch.zeros_like(rows)
+        missed = s.read_into([], out, keys)
+        assert missed == refused
+        hit = [i for i in keys if i not in missed]
+        assert torch.equal(out[hit], rows[hit])
+        s.close()
+
+
+def test_cluster_spreads_blocks_and_survives_a_dead_node(redis_cluster: LocalCluster) -> None:  # noqa: F811
+    """Blocks land on every node by key slot; with one node killed its blocks miss,
+    the others' are exact, and no call hangs; with every node down it raises."""
+    s = RemoteStore("remote", BB, nodes=redis_cluster.nodes, timeout=1.0, retry_after=0.3)
+    keys = list(range(90))
+    rows = rows_for(keys)
+    s.write_from([], rows, keys)
+    per_node = [len(server.client().keys(b"kvactors:*")) for server in redis_cluster.servers]
+    assert sum(per_node) == len(keys)
+    assert min(per_node) > 10  # spread by slot, not piled on one node
+    out = torch.zeros_like(rows)
+    assert s.read_into([], out, keys) == []
+    assert torch.equal(out, rows)
+
+    victim = redis_cluster.servers[1]
+    on_victim = {k for k in keys if s.redis_key(k) in set(victim.client().keys(b"kvactors:*"))}
+    victim.kill()
+    deadline = time.monotonic() + 30
+    for _ in range(5):
+        assert time.monotonic() < deadline
+        t0 = time.monotonic()
+        out = torch.zeros_like(rows)
+        missed = s.read_into([], out, keys)
+        assert set(missed) == on_victim
+        hit = [k for k in keys if k not in on_victim]
+        assert torch.equal(out[hit], rows[hit])
+        assert bool((out[sorted(on_victim)] == 0).all())
+        assert time.monotonic() - t0 < 3.0
+        # Writes go on to the live nodes; the dead node's share is reported back.
+        assert set(s.put(keys[:10], [memoryview(rows[k].numpy()) for k in keys[:10]])) == {
+            i for i, k in enumerate(keys[:10]) if k in on_victim
+        }
+    for server in redis_cluster.servers:
+        server.kill()
+    time.sleep(0.35)
+    with pytest.raises(RemoteUnavailable):
+        s.read_into([], torch.zeros_like(rows), keys)
+    s.close()
+
+
+def test_unreachable_server_is_a_typed_error() -> None:
+    from kvactors.media.local_server import free_port
+
+    s = RemoteStore("remote", BB, url=f"redis://127.0.0.1:{free_port()}/0", retry_after=5)
+    t0 = time.monotonic()
+    with pytest.raises(RemoteUnavailable):
+        s.contains([1])
+    # Within retry_after, calls fail at once without touching the network.
+    with pytest.raises(RemoteUnavailable, match="retrying"):
+        s.contains([1])
+    assert time.monotonic() - t0 < 2.0
+    s.close()
+
+
+def test_bad_settings_raise_config_error() -> None:
+    with pytest.raises(ConfigError, match="namespace"):
+        RemoteStore("remote", BB, url="redis://127.0.0.1:1/0", namespace="a{b}")
+    with pytest.raises(ConfigError, match="url"):
+        RemoteStore("remote", BB, url="nonsense://x")
+    with pytest.raises(ConfigError, match="nodes"):
+        RemoteStore("remote", BB, nodes=["no-port"])
+    with pytest.raises(ConfigError, match="timeout"):
+        Config.from_dict({"remote": {"timeout": -1}})
+    with pytest.raises(ConfigError, match="namespace"):
+        RemoteConfig(namespace="has space")
+    with pytest.raises(ConfigError, match="write_policy"):
+        Config.from_dict({"remote": {"write_policy": "sometimes"}})
+    assert Config.from_dict({"remote": {"nodes": ["127.0.0.1:7000"]}}).remote is not None
