@@ -155,7 +155,7 @@ class RemoteStore:
         connect_timeout: float = 0.5,
         timeout: float = 2.0,
         retry_after: float = 1.0,
-        max_batch_bytes: int = 64 * 2**20,
+        max_batch_bytes: int = 2**20,
         ttl: float | None = None,
         num_blocks: int = 2**31 - 1,
     ) -> None:
@@ -208,26 +208,21 @@ class RemoteStore:
         self._seconds = {"read": 0.0, "write": 0.0}
         self._node_failures = 0
         self._cluster: Any = None
+        self._connect: Callable[[], Any] | None = None
+        self._connect_lock = threading.Lock()
+        self._entry = _Node("cluster", None)  # when the cluster's map cannot be had
         self._nodes: dict[str, _Node] = {}
         if nodes or cluster:
             startup = [
                 redis.cluster.ClusterNode(*parse_node(n))  # type: ignore[no-untyped-call]
                 for n in nodes
             ]
-            try:
-                if startup:
-                    self._cluster = redis.cluster.RedisCluster(
-                        startup_nodes=startup, require_full_coverage=False, **common
-                    )
-                else:
-                    assert url is not None
-                    self._cluster = redis.cluster.RedisCluster.from_url(
-                        url, require_full_coverage=False, **common
-                    )
-            except (*self._errors, redis.RedisError) as exc:
-                raise RemoteUnavailable(
-                    f"remote {name!r}: cannot reach the cluster: {exc}"
-                ) from exc
+            kwargs = {"require_full_coverage": False, **common}
+            if startup:
+                self._connect = lambda: redis.cluster.RedisCluster(startup_nodes=startup, **kwargs)
+            else:
+                assert url is not None
+                self._connect = lambda: redis.cluster.RedisCluster.from_url(url, **kwargs)
             self.where = ",".join(nodes) if nodes else str(url)
         else:
             assert url is not None
@@ -275,10 +270,10 @@ class RemoteStore:
 
     def _groups(self, rkeys: list[bytes]) -> list[tuple[_Node, list[int]]]:
         """The positions of ``rkeys`` grouped by the node that serves them."""
-        if self._cluster is None:
+        if self._connect is None:
             return [(self._nodes["server"], list(range(len(rkeys))))]
+        cluster = self._cluster_client()
         groups: dict[str, list[int]] = {}
-        cluster = self._cluster
         for pos, rkey in enumerate(rkeys):
             node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(rkey))
             groups.setdefault(node.name, []).append(pos)
@@ -286,30 +281,56 @@ class RemoteStore:
                 self._nodes[node.name] = _Node(node.name, cluster.get_redis_connection(node))
         return [(self._nodes[name], positions) for name, positions in groups.items()]
 
-    def _batches(self, positions: list[int]) -> Iterator[list[int]]:
-        step = max(1, self.max_batch_bytes // (self.block_bytes + HEADER_BYTES))
+    def _batches(self, positions: list[int], step: int) -> Iterator[list[int]]:
         for i in range(0, len(positions), step):
             yield positions[i : i + step]
 
+    def _execute(self, node: _Node, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` to ``node``: one plain call for one, else one pipeline.
+        A command's own error (``OOM``, ``MOVED``) is its result; a connection
+        error or time-out raises."""
+        if len(commands) == 1:
+            try:
+                return [node.client.execute_command(*commands[0])]
+            except self._response_error as exc:
+                return [exc]
+        pipe = node.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        results: list[Any] = pipe.execute(raise_on_error=False)
+        return results
+
     def _run(
-        self, rkeys: list[bytes], call: Callable[[Any, list[int]], None], what: str
+        self,
+        rkeys: list[bytes],
+        command: Callable[[int], tuple[Any, ...]],
+        result: Callable[[int, Any], None],
+        what: str,
+        step: int = 0,
     ) -> list[int]:
-        """``call(pipeline, positions)`` per node and batch; returns the positions
-        whose node failed or is down (their keys count as misses). Raises
-        RemoteUnavailable when every node the keys need failed."""
-        groups = self._groups(rkeys)
+        """Send ``command(pos)`` for every position of ``rkeys`` to the node that
+        serves it, in batches of ``step`` commands (by default as many values as
+        fit in ``max_batch_bytes``; values of 512 KiB and more go one per call,
+        where a pipeline gains nothing and buffers replies), and pass
+        each reply to ``result(pos, reply)``. Returns the positions whose node
+        failed or is down (their keys count as misses); raises RemoteUnavailable
+        when every node the keys need failed."""
+        step = step or max(1, self.max_batch_bytes // (self.block_bytes + HEADER_BYTES))
         failed: list[int] = []
         errors: list[str] = []
         now = time.monotonic()
-        for node, positions in groups:
+        for node, positions in self._groups(rkeys):
             if node.down_until > now:
                 failed += positions
                 errors.append(f"{node.name}: {node.error} (retrying in {self.retry_after:g} s)")
                 continue
             try:
-                for batch in self._batches(positions):
-                    pipe = node.client.pipeline(transaction=False)
-                    call(pipe, batch)
+                for batch in self._batches(positions, step):
+                    replies = self._execute(node, [command(pos) for pos in batch])
+                    for pos, reply in zip(batch, replies):
+                        if isinstance(reply, self._errors):
+                            raise reply
+                        result(pos, reply)
             except self._errors as exc:
                 node.down_until = time.monotonic() + self.retry_after
                 node.error = f"{type(exc).__name__}: {exc}"
@@ -327,6 +348,30 @@ class RemoteStore:
                     f"remote {self.name!r}: {what} failed: " + "; ".join(errors[:4])
                 )
         return failed
+
+    def _cluster_client(self) -> Any:
+        """The cluster client, made on first use (it reads the cluster's slot map,
+        so it needs a node that answers: until then the store is down)."""
+        with self._connect_lock:
+            return self._cluster or self._open_cluster()
+
+    def _open_cluster(self) -> Any:
+        entry = self._entry
+        if entry.down_until > time.monotonic():
+            raise RemoteUnavailable(
+                f"remote {self.name!r}: {entry.error} (retrying in {self.retry_after:g} s)"
+            )
+        assert self._connect is not None
+        try:
+            self._cluster = self._connect()
+        except Exception as exc:  # RedisClusterException, ConnectionError, ...
+            entry.down_until = time.monotonic() + self.retry_after
+            entry.error = f"cannot reach the cluster {self.where}: {exc}"
+            with self._lock:
+                self._node_failures += 1
+            raise RemoteUnavailable(f"remote {self.name!r}: {entry.error}") from exc
+        entry.down_until = 0.0
+        return self._cluster
 
     def _refresh(self) -> None:
         # The cluster's map of slots may have changed (a node failed over or
@@ -349,13 +394,11 @@ class RemoteStore:
         rkeys = [self.redis_key(k) for k in keys]
         found = [False] * len(rkeys)
 
-        def ask(pipe: Any, batch: list[int]) -> None:
-            for pos in batch:
-                pipe.exists(rkeys[pos])
-            for pos, n in zip(batch, pipe.execute(raise_on_error=False)):
-                found[pos] = n == 1
+        def result(pos: int, n: Any) -> None:
+            found[pos] = n == 1
 
-        self._run(rkeys, ask, "lookup")
+        # EXISTS replies are small: one pipeline for up to 1024 keys.
+        self._run(rkeys, lambda pos: ("EXISTS", rkeys[pos]), result, "lookup", 1024)
         with self._lock:
             self._counts["lookups"] += len(rkeys)
         return found
@@ -369,24 +412,21 @@ class RemoteStore:
         missed: list[int] = []
         hits = absent = corrupt = 0
 
-        def fetch(pipe: Any, batch: list[int]) -> None:
+        def result(pos: int, value: Any) -> None:
             nonlocal hits, absent, corrupt
-            for pos in batch:
-                pipe.get(rkeys[pos])
-            for pos, value in zip(batch, pipe.execute(raise_on_error=False)):
-                if value is None or isinstance(value, Exception):
-                    absent += 1
-                    missed.append(pos)
-                    continue
-                payload = self._verify(keys[pos], value)
-                if payload is None:
-                    corrupt += 1
-                    missed.append(pos)
-                    continue
-                bufs[pos][:] = payload  # verified: only now touch the caller's buffer
-                hits += 1
+            if value is None or isinstance(value, Exception):
+                absent += 1
+                missed.append(pos)
+                return
+            payload = self._verify(keys[pos], value)
+            if payload is None:
+                corrupt += 1
+                missed.append(pos)
+                return
+            bufs[pos][:] = payload  # verified: only now touch the caller's buffer
+            hits += 1
 
-        down = self._run(rkeys, fetch, "read")
+        down = self._run(rkeys, lambda pos: ("GET", rkeys[pos]), result, "read")
         with self._lock:
             c = self._counts
             c["hits"] += hits
@@ -403,20 +443,17 @@ class RemoteStore:
         t0 = time.perf_counter()
         rkeys = [self.redis_key(k) for k in keys]
         refused: list[int] = []
-        ttl = self.ttl_ms
+        ttl = () if self.ttl_ms is None else ("PX", self.ttl_ms)
 
-        def send(pipe: Any, batch: list[int]) -> None:
-            for pos in batch:
-                payload = bufs[pos]
-                value = b"".join((self.header(keys[pos], payload), payload))
-                pipe.set(rkeys[pos], value, px=ttl)
-            for pos, ok in zip(batch, pipe.execute(raise_on_error=False)):
-                if ok is not True:
-                    if isinstance(ok, self._errors):
-                        raise ok
-                    refused.append(pos)
+        def command(pos: int) -> tuple[Any, ...]:
+            payload = bufs[pos]
+            return ("SET", rkeys[pos], b"".join((self.header(keys[pos], payload), payload)), *ttl)
 
-        down = self._run(rkeys, send, "write")
+        def result(pos: int, ok: Any) -> None:
+            if ok is not True:
+                refused.append(pos)
+
+        down = self._run(rkeys, command, result, "write")
         bad = sorted(set(refused) | set(down))
         with self._lock:
             self._counts["stored"] += len(rkeys) - len(bad)
@@ -427,13 +464,7 @@ class RemoteStore:
     def delete(self, keys: Sequence[Key]) -> None:
         """Remove blocks ``keys`` from the server (values that failed verification)."""
         rkeys = [self.redis_key(k) for k in keys]
-
-        def remove(pipe: Any, batch: list[int]) -> None:
-            for pos in batch:
-                pipe.delete(rkeys[pos])
-            pipe.execute(raise_on_error=False)
-
-        self._run(rkeys, remove, "delete")
+        self._run(rkeys, lambda pos: ("DEL", rkeys[pos]), lambda pos, n: None, "delete")
 
     # -- the BlockMedium protocol -----------------------------------------------------
 
@@ -466,8 +497,11 @@ class RemoteStore:
 
     def ping(self) -> bool:
         """Whether every known node answers now (marks them up or down)."""
-        if self._cluster is not None and not self._nodes:
-            self._groups([self.prefix])
+        if self._connect is not None:
+            try:
+                self._groups([self.prefix])  # makes the client, learns a node
+            except RemoteUnavailable:
+                return False
         ok = True
         for node in list(self._nodes.values()):
             try:
@@ -484,7 +518,8 @@ class RemoteStore:
     def down(self) -> list[str]:
         """Nodes currently left alone after a failure."""
         now = time.monotonic()
-        return sorted(n.name for n in self._nodes.values() if n.down_until > now)
+        nodes = [*self._nodes.values(), self._entry]
+        return sorted(n.name for n in nodes if n.down_until > now)
 
     def counters(self) -> RemoteCounters:
         with self._lock:
