@@ -117,6 +117,15 @@ class RemoteCounters(msgspec.Struct, frozen=True):
     down: list[str]
 
 
+class _Packed:
+    """One command already in the wire format: its chunks, sent in order."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: list[Any]) -> None:
+        self.chunks = chunks
+
+
 class _Node:
     """One server: its client and when it may be tried again after a failure."""
 
@@ -285,10 +294,12 @@ class RemoteStore:
         for i in range(0, len(positions), step):
             yield positions[i : i + step]
 
-    def _execute(self, node: _Node, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` to ``node``: one plain call for one, else one pipeline.
-        A command's own error (``OOM``, ``MOVED``) is its result; a connection
-        error or time-out raises."""
+    def _execute(self, node: _Node, commands: list[Any]) -> list[Any]:
+        """Send ``commands`` to ``node``: one plain call for one, else one pipeline
+        (:class:`_Packed` ones as they are). A command's own error (``OOM``,
+        ``MOVED``) is its result; a connection error or time-out raises."""
+        if isinstance(commands[0], _Packed):
+            return self._send_packed(node, commands)
         if len(commands) == 1:
             try:
                 return [node.client.execute_command(*commands[0])]
@@ -300,10 +311,41 @@ class RemoteStore:
         results: list[Any] = pipe.execute(raise_on_error=False)
         return results
 
+    def _send_packed(self, node: _Node, commands: list[_Packed]) -> list[Any]:
+        """Send pre-packed commands on one pooled connection and read their replies.
+
+        The block's bytes go to the socket from the caller's buffer as they are
+        (redis-py's own packer would copy them into one string first). A
+        connection the server closed (say, it restarted) is replaced once.
+        """
+        pool = node.client.connection_pool
+        chunks = [chunk for command in commands for chunk in command.chunks]
+        for attempt in (0, 1):
+            conn = pool.get_connection()
+            try:
+                conn.send_packed_command(chunks, check_health=False)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(conn.read_response())
+                    except self._response_error as exc:
+                        replies.append(exc)
+                return replies
+            except self._errors:
+                conn.disconnect()
+                if attempt:
+                    raise
+            except BaseException:
+                conn.disconnect()  # replies may be left unread on it: never reuse it
+                raise
+            finally:
+                pool.release(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _run(
         self,
         rkeys: list[bytes],
-        command: Callable[[int], tuple[Any, ...]],
+        command: Callable[[int], Any],
         result: Callable[[int, Any], None],
         what: str,
         step: int = 0,
@@ -443,14 +485,28 @@ class RemoteStore:
         t0 = time.perf_counter()
         rkeys = [self.redis_key(k) for k in keys]
         refused: list[int] = []
-        ttl = () if self.ttl_ms is None else ("PX", self.ttl_ms)
+        ttl = (
+            b"\r\n"
+            if self.ttl_ms is None
+            else b"\r\n$2\r\nPX\r\n$%d\r\n%d\r\n"
+            % (
+                len(str(self.ttl_ms)),
+                self.ttl_ms,
+            )
+        )
+        argc = 3 if self.ttl_ms is None else 5
 
-        def command(pos: int) -> tuple[Any, ...]:
-            payload = bufs[pos]
-            return ("SET", rkeys[pos], b"".join((self.header(keys[pos], payload), payload)), *ttl)
+        def command(pos: int) -> _Packed:
+            # SET key header+payload [PX ttl], framed by hand so that the payload
+            # is sent from its buffer, never copied.
+            payload, rkey = bufs[pos], rkeys[pos]
+            head = self.header(keys[pos], payload)
+            size = len(head) + len(payload)
+            start = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (argc, len(rkey), rkey, size)
+            return _Packed([start + head, payload, ttl])
 
         def result(pos: int, ok: Any) -> None:
-            if ok is not True:
+            if ok not in (b"OK", "OK", True):
                 refused.append(pos)
 
         down = self._run(rkeys, command, result, "write")
