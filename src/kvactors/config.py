@@ -152,7 +152,7 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         )
 
 
-TIERS: tuple[str, ...] = ("cpu", "nvme")
+TIERS: tuple[str, ...] = ("cpu", "nvme", "remote")
 """The chain below the GPU pool, top first: each name is a field of :class:`Config`
 holding a :class:`TierSpec` (or ``None``: not configured). Stores land in the
 first; blocks evicted from one tier move down to the next."""
@@ -172,6 +172,9 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     - ``connect_timeout`` / ``timeout``: seconds to connect / for one reply;
       past them the server is marked down. ``retry_after``: seconds a down
       server is left alone before the next call tries it again.
+    - ``num_blocks``: blocks of the server this cache keeps track of (those it
+      wrote or found there); the least recently used are forgotten, not deleted.
+      ``policy``: the order in which they are forgotten.
     - ``threads``: worker threads (and connections) of the remote tier.
     - ``write_policy``: ``"write_through"`` writes every stored block to the
       server at once (other engines see it at once); ``"on_demotion"`` writes
@@ -182,6 +185,8 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     url: str | None = "redis://127.0.0.1:6379/0"
     nodes: list[str] = []
+    num_blocks: Blocks = 262144
+    policy: str = "lru"
     cluster: bool = False
     namespace: str = "kvactors"
     model: str = ""
@@ -195,7 +200,7 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_batch_bytes: Positive = 64 * MiB
 
     def __post_init__(self) -> None:
-        _check_positive(self, "threads", "max_batch_bytes")
+        _check_positive(self, "num_blocks", "threads", "max_batch_bytes")
         for name in ("connect_timeout", "timeout", "retry_after"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
@@ -209,6 +214,26 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"namespace: expected a non-empty name without braces, colons "
                 f"or spaces, got {self.namespace!r}"
             )
+
+    def open_medium(self, name: str, config: Config) -> BlockMedium:
+        from kvactors.media.remote import RemoteStore
+
+        return RemoteStore(
+            name,
+            config.block_bytes,
+            url=self.url,
+            nodes=self.nodes,
+            cluster=self.cluster,
+            namespace=self.namespace,
+            model=self.model,
+            layout=self.layout,
+            connect_timeout=self.connect_timeout,
+            timeout=self.timeout,
+            retry_after=self.retry_after,
+            max_batch_bytes=self.max_batch_bytes,
+            ttl=self.ttl,
+            num_blocks=self.num_blocks,
+        )
 
 
 class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -66,12 +66,22 @@ class TierError(KVActorsError):
 
 
 class TierFailed(TierError):
-    """A tier actor crashed; the cache keeps serving from the other tiers."""
+    """A tier actor crashed; the cache keeps serving from the other tiers.
+
+    ``retry_after``: seconds after which the tier is tried again (``None``: never,
+    it stays down)."""
+
+    retry_after: float | None = None
 
 
 class RemoteUnavailable(TierFailed):
     """The remote store (a Valkey / Redis server or every node a call needs) refused the
-    connection or did not answer in time; it is tried again after ``remote.retry_after``."""
+    connection or did not answer in time. The tier is down for ``retry_after``
+    seconds (``remote.retry_after``), then tried again."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after: float | None = retry_after
 
 
 class TransferError(TierError):

@@ -17,6 +17,14 @@ and a cancelled store completes as failed, so it is never served. Writes into
 a tier that did not complete are forgotten by that tier's medium before the
 plan completes, so no index keeps a record of them.
 
+A shared tier (a remote store that other engines write too) is asked before a
+load or a prefetch, in one batch, about the keys no tier holds; those it has
+are recorded there and promoted like any block. A block it no longer has (the
+server evicted it) is a miss: a partial load stops before it, a full one
+raises :class:`~kvactors.errors.BlockNotFoundError`. A tier that fails with a
+``retry_after`` (a server down) is left out for that long: a partial load
+then returns what the other tiers hold.
+
 The coordinator runs up to ``max_inflight`` handshakes at once; like every
 actor it runs a handshake in the caller's task when it has a free place (see
 :mod:`kvactors.actors`), and the same code through its mailbox otherwise.
@@ -33,8 +41,11 @@ import torch
 
 from kvactors.actors import Actor
 from kvactors.cache.messages import (
+    Adopt,
     Complete,
+    Contains,
     CoordinatorRequest,
+    Discover,
     Drop,
     Forget,
     Load,
@@ -52,7 +63,14 @@ from kvactors.cache.results import Latency, LoadResult, StoreResult
 from kvactors.cache.tier_actor import TierActor
 from kvactors.cache.transfers import CALLER, REQUIRED, Side, Transfer, runner
 from kvactors.config import Config
-from kvactors.errors import ActorClosed, IntegrityError, KVActorsError, TierError, TierFailed
+from kvactors.errors import (
+    ActorClosed,
+    BlockNotFoundError,
+    IntegrityError,
+    KVActorsError,
+    TierError,
+    TierFailed,
+)
 from kvactors.keys import Key
 from kvactors.media import MemoryPool
 
@@ -84,6 +102,8 @@ class Coordinator(Actor[CoordinatorRequest]):
         self.gpu = gpu
         self.tiers = {t.name: t for t in tiers}
         self.chain = [t.name for t in tiers]
+        # Tiers whose medium other engines share (it answers ``contains``).
+        self.shared = [t.name for t in tiers if hasattr(t.medium, "contains")]
         self.move_bytes = config.move_bytes
         self.failed_tiers: set[str] = set()
         self.latency = {name: Latency() for name in ("store", "load")}
@@ -104,6 +124,7 @@ class Coordinator(Actor[CoordinatorRequest]):
             case Load(keys, dst, partial):
                 start = time.perf_counter()
                 try:
+                    await self.discover(keys)
                     return await self._load(keys, dst, partial)
                 except BaseException:
                     self.failed_loads += 1
@@ -112,6 +133,7 @@ class Coordinator(Actor[CoordinatorRequest]):
                     self.latency["load"].add(time.perf_counter() - start)
             case Prefetch(keys):
                 with contextlib.suppress(TierError):  # a hint: nothing to report
+                    await self.discover(keys)
                     plan = await self.policy.ask(PrepareLoad(keys, prefetch=True))
                     await self._run(plan, None)
                 return None
@@ -139,13 +161,45 @@ class Coordinator(Actor[CoordinatorRequest]):
             keys = plan.busy
             src = [src[i] for i in index] if isinstance(src, list) else src[index]
 
+    async def discover(self, keys: list[Key]) -> None:
+        """Ask each shared tier, in one batch, about the keys no tier holds, and
+        record those it has. A shared tier that is down is left out (marked
+        failed for its ``retry_after``); nothing is raised."""
+        for name in self.shared:
+            missing = await self.policy.ask(Discover(name, keys))
+            if not missing:
+                continue
+            try:
+                found = await self.tiers[name].ask(Contains(missing))
+            except TierFailed as exc:
+                await self._mark_failed(name, exc.retry_after)
+                continue
+            except TierError:
+                continue
+            held = [k for k, f in zip(missing, found) if f]
+            if held:
+                await self.policy.ask(Adopt(name, held))
+
     async def _load(self, keys: list[Key], dst: Any, partial: bool) -> LoadResult:
+        retries = 3  # a tier that fails is left out of the next plan
         while True:
             plan = await self.policy.ask(PrepareLoad(keys, partial=partial))
             try:
                 await self._run(plan, dst)
+            except TierFailed as exc:
+                retries -= 1
+                if not partial or exc.retry_after is None or not retries:
+                    raise
+                continue  # the tier is left out now: load what the others hold
             except IntegrityError as exc:
                 if not partial:
+                    where = {t for k, t in zip(plan.keys, plan.tiers) if k in set(exc.keys)}
+                    if where and where <= set(self.shared):
+                        # Gone from the shared server (evicted, or damaged): a miss.
+                        raise BlockNotFoundError(
+                            f"load: {len(exc.keys)} block(s) no longer on tier "
+                            f"{sorted(where)[0]!r}: {exc.keys[:8]!r}"
+                        ) from exc
                     raise
                 # The bad blocks are dropped now: load the prefix before them.
                 bad = set(exc.keys)
@@ -244,10 +298,17 @@ class Coordinator(Actor[CoordinatorRequest]):
         try:
             await tier.ask(move)
         except (ActorClosed, TierFailed) as exc:
-            if tier.name not in self.failed_tiers:
-                self.failed_tiers.add(tier.name)
-                with anyio.CancelScope(shield=True):
-                    await self.policy.ask(MarkFailed(tier.name))
+            retry = exc.retry_after if isinstance(exc, TierFailed) else None
+            await self._mark_failed(tier.name, retry)
             if isinstance(exc, TierFailed):
                 raise
             raise TierFailed(f"tier {tier.name!r} is down") from exc
+
+    async def _mark_failed(self, name: str, retry_after: float | None) -> None:
+        """Tell the policy actor that tier ``name`` is down (for ``retry_after`` s)."""
+        if retry_after is None and name in self.failed_tiers:
+            return
+        if retry_after is None:
+            self.failed_tiers.add(name)
+        with anyio.CancelScope(shield=True):
+            await self.policy.ask(MarkFailed(name, retry_after))

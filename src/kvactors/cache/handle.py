@@ -109,6 +109,8 @@ class KVCache:
         self._tg = task_group
         self._closed = False
         self._lookup_latency = Latency()
+        self.metrics_url: str | None = None
+        """Where Prometheus scrapes this cache (``[metrics] port`` set), else ``None``."""
 
     @property
     def gpu_pool(self) -> MemoryPool:
@@ -192,6 +194,9 @@ class KVCache:
         message = Lookup(_check_keys(keys, "lookup"))
         await anyio.lowlevel.checkpoint()
         start = time.perf_counter()
+        if self._coord.shared:
+            # Keys no tier holds: ask the shared (remote) tier, in one batch.
+            await self._coord.discover(message.keys)
         result = await self._policy.ask(message)
         self._lookup_latency.add(time.perf_counter() - start)
         return result
@@ -303,6 +308,9 @@ class KVCache:
             failed_stores=self._coord.failed_stores,
             failed_loads=self._coord.failed_loads,
             prefetch_dropped=self._coord.statistics().hints_dropped,
+            remote=next(
+                (t.medium.counters() for t in tiers if hasattr(t.medium, "counters")), None
+            ),
         )
 
 
@@ -353,7 +361,17 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
                 try:
                     async with anyio.create_task_group() as user_tg:
                         kv = KVCache(config, coord, user_tg)
-                        yield kv
+                        port = config.metrics.port if config.metrics is not None else None
+                        if config.metrics is not None and port is not None:
+                            from kvactors.cache.metrics import serve_metrics
+
+                            # Prometheus metrics on [metrics] host:port while open.
+                            host = config.metrics.host
+                            async with serve_metrics(kv, port=port, host=host) as endpoint:
+                                kv.metrics_url = endpoint.url
+                                yield kv
+                        else:
+                            yield kv
                 finally:
                     if kv is not None:
                         kv._closed = True

@@ -20,8 +20,11 @@ from kvactors.cache.transfers import Side, Transfer
 from kvactors.keys import Key
 
 __all__ = [
+    "Adopt",
     "Complete",
+    "Contains",
     "CoordinatorRequest",
+    "Discover",
     "Drop",
     "Forget",
     "GetSnapshot",
@@ -134,9 +137,27 @@ class Drop(Message[list[Key]], frozen=True, tag=True):
 
 
 class MarkFailed(Message[None], frozen=True, tag=True):
-    """Stop placing blocks in ``tier``: it is down. Its blocks count as absent."""
+    """Stop placing blocks in ``tier``: it is down. Its blocks count as absent.
+    With ``retry_after``, only for that many seconds (then it is used again)."""
 
     tier: str
+    retry_after: float | None = None
+
+
+class Discover(Message[list[Key]], frozen=True, tag=True):
+    """The keys among ``keys`` that no tier holds (ready or being written), for
+    asking the shared tier ``tier`` about them; ``[]`` when it is down."""
+
+    tier: str
+    keys: list[Key]
+
+
+class Adopt(Message[None], frozen=True, tag=True):
+    """Record ``keys`` as held ready by the shared tier ``tier`` (a remote store
+    found them there: another engine stored them)."""
+
+    tier: str
+    keys: list[Key]
 
 
 class Subscribe(Message[AsyncIterator[CacheEvent]], frozen=True, tag=True):
@@ -148,7 +169,16 @@ class GetSnapshot(Message[Snapshot], frozen=True, tag=True):
 
 
 PolicyRequest = (
-    Lookup | PrepareStore | PrepareLoad | Complete | Drop | MarkFailed | Subscribe | GetSnapshot
+    Lookup
+    | PrepareStore
+    | PrepareLoad
+    | Complete
+    | Drop
+    | MarkFailed
+    | Discover
+    | Adopt
+    | Subscribe
+    | GetSnapshot
 )
 
 
@@ -178,4 +208,10 @@ class Forget(Message[None], frozen=True, tag=True):
     keys: list[Key]
 
 
-TierRequest = Move | Forget
+class Contains(Message[list[bool]], frozen=True, tag=True):
+    """Which of ``keys`` a shared medium (a remote store) holds now."""
+
+    keys: list[Key]
+
+
+TierRequest = Move | Forget | Contains

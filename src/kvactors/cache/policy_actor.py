@@ -16,6 +16,13 @@ Placement, for a chain ``t0, t1, ...`` (``t0`` the top, ``cpu``):
 - a block evicted from ``tk`` moves down to ``tk+1`` (``demote``) unless a
   deeper tier holds it already; evictions there cascade further down, and the
   deepest victims move first (their slots are the ones handed out above);
+- a tier whose ``write_policy`` is ``"write_through"`` (the remote tier's
+  default) gets those ``through`` transfers whatever ``write_mode`` says;
+- a shared tier (a remote store other engines write too) is asked, through
+  the coordinator, about keys no tier holds (``Discover``); those it has are
+  recorded as held there (``Adopt``), so plans promote them like any block;
+- a tier that failed with a ``retry_after`` is left out for that long, then
+  used again;
 - a load takes each block from the shallowest tier holding it ready; a block
   held only below ``t0`` is promoted into ``t0`` when a slot can be had there
   (then copied from ``t0``), else read straight from its tier; a prefetch hint
@@ -30,6 +37,7 @@ as the most recent one, as every stored block does.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +46,9 @@ import anyio
 from kvactors.actors import Actor
 from kvactors.cache.events import CacheEvent, EventHub, EventKind
 from kvactors.cache.messages import (
+    Adopt,
     Complete,
+    Discover,
     Drop,
     GetSnapshot,
     LoadPlan,
@@ -104,6 +114,12 @@ class PolicyActor(Actor[PolicyRequest]):
         self.top = self.managers[0]
         self.hub = EventHub(config.event_buffer)
         self.failed: set[str] = set()
+        self._retry_at: dict[str, float] = {}  # failed tiers tried again from then on
+        # Tiers written at every store (``write_through``), by position in the chain.
+        self.through = [
+            self.write_through or getattr(specs[name], "write_policy", "") == "write_through"
+            for name in self.names
+        ]
         self._writing: dict[Key, _Writing] = {}
         self.promoted = 0
         self.demoted = 0
@@ -125,8 +141,12 @@ class PolicyActor(Actor[PolicyRequest]):
                     return self.complete(plan, done)
                 case Drop(tier, keys, corrupted):
                     return self.drop(tier, keys, corrupted=corrupted)
-                case MarkFailed(tier):
-                    return self.mark_failed(tier)
+                case MarkFailed(tier, retry_after):
+                    return self.mark_failed(tier, retry_after)
+                case Discover(tier, keys):
+                    return self.discover(tier, keys)
+                case Adopt(tier, keys):
+                    return self.adopt(tier, keys)
                 case Subscribe():
                     return self.hub.subscribe()
                 case GetSnapshot():
@@ -144,7 +164,17 @@ class PolicyActor(Actor[PolicyRequest]):
 
     def _live(self, start: int) -> list[int]:
         """Indexes of the tiers from ``start`` down that are not failed."""
+        if self._retry_at:
+            self._retry_due()
         return [i for i in range(start, len(self.managers)) if self.names[i] not in self.failed]
+
+    def _retry_due(self) -> None:
+        """Put back the failed tiers whose ``retry_after`` has passed."""
+        now = time.monotonic()
+        for name, at in list(self._retry_at.items()):
+            if now >= at:
+                del self._retry_at[name]
+                self.failed.discard(name)
 
     def _tier_of(self, key: Key, start: int = 0) -> int | None:
         """The shallowest live tier from ``start`` down holding ``key`` ready."""
@@ -242,9 +272,11 @@ class PolicyActor(Actor[PolicyRequest]):
             mark = _Writing()
             for key in new:
                 writing[key] = mark
-        if self.write_through and new:
+        if new and any(self.through[1:]):
             slot_of = dict(zip(new, ids))
             for i in self._live(1):
+                if not self.through[i]:
+                    continue
                 through = self.managers[i].prepare_store(new)
                 if through is None or not through.block_hashes_to_store:
                     continue
@@ -394,9 +426,32 @@ class PolicyActor(Actor[PolicyRequest]):
             self.hub.publish(CacheEvent("corrupted", tier, list(removed)))
         return removed
 
-    def mark_failed(self, tier: str) -> None:
+    def mark_failed(self, tier: str, retry_after: float | None = None) -> None:
         self._manager(tier)
         self.failed.add(tier)
+        if retry_after is None:
+            self._retry_at.pop(tier, None)
+        else:
+            self._retry_at[tier] = time.monotonic() + retry_after
+
+    def discover(self, tier: str, keys: list[Key]) -> list[Key]:
+        """The keys no tier holds, to ask shared tier ``tier`` about (none while it is down)."""
+        self._manager(tier)
+        if self._retry_at:
+            self._retry_due()
+        if tier in self.failed:
+            return []
+        return [k for k in keys if not any(k in m for m in self.managers)]
+
+    def adopt(self, tier: str, keys: list[Key]) -> None:
+        """Record ``keys`` as ready in shared tier ``tier``; to make room, the tier
+        forgets the blocks it tracks that were used least recently (they stay
+        on the server)."""
+        manager = self._manager(tier)
+        new = [k for k in keys if k not in manager]
+        out = manager.prepare_store(new) if new else None
+        if out is not None and out.block_hashes_to_store:
+            manager.complete_store(out.block_hashes_to_store, success=True)
 
     def _manager(self, tier: str) -> OffloadingManager:
         if tier in self.names:

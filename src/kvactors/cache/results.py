@@ -7,6 +7,7 @@ import msgspec
 from kvactors.actors import ActorStats
 from kvactors.keys import Key
 from kvactors.manager import ManagerStats
+from kvactors.media.remote import RemoteCounters
 
 __all__ = [
     "CacheStats",
@@ -98,6 +99,9 @@ class CacheStats(msgspec.Struct, frozen=True):
     failed_stores: int
     failed_loads: int
     prefetch_dropped: int
+    remote: RemoteCounters | None = None
+    """The remote store's own counters (hits, misses, damaged values, bytes, nodes
+    down); ``None`` without a remote tier."""
 
 
 class Latency:

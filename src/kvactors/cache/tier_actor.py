@@ -13,7 +13,9 @@ actor hands every slot to one plan only, so they never touch the same slot.
 A failure reaches the asker as :class:`~kvactors.errors.TransferError` naming
 the tier (or the medium's own typed error). A medium that raises
 :class:`~kvactors.errors.TierFailed` is down: every later transfer fails with
-it at once, and ``tier_stats().crashed`` says why.
+it at once, and ``tier_stats().crashed`` says why; when the error has a
+``retry_after`` (a remote server that did not answer), only for that many
+seconds, after which the next transfer tries the medium again.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import anyio
 
 from kvactors.actors import Actor
-from kvactors.cache.messages import Forget, JobReport, Move, TierRequest
+from kvactors.cache.messages import Contains, Forget, JobReport, Move, TierRequest
 from kvactors.cache.results import OpStats, TierStats
 from kvactors.cache.transfers import Side, move
 from kvactors.errors import KVActorsError, TierFailed, TransferError
@@ -60,10 +62,16 @@ class TierActor(Actor[TierRequest]):
         self._busy = 0.0
         self._ops: dict[str, list[float]] = {}
         self.crashed: str | None = None
+        self._retry_at: float | None = None  # when a tier that is down is tried again
 
     async def handle(self, message: TierRequest) -> Any:
         if self.crashed is not None:
-            raise TierFailed(f"tier {self.name!r} is down: {self.crashed}")
+            wait = None if self._retry_at is None else self._retry_at - time.monotonic()
+            if wait is None or wait > 0:
+                down = TierFailed(f"tier {self.name!r} is down: {self.crashed}")
+                down.retry_after = wait
+                raise down
+            self.crashed = self._retry_at = None  # try the medium again
         match message:
             case Move(src, dst, keys):
                 op = f"{src.name}->{dst.name}"
@@ -74,6 +82,12 @@ class TierActor(Actor[TierRequest]):
             case Forget(keys):
                 await self._run("forget", 0, self.medium.in_memory, self.medium.drop, keys)
                 return None
+            case Contains(keys):
+                # A shared medium (a remote store) answers for blocks other engines wrote.
+                found: list[bool] = []
+                contains = self.medium.contains  # type: ignore[attr-defined]
+                await self._run("lookup", 0, False, lambda: found.extend(contains(keys)))
+                return found
 
     def _inline(self, src: Side, dst: Side, blocks: int) -> bool:
         """Whether a transfer runs on the event loop: memory on the host at both
@@ -110,6 +124,8 @@ class TierActor(Actor[TierRequest]):
         except TierFailed as exc:
             self._failed_jobs += 1
             self.crashed = str(exc)
+            if exc.retry_after is not None:
+                self._retry_at = time.monotonic() + exc.retry_after
             raise
         except KVActorsError:
             self._failed_jobs += 1

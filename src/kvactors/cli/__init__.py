@@ -43,6 +43,7 @@ BENCHES: list[tuple[str, str]] = [
     ("soak", "kvactors.cli.bench.soak"),
     ("transfer", "kvactors.cli.bench.transfer"),
     ("nvme-index", "kvactors.cli.bench.nvme_index"),
+    ("remote", "kvactors.cli.bench.remote"),
 ]
 """``kvactors bench`` subcommands: (name, module), modules under ``kvactors.cli.bench``."""
 

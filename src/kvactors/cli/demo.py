@@ -19,7 +19,7 @@ import torch
 
 import kvactors
 from kvactors.cli.report import Report
-from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
+from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
 from kvactors.errors import KVActorsError
 
 __all__ = ["DemoResult", "block_bytes_for", "run_demo"]
@@ -66,6 +66,7 @@ async def run_demo(
         )
     bb = config.block_bytes
     counts = {"requests": 0, "blocks": 0, "hits": 0, "hits_cpu": 0, "hits_nvme": 0}
+    counts["hits_remote"] = 0
     counts |= {"stored": 0, "store_refused": 0, "verified": 0, "prefetch_sent": 0}
     start = time.perf_counter()
     async with kvactors.open(config) as kv:
@@ -97,6 +98,7 @@ async def run_demo(
                     counts["verified"] += hits
                     counts["hits_cpu"] += found.tiers.count("cpu")
                     counts["hits_nvme"] += found.tiers.count("nvme")
+                    counts["hits_remote"] += found.tiers.count("remote")
                 counts["hits"] += hits
                 counts["blocks"] += len(blocks)
                 missing = blocks[hits:]
@@ -162,6 +164,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--write-mode", choices=["write_back", "write_through"], default="write_back"
     )
     parser.add_argument("--device", default="auto", help="GPU pool device: auto, cpu, cuda")
+    parser.add_argument(
+        "--remote",
+        metavar="URL",
+        default=None,
+        help="add a remote tier on this Valkey / Redis server (redis://host:port/db)",
+    )
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -194,15 +202,19 @@ def run(args: argparse.Namespace) -> Report:
         f"{result['seconds']:.1f} s; every loaded block checked against its key: "
         f"{result['verified']:,} verified, 0 wrong",
         f"prefix hit ratio {result['prefix_hit_ratio']:.3f}: "
-        f"{result['hits_cpu']:,} hits in CPU, {result['hits_nvme']:,} in NVMe; "
+        f"{result['hits_cpu']:,} hits in CPU, {result['hits_nvme']:,} in NVMe"
+        + (f", {result['hits_remote']:,} in remote" if config.remote is not None else "")
+        + "; "
         f"{result['promoted']:,} promoted, {result['demoted']:,} demoted",
         "latency p50 / p99 (us): "
         + ", ".join(
             f"{op} {v['p50']:,.0f} / {v['p99']:,.0f}" for op, v in lat.items() if v["count"]
         ),
     ]
+    names = {"cpu": "CPU", "nvme": "NVMe"}
+    tiers = ", ".join(["GPU pool", *(names.get(name, name) for name, _ in config.chain())])
     return Report(
-        title="kvactors demo: the conversation trace through GPU pool, CPU and NVMe",
+        title=f"kvactors demo: the conversation trace through {tiers}",
         columns=["direction", "MiB", "jobs", "GB/s"],
         rows=rows,
         summary=summary,
@@ -221,4 +233,5 @@ def default_config(args: argparse.Namespace) -> Config:
         cpu=TierConfig(num_blocks=args.cpu_blocks, policy=args.policy),
         nvme=nvme,
         write_mode=args.write_mode,
+        remote=None if args.remote is None else RemoteConfig(url=args.remote),
     )

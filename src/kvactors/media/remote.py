@@ -23,8 +23,8 @@ Failures: a server that refuses connections or does not answer within
 left alone for ``retry_after`` seconds (calls fail at once, without touching
 the network); the first call after that tries it again, so the store
 reconnects by itself once the server is back. In a cluster the nodes are
-judged one by one: keys whose node is down are misses while the other nodes
-serve theirs; only when every node a call needs is down does it raise.
+judged one by one: keys whose node is down are misses while another node
+answers; only when every node is down does a call raise.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import msgspec
 import torch
 
-from kvactors.errors import ConfigError, RemoteUnavailable
+from kvactors.errors import ConfigError, RemoteUnavailable, TransferError
 from kvactors.keys import Key
 
 __all__ = [
@@ -149,6 +149,7 @@ class RemoteStore:
     """
 
     in_memory = False
+    durable = True  # the server outlives the process (not a crash of the server)
 
     def __init__(
         self,
@@ -356,7 +357,7 @@ class RemoteStore:
         where a pipeline gains nothing and buffers replies), and pass
         each reply to ``result(pos, reply)``. Returns the positions whose node
         failed or is down (their keys count as misses); raises RemoteUnavailable
-        when every node the keys need failed."""
+        when the server failed, or in a cluster when every node is down."""
         step = step or max(1, self.max_batch_bytes // (self.block_bytes + HEADER_BYTES))
         failed: list[int] = []
         errors: list[str] = []
@@ -385,9 +386,15 @@ class RemoteStore:
         if failed:
             with self._lock:
                 self._node_failures += len(errors)
-            if len(failed) == len(rkeys):
+            # In a cluster, keys on a dead node are misses while another node serves.
+            now = time.monotonic()
+            alive = self._connect is not None and any(
+                n.down_until <= now for n in self._nodes.values()
+            )
+            if len(failed) == len(rkeys) and not alive:
                 raise RemoteUnavailable(
-                    f"remote {self.name!r}: {what} failed: " + "; ".join(errors[:4])
+                    f"remote {self.name!r}: {what} failed: " + "; ".join(errors[:4]),
+                    self.retry_after,
                 )
         return failed
 
@@ -401,7 +408,8 @@ class RemoteStore:
         entry = self._entry
         if entry.down_until > time.monotonic():
             raise RemoteUnavailable(
-                f"remote {self.name!r}: {entry.error} (retrying in {self.retry_after:g} s)"
+                f"remote {self.name!r}: {entry.error} (retrying in {self.retry_after:g} s)",
+                self.retry_after,
             )
         assert self._connect is not None
         try:
@@ -411,7 +419,9 @@ class RemoteStore:
             entry.error = f"cannot reach the cluster {self.where}: {exc}"
             with self._lock:
                 self._node_failures += 1
-            raise RemoteUnavailable(f"remote {self.name!r}: {entry.error}") from exc
+            raise RemoteUnavailable(
+                f"remote {self.name!r}: {entry.error}", self.retry_after
+            ) from exc
         entry.down_until = 0.0
         return self._cluster
 
@@ -524,10 +534,43 @@ class RemoteStore:
 
     # -- the BlockMedium protocol -----------------------------------------------------
 
+    def tensor(self) -> None:
+        """No tensor: a buffer medium."""
+        return None
+
+    def read_buffers(
+        self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None = None
+    ) -> list[int]:
+        """Read blocks ``keys`` into ``bufs`` (``ids`` are ignored: the server names
+        blocks by key); return the positions that missed, absent or refused."""
+        del ids
+        if keys is None:
+            raise ConfigError("remote: reads name blocks by key")
+        return self.get_into(keys, bufs)
+
+    def write_buffers(
+        self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None = None
+    ) -> None:
+        """Write ``bufs`` as blocks ``keys`` (``ids`` are ignored). A block the server
+        refused (``noeviction`` and full) raises TransferError naming how many."""
+        del ids
+        if keys is None:
+            raise ConfigError("remote: writes name blocks by key")
+        refused = self.put(keys, bufs)
+        if refused:
+            raise TransferError(
+                f"remote {self.name!r}: the server refused {len(refused)} of {len(keys)} blocks"
+            )
+
+    def recovered(self) -> list[Any]:
+        """Nothing to recover: what the server holds is found by :meth:`contains`."""
+        return []
+
     def read_into(
         self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None
     ) -> list[int]:
-        """Fill ``rows`` with blocks ``keys`` (``ids`` are ignored); return the misses."""
+        """Fill ``(n, block_bytes)`` ``rows`` with blocks ``keys`` (``ids`` are
+        ignored); return the positions that missed."""
         del ids
         if keys is None:
             raise ConfigError("remote: reads name blocks by key")
@@ -538,16 +581,20 @@ class RemoteStore:
         return missed
 
     def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
-        """Write ``rows`` as blocks ``keys`` (``ids`` are ignored). Refused blocks
-        are simply not stored: the remote tier is a cache."""
+        """Write ``(n, block_bytes)`` ``rows`` as blocks ``keys`` (``ids`` are
+        ignored). Refused blocks are simply not stored: the remote is a cache."""
         del ids
         if keys is None:
             raise ConfigError("remote: writes name blocks by key")
         self.put(keys, _row_views(rows.cpu().contiguous()))
 
     def drop(self, keys: list[Key]) -> None:
-        """Nothing: the server is shared and evicts by itself; see :meth:`delete`."""
-        del keys
+        """Delete blocks ``keys`` from the server: the cache calls this for values
+        that failed verification and for writes that did not complete. (Blocks
+        it merely stops tracking stay on the server for other engines.) A server
+        that is down is left alone."""
+        with contextlib.suppress(RemoteUnavailable):
+            self.delete(keys)
 
     # -- state ----------------------------------------------------------------------
 

@@ -1,0 +1,311 @@
+"""``kvactors bench remote``: the remote tier against raw redis-py on the same server.
+
+With no ``--url`` it starts a throwaway Valkey / Redis server on 127.0.0.1
+(see :mod:`kvactors.media.local_server`), so it runs on a fresh machine.
+
+- **Store / load GB/s** at each block size: ``kv.store`` of blocks into a
+  cache whose remote tier writes them through, and ``kv.load`` of the same
+  blocks by a second cache whose local tiers are empty (each block read from
+  the server, verified, promoted to CPU and copied out), against raw redis-py
+  ``SET`` / ``GET`` of the same bytes, one call per block, to the same server
+  in the same run (goal: kvactors >= 0.8x raw). Also the remote medium alone
+  (``RemoteStore.put`` / ``get_into``), without the cache around it.
+- **Round trip**: one block's ``GET`` (raw) against one block's remote fetch
+  and one ``kv.load`` of a block only the server holds, median microseconds.
+- **Sharing**: two processes replay alternate requests of a trace (two
+  engines behind a load balancer), each with a small CPU tier, through one
+  server: the hit ratio when they share a namespace against each using its
+  own (alone), in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import anyio
+import torch
+
+import kvactors
+from kvactors.cli.report import GBPS, RATIO, Report, progress
+from kvactors.config import Config, GPUConfig, RemoteConfig, TierConfig
+from kvactors.keys import Key
+from kvactors.media.local_server import LocalServer
+from kvactors.media.remote import RemoteStore
+from kvactors.traces import bundled_trace, load_trace
+
+GOAL_RATIO = 0.8
+_MAIN = "import sys; from kvactors.cli import main; sys.exit(main(sys.argv[1:]))"
+CPU = torch.device("cpu")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="server to use (default: start one on 127.0.0.1)")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[64, 512, 2048], help="block sizes in KiB"
+    )
+    parser.add_argument("--mib", type=int, default=64, help="MiB moved per measurement")
+    parser.add_argument("--repeat", type=int, default=3, help="best of N")
+    parser.add_argument("--trace", help="trace for the sharing figure (default: bundled)")
+    parser.add_argument("--requests", type=int, default=1500, help="trace requests replayed")
+    parser.add_argument("--cpu-blocks", type=int, default=256, help="CPU tier of each engine")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+
+
+def _cache_config(url: str, bb: int, n: int, namespace: str, cpu_blocks: int) -> Config:
+    return Config(
+        block_bytes=bb,
+        gpu=GPUConfig(num_blocks=max(n, 1), device="cpu"),
+        cpu=TierConfig(num_blocks=cpu_blocks),
+        nvme=None,
+        remote=RemoteConfig(url=url, namespace=namespace),
+    )
+
+
+def _raw(url: str, rows: torch.Tensor, prefix: bytes) -> tuple[float, float]:
+    """Seconds of raw SET, then GET (into the same kind of destination), one call per block."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    bb = rows.shape[1]
+    flat = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
+    views = [flat[i * bb : (i + 1) * bb] for i in range(rows.shape[0])]
+    out = torch.empty_like(rows)
+    oflat = memoryview(out.numpy()).cast("B")  # type: ignore[arg-type]
+    dst = [oflat[i * bb : (i + 1) * bb] for i in range(rows.shape[0])]
+    keys = [prefix + b"%d" % i for i in range(len(views))]
+    t0 = time.perf_counter()
+    for key, view in zip(keys, views):
+        client.set(key, view)
+    t1 = time.perf_counter()
+    for key, d in zip(keys, dst):
+        d[:] = client.get(key)  # type: ignore[assignment]
+    t2 = time.perf_counter()
+    assert torch.equal(out, rows)
+    client.delete(*keys)
+    client.close()
+    return t1 - t0, t2 - t1
+
+
+def _medium(url: str, rows: torch.Tensor, namespace: str) -> tuple[float, float]:
+    store = RemoteStore("remote", rows.shape[1], url=url, namespace=namespace)
+    keys: list[Key] = list(range(rows.shape[0]))
+    out = torch.empty_like(rows)
+    t0 = time.perf_counter()
+    store.write_from([], rows, keys)
+    t1 = time.perf_counter()
+    missed = store.read_into([], out, keys)
+    t2 = time.perf_counter()
+    assert missed == []
+    assert torch.equal(out, rows)
+    store.close()
+    return t1 - t0, t2 - t1
+
+
+async def _through_cache(url: str, rows: torch.Tensor, namespace: str) -> tuple[float, float]:
+    """Seconds of ``kv.store`` (write-through to the server) in one cache, then of
+    ``kv.load`` in another whose local tiers are empty."""
+    n, bb = rows.shape
+    cfg = _cache_config(url, bb, n, namespace, cpu_blocks=n)
+    keys = list(range(n))
+    step = max(1, min(n, (8 * 2**20) // bb))  # requests of about 8 MiB
+    async with kvactors.open(cfg) as a:
+        t0 = time.perf_counter()
+        for i in range(0, n, step):
+            await a.store(keys[i : i + step], rows[i : i + step])
+        t1 = time.perf_counter()
+    out = torch.empty_like(rows)
+    async with kvactors.open(cfg) as b:
+        t2 = time.perf_counter()
+        for i in range(0, n, step):
+            got = await b.load(keys[i : i + step], out[i : i + step])
+            assert set(got.tiers) == {"remote"}
+        t3 = time.perf_counter()
+    assert torch.equal(out, rows)
+    return t1 - t0, t3 - t2
+
+
+async def _round_trips(url: str, bb: int, n: int = 200) -> dict[str, float]:
+    import redis
+
+    rows = torch.randint(0, 256, (1, bb), dtype=torch.uint8)
+    view = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
+    client = redis.Redis.from_url(url)
+    client.set(b"bench-rt", view)
+    raw: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        client.get(b"bench-rt")
+        raw.append(time.perf_counter() - t0)
+    client.delete(b"bench-rt")
+    client.close()
+    namespace = f"bench-rt-{uuid.uuid4().hex[:8]}"
+    store = RemoteStore("remote", bb, url=url, namespace=namespace)
+    store.write_from([], rows, [0])
+    medium: list[float] = []
+    dst = torch.empty_like(rows)
+    for _ in range(n):
+        t0 = time.perf_counter()
+        store.read_into([], dst, [0])
+        medium.append(time.perf_counter() - t0)
+    store.write_from([], rows.expand(n, bb).contiguous(), list(range(1, n + 1)))
+    store.close()
+    cache: list[float] = []
+    cfg = _cache_config(url, bb, 1, namespace, cpu_blocks=2 * n)
+    async with kvactors.open(cfg) as kv:
+        for k in range(1, n + 1):
+            t0 = time.perf_counter()
+            await kv.load([k], dst)  # only on the server: a fetch, a promotion, a copy
+            cache.append(time.perf_counter() - t0)
+    return {
+        "raw_get_us": statistics.median(raw) * 1e6,
+        "remote_fetch_us": statistics.median(medium) * 1e6,
+        "kv_load_us": statistics.median(cache) * 1e6,
+    }
+
+
+async def _replay(url: str, namespace: str, half: int, trace: str, requests: int, cpu: int) -> Any:
+    """One engine: every other request of the trace, starting at ``half``."""
+    reqs = load_trace(trace)[:requests][half::2]
+    bb = 4096
+    longest = max(len(r.hash_ids) for r in reqs)
+    cfg = _cache_config(url, bb, longest, namespace, cpu_blocks=cpu)
+    hits = total = 0
+    async with kvactors.open(cfg) as kv:
+        dst = torch.empty((longest, bb), dtype=torch.uint8)
+        for r in reqs:
+            keys = list(r.hash_ids)
+            n = len(keys)
+            got = await kv.load(keys, dst[:n], partial=True)
+            h = len(got.tiers)
+            hits += h
+            total += n
+            if h < n:
+                await kv.store(keys[h:], dst[: n - h])
+    return {"hits": hits, "keys": total}
+
+
+def _sharing(url: str, trace: str, requests: int, cpu: int) -> dict[str, float]:
+    """Hit ratios of two engine processes, alone (own namespaces) and sharing one."""
+    tag = uuid.uuid4().hex[:8]
+    out: dict[str, float] = {}
+    for mode in ("alone", "shared"):
+        procs = []
+        for half in (0, 1):
+            ns = f"bench-{tag}-{mode}" + (f"-{half}" if mode == "alone" else "")
+            cmd = [sys.executable, "-c", _MAIN, "bench", "remote", "--json"]
+            cmd += ["--url", url, "--requests", str(requests), "--cpu-blocks", str(cpu)]
+            cmd += ["--worker", ns, str(half), trace, "x"]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+        hits = keys = 0
+        for p in procs:
+            stdout, _ = p.communicate(timeout=600)
+            if p.returncode != 0:
+                raise RuntimeError(f"bench remote: a replay process failed ({p.returncode})")
+            result = json.loads(stdout.strip().splitlines()[-1])["summary"]
+            hits += result["hits"]
+            keys += result["keys"]
+        out[mode] = hits / keys if keys else 0.0
+    return out
+
+
+def run(args: argparse.Namespace) -> Report:
+    trace = args.trace or str(bundled_trace("conversation"))
+    if args.worker:
+        ns, half, wtrace, _ = args.worker
+        result = anyio.run(_replay, args.url, ns, int(half), wtrace, args.requests, args.cpu_blocks)
+        return Report(
+            title="replay worker",
+            columns=["hits", "keys"],
+            rows=[[result["hits"], result["keys"]]],
+            summary=result,
+        )
+    server = None if args.url else LocalServer().start()
+    url = args.url or server.url  # type: ignore[union-attr]
+    try:
+        return _run(args, url, trace)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _run(args: argparse.Namespace, url: str, trace: str) -> Report:
+    rows_out: list[list[object]] = []
+    summary: dict[str, Any] = {"url": url, "sizes": {}}
+    met = True
+    quiet = args.json
+    for kib in progress(
+        args.sizes, len(args.sizes), "bench remote", enabled=None if not quiet else False
+    ):
+        bb = kib * 1024
+        n = max(4, args.mib * 2**20 // bb)
+        rows = torch.randint(0, 256, (n, bb), dtype=torch.uint8)
+        best: dict[str, float] = {}
+        for _ in range(args.repeat):
+            ns = f"bench-{uuid.uuid4().hex[:8]}"
+            figures = {}
+            figures["raw_set"], figures["raw_get"] = _raw(url, rows, f"{ns}-raw:".encode())
+            figures["medium_put"], figures["medium_get"] = _medium(url, rows, ns + "-m")
+            figures["kv_store"], figures["kv_load"] = anyio.run(_through_cache, url, rows, ns)
+            for name, seconds in figures.items():
+                best[name] = min(best.get(name, float("inf")), seconds)
+            _flush(url, ns)
+        gb = n * bb / 1e9
+        speed = {name: gb / s for name, s in best.items()}
+        store_ratio = speed["kv_store"] / speed["raw_set"]
+        load_ratio = speed["kv_load"] / speed["raw_get"]
+        met &= store_ratio >= GOAL_RATIO and load_ratio >= GOAL_RATIO
+        rows_out.append(
+            ["store", kib, speed["raw_set"], speed["medium_put"], speed["kv_store"], store_ratio]
+        )
+        rows_out.append(
+            ["load", kib, speed["raw_get"], speed["medium_get"], speed["kv_load"], load_ratio]
+        )
+        summary["sizes"][str(kib)] = {
+            **{f"{k}_gbps": v for k, v in speed.items()},
+            "store_ratio": store_ratio,
+            "load_ratio": load_ratio,
+        }
+    trips = anyio.run(_round_trips, url, args.sizes[0] * 1024)
+    summary["round_trip"] = trips
+    share = _sharing(url, trace, args.requests, args.cpu_blocks)
+    summary["sharing"] = share
+    summary["goal_ratio"] = GOAL_RATIO
+    summary["goal_met"] = met
+    notes = [
+        f"round trip of one {args.sizes[0]} KiB block (median us): "
+        f"raw GET {trips['raw_get_us']:.0f}, remote fetch {trips['remote_fetch_us']:.0f}, "
+        f"kv.load {trips['kv_load_us']:.0f}",
+        f"two engines replaying alternate requests ({args.requests} of the trace, "
+        f"{args.cpu_blocks} CPU blocks each): hit ratio alone {share['alone']:.3f}, "
+        f"sharing one server {share['shared']:.3f}",
+        f"goal: kvactors >= {GOAL_RATIO}x raw redis-py at every size: "
+        + ("met" if met else "NOT met"),
+        f"server: {url}; best of {args.repeat}, {args.mib} MiB per measurement",
+    ]
+    return Report(
+        title="remote tier vs raw redis-py (GB/s)",
+        columns=["op", "KiB", "raw redis-py", "remote medium", "kvactors", "ratio"],
+        rows=rows_out,
+        formats={"raw redis-py": GBPS, "remote medium": GBPS, "kvactors": GBPS, "ratio": RATIO},
+        summary=summary,
+        notes=notes,
+    )
+
+
+def _flush(url: str, namespace: str) -> None:
+    """Remove what one repeat wrote (its namespace), so the server never fills up."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    for pattern in (f"{namespace}:*", f"{namespace}-*"):
+        batch = list(client.scan_iter(match=pattern, count=1000))
+        for i in range(0, len(batch), 1000):
+            client.delete(*batch[i : i + 1000])
+    client.close()

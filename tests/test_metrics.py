@@ -1,0 +1,136 @@
+"""The Prometheus exporter, tested by scraping its HTTP endpoint on 127.0.0.1."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+import kvactors
+from kvactors.cache.metrics import CacheMetrics, serve_metrics
+from kvactors.cli.demo import block_bytes_for
+from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
+from kvactors.errors import TierFailed
+
+pytestmark = pytest.mark.anyio
+
+BB = 4096
+
+
+def small_config() -> Config:
+    return Config(
+        block_bytes=BB,
+        gpu=GPUConfig(num_blocks=64, device="cpu"),
+        cpu=TierConfig(num_blocks=8),
+        nvme=NVMeConfig(num_blocks=64, backend="posix"),
+    )
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        body: bytes = reply.read()
+        return body.decode()
+
+
+async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the endpoint: (name, sorted labels) -> value."""
+    text = await anyio.to_thread.run_sync(_get, url)
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+async def test_scraped_metrics_match_the_cache_stats() -> None:
+    keys = list(range(20))
+    with anyio.fail_after(30):
+        async with kvactors.open(small_config()) as kv:
+            kv.gpu_pool.write_rows(keys, block_bytes_for(keys, BB, torch.device("cpu")))  # type: ignore[attr-defined]
+            for i in range(0, 20, 4):
+                await kv.store(keys[i : i + 4], keys[i : i + 4])
+            await kv.lookup(keys)
+            await kv.lookup([999])
+            await kv.load(keys[:4], [40, 41, 42, 43])
+            async with serve_metrics(kv, port=0, interval=0.05) as endpoint:
+                assert endpoint.url.startswith("http://127.0.0.1:")
+                stats = await kv.stats()
+                samples = await scrape(endpoint.url)
+                cpu = stats.policy.tiers["cpu"]
+                assert sample(samples, "kvactors_tier_hits_total", tier="cpu") == cpu.hits
+                assert (
+                    sample(samples, "kvactors_tier_misses_total", tier="cpu")
+                    == cpu.lookup_keys - cpu.hits
+                )
+                assert sample(samples, "kvactors_tier_evictions_total", tier="cpu") == cpu.evictions
+                assert cpu.evictions > 0  # 20 blocks through 8 CPU slots
+                nvme_in = sample(samples, "kvactors_tier_bytes_total", tier="nvme", direction="in")
+                assert nvme_in == stats.tiers["nvme"].bytes_written > 0
+                assert sample(samples, "kvactors_tier_gbps", tier="nvme", direction="in") > 0
+                assert sample(samples, "kvactors_tier_up", tier="nvme") == 1
+                assert sample(samples, "kvactors_tier_blocks", tier="cpu", state="used") == 8
+                assert sample(samples, "kvactors_requests_total", op="store") == 5
+                p99 = sample(
+                    samples, "kvactors_request_latency_seconds", op="load", quantile="0.99"
+                )
+                assert p99 > 0
+                # Refreshed while serving: new work shows in a later scrape.
+                await kv.lookup(keys)
+                with anyio.fail_after(5):
+                    while True:
+                        later = await scrape(endpoint.url)
+                        if sample(later, "kvactors_tier_hits_total", tier="cpu") > cpu.hits:
+                            break
+                        await anyio.sleep(0.02)
+            # Stopped with the block: nothing listens any more.
+            with pytest.raises(urllib.error.URLError):
+                await scrape(endpoint.url)
+
+
+async def test_a_crashed_tier_is_reported_down() -> None:
+    def dead(*args: object) -> None:
+        raise TierFailed("the device is gone")
+
+    with anyio.fail_after(30):
+        async with kvactors.open(small_config().replace(write_mode="write_through")) as kv:
+            kv.medium("nvme").write_buffers = dead  # type: ignore[method-assign]
+            await kv.store([1], torch.zeros(1, BB, dtype=torch.uint8))
+            metrics = CacheMetrics()
+            metrics.update(await kv.stats())
+            text = "\n".join(
+                f"{s.name}{s.labels}={s.value}" for f in metrics.collect() for s in f.samples
+            )
+            assert "kvactors_tier_up{'tier': 'nvme'}=0" in text
+            assert "kvactors_tier_up{'tier': 'cpu'}=1" in text
+
+
+def test_two_exporters_do_not_clash() -> None:
+    a, b = CacheMetrics(), CacheMetrics()
+    assert a.registry is not b.registry
+    assert list(a.collect()) == []  # nothing until the first update
+
+
+async def test_metrics_port_in_the_config_serves_while_the_cache_is_open() -> None:
+    config = small_config().replace(metrics={"port": 0})
+    with anyio.fail_after(30):
+        async with kvactors.open(config) as kv:
+            assert kv.metrics_url is not None
+            await kv.lookup([1])
+            with anyio.fail_after(5):
+                while True:
+                    samples = await scrape(kv.metrics_url)
+                    if sample(samples, "kvactors_requests_total", op="lookup") >= 1:
+                        break
+                    await anyio.sleep(0.05)
+            url = kv.metrics_url
+        with pytest.raises(urllib.error.URLError):
+            await scrape(url)

@@ -1,0 +1,352 @@
+"""The remote tier in the cache, against real servers: engines share blocks through
+one server, a dead server leaves the local tiers serving and comes back by itself,
+evictions are misses, cancellation storms leave no pin, a cluster loses one node."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import torch
+
+import kvactors
+from _redis import redis_cluster, redis_server, server_binary  # noqa: F401
+from kvactors.cli.demo import block_bytes_for
+from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
+from kvactors.errors import BlockNotFoundError
+from kvactors.media.local_server import LocalCluster, LocalServer
+
+pytestmark = pytest.mark.anyio
+
+BB = 16 * 1024
+CPU = torch.device("cpu")
+
+
+def config(remote: RemoteConfig, nvme: bool = False, cpu_blocks: int = 16) -> Config:
+    return Config(
+        block_bytes=BB,
+        gpu=GPUConfig(num_blocks=64, device="cpu"),
+        cpu=TierConfig(num_blocks=cpu_blocks),
+        nvme=NVMeConfig(num_blocks=32, backend="posix") if nvme else None,
+        remote=remote,
+    )
+
+
+def data(keys: list[int]) -> torch.Tensor:
+    return block_bytes_for(keys, BB, CPU).clone()
+
+
+async def store_all(kv: kvactors.KVCache, keys: list[int], step: int = 4) -> None:
+    for i in range(0, len(keys), step):
+        assert await kv.store(keys[i : i + step], data(keys[i : i + step])) is not None
+
+
+async def settled(kv: kvactors.KVCache) -> kvactors.CacheStats:
+    with anyio.fail_after(10):
+        while True:
+            stats = await kv.stats()
+            if all(t.pinned == t.being_written == 0 for t in stats.policy.tiers.values()):
+                return stats
+            await anyio.sleep(0.01)
+
+
+async def test_a_block_stored_by_one_engine_loads_in_another(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """Write-through: cache A's stores reach the server at once; cache B, with empty
+    local tiers, finds them by lookup, loads them byte-exact and promotes them to CPU."""
+    remote = RemoteConfig(url=redis_server.url, model="m1")
+    keys = list(range(24))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as a:
+            await store_all(a, keys)
+        async with kvactors.open(config(remote)) as b:
+            found = await b.lookup(keys)
+            assert found.hits == len(keys)
+            assert set(found.tiers) == {"remote"}
+            out = torch.zeros(8, BB, dtype=torch.uint8)
+            got = await b.load(keys[:8], out)
+            assert got.tiers == ["remote"] * 8
+            assert torch.equal(out, data(keys[:8]))
+            # Promoted: the second load is served by CPU.
+            assert (await b.load(keys[:8], out)).tiers == ["cpu"] * 8
+            stats = await settled(b)
+            assert stats.policy.promoted == 8
+            assert stats.remote is not None
+            assert stats.remote.hits == 8
+            assert stats.tiers["remote"].crashed is None
+        # Another model identity sees none of it.
+        other = RemoteConfig(url=redis_server.url, model="m2")
+        async with kvactors.open(config(other)) as c:
+            assert (await c.lookup(keys)).hits == 0
+
+
+def test_store_in_process_a_load_in_process_b(redis_server: LocalServer) -> None:  # noqa: F811
+    """Two OS processes, each with its own cache, share blocks through one server."""
+    code = textwrap.dedent(
+        f"""
+        import sys, anyio, torch, kvactors
+        from kvactors.cli.demo import block_bytes_for
+        from kvactors.config import Config, GPUConfig, RemoteConfig, TierConfig
+        cfg = Config(block_bytes={BB}, gpu=GPUConfig(num_blocks=64, device="cpu"),
+                     cpu=TierConfig(num_blocks=64), nvme=None,
+                     remote=RemoteConfig(url={redis_server.url!r}))
+        keys = list(range(1000, 1040))
+        want = block_bytes_for(keys, {BB}, torch.device("cpu"))
+        async def main():
+            with anyio.fail_after(60):
+                async with kvactors.open(cfg) as kv:
+                    if sys.argv[1] == "store":
+                        await kv.store(keys, want)
+                    else:
+                        out = torch.zeros_like(want)
+                        got = await kv.load(keys, out)
+                        assert set(got.tiers) == {{"remote"}}, got.tiers
+                        assert torch.equal(out, want)
+                        print("exact", len(keys))
+        anyio.run(main)
+        """
+    )
+    for role in ("store", "load"):
+        done = subprocess.run(
+            [sys.executable, "-c", code, role], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["exact", "40"]
+
+
+async def test_dead_server_leaves_local_tiers_serving_and_reconnects(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """Killed mid-stream: stores and loads of local blocks go on without an error,
+    lookups report only local blocks, the tier shows as down; restarted, it is
+    used again without being told."""
+    remote = RemoteConfig(url=redis_server.url, timeout=0.5, retry_after=0.2)
+    keys = list(range(200))
+    seen_down = 0
+    with anyio.fail_after(60):
+        async with kvactors.open(config(remote, cpu_blocks=64)) as kv:
+            for step in range(40):
+                chunk = keys[step * 4 : step * 4 + 4]
+                if step == 10:
+                    redis_server.kill()
+                if step == 25:
+                    redis_server.start()
+                    await anyio.sleep(0.25)
+                t0 = time.monotonic()
+                assert await kv.store(chunk, data(chunk)) is not None
+                out = torch.zeros(4, BB, dtype=torch.uint8)
+                got = await kv.load(chunk, out)
+                assert got.tiers == ["cpu"] * 4
+                assert torch.equal(out, data(chunk))
+                assert time.monotonic() - t0 < 2.0
+                if 10 <= step < 25:
+                    stats = await kv.stats()
+                    # Down (and tried again every retry_after): seen as failed.
+                    if "remote" in stats.policy.failed:
+                        seen_down += 1
+                    # Nothing beyond the local blocks: the lookup is the local answer.
+                    assert (await kv.lookup([*chunk, 10_000])).hits == 4
+            assert seen_down > 0
+            stats = await kv.stats()
+            assert stats.tiers["remote"].crashed is None
+            assert "remote" not in stats.policy.failed
+            assert stats.remote is not None
+            assert stats.remote.node_failures >= 1
+        # What was written after the restart is on the server for another engine.
+        async with kvactors.open(config(remote)) as other:
+            late = keys[30 * 4 : 31 * 4]
+            assert (await other.lookup(late)).tiers == ["remote"] * 4
+
+
+async def test_damaged_values_are_misses_for_the_cache(redis_server: LocalServer) -> None:  # noqa: F811
+    """Garbage and truncated values on the server: the load stops before them
+    (partial) or reports them missing, never serves their bytes."""
+    remote = RemoteConfig(url=redis_server.url)
+    keys = list(range(8))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as a:
+            await store_all(a, keys)
+        client = redis_server.client()
+        from kvactors.media.remote import RemoteStore
+
+        names = RemoteStore("remote", BB, url=redis_server.url)
+        client.set(names.redis_key(5), b"garbage")
+        client.set(names.redis_key(6), client.get(names.redis_key(6))[:100])
+        names.close()
+        async with kvactors.open(config(remote)) as b:
+            out = torch.zeros(8, BB, dtype=torch.uint8)
+            got = await b.load(keys, out, partial=True)
+            assert len(got.tiers) == 5
+            assert torch.equal(out[:5], data(keys[:5]))
+            assert bool((out[5:] == 0).all())
+            with pytest.raises(BlockNotFoundError):
+                await b.load(keys[5:7], torch.zeros(2, BB, dtype=torch.uint8))
+            stats = await settled(b)
+            assert stats.remote is not None
+            assert stats.remote.corrupt >= 2
+
+
+async def test_maxmemory_reached_is_misses_not_errors() -> None:
+    """A server much smaller than what is stored evicts: no caller sees an error,
+    later lookups and loads find fewer blocks, and whatever is found is exact."""
+    bb = 256 * 1024
+    cfg = Config(
+        block_bytes=bb,
+        gpu=GPUConfig(num_blocks=8, device="cpu"),
+        cpu=TierConfig(num_blocks=8),
+        nvme=None,
+        remote=RemoteConfig(url="redis://127.0.0.1:1/0"),
+    )
+    keys = list(range(48))  # 12 MiB into 3 MiB
+    with LocalServer(binary=server_binary(), maxmemory=3 * 2**20) as server:
+        cfg = cfg.replace(remote={"url": server.url})
+        with anyio.fail_after(60):
+            async with kvactors.open(cfg) as a:
+                for i in range(0, len(keys), 4):
+                    chunk = keys[i : i + 4]
+                    assert await a.store(chunk, block_bytes_for(chunk, bb, CPU)) is not None
+            async with kvactors.open(cfg) as b:
+                present = [k for k in keys if (await b.lookup([k])).hits == 1]
+                assert 0 < len(present) < len(keys)
+                for k in keys:
+                    out = torch.zeros(1, bb, dtype=torch.uint8)
+                    got = await b.load([k], out, partial=True)
+                    if got.tiers:
+                        assert torch.equal(out, block_bytes_for([k], bb, CPU))
+
+
+@pytest.mark.parametrize("policy", ["write_through", "on_demotion"])
+async def test_cancellation_storm_with_the_remote_tier_leaves_no_pin(
+    redis_server: LocalServer,  # noqa: F811
+    policy: str,
+) -> None:
+    remote = RemoteConfig(url=redis_server.url, write_policy=policy)  # type: ignore[arg-type]
+    rng = random.Random(7)
+    keys = list(range(60))
+    with anyio.fail_after(60):
+        async with kvactors.open(config(remote)) as seed:
+            await store_all(seed, keys[:30])
+        async with kvactors.open(config(remote, nvme=True, cpu_blocks=8)) as kv:
+            gpu: Any = kv.gpu_pool
+            gpu.write_rows(list(range(60)), data(keys))
+
+            async def churn(i: int) -> None:
+                with anyio.move_on_after(rng.choice([0, 0.0005, 0.002, 0.01])):
+                    base = rng.randrange(0, 56)
+                    chunk = keys[base : base + 3]
+                    if i % 3 == 0:
+                        await kv.store(chunk, chunk)
+                    elif i % 3 == 1:
+                        await kv.load(chunk, [60, 61, 62] if i % 2 else [63, 62, 61], partial=True)
+                    else:
+                        kv.prefetch(chunk)
+                        await anyio.lowlevel.checkpoint()
+
+            for _ in range(3):
+                async with anyio.create_task_group() as tg:
+                    for i in range(40):
+                        tg.start_soon(churn, i)
+            stats = await settled(kv)
+            for tier in stats.policy.tiers.values():
+                assert tier.pinned == tier.being_written == 0
+                assert tier.used + tier.free == tier.capacity
+            # Whatever is served now is exact, from whichever tier.
+            for k in keys:
+                out = torch.zeros(1, BB, dtype=torch.uint8)
+                if (await kv.load([k], out, partial=True)).tiers:
+                    assert torch.equal(out, data([k]))
+            await settled(kv)
+
+
+async def test_prefetch_promotes_remote_blocks_to_cpu(redis_server: LocalServer) -> None:  # noqa: F811
+    remote = RemoteConfig(url=redis_server.url)
+    keys = list(range(6))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as a:
+            await store_all(a, keys)
+        async with kvactors.open(config(remote)) as b:
+            assert b.prefetch(keys)
+            while (await b.stats()).policy.promoted < len(keys):
+                await anyio.sleep(0.01)
+            found = await b.lookup(keys)
+            assert found.tiers == ["cpu"] * len(keys)
+
+
+async def test_on_demotion_writes_blocks_only_when_they_leave_cpu(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    remote = RemoteConfig(url=redis_server.url, write_policy="on_demotion")
+    keys = list(range(24))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote, cpu_blocks=8)) as a:
+            await store_all(a, keys[:8])
+            assert (await a.stats()).remote.stored == 0  # type: ignore[union-attr]
+            await store_all(a, keys[8:])  # evicts the first 16 from CPU
+            assert (await a.stats()).remote.stored == 16  # type: ignore[union-attr]
+        async with kvactors.open(config(remote)) as b:
+            assert (await b.lookup(keys)).hits == 16
+            out = torch.zeros(16, BB, dtype=torch.uint8)
+            await b.load(keys[:16], out)
+            assert torch.equal(out, data(keys[:16]))
+
+
+async def test_cluster_tier_loses_one_node_without_wrong_bytes(
+    redis_cluster: LocalCluster,  # noqa: F811
+) -> None:
+    """Through the cache on a 3-node cluster: one node killed mid-run makes its
+    blocks misses; every load returns exact bytes or stops short; nothing hangs."""
+    remote = RemoteConfig(url=None, nodes=redis_cluster.nodes, timeout=0.5, retry_after=5)
+    keys = list(range(60))
+    with anyio.fail_after(60):
+        async with kvactors.open(config(remote, cpu_blocks=64)) as a:
+            await store_all(a, keys)
+        async with kvactors.open(config(remote, cpu_blocks=64)) as b:
+            assert (await b.lookup(keys)).hits == len(keys)
+            redis_cluster.servers[2].kill()
+            loaded = missing = 0
+            for k in keys:
+                out = torch.zeros(1, BB, dtype=torch.uint8)
+                t0 = time.monotonic()
+                got = await b.load([k], out, partial=True)
+                assert time.monotonic() - t0 < 2.0
+                if got.tiers:
+                    assert torch.equal(out, data([k]))
+                    loaded += 1
+                else:
+                    missing += 1
+            assert loaded > 10
+            assert missing > 10
+            stats = await b.stats()
+            assert stats.tiers["remote"].crashed is None  # the tier serves on
+            assert stats.remote is not None
+            assert stats.remote.down == [redis_cluster.servers[2].node]
+
+
+def test_demo_with_a_remote_shows_the_remote_tier(
+    redis_server: LocalServer,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``kvactors demo --remote URL``: the remote tier is in the title and the table,
+    and a second run finds the first run's blocks there."""
+    import json
+
+    from kvactors.cli import main
+
+    args = ["demo", "--remote", redis_server.url, "--requests", "60", "--no-nvme"]
+    args += ["--cpu-blocks", "64", "--block-kib", "4"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "GPU pool, CPU, remote" in table
+    assert "cpu->remote" in table
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["summary"]["hits_remote"] > 0
+    assert "remote->cpu" in report["summary"]["moved"]
