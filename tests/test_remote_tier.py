@@ -350,3 +350,29 @@ def test_demo_with_a_remote_shows_the_remote_tier(
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["summary"]["hits_remote"] > 0
     assert "remote->cpu" in report["summary"]["moved"]
+
+
+def test_bench_remote_starts_its_own_server_and_reports_every_figure(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``kvactors bench remote`` with no URL: a throwaway server, store / load GB/s
+    against raw redis-py per size, the round trip, the two-engine hit ratios."""
+    import json
+
+    from kvactors.cli import main
+
+    server_binary()  # skipped without a server binary
+    args = ["bench", "remote", "--sizes", "16", "64", "--mib", "1", "--repeat", "1"]
+    args += ["--requests", "60", "--cpu-blocks", "32", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = report["summary"]
+    assert summary["url"].startswith("redis://127.0.0.1:")
+    for kib in ("16", "64"):
+        figures = summary["sizes"][kib]
+        for name in ("raw_set", "raw_get", "medium_put", "medium_get", "kv_store", "kv_load"):
+            assert figures[f"{name}_gbps"] > 0
+        assert figures["load_ratio"] > 0
+    assert summary["round_trip"]["kv_load_us"] > 0
+    sharing = summary["sharing"]
+    assert 0 <= sharing["alone"] <= sharing["shared"] <= 1
