@@ -13,9 +13,11 @@ from typing import Any
 from kvactors import OffloadingManager
 from kvactors.policy import CachePolicy
 
-POLICY_NAMES = ["lru", "arc", "weighted_lru"]
+POLICY_NAMES = ["lru", "arc", "weighted_lru", "prefix_admit"]
 MANAGER_POLICIES = [f"{name}{core}" for name in POLICY_NAMES for core in ("", "-python")]
 LRU_CORES = ["lru", "lru-python"]
+ADMITTING = frozenset({"prefix_admit"})
+"""Policies that may store fewer new keys than a ``prepare_store`` names."""
 
 
 def make_manager(

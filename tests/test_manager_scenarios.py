@@ -145,7 +145,7 @@ def test_load_pins_in_key_order_and_bad_loads_change_nothing(policy: str) -> Non
 def test_bad_input_gets_typed_errors(policy: str) -> None:
     with pytest.raises(ConfigError, match="num_blocks"):
         OffloadingManager(0, block_size=16)
-    with pytest.raises(UnknownPolicyError, match="arc, lru, weighted_lru"):
+    with pytest.raises(UnknownPolicyError, match="arc, lru, prefix_admit, weighted_lru"):
         OffloadingManager(4, block_size=16, policy="fifo")
     mgr = make_manager(4, policy)
     with pytest.raises(InvalidKeyError, match="str"):

@@ -16,11 +16,12 @@ from kvactors.errors import (
     BlockNotPinnedError,
     BlockNotReadyError,
     BlockStateError,
+    ConfigError,
     InvalidKeyError,
     PolicyError,
 )
 from kvactors.keys import Key
-from kvactors.manager._checks import check_sizes, resolve_policy, use_native
+from kvactors.manager._checks import admits, check_sizes, resolve_policy, use_native
 from kvactors.manager._types import (
     LoadStoreSpec,
     ManagerStats,
@@ -80,9 +81,14 @@ class OffloadingManager:
         native: bool | None = None,
     ) -> OffloadingManager:
         if cls is OffloadingManager and use_native(native):
-            from kvactors.manager._native import NativeManager
+            if not admits(policy):
+                from kvactors.manager._native import NativeManager
 
-            return object.__new__(NativeManager)
+                return object.__new__(NativeManager)
+            if native:
+                raise ConfigError(
+                    f"native=True: the compiled core does not run admission policies ({policy!r})"
+                )
         return object.__new__(cls)
 
     def __init__(
@@ -110,6 +116,8 @@ class OffloadingManager:
         )
         # The policy's ``get`` (a bound C method for the built-in policies).
         self._get = self._policy.get
+        # Optional admission hook: ``admit(keys, new_keys) -> the leading new keys to store``.
+        self._admit = getattr(self._policy, "admit", None)
         self._next_fresh = 0  # ids _next_fresh..num_blocks-1 never handed out
         self._free_list: list[int] = []  # freed ids, last freed on top
         self._stack_first = False  # after restore: the free list before fresh ids
@@ -224,6 +232,11 @@ class OffloadingManager:
         if not to_store:
             return PrepareStoreOutput([], LoadStoreSpec([], self.medium), [])
         _check_new_keys(to_store)
+        if self._admit is not None:
+            # An admission policy may decline new keys: a leading part is stored.
+            to_store = self._admit(list(keys), to_store)
+            if not to_store:
+                return PrepareStoreOutput([], LoadStoreSpec([], self.medium), [])
         free_list = self._free_list
         need = len(to_store) - self.num_free_blocks
         evicted: list[Key] = []

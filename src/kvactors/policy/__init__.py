@@ -5,6 +5,9 @@
   scans mix with reuse.
 - ``weighted_lru``: recency aged by frequency and block size; for workloads
   where a few shared prefixes are reused far more than the rest.
+- ``prefix_admit``: decides admission as well as eviction: declines the new
+  blocks of a chain position that is rarely reused, and keeps each class of
+  block (by chain position, reuse count) in proportion to its measured value.
 
 Each policy implements :class:`CachePolicy`; ``make_policy(name, capacity)``
 builds one by name.
@@ -19,6 +22,7 @@ from kvactors.keys import Key
 from kvactors.policy._base import BlockStatus, CachePolicy
 from kvactors.policy.arc import ARCPolicy
 from kvactors.policy.lru import LRUPolicy
+from kvactors.policy.prefix_admit import PrefixAdmitPolicy
 from kvactors.policy.weighted_lru import WeightedLRUPolicy
 
 __all__ = [
@@ -28,6 +32,7 @@ __all__ = [
     "CachePolicy",
     "Key",
     "LRUPolicy",
+    "PrefixAdmitPolicy",
     "WeightedLRUPolicy",
     "make_policy",
 ]
@@ -36,6 +41,7 @@ POLICIES: dict[str, Callable[[int], CachePolicy]] = {
     "lru": LRUPolicy,
     "arc": ARCPolicy,
     "weighted_lru": WeightedLRUPolicy,
+    "prefix_admit": PrefixAdmitPolicy,
 }
 
 

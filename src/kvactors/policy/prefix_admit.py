@@ -1,0 +1,256 @@
+"""Prefix admission: which of a request's new blocks to store, and how long each class lives.
+
+A prefix cache only reuses an unbroken run of leading blocks, so a block's
+worth depends on where it sits in its request's chain and on what happened
+to blocks like it. This policy sorts every block into a **class**, learns
+online how often blocks of each class are used again, and uses that for two
+decisions:
+
+- **Admission.** :meth:`PrefixAdmitPolicy.admit` sees each ``prepare_store``
+  call's keys (one chain, in order) and, when storing them would evict,
+  declines the new blocks of a class whose value is below the square of the
+  *regret* rate (how often an evicted block is asked for again). The margin
+  is deliberate: a declined block that is used again costs a hit for sure,
+  while an admitted one costs a hit only if its victim is used again, so
+  only classes far below the marginal block are declined (on chat traces, a
+  request's last block: its prompt tail, which the next turn does not share).
+  Declining cuts the chain there (the blocks behind a declined one could
+  never be a leading hit). Declined keys are remembered as ghosts, so a
+  class that turns valuable is admitted again.
+- **Eviction.** GreedyDual over classes: a block's priority is
+  ``H = clock + value(class)`` when stored or touched, the block with the
+  lowest ``H`` leaves first and the clock rises to each victim's ``H``. A
+  class's blocks therefore stay in proportion to its measured value; with a
+  single class this is LRU. Within a class blocks leave in arrival order, and
+  a request's new blocks arrive tail first, so a chain loses its leaves
+  before its head.
+
+The classes, all from what a manager sees (a call's keys are one chain in
+order; ``touch`` is a use):
+
+- a **new** block (stored, never used since) by: whether it is the call's
+  last key, whether the call's leading keys were present (it extends a cached
+  prefix), and the call's length on a log scale (1, 2-7, 8-31, 32+ keys);
+- a **reused** block by its number of uses since stored: 1, 2, 3 or more.
+
+``value(class)`` is ``uses / births``: a birth is a block stored (or
+declined) in the class, or a use moving it there; a use is a touch of a
+block of the class, resident or a ghost (a key evicted or declined within
+the last ``capacity`` such keys). Both counts start at a neutral prior and
+halve when ``births`` passes twice the capacity, so the values follow a
+changing workload within a few turnovers of the tier. The regret rate is
+ghost hits of evicted keys over evictions, halved the same way. Nothing is
+fitted to a trace: every knob is a ratio measured on the running workload
+or a multiple of the tier's own capacity.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Container, Iterable, Iterator, Sequence
+from typing import ClassVar
+
+from kvactors.keys import Key
+from kvactors.policy._base import BlockStatus
+
+__all__ = ["CLASSES", "NEW_CLASSES", "PrefixAdmitPolicy", "new_class"]
+
+NEW_CLASSES = 16
+"""Classes of new blocks: last key (bit 0), extends a present prefix (bit 1), length bucket (bits 2-3)."""
+REUSED_CLASSES = 3
+"""Classes of reused blocks: used once, twice, three times or more since stored."""
+CLASSES = NEW_CLASSES + REUSED_CLASSES
+
+PRIOR_BIRTHS = 1.0
+PRIOR_USES = 0.5
+"""Each class starts at value 0.5: neither favoured nor starved before any feedback."""
+
+
+def new_class(position: int, length: int, extends: bool) -> int:
+    """The class of a new block at ``position`` of a call of ``length`` keys."""
+    bucket = min(length.bit_length() // 2, 3)  # 1 | 2-7 | 8-31 | 32+ keys
+    return (position == length - 1) | (extends << 1) | (bucket << 2)
+
+
+def _promoted(cls: int) -> int:
+    """The class a block moves to when it is used."""
+    return NEW_CLASSES if cls < NEW_CLASSES else min(cls + 1, CLASSES - 1)
+
+
+class PrefixAdmitPolicy:
+    """Prefix-aware admission with class-valued GreedyDual eviction (see the module).
+
+    - ``admit(keys, new)`` returns the leading part of ``new`` worth storing.
+    - ``insert`` gives a key the class ``admit`` chose (a new, non-last,
+      length-1 class when ``admit`` was not called, as for ``restore``).
+    - ``touch`` walks the keys in reverse: a ready resident key counts a use
+      of its class and moves to the next reused class, with
+      ``H = clock + value``; a ghost counts a use of the class it left.
+      Blocks still being written are not touched.
+    - ``evict(n)`` merges the class lists by ``H`` (lowest first, list order
+      on ties), skipping pinned, being-written and protected blocks.
+    """
+
+    name: ClassVar[str] = "prefix_admit"
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.clock = 0.0
+        self.births = [PRIOR_BIRTHS] * CLASSES
+        self.uses = [PRIOR_USES] * CLASSES
+        self.evictions = PRIOR_BIRTHS
+        self.regrets = 0.0
+        self.lists: list[OrderedDict[Key, float]] = [OrderedDict() for _ in range(CLASSES)]
+        # key -> class of an evicted (class) or declined (-1 - class) key, oldest first.
+        self.ghosts: OrderedDict[Key, int] = OrderedDict()
+        self._blocks: dict[Key, BlockStatus] = {}
+        self._class: dict[Key, int] = {}
+        self._chosen: dict[Key, int] = {}  # admitted, not yet inserted
+        self.get = self._blocks.get
+
+    # -- what is learned -------------------------------------------------------
+
+    def value(self, cls: int) -> float:
+        """Uses per birth of class ``cls``: how often such a block is used again."""
+        return self.uses[cls] / self.births[cls]
+
+    @property
+    def regret(self) -> float:
+        """Ghost hits of evicted keys per eviction: what an eviction costs."""
+        return self.regrets / self.evictions
+
+    def _born(self, cls: int) -> None:
+        births = self.births[cls] + 1.0
+        if births > 2.0 * self.capacity:
+            births *= 0.5
+            self.uses[cls] *= 0.5
+        self.births[cls] = births
+
+    def _ghost(self, key: Key, tag: int) -> None:
+        ghosts = self.ghosts
+        ghosts[key] = tag
+        if len(ghosts) > self.capacity:
+            ghosts.popitem(last=False)
+
+    def _ghost_hit(self, key: Key) -> None:
+        tag = self.ghosts.pop(key, None)
+        if tag is None:
+            return
+        if tag >= 0:
+            self.uses[tag] += 1.0
+            self.regrets += 1.0
+        else:
+            self.uses[-1 - tag] += 1.0
+
+    # -- the CachePolicy protocol ----------------------------------------------
+
+    def admit(self, keys: Sequence[Key], new: Sequence[Key]) -> list[Key]:
+        """The leading keys of ``new`` (the keys of ``keys`` not held, in order) to store.
+
+        A new key whose class is worth less than ``regret ** 2`` is declined,
+        with every new key after it, but only when storing all of ``new``
+        would evict: a tier with room stores everything.
+        """
+        if not new:
+            return []
+        blocks = self._blocks
+        length = len(keys)
+        extends = bool(length) and keys[0] in blocks
+        full = len(blocks) + len(new) > self.capacity
+        bar = self.regret**2
+        chosen = self._chosen
+        admitted: list[Key] = []
+        declined = False
+        pending = iter(new)
+        want = next(pending)
+        for position, key in enumerate(keys):
+            if key != want:
+                continue
+            cls = new_class(position, length, extends)
+            self._ghost_hit(key)
+            self._born(cls)
+            if not declined and full and self.value(cls) < bar:
+                declined = True
+            if declined:
+                self._ghost(key, -1 - cls)
+            else:
+                chosen[key] = cls
+                admitted.append(key)
+            want = next(pending, None)
+            if want is None:
+                break
+        return admitted
+
+    def insert(self, key: Key, block: BlockStatus) -> None:
+        cls = self._chosen.pop(key, 0)
+        self._blocks[key] = block
+        self._class[key] = cls
+        self.lists[cls][key] = self.clock + self.value(cls)
+
+    def insert_many(self, items: Iterable[tuple[Key, BlockStatus]]) -> None:
+        # Tail first: within a class the chain's last blocks leave first.
+        for key, block in reversed(list(items)):
+            self.insert(key, block)
+
+    def remove(self, key: Key) -> None:
+        del self._blocks[key]
+        del self.lists[self._class.pop(key)][key]
+
+    def touch(self, keys: Sequence[Key]) -> None:
+        blocks = self._blocks
+        classes = self._class
+        lists = self.lists
+        for key in reversed(keys):
+            block = blocks.get(key)
+            if block is None:
+                if key in self.ghosts:
+                    self._ghost_hit(key)
+                continue
+            if block.ref_cnt < 0:
+                continue  # just stored, not yet written: not a use
+            cls = classes[key]
+            del lists[cls][key]
+            self.uses[cls] += 1.0
+            cls = _promoted(cls)
+            self._born(cls)
+            classes[key] = cls
+            lists[cls][key] = self.clock + self.value(cls)
+
+    def evict(self, n: int, protected: Container[Key]) -> list[tuple[Key, BlockStatus]] | None:
+        if n <= 0:
+            return []
+        blocks = self._blocks
+
+        def eligible(cls: int) -> Iterator[tuple[float, int, Key]]:
+            for key, prio in self.lists[cls].items():
+                if blocks[key].ref_cnt == 0 and key not in protected:
+                    yield prio, cls, key
+
+        sources = [eligible(cls) for cls in range(CLASSES) if self.lists[cls]]
+        picks: list[tuple[float, int, Key]] = []
+        for _, pick in zip(range(n), heapq.merge(*sources)):
+            picks.append(pick)
+        if len(picks) < n:
+            return None
+        victims: list[tuple[Key, BlockStatus]] = []
+        for prio, cls, key in picks:
+            del self.lists[cls][key]
+            del self._class[key]
+            victims.append((key, blocks.pop(key)))
+            self.clock = max(self.clock, prio)
+            self._ghost(key, cls)
+        self.evictions += n
+        if self.evictions > 2.0 * self.capacity:
+            self.evictions *= 0.5
+            self.regrets *= 0.5
+        return victims
+
+    def keys(self) -> Iterator[Key]:
+        return iter(self._blocks)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._blocks
