@@ -14,6 +14,12 @@ farthest (never-again first; on ties the block deeper in its request). Hits
 are counted as for the manager, as the number of *leading* resident blocks.
 On traces of chained prefix hashes this is an upper bound of every policy's
 hit ratio; on other traces it need not be (see ``docs/replay.md``).
+
+:func:`replay_served` replays the same requests through the served cache
+(``kvactors.open``: the coordinator, the policy actor and a CPU tier actor),
+as a serving engine drives it: ``load(blocks, partial=True)`` of the leading
+blocks available, then ``store(blocks)``. With ``move_bytes=False`` no byte
+moves; with ``True`` every block is copied in and out of a real CPU pool.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
+import anyio
 import msgspec
 
 from kvactors.cli.report import COUNT, RATIO, Report, progress
+from kvactors.config import Config, TierConfig
 from kvactors.errors import ConfigError, InvalidKeyError
 from kvactors.keys import Key
 from kvactors.manager import OffloadingManager
@@ -44,7 +52,9 @@ __all__ = [
     "belady",
     "capacity_blocks",
     "handshake",
+    "gap_share",
     "replay",
+    "replay_served",
     "resolve_trace",
     "run",
 ]
@@ -134,6 +144,90 @@ def replay(
         stores_refused=refused,
         evictions=manager.stats().evictions,
     )
+
+
+SERVED_BLOCK_BYTES = 64
+"""Bytes per block of ``replay --served --bytes``: real copies, small enough for any trace."""
+
+
+async def _served(
+    requests: Sequence[Sequence[Key]],
+    policy: str,
+    capacity: int,
+    move_bytes: bool,
+    show_progress: bool | None,
+) -> tuple[int, int, int, int]:
+    import torch
+
+    import kvactors
+
+    bb = SERVED_BLOCK_BYTES
+    config = Config(
+        block_bytes=bb,
+        cpu=TierConfig(num_blocks=capacity, policy=policy),
+        nvme=None,
+        move_bytes=move_bytes,
+    )
+    hits = refused = declined = 0
+    async with kvactors.open(config) as kv:
+        label = f"{policy} (served)"
+        for blocks in progress(requests, len(requests), label, enabled=show_progress):
+            keys = list(blocks)
+            side = torch.zeros((len(keys), bb), dtype=torch.uint8) if move_bytes else None
+            found = len((await kv.load(keys, side, partial=True)).tiers)
+            hits += found
+            out = await kv.store(keys, side)
+            if out is None:
+                refused += 1
+            else:
+                # Keys neither stored nor present: the policy declined them.
+                declined += len(keys) - out.stored - out.present
+        stats = (await kv.stats()).policy.tiers["cpu"]
+    return hits, refused, stats.evictions, declined
+
+
+def replay_served(
+    requests: Sequence[Sequence[Key]],
+    policy: str,
+    capacity: int,
+    *,
+    move_bytes: bool = False,
+    show_progress: bool | None = False,
+) -> ReplayResult:
+    """Replay ``requests`` through the served cache (``kvactors.open``) with a CPU tier
+    of ``capacity`` blocks under ``policy``, and no NVMe tier.
+
+    Per request: ``load(blocks, partial=True)`` (its leading available blocks
+    are the hits), then ``store(blocks)`` (``None`` counts as a refused store).
+    ``move_bytes=True`` copies every block (64 bytes each) through a real CPU
+    pool; ``False`` runs the same handshakes with no bytes. Raises
+    :class:`~kvactors.errors.ConfigError` for ``capacity <= 0`` and
+    :class:`~kvactors.errors.UnknownPolicyError`-carrying ``ConfigError`` for an
+    unknown policy (as ``Config`` does).
+    """
+    if type(capacity) is not int or capacity <= 0:
+        raise ConfigError(f"capacity must be a positive int, got {capacity!r}")
+    hits, refused, evictions, _ = anyio.run(
+        _served, requests, policy, capacity, move_bytes, show_progress
+    )
+    return ReplayResult(
+        policy=policy,
+        capacity=capacity,
+        requests=len(requests),
+        accesses=sum(map(len, requests)),
+        hits=hits,
+        stores_refused=refused,
+        evictions=evictions,
+    )
+
+
+def gap_share(hits: int, lru_hits: int, min_hits: int) -> float | None:
+    """The share of the LRU -> MIN gap that ``hits`` closes (``None`` when there is no gap).
+
+    0 is LRU, 1 is MIN; below 0 is worse than LRU.
+    """
+    gap = min_hits - lru_hits
+    return (hits - lru_hits) / gap if gap > 0 else None
 
 
 def _next_uses(requests: Sequence[Sequence[Key]]) -> list[list[int]]:
@@ -327,6 +421,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="eviction policy to replay (default: all)",
     )
     add_capacity_arguments(parser)
+    parser.add_argument(
+        "--served",
+        action="store_true",
+        help="replay through the served cache (kvactors.open: real actors) instead of "
+        "one bare manager",
+    )
+    parser.add_argument(
+        "--bytes",
+        action="store_true",
+        help="with --served: copy every block's bytes (64 B blocks) instead of "
+        "moving metadata only",
+    )
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -338,16 +444,32 @@ def run(args: argparse.Namespace) -> Report:
     capacity = capacity_blocks(unique, blocks=args.blocks, fraction=args.capacity)
     show: bool | None = False if args.json else None
     names = list(POLICIES) if args.policy == "all" else [args.policy]
+    served: bool = args.served
+    if args.bytes and not served:
+        raise ConfigError("--bytes needs --served (a bare manager moves no bytes)")
+    mode = ("served, bytes" if args.bytes else "served, no bytes") if served else "manager"
+
+    def one(name: str) -> ReplayResult:
+        if served:
+            return replay_served(
+                requests, name, capacity, move_bytes=args.bytes, show_progress=show
+            )
+        return replay(requests, name, capacity, show_progress=show)
 
     bound = belady(requests, capacity, show_progress=show)
     results: dict[str, tuple[ReplayResult, float]] = {}
     for name in names:
         start = time.perf_counter()
-        result = replay(requests, name, capacity, show_progress=show)
+        result = one(name)
         results[name] = (result, time.perf_counter() - start)
+    # The gap is measured from LRU replayed the same way.
+    lru = results["lru"][0] if "lru" in results else one("lru")
 
     def of_bound(result: ReplayResult) -> float | None:
         return result.hits / bound.hits if bound.hits else None
+
+    def of_gap(result: ReplayResult) -> float | None:
+        return gap_share(result.hits, lru.hits, bound.hits)
 
     rows: list[list[object]] = [
         [
@@ -356,6 +478,7 @@ def run(args: argparse.Namespace) -> Report:
             result.hit_ratio,
             bound.hit_ratio,
             of_bound(result),
+            of_gap(result),
             result.stores_refused,
             result.evictions,
         ]
@@ -373,8 +496,15 @@ def run(args: argparse.Namespace) -> Report:
         f"capacity: {capacity:,} blocks ({size})",
         f"MIN bound: Belady's offline MIN on the same accesses, {bound.hits:,} hits; "
         "'of MIN' is a policy's hits over MIN's.",
+        "'of gap' is the share of the LRU -> MIN gap a policy closes (0 = LRU, 1 = MIN).",
         "hits count the leading blocks of a request found ready (prefix hits), "
         "for the policies and MIN alike.",
+        "replayed through the served cache (kvactors.open: coordinator, policy actor, "
+        "CPU tier actor), "
+        + ("copying every block's bytes" if args.bytes else "metadata only (move_bytes=False)")
+        if served
+        else "replayed through one OffloadingManager (lookup, touch, prepare_store, "
+        "complete_store)",
     ]
     if bound.hits != bound.resident_hits:
         notes.append(
@@ -394,6 +524,8 @@ def run(args: argparse.Namespace) -> Report:
         "unique_blocks": unique,
         "capacity_blocks": capacity,
         "capacity_fraction": fraction,
+        "mode": mode,
+        "lru_hits": lru.hits,
         "belady": {
             "hits": bound.hits,
             "resident_hits": bound.resident_hits,
@@ -406,6 +538,7 @@ def run(args: argparse.Namespace) -> Report:
                 "hits": result.hits,
                 "hit_ratio": result.hit_ratio,
                 "of_belady": of_bound(result),
+                "of_gap": of_gap(result),
                 "stores_refused": result.stores_refused,
                 "evictions": result.evictions,
                 "seconds": seconds,
@@ -414,18 +547,26 @@ def run(args: argparse.Namespace) -> Report:
         },
     }
     return Report(
-        title=f"replay: {path.name}, {capacity:,} blocks",
+        title=f"replay: {path.name}, {capacity:,} blocks"
+        + (" (served cache)" if served else ""),
         columns=[
             "policy",
             "hits",
             "hit ratio",
             "MIN bound",
             "of MIN",
+            "of gap",
             "stores refused",
             "evictions",
         ],
         rows=rows,
         summary=summary,
         notes=notes,
-        formats={"hit ratio": RATIO, "MIN bound": RATIO, "of MIN": RATIO, "hits": COUNT},
+        formats={
+            "hit ratio": RATIO,
+            "MIN bound": RATIO,
+            "of MIN": RATIO,
+            "of gap": RATIO,
+            "hits": COUNT,
+        },
     )
