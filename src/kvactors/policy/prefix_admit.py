@@ -37,7 +37,7 @@ order; ``touch`` is a use):
 declined) in the class, or a use moving it there; a use is a touch of a
 block of the class, resident or a ghost (a key evicted or declined within
 the last ``capacity`` such keys). Both counts start at a neutral prior and
-halve when ``births`` passes twice the capacity, so the values follow a
+halve when ``births`` passes four times the capacity, so the values follow a
 changing workload within a few turnovers of the tier. The regret rate is
 ghost hits of evicted keys over evictions, halved the same way. Nothing is
 fitted to a trace: every knob is a ratio measured on the running workload
@@ -57,7 +57,9 @@ from kvactors.policy._base import BlockStatus
 __all__ = ["CLASSES", "NEW_CLASSES", "PrefixAdmitPolicy", "new_class"]
 
 NEW_CLASSES = 16
-"""Classes of new blocks: last key (bit 0), extends a present prefix (bit 1), length bucket (bits 2-3)."""
+"""Classes of new blocks: not the call's last key (bit 0), extends a present prefix
+(bit 1), length bucket (bits 2-3). A last key's class sorts first, so on equal
+priority a chain's last block leaves before its other blocks."""
 REUSED_CLASSES = 3
 """Classes of reused blocks: used once, twice, three times or more since stored."""
 CLASSES = NEW_CLASSES + REUSED_CLASSES
@@ -70,7 +72,7 @@ PRIOR_USES = 0.5
 def new_class(position: int, length: int, extends: bool) -> int:
     """The class of a new block at ``position`` of a call of ``length`` keys."""
     bucket = min(length.bit_length() // 2, 3)  # 1 | 2-7 | 8-31 | 32+ keys
-    return (position == length - 1) | (extends << 1) | (bucket << 2)
+    return (position != length - 1) | (extends << 1) | (bucket << 2)
 
 
 def _promoted(cls: int) -> int:
@@ -82,8 +84,10 @@ class PrefixAdmitPolicy:
     """Prefix-aware admission with class-valued GreedyDual eviction (see the module).
 
     - ``admit(keys, new)`` returns the leading part of ``new`` worth storing.
-    - ``insert`` gives a key the class ``admit`` chose (a new, non-last,
-      length-1 class when ``admit`` was not called, as for ``restore``).
+    - ``insert`` gives a key the class ``admit`` chose (class 0 when
+      ``admit`` was not called, as for ``restore``).
+    - ``insert_many`` (one call's keys, in chain order) inserts them tail
+      first, each with ``H = clock + value``.
     - ``touch`` walks the keys in reverse: a ready resident key counts a use
       of its class and moves to the next reused class, with
       ``H = clock + value``; a ghost counts a use of the class it left.
@@ -93,6 +97,8 @@ class PrefixAdmitPolicy:
     """
 
     name: ClassVar[str] = "prefix_admit"
+    window: ClassVar[float] = 4.0
+    """Counts halve after this many capacities' worth of births (or evictions)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -122,7 +128,7 @@ class PrefixAdmitPolicy:
 
     def _born(self, cls: int) -> None:
         births = self.births[cls] + 1.0
-        if births > 2.0 * self.capacity:
+        if births > self.window * self.capacity:
             births *= 0.5
             self.uses[cls] *= 0.5
         self.births[cls] = births
@@ -182,14 +188,18 @@ class PrefixAdmitPolicy:
                 break
         return admitted
 
-    def insert(self, key: Key, block: BlockStatus) -> None:
-        cls = self._chosen.pop(key, 0)
+    def _put(self, key: Key, block: BlockStatus, cls: int, prio: float) -> None:
         self._blocks[key] = block
         self._class[key] = cls
-        self.lists[cls][key] = self.clock + self.value(cls)
+        self.lists[cls][key] = prio
+
+    def insert(self, key: Key, block: BlockStatus) -> None:
+        cls = self._chosen.pop(key, 0)
+        self._put(key, block, cls, self.clock + self.value(cls))
 
     def insert_many(self, items: Iterable[tuple[Key, BlockStatus]]) -> None:
-        # Tail first: within a class the chain's last blocks leave first.
+        # One call's keys in chain order: the tail enters its class list first,
+        # so within a class a chain loses its leaves before its head.
         for key, block in reversed(list(items)):
             self.insert(key, block)
 
@@ -241,7 +251,7 @@ class PrefixAdmitPolicy:
             self.clock = max(self.clock, prio)
             self._ghost(key, cls)
         self.evictions += n
-        if self.evictions > 2.0 * self.capacity:
+        if self.evictions > self.window * self.capacity:
             self.evictions *= 0.5
             self.regrets *= 0.5
         return victims
