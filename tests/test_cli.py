@@ -50,11 +50,11 @@ def test_replay_table(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert lines[0] == "replay: hand.jsonl, 4 blocks"
     assert lines[1] == ""
     assert lines[2].split() == [
-        "policy", "hits", "hit", "ratio", "MIN", "bound", "of", "MIN", "stores", "refused",
-        "evictions",
+        "policy", "hits", "hit", "ratio", "MIN", "bound", "of", "MIN", "of", "gap", "stores",
+        "refused", "evictions",
     ]  # fmt: skip
     assert set(lines[3]) == {"-", " "}
-    assert lines[4].split() == ["lru", "7", "0.389", "0.500", "0.778", "0", "6"]
+    assert lines[4].split() == ["lru", "7", "0.389", "0.500", "0.778", "0.000", "0", "6"]
     assert len(lines) > 5
     assert lines[5] == ""
     notes = lines[6:]
@@ -94,13 +94,19 @@ def test_replay_json_summary(trace: Path, capsys: pytest.CaptureFixture[str]) ->
         "evictions": 8,
     }
     policies = summary["policies"]
-    assert list(policies) == ["lru", "arc", "weighted_lru"]
+    assert list(policies) == ["lru", "arc", "weighted_lru", "prefix_admit"]
     lru = policies["lru"]
     assert (lru["hits"], lru["evictions"], lru["stores_refused"]) == (5, 8, 0)
     assert lru["hit_ratio"] == 5 / 18
     assert lru["of_belady"] == 5 / 6
     rows = report["rows"]
-    assert rows[0] == ["lru", 5, 5 / 18, 6 / 18, 5 / 6, 0, 8]
+    assert rows[0] == ["lru", 5, 5 / 18, 6 / 18, 5 / 6, 0.0, 0, 8]
+    assert summary["mode"] == "manager"
+    assert summary["lru_hits"] == 5
+    assert lru["of_gap"] == 0.0
+    # Every policy's share of the LRU -> MIN gap (5 -> 6 hits) is (hits - 5) / 1.
+    for name, result in policies.items():
+        assert result["of_gap"] == result["hits"] - 5, name
 
 
 def test_replay_capacity_floor_from_the_cli(
@@ -234,3 +240,25 @@ def test_console_script_keeps_stdout_clean(trace: Path) -> None:
     assert done.returncode == 0
     assert done.stderr == ""
     assert json.loads(done.stdout)["summary"]["policies"]["lru"]["hits"] == 7
+
+
+def test_replay_served_from_the_cli(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--served replays through kvactors.open; --bytes copies the blocks too; the
+    summary says which, and both give the same placements."""
+    assert main(["replay", str(trace), "--blocks", "4", "--served", "--json"]) == 0
+    plain = last_json(capsys.readouterr().out)
+    assert plain["summary"]["mode"] == "served, no bytes"
+    assert plain["title"] == "replay: hand.jsonl, 4 blocks (served cache)"
+    assert any("served cache" in note for note in plain["notes"])
+    assert main(["replay", str(trace), "--blocks", "4", "--served", "--bytes", "--json"]) == 0
+    copied = last_json(capsys.readouterr().out)
+    assert copied["summary"]["mode"] == "served, bytes"
+    for name, result in plain["summary"]["policies"].items():
+        other = copied["summary"]["policies"][name]
+        assert (result["hits"], result["evictions"]) == (other["hits"], other["evictions"])
+        assert result["of_gap"] is None or isinstance(result["of_gap"], float)
+
+
+def test_replay_bytes_needs_served(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", str(trace), "--blocks", "4", "--bytes"]) == 2
+    assert "--bytes needs --served" in capsys.readouterr().err

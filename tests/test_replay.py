@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvactors.cli.replay import belady, capacity_blocks, replay, resolve_trace
+from kvactors.cli.replay import (
+    belady,
+    capacity_blocks,
+    gap_share,
+    replay,
+    replay_served,
+    resolve_trace,
+)
 from kvactors.errors import ConfigError, InvalidKeyError, KVActorsError
 from kvactors.policy import POLICIES
 from kvactors.traces import BUNDLED_TRACES, TraceError, TraceRequest, bundled_trace, load_trace
@@ -307,3 +314,61 @@ def test_resolve_trace_names_and_paths(tmp_path: Path, monkeypatch: pytest.Monke
     write_trace(tmp_path / "synthetic", [[1]])
     assert resolve_trace("synthetic") == Path("synthetic")  # an existing file wins
     assert resolve_trace("x.jsonl") == Path("x.jsonl")
+
+
+# -- the LRU -> MIN gap and the served cache ---------------------------------------
+
+
+def test_gap_share() -> None:
+    assert gap_share(80, 80, 100) == 0.0
+    assert gap_share(90, 80, 100) == 0.5
+    assert gap_share(100, 80, 100) == 1.0
+    assert gap_share(70, 80, 100) == -0.5  # worse than LRU
+    assert gap_share(5, 5, 5) is None  # no gap to close
+
+
+def chained_trace() -> list[list[int]]:
+    """Two sessions of growing chains and one-off requests: a chained trace."""
+    return [
+        [0, 1, 2], [0, 3], [0, 1, 2, 4], [5, 6], [0, 3, 7], [0, 1, 2, 4, 8],
+        [9], [0, 3, 7, 10], [5, 6, 11], [0, 1, 2], [0, 3, 7, 10, 12],
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_served_replay_with_and_without_bytes_agree(policy: str) -> None:
+    """The served cache places blocks the same whether or not bytes move, and on a
+    chained trace with no refused store MIN bounds it."""
+    requests = chained_trace()
+    bare = replay_served(requests, policy, 4)
+    copied = replay_served(requests, policy, 4, move_bytes=True)
+    assert (bare.hits, bare.evictions, bare.stores_refused) == (
+        copied.hits,
+        copied.evictions,
+        copied.stores_refused,
+    )
+    assert bare.accesses == sum(map(len, requests))
+    assert bare.policy == policy
+    assert 0 < bare.hits <= belady(requests, 4).hits
+
+
+def test_served_lru_applies_recency() -> None:
+    """4 blocks: [1] is loaded (a hit, hence an access) before each store of two new
+    blocks, so it stays while everything stored around it is evicted; a cache that
+    ignored loads would evict 1 at the third store."""
+    requests = [[1]]
+    for i in range(20):
+        requests += [[1], [100 + 2 * i, 101 + 2 * i]]
+    result = replay_served(requests, "lru", 4)
+    assert result.hits == 20  # every [1] after the first
+    assert replay(requests, "lru", 4).hits == 20  # as the bare manager
+
+
+def test_served_replay_refuses_requests_larger_than_the_tier() -> None:
+    result = replay_served([[1, 2, 3], [1]], "lru", 2)
+    assert (result.hits, result.stores_refused) == (0, 1)
+
+
+def test_served_replay_rejects_a_bad_capacity() -> None:
+    with pytest.raises(ConfigError):
+        replay_served([[1]], "lru", 0)
