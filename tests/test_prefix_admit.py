@@ -82,7 +82,8 @@ def test_declines_a_class_worth_less_than_the_regret_squared() -> None:
     policy = _declining_policy()
     mgr = make_manager(4, policy)
     out = mgr.prepare_store([1, 2, 3])  # room for all: nothing is declined
-    assert out is not None and out.block_hashes_to_store == [1, 2, 3]
+    assert out is not None
+    assert out.block_hashes_to_store == [1, 2, 3]
     mgr.complete_store([1, 2, 3])
     out = mgr.prepare_store([5, 6, 7])  # would evict: the last key is declined
     assert out is not None
@@ -116,14 +117,16 @@ def test_a_declined_class_is_admitted_again_after_ghost_hits() -> None:
     assert declined > 0
     assert policy.value(last) >= policy.regret**2
     out = mgr.prepare_store([900, 901, 902])
-    assert out is not None and out.block_hashes_to_store == [900, 901, 902]
+    assert out is not None
+    assert out.block_hashes_to_store == [900, 901, 902]
 
 
 def test_a_tier_with_room_stores_everything() -> None:
     policy = _declining_policy()
     mgr = make_manager(16, policy)
     out = mgr.prepare_store([1, 2, 3])
-    assert out is not None and out.block_hashes_to_store == [1, 2, 3]
+    assert out is not None
+    assert out.block_hashes_to_store == [1, 2, 3]
 
 
 def test_refusal_still_means_nothing_changed() -> None:
@@ -132,7 +135,8 @@ def test_refusal_still_means_nothing_changed() -> None:
     mgr.complete_store(mgr.prepare_store([1, 2]).block_hashes_to_store)  # type: ignore[union-attr]
     mgr.prepare_load([1, 2])
     assert mgr.prepare_store([3]) is None
-    assert len(mgr) == 2 and mgr.num_free_blocks == 0
+    assert len(mgr) == 2
+    assert mgr.num_free_blocks == 0
 
 
 @pytest.mark.parametrize("shape", sorted(WORKLOADS))

@@ -51,8 +51,8 @@ __all__ = [
     "add_arguments",
     "belady",
     "capacity_blocks",
-    "handshake",
     "gap_share",
+    "handshake",
     "replay",
     "replay_served",
     "resolve_trace",
@@ -547,8 +547,7 @@ def run(args: argparse.Namespace) -> Report:
         },
     }
     return Report(
-        title=f"replay: {path.name}, {capacity:,} blocks"
-        + (" (served cache)" if served else ""),
+        title=f"replay: {path.name}, {capacity:,} blocks" + (" (served cache)" if served else ""),
         columns=[
             "policy",
             "hits",

@@ -169,7 +169,7 @@ class PrefixAdmitPolicy:
         admitted: list[Key] = []
         declined = False
         pending = iter(new)
-        want = next(pending)
+        want: Key | None = next(pending)
         for position, key in enumerate(keys):
             if key != want:
                 continue
