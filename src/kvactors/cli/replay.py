@@ -12,8 +12,10 @@ accesses all its blocks; a request that fits stores its missing blocks,
 evicting the resident blocks not in the request whose next access is
 farthest (never-again first; on ties the block deeper in its request). Hits
 are counted as for the manager, as the number of *leading* resident blocks.
-On traces of chained prefix hashes this is an upper bound of every policy's
-hit ratio; on other traces it need not be (see ``docs/replay.md``).
+On traces of chained prefix hashes this is an upper bound of the hit ratio of
+every policy that stores every missing block (not of one that declines
+stores, such as ``prefix_admit``); on other traces it need not be (see
+``docs/replay.md``).
 
 :func:`replay_served` replays the same requests through the served cache
 (``kvactors.open``: the coordinator, the policy actor and a CPU tier actor),
@@ -201,9 +203,8 @@ def replay_served(
     are the hits), then ``store(blocks)`` (``None`` counts as a refused store).
     ``move_bytes=True`` copies every block (64 bytes each) through a real CPU
     pool; ``False`` runs the same handshakes with no bytes. Raises
-    :class:`~kvactors.errors.ConfigError` for ``capacity <= 0`` and
-    :class:`~kvactors.errors.UnknownPolicyError`-carrying ``ConfigError`` for an
-    unknown policy (as ``Config`` does).
+    :class:`~kvactors.errors.ConfigError` for ``capacity <= 0`` or an unknown
+    policy (as ``Config`` does).
     """
     if type(capacity) is not int or capacity <= 0:
         raise ConfigError(f"capacity must be a positive int, got {capacity!r}")
