@@ -7,7 +7,10 @@ import pytest
 
 from _managers import make_manager
 from _workloads import WORKLOADS
+from kvactors import OffloadingManager
 from kvactors.cli.replay import belady, replay
+from kvactors.errors import ConfigError
+from kvactors.manager import NATIVE
 from kvactors.policy import PrefixAdmitPolicy, make_policy
 from kvactors.policy.prefix_admit import NEW_CLASSES, new_class
 
@@ -153,3 +156,14 @@ def test_never_falls_apart_on_unseen_sharing_shapes(shape: str, seed: int) -> No
         ours = replay(requests, "prefix_admit", capacity).hits
         assert ours >= 0.99 * lru, (shape, seed, fraction, ours, lru)
         assert ours <= belady(requests, capacity).hits
+
+
+def test_runs_on_the_python_manager() -> None:
+    """The compiled core does not ask ``admit``: an admission policy runs on the
+    Python manager by default, and demanding the compiled core is a ConfigError."""
+    mgr = OffloadingManager(4, block_size=16, policy="prefix_admit")
+    assert not mgr.native
+    assert isinstance(mgr.policy, PrefixAdmitPolicy)
+    if NATIVE:
+        with pytest.raises(ConfigError, match="admission"):
+            OffloadingManager(4, block_size=16, policy="prefix_admit", native=True)
