@@ -94,7 +94,8 @@ def test_both_cores_raise_the_same_constructor_errors(native: bool) -> None:
         OffloadingManager(2**31, block_size=16, native=native)
     big = OffloadingManager(2**31 - 1, block_size=16, native=native)
     assert big.num_free_blocks == 2**31 - 1
-    with pytest.raises(UnknownPolicyError, match="'bogus'; supported: arc, lru, prefix_admit, weighted_lru"):
+    known = "arc, lru, prefix_admit, weighted_lru"
+    with pytest.raises(UnknownPolicyError, match=f"'bogus'; supported: {known}"):
         OffloadingManager(4, block_size=16, policy="bogus", native=native)
     with pytest.raises(UnknownPolicyError, match="got NoneType"):
         OffloadingManager(4, block_size=16, policy=None, native=native)  # type: ignore[arg-type]
