@@ -13,17 +13,16 @@ and kvactors in multi-process mode (front-end, engine core, worker).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kvactors.vllm import extra_config
+from kvactors.vllm.engine import EngineRunError, run_in_subprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("KVACTORS_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -57,27 +56,13 @@ def _kv(tmp: Path, **more: Any) -> dict[str, Any]:
     )
 
 
-def _run(python: Path, tmp: Path, name: str, spec: dict[str, Any], multiprocess: bool) -> Any:
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    proc = subprocess.run(
-        [str(python), "-m", "kvactors.vllm.engine", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-        cwd=tmp,
-        check=False,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-6000:])
-        pytest.fail(f"vLLM run {name!r} failed (rc {proc.returncode}); its stderr is above")
-    return json.loads(lines[-1][len("RESULT ") :])
+def _run(python: Path, name: str, spec: dict[str, Any], multiprocess: bool) -> Any:
+    try:
+        return run_in_subprocess(
+            str(python), spec, multiprocess=multiprocess, pythonpath=[str(ROOT / "tests")]
+        )
+    except EngineRunError as exc:
+        pytest.fail(f"vLLM run {name!r}: {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +89,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     corrupt = _kv(tmp / "c", spec_name="CorruptingSpec")
     corrupt["spec_module_path"] = "kvactors_corrupt_spec"
     return {
-        "none": _run(python, tmp, "none", {**base, "executor": "uni"}, False),
-        "kv": _run(python, tmp, "kv", {**base, "executor": "uni", "extra_config": _kv(tmp)}, False),
+        "none": _run(python, "none", {**base, "executor": "uni"}, False),
+        "kv": _run(python, "kv", {**base, "executor": "uni", "extra_config": _kv(tmp)}, False),
         "corrupt": _run(
             python, tmp, "corrupt", {**base, "executor": "uni", "extra_config": corrupt}, False
         ),

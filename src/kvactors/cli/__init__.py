@@ -44,6 +44,7 @@ BENCHES: list[tuple[str, str]] = [
     ("transfer", "kvactors.cli.bench.transfer"),
     ("nvme-index", "kvactors.cli.bench.nvme_index"),
     ("remote", "kvactors.cli.bench.remote"),
+    ("vllm", "kvactors.cli.bench.vllm"),
 ]
 """``kvactors bench`` subcommands: (name, module), modules under ``kvactors.cli.bench``."""
 

@@ -14,16 +14,88 @@ as vLLM expects.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["TINY_LLAMA", "build_tiny_llama", "main", "run_prompts"]
+from kvactors.errors import KVActorsError
+
+__all__ = [
+    "TINY_LLAMA",
+    "EngineRunError",
+    "build_tiny_llama",
+    "find_vllm_python",
+    "main",
+    "run_in_subprocess",
+    "run_prompts",
+]
+
+_ROOT = Path(__file__).resolve().parents[3]
+
+
+class EngineRunError(KVActorsError):
+    """A vLLM run failed, or no interpreter with vLLM was found."""
+
+
+def find_vllm_python() -> str | None:
+    """An interpreter that imports vLLM: ``$KVACTORS_VLLM_PYTHON``, this one, or the
+    checkout's ``.venv-vllm`` (made by ``scripts/setup.sh --test``); ``None`` if none."""
+    env = os.environ.get("KVACTORS_VLLM_PYTHON")
+    if env:
+        return env
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    venv = _ROOT / ".venv-vllm" / "bin" / "python"
+    return str(venv) if venv.exists() else None
+
+
+def run_in_subprocess(
+    python: str,
+    spec: dict[str, Any],
+    *,
+    multiprocess: bool = False,
+    pythonpath: list[str] | None = None,
+    timeout: float = 1800,
+) -> dict[str, Any]:
+    """:func:`run_prompts` with the keyword arguments ``spec``, in a fresh ``python``
+    process (``multiprocess``: vLLM's default front-end / engine-core split, else
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Raises :class:`EngineRunError` with the
+    end of its stderr when it fails."""
+    env = dict(os.environ)
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([*pythonpath, env.get("PYTHONPATH", "")])
+    with tempfile.TemporaryDirectory(prefix="kvactors-vllm-") as tmp:
+        path = Path(tmp) / "spec.json"
+        path.write_text(json.dumps(spec))
+        try:
+            proc = subprocess.run(
+                [python, "-m", "kvactors.vllm.engine", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+                cwd=tmp,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise EngineRunError(f"vLLM run timed out after {timeout:.0f} s") from exc
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = proc.stderr[-4000:]
+        raise EngineRunError(f"vLLM run failed (exit {proc.returncode}):\n{tail}")
+    result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
+    return result
+
 
 TINY_LLAMA: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],

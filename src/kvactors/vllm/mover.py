@@ -10,11 +10,14 @@ store (:class:`~kvactors.media.FileStore`) and runs each job's
 A row is one offload chunk: ``blocks_per_chunk`` sub-blocks, each the pages of
 the group's layers side by side.
 
-Host KV tensors: numpy copies, one ``memcpy`` per page, single pass (advanced
-index assignment, which torch does element by element on the CPU, is not
-used). CUDA tensors: a gather (or an index copy) on the device plus one
-asynchronous copy per run of adjacent pool rows, on the mover's own stream,
-into pinned memory.
+Host KV tensors: numpy slice copies, one ``memcpy`` per run of pages adjacent
+in both the KV tensor and the pool, single pass
+(:func:`~kvactors.paged.kv_tensors.copy_row_runs`; torch's advanced-index
+assignment goes element by element on the CPU).
+
+CUDA tensors: a gather (or an index copy) on the device plus one asynchronous
+copy per run of adjacent pool rows, on the mover's own stream, into pinned
+memory.
 """
 
 from __future__ import annotations
@@ -26,12 +29,11 @@ import threading
 import time
 from collections.abc import Sequence
 
-import numpy as np
-import numpy.typing as npt
 import torch
 
 from kvactors.errors import ConfigError, TensorSpecError, TransferError
 from kvactors.media import FileStore, MemoryPool, resolve_nvme_backend
+from kvactors.paged.kv_tensors import copy_row_runs
 from kvactors.vllm.tiers import TransferPlan
 
 __all__ = ["BlockMover", "GPUBlocks", "JobResult", "PagedRows"]
@@ -188,20 +190,11 @@ class PagedRows:
         to_pool: bool,
     ) -> None:
         kv = self._np[idx]
-        dst_np: npt.NDArray[np.uint8] = pool.numpy()
-        bidx = np.asarray(block_ids, dtype=np.int64)
-        runs = _runs(pool_rows)
+        cols = pool.numpy()[:, lo:hi]
         if to_pool:
-            # One pass per run of adjacent pool rows: np.take writes straight into
-            # the strided row slice.
-            for pos, first, n in runs:
-                np.take(kv, bidx[pos : pos + n], axis=0, out=dst_np[first : first + n, lo:hi])
-            return
-        if len(runs) == 1:
-            _, first, n = runs[0]
-            kv[bidx] = dst_np[first : first + n, lo:hi]
+            copy_row_runs(kv, block_ids, cols, pool_rows)
         else:
-            kv[bidx] = dst_np[np.asarray(pool_rows, dtype=np.int64), lo:hi]
+            copy_row_runs(cols, pool_rows, kv, block_ids)
 
     def _device(
         self,
