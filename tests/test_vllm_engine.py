@@ -92,11 +92,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "none": _run(python, "none", {**base, "executor": "uni"}, False),
         "kv": _run(python, "kv", {**base, "executor": "uni", "extra_config": _kv(tmp)}, False),
         "corrupt": _run(
-            python, tmp, "corrupt", {**base, "executor": "uni", "extra_config": corrupt}, False
+            python, "corrupt", {**base, "executor": "uni", "extra_config": corrupt}, False
         ),
-        "mp": _run(
-            python, tmp, "mp", {**base, "executor": "mp", "extra_config": _kv(tmp / "m")}, True
-        ),
+        "mp": _run(python, "mp", {**base, "executor": "mp", "extra_config": _kv(tmp / "m")}, True),
     }
 
 

@@ -70,6 +70,30 @@ def test_blocks_per_chunk_and_groups() -> None:
     assert torch.equal(pool[3, 32:], u[1][3])
 
 
+@pytest.mark.parametrize("device_path", [False, True])
+def test_rows_with_no_slot_are_skipped(device_path: bool) -> None:
+    """Slot -1 rows are left out; ``device_path`` runs the staging path CUDA uses
+    (whole rows staged, row runs copied) on CPU tensors."""
+    tensors = caches(2, 16, 32)
+    rows = PagedRows(tensors, [[0, 1]])
+    pool = torch.zeros((8, rows.row_bytes), dtype=torch.uint8)
+    spec = GPUBlocks([3, 9, 4, 7], [4], [0])
+    slots = [5, -1, 6, 2]
+    move = rows._move_device if device_path else rows._move
+    move(spec, pool, slots, True)
+    for b, s in ((3, 5), (4, 6), (7, 2)):
+        assert torch.equal(pool[s], expected_row(tensors, b))
+    assert not pool[[0, 1, 3, 4, 7]].any()
+    before = [t.clone() for t in tensors]
+    for t in tensors:
+        t.zero_()
+    move(spec, pool, slots, False)
+    for t, o in zip(tensors, before):
+        for b in (3, 4, 7):
+            assert torch.equal(t[b], o[b])
+        assert not t[9].any()
+
+
 def test_bad_tensors_are_named() -> None:
     with pytest.raises(TensorSpecError, match="no tensors"):
         PagedRows([], [[]])

@@ -239,3 +239,17 @@ def test_slot_counts() -> None:
     assert num_slots(0, 4096, 1, "nvme_bytes") == 0
     with pytest.raises(ConfigError, match=r"'cpu_bytes'.*hold no block"):
         num_slots(100, 4096, 1, "cpu_bytes")
+
+
+def test_store_is_refused_while_every_cpu_slot_is_busy() -> None:
+    tiers = TieredManager(2, 4)
+    first = tiers.prepare_store([k(0), k(1)])  # both slots being written
+    assert first is not None
+    assert tiers.prepare_store([k(2)]) is None
+    tiers.complete_store(first[0])
+    pinned = tiers.prepare_load([k(0), k(1)])  # both slots pinned by a load
+    assert pinned.cpu_slots == first[1].cpu_slots
+    assert tiers.prepare_store([k(3)]) is None
+    assert tiers.take_counters()["failed_stores"] == 2
+    tiers.complete_load([k(0), k(1)])
+    assert tiers.prepare_store([k(3)]) is not None

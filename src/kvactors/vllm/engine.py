@@ -46,10 +46,10 @@ class EngineRunError(KVActorsError):
 
 
 def find_vllm_python() -> str | None:
-    """An interpreter that imports vLLM: ``$KVACTORS_VLLM_PYTHON``, this one, or the
+    """An interpreter that imports vLLM: ``$KVACTORS_VLLM_PYTHON`` (if it exists), this one, or the
     checkout's ``.venv-vllm`` (made by ``scripts/setup.sh --test``); ``None`` if none."""
     env = os.environ.get("KVACTORS_VLLM_PYTHON")
-    if env:
+    if env and Path(env).exists():
         return env
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable

@@ -15,13 +15,14 @@ in both the KV tensor and the pool, single pass
 (:func:`~kvactors.paged.kv_tensors.copy_row_runs`; torch's advanced-index
 assignment goes element by element on the CPU).
 
-CUDA tensors: a gather (or an index copy) on the device plus one asynchronous
-copy per run of adjacent pool rows, on the mover's own stream, into pinned
-memory.
+CUDA tensors: whole rows staged on the device (gathers and index copies there),
+one asynchronous copy per run of adjacent pool rows to or from the pinned
+pool, all on the mover's own stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -50,15 +51,15 @@ class GPUBlocks:
     block_indices: list[int]
 
 
-def _runs(ids: Sequence[int]) -> list[tuple[int, int, int]]:
-    """``(position, first_id, length)`` of each run of consecutive ids."""
+def _runs(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(a[i], b[i], length)`` of each run of positions adjacent in both lists."""
     out: list[tuple[int, int, int]] = []
-    i, n = 0, len(ids)
+    i, n = 0, len(a)
     while i < n:
         j = i + 1
-        while j < n and ids[j] == ids[j - 1] + 1:
+        while j < n and a[j] == a[j - 1] + 1 and b[j] == b[j - 1] + 1:
             j += 1
-        out.append((i, ids[i], j - i))
+        out.append((a[i], b[i], j - i))
         i = j
     return out
 
@@ -159,67 +160,64 @@ class PagedRows:
     def _move(
         self, blocks: GPUBlocks, pool: torch.Tensor, slots: Sequence[int], to_pool: bool
     ) -> None:
-        bpc = self.blocks_per_chunk
+        if self.device.type != "cpu":
+            self._move_device(blocks, pool, slots, to_pool)
+            return
         for g, rows, subs, ids in self.mapping(blocks):
-            sub_bytes = self.sub_bytes[g]
-            for sub in range(bpc):
+            for sub in range(self.blocks_per_chunk):
                 sel = [i for i in range(len(ids)) if subs[i] == sub and slots[rows[i]] >= 0]
                 if not sel:
                     continue
                 pool_rows = [slots[rows[i]] for i in sel]
                 block_ids = [ids[i] for i in sel]
-                base = sub * sub_bytes
+                base = sub * self.sub_bytes[g]
                 for tensor, idx, offset in self.groups[g]:
-                    lo = base + offset
-                    hi = lo + tensor.shape[1]
-                    if self.device.type == "cpu":
-                        self._host(idx, pool, pool_rows, block_ids, lo, hi, to_pool)
+                    cols = pool.numpy()[:, base + offset : base + offset + tensor.shape[1]]
+                    kv = self._np[idx]
+                    if to_pool:
+                        copy_row_runs(kv, block_ids, cols, pool_rows)
                     else:
-                        self._device(tensor, pool, pool_rows, block_ids, lo, hi, to_pool)
+                        copy_row_runs(cols, pool_rows, kv, block_ids)
+
+    def _move_device(
+        self, blocks: GPUBlocks, pool: torch.Tensor, slots: Sequence[int], to_pool: bool
+    ) -> None:
+        """Through a device staging buffer of whole rows (one per key of the job):
+        gathers and index copies on the device, whole-row copies to and from the
+        (pinned) pool, one per run of adjacent pool rows, all on the mover's stream
+        (written for CUDA; it runs on any device, which is how it is tested here)."""
+        plan = self.mapping(blocks)
+        num_rows = 1 + max((max(rows) for _, rows, _, _ in plan), default=-1)
+        rows_used = [r for r in range(num_rows) if slots[r] >= 0]
+        runs = _runs(rows_used, [slots[r] for r in rows_used])
+        on_stream = (
+            torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        )
+        with on_stream:
+            staged = torch.empty((num_rows, self.row_bytes), dtype=torch.uint8, device=self.device)
+            if not to_pool:
+                for r0, first, n in runs:
+                    staged[r0 : r0 + n].copy_(pool[first : first + n], non_blocking=True)
+            for g, rows, subs, ids in plan:
+                for sub in range(self.blocks_per_chunk):
+                    sel = [i for i in range(len(ids)) if subs[i] == sub and slots[rows[i]] >= 0]
+                    if not sel:
+                        continue
+                    ridx = torch.tensor([rows[i] for i in sel], dtype=torch.long)
+                    bidx = torch.tensor([ids[i] for i in sel], dtype=torch.long)
+                    ridx, bidx = ridx.to(self.device), bidx.to(self.device)
+                    base = sub * self.sub_bytes[g]
+                    for tensor, _, offset in self.groups[g]:
+                        lo, hi = base + offset, base + offset + tensor.shape[1]
+                        if to_pool:
+                            staged[ridx, lo:hi] = tensor.index_select(0, bidx)
+                        else:
+                            tensor.index_copy_(0, bidx, staged[ridx, lo:hi])
+            if to_pool:
+                for r0, first, n in runs:
+                    pool[first : first + n].copy_(staged[r0 : r0 + n], non_blocking=True)
         if self.stream is not None:
             self.stream.synchronize()
-
-    def _host(
-        self,
-        idx: int,
-        pool: torch.Tensor,
-        pool_rows: list[int],
-        block_ids: list[int],
-        lo: int,
-        hi: int,
-        to_pool: bool,
-    ) -> None:
-        kv = self._np[idx]
-        cols = pool.numpy()[:, lo:hi]
-        if to_pool:
-            copy_row_runs(kv, block_ids, cols, pool_rows)
-        else:
-            copy_row_runs(cols, pool_rows, kv, block_ids)
-
-    def _device(
-        self,
-        tensor: torch.Tensor,
-        pool: torch.Tensor,
-        pool_rows: list[int],
-        block_ids: list[int],
-        lo: int,
-        hi: int,
-        to_pool: bool,
-    ) -> None:
-        assert self.stream is not None
-        with torch.cuda.stream(self.stream):
-            bidx = torch.tensor(block_ids, dtype=torch.long).to(self.device, non_blocking=True)
-            if to_pool:
-                staged = tensor.index_select(0, bidx)
-                for pos, first, n in _runs(pool_rows):
-                    pool[first : first + n, lo:hi].copy_(staged[pos : pos + n], non_blocking=True)
-            else:
-                staged = torch.empty(
-                    (len(block_ids), hi - lo), dtype=torch.uint8, device=self.device
-                )
-                for pos, first, n in _runs(pool_rows):
-                    staged[pos : pos + n].copy_(pool[first : first + n, lo:hi], non_blocking=True)
-                tensor.index_copy_(0, bidx, staged)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,7 @@ from vllm.v1.kv_offload.config import OffloadingConfig
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvactors.keys import Key
+from kvactors.media import resolve_nvme_backend
 from kvactors.vllm.config import VLLMSettings, num_slots, parse_settings
 from kvactors.vllm.mover import BlockMover, GPUBlocks, PagedRows
 from kvactors.vllm.tiers import COUNTERS, CPU, NVME, TieredManager, TransferPlan
@@ -239,6 +240,8 @@ class KVActorsOffloadingSpec(OffloadingSpec):  # type: ignore[misc]
         row = config.worker_kv_bytes_per_block * self.blocks_per_chunk
         self.cpu_slots = num_slots(self.settings.cpu_bytes, row, world, "cpu_bytes")
         self.nvme_slots = num_slots(self.settings.nvme_bytes, row, world, "nvme_bytes")
+        if self.settings.nvme_bytes:  # kvikio asked for where it cannot load: fail at start
+            resolve_nvme_backend(self.settings.nvme_backend)
         self._manager: KVActorsManager | None = None
         self._worker: KVActorsWorker | None = None
 
