@@ -31,6 +31,7 @@ from kvactors.errors import KVActorsError
 __all__ = [
     "TINY_LLAMA",
     "EngineRunError",
+    "build_in_subprocess",
     "build_tiny_llama",
     "find_vllm_python",
     "main",
@@ -55,6 +56,25 @@ def find_vllm_python() -> str | None:
         return sys.executable
     venv = _ROOT / ".venv-vllm" / "bin" / "python"
     return str(venv) if venv.exists() else None
+
+
+def build_in_subprocess(python: str, directory: str | Path, **overrides: Any) -> Path:
+    """:func:`build_tiny_llama` run by ``python`` (which has ``safetensors``, as vLLM's
+    environment does)."""
+    code = (
+        "import json, sys; from kvactors.vllm.engine import build_tiny_llama; "
+        "build_tiny_llama(sys.argv[1], **json.loads(sys.argv[2]))"
+    )
+    proc = subprocess.run(
+        [python, "-c", code, str(directory), json.dumps(overrides)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise EngineRunError(f"building the model failed:\n{proc.stderr[-2000:]}")
+    return Path(directory)
 
 
 def run_in_subprocess(

@@ -43,7 +43,7 @@ from kvactors.traces import TraceRequest, bundled_trace, load_trace
 from kvactors.vllm import extra_config
 from kvactors.vllm.engine import (
     EngineRunError,
-    build_tiny_llama,
+    build_in_subprocess,
     find_vllm_python,
     run_in_subprocess,
 )
@@ -351,7 +351,7 @@ def _run_engines(
             f"request's {max_model_len} tokens"
         )
     with tempfile.TemporaryDirectory(prefix="kvactors-bench-vllm-") as tmp:
-        model = build_tiny_llama(Path(tmp) / "model", **BENCH_MODEL)
+        model = build_in_subprocess(python, Path(tmp) / "model", **BENCH_MODEL)
         nvme_dir = args.nvme_dir or str(Path(tmp) / "nvme")
         base: dict[str, Any] = {
             "model": str(model),
