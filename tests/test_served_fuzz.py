@@ -99,7 +99,9 @@ def make_side(kind: str, keys: Any, lane: int, store: bool) -> tuple[Any, bool]:
         "out_of_range": [*slots[:-1], 10_000],
         "twice": [slots[0]] * max(n, 2),
         "bad_shape": torch.zeros(n, BB - 1, dtype=torch.uint8),
-        "strided": torch.zeros(BB, n, dtype=torch.uint8).t(),
+        # Every other byte of wider rows: not contiguous whatever n is (a single row
+        # of a transposed (BB, 1) tensor would count as contiguous).
+        "strided": torch.zeros(n, 2 * BB, dtype=torch.uint8)[:, ::2],
         "meta": torch.empty(n, BB, dtype=torch.uint8, device="meta"),
         "float_tensor": torch.zeros(n, BB // 4 + 1, dtype=torch.float32),
     }[kind], False
