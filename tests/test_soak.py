@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import anyio
 import pytest
 
-from kvactors.cli.soak import run_soak
+import kvactors
+from kvactors.cli.demo import block_bytes_for
+from kvactors.cli.soak import run_soak, settle
+from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
+from kvactors.media.faults import InjectedFaults
 
 pytestmark = pytest.mark.anyio
 
@@ -22,3 +29,62 @@ async def test_soak_with_faults_loses_nothing(seed: int) -> None:
     assert res.lost == 0
     assert res.invariants_ok
     assert res.events_dropped == 0
+
+
+async def test_settle_waits_for_a_prefetch_still_dropping_a_corrupt_block() -> None:
+    """A prefetch whose promotion read fails its checksum completes its plan (no pin,
+    nothing being written) and only then drops the block; the soak must count its
+    model after that drop, or the block is counted lost (seen once as lost=1)."""
+    config = Config(
+        block_bytes=4096,
+        gpu=GPUConfig(num_blocks=4, device="cpu"),
+        cpu=TierConfig(num_blocks=2),
+        nvme=NVMeConfig(num_blocks=8, backend="posix"),
+    )
+    gate = threading.Event()
+    entered = threading.Event()
+    with anyio.fail_after(30):
+        async with kvactors.open(config) as kv:
+            pool: Any = kv.gpu_pool
+            for key in range(3):  # the CPU tier holds 2: key 0 is demoted to NVMe
+                pool.write_rows([0], block_bytes_for([key], 4096, pool.device))
+                await kv.store([key], [0])
+            assert (await kv.lookup([0])).tiers == ["nvme"]
+            nvme: Any = kv.medium("nvme")
+            nvme.faults = InjectedFaults(0, p_corrupt=1.0)
+            drop = nvme.drop
+
+            def gated_drop(keys: list[Any]) -> None:
+                entered.set()
+                gate.wait(20)
+                drop(keys)
+
+            nvme.drop = gated_drop
+            events: Any = await kv.events()
+            with events:
+                try:
+                    assert kv.prefetch([0])
+                    while not entered.is_set():
+                        await anyio.sleep(0.005)
+                    # The plan is complete: nothing pinned or being written, mailbox
+                    # empty; the corrupt block is not dropped yet.
+                    stats = await kv.stats()
+                    tiers = stats.policy.tiers.values()
+                    assert not any(t.pinned or t.being_written for t in tiers)
+                    assert stats.actors[0].mailbox_depth == 0
+                    assert stats.actors[0].in_hand == 1
+                    with anyio.move_on_after(0.3) as waited:
+                        await settle(kv)
+                    assert waited.cancelled_caught  # still dropping: not settled
+                finally:
+                    gate.set()
+                stats = await settle(kv)
+                assert stats.actors[0].in_hand == 0
+                seen = []
+                while True:
+                    try:
+                        seen.append(events.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+            assert any(e.kind == "corrupted" and e.tier == "nvme" and 0 in e.keys for e in seen)
+            assert (await kv.lookup([0])).hits == 0

@@ -70,7 +70,8 @@ class Envelope:
 
 
 class ActorStats(msgspec.Struct, frozen=True):
-    """Counters of one actor. ``mailbox_depth`` is the number of queued messages."""
+    """Counters of one actor. ``mailbox_depth`` is the number of queued messages,
+    ``in_hand`` the number being handled (in serving tasks or askers' tasks)."""
 
     name: str
     mailbox_depth: int
@@ -79,6 +80,7 @@ class ActorStats(msgspec.Struct, frozen=True):
     failed: int
     hints_dropped: int
     running: bool
+    in_hand: int = 0
 
 
 class Actor(Generic[M]):
@@ -342,4 +344,5 @@ class Actor(Generic[M]):
             failed=self._failed,
             hints_dropped=self._dropped,
             running=self._running,
+            in_hand=self._in_hand,
         )
