@@ -7,9 +7,9 @@ on the I/O path users run, the compiled loop included). At the end:
 
 - every loaded block was checked against the bytes derived from its key
   (``wrong_bytes`` must be 0);
-- a model built only from the cache's own events says which keys should be
-  present; a key it holds that ``lookup`` cannot find was lost silently
-  (``lost`` must be 0);
+- once the cache is idle (see :func:`settle`), a model built only from the
+  cache's own events says which keys should be present; a key it holds that
+  ``lookup`` cannot find was lost silently (``lost`` must be 0);
 - every tier has no pins, no blocks being written, and ``used + free == capacity``.
 """
 
