@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
@@ -45,7 +45,7 @@ def _fan_out(pool: ThreadPoolExecutor, fn: Callable[[P], T], parts: list[P]) -> 
     return [first, *(future.result() for future in futures)]
 
 
-def _pairs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:
+def adjacent_runs(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[tuple[int, int, int]]:
     """Runs adjacent in both id lists: ``(first_src, first_dst, length)``."""
     runs: list[tuple[int, int, int]] = []
     i = 0
@@ -144,17 +144,17 @@ def copy_rows(
     per run (pinned host memory makes them DMA), on the current stream.
     """
     if src.device.type == "cpu" and dst.device.type == "cpu":
-        _host_copy(src.numpy(), dst.numpy(), _pairs(src_ids, dst_ids), pool)
+        _host_copy(src.numpy(), dst.numpy(), adjacent_runs(src_ids, dst_ids), pool)
         return
     if src.device.type != "cpu":
         index = torch.tensor(src_ids, dtype=torch.long, device=src.device)
         gathered = src.index_select(0, index)
         pos = 0
-        for _, di, n in _pairs(list(range(len(src_ids))), dst_ids):
+        for _, di, n in adjacent_runs(list(range(len(src_ids))), dst_ids):
             dst[di : di + n].copy_(gathered[pos : pos + n], non_blocking=True)
             pos += n
         return
-    for si, di, n in _pairs(src_ids, dst_ids):
+    for si, di, n in adjacent_runs(src_ids, dst_ids):
         dst[di : di + n].copy_(src[si : si + n], non_blocking=True)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from kvactors.errors import PagedCacheError, TensorSpecError
+from kvactors.media.memory import adjacent_runs
 from kvactors.paged.config import KVCacheConfig
 
 __all__ = ["KVTensors", "copy_row_runs"]
@@ -38,14 +39,8 @@ def copy_row_runs(src: Any, src_rows: Sequence[int], dst: Any, dst_rows: Sequenc
     ``index_copy_`` go element by element and ``index_select`` into a strided
     ``out`` buffers, several times slower for KV-sized rows.
     """
-    i, n = 0, len(src_rows)
-    while i < n:
-        j = i + 1
-        while j < n and src_rows[j] == src_rows[j - 1] + 1 and dst_rows[j] == dst_rows[j - 1] + 1:
-            j += 1
-        s, d = src_rows[i], dst_rows[i]
-        dst[d : d + j - i] = src[s : s + j - i]
-        i = j
+    for s, d, n in adjacent_runs(src_rows, dst_rows):
+        dst[d : d + n] = src[s : s + n]
 
 
 class KVTensors:

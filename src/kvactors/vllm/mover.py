@@ -34,6 +34,7 @@ import torch
 
 from kvactors.errors import ConfigError, TensorSpecError, TransferError
 from kvactors.media import FileStore, MemoryPool, resolve_nvme_backend
+from kvactors.media.memory import adjacent_runs
 from kvactors.paged.kv_tensors import copy_row_runs
 from kvactors.vllm.tiers import TransferPlan
 
@@ -49,19 +50,6 @@ class GPUBlocks:
     block_ids: list[int]
     group_sizes: list[int]
     block_indices: list[int]
-
-
-def _runs(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, int, int]]:
-    """``(a[i], b[i], length)`` of each run of positions adjacent in both lists."""
-    out: list[tuple[int, int, int]] = []
-    i, n = 0, len(a)
-    while i < n:
-        j = i + 1
-        while j < n and a[j] == a[j - 1] + 1 and b[j] == b[j - 1] + 1:
-            j += 1
-        out.append((a[i], b[i], j - i))
-        i = j
-    return out
 
 
 class PagedRows:
@@ -189,7 +177,7 @@ class PagedRows:
         plan = self.mapping(blocks)
         num_rows = 1 + max((max(rows) for _, rows, _, _ in plan), default=-1)
         rows_used = [r for r in range(num_rows) if slots[r] >= 0]
-        runs = _runs(rows_used, [slots[r] for r in rows_used])
+        runs = adjacent_runs(rows_used, [slots[r] for r in rows_used])
         on_stream = (
             torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         )
