@@ -155,18 +155,26 @@ class KVTensors:
             out.view(torch.uint8).view(n, -1).copy_(staged)
             return out
         if self.device.type == "cpu":
-            rows_np = view.numpy()
-            ids = list(block_ids)
-            positions = range(n)
-            for layer, raw in enumerate(self._layers_as(view)):
-                raw_np = raw.numpy()
-                for side in (0, 1):
-                    copy_row_runs(raw_np[side], ids, rows_np[:, layer, side], positions)
+            self._host_copy(view, block_ids, into_rows=True)
             return out
         for layer, raw in enumerate(self._layers_as(view)):
             for side in (0, 1):
                 torch.index_select(raw[side], 0, idx, out=view[:, layer, side])
         return out
+
+    def _host_copy(self, view: torch.Tensor, block_ids: Sequence[int], *, into_rows: bool) -> None:
+        """Host gather (``into_rows``) or scatter between the pool and offload rows
+        ``view``: one slice copy per run of blocks adjacent in both, every layer and side."""
+        rows_np = view.numpy()
+        ids = list(block_ids)
+        positions = range(len(ids))
+        for layer, raw in enumerate(self._layers_as(view)):
+            raw_np = raw.numpy()
+            for side in (0, 1):
+                if into_rows:
+                    copy_row_runs(raw_np[side], ids, rows_np[:, layer, side], positions)
+                else:
+                    copy_row_runs(rows_np[:, layer, side], positions, raw_np[side], ids)
 
     def scatter(self, block_ids: Sequence[int], rows: torch.Tensor) -> None:
         """Write offload row ``i`` of ``rows`` into block ``block_ids[i]``, every layer.
@@ -184,13 +192,7 @@ class KVTensors:
         if view.device != self.device:
             view = view.to(self.device)
         if self.device.type == "cpu":
-            rows_np = view.numpy()
-            ids = list(block_ids)
-            positions = range(n)
-            for layer, raw in enumerate(self._layers_as(view)):
-                raw_np = raw.numpy()
-                for side in (0, 1):
-                    copy_row_runs(rows_np[:, layer, side], positions, raw_np[side], ids)
+            self._host_copy(view, block_ids, into_rows=False)
             return
         for layer, raw in enumerate(self._layers_as(view)):
             raw[:, idx] = view[:, layer].transpose(0, 1)
