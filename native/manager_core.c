@@ -532,7 +532,9 @@ prepare_store(Core *self, PyObject *seq)
         goto done;
     }
     /* From here on only the keys to_store holds are read (and, by the
-     * Python entry's evict, the snapshot it always gets). */
+     * policy's admit and evict, the call's keys: built-in policies run no
+     * Python code while reading them, the Python entry always gets a
+     * snapshot). */
     PyObject **new_keys = &PyList_GET_ITEM(to_store, 0);
     /* 2. new keys are exactly int or bytes, 3. each named once */
     for (Py_ssize_t k = 0; k < m; k++)
@@ -560,6 +562,22 @@ prepare_store(Core *self, PyObject *seq)
             }
         }
         Py_DECREF(seen);
+    }
+    /* 4. an admission policy may store only a leading part of them */
+    if (self->ops->admit != NULL) {
+        Py_ssize_t admitted = self->ops->admit(self, items, len, new_keys, m);
+        if (admitted < 0)
+            goto done;
+        if (admitted < m) {
+            if (PyList_SetSlice(to_store, admitted, m, NULL) < 0)
+                goto done;
+            m = admitted;
+            if (m == 0) {
+                out = Py_BuildValue("(O[][][])", to_store);
+                goto done;
+            }
+            new_keys = &PyList_GET_ITEM(to_store, 0);
+        }
     }
     Py_ssize_t room = self->n - self->next_fresh + self->nfree;
     Py_ssize_t need = m > room ? m - room : 0;
@@ -630,26 +648,56 @@ Core_prepare_store(Core *self, PyObject *arg)
     return seq == NULL ? NULL : leave(self, seq, prepare_store(self, seq));
 }
 
+/* -- calls that name held keys: complete_store, prepare_load, complete_load,
+ * remove ----------------------------------------------------------------- */
+
+/* The part of such a call that differs: the keys, the slot of each (-1
+ * absent), already looked up; `flag` is complete_store's success. */
+typedef PyObject *(*KeyedBody)(Core *self, PyObject *const *items, const int32_t *slots,
+                               Py_ssize_t n, int flag);
+
+/* The shape every such call shares, written once: enter (refuse re-entry,
+ * snapshot the keys), look every key up first (a key whose lookup fails is
+ * the call's InvalidKeyError, before anything changes), run body, leave. */
 static PyObject *
-complete_store(Core *self, PyObject *seq, int success)
+keyed_call(Core *self, const char *method, PyObject *arg, KeyedBody body, int flag)
 {
+    PyObject *seq = enter(self, method, arg);
+    if (seq == NULL)
+        return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(seq);
     PyObject **items = &PyTuple_GET_ITEM(seq, 0);
-    PyObject *done = NULL;
+    PyObject *out = NULL;
     int32_t small[SMALL];
     int32_t *slots = new_slots(n, small);
-    if (slots == NULL)
-        return NULL;
-    if (slots_of(self, "complete_store", items, n, slots) < 0)
-        goto fail;
+    if (slots != NULL) {
+        if (slots_of(self, method, items, n, slots) == 0)
+            out = body(self, items, slots, n, flag);
+        free_slots(slots, small);
+    }
+    return leave(self, seq, out);
+}
+
+/* BlockNotFoundError naming the first absent key (-1 then), else 0. */
+static int
+all_held(Core *self, const char *method, PyObject *const *items, const int32_t *slots,
+         Py_ssize_t n)
+{
     for (Py_ssize_t k = 0; k < n; k++)
-        if (slots[k] < 0) {
-            state_error(KVNotFound, "complete_store", items[k], "is not in", self->medium);
-            goto fail;
-        }
-    done = PyList_New(0);
+        if (slots[k] < 0)
+            return state_error(KVNotFound, method, items[k], "is not in", self->medium);
+    return 0;
+}
+
+static PyObject *
+complete_store(Core *self, PyObject *const *items, const int32_t *slots, Py_ssize_t n,
+               int success)
+{
+    if (all_held(self, "complete_store", items, slots, n) < 0)
+        return NULL;
+    PyObject *done = PyList_New(0);
     if (done == NULL)
-        goto fail;
+        return NULL;
     for (Py_ssize_t k = 0; k < n; k++) {
         int32_t s = slots[k];
         /* removed by a failure above, or ready (also: named twice) */
@@ -672,11 +720,9 @@ complete_store(Core *self, PyObject *seq, int success)
             Py_DECREF(gone);
         }
     }
-    free_slots(slots, small);
     return done;
 fail:
-    free_slots(slots, small);
-    Py_XDECREF(done);
+    Py_DECREF(done);
     return NULL;
 }
 
@@ -688,42 +734,30 @@ Core_complete_store(Core *self, PyObject *args)
     int success;
     if (!PyArg_ParseTuple(args, "Op", &arg, &success))
         return NULL;
-    PyObject *seq = enter(self, "complete_store", arg);
-    return seq == NULL ? NULL : leave(self, seq, complete_store(self, seq, success));
+    return keyed_call(self, "complete_store", arg, complete_store, success);
 }
 
-/* -- load ---------------------------------------------------------------- */
-
 static PyObject *
-prepare_load(Core *self, PyObject *seq)
+prepare_load(Core *self, PyObject *const *items, const int32_t *slots, Py_ssize_t n, int flag)
 {
-    Py_ssize_t n = PyTuple_GET_SIZE(seq);
-    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
-    PyObject *ids = NULL;
-    int32_t small[SMALL];
-    int32_t *slots = new_slots(n, small);
-    if (slots == NULL)
-        return NULL;
-    if (slots_of(self, "prepare_load", items, n, slots) < 0)
-        goto done;
     for (Py_ssize_t k = 0; k < n; k++) {
         if (slots[k] < 0) {
             state_error(KVNotFound, "prepare_load", items[k], "is not in", self->medium);
-            goto done;
+            return NULL;
         }
         if (self->ref[slots[k]] < 0) {
             state_error(KVNotReady, "prepare_load", items[k], "is still being written", NULL);
-            goto done;
+            return NULL;
         }
     }
-    ids = PyList_New(n);
+    PyObject *ids = PyList_New(n);
     if (ids == NULL)
-        goto done;
+        return NULL;
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *id = PyLong_FromLong(slots[k]);
         if (id == NULL) {
-            Py_CLEAR(ids);
-            goto done;
+            Py_DECREF(ids);
+            return NULL;
         }
         PyList_SET_ITEM(ids, k, id);
     }
@@ -732,34 +766,22 @@ prepare_load(Core *self, PyObject *seq)
         if (self->ref[s] == 0)
             self->pinned++;
         if (set_ref(self, s, self->ref[s] + 1) < 0) {
-            Py_CLEAR(ids);
-            goto done;
+            Py_DECREF(ids);
+            return NULL;
         }
     }
-done:
-    free_slots(slots, small);
     return ids;
 }
 
 static PyObject *
 Core_prepare_load(Core *self, PyObject *arg)
 {
-    PyObject *seq = enter(self, "prepare_load", arg);
-    return seq == NULL ? NULL : leave(self, seq, prepare_load(self, seq));
+    return keyed_call(self, "prepare_load", arg, prepare_load, 0);
 }
 
 static PyObject *
-complete_load(Core *self, PyObject *seq)
+complete_load(Core *self, PyObject *const *items, const int32_t *slots, Py_ssize_t n, int flag)
 {
-    Py_ssize_t n = PyTuple_GET_SIZE(seq);
-    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
-    PyObject *out = NULL;
-    int32_t small[SMALL];
-    int32_t *slots = new_slots(n, small);
-    if (slots == NULL)
-        return NULL;
-    if (slots_of(self, "complete_load", items, n, slots) < 0)
-        goto done;
     /* One at a time with undo, so a key named twice but pinned once fails. */
     for (Py_ssize_t k = 0; k < n; k++) {
         int32_t s = slots[k];
@@ -771,7 +793,7 @@ complete_load(Core *self, PyObject *seq)
                 state_error(KVNotFound, "complete_load", items[k], "is not in", self->medium);
             else
                 state_error(KVNotPinned, "complete_load", items[k], "is not pinned", NULL);
-            goto done;
+            return NULL;
         }
         if (--self->ref[s] == 0)
             self->pinned--;
@@ -779,37 +801,24 @@ complete_load(Core *self, PyObject *seq)
     if (self->ops->ref_changed != NULL)
         for (Py_ssize_t k = 0; k < n; k++)
             if (self->ops->ref_changed(self, slots[k]) < 0)
-                goto done;
-    out = Py_NewRef(Py_None);
-done:
-    free_slots(slots, small);
-    return out;
+                return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyObject *
 Core_complete_load(Core *self, PyObject *arg)
 {
-    PyObject *seq = enter(self, "complete_load", arg);
-    return seq == NULL ? NULL : leave(self, seq, complete_load(self, seq));
+    return keyed_call(self, "complete_load", arg, complete_load, 0);
 }
 
 /* -- removal and restore ------------------------------------------------- */
 
 static PyObject *
-remove_keys(Core *self, PyObject *seq)
+remove_keys(Core *self, PyObject *const *items, const int32_t *slots, Py_ssize_t n, int flag)
 {
-    Py_ssize_t n = PyTuple_GET_SIZE(seq);
-    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
-    PyObject *removed = NULL;
-    int32_t small[SMALL];
-    int32_t *slots = new_slots(n, small);
-    if (slots == NULL)
-        return NULL;
-    if (slots_of(self, "remove", items, n, slots) < 0)
-        goto fail;
-    removed = PyList_New(0);
+    PyObject *removed = PyList_New(0);
     if (removed == NULL)
-        goto fail;
+        return NULL;
     for (Py_ssize_t k = 0; k < n; k++) {
         int32_t s = slots[k];
         if (s < 0 || self->keys[s] == NULL || self->ref[s] != 0)
@@ -824,19 +833,16 @@ remove_keys(Core *self, PyObject *seq)
         if (rc < 0)
             goto fail;
     }
-    free_slots(slots, small);
     return removed;
 fail:
-    free_slots(slots, small);
-    Py_XDECREF(removed);
+    Py_DECREF(removed);
     return NULL;
 }
 
 static PyObject *
 Core_remove(Core *self, PyObject *arg)
 {
-    PyObject *seq = enter(self, "remove", arg);
-    return seq == NULL ? NULL : leave(self, seq, remove_keys(self, seq));
+    return keyed_call(self, "remove", arg, remove_keys, 0);
 }
 
 static PyObject *

@@ -12,6 +12,7 @@
  *   touch(keys)           touch(core, keys, n)
  *   evict(n, protected)   evict(core, n, epoch, call, ncall, out)
  *   keys()                keys(core)
+ *   admit(keys, new)      admit(core, call, ncall, fresh, m)   (optional)
  *   get / len / in        answered by the core's own key map
  *
  * Each built-in policy is one file (policy_lru.c, policy_arc.c,
@@ -69,6 +70,16 @@ typedef struct PolicyOps {
     /* The policy's order data, in the shape its Python reference's
      * order_state() returns (for the differential tests). */
     PyObject *(*state)(Core *core);
+    /* Admission (NULL: every new key is stored), CachePolicy.admit: which of
+     * a prepare_store's new keys to store at all. `call` are the call's keys
+     * in order, `fresh` its m new keys (not held, exact int/bytes, distinct),
+     * in call order. Called after the call is checked, before any eviction,
+     * only when m > 0. Returns how many LEADING keys of fresh to store
+     * (0..m); -1 with an exception set. It may change the policy's learning
+     * state (also when the store then fails for lack of idle blocks), never
+     * the core's. */
+    Py_ssize_t (*admit)(Core *core, PyObject *const *call, Py_ssize_t ncall,
+                        PyObject *const *fresh, Py_ssize_t m);
 } PolicyOps;
 
 struct Core {

@@ -4,12 +4,15 @@
  * exactly as the Python manager tells it (kvactors/manager/_reference.py),
  * and keeps one BlockStatus per block whose ref_cnt the core keeps current.
  * evict's answer is checked against the contract (exactly n idle,
- * unprotected, distinct, held keys): PolicyError otherwise. */
+ * unprotected, distinct, held keys), and so is admit's, when the object has
+ * one (a leading part of the new keys): PolicyError otherwise. */
 #include "manager_core.h"
 
 typedef struct {
     PyObject *block_type; /* kvactors.policy.BlockStatus */
     PyObject *m_insert, *m_insert_many, *m_remove, *m_touch, *m_evict;
+    PyObject *m_admit;    /* NULL: the object decides no admission */
+    int has_admit;
     PyObject **blocks;    /* per slot: the BlockStatus the object holds */
 } PyPolicy;
 
@@ -39,6 +42,13 @@ pyp_init(Core *core, PyObject *options)
         (p->m_touch = PyObject_GetAttrString(policy, "touch")) == NULL ||
         (p->m_evict = PyObject_GetAttrString(policy, "evict")) == NULL)
         return -1;
+    /* admit is optional, looked up as the Python manager does (getattr) */
+    if ((p->m_admit = PyObject_GetAttrString(policy, "admit")) == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();
+    }
+    p->has_admit = p->m_admit != NULL;
     return 0;
 }
 
@@ -53,6 +63,7 @@ pyp_clear_refs(Core *core)
     Py_CLEAR(p->m_remove);
     Py_CLEAR(p->m_touch);
     Py_CLEAR(p->m_evict);
+    Py_CLEAR(p->m_admit);
 }
 
 static void
@@ -83,6 +94,7 @@ pyp_traverse(Core *core, visitproc visit, void *arg)
     Py_VISIT(p->m_remove);
     Py_VISIT(p->m_touch);
     Py_VISIT(p->m_evict);
+    Py_VISIT(p->m_admit);
     return 0;
 }
 
@@ -285,6 +297,77 @@ done:
     return rc;
 }
 
+/* A new list of n keys. */
+static PyObject *
+key_list(PyObject *const *keys, Py_ssize_t n)
+{
+    PyObject *list = PyList_New(n);
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_INCREF(keys[k]);
+        PyList_SET_ITEM(list, k, keys[k]);
+    }
+    return list;
+}
+
+/* admit(list(call), list(fresh)): its answer must be a leading part of fresh
+ * (each key the same type and value, in order), as the Python manager checks. */
+static Py_ssize_t
+pyp_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *fresh,
+          Py_ssize_t m)
+{
+    PyPolicy *p = PYP(core);
+    if (!p->has_admit)
+        return m;
+    if (method(p->m_admit) == NULL)
+        return -1;
+    PyObject *keys = key_list(call, ncall);
+    PyObject *new = keys ? key_list(fresh, m) : NULL;
+    PyObject *answer = new ? PyObject_CallFunctionObjArgs(p->m_admit, keys, new, NULL) : NULL;
+    Py_XDECREF(keys);
+    if (answer == NULL) {
+        Py_XDECREF(new);
+        return -1;
+    }
+    PyObject *admitted = PySequence_List(answer);
+    Py_ssize_t n = -1;
+    if (admitted == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))
+            goto done;
+        PyErr_Clear();
+    }
+    else if (PyList_GET_SIZE(admitted) <= m) {
+        n = PyList_GET_SIZE(admitted);
+        for (Py_ssize_t k = 0; k < n && n >= 0; k++) {
+            PyObject *a = PyList_GET_ITEM(admitted, k);
+            /* fresh keys are exact int/bytes: comparing them runs no Python code */
+            int same = Py_TYPE(a) == Py_TYPE(fresh[k]) ? kt_same(fresh[k], a) : 0;
+            if (same < 0) {
+                n = -2;
+                goto done;
+            }
+            if (!same)
+                n = -1;
+        }
+    }
+    if (n == -1) {
+        PyObject *name = PyObject_Repr(core->policy_obj);
+        if (name != NULL)
+            PyErr_Format(KVPolicyError,
+                         "policy %U broke the CachePolicy contract: admit returned %R, not a "
+                         "leading part of the new keys %R",
+                         name, answer, new);
+        Py_XDECREF(name);
+        n = -2;
+    }
+done:
+    Py_XDECREF(admitted);
+    Py_DECREF(answer);
+    Py_DECREF(new);
+    return n < 0 ? -1 : n;
+}
+
 static int
 pyp_ref_changed(Core *core, int32_t s)
 {
@@ -333,4 +416,5 @@ const PolicyOps python_policy_ops = {
     .ref_changed = pyp_ref_changed,
     .keys = pyp_keys,
     .state = pyp_state,
+    .admit = pyp_admit,
 };

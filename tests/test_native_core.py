@@ -25,9 +25,9 @@ from kvactors.errors import (
     BlockNotPinnedError,
     ConfigError,
     KVActorsError,
+    PolicyError,
 )
 from kvactors.manager import _checks
-from kvactors.manager._checks import admits
 from kvactors.media import file_store
 from kvactors.policy import POLICIES, BlockStatus, Key, LRUPolicy
 
@@ -128,9 +128,28 @@ class RecordingFIFO:
         return key in self.blocks
 
 
+class RecordingAdmitFIFO(RecordingFIFO):
+    """A user's own admission policy: it stores a call's new keys up to the first
+    one divisible by 3 when the tier is full, and records what it was asked."""
+
+    name: ClassVar[str] = "recording_admit_fifo"
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def admit(self, keys: Sequence[Key], new: Sequence[Key]) -> list[Key]:
+        self.calls.append(("admit", list(keys), list(new)))
+        if len(self.blocks) + len(new) <= self.capacity:
+            return list(new)
+        cut = next((k for k, key in enumerate(new) if isinstance(key, int) and key % 3 == 0), None)
+        return list(new[:cut])
+
+
 USER = "user:recording_fifo"
-# Admission policies run on the Python manager only (the compiled core does not ask admit).
-DIFF_POLICIES = [*(name for name in POLICIES if not admits(name)), USER]
+USER_ADMIT = "user:recording_admit_fifo"
+# Every policy, admission policies included, on both cores.
+DIFF_POLICIES = [*POLICIES, USER, USER_ADMIT]
 
 KEYS = st.lists(st.integers(0, 11), min_size=0, max_size=5)
 OPS = st.lists(
@@ -162,10 +181,11 @@ OPS = st.lists(
 def _pair(policy: str, capacity: int, block_size: int) -> tuple[OffloadingManager, ...]:
     """A manager on each core: (compiled, Python reference)."""
     kwargs: dict[str, Any] = {"block_size": block_size, "enable_events": True}
-    if policy == USER:
+    if policy in (USER, USER_ADMIT):
+        make = RecordingFIFO if policy == USER else lambda: RecordingAdmitFIFO(capacity)
         return (
-            OffloadingManager(capacity, policy=RecordingFIFO(), native=True, **kwargs),
-            OffloadingManager(capacity, policy=RecordingFIFO(), native=False, **kwargs),
+            OffloadingManager(capacity, policy=make(), native=True, **kwargs),
+            OffloadingManager(capacity, policy=make(), native=False, **kwargs),
         )
     return (
         OffloadingManager(capacity, policy=policy, native=True, **kwargs),
@@ -296,3 +316,91 @@ def test_python_manager_passes_the_same_sizes_to_a_policy() -> None:
     block = mgr.get(1)
     assert block is not None
     assert block.size == 8
+
+
+@needs_native
+def test_admission_policies_run_on_the_compiled_core() -> None:
+    """An admitting policy, built-in or a user's own, runs on the compiled core by
+    default: it is asked ``admit`` exactly where the Python manager asks it, and
+    only the keys it admits are stored, listed and reported."""
+    assert OffloadingManager(4, block_size=16, policy="prefix_admit").native
+    assert OffloadingManager(4, block_size=16, policy="prefix_admit", native=True).native
+    policy = RecordingAdmitFIFO(3)
+    mgr = OffloadingManager(3, block_size=16, policy=policy, enable_events=True)
+    assert mgr.native
+    assert mgr.policy is policy
+    out = mgr.prepare_store([1, 2])
+    assert out is not None
+    mgr.complete_store(out.block_hashes_to_store)
+    out = mgr.prepare_store([1, 4, 6, 7])  # full: stores up to the first multiple of 3
+    assert out is not None
+    assert out.block_hashes_to_store == [4]
+    assert out.store_spec.block_ids == [2]
+    assert out.block_hashes_evicted == []
+    assert ("admit", [1, 4, 6, 7], [4, 6, 7]) in policy.calls
+    assert policy.calls[-1] == ("insert_many", [(4, 2, -1, 16)])
+    mgr.complete_store([4])
+    assert mgr.prepare_store([6, 9]) == mgr.prepare_store([3])  # all declined: empty, not None
+    assert mgr.lookup([1, 4, 6]) == 2  # the chain stops at the declined key
+    events = mgr.take_events()
+    assert [(e.block_hashes, e.removed) for e in events] == [([1, 2], False), ([4], False)]
+    stats = mgr.stats()
+    assert (stats.used, stats.stores, stats.evictions, stats.failed_prepares) == (3, 3, 0, 0)
+
+
+class BadAdmit(RecordingFIFO):
+    """An admission policy whose answer breaks the contract."""
+
+    name: ClassVar[str] = "bad_admit"
+
+    def __init__(self, answer: Any) -> None:
+        super().__init__()
+        self.answer = answer
+
+    def admit(self, keys: Sequence[Key], new: Sequence[Key]) -> Any:
+        return self.answer(list(new))
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda new: new[1:],  # not a leading part
+        lambda new: [*new, 99],  # more keys than asked
+        lambda new: 5,  # not a list of keys
+        lambda new: [float(new[0])],  # an equal key of another type
+        lambda new: [new[0].to_bytes(1, "big")],
+    ],
+)
+def test_admit_answer_is_checked_on_both_cores(answer: Any) -> None:
+    errors = []
+    for native in (True, False):
+        mgr = OffloadingManager(4, block_size=16, policy=BadAdmit(answer), native=native)
+        before = mgr.stats()
+        with pytest.raises(PolicyError, match="admit returned") as info:
+            mgr.prepare_store([1, 2])
+        errors.append(str(info.value).replace(repr(mgr.policy), "POLICY"))
+        assert mgr.stats() == before
+        assert len(mgr) == 0
+    assert errors[0] == errors[1]
+
+
+class StoreShortChains(LRUPolicy):
+    """docs/manager.md's example of a user's own admitting policy."""
+
+    name: ClassVar[str] = "store_short_chains"
+
+    def admit(self, keys: Sequence[Key], new_keys: Sequence[Key]) -> list[Key]:
+        return list(new_keys[:4])
+
+
+@pytest.mark.parametrize("native", [None, False])
+def test_docs_admitting_policy_example(native: bool | None) -> None:
+    mgr = OffloadingManager(1024, block_size=16, policy=StoreShortChains(), native=native)
+    assert mgr.native == (manager.NATIVE and native is None)
+    out = mgr.prepare_store(list(range(6)))
+    assert out is not None
+    assert out.block_hashes_to_store == [0, 1, 2, 3]
+    assert len(out.store_spec.block_ids) == 4
+    mgr.complete_store(out.block_hashes_to_store)
+    assert mgr.lookup(list(range(6))) == 4

@@ -9,7 +9,6 @@ from _managers import make_manager
 from _workloads import WORKLOADS
 from kvactors import OffloadingManager
 from kvactors.cli.replay import belady, replay
-from kvactors.errors import ConfigError
 from kvactors.manager import NATIVE
 from kvactors.policy import PrefixAdmitPolicy, make_policy
 from kvactors.policy.prefix_admit import NEW_CLASSES, new_class
@@ -158,12 +157,12 @@ def test_never_falls_apart_on_unseen_sharing_shapes(shape: str, seed: int) -> No
         assert ours <= belady(requests, capacity).hits
 
 
-def test_runs_on_the_python_manager() -> None:
-    """The compiled core does not ask ``admit``: an admission policy runs on the
-    Python manager by default, and demanding the compiled core is a ConfigError."""
-    mgr = OffloadingManager(4, block_size=16, policy="prefix_admit")
-    assert not mgr.native
-    assert isinstance(mgr.policy, PrefixAdmitPolicy)
+def test_runs_on_both_cores() -> None:
+    """The compiled core asks ``admit`` as the Python manager does: the policy
+    runs on it by default, and ``native=False`` picks the Python manager."""
     if NATIVE:
-        with pytest.raises(ConfigError, match="admission"):
-            OffloadingManager(4, block_size=16, policy="prefix_admit", native=True)
+        assert OffloadingManager(4, block_size=16, policy="prefix_admit").native
+        assert OffloadingManager(4, block_size=16, policy="prefix_admit", native=True).native
+    python = OffloadingManager(4, block_size=16, policy="prefix_admit", native=False)
+    assert not python.native
+    assert isinstance(python.policy, PrefixAdmitPolicy)

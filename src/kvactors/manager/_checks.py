@@ -12,7 +12,7 @@ try:
 except ImportError:  # built without a C compiler: the Python manager does it all
     _manager_core = None  # type: ignore[assignment]
 
-__all__ = ["NATIVE", "NATIVE_POLICIES", "admits", "check_sizes", "resolve_policy", "use_native"]
+__all__ = ["NATIVE", "NATIVE_POLICIES", "check_sizes", "resolve_policy", "use_native"]
 
 NATIVE: bool = _manager_core is not None
 """Whether the compiled core was built (see :class:`OffloadingManager`'s ``native``)."""
@@ -62,14 +62,3 @@ def use_native(native: object) -> bool:
     if native and not NATIVE:
         raise ConfigError("native=True: the compiled core (kvactors._manager_core) is not built")
     return native
-
-
-def admits(policy: object) -> bool:
-    """Whether ``policy`` (a name or an object) decides admission (has ``admit``).
-
-    Such a policy runs on the Python manager: the compiled core does not ask
-    ``admit`` yet.
-    """
-    if isinstance(policy, str):
-        return hasattr(POLICIES.get(policy), "admit")
-    return hasattr(policy, "admit")

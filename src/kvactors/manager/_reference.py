@@ -16,12 +16,11 @@ from kvactors.errors import (
     BlockNotPinnedError,
     BlockNotReadyError,
     BlockStateError,
-    ConfigError,
     InvalidKeyError,
     PolicyError,
 )
 from kvactors.keys import Key
-from kvactors.manager._checks import admits, check_sizes, resolve_policy, use_native
+from kvactors.manager._checks import check_sizes, resolve_policy, use_native
 from kvactors.manager._types import (
     LoadStoreSpec,
     ManagerStats,
@@ -81,14 +80,9 @@ class OffloadingManager:
         native: bool | None = None,
     ) -> OffloadingManager:
         if cls is OffloadingManager and use_native(native):
-            if not admits(policy):
-                from kvactors.manager._native import NativeManager
+            from kvactors.manager._native import NativeManager
 
-                return object.__new__(NativeManager)
-            if native:
-                raise ConfigError(
-                    f"native=True: the compiled core does not run admission policies ({policy!r})"
-                )
+            return object.__new__(NativeManager)
         return object.__new__(cls)
 
     def __init__(
@@ -234,7 +228,7 @@ class OffloadingManager:
         _check_new_keys(to_store)
         if self._admit is not None:
             # An admission policy may decline new keys: a leading part is stored.
-            to_store = self._admit(list(keys), to_store)
+            to_store = self._admitted(self._admit(list(keys), list(to_store)), to_store)
             if not to_store:
                 return PrepareStoreOutput([], LoadStoreSpec([], self.medium), [])
         free_list = self._free_list
@@ -257,6 +251,24 @@ class OffloadingManager:
         self._policy.insert_many([(k, BlockStatus(i, -1, size)) for k, i in zip(to_store, ids)])
         self._writing.update(to_store)
         return PrepareStoreOutput(to_store, LoadStoreSpec(ids, self.medium), evicted, evicted_ids)
+
+    def _admitted(self, answer: object, to_store: list[Key]) -> list[Key]:
+        """``admit``'s answer is a leading part of the new keys (each the same
+        type and value, in order), or ``PolicyError``; returns that part."""
+        try:
+            admitted = list(answer)  # type: ignore[call-overload]
+        except TypeError:
+            admitted = None
+        if (
+            admitted is None
+            or len(admitted) > len(to_store)
+            or any(type(a) is not type(b) or a != b for a, b in zip(admitted, to_store))
+        ):
+            raise PolicyError(
+                f"policy {self._policy!r} broke the CachePolicy contract: admit returned "
+                f"{answer!r}, not a leading part of the new keys {to_store!r}"
+            )
+        return to_store[: len(admitted)]
 
     def _take(self, n: int) -> list[int]:
         """``n`` slot ids: fresh ids in order first, then freed ids, last freed

@@ -256,6 +256,22 @@ class PrefixAdmitPolicy:
             self.regrets *= 0.5
         return victims
 
+    def order_state(self) -> tuple[object, ...]:
+        """``("prefix_admit", clock, births, uses, evictions, regrets, [[(key, H)]
+        per class, oldest first], [(key, tag)] ghosts oldest first)``: the order
+        and learning data the compiled core's entry reports too (the
+        differential tests compare them)."""
+        return (
+            "prefix_admit",
+            self.clock,
+            list(self.births),
+            list(self.uses),
+            self.evictions,
+            self.regrets,
+            [list(entries.items()) for entries in self.lists],
+            list(self.ghosts.items()),
+        )
+
     def keys(self) -> Iterator[Key]:
         return iter(self._blocks)
 

@@ -42,7 +42,6 @@ from kvactors.cli.replay import (
 from kvactors.cli.report import RATE, RATIO, Report, progress
 from kvactors.keys import Key
 from kvactors.manager import NATIVE, OffloadingManager
-from kvactors.manager._checks import admits
 from kvactors.policy import POLICIES
 from kvactors.traces import load_trace
 
@@ -232,7 +231,7 @@ def run(args: argparse.Namespace) -> Report:
     ]
     subjects += [(name, _manager_run(requests, name, capacity)) for name in names]
     # With the compiled core built, the Python manager is measured too, for reference.
-    compiled = {name for name in names if NATIVE and not admits(name)}
+    compiled = set(names) if NATIVE else set()
     # The Python manager beside the compiled one, for the policies that have both.
     references = [name + PYTHON for name in names if name in compiled]
     subjects += [
@@ -294,12 +293,6 @@ def run(args: argparse.Namespace) -> Report:
         "through lookup + touch + prepare_store + complete_store.",
         "policies run on the compiled core (kvactors._manager_core); rows marked "
         f"'{PYTHON.strip()}' are the Python manager, for reference (no goal)"
-        + (
-            f"; {', '.join(sorted(set(names) - compiled))} run on the Python manager "
-            "(admission policies: the compiled core does not ask admit)"
-            if set(names) - compiled
-            else ""
-        )
         if NATIVE
         else "policies run on the Python manager: the compiled core is not built",
         f"goals: >= {MIN_RATIO}x the bare LRU and >= {MIN_OPS_PER_S:,} block-ops/s: "
