@@ -29,13 +29,14 @@ setup(
         Extension(
             "kvactors._manager_core",
             sources=MANAGER_SOURCES,
-            depends=["native/manager_core.h", "native/key_table.h"],
+            depends=["native/manager_core.h", "native/key_table.h", "native/index_api.h"],
             extra_compile_args=FLAGS,
             optional=True,
         ),
         Extension(
             "kvactors._nvme_index",
             sources=["native/nvme_index.c"],
+            depends=["native/index_api.h"],
             extra_compile_args=FLAGS,
             optional=True,
         ),

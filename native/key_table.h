@@ -90,6 +90,35 @@ kt_find(const KeyTable *t, PyObject *const *keys, PyObject *key)
     }
 }
 
+/* The index of key among entries whose stored key same(ctx, index, key)
+ * compares (1 equal, 0 not, -1 with an exception set): >= 0, -1 when absent,
+ * -2 with an exception set (its __hash__ or __eq__ raised). */
+typedef int (*kt_same_fn)(void *ctx, int32_t index, PyObject *key);
+
+static inline int32_t
+kt_find_by(const KeyTable *t, PyObject *key, kt_same_fn same, void *ctx)
+{
+    Py_hash_t full = PyObject_Hash(key);
+    if (full == -1 && PyErr_Occurred())
+        return -2;
+    if (t->tab == NULL)
+        return -1;
+    uint32_t h = kt_mix(full);
+    for (uint64_t i = h & t->mask;; i = (i + 1) & t->mask) {
+        uint64_t e = t->tab[i];
+        if (e == 0)
+            return -1;
+        if (KT_HASH(e) == h) {
+            int32_t idx = KT_INDEX(e);
+            int eq = same(ctx, idx, key);
+            if (eq < 0)
+                return -2;
+            if (eq)
+                return idx;
+        }
+    }
+}
+
 static inline int
 kt_resize(KeyTable *t, uint64_t buckets)
 {
@@ -115,16 +144,23 @@ kt_resize(KeyTable *t, uint64_t buckets)
     return 0;
 }
 
-/* key (absent, exact int or bytes: hashing it cannot fail) enters at index. */
+/* Room for n entries without a resize. */
 static inline int
-kt_insert(KeyTable *t, PyObject *key, int32_t index)
+kt_reserve(KeyTable *t, Py_ssize_t n)
+{
+    uint64_t buckets = t->tab == NULL ? 0 : t->mask + 1, want = buckets ? buckets : 16;
+    while ((uint64_t)n * 10 > want * 7)
+        want *= 2;
+    return want == buckets ? 0 : kt_resize(t, want);
+}
+
+/* An absent key whose Python hash is full enters at index. */
+static inline int
+kt_insert_hash(KeyTable *t, Py_hash_t full, int32_t index)
 {
     uint64_t buckets = t->tab == NULL ? 0 : t->mask + 1;
     if ((uint64_t)(t->used + 1) * 10 > buckets * 7 &&
         kt_resize(t, buckets ? 2 * buckets : 16) < 0)
-        return -1;
-    Py_hash_t full = PyObject_Hash(key);
-    if (full == -1 && PyErr_Occurred())
         return -1;
     uint32_t h = kt_mix(full);
     uint64_t i = h & t->mask;
@@ -135,11 +171,21 @@ kt_insert(KeyTable *t, PyObject *key, int32_t index)
     return 0;
 }
 
-/* The entry of index (whose key is key, already held) leaves. */
-static inline void
-kt_delete(KeyTable *t, PyObject *key, int32_t index)
+/* key (absent, exact int or bytes: hashing it cannot fail) enters at index. */
+static inline int
+kt_insert(KeyTable *t, PyObject *key, int32_t index)
 {
-    uint32_t h = kt_mix(PyObject_Hash(key)); /* exact int/bytes: cannot fail */
+    Py_hash_t full = PyObject_Hash(key);
+    if (full == -1 && PyErr_Occurred())
+        return -1;
+    return kt_insert_hash(t, full, index);
+}
+
+/* The entry of index, whose key's Python hash is full, leaves. */
+static inline void
+kt_delete_hash(KeyTable *t, Py_hash_t full, int32_t index)
+{
+    uint32_t h = kt_mix(full);
     uint64_t want = KT_ENTRY(h, index), mask = t->mask;
     uint64_t i = h & mask;
     while (t->tab[i] != want) {
@@ -162,6 +208,13 @@ kt_delete(KeyTable *t, PyObject *key, int32_t index)
     }
     t->tab[i] = 0;
     t->used--;
+}
+
+/* The entry of index (whose key is key, already held) leaves. */
+static inline void
+kt_delete(KeyTable *t, PyObject *key, int32_t index)
+{
+    kt_delete_hash(t, PyObject_Hash(key), index); /* exact int/bytes: cannot fail */
 }
 
 #endif

@@ -45,6 +45,28 @@ core_list_keys(PyObject **keys, const int32_t *next, int32_t head, Py_ssize_t le
     return out;
 }
 
+PyObject *
+core_list_slots(Core *core, const int32_t *next, int32_t head, Py_ssize_t len)
+{
+    if (core->kstate == NULL)
+        return core_list_keys(core->keys, next, head, len);
+    PyObject *out = PyList_New(len);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t k = 0;
+    for (int32_t i = head; i >= 0 && k < len; i = next[i]) {
+        PyObject *key = core_key(core, i);
+        if (key == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, k++, key);
+    }
+    for (; k < len; k++) /* never reached: the list holds len slots */
+        PyList_SET_ITEM(out, k, Py_NewRef(Py_None));
+    return out;
+}
+
 int
 policy_insert_each(Core *core, PyObject *const *keys, const int32_t *slots, Py_ssize_t n)
 {
@@ -101,6 +123,212 @@ state_error(PyObject *type, const char *method, PyObject *key, const char *what,
     else
         PyErr_Format(type, "%s: block %R %s", method, key, what);
     return -1;
+}
+
+
+/* -- keys shared with an NVMe index table (see Core.keys) ------------------ */
+
+static uint64_t
+le64(const uint8_t *p)
+{
+    uint64_t u = 0;
+    for (int i = 0; i < 8; i++)
+        u |= (uint64_t)p[i] << (8 * i);
+    return u;
+}
+
+/* A key object from an index record's bytes. */
+static PyObject *
+key_object(uint8_t kind, const uint8_t *data, size_t len)
+{
+    if (kind == KV_KIND_BYTES)
+        return PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)len);
+    if (kind == KV_KIND_INT && len == 8)
+        return PyLong_FromLongLong((long long)le64(data));
+    return _PyLong_FromByteArray(data, len, 1, 1);
+}
+
+/* Python's hash of an int that fits in 64 bits (as long_hash computes it). */
+static Py_hash_t
+int_hash(long long v)
+{
+    const uint64_t modulus = ((uint64_t)1 << 61) - 1; /* _PyHASH_MODULUS */
+    uint64_t a = v < 0 ? -(uint64_t)v : (uint64_t)v;
+    Py_hash_t h = (Py_hash_t)(a % modulus);
+    if (v < 0)
+        h = -h;
+    return h == -1 ? -2 : h;
+}
+
+static PyObject *
+own_get(Core *core, int32_t s)
+{
+    PyObject *id = PyLong_FromLong(s);
+    if (id == NULL)
+        return NULL;
+    PyObject *key = PyDict_GetItemWithError(core->own, id); /* borrowed */
+    Py_DECREF(id);
+    if (key == NULL && !PyErr_Occurred())
+        PyErr_Format(PyExc_SystemError, "manager core: slot %d has no key", (int)s);
+    return key;
+}
+
+static int
+own_set(Core *core, int32_t s, PyObject *key)
+{
+    PyObject *id = PyLong_FromLong(s);
+    if (id == NULL)
+        return -1;
+    int rc = PyDict_SetItem(core->own, id, key);
+    Py_DECREF(id);
+    return rc;
+}
+
+static void
+own_del(Core *core, int32_t s)
+{
+    PyObject *id = PyLong_FromLong(s);
+    if (id == NULL || PyDict_DelItem(core->own, id) < 0)
+        PyErr_Clear(); /* not there: nothing to drop */
+    Py_XDECREF(id);
+}
+
+PyObject *
+core_key(Core *core, int32_t s)
+{
+    if (core->kstate == NULL)
+        return Py_NewRef(core->keys[s]);
+    if (core->kstate[s] == KS_OWN) {
+        PyObject *key = own_get(core, s);
+        return key == NULL ? NULL : Py_NewRef(key);
+    }
+    uint8_t kind;
+    const uint8_t *data;
+    size_t len;
+    if (core->kstate[s] != KS_SHARED ||
+        !core->iapi->key_at(core->index, (uint32_t)s, &kind, &data, &len)) {
+        PyErr_Format(PyExc_SystemError, "manager core: slot %d has no key", (int)s);
+        return NULL;
+    }
+    return key_object(kind, data, len);
+}
+
+/* Python's hash of slot s's key; -1 with an exception set. */
+static Py_hash_t
+slot_hash(Core *core, int32_t s)
+{
+    uint8_t kind;
+    const uint8_t *data;
+    size_t len;
+    if (core->kstate[s] == KS_SHARED &&
+        core->iapi->key_at(core->index, (uint32_t)s, &kind, &data, &len)) {
+        if (kind == KV_KIND_BYTES)
+#if PY_VERSION_HEX >= 0x030E0000
+            return Py_HashBuffer(data, (Py_ssize_t)len);
+#else
+            return _Py_HashBytes(data, (Py_ssize_t)len);
+#endif
+        if (kind == KV_KIND_INT && len == 8)
+            return int_hash((long long)le64(data));
+    }
+    PyObject *key = core_key(core, s);
+    if (key == NULL)
+        return -1;
+    Py_hash_t h = PyObject_Hash(key);
+    Py_DECREF(key);
+    return h;
+}
+
+/* Whether slot s's key equals key, as a dict compares (kt_same). */
+static int
+slot_same(void *ctx, int32_t s, PyObject *key)
+{
+    Core *core = ctx;
+    uint8_t kind;
+    const uint8_t *data;
+    size_t len;
+    if (core->kstate[s] == KS_OWN) {
+        PyObject *stored = own_get(core, s);
+        return stored == NULL ? -1 : kt_same(stored, key);
+    }
+    if (!core->iapi->key_at(core->index, (uint32_t)s, &kind, &data, &len))
+        return 0;
+    if (PyBytes_CheckExact(key))
+        return kind == KV_KIND_BYTES && (size_t)PyBytes_GET_SIZE(key) == len &&
+               memcmp(PyBytes_AS_STRING(key), data, len) == 0;
+    if (PyLong_CheckExact(key) && kind == KV_KIND_INT && len == 8) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(key, &overflow);
+        return !overflow && (uint64_t)v == le64(data);
+    }
+    if (PyLong_CheckExact(key) && kind == KV_KIND_BYTES)
+        return 0;
+    /* a big int, or a key of another type: compared as objects, stored key first */
+    PyObject *stored = key_object(kind, data, len);
+    if (stored == NULL)
+        return -1;
+    int same = kt_same(stored, key);
+    Py_DECREF(stored);
+    return same;
+}
+
+int32_t
+core_slot_shared(Core *core, PyObject *key)
+{
+    return kt_find_by(&core->map, key, slot_same, core);
+}
+
+/* The index is about to change slot s's record: a key shared there becomes
+ * the core's own object first. */
+static int
+index_changes(void *listener, uint32_t s)
+{
+    Core *core = listener;
+    if ((Py_ssize_t)s >= core->cap || core->kstate[s] != KS_SHARED)
+        return 0;
+    PyObject *key = core_key(core, (int32_t)s);
+    if (key == NULL)
+        return -1;
+    int rc = own_set(core, (int32_t)s, key);
+    Py_DECREF(key);
+    if (rc == 0)
+        core->kstate[s] = KS_OWN;
+    return rc;
+}
+
+/* Slot s (own key, just stored) is shared if the index records that key there. */
+static void
+share_if_indexed(Core *core, int32_t s)
+{
+    uint8_t kind;
+    const uint8_t *data;
+    size_t len;
+    if (core->kstate[s] != KS_OWN ||
+        !core->iapi->key_at(core->index, (uint32_t)s, &kind, &data, &len))
+        return;
+    PyObject *key = own_get(core, s);
+    if (key == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    int same;
+    if (PyBytes_CheckExact(key))
+        same = kind == KV_KIND_BYTES && (size_t)PyBytes_GET_SIZE(key) == len &&
+               memcmp(PyBytes_AS_STRING(key), data, len) == 0;
+    else {
+        PyObject *stored = key_object(kind, data, len);
+        if (stored == NULL) {
+            PyErr_Clear();
+            return;
+        }
+        same = PyLong_CheckExact(stored) && PyLong_CheckExact(key) &&
+               PyObject_RichCompareBool(stored, key, Py_EQ) == 1;
+        Py_DECREF(stored);
+    }
+    if (same) {
+        core->kstate[s] = KS_SHARED;
+        own_del(core, s);
+    }
 }
 
 /* A method starts: refuse re-entry, snapshot the keys (a new tuple). */
@@ -195,14 +423,20 @@ reserve(Core *self, Py_ssize_t need)
         cap *= 2;
     if (cap > self->n)
         cap = self->n;
-    GROW(self->keys, cap);
+    if (self->kstate != NULL)
+        GROW(self->kstate, cap);
+    else
+        GROW(self->keys, cap);
     GROW(self->ref, cap);
     GROW(self->stamp, cap);
     GROW(self->free_stack, cap);
     if (self->ops->grow(self, self->cap, cap) < 0)
         return -1;
     for (Py_ssize_t i = self->cap; i < cap; i++) {
-        self->keys[i] = NULL;
+        if (self->kstate != NULL)
+            self->kstate[i] = KS_FREE;
+        else
+            self->keys[i] = NULL;
         self->stamp[i] = 0;
     }
     self->cap = cap;
@@ -224,12 +458,20 @@ hold(Core *self, PyObject *key, int32_t s, int32_t r)
     PyObject *id = PyLong_FromLong(s);
     if (id == NULL)
         return NULL;
-    if (kt_insert(&self->map, key, s) < 0) {
+    if (self->kstate != NULL && own_set(self, s, key) < 0) {
         Py_DECREF(id);
         return NULL;
     }
-    Py_INCREF(key);
-    self->keys[s] = key;
+    if (kt_insert(&self->map, key, s) < 0) {
+        if (self->kstate != NULL)
+            own_del(self, s);
+        Py_DECREF(id);
+        return NULL;
+    }
+    if (self->kstate != NULL)
+        self->kstate[s] = KS_OWN;
+    else
+        self->keys[s] = Py_NewRef(key);
     self->ref[s] = r;
     self->used++;
     return id;
@@ -240,6 +482,22 @@ hold(Core *self, PyObject *key, int32_t s, int32_t r)
 static PyObject *
 release(Core *self, int32_t s, PyObject **id)
 {
+    if (self->kstate != NULL) {
+        PyObject *key = core_key(self, s);
+        if (key == NULL)
+            return NULL;
+        if (id != NULL && (*id = PyLong_FromLong(s)) == NULL) {
+            Py_DECREF(key);
+            return NULL;
+        }
+        kt_delete(&self->map, key, s);
+        if (self->kstate[s] == KS_OWN)
+            own_del(self, s);
+        self->kstate[s] = KS_FREE;
+        self->free_stack[self->nfree++] = s;
+        self->used--;
+        return key;
+    }
     PyObject *key = self->keys[s];
     if (id != NULL && (*id = PyLong_FromLong(s)) == NULL)
         return NULL;
@@ -336,9 +594,16 @@ Core_dealloc(Core *self)
     PyObject_GC_UnTrack(self);
     if (self->ops != NULL)
         self->ops->dealloc(self);
-    for (Py_ssize_t i = 0; i < self->cap; i++)
-        Py_XDECREF(self->keys[i]);
+    if (self->keys != NULL)
+        for (Py_ssize_t i = 0; i < self->cap; i++)
+            Py_XDECREF(self->keys[i]);
     PyMem_Free(self->keys);
+    if (self->index != NULL) {
+        self->iapi->detach(self->index, self);
+        Py_DECREF(self->index);
+    }
+    PyMem_Free(self->kstate);
+    Py_XDECREF(self->own);
     kt_free(&self->map);
     PyMem_Free(self->ref);
     PyMem_Free(self->stamp);
@@ -648,6 +913,20 @@ Core_prepare_store(Core *self, PyObject *arg)
     return seq == NULL ? NULL : leave(self, seq, prepare_store(self, seq));
 }
 
+/* The policy forgets slot s (its key passed as an object). */
+static int
+remove_from_policy(Core *self, int32_t s)
+{
+    if (self->kstate == NULL)
+        return self->ops->remove(self, self->keys[s], s);
+    PyObject *key = core_key(self, s);
+    if (key == NULL)
+        return -1;
+    int rc = self->ops->remove(self, key, s);
+    Py_DECREF(key);
+    return rc;
+}
+
 /* -- calls that name held keys: complete_store, prepare_load, complete_load,
  * remove ----------------------------------------------------------------- */
 
@@ -701,7 +980,7 @@ complete_store(Core *self, PyObject *const *items, const int32_t *slots, Py_ssiz
     for (Py_ssize_t k = 0; k < n; k++) {
         int32_t s = slots[k];
         /* removed by a failure above, or ready (also: named twice) */
-        if (self->keys[s] == NULL || self->ref[s] != -1)
+        if (!core_used(self, s) || self->ref[s] != -1)
             continue;
         if (PyList_Append(done, items[k]) < 0)
             goto fail;
@@ -710,9 +989,11 @@ complete_store(Core *self, PyObject *const *items, const int32_t *slots, Py_ssiz
             self->stores++;
             if (set_ref(self, s, 0) < 0)
                 goto fail;
+            if (self->kstate != NULL)
+                share_if_indexed(self, s);
         }
         else {
-            if (self->ops->remove(self, self->keys[s], s) < 0)
+            if (remove_from_policy(self, s) < 0)
                 goto fail;
             PyObject *gone = release(self, s, NULL);
             if (gone == NULL)
@@ -821,9 +1102,9 @@ remove_keys(Core *self, PyObject *const *items, const int32_t *slots, Py_ssize_t
         return NULL;
     for (Py_ssize_t k = 0; k < n; k++) {
         int32_t s = slots[k];
-        if (s < 0 || self->keys[s] == NULL || self->ref[s] != 0)
+        if (s < 0 || !core_used(self, s) || self->ref[s] != 0)
             continue; /* absent (or named twice), pinned or being written */
-        if (self->ops->remove(self, self->keys[s], s) < 0)
+        if (remove_from_policy(self, s) < 0)
             goto fail;
         PyObject *key = release(self, s, NULL);
         if (key == NULL)
@@ -886,7 +1167,7 @@ restore(Core *self, PyObject *seq)
         PyObject *key = PySequence_Fast_GET_ITEM(pair, 0);
         int overflow;
         long long v = PyLong_AsLongLongAndOverflow(PySequence_Fast_GET_ITEM(pair, 1), &overflow);
-        if (!exact_key(key) || overflow || v < 0 || v >= self->n || self->keys[v] != NULL)
+        if (!exact_key(key) || overflow || v < 0 || v >= self->n || core_used(self, (int32_t)v))
             continue;
         int32_t s = core_slot(self, key);
         if (s == -2)
@@ -897,6 +1178,8 @@ restore(Core *self, PyObject *seq)
         if (id == NULL)
             goto fail;
         Py_DECREF(id);
+        if (self->kstate != NULL)
+            share_if_indexed(self, (int32_t)v);
         if (self->ops->insert(self, key, (int32_t)v) < 0 || PyList_Append(restored, key) < 0)
             goto fail;
         if (v > high)
@@ -908,7 +1191,7 @@ restore(Core *self, PyObject *seq)
     self->next_fresh = high + 1;
     self->nfree = 0;
     for (Py_ssize_t i = high; i >= 0; i--)
-        if (self->keys[i] == NULL)
+        if (!core_used(self, (int32_t)i))
             self->free_stack[self->nfree++] = (int32_t)i;
     self->stack_first = 1;
     return restored;
@@ -923,6 +1206,121 @@ Core_restore(Core *self, PyObject *arg)
 {
     PyObject *seq = enter(self, "restore", arg);
     return seq == NULL ? NULL : leave(self, seq, restore(self, seq));
+}
+
+
+/* attach_index(table): from now on the keys the NVMe index table records at
+ * the slots this core holds are read from it, not copied (see Core.keys).
+ * The core must be empty. */
+static PyObject *
+Core_attach_index(Core *self, PyObject *table)
+{
+    PyObject *seq = enter(self, "attach_index", NULL);
+    if (seq == NULL)
+        return NULL;
+    PyObject *out = NULL;
+    if (self->used || self->next_fresh || self->nfree) {
+        PyErr_Format(KVState, "attach_index: the %U manager is not empty", self->medium);
+        goto done;
+    }
+    if (self->index != NULL) {
+        if (self->index == table)
+            out = Py_NewRef(Py_None);
+        else
+            PyErr_SetString(PyExc_RuntimeError, "attach_index: already attached to a table");
+        goto done;
+    }
+    const KVIndexAPI *api = PyCapsule_Import(KV_INDEX_CAPSULE, 0);
+    if (api == NULL)
+        goto done;
+    if (!PyObject_TypeCheck(table, api->type)) {
+        PyErr_Format(PyExc_TypeError, "attach_index: expected a %s, got %s", api->type->tp_name,
+                     _PyType_Name(Py_TYPE(table)));
+        goto done;
+    }
+    PyObject *own = PyDict_New();
+    uint8_t *kstate = PyMem_Calloc((size_t)(self->cap ? self->cap : 1), 1);
+    if (own == NULL || kstate == NULL || api->attach(table, self, index_changes) < 0) {
+        Py_XDECREF(own);
+        PyMem_Free(kstate);
+        if (kstate == NULL)
+            PyErr_NoMemory();
+        goto done;
+    }
+    PyMem_Free(self->keys); /* empty: every entry NULL */
+    self->keys = NULL;
+    self->kstate = kstate;
+    self->own = own;
+    self->iapi = api;
+    self->index = Py_NewRef(table);
+    out = Py_NewRef(Py_None);
+done:
+    return leave(self, seq, out);
+}
+
+/* restore_index() -> entries restored: every entry of the attached table, as
+ * restore() takes (key, slot id) pairs oldest first, with no object per key
+ * (the keys stay in the table, shared). */
+static PyObject *
+Core_restore_index(Core *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *seq = enter(self, "restore_index", NULL);
+    if (seq == NULL)
+        return NULL;
+    PyObject *out = NULL;
+    uint32_t *order = NULL;
+    if (self->index == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "restore_index: no index attached");
+        goto done;
+    }
+    if (self->used || self->next_fresh || self->nfree) {
+        PyErr_Format(KVState, "restore: the %U manager is not empty", self->medium);
+        goto done;
+    }
+    Py_ssize_t n;
+    order = self->iapi->oldest_first(self->index, &n);
+    if (order == NULL)
+        goto done;
+    Py_ssize_t top = -1, count = 0;
+    for (Py_ssize_t k = 0; k < n; k++)
+        if ((Py_ssize_t)order[k] < self->n && (Py_ssize_t)order[k] > top)
+            top = (Py_ssize_t)order[k];
+    if (reserve(self, top + 1) < 0 || kt_reserve(&self->map, n) < 0)
+        goto done;
+    int with_keys = self->ops != &lru_ops; /* lru orders slots only */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        int32_t s = (int32_t)order[k];
+        if (s >= self->n)
+            continue;
+        self->kstate[s] = KS_SHARED;
+        Py_hash_t h = slot_hash(self, s);
+        if (h == -1 && PyErr_Occurred()) {
+            self->kstate[s] = KS_FREE;
+            goto done;
+        }
+        if (kt_insert_hash(&self->map, h, s) < 0) {
+            self->kstate[s] = KS_FREE;
+            goto done;
+        }
+        self->ref[s] = 0;
+        self->used++;
+        count++;
+        PyObject *key = with_keys ? core_key(self, s) : NULL;
+        int rc = with_keys && key == NULL ? -1 : self->ops->insert(self, key, s);
+        Py_XDECREF(key);
+        if (rc < 0)
+            goto done;
+    }
+    self->next_fresh = top + 1;
+    self->nfree = 0;
+    for (Py_ssize_t i = top; i >= 0; i--)
+        if (!core_used(self, (int32_t)i))
+            self->free_stack[self->nfree++] = (int32_t)i;
+    self->stack_first = 1;
+    out = PyLong_FromSsize_t(count);
+done:
+    PyMem_RawFree(order);
+    return leave(self, seq, out);
 }
 
 /* -- type ---------------------------------------------------------------- */
@@ -969,6 +1367,10 @@ static PyMethodDef Core_methods[] = {
     {"complete_load", (PyCFunction)Core_complete_load, METH_O, "Unpin keys."},
     {"remove", (PyCFunction)Core_remove, METH_O, "Drop idle keys; returns those removed."},
     {"restore", (PyCFunction)Core_restore, METH_O, "Load (key, slot id) pairs as ready."},
+    {"attach_index", (PyCFunction)Core_attach_index, METH_O,
+     "Read the keys an NVMe index table records from it (no copy); the core must be empty."},
+    {"restore_index", (PyCFunction)Core_restore_index, METH_NOARGS,
+     "Restore every entry of the attached index table, oldest first; returns how many."},
     {NULL, NULL, 0, NULL},
 };
 

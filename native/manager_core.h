@@ -32,6 +32,7 @@
 #include <Python.h>
 #include <stdint.h>
 
+#include "index_api.h"
 #include "key_table.h"
 
 typedef struct Core Core;
@@ -92,7 +93,17 @@ struct Core {
     double block_size;      /* every block's size, for size-aware policies */
     PyObject *medium;       /* the tier's name, for error messages */
     KeyTable map;           /* key -> slot id */
-    PyObject **keys;        /* key held by each slot (owned), NULL when free */
+    /* The keys. Alone, one object per slot: keys[s] (owned), NULL when free.
+     * Attached to an NVMe index table (attach_index; keys is then NULL), a
+     * byte per slot instead: kstate[s] is KS_FREE, KS_OWN (the key object is
+     * own[s], a dict by slot id: keys being written, or not indexed) or
+     * KS_SHARED (the key is the one the index records at slot s, read from
+     * its table: no object, no copy). Read them through core_used/core_key. */
+    PyObject **keys;
+    uint8_t *kstate;
+    PyObject *own;
+    PyObject *index;        /* the attached index table (owned), or NULL */
+    const KVIndexAPI *iapi;
     int32_t *ref;           /* -1 being written, 0 idle, n > 0 pinned n times */
     uint32_t *stamp;        /* == epoch: named in the current prepare_store */
     int32_t *free_stack;    /* freed slot ids, last freed on top */
@@ -107,12 +118,32 @@ struct Core {
     long long lookups, lookup_keys, hits, stores, evictions, failed_prepares;
 };
 
+#define KS_FREE 0
+#define KS_OWN 1
+#define KS_SHARED 2
+
+/* The slot of key in a core attached to an index (manager_core.c). */
+int32_t core_slot_shared(Core *core, PyObject *key);
+
 /* The slot of key: >= 0, -1 when absent, -2 with an exception set. */
 static inline int32_t
 core_slot(Core *core, PyObject *key)
 {
+    if (core->kstate != NULL)
+        return core_slot_shared(core, key);
     return kt_find(&core->map, core->keys, key);
 }
+
+/* Whether slot s (< cap) holds a key. */
+static inline int
+core_used(const Core *core, int32_t s)
+{
+    return core->kstate != NULL ? core->kstate[s] != KS_FREE : core->keys[s] != NULL;
+}
+
+/* The key held at slot s, a new reference (NULL with an exception set: only
+ * when a key read from the index cannot be made, out of memory). */
+PyObject *core_key(Core *core, int32_t s);
 
 static inline int
 core_evictable(const Core *core, int32_t s, uint32_t epoch)
@@ -172,6 +203,9 @@ int core_key_fault(const char *method, PyObject *key);
 
 /* The keys of a linked list from head, as a new list of len items. */
 PyObject *core_list_keys(PyObject **keys, const int32_t *next, int32_t head, Py_ssize_t len);
+
+/* The same for a list of the core's slots (their keys through core_key). */
+PyObject *core_list_slots(Core *core, const int32_t *next, int32_t head, Py_ssize_t len);
 
 /* insert_many for policies whose insert does all the work. */
 int policy_insert_each(Core *core, PyObject *const *keys, const int32_t *slots, Py_ssize_t n);

@@ -19,6 +19,8 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "index_api.h"
+
 #define INLINE 32
 #define HEAD 24
 #define OP_PUT 1
@@ -89,7 +91,16 @@ typedef struct {
     Py_ssize_t live;
     uint64_t max_seq;
     size_t out_bytes; /* keys stored out of line */
+    void *listener;   /* the manager sharing this table's keys, or NULL */
+    kv_on_change on_change;
 } Table;
+
+/* Slot s's record is about to change: the listener copies a key it shares. */
+static int
+notify(Table *t, uint32_t s)
+{
+    return t->listener != NULL && t->recs[s].seq ? t->on_change(t->listener, s) : 0;
+}
 
 static uint64_t
 mix(uint64_t h)
@@ -235,6 +246,8 @@ put_hashed(Table *t, uint8_t kind, const uint8_t *data, size_t len, uint64_t slo
     if (r->seq && r->seq >= seq)
         return 0; /* the slot was reused later */
     if (old >= 0 || r->seq) {
+        if ((old >= 0 && notify(t, (uint32_t)old) < 0) || notify(t, (uint32_t)slot) < 0)
+            return -1;
         if (old >= 0)
             remove_slot(t, (uint32_t)old);
         if (r->seq)
@@ -280,6 +293,8 @@ do_delete(Table *t, uint8_t kind, const uint8_t *data, size_t len, uint64_t seq)
     int64_t s = find_slot(t, kind, data, len);
     if (s < 0 || t->recs[s].seq > seq)
         return 0;
+    if (notify(t, (uint32_t)s) < 0)
+        return -1;
     remove_slot(t, (uint32_t)s);
     return 1;
 }
@@ -477,7 +492,7 @@ Table_delete(Table *self, PyObject *args)
         return NULL;
     int gone = do_delete(self, k.kind, k.data, k.len, seq);
     Py_XDECREF(k.hold);
-    return PyBool_FromLong(gone);
+    return gone < 0 ? NULL : PyBool_FromLong(gone);
 }
 
 static PyObject *
@@ -567,6 +582,7 @@ Table_apply(Table *self, PyObject *args)
             int rc = p[4] == OP_PUT
                          ? put_hashed(self, p[5], p + HEAD, klen, slot, bcrc, seq, hash[k])
                          : do_delete(self, p[5], p + HEAD, klen, seq);
+            /* A failed update changed nothing: the caller retries from here. */
             if (rc < 0) {
                 PyBuffer_Release(&view);
                 return NULL;
@@ -724,6 +740,128 @@ static PyTypeObject TableType = {
     .tp_as_sequence = &Table_seq,
 };
 
+
+/* -- the C interface of index_api.h ------------------------------------------------- */
+
+static int
+api_key_at(PyObject *table, uint32_t slot, uint8_t *kind, const uint8_t **data, size_t *len)
+{
+    Table *t = (Table *)table;
+    if (slot >= t->num_blocks || t->recs[slot].seq == 0)
+        return 0;
+    const rec_t *r = &t->recs[slot];
+    *kind = r->kind;
+    *data = rec_key(r);
+    *len = r->klen;
+    return 1;
+}
+
+static int
+api_attach(PyObject *table, void *listener, kv_on_change on_change)
+{
+    Table *t = (Table *)table;
+    if (t->listener != NULL && t->listener != listener) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this NVMe index table already serves another manager");
+        return -1;
+    }
+    t->listener = listener;
+    t->on_change = on_change;
+    return 0;
+}
+
+static void
+api_detach(PyObject *table, void *listener)
+{
+    Table *t = (Table *)table;
+    if (t->listener == listener) {
+        t->listener = NULL;
+        t->on_change = NULL;
+    }
+}
+
+/* Live slots by sequence number: (seq << 32 | slot) sorted by a least
+ * significant digit radix sort on the sequence bits only (16 bits a pass;
+ * two passes while sequence numbers stay below 2**32), with (seq, slot) pairs
+ * sorted by qsort past that. */
+static uint32_t *
+api_oldest_first(PyObject *table, Py_ssize_t *count)
+{
+    Table *t = (Table *)table;
+    size_t n = (size_t)t->live;
+    uint32_t *out = PyMem_RawMalloc((n ? n : 1) * sizeof(uint32_t));
+    if (out == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    if (t->max_seq >= (1ULL << 32)) {
+        order_t *order = PyMem_RawMalloc((n ? n : 1) * sizeof(order_t));
+        if (order == NULL) {
+            PyMem_RawFree(out);
+            PyErr_NoMemory();
+            return NULL;
+        }
+        size_t k = 0;
+        for (uint32_t s = 0; s < t->num_blocks && k < n; s++)
+            if (t->recs[s].seq)
+                order[k++] = (order_t){t->recs[s].seq, s};
+        qsort(order, k, sizeof(order_t), by_seq);
+        for (size_t i = 0; i < k; i++)
+            out[i] = order[i].slot;
+        PyMem_RawFree(order);
+        *count = (Py_ssize_t)k;
+        return out;
+    }
+    uint64_t *a = PyMem_RawMalloc((n ? n : 1) * sizeof(uint64_t));
+    uint64_t *b = PyMem_RawMalloc((n ? n : 1) * sizeof(uint64_t));
+    size_t *counts = PyMem_RawMalloc(65536 * sizeof(size_t));
+    if (a == NULL || b == NULL || counts == NULL) {
+        PyMem_RawFree(a);
+        PyMem_RawFree(b);
+        PyMem_RawFree(counts);
+        PyMem_RawFree(out);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    size_t k = 0;
+    for (uint32_t s = 0; s < t->num_blocks && k < n; s++)
+        if (t->recs[s].seq)
+            a[k++] = (t->recs[s].seq << 32) | s;
+    for (unsigned shift = 32; shift < 64 && (t->max_seq >> (shift - 32)) != 0; shift += 16) {
+        memset(counts, 0, 65536 * sizeof(size_t));
+        for (size_t i = 0; i < k; i++)
+            counts[(a[i] >> shift) & 0xffff]++;
+        size_t sum = 0;
+        for (size_t d = 0; d < 65536; d++) {
+            size_t c = counts[d];
+            counts[d] = sum;
+            sum += c;
+        }
+        for (size_t i = 0; i < k; i++)
+            b[counts[(a[i] >> shift) & 0xffff]++] = a[i];
+        uint64_t *swap = a;
+        a = b;
+        b = swap;
+    }
+    for (size_t i = 0; i < k; i++)
+        out[i] = (uint32_t)a[i];
+    PyMem_RawFree(a);
+    PyMem_RawFree(b);
+    PyMem_RawFree(counts);
+    *count = (Py_ssize_t)k;
+    return out;
+}
+
+static uint32_t
+api_num_blocks(PyObject *table)
+{
+    return ((Table *)table)->num_blocks;
+}
+
+static KVIndexAPI index_api = {
+    api_key_at, api_attach, api_detach, api_oldest_first, api_num_blocks, NULL,
+};
+
 /* encode(op, keys, slots, crcs, first_seq) -> bytes: records numbered from first_seq. */
 static PyObject *
 encode(PyObject *Py_UNUSED(module), PyObject *args)
@@ -808,6 +946,13 @@ PyInit__nvme_index(void)
     Py_INCREF(&TableType);
     if (PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0) {
         Py_DECREF(&TableType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    index_api.type = &TableType;
+    PyObject *capsule = PyCapsule_New(&index_api, KV_INDEX_CAPSULE, NULL);
+    if (capsule == NULL || PyModule_AddObject(m, "_C_API", capsule) < 0) {
+        Py_XDECREF(capsule);
         Py_DECREF(m);
         return NULL;
     }

@@ -254,7 +254,10 @@ arc_evict(Core *core, Py_ssize_t n, uint32_t epoch, PyObject *const *call, Py_ss
         int32_t i = out[k];
         int w = p->where[i];
         unlink_slot(p, i);
-        if (ghost_add(core, p, core->keys[i], w) < 0)
+        PyObject *key = core_key(core, i);
+        int rc = key == NULL ? -1 : ghost_add(core, p, key, w);
+        Py_XDECREF(key);
+        if (rc < 0)
             return -1;
     }
     return n;
@@ -264,8 +267,8 @@ static PyObject *
 arc_keys(Core *core)
 {
     Arc *p = ARC(core);
-    PyObject *t1 = core_list_keys(core->keys, p->next, p->head[T1], p->len[T1]);
-    PyObject *t2 = core_list_keys(core->keys, p->next, p->head[T2], p->len[T2]);
+    PyObject *t1 = core_list_slots(core, p->next, p->head[T1], p->len[T1]);
+    PyObject *t2 = core_list_slots(core, p->next, p->head[T2], p->len[T2]);
     PyObject *out = NULL;
     if (t1 != NULL && t2 != NULL)
         out = PySequence_Concat(t1, t2);
@@ -280,8 +283,8 @@ arc_state(Core *core)
 {
     Arc *p = ARC(core);
     return Py_BuildValue("(sdNNNN)", "arc", p->target,
-                         core_list_keys(core->keys, p->next, p->head[T1], p->len[T1]),
-                         core_list_keys(core->keys, p->next, p->head[T2], p->len[T2]),
+                         core_list_slots(core, p->next, p->head[T1], p->len[T1]),
+                         core_list_slots(core, p->next, p->head[T2], p->len[T2]),
                          core_list_keys(p->gkeys, p->gnext, p->ghead[T1], p->glen[T1]),
                          core_list_keys(p->gkeys, p->gnext, p->ghead[T2], p->glen[T2]));
 }

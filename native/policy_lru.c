@@ -99,7 +99,7 @@ static PyObject *
 lru_keys(Core *core)
 {
     Lru *p = LRU(core);
-    return core_list_keys(core->keys, p->next, p->head, p->len);
+    return core_list_slots(core, p->next, p->head, p->len);
 }
 
 /* ("lru", [keys, least recent first]) */

@@ -243,9 +243,13 @@ gdsf_keys(Core *core)
         return NULL;
     Py_ssize_t k = 0; /* slot order */
     for (Py_ssize_t i = 0; i < core->cap && k < core->used; i++)
-        if (core->keys[i] != NULL) {
-            Py_INCREF(core->keys[i]);
-            PyList_SET_ITEM(out, k++, core->keys[i]);
+        if (core_used(core, (int32_t)i)) {
+            PyObject *key = core_key(core, (int32_t)i);
+            if (key == NULL) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            PyList_SET_ITEM(out, k++, key);
         }
     return out;
 }
@@ -259,14 +263,17 @@ gdsf_state(Core *core)
     if (prio == NULL)
         return NULL;
     for (Py_ssize_t i = 0; i < core->cap; i++) {
-        if (core->keys[i] == NULL)
+        if (!core_used(core, (int32_t)i))
             continue;
-        PyObject *v = Py_BuildValue("(dL)", p->prio[i], (long long)p->freq[i]);
-        if (v == NULL || PyDict_SetItem(prio, core->keys[i], v) < 0) {
+        PyObject *key = core_key(core, (int32_t)i);
+        PyObject *v = key ? Py_BuildValue("(dL)", p->prio[i], (long long)p->freq[i]) : NULL;
+        if (v == NULL || PyDict_SetItem(prio, key, v) < 0) {
             Py_XDECREF(v);
+            Py_XDECREF(key);
             Py_DECREF(prio);
             return NULL;
         }
+        Py_DECREF(key);
         Py_DECREF(v);
     }
     return Py_BuildValue("(sdN)", "weighted_lru", p->clock, prio);

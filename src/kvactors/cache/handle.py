@@ -38,6 +38,7 @@ from kvactors.config import Config
 from kvactors.errors import ActorClosed, InvalidKeyError, TensorSpecError
 from kvactors.keys import Key, check_keys, distinct_slots
 from kvactors.media import BlockMedium, CopyPool, MemoryPool, open_media
+from kvactors.media.nvme_index import NVMeIndex
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -74,6 +75,15 @@ def _slot_ids(side: object, what: str) -> list[int]:
         except TypeError:
             raise TensorSpecError(f"{what}: slot ids must be integers, got {i!r}") from None
     return ids
+
+
+def _recovered(medium: BlockMedium) -> NVMeIndex | list[tuple[Key, int]]:
+    """What a medium held when opened: an NVMe store's index itself (its tier's
+    manager restores from it with no object per entry), else ``(key, slot)`` pairs."""
+    index = getattr(medium, "index", None)
+    if isinstance(index, NVMeIndex):
+        return index
+    return [(e.key, e.slot) for e in medium.recovered()]
 
 
 def _unwrap(group: BaseExceptionGroup[Any]) -> BaseException | None:
@@ -348,7 +358,7 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
                     move_bytes=config.move_bytes,
                 )
             )
-        recovered = [[(e.key, e.slot) for e in m.recovered()] for m in media]
+        recovered = [_recovered(m) for m in media]
         policy = PolicyActor(config, [(m.name, m.durable) for m in media], recovered)
         coord = Coordinator(config, policy, gpu, tiers)
         order: list[Actor[Any]] = [*tiers, policy, coord]

@@ -66,6 +66,7 @@ from kvactors.config import Config
 from kvactors.errors import BlockNotFoundError, BlockNotReadyError, TierFailed
 from kvactors.keys import Key
 from kvactors.manager import OffloadingManager
+from kvactors.media.nvme_index import NVMeIndex
 
 __all__ = ["PolicyActor"]
 
@@ -85,14 +86,15 @@ class PolicyActor(Actor[PolicyRequest]):
 
     ``tiers``: ``(name, durable)`` of each tier of the chain, top first;
     ``recovered[i]``: the ``(key, slot)`` pairs tier ``i``'s medium still held
-    when opened (verified when read).
+    when opened (verified when read), or the NVMe index that records them (the
+    manager is then restored from the index itself: no object per entry).
     """
 
     def __init__(
         self,
         config: Config,
         tiers: Sequence[tuple[str, bool]],
-        recovered: Sequence[Sequence[tuple[Key, int]]] = (),
+        recovered: Sequence[Sequence[tuple[Key, int]] | NVMeIndex] = (),
     ) -> None:
         super().__init__("policy", mailbox_size=config.mailbox_size)
         self.write_through = config.write_mode == "write_through"
@@ -109,8 +111,11 @@ class PolicyActor(Actor[PolicyRequest]):
             )
             for name in self.names
         ]
-        for manager, pairs in zip(self.managers, recovered):
-            manager.restore(pairs)
+        for manager, found in zip(self.managers, recovered):
+            if isinstance(found, NVMeIndex):
+                manager.restore_index(found)
+            else:
+                manager.restore(found)
         self.top = self.managers[0]
         self.hub = EventHub(config.event_buffer)
         self.failed: set[str] = set()

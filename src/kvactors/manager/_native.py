@@ -9,6 +9,7 @@ straight to C.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from kvactors._manager_core import ManagerCore
 from kvactors.keys import Key
@@ -17,6 +18,14 @@ from kvactors.manager._reference import OffloadingManager
 from kvactors.manager._types import LoadStoreSpec, PrepareStoreOutput
 from kvactors.policy import make_policy
 from kvactors.policy._base import BlockStatus, CachePolicy
+
+if TYPE_CHECKING:
+    from kvactors.media.nvme_index import NVMeIndex
+
+try:
+    from kvactors._nvme_index import Table as _IndexTable
+except ImportError:  # built without the compiled index: restore_index copies keys
+    _IndexTable = None  # type: ignore[misc,assignment]
 
 __all__ = ["NativeManager"]
 
@@ -86,6 +95,15 @@ class NativeManager(OffloadingManager):
 
     def restore(self, blocks: Iterable[tuple[Key, int]]) -> list[Key]:
         return self._core.restore(blocks)
+
+    def restore_index(self, index: NVMeIndex) -> int:
+        table = index.table
+        if _IndexTable is None or not isinstance(table, _IndexTable):
+            return super().restore_index(index)
+        with index.lock:
+            self._core.attach_index(table)  # the keys are read from the table from now on
+            restored: int = self._core.restore_index()
+        return restored
 
     def remove(self, keys: Iterable[Key]) -> list[Key]:
         removed = self._core.remove(keys)

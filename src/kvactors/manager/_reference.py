@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from itertools import compress, count, takewhile
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvactors.errors import (
     BlockNotFoundError,
@@ -29,6 +29,9 @@ from kvactors.manager._types import (
 )
 from kvactors.policy import make_policy
 from kvactors.policy._base import BlockStatus, CachePolicy
+
+if TYPE_CHECKING:
+    from kvactors.media.nvme_index import NVMeIndex
 
 __all__ = ["OffloadingManager"]
 
@@ -433,6 +436,19 @@ class OffloadingManager:
         return restored
 
     # -- removal and events -----------------------------------------------------
+
+    def restore_index(self, index: NVMeIndex) -> int:
+        """:meth:`restore` from every entry of an NVMe tier's index (oldest
+        first); returns how many entries were restored.
+
+        Into an empty manager, as :meth:`restore` does with the index's
+        ``(key, slot)`` pairs. The compiled core restores straight from the
+        index's compiled table, with no object per entry, and from then on
+        reads the keys of the slots the index records from that table rather
+        than keeping its own copy (a slot's key is copied out before the index
+        changes its record); its answers stay the same.
+        """
+        return len(self.restore((e.key, e.slot) for e in index.entries()))
 
     def remove(self, keys: Iterable[Key]) -> list[Key]:
         """Drop idle (ref 0) blocks among ``keys`` and free their slots.

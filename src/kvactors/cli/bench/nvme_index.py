@@ -15,9 +15,9 @@ With ``--blocks N`` slots and keys of ``--key-bytes`` random bytes, through
    DONTNEED``), then a new index opened from them (goal <= 3 s at 10^7; the
    CPU seconds it used are reported beside the wall time, as on a shared
    machine the wall time includes waiting for a core), its
-   log records per live entry, and the NVMe tier's manager restored from the
-   recovered entries (an :class:`~kvactors.manager.OffloadingManager` as the
-   cache builds for the tier);
+   log records per live entry, and the NVMe tier's manager restored from it
+   (``OffloadingManager.restore_index``, as opening the cache does; the reopen
+   figure is both together);
 5. **memory**: the resident-set growth of the index (after fill, and after
    the reopen) and of the restored manager, per slot (goal: index + manager
    <= 100 B at 10^7).
@@ -160,14 +160,11 @@ def measure(
     log_after = again.log_records / max(1, len(again))
     assert len(again) == live, "the reopened index lost entries"
     rss2 = _rss()
-    t0 = time.perf_counter()
-    entries = again.entries()
-    entries_s = time.perf_counter() - t0
     manager = OffloadingManager(blocks, block_size=1, policy=policy, medium="NVMe")
-    t0 = time.perf_counter()
-    manager.restore((e.key, e.slot) for e in entries)
-    restore_s = time.perf_counter() - t0
-    del entries
+    t0, c0 = time.perf_counter(), time.process_time()
+    restored = manager.restore_index(again)  # what opening the cache runs
+    restore_s, restore_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    assert restored == live, "the manager restored fewer entries than the index holds"
     gc.collect()
     rss_manager = _rss() - rss2
     again.close()
@@ -186,10 +183,12 @@ def measure(
         "compaction_waits": waits,
         "most_log_per_live": most_log,
         "log_per_live_at_reopen": log_after,
-        "reopen_s": reopen_s,
-        "reopen_cpu_s": reopen_cpu_s,
-        "entries_s": entries_s,
+        "index_reopen_s": reopen_s,
+        "index_reopen_cpu_s": reopen_cpu_s,
         "manager_restore_s": restore_s,
+        "manager_restore_cpu_s": restore_cpu_s,
+        "reopen_s": reopen_s + restore_s,
+        "reopen_cpu_s": reopen_cpu_s + restore_cpu_s,
         "table_bytes_per_block": table_bytes / blocks,
         "index_ram_per_block_fill": rss_index_fill / blocks,
         "index_ram_per_block": rss_index / blocks,
@@ -226,7 +225,7 @@ def run(args: argparse.Namespace) -> Report:
     tag = "measured" if measured else "extrapolated"
     checked = args.blocks >= GOAL_BLOCKS
     goal_rows: list[tuple[str, float, float, bool]] = [
-        ("reopen s (index, files cold)", r["reopen_s"], GOALS["reopen_s"], True),
+        ("reopen s (index + manager, files cold)", r["reopen_s"], GOALS["reopen_s"], True),
         ("RAM B/block (index + manager)", ram, GOALS["ram_bytes_per_block"], True),
         ("log records / live (most seen)", r["most_log_per_live"], GOALS["log_per_live"], False),
         (
@@ -247,6 +246,8 @@ def run(args: argparse.Namespace) -> Report:
             met = met and ok
     rows += [
         ["reopen CPU s (user + system)", r["reopen_cpu_s"], None, None],
+        ["index reopen s (wall / CPU)", r["index_reopen_s"], r["index_reopen_cpu_s"], None],
+        ["manager restore s (wall / CPU)", r["manager_restore_s"], r["manager_restore_cpu_s"], None],
         ["stores/s (fill, no fsync)", r["fill_stores_per_s"], None, None],
         ["stores/s (long run, no fsync)", r["run_stores_per_s"], None, None],
         [f"stores/s (durable, fdatasync per {args.batch})", r["durable_stores_per_s"], None, None],
@@ -257,7 +258,6 @@ def run(args: argparse.Namespace) -> Report:
         ["index RAM B/block (after reopen)", r["index_ram_per_block"], None, None],
         ["table arrays B/block", r["table_bytes_per_block"], None, None],
         ["manager RAM B/block", r["manager_ram_per_block"], None, None],
-        ["entries() s / manager restore s", r["entries_s"], r["manager_restore_s"], None],
         [f"reopen s at {TERABYTE_TIER:,} ({tag})", r["reopen_s"] * scale, None, None],
         [f"RAM GiB at {TERABYTE_TIER:,} ({tag})", ram * TERABYTE_TIER / 2**30, None, None],
     ]
@@ -273,8 +273,8 @@ def run(args: argparse.Namespace) -> Report:
         "logs <= 2x live entries, no store waits > 50 ms on compaction"
         + ("" if checked else "; below 10^7 blocks the size-bound goals are shown, not judged")
         + (": met" if met else ": NOT all met"),
-        "RAM: resident-set growth (the index after its reopen; the manager after restore, "
-        "with the key objects it keeps)",
+        "RAM: resident-set growth (the index after its reopen; the manager after "
+        "restore_index, which reads the keys from the index's table)",
     ]
     return Report(
         title="kvactors bench nvme-index: the NVMe tier's index at scale",
