@@ -14,6 +14,7 @@ import random
 import shutil
 import sysconfig
 from collections.abc import Container, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -23,12 +24,14 @@ from hypothesis import strategies as st
 from kvactors import OffloadingManager, manager
 from kvactors.errors import (
     BlockNotPinnedError,
+    BlockStateError,
     ConfigError,
     KVActorsError,
     PolicyError,
 )
 from kvactors.manager import _checks
 from kvactors.media import file_store
+from kvactors.media.nvme_index import NVMeIndex
 from kvactors.policy import POLICIES, BlockStatus, Key, LRUPolicy
 
 WRITTEN, READY, PINNED = "written", "ready", "pinned"
@@ -224,7 +227,7 @@ def _order(mgr: OffloadingManager) -> object:
     return policy.order_state()  # type: ignore[attr-defined]
 
 
-def _state(mgr: OffloadingManager, key: int) -> tuple[int, int] | None:
+def _state(mgr: OffloadingManager, key: Key) -> tuple[int, int] | None:
     block = mgr.get(key)
     return None if block is None else (block.block_id, block.ref_cnt)
 
@@ -404,3 +407,92 @@ def test_docs_admitting_policy_example(native: bool | None) -> None:
     assert len(out.store_spec.block_ids) == 4
     mgr.complete_store(out.block_hashes_to_store)
     assert mgr.lookup(list(range(6))) == 4
+
+
+# -- the NVMe tier's manager reading its keys from the index's table ----------------
+
+INDEX_KEYS: list[Key] = [*range(-2, 6), *(bytes([i]) * (i + 1) for i in range(8)), 2**70, -(2**65)]
+
+
+def _index_pair(
+    policy: str, capacity: int, directory: Path, rng: random.Random
+) -> tuple[OffloadingManager, OffloadingManager, NVMeIndex]:
+    """An index holding a random history, and a manager of each core restored
+    from it (the compiled one attached to its table)."""
+    index = NVMeIndex(directory, 4096, capacity, 1, sync=False, native=True)
+    for _ in range(rng.randint(0, 3 * capacity)):
+        index.put([(rng.choice(INDEX_KEYS), rng.randrange(capacity), 0)], sync=False)
+    native, python = _pair(policy, capacity, 1)
+    assert native.restore_index(index) == python.restore_index(index) == len(index)
+    return native, python, index
+
+
+def _index_agree(native: OffloadingManager, python: OffloadingManager, step: object) -> None:
+    assert native.stats() == python.stats(), step
+    assert native.take_events() == python.take_events(), step
+    assert _order(native) == _order(python), step
+    assert [_state(native, k) for k in INDEX_KEYS] == [_state(python, k) for k in INDEX_KEYS], step
+    assert [k in native for k in INDEX_KEYS] == [k in python for k in INDEX_KEYS], step
+
+
+@needs_native
+@pytest.mark.parametrize("policy", DIFF_POLICIES)
+@pytest.mark.parametrize("seed", range(3))
+def test_manager_sharing_the_index_table_agrees(policy: str, seed: int, tmp_path: Path) -> None:
+    """``restore_index`` on the compiled core keeps no copy of the keys the
+    index records: the same answers as the reference, while the index changes
+    its records under it as the tier does (a store's ``Put`` between prepare
+    and complete, or none when the write failed) and as it may otherwise (a
+    ``Put`` of another key over a slot, a key moving slot, a ``Del``)."""
+    rng = random.Random(seed)
+    capacity = rng.randint(2, 6)
+    native, python, index = _index_pair(policy, capacity, tmp_path, rng)
+    _index_agree(native, python, "restored")
+    for step in range(400):
+        keys = rng.sample(INDEX_KEYS, rng.randint(1, 4))
+        roll = rng.random()
+        if roll < 0.5:
+            outs = [mgr.prepare_store(keys) for mgr in (native, python)]
+            assert outs[0] == outs[1], (step, keys)
+            if outs[1] is not None:
+                new = outs[1].block_hashes_to_store
+                slots = outs[1].store_spec.block_ids
+                ok = rng.random() < 0.85
+                if ok and new:
+                    index.put([(k, s, 0) for k, s in zip(new, slots)], sync=False)
+                done = [mgr.complete_store(new, ok) for mgr in (native, python)]
+                assert done[0] == done[1], step
+        elif roll < 0.65:
+            assert native.lookup(keys) == python.lookup(keys), step
+            native.touch(keys)
+            python.touch(keys)
+        elif roll < 0.72:
+            assert native.remove(keys) == python.remove(keys), step
+        elif roll < 0.8:
+            ready = [k for k in keys if (b := python.get(k)) is not None and b.ref_cnt >= 0]
+            assert native.prepare_load(ready) == python.prepare_load(ready), step
+            for mgr in (native, python):
+                mgr.complete_load(ready)
+        elif roll < 0.9:  # the index alone: another key over a slot, or a key moving slot
+            index.put([(rng.choice(INDEX_KEYS), rng.randrange(capacity), 0)], sync=False)
+        else:
+            index.delete(keys)
+        _index_agree(native, python, (step, roll, keys))
+    index.close()
+
+
+@needs_native
+def test_restore_index_refuses_a_used_manager(tmp_path: Path) -> None:
+    index = NVMeIndex(tmp_path, 4096, 8, 1, sync=False, native=True)
+    index.put([(b"a", 1, 0), (5, 2, 0)], sync=False)
+    for native in (True, False):
+        mgr = OffloadingManager(8, block_size=1, native=native)
+        mgr.prepare_store([b"z"])
+        with pytest.raises(BlockStateError, match="not empty"):
+            mgr.restore_index(index)
+    mgr = OffloadingManager(8, block_size=1, native=True)
+    assert mgr.restore_index(index) == 2
+    other = OffloadingManager(8, block_size=1, native=True)
+    with pytest.raises(RuntimeError, match="another manager"):
+        other.restore_index(index)  # one manager shares a table
+    index.close()
