@@ -1287,37 +1287,62 @@ Core_restore_index(Core *self, PyObject *Py_UNUSED(ignored))
             top = (Py_ssize_t)order[k];
     if (reserve(self, top + 1) < 0 || kt_reserve(&self->map, n) < 0)
         goto done;
-    int with_keys = self->ops != &lru_ops; /* lru orders slots only */
-    for (Py_ssize_t k = 0; k < n; k++) {
-        int32_t s = (int32_t)order[k];
-        if (s >= self->n)
-            continue;
-        self->kstate[s] = KS_SHARED;
-        Py_hash_t h = slot_hash(self, s);
-        if (h == -1 && PyErr_Occurred()) {
-            self->kstate[s] = KS_FREE;
-            goto done;
+    /* 1. the map and the slots' states, in slot order (the index's records are
+     * read in turn; the map's buckets, random, are prefetched a window ahead) */
+    enum { WINDOW = 16 };
+    int32_t wslot[WINDOW];
+    Py_hash_t whash[WINDOW];
+    int nw = 0, failed = 0;
+    for (Py_ssize_t s = 0; s <= top + 1; s++) {
+        uint8_t kind;
+        const uint8_t *data;
+        size_t len;
+        int last = s > top;
+        if (!last && self->iapi->key_at(self->index, (uint32_t)s, &kind, &data, &len)) {
+            self->kstate[s] = KS_SHARED;
+            Py_hash_t h = slot_hash(self, (int32_t)s);
+            if (h == -1 && PyErr_Occurred()) {
+                self->kstate[s] = KS_FREE;
+                failed = 1;
+                last = 1; /* insert the window, then stop */
+            }
+            else {
+                __builtin_prefetch(&self->map.tab[kt_mix(h) & self->map.mask], 1);
+                wslot[nw] = (int32_t)s;
+                whash[nw++] = h;
+            }
         }
-        if (kt_insert_hash(&self->map, h, s) < 0) {
-            self->kstate[s] = KS_FREE;
-            goto done;
+        if (nw == WINDOW || (last && nw > 0)) {
+            for (int k = 0; k < nw; k++) {
+                kt_insert_hash(&self->map, whash[k], wslot[k]); /* reserved: cannot fail */
+                self->ref[wslot[k]] = 0;
+                self->used++;
+            }
+            count += nw;
+            nw = 0;
         }
-        self->ref[s] = 0;
-        self->used++;
-        count++;
-        PyObject *key = with_keys ? core_key(self, s) : NULL;
-        int rc = with_keys && key == NULL ? -1 : self->ops->insert(self, key, s);
-        Py_XDECREF(key);
-        if (rc < 0)
-            goto done;
+        if (failed)
+            break;
     }
+    /* 2. the policy, oldest first */
+    int with_keys = self->ops != &lru_ops; /* lru orders slots only */
+    for (Py_ssize_t k = 0, stop = 0; k < n && !stop; k++) {
+        int32_t s = (int32_t)order[k];
+        if (s >= self->n || self->kstate[s] == KS_FREE)
+            continue;
+        PyObject *key = with_keys ? core_key(self, s) : NULL;
+        stop = (with_keys && key == NULL) || self->ops->insert(self, key, s) < 0;
+        Py_XDECREF(key);
+        failed |= stop;
+    }
+    /* A failure (out of memory) leaves what was restored, as restore() does. */
     self->next_fresh = top + 1;
     self->nfree = 0;
     for (Py_ssize_t i = top; i >= 0; i--)
         if (!core_used(self, (int32_t)i))
             self->free_stack[self->nfree++] = (int32_t)i;
     self->stack_first = 1;
-    out = PyLong_FromSsize_t(count);
+    out = failed ? NULL : PyLong_FromSsize_t(count);
 done:
     PyMem_RawFree(order);
     return leave(self, seq, out);
