@@ -8,5 +8,6 @@ def vectored(
     buffers: list[memoryview],
     faults: list[int] | None = None,
     align: int = 0,
+    depth: int = 1,
     /,
 ) -> list[int]: ...
