@@ -99,6 +99,19 @@ class IntegrityError(TransferError):
         self.keys: list[bytes | int] = list(keys or [])
 
 
+class BlocksMissingError(IntegrityError):
+    """Blocks a shared tier no longer holds (the server evicted them, they expired or
+    were deleted): a miss, not damage. ``keys`` lists every block the read did not
+    deliver, ``missing`` those absent (the rest failed their checks). They are
+    dropped from the cache like damaged blocks, but counted and reported as missing."""
+
+    def __init__(
+        self, message: str, keys: list[bytes | int], missing: list[bytes | int]
+    ) -> None:
+        super().__init__(message, keys)
+        self.missing: list[bytes | int] = list(missing)
+
+
 class CacheLockedError(KVActorsError):
     """Another process holds the NVMe directory of this cache."""
 

@@ -17,11 +17,14 @@ and a cancelled store completes as failed, so it is never served. Writes into
 a tier that did not complete are forgotten by that tier's medium before the
 plan completes, so no index keeps a record of them.
 
-A shared tier (a remote store that other engines write too) is asked before a
-load or a prefetch, in one batch, about the keys no tier holds; those it has
-are recorded there and promoted like any block. A block it no longer has (the
-server evicted it) is a miss: a partial load stops before it, a full one
-raises :class:`~kvactors.errors.BlockNotFoundError`. A tier that fails with a
+A shared tier (a remote store that other engines write too) is where a load
+or a prefetch looks for the keys no tier holds: they are recorded there
+unasked and promoted like any block, so the read itself tells which the
+server has, with no round trip before it. A block it does not have (never
+stored, or evicted by the server) is a miss, counted as ``missing`` (not
+``corrupted``): a partial load stops before it, a full one raises
+:class:`~kvactors.errors.BlockNotFoundError`; the blocks of the same read that
+arrived stay promoted. A tier that fails with a
 ``retry_after`` (a server down) is left out for that long: a partial load
 then returns what the other tiers hold.
 
@@ -37,6 +40,7 @@ import time
 from typing import Any
 
 import anyio
+import msgspec
 import torch
 
 from kvactors.actors import Actor
@@ -66,6 +70,7 @@ from kvactors.config import Config
 from kvactors.errors import (
     ActorClosed,
     BlockNotFoundError,
+    BlocksMissingError,
     IntegrityError,
     KVActorsError,
     TierError,
@@ -77,16 +82,44 @@ from kvactors.media import MemoryPool
 __all__ = ["Coordinator"]
 
 
-class _Outcome:
-    """What running a plan did: ``done[i]`` per transfer, the first error, and the
-    blocks that failed their checksum (``corrupted``, by tier)."""
+def _split(
+    plan: LoadPlan, done: list[bool], partial: dict[int, set[Key]]
+) -> tuple[LoadPlan, list[bool]]:
+    """``plan`` with each transfer of ``partial`` cut in two: the blocks it
+    delivered (completed) and the keys ``partial[i]`` it did not (failed)."""
+    transfers: list[Transfer] = []
+    flags: list[bool] = []
+    for i, (t, ok) in enumerate(zip(plan.transfers, done)):
+        bad = partial.get(i)
+        if bad is None:
+            transfers.append(t)
+            flags.append(ok)
+            continue
+        for arrived in (True, False):
+            pos = [j for j, k in enumerate(t.keys) if (k not in bad) == arrived]
+            if pos:
+                keys = [t.keys[j] for j in pos]
+                src_ids = [t.src_ids[j] for j in pos]
+                dst_ids = [t.dst_ids[j] for j in pos]
+                transfers.append(Transfer(t.src, src_ids, t.dst, dst_ids, keys, t.role))
+                flags.append(arrived)
+    return msgspec.structs.replace(plan, transfers=transfers), flags
 
-    __slots__ = ("corrupted", "done", "error")
+
+class _Outcome:
+    """What running a plan did: ``done[i]`` per transfer, the first error, the
+    blocks that failed their checksum (``corrupted``, by tier; those of them a
+    shared tier no longer had: ``missing``) and, per transfer that delivered
+    some of its blocks, the keys it did not (``partial``)."""
+
+    __slots__ = ("corrupted", "done", "error", "missing", "partial")
 
     def __init__(self, n: int) -> None:
         self.done = [False] * n
         self.error: BaseException | None = None
         self.corrupted: dict[str, list[Key]] = {}
+        self.missing: set[Key] = set()
+        self.partial: dict[int, set[Key]] = {}
 
 
 class Coordinator(Actor[CoordinatorRequest]):
@@ -124,7 +157,7 @@ class Coordinator(Actor[CoordinatorRequest]):
             case Load(keys, dst, partial):
                 start = time.perf_counter()
                 try:
-                    await self.discover(keys)
+                    await self.discover(keys, fetch=True)
                     return await self._load(keys, dst, partial)
                 except BaseException:
                     self.failed_loads += 1
@@ -133,7 +166,7 @@ class Coordinator(Actor[CoordinatorRequest]):
                     self.latency["load"].add(time.perf_counter() - start)
             case Prefetch(keys):
                 with contextlib.suppress(TierError):  # a hint: nothing to report
-                    await self.discover(keys)
+                    await self.discover(keys, fetch=True)
                     plan = await self.policy.ask(PrepareLoad(keys, prefetch=True))
                     await self._run(plan, None)
                 return None
@@ -161,13 +194,14 @@ class Coordinator(Actor[CoordinatorRequest]):
             keys = plan.busy
             src = [src[i] for i in index] if isinstance(src, list) else src[index]
 
-    async def discover(self, keys: list[Key]) -> None:
+    async def discover(self, keys: list[Key], *, fetch: bool = False) -> None:
         """Ask each shared tier, in one batch, about the keys no tier holds, and
         record those it has. A shared tier that is down is left out (marked
-        failed for its ``retry_after``); nothing is raised."""
+        failed for its ``retry_after``); nothing is raised. With ``fetch`` (a load
+        follows) they are recorded there without asking: the read asks."""
         for name in self.shared:
-            missing = await self.policy.ask(Discover(name, keys))
-            if not missing:
+            missing = await self.policy.ask(Discover(name, keys, adopt=fetch))
+            if not missing or fetch:
                 continue
             try:
                 found = await self.tiers[name].ask(Contains(missing))
@@ -221,6 +255,11 @@ class Coordinator(Actor[CoordinatorRequest]):
                     await self._move(transfer, side)
                 except IntegrityError as exc:
                     outcome.corrupted.setdefault(transfer.src, []).extend(exc.keys)
+                    if isinstance(exc, BlocksMissingError):
+                        outcome.missing.update(exc.missing)
+                        if transfer.role == "promote":
+                            # Read into host slots: the blocks that arrived are whole.
+                            outcome.partial[i] = set(exc.keys)
                     if transfer.role in REQUIRED:
                         raise
                 except TierError:
@@ -243,6 +282,8 @@ class Coordinator(Actor[CoordinatorRequest]):
         """Settle a plan (shielded by the caller): forget writes that did not
         complete, drop blocks that failed their checksum, then ``Complete``."""
         done = outcome.done
+        if outcome.partial and isinstance(plan, LoadPlan):
+            plan, done = _split(plan, done, outcome.partial)
         if isinstance(plan, StorePlan) and outcome.error is not None:
             # A store that failed or was cancelled is never served, even if its
             # bytes reached a tier; its demotions stand.
@@ -253,10 +294,15 @@ class Coordinator(Actor[CoordinatorRequest]):
                     await self.tiers[transfer.dst].ask(Forget(transfer.keys))
         durable = await self.policy.ask(Complete(plan, done))
         for tier, keys in outcome.corrupted.items():
-            if tier in self.tiers:
-                with contextlib.suppress(KVActorsError):
-                    await self.tiers[tier].ask(Forget(keys))
-                await self.policy.ask(Drop(tier, keys, corrupted=True))
+            gone = [k for k in keys if k in outcome.missing]
+            bad = [k for k in keys if k not in outcome.missing] if gone else keys
+            if bad:
+                if tier in self.tiers:
+                    with contextlib.suppress(KVActorsError):
+                        await self.tiers[tier].ask(Forget(bad))
+                await self.policy.ask(Drop(tier, bad, corrupted=True))
+            if gone:  # nothing to delete: the shared tier's server has no value for them
+                await self.policy.ask(Drop(tier, gone, missing=True))
         return durable
 
     # -- one transfer -----------------------------------------------------------------

@@ -13,7 +13,7 @@ from kvactors.keys import Key
 
 __all__ = ["CacheEvent", "EventHub"]
 
-EventKind = Literal["stored", "removed", "promoted", "demoted", "corrupted"]
+EventKind = Literal["stored", "removed", "promoted", "demoted", "corrupted", "missing"]
 
 
 class CacheEvent(msgspec.Struct, frozen=True):
@@ -23,6 +23,8 @@ class CacheEvent(msgspec.Struct, frozen=True):
     - ``promoted``: copied up from NVMe into ``tier`` (``"cpu"``);
       ``demoted``: written down into ``tier`` (``"nvme"``) when evicted above.
     - ``corrupted``: failed an integrity check in ``tier`` and was dropped.
+    - ``missing``: no longer held by the shared tier ``tier`` when read (its
+      server evicted it, or it expired) and was dropped: a miss, not damage.
     """
 
     kind: EventKind

@@ -134,6 +134,7 @@ class Drop(Message[list[Key]], frozen=True, tag=True):
     tier: str
     keys: list[Key]
     corrupted: bool = False
+    missing: bool = False  # gone from a shared tier (evicted by its server): counted apart
 
 
 class MarkFailed(Message[None], frozen=True, tag=True):
@@ -146,10 +147,13 @@ class MarkFailed(Message[None], frozen=True, tag=True):
 
 class Discover(Message[list[Key]], frozen=True, tag=True):
     """The keys among ``keys`` that no tier holds (ready or being written), for
-    asking the shared tier ``tier`` about them; ``[]`` when it is down."""
+    asking the shared tier ``tier`` about them; ``[]`` when it is down. With
+    ``adopt``, they are recorded as held there at once (as :class:`Adopt` does):
+    the read that follows finds out whether the server has them."""
 
     tier: str
     keys: list[Key]
+    adopt: bool = False
 
 
 class Adopt(Message[None], frozen=True, tag=True):

@@ -21,6 +21,8 @@ Placement, for a chain ``t0, t1, ...`` (``t0`` the top, ``cpu``):
 - a shared tier (a remote store other engines write too) is asked, through
   the coordinator, about keys no tier holds (``Discover``); those it has are
   recorded as held there (``Adopt``), so plans promote them like any block;
+  before a load or prefetch they are recorded unasked (``Discover(adopt=True)``)
+  and the read itself finds out which the server has;
 - a tier that failed with a ``retry_after`` is left out for that long, then
   used again;
 - a load takes each block from the shallowest tier holding it ready; a block
@@ -130,6 +132,7 @@ class PolicyActor(Actor[PolicyRequest]):
         self.demoted = 0
         self.demotions_lost = 0
         self.corrupted = 0
+        self.missing = 0
 
     async def handle(self, message: PolicyRequest) -> Any:
         try:
@@ -144,12 +147,12 @@ class PolicyActor(Actor[PolicyRequest]):
                     return self.prepare_load(keys, prefetch=prefetch)
                 case Complete(plan, done):
                     return self.complete(plan, done)
-                case Drop(tier, keys, corrupted):
-                    return self.drop(tier, keys, corrupted=corrupted)
+                case Drop(tier, keys, corrupted, missing):
+                    return self.drop(tier, keys, corrupted=corrupted, missing=missing)
                 case MarkFailed(tier, retry_after):
                     return self.mark_failed(tier, retry_after)
-                case Discover(tier, keys):
-                    return self.discover(tier, keys)
+                case Discover(tier, keys, adopt):
+                    return self.discover(tier, keys, adopt=adopt)
                 case Adopt(tier, keys):
                     return self.adopt(tier, keys)
                 case Subscribe():
@@ -424,9 +427,14 @@ class PolicyActor(Actor[PolicyRequest]):
         block = self.managers[tier].get(key)
         return block is not None and block.ref_cnt >= 0
 
-    def drop(self, tier: str, keys: list[Key], *, corrupted: bool) -> list[Key]:
+    def drop(
+        self, tier: str, keys: list[Key], *, corrupted: bool, missing: bool = False
+    ) -> list[Key]:
         removed = self._manager(tier).remove(keys)
-        if corrupted and removed:
+        if missing and removed:
+            self.missing += len(removed)
+            self.hub.publish(CacheEvent("missing", tier, list(removed)))
+        elif corrupted and removed:
             self.corrupted += len(removed)
             self.hub.publish(CacheEvent("corrupted", tier, list(removed)))
         return removed
@@ -439,14 +447,18 @@ class PolicyActor(Actor[PolicyRequest]):
         else:
             self._retry_at[tier] = time.monotonic() + retry_after
 
-    def discover(self, tier: str, keys: list[Key]) -> list[Key]:
-        """The keys no tier holds, to ask shared tier ``tier`` about (none while it is down)."""
+    def discover(self, tier: str, keys: list[Key], *, adopt: bool = False) -> list[Key]:
+        """The keys no tier holds, to ask shared tier ``tier`` about (none while it
+        is down); with ``adopt``, recorded as held there at once."""
         self._manager(tier)
         if self._retry_at:
             self._retry_due()
         if tier in self.failed:
             return []
-        return [k for k in keys if not any(k in m for m in self.managers)]
+        missing = [k for k in keys if not any(k in m for m in self.managers)]
+        if adopt and missing:
+            self.adopt(tier, missing)
+        return missing
 
     def adopt(self, tier: str, keys: list[Key]) -> None:
         """Record ``keys`` as ready in shared tier ``tier``; to make room, the tier
@@ -477,6 +489,7 @@ class PolicyActor(Actor[PolicyRequest]):
             demoted=self.demoted,
             demotions_lost=self.demotions_lost,
             corrupted=self.corrupted,
+            missing=self.missing,
             events_published=self.hub.published,
             events_dropped=self.hub.dropped,
         )

@@ -60,6 +60,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     corrupted: int
     events_published: int
     events_dropped: int
+    missing: int = 0  # blocks a shared tier no longer had when read (evicted there)
 
 
 class OpStats(msgspec.Struct, frozen=True):

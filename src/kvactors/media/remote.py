@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import msgspec
 import torch
 
-from kvactors.errors import ConfigError, RemoteUnavailable, TransferError
+from kvactors.errors import BlocksMissingError, ConfigError, RemoteUnavailable, TransferError
 from kvactors.keys import Key
 
 __all__ = [
@@ -57,6 +57,10 @@ FORMAT_VERSION = 1
 MAGIC = b"KVR1"
 _HEAD = struct.Struct("<4s8sHQQ")  # magic, fingerprint, key length, payload length, xxh3
 HEADER_BYTES = _HEAD.size
+READ_PIPELINE_BYTES = 16 * 2**20
+"""Values one pipeline of ``GET``\\ s asks for at most (each reply is read off the
+socket into a staging buffer of one value, so this bounds only what the server
+holds queued for the connection)."""
 
 T = TypeVar("T")
 
@@ -138,6 +142,90 @@ class _Node:
         self.error = ""
 
 
+_HIT, _ABSENT, _REFUSED = 0, 1, 2  # what one GET delivered
+
+
+class _Wire:
+    """RESP2 replies read straight off one connection's socket.
+
+    Bulk replies land where the reader says (:meth:`into`), with ``recv_into``
+    and no intermediate copy; only the short lines (``$len``, errors) and what
+    arrived with them pass through the small ``buf``. The reader must end at a
+    reply boundary (:attr:`idle`); a connection it leaves elsewhere is closed.
+    """
+
+    __slots__ = ("buf", "hi", "lo", "sock", "view")
+
+    def __init__(self, size: int = 1 << 16) -> None:
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.sock: Any = None
+        self.lo = self.hi = 0
+
+    def start(self, sock: Any) -> None:
+        self.sock = sock
+        self.lo = self.hi = 0
+
+    @property
+    def idle(self) -> bool:
+        return self.lo == self.hi
+
+    def _fill(self) -> None:
+        if self.lo == self.hi:
+            self.lo = self.hi = 0
+        elif self.hi == len(self.buf):
+            n = self.hi - self.lo
+            self.buf[:n] = self.buf[self.lo : self.hi]
+            self.lo, self.hi = 0, n
+        got = self.sock.recv_into(self.view[self.hi :])
+        if not got:
+            raise ConnectionError("the server closed the connection")
+        self.hi += got
+
+    def line(self) -> bytes:
+        """One reply line, without its CRLF."""
+        while True:
+            end = self.buf.find(b"\r\n", self.lo, self.hi)
+            if end >= 0:
+                out = bytes(self.view[self.lo : end])
+                self.lo = end + 2
+                return out
+            if self.lo == 0 and self.hi == len(self.buf):
+                raise ConnectionError("protocol error: reply line too long")
+            self._fill()
+
+    def into(self, dst: memoryview) -> None:
+        """Exactly ``len(dst)`` bytes of the stream into ``dst``."""
+        want = len(dst)
+        have = min(self.hi - self.lo, want)
+        if have:
+            dst[:have] = self.view[self.lo : self.lo + have]
+            self.lo += have
+        recv = self.sock.recv_into
+        while have < want:
+            got = recv(dst[have:])
+            if not got:
+                raise ConnectionError("the server closed the connection")
+            have += got
+
+    def skip(self, n: int) -> None:
+        """Discard ``n`` bytes of the stream."""
+        while n:
+            if self.lo == self.hi:
+                self._fill()
+            take = min(n, self.hi - self.lo)
+            self.lo += take
+            n -= take
+
+
+class _Local(threading.local):
+    """Per worker thread: a socket reader and a staging buffer for one value."""
+
+    def __init__(self) -> None:
+        self.wire = _Wire()
+        self.stage: memoryview | None = None
+
+
 class RemoteStore:
     """Blocks of ``block_bytes`` in a Valkey / Redis server (``url``) or cluster
     (``nodes``, or ``url`` with ``cluster=True``); see the module docstring.
@@ -202,7 +290,9 @@ class RemoteStore:
             redis.exceptions.ClusterError,
             OSError,
         )
+        self._timeouts: tuple[type[BaseException], ...] = (TimeoutError, redis.TimeoutError)
         self._response_error = redis.ResponseError
+        self._local = _Local()
         common: dict[str, Any] = {
             "socket_timeout": timeout,
             "socket_connect_timeout": connect_timeout,
@@ -312,6 +402,10 @@ class RemoteStore:
         results: list[Any] = pipe.execute(raise_on_error=False)
         return results
 
+    def _each(self, command: Callable[[int], Any]) -> Callable[[_Node, list[int]], list[Any]]:
+        """An executor for :meth:`_run` sending ``command(pos)`` for each position."""
+        return lambda node, batch: self._execute(node, [command(pos) for pos in batch])
+
     def _send_packed(self, node: _Node, commands: list[_Packed]) -> list[Any]:
         """Send pre-packed commands on one pooled connection and read their replies.
 
@@ -346,16 +440,16 @@ class RemoteStore:
     def _run(
         self,
         rkeys: list[bytes],
-        command: Callable[[int], Any],
+        execute: Callable[[_Node, list[int]], list[Any]],
         result: Callable[[int, Any], None],
         what: str,
         step: int = 0,
     ) -> list[int]:
-        """Send ``command(pos)`` for every position of ``rkeys`` to the node that
-        serves it, in batches of ``step`` commands (by default as many values as
-        fit in ``max_batch_bytes``; values of 512 KiB and more go one per call,
-        where a pipeline gains nothing and buffers replies), and pass
-        each reply to ``result(pos, reply)``. Returns the positions whose node
+        """Have ``execute(node, batch)`` run the commands of the positions of
+        ``rkeys`` that ``node`` serves (see :meth:`_each`), in batches of ``step``
+        commands (by default as many values as fit in ``max_batch_bytes``; values
+        of 512 KiB and more go one per call, where a pipeline of writes gains
+        nothing), and pass each reply to ``result(pos, reply)``. Returns the positions whose node
         failed or is down (their keys count as misses); raises RemoteUnavailable
         when the server failed, or in a cluster when every node is down."""
         step = step or max(1, self.max_batch_bytes // (self.block_bytes + HEADER_BYTES))
@@ -369,7 +463,7 @@ class RemoteStore:
                 continue
             try:
                 for batch in self._batches(positions, step):
-                    replies = self._execute(node, [command(pos) for pos in batch])
+                    replies = execute(node, batch)
                     for pos, reply in zip(batch, replies):
                         if isinstance(reply, self._errors):
                             raise reply
@@ -450,7 +544,7 @@ class RemoteStore:
             found[pos] = n == 1
 
         # EXISTS replies are small: one pipeline for up to 1024 keys.
-        self._run(rkeys, lambda pos: ("EXISTS", rkeys[pos]), result, "lookup", 1024)
+        self._run(rkeys, self._each(lambda pos: ("EXISTS", rkeys[pos])), result, "lookup", 1024)
         with self._lock:
             self._counts["lookups"] += len(rkeys)
         return found
@@ -459,34 +553,121 @@ class RemoteStore:
         """Read block ``keys[i]`` into ``bufs[i]`` (``block_bytes`` each); return the
         positions that missed (absent, refused, or on a node that is down).
         Nothing is written into a buffer whose value did not verify."""
+        absent, refused = self.fetch(keys, bufs)
+        return sorted(absent + refused)
+
+    def fetch(self, keys: Sequence[Key], bufs: Sequence[memoryview]) -> tuple[list[int], list[int]]:
+        """Read block ``keys[i]`` into ``bufs[i]``; return the positions ``absent``
+        (never stored, evicted, expired, or on a node that is down) and those
+        ``refused`` (present but truncated, garbage, foreign or another block's).
+
+        The ``GET``\\ s of a batch go out in one pipeline; each reply is read off
+        the socket straight into a staging buffer of this thread, checked, and
+        only then copied into ``bufs[i]``, before the call returns.
+        """
         t0 = time.perf_counter()
         rkeys = [self.redis_key(k) for k in keys]
-        missed: list[int] = []
-        hits = absent = corrupt = 0
+        status = [_ABSENT] * len(rkeys)
 
-        def result(pos: int, value: Any) -> None:
-            nonlocal hits, absent, corrupt
-            if value is None or isinstance(value, Exception):
-                absent += 1
-                missed.append(pos)
-                return
-            payload = self._verify(keys[pos], value)
-            if payload is None:
-                corrupt += 1
-                missed.append(pos)
-                return
-            bufs[pos][:] = payload  # verified: only now touch the caller's buffer
-            hits += 1
+        def execute(node: _Node, batch: list[int]) -> list[Any]:
+            return self._get_batch(node, batch, rkeys, keys, bufs)
 
-        down = self._run(rkeys, lambda pos: ("GET", rkeys[pos]), result, "read")
+        def result(pos: int, got: Any) -> None:
+            status[pos] = got
+
+        step = max(1, READ_PIPELINE_BYTES // (self.block_bytes + HEADER_BYTES))
+        self._run(rkeys, execute, result, "read", step)
+        absent = [i for i, st in enumerate(status) if st == _ABSENT]
+        refused = [i for i, st in enumerate(status) if st == _REFUSED]
+        hits = len(rkeys) - len(absent) - len(refused)
         with self._lock:
             c = self._counts
             c["hits"] += hits
-            c["misses"] += absent + len(down)
-            c["corrupt"] += corrupt
+            c["misses"] += len(absent)
+            c["corrupt"] += len(refused)
             c["bytes_read"] += hits * self.block_bytes
             self._seconds["read"] += time.perf_counter() - t0
-        return sorted(set(missed) | set(down))
+        return absent, refused
+
+    def _get_batch(
+        self,
+        node: _Node,
+        batch: list[int],
+        rkeys: list[bytes],
+        keys: Sequence[Key],
+        bufs: Sequence[memoryview],
+    ) -> list[int]:
+        """``GET`` the keys of ``batch`` from ``node`` in one pipeline; what each
+        delivered (:data:`_HIT`, :data:`_ABSENT`, :data:`_REFUSED`). A pooled
+        connection the server closed (say, it restarted) is replaced once."""
+        request = b"".join(
+            b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(rkeys[p]), rkeys[p]) for p in batch
+        )
+        pool = node.client.connection_pool
+        wire = self._local.wire
+        for attempt in (0, 1):
+            conn = pool.get_connection()
+            got: list[int] = []
+            try:
+                conn.send_packed_command([request], check_health=False)
+                wire.start(conn._sock)
+                for pos in batch:
+                    got.append(self._read_value(wire, keys[pos], bufs[pos]))
+                if not wire.idle:
+                    raise ConnectionError("protocol error: more replies than commands")
+                return got
+            except self._errors as exc:
+                conn.disconnect()
+                if attempt or got or isinstance(exc, self._timeouts):
+                    raise
+            except BaseException:
+                conn.disconnect()  # replies may be left unread on it: never reuse it
+                raise
+            finally:
+                wire.sock = None
+                pool.release(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read_value(self, wire: _Wire, key: Key, buf: memoryview) -> int:
+        """Read one ``GET`` reply; copy its payload into ``buf`` if it is block ``key``'s, whole."""
+        line = wire.line()
+        kind = line[:1]
+        if kind == b"$":
+            size = int(line[1:])
+            if size < 0:
+                return _ABSENT
+            raw = encode_key(key)
+            start = HEADER_BYTES + len(raw)
+            if size != start + self.block_bytes:
+                wire.skip(size + 2)
+                return _REFUSED
+            head = bytearray(start)
+            wire.into(memoryview(head))
+            stage = self._local.stage
+            if stage is None or len(stage) != self.block_bytes:
+                stage = self._local.stage = memoryview(bytearray(self.block_bytes))
+            wire.into(stage)
+            if wire.line():
+                raise ConnectionError("protocol error: a value longer than announced")
+            magic, fp, klen, plen, digest = _HEAD.unpack_from(head)
+            if (
+                magic != MAGIC
+                or fp != self.fingerprint
+                or klen != len(raw)
+                or plen != self.block_bytes
+                or head[HEADER_BYTES:] != raw
+                or self._hash(stage) != digest
+            ):
+                return _REFUSED
+            buf[:] = stage  # verified: only now touch the caller's buffer
+            return _HIT
+        if kind == b"-":
+            # MOVED / ASK: the slot moved (the map is reloaded on the next failure);
+            # WRONGTYPE and the like: something else lives under this key.
+            return _ABSENT if line.startswith((b"-MOVED", b"-ASK")) else _REFUSED
+        if kind == b"_":  # RESP3's null
+            return _ABSENT
+        raise ConnectionError(f"protocol error: unexpected reply {line[:32]!r}")
 
     def put(self, keys: Sequence[Key], bufs: Sequence[memoryview]) -> list[int]:
         """Write block ``keys[i]`` from ``bufs[i]``; return the positions not written
@@ -519,7 +700,7 @@ class RemoteStore:
             if ok not in (b"OK", "OK", True):
                 refused.append(pos)
 
-        down = self._run(rkeys, command, result, "write")
+        down = self._run(rkeys, self._each(command), result, "write")
         bad = sorted(set(refused) | set(down))
         with self._lock:
             self._counts["stored"] += len(rkeys) - len(bad)
@@ -530,7 +711,7 @@ class RemoteStore:
     def delete(self, keys: Sequence[Key]) -> None:
         """Remove blocks ``keys`` from the server (values that failed verification)."""
         rkeys = [self.redis_key(k) for k in keys]
-        self._run(rkeys, lambda pos: ("DEL", rkeys[pos]), lambda pos, n: None, "delete")
+        self._run(rkeys, self._each(lambda pos: ("DEL", rkeys[pos])), lambda pos, n: None, "delete")
 
     # -- the BlockMedium protocol -----------------------------------------------------
 
@@ -542,11 +723,22 @@ class RemoteStore:
         self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None = None
     ) -> list[int]:
         """Read blocks ``keys`` into ``bufs`` (``ids`` are ignored: the server names
-        blocks by key); return the positions that missed, absent or refused."""
+        blocks by key); return the positions refused (damaged values). Blocks
+        the server does not have raise :class:`~kvactors.errors.BlocksMissingError`
+        naming them (and the refused ones), after every block that arrived was
+        copied into its buffer."""
         del ids
         if keys is None:
             raise ConfigError("remote: reads name blocks by key")
-        return self.get_into(keys, bufs)
+        absent, refused = self.fetch(keys, bufs)
+        if absent:
+            gone = [keys[i] for i in absent]
+            raise BlocksMissingError(
+                f"remote {self.name!r}: {len(gone)} block(s) not on the server: {gone[:8]!r}",
+                [keys[i] for i in sorted(absent + refused)],
+                gone,
+            )
+        return refused
 
     def write_buffers(
         self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None = None
