@@ -12,10 +12,13 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import kvactors
+from _redis import redis_server  # noqa: F401
 from kvactors.cache.metrics import CacheMetrics, serve_metrics
 from kvactors.cli.demo import block_bytes_for
-from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
+from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
 from kvactors.errors import TierFailed
+from kvactors.media.local_server import LocalServer
+from kvactors.media.remote import RemoteStore
 
 pytestmark = pytest.mark.anyio
 
@@ -134,3 +137,43 @@ async def test_metrics_port_in_the_config_serves_while_the_cache_is_open() -> No
             url = kv.metrics_url
         with pytest.raises(urllib.error.URLError):
             await scrape(url)
+
+
+async def test_remote_misses_and_damaged_values_are_scraped_apart(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """A block gone from the server and one overwritten with garbage: the scrape
+    counts one dropped block as ``missing``, one as ``corrupted``, and the
+    remote's hits and misses as the store counted them (the block after each
+    bad one arrived in the same read and stays promoted)."""
+    cfg = Config(
+        block_bytes=BB,
+        gpu=GPUConfig(num_blocks=64, device="cpu"),
+        cpu=TierConfig(num_blocks=16),
+        nvme=None,
+        remote=RemoteConfig(url=redis_server.url),
+    )
+    keys = list(range(6))
+    names = RemoteStore("remote", BB, url=redis_server.url)
+    with anyio.fail_after(30):
+        async with kvactors.open(cfg) as a:
+            await a.store(keys, block_bytes_for(keys, BB, torch.device("cpu")))
+        client = redis_server.client()
+        assert client.delete(names.redis_key(2)) == 1
+        client.set(names.redis_key(4), b"not a block")
+        async with kvactors.open(cfg) as b:
+            out = torch.zeros(2, BB, dtype=torch.uint8)
+            assert len((await b.load(keys[:2], out, partial=True)).tiers) == 2
+            assert (await b.load(keys[2:4], out, partial=True)).tiers == []
+            assert (await b.load(keys[4:6], out, partial=True)).tiers == []
+            async with serve_metrics(b, port=0, interval=0.05) as endpoint:
+                samples = await scrape(endpoint.url)
+                stats = await b.stats()
+    names.close()
+    assert sample(samples, "kvactors_dropped_blocks_total", reason="missing") == 1
+    assert sample(samples, "kvactors_dropped_blocks_total", reason="corrupted") == 1
+    assert (stats.policy.missing, stats.policy.corrupted) == (1, 1)
+    assert stats.remote is not None
+    assert sample(samples, "kvactors_tier_hits_total", tier="remote") == stats.remote.hits == 4
+    assert stats.policy.tiers["cpu"].used == 4
+    assert sample(samples, "kvactors_tier_misses_total", tier="remote") == 2

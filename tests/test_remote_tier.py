@@ -48,6 +48,16 @@ async def store_all(kv: kvactors.KVCache, keys: list[int], step: int = 4) -> Non
         assert await kv.store(keys[i : i + step], data(keys[i : i + step])) is not None
 
 
+def drain(events: Any) -> list[kvactors.CacheEvent]:
+    """The events published so far (the policy actor publishes as it handles)."""
+    seen: list[kvactors.CacheEvent] = []
+    while True:
+        try:
+            seen.append(events.receive_nowait())
+        except anyio.WouldBlock:
+            return seen
+
+
 async def settled(kv: kvactors.KVCache) -> kvactors.CacheStats:
     with anyio.fail_after(10):
         while True:
@@ -180,18 +190,34 @@ async def test_damaged_values_are_misses_for_the_cache(redis_server: LocalServer
         names = RemoteStore("remote", BB, url=redis_server.url)
         client.set(names.redis_key(5), b"garbage")
         client.set(names.redis_key(6), client.get(names.redis_key(6))[:100])
-        names.close()
         async with kvactors.open(config(remote)) as b:
-            out = torch.zeros(8, BB, dtype=torch.uint8)
-            got = await b.load(keys, out, partial=True)
-            assert len(got.tiers) == 5
-            assert torch.equal(out[:5], data(keys[:5]))
-            assert bool((out[5:] == 0).all())
-            with pytest.raises(BlockNotFoundError):
-                await b.load(keys[5:7], torch.zeros(2, BB, dtype=torch.uint8))
-            stats = await settled(b)
-            assert stats.remote is not None
-            assert stats.remote.corrupt >= 2
+            events: Any = await b.events()
+            with events:
+                out = torch.zeros(8, BB, dtype=torch.uint8)
+                got = await b.load(keys, out, partial=True)
+                assert len(got.tiers) == 5
+                assert torch.equal(out[:5], data(keys[:5]))
+                assert bool((out[5:] == 0).all())
+                stats = await settled(b)
+                assert stats.remote is not None
+                assert stats.remote.corrupt == 2
+                # Damaged values are corrupted blocks, not missing ones ...
+                assert stats.policy.corrupted == 2
+                assert stats.policy.missing == 0
+                seen = drain(events)
+                assert sorted(k for e in seen if e.kind == "corrupted" for k in e.keys) == [5, 6]
+                assert not [e for e in seen if e.kind == "missing"]
+                # ... deleted from the server, so from now on they are missing.
+                assert client.exists(names.redis_key(5), names.redis_key(6)) == 0
+                with pytest.raises(BlockNotFoundError):
+                    await b.load(keys[5:7], torch.zeros(2, BB, dtype=torch.uint8))
+                stats = await settled(b)
+                assert (stats.policy.corrupted, stats.policy.missing) == (2, 2)
+                assert sorted(k for e in drain(events) if e.kind == "missing" for k in e.keys) == [
+                    5,
+                    6,
+                ]
+        names.close()
 
 
 async def test_maxmemory_reached_is_misses_not_errors() -> None:
@@ -221,6 +247,87 @@ async def test_maxmemory_reached_is_misses_not_errors() -> None:
                     got = await b.load([k], out, partial=True)
                     if got.tiers:
                         assert torch.equal(out, block_bytes_for([k], bb, CPU))
+
+
+async def test_blocks_the_server_evicted_are_missing_not_corrupted() -> None:
+    """``maxmemory`` reached: the server evicts some blocks. A cache that loads
+    every key without a lookup first (the read itself finds out) counts the
+    absent ones as ``missing`` (events of that kind), none as ``corrupted``;
+    nothing is written into the destination of a block that missed."""
+    bb = 256 * 1024
+    keys = list(range(48))  # 12 MiB into 3 MiB
+    with LocalServer(binary=server_binary(), maxmemory=3 * 2**20) as server:
+        cfg = Config(
+            block_bytes=bb,
+            gpu=GPUConfig(num_blocks=8, device="cpu"),
+            cpu=TierConfig(num_blocks=64),
+            nvme=None,
+            remote=RemoteConfig(url=server.url),
+        )
+        with anyio.fail_after(60):
+            async with kvactors.open(cfg) as a:
+                for i in range(0, len(keys), 4):
+                    chunk = keys[i : i + 4]
+                    assert await a.store(chunk, block_bytes_for(chunk, bb, CPU)) is not None
+            client = server.client()
+            from kvactors.media.remote import RemoteStore
+
+            names = RemoteStore("remote", bb, url=server.url)
+            absent = [k for k in keys if not client.exists(names.redis_key(k))]
+            names.close()
+            assert 0 < len(absent) < len(keys)
+            async with kvactors.open(cfg) as b:
+                events: Any = await b.events()
+                found = 0
+                for k in keys:
+                    out = torch.zeros(1, bb, dtype=torch.uint8)
+                    got = await b.load([k], out, partial=True)
+                    if got.tiers:
+                        found += 1
+                        assert torch.equal(out, block_bytes_for([k], bb, CPU))
+                    else:
+                        assert k in absent
+                        assert bool((out == 0).all())
+                assert found == len(keys) - len(absent)
+                stats = await settled(b)
+                assert stats.policy.missing == len(absent)
+                assert stats.policy.corrupted == 0
+                assert stats.remote is not None
+                assert stats.remote.corrupt == 0
+                with events:
+                    seen = drain(events)
+                assert sorted(k for e in seen if e.kind == "missing" for k in e.keys) == absent
+                assert not [e for e in seen if e.kind == "corrupted"]
+
+
+async def test_a_partial_load_over_an_evicted_block_keeps_the_run_before_it(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """One block of a run gone from the server (deleted, as an eviction does): a
+    partial load returns the blocks before it byte-exact, each read from the
+    server once and kept promoted in CPU; the gone one is missing, not corrupted."""
+    remote = RemoteConfig(url=redis_server.url)
+    keys = list(range(8))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as a:
+            await store_all(a, keys)
+        from kvactors.media.remote import RemoteStore
+
+        names = RemoteStore("remote", BB, url=redis_server.url)
+        assert redis_server.client().delete(names.redis_key(3)) == 1
+        names.close()
+        async with kvactors.open(config(remote)) as b:
+            out = torch.zeros(8, BB, dtype=torch.uint8)
+            got = await b.load(keys, out, partial=True)
+            assert len(got.tiers) == 3  # (from CPU: promoted by the read that found the gap)
+            assert torch.equal(out[:3], data(keys[:3]))
+            assert bool((out[3:] == 0).all())
+            assert (await b.lookup(keys[:3])).tiers == ["cpu"] * 3
+            stats = await settled(b)
+            assert stats.remote is not None
+            assert stats.remote.hits == 7  # one read of the whole run, none again
+            assert stats.remote.misses == 1
+            assert (stats.policy.missing, stats.policy.corrupted) == (1, 0)
 
 
 @pytest.mark.parametrize("policy", ["write_through", "on_demotion"])

@@ -29,7 +29,10 @@ it); docs/remote.md lists them with their types:
 - ``tier_blocks`` (tier, state): ``used``, ``free``, ``pinned`` slots;
 - ``request_latency_seconds`` (op, quantile): p50 / p99 of ``lookup``,
   ``store``, ``load``; ``requests_total`` (op): requests measured;
-- ``failed_requests_total`` (op): failed ``store`` / ``load`` calls.
+- ``failed_requests_total`` (op): failed ``store`` / ``load`` calls;
+- ``dropped_blocks_total`` (reason): blocks dropped when read, ``corrupted``
+  (failed their checks) or ``missing`` (a shared tier's server no longer had
+  them: evicted or expired).
 """
 
 from __future__ import annotations
@@ -154,7 +157,12 @@ class CacheMetrics:
         failed_requests = counter("kvactors_failed_requests", "Failed calls", labels=["op"])
         failed_requests.add_metric(["store"], stats.failed_stores)
         failed_requests.add_metric(["load"], stats.failed_loads)
-        yield from (latency, requests, failed_requests)
+        dropped = counter(
+            "kvactors_dropped_blocks", "Blocks dropped when read, by reason", labels=["reason"]
+        )
+        dropped.add_metric(["corrupted"], stats.policy.corrupted)
+        dropped.add_metric(["missing"], stats.policy.missing)
+        yield from (latency, requests, failed_requests, dropped)
 
 
 def _flows(stats: CacheStats) -> dict[tuple[str, str], tuple[int, float]]:

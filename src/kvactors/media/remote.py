@@ -723,22 +723,23 @@ class RemoteStore:
         self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None = None
     ) -> list[int]:
         """Read blocks ``keys`` into ``bufs`` (``ids`` are ignored: the server names
-        blocks by key); return the positions refused (damaged values). Blocks
-        the server does not have raise :class:`~kvactors.errors.BlocksMissingError`
-        naming them (and the refused ones), after every block that arrived was
-        copied into its buffer."""
+        blocks by key). Blocks not delivered raise
+        :class:`~kvactors.errors.BlocksMissingError` naming them (``missing``: those
+        the server does not have; the rest were refused as damaged), once every
+        block that arrived is in its buffer; so the result is always ``[]``."""
         del ids
         if keys is None:
             raise ConfigError("remote: reads name blocks by key")
         absent, refused = self.fetch(keys, bufs)
-        if absent:
+        if absent or refused:
             gone = [keys[i] for i in absent]
             raise BlocksMissingError(
-                f"remote {self.name!r}: {len(gone)} block(s) not on the server: {gone[:8]!r}",
+                f"remote {self.name!r}: {len(absent)} block(s) not on the server, "
+                f"{len(refused)} damaged: {[keys[i] for i in (absent + refused)[:8]]!r}",
                 [keys[i] for i in sorted(absent + refused)],
                 gone,
             )
-        return refused
+        return []
 
     def write_buffers(
         self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None = None

@@ -76,7 +76,7 @@ def _raw(url: str, rows: torch.Tensor, prefix: bytes) -> tuple[float, float]:
     bb = rows.shape[1]
     flat = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
     views = [flat[i * bb : (i + 1) * bb] for i in range(rows.shape[0])]
-    out = torch.empty_like(rows)
+    out = torch.zeros_like(rows)  # written before, as an engine's buffers are
     oflat = memoryview(out.numpy()).cast("B")  # type: ignore[arg-type]
     dst = [oflat[i * bb : (i + 1) * bb] for i in range(rows.shape[0])]
     keys = [prefix + b"%d" % i for i in range(len(views))]
@@ -96,7 +96,7 @@ def _raw(url: str, rows: torch.Tensor, prefix: bytes) -> tuple[float, float]:
 def _medium(url: str, rows: torch.Tensor, namespace: str) -> tuple[float, float]:
     store = RemoteStore("remote", rows.shape[1], url=url, namespace=namespace)
     keys: list[Key] = list(range(rows.shape[0]))
-    out = torch.empty_like(rows)
+    out = torch.zeros_like(rows)  # written before, as an engine's buffers are
     t0 = time.perf_counter()
     store.write_from([], rows, keys)
     t1 = time.perf_counter()
@@ -120,7 +120,7 @@ async def _through_cache(url: str, rows: torch.Tensor, namespace: str) -> tuple[
         for i in range(0, n, step):
             await a.store(keys[i : i + step], rows[i : i + step])
         t1 = time.perf_counter()
-    out = torch.empty_like(rows)
+    out = torch.zeros_like(rows)  # written before, as an engine's buffers are
     async with kvactors.open(cfg) as b:
         t2 = time.perf_counter()
         for i in range(0, n, step):
