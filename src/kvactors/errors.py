@@ -105,9 +105,7 @@ class BlocksMissingError(IntegrityError):
     deliver, ``missing`` those absent (the rest failed their checks). They are
     dropped from the cache like damaged blocks, but counted and reported as missing."""
 
-    def __init__(
-        self, message: str, keys: list[bytes | int], missing: list[bytes | int]
-    ) -> None:
+    def __init__(self, message: str, keys: list[bytes | int], missing: list[bytes | int]) -> None:
         super().__init__(message, keys)
         self.missing: list[bytes | int] = list(missing)
 
