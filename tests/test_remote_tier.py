@@ -398,11 +398,13 @@ async def test_on_demotion_writes_blocks_only_when_they_leave_cpu(
             assert (await a.stats()).remote.stored == 0  # type: ignore[union-attr]
             await store_all(a, keys[8:])  # evicts the first 16 from CPU
             assert (await a.stats()).remote.stored == 16  # type: ignore[union-attr]
+        # Closing wrote back the 8 still in CPU.
+        assert [(r.written, r.failed, r.left) for r in a.flushed] == [(8, 0, 0)]
         async with kvactors.open(config(remote)) as b:
-            assert (await b.lookup(keys)).hits == 16
-            out = torch.zeros(16, BB, dtype=torch.uint8)
-            await b.load(keys[:16], out)
-            assert torch.equal(out, data(keys[:16]))
+            assert (await b.lookup(keys)).hits == 24
+            out = torch.zeros(24, BB, dtype=torch.uint8)
+            await b.load(keys, out)
+            assert torch.equal(out, data(keys))
 
 
 async def test_cluster_tier_loses_one_node_without_wrong_bytes(
@@ -483,3 +485,127 @@ def test_bench_remote_starts_its_own_server_and_reports_every_figure(
     assert summary["round_trip"]["kv_load_us"] > 0
     sharing = summary["sharing"]
     assert 0 <= sharing["alone"] <= sharing["shared"] <= 1
+
+
+def test_on_demotion_blocks_still_local_are_written_back_at_close(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """Under ``on_demotion`` process A stores blocks that never leave its CPU tier
+    and closes: closing writes them back, so process B loads every one byte-exact."""
+    code = textwrap.dedent(
+        f"""
+        import sys, anyio, torch, kvactors
+        from kvactors.cli.demo import block_bytes_for
+        from kvactors.config import Config, GPUConfig, RemoteConfig, TierConfig
+        cfg = Config(block_bytes={BB}, gpu=GPUConfig(num_blocks=64, device="cpu"),
+                     cpu=TierConfig(num_blocks=64), nvme=None,
+                     remote=RemoteConfig(url={redis_server.url!r}, write_policy="on_demotion"))
+        keys = list(range(2000, 2040))
+        want = block_bytes_for(keys, {BB}, torch.device("cpu"))
+        async def main():
+            with anyio.fail_after(60):
+                async with kvactors.open(cfg) as kv:
+                    if sys.argv[1] == "store":
+                        await kv.store(keys, want)
+                        assert (await kv.stats()).remote.stored == 0  # all still in CPU
+                    else:
+                        out = torch.zeros_like(want)
+                        got = await kv.load(keys, out)
+                        assert set(got.tiers) == {{"remote"}}, got.tiers
+                        assert torch.equal(out, want)
+                        print("exact", len(keys))
+                if sys.argv[1] == "store":
+                    print("flushed", [(r.tier, r.written, r.failed, r.left, r.error)
+                                      for r in kv.flushed])
+        anyio.run(main)
+        """
+    )
+    outs = []
+    for role in ("store", "load"):
+        done = subprocess.run(
+            [sys.executable, "-c", code, role], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        outs.append(done.stdout.strip())
+    assert outs == ["flushed [('remote', 40, 0, 0, None)]", "exact 40"]
+
+
+async def test_write_back_at_close_takes_blocks_from_cpu_and_nvme(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """With NVMe between: blocks in CPU and in NVMe at close are written back (each
+    once), those already on the server are not written again."""
+    remote = RemoteConfig(url=redis_server.url, write_policy="on_demotion")
+    keys = list(range(60))
+    with anyio.fail_after(60):
+        async with kvactors.open(config(remote, nvme=True, cpu_blocks=8)) as a:
+            await store_all(a, keys)  # 8 in CPU, 32 in NVMe, 20 demoted to the server
+            early = (await a.stats()).remote
+            assert early is not None
+            assert early.stored == 20
+        assert [(r.tier, r.written, r.failed, r.left, r.error) for r in a.flushed] == [
+            ("remote", 40, 0, 0, None)
+        ]
+        async with kvactors.open(config(remote, cpu_blocks=64)) as b:
+            out = torch.zeros(len(keys), BB, dtype=torch.uint8)
+            got = await b.load(keys, out)
+            assert got.tiers == ["remote"] * len(keys)
+            assert torch.equal(out, data(keys))
+            stats = await b.stats()
+            assert stats.remote is not None
+            assert stats.remote.hits == len(keys)
+        # Everything it holds came from the server: nothing to write back.
+        assert [(r.written, r.failed, r.left, r.error) for r in b.flushed] == [(0, 0, 0, None)]
+
+
+async def test_write_back_at_close_with_the_server_down_reports_and_returns(
+    redis_server: LocalServer,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server died before close: closing does not hang, nothing raises, and
+    the blocks not written are reported (``kv.flushed`` and a warning)."""
+    remote = RemoteConfig(
+        url=redis_server.url, write_policy="on_demotion", timeout=0.5, retry_after=5.0
+    )
+    keys = list(range(12))
+    with anyio.fail_after(20):
+        async with kvactors.open(config(remote)) as kv:
+            await store_all(kv, keys)
+            redis_server.kill()
+            t0 = time.monotonic()
+    assert time.monotonic() - t0 < 5.0
+    [result] = kv.flushed
+    assert result.tier == "remote"
+    assert result.written == 0
+    assert result.failed + result.left == len(keys)
+    assert result.error is not None
+    assert any("written back" in r.getMessage() for r in caplog.records)
+
+
+async def test_write_back_at_close_is_bounded_by_flush_timeout(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """A server that stops answering (SIGSTOP) mid-close: closing returns after
+    about ``flush_timeout`` (plus one reply's ``timeout``), reporting what was left."""
+    import signal
+
+    remote = RemoteConfig(
+        url=redis_server.url, write_policy="on_demotion", timeout=1.0, flush_timeout=0.3
+    )
+    keys = list(range(16))
+    proc = redis_server.proc
+    assert proc is not None
+    try:
+        with anyio.fail_after(20):
+            async with kvactors.open(config(remote)) as kv:
+                await store_all(kv, keys)
+                proc.send_signal(signal.SIGSTOP)
+                t0 = time.monotonic()
+            elapsed = time.monotonic() - t0
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert elapsed < 0.3 + 1.0 + 1.0
+    [result] = kv.flushed
+    assert result.written == 0
+    assert result.failed + result.left == len(keys)
+    assert result.error is not None

@@ -178,7 +178,11 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     - ``threads``: worker threads (and connections) of the remote tier.
     - ``write_policy``: ``"write_through"`` writes every stored block to the
       server at once (other engines see it at once); ``"on_demotion"`` writes
-      blocks only when they leave the CPU tier.
+      blocks when they leave the tier above, and those still held above it
+      when the cache closes (within ``flush_timeout``).
+    - ``flush_timeout``: under ``"on_demotion"``, seconds closing the cache may
+      spend writing the blocks still held above the remote tier to the server
+      (``KVCache.flushed`` says what was written, failed or left).
     - ``ttl``: seconds a value lives on the server (``None``: until evicted).
     - ``max_batch_bytes``: values carried by one pipeline at most.
     """
@@ -196,12 +200,13 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retry_after: float = 1.0
     threads: Positive = 4
     write_policy: Literal["write_through", "on_demotion"] = "write_through"
+    flush_timeout: float = 10.0
     ttl: float | None = None
     max_batch_bytes: Positive = 64 * MiB
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_blocks", "threads", "max_batch_bytes")
-        for name in ("connect_timeout", "timeout", "retry_after"):
+        for name in ("connect_timeout", "timeout", "retry_after", "flush_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name}: expected seconds > 0, got {value!r}")

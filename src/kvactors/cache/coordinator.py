@@ -57,13 +57,14 @@ from kvactors.cache.messages import (
     MarkFailed,
     Move,
     Prefetch,
+    PrepareFlush,
     PrepareLoad,
     PrepareStore,
     Store,
     StorePlan,
 )
 from kvactors.cache.policy_actor import PolicyActor
-from kvactors.cache.results import Latency, LoadResult, StoreResult
+from kvactors.cache.results import FlushResult, Latency, LoadResult, StoreResult
 from kvactors.cache.tier_actor import TierActor
 from kvactors.cache.transfers import CALLER, REQUIRED, Side, Transfer, runner
 from kvactors.config import Config
@@ -112,11 +113,12 @@ class _Outcome:
     shared tier no longer had: ``missing``) and, per transfer that delivered
     some of its blocks, the keys it did not (``partial``)."""
 
-    __slots__ = ("corrupted", "done", "error", "missing", "partial")
+    __slots__ = ("corrupted", "done", "error", "failure", "missing", "partial")
 
     def __init__(self, n: int) -> None:
         self.done = [False] * n
         self.error: BaseException | None = None
+        self.failure: str | None = None  # the first failed transfer's error
         self.corrupted: dict[str, list[Key]] = {}
         self.missing: set[Key] = set()
         self.partial: dict[int, set[Key]] = {}
@@ -138,6 +140,14 @@ class Coordinator(Actor[CoordinatorRequest]):
         # Tiers whose medium other engines share (it answers ``contains``).
         self.shared = [t.name for t in tiers if hasattr(t.medium, "contains")]
         self.move_bytes = config.move_bytes
+        # Tiers written on demotion only, written back when the cache closes:
+        # (name, seconds the write-back may take at most).
+        self.write_back = [
+            (name, float(getattr(spec, "flush_timeout", 0.0)))
+            for name, spec in config.chain()
+            if getattr(spec, "write_policy", "") == "on_demotion"
+            and config.write_mode != "write_through"
+        ]
         self.failed_tiers: set[str] = set()
         self.latency = {name: Latency() for name in ("store", "load")}
         self.failed_stores = 0
@@ -244,11 +254,50 @@ class Coordinator(Actor[CoordinatorRequest]):
                 continue
             return LoadResult(plan.tiers)
 
-    async def _run(self, plan: StorePlan | LoadPlan, side: Any) -> list[Key]:
+    async def flush(self) -> list[FlushResult]:
+        """Write the blocks still held above each tier written ``on_demotion`` into
+        it (the cache is closing: nothing else would), in batches, within that
+        tier's ``flush_timeout``; a block whose write failed is not tried again.
+        Never raises for the tier: failures are in the result."""
+        results = []
+        for tier, seconds in self.write_back:
+            start = time.perf_counter()
+            written = failed = left = 0
+            error: str | None = None
+            tried: set[Key] = set()
+            limit = max(1, (64 << 20) // self.gpu.block_bytes)  # about 64 MiB a batch
+            with anyio.move_on_after(seconds) as scope:
+                while True:
+                    plan, left = await self.policy.ask(PrepareFlush(tier, limit, frozenset(tried)))
+                    if plan is None:
+                        break
+                    outcome = _Outcome(len(plan.transfers))
+                    try:
+                        await self._run(plan, None, outcome)
+                    finally:
+                        for transfer, ok in zip(plan.transfers, outcome.done):
+                            tried.update(transfer.keys)
+                            if ok:
+                                written += len(transfer.keys)
+                            else:
+                                failed += len(transfer.keys)
+                        error = error or outcome.failure
+            if scope.cancelled_caught:
+                error = error or f"time ran out after {seconds:g} s"
+            elif left:  # the tier went down: the rest was not tried
+                error = error or f"tier {tier!r} is down"
+            results.append(
+                FlushResult(tier, written, failed, left, time.perf_counter() - start, error)
+            )
+        return results
+
+    async def _run(
+        self, plan: StorePlan | LoadPlan, side: Any, outcome: _Outcome | None = None
+    ) -> list[Key]:
         """Run ``plan``'s transfers in order (the request's side bound to ``side``),
         then complete it; returns the durable keys, raises the first required
-        transfer's error or the cancellation."""
-        outcome = _Outcome(len(plan.transfers))
+        transfer's error or the cancellation. ``outcome`` records what happened."""
+        outcome = outcome or _Outcome(len(plan.transfers))
         try:
             for i, transfer in enumerate(plan.transfers):
                 try:
@@ -262,7 +311,8 @@ class Coordinator(Actor[CoordinatorRequest]):
                             outcome.partial[i] = set(exc.keys)
                     if transfer.role in REQUIRED:
                         raise
-                except TierError:
+                except TierError as exc:
+                    outcome.failure = outcome.failure or str(exc)
                     if transfer.role in REQUIRED:
                         raise
                 else:

@@ -10,6 +10,7 @@ cache made (media, the copy threads) is closed with it.
 
 from __future__ import annotations
 
+import logging
 import operator
 import sys
 import time
@@ -28,6 +29,7 @@ from kvactors.cache.messages import GetSnapshot, Load, Lookup, Prefetch, Store, 
 from kvactors.cache.policy_actor import PolicyActor
 from kvactors.cache.results import (
     CacheStats,
+    FlushResult,
     Latency,
     LoadResult,
     LookupResult,
@@ -121,6 +123,9 @@ class KVCache:
         self._lookup_latency = Latency()
         self.metrics_url: str | None = None
         """Where Prometheus scrapes this cache (``[metrics] port`` set), else ``None``."""
+        self.flushed: list[FlushResult] = []
+        """Once closed: what was written back into each tier written ``on_demotion``
+        (the remote tier) as the cache closed; failures are also logged."""
 
     @property
     def gpu_pool(self) -> MemoryPool:
@@ -324,6 +329,22 @@ class KVCache:
         )
 
 
+log = logging.getLogger("kvactors.cache")
+
+
+def _report_flush(results: list[FlushResult]) -> None:
+    for r in results:
+        if r.error is not None:
+            log.warning(
+                "closing: tier %r: %d block(s) written back, %d failed, %d left: %s",
+                r.tier,
+                r.written,
+                r.failed,
+                r.left,
+                r.error,
+            )
+
+
 @asynccontextmanager
 async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
     """Start every actor of a cache built from ``config`` (defaults when ``None``).
@@ -385,6 +406,12 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
                 finally:
                     if kv is not None:
                         kv._closed = True
+                        if coord.write_back:
+                            # Blocks a tier written on demotion would lose: written
+                            # back now, within its flush_timeout, whatever ended the block.
+                            with anyio.CancelScope(shield=True):
+                                kv.flushed = await coord.flush()
+                            _report_flush(kv.flushed)
             finally:
                 # Dependency order: nothing new reaches the coordinator, then the
                 # policy actor, then the tiers that in-flight handshakes still use.

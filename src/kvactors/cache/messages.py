@@ -36,6 +36,7 @@ __all__ = [
     "Move",
     "PolicyRequest",
     "Prefetch",
+    "PrepareFlush",
     "PrepareLoad",
     "PrepareStore",
     "Store",
@@ -164,6 +165,17 @@ class Adopt(Message[None], frozen=True, tag=True):
     keys: list[Key]
 
 
+class PrepareFlush(Message[tuple[LoadPlan | None, int]], frozen=True, tag=True):
+    """Plan writing up to ``limit`` blocks that tiers above ``tier`` hold ready and
+    ``tier`` (written ``on_demotion``) does not, into ``tier``, their sources
+    pinned (``None`` when there are none, or ``tier`` is down), and how many
+    more are left after those. Keys in ``skip`` (a flush tried them) are left out."""
+
+    tier: str
+    limit: int
+    skip: frozenset[Key] = frozenset()
+
+
 class Subscribe(Message[AsyncIterator[CacheEvent]], frozen=True, tag=True):
     pass
 
@@ -181,6 +193,7 @@ PolicyRequest = (
     | MarkFailed
     | Discover
     | Adopt
+    | PrepareFlush
     | Subscribe
     | GetSnapshot
 )

@@ -57,6 +57,7 @@ from kvactors.cache.messages import (
     Lookup,
     MarkFailed,
     PolicyRequest,
+    PrepareFlush,
     PrepareLoad,
     PrepareStore,
     StorePlan,
@@ -128,6 +129,15 @@ class PolicyActor(Actor[PolicyRequest]):
             for name in self.names
         ]
         self._writing: dict[Key, _Writing] = {}
+        # Tiers written only on demotion (a remote written ``on_demotion``): the
+        # keys ready above the deepest of them, in order stored, so closing the
+        # cache can write them there (:meth:`prepare_flush`).
+        lazy = [i for i in range(1, len(self.names)) if not self.through[i]]
+        lazy = [
+            i for i in lazy if getattr(specs[self.names[i]], "write_policy", "") == "on_demotion"
+        ]
+        self._lazy = max(lazy) if lazy else None
+        self._unflushed: dict[Key, None] = {}
         self.promoted = 0
         self.demoted = 0
         self.demotions_lost = 0
@@ -155,6 +165,8 @@ class PolicyActor(Actor[PolicyRequest]):
                     return self.discover(tier, keys, adopt=adopt)
                 case Adopt(tier, keys):
                     return self.adopt(tier, keys)
+                case PrepareFlush(tier, limit, skip):
+                    return self.prepare_flush(tier, limit, skip)
                 case Subscribe():
                     return self.hub.subscribe()
                 case GetSnapshot():
@@ -480,6 +492,71 @@ class PolicyActor(Actor[PolicyRequest]):
             for ev in manager.take_events():
                 kind: EventKind = "removed" if ev.removed else "stored"
                 self.hub.publish(CacheEvent(kind, ev.medium, ev.block_hashes))
+                if self._lazy is not None:
+                    self._note_unflushed(ev.medium, ev.block_hashes, ev.removed)
+
+    def _note_unflushed(self, tier: str, keys: list[Key], removed: bool) -> None:
+        """Keep ``_unflushed``: keys held above the ``on_demotion`` tier, not in it."""
+        lazy = self._lazy
+        assert lazy is not None
+        pending = self._unflushed
+        where = self.names.index(tier)
+        if where == lazy:
+            if not removed:
+                for key in keys:
+                    pending.pop(key, None)
+        elif where < lazy:
+            if not removed:
+                for key in keys:
+                    pending[key] = None
+            else:
+                above = self.managers[:lazy]
+                for key in keys:
+                    if key in pending and not any(key in m for m in above):
+                        del pending[key]
+
+    def prepare_flush(
+        self, tier: str, limit: int, skip: frozenset[Key]
+    ) -> tuple[LoadPlan | None, int]:
+        """Write-back of blocks held ready above ``tier`` (written ``on_demotion``)
+        that ``tier`` does not hold: up to ``limit`` of them, each from the
+        shallowest tier holding it, pinned there until the plan completes; and
+        how many are left after them."""
+        dst = self.names.index(tier)
+        if dst != self._lazy or not self._unflushed:
+            return None, 0
+        self._live(0)  # puts back tiers whose retry_after has passed
+        target = self.managers[dst]
+        chosen: dict[int, list[Key]] = {}
+        n = left = 0
+        for key in self._unflushed:
+            if key in skip or key in target:
+                continue
+            src = self._tier_of(key)
+            if src is None or src >= dst:
+                continue
+            if n < limit:
+                chosen.setdefault(src, []).append(key)
+                n += 1
+            else:
+                left += 1
+        if not chosen or tier in self.failed:
+            return None, n + left
+        transfers: list[Transfer] = []
+        pins: list[tuple[int, list[Key]]] = []
+        for src, keys in sorted(chosen.items()):
+            out = target.prepare_store(keys)
+            if out is None or not out.block_hashes_to_store:
+                continue
+            written = out.block_hashes_to_store
+            ids = self.managers[src].prepare_load(written).block_ids
+            pins.append((src, written))
+            transfers.append(
+                Transfer(self.names[src], ids, tier, out.store_spec.block_ids, written, "through")
+            )
+        if not transfers:
+            return None, n + left
+        return LoadPlan([], [], transfers, pins), left
 
     def snapshot(self) -> Snapshot:
         return Snapshot(

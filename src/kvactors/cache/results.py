@@ -11,6 +11,7 @@ from kvactors.media.remote import RemoteCounters
 
 __all__ = [
     "CacheStats",
+    "FlushResult",
     "LatencyStats",
     "LoadResult",
     "LookupResult",
@@ -61,6 +62,20 @@ class Snapshot(msgspec.Struct, frozen=True):
     events_published: int
     events_dropped: int
     missing: int = 0  # blocks a shared tier no longer had when read (evicted there)
+
+
+class FlushResult(msgspec.Struct, frozen=True):
+    """What closing the cache wrote into a tier written ``on_demotion`` (the
+    blocks still held above it): ``written``, ``failed`` (the tier refused or
+    failed them), ``left`` (not tried: time ran out), ``seconds`` taken and the
+    first ``error`` (``None`` when every block was written)."""
+
+    tier: str
+    written: int
+    failed: int
+    left: int
+    seconds: float
+    error: str | None = None
 
 
 class OpStats(msgspec.Struct, frozen=True):

@@ -253,7 +253,7 @@ class RemoteStore:
         connect_timeout: float = 0.5,
         timeout: float = 2.0,
         retry_after: float = 1.0,
-        max_batch_bytes: int = 2**20,
+        max_batch_bytes: int = 64 * 2**20,
         ttl: float | None = None,
         num_blocks: int = 2**31 - 1,
     ) -> None:
