@@ -21,6 +21,7 @@ MANAGER_SOURCES = [
     "native/policy_lru.c",
     "native/policy_arc.c",
     "native/policy_weighted_lru.c",
+    "native/policy_prefix_admit.c",
     "native/policy_python.c",
 ]
 

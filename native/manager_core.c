@@ -19,7 +19,8 @@
 
 #include <string.h>
 
-static const PolicyOps *const POLICY_TABLE[] = {&lru_ops, &arc_ops, &weighted_lru_ops, NULL};
+static const PolicyOps *const POLICY_TABLE[] = {&lru_ops, &arc_ops, &weighted_lru_ops,
+                                                 &prefix_admit_ops, NULL};
 
 /* Slot ids are int32 and fresh slots are handed out in order. */
 #define MAX_BLOCKS ((Py_ssize_t)INT32_MAX)

@@ -16,7 +16,7 @@
  *   get / len / in        answered by the core's own key map
  *
  * Each built-in policy is one file (policy_lru.c, policy_arc.c,
- * policy_weighted_lru.c) defining one `const PolicyOps`; policy_python.c is
+ * policy_weighted_lru.c, policy_prefix_admit.c) defining one `const PolicyOps`; policy_python.c is
  * the entry that calls back into a Python CachePolicy object, so a user's own
  * policy runs on this same core. The table of policies is POLICY_TABLE in
  * manager_core.c.
@@ -213,6 +213,7 @@ int policy_insert_each(Core *core, PyObject *const *keys, const int32_t *slots, 
 extern const PolicyOps lru_ops;
 extern const PolicyOps arc_ops;
 extern const PolicyOps weighted_lru_ops;
+extern const PolicyOps prefix_admit_ops;
 extern const PolicyOps python_policy_ops;
 
 #endif

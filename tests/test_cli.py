@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from kvactors.cli import BENCHES, COMMANDS, main
+from kvactors.manager import NATIVE
 
 # The hand-worked trace of tests/test_replay.py: with 4 blocks LRU finds 7 leading
 # hits of 18 accesses and evicts 6 times; 7 unique blocks.
@@ -200,6 +201,23 @@ def test_bench_policy_json(trace: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert lru["block_ops_per_s"] > 0
     assert lru["ratio_goal_met"] == (lru["ratio_vs_baseline"] >= 0.5)
     assert lru["rate_goal_met"] == (lru["block_ops_per_s"] >= 500_000)
+
+
+def test_bench_policy_measures_the_cost_against_lru(
+    trace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A policy's time per block-op over lru's, same run: lru is timed too."""
+    argv = ["bench", "policy", "--trace", str(trace), "--blocks", "4", "--repeat", "1"]
+    assert main([*argv, "--policy", "prefix_admit", "--json"]) == 0
+    summary = last_json(capsys.readouterr().out)["summary"]
+    assert summary["goals"]["max_cost_vs_lru"] == 2.0
+    policies = summary["policies"]
+    ours, lru = policies["prefix_admit"], policies["lru"]
+    assert ours["cost_vs_lru"] == pytest.approx(ours["seconds"] / lru["seconds"])
+    assert ours["cost_goal_met"] == (ours["cost_vs_lru"] <= 2.0)
+    assert lru["cost_goal_met"] is None  # a goal for admission policies only
+    assert lru["cost_vs_lru"] == 1.0
+    assert ours["core"] == ("compiled" if NATIVE else "python")
 
 
 def test_bench_policy_table(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:

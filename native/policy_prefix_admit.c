@@ -1,0 +1,533 @@
+/* prefix_admit: prefix-aware admission with class-valued GreedyDual eviction.
+ * Reference: kvactors/policy/prefix_admit.py (PrefixAdmitPolicy); the
+ * arithmetic is done in the same order on the same doubles, so the two agree
+ * bit for bit (the differential tests compare order_state()).
+ *
+ * Per slot: its class, its priority H and its place in its class's list
+ * (arrival order). Per class: births and uses (value = uses / births). One
+ * ghost list (evicted or declined keys, oldest first, at most capacity) with
+ * each ghost's tag: the class it was evicted from, or -1 - class if declined.
+ * admit() writes the class of each admitted key to `chosen`, which the
+ * insert_many of the same prepare_store reads (insert alone, as restore
+ * uses, gives class 0). */
+#include "manager_core.h"
+
+#include <math.h>
+
+#define NEW_CLASSES 16
+#define CLASSES 19 /* NEW_CLASSES + 3 reused classes */
+#define PRIOR_BIRTHS 1.0
+#define PRIOR_USES 0.5
+#define WINDOW 4.0
+
+/* A slot's entry: one cache line serves the walk of a list (next, H). */
+typedef struct {
+    double prio;          /* H */
+    int32_t prev, next;   /* its class list, -1 ends it */
+    uint8_t cls;          /* class | RESTORED */
+} Node;
+
+typedef struct {
+    double clock, evictions, regrets, window;
+    double births[CLASSES], uses[CLASSES];
+    int32_t head[CLASSES], tail[CLASSES];
+    double head_prio[CLASSES]; /* H of each list's head, so evict reads no slot to start */
+    Py_ssize_t len[CLASSES];
+    Node *node;           /* per slot */
+    uint8_t *chosen;      /* class of each key admit admitted, in call order */
+    Py_ssize_t chosen_cap;
+    int32_t cursor[CLASSES]; /* evict's scratch: each class's next candidate */
+    double cursor_prio[CLASSES];
+    int active[CLASSES];
+    /* ghosts: gmap key -> entry; entries gkeys/gprev/gnext/gtag; one list */
+    KeyTable gmap;
+    PyObject **gkeys;
+    int32_t *gprev, *gnext, *gfree;
+    int8_t *gtag;
+    Py_ssize_t gcap, ngfree, glen;
+    int32_t ghead, gtail;
+} PrefixAdmit;
+
+#define PA(core) ((PrefixAdmit *)(core)->pstate)
+
+/* A slot's key entered through insert (restore): it may also be a ghost.
+ * A key stored through admit + insert_many never is (admit forgot its ghost),
+ * so evicting it adds a ghost without looking for one. */
+#define RESTORED 0x80
+#define CLASS(p, s) ((p)->node[s].cls & ~RESTORED)
+
+static int
+pa_init(Core *core, PyObject *options)
+{
+    PrefixAdmit *p = PyMem_Calloc(1, sizeof(PrefixAdmit));
+    if (p == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    core->pstate = p;
+    for (int c = 0; c < CLASSES; c++) {
+        p->births[c] = PRIOR_BIRTHS;
+        p->uses[c] = PRIOR_USES;
+        p->head[c] = p->tail[c] = -1;
+    }
+    p->evictions = PRIOR_BIRTHS;
+    p->window = WINDOW * (double)core->n;
+    p->ghead = p->gtail = -1;
+    return 0;
+}
+
+static void
+pa_dealloc(Core *core)
+{
+    PrefixAdmit *p = PA(core);
+    if (p == NULL)
+        return;
+    if (p->gkeys != NULL)
+        for (Py_ssize_t g = 0; g < p->gcap; g++)
+            Py_XDECREF(p->gkeys[g]);
+    kt_free(&p->gmap);
+    PyMem_Free(p->node);
+    PyMem_Free(p->chosen);
+    PyMem_Free(p->gkeys);
+    PyMem_Free(p->gprev);
+    PyMem_Free(p->gnext);
+    PyMem_Free(p->gfree);
+    PyMem_Free(p->gtag);
+    PyMem_Free(p);
+    core->pstate = NULL;
+}
+
+static int
+pa_grow(Core *core, Py_ssize_t old_cap, Py_ssize_t new_cap)
+{
+    PrefixAdmit *p = PA(core);
+    GROW(p->node, new_cap);
+    return 0;
+}
+
+/* -- what is learned ------------------------------------------------------ */
+
+static inline double
+value(const PrefixAdmit *p, int c)
+{
+    return p->uses[c] / p->births[c];
+}
+
+static inline void
+born(PrefixAdmit *p, int c)
+{
+    double births = p->births[c] + 1.0;
+    if (births > p->window) {
+        births *= 0.5;
+        p->uses[c] *= 0.5;
+    }
+    p->births[c] = births;
+}
+
+static inline int
+new_class(Py_ssize_t position, Py_ssize_t length, int extends)
+{
+    int bits = 0; /* length.bit_length() */
+    for (Py_ssize_t v = length; v > 0; v >>= 1)
+        bits++;
+    int bucket = bits / 2 < 3 ? bits / 2 : 3; /* 1 | 2-7 | 8-31 | 32+ keys */
+    return (position != length - 1) | (extends << 1) | (bucket << 2);
+}
+
+static inline int
+promoted(int c)
+{
+    return c < NEW_CLASSES ? NEW_CLASSES : (c + 1 < CLASSES ? c + 1 : CLASSES - 1);
+}
+
+/* -- ghosts --------------------------------------------------------------- */
+
+/* Room for one more ghost entry: grow the pool (doubling) when none is free. */
+static int
+ghost_reserve(PrefixAdmit *p)
+{
+    if (p->ngfree > 0)
+        return 0;
+    Py_ssize_t cap = p->gcap ? 2 * p->gcap : 64;
+    GROW(p->gprev, cap);
+    GROW(p->gnext, cap);
+    GROW(p->gtag, cap);
+    GROW(p->gfree, cap);
+    PyObject **keys = PyMem_Realloc(p->gkeys, (size_t)cap * sizeof(PyObject *));
+    if (keys == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t g = p->gcap; g < cap; g++)
+        keys[g] = NULL;
+    p->gkeys = keys;
+    for (Py_ssize_t g = cap - 1; g >= p->gcap; g--)
+        p->gfree[p->ngfree++] = (int32_t)g;
+    p->gcap = cap;
+    return 0;
+}
+
+/* The ghost entry of key: >= 0, -1 when none, -2 with an exception set. */
+static inline int32_t
+ghost_of(PrefixAdmit *p, PyObject *key)
+{
+    return kt_find(&p->gmap, p->gkeys, key);
+}
+
+static void
+ghost_drop(PrefixAdmit *p, int32_t g)
+{
+    PyObject *key = p->gkeys[g];
+    kt_delete(&p->gmap, key, g);
+    list_unlink(p->gprev, p->gnext, &p->ghead, &p->gtail, g);
+    p->glen--;
+    p->gkeys[g] = NULL;
+    Py_DECREF(key);
+    p->gfree[p->ngfree++] = g;
+}
+
+/* ghosts[key] = tag (in place when key is a ghost already), then drop the
+ * oldest when there are more than capacity. */
+static int
+ghost(Core *core, PrefixAdmit *p, PyObject *key, int tag, int maybe_ghost)
+{
+    int32_t g = maybe_ghost ? ghost_of(p, key) : -1;
+    if (g == -2)
+        return -1;
+    if (g < 0) {
+        if (ghost_reserve(p) < 0)
+            return -1;
+        g = p->gfree[p->ngfree - 1];
+        if (kt_insert(&p->gmap, key, g) < 0)
+            return -1;
+        p->ngfree--;
+        p->gkeys[g] = Py_NewRef(key);
+        list_push(p->gprev, p->gnext, &p->ghead, &p->gtail, g);
+        p->glen++;
+    }
+    p->gtag[g] = (int8_t)tag;
+    if (p->glen > core->n)
+        ghost_drop(p, p->ghead);
+    return 0;
+}
+
+/* A use of a key that is a ghost: its class counts a use (and an eviction
+ * that is asked for again counts a regret); the ghost is forgotten. */
+static int
+ghost_hit(PrefixAdmit *p, PyObject *key)
+{
+    int32_t g = ghost_of(p, key);
+    if (g < 0)
+        return g == -2 ? -1 : 0;
+    int tag = p->gtag[g];
+    ghost_drop(p, g);
+    if (tag >= 0) {
+        p->uses[tag] += 1.0;
+        p->regrets += 1.0;
+    }
+    else
+        p->uses[-1 - tag] += 1.0;
+    return 0;
+}
+
+/* -- the table entry ------------------------------------------------------- */
+
+/* Slot s enters class c's list (flags: RESTORED or 0). */
+static inline void
+put(PrefixAdmit *p, int32_t s, int c, int flags)
+{
+    Node *node = &p->node[s];
+    node->cls = (uint8_t)(c | flags);
+    node->prio = p->clock + value(p, c);
+    node->prev = p->tail[c];
+    node->next = -1;
+    if (p->tail[c] >= 0)
+        p->node[p->tail[c]].next = s;
+    else {
+        p->head[c] = s;
+        p->head_prio[c] = node->prio;
+    }
+    p->tail[c] = s;
+    p->len[c]++;
+}
+
+static inline void
+unlink_slot(PrefixAdmit *p, int32_t s)
+{
+    int c = CLASS(p, s);
+    Node *node = &p->node[s];
+    if (node->next >= 0)
+        p->node[node->next].prev = node->prev;
+    else
+        p->tail[c] = node->prev;
+    if (node->prev >= 0)
+        p->node[node->prev].next = node->next;
+    else if ((p->head[c] = node->next) >= 0)
+        p->head_prio[c] = p->node[node->next].prio;
+    p->len[c]--;
+}
+
+/* The leading new keys worth storing: a new key whose class is worth less
+ * than regret**2 is declined, with every new key after it, only when
+ * storing them all would evict. */
+static Py_ssize_t
+pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *fresh,
+         Py_ssize_t m)
+{
+    PrefixAdmit *p = PA(core);
+    if (m > p->chosen_cap) {
+        uint8_t *chosen = PyMem_Realloc(p->chosen, (size_t)m);
+        if (chosen == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        p->chosen = chosen;
+        p->chosen_cap = m;
+    }
+    int extends = 0;
+    if (ncall > 0) {
+        int32_t s = core_slot(core, call[0]);
+        if (s == -2)
+            return -1;
+        extends = s >= 0;
+    }
+    int full = core->used + m > core->n;
+    double bar = pow(p->regrets / p->evictions, 2.0);
+    Py_ssize_t admitted = 0, j = 0;
+    int declined = 0;
+    /* fresh are the call's keys not held, in order: the same objects */
+    for (Py_ssize_t pos = 0; pos < ncall && j < m; pos++) {
+        PyObject *key = call[pos];
+        if (key != fresh[j])
+            continue;
+        int c = new_class(pos, ncall, extends);
+        if (ghost_hit(p, key) < 0)
+            return -1;
+        born(p, c);
+        if (!declined && full && value(p, c) < bar)
+            declined = 1;
+        if (declined) {
+            if (ghost(core, p, key, -1 - c, 0) < 0) /* ghost_hit just forgot it */
+                return -1;
+        }
+        else
+            p->chosen[admitted++] = (uint8_t)c;
+        j++;
+    }
+    return admitted;
+}
+
+static int
+pa_insert(Core *core, PyObject *key, int32_t s)
+{
+    put(PA(core), s, 0, RESTORED);
+    return 0;
+}
+
+/* One call's admitted keys, in chain order: the tail enters its class list
+ * first, so within a class a chain loses its leaves before its head. */
+static int
+pa_insert_many(Core *core, PyObject *const *keys, const int32_t *slots, Py_ssize_t n)
+{
+    PrefixAdmit *p = PA(core);
+    for (Py_ssize_t k = n - 1; k >= 0; k--)
+        put(p, slots[k], p->chosen[k], 0);
+    return 0;
+}
+
+static int
+pa_remove(Core *core, PyObject *key, int32_t s)
+{
+    unlink_slot(PA(core), s);
+    return 0;
+}
+
+static int
+pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
+{
+    PrefixAdmit *p = PA(core);
+    for (Py_ssize_t k = n - 1; k >= 0; k--) {
+        int32_t s = core_slot(core, keys[k]);
+        if (s == -2)
+            return -1;
+        if (s < 0) {
+            if (p->glen > 0 && ghost_hit(p, keys[k]) < 0)
+                return -1;
+            continue;
+        }
+        if (core->ref[s] < 0)
+            continue; /* just stored, not yet written: not a use */
+        int c = CLASS(p, s), flags = p->node[s].cls & RESTORED;
+        unlink_slot(p, s);
+        p->uses[c] += 1.0;
+        c = promoted(c);
+        born(p, c);
+        put(p, s, c, flags);
+    }
+    return 0;
+}
+
+/* The first evictable slot of a class list from s on, or -1. */
+static inline int32_t
+next_evictable(Core *core, PrefixAdmit *p, int32_t s, uint32_t epoch)
+{
+    while (s >= 0 && !core_evictable(core, s, epoch))
+        s = p->node[s].next;
+    return s;
+}
+
+/* The class lists merged by H, lowest first (on equal H the lower class),
+ * each list in its own order, as heapq.merge of the lists does. */
+static Py_ssize_t
+pa_evict(Core *core, Py_ssize_t n, uint32_t epoch, PyObject *const *call, Py_ssize_t ncall,
+         int32_t *out)
+{
+    PrefixAdmit *p = PA(core);
+    int32_t *cursor = p->cursor;
+    double *cursor_prio = p->cursor_prio;
+    int *active = p->active, nactive = 0; /* classes with a candidate, ascending */
+    /* Each class's candidate is its first evictable block (the lists are in
+     * arrival order, not in H order, so none can be passed over unseen). */
+    for (int c = 0; c < CLASSES; c++) {
+        int32_t s = p->head[c];
+        if (s < 0)
+            continue;
+        if (core_evictable(core, s, epoch))
+            cursor_prio[c] = p->head_prio[c];
+        else if ((s = next_evictable(core, p, p->node[s].next, epoch)) >= 0)
+            cursor_prio[c] = p->node[s].prio;
+        else
+            continue;
+        cursor[c] = s;
+        active[nactive++] = c;
+    }
+    for (Py_ssize_t found = 0; found < n; found++) {
+        if (nactive == 0)
+            return 0; /* nothing changed yet */
+        int at = 0;
+        for (int a = 1; a < nactive; a++)
+            if (cursor_prio[active[a]] < cursor_prio[active[at]])
+                at = a;
+        int best = active[at];
+        int32_t s = cursor[best];
+        out[found] = s;
+        if ((s = next_evictable(core, p, p->node[s].next, epoch)) >= 0) {
+            cursor[best] = s;
+            cursor_prio[best] = p->node[s].prio;
+        }
+        else {
+            for (int a = at + 1; a < nactive; a++)
+                active[a - 1] = active[a];
+            nactive--;
+        }
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        int32_t s = out[k];
+        unlink_slot(p, s);
+        if (p->node[s].prio > p->clock)
+            p->clock = p->node[s].prio;
+        if (ghost(core, p, core->keys[s], CLASS(p, s), p->node[s].cls & RESTORED) < 0)
+            return -1;
+    }
+    p->evictions += (double)n;
+    if (p->evictions > p->window) {
+        p->evictions *= 0.5;
+        p->regrets *= 0.5;
+    }
+    return n;
+}
+
+static PyObject *
+pa_keys(Core *core)
+{
+    PrefixAdmit *p = PA(core);
+    PyObject *out = PyList_New(core->used);
+    Py_ssize_t k = 0;
+    for (int c = 0; c < CLASSES && out != NULL; c++)
+        for (int32_t s = p->head[c]; s >= 0 && k < core->used; s = p->node[s].next)
+            PyList_SET_ITEM(out, k++, Py_NewRef(core->keys[s]));
+    return out;
+}
+
+/* A list of the doubles xs[0..n). */
+static PyObject *
+floats(const double *xs, int n)
+{
+    PyObject *out = PyList_New(n);
+    for (int i = 0; i < n && out != NULL; i++) {
+        PyObject *x = PyFloat_FromDouble(xs[i]);
+        if (x == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, x);
+    }
+    return out;
+}
+
+/* [(key, H)] of class c's list, oldest first. */
+static PyObject *
+class_state(Core *core, PrefixAdmit *p, int c)
+{
+    PyObject *out = PyList_New(p->len[c]);
+    Py_ssize_t k = 0;
+    for (int32_t s = p->head[c]; out != NULL && s >= 0; s = p->node[s].next) {
+        PyObject *pair = Py_BuildValue("(Od)", core->keys[s], p->node[s].prio);
+        if (pair == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, k++, pair);
+    }
+    return out;
+}
+
+/* [(key, tag)] of the ghosts, oldest first. */
+static PyObject *
+ghost_state(PrefixAdmit *p)
+{
+    PyObject *out = PyList_New(p->glen);
+    Py_ssize_t k = 0;
+    for (int32_t g = p->ghead; out != NULL && g >= 0; g = p->gnext[g]) {
+        PyObject *pair = Py_BuildValue("(Oi)", p->gkeys[g], (int)p->gtag[g]);
+        if (pair == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, k++, pair);
+    }
+    return out;
+}
+
+/* ("prefix_admit", clock, births, uses, evictions, regrets,
+ *  [[(key, H)] per class, oldest first], [(key, tag)] ghosts oldest first) */
+static PyObject *
+pa_state(Core *core)
+{
+    PrefixAdmit *p = PA(core);
+    PyObject *lists = PyList_New(CLASSES);
+    for (int c = 0; c < CLASSES && lists != NULL; c++) {
+        PyObject *part = class_state(core, p, c);
+        if (part == NULL)
+            Py_CLEAR(lists);
+        else
+            PyList_SET_ITEM(lists, c, part);
+    }
+    if (lists == NULL)
+        return NULL;
+    return Py_BuildValue("(sdNNddNN)", "prefix_admit", p->clock, floats(p->births, CLASSES),
+                         floats(p->uses, CLASSES), p->evictions, p->regrets, lists,
+                         ghost_state(p));
+}
+
+const PolicyOps prefix_admit_ops = {
+    .name = "prefix_admit",
+    .init = pa_init,
+    .dealloc = pa_dealloc,
+    .grow = pa_grow,
+    .insert = pa_insert,
+    .insert_many = pa_insert_many,
+    .remove = pa_remove,
+    .touch = pa_touch,
+    .evict = pa_evict,
+    .keys = pa_keys,
+    .state = pa_state,
+    .admit = pa_admit,
+};
