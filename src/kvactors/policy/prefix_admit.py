@@ -35,11 +35,14 @@ order; ``touch`` is a use):
 
 ``value(class)`` is ``uses / births``: a birth is a block stored (or
 declined) in the class, or a use moving it there; a use is a touch of a
-block of the class, resident or a ghost (a key evicted or declined within
-the last ``capacity`` such keys). Both counts start at a neutral prior and
+block of the class, resident or a ghost (a key evicted or declined while
+fewer than ``capacity`` blocks have been stored since). Both counts start at a neutral prior and
 halve when ``births`` passes four times the capacity, so the values follow a
 changing workload within a few turnovers of the tier. The regret rate is
-ghost hits of evicted keys over evictions, halved the same way. Nothing is
+ghost hits of evicted keys over evictions, halved the same way. The ghost
+window is measured in stores, not in ghosts, so declined and evicted keys get
+the same horizon (one turnover of the tier) however many keys are declined;
+at most ``4 * capacity`` ghosts are kept (the oldest go first). Nothing is
 fitted to a trace: every knob is a ratio measured on the running workload
 or a multiple of the tier's own capacity.
 """
@@ -67,6 +70,9 @@ CLASSES = NEW_CLASSES + REUSED_CLASSES
 PRIOR_BIRTHS = 1.0
 PRIOR_USES = 0.5
 """Each class starts at value 0.5: neither favoured nor starved before any feedback."""
+GHOSTS = 4
+"""At most this many capacities of ghosts are kept (a memory bound; the window
+itself is one capacity of stores)."""
 
 
 def new_class(position: int, length: int, extends: bool) -> int:
@@ -107,9 +113,11 @@ class PrefixAdmitPolicy:
         self.uses = [PRIOR_USES] * CLASSES
         self.evictions = PRIOR_BIRTHS
         self.regrets = 0.0
+        self.stored = 0  # blocks inserted so far: the ghost window's clock
         self.lists: list[OrderedDict[Key, float]] = [OrderedDict() for _ in range(CLASSES)]
-        # key -> class of an evicted (class) or declined (-1 - class) key, oldest first.
-        self.ghosts: OrderedDict[Key, int] = OrderedDict()
+        # key -> (class of an evicted key, or -1 - class of a declined one; ``stored``
+        # when it left), oldest first.
+        self.ghosts: OrderedDict[Key, tuple[int, int]] = OrderedDict()
         self._blocks: dict[Key, BlockStatus] = {}
         self._class: dict[Key, int] = {}
         self._chosen: dict[Key, int] = {}  # admitted, not yet inserted
@@ -135,14 +143,20 @@ class PrefixAdmitPolicy:
 
     def _ghost(self, key: Key, tag: int) -> None:
         ghosts = self.ghosts
-        ghosts[key] = tag
-        if len(ghosts) > self.capacity:
+        ghosts.pop(key, None)
+        ghosts[key] = (tag, self.stored)
+        horizon = self.stored - self.capacity
+        limit = GHOSTS * self.capacity
+        while len(ghosts) > limit or next(iter(ghosts.values()))[1] < horizon:
             ghosts.popitem(last=False)
 
     def _ghost_hit(self, key: Key) -> None:
-        tag = self.ghosts.pop(key, None)
-        if tag is None:
+        entry = self.ghosts.pop(key, None)
+        if entry is None:
             return
+        tag, since = entry
+        if self.stored - since > self.capacity:
+            return  # left more than a turnover of the tier ago
         if tag >= 0:
             self.uses[tag] += 1.0
             self.regrets += 1.0
@@ -194,6 +208,7 @@ class PrefixAdmitPolicy:
         self.lists[cls][key] = prio
 
     def insert(self, key: Key, block: BlockStatus) -> None:
+        self.stored += 1
         cls = self._chosen.pop(key, 0)
         self._put(key, block, cls, self.clock + self.value(cls))
 
@@ -257,19 +272,21 @@ class PrefixAdmitPolicy:
         return victims
 
     def order_state(self) -> tuple[object, ...]:
-        """``("prefix_admit", clock, births, uses, evictions, regrets, [[(key, H)]
-        per class, oldest first], [(key, tag)] ghosts oldest first)``: the order
-        and learning data the compiled core's entry reports too (the
-        differential tests compare them)."""
+        """Everything that decides the next answers: ``("prefix_admit", clock,
+        stored, evictions, regrets, births, uses, lists, ghosts, chosen)``, the
+        lists as ``(key, priority)`` pairs in order and the ghosts as
+        ``(key, tag, stored then)`` oldest first (compared with the compiled core)."""
         return (
             "prefix_admit",
             self.clock,
-            list(self.births),
-            list(self.uses),
+            self.stored,
             self.evictions,
             self.regrets,
-            [list(entries.items()) for entries in self.lists],
-            list(self.ghosts.items()),
+            tuple(self.births),
+            tuple(self.uses),
+            tuple(tuple(lst.items()) for lst in self.lists),
+            tuple((key, tag, since) for key, (tag, since) in self.ghosts.items()),
+            dict(self._chosen),
         )
 
     def keys(self) -> Iterator[Key]:
