@@ -5,11 +5,13 @@
  *
  * Per slot: its class, its priority H and its place in its class's list
  * (arrival order). Per class: births and uses (value = uses / births). One
- * ghost list (evicted or declined keys, oldest first, at most capacity) with
- * each ghost's tag: the class it was evicted from, or -1 - class if declined.
- * admit() writes the class of each admitted key to `chosen`, which the
- * insert_many of the same prepare_store reads (insert alone, as restore
- * uses, gives class 0). */
+ * ghost list (evicted or declined keys, oldest first) with each ghost's tag
+ * (the class it was evicted from, or -1 - class if declined) and `stored`
+ * when it left: ghosts older than one capacity of stores are dropped as new
+ * ones come, and at most GHOSTS capacities are kept. admit() keeps the class
+ * of each key it admits (`chosen`, until the next admit), which the
+ * insert_many of the same prepare_store reads; insert alone (restore) takes
+ * a chosen class too, else class 0. */
 #include "manager_core.h"
 
 #include <math.h>
@@ -19,6 +21,7 @@
 #define PRIOR_BIRTHS 1.0
 #define PRIOR_USES 0.5
 #define WINDOW 4.0
+#define GHOSTS 4 /* at most this many capacities of ghosts */
 
 /* A slot's entry: one cache line serves the walk of a list (next, H). */
 typedef struct {
@@ -27,25 +30,35 @@ typedef struct {
     uint8_t cls;          /* class | RESTORED */
 } Node;
 
+/* A ghost: one cache line per entry. */
+typedef struct {
+    PyObject *key;       /* owned; NULL when the entry is free */
+    long long since;     /* `stored` when it left */
+    int32_t prev, next;  /* the ghost list (a free entry: the next free one) */
+    int8_t tag;          /* class evicted from, or -1 - class declined in */
+} Ghost;
+
 typedef struct {
     double clock, evictions, regrets, window;
+    long long stored; /* blocks inserted so far: the ghost window's clock */
     double births[CLASSES], uses[CLASSES];
     int32_t head[CLASSES], tail[CLASSES];
     double head_prio[CLASSES]; /* H of each list's head, so evict reads no slot to start */
     Py_ssize_t len[CLASSES];
     Node *node;           /* per slot */
-    uint8_t *chosen;      /* class of each key admit admitted, in call order */
-    Py_ssize_t chosen_cap;
+    /* the keys the last admit admitted (owned), in call order, and their
+     * classes; insert_many takes them all */
+    PyObject **chosen_keys;
+    uint8_t *chosen;
+    Py_ssize_t chosen_cap, nchosen;
     int32_t cursor[CLASSES]; /* evict's scratch: each class's next candidate */
     double cursor_prio[CLASSES];
     int active[CLASSES];
-    /* ghosts: gmap key -> entry; entries gkeys/gprev/gnext/gtag; one list */
+    /* ghosts: gmap key -> entry of `ghosts`; one list, oldest first */
     KeyTable gmap;
-    PyObject **gkeys;
-    int32_t *gprev, *gnext, *gfree;
-    int8_t *gtag;
-    Py_ssize_t gcap, ngfree, glen;
-    int32_t ghead, gtail;
+    Ghost *ghosts;
+    Py_ssize_t gcap, glen;
+    int32_t ghead, gtail, gfree; /* gfree: first free entry, -1 none */
 } PrefixAdmit;
 
 #define PA(core) ((PrefixAdmit *)(core)->pstate)
@@ -72,7 +85,7 @@ pa_init(Core *core, PyObject *options)
     }
     p->evictions = PRIOR_BIRTHS;
     p->window = WINDOW * (double)core->n;
-    p->ghead = p->gtail = -1;
+    p->ghead = p->gtail = p->gfree = -1;
     return 0;
 }
 
@@ -82,17 +95,15 @@ pa_dealloc(Core *core)
     PrefixAdmit *p = PA(core);
     if (p == NULL)
         return;
-    if (p->gkeys != NULL)
-        for (Py_ssize_t g = 0; g < p->gcap; g++)
-            Py_XDECREF(p->gkeys[g]);
+    for (Py_ssize_t g = 0; g < p->gcap; g++)
+        Py_XDECREF(p->ghosts[g].key);
+    for (Py_ssize_t k = 0; k < p->nchosen; k++)
+        Py_DECREF(p->chosen_keys[k]);
+    PyMem_Free(p->chosen_keys);
     kt_free(&p->gmap);
     PyMem_Free(p->node);
     PyMem_Free(p->chosen);
-    PyMem_Free(p->gkeys);
-    PyMem_Free(p->gprev);
-    PyMem_Free(p->gnext);
-    PyMem_Free(p->gfree);
-    PyMem_Free(p->gtag);
+    PyMem_Free(p->ghosts);
     PyMem_Free(p);
     core->pstate = NULL;
 }
@@ -146,81 +157,134 @@ promoted(int c)
 static int
 ghost_reserve(PrefixAdmit *p)
 {
-    if (p->ngfree > 0)
+    if (p->gfree >= 0)
         return 0;
     Py_ssize_t cap = p->gcap ? 2 * p->gcap : 64;
-    GROW(p->gprev, cap);
-    GROW(p->gnext, cap);
-    GROW(p->gtag, cap);
-    GROW(p->gfree, cap);
-    PyObject **keys = PyMem_Realloc(p->gkeys, (size_t)cap * sizeof(PyObject *));
-    if (keys == NULL) {
-        PyErr_NoMemory();
-        return -1;
+    GROW(p->ghosts, cap);
+    for (Py_ssize_t g = cap - 1; g >= p->gcap; g--) {
+        p->ghosts[g].key = NULL;
+        p->ghosts[g].next = p->gfree;
+        p->gfree = (int32_t)g;
     }
-    for (Py_ssize_t g = p->gcap; g < cap; g++)
-        keys[g] = NULL;
-    p->gkeys = keys;
-    for (Py_ssize_t g = cap - 1; g >= p->gcap; g--)
-        p->gfree[p->ngfree++] = (int32_t)g;
     p->gcap = cap;
     return 0;
 }
 
-/* The ghost entry of key: >= 0, -1 when none, -2 with an exception set. */
-static inline int32_t
+/* The ghost entry of key: >= 0, -1 when none, -2 with an exception set
+ * (kt_find's probe, the keys read from the entries). */
+static int32_t
 ghost_of(PrefixAdmit *p, PyObject *key)
 {
-    return kt_find(&p->gmap, p->gkeys, key);
+    Py_hash_t full = PyObject_Hash(key);
+    if (full == -1 && PyErr_Occurred())
+        return -2;
+    const KeyTable *t = &p->gmap;
+    if (t->tab == NULL)
+        return -1;
+    uint32_t h = kt_mix(full);
+    for (uint64_t i = h & t->mask;; i = (i + 1) & t->mask) {
+        uint64_t e = t->tab[i];
+        if (e == 0)
+            return -1;
+        if (KT_HASH(e) == h) {
+            int32_t g = KT_INDEX(e);
+            int same = kt_same(p->ghosts[g].key, key);
+            if (same < 0)
+                return -2;
+            if (same)
+                return g;
+        }
+    }
+}
+
+static inline void
+ghost_unlink(PrefixAdmit *p, int32_t g)
+{
+    Ghost *e = &p->ghosts[g];
+    if (e->prev >= 0)
+        p->ghosts[e->prev].next = e->next;
+    else
+        p->ghead = e->next;
+    if (e->next >= 0)
+        p->ghosts[e->next].prev = e->prev;
+    else
+        p->gtail = e->prev;
+}
+
+static inline void
+ghost_push(PrefixAdmit *p, int32_t g)
+{
+    Ghost *e = &p->ghosts[g];
+    e->prev = p->gtail;
+    e->next = -1;
+    if (p->gtail >= 0)
+        p->ghosts[p->gtail].next = g;
+    else
+        p->ghead = g;
+    p->gtail = g;
 }
 
 static void
 ghost_drop(PrefixAdmit *p, int32_t g)
 {
-    PyObject *key = p->gkeys[g];
+    Ghost *e = &p->ghosts[g];
+    PyObject *key = e->key;
     kt_delete(&p->gmap, key, g);
-    list_unlink(p->gprev, p->gnext, &p->ghead, &p->gtail, g);
+    ghost_unlink(p, g);
     p->glen--;
-    p->gkeys[g] = NULL;
+    e->key = NULL;
+    e->next = p->gfree;
+    p->gfree = g;
     Py_DECREF(key);
-    p->gfree[p->ngfree++] = g;
 }
 
-/* ghosts[key] = tag (in place when key is a ghost already), then drop the
- * oldest when there are more than capacity. */
+/* ghosts[key] = (tag, stored), at the newest end (moved there when key is
+ * a ghost already, which only a key restored can be while held: maybe_ghost),
+ * then the oldest leave while they left before the window (one capacity of
+ * stores) or there are more than GHOSTS capacities of them. */
 static int
 ghost(Core *core, PrefixAdmit *p, PyObject *key, int tag, int maybe_ghost)
 {
     int32_t g = maybe_ghost ? ghost_of(p, key) : -1;
     if (g == -2)
         return -1;
-    if (g < 0) {
+    if (g >= 0) {
+        ghost_unlink(p, g);
+        ghost_push(p, g);
+    }
+    else {
         if (ghost_reserve(p) < 0)
             return -1;
-        g = p->gfree[p->ngfree - 1];
+        g = p->gfree;
         if (kt_insert(&p->gmap, key, g) < 0)
             return -1;
-        p->ngfree--;
-        p->gkeys[g] = Py_NewRef(key);
-        list_push(p->gprev, p->gnext, &p->ghead, &p->gtail, g);
+        p->gfree = p->ghosts[g].next;
+        p->ghosts[g].key = Py_NewRef(key);
+        ghost_push(p, g);
         p->glen++;
     }
-    p->gtag[g] = (int8_t)tag;
-    if (p->glen > core->n)
+    p->ghosts[g].tag = (int8_t)tag;
+    p->ghosts[g].since = p->stored;
+    long long horizon = p->stored - (long long)core->n;
+    Py_ssize_t limit = GHOSTS * core->n;
+    while (p->glen > limit || p->ghosts[p->ghead].since < horizon)
         ghost_drop(p, p->ghead);
     return 0;
 }
 
-/* A use of a key that is a ghost: its class counts a use (and an eviction
- * that is asked for again counts a regret); the ghost is forgotten. */
+/* A use of a key that is a ghost: the ghost is forgotten and, when it left
+ * within the window, its class counts a use (an evicted one also a regret). */
 static int
-ghost_hit(PrefixAdmit *p, PyObject *key)
+ghost_hit(Core *core, PrefixAdmit *p, PyObject *key)
 {
     int32_t g = ghost_of(p, key);
     if (g < 0)
         return g == -2 ? -1 : 0;
-    int tag = p->gtag[g];
+    int tag = p->ghosts[g].tag;
+    long long since = p->ghosts[g].since;
     ghost_drop(p, g);
+    if (p->stored - since > (long long)core->n)
+        return 0; /* left more than a turnover of the tier ago */
     if (tag >= 0) {
         p->uses[tag] += 1.0;
         p->regrets += 1.0;
@@ -231,6 +295,14 @@ ghost_hit(PrefixAdmit *p, PyObject *key)
 }
 
 /* -- the table entry ------------------------------------------------------- */
+
+static void
+forget_chosen(PrefixAdmit *p)
+{
+    for (Py_ssize_t k = 0; k < p->nchosen; k++)
+        Py_DECREF(p->chosen_keys[k]);
+    p->nchosen = 0;
+}
 
 /* Slot s enters class c's list (flags: RESTORED or 0). */
 static inline void
@@ -275,6 +347,7 @@ pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *f
          Py_ssize_t m)
 {
     PrefixAdmit *p = PA(core);
+    forget_chosen(p); /* only this call's admitted keys wait for insert_many */
     if (m > p->chosen_cap) {
         uint8_t *chosen = PyMem_Realloc(p->chosen, (size_t)m);
         if (chosen == NULL) {
@@ -282,6 +355,12 @@ pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *f
             return -1;
         }
         p->chosen = chosen;
+        PyObject **keys = PyMem_Realloc(p->chosen_keys, (size_t)m * sizeof(PyObject *));
+        if (keys == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        p->chosen_keys = keys;
         p->chosen_cap = m;
     }
     int extends = 0;
@@ -301,7 +380,7 @@ pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *f
         if (key != fresh[j])
             continue;
         int c = new_class(pos, ncall, extends);
-        if (ghost_hit(p, key) < 0)
+        if (ghost_hit(core, p, key) < 0)
             return -1;
         born(p, c);
         if (!declined && full && value(p, c) < bar)
@@ -310,28 +389,53 @@ pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *f
             if (ghost(core, p, key, -1 - c, 0) < 0) /* ghost_hit just forgot it */
                 return -1;
         }
-        else
+        else {
+            p->chosen_keys[admitted] = Py_NewRef(key);
             p->chosen[admitted++] = (uint8_t)c;
+            p->nchosen = admitted;
+        }
         j++;
     }
     return admitted;
 }
 
+/* A key restored: the class admit chose for it if it is waiting (a call
+ * that admitted it found no idle blocks), else class 0. */
 static int
 pa_insert(Core *core, PyObject *key, int32_t s)
 {
-    put(PA(core), s, 0, RESTORED);
+    PrefixAdmit *p = PA(core);
+    int c = 0;
+    for (Py_ssize_t k = 0; k < p->nchosen; k++) {
+        int same = kt_same(p->chosen_keys[k], key);
+        if (same < 0)
+            return -1;
+        if (same) {
+            c = p->chosen[k];
+            Py_DECREF(p->chosen_keys[k]);
+            p->nchosen--;
+            memmove(&p->chosen_keys[k], &p->chosen_keys[k + 1],
+                    (size_t)(p->nchosen - k) * sizeof(PyObject *));
+            memmove(&p->chosen[k], &p->chosen[k + 1], (size_t)(p->nchosen - k));
+            break;
+        }
+    }
+    p->stored++;
+    put(p, s, c, RESTORED);
     return 0;
 }
 
-/* One call's admitted keys, in chain order: the tail enters its class list
- * first, so within a class a chain loses its leaves before its head. */
+/* One call's admitted keys (those admit just chose, in chain order): the
+ * tail enters its class list first, so within a class a chain loses its
+ * leaves before its head. */
 static int
 pa_insert_many(Core *core, PyObject *const *keys, const int32_t *slots, Py_ssize_t n)
 {
     PrefixAdmit *p = PA(core);
     for (Py_ssize_t k = n - 1; k >= 0; k--)
         put(p, slots[k], p->chosen[k], 0);
+    p->stored += n;
+    forget_chosen(p);
     return 0;
 }
 
@@ -351,7 +455,7 @@ pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
         if (s == -2)
             return -1;
         if (s < 0) {
-            if (p->glen > 0 && ghost_hit(p, keys[k]) < 0)
+            if (p->glen > 0 && ghost_hit(core, p, keys[k]) < 0)
                 return -1;
             continue;
         }
@@ -449,72 +553,88 @@ pa_keys(Core *core)
     return out;
 }
 
-/* A list of the doubles xs[0..n). */
+/* A tuple of the doubles xs[0..n). */
 static PyObject *
 floats(const double *xs, int n)
 {
-    PyObject *out = PyList_New(n);
+    PyObject *out = PyTuple_New(n);
     for (int i = 0; i < n && out != NULL; i++) {
         PyObject *x = PyFloat_FromDouble(xs[i]);
         if (x == NULL)
             Py_CLEAR(out);
         else
-            PyList_SET_ITEM(out, i, x);
+            PyTuple_SET_ITEM(out, i, x);
     }
     return out;
 }
 
-/* [(key, H)] of class c's list, oldest first. */
+/* ((key, H) per slot) of class c's list, oldest first. */
 static PyObject *
 class_state(Core *core, PrefixAdmit *p, int c)
 {
-    PyObject *out = PyList_New(p->len[c]);
+    PyObject *out = PyTuple_New(p->len[c]);
     Py_ssize_t k = 0;
     for (int32_t s = p->head[c]; out != NULL && s >= 0; s = p->node[s].next) {
         PyObject *pair = Py_BuildValue("(Od)", core->keys[s], p->node[s].prio);
         if (pair == NULL)
             Py_CLEAR(out);
         else
-            PyList_SET_ITEM(out, k++, pair);
+            PyTuple_SET_ITEM(out, k++, pair);
     }
     return out;
 }
 
-/* [(key, tag)] of the ghosts, oldest first. */
+/* ((key, tag, stored then) per ghost), oldest first. */
 static PyObject *
 ghost_state(PrefixAdmit *p)
 {
-    PyObject *out = PyList_New(p->glen);
+    PyObject *out = PyTuple_New(p->glen);
     Py_ssize_t k = 0;
-    for (int32_t g = p->ghead; out != NULL && g >= 0; g = p->gnext[g]) {
-        PyObject *pair = Py_BuildValue("(Oi)", p->gkeys[g], (int)p->gtag[g]);
-        if (pair == NULL)
+    for (int32_t g = p->ghead; out != NULL && g >= 0; g = p->ghosts[g].next) {
+        Ghost *e = &p->ghosts[g];
+        PyObject *entry = Py_BuildValue("(OiL)", e->key, (int)e->tag, e->since);
+        if (entry == NULL)
             Py_CLEAR(out);
         else
-            PyList_SET_ITEM(out, k++, pair);
+            PyTuple_SET_ITEM(out, k++, entry);
     }
     return out;
 }
 
-/* ("prefix_admit", clock, births, uses, evictions, regrets,
- *  [[(key, H)] per class, oldest first], [(key, tag)] ghosts oldest first) */
+/* {key: class} of the admitted keys not inserted yet. */
+static PyObject *
+chosen_state(PrefixAdmit *p)
+{
+    PyObject *out = PyDict_New();
+    for (Py_ssize_t k = 0; out != NULL && k < p->nchosen; k++) {
+        PyObject *c = PyLong_FromLong(p->chosen[k]);
+        if (c == NULL || PyDict_SetItem(out, p->chosen_keys[k], c) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(c);
+    }
+    return out;
+}
+
+/* ("prefix_admit", clock, stored, evictions, regrets, births, uses,
+ *  ((key, H) per class list, oldest first), ((key, tag, stored then) per
+ *  ghost, oldest first), {key: class} chosen), as order_state() */
 static PyObject *
 pa_state(Core *core)
 {
     PrefixAdmit *p = PA(core);
-    PyObject *lists = PyList_New(CLASSES);
+    PyObject *lists = PyTuple_New(CLASSES);
     for (int c = 0; c < CLASSES && lists != NULL; c++) {
         PyObject *part = class_state(core, p, c);
         if (part == NULL)
             Py_CLEAR(lists);
         else
-            PyList_SET_ITEM(lists, c, part);
+            PyTuple_SET_ITEM(lists, c, part);
     }
     if (lists == NULL)
         return NULL;
-    return Py_BuildValue("(sdNNddNN)", "prefix_admit", p->clock, floats(p->births, CLASSES),
-                         floats(p->uses, CLASSES), p->evictions, p->regrets, lists,
-                         ghost_state(p));
+    return Py_BuildValue("(sdLddNNNNN)", "prefix_admit", p->clock, p->stored, p->evictions,
+                         p->regrets, floats(p->births, CLASSES), floats(p->uses, CLASSES), lists,
+                         ghost_state(p), chosen_state(p));
 }
 
 const PolicyOps prefix_admit_ops = {

@@ -496,3 +496,22 @@ def test_restore_index_refuses_a_used_manager(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="another manager"):
         other.restore_index(index)  # one manager shares a table
     index.close()
+
+
+@needs_native
+@pytest.mark.parametrize("policy", DIFF_POLICIES)
+def test_restore_after_a_refused_store_agrees(policy: str) -> None:
+    """A store of more keys than the tier holds is refused (an admission policy
+    may have chosen classes for them by then); a restore that follows, then
+    handshakes, leave both cores in the same state."""
+    native, python = _pair(policy, 3, 16)
+    refused = _apply(native, "prepare_store", [[1, 2, 3, 4, 5]])
+    assert refused == _apply(python, "prepare_store", [[1, 2, 3, 4, 5]])
+    assert refused is None or policy == USER_ADMIT  # that one stores 1 and 2
+    pairs = [(2, 0), (9, 2), (4, 1)]
+    assert _apply(native, "restore", [pairs]) == _apply(python, "restore", [pairs])
+    _agree(native, python, "restore")
+    for keys in ([2, 9, 7], [8, 4], [2, 7, 10]):
+        assert _apply(native, "touch", [keys]) == _apply(python, "touch", [keys])
+        assert _apply(native, "store", [keys]) == _apply(python, "store", [keys])
+        _agree(native, python, keys)

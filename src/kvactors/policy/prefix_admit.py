@@ -172,6 +172,9 @@ class PrefixAdmitPolicy:
         with every new key after it, but only when storing all of ``new``
         would evict: a tier with room stores everything.
         """
+        # Only this call's admitted keys wait for insert_many: a call that then
+        # found no idle blocks to evict leaves none behind for good.
+        self._chosen.clear()
         if not new:
             return []
         blocks = self._blocks
