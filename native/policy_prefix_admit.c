@@ -530,7 +530,10 @@ pa_evict(Core *core, Py_ssize_t n, uint32_t epoch, PyObject *const *call, Py_ssi
         unlink_slot(p, s);
         if (p->node[s].prio > p->clock)
             p->clock = p->node[s].prio;
-        if (ghost(core, p, core->keys[s], CLASS(p, s), p->node[s].cls & RESTORED) < 0)
+        PyObject *key = core_key(core, s);
+        int rc = key == NULL ? -1 : ghost(core, p, key, CLASS(p, s), p->node[s].cls & RESTORED);
+        Py_XDECREF(key);
+        if (rc < 0)
             return -1;
     }
     p->evictions += (double)n;
@@ -548,8 +551,13 @@ pa_keys(Core *core)
     PyObject *out = PyList_New(core->used);
     Py_ssize_t k = 0;
     for (int c = 0; c < CLASSES && out != NULL; c++)
-        for (int32_t s = p->head[c]; s >= 0 && k < core->used; s = p->node[s].next)
-            PyList_SET_ITEM(out, k++, Py_NewRef(core->keys[s]));
+        for (int32_t s = p->head[c]; out != NULL && s >= 0 && k < core->used; s = p->node[s].next) {
+            PyObject *key = core_key(core, s);
+            if (key == NULL)
+                Py_CLEAR(out);
+            else
+                PyList_SET_ITEM(out, k++, key);
+        }
     return out;
 }
 
@@ -575,7 +583,8 @@ class_state(Core *core, PrefixAdmit *p, int c)
     PyObject *out = PyTuple_New(p->len[c]);
     Py_ssize_t k = 0;
     for (int32_t s = p->head[c]; out != NULL && s >= 0; s = p->node[s].next) {
-        PyObject *pair = Py_BuildValue("(Od)", core->keys[s], p->node[s].prio);
+        PyObject *key = core_key(core, s);
+        PyObject *pair = key ? Py_BuildValue("(Nd)", key, p->node[s].prio) : NULL;
         if (pair == NULL)
             Py_CLEAR(out);
         else
