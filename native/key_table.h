@@ -13,6 +13,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 
 typedef struct {
     uint64_t *tab;
@@ -24,10 +25,42 @@ typedef struct {
 #define KT_HASH(e) ((uint32_t)((e) >> 32))
 #define KT_ENTRY(h, i) (((uint64_t)(h) << 32) | (uint64_t)((uint32_t)(i) + 1u))
 
+/* Tables of KT_MAPPED bytes or more are anonymous maps with huge pages asked
+ * for: a lookup is one random access, and with 4 KiB pages most of them also
+ * miss the TLB once the table is large. */
+#define KT_MAPPED ((size_t)4 << 20)
+
+static inline uint64_t *
+kt_alloc(uint64_t buckets)
+{
+    size_t bytes = (size_t)buckets * sizeof(uint64_t);
+    if (bytes < KT_MAPPED)
+        return PyMem_Calloc((size_t)buckets, sizeof(uint64_t));
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
+static inline void
+kt_release(uint64_t *tab, uint64_t buckets)
+{
+    size_t bytes = (size_t)buckets * sizeof(uint64_t);
+    if (tab == NULL)
+        return;
+    if (bytes < KT_MAPPED)
+        PyMem_Free(tab);
+    else
+        munmap(tab, bytes);
+}
+
 static inline void
 kt_free(KeyTable *t)
 {
-    PyMem_Free(t->tab);
+    kt_release(t->tab, t->tab == NULL ? 0 : t->mask + 1);
     t->tab = NULL;
     t->mask = 0;
     t->used = 0;
@@ -122,7 +155,7 @@ kt_find_by(const KeyTable *t, PyObject *key, kt_same_fn same, void *ctx)
 static inline int
 kt_resize(KeyTable *t, uint64_t buckets)
 {
-    uint64_t *tab = PyMem_Calloc((size_t)buckets, sizeof(uint64_t));
+    uint64_t *tab = kt_alloc(buckets);
     if (tab == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -138,7 +171,7 @@ kt_resize(KeyTable *t, uint64_t buckets)
                 i = (i + 1) & mask;
             tab[i] = e;
         }
-    PyMem_Free(t->tab);
+    kt_release(t->tab, t->tab == NULL ? 0 : t->mask + 1);
     t->tab = tab;
     t->mask = mask;
     return 0;

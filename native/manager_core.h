@@ -31,6 +31,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <sys/mman.h>
 
 #include "index_api.h"
 #include "key_table.h"
@@ -156,9 +157,20 @@ core_evictable(const Core *core, int32_t s, uint32_t epoch)
 static inline void *
 grow_array(void *old, Py_ssize_t new_cap, size_t item)
 {
-    void *p = PyMem_Realloc(old, (size_t)(new_cap ? new_cap : 1) * item);
+    size_t bytes = (size_t)(new_cap ? new_cap : 1) * item;
+    void *p = PyMem_Realloc(old, bytes);
     if (p == NULL)
         PyErr_NoMemory();
+#ifdef MADV_HUGEPAGE
+    else if (bytes >= ((size_t)4 << 20)) {
+        /* Huge pages for the large arrays (their whole 2 MiB pages): random
+         * slots touch them at random, and 4 KiB pages miss the TLB each time. */
+        uintptr_t lo = ((uintptr_t)p + ((1u << 21) - 1)) & ~(uintptr_t)((1u << 21) - 1);
+        uintptr_t hi = ((uintptr_t)p + bytes) & ~(uintptr_t)((1u << 21) - 1);
+        if (hi > lo)
+            madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+    }
+#endif
     return p;
 }
 

@@ -567,6 +567,10 @@ Table_apply(Table *self, PyObject *args)
             }
             hash[w] = key_hash(p[5], p + HEAD, klen);
             __builtin_prefetch(&self->ht[hash[w] & self->mask]);
+            uint32_t at;
+            memcpy(&at, p + 8, 4);
+            if (at < self->num_blocks)
+                __builtin_prefetch(&self->recs[at]); /* a log's slots are random */
             win[w++] = p;
             offset += total;
         }

@@ -300,3 +300,30 @@ async def test_sigkill_mid_stream_loses_nothing_reported_stored(tmp_path: Path) 
                 res = kvactors.LoadResult([])
             n = len(res.tiers)
             assert torch.equal(out[:n], block_bytes_for(extra[:n], BB, CPU))
+
+
+def test_the_nvme_tier_manager_is_restored_from_the_index_itself(tmp_path: Path) -> None:
+    """Opening the cache gives the NVMe tier's manager the store's index (not a
+    list of pairs): it restores every entry, oldest first, and on the compiled
+    core shares the index's table (a second manager cannot attach to it)."""
+    from kvactors.cache.handle import _recovered
+    from kvactors.cache.policy_actor import PolicyActor
+    from kvactors.manager import NATIVE, OffloadingManager
+
+    config = durable_config(tmp_path)
+    store = FileStore("nvme", 64, BB, str(tmp_path))
+    try:
+        rows = block_bytes_for([7, 8, 99], BB, CPU)
+        store.write_from([9, 2, 40], rows, [7, 8, b"k"])
+        found = _recovered(store)
+        assert found is store.index
+        actor = PolicyActor(config, [("cpu", False), ("nvme", True)], [[], found])
+        nvme = actor.managers[1]
+        assert len(nvme) == 3
+        assert [getattr(nvme.get(k), "block_id", None) for k in (7, 8, b"k")] == [9, 2, 40]
+        assert nvme.lookup([7, 8, b"k", 5]) == 3
+        if NATIVE:
+            with pytest.raises(RuntimeError, match="another manager"):
+                OffloadingManager(64, block_size=BB).restore_index(store.index)
+    finally:
+        store.close()

@@ -341,6 +341,45 @@ def test_io_core_reports_bytes_or_errno_per_batch(tmp_path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.skipif(file_store._io_vectored is None, reason="compiled I/O core not built")
+@pytest.mark.parametrize("depth", [2, 8])
+def test_io_core_in_flight_batches_give_the_answers_of_one_at_a_time(
+    tmp_path: Path, depth: int
+) -> None:
+    """``depth`` batches in flight at once: every batch's result and bytes are
+    what one batch at a time gives, injected faults and errors included."""
+    vectored = file_store._io_vectored
+    assert vectored is not None
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        n = 24
+        src = pool(n, 9)
+        offsets = [i * 2 * BB for i in range(n)]  # one block per batch, holes between
+        fds = [fd] * n
+        plan = [0] * n
+        plan[3], plan[7], plan[11] = -errno.EIO, BB // 2, -errno.ENOSPC
+        wrote = vectored(True, fds, offsets, [1] * n, src.buffers(list(range(n))), plan, 0, depth)
+        assert wrote == [
+            -errno.EIO if i == 3 else -errno.ENOSPC if i == 11 else BB // 2 if i == 7 else BB
+            for i in range(n)
+        ]
+        fds[5] = 10**6  # a bad descriptor fails only its batch
+        results = []
+        for d in (1, depth):
+            dst = MemoryPool("cpu", n, BB, torch.device("cpu"))
+            got = vectored(False, fds, offsets, [1] * n, dst.buffers(list(range(n))), None, 0, d)
+            results.append((got, dst.data.clone()))
+        assert results[0][0] == results[1][0]
+        assert results[1][0][5] == -errno.EBADF
+        assert torch.equal(results[0][1], results[1][1])
+        ok = [i for i in range(n) if i not in (3, 5, 7, 11)]
+        assert torch.equal(results[1][1][ok], src.data[ok])
+        with pytest.raises(ValueError, match="depth"):
+            vectored(False, [fd], [0], [1], dst.buffers([0]), None, 0, 0)
+    finally:
+        os.close(fd)
+
+
 class Scripted:
     """Faults by slot: a planned result for the call starting at a slot, a byte
     flipped in reads of another; records the calls it was asked about."""

@@ -44,6 +44,7 @@ except ImportError:  # built without a C compiler: one system call per batch fro
 T = TypeVar("T")
 MAX_BLOCKS = 2**32  # slots are u32 in the index records
 DIRECT_ALIGN = 4096  # offsets, lengths and (else bounced) buffers of O_DIRECT I/O
+DIRECT_DEPTH = 4  # direct requests in flight per I/O thread (measured in docs/benchmarks.md)
 _Batch = tuple[int, list[int]]
 
 
@@ -144,7 +145,8 @@ class FileStore:
     inode lock; spread over several files they run in parallel, one I/O thread
     per file. ``io`` is ``nvme.io`` (``"auto"``, ``"direct"``, ``"buffered"``,
     see :class:`~kvactors.config.NVMeConfig`); :attr:`io` says which one runs.
-    Direct writes and reads keep up to ``io_threads`` requests in flight.
+    Direct writes and reads keep up to ``io_threads * io_depth`` requests in
+    flight (``io_depth`` per I/O thread, on the compiled loop).
 
     ``directory=None`` makes a temporary directory, removed on :meth:`close`
     (and when opening fails). A directory is held by one process at a time: an
@@ -175,9 +177,13 @@ class FileStore:
         stripes: int = 1,
         faults: Faults | None = None,
         io: str = "auto",
+        io_depth: int = DIRECT_DEPTH,
     ) -> None:
         if stripes < 1:
             raise ConfigError(f"nvme.stripes must be at least 1, got {stripes}")
+        if not 1 <= io_depth <= 64:
+            raise ConfigError(f"io_depth must be in 1..64, got {io_depth}")
+        self.io_depth = io_depth
         if not 1 <= num_blocks < MAX_BLOCKS:
             raise ConfigError(
                 f"nvme.num_blocks must be between 1 and {MAX_BLOCKS - 1}, got {num_blocks}"
@@ -377,7 +383,7 @@ class FileStore:
                 return positions[got // bb :]
             return []
 
-        run = self._runner(False, bufs, read_done)
+        run = self._runner(False, bufs, read_done, self.io_depth)
         torn = {pos for bad in self._in_stretches(run, _batches(ids, self.stripes)) for pos in bad}
         if keys is None:
             return []
@@ -400,13 +406,15 @@ class FileStore:
         write: bool,
         bufs: list[memoryview],
         done: Callable[[_Batch, int | OSError], T],
+        depth: int = 1,
     ) -> Callable[[list[_Batch]], list[T]]:
         """What runs one group of batches: their system calls, each batch's result
         through ``done`` (bytes done, or the error), stopping at the first raise.
 
         With the compiled I/O core and the plain POSIX calls, one C call does the
         whole group's system calls with the GIL released (on the ``O_DIRECT``
-        descriptors in direct mode), then ``done`` judges them; otherwise each
+        descriptors in direct mode, up to ``depth`` batches in flight), then
+        ``done`` judges them; otherwise each
         batch is one ``preadv``/``pwritev`` from Python on the buffered
         descriptors (no compiler, kvikio, or entry points replaced). Either
         way :attr:`faults` is asked about every batch first.
@@ -425,6 +433,7 @@ class FileStore:
 
         if _io_vectored is not None and call is (os.pwritev if write else os.preadv):
             nfds, align = (self.direct_fds, DIRECT_ALIGN) if self.direct_fds else (fds, 0)
+            depth = depth if self.direct_fds else 1
 
             def run_native(group: list[_Batch]) -> list[T]:
                 got = _io_vectored(
@@ -435,6 +444,7 @@ class FileStore:
                     [bufs[p] for _, positions in group for p in positions],
                     plan(group),
                     align,
+                    depth,
                 )
                 if faults is not None and not write:
                     for (_, positions), n in zip(group, got):
@@ -525,7 +535,9 @@ class FileStore:
         # Direct writes keep several requests in flight per file instead.
         batches = _batches(ids, stripes)
         files = [[b for b in batches if b[0] % stripes == k] for k in range(stripes)]
-        run = self._runner(True, bufs, write_done)
+        # Batches in flight at once must not write one slot twice (the last buffer wins).
+        depth = self.io_depth if len(set(ids)) == len(ids) else 1
+        run = self._runner(True, bufs, write_done, depth)
         if self.direct_fds:
             self._in_stretches(run, batches)
         else:

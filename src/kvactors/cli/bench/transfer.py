@@ -17,8 +17,8 @@ slot ids, through the same functions the tier actors call:
   cache (``fsync`` + ``posix_fadvise(DONTNEED)``), against the device's own best
   sequential direct I/O of the same bytes at the same block size in the same
   run: an ``O_DIRECT`` file read or written in requests of one block from a
-  page-aligned buffer, by 1, 2 and 4 threads each walking its own contiguous
-  part of the file (1, 2 or 4 requests in flight), the fastest kept, writes
+  page-aligned buffer, by 1, 2, 4 and 8 threads each walking its own contiguous
+  part of the file (1, 2, 4 or 8 requests in flight), the fastest kept, writes
   followed by ``fdatasync``. Checksums are not part of either side.
 
 With CUDA, GPU -> pinned CPU is also measured.
@@ -48,6 +48,7 @@ import torch
 from kvactors.cli.report import GBPS, RATIO, Report
 from kvactors.config import NVMeConfig
 from kvactors.media import FileStore, MemoryPool, copy_rows, resolve_device
+from kvactors.media.file_store import DIRECT_DEPTH
 
 GOALS = {"memory": 0.7, "nvme": 0.8, "cuda": 0.8, "cold": 0.8, "cold_small": 0.6}
 
@@ -64,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=NVMeConfig().io,
         choices=["auto", "direct", "buffered"],
         help="nvme.io of the store in the cold rows (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--io-depth",
+        type=int,
+        default=DIRECT_DEPTH,
+        help="direct requests in flight per I/O thread in the cold rows (default: %(default)s)",
     )
     parser.add_argument(
         "--stripes",
@@ -132,6 +139,7 @@ def _measure_size(
     rng: random.Random,
     stripes: int,
     io: str,
+    io_depth: int = DIRECT_DEPTH,
 ) -> list[dict[str, Any]]:
     n = max(1, mib * 2**20 // size)
     nbytes = n * size
@@ -207,7 +215,7 @@ def _measure_size(
         os.close(seq)
         shutil.rmtree(directory / f"s{size}", ignore_errors=True)
         (directory / f"seq{size}.bin").unlink(missing_ok=True)
-    out += _measure_cold(size, n, repeat, cpu, dst_ids, directory, rng, stripes, io)
+    out += _measure_cold(size, n, repeat, cpu, dst_ids, directory, rng, stripes, io, io_depth)
     return out
 
 
@@ -220,15 +228,16 @@ def _evict(fds: list[int]) -> None:
 
 class _DirectSequential:
     """The device's best sequential direct I/O of ``n`` blocks of ``size`` bytes:
-    calling it times one pass with 1, 2 and 4 threads, each walking its own
-    contiguous part of an ``O_DIRECT`` file in one-block requests from a
-    page-aligned buffer (writes end with ``fdatasync``), and returns the best."""
+    calling it times one pass with 1, 2, 4 and 8 threads (as many requests in
+    flight), each walking its own contiguous part of an ``O_DIRECT`` file in
+    one-block requests from a page-aligned buffer (writes end with
+    ``fdatasync``), and returns the best."""
 
     def __init__(self, path: Path, size: int, n: int, write: bool) -> None:
         self.size, self.n, self.write = size, n, write
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
         os.ftruncate(self.fd, n * size)
-        self.bufs = [mmap.mmap(-1, size) for _ in range(4)]  # page-aligned memory
+        self.bufs = [mmap.mmap(-1, size) for _ in range(8)]  # page-aligned memory
         for buf in self.bufs:
             buf.write(os.urandom(size))
 
@@ -255,7 +264,7 @@ class _DirectSequential:
         return time.perf_counter() - t0
 
     def __call__(self) -> float:
-        return min(self.one(t) for t in (1, 2, 4))
+        return min(self.one(t) for t in (1, 2, 4, 8))
 
     def close(self) -> None:
         os.close(self.fd)
@@ -273,6 +282,7 @@ def _measure_cold(
     rng: random.Random,
     stripes: int,
     io: str,
+    io_depth: int = DIRECT_DEPTH,
 ) -> list[dict[str, Any]]:
     nbytes = n * size
     store = FileStore(
@@ -284,6 +294,7 @@ def _measure_cold(
         io_threads=max(2, stripes),
         stripes=stripes,
         io=io,
+        io_depth=io_depth,
     )
     ids = rng.sample(range(2 * n), n)
     bufs = cpu.buffers(dst_ids)
@@ -342,7 +353,15 @@ def run(args: argparse.Namespace) -> Report:
     try:
         for size in [_size(s) for s in args.sizes.split(",")]:
             results += _measure_size(
-                size, args.mib, args.repeat, device, directory, rng, args.stripes, args.io
+                size,
+                args.mib,
+                args.repeat,
+                device,
+                directory,
+                rng,
+                args.stripes,
+                args.io,
+                args.io_depth,
             )
     finally:
         if args.dir is None:
@@ -368,7 +387,7 @@ def run(args: argparse.Namespace) -> Report:
         notes=[
             "baseline: one contiguous tensor copy (memory) or one sequential pwrite/pread "
             "of the same bytes (nvme, warm), page cache warm for both; for the cold rows the "
-            "best of 1/2/4 threads of sequential O_DIRECT one-block requests (+ fdatasync "
+            "best of 1/2/4/8 threads of sequential O_DIRECT one-block requests (+ fdatasync "
             "for writes) of the same bytes",
             f"goals: memory >= {GOALS['memory']} at 512 KiB and above, nvme >= {GOALS['nvme']}"
             f", cold >= {GOALS['cold']} from 512 KiB and >= {GOALS['cold_small']} at 64 KiB"
