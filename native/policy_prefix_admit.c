@@ -59,6 +59,14 @@ typedef struct {
     Ghost *ghosts;
     Py_ssize_t gcap, glen;
     int32_t ghead, gtail, gfree; /* gfree: first free entry, -1 none */
+    unsigned long long gadds;    /* ghosts added so far */
+    /* The keys the last touch found absent (owned, in call order): none of
+     * them is a ghost while no ghost was added since (gadds == probed_at),
+     * so admit, which a handshake calls next on the same keys, need not look
+     * them up again. */
+    PyObject **probed;
+    Py_ssize_t nprobed, probed_cap;
+    unsigned long long probed_at;
 } PrefixAdmit;
 
 #define PA(core) ((PrefixAdmit *)(core)->pstate)
@@ -100,6 +108,9 @@ pa_dealloc(Core *core)
     for (Py_ssize_t k = 0; k < p->nchosen; k++)
         Py_DECREF(p->chosen_keys[k]);
     PyMem_Free(p->chosen_keys);
+    for (Py_ssize_t k = 0; k < p->nprobed; k++)
+        Py_DECREF(p->probed[k]);
+    PyMem_Free(p->probed);
     kt_free(&p->gmap);
     PyMem_Free(p->node);
     PyMem_Free(p->chosen);
@@ -262,6 +273,7 @@ ghost(Core *core, PrefixAdmit *p, PyObject *key, int tag, int maybe_ghost)
         p->ghosts[g].key = Py_NewRef(key);
         ghost_push(p, g);
         p->glen++;
+        p->gadds++;
     }
     p->ghosts[g].tag = (int8_t)tag;
     p->ghosts[g].since = p->stored;
@@ -373,6 +385,7 @@ pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *f
     int full = core->used + m > core->n;
     double bar = pow(p->regrets / p->evictions, 2.0);
     Py_ssize_t admitted = 0, j = 0;
+    Py_ssize_t probe = 0, nprobe = p->probed_at == p->gadds ? p->nprobed : 0;
     int declined = 0;
     /* fresh are the call's keys not held, in order: the same objects */
     for (Py_ssize_t pos = 0; pos < ncall && j < m; pos++) {
@@ -380,7 +393,12 @@ pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *f
         if (key != fresh[j])
             continue;
         int c = new_class(pos, ncall, extends);
-        if (ghost_hit(core, p, key) < 0)
+        /* the last touch looked it up (and no ghost came since), or look now */
+        while (probe < nprobe && p->probed[probe] != key)
+            probe++;
+        if (probe < nprobe)
+            probe++;
+        else if (ghost_hit(core, p, key) < 0)
             return -1;
         born(p, c);
         if (!declined && full && value(p, c) < bar)
@@ -450,6 +468,18 @@ static int
 pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
 {
     PrefixAdmit *p = PA(core);
+    for (Py_ssize_t k = 0; k < p->nprobed; k++)
+        Py_DECREF(p->probed[k]);
+    p->nprobed = 0;
+    if (n > p->probed_cap) {
+        PyObject **probed = PyMem_Realloc(p->probed, (size_t)n * sizeof(PyObject *));
+        if (probed == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        p->probed = probed;
+        p->probed_cap = n;
+    }
     for (Py_ssize_t k = n - 1; k >= 0; k--) {
         int32_t s = core_slot(core, keys[k]);
         if (s == -2)
@@ -457,6 +487,7 @@ pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
         if (s < 0) {
             if (p->glen > 0 && ghost_hit(core, p, keys[k]) < 0)
                 return -1;
+            p->probed[p->nprobed++] = Py_NewRef(keys[k]); /* not a ghost now */
             continue;
         }
         if (core->ref[s] < 0)
@@ -468,6 +499,12 @@ pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
         born(p, c);
         put(p, s, c, flags);
     }
+    for (Py_ssize_t a = 0, b = p->nprobed - 1; a < b; a++, b--) { /* into call order */
+        PyObject *t = p->probed[a];
+        p->probed[a] = p->probed[b];
+        p->probed[b] = t;
+    }
+    p->probed_at = p->gadds;
     return 0;
 }
 
