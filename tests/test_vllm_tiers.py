@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from kvactors.errors import ConfigError
 from kvactors.vllm import extra_config, parse_settings
 from kvactors.vllm.config import num_slots
-from kvactors.vllm.tiers import CPU, NVME, TieredManager, TransferPlan
+from kvactors.vllm.tiers import CPU, NVME, PrefetchPlan, TieredManager, TransferPlan
 
 
 def k(i: int) -> bytes:
@@ -55,10 +55,18 @@ class FakeWorker:
             out.append(key)
         return out
 
+    def prefetch(self, key: bytes, plan: PrefetchPlan) -> None:
+        """A prefetch's moves: demote the slot's victim, then read NVMe into the slot."""
+        d = plan.demote
+        for cs, ns in zip(d.cpu_slots, d.nvme_slots):
+            self.nvme[ns] = self.cpu[cs]
+        assert self.nvme[plan.nvme_slot] == key, "prefetch read holds another block"
+        self.cpu[plan.cpu_slot] = self.nvme[plan.nvme_slot]
+
 
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["store", "load", "finish", "complete"]),
+        st.sampled_from(["store", "load", "finish", "complete", "prefetch", "mail"]),
         st.lists(st.integers(0, 30), min_size=1, max_size=6, unique=True),
     ),
     min_size=1,
@@ -66,14 +74,22 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
-@given(ops=ops, mode=st.sampled_from(["back", "through"]), policy=st.sampled_from(["lru", "arc"]))
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=ops,
+    mode=st.sampled_from(["back", "through"]),
+    policy=st.sampled_from(["lru", "arc", "prefix_admit"]),
+)
 def test_random_calls_always_load_the_right_bytes(
     ops: list[tuple[str, list[int]]], mode: str, policy: str
 ) -> None:
+    """Jobs run in order, prefetch moves (the mailbox) in order, the two queues
+    interleaved arbitrarily, as a worker serves them; ``prefix_admit`` may store
+    fewer keys than offered."""
     tiers = TieredManager(6, 12, policy=policy, write_mode=mode)
     worker = FakeWorker(6, 12)
     jobs: deque[tuple[bool, list[bytes], TransferPlan]] = deque()
+    mail: deque[tuple[bytes, PrefetchPlan]] = deque()
     loaded = 0
     for op, ids in ops:
         keys = [k(i) for i in ids]
@@ -92,6 +108,20 @@ def test_random_calls_always_load_the_right_bytes(
                 jobs.append((False, hits, tiers.prepare_load(hits)))
         elif op == "finish":
             tiers.finish(keys)
+        elif op == "prefetch":
+            for key in keys:
+                plan = tiers.start_prefetch(key)
+                if plan is not None:
+                    assert tiers.lookup(key) == "pending"
+                    mail.append((key, plan))
+        elif op == "mail":
+            if mail:  # the worker carries out the oldest prefetch; the scheduler polls
+                key, pplan = mail.popleft()
+                worker.prefetch(key, pplan)
+                for victim in pplan.demote.keys:
+                    tiers.complete_demotion(victim, True)
+                tiers.complete_prefetch(key, True)
+                assert tiers.source(key) == CPU
         elif jobs:  # the worker finishes the oldest job; vLLM completes it
             store, jkeys, plan = jobs.popleft()
             loaded += len(worker.run(store, jkeys, plan))
@@ -103,6 +133,13 @@ def test_random_calls_always_load_the_right_bytes(
         store, jkeys, plan = jobs.popleft()
         worker.run(store, jkeys, plan)
         (tiers.complete_store if store else tiers.complete_load)(set(jkeys))
+    while mail:
+        key, pplan = mail.popleft()
+        worker.prefetch(key, pplan)
+        for victim in pplan.demote.keys:
+            tiers.complete_demotion(victim, True)
+        tiers.complete_prefetch(key, True)
+    assert tiers.prefetching == 0
     stats = tiers.cpu.stats()
     assert stats.pinned == 0
     assert stats.being_written == 0
@@ -253,3 +290,49 @@ def test_store_is_refused_while_every_cpu_slot_is_busy() -> None:
     assert tiers.take_counters()["failed_stores"] == 2
     tiers.complete_load([k(0), k(1)])
     assert tiers.prepare_store([k(3)]) is not None
+
+
+def _chat(policy: str) -> tuple[int, int, int]:
+    """Turns of 8 conversations (3 shared blocks and a tail no later turn shares)
+    through a 16-slot CPU tier, as the vLLM manager drives it: the leading hits
+    are loaded, the request's blocks offered for storing, and at its end the
+    blocks it used (loaded, or offered while held) are touched. Returns blocks
+    offered, stored and hit."""
+    import random
+
+    tiers = TieredManager(16, 0, policy=policy)
+    worker = FakeWorker(16, 0)
+    rng = random.Random(0)
+    offered = stored = hit = 0
+    for turn in range(400):
+        conv = rng.randrange(8)
+        keys = [k(conv * 10 + j) for j in range(3)] + [k(1000 + turn)]
+        hits = []
+        for key in keys:
+            if tiers.lookup(key) != "hit":
+                break
+            hits.append(key)
+        if hits:
+            worker.run(False, hits, tiers.prepare_load(hits))
+            tiers.complete_load(hits)
+        hit += len(hits)
+        used = hits + [key for key in keys if key not in hits and tiers.holds(key)]
+        offered += sum(1 for key in keys if not tiers.holds(key))
+        out = tiers.prepare_store(keys)
+        assert out is not None
+        worker.run(True, out[0], out[1])
+        tiers.complete_store(out[0])
+        stored += len(out[0])
+        tiers.finish(used)
+    return offered, stored, hit
+
+
+def test_prefix_admit_stores_fewer_blocks_and_hits_more() -> None:
+    """``policy="prefix_admit"``: the manager returns fewer keys to store than
+    offered (conversation tails), and more of the prefixes stay to hit."""
+    offered, stored, hit = _chat("prefix_admit")
+    l_offered, l_stored, l_hit = _chat("lru")
+    assert l_stored == l_offered  # LRU stores every new block
+    assert stored < offered
+    assert hit > l_hit
+    assert extra_config(cpu_bytes=1, policy="prefix_admit")["policy"] == "prefix_admit"

@@ -55,6 +55,26 @@ class VLLMSettings:
     """``"auto"``, ``"posix"`` or ``"kvikio"``."""
     nvme_stripes: int = 1
     """Files the NVMe tier's slots are striped over."""
+    prefetch: bool = True
+    """Lookups of blocks held only by NVMe start reading them into CPU
+    (:mod:`kvactors.vllm.prefetch`); with an NVMe tier only."""
+    remote_url: str | None = None
+    """A Valkey / Redis server (``redis://host:port/db``): the remote tier, shared
+    by every engine that names it (and the same model and layout)."""
+    remote_nodes: tuple[str, ...] = ()
+    """Cluster nodes (``host:port``) instead of ``remote_url``."""
+    remote_namespace: str = "kvactors"
+    """First part of every server key."""
+    remote_model: str | None = None
+    """Model identity in the blocks' fingerprint; ``None``: vLLM's model name and dtype."""
+    remote_timeout: float = 2.0
+    """Seconds a server call may take before the server counts as down."""
+    remote_ttl: float | None = None
+    """Seconds the server keeps a block (``None``: until the server evicts it)."""
+
+    @property
+    def remote(self) -> bool:
+        return self.remote_url is not None or bool(self.remote_nodes)
 
     @property
     def resolved_nvme_policy(self) -> str:
@@ -105,7 +125,13 @@ def parse_settings(extra: Mapping[str, Any]) -> VLLMSettings:
             f"kv_connector_extra_config['nvme_directory']: expected a path, got {directory!r}"
         )
     nvme_policy = extra.get("nvme_policy")
+    prefetch = extra.get("prefetch", True)
+    if not isinstance(prefetch, bool):
+        raise ConfigError(
+            f"kv_connector_extra_config['prefetch']: expected true or false, got {prefetch!r}"
+        )
     return VLLMSettings(
+        **_remote(extra),
         cpu_bytes=_int(extra, "cpu_bytes", None, 1),
         nvme_bytes=_int(extra, "nvme_bytes", 0, 0),
         nvme_directory=directory,
@@ -114,7 +140,65 @@ def parse_settings(extra: Mapping[str, Any]) -> VLLMSettings:
         write_mode=_choice(extra, "write_mode", "back", WRITE_MODES),
         nvme_backend=_choice(extra, "nvme_backend", "auto", ("auto", "posix", "kvikio")),
         nvme_stripes=_int(extra, "nvme_stripes", 1, 1),
+        prefetch=prefetch,
     )
+
+
+def _positive(extra: Mapping[str, Any], key: str, default: float | None) -> float | None:
+    value = extra.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(
+            f"kv_connector_extra_config[{key!r}]: expected seconds > 0, got {value!r}"
+        )
+    return float(value)
+
+
+def _remote(extra: Mapping[str, Any]) -> dict[str, Any]:
+    url = extra.get("remote_url")
+    if url is not None and (not isinstance(url, str) or "://" not in url):
+        raise ConfigError(
+            f"kv_connector_extra_config['remote_url']: expected a redis://host:port URL, "
+            f"got {url!r}"
+        )
+    nodes = extra.get("remote_nodes", ())
+    if isinstance(nodes, str) or not isinstance(nodes, list | tuple):
+        raise ConfigError(
+            "kv_connector_extra_config['remote_nodes']: expected a list of host:port, "
+            f"got {nodes!r}"
+        )
+    for node in nodes:
+        host, _, port = str(node).rpartition(":")
+        if not isinstance(node, str) or not host or not port.isdigit():
+            raise ConfigError(
+                f"kv_connector_extra_config['remote_nodes']: expected host:port, got {node!r}"
+            )
+    if url is not None and nodes:
+        raise ConfigError(
+            "kv_connector_extra_config['remote_nodes']: give remote_url or remote_nodes, not both"
+        )
+    namespace = extra.get("remote_namespace", "kvactors")
+    if not isinstance(namespace, str) or not namespace or any(c in namespace for c in "{}: "):
+        raise ConfigError(
+            f"kv_connector_extra_config['remote_namespace']: expected a non-empty name without "
+            f"'{{', '}}', ':' or spaces, got {namespace!r}"
+        )
+    model = extra.get("remote_model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise ConfigError(
+            f"kv_connector_extra_config['remote_model']: expected a name, got {model!r}"
+        )
+    timeout = _positive(extra, "remote_timeout", 2.0)
+    assert timeout is not None
+    return {
+        "remote_url": url,
+        "remote_nodes": tuple(nodes),
+        "remote_namespace": namespace,
+        "remote_model": model,
+        "remote_timeout": timeout,
+        "remote_ttl": _positive(extra, "remote_ttl", None),
+    }
 
 
 def num_slots(total_bytes: int, row_bytes: int, world_size: int, key: str) -> int:

@@ -29,18 +29,31 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
 from kvactors.errors import ConfigError, TensorSpecError, TransferError
+from kvactors.keys import Key
 from kvactors.media import FileStore, MemoryPool, resolve_nvme_backend
 from kvactors.media.memory import adjacent_runs
 from kvactors.paged.kv_tensors import copy_row_runs
+from kvactors.vllm.prefetch import DEMOTE, FETCH, MailboxReader, Move
 from kvactors.vllm.tiers import TransferPlan
 
 __all__ = ["BlockMover", "GPUBlocks", "JobResult", "PagedRows"]
 
 log = logging.getLogger("kvactors.vllm")
+
+
+class Remote(Protocol):
+    """What the mover needs of :class:`~kvactors.media.RemoteStore`."""
+
+    def put(self, keys: Sequence[Key], bufs: Sequence[memoryview]) -> list[int]: ...
+
+    def get_into(self, keys: Sequence[Key], bufs: Sequence[memoryview]) -> list[int]: ...
+
+    def close(self) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,8 +241,13 @@ class BlockMover:
     """The worker's CPU pool and NVMe store, and the thread that runs jobs in order.
 
     ``cpu_slots`` / ``nvme_slots``: slots of each tier (the scheduler's slot ids
-    index them); ``nvme_slots=0``: no NVMe tier.
+    index them); ``nvme_slots=0``: no NVMe tier. ``mail``: the scheduler's
+    prefetch moves (:mod:`kvactors.vllm.prefetch`), polled by the thread every
+    ``poll_seconds`` while it has no job, and after every job. ``remote``: the
+    remote store stored blocks are also written to and fetches read from.
     """
+
+    poll_seconds = 0.002
 
     def __init__(
         self,
@@ -240,8 +258,14 @@ class BlockMover:
         nvme_directory: str | None = None,
         nvme_backend: str = "auto",
         nvme_stripes: int = 1,
+        mail: MailboxReader | None = None,
+        remote: Remote | None = None,
     ) -> None:
         self.rows = rows
+        self.mail = mail
+        self.remote = remote
+        self.remote_refused = 0
+        """Blocks the remote store did not take (down, or refused): logged, not failures."""
         bb = rows.row_bytes
         self.cpu = MemoryPool("cpu", cpu_slots, bb, torch.device("cpu"), pin=True)
         self.nvme: FileStore | None = None
@@ -286,12 +310,25 @@ class BlockMover:
         if self.nvme is not None:
             self.nvme.close()
             self.nvme = None
+        if self.mail is not None:
+            self.mail.close()
+            self.mail = None
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
 
     # -- the thread ------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
+            if self.mail is None:
+                job = self._queue.get()
+            else:
+                self.serve_mail()
+                try:
+                    job = self._queue.get(timeout=self.poll_seconds)
+                except queue.Empty:
+                    continue
             if job is None:
                 return
             start = time.perf_counter()
@@ -311,6 +348,44 @@ class BlockMover:
                 self._done.append(result)
                 self._cond.notify_all()
 
+    def serve_mail(self) -> int:
+        """Carry out the prefetch moves posted since the last call; returns how many."""
+        if self.mail is None:
+            return 0
+        moves = self.mail.take()
+        i = 0
+        while i < len(moves):
+            j = i
+            while j < len(moves) and moves[j].op == moves[i].op:
+                j += 1
+            batch = moves[i:j]
+            self.mail.report(batch, self._move(batch))
+            i = j
+        return len(moves)
+
+    def _move(self, moves: list[Move]) -> list[bool]:
+        """Moves of one kind between the CPU pool and NVMe; one outcome per move."""
+        cpu = [m.cpu_slot for m in moves]
+        nvme = [m.nvme_slot for m in moves]
+        keys = [m.key for m in moves]
+        try:
+            if moves[0].op == FETCH:
+                if self.remote is None:
+                    raise TransferError("remote: a fetch, but no remote tier is configured")
+                bad = set(self.remote.get_into(keys, self.cpu.buffers(cpu)))
+                return [i not in bad for i in range(len(moves))]
+            store = self._nvme()
+            if moves[0].op == DEMOTE:
+                store.write_buffers(nvme, self.cpu.buffers(cpu), keys)
+                return [True] * len(moves)
+            bad = set(store.read_buffers(nvme, self.cpu.buffers(cpu), keys))
+        except Exception:  # reported to the scheduler as failed moves, logged here
+            log.exception("kvactors: %d prefetch moves failed", len(moves))
+            return [False] * len(moves)
+        if bad:
+            log.warning("kvactors: %d prefetched blocks failed their checksum", len(bad))
+        return [i not in bad for i in range(len(moves))]
+
     def execute(self, store: bool, blocks: GPUBlocks, plan: TransferPlan) -> None:
         """Carry out ``plan`` now, on the calling thread (the steps :class:`TransferPlan` lists)."""
         pool = self.cpu.data
@@ -323,6 +398,8 @@ class BlockMover:
             if plan.write_through:
                 wt = plan.write_through
                 self._nvme().write_buffers(wt.nvme_slots, self.cpu.buffers(wt.cpu_slots), wt.keys)
+            if plan.remote_put:
+                self._put_remote(plan)
             return
         slots = list(plan.cpu_slots)
         if plan.promote:
@@ -373,6 +450,19 @@ class BlockMover:
                 from_scratch[pos] = j
                 j += 1
         self.rows.scatter(blocks, scratch, from_scratch)
+
+    def _put_remote(self, plan: TransferPlan) -> None:
+        """Stored blocks to the remote store; a refusal or a down server is logged and
+        counted, never a failed job (the blocks are in CPU)."""
+        put = plan.remote_put
+        if self.remote is None:
+            raise TransferError("remote: the plan writes remote blocks, but no remote tier")
+        try:
+            refused = len(self.remote.put(put.keys, self.cpu.buffers(put.cpu_slots)))
+        except Exception as exc:  # RemoteUnavailable, or anything the client raised
+            log.warning("kvactors: remote store: %d blocks not written: %s", len(put), exc)
+            refused = len(put)
+        self.remote_refused += refused
 
     def _nvme(self) -> FileStore:
         if self.nvme is None:

@@ -33,15 +33,19 @@ from vllm.v1.kv_offload.base import (
     PrepareStoreOutput,
     ReqContext,
     RequestOffloadingContext,
+    ScheduleEndContext,
     TransferResult,
 )
 from vllm.v1.kv_offload.config import OffloadingConfig
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from kvactors.errors import KVActorsError
 from kvactors.keys import Key
 from kvactors.media import resolve_nvme_backend
+from kvactors.media.remote import RemoteStore
 from kvactors.vllm.config import VLLMSettings, num_slots, parse_settings
 from kvactors.vllm.mover import BlockMover, GPUBlocks, PagedRows
+from kvactors.vllm.prefetch import Mailbox, MailboxReader, Prefetcher, mailbox_path
 from kvactors.vllm.tiers import COUNTERS, CPU, NVME, TieredManager, TransferPlan
 
 __all__ = [
@@ -62,6 +66,11 @@ _COUNTER_DOCS = {
     "write_through_blocks": "Stored blocks also written to NVMe (write_mode='through').",
     "dropped_blocks": "CPU victims lost: no NVMe tier, or no NVMe room.",
     "failed_stores": "prepare_store calls refused: every CPU slot pinned or being written.",
+    "prefetched_blocks": "NVMe blocks read into the CPU tier ahead of their load, from lookups.",
+    "remote_store_blocks": "Stored blocks also written to the remote store.",
+    "remote_fetched_blocks": "Blocks read from the remote store into CPU, from lookups.",
+    "remote_fetch_failures": "Remote reads that missed (evicted, down, or corrupt).",
+    "prefetch_failures": "Prefetch reads that failed (I/O error, checksum): the block dropped.",
 }
 
 
@@ -76,11 +85,15 @@ class KVActorsLoadStoreSpec(LoadStoreSpec):  # type: ignore[misc]
 
 
 class _RequestKeys:
-    """Keys a request loaded or offered for storing, in first-seen order."""
+    """Keys a request used (loaded, or offered for storing while a tier held them),
+    in first-seen order, and the keys its lookups prefetched from NVMe (their hits
+    are reported as disk hits)."""
 
     def __init__(self) -> None:
         self.keys: list[Key] = []
         self.seen: set[Key] = set()
+        self.prefetched: set[Key] = set()
+        self.remote: set[Key] = set()
 
     def add(self, keys: Iterable[Key]) -> None:
         for key in keys:
@@ -92,27 +105,60 @@ class _RequestKeys:
 class KVActorsManager(OffloadingManager):  # type: ignore[misc]
     """vLLM 0.32's scheduler-side ``OffloadingManager`` over a :class:`TieredManager`."""
 
-    def __init__(self, tiers: TieredManager) -> None:
+    def __init__(
+        self,
+        tiers: TieredManager,
+        prefetcher: Prefetcher | None = None,
+        remote: RemoteStore | None = None,
+    ) -> None:
         self.tiers = tiers
+        self.prefetcher = prefetcher
+        self.remote = remote if prefetcher is not None else None
 
-    def _track(self, req_context: ReqContext, keys: Iterable[Key]) -> None:
-        state = req_context.get_state(_RequestKeys)
+    def _track(self, req_context: ReqContext, keys: Iterable[Key]) -> _RequestKeys:
+        state: _RequestKeys | None = req_context.get_state(_RequestKeys)
         if state is None:
             state = _RequestKeys()
             req_context.set_state(state)
         state.add(keys)
+        return state
 
     def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
         self._track(req_context, ())
         return RequestOffloadingContext()
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        prefetcher = self.prefetcher
+        if prefetcher is not None:
+            prefetcher.poll()
         found = self.tiers.lookup(key)
         if found == "hit":
+            # A block only NVMe holds: read it into CPU now, vLLM asks again later.
+            if prefetcher is not None and self.tiers.source(key) == NVME and prefetcher.start(key):
+                self._track(req_context, ()).prefetched.add(key)
+                return LookupResult.HIT_PENDING
             return LookupResult.HIT
-        return LookupResult.HIT_PENDING if found == "pending" else LookupResult.MISS
+        if found == "pending":
+            return LookupResult.HIT_PENDING
+        if self._in_remote(key) and prefetcher is not None and prefetcher.start(key, True):
+            self._track(req_context, ()).remote.add(key)
+            return LookupResult.HIT_PENDING
+        return LookupResult.MISS
+
+    def _in_remote(self, key: Key) -> bool:
+        if self.remote is None:
+            return False
+        try:
+            return self.remote.contains([key])[0]
+        except KVActorsError:  # a server that is down holds nothing for now
+            return False
 
     def get_load_source(self, key: OffloadKey, req_context: ReqContext) -> CacheHitSource:
+        state = req_context.get_state(_RequestKeys)
+        if state is not None and key in state.prefetched:
+            return CacheHitSource.DISK
+        if state is not None and key in state.remote:
+            return CacheHitSource.EXTERNAL_UNSPECIFIED  # vLLM 0.32 has no remote source
         source = self.tiers.source(key)
         if source == NVME:
             return CacheHitSource.DISK
@@ -130,7 +176,9 @@ class KVActorsManager(OffloadingManager):  # type: ignore[misc]
         self, keys: Collection[OffloadKey], req_context: ReqContext
     ) -> PrepareStoreOutput | None:
         keys = list(keys)
-        self._track(req_context, keys)
+        # Offered keys a tier holds already were used again (GPU prefix-cache hits);
+        # the ones stored now are not uses: an admission policy learns from that.
+        self._track(req_context, [key for key in keys if self.tiers.holds(key)])
         out = self.tiers.prepare_store(keys)
         if out is None:
             return None
@@ -161,8 +209,28 @@ class KVActorsManager(OffloadingManager):  # type: ignore[misc]
             medium = Medium.CPU if tier == CPU else Medium.STORAGE
             yield OffloadingEvent(keys=keys, medium=medium, removed=removed)
 
+    def on_schedule_end(self, context: ScheduleEndContext) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.poll()
+
+    def has_pending_work(self) -> bool:
+        # keeps vLLM stepping (and its workers serving the moves) while prefetches run
+        if self.prefetcher is None:
+            return False
+        self.prefetcher.poll()
+        return self.prefetcher.in_flight > 0
+
     def reset_cache(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.drain()
+            self.prefetcher.forget()
         self.tiers.reset()
+
+    def shutdown(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        if self.remote is not None:
+            self.remote.close()
 
     def get_stats(self) -> OffloadingConnectorStats | None:
         stats = OffloadingConnectorStats()
@@ -242,6 +310,11 @@ class KVActorsOffloadingSpec(OffloadingSpec):  # type: ignore[misc]
         self.nvme_slots = num_slots(self.settings.nvme_bytes, row, world, "nvme_bytes")
         if self.settings.nvme_bytes:  # kvikio asked for where it cannot load: fail at start
             resolve_nvme_backend(self.settings.nvme_backend)
+        self.prefetch = self.settings.prefetch and self.nvme_slots > 0
+        self.row_bytes = row
+        # the remote tier's reads go through the prefetch mailbox too
+        self.mailbox = self.prefetch or self.settings.remote
+        self.mailbox_path = mailbox_path(config.engine_id)
         self._manager: KVActorsManager | None = None
         self._worker: KVActorsWorker | None = None
 
@@ -256,9 +329,38 @@ class KVActorsOffloadingSpec(OffloadingSpec):  # type: ignore[misc]
                 write_mode=s.write_mode,
                 block_size=self.tokens_per_block[0] if self.tokens_per_block else 16,
                 enable_events=self.kv_events_config.enable_kv_cache_events,
+                remote=s.remote,
             )
-            self._manager = KVActorsManager(tiers)
+            prefetcher = None
+            if self.mailbox:
+                box = Mailbox(self.mailbox_path, self.config.parallel.world_size, -1)
+                prefetcher = Prefetcher(tiers, box, nvme=self.prefetch)
+            remote = self._remote_store(0) if s.remote else None
+            self._manager = KVActorsManager(tiers, prefetcher, remote)
         return self._manager
+
+    def _remote_store(self, rank: int) -> RemoteStore:
+        """Worker ``rank``'s blocks on the remote server (the scheduler asks for rank
+        0's). The fingerprint holds the model, the row size and the layout, so only
+        engines whose bytes match share blocks."""
+        s = self.settings
+        c = self.config
+        model = s.remote_model or f"{c.model.name}|{c.model.dtype}"
+        layout = (
+            f"rank{rank}/{c.parallel.world_size}|chunk{self.blocks_per_chunk}|"
+            f"groups{len(c.groups)}|{c.kv_cache_layout}"
+        )
+        return RemoteStore(
+            f"remote{rank}",
+            self.row_bytes,
+            url=s.remote_url,
+            nodes=s.remote_nodes,
+            namespace=s.remote_namespace,
+            model=model,
+            layout=layout,
+            timeout=s.remote_timeout,
+            ttl=s.remote_ttl,
+        )
 
     def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
         if self._worker is None:
@@ -271,6 +373,10 @@ class KVActorsOffloadingSpec(OffloadingSpec):  # type: ignore[misc]
             directory = s.nvme_directory
             if directory is not None and self.config.parallel.world_size > 1:
                 directory = f"{directory}/rank{self.config.parallel.rank}"
+            mail = None
+            world, rank = self.config.parallel.world_size, self.config.parallel.rank
+            if self.mailbox:
+                mail = MailboxReader(Mailbox(self.mailbox_path, world, rank), rank)
             mover = BlockMover(
                 rows,
                 self.cpu_slots,
@@ -278,6 +384,8 @@ class KVActorsOffloadingSpec(OffloadingSpec):  # type: ignore[misc]
                 nvme_directory=directory,
                 nvme_backend=s.nvme_backend,
                 nvme_stripes=s.nvme_stripes,
+                mail=mail,
+                remote=self._remote_store(rank) if s.remote else None,
             )
             self._worker = KVActorsWorker(mover)
         return self._worker

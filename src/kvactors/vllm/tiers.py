@@ -15,7 +15,9 @@ the worker process, which executes plans in the order they were made.
 - A plan's NVMe writes become readable, and its promotions loadable from CPU,
   when vLLM completes the job that carried it.
 - **Recency**: vLLM 0.32 never calls ``touch``; :meth:`TieredManager.finish`
-  (from ``on_request_finished``) marks a request's blocks used, prefix first.
+  (from ``on_request_finished``) marks the blocks a request used (loaded, or
+  offered for storing while held) used, prefix first; blocks it stored are
+  not uses (an admission policy such as ``prefix_admit`` learns from that).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections import deque
 from kvactors.keys import Key
 from kvactors.manager import OffloadingManager
 
-__all__ = ["CPU", "NVME", "Moves", "TieredManager", "TransferPlan"]
+__all__ = ["CPU", "NVME", "Moves", "PrefetchPlan", "TieredManager", "TransferPlan"]
 
 CPU = "cpu"
 NVME = "nvme"
@@ -58,13 +60,25 @@ class TransferPlan:
        against the key's checksum; its ``cpu_slots`` are positions in the job.
     3. the paged KV cache <-> ``cpu_slots`` (one per key of the job, key order;
        ``-1``: the scratch row of that key's promotion).
-    4. stores: ``write_through``: CPU slot -> NVMe slot.
+    4. stores: ``write_through``: CPU slot -> NVMe slot; ``remote_put``: CPU slot
+       -> the remote store (its ``nvme_slots`` unused).
     """
 
     cpu_slots: list[int]
     demote: Moves = dataclasses.field(default_factory=Moves)
     promote: Moves = dataclasses.field(default_factory=Moves)
     write_through: Moves = dataclasses.field(default_factory=Moves)
+    remote_put: Moves = dataclasses.field(default_factory=Moves)
+
+
+@dataclasses.dataclass
+class PrefetchPlan:
+    """One prefetch: ``demote`` (the victim of the CPU slot), then NVMe slot
+    ``nvme_slot`` (``-1``: the remote store) -> CPU slot ``cpu_slot``."""
+
+    cpu_slot: int
+    nvme_slot: int
+    demote: Moves
 
 
 @dataclasses.dataclass
@@ -90,6 +104,11 @@ COUNTERS = (
     "write_through_blocks",
     "dropped_blocks",
     "failed_stores",
+    "prefetched_blocks",
+    "prefetch_failures",
+    "remote_store_blocks",
+    "remote_fetched_blocks",
+    "remote_fetch_failures",
 )
 
 
@@ -110,9 +129,11 @@ class TieredManager:
         write_mode: str = "back",
         block_size: int = 16,
         enable_events: bool = False,
+        remote: bool = False,
     ) -> None:
         self._args = (cpu_blocks, nvme_blocks, policy, nvme_policy or policy, block_size)
         self.write_mode = write_mode
+        self.remote = remote
         self.enable_events = enable_events
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._build()
@@ -136,11 +157,15 @@ class TieredManager:
         )
         self._loads: dict[frozenset[Key], deque[_LoadRecord]] = {}
         self._stores: dict[frozenset[Key], deque[_StoreRecord]] = {}
+        self._prefetching: dict[Key, bool] = {}  # key -> read from NVMe (else remote)
 
     # -- lookups -------------------------------------------------------------------
 
     def lookup(self, key: Key) -> str:
-        """``"hit"`` (ready in a tier), ``"pending"`` (being written) or ``"miss"``."""
+        """``"hit"`` (ready in a tier), ``"pending"`` (being written or prefetched) or
+        ``"miss"``."""
+        if key in self._prefetching:
+            return "pending"
         state = self.cpu.get(key)
         if state is not None and state.ref_cnt >= 0:
             return "hit"
@@ -150,6 +175,10 @@ class TieredManager:
                 return "hit" if nstate.ref_cnt >= 0 else "pending"
         return "miss" if state is None else "pending"
 
+    def holds(self, key: Key) -> bool:
+        """Whether a tier holds ``key`` (readable or being written)."""
+        return key in self.cpu or (self.nvme is not None and key in self.nvme)
+
     def source(self, key: Key) -> str | None:
         """The tier a load of ``key`` reads: :data:`CPU`, :data:`NVME` or ``None``."""
         state = self.cpu.get(key)
@@ -158,6 +187,60 @@ class TieredManager:
         if self.nvme is not None and key in self.nvme:
             return NVME
         return CPU if state is not None else None
+
+    # -- prefetch ------------------------------------------------------------------
+
+    def start_prefetch(self, key: Key, from_remote: bool = False) -> PrefetchPlan | None:
+        """Reserve a CPU slot for ``key`` (absent from CPU; ready in NVMe, whose copy
+        is pinned, or ``from_remote``: in no local tier, read from the remote store);
+        ``None`` when there is nothing to read or no CPU slot to take (the CPU policy
+        may also decline it). Until :meth:`complete_prefetch`, lookups of ``key``
+        answer ``"pending"``."""
+        if key in self.cpu or key in self._prefetching:
+            return None
+        nvme_slot = -1
+        if from_remote:
+            if not self.remote or (self.nvme is not None and key in self.nvme):
+                return None
+        else:
+            nstate = self.nvme.get(key) if self.nvme is not None else None
+            if nstate is None or nstate.ref_cnt < 0:
+                return None
+            assert self.nvme is not None
+            nvme_slot = self.nvme.prepare_load([key]).block_ids[0]  # pinned before demotions
+        out = self.cpu.prepare_store([key])
+        if out is None or not out.block_hashes_to_store:
+            if self.nvme is not None and nvme_slot >= 0:
+                self.nvme.complete_load([key])
+            return None
+        demote = Moves()
+        self._demote(demote, list(out.block_hashes_evicted), list(out.block_ids_evicted))
+        self._prefetching[key] = not from_remote
+        return PrefetchPlan(int(out.store_spec.block_ids[0]), int(nvme_slot), demote)
+
+    def complete_prefetch(self, key: Key, success: bool) -> None:
+        """The prefetch of ``key`` ended: its CPU copy is readable, or (``success``
+        false: the read failed, missed, or the bytes failed their checksum) it and
+        the NVMe copy are forgotten."""
+        if key not in self._prefetching:
+            return
+        from_nvme = self._prefetching.pop(key)
+        self.cpu.complete_store([key], success)
+        if not from_nvme:
+            name = "remote_fetched_blocks" if success else "remote_fetch_failures"
+            self.counters[name] += 1
+            return
+        assert self.nvme is not None
+        self.nvme.complete_load([key])
+        if success:
+            self.counters["prefetched_blocks"] += 1
+        else:
+            self.counters["prefetch_failures"] += 1
+            self.nvme.remove([key])
+
+    def complete_demotion(self, key: Key, success: bool) -> None:
+        """A prefetch's victim ``key`` was written to NVMe (or failed to be)."""
+        self._complete_nvme([key], success)
 
     # -- loads ---------------------------------------------------------------------
 
@@ -244,6 +327,10 @@ class TieredManager:
                     plan.write_through.add(slot_of[key], nslot, key)
                 written += list(nout.block_hashes_to_store)
                 self.counters["write_through_blocks"] += len(nout.block_hashes_to_store)
+        if self.remote and to_store:
+            for key, slot in zip(to_store, slots):
+                plan.remote_put.add(slot, -1, key)
+            self.counters["remote_store_blocks"] += len(to_store)
         self.counters["store_blocks"] += len(to_store)
         if to_store:
             record = _StoreRecord(to_store, written)
@@ -328,6 +415,11 @@ class TieredManager:
                 stats = mgr.stats()
                 out[tier] = stats.used / stats.capacity if stats.capacity else 0.0
         return out
+
+    @property
+    def prefetching(self) -> int:
+        """Prefetches started and not yet completed."""
+        return len(self._prefetching)
 
     def reset(self) -> None:
         """Forget every block (vLLM's ``reset_cache``); counters are kept."""
