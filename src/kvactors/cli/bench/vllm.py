@@ -271,6 +271,12 @@ def run(args: argparse.Namespace) -> Report:
             f"per hash_id, one request at a time; device KV cache {args.device_blocks} blocks of "
             f"{BLOCK} tokens; kvactors CPU {args.cpu_blocks} blocks, NVMe {args.nvme_blocks}"
         )
+        tiered = engines["kvactors cpu+nvme"]["kvactors"]
+        notes.append(
+            f"kvactors cpu+nvme: {tiered.get('prefetched_blocks', 0):,.0f} NVMe blocks read into "
+            f"CPU ahead of their loads (prefetch from lookups), "
+            f"{tiered.get('nvme_load_blocks', 0):,.0f} read by load jobs"
+        )
         notes.append(
             "computed x and speed-ups are against vLLM without offloading, same run: "
             "computed x = prompt tokens computed / vLLM's; TTFT p50 and wall speed-up = "
