@@ -109,3 +109,69 @@ def scans(n: int, seed: int) -> list[list[int]]:
 
 
 WORKLOADS = {"chat": chat, "documents": documents, "agents": agents, "scans": scans}
+
+
+def prefix_tree(
+    n: int,
+    seed: int,
+    *,
+    roots: int = 20,
+    skew: float = 1.0,
+    root_blocks: int = 4,
+    turns: float = 4.0,
+    branching: int = 1,
+    turn_blocks: tuple[int, int] = (1, 8),
+    live: int = 50,
+) -> list[list[int]]:
+    """A family of prefix workloads, shaped by its knobs (none taken from a real trace).
+
+    ``roots`` shared prefixes of ``root_blocks`` blocks (system prompts, documents),
+    picked with Zipf popularity ``skew`` (0 = uniform). A request either starts a
+    session on a root or continues one of the ``live`` most recent sessions; a
+    session lasts ``turns`` turns on average (geometric). A turn extends one of
+    the session's last ``branching`` turns (1 = a straight chat; more = edits and
+    regenerations branching the tree) minus its partial last block, by
+    ``turn_blocks`` new blocks.
+    """
+    rng = random.Random(seed)
+    chains = _Chains()
+    weights = [1 / (r + 1) ** skew for r in range(roots)]
+    bases = [chains.extend([], [("root", r, j) for j in range(root_blocks)]) for r in range(roots)]
+    sessions: list[list[list[int]]] = []  # each: its turns, newest last
+    out: list[list[int]] = []
+    end = 1.0 / max(turns, 1.0)
+    tag = 0
+    while len(out) < n:
+        tag += 1
+        grow = [("t", tag, j) for j in range(rng.randint(*turn_blocks))]
+        if sessions and rng.random() < 1.0 - end:
+            i = rng.randrange(len(sessions))
+            history = sessions[i]
+            prev = rng.choice(history[-branching:])
+            turn = chains.extend(prev[:-1], grow)
+            if rng.random() < end:
+                sessions.pop(i)
+            else:
+                history.append(turn)
+        else:
+            base = bases[rng.choices(range(roots), weights)[0]]
+            turn = chains.extend(base, grow)
+            sessions.append([turn])
+            if len(sessions) > live:
+                sessions.pop(0)
+        out.append(turn)
+    return out
+
+
+SHAPES: dict[str, dict[str, object]] = {
+    "one root, short chats": {"roots": 1, "turns": 2.0},
+    "one root, long chats": {"roots": 1, "turns": 12.0},
+    "many roots, uniform": {"roots": 200, "skew": 0.0, "root_blocks": 12},
+    "few hot roots, skewed": {"roots": 30, "skew": 1.5, "root_blocks": 20, "turns": 1.5},
+    "bushy trees": {"roots": 10, "branching": 4, "turns": 8.0},
+    "long turns, few sessions": {"roots": 5, "turn_blocks": (10, 40), "live": 8},
+    "one-off requests": {"roots": 50, "turns": 1.0, "turn_blocks": (2, 30)},
+    "many live sessions": {"roots": 3, "live": 400, "turns": 6.0},
+}
+"""Differently shaped :func:`prefix_tree` workloads: branching, session length,
+reuse skew and request length each varied."""

@@ -141,6 +141,7 @@ class PolicyActor(Actor[PolicyRequest]):
         self.promoted = 0
         self.demoted = 0
         self.demotions_lost = 0
+        self.demotions_declined = 0
         self.corrupted = 0
         self.missing = 0
 
@@ -247,6 +248,10 @@ class PolicyActor(Actor[PolicyRequest]):
             self.demotions_lost += len(wanted)
             return []
         moved = out.block_hashes_to_store
+        if len(moved) < len(wanted):
+            # The next tier's admission declined some victims: they leave the cache.
+            below_tier = self.managers[nxt]
+            self.demotions_declined += sum(1 for k in wanted if k not in below_tier)
         if not moved:
             return []
         slot_of = dict(zip(keys, ids))
@@ -565,6 +570,7 @@ class PolicyActor(Actor[PolicyRequest]):
             promoted=self.promoted,
             demoted=self.demoted,
             demotions_lost=self.demotions_lost,
+            demotions_declined=self.demotions_declined,
             corrupted=self.corrupted,
             missing=self.missing,
             events_published=self.hub.published,

@@ -51,7 +51,13 @@ class LookupResult(msgspec.Struct, frozen=True):
 
 
 class Snapshot(msgspec.Struct, frozen=True):
-    """The managers' stats, the failed tiers and placement counters."""
+    """The managers' stats, the failed tiers and placement counters.
+
+    ``demotions_lost`` counts victims dropped because there is no tier below,
+    the tier below had no idle room, or the write there failed;
+    ``demotions_declined`` counts victims the tier below's admission policy
+    declined (they leave the cache too).
+    """
 
     tiers: dict[str, ManagerStats]
     failed: list[str]
@@ -62,6 +68,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     events_published: int
     events_dropped: int
     missing: int = 0  # blocks a shared tier no longer had when read (evicted there)
+    demotions_declined: int = 0
 
 
 class FlushResult(msgspec.Struct, frozen=True):
