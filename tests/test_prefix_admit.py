@@ -178,13 +178,15 @@ def test_a_ghost_counts_only_within_one_turnover_of_stores() -> None:
     mgr.complete_store(mgr.prepare_store([1, 2, 3]).block_hashes_to_store)  # type: ignore[union-attr]
     last = new_class(2, 3, False)
     out = mgr.prepare_store([5, 6, 7])
-    assert out is not None and out.block_hashes_to_store == [5, 6]
+    assert out is not None
+    assert out.block_hashes_to_store == [5, 6]
     mgr.complete_store(out.block_hashes_to_store)
     uses = policy.uses[last]
     mgr.touch([7])  # 2 stores since it was declined: within the window
     assert policy.uses[last] == uses + 1.0
     out = mgr.prepare_store([15, 16, 17])
-    assert out is not None and out.block_hashes_to_store == [15, 16]
+    assert out is not None
+    assert out.block_hashes_to_store == [15, 16]
     mgr.complete_store(out.block_hashes_to_store)
     for i in range(3):  # 6 more blocks stored: more than the capacity (4)
         out = mgr.prepare_store([20 + 2 * i, 21 + 2 * i])
@@ -201,7 +203,7 @@ def test_ghosts_are_bounded_by_four_capacities() -> None:
     for key in range(100):
         policy._ghost(key, -1)  # declined, nothing stored in between
     assert len(policy.ghosts) == 16
-    assert list(policy.ghosts)[0] == 84  # the oldest went first
+    assert next(iter(policy.ghosts)) == 84  # the oldest went first
 
 
 def test_order_state_names_everything_that_decides() -> None:
@@ -272,5 +274,6 @@ def test_the_nvme_tier_may_decline_a_demoted_victim() -> None:
     assert snap.demotions_declined == 1
     assert snap.demotions_lost == 1
     assert snap.demoted == 3
-    assert 3 in actor.managers[1] and 4 not in actor.managers[1]
+    assert 3 in actor.managers[1]
+    assert 4 not in actor.managers[1]
     assert 4 not in actor.managers[0]
