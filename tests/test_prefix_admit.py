@@ -253,8 +253,12 @@ def test_the_nvme_tier_may_decline_a_demoted_victim() -> None:
         move_bytes=False,
     )
     actor = PolicyActor(config, [("cpu", False), ("nvme", False)])
-    nvme = actor.managers[1].policy
-    assert isinstance(nvme, PrefixAdmitPolicy)
+    assert actor.managers[1].policy_name == "prefix_admit"
+    # The same policy as a Python object, so the test can set what it has learned.
+    nvme = PrefixAdmitPolicy(2)
+    actor.managers[1] = OffloadingManager(
+        2, block_size=64, policy=nvme, enable_events=True, medium="nvme", native=False
+    )
     nvme.evictions, nvme.regrets = 10.0, 5.0
     nvme.births = [10.0] * len(nvme.births)
     nvme.uses = [9.0] * len(nvme.uses)
