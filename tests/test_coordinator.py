@@ -449,7 +449,7 @@ async def test_cancelled_callers_leave_no_pins_with_inline_or_threaded_copies(
     [(-1, "`int` >= 0"), (8 * 1024 * 1024, "`int` <= 4194304"), ("big", "Expected `int`")],
 )
 def test_inline_bytes_is_checked_and_named(value: object, message: str) -> None:
-    assert Config().inline_bytes == 256 * 1024
+    assert Config().inline_bytes == 4 * 1024 * 1024
     assert Config.from_dict({"inline_bytes": 0}).inline_bytes == 0
     with pytest.raises(ConfigError, match=rf"inline_bytes: .*{re.escape(message)}"):
         Config.from_dict({"inline_bytes": value})

@@ -260,11 +260,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     - ``nvme=None`` runs with GPU and CPU tiers only.
     - ``remote``: a Valkey / Redis tier after the local ones (``None``: none).
     - ``metrics``: Prometheus metrics over HTTP (``None``: not served).
-    - ``inline_bytes``: memory-to-memory copies (GPU pool <-> CPU tier, user
-      tensors) of at most this many bytes run on the event loop instead of a
-      worker thread, whose hop costs more than copying a few hundred KiB.
-      ``0`` sends every copy to a thread; at most 4 MiB, so no large copy ever
-      blocks the loop. File I/O always runs in threads.
+    - ``inline_bytes``: host memory-to-memory copies (GPU pool <-> CPU tier,
+      user tensors) of at most this many bytes run on the event loop instead
+      of a worker thread (default and maximum 4 MiB: a thread hop costs a
+      quarter to a half of such a copy, and the loop is held at most for one
+      such copy). ``0`` sends every copy to a thread. File I/O and CUDA copies
+      always run in threads.
     - ``move_bytes=False``: a metadata-only cache, for replaying traces through
       the real actors: every handshake is planned, routed to its tier actors and
       completed as usual, but no byte is copied, and ``src`` / ``dst`` are
@@ -281,7 +282,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     mailbox_size: Positive = 256
     max_inflight: Positive = 32
     event_buffer: NonNegative = 1024
-    inline_bytes: InlineBytes = 256 * KiB
+    inline_bytes: InlineBytes = 4 * MiB
     move_bytes: bool = True
     remote: RemoteConfig | None = None
     metrics: MetricsConfig | None = None

@@ -142,7 +142,17 @@ class Actor(Generic[M]):
             and not self._queue
             and self._in_hand < self._concurrency
         ):
-            return await self._run_here(message)  # type: ignore[no-any-return]
+            # In the asker's task (written out here: one coroutine frame fewer).
+            self._in_hand += 1
+            try:
+                result = await self.handle(message)  # type: ignore[arg-type]
+            except Exception:
+                self._failed += 1
+                raise
+            finally:
+                self._ended()
+            self._handled += 1
+            return result  # type: ignore[no-any-return]
         envelope = Envelope(message, Future(self._new_event))
         await self._post(envelope)
         reply = envelope.reply
@@ -169,18 +179,6 @@ class Actor(Generic[M]):
             self._dropped += 1
             return False
         return True
-
-    async def _run_here(self, message: Any) -> Any:
-        self._in_hand += 1
-        try:
-            result = await self.handle(message)
-        except Exception:
-            self._failed += 1
-            raise
-        finally:
-            self._ended()
-        self._handled += 1
-        return result
 
     async def _post(self, envelope: Envelope) -> None:
         while True:

@@ -152,6 +152,12 @@ class Coordinator(Actor[CoordinatorRequest]):
         self.latency = {name: Latency() for name in ("store", "load")}
         self.failed_stores = 0
         self.failed_loads = 0
+        # The running backend's cancel scope class, made directly (as events are
+        # in the actor runtime): ``anyio.CancelScope()`` looks the backend up each time.
+        self._shield: type[anyio.CancelScope] = anyio.CancelScope
+
+    async def on_start(self) -> None:
+        self._shield = type(anyio.CancelScope())
 
     async def handle(self, message: CoordinatorRequest) -> Any:
         match message:
@@ -301,7 +307,7 @@ class Coordinator(Actor[CoordinatorRequest]):
         try:
             for i, transfer in enumerate(plan.transfers):
                 try:
-                    await self._move(transfer, side)
+                    threaded = await self._move(transfer, side)
                 except IntegrityError as exc:
                     outcome.corrupted.setdefault(transfer.src, []).extend(exc.keys)
                     if isinstance(exc, BlocksMissingError):
@@ -317,14 +323,15 @@ class Coordinator(Actor[CoordinatorRequest]):
                         raise
                 else:
                     outcome.done[i] = True
-                # A thread's copy is not interrupted: a cancellation that came
-                # meanwhile takes effect here, before the next step.
-                await anyio.lowlevel.checkpoint_if_cancelled()
+                    if threaded:
+                        # A thread's copy is not interrupted: a cancellation that
+                        # came meanwhile takes effect here, before the next step.
+                        await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException as exc:
             outcome.error = exc
             raise
         finally:
-            with anyio.CancelScope(shield=True):
+            with self._shield(shield=True):
                 durable = await self._complete(plan, outcome)
         return durable
 
@@ -368,37 +375,35 @@ class Coordinator(Actor[CoordinatorRequest]):
         slots = side if len(ids) == len(side) else [side[i] for i in ids]
         return Side("gpu", slots, self.gpu, None)
 
-    async def _move(self, transfer: Transfer, side: Any) -> None:
+    async def _move(self, transfer: Transfer, side: Any) -> bool:
+        """Run one transfer on its tier actor; returns whether it ran in a thread."""
         src = self._side(transfer.src, transfer.src_ids, side)
         dst = self._side(transfer.dst, transfer.dst_ids, side)
-        for end in (src, dst):
-            if end.name == "tensor" and end.rows is None:
-                # Some rows of the caller's tensor: a view of them, then positions 0..n-1.
-                index = torch.tensor(end.ids, dtype=torch.long, device=side.device)
-                end.rows = side.index_select(0, index) if end is src else None
-                end.ids = list(range(len(end.ids)))
+        copy_back = False
+        if src.name == "tensor" and src.rows is None:
+            # Some rows of the caller's tensor: a copy of them, then positions 0..n-1.
+            index = torch.tensor(src.ids, dtype=torch.long, device=side.device)
+            src.rows = side.index_select(0, index)
+            src.ids = list(range(len(src.ids)))
+        if dst.name == "tensor" and dst.rows is None and self.move_bytes:
+            # Into some rows of the caller's tensor: through a buffer, copied there after.
+            dst.rows = torch.empty((len(dst.ids), self.gpu.block_bytes), dtype=torch.uint8)
+            dst.ids = list(range(len(dst.ids)))
+            copy_back = True
         tier = self.tiers[runner(transfer, self.chain)]
-        if not self.move_bytes:
-            await self._ask_tier(tier, Move(src, dst, transfer.keys))
-            return
-        if dst.name == "tensor" and dst.rows is None:
-            rows = torch.empty((len(dst.ids), self.gpu.block_bytes), dtype=torch.uint8)
-            dst.rows = rows
-            await self._ask_tier(tier, Move(src, dst, transfer.keys))
-            index = torch.tensor(transfer.dst_ids, dtype=torch.long, device=side.device)
-            side[index] = rows.to(side.device)
-            return
-        await self._ask_tier(tier, Move(src, dst, transfer.keys))
-
-    async def _ask_tier(self, tier: TierActor, move: Move) -> None:
         try:
-            await tier.ask(move)
+            report = await tier.ask(Move(src, dst, transfer.keys))
         except (ActorClosed, TierFailed) as exc:
             retry = exc.retry_after if isinstance(exc, TierFailed) else None
             await self._mark_failed(tier.name, retry)
             if isinstance(exc, TierFailed):
                 raise
             raise TierFailed(f"tier {tier.name!r} is down") from exc
+        if copy_back:
+            assert dst.rows is not None
+            index = torch.tensor(transfer.dst_ids, dtype=torch.long, device=side.device)
+            side[index] = dst.rows.to(side.device)
+        return report.threaded
 
     async def _mark_failed(self, name: str, retry_after: float | None) -> None:
         """Tell the policy actor that tier ``name`` is down (for ``retry_after`` s)."""

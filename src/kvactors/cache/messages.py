@@ -203,11 +203,15 @@ PolicyRequest = (
 
 
 class JobReport(msgspec.Struct, frozen=True):
+    """What one job of a tier actor did; ``threaded``: it ran in a worker thread
+    (not on the event loop)."""
+
     tier: str
     op: str
     blocks: int
     bytes: int
     seconds: float
+    threaded: bool = False
 
 
 class Move(Message[JobReport], frozen=True, tag=True):

@@ -39,6 +39,7 @@ as the most recent one, as every stored block does.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -103,6 +104,7 @@ class PolicyActor(Actor[PolicyRequest]):
         self.write_through = config.write_mode == "write_through"
         specs = dict(config.chain())
         self.names = [name for name, _ in tiers]
+        self.index = {name: i for i, name in enumerate(self.names)}
         self.durable = [durable for _, durable in tiers]
         self.managers = [
             OffloadingManager(
@@ -294,9 +296,7 @@ class PolicyActor(Actor[PolicyRequest]):
         transfers = self._demote(0, out.block_hashes_evicted, out.block_ids_evicted)
         if new:
             transfers.append(Transfer(CALLER, index, self.names[0], ids, new, "store"))
-            mark = _Writing()
-            for key in new:
-                writing[key] = mark
+            writing.update(dict.fromkeys(new, _Writing()))
         if new and any(self.through[1:]):
             slot_of = dict(zip(new, ids))
             for i in self._live(1):
@@ -411,7 +411,7 @@ class PolicyActor(Actor[PolicyRequest]):
         return LoadPlan(keys, [self.names[t] for t in where], transfers, pins)
 
     def complete(self, plan: StorePlan | LoadPlan, done: list[bool]) -> list[Key]:
-        index = {name: i for i, name in enumerate(self.names)}
+        index = self.index
         for transfer, ok in zip(plan.transfers, done):
             tier = index.get(transfer.dst)
             if tier is None:
@@ -430,11 +430,14 @@ class PolicyActor(Actor[PolicyRequest]):
             self.managers[tier].complete_load(keys)
         if not isinstance(plan, StorePlan):
             return []
-        writing = self._writing
-        for key in plan.new:
-            mark = writing.pop(key, None)
+        if plan.new:
+            # One mark for all the plan's new keys; whoever waits for it goes on.
+            marks = list(map(self._writing.pop, plan.new, itertools.repeat(None)))
+            mark = marks[0]
             if mark is not None and mark.event is not None:
                 mark.event.set()
+        if True not in self.durable:
+            return []
         durable = [i for i in self._live(0) if self.durable[i]]
         if not durable:
             return []

@@ -36,6 +36,14 @@ from kvactors.media import BlockMedium, CopyPool
 __all__ = ["TierActor"]
 
 
+def _timed(fn: Callable[..., object], args: tuple[Any, ...]) -> float:
+    """Run ``fn(*args)`` and return the seconds it took: the work itself, not the
+    wait for a worker thread."""
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 class TierActor(Actor[TierRequest]):
     """The actor of one tier's medium; see the module docstring."""
 
@@ -96,8 +104,8 @@ class TierActor(Actor[TierRequest]):
         return (
             s is not None
             and d is not None
-            and s.device.type == "cpu"
-            and d.device.type == "cpu"
+            and s.is_cpu
+            and d.is_cpu
             and blocks * self.medium.block_bytes <= self.inline_bytes
         )
 
@@ -105,22 +113,13 @@ class TierActor(Actor[TierRequest]):
         self, op: str, blocks: int, inline: bool, fn: Callable[..., object], *args: Any
     ) -> JobReport:
         """Run a job, inline or in a worker thread under the tier's limiter."""
-        spent = 0.0
-
-        def timed() -> None:
-            # Time the work itself, not the wait for a worker thread.
-            nonlocal spent
-            t0 = time.perf_counter()
-            try:
-                fn(*args)
-            finally:
-                spent = time.perf_counter() - t0
-
         try:
             if inline:
-                timed()
+                t0 = time.perf_counter()
+                fn(*args)
+                spent = time.perf_counter() - t0
             else:
-                await anyio.to_thread.run_sync(timed, limiter=self.limiter)
+                spent = await anyio.to_thread.run_sync(_timed, fn, args, limiter=self.limiter)
         except TierFailed as exc:
             self._failed_jobs += 1
             self.crashed = str(exc)
@@ -135,9 +134,9 @@ class TierActor(Actor[TierRequest]):
             raise TransferError(
                 f"tier {self.name!r}: {op} of {blocks} blocks failed: {exc}"
             ) from exc
-        return self._done(op, blocks, spent)
+        return self._done(op, blocks, spent, not inline)
 
-    def _done(self, op: str, blocks: int, seconds: float) -> JobReport:
+    def _done(self, op: str, blocks: int, seconds: float, threaded: bool = False) -> JobReport:
         nbytes = blocks * self.medium.block_bytes
         self._jobs += 1
         self._busy += seconds
@@ -151,7 +150,7 @@ class TierActor(Actor[TierRequest]):
             self._bytes_written += nbytes
         elif op.startswith(self.name + "->"):
             self._bytes_read += nbytes
-        return JobReport(self.name, op, blocks, nbytes, seconds)
+        return JobReport(self.name, op, blocks, nbytes, seconds, threaded)
 
     async def on_stop(self) -> None:
         self.medium.close()
