@@ -376,6 +376,45 @@ async def test_a_second_store_of_a_key_being_written_waits_for_the_first(
             assert torch.equal(rows(kv, [5]), block_bytes_for([1], BB, CPU))
 
 
+@pytest.mark.parametrize("partial", [False, True])
+async def test_a_block_being_demoted_is_loaded_once_it_lands(
+    partial: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load of blocks whose demotion CPU -> NVMe is in flight waits for it and
+    reads them from NVMe (they are in the cache all along); a store of them
+    meanwhile waits too, then finds them present."""
+    with anyio.fail_after(20):
+        async with kvactors.open(config(cpu={"num_blocks": 4})) as kv:
+            old, new = [0, 1, 2, 3], [4, 5, 6, 7]
+            fill(kv, old + new, list(range(8)))
+            await kv.store(old, [0, 1, 2, 3])
+            gate = Gate(monkeypatch, "cpu->nvme")
+            loaded: list[kvactors.LoadResult] = []
+            stored: list[Any] = []
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(kv.store, new, [4, 5, 6, 7])  # evicts old: demoted
+                await gate.wait_entered()
+                assert (await kv.lookup(old)).hits == 0  # in no tier ready meanwhile
+
+                async def load() -> None:
+                    loaded.append(await kv.load(old[:2], [20, 21], partial=partial))
+
+                async def store() -> None:
+                    stored.append(await kv.store(old[2:], [2, 3]))
+
+                tg.start_soon(load)
+                tg.start_soon(store)
+                await anyio.sleep(0.05)
+                assert not loaded  # waiting for the demotion
+                assert not stored
+                gate.gate.set()
+            assert loaded[0].tiers == ["nvme", "nvme"]
+            assert torch.equal(rows(kv, [20, 21]), block_bytes_for(old[:2], BB, CPU))
+            assert stored == [kvactors.StoreResult(0, 2)]
+            stats = await settled(kv)
+            assert stats.policy.demotions_lost == 0
+
+
 class CorruptOne:
     """A device that returns bad bytes for one block, wherever it is read."""
 

@@ -234,6 +234,11 @@ class Coordinator(Actor[CoordinatorRequest]):
         retries = 3  # a tier that fails is left out of the next plan
         while True:
             plan = await self.policy.ask(PrepareLoad(keys, partial=partial))
+            if plan.wait:
+                # Blocks being demoted: loaded from their new tier once they land.
+                for event in plan.wait:
+                    await event.wait()
+                continue
             try:
                 await self._run(plan, dst)
             except TierFailed as exc:

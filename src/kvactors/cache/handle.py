@@ -249,7 +249,9 @@ class KVCache:
         at the time of the call (a lookup and a load in one atomic step; other
         requests may evict blocks between a separate ``lookup`` and ``load``)
         and says how many in the result; blocks that fail their checksum end
-        the run (they are dropped). Otherwise it raises
+        the run (they are dropped). A block being demoted (its victim copy
+        on its way to the next tier) is in the cache all along: the load
+        waits for the demotion and reads it from there. Otherwise it raises
         :class:`~kvactors.errors.BlockNotFoundError` (nothing pinned) if a key
         is not available, :class:`~kvactors.errors.TierError` if a transfer
         failed. If cancelled, every pin is released, and the call returns once

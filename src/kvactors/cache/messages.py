@@ -68,12 +68,15 @@ class StorePlan(msgspec.Struct, frozen=True):
 class LoadPlan(msgspec.Struct, frozen=True):
     """Load the request's leading ``len(tiers)`` keys (``keys``): run ``transfers``
     in order; ``tiers[i]`` is where block ``i`` comes from. ``pins`` are the
-    ``(tier index, keys)`` pinned for reading, unpinned when the plan completes."""
+    ``(tier index, keys)`` pinned for reading, unpinned when the plan completes.
+    ``wait`` (then nothing else is set): blocks being demoted; the coordinator
+    waits for these events and asks again."""
 
     keys: list[Key]
     tiers: list[str]
     transfers: list[Transfer]
     pins: list[tuple[int, list[Key]]]
+    wait: list[Any] = []  # anyio.Event of each demotion a key is in
 
 
 # -- the coordinator's ------------------------------------------------------------

@@ -28,7 +28,11 @@ Placement, for a chain ``t0, t1, ...`` (``t0`` the top, ``cpu``):
 - a load takes each block from the shallowest tier holding it ready; a block
   held only below ``t0`` is promoted into ``t0`` when a slot can be had there
   (then copied from ``t0``), else read straight from its tier; a prefetch hint
-  promotes the same way and loads nothing.
+  promotes the same way and loads nothing;
+- a block being demoted is in no tier ready until its plan completes: a load
+  of it (and a store of it) gets a plan that waits for that completion and
+  asks again, so it is read from the tier it landed in (a failed demotion
+  loses it: then it is a miss).
 
 What counts as an access (recency / frequency for the eviction policy): every
 hit of ``lookup``, and every block pinned by a load, in the tier it is found
@@ -76,13 +80,15 @@ __all__ = ["PolicyActor"]
 
 
 class _Writing:
-    """One store plan's new keys still being written; ``event`` is made (and set on
-    completion) only when another store waits for them."""
+    """Keys whose bytes are in flight into a tier: one store plan's new keys, or
+    one demotion's victims (``moving``). ``event`` is made (and set when the
+    plan completes) only when another request waits for them."""
 
-    __slots__ = ("event",)
+    __slots__ = ("event", "moving")
 
-    def __init__(self) -> None:
+    def __init__(self, moving: bool = False) -> None:
         self.event: anyio.Event | None = None
+        self.moving = moving
 
 
 class PolicyActor(Actor[PolicyRequest]):
@@ -156,7 +162,10 @@ class PolicyActor(Actor[PolicyRequest]):
                     return self.prepare_store(keys)
                 case PrepareLoad(keys, partial, prefetch):
                     if partial:
-                        keys = keys[: self.lookup(keys, touch=False).hits]
+                        hits = self.lookup(keys, touch=False).hits
+                        if hits < len(keys) and self._moving(keys[hits]):
+                            return self._wait_plan([keys[hits]])
+                        keys = keys[:hits]
                     return self.prepare_load(keys, prefetch=prefetch)
                 case Complete(plan, done):
                     return self.complete(plan, done)
@@ -257,6 +266,8 @@ class PolicyActor(Actor[PolicyRequest]):
         if not moved:
             return []
         slot_of = dict(zip(keys, ids))
+        # In flight until the plan completes: a load or store of them waits.
+        self._writing.update(dict.fromkeys(moved, _Writing(moving=True)))
         down = Transfer(
             self.names[tier],
             [slot_of[k] for k in moved],
@@ -341,14 +352,20 @@ class PolicyActor(Actor[PolicyRequest]):
                 move = Transfer(top_name, ids, CALLER, list(range(len(keys))), keys, "load")
                 return LoadPlan(keys, [top_name] * len(keys), [move], [(0, keys)])
         where: list[int] = []
+        moving: list[Key] = []
         for key in keys:
             tier = self._tier_of(key)
             if tier is None:
                 if prefetch:
                     where.append(-1)
                     continue
+                if self._moving(key):
+                    moving.append(key)  # being demoted: held again once it lands
+                    continue
                 raise BlockNotFoundError(f"load: block {key!r} is not available in any tier")
             where.append(tier)
+        if moving:
+            return self._wait_plan(moving)
         groups: dict[int, list[int]] = {}
         for pos, tier in enumerate(where):
             if tier >= 0 and not (prefetch and tier == 0):
@@ -410,6 +427,16 @@ class PolicyActor(Actor[PolicyRequest]):
             )
         return LoadPlan(keys, [self.names[t] for t in where], transfers, pins)
 
+    def _moving(self, key: Key) -> bool:
+        """Whether ``key`` is being demoted (in no tier ready until it lands)."""
+        mark = self._writing.get(key)
+        return mark is not None and mark.moving
+
+    def _wait_plan(self, keys: list[Key]) -> LoadPlan:
+        """A plan that pins nothing and waits for the demotions of ``keys``."""
+        marks = {id(m): m for m in map(self._writing.__getitem__, keys)}
+        return LoadPlan([], [], [], [], [self._event(m) for m in marks.values()])
+
     def complete(self, plan: StorePlan | LoadPlan, done: list[bool]) -> list[Key]:
         index = self.index
         for transfer, ok in zip(plan.transfers, done):
@@ -418,6 +445,7 @@ class PolicyActor(Actor[PolicyRequest]):
                 continue
             self.managers[tier].complete_store(transfer.keys, success=ok)
             if transfer.role == "demote":
+                self._landed(transfer.keys)
                 if ok:
                     self.demoted += len(transfer.keys)
                     self.hub.publish(CacheEvent("demoted", transfer.dst, list(transfer.keys)))
@@ -430,18 +458,22 @@ class PolicyActor(Actor[PolicyRequest]):
             self.managers[tier].complete_load(keys)
         if not isinstance(plan, StorePlan):
             return []
-        if plan.new:
-            # One mark for all the plan's new keys; whoever waits for it goes on.
-            marks = list(map(self._writing.pop, plan.new, itertools.repeat(None)))
-            mark = marks[0]
-            if mark is not None and mark.event is not None:
-                mark.event.set()
+        self._landed(plan.new)
         if True not in self.durable:
             return []
         durable = [i for i in self._live(0) if self.durable[i]]
         if not durable:
             return []
         return [k for k in plan.keys if any(self._ready(i, k) for i in durable)]
+
+    def _landed(self, keys: list[Key]) -> None:
+        """``keys`` (a store's new keys, or one demotion's) are no longer in flight;
+        whoever waits for their mark goes on."""
+        if keys:
+            marks = list(map(self._writing.pop, keys, itertools.repeat(None)))
+            mark = marks[0]
+            if mark is not None and mark.event is not None:
+                mark.event.set()
 
     def _ready(self, tier: int, key: Key) -> bool:
         block = self.managers[tier].get(key)
