@@ -108,6 +108,22 @@ async def test_lru_order_follows_lookups_first_key_most_recent() -> None:
             assert found == {0: 1, 1: 0, 2: 1, 3: 0, 4: 1, 5: 1}
 
 
+async def test_every_key_named_counts_and_a_store_is_not_an_access() -> None:
+    """LRU, CPU tier of 4: a key named by a lookup or a partial load past its
+    first miss still counts as used; storing a cached key again does not."""
+    with anyio.fail_after(20):
+        async with kvactors.open(config(cpu={"num_blocks": 4}, nvme=None)) as kv:
+            fill(kv, list(range(8)), list(range(8)))
+            await kv.store([0, 1, 2, 3], [0, 1, 2, 3])
+            assert (await kv.lookup([9, 1])).hits == 0  # 9 misses; 1 is used all the same
+            assert (await kv.load([9, 2], [20, 21], partial=True)).tiers == []  # so is 2
+            assert await kv.store([0], [0]) == kvactors.StoreResult(0, 1)  # 0 stays oldest
+            await kv.store([4], [4])  # evicts 0, then 3 (never used since stored)
+            await kv.store([5], [5])
+            found = {k: (await kv.lookup([k])).hits for k in range(6)}
+            assert found == {0: 0, 1: 1, 2: 1, 3: 0, 4: 1, 5: 1}
+
+
 async def test_a_metadata_only_cache_places_blocks_through_the_actors() -> None:
     """``move_bytes=False``: the same placement (evictions, demotions,
     promotions), no bytes and ``None`` sides; a side given is refused."""

@@ -35,10 +35,14 @@ Placement, for a chain ``t0, t1, ...`` (``t0`` the top, ``cpu``):
   loses it: then it is a miss).
 
 What counts as an access (recency / frequency for the eviction policy): every
-hit of ``lookup``, and every block pinned by a load, in the tier it is found
-in; a store of a key already cached touches it too. Promotions and demotions
-are not accesses of their own: a promoted or demoted block enters its new tier
-as the most recent one, as every stored block does.
+key a ``lookup`` or a ``load`` names, once per call, the first key most recent:
+a block found in the tier it is found in (a load's pins), a key held nowhere in
+the top tier, where a policy that remembers evicted keys (ARC's ghost lists)
+learns it was wanted again. A store is not an access (a key already cached is
+skipped untouched), so a request's ``load(partial=True)`` then ``store`` feeds
+the policy what one manager's ``lookup``, ``touch``, ``prepare_store`` does.
+Promotions and demotions are not accesses of their own: a promoted or demoted
+block enters its new tier as the most recent one, as every stored block does.
 """
 
 from __future__ import annotations
@@ -165,6 +169,9 @@ class PolicyActor(Actor[PolicyRequest]):
                         hits = self.lookup(keys, touch=False).hits
                         if hits < len(keys) and self._moving(keys[hits]):
                             return self._wait_plan([keys[hits]])
+                        # Every key named is an access, the loaded ones touched last
+                        # (most recent) by prepare_load.
+                        self._touch_rest(keys[hits:])
                         keys = keys[:hits]
                     return self.prepare_load(keys, prefetch=prefetch)
                 case Complete(plan, done):
@@ -230,17 +237,31 @@ class PolicyActor(Actor[PolicyRequest]):
                 if tier is None:
                     break
                 found.append(tier)
-        if touch and found:
-            self._touch(keys, found)
+        if touch:
+            self._touch_rest(keys[len(found) :])
+            if found:
+                self._touch(keys, found)
         return LookupResult(len(found), [self.names[i] for i in found])
 
     def _touch(self, keys: list[Key], tiers: list[int]) -> None:
         """Count an access of ``keys[j]`` in tier ``tiers[j]``, the first key most recent."""
-        if not tiers[-1]:  # all in the top tier
+        if not any(tiers):  # all in the top tier
             self.top.touch(keys[: len(tiers)])
             return
         for i in sorted(set(tiers)):
             self.managers[i].touch([k for k, t in zip(keys, tiers) if t == i])
+
+    def _touch_rest(self, keys: list[Key]) -> None:
+        """Count an access of the keys a lookup or load names past its leading
+        hits: each in the tier holding it ready, else in the top tier, where a
+        policy that remembers evicted keys (ARC's ghosts) learns it was wanted."""
+        if not keys:
+            return
+        if len(self.managers) == 1:
+            self.top.touch(keys)
+            return
+        tiers = [self._tier_of(k) for k in keys]
+        self._touch(keys, [0 if t is None else t for t in tiers])
 
     def _demote(self, tier: int, keys: list[Key], ids: list[int]) -> list[Transfer]:
         """Transfers that move ``tier``'s victims ``keys`` (in slots ``ids``) down one
@@ -300,9 +321,6 @@ class PolicyActor(Actor[PolicyRequest]):
         else:
             pos_of = {k: i for i, k in enumerate(keys)}
             index = [pos_of[k] for k in new]
-            present = [k for k in keys if k not in writing and k in top]
-            if present:
-                top.touch(present)  # storing a cached key again is an access
         ids = out.store_spec.block_ids
         transfers = self._demote(0, out.block_hashes_evicted, out.block_ids_evicted)
         if new:
