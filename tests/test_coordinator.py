@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import kvactors
+from _served import BB, CPU, fill, rows, settled, small_config
 from kvactors.cache import tier_actor, transfers
 from kvactors.cli.demo import block_bytes_for
-from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
+from kvactors.config import Config
 from kvactors.errors import (
     ActorClosed,
     BlockNotFoundError,
@@ -29,44 +30,12 @@ from kvactors.errors import (
 
 pytestmark = pytest.mark.anyio
 
-BB = 4096
-CPU = torch.device("cpu")
-
-
-def small_config(**changes: Any) -> Config:
-    base = Config(
-        block_bytes=BB,
-        gpu=GPUConfig(num_blocks=64, device="cpu"),
-        cpu=TierConfig(num_blocks=8),
-        nvme=NVMeConfig(num_blocks=64, backend="posix"),
-    )
-    return base.replace(**changes) if changes else base
-
 
 @pytest.fixture
 async def kv() -> AsyncIterator[kvactors.KVCache]:
     with anyio.fail_after(20):
         async with kvactors.open(small_config()) as cache:
             yield cache
-
-
-def fill(kv: kvactors.KVCache, keys: list[int], slots: list[int]) -> None:
-    kv.gpu_pool.write_rows(slots, block_bytes_for(keys, BB, CPU))  # type: ignore[attr-defined]
-
-
-def rows(kv: kvactors.KVCache, slots: list[int]) -> torch.Tensor:
-    return kv.gpu_pool.rows(slots)  # type: ignore[attr-defined,no-any-return]
-
-
-async def settled(kv: kvactors.KVCache) -> kvactors.CacheStats:
-    """Stats once no handshake is in flight: no pins and no blocks being written."""
-    with anyio.fail_after(10):
-        while True:
-            stats = await kv.stats()
-            tiers = stats.policy.tiers.values()
-            if all(t.pinned == 0 and t.being_written == 0 for t in tiers):
-                return stats
-            await anyio.sleep(0.01)
 
 
 async def test_store_demote_promote_and_load_back_byte_exact(kv: kvactors.KVCache) -> None:

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import kvactors
+from _served import BB, CPU, fill, rows, settled, small_config
 from kvactors.cache import transfers
 from kvactors.cli.demo import block_bytes_for
-from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
+from kvactors.config import Config, NVMeConfig
 from kvactors.errors import (
     ActorClosed,
     ConfigError,
@@ -28,36 +29,6 @@ from kvactors.media.faults import InjectedFaults
 
 pytestmark = pytest.mark.anyio
 
-BB = 4096
-CPU = torch.device("cpu")
-
-
-def config(**changes: Any) -> Config:
-    base = Config(
-        block_bytes=BB,
-        gpu=GPUConfig(num_blocks=64, device="cpu"),
-        cpu=TierConfig(num_blocks=8),
-        nvme=NVMeConfig(num_blocks=64, backend="posix"),
-    )
-    return base.replace(**changes) if changes else base
-
-
-def fill(kv: kvactors.KVCache, keys: list[int], slots: list[int]) -> None:
-    kv.gpu_pool.write_rows(slots, block_bytes_for(keys, BB, CPU))
-
-
-def rows(kv: kvactors.KVCache, slots: list[int]) -> torch.Tensor:
-    return kv.gpu_pool.rows(slots)
-
-
-async def settled(kv: kvactors.KVCache) -> kvactors.CacheStats:
-    with anyio.fail_after(10):
-        while True:
-            stats = await kv.stats()
-            if all(t.pinned == t.being_written == 0 for t in stats.policy.tiers.values()):
-                return stats
-            await anyio.sleep(0.01)
-
 
 # -- 1. the eviction policy applies to the served cache ----------------------------
 
@@ -67,7 +38,7 @@ async def settled(kv: kvactors.KVCache) -> kvactors.CacheStats:
 async def test_a_block_used_before_each_store_survives(policy: str, access: str) -> None:
     """CPU tier of 4: a block loaded (or looked up) before each of 20 stores of
     new blocks is never the one evicted; the others come and go."""
-    cfg = config(cpu={"num_blocks": 4, "policy": policy}, nvme=None)
+    cfg = small_config(cpu={"num_blocks": 4, "policy": policy}, nvme=None)
     with anyio.fail_after(20):
         async with kvactors.open(cfg) as kv:
             fill(kv, [0], [0])
@@ -88,7 +59,7 @@ async def test_a_block_used_before_each_store_survives(policy: str, access: str)
 async def test_without_accesses_the_oldest_block_leaves_first() -> None:
     """The counter-test: never touched, the first block is gone after 4 stores."""
     with anyio.fail_after(20):
-        async with kvactors.open(config(cpu={"num_blocks": 4}, nvme=None)) as kv:
+        async with kvactors.open(small_config(cpu={"num_blocks": 4}, nvme=None)) as kv:
             fill(kv, list(range(6)), list(range(6)))
             for i in range(5):
                 await kv.store([i], [i])
@@ -98,7 +69,7 @@ async def test_without_accesses_the_oldest_block_leaves_first() -> None:
 
 async def test_lru_order_follows_lookups_first_key_most_recent() -> None:
     with anyio.fail_after(20):
-        async with kvactors.open(config(cpu={"num_blocks": 4}, nvme=None)) as kv:
+        async with kvactors.open(small_config(cpu={"num_blocks": 4}, nvme=None)) as kv:
             fill(kv, list(range(6)), list(range(6)))
             await kv.store([0, 1, 2, 3], [0, 1, 2, 3])
             await kv.lookup([2, 0])  # 2 most recent, then 0; 1 and 3 older
@@ -112,7 +83,7 @@ async def test_every_key_named_counts_and_a_store_is_not_an_access() -> None:
     """LRU, CPU tier of 4: a key named by a lookup or a partial load past its
     first miss still counts as used; storing a cached key again does not."""
     with anyio.fail_after(20):
-        async with kvactors.open(config(cpu={"num_blocks": 4}, nvme=None)) as kv:
+        async with kvactors.open(small_config(cpu={"num_blocks": 4}, nvme=None)) as kv:
             fill(kv, list(range(8)), list(range(8)))
             await kv.store([0, 1, 2, 3], [0, 1, 2, 3])
             assert (await kv.lookup([9, 1])).hits == 0  # 9 misses; 1 is used all the same
@@ -127,7 +98,7 @@ async def test_every_key_named_counts_and_a_store_is_not_an_access() -> None:
 async def test_a_metadata_only_cache_places_blocks_through_the_actors() -> None:
     """``move_bytes=False``: the same placement (evictions, demotions,
     promotions), no bytes and ``None`` sides; a side given is refused."""
-    cfg = config(cpu={"num_blocks": 4}, nvme={"num_blocks": 16}, move_bytes=False)
+    cfg = small_config(cpu={"num_blocks": 4}, nvme={"num_blocks": 16}, move_bytes=False)
     with anyio.fail_after(20):
         async with kvactors.open(cfg) as kv:
             for i in range(0, 12, 2):
@@ -152,7 +123,7 @@ async def test_a_metadata_only_cache_places_blocks_through_the_actors() -> None:
 )
 async def test_slot_lists_must_be_lists_of_integers(side: Any) -> None:
     with anyio.fail_after(20):
-        async with kvactors.open(config()) as kv:
+        async with kvactors.open(small_config()) as kv:
             with pytest.raises(TensorSpecError):
                 await kv.store([1, 2], side)
             with pytest.raises(TensorSpecError):
@@ -163,7 +134,7 @@ async def test_slot_lists_must_be_lists_of_integers(side: Any) -> None:
 @pytest.mark.parametrize("keys", [b"\x28\x29", "ab", 5, None, {1, 2}, (k for k in [1, 2])])
 async def test_key_lists_must_be_lists_or_tuples(keys: Any) -> None:
     with anyio.fail_after(20):
-        async with kvactors.open(config()) as kv:
+        async with kvactors.open(small_config()) as kv:
             with pytest.raises(InvalidKeyError, match="list or tuple"):
                 await kv.store(keys, [0, 1])
             with pytest.raises(InvalidKeyError):
@@ -182,7 +153,7 @@ async def test_key_lists_must_be_lists_or_tuples(keys: Any) -> None:
 
 async def test_sparse_grad_tensors_and_a_non_bool_partial_are_refused() -> None:
     with anyio.fail_after(20):
-        async with kvactors.open(config()) as kv:
+        async with kvactors.open(small_config()) as kv:
             fill(kv, [1], [0])
             await kv.store([1], [0])
             sparse = torch.zeros(1, BB, dtype=torch.uint8).to_sparse()
@@ -200,7 +171,7 @@ async def test_sparse_grad_tensors_and_a_non_bool_partial_are_refused() -> None:
 
 async def test_an_unusable_destination_device_is_refused() -> None:
     with anyio.fail_after(20):
-        async with kvactors.open(config()) as kv:
+        async with kvactors.open(small_config()) as kv:
             fill(kv, [1], [0])
             await kv.store([1], [0])
             with pytest.raises(TensorSpecError, match="meta"):
@@ -225,12 +196,12 @@ async def test_a_typed_error_leaves_the_block_as_itself() -> None:
     """Not an exception group: ``except KVActorsError`` catches it."""
     with anyio.fail_after(20):
         with pytest.raises(InvalidKeyError) as info:
-            async with kvactors.open(config()) as kv:
+            async with kvactors.open(small_config()) as kv:
                 await kv.lookup(["not a key"])  # type: ignore[list-item]
         assert isinstance(info.value, KVActorsError)
         caught: list[KVActorsError] = []
         try:
-            async with kvactors.open(config()) as kv:
+            async with kvactors.open(small_config()) as kv:
                 raise TensorSpecError("mine")
         except KVActorsError as exc:
             caught.append(exc)
@@ -253,13 +224,13 @@ async def test_pools_too_large_for_the_machine_are_refused_naming_the_field(
 ) -> None:
     changes = dict(changes)
     nvme = changes.pop("nvme", {"num_blocks": 16})
-    cfg = config(**changes, nvme={**nvme, "directory": str(tmp_path), "backend": "posix"})
+    cfg = small_config(**changes, nvme={**nvme, "directory": str(tmp_path), "backend": "posix"})
     with anyio.fail_after(20):
         with pytest.raises(ConfigError, match=field):
             async with kvactors.open(cfg):
                 pass
         # Nothing was left open: the same directory opens at once.
-        good = config(nvme={"num_blocks": 16, "directory": str(tmp_path), "backend": "posix"})
+        good = small_config(nvme={"num_blocks": 16, "directory": str(tmp_path), "backend": "posix"})
         async with kvactors.open(good) as kv:
             fill(kv, [1], [0])
             assert await kv.store([1], [0]) == kvactors.StoreResult(1, 0)
@@ -269,7 +240,7 @@ async def test_pools_too_large_for_the_machine_are_refused_naming_the_field(
 
 
 async def test_store_result_says_which_blocks_are_durable(tmp_path: Path) -> None:
-    cfg = config(
+    cfg = small_config(
         write_mode="write_through",
         nvme={"num_blocks": 16, "directory": str(tmp_path), "backend": "posix"},
     )
@@ -294,10 +265,10 @@ async def test_store_result_says_which_blocks_are_durable(tmp_path: Path) -> Non
 
 async def test_write_back_and_temporary_nvme_report_nothing_durable() -> None:
     with anyio.fail_after(20):
-        async with kvactors.open(config(write_mode="write_through")) as kv:
+        async with kvactors.open(small_config(write_mode="write_through")) as kv:
             fill(kv, [1], [0])
             assert await kv.store([1], [0]) == kvactors.StoreResult(1, 0, [])
-        async with kvactors.open(config()) as kv:
+        async with kvactors.open(small_config()) as kv:
             fill(kv, [1], [0])
             assert await kv.store([1], [0]) == kvactors.StoreResult(1, 0, [])
 
@@ -331,7 +302,7 @@ class Gate:
 async def test_a_write_through_store_cancelled_during_its_nvme_write_is_never_readable(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    cfg = config(
+    cfg = small_config(
         write_mode="write_through",
         nvme={"num_blocks": 16, "directory": str(tmp_path), "backend": "posix"},
     )
@@ -360,7 +331,7 @@ async def test_a_second_store_of_a_key_being_written_waits_for_the_first(
     """Not reported present while the first store writes it; if the first store
     is cancelled, the second one stores the key."""
     with anyio.fail_after(20):
-        async with kvactors.open(config(inline_bytes=0)) as kv:
+        async with kvactors.open(small_config(inline_bytes=0)) as kv:
             gate = Gate(monkeypatch, "gpu->cpu")
             fill(kv, [1], [0])
             fill(kv, [1], [1])
@@ -400,7 +371,7 @@ async def test_a_block_being_demoted_is_loaded_once_it_lands(
     reads them from NVMe (they are in the cache all along); a store of them
     meanwhile waits too, then finds them present."""
     with anyio.fail_after(20):
-        async with kvactors.open(config(cpu={"num_blocks": 4})) as kv:
+        async with kvactors.open(small_config(cpu={"num_blocks": 4})) as kv:
             old, new = [0, 1, 2, 3], [4, 5, 6, 7]
             fill(kv, old + new, list(range(8)))
             await kv.store(old, [0, 1, 2, 3])
@@ -431,6 +402,45 @@ async def test_a_block_being_demoted_is_loaded_once_it_lands(
             assert stats.policy.demotions_lost == 0
 
 
+@pytest.mark.parametrize("call", ["store", "load"])
+async def test_a_cancellation_landing_as_the_plan_is_made_leaves_nothing_held(
+    call: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the policy actor's mailbox, a caller cancelled while its plan is
+    being made (the reply arrives anyway) still has that plan completed: no pin,
+    no block left being written, and the cancelled store is not readable."""
+    from kvactors.cache.policy_actor import PolicyActor
+
+    monkeypatch.setattr(PolicyActor, "idle", property(lambda self: False))  # mailbox path
+    scope = anyio.CancelScope()
+    name = "prepare_store" if call == "store" else "prepare_load"
+    original = getattr(PolicyActor, name)
+
+    def cancelling(self: PolicyActor, keys: list[Any], **kw: Any) -> Any:
+        plan = original(self, keys, **kw)
+        scope.cancel()  # lands while the handler runs: its reply is set regardless
+        return plan
+
+    with anyio.fail_after(20):
+        async with kvactors.open(small_config(nvme=None)) as kv:
+            fill(kv, [1, 2], [0, 1])
+            if call == "load":
+                await kv.store([1, 2], [0, 1])
+            monkeypatch.setattr(PolicyActor, name, cancelling)
+            with scope:
+                if call == "store":
+                    await kv.store([1, 2], [0, 1])
+                else:
+                    await kv.load([1, 2], [5, 6])
+            assert scope.cancelled_caught
+            monkeypatch.setattr(PolicyActor, name, original)
+            stats = await settled(kv)
+            assert stats.policy.tiers["cpu"].used == (2 if call == "load" else 0)
+            assert (await kv.lookup([1, 2])).hits == (2 if call == "load" else 0)
+            if call == "store":
+                assert await kv.store([1, 2], [0, 1]) == kvactors.StoreResult(2, 0)
+
+
 class CorruptOne:
     """A device that returns bad bytes for one block, wherever it is read."""
 
@@ -450,7 +460,7 @@ class CorruptOne:
 
 async def test_concurrent_partial_loads_over_a_corrupt_block_return_the_good_prefix() -> None:
     with anyio.fail_after(30):
-        async with kvactors.open(config(cpu={"num_blocks": 4})) as kv:
+        async with kvactors.open(small_config(cpu={"num_blocks": 4})) as kv:
             keys = list(range(8))
             fill(kv, keys, keys)
             for i in range(0, 8, 4):
@@ -480,7 +490,7 @@ async def test_concurrent_partial_loads_over_a_corrupt_block_return_the_good_pre
 async def test_leaving_the_block_waits_for_futures_submitted_just_before() -> None:
     futures: list[kvactors.Future[Any]] = []
     with anyio.fail_after(20):
-        async with kvactors.open(config()) as kv:
+        async with kvactors.open(small_config()) as kv:
             keys = list(range(10))
             fill(kv, keys, keys)
             futures = [kv.submit_store([k], [k]) for k in keys]
@@ -498,7 +508,7 @@ async def test_the_copy_threads_belong_to_one_cache_and_close_with_it() -> None:
         return {t.name for t in threading.enumerate() if t.name.startswith("kvactors")}
 
     before = ours()
-    cfg = config(block_bytes=2**20, gpu={"num_blocks": 8, "device": "cpu"}, nvme=None)
+    cfg = small_config(block_bytes=2**20, gpu={"num_blocks": 8, "device": "cpu"}, nvme=None)
     with anyio.fail_after(30):
         async with kvactors.open(cfg) as kv:
             data = torch.randint(0, 256, (8, 2**20), dtype=torch.uint8)

@@ -3,16 +3,18 @@
 Folders are the layers, top to bottom (no import goes upward)::
 
     cli/            kvactors demo | replay | bench ... (cli/bench/: one module a benchmark)
+    vllm/           the vLLM offloading backend (spec, tiers, mover, a test engine)
     paged/          engine-side paged KV cache (block tables, allocator)
     cache/          the served cache: handle (KVCache, open: the front door), coordinator
                     (prepare -> transfers -> complete), policy actor (which block is in
                     which tier of the chain), tier actors (transfers on one medium),
                     messages, transfers (plans, the one copy function), results, events
     media/          bytes only: the BlockMedium protocol, memory pools (GPU pool, CPU
-                    tier), the NVMe file store and its index, kvikio I/O
+                    tier), the NVMe file store and its index, kvikio I/O, injected
+                    faults, the remote (Valkey / Redis) store
     actors/         mailbox, typed messages, one-shot reply; ask / tell / try_tell
     manager/        one tier's metadata: slots, ref counts, events (vLLM API)
-    policy/         eviction order only: lru, arc, weighted_lru
+    policy/         eviction order only: lru, arc, weighted_lru, prefix_admit
     config.py, errors.py, keys.py, traces.py   shared by every layer
 
 ``OffloadingManager`` is the synchronous core a scheduler may embed directly.

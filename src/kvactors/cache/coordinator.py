@@ -43,7 +43,7 @@ import anyio
 import msgspec
 import torch
 
-from kvactors.actors import Actor
+from kvactors.actors import Actor, Message
 from kvactors.cache.messages import (
     Adopt,
     Complete,
@@ -183,8 +183,8 @@ class Coordinator(Actor[CoordinatorRequest]):
             case Prefetch(keys):
                 with contextlib.suppress(TierError):  # a hint: nothing to report
                     await self.discover(keys, fetch=True)
-                    plan = await self.policy.ask(PrepareLoad(keys, prefetch=True))
-                    await self._run(plan, None)
+                    plan, waited = await self._plan(PrepareLoad(keys, prefetch=True))
+                    await self._run(plan, None, waited=waited)
                 return None
 
     # -- the handshakes -------------------------------------------------------------
@@ -193,10 +193,10 @@ class Coordinator(Actor[CoordinatorRequest]):
         stored = present = 0
         durable: list[Key] = []
         while True:
-            plan = await self.policy.ask(PrepareStore(keys))
+            plan, waited = await self._plan(PrepareStore(keys))
             if plan is None:
                 return None if not stored else StoreResult(stored, present, durable)
-            durable += await self._run(plan, src)
+            durable += await self._run(plan, src, waited=waited)
             stored += len(plan.new)
             present += len(keys) - len(plan.new) - len(plan.busy)
             if not plan.busy:
@@ -233,14 +233,14 @@ class Coordinator(Actor[CoordinatorRequest]):
     async def _load(self, keys: list[Key], dst: Any, partial: bool) -> LoadResult:
         retries = 3  # a tier that fails is left out of the next plan
         while True:
-            plan = await self.policy.ask(PrepareLoad(keys, partial=partial))
+            plan, waited = await self._plan(PrepareLoad(keys, partial=partial))
             if plan.wait:
                 # Blocks being demoted: loaded from their new tier once they land.
                 for event in plan.wait:
                     await event.wait()
                 continue
             try:
-                await self._run(plan, dst)
+                await self._run(plan, dst, waited=waited)
             except TierFailed as exc:
                 retries -= 1
                 if not partial or exc.retry_after is None or not retries:
@@ -265,6 +265,19 @@ class Coordinator(Actor[CoordinatorRequest]):
                 continue
             return LoadResult(plan.tiers)
 
+    async def _plan(self, message: Message[Any]) -> tuple[Any, bool]:
+        """Ask the policy actor for a plan: ``(plan, waited)``. A plan, once made,
+        is always run and completed (it holds pins and in-flight marks), so a
+        cancellation must not land between the policy actor's reply and
+        :meth:`_run`: through the mailbox the ask waits shielded (``waited``:
+        :meth:`_run` then takes a pending cancellation first); handled in this
+        task it has no await to be interrupted at (policy handlers never await)."""
+        if self.policy.idle:
+            return await self.policy.ask(message), False
+        with self._shield(shield=True):
+            plan = await self.policy.ask(message)
+        return plan, True
+
     async def flush(self) -> list[FlushResult]:
         """Write the blocks still held above each tier written ``on_demotion`` into
         it (the cache is closing: nothing else would), in batches, within that
@@ -279,12 +292,14 @@ class Coordinator(Actor[CoordinatorRequest]):
             limit = max(1, (64 << 20) // self.gpu.block_bytes)  # about 64 MiB a batch
             with anyio.move_on_after(seconds) as scope:
                 while True:
-                    plan, left = await self.policy.ask(PrepareFlush(tier, limit, frozenset(tried)))
+                    (plan, left), waited = await self._plan(
+                        PrepareFlush(tier, limit, frozenset(tried))
+                    )
                     if plan is None:
                         break
                     outcome = _Outcome(len(plan.transfers))
                     try:
-                        await self._run(plan, None, outcome)
+                        await self._run(plan, None, outcome, waited)
                     finally:
                         for transfer, ok in zip(plan.transfers, outcome.done):
                             tried.update(transfer.keys)
@@ -303,13 +318,19 @@ class Coordinator(Actor[CoordinatorRequest]):
         return results
 
     async def _run(
-        self, plan: StorePlan | LoadPlan, side: Any, outcome: _Outcome | None = None
+        self,
+        plan: StorePlan | LoadPlan,
+        side: Any,
+        outcome: _Outcome | None = None,
+        waited: bool = False,
     ) -> list[Key]:
         """Run ``plan``'s transfers in order (the request's side bound to ``side``),
         then complete it; returns the durable keys, raises the first required
         transfer's error or the cancellation. ``outcome`` records what happened."""
         outcome = outcome or _Outcome(len(plan.transfers))
         try:
+            if waited:
+                await anyio.lowlevel.checkpoint_if_cancelled()
             for i, transfer in enumerate(plan.transfers):
                 try:
                     threaded = await self._move(transfer, side)
