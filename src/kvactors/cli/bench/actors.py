@@ -5,8 +5,8 @@ With real bytes: ``kv.store`` then ``kv.load`` of a batch of new blocks through
 ``device="cpu"`` without CUDA), against direct calls of the same media function
 the tier actor runs (:func:`~kvactors.cache.transfers.move`, GPU pool -> CPU
 tier and back, with the same copy threads) and nothing else, in the same run:
-the two (and the threaded reference) are measured in turn, ``--repeat`` times,
-in one event loop, best of each. Block sizes 256 KiB and 2 MiB, batches of 16
+the two (and the threaded reference) take turns in short chunks of rounds,
+in one event loop, each scaled from its best chunk. Block sizes 256 KiB and 2 MiB, batches of 16
 and 64. Goal: the actor path at least 0.9x the direct calls at every size and
 batch.
 
@@ -114,10 +114,16 @@ async def _actors(kv: kvactors.KVCache, batch: int, rounds: int, first: int) -> 
     return time.perf_counter() - start
 
 
+CHUNK = 2
+"""Rounds per timed chunk: the three paths take turns chunk by chunk."""
+
+
 async def _cell(bb: int, batch: int, rounds: int, repeat: int) -> tuple[float, float, float]:
-    """Best (direct, threaded direct, actor path) seconds: the three measured in
-    turn, ``repeat`` times, in one event loop, so a burst of load elsewhere on
-    the machine hits all three alike."""
+    """Seconds for ``rounds`` rounds of each of direct, threaded direct and the
+    actor path: the three take turns in chunks of :data:`CHUNK` rounds, in one
+    event loop, ``repeat * rounds`` rounds each in all, and each is scaled from
+    its best chunk. So a burst of load elsewhere on the machine (they come and
+    go within a second on a shared host) hits the three alike."""
     direct = _Direct(bb, batch)
     best = [float("inf")] * 3
     try:
@@ -126,15 +132,16 @@ async def _cell(bb: int, batch: int, rounds: int, repeat: int) -> tuple[float, f
                 list(range(batch)), torch.randint(0, 256, (batch, bb), dtype=torch.uint8)
             )
             await _actors(kv, batch, 2, -2 * batch)  # warm up
-            for i in range(repeat):
-                best[0] = min(best[0], await direct.run(rounds))
-                best[1] = min(best[1], await direct.run(rounds, threaded=True))
-                best[2] = min(best[2], await _actors(kv, batch, rounds, i * rounds * batch))
+            for i in range(max(1, repeat * rounds // CHUNK)):
+                best[0] = min(best[0], await direct.run(CHUNK))
+                best[1] = min(best[1], await direct.run(CHUNK, threaded=True))
+                best[2] = min(best[2], await _actors(kv, batch, CHUNK, i * CHUNK * batch))
             stats = await kv.stats()
             assert stats.failed_stores == stats.failed_loads == 0
     finally:
         direct.pool.close()
-    return best[0], best[1], best[2]
+    scale = rounds / CHUNK
+    return best[0] * scale, best[1] * scale, best[2] * scale
 
 
 async def _metadata_only(batch: int, rounds: int) -> float:
