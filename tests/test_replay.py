@@ -354,7 +354,8 @@ def chained_trace() -> list[list[int]]:
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_served_replay_with_and_without_bytes_agree(policy: str) -> None:
     """The served cache places blocks the same whether or not bytes move, and on a
-    chained trace with no refused store MIN bounds it."""
+    chained trace MIN bounds it for a policy that stores every missing block (an
+    admitting one may beat MIN, as on one manager)."""
     requests = chained_trace()
     bare = replay_served(requests, policy, 4)
     copied = replay_served(requests, policy, 4, move_bytes=True)
@@ -365,7 +366,9 @@ def test_served_replay_with_and_without_bytes_agree(policy: str) -> None:
     )
     assert bare.accesses == sum(map(len, requests))
     assert bare.policy == policy
-    assert 0 < bare.hits <= belady(requests, 4).hits
+    assert bare.hits == replay(requests, policy, 4).hits
+    if policy in STORING:
+        assert 0 < bare.hits <= belady(requests, 4).hits
 
 
 def test_served_lru_applies_recency() -> None:
