@@ -8,7 +8,9 @@ With no ``--url`` it starts a throwaway Valkey / Redis server on 127.0.0.1
   blocks by a second cache whose local tiers are empty (each block read from
   the server, verified, promoted to CPU and copied out), against raw redis-py
   ``SET`` / ``GET`` of the same bytes, one call per block, to the same server
-  in the same run (goal: kvactors >= 0.8x raw). Also the remote medium alone
+  in the same run (goal: kvactors >= 0.8x raw). Loads on both sides go into
+  a destination written before, as an engine's buffers are (a fresh one
+  would mostly measure first-touch page faults). Also the remote medium alone
   (``RemoteStore.put`` / ``get_into``), without the cache around it.
 - **Round trip**: one block's ``GET`` (raw) against one block's remote fetch
   and one ``kv.load`` of a block only the server holds, median microseconds.
