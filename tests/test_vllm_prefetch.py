@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -135,9 +136,10 @@ def test_no_prefetch_without_a_free_cpu_slot_or_an_nvme_copy(tmp_path: Path) -> 
         prefetcher.close()
 
 
-def _worker(path: str, results: multiprocessing.Queue[list[int]]) -> None:
+def _worker(path: str, results: multiprocessing.Queue[list[int]], go: Any) -> None:
     box = Mailbox(path, 1, 0, capacity=2)
     reader = MailboxReader(box, 0)
+    go.wait(20)  # the test fills the ring before this worker drains it
     deadline = time.monotonic() + 20
     seen: list[int] = []
     while len(seen) < 4 and time.monotonic() < deadline:
@@ -154,7 +156,8 @@ def test_the_mailbox_works_across_processes_and_is_unlinked(tmp_path: Path) -> N
     path = tmp_path / "box.ctl"
     ctx = multiprocessing.get_context("fork")
     results: multiprocessing.Queue[list[int]] = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(str(path), results))
+    go = ctx.Event()
+    proc = ctx.Process(target=_worker, args=(str(path), results, go))
     proc.start()
     try:
         box = Mailbox(path, 1, -1, capacity=2)
@@ -162,6 +165,7 @@ def test_the_mailbox_works_across_processes_and_is_unlinked(tmp_path: Path) -> N
         assert box.room() == 0
         with pytest.raises(ConfigError, match="room"):
             box.post([(PROMOTE, 2, 12, KEYS[2])])
+        go.set()
         _until(lambda: box.completed() >= 2)
         assert [box.outcome(s) for s in seqs] == [True, False]
         (seq,) = box.post([(PROMOTE, 2, 12, KEYS[2])])  # the ring wrapped around
