@@ -146,6 +146,34 @@ def test_log_stays_bounded_by_live_entries_counting_records(
     again.close()
 
 
+def test_log_bound_holds_while_a_finished_compaction_retires_its_logs(
+    tmp_path: Path, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compaction that has written its snapshot but is still deleting the old
+    logs (slow on a loaded disk) must not let appends run past the bound: the
+    store that finds the logs over it starts the next compaction and waits."""
+    real_unlink = Path.unlink
+
+    def slow_unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.name.endswith(".log"):
+            time.sleep(0.05)
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", slow_unlink)
+    index = NVMeIndex(tmp_path, BB, 1000, sync=False, native=native)
+    worst = 0
+    for round_ in range(12):
+        for lo in range(0, 1000, 64):
+            slots = range(lo, min(lo + 64, 1000))
+            index.put([(round_ * 1000 + s, s, s) for s in slots], sync=False)
+            worst = max(worst, index.log_records)
+    index.close()
+    assert worst <= 2 * max(MIN_LOG_RECORDS, 1000) + 64
+    again = NVMeIndex(tmp_path, BB, 1000, native=native)
+    assert sorted(k for k, _, _ in state(again)) == list(range(11000, 12000))
+    again.close()
+
+
 def test_stores_go_on_while_a_snapshot_is_written(
     tmp_path: Path, native: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -578,12 +578,25 @@ class NVMeIndex:
         """Wait for a running compaction only while the logs hold more than twice
         ``max(MIN_LOG_RECORDS, live)`` records (writes outrunning the snapshot),
         so the log bound holds at all times."""
-        while True:
+        for _ in range(4):  # a compaction that keeps failing (a full disk) stops waiting
             worker = self._compactor
-            if worker is None or worker is threading.current_thread():
+            if worker is threading.current_thread():
                 return
             if self.log_records <= 2 * max(MIN_LOG_RECORDS, len(self.table)):
                 return
+            if worker is None:
+                # A compaction that just ended (retiring its logs) let appends through
+                # without starting the next one: start it, then wait for it.
+                with self.lock:
+                    if self._compactor is None:
+                        try:
+                            self._start_compaction(background=True)
+                        except OSError as exc:
+                            self.compaction_error = exc
+                            return
+                    worker = self._compactor
+                if worker is None or worker is threading.current_thread():
+                    return
             self.compaction_waits += 1
             worker.join()
 
