@@ -97,32 +97,6 @@ kt_same(PyObject *stored, PyObject *key)
     return PyObject_RichCompareBool(stored, key, Py_EQ);
 }
 
-/* The index of key: >= 0, -1 when absent, -2 with an exception set (its
- * __hash__ or __eq__ raised). */
-static inline int32_t
-kt_find(const KeyTable *t, PyObject *const *keys, PyObject *key)
-{
-    Py_hash_t full = PyObject_Hash(key);
-    if (full == -1 && PyErr_Occurred())
-        return -2;
-    if (t->tab == NULL)
-        return -1;
-    uint32_t h = kt_mix(full);
-    for (uint64_t i = h & t->mask;; i = (i + 1) & t->mask) {
-        uint64_t e = t->tab[i];
-        if (e == 0)
-            return -1;
-        if (KT_HASH(e) == h) {
-            int32_t idx = KT_INDEX(e);
-            int same = kt_same(keys[idx], key);
-            if (same < 0)
-                return -2;
-            if (same)
-                return idx;
-        }
-    }
-}
-
 /* The index of key among entries whose stored key same(ctx, index, key)
  * compares (1 equal, 0 not, -1 with an exception set): >= 0, -1 when absent,
  * -2 with an exception set (its __hash__ or __eq__ raised). */
@@ -150,6 +124,20 @@ kt_find_by(const KeyTable *t, PyObject *key, kt_same_fn same, void *ctx)
                 return idx;
         }
     }
+}
+
+static inline int
+kt_same_in(void *keys, int32_t index, PyObject *key)
+{
+    return kt_same(((PyObject *const *)keys)[index], key);
+}
+
+/* The index of key, the stored keys read from keys[index]: >= 0, -1 when
+ * absent, -2 with an exception set (its __hash__ or __eq__ raised). */
+static inline int32_t
+kt_find(const KeyTable *t, PyObject *const *keys, PyObject *key)
+{
+    return kt_find_by(t, key, kt_same_in, (void *)keys);
 }
 
 static inline int

@@ -181,31 +181,17 @@ ghost_reserve(PrefixAdmit *p)
     return 0;
 }
 
-/* The ghost entry of key: >= 0, -1 when none, -2 with an exception set
- * (kt_find's probe, the keys read from the entries). */
+static int
+ghost_same(void *ctx, int32_t g, PyObject *key)
+{
+    return kt_same(((PrefixAdmit *)ctx)->ghosts[g].key, key);
+}
+
+/* The ghost entry of key: >= 0, -1 when none, -2 with an exception set. */
 static int32_t
 ghost_of(PrefixAdmit *p, PyObject *key)
 {
-    Py_hash_t full = PyObject_Hash(key);
-    if (full == -1 && PyErr_Occurred())
-        return -2;
-    const KeyTable *t = &p->gmap;
-    if (t->tab == NULL)
-        return -1;
-    uint32_t h = kt_mix(full);
-    for (uint64_t i = h & t->mask;; i = (i + 1) & t->mask) {
-        uint64_t e = t->tab[i];
-        if (e == 0)
-            return -1;
-        if (KT_HASH(e) == h) {
-            int32_t g = KT_INDEX(e);
-            int same = kt_same(p->ghosts[g].key, key);
-            if (same < 0)
-                return -2;
-            if (same)
-                return g;
-        }
-    }
+    return kt_find_by(&p->gmap, key, ghost_same, p);
 }
 
 static inline void
