@@ -105,6 +105,8 @@ class Actor(Generic[M]):
         self._in_hand = 0  # messages being handled, in any task
         self._closing = False
         self._running = False
+        # Places free to askers: ``concurrency`` while running and open, else 0.
+        self._places = 0
         self._stopped = anyio.Event()
         # The running backend's event class: made directly, an event skips the
         # backend look-up of ``anyio.Event()``.
@@ -136,7 +138,7 @@ class Actor(Generic[M]):
         cancelled, the handler is cancelled at its next await and this returns
         (raising the cancellation) only once the handler has ended.
         """
-        if self.idle:
+        if self._in_hand < self._places and not self._queue:  # ``idle``, written out
             # In the asker's task (written out here: one coroutine frame fewer).
             self._in_hand += 1
             try:
@@ -145,7 +147,9 @@ class Actor(Generic[M]):
                 self._failed += 1
                 raise
             finally:
-                self._ended()
+                self._in_hand -= 1
+                if self._queue or self._drained is not None:
+                    self._released()
             self._handled += 1
             return result  # type: ignore[no-any-return]
         envelope = Envelope(message, Future(self._new_event))
@@ -202,6 +206,10 @@ class Actor(Generic[M]):
 
     def _ended(self) -> None:
         self._in_hand -= 1
+        self._released()
+
+    def _released(self) -> None:
+        # A place came free: the stop waiting for the last message, or a queued one.
         if self._in_hand == 0 and self._drained is not None:
             self._drained.set()
         self._wake()
@@ -217,6 +225,7 @@ class Actor(Generic[M]):
             self._stopped.set()
             raise ActorStartError(f"actor {self.name!r} failed to start: {exc}") from exc
         self._running = True
+        self._places = self._concurrency
         task_status.started()
         try:
             async with anyio.create_task_group() as tg:
@@ -224,6 +233,7 @@ class Actor(Generic[M]):
                     tg.start_soon(self._serve)
         finally:
             self._running = False
+            self._places = 0
             self._close()
             with anyio.CancelScope(shield=True):
                 # Messages handled in their askers' tasks end before on_stop.
@@ -308,6 +318,7 @@ class Actor(Generic[M]):
     def _close(self) -> None:
         # Later sends raise ActorClosed; waiting serving tasks and senders wake to see it.
         self._closing = True
+        self._places = 0
         while self._waiting:
             self._waiting.popleft().set()
         self._took()
@@ -332,12 +343,7 @@ class Actor(Generic[M]):
     def idle(self) -> bool:
         """Whether an ``ask`` now is handled in the asker's task: the actor runs,
         has a free place and nothing queued."""
-        return (
-            self._running
-            and not self._closing
-            and not self._queue
-            and self._in_hand < self._concurrency
-        )
+        return self._in_hand < self._places and not self._queue
 
     def statistics(self) -> ActorStats:
         return ActorStats(

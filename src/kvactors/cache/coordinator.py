@@ -82,6 +82,8 @@ from kvactors.media import MemoryPool
 
 __all__ = ["Coordinator"]
 
+_NO_WAIT = contextlib.nullcontext()
+
 
 def _split(
     plan: LoadPlan, done: list[bool], partial: dict[int, set[Key]]
@@ -173,7 +175,8 @@ class Coordinator(Actor[CoordinatorRequest]):
             case Load(keys, dst, partial):
                 start = time.perf_counter()
                 try:
-                    await self.discover(keys, fetch=True)
+                    if self.shared:
+                        await self.discover(keys, fetch=True)
                     return await self._load(keys, dst, partial)
                 except BaseException:
                     self.failed_loads += 1
@@ -357,9 +360,23 @@ class Coordinator(Actor[CoordinatorRequest]):
             outcome.error = exc
             raise
         finally:
-            with self._shield(shield=True):
+            # Completing is never cancelled half-way: shielded whenever it may
+            # wait. It cannot when every transfer succeeded and the policy actor
+            # answers in this task (policy handlers never await): then it runs
+            # to its end with no await to be interrupted at, and needs no shield.
+            with _NO_WAIT if self._at_once(outcome) else self._shield(shield=True):
                 durable = await self._complete(plan, outcome)
         return durable
+
+    def _at_once(self, outcome: _Outcome) -> bool:
+        """Whether completing a plan that ran as ``outcome`` says has no await that
+        suspends: nothing failed, nothing to forget or drop, the policy actor free."""
+        return (
+            outcome.error is None
+            and not outcome.corrupted
+            and False not in outcome.done
+            and self.policy.idle
+        )
 
     async def _complete(self, plan: StorePlan | LoadPlan, outcome: _Outcome) -> list[Key]:
         """Settle a plan (shielded by the caller): forget writes that did not

@@ -118,6 +118,7 @@ class KVCache:
         self.config = config
         self._coord = coordinator
         self._policy = coordinator.policy
+        self._gpu_blocks = coordinator.gpu.num_blocks
         self._tg = task_group
         self._closed = False
         self._lookup_latency = Latency()
@@ -177,7 +178,7 @@ class KVCache:
                 if side.dtype != torch.uint8
                 else side.view(n, bb)
             )
-        limit = self.gpu_pool.num_blocks
+        limit = self._gpu_blocks
         if distinct_slots(side, limit) and len(side) == n:
             return side.copy()  # the common case; anything else gets the checks below
         ids = _slot_ids(side, what)

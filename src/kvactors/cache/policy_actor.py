@@ -315,14 +315,15 @@ class PolicyActor(Actor[PolicyRequest]):
         new = out.block_hashes_to_store
         writing = self._writing
         busy = [k for k in keys if k in writing] if writing else []
-        wait = list({id(w): w for w in (writing[k] for k in busy)}.values())
+        wait = list({id(w): w for w in (writing[k] for k in busy)}.values()) if busy else []
         if len(new) == len(keys):
             index = list(range(len(keys)))  # all new, in key order
         else:
             pos_of = {k: i for i, k in enumerate(keys)}
             index = [pos_of[k] for k in new]
         ids = out.store_spec.block_ids
-        transfers = self._demote(0, out.block_hashes_evicted, out.block_ids_evicted)
+        evicted = out.block_hashes_evicted
+        transfers = self._demote(0, evicted, out.block_ids_evicted) if evicted else []
         if new:
             transfers.append(Transfer(CALLER, index, self.names[0], ids, new, "store"))
             writing.update(dict.fromkeys(new, _Writing()))
@@ -348,7 +349,7 @@ class PolicyActor(Actor[PolicyRequest]):
                         "through",
                     )
                 )
-        return StorePlan(keys, new, transfers, busy, [self._event(w) for w in wait])
+        return StorePlan(keys, new, transfers, busy, [self._event(w) for w in wait] if wait else [])
 
     @staticmethod
     def _event(writing: _Writing) -> anyio.Event:
