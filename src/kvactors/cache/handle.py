@@ -202,7 +202,8 @@ class KVCache:
     async def lookup(self, keys: Sequence[Key]) -> LookupResult:
         """How many leading ``keys`` are available, and in which tier each is.
 
-        Each hit counts as an access of its block for the eviction policy.
+        Each key named counts as an access of its block for the eviction
+        policy; a ``load`` of it that follows is the same access, not a second.
         Raises :class:`~kvactors.errors.InvalidKeyError` for bad keys and
         :class:`~kvactors.errors.ActorClosed` after close. Cancelling it changes nothing.
         """

@@ -104,7 +104,8 @@ CoordinatorRequest = Store | Load | Prefetch
 
 
 class Lookup(Message[LookupResult], frozen=True, tag=True):
-    """The leading available keys; each hit counts as an access of its block."""
+    """The leading available keys; each key named counts as an access (once with
+    the load that follows)."""
 
     keys: list[Key]
 

@@ -41,6 +41,10 @@ the top tier, where a policy that remembers evicted keys (ARC's ghost lists)
 learns it was wanted again. A store is not an access (a key already cached is
 skipped untouched), so a request's ``load(partial=True)`` then ``store`` feeds
 the policy what one manager's ``lookup``, ``touch``, ``prepare_store`` does.
+A lookup then a load of a key is one access: a load does not count again the
+keys a lookup counted since a load or store last named them (marks kept for
+as many keys as the top tier holds, the oldest dropped first), so ``lookup``,
+``load`` of the hits, ``store`` feeds it the same. A prefetch is no access.
 Promotions and demotions are not accesses of their own: a promoted or demoted
 block enters its new tier as the most recent one, as every stored block does.
 """
@@ -81,6 +85,8 @@ from kvactors.manager import OffloadingManager
 from kvactors.media.nvme_index import NVMeIndex
 
 __all__ = ["PolicyActor"]
+
+_ABSENT = object()
 
 
 class _Writing:
@@ -141,6 +147,11 @@ class PolicyActor(Actor[PolicyRequest]):
             for name in self.names
         ]
         self._writing: dict[Key, _Writing] = {}
+        # Keys a lookup counted as accessed that no load or store has named
+        # since: the load that follows a lookup is the same access, not a second
+        # one. At most as many as the top tier holds (the oldest marks go first).
+        self._counted: dict[Key, None] = {}
+        self._counted_max = specs[self.names[0]].num_blocks
         # Tiers written only on demotion (a remote written ``on_demotion``): the
         # keys ready above the deepest of them, in order stored, so closing the
         # cache can write them there (:meth:`prepare_flush`).
@@ -171,7 +182,7 @@ class PolicyActor(Actor[PolicyRequest]):
                             return self._wait_plan([keys[hits]])
                         # Every key named is an access, the loaded ones touched last
                         # (most recent) by prepare_load.
-                        self._touch_rest(keys[hits:])
+                        self._touch_rest(self._uncounted(keys[hits:]))
                         keys = keys[:hits]
                     return self.prepare_load(keys, prefetch=prefetch)
                 case Complete(plan, done):
@@ -241,6 +252,7 @@ class PolicyActor(Actor[PolicyRequest]):
             self._touch_rest(keys[len(found) :])
             if found:
                 self._touch(keys, found)
+            self._count(keys)
         return LookupResult(len(found), [self.names[i] for i in found])
 
     def _touch(self, keys: list[Key], tiers: list[int]) -> None:
@@ -250,6 +262,25 @@ class PolicyActor(Actor[PolicyRequest]):
             return
         for i in sorted(set(tiers)):
             self.managers[i].touch([k for k, t in zip(keys, tiers) if t == i])
+
+    def _count(self, keys: list[Key]) -> None:
+        """Mark ``keys`` as counted by a lookup (the most recent marks last)."""
+        counted = self._counted
+        for key in keys:
+            counted.pop(key, None)
+            counted[key] = None
+        excess = len(counted) - self._counted_max
+        if excess > 0:
+            for key in list(itertools.islice(counted, excess)):
+                del counted[key]
+
+    def _uncounted(self, keys: list[Key]) -> list[Key]:
+        """The keys of a load that count as accessed: those no lookup counted since
+        a load or store last named them. The marks of the others are used up."""
+        counted = self._counted
+        if not counted:
+            return keys
+        return [k for k in keys if counted.pop(k, _ABSENT) is _ABSENT]
 
     def _touch_rest(self, keys: list[Key]) -> None:
         """Count an access of the keys a lookup or load names past its leading
@@ -302,6 +333,9 @@ class PolicyActor(Actor[PolicyRequest]):
     def prepare_store(self, keys: list[Key]) -> StorePlan | None:
         if self.names[0] in self.failed:
             raise TierFailed(f"tier {self.names[0]!r} is down: nothing can be stored")
+        if self._counted:  # a load after this store is an access of its own
+            for key in keys:
+                self._counted.pop(key, None)
         # A key held anywhere is not stored again. Keys already in the top tier
         # stay in the call, so the manager protects them from this call's evictions.
         top = self.top
@@ -367,7 +401,9 @@ class PolicyActor(Actor[PolicyRequest]):
             except (BlockNotFoundError, BlockNotReadyError):
                 pass
             else:
-                top.touch(keys)
+                fresh = self._uncounted(keys)
+                if fresh:
+                    top.touch(fresh)
                 move = Transfer(top_name, ids, CALLER, list(range(len(keys))), keys, "load")
                 return LoadPlan(keys, [top_name] * len(keys), [move], [(0, keys)])
         where: list[int] = []
@@ -394,7 +430,9 @@ class PolicyActor(Actor[PolicyRequest]):
         for tier, positions in sorted(groups.items()):
             tkeys = [keys[p] for p in positions]
             tids = self.managers[tier].prepare_load(tkeys).block_ids
-            self.managers[tier].touch(tkeys)
+            fresh = [] if prefetch else self._uncounted(tkeys)  # a prefetch is no access
+            if fresh:
+                self.managers[tier].touch(fresh)
             pins.append((tier, tkeys))
             slot.update(zip(positions, ((tier, i) for i in tids)))
         deep = [p for p in sorted(slot) if slot[p][0] > 0]
