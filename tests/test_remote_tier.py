@@ -18,6 +18,7 @@ import torch
 
 import kvactors
 from _redis import redis_cluster, redis_server, server_binary  # noqa: F401
+from _served import settled
 from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
 from kvactors.errors import BlockNotFoundError
@@ -56,15 +57,6 @@ def drain(events: Any) -> list[kvactors.CacheEvent]:
             seen.append(events.receive_nowait())
         except anyio.WouldBlock:
             return seen
-
-
-async def settled(kv: kvactors.KVCache) -> kvactors.CacheStats:
-    with anyio.fail_after(10):
-        while True:
-            stats = await kv.stats()
-            if all(t.pinned == t.being_written == 0 for t in stats.policy.tiers.values()):
-                return stats
-            await anyio.sleep(0.01)
 
 
 async def test_a_block_stored_by_one_engine_loads_in_another(
