@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import anyio
@@ -152,8 +153,7 @@ class Coordinator(Actor[CoordinatorRequest]):
         ]
         self.failed_tiers: set[str] = set()
         self.latency = {name: Latency() for name in ("store", "load")}
-        self.failed_stores = 0
-        self.failed_loads = 0
+        self.failed = {"store": 0, "load": 0}  # requests that raised, by kind
         # The running backend's cancel scope class, made directly (as events are
         # in the actor runtime): ``anyio.CancelScope()`` looks the backend up each time.
         self._shield: type[anyio.CancelScope] = anyio.CancelScope
@@ -162,33 +162,26 @@ class Coordinator(Actor[CoordinatorRequest]):
         self._shield = type(anyio.CancelScope())
 
     async def handle(self, message: CoordinatorRequest) -> Any:
+        call: Coroutine[Any, Any, StoreResult | LoadResult | None]
         match message:
             case Store(keys, src):
-                start = time.perf_counter()
-                try:
-                    return await self._store(keys, src)
-                except BaseException:
-                    self.failed_stores += 1
-                    raise
-                finally:
-                    self.latency["store"].add(time.perf_counter() - start)
+                kind, call = "store", self._store(keys, src)
             case Load(keys, dst, partial):
-                start = time.perf_counter()
-                try:
-                    if self.shared:
-                        await self.discover(keys, fetch=True)
-                    return await self._load(keys, dst, partial)
-                except BaseException:
-                    self.failed_loads += 1
-                    raise
-                finally:
-                    self.latency["load"].add(time.perf_counter() - start)
+                kind, call = "load", self._load(keys, dst, partial)
             case Prefetch(keys):
                 with contextlib.suppress(TierError):  # a hint: nothing to report
                     await self.discover(keys, fetch=True)
                     plan, waited = await self._plan(PrepareLoad(keys, prefetch=True))
                     await self._run(plan, None, waited=waited)
                 return None
+        start = time.perf_counter()
+        try:
+            return await call
+        except BaseException:
+            self.failed[kind] += 1
+            raise
+        finally:
+            self.latency[kind].add(time.perf_counter() - start)
 
     # -- the handshakes -------------------------------------------------------------
 
@@ -234,6 +227,8 @@ class Coordinator(Actor[CoordinatorRequest]):
                 await self.policy.ask(Adopt(name, held))
 
     async def _load(self, keys: list[Key], dst: Any, partial: bool) -> LoadResult:
+        if self.shared:
+            await self.discover(keys, fetch=True)
         retries = 3  # a tier that fails is left out of the next plan
         while True:
             plan, waited = await self._plan(PrepareLoad(keys, partial=partial))

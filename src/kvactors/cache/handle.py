@@ -324,8 +324,8 @@ class KVCache:
                 "store": self._coord.latency["store"].snapshot(),
                 "load": self._coord.latency["load"].snapshot(),
             },
-            failed_stores=self._coord.failed_stores,
-            failed_loads=self._coord.failed_loads,
+            failed_stores=self._coord.failed["store"],
+            failed_loads=self._coord.failed["load"],
             prefetch_dropped=self._coord.statistics().hints_dropped,
             remote=next(
                 (t.medium.counters() for t in tiers if hasattr(t.medium, "counters")), None

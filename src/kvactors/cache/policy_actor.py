@@ -77,7 +77,7 @@ from kvactors.cache.messages import (
     Subscribe,
 )
 from kvactors.cache.results import LookupResult, Snapshot
-from kvactors.cache.transfers import CALLER, Transfer
+from kvactors.cache.transfers import CALLER, Role, Transfer
 from kvactors.config import Config
 from kvactors.errors import BlockNotFoundError, BlockNotReadyError, TierFailed
 from kvactors.keys import Key
@@ -444,18 +444,7 @@ class PolicyActor(Actor[PolicyRequest]):
                 given = dict(zip(out.block_hashes_to_store, out.store_spec.block_ids))
                 up = {p: given[keys[p]] for p in deep if keys[p] in given}
                 transfers += self._demote(0, out.block_hashes_evicted, out.block_ids_evicted)
-        for tier in sorted({slot[p][0] for p in up}):
-            positions = [p for p in up if slot[p][0] == tier]
-            transfers.append(
-                Transfer(
-                    self.names[tier],
-                    [slot[p][1] for p in positions],
-                    top_name,
-                    [up[p] for p in positions],
-                    [keys[p] for p in positions],
-                    "promote",
-                )
-            )
+        transfers += self._from_tiers(keys, list(up), slot, top_name, up, "promote")
         if prefetch:
             return LoadPlan([], [], transfers, pins)
         from_top = [p for p in range(len(keys)) if where[p] == 0 or p in up]
@@ -470,19 +459,33 @@ class PolicyActor(Actor[PolicyRequest]):
                     "load",
                 )
             )
-        for tier in sorted({slot[p][0] for p in deep if p not in up}):
-            positions = [p for p in deep if p not in up and slot[p][0] == tier]
-            transfers.append(
-                Transfer(
-                    self.names[tier],
-                    [slot[p][1] for p in positions],
-                    CALLER,
-                    positions,
-                    [keys[p] for p in positions],
-                    "load",
-                )
-            )
+        straight = [p for p in deep if p not in up]
+        # Into the request's own side, named by positions.
+        transfers += self._from_tiers(
+            keys, straight, slot, CALLER, {p: p for p in straight}, "load"
+        )
         return LoadPlan(keys, [self.names[t] for t in where], transfers, pins)
+
+    def _from_tiers(
+        self,
+        keys: list[Key],
+        positions: list[int],
+        slot: dict[int, tuple[int, int]],
+        dst: str,
+        dst_id: dict[int, int],
+        role: Role,
+    ) -> list[Transfer]:
+        """One transfer per tier the blocks at ``positions`` are read from
+        (``slot[p]``: its tier and slot there) into ``dst``'s slots ``dst_id[p]``."""
+        out: list[Transfer] = []
+        for tier in sorted({slot[p][0] for p in positions}):
+            group = [p for p in positions if slot[p][0] == tier]
+            src_ids = [slot[p][1] for p in group]
+            dst_ids = [dst_id[p] for p in group]
+            out.append(
+                Transfer(self.names[tier], src_ids, dst, dst_ids, [keys[p] for p in group], role)
+            )
+        return out
 
     def _moving(self, key: Key) -> bool:
         """Whether ``key`` is being demoted (in no tier ready until it lands)."""
