@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -84,6 +84,8 @@ from kvactors.media import MemoryPool
 __all__ = ["Coordinator"]
 
 _NO_WAIT = contextlib.nullcontext()
+
+R = TypeVar("R")
 
 
 def _split(
@@ -263,7 +265,7 @@ class Coordinator(Actor[CoordinatorRequest]):
                 continue
             return LoadResult(plan.tiers)
 
-    async def _plan(self, message: Message[Any]) -> tuple[Any, bool]:
+    async def _plan(self, message: Message[R]) -> tuple[R, bool]:
         """Ask the policy actor for a plan: ``(plan, waited)``. A plan, once made,
         is always run and completed (it holds pins and in-flight marks), so a
         cancellation must not land between the policy actor's reply and

@@ -170,9 +170,9 @@ class PolicyActor(Actor[PolicyRequest]):
 
     async def handle(self, message: PolicyRequest) -> Any:
         try:
-            match message:
-                case Lookup(keys):
-                    return self.lookup(keys, touch=True)
+            match message:  # the cases a handshake sends first: each one tried is a test
+                case Complete(plan, done):
+                    return self.complete(plan, done)
                 case PrepareStore(keys):
                     return self.prepare_store(keys)
                 case PrepareLoad(keys, partial, prefetch):
@@ -185,8 +185,8 @@ class PolicyActor(Actor[PolicyRequest]):
                         self._touch_rest(self._uncounted(keys[hits:]))
                         keys = keys[:hits]
                     return self.prepare_load(keys, prefetch=prefetch)
-                case Complete(plan, done):
-                    return self.complete(plan, done)
+                case Lookup(keys):
+                    return self.lookup(keys, touch=True)
                 case Drop(tier, keys, corrupted, missing):
                     return self.drop(tier, keys, corrupted=corrupted, missing=missing)
                 case MarkFailed(tier, retry_after):
