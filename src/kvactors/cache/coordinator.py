@@ -7,8 +7,8 @@ Each store, load and prefetch is one message to the coordinator, handled as
 2. run its transfers in order, each on the tier actor of the medium doing the
    I/O (:func:`~kvactors.cache.transfers.runner`), the request's own side bound
    to the caller's slot ids or tensor;
-3. ``Complete`` the plan with which transfers succeeded, shielded from
-   cancellation, whatever happened in 2.
+3. ``Complete`` the plan with which transfers succeeded, whatever happened in
+   2, out of a cancellation's reach (shielded whenever completing may wait).
 
 A failed ``store`` / ``promote`` / ``load`` transfer fails the request and
 skips the rest of the plan; a failed ``demote`` or ``through`` transfer is
