@@ -1,38 +1,25 @@
 """The policy actor: the one source of truth of which block is in which tier.
 
-It wraps one synchronous :class:`~kvactors.manager.OffloadingManager` per tier
-of the chain (``Config.chain()``: ``cpu``, then ``nvme`` when configured, then
-any tier added after), so every handshake keeps the manager's semantics
-exactly. It never moves bytes: a ``Prepare*`` returns a plan, an ordered list of
-transfers the coordinator runs through the tier actors, and the matching
+It owns one synchronous :class:`~kvactors.manager.OffloadingManager` per tier
+of the chain (through :class:`~kvactors.cache.placement.Placement`), so every
+handshake keeps the manager's semantics exactly. It never moves bytes: a
+``Prepare*`` returns a plan, an ordered list of transfers the coordinator runs
+through the tier actors, and the matching
 :class:`~kvactors.cache.messages.Complete` (sent even when the caller was
 cancelled) settles the managers. Every handler is synchronous, so each request
 is atomic with respect to every other.
 
-Placement, for a chain ``t0, t1, ...`` (``t0`` the top, ``cpu``):
+Where blocks go (stores, demotions, promotions, write-through, blocks in
+flight) is :class:`~kvactors.cache.placement.Placement`'s, which this actor
+extends with the messages, the accesses, the shared tiers and the events:
 
-- stores land in ``t0``; with ``write_through`` each stored block is also
-  written at once to every deeper tier (``through`` transfers);
-- a block evicted from ``tk`` moves down to ``tk+1`` (``demote``) unless a
-  deeper tier holds it already; evictions there cascade further down, and the
-  deepest victims move first (their slots are the ones handed out above);
-- a tier whose ``write_policy`` is ``"write_through"`` (the remote tier's
-  default) gets those ``through`` transfers whatever ``write_mode`` says;
 - a shared tier (a remote store other engines write too) is asked, through
   the coordinator, about keys no tier holds (``Discover``); those it has are
   recorded as held there (``Adopt``), so plans promote them like any block;
   before a load or prefetch they are recorded unasked (``Discover(adopt=True)``)
   and the read itself finds out which the server has;
-- a tier that failed with a ``retry_after`` is left out for that long, then
-  used again;
-- a load takes each block from the shallowest tier holding it ready; a block
-  held only below ``t0`` is promoted into ``t0`` when a slot can be had there
-  (then copied from ``t0``), else read straight from its tier; a prefetch hint
-  promotes the same way and loads nothing;
-- a block being demoted is in no tier ready until its plan completes: a load
-  of it (and a store of it) gets a plan that waits for that completion and
-  asks again, so it is read from the tier it landed in (a failed demotion
-  loses it: then it is a miss).
+- a tier written only on demotion (``write_policy = "on_demotion"``) gets the
+  blocks still held above it written back as the cache closes (``PrepareFlush``).
 
 What counts as an access (recency / frequency for the eviction policy): every
 key a ``lookup`` or a ``load`` names, once per call, the first key most recent:
@@ -56,10 +43,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import anyio
-
 from kvactors.actors import Actor
-from kvactors.cache.events import CacheEvent, EventHub, EventKind
+from kvactors.cache.events import CacheEvent, EventKind
 from kvactors.cache.messages import (
     Adopt,
     Complete,
@@ -73,13 +58,13 @@ from kvactors.cache.messages import (
     PrepareFlush,
     PrepareLoad,
     PrepareStore,
-    StorePlan,
     Subscribe,
 )
+from kvactors.cache.placement import Placement
 from kvactors.cache.results import LookupResult, Snapshot
-from kvactors.cache.transfers import CALLER, Role, Transfer
+from kvactors.cache.transfers import Transfer
 from kvactors.config import Config
-from kvactors.errors import BlockNotFoundError, BlockNotReadyError, TierFailed
+from kvactors.errors import TierFailed
 from kvactors.keys import Key
 from kvactors.manager import OffloadingManager
 from kvactors.media.nvme_index import NVMeIndex
@@ -89,26 +74,9 @@ __all__ = ["PolicyActor"]
 _ABSENT = object()
 
 
-class _Writing:
-    """Keys whose bytes are in flight into a tier: one store plan's new keys, or
-    one demotion's victims (``moving``). ``event`` is made (and set when the
-    plan completes) only when another request waits for them."""
-
-    __slots__ = ("event", "moving")
-
-    def __init__(self, moving: bool = False) -> None:
-        self.event: anyio.Event | None = None
-        self.moving = moving
-
-
-class PolicyActor(Actor[PolicyRequest]):
-    """Owns the per-tier managers; see the module docstring.
-
-    ``tiers``: ``(name, durable)`` of each tier of the chain, top first;
-    ``recovered[i]``: the ``(key, slot)`` pairs tier ``i``'s medium still held
-    when opened (verified when read), or the NVMe index that records them (the
-    manager is then restored from the index itself: no object per entry).
-    """
+class PolicyActor(Actor[PolicyRequest], Placement):
+    """Owns the per-tier managers; see the module docstring. Arguments as
+    :class:`~kvactors.cache.placement.Placement`'s."""
 
     def __init__(
         self,
@@ -116,37 +84,9 @@ class PolicyActor(Actor[PolicyRequest]):
         tiers: Sequence[tuple[str, bool]],
         recovered: Sequence[Sequence[tuple[Key, int]] | NVMeIndex] = (),
     ) -> None:
-        super().__init__("policy", mailbox_size=config.mailbox_size)
-        self.write_through = config.write_mode == "write_through"
+        Actor.__init__(self, "policy", mailbox_size=config.mailbox_size)
+        Placement.__init__(self, config, tiers, recovered)
         specs = dict(config.chain())
-        self.names = [name for name, _ in tiers]
-        self.index = {name: i for i, name in enumerate(self.names)}
-        self.durable = [durable for _, durable in tiers]
-        self.managers = [
-            OffloadingManager(
-                specs[name].num_blocks,
-                block_size=config.block_bytes,
-                policy=specs[name].policy,
-                enable_events=True,
-                medium=name,
-            )
-            for name in self.names
-        ]
-        for manager, found in zip(self.managers, recovered):
-            if isinstance(found, NVMeIndex):
-                manager.restore_index(found)
-            else:
-                manager.restore(found)
-        self.top = self.managers[0]
-        self.hub = EventHub(config.event_buffer)
-        self.failed: set[str] = set()
-        self._retry_at: dict[str, float] = {}  # failed tiers tried again from then on
-        # Tiers written at every store (``write_through``), by position in the chain.
-        self.through = [
-            self.write_through or getattr(specs[name], "write_policy", "") == "write_through"
-            for name in self.names
-        ]
-        self._writing: dict[Key, _Writing] = {}
         # Keys a lookup counted as accessed that no load or store has named
         # since: the load that follows a lookup is the same access, not a second
         # one. At most as many as the top tier holds (the oldest marks go first).
@@ -161,10 +101,6 @@ class PolicyActor(Actor[PolicyRequest]):
         ]
         self._lazy = max(lazy) if lazy else None
         self._unflushed: dict[Key, None] = {}
-        self.promoted = 0
-        self.demoted = 0
-        self.demotions_lost = 0
-        self.demotions_declined = 0
         self.corrupted = 0
         self.missing = 0
 
@@ -174,6 +110,9 @@ class PolicyActor(Actor[PolicyRequest]):
                 case Complete(plan, done):
                     return self.complete(plan, done)
                 case PrepareStore(keys):
+                    if self._counted:  # a load after this store is an access of its own
+                        for key in keys:
+                            self._counted.pop(key, None)
                     return self.prepare_store(keys)
                 case PrepareLoad(keys, partial, prefetch):
                     if partial:
@@ -184,7 +123,9 @@ class PolicyActor(Actor[PolicyRequest]):
                         # (most recent) by prepare_load.
                         self._touch_rest(self._uncounted(keys[hits:]))
                         keys = keys[:hits]
-                    return self.prepare_load(keys, prefetch=prefetch)
+                    # A prefetch is no access.
+                    touch = None if prefetch else self._touch_pinned
+                    return self.prepare_load(keys, prefetch=prefetch, touch=touch)
                 case Lookup(keys):
                     return self.lookup(keys, touch=True)
                 case Drop(tier, keys, corrupted, missing):
@@ -210,32 +151,7 @@ class PolicyActor(Actor[PolicyRequest]):
             if writing.event is not None:
                 writing.event.set()
 
-    # -- the chain ----------------------------------------------------------------
-
-    def _live(self, start: int) -> list[int]:
-        """Indexes of the tiers from ``start`` down that are not failed."""
-        if self._retry_at:
-            self._retry_due()
-        return [i for i in range(start, len(self.managers)) if self.names[i] not in self.failed]
-
-    def _retry_due(self) -> None:
-        """Put back the failed tiers whose ``retry_after`` has passed."""
-        now = time.monotonic()
-        for name, at in list(self._retry_at.items()):
-            if now >= at:
-                del self._retry_at[name]
-                self.failed.discard(name)
-
-    def _tier_of(self, key: Key, start: int = 0) -> int | None:
-        """The shallowest live tier from ``start`` down holding ``key`` ready."""
-        for i in self._live(start):
-            block = self.managers[i].get(key)
-            if block is not None and block.ref_cnt >= 0:
-                return i
-        return None
-
-    def _held_below(self, key: Key, start: int) -> bool:
-        return any(key in self.managers[i] for i in self._live(start))
+    # -- accesses -----------------------------------------------------------------
 
     def lookup(self, keys: list[Key], *, touch: bool) -> LookupResult:
         # The leading keys ready in the top tier in one manager call; tier by
@@ -282,6 +198,13 @@ class PolicyActor(Actor[PolicyRequest]):
             return keys
         return [k for k in keys if counted.pop(k, _ABSENT) is _ABSENT]
 
+    def _touch_pinned(self, tier: int, keys: list[Key]) -> None:
+        """Count the access of blocks a load pinned in tier ``tier`` (those a
+        lookup did not count already)."""
+        fresh = self._uncounted(keys)
+        if fresh:
+            self.managers[tier].touch(fresh)
+
     def _touch_rest(self, keys: list[Key]) -> None:
         """Count an access of the keys a lookup or load names past its leading
         hits: each in the tier holding it ready, else in the top tier, where a
@@ -293,251 +216,6 @@ class PolicyActor(Actor[PolicyRequest]):
             return
         tiers = [self._tier_of(k) for k in keys]
         self._touch(keys, [0 if t is None else t for t in tiers])
-
-    def _demote(self, tier: int, keys: list[Key], ids: list[int]) -> list[Transfer]:
-        """Transfers that move ``tier``'s victims ``keys`` (in slots ``ids``) down one
-        tier, the cascade they cause below them first."""
-        if not keys:
-            return []
-        below = self._live(tier + 1)
-        if not below:
-            self.demotions_lost += len(keys)
-            return []
-        nxt = below[0]
-        wanted = [k for k in keys if not self._held_below(k, nxt + 1)]
-        out = self.managers[nxt].prepare_store(wanted) if wanted else None
-        if out is None:
-            # The next tier is full of pinned / in-flight blocks: the victims are dropped.
-            self.demotions_lost += len(wanted)
-            return []
-        moved = out.block_hashes_to_store
-        if len(moved) < len(wanted):
-            # The next tier's admission declined some victims: they leave the cache.
-            below_tier = self.managers[nxt]
-            self.demotions_declined += sum(1 for k in wanted if k not in below_tier)
-        if not moved:
-            return []
-        slot_of = dict(zip(keys, ids))
-        # In flight until the plan completes: a load or store of them waits.
-        self._writing.update(dict.fromkeys(moved, _Writing(moving=True)))
-        down = Transfer(
-            self.names[tier],
-            [slot_of[k] for k in moved],
-            self.names[nxt],
-            out.store_spec.block_ids,
-            moved,
-            "demote",
-        )
-        return [*self._demote(nxt, out.block_hashes_evicted, out.block_ids_evicted), down]
-
-    def prepare_store(self, keys: list[Key]) -> StorePlan | None:
-        if self.names[0] in self.failed:
-            raise TierFailed(f"tier {self.names[0]!r} is down: nothing can be stored")
-        if self._counted:  # a load after this store is an access of its own
-            for key in keys:
-                self._counted.pop(key, None)
-        # A key held anywhere is not stored again. Keys already in the top tier
-        # stay in the call, so the manager protects them from this call's evictions.
-        top = self.top
-        if len(self.managers) > 1:
-            candidates = [k for k in keys if k in top or not self._held_below(k, 1)]
-        else:
-            candidates = keys
-        out = top.prepare_store(candidates)
-        if out is None:
-            return None
-        new = out.block_hashes_to_store
-        writing = self._writing
-        busy = [k for k in keys if k in writing] if writing else []
-        wait = list({id(w): w for w in (writing[k] for k in busy)}.values()) if busy else []
-        if len(new) == len(keys):
-            index = list(range(len(keys)))  # all new, in key order
-        else:
-            pos_of = {k: i for i, k in enumerate(keys)}
-            index = [pos_of[k] for k in new]
-        ids = out.store_spec.block_ids
-        evicted = out.block_hashes_evicted
-        transfers = self._demote(0, evicted, out.block_ids_evicted) if evicted else []
-        if new:
-            transfers.append(Transfer(CALLER, index, self.names[0], ids, new, "store"))
-            writing.update(dict.fromkeys(new, _Writing()))
-        if new and any(self.through[1:]):
-            slot_of = dict(zip(new, ids))
-            for i in self._live(1):
-                if not self.through[i]:
-                    continue
-                through = self.managers[i].prepare_store(new)
-                if through is None or not through.block_hashes_to_store:
-                    continue
-                transfers += self._demote(
-                    i, through.block_hashes_evicted, through.block_ids_evicted
-                )
-                written = through.block_hashes_to_store
-                transfers.append(
-                    Transfer(
-                        self.names[0],
-                        [slot_of[k] for k in written],
-                        self.names[i],
-                        through.store_spec.block_ids,
-                        written,
-                        "through",
-                    )
-                )
-        return StorePlan(keys, new, transfers, busy, [self._event(w) for w in wait] if wait else [])
-
-    @staticmethod
-    def _event(writing: _Writing) -> anyio.Event:
-        if writing.event is None:
-            writing.event = anyio.Event()
-        return writing.event
-
-    def prepare_load(self, keys: list[Key], *, prefetch: bool) -> LoadPlan:
-        top, top_name = self.top, self.names[0]
-        if not prefetch and keys and top_name not in self.failed:
-            # Commonly every block is ready in the top tier: pin them in one
-            # manager call, which pins nothing when one is not.
-            try:
-                ids = top.prepare_load(keys).block_ids
-            except (BlockNotFoundError, BlockNotReadyError):
-                pass
-            else:
-                fresh = self._uncounted(keys)
-                if fresh:
-                    top.touch(fresh)
-                move = Transfer(top_name, ids, CALLER, list(range(len(keys))), keys, "load")
-                return LoadPlan(keys, [top_name] * len(keys), [move], [(0, keys)])
-        where: list[int] = []
-        moving: list[Key] = []
-        for key in keys:
-            tier = self._tier_of(key)
-            if tier is None:
-                if prefetch:
-                    where.append(-1)
-                    continue
-                if self._moving(key):
-                    moving.append(key)  # being demoted: held again once it lands
-                    continue
-                raise BlockNotFoundError(f"load: block {key!r} is not available in any tier")
-            where.append(tier)
-        if moving:
-            return self._wait_plan(moving)
-        groups: dict[int, list[int]] = {}
-        for pos, tier in enumerate(where):
-            if tier >= 0 and not (prefetch and tier == 0):
-                groups.setdefault(tier, []).append(pos)
-        pins: list[tuple[int, list[Key]]] = []
-        slot: dict[int, tuple[int, int]] = {}  # position -> (tier, slot id), pinned
-        for tier, positions in sorted(groups.items()):
-            tkeys = [keys[p] for p in positions]
-            tids = self.managers[tier].prepare_load(tkeys).block_ids
-            fresh = [] if prefetch else self._uncounted(tkeys)  # a prefetch is no access
-            if fresh:
-                self.managers[tier].touch(fresh)
-            pins.append((tier, tkeys))
-            slot.update(zip(positions, ((tier, i) for i in tids)))
-        deep = [p for p in sorted(slot) if slot[p][0] > 0]
-        transfers: list[Transfer] = []
-        up: dict[int, int] = {}  # position -> top slot it is promoted into
-        if deep and top_name not in self.failed:
-            out = top.prepare_store([keys[p] for p in deep])
-            if out is not None:
-                given = dict(zip(out.block_hashes_to_store, out.store_spec.block_ids))
-                up = {p: given[keys[p]] for p in deep if keys[p] in given}
-                transfers += self._demote(0, out.block_hashes_evicted, out.block_ids_evicted)
-        transfers += self._from_tiers(keys, list(up), slot, top_name, up, "promote")
-        if prefetch:
-            return LoadPlan([], [], transfers, pins)
-        from_top = [p for p in range(len(keys)) if where[p] == 0 or p in up]
-        if from_top:
-            transfers.append(
-                Transfer(
-                    top_name,
-                    [up[p] if p in up else slot[p][1] for p in from_top],
-                    CALLER,
-                    from_top,
-                    [keys[p] for p in from_top],
-                    "load",
-                )
-            )
-        straight = [p for p in deep if p not in up]
-        # Into the request's own side, named by positions.
-        transfers += self._from_tiers(
-            keys, straight, slot, CALLER, {p: p for p in straight}, "load"
-        )
-        return LoadPlan(keys, [self.names[t] for t in where], transfers, pins)
-
-    def _from_tiers(
-        self,
-        keys: list[Key],
-        positions: list[int],
-        slot: dict[int, tuple[int, int]],
-        dst: str,
-        dst_id: dict[int, int],
-        role: Role,
-    ) -> list[Transfer]:
-        """One transfer per tier the blocks at ``positions`` are read from
-        (``slot[p]``: its tier and slot there) into ``dst``'s slots ``dst_id[p]``."""
-        out: list[Transfer] = []
-        for tier in sorted({slot[p][0] for p in positions}):
-            group = [p for p in positions if slot[p][0] == tier]
-            src_ids = [slot[p][1] for p in group]
-            dst_ids = [dst_id[p] for p in group]
-            out.append(
-                Transfer(self.names[tier], src_ids, dst, dst_ids, [keys[p] for p in group], role)
-            )
-        return out
-
-    def _moving(self, key: Key) -> bool:
-        """Whether ``key`` is being demoted (in no tier ready until it lands)."""
-        mark = self._writing.get(key)
-        return mark is not None and mark.moving
-
-    def _wait_plan(self, keys: list[Key]) -> LoadPlan:
-        """A plan that pins nothing and waits for the demotions of ``keys``."""
-        marks = {id(m): m for m in map(self._writing.__getitem__, keys)}
-        return LoadPlan([], [], [], [], [self._event(m) for m in marks.values()])
-
-    def complete(self, plan: StorePlan | LoadPlan, done: list[bool]) -> list[Key]:
-        index = self.index
-        for transfer, ok in zip(plan.transfers, done):
-            tier = index.get(transfer.dst)
-            if tier is None:
-                continue
-            self.managers[tier].complete_store(transfer.keys, success=ok)
-            if transfer.role == "demote":
-                self._landed(transfer.keys)
-                if ok:
-                    self.demoted += len(transfer.keys)
-                    self.hub.publish(CacheEvent("demoted", transfer.dst, list(transfer.keys)))
-                else:
-                    self.demotions_lost += len(transfer.keys)
-            elif transfer.role == "promote" and ok:
-                self.promoted += len(transfer.keys)
-                self.hub.publish(CacheEvent("promoted", transfer.dst, list(transfer.keys)))
-        for tier, keys in plan.pins:
-            self.managers[tier].complete_load(keys)
-        if not isinstance(plan, StorePlan):
-            return []
-        self._landed(plan.new)
-        if True not in self.durable:
-            return []
-        durable = [i for i in self._live(0) if self.durable[i]]
-        if not durable:
-            return []
-        return [k for k in plan.keys if any(self._ready(i, k) for i in durable)]
-
-    def _landed(self, keys: list[Key]) -> None:
-        """``keys`` (a store's new keys, or one demotion's) are no longer in flight;
-        whoever waits for their mark goes on."""
-        if keys:
-            marks = list(map(self._writing.pop, keys, itertools.repeat(None)))
-            mark = marks[0]
-            if mark is not None and mark.event is not None:
-                mark.event.set()
-
-    def _ready(self, tier: int, key: Key) -> bool:
-        block = self.managers[tier].get(key)
-        return block is not None and block.ref_cnt >= 0
 
     def drop(
         self, tier: str, keys: list[Key], *, corrupted: bool, missing: bool = False
