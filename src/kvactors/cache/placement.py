@@ -51,7 +51,13 @@ from kvactors.keys import Key
 from kvactors.manager import OffloadingManager
 from kvactors.media.nvme_index import NVMeIndex
 
-__all__ = ["Placement"]
+__all__ = ["Placement", "Recovered", "Tiers"]
+
+Tiers = Sequence[tuple[str, bool]]
+"""``(name, durable)`` of each tier of the chain, top first."""
+
+Recovered = Sequence[Sequence[tuple[Key, int]] | NVMeIndex]
+"""Per tier, what its medium held when opened: ``(key, slot)`` pairs, or the NVMe index."""
 
 
 class _Writing:
@@ -75,12 +81,7 @@ class Placement:
     manager is then restored from the index itself: no object per entry).
     """
 
-    def __init__(
-        self,
-        config: Config,
-        tiers: Sequence[tuple[str, bool]],
-        recovered: Sequence[Sequence[tuple[Key, int]] | NVMeIndex] = (),
-    ) -> None:
+    def __init__(self, config: Config, tiers: Tiers, recovered: Recovered = ()) -> None:
         self.write_through = config.write_mode == "write_through"
         specs = dict(config.chain())
         self.names = [name for name, _ in tiers]

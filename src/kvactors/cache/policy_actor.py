@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from kvactors.actors import Actor
@@ -60,14 +59,13 @@ from kvactors.cache.messages import (
     PrepareStore,
     Subscribe,
 )
-from kvactors.cache.placement import Placement
+from kvactors.cache.placement import Placement, Recovered, Tiers
 from kvactors.cache.results import LookupResult, Snapshot
 from kvactors.cache.transfers import Transfer
 from kvactors.config import Config
 from kvactors.errors import TierFailed
 from kvactors.keys import Key
 from kvactors.manager import OffloadingManager
-from kvactors.media.nvme_index import NVMeIndex
 
 __all__ = ["PolicyActor"]
 
@@ -78,12 +76,7 @@ class PolicyActor(Actor[PolicyRequest], Placement):
     """Owns the per-tier managers; see the module docstring. Arguments as
     :class:`~kvactors.cache.placement.Placement`'s."""
 
-    def __init__(
-        self,
-        config: Config,
-        tiers: Sequence[tuple[str, bool]],
-        recovered: Sequence[Sequence[tuple[Key, int]] | NVMeIndex] = (),
-    ) -> None:
+    def __init__(self, config: Config, tiers: Tiers, recovered: Recovered = ()) -> None:
         Actor.__init__(self, "policy", mailbox_size=config.mailbox_size)
         Placement.__init__(self, config, tiers, recovered)
         specs = dict(config.chain())
