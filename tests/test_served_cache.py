@@ -133,6 +133,35 @@ async def test_a_lookup_then_a_load_of_a_block_is_one_access() -> None:
         assert await _lru_survivor(stored) == {0: 0, 1: 0, 2: 0, 3: 1}
 
 
+async def test_a_prefetch_is_not_an_access_of_the_tier_it_promotes_from() -> None:
+    """CPU tier of 2, NVMe of 4 holding 0, 1, 2, 3 (0 oldest). A prefetch of 0
+    promotes it (its CPU victim demoted: 1 leaves NVMe) and leaves 0 the oldest
+    NVMe block, so the next demotion evicts 0 from NVMe, not 2."""
+    cfg = small_config(cpu={"num_blocks": 2}, nvme={"num_blocks": 4, "backend": "posix"})
+    with anyio.fail_after(20):
+        async with kvactors.open(cfg) as kv:
+            fill(kv, list(range(8)), list(range(8)))
+            for key in range(6):
+                await kv.store([key], [key])
+            events = await kv.events()
+            with events:  # type: ignore[attr-defined]
+                assert kv.prefetch([0])
+                while (await kv.stats()).policy.promoted < 1:
+                    await anyio.sleep(0.01)
+                await settled(kv)
+                await kv.store([6], [6])  # demotes 5 from CPU: one NVMe block leaves
+                removed = []
+                while True:
+                    try:
+                        event = events.receive_nowait()  # type: ignore[attr-defined]
+                    except anyio.WouldBlock:
+                        break
+                    if event.kind == "removed" and event.tier == "nvme":
+                        removed += event.keys
+            assert removed == [1, 0]
+            assert (await kv.lookup([0])).tiers == ["cpu"]
+
+
 async def _lookup_load_store(requests: list[list[int]], policy: str, capacity: int) -> int:
     """Per request: ``lookup``, ``load`` of its hits, ``store``; the hits."""
     cfg = Config(cpu=TierConfig(num_blocks=capacity, policy=policy), nvme=None, move_bytes=False)
