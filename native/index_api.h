@@ -33,6 +33,9 @@ typedef struct {
     /* The slots the table has room for. */
     uint32_t (*num_blocks)(PyObject *table);
     PyTypeObject *type;
+    /* The slot whose record holds the key (kind, data, len: as key_at gives
+     * them), -1 if none. Reads only; makes no object. */
+    int64_t (*find)(PyObject *table, uint8_t kind, const uint8_t *data, size_t len);
 } KVIndexAPI;
 
 #define KV_INDEX_CAPSULE "kvactors._nvme_index._C_API"

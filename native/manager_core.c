@@ -273,9 +273,94 @@ slot_same(void *ctx, int32_t s, PyObject *key)
     return same;
 }
 
+/* The slot of an exact int/bytes key if it is one this core shares with the
+ * index (the index's record of it is at a slot in KS_SHARED): >= 0, -1 if
+ * not, -2 with MemoryError. Makes no object. */
+static int32_t
+shared_slot(Core *core, PyObject *key)
+{
+    uint8_t kind, small[64], *heap = NULL;
+    const uint8_t *data = small;
+    size_t len = 8;
+    if (PyBytes_CheckExact(key)) {
+        kind = KV_KIND_BYTES;
+        data = (const uint8_t *)PyBytes_AS_STRING(key);
+        len = (size_t)PyBytes_GET_SIZE(key);
+    }
+    else {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(key, &overflow);
+        kind = KV_KIND_INT;
+        for (int i = 0; i < 8; i++)
+            small[i] = (uint8_t)((uint64_t)v >> (8 * i));
+        if (overflow) { /* as the index writes it: int.to_bytes(bit_length // 8 + 1, signed) */
+            kind = KV_KIND_BIGINT;
+            len = _PyLong_NumBits(key) / 8 + 1;
+            uint8_t *buf = len <= sizeof(small) ? small : (heap = PyMem_Malloc(len));
+            if (buf == NULL) {
+                PyErr_NoMemory();
+                return -2;
+            }
+#if PY_VERSION_HEX >= 0x030D0000
+            int rc = _PyLong_AsByteArray((PyLongObject *)key, buf, len, 1, 1, 1);
+#else
+            int rc = _PyLong_AsByteArray((PyLongObject *)key, buf, len, 1, 1);
+#endif
+            if (rc < 0) {
+                PyMem_Free(heap);
+                return -2;
+            }
+            data = buf;
+        }
+    }
+    int64_t s = core->iapi->find(core->index, kind, data, len);
+    PyMem_Free(heap);
+    return s >= 0 && s < core->cap && core->kstate[s] == KS_SHARED ? (int32_t)s : -1;
+}
+
+/* The map gets the shared slots too (see Core.map_all). Nothing changes on
+ * failure (-1 with an exception set). */
+static int
+map_all_slots(Core *core)
+{
+    Py_ssize_t shared = core->used - core->map.used, k = 0;
+    Py_hash_t *hash = PyMem_Malloc((size_t)(shared ? shared : 1) * sizeof(Py_hash_t));
+    int32_t *slot = PyMem_Malloc((size_t)(shared ? shared : 1) * sizeof(int32_t));
+    int rc = -1;
+    if (hash == NULL || slot == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t s = 0; s < core->cap && k < shared; s++)
+        if (core->kstate[s] == KS_SHARED) {
+            if ((hash[k] = slot_hash(core, (int32_t)s)) == -1 && PyErr_Occurred())
+                goto done;
+            slot[k++] = (int32_t)s;
+        }
+    if (kt_reserve(&core->map, core->map.used + k) < 0)
+        goto done;
+    for (Py_ssize_t i = 0; i < k; i++)
+        kt_insert_hash(&core->map, hash[i], slot[i]); /* reserved: cannot fail */
+    core->map_all = 1;
+    rc = 0;
+done:
+    PyMem_Free(hash);
+    PyMem_Free(slot);
+    return rc;
+}
+
 int32_t
 core_slot_shared(Core *core, PyObject *key)
 {
+    if (!core->map_all) {
+        if (exact_key(key)) {
+            int32_t s = shared_slot(core, key);
+            if (s != -1 || core->map.used == 0)
+                return s;
+        }
+        else if (core->used > core->map.used && map_all_slots(core) < 0)
+            return -2;
+    }
     return kt_find_by(&core->map, key, slot_same, core);
 }
 
@@ -290,7 +375,10 @@ index_changes(void *listener, uint32_t s)
     PyObject *key = core_key(core, (int32_t)s);
     if (key == NULL)
         return -1;
-    int rc = own_set(core, (int32_t)s, key);
+    Py_hash_t h = PyObject_Hash(key); /* an exact int/bytes: cannot fail */
+    int rc = core->map_all ? 0 : kt_insert_hash(&core->map, h, (int32_t)s);
+    if (rc == 0 && (rc = own_set(core, (int32_t)s, key)) < 0 && !core->map_all)
+        kt_delete_hash(&core->map, h, (int32_t)s);
     Py_DECREF(key);
     if (rc == 0)
         core->kstate[s] = KS_OWN;
@@ -327,6 +415,8 @@ share_if_indexed(Core *core, int32_t s)
         Py_DECREF(stored);
     }
     if (same) {
+        if (!core->map_all)
+            kt_delete(&core->map, key, s);
         core->kstate[s] = KS_SHARED;
         own_del(core, s);
     }
@@ -424,22 +514,16 @@ reserve(Core *self, Py_ssize_t need)
         cap *= 2;
     if (cap > self->n)
         cap = self->n;
+    /* new slots: KS_FREE / no key object, ref 0, stamp 0 (never an epoch) */
     if (self->kstate != NULL)
-        GROW(self->kstate, cap);
+        GROW_ZEROED(self->kstate, self->cap, cap);
     else
-        GROW(self->keys, cap);
-    GROW(self->ref, cap);
-    GROW(self->stamp, cap);
+        GROW_ZEROED(self->keys, self->cap, cap);
+    GROW_ZEROED(self->ref, self->cap, cap);
+    GROW_ZEROED(self->stamp, self->cap, cap);
     GROW(self->free_stack, cap);
     if (self->ops->grow(self, self->cap, cap) < 0)
         return -1;
-    for (Py_ssize_t i = self->cap; i < cap; i++) {
-        if (self->kstate != NULL)
-            self->kstate[i] = KS_FREE;
-        else
-            self->keys[i] = NULL;
-        self->stamp[i] = 0;
-    }
     self->cap = cap;
     return 0;
 }
@@ -491,7 +575,8 @@ release(Core *self, int32_t s, PyObject **id)
             Py_DECREF(key);
             return NULL;
         }
-        kt_delete(&self->map, key, s);
+        if (self->kstate[s] == KS_OWN || self->map_all)
+            kt_delete(&self->map, key, s);
         if (self->kstate[s] == KS_OWN)
             own_del(self, s);
         self->kstate[s] = KS_FREE;
@@ -1282,66 +1367,51 @@ Core_restore_index(Core *self, PyObject *Py_UNUSED(ignored))
     order = self->iapi->oldest_first(self->index, &n);
     if (order == NULL)
         goto done;
-    Py_ssize_t top = -1, count = 0;
+    /* the slots this core has, oldest first (in place) */
+    Py_ssize_t m = 0, top = -1;
     for (Py_ssize_t k = 0; k < n; k++)
-        if ((Py_ssize_t)order[k] < self->n && (Py_ssize_t)order[k] > top)
-            top = (Py_ssize_t)order[k];
-    if (reserve(self, top + 1) < 0 || kt_reserve(&self->map, n) < 0)
+        if ((Py_ssize_t)order[k] < self->n) {
+            order[m++] = order[k];
+            if ((Py_ssize_t)order[k] > top)
+                top = (Py_ssize_t)order[k];
+        }
+    if (reserve(self, top + 1) < 0)
         goto done;
-    /* 1. the map and the slots' states, in slot order (the index's records are
-     * read in turn; the map's buckets, random, are prefetched a window ahead) */
-    enum { WINDOW = 16 };
-    int32_t wslot[WINDOW];
-    Py_hash_t whash[WINDOW];
-    int nw = 0, failed = 0;
-    for (Py_ssize_t s = 0; s <= top + 1; s++) {
-        uint8_t kind;
-        const uint8_t *data;
-        size_t len;
-        int last = s > top;
-        if (!last && self->iapi->key_at(self->index, (uint32_t)s, &kind, &data, &len)) {
-            self->kstate[s] = KS_SHARED;
-            Py_hash_t h = slot_hash(self, (int32_t)s);
-            if (h == -1 && PyErr_Occurred()) {
-                self->kstate[s] = KS_FREE;
-                failed = 1;
-                last = 1; /* insert the window, then stop */
-            }
-            else {
-                __builtin_prefetch(&self->map.tab[kt_mix(h) & self->map.mask], 1);
-                wslot[nw] = (int32_t)s;
-                whash[nw++] = h;
-            }
-        }
-        if (nw == WINDOW || (last && nw > 0)) {
-            for (int k = 0; k < nw; k++) {
-                kt_insert_hash(&self->map, whash[k], wslot[k]); /* reserved: cannot fail */
-                self->ref[wslot[k]] = 0;
-                self->used++;
-            }
-            count += nw;
-            nw = 0;
-        }
-        if (failed)
-            break;
-    }
+    /* 1. every slot shared, found through the index's hash: nothing enters
+     * the map (empty, as the core is); ref 0 already (no slot was ever used) */
+    self->map_all = 0;
+    for (Py_ssize_t k = 0; k < m; k++)
+        self->kstate[order[k]] = KS_SHARED;
     /* 2. the policy, oldest first */
-    int with_keys = self->ops != &lru_ops; /* lru orders slots only */
-    for (Py_ssize_t k = 0, stop = 0; k < n && !stop; k++) {
-        int32_t s = (int32_t)order[k];
-        if (s >= self->n || self->kstate[s] == KS_FREE)
-            continue;
-        PyObject *key = with_keys ? core_key(self, s) : NULL;
-        stop = (with_keys && key == NULL) || self->ops->insert(self, key, s) < 0;
-        Py_XDECREF(key);
-        failed |= stop;
+    const int32_t *slots = (const int32_t *)order; /* each < n <= INT32_MAX */
+    Py_ssize_t count = 0;
+    if (self->ops->insert_slots != NULL) {
+        if (self->ops->insert_slots(self, slots, m) == 0)
+            count = m;
     }
-    /* A failure (out of memory) leaves what was restored, as restore() does. */
-    self->next_fresh = top + 1;
+    else {
+        int with_keys = self->ops != &lru_ops; /* lru orders slots only */
+        for (; count < m; count++) {
+            PyObject *key = with_keys ? core_key(self, slots[count]) : NULL;
+            int stop = (with_keys && key == NULL) || self->ops->insert(self, key, slots[count]) < 0;
+            Py_XDECREF(key);
+            if (stop)
+                break;
+        }
+    }
+    /* A failure (out of memory) leaves the oldest `count` restored. */
+    int failed = count < m;
+    for (Py_ssize_t k = count; k < m; k++)
+        self->kstate[order[k]] = KS_FREE;
+    /* 3. the free slots, handed out lowest first: the holes below the
+     * highest restored slot (on the stack, lowest on top), then the fresh ids
+     * above it in order */
     self->nfree = 0;
     for (Py_ssize_t i = top; i >= 0; i--)
-        if (!core_used(self, (int32_t)i))
+        if (self->kstate[i] == KS_FREE)
             self->free_stack[self->nfree++] = (int32_t)i;
+    self->used = count;
+    self->next_fresh = top + 1;
     self->stack_first = 1;
     out = failed ? NULL : PyLong_FromSsize_t(count);
 done:

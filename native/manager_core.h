@@ -82,6 +82,10 @@ typedef struct PolicyOps {
      * the core's. */
     Py_ssize_t (*admit)(Core *core, PyObject *const *call, Py_ssize_t ncall,
                         PyObject *const *fresh, Py_ssize_t m);
+    /* n held slots (keys through core_key) enter in this order, as n insert
+     * calls would; restore_index's bulk load. 0, or -1 with an exception set
+     * and nothing inserted. NULL: the core calls insert once per slot. */
+    int (*insert_slots)(Core *core, const int32_t *slots, Py_ssize_t n);
 } PolicyOps;
 
 struct Core {
@@ -105,6 +109,12 @@ struct Core {
     PyObject *own;
     PyObject *index;        /* the attached index table (owned), or NULL */
     const KVIndexAPI *iapi;
+    /* Attached, the map holds only the KS_OWN slots: an exact int/bytes key is
+     * looked up in the index's own hash first (its record's slot, if this core
+     * shares it), so restore_index inserts nothing per key. The first lookup
+     * of any other key (dict semantics need its Python hash against every
+     * key held) puts the shared slots in the map too, for good: map_all. */
+    int map_all;
     int32_t *ref;           /* -1 being written, 0 idle, n > 0 pinned n times */
     uint32_t *stamp;        /* == epoch: named in the current prepare_store */
     int32_t *free_stack;    /* freed slot ids, last freed on top */
@@ -152,17 +162,12 @@ core_evictable(const Core *core, int32_t s, uint32_t epoch)
     return core->ref[s] == 0 && core->stamp[s] != epoch;
 }
 
-/* Grow a per-slot array to new_cap items (NULL with MemoryError on failure,
- * the old array kept). */
+/* p (bytes long) just allocated: NULL sets MemoryError. */
 static inline void *
-grow_array(void *old, Py_ssize_t new_cap, size_t item)
+advise_huge(void *p, size_t bytes)
 {
-    size_t bytes = (size_t)(new_cap ? new_cap : 1) * item;
-    void *p = PyMem_Realloc(old, bytes);
-    if (p == NULL)
-        PyErr_NoMemory();
 #ifdef MADV_HUGEPAGE
-    else if (bytes >= ((size_t)4 << 20)) {
+    if (p != NULL && bytes >= ((size_t)4 << 20)) {
         /* Huge pages for the large arrays (their whole 2 MiB pages): random
          * slots touch them at random, and 4 KiB pages miss the TLB each time. */
         uintptr_t lo = ((uintptr_t)p + ((1u << 21) - 1)) & ~(uintptr_t)((1u << 21) - 1);
@@ -171,8 +176,43 @@ grow_array(void *old, Py_ssize_t new_cap, size_t item)
             madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
     }
 #endif
+    if (p == NULL)
+        PyErr_NoMemory();
     return p;
 }
+
+/* Grow a per-slot array to new_cap items (NULL with MemoryError on failure,
+ * the old array kept). */
+static inline void *
+grow_array(void *old, Py_ssize_t new_cap, size_t item)
+{
+    size_t bytes = (size_t)(new_cap ? new_cap : 1) * item;
+    return advise_huge(PyMem_Realloc(old, bytes), bytes);
+}
+
+/* The same for an array whose new items must read as zero: a first
+ * allocation comes zeroed from calloc (a fresh large one is never written
+ * twice: the kernel's pages are zero already). */
+static inline void *
+grow_zeroed(void *old, Py_ssize_t old_cap, Py_ssize_t new_cap, size_t item)
+{
+    if (old != NULL) {
+        char *p = grow_array(old, new_cap, item);
+        if (p != NULL && new_cap > old_cap)
+            memset(p + (size_t)old_cap * item, 0, (size_t)(new_cap - old_cap) * item);
+        return p;
+    }
+    size_t bytes = (size_t)(new_cap ? new_cap : 1) * item;
+    return advise_huge(PyMem_Calloc(1, bytes), bytes);
+}
+
+#define GROW_ZEROED(ptr, old_cap, new_cap)                                    \
+    do {                                                                      \
+        void *p_ = grow_zeroed((ptr), (old_cap), (new_cap), sizeof(*(ptr)));  \
+        if (p_ == NULL)                                                       \
+            return -1;                                                        \
+        (ptr) = p_;                                                           \
+    } while (0)
 
 #define GROW(ptr, new_cap)                                                    \
     do {                                                                      \

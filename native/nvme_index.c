@@ -784,10 +784,14 @@ api_detach(PyObject *table, void *listener)
     }
 }
 
-/* Live slots by sequence number: (seq << 32 | slot) sorted by a least
- * significant digit radix sort on the sequence bits only (16 bits a pass;
- * two passes while sequence numbers stay below 2**32), with (seq, slot) pairs
- * sorted by qsort past that. */
+/* Live slots by sequence number. Sequence numbers are distinct, so while the
+ * live ones span at most 4x their count (a tier whose writes since its oldest
+ * live record are a few times its size) each is put in its own place of an
+ * array over that span, which is then read in order: one pass of (mostly
+ * near-sequential) writes instead of a sort. Otherwise (seq << 32 | slot)
+ * sorted by a least significant digit radix sort on the sequence bits only
+ * (16 bits a pass; two passes while sequence numbers stay below 2**32), with
+ * (seq, slot) pairs sorted by qsort past that. */
 static uint32_t *
 api_oldest_first(PyObject *table, Py_ssize_t *count)
 {
@@ -828,9 +832,33 @@ api_oldest_first(PyObject *table, Py_ssize_t *count)
         return NULL;
     }
     size_t k = 0;
+    uint64_t lo = UINT64_MAX;
     for (uint32_t s = 0; s < t->num_blocks && k < n; s++)
-        if (t->recs[s].seq)
-            a[k++] = (t->recs[s].seq << 32) | s;
+        if (t->recs[s].seq) {
+            uint64_t q = t->recs[s].seq;
+            a[k++] = (q << 32) | s;
+            if (q < lo)
+                lo = q;
+        }
+    uint64_t range = k ? t->max_seq - lo + 1 : 0;
+    uint32_t *pos = k && range <= 4 * (uint64_t)k ? PyMem_RawCalloc(range, sizeof(uint32_t)) : NULL;
+    if (pos != NULL) {
+        /* sequence numbers are distinct: each live one has its own place */
+        for (size_t i = 0; i < k; i++)
+            pos[(a[i] >> 32) - lo] = (uint32_t)a[i] + 1;
+        size_t j = 0;
+        for (uint64_t r = 0; r < range; r++)
+            if (pos[r])
+                out[j++] = pos[r] - 1;
+        PyMem_RawFree(pos);
+        if (j == k) { /* else two records share a number: sorted below */
+            PyMem_RawFree(a);
+            PyMem_RawFree(b);
+            PyMem_RawFree(counts);
+            *count = (Py_ssize_t)k;
+            return out;
+        }
+    }
     for (unsigned shift = 32; shift < 64 && (t->max_seq >> (shift - 32)) != 0; shift += 16) {
         memset(counts, 0, 65536 * sizeof(size_t));
         for (size_t i = 0; i < k; i++)
@@ -862,8 +890,14 @@ api_num_blocks(PyObject *table)
     return ((Table *)table)->num_blocks;
 }
 
+static int64_t
+api_find(PyObject *table, uint8_t kind, const uint8_t *data, size_t len)
+{
+    return find_slot((Table *)table, kind, data, len);
+}
+
 static KVIndexAPI index_api = {
-    api_key_at, api_attach, api_detach, api_oldest_first, api_num_blocks, NULL,
+    api_key_at, api_attach, api_detach, api_oldest_first, api_num_blocks, NULL, api_find,
 };
 
 /* encode(op, keys, slots, crcs, first_seq) -> bytes: records numbered from first_seq. */

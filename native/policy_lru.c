@@ -53,6 +53,35 @@ lru_insert(Core *core, PyObject *key, int32_t s)
     return 0;
 }
 
+/* Bulk insert (restore_index): the slots come in random order, so each
+ * one's prev/next lines are fetched a few slots ahead. */
+static int
+lru_insert_slots(Core *core, const int32_t *slots, Py_ssize_t n)
+{
+    enum { AHEAD = 16 };
+    Lru *p = LRU(core);
+    int32_t *prev = p->prev, *next = p->next, last = p->tail;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (k + AHEAD < n) {
+            __builtin_prefetch(&prev[slots[k + AHEAD]], 1);
+            __builtin_prefetch(&next[slots[k + AHEAD]], 1);
+        }
+        int32_t s = slots[k];
+        prev[s] = last;
+        if (last >= 0)
+            next[last] = s;
+        else
+            p->head = s;
+        last = s;
+    }
+    if (n > 0) {
+        next[last] = -1;
+        p->tail = last;
+    }
+    p->len += n;
+    return 0;
+}
+
 static int
 lru_remove(Core *core, PyObject *key, int32_t s)
 {
@@ -116,6 +145,7 @@ const PolicyOps lru_ops = {
     .grow = lru_grow,
     .insert = lru_insert,
     .insert_many = policy_insert_each,
+    .insert_slots = lru_insert_slots,
     .remove = lru_remove,
     .touch = lru_touch,
     .evict = lru_evict,

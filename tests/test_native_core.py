@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import shutil
 import sysconfig
+import tracemalloc
 from collections.abc import Container, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -411,7 +412,50 @@ def test_docs_admitting_policy_example(native: bool | None) -> None:
 
 # -- the NVMe tier's manager reading its keys from the index's table ----------------
 
-INDEX_KEYS: list[Key] = [*range(-2, 6), *(bytes([i]) * (i + 1) for i in range(8)), 2**70, -(2**65)]
+INDEX_KEYS: list[Key] = [
+    *range(-2, 6),
+    *(bytes([i]) * (i + 1) for i in range(8)),
+    2**70,
+    -(2**65),
+    3**400,  # a big int of more than 64 bytes
+]
+
+
+class IntKey(int):
+    """An int subclass: found as the int it equals, as a dict finds it."""
+
+
+class BytesKey(bytes):
+    pass
+
+
+class SameAs:
+    """A key of no key type that equals the key it was made from (its hash
+    too): a dict finds the held key through it."""
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return bool(other == self.key)
+
+
+# Keys that are not exact int/bytes: looked up as a dict does, against every key held.
+FOREIGN_KEYS: list[Any] = [
+    True,
+    False,
+    1.0,
+    2.0**70,
+    IntKey(3),
+    BytesKey(b"\x01\x01"),
+    SameAs(4),
+    SameAs(b"\x02" * 3),
+    SameAs(2**70),
+    7.5,
+]
 
 
 def _index_pair(
@@ -427,12 +471,14 @@ def _index_pair(
     return native, python, index
 
 
-def _index_agree(native: OffloadingManager, python: OffloadingManager, step: object) -> None:
+def _index_agree(
+    native: OffloadingManager, python: OffloadingManager, step: object, keys: list[Any] = INDEX_KEYS
+) -> None:
     assert native.stats() == python.stats(), step
     assert native.take_events() == python.take_events(), step
     assert _order(native) == _order(python), step
-    assert [_state(native, k) for k in INDEX_KEYS] == [_state(python, k) for k in INDEX_KEYS], step
-    assert [k in native for k in INDEX_KEYS] == [k in python for k in INDEX_KEYS], step
+    assert [_state(native, k) for k in keys] == [_state(python, k) for k in keys], step
+    assert [k in native for k in keys] == [k in python for k in keys], step
 
 
 @needs_native
@@ -440,18 +486,41 @@ def _index_agree(native: OffloadingManager, python: OffloadingManager, step: obj
 @pytest.mark.parametrize("seed", range(3))
 def test_manager_sharing_the_index_table_agrees(policy: str, seed: int, tmp_path: Path) -> None:
     """``restore_index`` on the compiled core keeps no copy of the keys the
-    index records: the same answers as the reference, while the index changes
-    its records under it as the tier does (a store's ``Put`` between prepare
-    and complete, or none when the write failed) and as it may otherwise (a
+    index records (nor a map of them: it finds them through the index's own
+    hash): the same answers as the reference, while the index changes its
+    records under it as the tier does (a store's ``Put`` between prepare and
+    complete, or none when the write failed) and as it may otherwise (a
     ``Put`` of another key over a slot, a key moving slot, a ``Del``)."""
+    _index_steps(policy, seed, tmp_path, foreign_from=None)
+
+
+@needs_native
+@pytest.mark.parametrize("policy", ["lru", "arc", "prefix_admit"])
+@pytest.mark.parametrize("seed", range(2))
+def test_manager_sharing_the_index_table_finds_keys_of_other_types(
+    policy: str, seed: int, tmp_path: Path
+) -> None:
+    """Halfway through, lookups with keys that are not exact int/bytes (an
+    int subclass, True, a float, an object that equals a key): found as a dict
+    finds them, and the same answers as the reference before and after."""
+    _index_steps(policy, seed, tmp_path, foreign_from=150)
+
+
+def _index_steps(policy: str, seed: int, tmp_path: Path, foreign_from: int | None) -> None:
     rng = random.Random(seed)
     capacity = rng.randint(2, 6)
     native, python, index = _index_pair(policy, capacity, tmp_path, rng)
     _index_agree(native, python, "restored")
-    for step in range(400):
+    for step in range(300 if foreign_from is not None else 400):
         keys = rng.sample(INDEX_KEYS, rng.randint(1, 4))
+        foreign = foreign_from is not None and step >= foreign_from
         roll = rng.random()
-        if roll < 0.5:
+        if foreign and roll < 0.25:
+            asked = [rng.choice(FOREIGN_KEYS), *keys]
+            assert native.lookup(asked) == python.lookup(asked), step
+            native.touch(asked)
+            python.touch(asked)
+        elif roll < 0.5:
             outs = [mgr.prepare_store(keys) for mgr in (native, python)]
             assert outs[0] == outs[1], (step, keys)
             if outs[1] is not None:
@@ -478,6 +547,67 @@ def test_manager_sharing_the_index_table_agrees(policy: str, seed: int, tmp_path
         else:
             index.delete(keys)
         _index_agree(native, python, (step, roll, keys))
+        if foreign:
+            _index_agree(native, python, (step, "foreign"), FOREIGN_KEYS)
+    index.close()
+
+
+@needs_native
+@pytest.mark.parametrize("policy", ["lru", "arc"])
+def test_restore_index_orders_a_long_history_oldest_first(policy: str, tmp_path: Path) -> None:
+    """Live records whose sequence numbers span many times their count (one
+    never rewritten while the others were, again and again): restored oldest
+    first on both cores, as the reference restores ``entries()``."""
+    rng = random.Random(5)
+    index = NVMeIndex(tmp_path, 4096, 16, 1, sync=False, native=True)
+    index.put([(b"first", 3, 0)], sync=False)
+    for _ in range(400):
+        index.put([(rng.randrange(10**6), rng.choice([0, 1, 2, *range(4, 16)]), 0)], sync=False)
+    native, python = _pair(policy, 16, 1)
+    assert native.restore_index(index) == python.restore_index(index) == len(index) == 16
+    _index_agree(native, python, "restored", [k for k, _, _ in index.table.entries()])
+    assert native.lookup([b"first"]) == 1
+    index.close()
+
+
+@needs_native
+def test_the_nvme_tier_manager_maps_no_key_the_index_records(tmp_path: Path) -> None:
+    """Restored from the index, the compiled core's own memory is its per-slot
+    arrays (21 B a slot with lru), no map of the keys; the first lookup of a
+    key that is not exact int/bytes maps them all (8 B a bucket, <= 70 % full)."""
+    n = 20_000
+    index = NVMeIndex(tmp_path, 4096, n, 1, sync=False, native=True)
+    index.put([(i.to_bytes(8, "little"), i, 0) for i in range(n)], sync=False)
+    mgr = OffloadingManager(n, block_size=1, native=True)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        assert mgr.restore_index(index) == n
+        restored = tracemalloc.get_traced_memory()[0] - base
+        assert mgr.lookup([IntKey(5), b"x"]) == 0
+        assert mgr.lookup([BytesKey((5).to_bytes(8, "little"))]) == 1
+        mapped = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert restored < n * 24, restored / n
+    assert mapped - restored >= n * 8 / 0.7, (mapped - restored) / n
+    index.close()
+
+
+@needs_native
+def test_restore_index_restores_records_that_share_a_sequence_number(tmp_path: Path) -> None:
+    """Two live records with one sequence number (not written by the index, but
+    its table takes them): both restored."""
+    index = NVMeIndex(tmp_path, 4096, 8, 1, sync=False, native=True)
+    table = index.table
+    table.put(b"a", 1, 0, 5)
+    table.put(b"b", 6, 0, 5)
+    table.put(b"c", 2, 0, 4)
+    mgr = OffloadingManager(8, block_size=1, native=True)
+    assert mgr.restore_index(index) == 3
+    assert mgr.lookup([b"c"]) == mgr.lookup([b"a"]) == mgr.lookup([b"b"]) == 1
+    name, order = mgr._core.policy_state()  # type: ignore[attr-defined]
+    assert (name, order[0], sorted(order[1:])) == ("lru", b"c", [b"a", b"b"])  # oldest first
     index.close()
 
 
