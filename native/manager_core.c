@@ -1385,10 +1385,8 @@ Core_restore_index(Core *self, PyObject *Py_UNUSED(ignored))
     /* 2. the policy, oldest first */
     const int32_t *slots = (const int32_t *)order; /* each < n <= INT32_MAX */
     Py_ssize_t count = 0;
-    if (self->ops->insert_slots != NULL) {
-        if (self->ops->insert_slots(self, slots, m) == 0)
-            count = m;
-    }
+    if (self->ops->insert_slots != NULL)
+        count = self->ops->insert_slots(self, slots, m);
     else {
         int with_keys = self->ops != &lru_ops; /* lru orders slots only */
         for (; count < m; count++) {

@@ -83,9 +83,10 @@ typedef struct PolicyOps {
     Py_ssize_t (*admit)(Core *core, PyObject *const *call, Py_ssize_t ncall,
                         PyObject *const *fresh, Py_ssize_t m);
     /* n held slots (keys through core_key) enter in this order, as n insert
-     * calls would; restore_index's bulk load. 0, or -1 with an exception set
-     * and nothing inserted. NULL: the core calls insert once per slot. */
-    int (*insert_slots)(Core *core, const int32_t *slots, Py_ssize_t n);
+     * calls would: restore_index's bulk load. Returns how many (leading) did:
+     * n, or fewer with an exception set. NULL: the core calls insert once per
+     * slot. */
+    Py_ssize_t (*insert_slots)(Core *core, const int32_t *slots, Py_ssize_t n);
 } PolicyOps;
 
 struct Core {

@@ -55,7 +55,7 @@ lru_insert(Core *core, PyObject *key, int32_t s)
 
 /* Bulk insert (restore_index): the slots come in random order, so each
  * one's prev/next lines are fetched a few slots ahead. */
-static int
+static Py_ssize_t
 lru_insert_slots(Core *core, const int32_t *slots, Py_ssize_t n)
 {
     enum { AHEAD = 16 };
@@ -79,7 +79,7 @@ lru_insert_slots(Core *core, const int32_t *slots, Py_ssize_t n)
         p->tail = last;
     }
     p->len += n;
-    return 0;
+    return n;
 }
 
 static int

@@ -175,6 +175,15 @@ gdsf_insert(Core *core, PyObject *key, int32_t s)
     return 0;
 }
 
+/* Bulk insert (restore_index): insert reads no key. */
+static Py_ssize_t
+gdsf_insert_slots(Core *core, const int32_t *slots, Py_ssize_t n)
+{
+    for (Py_ssize_t k = 0; k < n; k++)
+        gdsf_insert(core, NULL, slots[k]);
+    return n;
+}
+
 static int
 gdsf_remove(Core *core, PyObject *key, int32_t s)
 {
@@ -285,6 +294,7 @@ const PolicyOps weighted_lru_ops = {
     .dealloc = gdsf_dealloc,
     .grow = gdsf_grow,
     .insert = gdsf_insert,
+    .insert_slots = gdsf_insert_slots,
     .insert_many = policy_insert_each,
     .remove = gdsf_remove,
     .touch = gdsf_touch,
