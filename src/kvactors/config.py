@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import msgspec
 
-from kvactors.errors import ConfigError
+from kvactors.errors import ConfigError, UnknownPolicyError
 from kvactors.policy import POLICIES
 
 if TYPE_CHECKING:
@@ -301,7 +301,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         for field, tier in self.chain():
             if tier.policy not in POLICIES:
                 known = ", ".join(sorted(POLICIES))
-                raise ConfigError(
+                raise UnknownPolicyError(
                     f"{field}.policy: unknown policy {tier.policy!r}; supported: {known}"
                 )
         if self.gpu.device not in ("auto", "cpu", "cuda") and not self.gpu.device.startswith(
@@ -326,7 +326,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         try:
             return msgspec.convert(data, cls)
         except msgspec.ValidationError as exc:
-            raise ConfigError(f"invalid config: {_field_message(exc)}") from None
+            # A policy name raised from __post_init__ keeps its own type.
+            error = (
+                UnknownPolicyError if isinstance(exc.__cause__, UnknownPolicyError) else ConfigError
+            )
+            raise error(f"invalid config: {_field_message(exc)}") from None
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Config:

@@ -1,0 +1,586 @@
+"""Promises of README.md and docs/*.md that no other test checks, one test each.
+
+Each test names the sentence it holds the code to; bad inputs must raise the
+typed error the docs name (root ``KVActorsError``) with nothing changed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+import kvactors
+from kvactors import OffloadingManager
+from kvactors.cli import main
+from kvactors.errors import (
+    ActorClosed,
+    BlockNotFoundError,
+    CacheLockedError,
+    ConfigError,
+    InvalidKeyError,
+    StoreOpenError,
+    TensorSpecError,
+    UnknownPolicyError,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+BB = 4096
+
+
+def small(**changes: Any) -> kvactors.Config:
+    base: dict[str, Any] = {
+        "block_bytes": BB,
+        "gpu": kvactors.GPUConfig(num_blocks=8, device="cpu"),
+        "cpu": kvactors.TierConfig(num_blocks=8),
+        "nvme": None,
+    }
+    base.update(changes)
+    return kvactors.Config(**base)
+
+
+def doc_block(path: Path, lang: str, contains: str) -> str:
+    text = path.read_text()
+    for block in re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S):
+        if contains in block:
+            return str(block)
+    raise AssertionError(f"no {lang} block with {contains!r} in {path.name}")
+
+
+# --- docs/api.md: Configuration ------------------------------------------------
+
+
+def test_api_md_config_example_is_the_defaults() -> None:
+    """docs/api.md's TOML example lists every default (but the example directory)."""
+    data = tomllib.loads(doc_block(ROOT / "docs" / "api.md", "toml", "block_bytes"))
+    data["nvme"].pop("directory")
+    assert kvactors.Config.from_dict(data) == kvactors.Config()
+
+
+def test_api_md_config_example_names_every_key() -> None:
+    """Every key of Config, [gpu], [cpu] and [nvme] appears in docs/api.md's example."""
+    data = tomllib.loads(doc_block(ROOT / "docs" / "api.md", "toml", "block_bytes"))
+    config = kvactors.Config()
+    skip = {"remote", "metrics", "gpu", "cpu", "nvme"}  # sub-tables; remote: docs/remote.md
+    assert set(config.__struct_fields__) - skip <= set(data)
+    for table in ("gpu", "cpu", "nvme"):
+        assert set(getattr(config, table).__struct_fields__) == set(data[table]), table
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"cpu": {"num_blocks": 0}}, "cpu.num_blocks"),
+        ({"cpu": {"num_blocks": -4}}, "cpu.num_blocks"),
+        ({"cpu": {"num_blocks": "4"}}, "cpu.num_blocks"),
+        ({"cpu": {"num_blocks": 2**31}}, "cpu.num_blocks"),
+        ({"gpu": {"num_blocks": 1.5}}, "gpu.num_blocks"),
+        ({"block_bytes": 0}, "block_bytes"),
+        ({"event_buffer": -1}, "event_buffer"),
+        ({"inline_bytes": 8 << 20}, "inline_bytes"),
+        ({"inline_bytes": -1}, "inline_bytes"),
+        ({"write_mode": "sometimes"}, "write_mode"),
+        ({"nvme": {"backend": "gds"}}, "nvme.backend"),
+        ({"nvme": {"io": "odirect"}}, "nvme.io"),
+        ({"nvme": {"stripes": 0}}, "nvme.stripes"),
+        ({"mailbox_size": 0}, "mailbox_size"),
+        ({"max_inflight": 0}, "max_inflight"),
+        ({"move_bytes": "yes"}, "move_bytes"),
+        ({"cpu": {"colour": "red"}}, "colour"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_wrong_config_values_raise_config_error_naming_the_field(
+    data: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        kvactors.Config.from_dict(data)
+
+
+def test_unknown_policy_name_in_config_is_typed() -> None:
+    with pytest.raises(UnknownPolicyError, match=r"cpu\.policy.*lru"):
+        kvactors.Config.from_dict({"cpu": {"policy": "mru"}})
+    with pytest.raises(UnknownPolicyError, match=r"nvme\.policy"):
+        kvactors.Config(nvme=kvactors.NVMeConfig(policy="mru"))
+
+
+def test_from_toml_bad_files_raise_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("block_bytes = = 3\n")
+    with pytest.raises(ConfigError):
+        kvactors.Config.from_toml(bad)
+    with pytest.raises(ConfigError):
+        kvactors.Config.from_toml(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError):
+        kvactors.Config.from_toml(tmp_path)  # a directory
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[cpu]\nnum_blocks = 4\nsize = 3\n")
+    with pytest.raises(ConfigError, match="size"):
+        kvactors.Config.from_toml(unknown)
+
+
+@pytest.mark.anyio
+async def test_direct_io_needs_4096_byte_blocks(tmp_path: Path) -> None:
+    """docs/api.md: nvme.io = "direct" with blocks not a multiple of 4096 raises naming nvme.io."""
+    nvme = kvactors.NVMeConfig(num_blocks=8, directory=str(tmp_path / "kv"), io="direct")
+    config = small(nvme=nvme).replace(block_bytes=1000)
+    with anyio.fail_after(30), pytest.raises(ConfigError, match=re.escape("nvme.io")):
+        async with kvactors.open(config):
+            pass
+
+
+# --- docs/api.md: open, calls, argument checks -------------------------------------
+
+
+@pytest.mark.anyio
+async def test_too_large_pool_raises_config_error_before_allocating() -> None:
+    config = small(cpu=kvactors.TierConfig(num_blocks=2**31 - 1))
+    config = config.replace(block_bytes=1 << 20)
+    with anyio.fail_after(30), pytest.raises(ConfigError, match=re.escape("cpu.num_blocks")):
+        async with kvactors.open(config):
+            pass
+
+
+@pytest.mark.anyio
+async def test_nvme_directory_that_is_a_file_raises_typed(tmp_path: Path) -> None:
+    path = tmp_path / "afile"
+    path.write_bytes(b"x")
+    config = small(nvme=kvactors.NVMeConfig(num_blocks=8, directory=str(path)))
+    with anyio.fail_after(30), pytest.raises(StoreOpenError, match="afile"):
+        async with kvactors.open(config):
+            pass
+    assert path.read_bytes() == b"x"
+
+
+@pytest.mark.anyio
+async def test_a_directory_in_use_raises_cache_locked(tmp_path: Path) -> None:
+    config = small(nvme=kvactors.NVMeConfig(num_blocks=8, directory=str(tmp_path / "kv")))
+    with anyio.fail_after(30):
+        async with kvactors.open(config) as kv:
+            await kv.store([b"a"], [0])
+            with pytest.raises(CacheLockedError):
+                async with kvactors.open(config):
+                    pass
+            assert (await kv.lookup([b"a"])).hits == 1
+        bigger = config.replace(
+            nvme={"num_blocks": 8, "directory": str(tmp_path / "kv"), "stripes": 3}
+        )
+        with pytest.raises(ConfigError, match=re.escape("nvme.stripes")):
+            async with kvactors.open(bigger):
+                pass
+
+
+@pytest.mark.anyio
+async def test_durable_lists_only_keys_on_a_named_nvme_directory(tmp_path: Path) -> None:
+    """docs/api.md "What a store result promises"."""
+    named = kvactors.NVMeConfig(num_blocks=8, directory=str(tmp_path / "kv"))
+    with anyio.fail_after(60):
+        async with kvactors.open(small(nvme=named)) as kv:
+            res = await kv.store([b"a"], [0])
+            assert res is not None
+            assert res.durable == []
+        async with kvactors.open(small(nvme=named, write_mode="write_through")) as kv:
+            res = await kv.store([b"b", b"c"], [0, 1])
+            assert res is not None
+            assert res.durable == [b"b", b"c"]
+        async with kvactors.open(small(nvme=named)) as kv:
+            assert (await kv.lookup([b"b", b"c"])).hits == 2  # survived the restart
+            again = await kv.store([b"b"], [0])
+            assert again is not None
+            assert again.present == 1
+            assert again.durable == [b"b"]
+        temp = kvactors.NVMeConfig(num_blocks=8)
+        async with kvactors.open(small(nvme=temp, write_mode="write_through")) as kv:
+            res = await kv.store([b"a"], [0])
+            assert res is not None
+            assert res.durable == []
+
+
+@pytest.mark.anyio
+async def test_call_return_types_and_medium() -> None:
+    """docs/api.md's table of calls: what each returns."""
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            keys = [b"a", b"b", 3]
+            kv.gpu_pool.write_rows([0, 1, 2], torch.full((3, BB), 7, dtype=torch.uint8))
+            res = await kv.store(keys, [0, 1, 2])
+            assert isinstance(res, kvactors.StoreResult)
+            assert (res.stored, res.present, res.durable) == (3, 0, [])
+            again = await kv.store(keys, range(3))
+            assert again is not None
+            assert (again.stored, again.present) == (0, 3)
+            hit = await kv.lookup([*keys, b"z"])
+            assert isinstance(hit, kvactors.LookupResult)
+            assert hit.hits == 3
+            assert hit.tiers == ["cpu"] * 3
+            got = await kv.load(keys, (5, 6, 7))
+            assert isinstance(got, kvactors.LoadResult)
+            assert got.tiers == ["cpu"] * 3
+            assert torch.equal(kv.gpu_pool.rows([5, 6, 7]), kv.gpu_pool.rows([0, 1, 2]))
+            part = await kv.load([b"a", b"zz", b"b"], [4, 5, 6], partial=True)
+            assert part.tiers == ["cpu"]
+            assert isinstance(kv.prefetch([b"a"]), bool)
+            fut = kv.submit_load([b"a"], [3])
+            assert isinstance(fut, kvactors.Future)
+            assert isinstance(await fut, kvactors.LoadResult)
+            assert fut.done()
+            assert fut.exception() is None
+            assert isinstance(fut.result(), kvactors.LoadResult)
+            stats = await kv.stats()
+            assert isinstance(stats, kvactors.CacheStats)
+            assert kv.medium("cpu") is not None
+            with pytest.raises(KeyError):
+                kv.medium("nvme")
+            with pytest.raises(BlockNotFoundError):
+                await kv.load([b"nope"], [0])
+
+
+BAD_KEYS: list[Any] = [
+    b"abc",
+    "abc",
+    {b"a"},
+    7,
+    None,
+    (k for k in [b"a"]),
+    [],
+    [b"a", b"a"],
+    [True],
+    [1.5],
+    [b"a", "b"],
+    [[1]],
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("keys", BAD_KEYS, ids=repr)
+async def test_bad_keys_raise_invalid_key_error_before_anything_changes(keys: Any) -> None:
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            before = await kv.stats()
+            with pytest.raises(InvalidKeyError):
+                await kv.lookup(keys)
+            with pytest.raises(InvalidKeyError):
+                await kv.store(keys, [0])
+            with pytest.raises(InvalidKeyError):
+                await kv.load(keys, [0], partial=True)
+            with pytest.raises(InvalidKeyError):
+                kv.submit_store(keys, [0])
+            with pytest.raises(InvalidKeyError):
+                kv.prefetch(keys)
+            after = await kv.stats()
+            assert after.policy.tiers == before.policy.tiers
+
+
+BAD_SLOTS: list[Any] = [
+    [0.0, 1.0],
+    ["0", "1"],
+    {0, 1},
+    [True, False],
+    [0, 0],
+    [0],
+    [0, 1, 2],
+    [0, 8],
+    [-1, 0],
+    None,
+    "01",
+    torch.zeros((2, BB), dtype=torch.uint8, device="meta"),
+    torch.zeros((2, BB + 1), dtype=torch.uint8),
+    torch.zeros((3, BB), dtype=torch.uint8),
+    torch.zeros((BB, 2), dtype=torch.uint8).t(),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "slots", BAD_SLOTS, ids=lambda s: type(s).__name__ + str(getattr(s, "shape", s))[:30]
+)
+async def test_bad_src_dst_raise_tensor_spec_error_before_anything_changes(slots: Any) -> None:
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            await kv.store([b"x", b"y"], [0, 1])
+            before = await kv.stats()
+            with pytest.raises(TensorSpecError):
+                await kv.store([b"a", b"b"], slots)
+            with pytest.raises(TensorSpecError):
+                await kv.load([b"x", b"y"], slots)
+            with pytest.raises(TensorSpecError):
+                kv.submit_load([b"x", b"y"], slots)
+            after = await kv.stats()
+            assert after.policy.tiers == before.policy.tiers
+            assert (await kv.lookup([b"a", b"b"])).hits == 0
+            assert (await kv.lookup([b"x", b"y"])).hits == 2
+
+
+@pytest.mark.anyio
+async def test_numpy_and_torch_integer_slots_are_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            res = await kv.store([b"a", b"b"], [np.int64(0), torch.tensor(1)])
+            assert res is not None
+            assert res.stored == 2
+
+
+@pytest.mark.anyio
+async def test_tensor_src_any_dtype_with_the_right_bytes() -> None:
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            src = torch.arange(2 * BB // 4, dtype=torch.int32).reshape(2, BB // 4)
+            res = await kv.store([b"a", b"b"], src)
+            assert res is not None
+            assert res.stored == 2
+            dst = torch.zeros((2, BB // 2), dtype=torch.float16)
+            await kv.load([b"a", b"b"], dst)
+            assert torch.equal(dst.view(torch.int32).reshape(2, -1), src)
+
+
+class Mine(Exception):
+    pass
+
+
+@pytest.mark.anyio
+async def test_errors_leave_the_block_as_themselves() -> None:
+    with anyio.fail_after(30):
+        with pytest.raises(Mine):
+            async with kvactors.open(small()):
+                raise Mine
+        with pytest.raises(InvalidKeyError):
+            async with kvactors.open(small()) as kv:
+                await kv.lookup("abc")
+
+
+@pytest.mark.anyio
+async def test_calls_after_the_block_raise_actor_closed() -> None:
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            pass
+        for call in (
+            lambda: kv.lookup([b"a"]),
+            lambda: kv.store([b"a"], [0]),
+            lambda: kv.load([b"a"], [0]),
+            lambda: kv.stats(),
+            lambda: kv.events(),
+        ):
+            with pytest.raises(ActorClosed):
+                await call()
+        assert kv.prefetch([b"a"]) is False
+        fut = kv.submit_store([b"a"], [0])
+        with pytest.raises(ActorClosed):
+            await fut
+        assert isinstance(fut.exception(), ActorClosed)
+
+
+@pytest.mark.anyio
+async def test_leaving_the_block_waits_for_submitted_futures() -> None:
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            fut = kv.submit_store([b"a", b"b"], [0, 1])
+        assert fut.done()
+        res = fut.result()
+        assert res is not None
+        assert res.stored == 2
+
+
+# --- docs/manager.md --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("native", [False, None])
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"num_blocks": 0}, ConfigError),
+        ({"num_blocks": 2**31}, ConfigError),
+        ({"num_blocks": "4"}, ConfigError),
+        ({"num_blocks": 4.0}, ConfigError),
+        ({"num_blocks": 4, "block_size": 0}, ConfigError),
+        ({"num_blocks": 4, "block_size": "16"}, ConfigError),
+        ({"num_blocks": 4, "policy": "mru"}, UnknownPolicyError),
+        ({"num_blocks": 4, "policy": None}, UnknownPolicyError),
+        ({"num_blocks": 4, "policy": 3}, UnknownPolicyError),
+    ],
+)
+def test_manager_constructor_errors(
+    kwargs: dict[str, Any], error: type[Exception], native: bool | None
+) -> None:
+    kwargs = {"block_size": 16, **kwargs}
+    with pytest.raises(error) as info:
+        OffloadingManager(**kwargs, native=native)
+    if error is UnknownPolicyError:
+        assert "lru" in str(info.value)
+        assert "arc" in str(info.value)
+
+
+@pytest.mark.parametrize("native", [False, None])
+def test_manager_readme_example(native: bool | None) -> None:
+    mgr = OffloadingManager(
+        num_blocks=4, block_size=16, policy="arc", enable_events=True, native=native
+    )
+    out = mgr.prepare_store([1, 2, 3])
+    assert out is not None
+    assert list(out.block_hashes_to_store) == [1, 2, 3]
+    assert list(out.store_spec.block_ids) == [0, 1, 2]
+    mgr.complete_store(out.block_hashes_to_store)
+    assert mgr.lookup([1, 2, 3, 4]) == 3
+    spec = mgr.prepare_load([1, 2])
+    assert list(spec.block_ids) == [0, 1]
+    assert mgr.prepare_store([5, 6, 7]) is None  # 1 free, 1 idle (3): not enough
+    mgr.complete_load([1, 2])
+    events = mgr.take_events()
+    assert [(list(e.block_hashes), e.removed) for e in events] == [([1, 2, 3], False)]
+    assert mgr.take_events() == []
+
+
+# --- README: the command table --------------------------------------------------
+
+CLI = [
+    ["demo", "--requests", "8", "--cpu-blocks", "64", "--nvme-blocks", "64", "--block-kib", "4"],
+    ["bench", "transfer", "--sizes", "64K", "--mib", "1", "--repeat", "1", "--dir", "{tmp}"],
+    [
+        "bench",
+        "nvme-index",
+        "--blocks",
+        "512",
+        "--rounds",
+        "1",
+        "--durable-seconds",
+        "0.1",
+        "--dir",
+        "{tmp}",
+    ],
+    [
+        "bench",
+        "paged",
+        "--requests",
+        "20",
+        "--prompt",
+        "32",
+        "--decode",
+        "2",
+        "--swap-blocks",
+        "2",
+        "--repeat",
+        "1",
+        "--layers",
+        "1",
+        "--kv-heads",
+        "1",
+        "--head-dim",
+        "16",
+        "--device",
+        "cpu",
+    ],
+    ["bench", "soak", "--seconds", "1", "--clients", "2", "--keys", "32"],
+    ["bench", "actors", "--block-kib", "16", "--batches", "4", "--mib", "1", "--repeat", "1"],
+]
+
+
+@pytest.mark.parametrize("argv", CLI, ids=lambda a: " ".join(a[:2]))
+def test_every_command_prints_a_table_and_one_json_object_last(
+    argv: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main([*argv, "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    value = json.loads(lines[-1])
+    assert isinstance(value, dict)
+    assert value
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert len(table.strip().splitlines()) >= 2
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(table.strip().splitlines()[-1])
+
+
+def test_python_version_floor() -> None:
+    assert sys.version_info >= (3, 10)
+
+
+# --- README: the vLLM snippet, docs/vllm.md's keys ----------------------------------
+
+
+def test_readme_vllm_extra_config_keys_and_defaults() -> None:
+    from kvactors.vllm import extra_config
+    from kvactors.vllm.config import parse_settings
+
+    cfg = extra_config(cpu_bytes=8 << 30, nvme_bytes=64 << 30, nvme_directory="/mnt/nvme/kv")
+    assert cfg["spec_module_path"] == "kvactors.vllm"
+    assert cfg["spec_name"] == "KVActorsOffloadingSpec"
+    s = parse_settings(extra_config(cpu_bytes=1 << 20))
+    assert (s.nvme_bytes, s.nvme_directory, s.policy, s.write_mode) == (0, None, "lru", "back")
+    assert (s.nvme_backend, s.nvme_stripes, s.prefetch, s.remote_url) == ("auto", 1, True, None)
+    assert (s.remote_namespace, s.remote_timeout, s.remote_ttl) == ("kvactors", 2.0, None)
+    assert parse_settings(extra_config(cpu_bytes="4096")).cpu_bytes == 4096
+    assert extra_config(cpu_bytes=1, remote_url="redis://h:1/0")["remote_url"] == "redis://h:1/0"
+    for bad in (
+        {"cpu_bytes": 1, "colour": 3},
+        {"cpu_bytes": -1},
+        {"cpu_bytes": True},
+        {"nvme_bytes": 5},
+        {"cpu_bytes": 1, "policy": "mru"},
+        {"cpu_bytes": 1, "write_mode": "sometimes"},
+        {"cpu_bytes": 1, "prefetch": "yes"},
+    ):
+        key = (
+            next(k for k in ("colour", "policy", "write_mode", "prefetch") if k in bad)
+            if len(bad) > 1
+            else "cpu_bytes"
+        )
+        with pytest.raises(ConfigError, match=re.escape(f"[{key!r}]")):
+            extra_config(**bad)
+
+
+# --- docs/manager.md: admission -------------------------------------------------------
+
+
+@pytest.mark.parametrize("native", [False, None])
+def test_manager_md_declined_stores(native: bool | None) -> None:
+    """docs/manager.md "Admission": the example policy, and how a caller sees declines."""
+    from kvactors.policy import LRUPolicy
+
+    class StoreShortChains(LRUPolicy):
+        name = "store_short_chains"
+
+        def admit(self, keys: list[Any], new_keys: list[Any]) -> list[Any]:
+            return new_keys[:2]
+
+    mgr = OffloadingManager(
+        8, block_size=16, policy=StoreShortChains(), enable_events=True, native=native
+    )
+    if native is None:
+        assert mgr.native
+    out = mgr.prepare_store([1, 2, 3, 4])
+    assert out is not None
+    assert list(out.block_hashes_to_store) == [1, 2]
+    assert len(out.store_spec.block_ids) == 2
+    mgr.complete_store(out.block_hashes_to_store)
+    assert mgr.lookup([1, 2, 3, 4]) == 2  # stops at the first declined key
+    again = mgr.prepare_store([1, 2, 3, 4])  # offered again, and may be admitted
+    assert again is not None
+    assert list(again.block_hashes_to_store) == [3, 4]
+    mgr.complete_store(again.block_hashes_to_store)
+    assert mgr.lookup([1, 2, 3, 4]) == 4
+    events = mgr.take_events()
+    assert [(list(e.block_hashes), e.removed) for e in events] == [([1, 2], False), ([3, 4], False)]
+
+    class DeclineAll(LRUPolicy):
+        name = "decline_all"
+
+        def admit(self, keys: list[Any], new_keys: list[Any]) -> list[Any]:
+            return []
+
+    none = OffloadingManager(4, block_size=16, policy=DeclineAll(), native=native)
+    empty = none.prepare_store([1, 2])
+    assert empty is not None
+    assert list(empty.block_hashes_to_store) == []
+    assert none.stats().used == 0
