@@ -500,3 +500,96 @@ def test_every_command_prints_a_table_and_one_json_object_last(
     assert len(table.strip().splitlines()) >= 2
     with pytest.raises(json.JSONDecodeError):
         json.loads(table.strip().splitlines()[-1])
+
+
+# --- docs/api.md: events, stats, a store the cache cannot take ----------------------
+
+
+def tiered() -> kvactors.Config:
+    return small(cpu=kvactors.TierConfig(num_blocks=4), nvme=kvactors.NVMeConfig(num_blocks=16))
+
+
+@pytest.mark.anyio
+async def test_events_per_tier_and_the_stream_ends_at_close() -> None:
+    got: list[tuple[str, str, list[Any]]] = []
+    with anyio.fail_after(60):
+        async with kvactors.open(tiered()) as kv:
+            stream = await kv.events()
+            await kv.store([0, 1, 2, 3], [0, 1, 2, 3])
+            await kv.store([10, 11, 12, 13], [0, 1, 2, 3])  # demotes 0..3 to NVMe
+            assert (await kv.load([0, 1], [4, 5])).tiers == ["nvme", "nvme"]  # promotes
+        async with stream:  # an anyio receive stream: closed by its owner
+            async for event in stream:  # ends: the cache is closed
+                got.append((event.kind, event.tier, list(event.keys)))
+    assert ("stored", "cpu", [0, 1, 2, 3]) in got
+    assert ("removed", "cpu", [0, 1, 2, 3]) in got
+    assert ("demoted", "nvme", [0, 1, 2, 3]) in got
+    assert ("stored", "nvme", [0, 1, 2, 3]) in got
+    assert ("promoted", "cpu", [0, 1]) in got
+    assert {kind for kind, _, _ in got} <= {
+        "stored",
+        "removed",
+        "promoted",
+        "demoted",
+        "corrupted",
+        "missing",
+    }
+
+
+@pytest.mark.anyio
+async def test_stats_has_managers_transfers_mailboxes_and_latencies() -> None:
+    with anyio.fail_after(60):
+        async with kvactors.open(tiered()) as kv:
+            await kv.store([0, 1, 2, 3], range(4))
+            await kv.load([0], [4])
+            stats = await kv.stats()
+    assert stats.policy.tiers["cpu"].capacity == 4
+    assert stats.policy.tiers["nvme"].capacity == 16
+    assert stats.tiers["cpu"].transfers["gpu->cpu"].bytes == 4 * BB
+    assert stats.tiers["cpu"].transfers["cpu->gpu"].bytes == BB
+    assert {a.name for a in stats.actors} >= {"coordinator", "policy", "cpu", "nvme"}
+    assert all(a.mailbox_size == 256 for a in stats.actors)
+    assert stats.latency["store"].count == 1
+    assert stats.latency["load"].count == 1
+    assert stats.latency["load"].p99_us >= stats.latency["load"].p50_us > 0
+
+
+@pytest.mark.anyio
+async def test_a_store_of_more_new_blocks_than_the_cpu_tier_holds_is_none() -> None:
+    with anyio.fail_after(60):
+        async with kvactors.open(tiered()) as kv:
+            await kv.store([b"a"], [0])
+            assert await kv.store([1, 2, 3, 4, 5], range(5)) is None
+            assert (await kv.lookup([b"a"])).hits == 1
+            assert (await kv.lookup([1])).hits == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--requests", "-1"],
+        ["demo", "--cpu-blocks", "0"],
+        ["demo", "--block-kib", "-4"],
+        ["demo", "--concurrency", "0"],
+        ["bench", "soak", "--seconds", "-1"],
+        ["bench", "soak", "--clients", "0"],
+        ["bench", "soak", "--read-faults", "2"],
+        ["bench", "actors", "--repeat", "0"],
+        ["bench", "actors", "--batches", "0"],
+        ["bench", "transfer", "--sizes", "0"],
+        ["bench", "transfer", "--sizes", "64Q"],
+        ["bench", "transfer", "--mib", "0"],
+        ["bench", "nvme-index", "--blocks", "0"],
+        ["bench", "nvme-index", "--rounds", "nan"],
+        ["bench", "paged", "--requests", "0"],
+    ],
+)
+def test_bad_numbers_on_the_command_line_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong argument exits 2 with a usage line, before any work (no traceback)."""
+    assert main([*argv, "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "usage: kvactors" in err
+    assert "Traceback" not in err

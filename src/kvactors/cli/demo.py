@@ -18,6 +18,7 @@ import msgspec
 import torch
 
 import kvactors
+from kvactors.cli.replay import positive_int
 from kvactors.cli.report import Report
 from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
 from kvactors.errors import KVActorsError
@@ -152,13 +153,17 @@ async def run_demo(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", default=None, help="Mooncake JSONL trace (default: bundled)")
-    parser.add_argument("--requests", type=int, default=None, help="replay only the first N")
-    parser.add_argument("--block-kib", type=int, default=16, help="bytes per block, in KiB")
-    parser.add_argument("--cpu-blocks", type=int, default=4096, help="CPU tier slots")
-    parser.add_argument("--nvme-blocks", type=int, default=32768, help="NVMe tier slots")
+    parser.add_argument(
+        "--requests", type=positive_int, default=None, help="replay only the first N"
+    )
+    parser.add_argument(
+        "--block-kib", type=positive_int, default=16, help="bytes per block, in KiB"
+    )
+    parser.add_argument("--cpu-blocks", type=positive_int, default=4096, help="CPU tier slots")
+    parser.add_argument("--nvme-blocks", type=positive_int, default=32768, help="NVMe tier slots")
     parser.add_argument("--nvme-dir", default=None, help="NVMe directory (default: temporary)")
     parser.add_argument("--no-nvme", action="store_true", help="run with GPU and CPU tiers only")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    parser.add_argument("--concurrency", type=positive_int, default=4, help="requests in flight")
     parser.add_argument("--policy", default="lru", help="CPU tier policy")
     parser.add_argument(
         "--write-mode", choices=["write_back", "write_through"], default="write_back"

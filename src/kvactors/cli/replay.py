@@ -394,6 +394,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type of a duration or a multiple: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type of a fault rate: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
     """``--blocks N`` or ``--capacity FRACTION`` (default 0.1), shared with ``bench policy``."""
     group = parser.add_mutually_exclusive_group()

@@ -28,6 +28,7 @@ import torch
 import kvactors
 from kvactors.actors import Actor, Message
 from kvactors.cache.transfers import Side, move
+from kvactors.cli.replay import positive_int
 from kvactors.cli.report import RATE, RATIO, Report
 from kvactors.config import Config, GPUConfig, TierConfig
 from kvactors.keys import Key
@@ -49,13 +50,15 @@ class _Echo(Actor[_Ping]):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--block-kib", type=int, nargs="+", default=[256, 2048], help="block sizes in KiB"
+        "--block-kib", type=positive_int, nargs="+", default=[256, 2048], help="block sizes in KiB"
     )
-    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64], help="keys per call")
     parser.add_argument(
-        "--mib", type=int, default=512, help="MiB stored (and loaded) per measurement"
+        "--batches", type=positive_int, nargs="+", default=[16, 64], help="keys per call"
     )
-    parser.add_argument("--repeat", type=int, default=3, help="best of N")
+    parser.add_argument(
+        "--mib", type=positive_int, default=512, help="MiB stored (and loaded) per measurement"
+    )
+    parser.add_argument("--repeat", type=positive_int, default=3, help="best of N")
 
 
 def _config(bb: int, batch: int, move_bytes: bool = True) -> Config:

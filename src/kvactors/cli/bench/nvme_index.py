@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvactors.cli.replay import positive_float, positive_int
 from kvactors.cli.report import Report, progress
 from kvactors.keys import Key
 from kvactors.manager import OffloadingManager
@@ -50,13 +51,16 @@ GOAL_BLOCKS = 10_000_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--blocks", type=int, default=1_000_000, help="slots of the tier")
-    parser.add_argument("--key-bytes", type=int, default=32, help="bytes of each key")
-    parser.add_argument("--batch", type=int, default=64, help="records per append")
+    parser.add_argument("--blocks", type=positive_int, default=1_000_000, help="slots of the tier")
+    parser.add_argument("--key-bytes", type=positive_int, default=32, help="bytes of each key")
+    parser.add_argument("--batch", type=positive_int, default=64, help="records per append")
     parser.add_argument(
-        "--rounds", type=float, default=2.0, help="long-run stores, in multiples of --blocks"
+        "--rounds",
+        type=positive_float,
+        default=2.0,
+        help="long-run stores, in multiples of --blocks",
     )
-    parser.add_argument("--durable-seconds", type=float, default=2.0)
+    parser.add_argument("--durable-seconds", type=positive_float, default=2.0)
     parser.add_argument("--policy", default="lru", help="the tier manager's policy")
     parser.add_argument("--dir", default=None, help="directory for the index files")
 

@@ -6,17 +6,22 @@ import argparse
 
 import anyio
 
+from kvactors.cli.replay import positive_float, positive_int, probability
 from kvactors.cli.report import COUNT, Report
 from kvactors.cli.soak import run_soak
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seconds", type=float, default=30.0, help="how long to run")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
-    parser.add_argument("--keys", type=int, default=2000, help="size of the key space")
+    parser.add_argument("--seconds", type=positive_float, default=30.0, help="how long to run")
+    parser.add_argument("--clients", type=positive_int, default=16, help="concurrent clients")
+    parser.add_argument("--keys", type=positive_int, default=2000, help="size of the key space")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--write-faults", type=float, default=0.02, help="P(ENOSPC) per write")
-    parser.add_argument("--read-faults", type=float, default=0.02, help="P(flipped byte) per read")
+    parser.add_argument(
+        "--write-faults", type=probability, default=0.02, help="P(ENOSPC) per write"
+    )
+    parser.add_argument(
+        "--read-faults", type=probability, default=0.02, help="P(flipped byte) per read"
+    )
 
 
 def run(args: argparse.Namespace) -> Report:

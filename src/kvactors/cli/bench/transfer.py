@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from kvactors.cli.replay import positive_int
 from kvactors.cli.report import GBPS, RATIO, Report
 from kvactors.config import NVMeConfig
 from kvactors.media import FileStore, MemoryPool, copy_rows, resolve_device
@@ -55,10 +56,13 @@ GOALS = {"memory": 0.7, "nvme": 0.8, "cuda": 0.8, "cold": 0.8, "cold_small": 0.6
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--sizes", default="64K,512K,2M", help="block sizes, comma separated (K/M suffixes)"
+        "--sizes",
+        type=_sizes,
+        default="64K,512K,2M",
+        help="block sizes, comma separated (K/M suffixes)",
     )
-    parser.add_argument("--mib", type=int, default=256, help="MiB moved per measurement")
-    parser.add_argument("--repeat", type=int, default=3, help="best of N")
+    parser.add_argument("--mib", type=positive_int, default=256, help="MiB moved per measurement")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="best of N")
     parser.add_argument("--dir", default=None, help="directory for the NVMe files")
     parser.add_argument(
         "--io",
@@ -68,13 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--io-depth",
-        type=int,
+        type=positive_int,
         default=DIRECT_DEPTH,
         help="direct requests in flight per I/O thread in the cold rows (default: %(default)s)",
     )
     parser.add_argument(
         "--stripes",
-        type=int,
+        type=positive_int,
         default=NVMeConfig().stripes,
         help="files the NVMe slots are spread over (default: %(default)s, as nvme.stripes)",
     )
@@ -84,6 +88,17 @@ def _size(text: str) -> int:
     text = text.strip().upper()
     mult = {"K": 1024, "M": 1024**2}.get(text[-1:], 1)
     return int(text.rstrip("KM")) * mult
+
+
+def _sizes(text: str) -> list[int]:
+    """argparse type of ``--sizes``: positive block sizes, comma separated."""
+    try:
+        sizes = [_size(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not sizes like 64K,2M: {text!r}") from None
+    if not all(size > 0 for size in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return sizes
 
 
 def _best(fn: Callable[[], object], base: Callable[[], object], repeat: int) -> tuple[float, float]:
@@ -351,7 +366,7 @@ def run(args: argparse.Namespace) -> Report:
     directory.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     try:
-        for size in [_size(s) for s in args.sizes.split(",")]:
+        for size in args.sizes:
             results += _measure_size(
                 size,
                 args.mib,
