@@ -593,3 +593,43 @@ def test_bad_numbers_on_the_command_line_are_usage_errors(
     assert out == ""
     assert "usage: kvactors" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.anyio
+async def test_move_bytes_false_takes_none_for_src_and_dst() -> None:
+    """docs/api.md: `move_bytes = false` makes a metadata-only cache; src/dst are None."""
+    with anyio.fail_after(30):
+        async with kvactors.open(small(move_bytes=False)) as kv:
+            res = await kv.store([1, 2], None)
+            assert res is not None
+            assert res.stored == 2
+            assert (await kv.load([1, 2], None)).tiers == ["cpu", "cpu"]
+            with pytest.raises(TensorSpecError):
+                await kv.store([3, 4], [0, 1])
+            assert (await kv.lookup([3])).hits == 0
+
+
+def test_manager_md_which_core_and_policy() -> None:
+    """docs/manager.md: mgr.native / policy / policy_name, NATIVE_POLICIES."""
+    from kvactors.manager import NATIVE_POLICIES
+    from kvactors.policy import POLICIES, LRUPolicy
+
+    if not OffloadingManager(4, block_size=16).native:
+        pytest.skip("the compiled core is not built here")
+    assert set(NATIVE_POLICIES) == set(POLICIES)
+    for name in POLICIES:
+        fast = OffloadingManager(4, block_size=16, policy=name)
+        assert (fast.native, fast.policy, fast.policy_name) == (True, None, name)
+        slow = OffloadingManager(4, block_size=16, policy=name, native=False)
+        assert slow.native is False
+        assert isinstance(slow.policy, POLICIES[name])
+        assert slow.policy_name == name
+    own = LRUPolicy()
+    mgr = OffloadingManager(4, block_size=16, policy=own)
+    assert mgr.native
+    assert mgr.policy is own
+    mgr.prepare_store([1])
+    status = mgr.get(1)
+    assert status is not None
+    assert (status.block_id, status.ref_cnt) == (0, -1)
+    assert mgr.get(2) is None
