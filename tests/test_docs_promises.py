@@ -259,6 +259,9 @@ BAD_KEYS: list[Any] = [
     [1.5],
     [b"a", "b"],
     [[1]],
+    [bytearray(b"a")],
+    [memoryview(b"a")],
+    [torch.tensor(3)],
 ]
 
 
@@ -633,3 +636,15 @@ def test_manager_md_which_core_and_policy() -> None:
     assert status is not None
     assert (status.block_id, status.ref_cnt) == (0, -1)
     assert mgr.get(2) is None
+
+
+@pytest.mark.anyio
+async def test_any_bytes_or_int_is_a_key() -> None:
+    """keys are bytes / int: big, negative and empty ones included."""
+    keys: list[Any] = [2**100, -1, b"", 2**64]
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            res = await kv.store(keys, range(4))
+            assert res is not None
+            assert res.stored == 4
+            assert (await kv.lookup(keys)).hits == 4
