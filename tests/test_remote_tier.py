@@ -365,6 +365,49 @@ async def test_cancellation_storm_with_the_remote_tier_leaves_no_pin(
             await settled(kv)
 
 
+async def test_a_remote_load_is_one_job_promoting_and_copying_out(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """Blocks read from the server are promoted into CPU and copied to the caller in
+    the same job of the remote tier (one thread hop); blocks already in CPU are
+    copied by the CPU tier. Mixed in one request, into a tensor and into GPU-pool
+    slots, every block lands byte-exact where the caller asked."""
+    remote = RemoteConfig(url=redis_server.url)
+    keys = list(range(10))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as a:
+            await store_all(a, keys)
+        async with kvactors.open(config(remote)) as b:
+            out = torch.zeros(4, BB, dtype=torch.uint8)
+            await b.load(keys[:4], out)  # now in CPU
+            before = await b.stats()
+            order = [4, 0, 5, 1, 6, 2, 7, 3, 8, 9]
+            out = torch.zeros(len(order), BB, dtype=torch.uint8)
+            got = await b.load(order, out)
+            assert got.tiers == ["remote", "cpu"] * 4 + ["remote"] * 2
+            assert torch.equal(out, data(order))
+            stats = await b.stats()
+            ops = stats.tiers["remote"].transfers
+            old = before.tiers["remote"].transfers
+            assert ops["remote->cpu"].jobs - old["remote->cpu"].jobs == 1
+            assert ops["cpu->tensor"].jobs - old["cpu->tensor"].jobs == 1
+            assert ops["cpu->tensor"].bytes - old["cpu->tensor"].bytes == 6 * BB
+            assert "cpu->tensor" not in before.tiers["cpu"].transfers  # all promoted
+            assert stats.tiers["cpu"].transfers["cpu->tensor"].bytes == 4 * BB
+            # Into slots of the GPU pool, in an order of their own.
+            more = [12, 1, 10, 11]
+        async with kvactors.open(config(remote)) as a:
+            await store_all(a, [10, 11, 12])
+        async with kvactors.open(config(remote)) as b:
+            await b.load([1], torch.zeros(1, BB, dtype=torch.uint8))
+            slots = [40, 3, 17, 18]
+            got = await b.load(more, slots)
+            assert got.tiers == ["remote", "cpu", "remote", "remote"]
+            assert torch.equal(b.gpu_pool.rows(slots), data(more))
+            assert "cpu->gpu" in (await b.stats()).tiers["remote"].transfers
+            await settled(b)
+
+
 async def test_prefetch_promotes_remote_blocks_to_cpu(redis_server: LocalServer) -> None:  # noqa: F811
     remote = RemoteConfig(url=redis_server.url)
     keys = list(range(6))

@@ -6,7 +6,8 @@ Each store, load and prefetch is one message to the coordinator, handled as
 1. ask the policy actor for a plan (``PrepareStore`` / ``PrepareLoad``);
 2. run its transfers in order, each on the tier actor of the medium doing the
    I/O (:func:`~kvactors.cache.transfers.runner`), the request's own side bound
-   to the caller's slot ids or tensor;
+   to the caller's slot ids or tensor; a promotion and the load of the blocks
+   it brings up run as one job of the promoting tier (:func:`_fused`);
 3. ``Complete`` the plan with which transfers succeeded, whatever happened in
    2, out of a cancellation's reach (shielded whenever completing may wait).
 
@@ -110,6 +111,47 @@ def _split(
                 transfers.append(Transfer(t.src, src_ids, t.dst, dst_ids, keys, t.role))
                 flags.append(arrived)
     return msgspec.structs.replace(plan, transfers=transfers), flags
+
+
+def _part(t: Transfer, pos: list[int]) -> Transfer:
+    """The blocks at positions ``pos`` of transfer ``t``."""
+    return Transfer(
+        t.src,
+        [t.src_ids[j] for j in pos],
+        t.dst,
+        [t.dst_ids[j] for j in pos],
+        [t.keys[j] for j in pos],
+        t.role,
+    )
+
+
+def _fused(plan: StorePlan | LoadPlan) -> tuple[dict[int, Transfer], dict[int, Transfer | None]]:
+    """A promotion and the load of its blocks out of the tier they were promoted
+    into run as one job of the promoting tier (one thread hop, not two):
+    ``then[i]``: the part of a load that copies out what promote ``i`` brings up;
+    ``rest[j]``: what load ``j`` still copies itself (``None``: nothing)."""
+    then: dict[int, Transfer] = {}
+    rest: dict[int, Transfer | None] = {}
+    if not isinstance(plan, LoadPlan):
+        return then, rest
+    promotes = [(i, t) for i, t in enumerate(plan.transfers) if t.role == "promote"]
+    if not promotes:
+        return then, rest
+    for j, load in enumerate(plan.transfers):
+        if load.role != "load" or load.dst != CALLER:
+            continue
+        left = list(range(len(load.keys)))
+        for i, promote in promotes:
+            if i > j or promote.dst != load.src:
+                continue
+            up = set(promote.dst_ids)
+            mine = [x for x in left if load.src_ids[x] in up]
+            if mine:
+                then[i] = _part(load, mine)
+                left = [x for x in left if load.src_ids[x] not in up]
+        if len(left) < len(load.keys):
+            rest[j] = _part(load, left) if left else None
+    return then, rest
 
 
 class _Outcome:
@@ -331,9 +373,16 @@ class Coordinator(Actor[CoordinatorRequest]):
         try:
             if waited:
                 await anyio.lowlevel.checkpoint_if_cancelled()
+            then, rest = _fused(plan)
             for i, transfer in enumerate(plan.transfers):
+                if i in rest:
+                    left = rest[i]
+                    if left is None:  # copied out by the promotions before it
+                        outcome.done[i] = True
+                        continue
+                    transfer = left
                 try:
-                    threaded = await self._move(transfer, side)
+                    threaded = await self._move(transfer, side, then.get(i))
                 except IntegrityError as exc:
                     outcome.corrupted.setdefault(transfer.src, []).extend(exc.keys)
                     if isinstance(exc, BlocksMissingError):
@@ -415,10 +464,19 @@ class Coordinator(Actor[CoordinatorRequest]):
         slots = side if len(ids) == len(side) else [side[i] for i in ids]
         return Side("gpu", slots, self.gpu, None)
 
-    async def _move(self, transfer: Transfer, side: Any) -> bool:
-        """Run one transfer on its tier actor; returns whether it ran in a thread."""
+    async def _move(self, transfer: Transfer, side: Any, then: Transfer | None = None) -> bool:
+        """Run one transfer on its tier actor (and ``then``, the load of the blocks
+        it promotes, in the same job); returns whether it ran in a thread."""
         src = self._side(transfer.src, transfer.src_ids, side)
         dst = self._side(transfer.dst, transfer.dst_ids, side)
+        out = None
+        if then is not None:
+            top = self._side(then.src, then.src_ids, side)
+            # Straight into the rows of the caller's tensor at those positions.
+            if isinstance(side, torch.Tensor):
+                out = Move(top, Side("tensor", then.dst_ids, None, side), then.keys)
+            else:
+                out = Move(top, self._side(CALLER, then.dst_ids, side), then.keys)
         copy_back = False
         if src.name == "tensor" and src.rows is None:
             # Some rows of the caller's tensor: a copy of them, then positions 0..n-1.
@@ -432,7 +490,7 @@ class Coordinator(Actor[CoordinatorRequest]):
             copy_back = True
         tier = self.tiers[runner(transfer, self.chain)]
         try:
-            report = await tier.ask(Move(src, dst, transfer.keys))
+            report = await tier.ask(Move(src, dst, transfer.keys, out))
         except (ActorClosed, TierFailed) as exc:
             retry = exc.retry_after if isinstance(exc, TierFailed) else None
             await self._mark_failed(tier.name, retry)

@@ -219,11 +219,13 @@ class JobReport(msgspec.Struct, frozen=True):
 
 
 class Move(Message[JobReport], frozen=True, tag=True):
-    """Run one transfer: copy ``src``'s slots into ``dst``'s, for blocks ``keys``."""
+    """Run one transfer: copy ``src``'s slots into ``dst``'s, for blocks ``keys``;
+    then, in the same job, ``then`` (the load of blocks just promoted into ``dst``)."""
 
     src: Side
     dst: Side
     keys: list[Key]
+    then: Move | None = None
 
 
 class Forget(Message[None], frozen=True, tag=True):

@@ -7,8 +7,11 @@ transfers.runner`), so a transfer's I/O runs under the thread limiter of the
 medium doing it. Transfers run in worker threads under the tier's
 ``anyio.CapacityLimiter``; only memory-to-memory copies of at most
 ``inline_bytes`` run on the event loop, where a thread hop costs more than the
-copy. With ``threads`` > 1 several transfers are in flight at once: the policy
-actor hands every slot to one plan only, so they never touch the same slot.
+copy. A promotion carrying the load that follows it (``Move.then``) runs both
+in one job: the blocks are read into the top tier, verified, then copied out
+to the caller, with one thread hop. With ``threads`` > 1 several transfers are
+in flight at once: the policy actor hands every slot to one plan only, so they
+never touch the same slot.
 
 A failure reaches the asker as :class:`~kvactors.errors.TransferError` naming
 the tier (or the medium's own typed error). A medium that raises
@@ -31,6 +34,7 @@ from kvactors.cache.messages import Contains, Forget, JobReport, Move, TierReque
 from kvactors.cache.results import OpStats, TierStats
 from kvactors.cache.transfers import Side, move
 from kvactors.errors import KVActorsError, TierFailed, TransferError
+from kvactors.keys import Key
 from kvactors.media import BlockMedium, CopyPool
 
 __all__ = ["TierActor"]
@@ -81,10 +85,12 @@ class TierActor(Actor[TierRequest]):
                 raise down
             self.crashed = self._retry_at = None  # try the medium again
         match message:
-            case Move(src, dst, keys):
+            case Move(src, dst, keys, then):
                 op = f"{src.name}->{dst.name}"
                 if not self.move_bytes:  # a metadata-only cache: the transfer is a no-op
                     return self._done(op, len(keys), 0.0)
+                if then is not None:
+                    return await self._fused(op, src, dst, keys, then)
                 inline = self._inline(src, dst, len(keys))
                 return await self._run(op, len(keys), inline, move, src, dst, keys, self.copier)
             case Forget(keys):
@@ -96,6 +102,23 @@ class TierActor(Actor[TierRequest]):
                 contains = self.medium.contains  # type: ignore[attr-defined]
                 await self._run("lookup", 0, False, lambda: found.extend(contains(keys)))
                 return found
+
+    async def _fused(self, op: str, src: Side, dst: Side, keys: list[Key], then: Move) -> JobReport:
+        """A promotion and the load of the blocks it brings up, in one job (one
+        thread hop): ``then`` runs once every block is in ``dst``, verified. Each
+        part is counted as its own transfer."""
+        copy = [0.0]
+
+        def both() -> None:
+            move(src, dst, keys, self.copier)
+            t0 = time.perf_counter()
+            move(then.src, then.dst, then.keys, self.copier)
+            copy[0] = time.perf_counter() - t0
+
+        report = await self._run(op, len(keys), self._inline(src, dst, len(keys)), both)
+        self._count(op, 0, -copy[0], jobs=0)
+        self._count(f"{then.src.name}->{then.dst.name}", len(then.keys), copy[0])
+        return report
 
     def _inline(self, src: Side, dst: Side, blocks: int) -> bool:
         """Whether a transfer runs on the event loop: memory on the host at both
@@ -137,20 +160,25 @@ class TierActor(Actor[TierRequest]):
         return self._done(op, blocks, spent, not inline)
 
     def _done(self, op: str, blocks: int, seconds: float, threaded: bool = False) -> JobReport:
-        nbytes = blocks * self.medium.block_bytes
         self._jobs += 1
         self._busy += seconds
+        nbytes = self._count(op, blocks, seconds)
+        return JobReport(self.name, op, blocks, nbytes, seconds, threaded)
+
+    def _count(self, op: str, blocks: int, seconds: float, jobs: int = 1) -> int:
+        """Add a job moving ``blocks`` in ``seconds`` to transfer ``op``'s totals; its bytes."""
+        nbytes = blocks * self.medium.block_bytes
         acc = self._ops.get(op)
         if acc is None:
             acc = self._ops[op] = [0, 0, 0.0]
-        acc[0] += 1
+        acc[0] += jobs
         acc[1] += nbytes
         acc[2] += seconds
         if op.endswith("->" + self.name):
             self._bytes_written += nbytes
         elif op.startswith(self.name + "->"):
             self._bytes_read += nbytes
-        return JobReport(self.name, op, blocks, nbytes, seconds, threaded)
+        return nbytes
 
     async def on_stop(self) -> None:
         self.medium.close()
