@@ -177,3 +177,66 @@ async def test_remote_misses_and_damaged_values_are_scraped_apart(
     assert sample(samples, "kvactors_tier_hits_total", tier="remote") == stats.remote.hits == 4
     assert stats.policy.tiers["cpu"].used == 4
     assert sample(samples, "kvactors_tier_misses_total", tier="remote") == 2
+
+
+async def test_the_remote_tier_is_scraped_once_per_series_and_shows_a_dead_server(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """The remote tier's bytes and GB/s per direction, its hits, its failures and
+    whether it is up, one series each (an exposition Prometheus accepts: no
+    sample twice); after the server dies a full load that needed it fails and is
+    counted, and the tier shows as down and failed."""
+    from prometheus_client import generate_latest
+
+    from kvactors.errors import RemoteUnavailable
+
+    cfg = Config(
+        block_bytes=BB,
+        gpu=GPUConfig(num_blocks=64, device="cpu"),
+        cpu=TierConfig(num_blocks=16),
+        nvme=None,
+        remote=RemoteConfig(url=redis_server.url, timeout=0.5, retry_after=30),
+    )
+    keys = list(range(8))
+    with anyio.fail_after(30):
+        async with kvactors.open(cfg) as a:
+            await a.store(keys, block_bytes_for(keys, BB, torch.device("cpu")))
+        async with kvactors.open(cfg) as b:
+            out = torch.zeros(4, BB, dtype=torch.uint8)
+            await b.load(keys[:4], out)
+            metrics = CacheMetrics()
+            metrics.update(await b.stats(), now=0.0)
+            metrics.update(await b.stats(), now=1.0)
+            lines = [
+                line
+                for line in generate_latest(metrics.registry).decode().splitlines()
+                if not line.startswith("#")
+            ]
+            series = [line.rsplit(" ", 1)[0] for line in lines]
+            assert len(series) == len(set(series))
+            async with serve_metrics(b, port=0, interval=0.05) as endpoint:
+                samples = await scrape(endpoint.url)
+                assert sample(samples, "kvactors_tier_hits_total", tier="remote") == 4
+                out_bytes = sample(
+                    samples, "kvactors_tier_bytes_total", tier="remote", direction="out"
+                )
+                assert out_bytes == 4 * BB
+                assert sample(samples, "kvactors_tier_gbps", tier="remote", direction="out") > 0
+                assert (
+                    sample(samples, "kvactors_tier_bytes_total", tier="cpu", direction="in")
+                    == 4 * BB
+                )
+                assert sample(samples, "kvactors_tier_up", tier="remote") == 1
+                assert sample(samples, "kvactors_tier_failures_total", tier="remote") == 0
+                redis_server.kill()
+                with pytest.raises(RemoteUnavailable):
+                    await b.load(keys[4:], out)
+                with anyio.fail_after(5):
+                    while True:
+                        samples = await scrape(endpoint.url)
+                        if sample(samples, "kvactors_tier_up", tier="remote") == 0:
+                            break
+                        await anyio.sleep(0.05)
+                assert sample(samples, "kvactors_tier_failures_total", tier="remote") >= 1
+                assert sample(samples, "kvactors_failed_requests_total", op="load") == 1
+                assert sample(samples, "kvactors_tier_up", tier="cpu") == 1

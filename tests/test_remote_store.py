@@ -10,6 +10,8 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -354,3 +356,125 @@ def test_one_store_serves_many_threads_at_once(store: RemoteStore) -> None:
     assert store.fetch([0, 1, 123456], views(fresh)) == ([2], [1])
     assert torch.equal(fresh[0], rows_for([0])[0])
     assert bool((fresh[1:] == 9).all())
+
+
+def test_a_unix_socket_url_reaches_the_server(tmp_path: Path) -> None:
+    """``url = "unix:///path"``: the same store over a Unix socket."""
+    sock = tmp_path / "server.sock"
+    extra = {"unixsocket": str(sock), "unixsocketperm": "700"}
+    with LocalServer(binary=server_binary(), extra=extra) as server:
+        s = RemoteStore("remote", BB, url=f"unix://{sock}?db=0")
+        rows = rows_for([1, 2, 3])
+        s.write_from([], rows, [1, 2, 3])
+        out = torch.zeros_like(rows)
+        assert s.read_into([], out, [1, 2, 3]) == []
+        assert torch.equal(out, rows)
+        assert server.client().exists(s.redis_key(2)) == 1  # the same server over TCP
+        s.close()
+
+
+def test_values_expire_after_ttl_and_are_then_misses(store: RemoteStore) -> None:
+    """``ttl``: each value is written with ``PX``; once it has expired its read is
+    an absent value (a miss, not a damaged one) and the buffer is untouched."""
+    s = RemoteStore("remote", BB, url=store.where, namespace="ttl", ttl=0.3)
+    rows = rows_for([1, 2])
+    s.write_from([], rows, [1, 2])
+    out = torch.zeros_like(rows)
+    assert s.read_into([], out, [1, 2]) == []
+    assert torch.equal(out, rows)
+    time.sleep(0.5)
+    out = torch.full_like(rows, 9)
+    assert s.fetch([1, 2], [memoryview(r.numpy()) for r in out]) == ([0, 1], [])
+    assert bool((out == 9).all())
+    s.close()
+
+
+def test_a_cluster_named_by_one_node_url(redis_cluster: LocalCluster) -> None:  # noqa: F811
+    """``url`` of any one node with ``cluster = true``: the client learns the rest."""
+    url = f"redis://{redis_cluster.nodes[2]}/0"
+    s = RemoteStore("remote", BB, url=url, cluster=True)
+    keys = list(range(60))
+    rows = rows_for(keys)
+    s.write_from([], rows, keys)
+    per_node = [len(server.client().keys(b"kvactors:*")) for server in redis_cluster.servers]
+    assert sum(per_node) == len(keys)
+    assert min(per_node) > 0
+    out = torch.zeros_like(rows)
+    assert s.read_into([], out, keys) == []
+    assert torch.equal(out, rows)
+    s.close()
+
+
+def test_one_pipeline_of_writes_carries_at_most_max_batch_bytes(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """``max_batch_bytes``: a large write goes out in pipelines of at most that many
+    bytes of values (counted on the wire), all of it arriving."""
+    s = RemoteStore("remote", BB, url=redis_server.url, max_batch_bytes=5 * BB)
+    sent: list[int] = []
+    send = s._send_packed
+
+    def counting(node: Any, commands: list[Any]) -> list[Any]:
+        sent.append(sum(len(c) for command in commands for c in command.chunks))
+        return send(node, commands)
+
+    s._send_packed = counting  # type: ignore[method-assign]
+    keys = list(range(23))
+    rows = rows_for(keys)
+    assert s.put(keys, [memoryview(r.numpy()) for r in rows]) == []
+    assert len(sent) == 6  # 5 pipelines of 4 blocks (each BB and its header), 1 of 3
+    assert max(sent) <= 5 * BB
+    out = torch.zeros_like(rows)
+    assert s.read_into([], out, keys) == []
+    assert torch.equal(out, rows)
+    s.close()
+
+
+def test_remote_and_metrics_sections_of_a_config_file(tmp_path: Path) -> None:
+    """``[remote]`` and ``[metrics]`` in a TOML file: every key documented in
+    docs/remote.md reads into the config; an unknown key is a ConfigError."""
+    path = tmp_path / "kv.toml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            block_bytes = 65536
+
+            [remote]
+            nodes = ["127.0.0.1:7000", "127.0.0.1:7001"]
+            cluster = true
+            namespace = "fleet"
+            model = "llama-3.1-8b-instruct/bf16/tp0"
+            layout = "nhd/16"
+            num_blocks = 1000
+            policy = "arc"
+            threads = 2
+            write_policy = "on_demotion"
+            flush_timeout = 3.0
+            connect_timeout = 0.25
+            timeout = 1.5
+            retry_after = 0.5
+            ttl = 600
+            max_batch_bytes = 1048576
+
+            [metrics]
+            port = 9400
+            host = "0.0.0.0"
+            """
+        )
+    )
+    config = Config.from_toml(path)
+    remote = config.remote
+    assert remote is not None
+    assert remote.nodes == ["127.0.0.1:7000", "127.0.0.1:7001"]
+    assert (remote.cluster, remote.namespace, remote.layout) == (True, "fleet", "nhd/16")
+    assert remote.model == "llama-3.1-8b-instruct/bf16/tp0"
+    assert (remote.num_blocks, remote.policy, remote.threads) == (1000, "arc", 2)
+    assert (remote.write_policy, remote.flush_timeout) == ("on_demotion", 3.0)
+    assert (remote.connect_timeout, remote.timeout, remote.retry_after) == (0.25, 1.5, 0.5)
+    assert (remote.ttl, remote.max_batch_bytes) == (600, 1048576)
+    assert config.metrics is not None
+    assert (config.metrics.port, config.metrics.host) == (9400, "0.0.0.0")
+    assert [name for name, _ in config.chain()][-1] == "remote"
+    path.write_text('[remote]\nurl = "redis://127.0.0.1:6379/0"\nwrite_polcy = "x"\n')
+    with pytest.raises(ConfigError, match="write_polcy"):
+        Config.from_toml(path)

@@ -5,6 +5,7 @@ evictions are misses, cancellation storms leave no pin, a cluster loses one node
 from __future__ import annotations
 
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -406,6 +407,116 @@ async def test_a_remote_load_is_one_job_promoting_and_copying_out(
             assert torch.equal(b.gpu_pool.rows(slots), data(more))
             assert "cpu->gpu" in (await b.stats()).tiers["remote"].transfers
             await settled(b)
+
+
+def calls(server: LocalServer) -> dict[str, int]:
+    """Commands the server ran since the last ``CONFIG RESETSTAT``, by name."""
+    stats = server.client().info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+async def test_loads_ask_nothing_first_and_lookups_ask_in_one_batch(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """A load of blocks only the server holds sends one ``GET`` per block and no
+    ``EXISTS``; a miss costs the same single read. A lookup asks ``EXISTS`` of the
+    keys the local tiers miss, and reads nothing."""
+    remote = RemoteConfig(url=redis_server.url)
+    keys = list(range(12))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as a:
+            await store_all(a, keys[:8])
+        async with kvactors.open(config(remote)) as b:
+            redis_server.client().config_resetstat()
+            out = torch.zeros(4, BB, dtype=torch.uint8)
+            assert (await b.load(keys[:4], out)).tiers == ["remote"] * 4
+            assert torch.equal(out, data(keys[:4]))
+            seen = calls(redis_server)
+            assert seen.get("get") == 4
+            assert "exists" not in seen
+            # A miss: one GET, nothing asked before it.
+            assert (await b.load([10], out[:1], partial=True)).tiers == []
+            assert calls(redis_server).get("get") == 5
+            redis_server.client().config_resetstat()
+            found = await b.lookup(keys)  # 0-3 in CPU now: 8 keys asked
+            assert found.tiers == ["cpu"] * 4 + ["remote"] * 4
+            seen = calls(redis_server)
+            assert seen.get("exists") == 8
+            assert "get" not in seen
+            await settled(b)
+
+
+async def test_blocks_the_remote_tier_forgets_stay_on_the_server(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """``remote.num_blocks`` bounds what one cache tracks: blocks beyond it are
+    forgotten by that cache, not deleted, so another engine still loads them."""
+    remote = RemoteConfig(url=redis_server.url, num_blocks=8)
+    keys = list(range(24))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as a:
+            await store_all(a, keys)
+            assert (await a.stats()).policy.tiers["remote"].used <= 8
+        from kvactors.media.remote import RemoteStore
+
+        names = RemoteStore("remote", BB, url=redis_server.url)
+        assert redis_server.client().exists(*[names.redis_key(k) for k in keys]) == len(keys)
+        names.close()
+        async with kvactors.open(config(remote)) as b:
+            out = torch.zeros(4, BB, dtype=torch.uint8)
+            assert (await b.load(keys[:4], out)).tiers == ["remote"] * 4
+            assert torch.equal(out, data(keys[:4]))
+
+
+async def test_a_hung_server_blocks_no_event_loop_and_no_buffer_after_cancel(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """The server stops answering (SIGSTOP) during a load: the event loop keeps
+    running other tasks meanwhile (the client call blocks a worker thread), a
+    cancelled load returns once that call has given up, and nothing writes into
+    its destination afterwards, not even when the server answers again."""
+    remote = RemoteConfig(url=redis_server.url, timeout=0.5, retry_after=0.2)
+    keys = list(range(4))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as a:
+            await store_all(a, keys)
+        async with kvactors.open(config(remote)) as b:
+            assert redis_server.proc is not None
+            redis_server.proc.send_signal(signal.SIGSTOP)
+            ticks = 0
+            out = torch.zeros(4, BB, dtype=torch.uint8)
+            try:
+                async with anyio.create_task_group() as tg:
+
+                    async def tick() -> None:
+                        nonlocal ticks
+                        while True:
+                            await anyio.sleep(0.01)
+                            ticks += 1
+
+                    tg.start_soon(tick)
+                    t0 = time.monotonic()
+                    with anyio.move_on_after(0.1):
+                        # Cancelled at 0.1 s; the read gives up at its 0.5 s timeout
+                        # (then the call returns cancelled, or with what the local
+                        # tiers hold: nothing).
+                        got = await b.load(keys, out, partial=True)
+                        assert got.tiers == []
+                    took = time.monotonic() - t0
+                    tg.cancel_scope.cancel()
+                assert 0.4 < took < 2.0
+                assert ticks >= 10  # the loop ran on while the client call blocked
+                snapshot = out.clone()
+            finally:
+                redis_server.proc.send_signal(signal.SIGCONT)
+            await anyio.sleep(0.3)
+            assert torch.equal(out, snapshot)
+            await settled(b)
+            # Back: the next load reads the blocks (after retry_after).
+            await anyio.sleep(0.25)
+            again = torch.zeros(4, BB, dtype=torch.uint8)
+            assert (await b.load(keys, again)).tiers == ["remote"] * 4
+            assert torch.equal(again, data(keys))
 
 
 async def test_prefetch_promotes_remote_blocks_to_cpu(redis_server: LocalServer) -> None:  # noqa: F811

@@ -120,13 +120,15 @@ class CacheMetrics:
         failures = counter("kvactors_tier_failures", "Failed jobs", labels=["tier"])
         up = gauge("kvactors_tier_up", "1 when the tier serves", labels=["tier"])
         blocks = gauge("kvactors_tier_blocks", "Slots by state", labels=["tier", "state"])
+        remote = getattr(stats, "remote", None)
         for name, m in stats.policy.tiers.items():
+            for state in ("used", "free", "pinned"):
+                blocks.add_metric([name, state], getattr(m, state))
+            if name == "remote" and remote is not None:
+                continue  # what the server answered, below (one series per tier)
             hits.add_metric([name], m.hits)
             misses.add_metric([name], m.lookup_keys - m.hits)
             evictions.add_metric([name], m.evictions)
-            for state in ("used", "free", "pinned"):
-                blocks.add_metric([name, state], getattr(m, state))
-        remote = getattr(stats, "remote", None)
         if remote is not None:
             hits.add_metric(["remote"], remote.hits)
             misses.add_metric(["remote"], remote.misses + remote.corrupt)
