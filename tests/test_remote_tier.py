@@ -519,6 +519,33 @@ async def test_a_hung_server_blocks_no_event_loop_and_no_buffer_after_cancel(
             assert torch.equal(again, data(keys))
 
 
+async def test_a_tracked_block_the_server_evicted_counts_in_lookup_until_read(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """The documented limit: a block this cache wrote and still tracks, gone from
+    the server (evicted), is reported by ``lookup`` (nothing is asked for tracked
+    blocks); the load that reads it finds it missing, and later lookups do not."""
+    remote = RemoteConfig(url=redis_server.url)
+    keys = list(range(24))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote, cpu_blocks=16)) as kv:
+            await store_all(kv, keys)  # 0-7 left CPU; the remote tier tracks them
+            from kvactors.media.remote import RemoteStore
+
+            names = RemoteStore("remote", BB, url=redis_server.url)
+            assert redis_server.client().delete(names.redis_key(0)) == 1
+            names.close()
+            assert (await kv.lookup([0, 1])).tiers == ["remote", "remote"]
+            out = torch.zeros(2, BB, dtype=torch.uint8)
+            assert (await kv.load([0, 1], out, partial=True)).tiers == []
+            assert (await kv.lookup([0])).hits == 0
+            # Block 1 arrived in the same read: promoted, it is served from CPU.
+            assert (await kv.load([1], out[:1])).tiers == ["cpu"]
+            assert torch.equal(out[:1], data([1]))
+            stats = await settled(kv)
+            assert (stats.policy.missing, stats.policy.corrupted) == (1, 0)
+
+
 async def test_prefetch_promotes_remote_blocks_to_cpu(redis_server: LocalServer) -> None:  # noqa: F811
     remote = RemoteConfig(url=redis_server.url)
     keys = list(range(6))

@@ -162,8 +162,9 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The remote tier: a Valkey / Redis server or cluster shared by many engines
     (see docs/remote.md).
 
-    - ``url``: one server, ``redis://host:port/db`` (``rediss://`` for TLS,
-      ``unix:///path`` for a socket); with ``cluster = true`` one node of a cluster.
+    - ``url``: one server, ``redis://host:port/db`` (``unix:///path`` for a
+      socket; ``rediss://`` is handed to redis-py for TLS); with
+      ``cluster = true`` one node of a cluster.
     - ``nodes``: ``["host:port", ...]`` start-up nodes of a cluster (overrides ``url``).
     - ``namespace``: prefix of every key; with ``model`` (the model identity:
       name, revision, dtype, parallel rank, ...) and ``layout`` (anything else

@@ -5,13 +5,17 @@ With no ``--url`` it starts a throwaway Valkey / Redis server on 127.0.0.1
 
 - **Store / load GB/s** at each block size: ``kv.store`` of blocks into a
   cache whose remote tier writes them through, and ``kv.load`` of the same
-  blocks by a second cache whose local tiers are empty (each block read from
-  the server, verified, promoted to CPU and copied out), against raw redis-py
-  ``SET`` / ``GET`` of the same bytes, one call per block, to the same server
-  in the same run (goal: kvactors >= 0.8x raw). Loads on both sides go into
-  a destination written before, as an engine's buffers are (a fresh one
-  would mostly measure first-touch page faults). Also the remote medium alone
-  (``RemoteStore.put`` / ``get_into``), without the cache around it.
+  blocks by a second cache whose local tiers do not hold them (each block read
+  from the server, verified, promoted to CPU and copied out), against raw
+  redis-py ``SET`` / ``GET`` of the same bytes, one call per block, to the same
+  server in the same run (goal: kvactors >= 0.8x raw). In each of ``--repeat``
+  rounds raw ``SET`` is followed at once by ``kv.store`` and raw ``GET`` by
+  ``kv.load``, then the remote medium alone (``RemoteStore.put`` /
+  ``get_into``) runs; figures are the best round of each, and the spread of
+  kvactors / raw within each round is shown beside them. Clients and caches
+  stay open across rounds, as an engine's do (each round uses new keys). Loads
+  on every side go into a destination written before, as an engine's buffers
+  are (a fresh one would mostly measure first-touch page faults).
 - **Round trip**: one block's ``GET`` (raw) against one block's remote fetch
   and one ``kv.load`` of a block only the server holds, median microseconds.
 - **Sharing**: two processes replay alternate requests of a trace (two
@@ -74,39 +78,46 @@ class _Raw:
     """Raw redis-py: ``SET`` / ``GET`` of each block, one call per block, on one
     client kept open across rounds (as an engine keeps its connection)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, rows: torch.Tensor, out: torch.Tensor) -> None:
         import redis
 
         self.client = redis.Redis.from_url(url)
-
-    def round(self, rows: torch.Tensor, out: torch.Tensor, prefix: bytes) -> tuple[float, float]:
-        """Seconds of the ``SET``\\ s, then of the ``GET``\\ s into ``out``."""
+        self.rows, self.out = rows, out
         bb = rows.shape[1]
         flat = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
-        views = [flat[i * bb : (i + 1) * bb] for i in range(rows.shape[0])]
+        self.views = [flat[i * bb : (i + 1) * bb] for i in range(rows.shape[0])]
         oflat = memoryview(out.numpy()).cast("B")  # type: ignore[arg-type]
-        dst = [oflat[i * bb : (i + 1) * bb] for i in range(rows.shape[0])]
-        keys = [prefix + b"%d" % i for i in range(len(views))]
+        self.dst = [oflat[i * bb : (i + 1) * bb] for i in range(rows.shape[0])]
+        self.keys: list[bytes] = []
+
+    def set(self, prefix: bytes) -> float:
+        """Seconds of the ``SET``\\ s of every row, under new keys."""
+        self.keys = [prefix + b"%d" % i for i in range(len(self.views))]
         client = self.client
         t0 = time.perf_counter()
-        for key, view in zip(keys, views):
+        for key, view in zip(self.keys, self.views):
             client.set(key, view)
-        t1 = time.perf_counter()
-        for key, d in zip(keys, dst):
+        return time.perf_counter() - t0
+
+    def get(self) -> float:
+        """Seconds of the ``GET``\\ s of what :meth:`set` wrote, into ``out``."""
+        client = self.client
+        t0 = time.perf_counter()
+        for key, d in zip(self.keys, self.dst):
             d[:] = client.get(key)  # type: ignore[assignment]
-        t2 = time.perf_counter()
-        assert torch.equal(out, rows)
-        client.delete(*keys)
-        return t1 - t0, t2 - t1
+        seconds = time.perf_counter() - t0
+        assert torch.equal(self.out, self.rows)
+        self.out.zero_()
+        client.delete(*self.keys)
+        return seconds
 
     def close(self) -> None:
         self.client.close()
 
 
-def _medium(
-    store: RemoteStore, rows: torch.Tensor, out: torch.Tensor, keys: list[Key]
-) -> tuple[float, float]:
+def _medium(store: RemoteStore, rows: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
     """Seconds of ``RemoteStore.put`` of ``rows``, then of ``get_into`` into ``out``."""
+    keys: list[Key] = list(range(rows.shape[0]))
     t0 = time.perf_counter()
     store.write_from([], rows, keys)
     t1 = time.perf_counter()
@@ -114,68 +125,55 @@ def _medium(
     t2 = time.perf_counter()
     assert missed == []
     assert torch.equal(out, rows)
+    out.zero_()
     store.delete(keys)
     return t1 - t0, t2 - t1
 
 
-async def _through_cache(
-    url: str, rows: torch.Tensor, namespace: str, rounds: int, turn: Any
-) -> dict[str, list[float]]:
-    """Seconds of each round of ``kv.store`` (write-through to the server) in
-    one cache, then ``kv.load`` of the same blocks in another whose local tiers do
-    not hold them; ``turn(r)`` (raw redis-py and the medium alone) runs before
-    round ``r`` in a worker thread, so every side takes its turns in one run. Both
-    caches stay open (as an engine's does): each round uses new keys."""
+async def _rounds(url: str, rows: torch.Tensor, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each side in each round: raw ``SET`` then ``kv.store`` (one cache,
+    writing through to the server), raw ``GET`` then ``kv.load`` of the blocks
+    just stored by a second cache whose local tiers do not hold them, then the
+    medium alone; each pair a moment apart, in one run. Clients and caches stay
+    open across rounds (as an engine's do); each round uses new keys."""
     n, bb = rows.shape
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
     cfg = _cache_config(url, bb, n, namespace, cpu_blocks=n)
     step = max(1, min(n, (8 * 2**20) // bb))  # requests of about 8 MiB
     out = torch.zeros_like(rows)  # written before, as an engine's buffers are
     seconds: dict[str, list[float]] = {}
+    raw = _Raw(url, rows, out)
+    medium = RemoteStore("remote", bb, url=url, namespace=namespace + "-m")
     store = RemoteStore("remote", bb, url=url, namespace=namespace)
-    async with kvactors.open(cfg) as a, kvactors.open(cfg) as b:
-        for r in range(rounds):
-            for name, s in (await anyio.to_thread.run_sync(turn, r)).items():
-                seconds.setdefault(name, []).append(s)
-            keys: list[Key] = list(range(r * n, (r + 1) * n))
-            t0 = time.perf_counter()
-            for i in range(0, n, step):
-                await a.store(keys[i : i + step], rows[i : i + step])
-            t1 = time.perf_counter()
-            for i in range(0, n, step):
-                got = await b.load(keys[i : i + step], out[i : i + step])
-                assert set(got.tiers) == {"remote"}
-            t2 = time.perf_counter()
-            assert torch.equal(out, rows)
-            out.zero_()
-            seconds.setdefault("kv_store", []).append(t1 - t0)
-            seconds.setdefault("kv_load", []).append(t2 - t1)
-            store.delete(keys)  # the server never fills up
-    store.close()
-    return seconds
-
-
-def _measure(url: str, bb: int, n: int, rounds: int) -> dict[str, list[float]]:
-    """Seconds of each side in each of ``rounds`` rounds of ``n`` blocks of ``bb``
-    bytes; in each round raw redis-py, the medium alone and the cache take turns."""
-    rows = torch.randint(0, 256, (n, bb), dtype=torch.uint8)
-    ns = f"bench-{uuid.uuid4().hex[:8]}"
-    raw = _Raw(url)
-    medium = RemoteStore("remote", bb, url=url, namespace=ns + "-m")
-    out = torch.zeros_like(rows)  # written before, as an engine's buffers are
-    keys: list[Key] = list(range(n))
-
-    def turn(r: int) -> dict[str, float]:
-        got: dict[str, float] = {}
-        got["raw_set"], got["raw_get"] = raw.round(rows, out, f"{ns}-raw-{r}:".encode())
-        got["medium_put"], got["medium_get"] = _medium(medium, rows, out, keys)
-        return got
-
+    run = anyio.to_thread.run_sync
     try:
-        return anyio.run(_through_cache, url, rows, ns, rounds, turn)
+        async with kvactors.open(cfg) as a, kvactors.open(cfg) as b:
+            for r in range(rounds):
+                took = seconds.setdefault
+                took("raw_set", []).append(await run(raw.set, f"{namespace}-raw-{r}:".encode()))
+                keys: list[Key] = list(range(r * n, (r + 1) * n))
+                t0 = time.perf_counter()
+                for i in range(0, n, step):
+                    await a.store(keys[i : i + step], rows[i : i + step])
+                took("kv_store", []).append(time.perf_counter() - t0)
+                took("raw_get", []).append(await run(raw.get))
+                t0 = time.perf_counter()
+                for i in range(0, n, step):
+                    got = await b.load(keys[i : i + step], out[i : i + step])
+                    assert set(got.tiers) == {"remote"}
+                took("kv_load", []).append(time.perf_counter() - t0)
+                assert torch.equal(out, rows)
+                out.zero_()
+                store.delete(keys)  # the server never fills up
+                put, get = await run(_medium, medium, rows, out)
+                took("medium_put", []).append(put)
+                took("medium_get", []).append(get)
     finally:
         raw.close()
         medium.close()
-        _flush(url, ns)
+        store.close()
+        _flush(url, namespace)
+    return seconds
 
 
 async def _round_trips(url: str, bb: int, n: int = 200) -> dict[str, float]:
@@ -292,7 +290,8 @@ def _run(args: argparse.Namespace, url: str, trace: str) -> Report:
     ):
         bb = kib * 1024
         n = max(4, args.mib * 2**20 // bb)
-        rounds = _measure(url, bb, n, args.repeat)
+        rows = torch.randint(0, 256, (n, bb), dtype=torch.uint8)
+        rounds = anyio.run(_rounds, url, rows, args.repeat)
         gb = n * bb / 1e9
         speed = {name: gb / min(s) for name, s in rounds.items()}
         store_ratio = speed["kv_store"] / speed["raw_set"]
