@@ -16,8 +16,13 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
+#if defined(__x86_64__)
+#include <nmmintrin.h>
+#endif
 
 #include "index_api.h"
 
@@ -68,6 +73,96 @@ crc32_of(const uint8_t *p, size_t n)
     return c ^ 0xffffffffu;
 }
 
+/* CRC-32C (Castagnoli) of the snapshot's chunks: the SSE4.2 instruction where the
+ * CPU has it (several GB/s), else the same function sliced by 8 in software. */
+static uint32_t crc32c_table[8][256];
+static int crc32c_hw_ok;
+
+static void
+crc32c_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? 0x82f63b78u ^ (c >> 1) : c >> 1;
+        crc32c_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc32c_table[t][i] =
+                (crc32c_table[t - 1][i] >> 8) ^ crc32c_table[0][crc32c_table[t - 1][i] & 0xff];
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    crc32c_hw_ok = __builtin_cpu_supports("sse4.2");
+#endif
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2"))) static uint32_t
+crc32c_hw(const uint8_t *p, size_t n)
+{
+    uint64_t c = 0xffffffffu;
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        c = _mm_crc32_u64(c, w);
+        p += 8;
+        n -= 8;
+    }
+    uint32_t c32 = (uint32_t)c;
+    while (n--)
+        c32 = _mm_crc32_u8(c32, *p++);
+    return c32 ^ 0xffffffffu;
+}
+#endif
+
+static uint32_t
+crc32c_of(const uint8_t *p, size_t n)
+{
+#if defined(__x86_64__)
+    if (crc32c_hw_ok)
+        return crc32c_hw(p, n);
+#endif
+    uint32_t c = 0xffffffffu;
+    while (n >= 8) {
+        uint32_t lo, hi;
+        memcpy(&lo, p, 4);
+        memcpy(&hi, p + 4, 4);
+        lo ^= c;
+        c = crc32c_table[7][lo & 0xff] ^ crc32c_table[6][(lo >> 8) & 0xff] ^
+            crc32c_table[5][(lo >> 16) & 0xff] ^ crc32c_table[4][lo >> 24] ^
+            crc32c_table[3][hi & 0xff] ^ crc32c_table[2][(hi >> 8) & 0xff] ^
+            crc32c_table[1][(hi >> 16) & 0xff] ^ crc32c_table[0][hi >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n--)
+        c = crc32c_table[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+    return c ^ 0xffffffffu;
+}
+
+/* A snapshot is the table's own two arrays, written as they sit in memory in
+ * checksummed chunks. It is taken at one instant (the log rotation) without
+ * stopping stores: from snap_begin on, a chunk is written out (and its CRC
+ * kept) before the first update that would change it, and a background
+ * thread writes the chunks nobody touched; each chunk is written once. */
+#define REC_CHUNK 1024u  /* slots per chunk of the record array (48 KiB) */
+#define HT_CHUNK 16384u  /* buckets per chunk of the hash array (64 KiB) */
+
+typedef struct {
+    int active;
+    int fd;
+    int err; /* errno of a failed write or allocation: the snapshot is abandoned */
+    uint64_t recs_off, ht_off;
+    uint32_t n_rc, n_hc, next;
+    uint8_t *saved;
+    uint32_t *crcs;
+    uint64_t live, max_seq;
+    uint8_t *lk; /* keys stored out of line: (u32 slot, u16 len, u16 0, key, pad to 8) */
+    size_t lk_len, lk_cap;
+    uint64_t lk_count;
+} snap_t;
+
 typedef struct {
     uint64_t seq; /* 0: empty slot */
     uint32_t crc;
@@ -93,7 +188,26 @@ typedef struct {
     size_t out_bytes; /* keys stored out of line */
     void *listener;   /* the manager sharing this table's keys, or NULL */
     kv_on_change on_change;
+    uint64_t seed; /* of the key hash: the bucket array's layout depends on it */
+    snap_t snap;
 } Table;
+
+static void snap_save(Table *t, uint32_t c);
+
+/* Called before recs[s] or ht[i] changes while a snapshot is being taken. */
+static inline void
+cow_rec(Table *t, uint64_t s)
+{
+    if (t->snap.active && !t->snap.saved[s / REC_CHUNK])
+        snap_save(t, (uint32_t)(s / REC_CHUNK));
+}
+
+static inline void
+cow_ht(Table *t, uint64_t i)
+{
+    if (t->snap.active && !t->snap.saved[t->snap.n_rc + i / HT_CHUNK])
+        snap_save(t, t->snap.n_rc + (uint32_t)(i / HT_CHUNK));
+}
 
 /* Slot s's record is about to change: the listener copies a key it shares. */
 static int
@@ -114,9 +228,9 @@ mix(uint64_t h)
 }
 
 static uint64_t
-key_hash(uint8_t kind, const uint8_t *data, size_t len)
+key_hash(const Table *t, uint8_t kind, const uint8_t *data, size_t len)
 {
-    uint64_t h = mix(((uint64_t)kind << 32) ^ len ^ 0x9e3779b97f4a7c15ULL);
+    uint64_t h = mix(((uint64_t)kind << 32) ^ len ^ 0x9e3779b97f4a7c15ULL ^ t->seed);
     size_t i = 0;
     for (; i + 8 <= len; i += 8) {
         uint64_t w;
@@ -190,7 +304,7 @@ static int64_t
 find_slot(Table *t, uint8_t kind, const uint8_t *data, size_t len)
 {
     int found;
-    uint64_t i = probe(t, kind, data, len, key_hash(kind, data, len), &found);
+    uint64_t i = probe(t, kind, data, len, key_hash(t, kind, data, len), &found);
     return found ? (int64_t)bucket_slot(t, t->ht[i]) : -1;
 }
 
@@ -200,8 +314,8 @@ remove_slot(Table *t, uint32_t s)
 {
     rec_t *r = &t->recs[s];
     int found;
-    uint64_t i = probe(t, r->kind, rec_key(r), r->klen, key_hash(r->kind, rec_key(r), r->klen),
-                       &found);
+    uint64_t i = probe(t, r->kind, rec_key(r), r->klen,
+                       key_hash(t, r->kind, rec_key(r), r->klen), &found);
     if (found) {
         /* Backward-shift deletion keeps every probe chain unbroken. */
         uint64_t j = i;
@@ -211,16 +325,19 @@ remove_slot(Table *t, uint32_t s)
             if (v == 0)
                 break;
             rec_t *o = &t->recs[bucket_slot(t, v)];
-            uint64_t home = key_hash(o->kind, rec_key(o), o->klen) & t->mask;
+            uint64_t home = key_hash(t, o->kind, rec_key(o), o->klen) & t->mask;
             /* Move v back to i if its home is not in (i, j] cyclically. */
             int between = i <= j ? (home > i && home <= j) : (home > i || home <= j);
             if (!between) {
+                cow_ht(t, i);
                 t->ht[i] = v;
                 i = j;
             }
         }
+        cow_ht(t, i);
         t->ht[i] = 0;
     }
+    cow_rec(t, s);
     if (r->klen > INLINE) {
         t->out_bytes -= r->klen;
         PyMem_RawFree(r->key.out);
@@ -264,6 +381,8 @@ put_hashed(Table *t, uint8_t kind, const uint8_t *data, size_t len, uint64_t slo
         memcpy(copy, data, len);
         t->out_bytes += len;
     }
+    cow_rec(t, slot);
+    cow_ht(t, bucket);
     r->seq = seq;
     r->crc = crc;
     r->klen = (uint16_t)len;
@@ -282,7 +401,7 @@ static int
 do_put(Table *t, uint8_t kind, const uint8_t *data, size_t len, uint64_t slot, uint32_t crc,
        uint64_t seq)
 {
-    return put_hashed(t, kind, data, len, slot, crc, seq, key_hash(kind, data, len));
+    return put_hashed(t, kind, data, len, slot, crc, seq, key_hash(t, kind, data, len));
 }
 
 static int
@@ -409,8 +528,8 @@ zeroed(size_t bytes)
 static int
 Table_init(Table *self, PyObject *args, PyObject *kwds)
 {
-    unsigned long long n;
-    if (!PyArg_ParseTuple(args, "K", &n))
+    unsigned long long n, seed = 0;
+    if (!PyArg_ParseTuple(args, "K|K", &n, &seed))
         return -1;
     if (n == 0 || n >= (1ULL << 32) - 1) {
         PyErr_SetString(PyExc_ValueError, "num_blocks must be in 1 .. 2**32 - 2");
@@ -441,6 +560,7 @@ Table_init(Table *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->num_blocks = (uint32_t)n;
+    self->seed = seed;
     self->mask = cap - 1;
     self->slot_bits = 1;
     while (self->slot_bits < 32 && (1ULL << self->slot_bits) <= n)
@@ -448,9 +568,12 @@ Table_init(Table *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+static void snap_free(snap_t *sn);
+
 static void
 Table_dealloc(Table *self)
 {
+    snap_free(&self->snap);
     if (self->recs != NULL && self->out_bytes) {
         for (uint32_t s = 0; s < self->num_blocks; s++)
             if (self->recs[s].seq && self->recs[s].klen > INLINE)
@@ -565,7 +688,7 @@ Table_apply(Table *self, PyObject *args)
                 ok = 0;
                 break;
             }
-            hash[w] = key_hash(p[5], p + HEAD, klen);
+            hash[w] = key_hash(self, p[5], p + HEAD, klen);
             __builtin_prefetch(&self->ht[hash[w] & self->mask]);
             uint32_t at;
             memcpy(&at, p + 8, 4);
@@ -641,6 +764,393 @@ Table_dump(Table *self, PyObject *args)
         p += total;
     }
     return Py_BuildValue("(Nn)", out, n);
+}
+
+/* -- the snapshot: the arrays as they sit in memory --------------------------------- */
+
+static size_t
+round_page(size_t n)
+{
+    return (n + 4095) & ~(size_t)4095;
+}
+
+static void
+snap_free(snap_t *sn)
+{
+    PyMem_RawFree(sn->saved);
+    PyMem_RawFree(sn->crcs);
+    PyMem_RawFree(sn->lk);
+    memset(sn, 0, sizeof(*sn));
+}
+
+static int
+lk_append(snap_t *sn, uint32_t slot, const rec_t *r)
+{
+    size_t need = (8 + r->klen + 7) & ~(size_t)7;
+    if (sn->lk_len + need > sn->lk_cap) {
+        size_t cap = sn->lk_cap ? sn->lk_cap : 4096;
+        while (cap < sn->lk_len + need)
+            cap *= 2;
+        uint8_t *grown = PyMem_RawRealloc(sn->lk, cap);
+        if (grown == NULL)
+            return -1;
+        sn->lk = grown;
+        sn->lk_cap = cap;
+    }
+    uint8_t *p = sn->lk + sn->lk_len;
+    memset(p, 0, need);
+    memcpy(p, &slot, 4);
+    memcpy(p + 4, &r->klen, 2);
+    memcpy(p + 8, r->key.out, r->klen);
+    sn->lk_len += need;
+    sn->lk_count++;
+    return 0;
+}
+
+/* Write chunk c (its bytes as they are now) to the snapshot file, once. */
+static void
+snap_save(Table *t, uint32_t c)
+{
+    snap_t *sn = &t->snap;
+    if (sn->saved[c])
+        return;
+    sn->saved[c] = 1;
+    const uint8_t *p;
+    size_t len;
+    uint64_t off;
+    if (c < sn->n_rc) {
+        size_t at = (size_t)c * REC_CHUNK * sizeof(rec_t);
+        p = (const uint8_t *)t->recs + at;
+        len = t->recs_bytes - at < REC_CHUNK * sizeof(rec_t) ? t->recs_bytes - at
+                                                            : REC_CHUNK * sizeof(rec_t);
+        off = sn->recs_off + at;
+        if (t->out_bytes && !sn->err) {
+            uint64_t hi = (uint64_t)c * REC_CHUNK + REC_CHUNK;
+            if (hi > t->num_blocks)
+                hi = t->num_blocks;
+            for (uint64_t s = (uint64_t)c * REC_CHUNK; s < hi; s++)
+                if (t->recs[s].seq && t->recs[s].klen > INLINE &&
+                    lk_append(sn, (uint32_t)s, &t->recs[s]) < 0)
+                    sn->err = ENOMEM;
+        }
+    } else {
+        size_t at = (size_t)(c - sn->n_rc) * HT_CHUNK * sizeof(uint32_t);
+        p = (const uint8_t *)t->ht + at;
+        len = t->ht_bytes - at < HT_CHUNK * sizeof(uint32_t) ? t->ht_bytes - at
+                                                             : HT_CHUNK * sizeof(uint32_t);
+        off = sn->ht_off + at;
+    }
+    if (sn->err)
+        return;
+    sn->crcs[c] = crc32c_of(p, len);
+    while (len) {
+        ssize_t w = pwrite(sn->fd, p, len, (off_t)off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            sn->err = errno;
+            return;
+        }
+        p += w;
+        len -= (size_t)w;
+        off += (uint64_t)w;
+    }
+}
+
+static PyObject *
+Table_snap_begin(Table *self, PyObject *args)
+{
+    int fd;
+    unsigned long long recs_off, ht_off;
+    if (!PyArg_ParseTuple(args, "iKK", &fd, &recs_off, &ht_off))
+        return NULL;
+    if (self->snap.active) {
+        PyErr_SetString(PyExc_RuntimeError, "a snapshot of this table is already being taken");
+        return NULL;
+    }
+    snap_t *sn = &self->snap;
+    memset(sn, 0, sizeof(*sn));
+    sn->n_rc = (uint32_t)((self->num_blocks + REC_CHUNK - 1) / REC_CHUNK);
+    sn->n_hc = (uint32_t)((self->mask + 1 + HT_CHUNK - 1) / HT_CHUNK);
+    sn->saved = PyMem_RawCalloc(sn->n_rc + sn->n_hc, 1);
+    sn->crcs = PyMem_RawCalloc(sn->n_rc + sn->n_hc, sizeof(uint32_t));
+    if (sn->saved == NULL || sn->crcs == NULL) {
+        snap_free(sn);
+        return PyErr_NoMemory();
+    }
+    sn->fd = fd;
+    sn->recs_off = recs_off;
+    sn->ht_off = ht_off;
+    sn->live = (uint64_t)self->live;
+    sn->max_seq = self->max_seq;
+    sn->active = 1;
+    Py_RETURN_NONE;
+}
+
+/* Write up to n chunks no update has written yet; True when every chunk is written. */
+static PyObject *
+Table_snap_step(Table *self, PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    snap_t *sn = &self->snap;
+    if (!sn->active) {
+        PyErr_SetString(PyExc_RuntimeError, "no snapshot is being taken");
+        return NULL;
+    }
+    uint32_t total = sn->n_rc + sn->n_hc;
+    while (n > 0 && sn->next < total && !sn->err) {
+        if (!sn->saved[sn->next]) {
+            snap_save(self, sn->next);
+            n--;
+        }
+        sn->next++;
+    }
+    while (sn->next < total && sn->saved[sn->next])
+        sn->next++;
+    return PyBool_FromLong(sn->next >= total || sn->err);
+}
+
+/* Stop taking the snapshot: (live, max_seq, chunk crcs, out-of-line keys, their
+ * count, errno or 0) as of snap_begin. */
+static PyObject *
+Table_snap_end(Table *self, PyObject *Py_UNUSED(ignored))
+{
+    snap_t *sn = &self->snap;
+    if (!sn->active)
+        Py_RETURN_NONE;
+    uint32_t total = sn->n_rc + sn->n_hc;
+    int err = sn->err;
+    if (!err && sn->next < total)
+        err = EINTR; /* abandoned before every chunk was written */
+    PyObject *out = Py_BuildValue(
+        "(KKy#y#Ki)", (unsigned long long)sn->live, (unsigned long long)sn->max_seq,
+        (const char *)sn->crcs, (Py_ssize_t)(total * sizeof(uint32_t)),
+        (const char *)(sn->lk ? sn->lk : (uint8_t *)""), (Py_ssize_t)sn->lk_len,
+        (unsigned long long)sn->lk_count, err);
+    snap_free(sn);
+    return out;
+}
+
+static int
+read_full(int fd, uint8_t *p, size_t len, uint64_t off)
+{
+    while (len) {
+        ssize_t got = pread(fd, p, len, (off_t)off);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (got == 0)
+            return 0; /* the file ends early: the rest stays zero and fails its checksum */
+        p += got;
+        len -= (size_t)got;
+        off += (uint64_t)got;
+    }
+    return 0;
+}
+
+/* Put rec s's key back in the hash (the table being rebuilt): a key found twice
+ * keeps its newer record. */
+static void
+rebuild_insert(Table *t, uint32_t s)
+{
+    rec_t *r = &t->recs[s];
+    int found;
+    uint64_t h = key_hash(t, r->kind, rec_key(r), r->klen);
+    uint64_t b = probe(t, r->kind, rec_key(r), r->klen, h, &found);
+    if (found) {
+        rec_t *o = &t->recs[bucket_slot(t, t->ht[b])];
+        rec_t *drop = o->seq > r->seq ? r : o;
+        if (drop == o)
+            t->ht[b] = bucket_of(t, h, s);
+        if (drop->klen > INLINE)
+            PyMem_RawFree(drop->key.out);
+        memset(drop, 0, sizeof(*drop));
+        return;
+    }
+    t->ht[b] = bucket_of(t, h, s);
+    t->live++;
+    if (r->klen > INLINE)
+        t->out_bytes += r->klen;
+}
+
+/* load(fd, how, recs_off, ht_off, seed, live, max_seq, crcs, long_keys, long_count)
+ *   -> (chunks that failed their checksum, entries dropped with them or for want of
+ *       their out-of-line key)
+ * how: 0 read into fresh anonymous memory, 1 the same from an O_DIRECT descriptor,
+ * 2 mmap MAP_PRIVATE | MAP_POPULATE. Where a chunk fails, its records are dropped
+ * and the hash rebuilt from the records kept. The table must be empty. */
+static PyObject *
+Table_load(Table *self, PyObject *args)
+{
+    int fd, how;
+    unsigned long long recs_off, ht_off, seed, live, max_seq, long_count;
+    Py_buffer crcs, lk;
+    if (!PyArg_ParseTuple(args, "iiKKKKKy*y*K", &fd, &how, &recs_off, &ht_off, &seed, &live,
+                          &max_seq, &crcs, &lk, &long_count))
+        return NULL;
+    PyObject *result = NULL;
+    uint32_t n_rc = (uint32_t)((self->num_blocks + REC_CHUNK - 1) / REC_CHUNK);
+    uint32_t n_hc = (uint32_t)((self->mask + 1 + HT_CHUNK - 1) / HT_CHUNK);
+    if (self->live || self->snap.active || self->max_seq) {
+        PyErr_SetString(PyExc_RuntimeError, "a snapshot loads into an empty table");
+        goto done;
+    }
+    if ((size_t)crcs.len != (size_t)(n_rc + n_hc) * sizeof(uint32_t)) {
+        PyErr_SetString(PyExc_ValueError, "the snapshot's chunk count is not this table's");
+        goto done;
+    }
+    size_t rb = round_page(self->recs_bytes), hb = round_page(self->ht_bytes);
+    uint8_t *recs = NULL, *ht = NULL;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    if (how == 2) {
+        recs = mmap(NULL, rb, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_POPULATE, fd,
+                    (off_t)recs_off);
+        ht = mmap(NULL, hb, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_POPULATE, fd,
+                  (off_t)ht_off);
+        if (recs == MAP_FAILED || ht == MAP_FAILED)
+            err = errno;
+    } else {
+        recs = zeroed(rb);
+        ht = zeroed(hb);
+        if (recs == NULL || ht == NULL)
+            err = ENOMEM;
+        else if (read_full(fd, recs, rb, recs_off) < 0 || read_full(fd, ht, hb, ht_off) < 0)
+            err = errno;
+    }
+    Py_END_ALLOW_THREADS;
+    if (err) {
+        if (recs != NULL && recs != MAP_FAILED)
+            munmap(recs, rb);
+        if (ht != NULL && ht != MAP_FAILED)
+            munmap(ht, hb);
+        errno = err;
+        PyErr_SetFromErrno(err == ENOMEM ? PyExc_MemoryError : PyExc_OSError);
+        goto done;
+    }
+    munmap(self->recs, self->recs_bytes);
+    munmap(self->ht, self->ht_bytes);
+    self->recs = (rec_t *)recs;
+    self->ht = (uint32_t *)ht;
+    self->seed = seed;
+    self->max_seq = max_seq;
+    self->live = (Py_ssize_t)live;
+
+    /* Every chunk against its checksum. */
+    const uint32_t *want = crcs.buf;
+    uint8_t *bad = PyMem_RawCalloc(n_rc + n_hc, 1);
+    if (bad == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    uint32_t n_bad = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    for (uint32_t c = 0; c < n_rc + n_hc; c++) {
+        const uint8_t *p;
+        size_t len;
+        if (c < n_rc) {
+            size_t at = (size_t)c * REC_CHUNK * sizeof(rec_t);
+            p = recs + at;
+            len = self->recs_bytes - at < REC_CHUNK * sizeof(rec_t) ? self->recs_bytes - at
+                                                                    : REC_CHUNK * sizeof(rec_t);
+        } else {
+            size_t at = (size_t)(c - n_rc) * HT_CHUNK * sizeof(uint32_t);
+            p = ht + at;
+            len = self->ht_bytes - at < HT_CHUNK * sizeof(uint32_t) ? self->ht_bytes - at
+                                                                    : HT_CHUNK * sizeof(uint32_t);
+        }
+        if (crc32c_of(p, len) != want[c]) {
+            bad[c] = 1;
+            n_bad++;
+        }
+    }
+    Py_END_ALLOW_THREADS;
+    uint64_t dropped = 0;
+    int rebuild = n_bad != 0;
+    for (uint32_t c = 0; c < n_rc; c++)
+        if (bad[c]) {
+            size_t at = (size_t)c * REC_CHUNK;
+            size_t cnt = self->num_blocks - at < REC_CHUNK ? self->num_blocks - at : REC_CHUNK;
+            for (size_t s = at; s < at + cnt; s++)
+                dropped += self->recs[s].seq != 0;
+            memset(&self->recs[at], 0, cnt * sizeof(rec_t));
+        }
+    if (long_count) {
+        /* Out-of-line keys: the pointers on disk mean nothing; set them from the list. */
+        for (uint32_t s = 0; s < self->num_blocks; s++)
+            if (self->recs[s].klen > INLINE)
+                self->recs[s].key.out = NULL;
+        const uint8_t *p = lk.buf, *end = p + lk.len;
+        while (p + 8 <= end) {
+            uint32_t s;
+            uint16_t klen;
+            memcpy(&s, p, 4);
+            memcpy(&klen, p + 4, 2);
+            size_t need = (8 + (size_t)klen + 7) & ~(size_t)7;
+            if (p + need > end)
+                break;
+            rec_t *r = s < self->num_blocks ? &self->recs[s] : NULL;
+            if (r != NULL && r->seq && r->klen == klen && klen > INLINE && r->key.out == NULL) {
+                r->key.out = PyMem_RawMalloc(klen);
+                if (r->key.out == NULL) {
+                    PyErr_NoMemory();
+                    PyMem_RawFree(bad);
+                    goto done; /* Python drops this table */
+                }
+                memcpy(r->key.out, p + 8, klen);
+                self->out_bytes += klen;
+            }
+            p += need;
+        }
+        for (uint32_t s = 0; s < self->num_blocks; s++) {
+            rec_t *r = &self->recs[s];
+            if (r->seq && r->klen > INLINE && r->key.out == NULL) {
+                memset(r, 0, sizeof(*r));
+                dropped++;
+                rebuild = 1;
+            } else if (!r->seq && r->klen > INLINE) {
+                r->klen = 0;
+            }
+        }
+    }
+    if (rebuild) {
+        /* Damaged: the hash is rebuilt from the records that verified. */
+        memset(self->ht, 0, self->ht_bytes);
+        self->live = 0;
+        self->out_bytes = 0;
+        for (uint32_t s = 0; s < self->num_blocks; s++)
+            if (self->recs[s].seq)
+                rebuild_insert(self, s);
+    }
+    PyMem_RawFree(bad);
+    result = Py_BuildValue("(IK)", n_bad, (unsigned long long)dropped);
+done:
+    PyBuffer_Release(&crcs);
+    PyBuffer_Release(&lk);
+    return result;
+}
+
+static PyObject *
+Table_layout(Table *self, void *Py_UNUSED(closure))
+{
+    uint32_t n_rc = (uint32_t)((self->num_blocks + REC_CHUNK - 1) / REC_CHUNK);
+    uint32_t n_hc = (uint32_t)((self->mask + 1 + HT_CHUNK - 1) / HT_CHUNK);
+    return Py_BuildValue("{s:I,s:K,s:I,s:I,s:I,s:K,s:K,s:I}", "rec_bytes",
+                         (unsigned)sizeof(rec_t), "buckets",
+                         (unsigned long long)(self->mask + 1), "slot_bits", self->slot_bits,
+                         "rec_chunk", REC_CHUNK, "ht_chunk", HT_CHUNK, "recs_bytes",
+                         (unsigned long long)self->recs_bytes, "ht_bytes",
+                         (unsigned long long)self->ht_bytes, "chunks", n_rc + n_hc);
+}
+
+static PyObject *
+Table_seed(Table *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(self->seed);
 }
 
 typedef struct {
@@ -720,12 +1230,24 @@ static PyMethodDef Table_methods[] = {
     {"dump", (PyCFunction)Table_dump, METH_VARARGS, "dump(lo, hi) -> (records, count)"},
     {"entries", (PyCFunction)Table_entries, METH_NOARGS,
      "entries() -> [(key, slot, crc)] oldest first"},
+    {"snap_begin", (PyCFunction)Table_snap_begin, METH_VARARGS,
+     "snap_begin(fd, recs_offset, ht_offset): take a snapshot as of now"},
+    {"snap_step", (PyCFunction)Table_snap_step, METH_O,
+     "snap_step(n) -> done: write up to n chunks no update has written"},
+    {"snap_end", (PyCFunction)Table_snap_end, METH_NOARGS,
+     "snap_end() -> (live, max_seq, crcs, long_keys, long_count, errno) or None"},
+    {"load", (PyCFunction)Table_load, METH_VARARGS,
+     "load(fd, how, recs_off, ht_off, seed, live, max_seq, crcs, long_keys, long_count)"
+     " -> (bad chunks, entries dropped)"},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef Table_getset[] = {
     {"max_seq", (getter)Table_max_seq, NULL, "the largest sequence number seen", NULL},
     {"nbytes", (getter)Table_nbytes, NULL, "bytes the table's arrays and keys take", NULL},
+    {"layout", (getter)Table_layout, NULL, "the arrays' geometry, as a snapshot records it",
+     NULL},
+    {"seed", (getter)Table_seed, NULL, "the key hash's seed", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -976,6 +1498,7 @@ PyMODINIT_FUNC
 PyInit__nvme_index(void)
 {
     crc_init();
+    crc32c_init();
     if (PyType_Ready(&TableType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

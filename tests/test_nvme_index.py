@@ -7,6 +7,7 @@ import os
 import random
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -247,12 +248,17 @@ def test_a_crash_at_any_point_of_compaction_keeps_the_state(tmp_path: Path, nati
 def test_a_damaged_snapshot_is_set_aside_and_what_verifies_is_kept(
     tmp_path: Path, native: bool, damage: str, mapped: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The record snapshot (Python table) keeps each record that verifies; the
+    table snapshot (compiled) each chunk of 1,024 slots that verifies."""
     if mapped:  # files read in small pieces, records split across them
         monkeypatch.setattr(nvme_index, "READ_BYTES", 100)
-    index = NVMeIndex(tmp_path, BB, 64, native=native)
-    index.put([(i, i, i) for i in range(20)])
+        monkeypatch.setattr(nvme_index, "SNAP_LOAD", "read")
+    n = 4096 if native else 64  # four chunks of the compiled table
+    step = n // 32
+    index = NVMeIndex(tmp_path, BB, n, native=native)
+    index.put([(i, i * step, i) for i in range(20)])
     index.compact()
-    index.put([(100, 30, 1)])  # in the log after the snapshot
+    index.put([(100, 30 * step, 1)])  # in the log after the snapshot
     index.close()
     snap = tmp_path / "index.snap"
     data = snap.read_bytes()
@@ -266,23 +272,224 @@ def test_a_damaged_snapshot_is_set_aside_and_what_verifies_is_kept(
         snap.unlink()
         snap.mkdir()
         with pytest.raises(IndexDamagedError, match=r"index\.snap is a directory"):
-            NVMeIndex(tmp_path, BB, 64, native=native)
+            NVMeIndex(tmp_path, BB, n, native=native)
         return
-    again = NVMeIndex(tmp_path, BB, 64, native=native)
+    again = NVMeIndex(tmp_path, BB, n, native=native)
     got = state(again)
     assert again.quarantined == [tmp_path / "index.snap.damaged"]
     # Whatever is kept is exactly what was written; the log after the snapshot too.
-    assert (100, 30, 1) in got
-    assert set(got) <= {(i, i, i) for i in range(20)} | {(100, 30, 1)}
+    assert (100, 30 * step, 1) in got
+    assert set(got) <= {(i, i * step, i) for i in range(20)} | {(100, 30 * step, 1)}
     if damage == "half":
-        assert len(got) >= 5  # the records before the cut verified
-    again.put([(200, 40, 2)])
+        assert len(got) >= 5  # the records (chunks) before the cut verified
+    again.put([(200, 31 * step, 2)])
     again.close()
     # The state after recovery is durable on its own: reopening needs nothing set aside.
-    third = NVMeIndex(tmp_path, BB, 64, native=native)
+    third = NVMeIndex(tmp_path, BB, n, native=native)
     assert third.quarantined == []
-    assert state(third) == [*got, (200, 40, 2)]
+    assert state(third) == [*got, (200, 31 * step, 2)]
     third.close()
+
+
+def _native_only() -> None:
+    if nvme_index._NativeTable is None:
+        pytest.skip("compiled NVMe index not built")
+
+
+def _fill(index: NVMeIndex, n: int, rng: random.Random) -> dict[Key, tuple[int, int]]:
+    """Keys of every kind (long ones out of line too) over random slots."""
+    model: dict[Key, tuple[int, int]] = {}
+    for i in range(n):
+        kind = rng.random()
+        key: Key = (
+            rng.randbytes(rng.choice([0, 8, 32, 33, 70]))
+            if kind < 0.5
+            else rng.randrange(-(2**70), 2**70)
+            if kind < 0.6
+            else i
+        )
+        slot = rng.randrange(index.num_blocks)
+        for other in [k for k, v in model.items() if v[0] == slot]:
+            del model[other]
+        model[key] = (slot, i)
+        index.put([(key, slot, i)], sync=False)
+    return model
+
+
+@pytest.mark.parametrize("load", ["read", "direct", "mmap"])
+def test_a_table_snapshot_reopens_to_the_same_table(
+    tmp_path: Path, load: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled table's snapshot is its own arrays: after a reopen (each way of
+    reading it) every entry is found by key and slot, new entries go in and old
+    ones out through the loaded hash, and the hash seed came with it."""
+    _native_only()
+    monkeypatch.setattr(nvme_index, "SNAP_LOAD", load)
+    rng = random.Random(7)
+    index = NVMeIndex(tmp_path, BB, 3000, sync=False)
+    model = _fill(index, 4000, rng)
+    index.compact()
+    seed = index.table.seed  # type: ignore[attr-defined]
+    index.close()
+    again = NVMeIndex(tmp_path, BB, 3000, sync=False)
+    assert again.snapshot_format == nvme_index.TABLE_VERSION
+    assert again.table.seed == seed  # type: ignore[attr-defined]
+    assert again.log_records == 0
+    assert {e.key: (e.slot, e.crc) for e in again.entries()} == model
+    for key, (slot, crc) in model.items():
+        assert again.by_key[key] == nvme_index.Entry(key, slot, crc)
+    model.update(_fill(again, 2000, rng))  # reuses slots: removals from the loaded hash
+    got = {e.key: (e.slot, e.crc) for e in again.entries()}
+    slots = {v[0] for v in got.values()}
+    assert len(slots) == len(got)
+    again.close()
+    third = NVMeIndex(tmp_path, BB, 3000, sync=False)
+    assert {e.key: (e.slot, e.crc) for e in third.entries()} == got
+    third.close()
+
+
+def test_a_table_snapshot_is_the_table_at_its_rotation(tmp_path: Path) -> None:
+    """Stores that change the table while its snapshot is written (chunks written
+    before they change) leave the snapshot as the table was at the rotation: the
+    snapshot alone (the later log removed) reopens to exactly that state."""
+    _native_only()
+    n = 8 * 1024
+    index = NVMeIndex(tmp_path, BB, n, sync=False)
+    index.put([(i, i, i) for i in range(n)], sync=False)
+    index.wait_compaction()
+    with index.lock:
+        index._start_compaction(background=False)
+        gen = index.gen
+    want = sorted(state(index))
+    for i in range(3000):  # every chunk changed (and moved keys) before it is written
+        index.put([(i, (i * 7919) % n, 5), (10**6 + i, (i * 104729) % n, 6)], sync=False)
+    index.delete(list(range(5000, 5100)))
+    index._write_snapshot()
+    final = sorted(state(index))
+    index.close()
+    log = index._log_path(gen)
+    saved = log.read_bytes()
+    log.unlink()
+    alone = NVMeIndex(tmp_path, BB, n, sync=False)
+    assert sorted(state(alone)) == want
+    alone.close()
+    for stale in tmp_path.glob("index.*.log"):
+        stale.unlink()
+    log.write_bytes(saved)
+    again = NVMeIndex(tmp_path, BB, n, sync=False)
+    assert sorted(state(again)) == final
+    again.close()
+
+
+@pytest.mark.parametrize("where", ["header", "crcs", "records", "buckets", "long keys"])
+def test_a_torn_table_snapshot_is_detected(tmp_path: Path, where: str) -> None:
+    """A flipped byte anywhere in a table snapshot is found: the header or the CRC
+    list (nothing can be checked: the logs are replayed alone), a chunk of records
+    (its entries dropped), the buckets (the hash rebuilt from the records), a long
+    key (its entry dropped); the file is set aside, nothing wrong is served, and
+    the reopened state is durable on its own."""
+    _native_only()
+    n = 4096
+    index = NVMeIndex(tmp_path, BB, n, sync=False)
+    model = {i: (i, i) for i in range(0, n, 3)}
+    index.put([(k, s, c) for k, (s, c) in model.items()], sync=False)
+    long_key = b"L" * 50
+    index.put([(long_key, 1, 77)], sync=False)
+    model[long_key] = (1, 77)
+    index.compact()
+    index.put([(b"after", 2, 9)], sync=False)
+    model[b"after"] = (2, 9)
+    index.close()
+    snap = tmp_path / "index.snap"
+    data = bytearray(snap.read_bytes())
+    layout = index._table_layout()
+    at = {
+        "header": 40,
+        "crcs": layout["crcs_off"] + 4,
+        "records": layout["recs_off"] + 2 * 1024 * 48 + 100,
+        "buckets": layout["ht_off"] + 8,
+        "long keys": layout["long_off"] + 20,
+    }[where]
+    data[at] ^= 0xFF
+    snap.write_bytes(bytes(data))
+    again = NVMeIndex(tmp_path, BB, n, sync=False)
+    assert again.quarantined == [tmp_path / "index.snap.damaged"]
+    got = {e.key: (e.slot, e.crc) for e in again.entries()}
+    assert got.items() <= model.items()  # nothing wrong
+    assert got[b"after"] == (2, 9)  # the log after it is replayed
+    if where == "buckets":
+        assert got == model  # every record verified
+    if where == "records":
+        assert len(got) == len(model) - len(range(2049, 3072, 3))  # one chunk of slots
+    if where == "long keys":
+        assert long_key not in got and len(got) == len(model) - 1
+    for key, (slot, crc) in got.items():
+        assert again.by_key[key].slot == slot
+    again.close()
+    third = NVMeIndex(tmp_path, BB, n, sync=False)
+    assert third.quarantined == []
+    assert {e.key: (e.slot, e.crc) for e in third.entries()} == got
+    third.close()
+
+
+def test_record_snapshots_stay_readable_and_table_snapshots_name_their_format(
+    tmp_path: Path,
+) -> None:
+    """A directory written with the record snapshot (format 2, the Python table and
+    earlier versions) reopens with the compiled table, whose next compaction writes
+    a table snapshot; a table snapshot opened without the compiled index is a
+    typed error naming the format (its logs before it are gone)."""
+    _native_only()
+    old = NVMeIndex(tmp_path, BB, 100, native=False)
+    old.put([(i, i, i) for i in range(50)])
+    old.compact()
+    old.put([(b"x", 60, 1)])
+    old.close()
+    assert (tmp_path / "index.snap").read_bytes()[:8] == nvme_index.SNAP_MAGIC
+    index = NVMeIndex(tmp_path, BB, 100)
+    assert index.snapshot_format == nvme_index.VERSION
+    want = state(index)
+    assert len(want) == 51
+    index.compact()
+    index.close()
+    assert (tmp_path / "index.snap").read_bytes()[:8] == nvme_index.TSNAP_MAGIC
+    again = NVMeIndex(tmp_path, BB, 100)
+    assert again.snapshot_format == nvme_index.TABLE_VERSION
+    assert state(again) == want
+    again.close()
+    with pytest.raises(IndexDamagedError, match=r"table snapshot \(format 3"):
+        NVMeIndex(tmp_path, BB, 100, native=False)
+
+
+def test_a_table_snapshot_of_another_layout_or_geometry_is_refused(tmp_path: Path) -> None:
+    """A table snapshot whose header verifies but describes other arrays (another
+    build's layout) or another geometry (a file from elsewhere): IndexDamagedError
+    naming the file, never loaded."""
+    _native_only()
+    index = NVMeIndex(tmp_path, BB, 100)
+    index.put([(1, 1, 1)])
+    index.compact()
+    index.close()
+    snap = tmp_path / "index.snap"
+    data = snap.read_bytes()
+    fields = list(nvme_index._TSNAP.unpack_from(data))
+
+    def rewrite(i: int, value: int) -> None:
+        patched = list(fields)
+        patched[i] = value
+        head = nvme_index._TSNAP.pack(*patched)[:-4]
+        head += zlib.crc32(head).to_bytes(4, "little")
+        snap.write_bytes(head + data[len(head) :])
+
+    rewrite(10, 64)  # rec_bytes
+    with pytest.raises(IndexDamagedError, match="another layout"):
+        NVMeIndex(tmp_path, BB, 100)
+    rewrite(5, 99)  # num_blocks
+    with pytest.raises(IndexDamagedError, match="describes 4096 x 99"):
+        NVMeIndex(tmp_path, BB, 100)
+    rewrite(1, 4)  # version
+    with pytest.raises(IndexDamagedError, match="version 4"):
+        NVMeIndex(tmp_path, BB, 100)
 
 
 def test_a_garbage_log_is_set_aside(tmp_path: Path, native: bool) -> None:

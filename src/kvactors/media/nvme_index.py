@@ -71,16 +71,31 @@ except ImportError:  # built without a C compiler: the Python reference table
 
 __all__ = ["MIN_LOG_RECORDS", "Entry", "NVMeIndex", "checksum"]
 
-VERSION = 2
+VERSION = 2  # of index.meta, the logs and the record-format snapshot
+TABLE_VERSION = 3  # of the snapshot that is the compiled table's own arrays
 MIN_LOG_RECORDS = 1024
-CHUNK_SLOTS = 1 << 14  # slots copied per lock hold while a snapshot is written
+COMPACT_DIVISOR = 8  # compaction starts past max(MIN_LOG_RECORDS, live / this) log records
+CHUNK_SLOTS = 1 << 14  # slots copied per lock hold while a record snapshot is written
+SNAP_CHUNKS = 32  # chunks of the table (48-64 KiB each) written per lock hold
 READ_BYTES = 16 << 20  # index files are read and applied this many bytes at a time
+# How a table snapshot is read: "read" (into fresh anonymous memory), "direct" (the
+# same with O_DIRECT, falling back to "read" where the file system refuses it) or
+# "mmap" (MAP_PRIVATE | MAP_POPULATE of the file itself).
+SNAP_LOAD = "direct"
+_LOAD_HOW = {"read": 0, "direct": 1, "mmap": 2}
+PAGE = 4096
 
 _REC = struct.Struct("<IBBHIIQ")  # crc, op, kind, key length, slot, block crc, seq
 _META = struct.Struct("<8sIIQQII")  # magic, version, stripes, block_bytes, num_blocks, 0, crc
 _SNAP = struct.Struct("<8sIIQQQQII")  # magic, version, stripes, gen, count, bb, nb, 0, crc
 _LOG = struct.Struct("<8sIIQI4x")  # magic, version, 0, gen, crc
+# The table snapshot's header (one page): magic, version, stripes, gen, block_bytes,
+# num_blocks, live, max_seq, seed, buckets, rec_bytes, slot_bits, rec_chunk,
+# ht_chunk, chunks, crcs_crc, crcs_off, recs_off, ht_off, long_off, long_len,
+# long_count, long_crc, 0, crc
+_TSNAP = struct.Struct("<8sIIQQQQQQQIIIIIIQQQQQQIII")
 META_MAGIC, SNAP_MAGIC, LOG_MAGIC = b"KVAMETA2", b"KVASNAP2", b"KVALOG02"
+TSNAP_MAGIC = b"KVATBL03"
 OP_PUT, OP_DEL = 1, 2
 KIND_INT, KIND_BYTES, KIND_BIGINT = 0, 1, 2
 _I64 = 1 << 63
@@ -244,7 +259,8 @@ def new_table(num_blocks: int, native: bool | None = None) -> _Table:
     if native:
         if _NativeTable is None:
             raise ConfigError("the compiled NVMe index (kvactors._nvme_index) is not built")
-        table: _Table = _NativeTable(num_blocks)
+        seed = int.from_bytes(os.urandom(8), "little")  # the hash layout is per directory
+        table: _Table = _NativeTable(num_blocks, seed)
         return table
     return _PyTable(num_blocks)
 
@@ -271,6 +287,18 @@ class _ByKey(Mapping[Key, Entry]):
 
     def __len__(self) -> int:
         return len(self._index.table)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _round_page(n: int) -> int:
+    return -(-n // PAGE) * PAGE
 
 
 def _fsync_dir(path: Path) -> None:
@@ -361,6 +389,9 @@ class NVMeIndex:
         self._compactor: threading.Thread | None = None
         self._old_records = 0  # records in logs the running compaction will retire
         self._log_fd = -1
+        self._snap_fd = -1  # the table snapshot being taken
+        self._tmp_path = self.snap_path.with_name("index.snap.tmp")
+        self.snapshot_format = 0  # of the snapshot loaded at open (0: none)
         self._check_meta(data_files or [])
         self.gen = self._load()
         self._seq = self.table.max_seq
@@ -479,8 +510,11 @@ class NVMeIndex:
                     return applied, pos, True
 
     def _load_snapshot(self) -> int:
-        """Apply the snapshot's records; the generation it covers, -1 if damaged."""
-        data = _head(self.snap_path, _SNAP.size)
+        """Load the snapshot (either format); the generation it covers, -1 if damaged
+        (what verified is kept in the table)."""
+        data = _head(self.snap_path, PAGE)
+        if data[:8] == TSNAP_MAGIC:
+            return self._load_table_snapshot(data)
         if len(data) < _SNAP.size:
             return -1
         magic, version, stripes, gen, count, bb, nb, _, crc = _SNAP.unpack_from(data)
@@ -488,14 +522,103 @@ class NVMeIndex:
             return -1
         if version != VERSION:
             raise IndexDamagedError(f"{self.snap_path}: version {version} not supported")
+        self._check_geometry(bb, nb, stripes)
+        applied, _, intact = self._apply_file(self.snap_path, _SNAP.size)
+        self.snapshot_format = VERSION
+        return gen if intact and applied == count else -1
+
+    def _check_geometry(self, bb: int, nb: int, stripes: int) -> None:
         if (bb, nb, stripes) != (self.block_bytes, self.num_blocks, self.stripes):
             raise IndexDamagedError(
                 f"{self.snap_path} describes {bb} x {nb} blocks over {stripes} "
                 f"file(s), {self.meta_path.name} {self.block_bytes} x "
                 f"{self.num_blocks} over {self.stripes}"
             )
-        applied, _, intact = self._apply_file(self.snap_path, _SNAP.size)
-        return gen if intact and applied == count else -1
+
+    def _table_layout(self) -> dict[str, int]:
+        """Where a table snapshot puts each part (page-aligned, in this order): the
+        header page, the chunks' CRC-32Cs, the record array, the bucket array, the
+        keys of more than 32 bytes."""
+        layout: dict[str, int] = dict(self.table.layout)  # type: ignore[attr-defined]
+        crcs_off = PAGE
+        recs_off = crcs_off + _round_page(4 * layout["chunks"])
+        ht_off = recs_off + _round_page(layout["recs_bytes"])
+        long_off = ht_off + _round_page(layout["ht_bytes"])
+        layout.update(crcs_off=crcs_off, recs_off=recs_off, ht_off=ht_off, long_off=long_off)
+        return layout
+
+    def _load_table_snapshot(self, head: bytes) -> int:
+        """The compiled table's own arrays, read straight into it (docs/durability.md)."""
+        if len(head) < _TSNAP.size or zlib.crc32(head[: _TSNAP.size - 4]) != int.from_bytes(
+            head[_TSNAP.size - 4 : _TSNAP.size], "little"
+        ):
+            return -1  # a torn or garbage header: nothing in the file can be trusted
+        (
+            _, version, stripes, gen, bb, nb, live, max_seq, seed, buckets, rec_bytes,
+            slot_bits, rec_chunk, ht_chunk, chunks, crcs_crc, crcs_off, recs_off, ht_off,
+            long_off, long_len, long_count, long_crc, _, _,
+        ) = _TSNAP.unpack_from(head)  # fmt: skip
+        if version != TABLE_VERSION:
+            raise IndexDamagedError(
+                f"{self.snap_path}: table snapshot version {version} is not supported"
+            )
+        self._check_geometry(bb, nb, stripes)
+        if not hasattr(self.table, "load"):
+            raise IndexDamagedError(
+                f"{self.snap_path} is a table snapshot (format {TABLE_VERSION}, written by "
+                "the compiled index kvactors._nvme_index), which this installation lacks: "
+                "reinstall kvactors with a C compiler to reopen this directory"
+            )
+        layout = self._table_layout()
+        found = {
+            "rec_bytes": rec_bytes, "buckets": buckets, "slot_bits": slot_bits,
+            "rec_chunk": rec_chunk, "ht_chunk": ht_chunk, "chunks": chunks,
+            "crcs_off": crcs_off, "recs_off": recs_off, "ht_off": ht_off,
+            "long_off": long_off,
+        }  # fmt: skip
+        if any(layout[name] != value for name, value in found.items()):
+            raise IndexDamagedError(
+                f"{self.snap_path}: a table snapshot of another layout ({found}); this "
+                f"build's is {({k: layout[k] for k in found})}"
+            )
+        fd = os.open(self.snap_path, os.O_RDONLY)
+        try:
+            crcs = os.pread(fd, 4 * chunks, crcs_off)
+            longs = os.pread(fd, long_len, long_off) if long_len else b""
+            if len(crcs) != 4 * chunks or zlib.crc32(crcs) != crcs_crc:
+                return -1  # no chunk can be checked
+            if len(longs) != long_len or zlib.crc32(longs) != long_crc:
+                longs = b""  # the entries with long keys are dropped, the rest kept
+            how = _LOAD_HOW[SNAP_LOAD]
+            read_fd = fd
+            if how == 1:
+                try:
+                    read_fd = os.open(self.snap_path, os.O_RDONLY | os.O_DIRECT)
+                except OSError:  # a file system without O_DIRECT (tmpfs)
+                    how = 0
+            try:
+                try:
+                    bad, dropped = self.table.load(  # type: ignore[attr-defined]
+                        read_fd, how, recs_off, ht_off, seed, live, max_seq, crcs, longs,
+                        long_count,
+                    )  # fmt: skip
+                except OSError:
+                    if how != 1:
+                        raise
+                    # O_DIRECT refused at read time (alignment rules of this file system)
+                    bad, dropped = self.table.load(  # type: ignore[attr-defined]
+                        fd, 0, recs_off, ht_off, seed, live, max_seq, crcs, longs, long_count
+                    )
+            finally:
+                if read_fd != fd:
+                    os.close(read_fd)
+            if how == 0:
+                # Read into the table: the page cache need not hold a second copy.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        self.snapshot_format = TABLE_VERSION
+        return gen if bad == 0 and dropped == 0 and len(longs) == long_len else -1
 
     def _replay(self, gen: int, *, last: bool) -> None:
         path = self._log_path(gen)
@@ -564,7 +687,14 @@ class NVMeIndex:
             os.ftruncate(self._log_fd, at)
             raise
         self.log_records += records
-        if self.log_records > max(MIN_LOG_RECORDS, len(self.table)) and self._compactor is None:
+
+    def _maybe_compact(self) -> None:
+        """Start a background compaction once the logs hold more than
+        ``max(MIN_LOG_RECORDS, live / COMPACT_DIVISOR)`` records (the lock held,
+        after the table has the records just appended: a table snapshot is taken
+        as of the rotation)."""
+        bound = max(MIN_LOG_RECORDS, len(self.table) // COMPACT_DIVISOR)
+        if self.log_records > bound and self._compactor is None:
             try:
                 self._start_compaction(background=True)
             except OSError as exc:  # a full disk: retried after the next append
@@ -611,6 +741,7 @@ class NVMeIndex:
             self._append(data, len(items), sync)  # durable first, then in the table
             self._seq += len(items)
             self.table.apply(data, 0)
+            self._maybe_compact()
 
     def delete(self, keys: list[Key]) -> list[Key]:
         """Remove ``keys`` (those present); returns the keys removed."""
@@ -625,6 +756,7 @@ class NVMeIndex:
                     gone.append(key)
             if frames:
                 self._append(b"".join(frames), len(frames), sync=False)
+                self._maybe_compact()
             return gone
 
     def lookup_slot(self, slot: int) -> Entry | None:
@@ -653,9 +785,12 @@ class NVMeIndex:
     def compact(self) -> None:
         """Write a snapshot of the live entries and retire the logs it covers
         (in the caller's thread; waits for a background compaction first)."""
-        self.wait_compaction()
-        with self.lock:
-            self._start_compaction(background=False)
+        while True:
+            self.wait_compaction()
+            with self.lock:
+                if self._compactor is None:  # none started since the wait: ours runs
+                    self._start_compaction(background=False)
+                    break
         self._write_snapshot()
 
     def wait_compaction(self) -> None:
@@ -669,15 +804,33 @@ class NVMeIndex:
         if self.sync:
             os.fdatasync(self._log_fd)  # the Dels too: the next snapshot includes them
         fd = self._create_log(self.gen + 1)
+        if hasattr(self.table, "snap_begin"):
+            # The table as of this instant: every chunk is written before the first
+            # update that changes it (native/nvme_index.c), the rest in the background.
+            snap_fd = -1
+            try:
+                snap_fd = os.open(self._tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                layout = self._table_layout()
+                self.table.snap_begin(  # type: ignore[attr-defined]
+                    snap_fd, layout["recs_off"], layout["ht_off"]
+                )
+            except BaseException:
+                if snap_fd >= 0:
+                    os.close(snap_fd)
+                os.close(fd)
+                self._log_path(self.gen + 1).unlink(missing_ok=True)
+                raise
+            self._snap_fd = snap_fd
         os.close(self._log_fd)
         self._log_fd = fd
         self.gen += 1
         self._old_records = self.log_records
         if background:
-            self._compactor = threading.Thread(
+            worker = threading.Thread(
                 target=self._background, name="kvactors-index-compaction", daemon=True
             )
-            self._compactor.start()
+            worker.start()  # it waits for the lock held here before it does anything
+            self._compactor = worker  # only a started thread is ever joined
         else:
             self._compactor = threading.current_thread()
 
@@ -694,8 +847,73 @@ class NVMeIndex:
             with self.lock:
                 self._compactor = None
 
+    def _end_table_snapshot(self) -> tuple[int, int, bytes, bytes, int, int] | None:
+        """Stop the table snapshot being taken (the lock held); its fd closed."""
+        got = self.table.snap_end()  # type: ignore[attr-defined]
+        if self._snap_fd >= 0:
+            os.close(self._snap_fd)
+            self._snap_fd = -1
+        return got  # type: ignore[no-any-return]
+
+    def _table_snapshot(self, gen: int) -> None:
+        """Finish the table snapshot begun at the rotation to ``gen``: the chunks no
+        store has written yet, SNAP_CHUNKS per lock hold, then the chunks' CRCs, the
+        long keys and the header; fsync, rename, fsync the directory."""
+        tmp = self._tmp_path
+        fd = os.dup(self._snap_fd)
+        try:
+            done = False
+            while not done:
+                with self.lock:
+                    done = self.table.snap_step(SNAP_CHUNKS)  # type: ignore[attr-defined]
+            with self.lock:
+                got = self._end_table_snapshot()
+            assert got is not None
+            live, max_seq, crcs, longs, long_count, err = got
+            if err:
+                raise OSError(err, os.strerror(err), str(tmp))
+            layout = self._table_layout()
+            _pwrite_all(fd, crcs, layout["crcs_off"])
+            if longs:
+                _pwrite_all(fd, longs, layout["long_off"])
+            head = _TSNAP.pack(
+                TSNAP_MAGIC, TABLE_VERSION, self.stripes, gen, self.block_bytes,
+                self.num_blocks, live, max_seq, self.table.seed,  # type: ignore[attr-defined]
+                layout["buckets"], layout["rec_bytes"], layout["slot_bits"],
+                layout["rec_chunk"], layout["ht_chunk"], layout["chunks"], zlib.crc32(crcs),
+                layout["crcs_off"], layout["recs_off"], layout["ht_off"], layout["long_off"],
+                len(longs), long_count, zlib.crc32(longs), 0, 0,
+            )[:-4]  # fmt: skip
+            _pwrite_all(fd, head + struct.pack("<I", zlib.crc32(head)), 0)
+            if self.sync:
+                os.fsync(fd)
+        except BaseException:
+            with self.lock:
+                if self._snap_fd >= 0:
+                    self._end_table_snapshot()
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        self._commit_snapshot(tmp, gen)
+
+    def _commit_snapshot(self, tmp: Path, gen: int) -> None:
+        os.replace(tmp, self.snap_path)
+        if self.sync:
+            _fsync_dir(self.directory)
+        with self.lock:
+            retired = [self._log_path(old) for old in self._logs() if old < gen]
+            self.log_records -= self._old_records
+            self._old_records = 0
+            self.compactions += 1
+        for path in retired:  # unlinking a large file takes a while: not under the lock
+            path.unlink(missing_ok=True)
+
     def _snapshot(self, gen: int) -> None:
-        tmp = self.snap_path.with_name("index.snap.tmp")
+        if self._snap_fd >= 0:
+            self._table_snapshot(gen)
+            return
+        tmp = self._tmp_path
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         count = 0
         h = 0
@@ -729,20 +947,14 @@ class NVMeIndex:
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
-        os.replace(tmp, self.snap_path)
-        if self.sync:
-            _fsync_dir(self.directory)
-        with self.lock:
-            retired = [self._log_path(old) for old in self._logs() if old < gen]
-            self.log_records -= self._old_records
-            self._old_records = 0
-            self.compactions += 1
-        for path in retired:  # unlinking a large file takes a while: not under the lock
-            path.unlink(missing_ok=True)
+        self._commit_snapshot(tmp, gen)
 
     def close(self) -> None:
         self.wait_compaction()
         with self.lock:
+            if self._snap_fd >= 0:  # begun, never finished (no compactor ran it)
+                self._end_table_snapshot()
+                self._tmp_path.unlink(missing_ok=True)
             if self._log_fd >= 0:
                 os.close(self._log_fd)
                 self._log_fd = -1
