@@ -189,6 +189,7 @@ typedef struct {
     void *listener;   /* the manager sharing this table's keys, or NULL */
     kv_on_change on_change;
     uint64_t seed; /* of the key hash: the bucket array's layout depends on it */
+    uint32_t dist_cap; /* the largest distance a bucket records (saturated above) */
     snap_t snap;
 } Table;
 
@@ -257,13 +258,23 @@ rec_is(const rec_t *r, uint8_t kind, const uint8_t *data, size_t len, uint8_t ta
     return r->tag == tag && r->kind == kind && r->klen == len && memcmp(rec_key(r), data, len) == 0;
 }
 
-/* A bucket holds slot + 1 in its low slot_bits and, above them, as many bits
- * of the key's hash as are left: most collisions are told apart without
- * reading the (random, uncached) record they point at. */
+/* A bucket holds slot + 1 in its low slot_bits and, above them (as many bits
+ * as are left), its distance from the key's home bucket, saturated at the
+ * largest value the bits hold. A probe reads the record behind a bucket only
+ * where that distance is the probe's own (the same home), and a deletion's
+ * backward shift knows each follower's home without reading its record (so
+ * without a random memory access per follower): only a saturated distance
+ * sends it to the record. */
 static uint32_t
-bucket_tag(const Table *t, uint64_t h)
+dist_max(const Table *t)
 {
-    return t->slot_bits >= 32 ? 0 : (uint32_t)(h >> 32) >> t->slot_bits;
+    return t->slot_bits >= 32 ? 0 : t->dist_cap;
+}
+
+static uint32_t
+bucket_dist(const Table *t, uint32_t v)
+{
+    return t->slot_bits >= 32 ? 0 : v >> t->slot_bits;
 }
 
 static uint32_t
@@ -273,9 +284,12 @@ bucket_slot(const Table *t, uint32_t v)
 }
 
 static uint32_t
-bucket_of(const Table *t, uint64_t h, uint32_t slot)
+bucket_of(const Table *t, uint64_t dist, uint32_t slot)
 {
-    return t->slot_bits >= 32 ? slot + 1 : (bucket_tag(t, h) << t->slot_bits) | (slot + 1);
+    if (t->slot_bits >= 32)
+        return slot + 1;
+    uint64_t cap = dist_max(t);
+    return ((uint32_t)(dist < cap ? dist : cap) << t->slot_bits) | (slot + 1);
 }
 
 /* The bucket holding the key, or the empty bucket where it would go. */
@@ -283,15 +297,16 @@ static uint64_t
 probe(Table *t, uint8_t kind, const uint8_t *data, size_t len, uint64_t h, int *found)
 {
     uint8_t tag = (uint8_t)(h >> 56);
-    uint32_t btag = bucket_tag(t, h);
+    uint32_t dmax = dist_max(t);
     uint64_t i = h & t->mask;
-    for (;;) {
+    for (uint64_t dist = 0;; dist++) {
         uint32_t v = t->ht[i];
         if (v == 0) {
             *found = 0;
             return i;
         }
-        if ((t->slot_bits >= 32 || v >> t->slot_bits == btag) &&
+        uint32_t d = bucket_dist(t, v);
+        if ((d == dist || (d == dmax && dist >= dmax)) &&
             rec_is(&t->recs[bucket_slot(t, v)], kind, data, len, tag)) {
             *found = 1;
             return i;
@@ -313,24 +328,38 @@ static void
 remove_slot(Table *t, uint32_t s)
 {
     rec_t *r = &t->recs[s];
-    int found;
-    uint64_t i = probe(t, r->kind, rec_key(r), r->klen,
-                       key_hash(t, r->kind, rec_key(r), r->klen), &found);
+    uint32_t dmax = dist_max(t);
+    /* Its bucket: the one from its key's home on that holds slot s. */
+    uint64_t i = key_hash(t, r->kind, rec_key(r), r->klen) & t->mask;
+    int found = 0;
+    for (;;) {
+        uint32_t v = t->ht[i];
+        if (v == 0)
+            break;
+        if (bucket_slot(t, v) == s) {
+            found = 1;
+            break;
+        }
+        i = (i + 1) & t->mask;
+    }
     if (found) {
-        /* Backward-shift deletion keeps every probe chain unbroken. */
+        /* Backward-shift deletion keeps every probe chain unbroken: a follower at
+         * distance d from its home moves back to the hole at i when d >= j - i. */
         uint64_t j = i;
         for (;;) {
             j = (j + 1) & t->mask;
             uint32_t v = t->ht[j];
             if (v == 0)
                 break;
-            rec_t *o = &t->recs[bucket_slot(t, v)];
-            uint64_t home = key_hash(t, o->kind, rec_key(o), o->klen) & t->mask;
-            /* Move v back to i if its home is not in (i, j] cyclically. */
-            int between = i <= j ? (home > i && home <= j) : (home > i || home <= j);
-            if (!between) {
+            uint64_t d = bucket_dist(t, v);
+            if (d >= dmax) {
+                rec_t *o = &t->recs[bucket_slot(t, v)];
+                d = (j - key_hash(t, o->kind, rec_key(o), o->klen)) & t->mask;
+            }
+            uint64_t gap = (j - i) & t->mask;
+            if (d >= gap) {
                 cow_ht(t, i);
-                t->ht[i] = v;
+                t->ht[i] = bucket_of(t, d - gap, bucket_slot(t, v));
                 i = j;
             }
         }
@@ -392,7 +421,7 @@ put_hashed(Table *t, uint8_t kind, const uint8_t *data, size_t len, uint64_t slo
         r->key.out = copy;
     else
         memcpy(r->key.in, data, len);
-    t->ht[bucket] = bucket_of(t, h, (uint32_t)slot);
+    t->ht[bucket] = bucket_of(t, (bucket - h) & t->mask, (uint32_t)slot);
     t->live++;
     return 0;
 }
@@ -529,7 +558,8 @@ static int
 Table_init(Table *self, PyObject *args, PyObject *kwds)
 {
     unsigned long long n, seed = 0;
-    if (!PyArg_ParseTuple(args, "K|K", &n, &seed))
+    unsigned int dist_cap = 0;
+    if (!PyArg_ParseTuple(args, "K|KI", &n, &seed, &dist_cap))
         return -1;
     if (n == 0 || n >= (1ULL << 32) - 1) {
         PyErr_SetString(PyExc_ValueError, "num_blocks must be in 1 .. 2**32 - 2");
@@ -565,6 +595,10 @@ Table_init(Table *self, PyObject *args, PyObject *kwds)
     self->slot_bits = 1;
     while (self->slot_bits < 32 && (1ULL << self->slot_bits) <= n)
         self->slot_bits++;
+    /* dist_cap (tests: 1 sends nearly every deletion to the records) below what the
+     * bucket's spare bits hold. */
+    uint32_t natural = self->slot_bits >= 32 ? 0 : (uint32_t)((1ULL << (32 - self->slot_bits)) - 1);
+    self->dist_cap = dist_cap && dist_cap < natural ? dist_cap : natural;
     return 0;
 }
 
@@ -807,6 +841,23 @@ lk_append(snap_t *sn, uint32_t slot, const rec_t *r)
     return 0;
 }
 
+static int
+all_zero(const uint8_t *p, size_t len)
+{
+    uint64_t acc = 0;
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        acc |= w;
+        if ((i & 4095) == 4088 && acc)
+            return 0;
+    }
+    for (; i < len; i++)
+        acc |= p[i];
+    return acc == 0;
+}
+
 /* Write chunk c (its bytes as they are now) to the snapshot file, once. */
 static void
 snap_save(Table *t, uint32_t c)
@@ -843,6 +894,8 @@ snap_save(Table *t, uint32_t c)
     if (sn->err)
         return;
     sn->crcs[c] = crc32c_of(p, len);
+    if (all_zero(p, len))
+        return; /* never written (or emptied): a hole in the file reads back as zeros */
     while (len) {
         ssize_t w = pwrite(sn->fd, p, len, (off_t)off);
         if (w < 0) {
@@ -965,13 +1018,13 @@ rebuild_insert(Table *t, uint32_t s)
         rec_t *o = &t->recs[bucket_slot(t, t->ht[b])];
         rec_t *drop = o->seq > r->seq ? r : o;
         if (drop == o)
-            t->ht[b] = bucket_of(t, h, s);
+            t->ht[b] = bucket_of(t, (b - h) & t->mask, s);
         if (drop->klen > INLINE)
             PyMem_RawFree(drop->key.out);
         memset(drop, 0, sizeof(*drop));
         return;
     }
-    t->ht[b] = bucket_of(t, h, s);
+    t->ht[b] = bucket_of(t, (b - h) & t->mask, s);
     t->live++;
     if (r->klen > INLINE)
         t->out_bytes += r->klen;
@@ -1139,7 +1192,8 @@ Table_layout(Table *self, void *Py_UNUSED(closure))
 {
     uint32_t n_rc = (uint32_t)((self->num_blocks + REC_CHUNK - 1) / REC_CHUNK);
     uint32_t n_hc = (uint32_t)((self->mask + 1 + HT_CHUNK - 1) / HT_CHUNK);
-    return Py_BuildValue("{s:I,s:K,s:I,s:I,s:I,s:K,s:K,s:I}", "rec_bytes",
+    return Py_BuildValue("{s:I,s:K,s:I,s:I,s:I,s:K,s:K,s:I,s:I}", "dist_max", self->dist_cap,
+                         "rec_bytes",
                          (unsigned)sizeof(rec_t), "buckets",
                          (unsigned long long)(self->mask + 1), "slot_bits", self->slot_bits,
                          "rec_chunk", REC_CHUNK, "ht_chunk", HT_CHUNK, "recs_bytes",

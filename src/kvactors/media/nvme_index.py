@@ -52,15 +52,19 @@ import gc
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import msgspec
 
 from kvactors.errors import ConfigError, IndexDamagedError
 from kvactors.keys import Key
+
+if TYPE_CHECKING:
+    from kvactors._nvme_index import Table as _NativeTableType
 
 try:
     from kvactors._nvme_index import Table as _NativeTable
@@ -92,7 +96,7 @@ _LOG = struct.Struct("<8sIIQI4x")  # magic, version, 0, gen, crc
 # The table snapshot's header (one page): magic, version, stripes, gen, block_bytes,
 # num_blocks, live, max_seq, seed, buckets, rec_bytes, slot_bits, rec_chunk,
 # ht_chunk, chunks, crcs_crc, crcs_off, recs_off, ht_off, long_off, long_len,
-# long_count, long_crc, 0, crc
+# long_count, long_crc, dist_max (the most a bucket's distance field holds), crc
 _TSNAP = struct.Struct("<8sIIQQQQQQQIIIIIIQQQQQQIII")
 META_MAGIC, SNAP_MAGIC, LOG_MAGIC = b"KVAMETA2", b"KVASNAP2", b"KVALOG02"
 TSNAP_MAGIC = b"KVATBL03"
@@ -392,6 +396,8 @@ class NVMeIndex:
         self._snap_fd = -1  # the table snapshot being taken
         self._tmp_path = self.snap_path.with_name("index.snap.tmp")
         self.snapshot_format = 0  # of the snapshot loaded at open (0: none)
+        self.load_seconds = (0.0, 0.0)  # wall seconds of the open: snapshot, logs
+        self.longest_hold_s = 0.0  # the longest a compaction step held the lock
         self._check_meta(data_files or [])
         self.gen = self._load()
         self._seq = self.table.max_seq
@@ -465,6 +471,7 @@ class NVMeIndex:
         for stale in self.directory.glob("index.*.tmp"):
             stale.unlink()  # a crash while writing it: never renamed, never used
         covered = 0
+        t0 = time.perf_counter()
         if self.snap_path.exists() or self.snap_path.is_symlink():
             covered = self._load_snapshot()
             if covered < 0:
@@ -477,8 +484,10 @@ class NVMeIndex:
             if gen < covered:
                 self._log_path(gen).unlink()  # retired by the snapshot
         gens = [g for g in gens if g >= covered]
+        t1 = time.perf_counter()
         for i, gen in enumerate(gens):
             self._replay(gen, last=i == len(gens) - 1)
+        self.load_seconds = (t1 - t0, time.perf_counter() - t1)
         return max([covered, *self._logs()], default=0) or 1
 
     def _apply_file(self, path: Path, start: int) -> tuple[int, int, bool]:
@@ -535,11 +544,23 @@ class NVMeIndex:
                 f"{self.num_blocks} over {self.stripes}"
             )
 
+    def _compiled(self) -> _NativeTableType | None:
+        table = self.table
+        if _NativeTable is not None and isinstance(table, _NativeTable):
+            return table
+        return None
+
+    @property
+    def _native(self) -> _NativeTableType:
+        table = self._compiled()
+        assert table is not None, "the compiled table's own snapshot needs the compiled table"
+        return table
+
     def _table_layout(self) -> dict[str, int]:
         """Where a table snapshot puts each part (page-aligned, in this order): the
         header page, the chunks' CRC-32Cs, the record array, the bucket array, the
         keys of more than 32 bytes."""
-        layout: dict[str, int] = dict(self.table.layout)  # type: ignore[attr-defined]
+        layout: dict[str, int] = dict(self._native.layout)
         crcs_off = PAGE
         recs_off = crcs_off + _round_page(4 * layout["chunks"])
         ht_off = recs_off + _round_page(layout["recs_bytes"])
@@ -556,14 +577,14 @@ class NVMeIndex:
         (
             _, version, stripes, gen, bb, nb, live, max_seq, seed, buckets, rec_bytes,
             slot_bits, rec_chunk, ht_chunk, chunks, crcs_crc, crcs_off, recs_off, ht_off,
-            long_off, long_len, long_count, long_crc, _, _,
+            long_off, long_len, long_count, long_crc, dist_max, _,
         ) = _TSNAP.unpack_from(head)  # fmt: skip
         if version != TABLE_VERSION:
             raise IndexDamagedError(
                 f"{self.snap_path}: table snapshot version {version} is not supported"
             )
         self._check_geometry(bb, nb, stripes)
-        if not hasattr(self.table, "load"):
+        if self._compiled() is None:
             raise IndexDamagedError(
                 f"{self.snap_path} is a table snapshot (format {TABLE_VERSION}, written by "
                 "the compiled index kvactors._nvme_index), which this installation lacks: "
@@ -574,12 +595,13 @@ class NVMeIndex:
             "rec_bytes": rec_bytes, "buckets": buckets, "slot_bits": slot_bits,
             "rec_chunk": rec_chunk, "ht_chunk": ht_chunk, "chunks": chunks,
             "crcs_off": crcs_off, "recs_off": recs_off, "ht_off": ht_off,
-            "long_off": long_off,
+            "long_off": long_off, "dist_max": dist_max,
         }  # fmt: skip
-        if any(layout[name] != value for name, value in found.items()):
+        mine = {name: layout[name] for name in found}
+        if mine != found:
             raise IndexDamagedError(
                 f"{self.snap_path}: a table snapshot of another layout ({found}); this "
-                f"build's is {({k: layout[k] for k in found})}"
+                f"build's is {mine}"
             )
         fd = os.open(self.snap_path, os.O_RDONLY)
         try:
@@ -598,7 +620,7 @@ class NVMeIndex:
                     how = 0
             try:
                 try:
-                    bad, dropped = self.table.load(  # type: ignore[attr-defined]
+                    bad, dropped = self._native.load(
                         read_fd, how, recs_off, ht_off, seed, live, max_seq, crcs, longs,
                         long_count,
                     )  # fmt: skip
@@ -606,7 +628,7 @@ class NVMeIndex:
                     if how != 1:
                         raise
                     # O_DIRECT refused at read time (alignment rules of this file system)
-                    bad, dropped = self.table.load(  # type: ignore[attr-defined]
+                    bad, dropped = self._native.load(
                         fd, 0, recs_off, ht_off, seed, live, max_seq, crcs, longs, long_count
                     )
             finally:
@@ -804,16 +826,14 @@ class NVMeIndex:
         if self.sync:
             os.fdatasync(self._log_fd)  # the Dels too: the next snapshot includes them
         fd = self._create_log(self.gen + 1)
-        if hasattr(self.table, "snap_begin"):
+        if self._compiled() is not None:
             # The table as of this instant: every chunk is written before the first
             # update that changes it (native/nvme_index.c), the rest in the background.
             snap_fd = -1
             try:
                 snap_fd = os.open(self._tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
                 layout = self._table_layout()
-                self.table.snap_begin(  # type: ignore[attr-defined]
-                    snap_fd, layout["recs_off"], layout["ht_off"]
-                )
+                self._native.snap_begin(snap_fd, layout["recs_off"], layout["ht_off"])
             except BaseException:
                 if snap_fd >= 0:
                     os.close(snap_fd)
@@ -849,11 +869,11 @@ class NVMeIndex:
 
     def _end_table_snapshot(self) -> tuple[int, int, bytes, bytes, int, int] | None:
         """Stop the table snapshot being taken (the lock held); its fd closed."""
-        got = self.table.snap_end()  # type: ignore[attr-defined]
+        got = self._native.snap_end()
         if self._snap_fd >= 0:
             os.close(self._snap_fd)
             self._snap_fd = -1
-        return got  # type: ignore[no-any-return]
+        return got
 
     def _table_snapshot(self, gen: int) -> None:
         """Finish the table snapshot begun at the rotation to ``gen``: the chunks no
@@ -865,7 +885,10 @@ class NVMeIndex:
             done = False
             while not done:
                 with self.lock:
-                    done = self.table.snap_step(SNAP_CHUNKS)  # type: ignore[attr-defined]
+                    t0 = time.perf_counter()
+                    done = self._native.snap_step(SNAP_CHUNKS)
+                    held = time.perf_counter() - t0
+                self.longest_hold_s = max(self.longest_hold_s, held)
             with self.lock:
                 got = self._end_table_snapshot()
             assert got is not None
@@ -878,11 +901,11 @@ class NVMeIndex:
                 _pwrite_all(fd, longs, layout["long_off"])
             head = _TSNAP.pack(
                 TSNAP_MAGIC, TABLE_VERSION, self.stripes, gen, self.block_bytes,
-                self.num_blocks, live, max_seq, self.table.seed,  # type: ignore[attr-defined]
+                self.num_blocks, live, max_seq, self._native.seed,
                 layout["buckets"], layout["rec_bytes"], layout["slot_bits"],
                 layout["rec_chunk"], layout["ht_chunk"], layout["chunks"], zlib.crc32(crcs),
                 layout["crcs_off"], layout["recs_off"], layout["ht_off"], layout["long_off"],
-                len(longs), long_count, zlib.crc32(longs), 0, 0,
+                len(longs), long_count, zlib.crc32(longs), layout["dist_max"], 0,
             )[:-4]  # fmt: skip
             _pwrite_all(fd, head + struct.pack("<I", zlib.crc32(head)), 0)
             if self.sync:
