@@ -161,7 +161,17 @@ typedef struct {
     uint8_t *lk; /* keys stored out of line: (u32 slot, u16 len, u16 0, key, pad to 8) */
     size_t lk_len, lk_cap;
     uint64_t lk_count;
+    /* Chunks copied but not yet written: entries (u64 offset, u64 length, bytes).
+     * snap_flush writes one buffer out with neither the GIL nor the index lock
+     * held while updates copy chunks into the other, so no update waits for the
+     * disk (or the kernel's write-back throttling); a full buffer is written in
+     * place. */
+    uint8_t *stage[2];
+    size_t stage_len[2];
+    int cur, flushing;
 } snap_t;
+
+#define STAGE_BYTES (8u << 20)
 
 typedef struct {
     uint64_t seq; /* 0: empty slot */
@@ -811,6 +821,8 @@ round_page(size_t n)
 static void
 snap_free(snap_t *sn)
 {
+    PyMem_RawFree(sn->stage[0]);
+    PyMem_RawFree(sn->stage[1]);
     PyMem_RawFree(sn->saved);
     PyMem_RawFree(sn->crcs);
     PyMem_RawFree(sn->lk);
@@ -858,6 +870,23 @@ all_zero(const uint8_t *p, size_t len)
     return acc == 0;
 }
 
+static int
+write_at(int fd, const uint8_t *p, size_t len, uint64_t off)
+{
+    while (len) {
+        ssize_t w = pwrite(fd, p, len, (off_t)off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        p += w;
+        len -= (size_t)w;
+        off += (uint64_t)w;
+    }
+    return 0;
+}
+
 /* Write chunk c (its bytes as they are now) to the snapshot file, once. */
 static void
 snap_save(Table *t, uint32_t c)
@@ -896,18 +925,33 @@ snap_save(Table *t, uint32_t c)
     sn->crcs[c] = crc32c_of(p, len);
     if (all_zero(p, len))
         return; /* never written (or emptied): a hole in the file reads back as zeros */
-    while (len) {
-        ssize_t w = pwrite(sn->fd, p, len, (off_t)off);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            sn->err = errno;
-            return;
-        }
-        p += w;
-        len -= (size_t)w;
-        off += (uint64_t)w;
+    uint8_t *st = sn->stage[sn->cur];
+    if (st != NULL && sn->stage_len[sn->cur] + 16 + len <= STAGE_BYTES) {
+        uint64_t l64 = len;
+        memcpy(st + sn->stage_len[sn->cur], &off, 8);
+        memcpy(st + sn->stage_len[sn->cur] + 8, &l64, 8);
+        memcpy(st + sn->stage_len[sn->cur] + 16, p, len);
+        sn->stage_len[sn->cur] += 16 + len;
+        return;
     }
+    if (write_at(sn->fd, p, len, off) < 0)
+        sn->err = errno;
+}
+
+/* Write out the staged chunks of buffer k; 0 or an errno. */
+static int
+stage_write(int fd, const uint8_t *st, size_t len)
+{
+    size_t at = 0;
+    while (at + 16 <= len) {
+        uint64_t off, n;
+        memcpy(&off, st + at, 8);
+        memcpy(&n, st + at + 8, 8);
+        if (write_at(fd, st + at + 16, (size_t)n, off) < 0)
+            return errno;
+        at += 16 + (size_t)n;
+    }
+    return 0;
 }
 
 static PyObject *
@@ -928,6 +972,12 @@ Table_snap_begin(Table *self, PyObject *args)
     sn->saved = PyMem_RawCalloc(sn->n_rc + sn->n_hc, 1);
     sn->crcs = PyMem_RawCalloc(sn->n_rc + sn->n_hc, sizeof(uint32_t));
     if (sn->saved == NULL || sn->crcs == NULL) {
+        snap_free(sn);
+        return PyErr_NoMemory();
+    }
+    sn->stage[0] = PyMem_RawMalloc(STAGE_BYTES);
+    sn->stage[1] = PyMem_RawMalloc(STAGE_BYTES);
+    if (sn->stage[0] == NULL || sn->stage[1] == NULL) {
         snap_free(sn);
         return PyErr_NoMemory();
     }
@@ -965,15 +1015,49 @@ Table_snap_step(Table *self, PyObject *arg)
     return PyBool_FromLong(sn->next >= total || sn->err);
 }
 
+/* Write the chunks staged so far, the GIL released (call it without the index
+ * lock, from one thread at a time). */
+static PyObject *
+Table_snap_flush(Table *self, PyObject *Py_UNUSED(ignored))
+{
+    snap_t *sn = &self->snap;
+    if (!sn->active || sn->flushing || sn->stage_len[sn->cur] == 0)
+        Py_RETURN_NONE;
+    int k = sn->cur, fd = sn->fd, err;
+    const uint8_t *st = sn->stage[k];
+    size_t len = sn->stage_len[k];
+    sn->cur = 1 - k; /* the other buffer is empty: every flush empties its own */
+    sn->flushing = 1;
+    Py_BEGIN_ALLOW_THREADS;
+    err = stage_write(fd, st, len);
+    Py_END_ALLOW_THREADS;
+    sn->stage_len[k] = 0;
+    sn->flushing = 0;
+    if (err && !sn->err)
+        sn->err = err;
+    Py_RETURN_NONE;
+}
+
 /* Stop taking the snapshot: (live, max_seq, chunk crcs, out-of-line keys, their
- * count, errno or 0) as of snap_begin. */
+ * count, errno or 0) as of snap_begin. Chunks still staged are written first. */
 static PyObject *
 Table_snap_end(Table *self, PyObject *Py_UNUSED(ignored))
 {
     snap_t *sn = &self->snap;
     if (!sn->active)
         Py_RETURN_NONE;
+    if (sn->flushing) {
+        PyErr_SetString(PyExc_RuntimeError, "the snapshot is being flushed");
+        return NULL;
+    }
     uint32_t total = sn->n_rc + sn->n_hc;
+    for (int k = 0; k < 2 && !sn->err; k++)
+        if (sn->stage_len[k]) {
+            int e = stage_write(sn->fd, sn->stage[k], sn->stage_len[k]);
+            if (e)
+                sn->err = e;
+            sn->stage_len[k] = 0;
+        }
     int err = sn->err;
     if (!err && sn->next < total)
         err = EINTR; /* abandoned before every chunk was written */
@@ -1288,6 +1372,8 @@ static PyMethodDef Table_methods[] = {
      "snap_begin(fd, recs_offset, ht_offset): take a snapshot as of now"},
     {"snap_step", (PyCFunction)Table_snap_step, METH_O,
      "snap_step(n) -> done: write up to n chunks no update has written"},
+    {"snap_flush", (PyCFunction)Table_snap_flush, METH_NOARGS,
+     "snap_flush(): write the chunks copied so far (without the index lock)"},
     {"snap_end", (PyCFunction)Table_snap_end, METH_NOARGS,
      "snap_end() -> (live, max_seq, crcs, long_keys, long_count, errno) or None"},
     {"load", (PyCFunction)Table_load, METH_VARARGS,

@@ -78,7 +78,11 @@ __all__ = ["MIN_LOG_RECORDS", "Entry", "NVMeIndex", "checksum"]
 VERSION = 2  # of index.meta, the logs and the record-format snapshot
 TABLE_VERSION = 3  # of the snapshot that is the compiled table's own arrays
 MIN_LOG_RECORDS = 1024
-COMPACT_DIVISOR = 8  # compaction starts past max(MIN_LOG_RECORDS, live / this) log records
+# Compaction starts past max(MIN_LOG_RECORDS, min(live, num_blocks / COMPACT_DIVISOR))
+# log records: a reopen replays at most about num_blocks / 16 records after reading
+# the snapshot, and a snapshot (at most the table's size) is written once per that
+# many records at most.
+COMPACT_DIVISOR = 16
 CHUNK_SLOTS = 1 << 14  # slots copied per lock hold while a record snapshot is written
 SNAP_CHUNKS = 32  # chunks of the table (48-64 KiB each) written per lock hold
 READ_BYTES = 16 << 20  # index files are read and applied this many bytes at a time
@@ -712,10 +716,10 @@ class NVMeIndex:
 
     def _maybe_compact(self) -> None:
         """Start a background compaction once the logs hold more than
-        ``max(MIN_LOG_RECORDS, live / COMPACT_DIVISOR)`` records (the lock held,
-        after the table has the records just appended: a table snapshot is taken
-        as of the rotation)."""
-        bound = max(MIN_LOG_RECORDS, len(self.table) // COMPACT_DIVISOR)
+        ``max(MIN_LOG_RECORDS, min(live, num_blocks / COMPACT_DIVISOR))`` records
+        (the lock held, after the table has the records just appended: a table
+        snapshot is taken as of the rotation)."""
+        bound = max(MIN_LOG_RECORDS, min(len(self.table), self.num_blocks // COMPACT_DIVISOR))
         if self.log_records > bound and self._compactor is None:
             try:
                 self._start_compaction(background=True)
@@ -884,11 +888,13 @@ class NVMeIndex:
         try:
             done = False
             while not done:
-                with self.lock:
+                with self.lock:  # copies chunks: the disk is written without the lock
                     t0 = time.perf_counter()
                     done = self._native.snap_step(SNAP_CHUNKS)
                     held = time.perf_counter() - t0
                 self.longest_hold_s = max(self.longest_hold_s, held)
+                self._native.snap_flush()
+            self._native.snap_flush()  # what stores copied since
             with self.lock:
                 got = self._end_table_snapshot()
             assert got is not None
