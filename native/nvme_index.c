@@ -612,12 +612,12 @@ Table_init(Table *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static void snap_free(snap_t *sn);
+static void snap_release(snap_t *sn);
 
 static void
 Table_dealloc(Table *self)
 {
-    snap_free(&self->snap);
+    snap_release(&self->snap);
     if (self->recs != NULL && self->out_bytes) {
         for (uint32_t s = 0; s < self->num_blocks; s++)
             if (self->recs[s].seq && self->recs[s].klen > INLINE)
@@ -818,15 +818,27 @@ round_page(size_t n)
     return (n + 4095) & ~(size_t)4095;
 }
 
+/* The state of a snapshot, freed when it ends; its staging buffers are kept for the
+ * next one (their pages already faulted in) unless the table goes. */
 static void
 snap_free(snap_t *sn)
 {
-    PyMem_RawFree(sn->stage[0]);
-    PyMem_RawFree(sn->stage[1]);
+    uint8_t *stage0 = sn->stage[0], *stage1 = sn->stage[1];
     PyMem_RawFree(sn->saved);
     PyMem_RawFree(sn->crcs);
     PyMem_RawFree(sn->lk);
     memset(sn, 0, sizeof(*sn));
+    sn->stage[0] = stage0;
+    sn->stage[1] = stage1;
+}
+
+static void
+snap_release(snap_t *sn)
+{
+    snap_free(sn);
+    PyMem_RawFree(sn->stage[0]);
+    PyMem_RawFree(sn->stage[1]);
+    sn->stage[0] = sn->stage[1] = NULL;
 }
 
 static int
@@ -966,7 +978,7 @@ Table_snap_begin(Table *self, PyObject *args)
         return NULL;
     }
     snap_t *sn = &self->snap;
-    memset(sn, 0, sizeof(*sn));
+    snap_free(sn); /* keeps the staging buffers of an earlier snapshot */
     sn->n_rc = (uint32_t)((self->num_blocks + REC_CHUNK - 1) / REC_CHUNK);
     sn->n_hc = (uint32_t)((self->mask + 1 + HT_CHUNK - 1) / HT_CHUNK);
     sn->saved = PyMem_RawCalloc(sn->n_rc + sn->n_hc, 1);
@@ -975,12 +987,11 @@ Table_snap_begin(Table *self, PyObject *args)
         snap_free(sn);
         return PyErr_NoMemory();
     }
-    sn->stage[0] = PyMem_RawMalloc(STAGE_BYTES);
-    sn->stage[1] = PyMem_RawMalloc(STAGE_BYTES);
-    if (sn->stage[0] == NULL || sn->stage[1] == NULL) {
-        snap_free(sn);
-        return PyErr_NoMemory();
-    }
+    for (int k = 0; k < 2; k++)
+        if (sn->stage[k] == NULL && (sn->stage[k] = PyMem_RawMalloc(STAGE_BYTES)) == NULL) {
+            snap_free(sn);
+            return PyErr_NoMemory();
+        }
     sn->fd = fd;
     sn->recs_off = recs_off;
     sn->ht_off = ht_off;

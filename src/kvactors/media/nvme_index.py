@@ -402,6 +402,7 @@ class NVMeIndex:
         self.snapshot_format = 0  # of the snapshot loaded at open (0: none)
         self.load_seconds = (0.0, 0.0)  # wall seconds of the open: snapshot, logs
         self.longest_hold_s = 0.0  # the longest a compaction step held the lock
+        self.longest_rotation_s = 0.0  # the longest a log rotation took (the lock held)
         self._check_meta(data_files or [])
         self.gen = self._load()
         self._seq = self.table.max_seq
@@ -827,6 +828,13 @@ class NVMeIndex:
     def _start_compaction(self, *, background: bool) -> None:
         """Rotate to a new log generation (the lock held); the snapshot of
         everything before it is written by :meth:`_write_snapshot`."""
+        t0 = time.perf_counter()
+        try:
+            self._rotate(background=background)
+        finally:
+            self.longest_rotation_s = max(self.longest_rotation_s, time.perf_counter() - t0)
+
+    def _rotate(self, *, background: bool) -> None:
         if self.sync:
             os.fdatasync(self._log_fd)  # the Dels too: the next snapshot includes them
         fd = self._create_log(self.gen + 1)

@@ -157,6 +157,7 @@ def measure(
     durable_s = time.perf_counter() - t0
     compactions = index.compactions
     longest_hold = index.longest_hold_s
+    longest_rotation = index.longest_rotation_s
     waits = index.compaction_waits
     live = len(index)
     index.close()
@@ -198,6 +199,7 @@ def measure(
         "stores_during_compaction": compacting_calls,
         "compactions": compactions,
         "compaction_longest_lock_hold_ms": longest_hold * 1e3,
+        "longest_log_rotation_ms": longest_rotation * 1e3,
         "compaction_waits": waits,
         "most_log_per_live": most_log,
         "log_per_live_at_reopen": log_after,
