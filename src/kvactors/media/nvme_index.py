@@ -394,7 +394,12 @@ class NVMeIndex:
         self.compactions = 0
         self.compaction_waits = 0  # updates that waited for a compaction to finish
         self.compaction_error: BaseException | None = None
-        self._compactor: threading.Thread | None = None
+        self._compactor: threading.Thread | None = None  # the thread compacting now
+        self._idle = threading.Condition(self.lock)  # notified when a compaction ends
+        self._worker: threading.Thread | None = None  # runs background compactions
+        self._wake = threading.Event()
+        self._stopping = False
+        self._compactions_started = 0
         self._old_records = 0  # records in logs the running compaction will retire
         self._log_fd = -1
         self._snap_fd = -1  # the table snapshot being taken
@@ -403,6 +408,7 @@ class NVMeIndex:
         self.load_seconds = (0.0, 0.0)  # wall seconds of the open: snapshot, logs
         self.longest_hold_s = 0.0  # the longest a compaction step held the lock
         self.longest_rotation_s = 0.0  # the longest a log rotation took (the lock held)
+        self.slowest_put: tuple[float, ...] = (0.0,) * 6
         self._check_meta(data_files or [])
         self.gen = self._load()
         self._seq = self.table.max_seq
@@ -755,20 +761,30 @@ class NVMeIndex:
                 if worker is None or worker is threading.current_thread():
                     return
             self.compaction_waits += 1
-            worker.join()
+            self._wait_for(worker)
 
     def put(self, items: list[tuple[Key, int, int]], *, sync: bool = True) -> None:
         """Record ``(key, slot, crc)`` for blocks whose bytes are already durable."""
         if not items:
             return
+        t0 = time.perf_counter()
         self._hold_back()
         keys, slots, crcs = (list(column) for column in zip(*items))
+        t1 = time.perf_counter()
         with self.lock:
+            t2 = time.perf_counter()
             data = encode(OP_PUT, keys, slots, crcs, self._seq + 1)
             self._append(data, len(items), sync)  # durable first, then in the table
+            t3 = time.perf_counter()
             self._seq += len(items)
             self.table.apply(data, 0)
+            t4 = time.perf_counter()
             self._maybe_compact()
+            t5 = time.perf_counter()
+        if t5 - t0 > self.slowest_put[0]:
+            # (total, waiting for a compaction, for the lock, the log append, the
+            # table, a rotation), in seconds: what the slowest update waited on
+            self.slowest_put = (t5 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
 
     def delete(self, keys: list[Key]) -> list[Key]:
         """Remove ``keys`` (those present); returns the keys removed."""
@@ -822,8 +838,15 @@ class NVMeIndex:
 
     def wait_compaction(self) -> None:
         worker = self._compactor
-        if worker is not None:
-            worker.join()
+        if worker is not None and worker is not threading.current_thread():
+            self._wait_for(worker)
+
+    def _wait_for(self, worker: threading.Thread) -> None:
+        """Until the compaction ``worker`` is running (if any) has ended."""
+        with self.lock:
+            started = self._compactions_started
+            while self._compactor is worker and self._compactions_started == started:
+                self._idle.wait()
 
     def _start_compaction(self, *, background: bool) -> None:
         """Rotate to a new log generation (the lock held); the snapshot of
@@ -858,13 +881,28 @@ class NVMeIndex:
         self.gen += 1
         self._old_records = self.log_records
         if background:
-            worker = threading.Thread(
-                target=self._background, name="kvactors-index-compaction", daemon=True
-            )
-            worker.start()  # it waits for the lock held here before it does anything
-            self._compactor = worker  # only a started thread is ever joined
+            # One long-lived thread runs them: starting a thread waits until the OS
+            # schedules it, which on a loaded machine can take tens of milliseconds
+            # of the store that rotates (only the first compaction waits for it).
+            if self._worker is None:
+                self._stopping = False
+                self._worker = threading.Thread(
+                    target=self._work, name="kvactors-index-compaction", daemon=True
+                )
+                self._worker.start()
+            self._compactor = self._worker
+            self._wake.set()
         else:
             self._compactor = threading.current_thread()
+        self._compactions_started += 1
+
+    def _work(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            self._background()
 
     def _background(self) -> None:
         try:
@@ -878,6 +916,7 @@ class NVMeIndex:
         finally:
             with self.lock:
                 self._compactor = None
+                self._idle.notify_all()
 
     def _end_table_snapshot(self) -> tuple[int, int, bytes, bytes, int, int] | None:
         """Stop the table snapshot being taken (the lock held); its fd closed."""
@@ -988,6 +1027,11 @@ class NVMeIndex:
 
     def close(self) -> None:
         self.wait_compaction()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            self._stopping = True
+            self._wake.set()
+            worker.join()
         with self.lock:
             if self._snap_fd >= 0:  # begun, never finished (no compactor ran it)
                 self._end_table_snapshot()

@@ -123,6 +123,7 @@ def measure(
     # The long run: new keys over random slots; every store timed.
     total = int(rounds * blocks)
     worst = worst_compacting = worst_quiet = 0.0
+    index.slowest_put = (0.0,) * 6  # what the long run's slowest store waited on
     most_log = 0.0
     compacting_calls = 0
     t0 = time.perf_counter()
@@ -145,6 +146,7 @@ def measure(
         most_log = max(most_log, index.log_records / max(1, len(index)))
     run_s = time.perf_counter() - t0
     index.wait_compaction()
+    slowest = [x * 1e3 for x in index.slowest_put[1:]]
 
     # Durable stores: the log fdatasynced per append.
     index.sync = True
@@ -200,6 +202,7 @@ def measure(
         "compactions": compactions,
         "compaction_longest_lock_hold_ms": longest_hold * 1e3,
         "longest_log_rotation_ms": longest_rotation * 1e3,
+        "slowest_store_parts_ms": slowest,
         "compaction_waits": waits,
         "most_log_per_live": most_log,
         "log_per_live_at_reopen": log_after,
@@ -290,6 +293,13 @@ def run(args: argparse.Namespace) -> Report:
         [
             "longest lock hold of a compaction step ms",
             r["compaction_longest_lock_hold_ms"],
+            None,
+            None,
+        ],
+        ["longest log rotation ms (in a store)", r["longest_log_rotation_ms"], None, None],
+        [
+            "slowest store ms: hold-back / lock / log / table / rotation",
+            " / ".join(f"{x:.1f}" for x in r["slowest_store_parts_ms"]),
             None,
             None,
         ],
