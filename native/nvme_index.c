@@ -146,8 +146,9 @@ crc32c_of(const uint8_t *p, size_t n)
  * stopping stores: from snap_begin on, a chunk is written out (and its CRC
  * kept) before the first update that would change it, and a background
  * thread writes the chunks nobody touched; each chunk is written once. */
-#define REC_CHUNK 1024u  /* slots per chunk of the record array (48 KiB) */
-#define HT_CHUNK 16384u  /* buckets per chunk of the hash array (64 KiB) */
+#define REC_CHUNK 128u  /* slots per chunk of the record array (6 KiB) */
+#define HT_CHUNK 1024u  /* buckets per chunk of the hash array (4 KiB): small chunks keep
+                         * what one store copies while a snapshot is taken small */
 
 typedef struct {
     int active;

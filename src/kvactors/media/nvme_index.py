@@ -84,7 +84,7 @@ MIN_LOG_RECORDS = 1024
 # many records at most.
 COMPACT_DIVISOR = 16
 CHUNK_SLOTS = 1 << 14  # slots copied per lock hold while a record snapshot is written
-SNAP_CHUNKS = 32  # chunks of the table (48-64 KiB each) written per lock hold
+SNAP_CHUNKS = 256  # chunks of the table (4-6 KiB each) copied per lock hold
 READ_BYTES = 16 << 20  # index files are read and applied this many bytes at a time
 # How a table snapshot is read: "read" (into fresh anonymous memory), "direct" (the
 # same with O_DIRECT, falling back to "read" where the file system refuses it) or
