@@ -409,6 +409,7 @@ class NVMeIndex:
         self.longest_hold_s = 0.0  # the longest a compaction step held the lock
         self.longest_rotation_s = 0.0  # the longest a log rotation took (the lock held)
         self.slowest_put: tuple[float, ...] = (0.0,) * 6
+        self.longest_compaction_wait_s = 0.0
         self._check_meta(data_files or [])
         self.gen = self._load()
         self._seq = self.table.max_seq
@@ -781,6 +782,11 @@ class NVMeIndex:
             t4 = time.perf_counter()
             self._maybe_compact()
             t5 = time.perf_counter()
+        # What this update waited on compaction for: the hold-back, the lock (only a
+        # compaction step or another update holds it) and a rotation it ran itself.
+        waited = (t1 - t0) + (t2 - t1) + (t5 - t4)
+        if waited > self.longest_compaction_wait_s:
+            self.longest_compaction_wait_s = waited
         if t5 - t0 > self.slowest_put[0]:
             # (total, waiting for a compaction, for the lock, the log append, the
             # table, a rotation), in seconds: what the slowest update waited on

@@ -128,6 +128,7 @@ def measure(
     total = int(rounds * blocks)
     worst = worst_compacting = worst_quiet = 0.0
     index.slowest_put = (0.0,) * 6  # what the long run's slowest store waited on
+    index.longest_compaction_wait_s = 0.0
     most_log = 0.0
     compacting_calls = 0
     t0 = time.perf_counter()
@@ -151,6 +152,7 @@ def measure(
     run_s = time.perf_counter() - t0
     index.wait_compaction()
     slowest = [x * 1e3 for x in index.slowest_put[1:]]
+    compaction_wait = index.longest_compaction_wait_s
 
     # Durable stores: the log fdatasynced per append.
     index.sync = True
@@ -208,6 +210,7 @@ def measure(
         "compaction_longest_lock_hold_ms": longest_hold * 1e3,
         "longest_log_rotation_ms": longest_rotation * 1e3,
         "slowest_store_parts_ms": slowest,
+        "longest_wait_on_compaction_ms": compaction_wait * 1e3,
         "compaction_waits": waits,
         "most_log_per_live": most_log,
         "log_per_live_at_reopen": log_after,
@@ -302,6 +305,12 @@ def run(args: argparse.Namespace) -> Report:
             None,
         ],
         ["longest log rotation ms (in a store)", r["longest_log_rotation_ms"], None, None],
+        [
+            "longest a store waited on compaction ms (hold-back + lock + rotation)",
+            r["longest_wait_on_compaction_ms"],
+            None,
+            None,
+        ],
         [
             "slowest store ms: hold-back / lock / log / table / rotation",
             " / ".join(f"{x:.1f}" for x in r["slowest_store_parts_ms"]),
