@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 import torch
 
@@ -648,3 +649,21 @@ async def test_any_bytes_or_int_is_a_key() -> None:
             assert res is not None
             assert res.stored == 4
             assert (await kv.lookup(keys)).hits == 4
+
+
+def test_readme_remote_toml_and_api_md_example_load_from_files(tmp_path: Path) -> None:
+    """README's [remote] snippet and docs/api.md's example are valid kv.toml files."""
+    remote = doc_block(ROOT / "README.md", "toml", "[remote]")
+    path = tmp_path / "kv.toml"
+    path.write_text(remote)
+    config = kvactors.Config.from_toml(path)
+    assert config.remote is not None
+    assert config.remote.url == "redis://127.0.0.1:6379/0"
+    assert config.remote.model == "my-model/bf16"
+    path.write_text(doc_block(ROOT / "docs" / "api.md", "toml", "block_bytes"))
+    example = kvactors.Config.from_toml(path)
+    assert example.nvme is not None
+    assert example.nvme.directory == "/mnt/nvme/kv"
+    assert example.replace(nvme={**msgspec.to_builtins(example.nvme), "directory": None}) == (
+        kvactors.Config()
+    )
