@@ -546,6 +546,31 @@ async def test_a_tracked_block_the_server_evicted_counts_in_lookup_until_read(
             assert (stats.policy.missing, stats.policy.corrupted) == (1, 0)
 
 
+async def test_global_write_through_writes_the_remote_at_once_even_on_demotion(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """``write_mode = "write_through"`` writes every stored block to every tier,
+    the remote included, whatever its own ``write_policy``: another engine loads
+    it while the first cache is still open and holds it in CPU."""
+    remote = RemoteConfig(url=redis_server.url, write_policy="on_demotion")
+    keys = list(range(4))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote).replace(write_mode="write_through")) as a:
+            await store_all(a, keys)
+            assert (await a.lookup(keys)).tiers == ["cpu"] * 4
+            async with kvactors.open(config(remote)) as b:
+                out = torch.zeros(4, BB, dtype=torch.uint8)
+                assert (await b.load(keys, out)).tiers == ["remote"] * 4
+                assert torch.equal(out, data(keys))
+        # Without it, on_demotion leaves them in CPU only until evicted or closed.
+        other = list(range(10, 14))
+        async with kvactors.open(config(remote)) as a:
+            await store_all(a, other)
+            async with kvactors.open(config(remote)) as b:
+                out = torch.zeros(4, BB, dtype=torch.uint8)
+                assert (await b.load(other, out, partial=True)).tiers == []
+
+
 async def test_prefetch_promotes_remote_blocks_to_cpu(redis_server: LocalServer) -> None:  # noqa: F811
     remote = RemoteConfig(url=redis_server.url)
     keys = list(range(6))
