@@ -122,7 +122,8 @@ async def test_a_lookup_then_a_load_of_a_block_is_one_access() -> None:
     """The load that follows a lookup is the same access: lookups of 0 then 1,
     then a load of 0, leave 1 the more recent (3 evictions take 2, 3, then 0). A
     load that no lookup preceded since the last load counts again (0 then
-    outlives 1), and so does one after a store of the block (3 outlives 0 and 1)."""
+    outlives 1), and so does one after a store of the block (3 outlives 0 and 1),
+    or once the lookup's mark was dropped (only the newest 4 are kept here)."""
     with anyio.fail_after(20):
         one = await _lru_survivor([("lookup", 0), ("lookup", 1), ("load", 0)])
         assert one == {0: 0, 1: 1, 2: 0, 3: 0}
@@ -131,6 +132,10 @@ async def test_a_lookup_then_a_load_of_a_block_is_one_access() -> None:
         # 3 is named by a lookup, then stored again (present: skipped), then loaded.
         stored = [("lookup", 3), ("store", 3), ("lookup", 0), ("lookup", 1), ("load", 3)]
         assert await _lru_survivor(stored) == {0: 0, 1: 0, 2: 0, 3: 1}
+        # Marks are kept for as many keys as the CPU tier holds (4): four more
+        # keys looked up drop 0's, so its load counts again (0 outlives 1).
+        bounded = [("lookup", k) for k in (0, 9, 10, 11, 12, 1)] + [("load", 0)]
+        assert await _lru_survivor(bounded) == {0: 1, 1: 0, 2: 0, 3: 0}
 
 
 async def test_a_prefetch_is_not_an_access_of_the_tier_it_promotes_from() -> None:
