@@ -11,7 +11,10 @@
  * ones come, and at most GHOSTS capacities are kept. admit() keeps the class
  * of each key it admits (`chosen`, until the next admit), which the
  * insert_many of the same prepare_store reads; insert alone (restore) takes
- * a chosen class too, else class 0. */
+ * a chosen class too, else class 0. touch() keeps the keys it found as ghosts
+ * within the window with the class each would have moved to (`returning`,
+ * until the next touch): admit gives such a key that class when it is worth
+ * more than its new class (not for a call's last key). */
 #include "manager_core.h"
 
 #include <math.h>
@@ -67,6 +70,11 @@ typedef struct {
     PyObject **probed;
     Py_ssize_t nprobed, probed_cap;
     unsigned long long probed_at;
+    /* The keys the last touch found as ghosts within the window (owned), and
+     * the class each would have moved to had it stayed. */
+    PyObject **ret_keys;
+    uint8_t *ret_cls;
+    Py_ssize_t nret, ret_cap;
 } PrefixAdmit;
 
 #define PA(core) ((PrefixAdmit *)(core)->pstate)
@@ -111,6 +119,10 @@ pa_dealloc(Core *core)
     for (Py_ssize_t k = 0; k < p->nprobed; k++)
         Py_DECREF(p->probed[k]);
     PyMem_Free(p->probed);
+    for (Py_ssize_t k = 0; k < p->nret; k++)
+        Py_DECREF(p->ret_keys[k]);
+    PyMem_Free(p->ret_keys);
+    PyMem_Free(p->ret_cls);
     kt_free(&p->gmap);
     PyMem_Free(p->node);
     PyMem_Free(p->chosen);
@@ -271,10 +283,12 @@ ghost(Core *core, PrefixAdmit *p, PyObject *key, int tag, int maybe_ghost)
 }
 
 /* A use of a key that is a ghost: the ghost is forgotten and, when it left
- * within the window, its class counts a use (an evicted one also a regret). */
+ * within the window, its class counts a use (an evicted one also a regret)
+ * and *back is the class the use would have moved it to; else *back = -1. */
 static int
-ghost_hit(Core *core, PrefixAdmit *p, PyObject *key)
+ghost_hit(Core *core, PrefixAdmit *p, PyObject *key, int *back)
 {
+    *back = -1;
     int32_t g = ghost_of(p, key);
     if (g < 0)
         return g == -2 ? -1 : 0;
@@ -283,13 +297,31 @@ ghost_hit(Core *core, PrefixAdmit *p, PyObject *key)
     ghost_drop(p, g);
     if (p->stored - since > (long long)core->n)
         return 0; /* left more than a turnover of the tier ago */
-    if (tag >= 0) {
-        p->uses[tag] += 1.0;
-        p->regrets += 1.0;
-    }
+    if (tag < 0)
+        tag = -1 - tag;
     else
-        p->uses[-1 - tag] += 1.0;
+        p->regrets += 1.0;
+    p->uses[tag] += 1.0;
+    *back = promoted(tag);
     return 0;
+}
+
+/* The class the last touch found key's ghost would move it to: >= 0, -1 when
+ * it found none, -2 with an exception set. */
+static int
+returning_of(PrefixAdmit *p, PyObject *key)
+{
+    for (Py_ssize_t k = 0; k < p->nret; k++) /* the same object, as in a handshake */
+        if (p->ret_keys[k] == key)
+            return p->ret_cls[k];
+    for (Py_ssize_t k = 0; k < p->nret; k++) {
+        int same = kt_same(p->ret_keys[k], key);
+        if (same < 0)
+            return -2;
+        if (same)
+            return p->ret_cls[k];
+    }
+    return -1;
 }
 
 /* -- the table entry ------------------------------------------------------- */
@@ -378,14 +410,20 @@ pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *f
         PyObject *key = call[pos];
         if (key != fresh[j])
             continue;
-        int c = new_class(pos, ncall, extends);
+        int c = new_class(pos, ncall, extends), back = -1;
         /* the last touch looked it up (and no ghost came since), or look now */
         while (probe < nprobe && p->probed[probe] != key)
             probe++;
         if (probe < nprobe)
             probe++;
-        else if (ghost_hit(core, p, key) < 0)
+        else if (ghost_hit(core, p, key, &back) < 0)
             return -1;
+        if (back < 0 && p->nret > 0 && (back = returning_of(p, key)) == -2)
+            return -1;
+        /* a key back within the window re-enters as the reused block it would
+         * have been, if that class is worth more (not a call's last key) */
+        if (back >= 0 && pos != ncall - 1 && value(p, back) > value(p, c))
+            c = back;
         born(p, c);
         if (!declined && full && value(p, c) < bar)
             declined = 1;
@@ -457,6 +495,9 @@ pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
     for (Py_ssize_t k = 0; k < p->nprobed; k++)
         Py_DECREF(p->probed[k]);
     p->nprobed = 0;
+    for (Py_ssize_t k = 0; k < p->nret; k++)
+        Py_DECREF(p->ret_keys[k]);
+    p->nret = 0;
     if (n > p->probed_cap) {
         PyObject **probed = PyMem_Realloc(p->probed, (size_t)n * sizeof(PyObject *));
         if (probed == NULL) {
@@ -466,13 +507,33 @@ pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
         p->probed = probed;
         p->probed_cap = n;
     }
+    if (n > p->ret_cap) {
+        PyObject **keys = PyMem_Realloc(p->ret_keys, (size_t)n * sizeof(PyObject *));
+        if (keys == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        p->ret_keys = keys;
+        uint8_t *cls = PyMem_Realloc(p->ret_cls, (size_t)n);
+        if (cls == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        p->ret_cls = cls;
+        p->ret_cap = n;
+    }
     for (Py_ssize_t k = n - 1; k >= 0; k--) {
         int32_t s = core_slot(core, keys[k]);
         if (s == -2)
             return -1;
         if (s < 0) {
-            if (p->glen > 0 && ghost_hit(core, p, keys[k]) < 0)
+            int back = -1;
+            if (p->glen > 0 && ghost_hit(core, p, keys[k], &back) < 0)
                 return -1;
+            if (back >= 0) {
+                p->ret_keys[p->nret] = Py_NewRef(keys[k]);
+                p->ret_cls[p->nret++] = (uint8_t)back;
+            }
             p->probed[p->nprobed++] = Py_NewRef(keys[k]); /* not a ghost now */
             continue;
         }
@@ -647,9 +708,24 @@ chosen_state(PrefixAdmit *p)
     return out;
 }
 
+/* {key: class} of the keys the last touch found returning. */
+static PyObject *
+returning_state(PrefixAdmit *p)
+{
+    PyObject *out = PyDict_New();
+    for (Py_ssize_t k = 0; out != NULL && k < p->nret; k++) {
+        PyObject *c = PyLong_FromLong(p->ret_cls[k]);
+        if (c == NULL || PyDict_SetItem(out, p->ret_keys[k], c) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(c);
+    }
+    return out;
+}
+
 /* ("prefix_admit", clock, stored, evictions, regrets, births, uses,
  *  ((key, H) per class list, oldest first), ((key, tag, stored then) per
- *  ghost, oldest first), {key: class} chosen), as order_state() */
+ *  ghost, oldest first), {key: class} chosen, {key: class} returning), as
+ *  order_state() */
 static PyObject *
 pa_state(Core *core)
 {
@@ -664,9 +740,9 @@ pa_state(Core *core)
     }
     if (lists == NULL)
         return NULL;
-    return Py_BuildValue("(sdLddNNNNN)", "prefix_admit", p->clock, p->stored, p->evictions,
+    return Py_BuildValue("(sdLddNNNNNN)", "prefix_admit", p->clock, p->stored, p->evictions,
                          p->regrets, floats(p->births, CLASSES), floats(p->uses, CLASSES), lists,
-                         ghost_state(p), chosen_state(p));
+                         ghost_state(p), chosen_state(p), returning_state(p));
 }
 
 const PolicyOps prefix_admit_ops = {

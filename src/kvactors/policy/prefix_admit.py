@@ -33,6 +33,12 @@ order; ``touch`` is a use):
   prefix), and the call's length on a log scale (1, 2-7, 8-31, 32+ keys);
 - a **reused** block by its number of uses since stored: 1, 2, 3 or more.
 
+A key asked for while it is a ghost (below) is remembered until the next
+``touch``; stored again, it enters the reused class its use would have moved
+it to had it stayed, when that class is worth more than its new class (not
+for a call's last key): a block's frequency outlives its eviction, as ARC
+moves a ghost hit to its frequency list.
+
 ``value(class)`` is ``uses / births``: a birth is a block stored (or
 declined) in the class, or a use moving it there; a use is a touch of a
 block of the class, resident or a ghost (a key evicted or declined while
@@ -121,6 +127,9 @@ class PrefixAdmitPolicy:
         self._blocks: dict[Key, BlockStatus] = {}
         self._class: dict[Key, int] = {}
         self._chosen: dict[Key, int] = {}  # admitted, not yet inserted
+        # The keys the last touch found as ghosts within the window, and the class
+        # each would have moved to had it stayed (see admit).
+        self._returning: dict[Key, int] = {}
         self.get = self._blocks.get
 
     # -- what is learned -------------------------------------------------------
@@ -150,18 +159,21 @@ class PrefixAdmitPolicy:
         while len(ghosts) > limit or next(iter(ghosts.values()))[1] < horizon:
             ghosts.popitem(last=False)
 
-    def _ghost_hit(self, key: Key) -> None:
+    def _ghost_hit(self, key: Key) -> int | None:
+        """Forget ``key``'s ghost and count its use; a key asked for within the
+        window returns the class its use would have moved it to, had it stayed."""
         entry = self.ghosts.pop(key, None)
         if entry is None:
-            return
+            return None
         tag, since = entry
         if self.stored - since > self.capacity:
-            return  # left more than a turnover of the tier ago
-        if tag >= 0:
-            self.uses[tag] += 1.0
-            self.regrets += 1.0
+            return None  # left more than a turnover of the tier ago
+        if tag < 0:
+            tag = -1 - tag
         else:
-            self.uses[-1 - tag] += 1.0
+            self.regrets += 1.0
+        self.uses[tag] += 1.0
+        return _promoted(tag)
 
     # -- the CachePolicy protocol ----------------------------------------------
 
@@ -187,11 +199,20 @@ class PrefixAdmitPolicy:
         declined = False
         pending = iter(new)
         want: Key | None = next(pending)
+        returning = self._returning
+        value = self.value
         for position, key in enumerate(keys):
             if key != want:
                 continue
             cls = new_class(position, length, extends)
-            self._ghost_hit(key)
+            back = self._ghost_hit(key)
+            if back is None:
+                back = returning.get(key)
+            # A key back within the window (evicted or declined) re-enters as the
+            # reused block it would have been, if that class is worth more (not a
+            # call's last key).
+            if back is not None and position != length - 1 and value(back) > value(cls):
+                cls = back
             self._born(cls)
             if not declined and full and self.value(cls) < bar:
                 declined = True
@@ -229,11 +250,14 @@ class PrefixAdmitPolicy:
         blocks = self._blocks
         classes = self._class
         lists = self.lists
+        self._returning = returning = {}
         for key in reversed(keys):
             block = blocks.get(key)
             if block is None:
                 if key in self.ghosts:
-                    self._ghost_hit(key)
+                    back = self._ghost_hit(key)
+                    if back is not None:
+                        returning[key] = back
                 continue
             if block.ref_cnt < 0:
                 continue  # just stored, not yet written: not a use
@@ -276,9 +300,10 @@ class PrefixAdmitPolicy:
 
     def order_state(self) -> tuple[object, ...]:
         """Everything that decides the next answers: ``("prefix_admit", clock,
-        stored, evictions, regrets, births, uses, lists, ghosts, chosen)``, the
-        lists as ``(key, priority)`` pairs in order and the ghosts as
-        ``(key, tag, stored then)`` oldest first (compared with the compiled core)."""
+        stored, evictions, regrets, births, uses, lists, ghosts, chosen, returning)``,
+        the lists as ``(key, priority)`` pairs in order, the ghosts as
+        ``(key, tag, stored then)`` oldest first and ``returning`` as
+        ``{key: class}`` (compared with the compiled core)."""
         return (
             "prefix_admit",
             self.clock,
@@ -290,6 +315,7 @@ class PrefixAdmitPolicy:
             tuple(tuple(lst.items()) for lst in self.lists),
             tuple((key, tag, since) for key, (tag, since) in self.ghosts.items()),
             dict(self._chosen),
+            dict(self._returning),
         )
 
     def keys(self) -> Iterator[Key]:
