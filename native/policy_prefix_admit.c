@@ -13,7 +13,7 @@
  * insert_many of the same prepare_store reads; insert alone (restore) takes
  * a chosen class too, else class 0. touch() keeps the keys it found as ghosts
  * within the window with the class each would have moved to (`returning`,
- * until the next touch): admit gives such a key that class when it is worth
+ * until a later touch finds any): admit gives such a key that class when it is worth
  * more than its new class (not for a call's last key). */
 #include "manager_core.h"
 
@@ -70,8 +70,8 @@ typedef struct {
     PyObject **probed;
     Py_ssize_t nprobed, probed_cap;
     unsigned long long probed_at;
-    /* The keys the last touch found as ghosts within the window (owned), and
-     * the class each would have moved to had it stayed. */
+    /* The keys the last touch that found any found as ghosts within the window
+     * (owned), and the class each would have moved to had it stayed. */
     PyObject **ret_keys;
     uint8_t *ret_cls;
     Py_ssize_t nret, ret_cap;
@@ -495,9 +495,7 @@ pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
     for (Py_ssize_t k = 0; k < p->nprobed; k++)
         Py_DECREF(p->probed[k]);
     p->nprobed = 0;
-    for (Py_ssize_t k = 0; k < p->nret; k++)
-        Py_DECREF(p->ret_keys[k]);
-    p->nret = 0;
+    int kept = 1; /* the last returning keys, until this call finds its own */
     if (n > p->probed_cap) {
         PyObject **probed = PyMem_Realloc(p->probed, (size_t)n * sizeof(PyObject *));
         if (probed == NULL) {
@@ -531,6 +529,12 @@ pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
             if (p->glen > 0 && ghost_hit(core, p, keys[k], &back) < 0)
                 return -1;
             if (back >= 0) {
+                if (kept) { /* this call's keys replace the last ones */
+                    for (Py_ssize_t r = 0; r < p->nret; r++)
+                        Py_DECREF(p->ret_keys[r]);
+                    p->nret = 0;
+                    kept = 0;
+                }
                 p->ret_keys[p->nret] = Py_NewRef(keys[k]);
                 p->ret_cls[p->nret++] = (uint8_t)back;
             }

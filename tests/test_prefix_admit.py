@@ -166,13 +166,19 @@ def test_a_key_back_keeps_its_new_class_when_that_is_worth_more() -> None:
 
 @pytest.mark.skipif(not NATIVE, reason="compiled core not built")
 def test_both_cores_remember_the_keys_back_within_the_window() -> None:
-    """The compiled core reports the same returning keys and classes as the Python one."""
+    """The compiled core reports the same returning keys and classes as the Python
+    one, and both keep them through a touch that finds no ghost."""
     managers = [
         OffloadingManager(2, block_size=16, policy="prefix_admit", native=n) for n in (True, False)
     ]
     for mgr in managers:
         _evict_then_ask_again(mgr)
     native, python = managers
+    state = native._core.policy_state()  # type: ignore[attr-defined]
+    assert state == python.policy.order_state()  # type: ignore[union-attr]
+    assert state[-1] == {1: NEW_CLASSES, 2: NEW_CLASSES}
+    for mgr in managers:  # a touch finding no ghost (a served load touching its hits) keeps them
+        mgr.touch([3, 4])
     state = native._core.policy_state()  # type: ignore[attr-defined]
     assert state == python.policy.order_state()  # type: ignore[union-attr]
     assert state[-1] == {1: NEW_CLASSES, 2: NEW_CLASSES}

@@ -33,8 +33,8 @@ order; ``touch`` is a use):
   prefix), and the call's length on a log scale (1, 2-7, 8-31, 32+ keys);
 - a **reused** block by its number of uses since stored: 1, 2, 3 or more.
 
-A key asked for while it is a ghost (below) is remembered until the next
-``touch``; stored again, it enters the reused class its use would have moved
+A key asked for while it is a ghost (below) is remembered until a later
+``touch`` finds ghosts of its own; stored again, it enters the reused class its use would have moved
 it to had it stayed, when that class is worth more than its new class (not
 for a call's last key): a block's frequency outlives its eviction, as ARC
 moves a ghost hit to its frequency list.
@@ -127,8 +127,9 @@ class PrefixAdmitPolicy:
         self._blocks: dict[Key, BlockStatus] = {}
         self._class: dict[Key, int] = {}
         self._chosen: dict[Key, int] = {}  # admitted, not yet inserted
-        # The keys the last touch found as ghosts within the window, and the class
-        # each would have moved to had it stayed (see admit).
+        # The keys the last touch that found any found as ghosts within the window,
+        # and the class each would have moved to had it stayed (see admit). A
+        # touch finding none (a served load touching its hits) keeps them.
         self._returning: dict[Key, int] = {}
         self.get = self._blocks.get
 
@@ -250,13 +251,15 @@ class PrefixAdmitPolicy:
         blocks = self._blocks
         classes = self._class
         lists = self.lists
-        self._returning = returning = {}
+        returning: dict[Key, int] | None = None
         for key in reversed(keys):
             block = blocks.get(key)
             if block is None:
                 if key in self.ghosts:
                     back = self._ghost_hit(key)
                     if back is not None:
+                        if returning is None:  # this call's keys replace the last ones
+                            self._returning = returning = {}
                         returning[key] = back
                 continue
             if block.ref_cnt < 0:
