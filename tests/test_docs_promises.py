@@ -667,3 +667,47 @@ def test_readme_remote_toml_and_api_md_example_load_from_files(tmp_path: Path) -
     assert example.replace(nvme={**msgspec.to_builtins(example.nvme), "directory": None}) == (
         kvactors.Config()
     )
+
+
+def test_replay_md_output_is_what_replay_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/replay.md's "Output" block is what `kvactors replay --capacity 0.1` prints
+    today, its --json has the keys shown, and "From Python" gives the figures shown."""
+    text = (ROOT / "docs" / "replay.md").read_text()
+    section = text.split("## Output", 1)[1]
+    doc = re.search(r"```\n(.*?)```", section, flags=re.S)
+    assert doc is not None
+    want = doc.group(1).strip().splitlines()
+    assert main(["replay", "--capacity", "0.1"]) == 0
+    got = capsys.readouterr().out.strip().splitlines()
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if w.startswith("trace: .../"):
+            assert g.startswith("trace: ")
+            assert g.endswith(w.removeprefix("trace: ..."))
+        else:
+            assert g == w
+    assert main(["replay", "--capacity", "0.1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report) == {"title", "columns", "rows", "notes", "summary"}
+    summary = report["summary"]
+    assert list(summary) == [
+        "command", "trace", "requests", "block_accesses", "unique_blocks", "capacity_blocks",
+        "capacity_fraction", "mode", "lru_hits", "belady", "policies",
+    ]  # fmt: skip
+    assert set(summary["belady"]) == {
+        "hits", "resident_hits", "hit_ratio", "stores_refused", "evictions",
+    }  # fmt: skip
+    assert set(summary["policies"]["lru"]) == {
+        "hits", "hit_ratio", "of_belady", "of_gap", "stores_refused", "evictions", "seconds",
+    }  # fmt: skip
+    assert (summary["requests"], summary["block_accesses"]) == (12031, 288500)
+    assert (summary["lru_hits"], summary["belady"]["hits"]) == (80419, 105710)
+    assert summary["mode"] == "manager"
+
+    from kvactors.cli.replay import belady, replay
+    from kvactors.traces import bundled_trace, load_trace
+
+    requests = [r.hash_ids for r in load_trace(bundled_trace("conversation"))]
+    lru = replay(requests, "lru", 18_279)
+    assert (lru.hits, lru.accesses) == (80419, 288500)
+    assert belady(requests, 18_279).hits == 105710
