@@ -34,26 +34,31 @@
 #define KIND_BYTES 1
 #define KIND_BIGINT 2
 
-/* CRC-32 (zlib's polynomial, so Python checks records with zlib.crc32), sliced by 8:
- * for 56-byte records it is several times faster than calling zlib per record. */
-static uint32_t crc_table[8][256];
+/* Two CRC-32 functions, both reflected and sliced by 8 (for 56-byte records
+ * several times faster than calling zlib per record):
+ * - CRC-32 (zlib's polynomial, so Python checks log records with zlib.crc32);
+ * - CRC-32C (Castagnoli) of the snapshot's chunks: the SSE4.2 instruction where
+ *   the CPU has it (several GB/s), else the same table code. */
+typedef uint32_t CrcTable[8][256];
+static CrcTable crc_table, crc32c_table;
+static int crc32c_hw_ok;
 
 static void
-crc_init(void)
+crc_table_init(CrcTable t, uint32_t poly)
 {
     for (uint32_t i = 0; i < 256; i++) {
         uint32_t c = i;
         for (int k = 0; k < 8; k++)
-            c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
-        crc_table[0][i] = c;
+            c = c & 1 ? poly ^ (c >> 1) : c >> 1;
+        t[0][i] = c;
     }
     for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++)
-            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xff];
+        for (int j = 1; j < 8; j++)
+            t[j][i] = (t[j - 1][i] >> 8) ^ t[0][t[j - 1][i] & 0xff];
 }
 
 static uint32_t
-crc32_of(const uint8_t *p, size_t n)
+crc_sliced(const uint32_t (*t)[256], const uint8_t *p, size_t n)
 {
     uint32_t c = 0xffffffffu;
     while (n >= 8) {
@@ -61,36 +66,32 @@ crc32_of(const uint8_t *p, size_t n)
         memcpy(&lo, p, 4);
         memcpy(&hi, p + 4, 4);
         lo ^= c;
-        c = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff] ^
-            crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24] ^
-            crc_table[3][hi & 0xff] ^ crc_table[2][(hi >> 8) & 0xff] ^
-            crc_table[1][(hi >> 16) & 0xff] ^ crc_table[0][hi >> 24];
+        c = t[7][lo & 0xff] ^ t[6][(lo >> 8) & 0xff] ^ t[5][(lo >> 16) & 0xff] ^ t[4][lo >> 24] ^
+            t[3][hi & 0xff] ^ t[2][(hi >> 8) & 0xff] ^ t[1][(hi >> 16) & 0xff] ^ t[0][hi >> 24];
         p += 8;
         n -= 8;
     }
     while (n--)
-        c = crc_table[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+        c = t[0][(c ^ *p++) & 0xff] ^ (c >> 8);
     return c ^ 0xffffffffu;
 }
 
-/* CRC-32C (Castagnoli) of the snapshot's chunks: the SSE4.2 instruction where the
- * CPU has it (several GB/s), else the same function sliced by 8 in software. */
-static uint32_t crc32c_table[8][256];
-static int crc32c_hw_ok;
+static void
+crc_init(void)
+{
+    crc_table_init(crc_table, 0xedb88320u);
+}
+
+static uint32_t
+crc32_of(const uint8_t *p, size_t n)
+{
+    return crc_sliced((const uint32_t (*)[256])crc_table, p, n);
+}
 
 static void
 crc32c_init(void)
 {
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = c & 1 ? 0x82f63b78u ^ (c >> 1) : c >> 1;
-        crc32c_table[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++)
-            crc32c_table[t][i] =
-                (crc32c_table[t - 1][i] >> 8) ^ crc32c_table[0][crc32c_table[t - 1][i] & 0xff];
+    crc_table_init(crc32c_table, 0x82f63b78u);
 #if defined(__x86_64__)
     __builtin_cpu_init();
     crc32c_hw_ok = __builtin_cpu_supports("sse4.2");
@@ -123,22 +124,7 @@ crc32c_of(const uint8_t *p, size_t n)
     if (crc32c_hw_ok)
         return crc32c_hw(p, n);
 #endif
-    uint32_t c = 0xffffffffu;
-    while (n >= 8) {
-        uint32_t lo, hi;
-        memcpy(&lo, p, 4);
-        memcpy(&hi, p + 4, 4);
-        lo ^= c;
-        c = crc32c_table[7][lo & 0xff] ^ crc32c_table[6][(lo >> 8) & 0xff] ^
-            crc32c_table[5][(lo >> 16) & 0xff] ^ crc32c_table[4][lo >> 24] ^
-            crc32c_table[3][hi & 0xff] ^ crc32c_table[2][(hi >> 8) & 0xff] ^
-            crc32c_table[1][(hi >> 16) & 0xff] ^ crc32c_table[0][hi >> 24];
-        p += 8;
-        n -= 8;
-    }
-    while (n--)
-        c = crc32c_table[0][(c ^ *p++) & 0xff] ^ (c >> 8);
-    return c ^ 0xffffffffu;
+    return crc_sliced((const uint32_t (*)[256])crc32c_table, p, n);
 }
 
 /* A snapshot is the table's own two arrays, written as they sit in memory in

@@ -31,9 +31,10 @@ import heapq
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import msgspec
@@ -372,48 +373,40 @@ def resolve_trace(name: str | None) -> Path:
     return Path(name)
 
 
+N = TypeVar("N", int, float, Fraction)
+
+
+def _number(
+    text: str, convert: Callable[[str], N], what: str, ok: Callable[[N], bool], bounds: str
+) -> N:
+    """An argparse type's body: ``convert(text)``, refused unless ``ok`` (``bounds`` says why)."""
+    try:
+        value = convert(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+    return value
+
+
 def parse_fraction(text: str) -> Fraction:
     """argparse type of ``--capacity``: an exact fraction in (0, 1], such as ``0.1`` or ``1/8``."""
-    try:
-        value = Fraction(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a fraction: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+    return _number(text, Fraction, "a fraction", lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def positive_int(text: str) -> int:
     """argparse type of ``--blocks`` and ``--repeat``: a positive int."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an int: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+    return _number(text, int, "an int", lambda v: v > 0, "positive")
 
 
 def positive_float(text: str) -> float:
     """argparse type of a duration or a multiple: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
+    return _number(text, float, "a number", lambda v: 0 < v < float("inf"), "positive")
 
 
 def probability(text: str) -> float:
     """argparse type of a fault rate: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+    return _number(text, float, "a number", lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
