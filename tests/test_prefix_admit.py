@@ -202,20 +202,25 @@ def test_refusal_still_means_nothing_changed() -> None:
     assert mgr.num_free_blocks == 0
 
 
+def _between_lru_and_min(requests: list[list[int]], share: float, label: object) -> None:
+    """At 5%, 10% and 25% of the unique blocks, prefix_admit's hits are at least
+    ``share`` of LRU's and at most MIN's."""
+    unique = len({key for blocks in requests for key in blocks})
+    for fraction in (0.05, 0.1, 0.25):
+        capacity = max(1, int(fraction * unique))
+        lru = replay(requests, "lru", capacity).hits
+        ours = replay(requests, "prefix_admit", capacity).hits
+        assert ours >= share * lru, (label, fraction, ours, lru)
+        assert ours <= belady(requests, capacity).hits
+
+
 @pytest.mark.parametrize("shape", sorted(WORKLOADS))
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_never_falls_apart_on_unseen_sharing_shapes(shape: str, seed: int) -> None:
     """On chat, document QA, agent loops and scans (generated here, not fitted),
     at 5%, 10% and 25% of the unique blocks: at least 98% of LRU's hits (agent
     loops at 5% are the closest: 0.983-0.995) and never above MIN."""
-    requests = WORKLOADS[shape](1500, seed)
-    unique = len({key for blocks in requests for key in blocks})
-    for fraction in (0.05, 0.1, 0.25):
-        capacity = max(1, int(fraction * unique))
-        lru = replay(requests, "lru", capacity).hits
-        ours = replay(requests, "prefix_admit", capacity).hits
-        assert ours >= 0.98 * lru, (shape, seed, fraction, ours, lru)
-        assert ours <= belady(requests, capacity).hits
+    _between_lru_and_min(WORKLOADS[shape](1500, seed), 0.98, (shape, seed))
 
 
 def test_runs_on_both_cores() -> None:
@@ -291,13 +296,7 @@ def test_never_below_lru_on_generated_prefix_trees(shape: str) -> None:
     a shape whose working set fits, is 4 hits of 88,000 below), at most MIN's."""
     for seed in (1, 2):
         requests = prefix_tree(1500, seed, **SHAPES[shape])  # type: ignore[arg-type]
-        unique = len({key for blocks in requests for key in blocks})
-        for fraction in (0.05, 0.1, 0.25):
-            capacity = max(1, int(fraction * unique))
-            lru = replay(requests, "lru", capacity).hits
-            ours = replay(requests, "prefix_admit", capacity).hits
-            assert ours >= 0.9999 * lru, (shape, seed, fraction, ours, lru)
-            assert ours <= belady(requests, capacity).hits
+        _between_lru_and_min(requests, 0.9999, (shape, seed))
 
 
 def test_the_nvme_tier_may_decline_a_demoted_victim() -> None:

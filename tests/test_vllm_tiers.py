@@ -22,6 +22,16 @@ def k(i: int) -> bytes:
     return i.to_bytes(8, "big") + (0).to_bytes(4, "big")
 
 
+def _leading_hits(tiers: TieredManager, keys: list[bytes]) -> list[bytes]:
+    """The keys vLLM would load: the leading run that ``lookup`` answers ``"hit"``."""
+    hits = []
+    for key in keys:
+        if tiers.lookup(key) != "hit":
+            break
+        hits.append(key)
+    return hits
+
+
 class FakeWorker:
     """Slots hold the key whose bytes they carry; plans run in submission order."""
 
@@ -99,11 +109,7 @@ def test_random_calls_always_load_the_right_bytes(
                 jobs.append((True, out[0], out[1]))
         elif op == "load":
             # vLLM loads the leading run of hits; pending keys make it wait
-            hits = []
-            for key in keys:
-                if tiers.lookup(key) != "hit":
-                    break
-                hits.append(key)
+            hits = _leading_hits(tiers, keys)
             if hits:
                 jobs.append((False, hits, tiers.prepare_load(hits)))
         elif op == "finish":
@@ -307,11 +313,7 @@ def _chat(policy: str) -> tuple[int, int, int]:
     for turn in range(400):
         conv = rng.randrange(8)
         keys = [k(conv * 10 + j) for j in range(3)] + [k(1000 + turn)]
-        hits = []
-        for key in keys:
-            if tiers.lookup(key) != "hit":
-                break
-            hits.append(key)
+        hits = _leading_hits(tiers, keys)
         if hits:
             worker.run(False, hits, tiers.prepare_load(hits))
             tiers.complete_load(hits)
