@@ -5,12 +5,13 @@ Folders are the layers, top to bottom (no import goes upward)::
     cli/            kvactors demo | replay | bench ... (cli/bench/: one module a benchmark)
     vllm/           the vLLM offloading backend (spec, tiers, mover, a test engine)
     paged/          engine-side paged KV cache (block tables, allocator)
-    cache/          the served cache: handle (KVCache, open: the front door), coordinator
-                    (prepare -> transfers -> complete), policy actor (its messages,
-                    accesses, shared tiers, events) over placement (which block is in
-                    which tier of the chain; the plans), tier actors (transfers on one
-                    medium), messages, transfers (the one copy function), results,
-                    events, metrics
+    cache/          the served cache: handle (KVCache, open: the front door) and its
+                    argument checks, coordinator (prepare -> transfers -> complete)
+                    over the executor (one plan's transfers, then its completion),
+                    policy actor (its messages, accesses, shared tiers, events) over
+                    placement (which block is in which tier of the chain; the plans),
+                    tier actors (transfers on one medium), messages, transfers (the
+                    one copy function), results, events, metrics
     media/          bytes only: the BlockMedium protocol, memory pools (GPU pool, CPU
                     tier), the NVMe file store and its index, kvikio I/O, injected
                     faults, the remote (Valkey / Redis) store

@@ -1,8 +1,12 @@
 """The served cache, one module a role:
 
-- :mod:`~kvactors.cache.handle`: ``open`` and the ``KVCache`` handle (argument checks);
-- :mod:`~kvactors.cache.coordinator`: the actor running each handshake,
-  prepare -> transfers -> complete;
+- :mod:`~kvactors.cache.handle`: ``open`` and the ``KVCache`` handle;
+- :mod:`~kvactors.cache.arguments`: what a caller may pass (keys, slot ids,
+  tensors), checked before any message is sent;
+- :mod:`~kvactors.cache.coordinator`: the actor sequencing each handshake,
+  prepare -> transfers -> complete, and what a store or a load does next;
+- :mod:`~kvactors.cache.executor`: running one plan: its transfers in order on
+  the tier actors, then its completion, out of a cancellation's reach;
 - :mod:`~kvactors.cache.policy_actor`: the actor answering for the tiers'
   metadata: its messages, what counts as an access, shared tiers, events;
 - :mod:`~kvactors.cache.placement`: which block is in which tier of the chain

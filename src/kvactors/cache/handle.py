@@ -11,7 +11,6 @@ cache made (media, the copy threads) is closed with it.
 from __future__ import annotations
 
 import logging
-import operator
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -20,9 +19,9 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-import torch
 
 from kvactors.actors import Actor, Future
+from kvactors.cache.arguments import check_key_list, check_side
 from kvactors.cache.coordinator import Coordinator
 from kvactors.cache.events import CacheEvent
 from kvactors.cache.messages import GetSnapshot, Load, Lookup, Prefetch, Store, Subscribe
@@ -37,8 +36,8 @@ from kvactors.cache.results import (
 )
 from kvactors.cache.tier_actor import TierActor
 from kvactors.config import Config
-from kvactors.errors import ActorClosed, InvalidKeyError, TensorSpecError
-from kvactors.keys import Key, check_keys, distinct_slots
+from kvactors.errors import ActorClosed, TensorSpecError
+from kvactors.keys import Key
 from kvactors.media import BlockMedium, CopyPool, MemoryPool, open_media
 from kvactors.media.nvme_index import NVMeIndex
 
@@ -46,37 +45,6 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["KVCache", "open"]
-
-
-def _check_keys(keys: object, what: str) -> list[Key]:
-    if type(keys) is not list:
-        if not isinstance(keys, (list, tuple)):
-            kind = type(keys).__name__
-            raise InvalidKeyError(f"{what}: keys must be a list or tuple of keys, got {kind}")
-        keys = list(keys)
-    if not keys:
-        raise InvalidKeyError(f"{what}: no keys given")
-    check_keys(keys, what)
-    return keys
-
-
-def _slot_ids(side: object, what: str) -> list[int]:
-    """The ints of a list / tuple / range of integers (numpy and torch integers
-    included); anything else (floats, strings, sets, bools) is refused."""
-    if not isinstance(side, (list, tuple, range)):
-        kind = type(side).__name__
-        raise TensorSpecError(
-            f"{what}: expected a tensor or a list of GPU-pool slot ids, got {kind}"
-        )
-    ids: list[int] = []
-    for i in side:
-        if isinstance(i, bool) or (isinstance(i, torch.Tensor) and i.is_floating_point()):
-            raise TensorSpecError(f"{what}: slot ids must be integers, got {i!r}")
-        try:
-            ids.append(operator.index(i))
-        except TypeError:
-            raise TensorSpecError(f"{what}: slot ids must be integers, got {i!r}") from None
-    return ids
 
 
 def _recovered(medium: BlockMedium) -> NVMeIndex | list[tuple[Key, int]]:
@@ -147,49 +115,16 @@ class KVCache:
         if self._closed:
             raise ActorClosed(f"{what}: the cache is closed")
 
-    def _check_side(self, side: Any, n: int, what: str) -> Any:
-        if not self.config.move_bytes:
-            if side is not None:
-                raise TensorSpecError(f"{what}: must be None with move_bytes=False")
-            return None
-        bb = self.config.block_bytes
-        if isinstance(side, torch.Tensor):
-            if side.layout != torch.strided:
-                raise TensorSpecError(f"{what}: tensor must be dense (strided), got {side.layout}")
-            if side.requires_grad and what.startswith("load"):
-                raise TensorSpecError(f"{what}: tensor requires grad; pass a detached tensor")
-            if side.device.type not in ("cpu", "cuda"):
-                raise TensorSpecError(
-                    f"{what}: tensor must be on the CPU or a CUDA device, got {side.device}"
-                )
-            if side.dim() == 0 or side.shape[0] != n:
-                raise TensorSpecError(
-                    f"{what}: tensor must have {n} blocks in its first dimension, "
-                    f"got shape {tuple(side.shape)}"
-                )
-            if side.nbytes != n * bb:
-                raise TensorSpecError(
-                    f"{what}: tensor holds {side.nbytes} bytes, expected {n} x {bb}"
-                )
-            if not side.is_contiguous():
-                raise TensorSpecError(f"{what}: tensor must be contiguous")
-            return (
-                side.view(torch.uint8).view(n, bb)
-                if side.dtype != torch.uint8
-                else side.view(n, bb)
-            )
-        limit = self._gpu_blocks
-        if distinct_slots(side, limit) and len(side) == n:
-            return side.copy()  # the common case; anything else gets the checks below
-        ids = _slot_ids(side, what)
-        if len(ids) != n:
-            raise TensorSpecError(f"{what}: {len(ids)} slot ids for {n} keys")
-        if ids and (min(ids) < 0 or max(ids) >= limit):
-            bad = next(i for i in ids if not 0 <= i < limit)
-            raise TensorSpecError(f"{what}: GPU-pool slot {bad} is out of range 0..{limit - 1}")
-        if len(set(ids)) != len(ids):
-            raise TensorSpecError(f"{what}: a GPU-pool slot id is named twice")
-        return ids
+    def _side(self, side: Any, n: int, what: str) -> Any:
+        c = self.config
+        return check_side(
+            side,
+            n,
+            what,
+            block_bytes=c.block_bytes,
+            gpu_blocks=self._gpu_blocks,
+            move_bytes=c.move_bytes,
+        )
 
     async def _call(self, request: Store | Load) -> Any:
         # Every call yields to the event loop once, before anything happens
@@ -208,7 +143,7 @@ class KVCache:
         :class:`~kvactors.errors.ActorClosed` after close. Cancelling it changes nothing.
         """
         self._check_open("lookup")
-        message = Lookup(_check_keys(keys, "lookup"))
+        message = Lookup(check_key_list(keys, "lookup"))
         await anyio.lowlevel.checkpoint()
         start = time.perf_counter()
         if self._coord.shared:
@@ -220,15 +155,15 @@ class KVCache:
 
     def _store(self, keys: Sequence[Key], src: Any) -> Store:
         self._check_open("store")
-        checked = _check_keys(keys, "store")
-        return Store(checked, self._check_side(src, len(checked), "store src"))
+        checked = check_key_list(keys, "store")
+        return Store(checked, self._side(src, len(checked), "store src"))
 
     def _load(self, keys: Sequence[Key], dst: Any, partial: bool) -> Load:
         self._check_open("load")
-        checked = _check_keys(keys, "load")
+        checked = check_key_list(keys, "load")
         if type(partial) is not bool:
             raise TensorSpecError(f"load: partial must be True or False, got {partial!r}")
-        return Load(checked, self._check_side(dst, len(checked), "load dst"), partial)
+        return Load(checked, self._side(dst, len(checked), "load dst"), partial)
 
     async def store(self, keys: Sequence[Key], src: Any) -> StoreResult | None:
         """Store the blocks of ``src`` under ``keys`` (keys already cached are skipped).
@@ -302,7 +237,7 @@ class KVCache:
         Lossy: returns ``False`` (and counts it) when the coordinator's mailbox
         is full or the cache is closed. Never waits, never raises for that.
         """
-        return self._coord.try_tell(Prefetch(_check_keys(keys, "prefetch")))
+        return self._coord.try_tell(Prefetch(check_key_list(keys, "prefetch")))
 
     async def events(self) -> AsyncIterator[CacheEvent]:
         """Events from now on; the stream ends when the cache closes."""
