@@ -3,6 +3,8 @@ cancellation, errors, start-up failures and shutdown."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -74,22 +76,22 @@ class FailsToStart(Actor[Msg]):
         raise OSError("no device")
 
 
-async def park(actor: Counter, tg: anyio.abc.TaskGroup) -> Future[str]:
-    """Ask ``Park`` from a task of ``tg`` and wait until the actor holds it."""
-    fut: Future[str] = Future()
-
-    async def run() -> None:
-        try:
-            fut.set_result(await actor.ask(Park()))
-        except Exception as exc:
-            fut.set_exception(exc)
-
-    tg.start_soon(run)
-    await actor.parked.wait()
-    return fut
+@asynccontextmanager
+async def started(**kw: Any) -> AsyncIterator[tuple[Counter, anyio.abc.TaskGroup]]:
+    """A running ``Counter(**kw)`` and the task group serving it, within 5 s;
+    stopped on the way out (the group then waits for its ``run`` to end)."""
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            actor = Counter(**kw)
+            await tg.start(actor.run)
+            try:
+                yield actor, tg
+            finally:
+                await actor.stop()
 
 
 def submit(tg: anyio.abc.TaskGroup, actor: Counter, message: Any) -> Future[Any]:
+    """Ask ``message`` from a new task of ``tg``; the reply (or error) in a future."""
     fut: Future[Any] = Future()
 
     async def run() -> None:
@@ -102,31 +104,30 @@ def submit(tg: anyio.abc.TaskGroup, actor: Counter, message: Any) -> Future[Any]
     return fut
 
 
+async def park(actor: Counter, tg: anyio.abc.TaskGroup) -> Future[str]:
+    """Ask ``Park`` from a task of ``tg`` and wait until the actor holds it."""
+    fut: Future[str] = submit(tg, actor, Park())
+    await actor.parked.wait()
+    return fut
+
+
 async def test_ask_returns_the_typed_reply_and_tell_is_handled_in_order() -> None:
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            actor = Counter()
-            await tg.start(actor.run)
-            total: int = await actor.ask(Add(2))
-            assert total == 2
-            await actor.tell(Add(3))  # type: ignore[arg-type]
-            assert await actor.ask(Add(0)) == 5
-            assert actor.statistics().handled == 3
-            await actor.stop()
+    async with started() as (actor, _):
+        total: int = await actor.ask(Add(2))
+        assert total == 2
+        await actor.tell(Add(3))  # type: ignore[arg-type]
+        assert await actor.ask(Add(0)) == 5
+        assert actor.statistics().handled == 3
     assert actor.stopped
 
 
 async def test_handler_error_reaches_the_asker_and_the_actor_keeps_serving() -> None:
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            actor = Counter()
-            await tg.start(actor.run)
-            with pytest.raises(ValueError, match="boom"):
-                await actor.ask(Boom())
-            assert await actor.ask(Add(1)) == 1
-            stats = actor.statistics()
-            assert (stats.failed, stats.handled) == (1, 1)
-            await actor.stop()
+    async with started() as (actor, _):
+        with pytest.raises(ValueError, match="boom"):
+            await actor.ask(Boom())
+        assert await actor.ask(Add(1)) == 1
+        stats = actor.statistics()
+        assert (stats.failed, stats.handled) == (1, 1)
 
 
 async def test_startup_error_reaches_the_starter() -> None:
@@ -142,131 +143,109 @@ async def test_startup_error_reaches_the_starter() -> None:
 async def test_an_idle_actor_runs_an_ask_in_the_askers_task_a_busy_one_by_mailbox() -> None:
     """Same handler, two places: the asker's task when the actor has a free
     place and nothing queued, a serving task otherwise; order is kept."""
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            actor = Counter(mailbox_size=4)
-            await tg.start(actor.run)
-            assert await actor.ask(WhoRuns()) == anyio.get_current_task().id
-            parked = await park(actor, tg)
-            await actor.tell(Add(10))  # type: ignore[arg-type]
-            later = submit(tg, actor, WhoRuns())
-            await anyio.wait_all_tasks_blocked()
-            assert actor.statistics().mailbox_depth == 2
-            actor.release.set()
-            assert await parked == "released"
-            assert await later != anyio.get_current_task().id  # a serving task ran it
-            assert actor.finished == ["WhoRuns", "Park", "Add", "WhoRuns"]
-            assert await actor.ask(Add(1)) == 11
-            await actor.stop()
+    async with started(mailbox_size=4) as (actor, tg):
+        assert await actor.ask(WhoRuns()) == anyio.get_current_task().id
+        parked = await park(actor, tg)
+        await actor.tell(Add(10))  # type: ignore[arg-type]
+        later = submit(tg, actor, WhoRuns())
+        await anyio.wait_all_tasks_blocked()
+        assert actor.statistics().mailbox_depth == 2
+        actor.release.set()
+        assert await parked == "released"
+        assert await later != anyio.get_current_task().id  # a serving task ran it
+        assert actor.finished == ["WhoRuns", "Park", "Add", "WhoRuns"]
+        assert await actor.ask(Add(1)) == 11
 
 
 async def test_concurrency_bounds_the_messages_in_hand_wherever_they_run() -> None:
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            actor = Counter(mailbox_size=16, concurrency=2)
-            await tg.start(actor.run)
-            futures = [submit(tg, actor, Park()) for _ in range(5)]
-            await anyio.wait_all_tasks_blocked()
-            assert actor.in_hand == 2
-            assert actor.statistics().mailbox_depth == 3
-            actor.release.set()
-            assert [await f for f in futures] == ["released"] * 5
-            assert actor.most_in_hand == 2
-            await actor.stop()
+    async with started(mailbox_size=16, concurrency=2) as (actor, tg):
+        futures = [submit(tg, actor, Park()) for _ in range(5)]
+        await anyio.wait_all_tasks_blocked()
+        assert actor.in_hand == 2
+        assert actor.statistics().mailbox_depth == 3
+        actor.release.set()
+        assert [await f for f in futures] == ["released"] * 5
+        assert actor.most_in_hand == 2
 
 
 @pytest.mark.parametrize("where", ["asker", "mailbox"])
 async def test_a_cancelled_asker_cancels_the_handler_and_returns_after_it(where: str) -> None:
     """Cancelling the asker cancels the handler at its next await, in either
     place, and ``ask`` returns only once the handler's ``finally`` has run."""
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            actor = Counter(mailbox_size=4)
-            await tg.start(actor.run)
-            blocker = await park(actor, tg) if where == "mailbox" else None
-            seen: list[list[str]] = []
+    async with started(mailbox_size=4) as (actor, tg):
+        blocker = await park(actor, tg) if where == "mailbox" else None
+        seen: list[list[str]] = []
 
-            async def asker() -> None:
-                try:
-                    await actor.ask(Park())
-                finally:
-                    seen.append(list(actor.finished))
+        async def asker() -> None:
+            try:
+                await actor.ask(Park())
+            finally:
+                seen.append(list(actor.finished))
 
-            with anyio.CancelScope() as scope:
-                async with anyio.create_task_group() as inner:
-                    inner.start_soon(asker)
-                    if blocker is not None:
-                        await anyio.wait_all_tasks_blocked()
-                        actor.parked = anyio.Event()
-                        actor.release.set()  # the blocker ends, the asker's Park starts
-                        actor.release = anyio.Event()
-                        assert await blocker == "released"
-                    await actor.parked.wait()
-                    scope.cancel()
-            assert len(seen) == 1
-            assert seen[0].count("Park") == (2 if blocker else 1)
-            assert actor.in_hand == 0
-            assert await actor.ask(Add(1)) == 1  # still serving
-            await actor.stop()
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(asker)
+                if blocker is not None:
+                    await anyio.wait_all_tasks_blocked()
+                    actor.parked = anyio.Event()
+                    actor.release.set()  # the blocker ends, the asker's Park starts
+                    actor.release = anyio.Event()
+                    assert await blocker == "released"
+                await actor.parked.wait()
+                scope.cancel()
+        assert len(seen) == 1
+        assert seen[0].count("Park") == (2 if blocker else 1)
+        assert actor.in_hand == 0
+        assert await actor.ask(Add(1)) == 1  # still serving
 
 
 async def test_full_mailbox_applies_backpressure_and_drops_hints() -> None:
     """With the actor parked on one message and a mailbox of 2, two more fit;
     a third ask waits for room, and hints are dropped and counted."""
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            actor = Counter(mailbox_size=2)
-            await tg.start(actor.run)
-            parked = await park(actor, tg)
-            first, second = submit(tg, actor, Add(1)), submit(tg, actor, Add(1))
-            await anyio.wait_all_tasks_blocked()
-            assert actor.statistics().mailbox_depth == 2
-            assert actor.try_tell(Add(100)) is False  # type: ignore[arg-type]
-            assert actor.statistics().hints_dropped == 1
-            third = submit(tg, actor, Add(10))
-            await anyio.wait_all_tasks_blocked()
-            assert not third.done()  # waiting for room, not dropped
-            assert actor.statistics().mailbox_depth == 2
-            actor.release.set()
-            assert await parked == "released"
-            assert (await first, await second, await third) == (1, 2, 12)
-            await actor.stop()
+    async with started(mailbox_size=2) as (actor, tg):
+        parked = await park(actor, tg)
+        first, second = submit(tg, actor, Add(1)), submit(tg, actor, Add(1))
+        await anyio.wait_all_tasks_blocked()
+        assert actor.statistics().mailbox_depth == 2
+        assert actor.try_tell(Add(100)) is False  # type: ignore[arg-type]
+        assert actor.statistics().hints_dropped == 1
+        third = submit(tg, actor, Add(10))
+        await anyio.wait_all_tasks_blocked()
+        assert not third.done()  # waiting for room, not dropped
+        assert actor.statistics().mailbox_depth == 2
+        actor.release.set()
+        assert await parked == "released"
+        assert (await first, await second, await third) == (1, 2, 12)
 
 
 async def test_stop_fails_queued_requests_and_later_sends() -> None:
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            actor = Counter(mailbox_size=4)
-            await tg.start(actor.run)
-            parked = await park(actor, tg)
-            queued = [submit(tg, actor, Add(1)) for _ in range(3)]
-            await anyio.wait_all_tasks_blocked()
-            await actor.stop()
-            actor.release.set()
-            assert await parked == "released"  # the message in hand finishes
-            for fut in queued:
-                with pytest.raises(ActorClosed, match="closed before handling"):
-                    await fut
-            with pytest.raises(ActorClosed):
-                await actor.ask(Add(1))
-            assert actor.try_tell(Add(1)) is False  # type: ignore[arg-type]
+    async with started(mailbox_size=4) as (actor, tg):
+        parked = await park(actor, tg)
+        queued = [submit(tg, actor, Add(1)) for _ in range(3)]
+        await anyio.wait_all_tasks_blocked()
+        await actor.stop()
+        actor.release.set()
+        assert await parked == "released"  # the message in hand finishes
+        for fut in queued:
+            with pytest.raises(ActorClosed, match="closed before handling"):
+                await fut
+        with pytest.raises(ActorClosed):
+            await actor.ask(Add(1))
+        assert actor.try_tell(Add(1)) is False  # type: ignore[arg-type]
     assert actor.total == 0
     assert actor.stopped
 
 
 async def test_on_stop_waits_for_messages_handled_in_askers_tasks() -> None:
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            actor = Counter()
-            await tg.start(actor.run)
-            parked = await park(actor, tg)  # runs in the asker's task
-            await actor.stop()
-            await anyio.wait_all_tasks_blocked()
-            assert not actor.stopped  # on_stop waits for the message in hand
-            actor.release.set()
-            assert await parked == "released"
-            await actor.wait_stopped()
-            assert actor.stopped
+    async with started() as (actor, tg):
+        parked = await park(actor, tg)  # runs in the asker's task
+        await actor.stop()
+        await anyio.wait_all_tasks_blocked()
+        assert not actor.stopped  # on_stop waits for the message in hand
+        actor.release.set()
+        assert await parked == "released"
+        await actor.wait_stopped()
+        assert actor.stopped
 
 
 async def test_cancelling_the_task_group_fails_in_flight_and_queued_asks() -> None:
@@ -303,17 +282,13 @@ async def test_future_polling_contract() -> None:
 
 
 async def test_a_sender_cancelled_while_waiting_for_room_sends_nothing() -> None:
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            actor = Counter(mailbox_size=1)
-            await tg.start(actor.run)
-            parked = await park(actor, tg)
-            queued = submit(tg, actor, Add(1))
-            await anyio.wait_all_tasks_blocked()
-            with anyio.move_on_after(0.05):
-                await actor.ask(Add(100))  # waits for room, then is cancelled
-            actor.release.set()
-            assert await parked == "released"
-            assert await queued == 1
-            assert await actor.ask(Add(0)) == 1  # the cancelled Add(100) never ran
-            await actor.stop()
+    async with started(mailbox_size=1) as (actor, tg):
+        parked = await park(actor, tg)
+        queued = submit(tg, actor, Add(1))
+        await anyio.wait_all_tasks_blocked()
+        with anyio.move_on_after(0.05):
+            await actor.ask(Add(100))  # waits for room, then is cancelled
+        actor.release.set()
+        assert await parked == "released"
+        assert await queued == 1
+        assert await actor.ask(Add(0)) == 1  # the cancelled Add(100) never ran
