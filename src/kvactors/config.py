@@ -41,6 +41,7 @@ MAX_BLOCKS = 2**31 - 1
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Blocks = Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOCKS)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -158,6 +159,9 @@ holding a :class:`TierSpec` (or ``None``: not configured). Stores land in the
 first; blocks evicted from one tier move down to the next."""
 
 
+_REMOTE_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The remote tier: a Valkey / Redis server or cluster shared by many engines
     (see docs/remote.md).
@@ -215,6 +219,14 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"ttl: expected seconds > 0 or none, got {self.ttl!r}")
         if self.url is None and not self.nodes:
             raise ConfigError("url: give url or nodes")
+        if self.url is not None and not self.url.startswith(_REMOTE_SCHEMES):
+            raise ConfigError(
+                f"url: expected {', '.join(s + '...' for s in _REMOTE_SCHEMES)}, got {self.url!r}"
+            )
+        from kvactors.media.remote import parse_node
+
+        for node in self.nodes:
+            parse_node(node)  # ConfigError naming remote.nodes
         if not self.namespace or any(c in self.namespace for c in "{}: "):
             raise ConfigError(
                 f"namespace: expected a non-empty name without braces, colons "
@@ -246,8 +258,13 @@ class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Prometheus metrics of every tier (``kvactors.cache.metrics``): with ``port``
     set, ``kvactors.open`` serves them over HTTP on ``host:port`` (``0``: any free port)."""
 
-    port: NonNegative | None = None
+    port: Port | None = None
     host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        port = self.port
+        if port is not None and (type(port) is not int or not 0 <= port <= 65535):
+            raise ConfigError(f"port: expected a TCP port 0..65535 or none, got {port!r}")
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -1,0 +1,227 @@
+"""docs/remote.md's promises held to the code: its key tables are the config's
+defaults, bad values are ConfigErrors naming the key, its snippets run as
+written, a value on the server has the documented layout, and the metrics
+table is what a scrape shows (names, types, labels)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import re
+import struct
+import urllib.request
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import kvactors
+from _docs import DOCS, code, doc_block, doc_table, toml_value
+from _redis import shared_server  # noqa: F401
+from kvactors.cli import main
+from kvactors.config import Config, GPUConfig, MetricsConfig, RemoteConfig, TierConfig
+from kvactors.errors import ConfigError, RemoteUnavailable, TierFailed, UnknownPolicyError
+from kvactors.media.local_server import LocalServer
+from kvactors.media.remote import RemoteStore, encode_key, fingerprint
+
+REMOTE_MD = DOCS / "remote.md"
+BB = 4096
+
+
+@pytest.mark.parametrize(
+    ("heading", "struct_type"),
+    [("`[remote]` (`kvactors.config.RemoteConfig`)", RemoteConfig),
+     ("`[metrics]` (`kvactors.config.MetricsConfig`)", MetricsConfig)],
+)  # fmt: skip
+def test_every_key_table_is_the_config_and_its_defaults(
+    heading: str, struct_type: type[msgspec.Struct]
+) -> None:
+    """'Every key': each row's key is a field with the default shown, and every
+    field has a row."""
+    rows = doc_table(REMOTE_MD, heading)
+    documented = {code(row[0]): toml_value(row[1]) for row in rows}
+    default = struct_type() if struct_type is MetricsConfig else RemoteConfig()
+    assert set(documented) == set(struct_type.__struct_fields__)
+    for key, value in documented.items():
+        assert getattr(default, key) == value, key
+
+
+BAD_REMOTE = [
+    ("url", 5), ("url", "http://127.0.0.1:6379"), ("nodes", ["no-port"]), ("nodes", ["h:0"]),
+    ("nodes", "h:1"), ("cluster", "yes"), ("namespace", ""), ("namespace", "a:b"),
+    ("namespace", "a b"), ("namespace", "{a}"), ("model", 3), ("layout", None),
+    ("num_blocks", 0), ("threads", 0), ("write_policy", "sometimes"), ("flush_timeout", 0),
+    ("connect_timeout", -1), ("timeout", "2"), ("retry_after", 0), ("ttl", 0),
+    ("max_batch_bytes", 0),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_REMOTE)
+def test_bad_remote_values_raise_config_error_naming_the_key(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=key):
+        Config.from_dict({"remote": {key: value}})
+
+
+def test_bad_remote_policy_and_unknown_keys_are_typed() -> None:
+    with pytest.raises(UnknownPolicyError, match=r"remote\.policy"):
+        Config.from_dict({"remote": {"policy": "nope"}})
+    with pytest.raises(ConfigError, match="bogus"):
+        Config.from_dict({"remote": {"bogus": 1}})
+    with pytest.raises(ConfigError, match="nodes"):
+        RemoteConfig(nodes=["no-port"])  # built directly, checked the same
+    with pytest.raises(ConfigError, match="url"):
+        RemoteConfig(url=None)  # neither url nor nodes
+
+
+@pytest.mark.parametrize("port", [-1, 65536, 70000, "9400", True])
+def test_bad_metrics_port_is_a_config_error(port: Any) -> None:
+    """An unusable port fails at configuration, not as an OverflowError at open."""
+    with pytest.raises(ConfigError, match="port"):
+        Config.from_dict({"metrics": {"port": port}})
+    with pytest.raises(ConfigError, match="port"):
+        MetricsConfig(port=port)
+
+
+def test_the_extras_named_for_the_client_and_the_exporter_exist() -> None:
+    """The set-up names `pip install 'kvactors[remote]'` (redis-py, hiredis,
+    xxhash) and `pip install 'kvactors[metrics]'` for the exporter."""
+    requires = importlib.metadata.requires("kvactors") or []
+
+    def extra(name: str) -> set[str]:
+        found = {r.split(";")[0] for r in requires if f'extra == "{name}"' in r}
+        return {re.split(r"[<>=!~ \[]", r, maxsplit=1)[0] for r in found}
+
+    assert {"redis", "hiredis", "xxhash"} <= extra("remote")
+    assert "prometheus-client" in extra("metrics")
+
+
+def test_remote_unavailable_is_a_tier_failed() -> None:
+    """Failure behaviour: "`RemoteUnavailable` (a `TierFailed`)"."""
+    assert issubclass(RemoteUnavailable, TierFailed)
+
+
+def test_the_local_server_snippet_runs_and_prints_a_loopback_url(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    snippet = doc_block(REMOTE_MD, "python", "LocalServer(")
+    exec(compile(snippet, "remote.md", "exec"), {})
+    assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", capsys.readouterr().out.strip())
+
+
+def test_the_store_without_a_cache_snippet_runs_as_written(
+    shared_server: LocalServer,  # noqa: F811
+) -> None:
+    """'Using the store without a cache', pointed at a test server: every call
+    answers as its comment says."""
+    snippet = doc_block(REMOTE_MD, "python", "RemoteStore(")
+    url = 'url="redis://127.0.0.1:6379/0"'
+    assert url in snippet
+    snippet = snippet.replace(url, f'url="{shared_server.url}"').replace(
+        'namespace="kvactors"', 'namespace="docs-snippet"'
+    )
+    scope: dict[str, Any] = {}
+    exec(compile(snippet, "remote.md", "exec"), scope)
+    assert scope["refused"] == []
+    assert scope["missed"] == []
+    assert scope["absent"] == []
+    assert scope["damaged"] == []
+    assert scope["held"] == [True, True, True, True]
+    counters = scope["store"].counters()
+    for name in ("hits", "misses", "corrupt", "down"):
+        assert hasattr(counters, name)
+
+
+@pytest.mark.parametrize("key", [7, 2**70, -3, b"", b"k" * 32])
+def test_a_value_on_the_server_has_the_documented_key_and_layout(
+    shared_server: LocalServer,  # noqa: F811
+    key: int | bytes,
+) -> None:
+    """'Keys and values': `{namespace}:{fingerprint}:{hex of the block key}`, the
+    fingerprint 8 bytes of BLAKE2b, the value `"KVR1" | fingerprint (8) | key
+    length u16 | payload length u64 | xxh3-64 of payload u64 | key | payload`."""
+    import xxhash
+
+    store = RemoteStore("remote", BB, url=shared_server.url, namespace="layout", model="m")
+    try:
+        payload = bytes(range(256)) * (BB // 256)
+        assert store.put([key], [memoryview(bytearray(payload))]) == []
+        rkey = store.redis_key(key)
+        fp = fingerprint(BB, "m", "")
+        assert len(fp) == 8
+        assert rkey == b"layout:" + fp.hex().encode() + b":" + encode_key(key).hex().encode()
+        assert re.fullmatch(rb"layout:[0-9a-f]{16}:[0-9a-f]+", rkey)
+        value = shared_server.client().get(rkey)
+        head = struct.Struct("<4s8sHQQ")
+        magic, got_fp, klen, plen, digest = head.unpack_from(value)
+        assert (magic, got_fp, plen) == (b"KVR1", fp, BB)
+        assert value[head.size : head.size + klen] == encode_key(key)
+        assert value[head.size + klen :] == payload
+        assert digest == xxhash.xxh3_64_intdigest(payload)
+        assert len(value) - BB == 30 + len(encode_key(key))  # the header the docs size
+    finally:
+        store.close()
+
+
+def test_the_fingerprint_covers_block_bytes_layout_and_model() -> None:
+    base = fingerprint(BB, "m", "l")
+    assert len({base, fingerprint(2 * BB, "m", "l"), fingerprint(BB, "n", "l"),
+                fingerprint(BB, "m", "k")}) == 4  # fmt: skip
+    assert base == fingerprint(BB, "m", "l")
+    assert base != hashlib.blake2b(b"", digest_size=8).digest()
+
+
+def test_bench_remote_takes_the_documented_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """The 'Benchmark' commands' flags exist (the run itself is tested with the tier)."""
+    assert main(["bench", "remote", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    for command in re.findall(r"^kvactors bench remote.*$", doc_block(REMOTE_MD, "bash", "bench"),
+                              flags=re.M):  # fmt: skip
+        for flag in re.findall(r"--[a-z-]+", command):
+            assert flag in help_text, flag
+    for flag in ("--url", "--sizes", "--mib", "--repeat", "--requests", "--json"):
+        assert flag in help_text, flag
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        body: bytes = reply.read()
+    return body.decode()
+
+
+@pytest.mark.anyio
+async def test_the_metrics_table_is_what_a_scrape_shows(
+    shared_server: LocalServer,  # noqa: F811
+) -> None:
+    """'Metrics': with `[metrics] port` set, `kv.metrics_url` serves every metric
+    of the table with its type and labels, each tier of the chain included."""
+    rows = doc_table(REMOTE_MD, "| metric | type | labels | what |")
+    assert len(rows) >= 13
+    config = Config(
+        block_bytes=BB,
+        gpu=GPUConfig(num_blocks=16, device="cpu"),
+        cpu=TierConfig(num_blocks=8),
+        remote=RemoteConfig(url=shared_server.url, namespace="docs-metrics"),
+        metrics=MetricsConfig(port=0),
+    )
+    with anyio.fail_after(60):
+        async with kvactors.open(config) as kv:
+            assert kv.metrics_url is not None
+            await kv.store([1, 2, 3], [0, 1, 2])
+            await kv.load([1, 2, 3], [3, 4, 5])
+            await kv.lookup([1, 2, 9])
+            text = await anyio.to_thread.run_sync(_scrape, kv.metrics_url)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for row in rows:
+        name, kind = code(row[0]), row[1]
+        labels = {part.strip() for part in row[2].split(",")}
+        family = families.get(name.removesuffix("_total"))
+        assert family is not None, name
+        assert family.type == kind, name
+        assert family.samples, name
+        assert {s.name for s in family.samples} == {name}
+        for sample in family.samples:
+            assert set(sample.labels) == labels, (name, sample.labels)
+        if "tier" in labels:
+            assert {s.labels["tier"] for s in family.samples} >= {"cpu", "remote"}, name
