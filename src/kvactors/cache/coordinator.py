@@ -131,7 +131,7 @@ class Coordinator(Actor[CoordinatorRequest]):
                 return None if not stored else StoreResult(stored, present, durable)
             durable += await self.executor.run(plan, src, waited=waited)
             stored += len(plan.new)
-            present += len(keys) - len(plan.new) - len(plan.busy)
+            present += len(keys) - len(plan.new) - len(plan.busy) - plan.declined
             if not plan.busy:
                 return StoreResult(stored, present, durable)
             # Keys another store was writing: once it has completed they are

@@ -54,7 +54,8 @@ class StorePlan(msgspec.Struct, frozen=True):
 
     ``busy`` are keys another store is still writing: not present yet, so the
     coordinator waits for ``wait`` (that store's completion) and tries them
-    again. ``pins`` is empty (a store pins nothing to read).
+    again. ``pins`` is empty (a store pins nothing to read). ``declined``
+    counts the keys the top tier's policy would not admit (stored nowhere).
     """
 
     keys: list[Key]
@@ -63,6 +64,7 @@ class StorePlan(msgspec.Struct, frozen=True):
     busy: list[Key]
     wait: list[Any]  # anyio.Event of each store still writing a busy key
     pins: list[tuple[int, list[Key]]] = []
+    declined: int = 0
 
 
 class LoadPlan(msgspec.Struct, frozen=True):

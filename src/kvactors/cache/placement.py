@@ -192,6 +192,10 @@ class Placement:
         if out is None:
             return None
         new = out.block_hashes_to_store
+        # An admitting policy may decline some of the missing keys: written
+        # nowhere, so neither stored nor present (the candidates it did not
+        # take are the only ones left out of the top tier).
+        declined = sum(1 for k in candidates if k not in top) if len(new) < len(candidates) else 0
         writing = self._writing
         busy = [k for k in keys if k in writing] if writing else []
         wait = list({id(w): w for w in (writing[k] for k in busy)}.values()) if busy else []
@@ -228,7 +232,14 @@ class Placement:
                         "through",
                     )
                 )
-        return StorePlan(keys, new, transfers, busy, [self._event(w) for w in wait] if wait else [])
+        return StorePlan(
+            keys,
+            new,
+            transfers,
+            busy,
+            [self._event(w) for w in wait] if wait else [],
+            declined=declined,
+        )
 
     @staticmethod
     def _event(writing: _Writing) -> anyio.Event:

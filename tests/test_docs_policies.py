@@ -1,0 +1,298 @@
+"""docs/policies.md's promises held to the code, on both manager cores: the
+figures table is what `kvactors replay` prints, a user's own policy is told
+what the page says in the order it says, broken answers raise PolicyError,
+`weighted_lru` with both weights 0 is LRU, and a declined store is seen by
+callers as the page describes."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Container, Iterable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import anyio
+import pytest
+
+import kvactors
+from _docs import DOCS, doc_table
+from kvactors import OffloadingManager, manager
+from kvactors.cli import main
+from kvactors.errors import PolicyError
+from kvactors.keys import Key
+from kvactors.policy import (
+    POLICIES,
+    ARCPolicy,
+    BlockStatus,
+    LRUPolicy,
+    PrefixAdmitPolicy,
+    WeightedLRUPolicy,
+)
+
+POLICIES_MD = DOCS / "policies.md"
+CORES = [pytest.param(True, id="compiled"), pytest.param(False, id="python")]
+needs_native = pytest.mark.skipif(not manager.NATIVE, reason="compiled core not built")
+
+
+def test_the_policy_table_names_every_built_in_policy() -> None:
+    rows = doc_table(POLICIES_MD, "| policy | in one line | pick it when |")
+    assert {re.sub(r"[` ]|\(default\)", "", row[0]) for row in rows} == set(POLICIES)
+    assert kvactors.Config().cpu.policy == "lru"  # "`lru` (default)"
+
+
+# --- Figures on the bundled traces ----------------------------------------------
+
+
+def _ratio_and_gap(cell: str) -> tuple[str, str | None]:
+    found = re.fullmatch(r"([0-9.]+)(?: \(([+-]?[0-9.]+)%\))?", cell)
+    assert found is not None, cell
+    return found.group(1), found.group(2)
+
+
+def test_the_figures_table_is_what_replay_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every cell of 'Figures on the bundled traces': the tier's blocks, each
+    policy's hit ratio and share of the LRU -> MIN gap, and MIN, from
+    `kvactors replay TRACE --capacity F --json`."""
+    header = "| trace | capacity | blocks | lru | arc | weighted_lru | prefix_admit | MIN |"
+    rows = doc_table(POLICIES_MD, header)
+    assert len(rows) == 6
+    names = ["lru", "arc", "weighted_lru", "prefix_admit"]
+    for row in rows:
+        trace, capacity, blocks = row[0], row[1], int(row[2].replace(",", ""))
+        assert main(["replay", trace, "--capacity", capacity, "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summary"]
+        assert summary["capacity_blocks"] == blocks, row
+        for name, cell in zip(names, row[3:7]):
+            ratio, gap = _ratio_and_gap(cell)
+            got = summary["policies"][name]
+            assert f"{got['hit_ratio']:.4f}" == ratio, (row, name)
+            if gap is not None:
+                assert f"{100 * got['of_gap']:+.1f}" == gap, (row, name)
+        assert f"{summary['belady']['hit_ratio']:.4f}" == row[7], row
+
+
+# --- Your own policy --------------------------------------------------------------
+
+
+class Recording:
+    """A user's own FIFO policy that records every call its manager makes."""
+
+    name: ClassVar[str] = "recording"
+
+    def __init__(self) -> None:
+        self.blocks: dict[Key, BlockStatus] = {}
+        self.calls: list[tuple[Any, ...]] = []
+
+    def get(self, key: Key) -> BlockStatus | None:
+        return self.blocks.get(key)
+
+    def insert(self, key: Key, block: BlockStatus) -> None:
+        self.calls.append(("insert", key, block.ref_cnt, block.size))
+        self.blocks[key] = block
+
+    def insert_many(self, items: Iterable[tuple[Key, BlockStatus]]) -> None:
+        items = list(items)
+        self.calls.append(("insert_many", [(k, b.ref_cnt, b.size) for k, b in items]))
+        self.blocks.update(items)
+
+    def remove(self, key: Key) -> None:
+        self.calls.append(("remove", key))
+        del self.blocks[key]
+
+    def touch(self, keys: Sequence[Key]) -> None:
+        self.calls.append(("touch", list(keys)))
+
+    def evict(self, n: int, protected: Container[Key]) -> list[tuple[Key, BlockStatus]] | None:
+        idle = [k for k, b in self.blocks.items() if b.ref_cnt == 0 and k not in protected]
+        self.calls.append(("evict", n, sorted(k for k in self.blocks if k in protected)))
+        if len(idle) < n:
+            return None
+        return [(k, self.blocks.pop(k)) for k in idle[:n]]
+
+    def keys(self) -> Iterator[Key]:
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.blocks
+
+
+@pytest.mark.parametrize("native", CORES)
+def test_a_users_policy_is_told_what_the_page_says_in_that_order(native: bool) -> None:
+    """insert_many once per prepare_store with the new keys (ref -1, the manager's
+    block_size), after any evict(n, protected = the call's keys); remove for a
+    failed store's keys and for remove's idle keys; touch with every key of the
+    call, absent ones included; insert per key restore loads (ref 0)."""
+    if native and not manager.NATIVE:
+        pytest.skip("compiled core not built")
+    policy = Recording()
+    mgr = OffloadingManager(3, block_size=16, policy=policy, native=native)
+    out = mgr.prepare_store([1, 2])
+    assert out is not None
+    mgr.complete_store([1, 2])
+    out = mgr.prepare_store([2, 3, 4])  # 2 present, one slot short: 1 is evicted
+    assert out is not None
+    assert out.block_hashes_evicted == [1]
+    mgr.complete_store([3], success=False)
+    mgr.complete_store([4])
+    mgr.touch([9, 2, 4])
+    mgr.remove([2])
+    assert policy.calls == [
+        ("insert_many", [(1, -1, 16), (2, -1, 16)]),
+        ("evict", 1, [2]),  # 2 is named by the call: protected
+        ("insert_many", [(3, -1, 16), (4, -1, 16)]),
+        ("remove", 3),
+        ("touch", [9, 2, 4]),
+        ("remove", 2),
+    ]
+    assert [b.ref_cnt for b in policy.blocks.values()] == [0]  # kept current
+    restored = Recording()
+    fresh = OffloadingManager(4, block_size=8, policy=restored, native=native)
+    assert fresh.restore([(5, 0), (6, 2)]) == [5, 6]
+    assert restored.calls == [("insert", 5, 0, 8), ("insert", 6, 0, 8)]
+
+
+class Breaking(Recording):
+    """Answers evict in one of the ways the page forbids."""
+
+    name: ClassVar[str] = "breaking"
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def evict(self, n: int, protected: Container[Key]) -> list[tuple[Key, BlockStatus]] | None:
+        keys = list(self.blocks)
+        if self.how == "too few":
+            chosen = keys[: n - 1]
+        elif self.how == "too many":
+            chosen = keys[: n + 1]
+        elif self.how == "protected":
+            chosen = [k for k in keys if k in protected][:n]
+        else:  # "pinned"
+            chosen = [k for k in keys if self.blocks[k].ref_cnt != 0][:n]
+        return [(k, self.blocks.pop(k)) for k in chosen]
+
+
+@pytest.mark.parametrize("native", CORES)
+@pytest.mark.parametrize("how", ["too few", "too many", "protected", "pinned"])
+def test_an_evict_answer_that_breaks_the_contract_raises_policy_error(
+    native: bool, how: str
+) -> None:
+    """ "evict must return exactly n (key, block) victims ..., never a block whose
+    ref_cnt is not 0 nor a key in protected; an answer that breaks this raises
+    PolicyError"."""
+    if native and not manager.NATIVE:
+        pytest.skip("compiled core not built")
+    mgr = OffloadingManager(2, block_size=1, policy=Breaking(how), native=native)
+    out = mgr.prepare_store([1, 2])
+    assert out is not None
+    mgr.complete_store([1, 2])
+    if how == "pinned":
+        mgr.prepare_load([1])
+    with pytest.raises(PolicyError):
+        mgr.prepare_store([2, 3] if how == "protected" else [3])
+
+
+class NotLeading(Recording):
+    name: ClassVar[str] = "not_leading"
+
+    def admit(self, keys: Sequence[Key], new_keys: Sequence[Key]) -> list[Key]:
+        return list(new_keys)[1:]
+
+
+@pytest.mark.parametrize("native", CORES)
+def test_an_admit_answer_that_is_not_a_leading_part_raises_policy_error(native: bool) -> None:
+    if native and not manager.NATIVE:
+        pytest.skip("compiled core not built")
+    mgr = OffloadingManager(4, block_size=1, policy=NotLeading(), native=native)
+    with pytest.raises(PolicyError, match="leading part"):
+        mgr.prepare_store([1, 2, 3])
+
+
+@pytest.mark.parametrize("native", CORES)
+def test_weighted_lru_with_both_weights_zero_is_plain_lru(native: bool) -> None:
+    """Same victims, call by call, as `lru` on a random workload with reuse."""
+    if native and not manager.NATIVE:
+        pytest.skip("compiled core not built")
+    import random
+
+    rnd = random.Random(7)
+    lru = OffloadingManager(20, block_size=16, policy="lru", native=native)
+    weighted = OffloadingManager(
+        20,
+        block_size=16,
+        policy=WeightedLRUPolicy(20, frequency_weight=0, size_weight=0),
+        native=native,
+    )
+    evictions = 0
+    for _ in range(2000):
+        keys = list(dict.fromkeys(rnd.randrange(60) for _ in range(rnd.randrange(1, 6))))
+        outs = []
+        assert lru.lookup(keys) == weighted.lookup(keys)
+        for mgr in (lru, weighted):
+            mgr.touch(keys)
+            out = mgr.prepare_store(keys)
+            assert out is not None
+            mgr.complete_store(out.block_hashes_to_store)
+            outs.append((out.block_hashes_to_store, out.block_hashes_evicted))
+        assert outs[0] == outs[1]
+        evictions += len(outs[0][1])
+    assert evictions > 1000
+
+
+def test_the_built_in_policies_are_python_classes_that_run_as_objects() -> None:
+    """ "A built-in policy is also a Python class ... passing such an object runs
+    it through the call-back entry"."""
+    for cls in (LRUPolicy, ARCPolicy, WeightedLRUPolicy, PrefixAdmitPolicy):
+        policy = cls(4)
+        mgr = OffloadingManager(4, block_size=16, policy=policy)
+        assert mgr.policy is policy
+        assert mgr.policy_name == policy.name
+        out = mgr.prepare_store([1, 2])
+        assert out is not None
+        mgr.complete_store([1, 2])
+        assert mgr.lookup([1, 2]) == 2
+
+
+# --- How callers see a declined store ---------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_declined_store_in_the_served_cache_is_neither_stored_nor_present() -> None:
+    """ "await kv.store(keys, src) returns a StoreResult whose stored + present is
+    less than len(keys): the difference is the declined keys (written nowhere,
+    reported neither as stored nor as present). Nothing is raised."
+
+    Chains of a shared root and three new keys; the first new key of each chain
+    is asked for again four chains later (after it was evicted), the others
+    never: prefix_admit learns to decline the chains' tails."""
+    config = kvactors.Config(
+        block_bytes=64,
+        cpu=kvactors.TierConfig(num_blocks=8, policy="prefix_admit"),
+        nvme=None,
+        move_bytes=False,
+    )
+    short = 0
+    with anyio.fail_after(60):
+        async with kvactors.open(config) as kv:
+            for i in range(300):
+                keys = [1, 1000 + 3 * i, 1001 + 3 * i, 1002 + 3 * i]
+                await kv.load(keys, None, partial=True)
+                if i >= 4:
+                    await kv.load([1, 1000 + 3 * (i - 4)], None, partial=True)
+                result = await kv.store(keys, None)
+                assert result is not None
+                assert result.stored + result.present <= len(keys)
+                if result.stored + result.present < len(keys):
+                    short += 1
+                    # The admitted keys are a leading part: lookups stop there.
+                    found = await kv.lookup(keys)
+                    assert found.hits == result.stored + result.present
+            stats = await kv.stats()
+    assert short > 0
+    offered_new = 1 + 3 * 300
+    declined = offered_new - stats.policy.tiers["cpu"].stores
+    assert declined > 0
