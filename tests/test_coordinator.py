@@ -488,3 +488,51 @@ async def test_every_call_yields_and_a_call_cancelled_before_it_runs_changes_not
     assert (await kv.lookup([3])).hits == 0
     stats = await settled(kv)
     assert stats.policy.tiers["cpu"].used == 2
+
+
+@pytest.mark.parametrize("error", ["down", "corrupt"])
+async def test_a_cancelled_partial_load_whose_read_then_fails_raises_the_cancellation(
+    error: str,
+) -> None:
+    """A partial load cancelled while its read runs in a worker thread, the read
+    then failing (the tier down with a ``retry_after``, or a checksum): the load
+    does not go round again for what the other tiers hold; it raises the
+    cancellation, and leaves no pin behind."""
+    reading, release = threading.Event(), threading.Event()
+    with anyio.fail_after(20):
+        async with kvactors.open(small_config()) as kv:
+            keys = list(range(12))
+            fill(kv, keys, keys)
+            await kv.store(keys[:8], keys[:8])
+            await kv.store(keys[8:], keys[8:])  # demotes 0..3 to NVMe
+            assert (await kv.lookup(keys[:4])).tiers == ["nvme"] * 4
+            nvme: Any = kv.medium("nvme")
+            read = nvme.read_buffers
+
+            def failing(ids: list[int], bufs: Any, keys: list[Any]) -> list[int]:
+                reading.set()
+                release.wait(10)
+                if error == "down":
+                    down = TierFailed("server gone")
+                    down.retry_after = 5.0
+                    raise down
+                read(ids, bufs, keys)
+                return [0]  # the first block fails its checksum
+
+            nvme.read_buffers = failing
+            returned: list[object] = []
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+
+                    async def load() -> None:
+                        returned.append(await kv.load(keys[:4], [20, 21, 22, 23], partial=True))
+
+                    tg.start_soon(load)
+                    while not reading.is_set():
+                        await anyio.sleep(0.005)
+                    scope.cancel()
+                    release.set()
+            assert scope.cancelled_caught
+            assert returned == []
+            stats = await settled(kv)
+            assert all(t.pinned == 0 for t in stats.policy.tiers.values())

@@ -37,6 +37,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from kvactors.actors import Actor, Message
 from kvactors.cache.executor import Executor, Outcome
@@ -180,6 +181,10 @@ class Coordinator(Actor[CoordinatorRequest]):
                 retries -= 1
                 if not partial or exc.retry_after is None or not retries:
                     raise
+                # Going on after a failure, a cancellation that came during the
+                # read (in a thread, not interrupted) is taken first, as after a
+                # transfer that succeeded.
+                await anyio.lowlevel.checkpoint_if_cancelled()
                 continue  # the tier is left out now: load what the others hold
             except IntegrityError as exc:
                 if not partial:
@@ -191,7 +196,9 @@ class Coordinator(Actor[CoordinatorRequest]):
                             f"{sorted(where)[0]!r}: {exc.keys[:8]!r}"
                         ) from exc
                     raise
-                # The bad blocks are dropped now: load the prefix before them.
+                # The bad blocks are dropped now: load the prefix before them
+                # (unless the load was cancelled meanwhile, as above).
+                await anyio.lowlevel.checkpoint_if_cancelled()
                 bad = set(exc.keys)
                 first = next((i for i, k in enumerate(plan.keys) if k in bad), len(plan.keys))
                 keys = plan.keys[:first]
