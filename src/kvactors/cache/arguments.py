@@ -57,9 +57,10 @@ def _slot_ids(side: object, what: str) -> list[int]:
 
 
 def check_side(
-    side: Any, n: int, what: str, *, block_bytes: int, gpu_blocks: int, move_bytes: bool
+    block_bytes: int, gpu_blocks: int, move_bytes: bool, side: Any, n: int, what: str
 ) -> Any:
-    """The source or destination of a call for ``n`` keys, checked: a copy of
+    """The source or destination of a call for ``n`` keys (of a cache of
+    ``block_bytes`` blocks, ``gpu_blocks`` GPU-pool slots), checked: a copy of
     its slot id list, its tensor viewed as ``(n, block_bytes)`` bytes, or
     ``None`` (``move_bytes=False``)."""
     if not move_bytes:

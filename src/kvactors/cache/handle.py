@@ -10,6 +10,7 @@ cache made (media, the copy threads) is closed with it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -86,7 +87,10 @@ class KVCache:
         self.config = config
         self._coord = coordinator
         self._policy = coordinator.policy
-        self._gpu_blocks = coordinator.gpu.num_blocks
+        # ``check_side(side, n, what)`` for this cache's block size, GPU pool, mode.
+        self._check_side = functools.partial(
+            check_side, config.block_bytes, coordinator.gpu.num_blocks, config.move_bytes
+        )
         self._tg = task_group
         self._closed = False
         self._lookup_latency = Latency()
@@ -114,17 +118,6 @@ class KVCache:
     def _check_open(self, what: str) -> None:
         if self._closed:
             raise ActorClosed(f"{what}: the cache is closed")
-
-    def _side(self, side: Any, n: int, what: str) -> Any:
-        c = self.config
-        return check_side(
-            side,
-            n,
-            what,
-            block_bytes=c.block_bytes,
-            gpu_blocks=self._gpu_blocks,
-            move_bytes=c.move_bytes,
-        )
 
     async def _call(self, request: Store | Load) -> Any:
         # Every call yields to the event loop once, before anything happens
@@ -156,14 +149,14 @@ class KVCache:
     def _store(self, keys: Sequence[Key], src: Any) -> Store:
         self._check_open("store")
         checked = check_key_list(keys, "store")
-        return Store(checked, self._side(src, len(checked), "store src"))
+        return Store(checked, self._check_side(src, len(checked), "store src"))
 
     def _load(self, keys: Sequence[Key], dst: Any, partial: bool) -> Load:
         self._check_open("load")
         checked = check_key_list(keys, "load")
         if type(partial) is not bool:
             raise TensorSpecError(f"load: partial must be True or False, got {partial!r}")
-        return Load(checked, self._side(dst, len(checked), "load dst"), partial)
+        return Load(checked, self._check_side(dst, len(checked), "load dst"), partial)
 
     async def store(self, keys: Sequence[Key], src: Any) -> StoreResult | None:
         """Store the blocks of ``src`` under ``keys`` (keys already cached are skipped).
