@@ -17,6 +17,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <errno.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -131,34 +132,59 @@ crc32c_of(const uint8_t *p, size_t n)
  * checksummed chunks. It is taken at one instant (the log rotation) without
  * stopping stores: from snap_begin on, a chunk is written out (and its CRC
  * kept) before the first update that would change it, and a background
- * thread writes the chunks nobody touched; each chunk is written once. */
+ * thread writes the chunks nobody touched; each chunk is saved once.
+ *
+ * The background thread copies chunks with neither the index lock nor the GIL
+ * (snap_copy), so no store ever waits for it. A chunk's state byte says who
+ * saves it: UNSAVED, COPYING (the background thread is copying it), SAVED.
+ * Updates run one at a time (the index lock) and are the only writers of the
+ * arrays, so a chunk not yet SAVED still holds its bytes as of snap_begin:
+ * - an update about to change chunk c swaps its state to SAVED; unless it was
+ *   SAVED already, the update copies the chunk itself, then changes it;
+ * - the background thread takes an UNSAVED chunk (compare-and-swap to COPYING),
+ *   copies it and then swaps COPYING -> SAVED; if an update took the chunk in
+ *   the meantime (the swap fails), the copy (possibly of bytes being changed)
+ *   is dropped. A successful swap is ordered before the update's check (release
+ *   / acquire), so the copy was complete before any byte of the chunk changed.
+ * Exactly one of the two keeps a copy and sets the chunk's CRC. Record chunks
+ * holding a key kept out of line (whose memory an update may free) are given
+ * back UNSAVED and saved under the index lock (snap_step). */
 #define REC_CHUNK 128u  /* slots per chunk of the record array (6 KiB) */
 #define HT_CHUNK 1024u  /* buckets per chunk of the hash array (4 KiB): small chunks keep
                          * what one store copies while a snapshot is taken small */
+#define UNSAVED 0
+#define COPYING 1
+#define SAVED 2
 
 typedef struct {
     int active;
     int fd;
     int err; /* errno of a failed write or allocation: the snapshot is abandoned */
     uint64_t recs_off, ht_off;
-    uint32_t n_rc, n_hc, next;
-    uint8_t *saved;
+    uint32_t n_rc, n_hc, next, cnext;
+    uint8_t *saved; /* per chunk: UNSAVED, COPYING or SAVED (atomic) */
+    int cerr;       /* errno of a failed write by the background copy */
     uint32_t *crcs;
     uint64_t live, max_seq;
     uint8_t *lk; /* keys stored out of line: (u32 slot, u16 len, u16 0, key, pad to 8) */
     size_t lk_len, lk_cap;
     uint64_t lk_count;
     /* Chunks copied but not yet written: entries (u64 offset, u64 length, bytes).
-     * snap_flush writes one buffer out with neither the GIL nor the index lock
-     * held while updates copy chunks into the other, so no update waits for the
-     * disk (or the kernel's write-back throttling); a full buffer is written in
-     * place. */
+     * The background thread writes one buffer out with neither the GIL nor the
+     * index lock held while updates copy chunks into the other, so no update
+     * waits for the disk (or the kernel's write-back throttling); a full buffer
+     * is written in place. stage_mu guards cur and the current buffer's length
+     * (an update appends, the background thread swaps). */
     uint8_t *stage[2];
     size_t stage_len[2];
     int cur, flushing;
+    uint8_t *cbuf; /* the background copy's own buffer: COPY_BYTES */
+    uint64_t by_updates, by_copy; /* chunks saved by updates, by the background copy */
+    uint64_t taken; /* chunks an update took while the background copy was copying them */
 } snap_t;
 
 #define STAGE_BYTES (8u << 20)
+#define COPY_BYTES (4u << 20)
 
 typedef struct {
     uint64_t seq; /* 0: empty slot */
@@ -188,22 +214,31 @@ typedef struct {
     uint64_t seed; /* of the key hash: the bucket array's layout depends on it */
     uint32_t dist_cap; /* the largest distance a bucket records (saturated above) */
     snap_t snap;
+    uint64_t last_by_updates, last_by_copy, last_taken; /* the last snapshot's snap_counts */
+    pthread_mutex_t stage_mu;
+    int mu_ready;
 } Table;
 
 static void snap_save(Table *t, uint32_t c);
 
 /* Called before recs[s] or ht[i] changes while a snapshot is being taken. */
+static inline int
+chunk_saved(const snap_t *sn, uint32_t c)
+{
+    return __atomic_load_n(&sn->saved[c], __ATOMIC_ACQUIRE) == SAVED;
+}
+
 static inline void
 cow_rec(Table *t, uint64_t s)
 {
-    if (t->snap.active && !t->snap.saved[s / REC_CHUNK])
+    if (t->snap.active && !chunk_saved(&t->snap, (uint32_t)(s / REC_CHUNK)))
         snap_save(t, (uint32_t)(s / REC_CHUNK));
 }
 
 static inline void
 cow_ht(Table *t, uint64_t i)
 {
-    if (t->snap.active && !t->snap.saved[t->snap.n_rc + i / HT_CHUNK])
+    if (t->snap.active && !chunk_saved(&t->snap, t->snap.n_rc + (uint32_t)(i / HT_CHUNK)))
         snap_save(t, t->snap.n_rc + (uint32_t)(i / HT_CHUNK));
 }
 
@@ -586,6 +621,15 @@ Table_init(Table *self, PyObject *args, PyObject *kwds)
         PyErr_NoMemory();
         return -1;
     }
+    if (pthread_mutex_init(&self->stage_mu, NULL) != 0) {
+        munmap(self->recs, self->recs_bytes);
+        munmap(self->ht, self->ht_bytes);
+        self->recs = NULL;
+        self->ht = NULL;
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->mu_ready = 1;
     self->num_blocks = (uint32_t)n;
     self->seed = seed;
     self->mask = cap - 1;
@@ -614,6 +658,8 @@ Table_dealloc(Table *self)
         munmap(self->recs, self->recs_bytes);
     if (self->ht)
         munmap(self->ht, self->ht_bytes);
+    if (self->mu_ready)
+        pthread_mutex_destroy(&self->stage_mu);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -810,13 +856,14 @@ round_page(size_t n)
 static void
 snap_free(snap_t *sn)
 {
-    uint8_t *stage0 = sn->stage[0], *stage1 = sn->stage[1];
+    uint8_t *stage0 = sn->stage[0], *stage1 = sn->stage[1], *cbuf = sn->cbuf;
     PyMem_RawFree(sn->saved);
     PyMem_RawFree(sn->crcs);
     PyMem_RawFree(sn->lk);
     memset(sn, 0, sizeof(*sn));
     sn->stage[0] = stage0;
     sn->stage[1] = stage1;
+    sn->cbuf = cbuf;
 }
 
 static void
@@ -825,7 +872,8 @@ snap_release(snap_t *sn)
     snap_free(sn);
     PyMem_RawFree(sn->stage[0]);
     PyMem_RawFree(sn->stage[1]);
-    sn->stage[0] = sn->stage[1] = NULL;
+    PyMem_RawFree(sn->cbuf);
+    sn->stage[0] = sn->stage[1] = sn->cbuf = NULL;
 }
 
 static int
@@ -886,53 +934,66 @@ write_at(int fd, const uint8_t *p, size_t len, uint64_t off)
     return 0;
 }
 
-/* Write chunk c (its bytes as they are now) to the snapshot file, once. */
+/* Where chunk c sits in memory and in the snapshot file. */
+static void
+chunk_span(const Table *t, uint32_t c, const uint8_t **p, size_t *len, uint64_t *off)
+{
+    const snap_t *sn = &t->snap;
+    if (c < sn->n_rc) {
+        size_t at = (size_t)c * REC_CHUNK * sizeof(rec_t);
+        *p = (const uint8_t *)t->recs + at;
+        *len = t->recs_bytes - at < REC_CHUNK * sizeof(rec_t) ? t->recs_bytes - at
+                                                             : REC_CHUNK * sizeof(rec_t);
+        *off = sn->recs_off + at;
+    } else {
+        size_t at = (size_t)(c - sn->n_rc) * HT_CHUNK * sizeof(uint32_t);
+        *p = (const uint8_t *)t->ht + at;
+        *len = t->ht_bytes - at < HT_CHUNK * sizeof(uint32_t) ? t->ht_bytes - at
+                                                              : HT_CHUNK * sizeof(uint32_t);
+        *off = sn->ht_off + at;
+    }
+}
+
+/* Save chunk c (its bytes as they are now, before this update changes them), once:
+ * called by updates (the index lock and the GIL held). */
 static void
 snap_save(Table *t, uint32_t c)
 {
     snap_t *sn = &t->snap;
-    if (sn->saved[c])
-        return;
-    sn->saved[c] = 1;
+    if (__atomic_exchange_n(&sn->saved[c], SAVED, __ATOMIC_ACQ_REL) == SAVED)
+        return; /* the background copy saved it (or this update did, a moment ago) */
+    sn->by_updates++;
     const uint8_t *p;
     size_t len;
     uint64_t off;
-    if (c < sn->n_rc) {
-        size_t at = (size_t)c * REC_CHUNK * sizeof(rec_t);
-        p = (const uint8_t *)t->recs + at;
-        len = t->recs_bytes - at < REC_CHUNK * sizeof(rec_t) ? t->recs_bytes - at
-                                                            : REC_CHUNK * sizeof(rec_t);
-        off = sn->recs_off + at;
-        if (t->out_bytes && !sn->err) {
-            uint64_t hi = (uint64_t)c * REC_CHUNK + REC_CHUNK;
-            if (hi > t->num_blocks)
-                hi = t->num_blocks;
-            for (uint64_t s = (uint64_t)c * REC_CHUNK; s < hi; s++)
-                if (t->recs[s].seq && t->recs[s].klen > INLINE &&
-                    lk_append(sn, (uint32_t)s, &t->recs[s]) < 0)
-                    sn->err = ENOMEM;
-        }
-    } else {
-        size_t at = (size_t)(c - sn->n_rc) * HT_CHUNK * sizeof(uint32_t);
-        p = (const uint8_t *)t->ht + at;
-        len = t->ht_bytes - at < HT_CHUNK * sizeof(uint32_t) ? t->ht_bytes - at
-                                                             : HT_CHUNK * sizeof(uint32_t);
-        off = sn->ht_off + at;
+    chunk_span(t, c, &p, &len, &off);
+    if (c < sn->n_rc && t->out_bytes && !sn->err) {
+        uint64_t hi = (uint64_t)c * REC_CHUNK + REC_CHUNK;
+        if (hi > t->num_blocks)
+            hi = t->num_blocks;
+        for (uint64_t s = (uint64_t)c * REC_CHUNK; s < hi; s++)
+            if (t->recs[s].seq && t->recs[s].klen > INLINE &&
+                lk_append(sn, (uint32_t)s, &t->recs[s]) < 0)
+                sn->err = ENOMEM;
     }
     if (sn->err)
         return;
     sn->crcs[c] = crc32c_of(p, len);
     if (all_zero(p, len))
         return; /* never written (or emptied): a hole in the file reads back as zeros */
-    uint8_t *st = sn->stage[sn->cur];
-    if (st != NULL && sn->stage_len[sn->cur] + 16 + len <= STAGE_BYTES) {
+    pthread_mutex_lock(&t->stage_mu);
+    int k = sn->cur;
+    uint8_t *st = sn->stage[k];
+    if (st != NULL && sn->stage_len[k] + 16 + len <= STAGE_BYTES) {
         uint64_t l64 = len;
-        memcpy(st + sn->stage_len[sn->cur], &off, 8);
-        memcpy(st + sn->stage_len[sn->cur] + 8, &l64, 8);
-        memcpy(st + sn->stage_len[sn->cur] + 16, p, len);
-        sn->stage_len[sn->cur] += 16 + len;
+        memcpy(st + sn->stage_len[k], &off, 8);
+        memcpy(st + sn->stage_len[k] + 8, &l64, 8);
+        memcpy(st + sn->stage_len[k] + 16, p, len);
+        sn->stage_len[k] += 16 + len;
+        pthread_mutex_unlock(&t->stage_mu);
         return;
     }
+    pthread_mutex_unlock(&t->stage_mu);
     if (write_at(sn->fd, p, len, off) < 0)
         sn->err = errno;
 }
@@ -951,6 +1012,26 @@ stage_write(int fd, const uint8_t *st, size_t len)
         at += 16 + (size_t)n;
     }
     return 0;
+}
+
+/* Write the chunks updates staged so far: the current buffer becomes the one
+ * updates fill next (the other is empty: every flush empties its own). Called
+ * by the background thread only, without the GIL; 0 or an errno. */
+static int
+stage_flush(Table *t)
+{
+    snap_t *sn = &t->snap;
+    pthread_mutex_lock(&t->stage_mu);
+    int k = sn->cur;
+    size_t len = sn->stage_len[k];
+    if (len)
+        sn->cur = 1 - k;
+    pthread_mutex_unlock(&t->stage_mu);
+    if (len == 0)
+        return 0;
+    int err = stage_write(sn->fd, sn->stage[k], len);
+    sn->stage_len[k] = 0; /* only the next swap (this thread's) makes it current again */
+    return err;
 }
 
 static PyObject *
@@ -979,6 +1060,10 @@ Table_snap_begin(Table *self, PyObject *args)
             snap_free(sn);
             return PyErr_NoMemory();
         }
+    if (sn->cbuf == NULL && (sn->cbuf = PyMem_RawMalloc(COPY_BYTES)) == NULL) {
+        snap_free(sn);
+        return PyErr_NoMemory();
+    }
     sn->fd = fd;
     sn->recs_off = recs_off;
     sn->ht_off = ht_off;
@@ -988,7 +1073,124 @@ Table_snap_begin(Table *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* Write up to n chunks no update has written yet; True when every chunk is written. */
+/* Does this copy of a record chunk hold a key stored out of line? */
+static int
+has_long_key(const uint8_t *p, size_t len)
+{
+    for (size_t at = 0; at + sizeof(rec_t) <= len; at += sizeof(rec_t)) {
+        rec_t r;
+        memcpy(&r, p + at, sizeof(r));
+        if (r.seq && r.klen > INLINE)
+            return 1;
+    }
+    return 0;
+}
+
+/* Write the chunks copied into cbuf (offsets and lengths in spans): adjacent ones
+ * in one write. 0 or an errno. */
+static int
+copy_write(int fd, const uint8_t *buf, const uint64_t (*spans)[2], size_t n)
+{
+    size_t at = 0;
+    for (size_t i = 0; i < n;) {
+        uint64_t off = spans[i][0], len = spans[i][1];
+        size_t j = i + 1;
+        while (j < n && spans[j][0] == off + len)
+            len += spans[j++][1];
+        if (write_at(fd, buf + at, (size_t)len, off) < 0)
+            return errno;
+        at += (size_t)len;
+        i = j;
+    }
+    return 0;
+}
+
+#define COPY_SPANS (COPY_BYTES / (HT_CHUNK * sizeof(uint32_t)))
+
+/* snap_copy(hold_us=0) -> True: save every chunk no update has saved, in this
+ * thread, with neither the GIL nor the index lock (see the comment above snap_t),
+ * and write what updates staged meanwhile. Record chunks with out-of-line keys are
+ * left to snap_step. Call it from one thread, the only one that ends the snapshot.
+ * hold_us (tests) pauses in the middle of each chunk's copy: the window in which
+ * an update takes a chunk over, widened. */
+static PyObject *
+Table_snap_copy(Table *self, PyObject *args)
+{
+    unsigned int hold_us = 0;
+    if (!PyArg_ParseTuple(args, "|I", &hold_us))
+        return NULL;
+    snap_t *sn = &self->snap;
+    if (!sn->active || sn->flushing) {
+        PyErr_SetString(PyExc_RuntimeError, "no snapshot is being taken, or it is being written");
+        return NULL;
+    }
+    uint64_t(*spans)[2] = PyMem_RawMalloc(COPY_SPANS * sizeof(*spans));
+    if (spans == NULL)
+        return PyErr_NoMemory();
+    sn->flushing = 1;
+    uint32_t total = sn->n_rc + sn->n_hc;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    size_t used = 0, n = 0;
+    while (sn->cnext < total && !err) {
+        uint32_t c = sn->cnext++;
+        uint8_t expect = UNSAVED;
+        if (!__atomic_compare_exchange_n(&sn->saved[c], &expect, COPYING, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue; /* an update saved it */
+        const uint8_t *p;
+        size_t len;
+        uint64_t off;
+        chunk_span(self, c, &p, &len, &off);
+        uint8_t *mine = sn->cbuf + used;
+        if (hold_us) {
+            memcpy(mine, p, len / 2);
+            usleep(hold_us);
+            memcpy(mine + len / 2, p + len / 2, len - len / 2);
+        } else {
+            memcpy(mine, p, len);
+        }
+        expect = COPYING;
+        if (c < sn->n_rc && has_long_key(mine, len)) {
+            /* Given back: snap_step saves it under the index lock. */
+            __atomic_compare_exchange_n(&sn->saved[c], &expect, UNSAVED, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_RELAXED);
+            continue;
+        }
+        if (!__atomic_compare_exchange_n(&sn->saved[c], &expect, SAVED, 0, __ATOMIC_RELEASE,
+                                         __ATOMIC_RELAXED)) {
+            sn->taken++; /* an update took it while it was copied: its copy counts */
+            continue;
+        }
+        sn->by_copy++;
+        sn->crcs[c] = crc32c_of(mine, len);
+        if (all_zero(mine, len))
+            continue;
+        spans[n][0] = off;
+        spans[n][1] = len;
+        n++;
+        used += len;
+        if (used + REC_CHUNK * sizeof(rec_t) > COPY_BYTES || n == COPY_SPANS) {
+            err = copy_write(sn->fd, sn->cbuf, (const uint64_t(*)[2])spans, n);
+            used = n = 0;
+            if (!err)
+                err = stage_flush(self);
+        }
+    }
+    if (!err && n)
+        err = copy_write(sn->fd, sn->cbuf, (const uint64_t(*)[2])spans, n);
+    if (!err)
+        err = stage_flush(self);
+    Py_END_ALLOW_THREADS;
+    sn->flushing = 0;
+    PyMem_RawFree(spans);
+    if (err && !sn->cerr)
+        sn->cerr = err;
+    Py_RETURN_TRUE;
+}
+
+/* Save up to n chunks no update has saved yet (the index lock held); True when
+ * every chunk is saved. */
 static PyObject *
 Table_snap_step(Table *self, PyObject *arg)
 {
@@ -996,40 +1198,36 @@ Table_snap_step(Table *self, PyObject *arg)
     if (n == -1 && PyErr_Occurred())
         return NULL;
     snap_t *sn = &self->snap;
-    if (!sn->active) {
-        PyErr_SetString(PyExc_RuntimeError, "no snapshot is being taken");
+    if (!sn->active || sn->flushing) {
+        PyErr_SetString(PyExc_RuntimeError, "no snapshot is being taken, or it is being written");
         return NULL;
     }
     uint32_t total = sn->n_rc + sn->n_hc;
     while (n > 0 && sn->next < total && !sn->err) {
-        if (!sn->saved[sn->next]) {
+        if (!chunk_saved(sn, sn->next)) {
             snap_save(self, sn->next);
             n--;
         }
         sn->next++;
     }
-    while (sn->next < total && sn->saved[sn->next])
+    while (sn->next < total && chunk_saved(sn, sn->next))
         sn->next++;
     return PyBool_FromLong(sn->next >= total || sn->err);
 }
 
 /* Write the chunks staged so far, the GIL released (call it without the index
- * lock, from one thread at a time). */
+ * lock, from the one thread that ends the snapshot). */
 static PyObject *
 Table_snap_flush(Table *self, PyObject *Py_UNUSED(ignored))
 {
     snap_t *sn = &self->snap;
-    if (!sn->active || sn->flushing || sn->stage_len[sn->cur] == 0)
+    if (!sn->active || sn->flushing)
         Py_RETURN_NONE;
-    int k = sn->cur, fd = sn->fd, err;
-    const uint8_t *st = sn->stage[k];
-    size_t len = sn->stage_len[k];
-    sn->cur = 1 - k; /* the other buffer is empty: every flush empties its own */
+    int err;
     sn->flushing = 1;
     Py_BEGIN_ALLOW_THREADS;
-    err = stage_write(fd, st, len);
+    err = stage_flush(self);
     Py_END_ALLOW_THREADS;
-    sn->stage_len[k] = 0;
     sn->flushing = 0;
     if (err && !sn->err)
         sn->err = err;
@@ -1056,7 +1254,7 @@ Table_snap_end(Table *self, PyObject *Py_UNUSED(ignored))
                 sn->err = e;
             sn->stage_len[k] = 0;
         }
-    int err = sn->err;
+    int err = sn->err ? sn->err : sn->cerr;
     if (!err && sn->next < total)
         err = EINTR; /* abandoned before every chunk was written */
     PyObject *out = Py_BuildValue(
@@ -1064,6 +1262,9 @@ Table_snap_end(Table *self, PyObject *Py_UNUSED(ignored))
         (const char *)sn->crcs, (Py_ssize_t)(total * sizeof(uint32_t)),
         (const char *)(sn->lk ? sn->lk : (uint8_t *)""), (Py_ssize_t)sn->lk_len,
         (unsigned long long)sn->lk_count, err);
+    self->last_by_updates = sn->by_updates;
+    self->last_by_copy = sn->by_copy;
+    self->last_taken = sn->taken;
     snap_free(sn);
     return out;
 }
@@ -1284,6 +1485,14 @@ Table_layout(Table *self, void *Py_UNUSED(closure))
 }
 
 static PyObject *
+Table_snap_counts(Table *self, void *Py_UNUSED(closure))
+{
+    return Py_BuildValue("(KKK)", (unsigned long long)self->last_by_updates,
+                         (unsigned long long)self->last_by_copy,
+                         (unsigned long long)self->last_taken);
+}
+
+static PyObject *
 Table_seed(Table *self, void *Py_UNUSED(closure))
 {
     return PyLong_FromUnsignedLongLong(self->seed);
@@ -1368,6 +1577,9 @@ static PyMethodDef Table_methods[] = {
      "entries() -> [(key, slot, crc)] oldest first"},
     {"snap_begin", (PyCFunction)Table_snap_begin, METH_VARARGS,
      "snap_begin(fd, recs_offset, ht_offset): take a snapshot as of now"},
+    {"snap_copy", (PyCFunction)Table_snap_copy, METH_VARARGS,
+     "snap_copy(hold_us=0) -> True: save the chunks no update saved, without the GIL or the "
+     "index lock"},
     {"snap_step", (PyCFunction)Table_snap_step, METH_O,
      "snap_step(n) -> done: write up to n chunks no update has written"},
     {"snap_flush", (PyCFunction)Table_snap_flush, METH_NOARGS,
@@ -1386,6 +1598,10 @@ static PyGetSetDef Table_getset[] = {
     {"layout", (getter)Table_layout, NULL, "the arrays' geometry, as a snapshot records it",
      NULL},
     {"seed", (getter)Table_seed, NULL, "the key hash's seed", NULL},
+    {"snap_counts", (getter)Table_snap_counts, NULL,
+     "(chunks saved by updates, by the background copy, taken over from it by updates) "
+     "in the last snapshot",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -416,6 +416,72 @@ def test_a_table_snapshot_is_the_table_at_its_rotation(tmp_path: Path) -> None:
     again.close()
 
 
+def test_a_table_snapshot_copied_while_stores_run_is_the_table_at_its_rotation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The background copy saves chunks with neither the lock nor the GIL while a
+    store thread changes the table; a store that reaches a chunk first saves it
+    itself, one that reaches a chunk in the middle of its copy takes it over
+    (the copy, made a pause in the middle of each chunk here, is dropped). The
+    snapshot alone reopens to the table as it was at the rotation, the snapshot
+    and the log to the table as it was at the end."""
+    _native_only()
+    monkeypatch.setattr(nvme_index, "COMPACT_DIVISOR", 1)  # no compaction of its own
+    monkeypatch.setattr(nvme_index, "SNAP_COPY_HOLD_US", 100)
+    n = 1 << 16
+    index = NVMeIndex(tmp_path, BB, n, sync=False)
+    # Some long keys (out of line): their chunks are saved under the lock.
+    index.put(
+        [(b"L" * 40 + i.to_bytes(4, "little") if i % 997 == 0 else i, i, i) for i in range(n)],
+        sync=False,
+    )
+    index.compact()  # the log empty: the writer's records stay below the bound
+    stop = threading.Event()
+    rng = random.Random(3)
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set() and i < 500:  # fewer records than the compaction bound
+            base = 10**7 + 64 * i
+            index.put([(base + j, rng.randrange(n), 3) for j in range(64)], sync=False)
+            i += 1
+
+    taken_over = False
+    for _ in range(5):
+        thread = threading.Thread(target=writer)
+        thread.start()
+        time.sleep(0.002)
+        with index.lock:  # the writer waits here, so it runs while the copy runs
+            index._start_compaction(background=False)
+            gen = index.gen
+            want = sorted(index.table.entries(), key=repr)
+        index._write_snapshot()
+        stop.set()
+        thread.join()
+        stop.clear()
+        by_updates, by_copy, taken = index.table.snap_counts  # type: ignore[attr-defined]
+        final = sorted(index.table.entries(), key=repr)
+        index.close()
+        log = index._log_path(gen)
+        saved = log.read_bytes()
+        log.unlink()
+        alone = NVMeIndex(tmp_path, BB, n, sync=False)
+        assert sorted(alone.table.entries(), key=repr) == want
+        alone.close()
+        for stale in tmp_path.glob("index.*.log"):
+            stale.unlink()
+        log.write_bytes(saved)
+        index = NVMeIndex(tmp_path, BB, n, sync=False)
+        assert sorted(index.table.entries(), key=repr) == final
+        assert by_copy > 0
+        assert by_updates + by_copy == index.table.layout["chunks"]  # each saved once
+        if taken > 0 and by_updates > taken:
+            taken_over = True
+            break
+    index.close()
+    assert taken_over, "no store took a chunk over from the background copy"
+
+
 @pytest.mark.parametrize("where", ["header", "crcs", "records", "buckets", "long keys"])
 def test_a_torn_table_snapshot_is_detected(tmp_path: Path, where: str) -> None:
     """A flipped byte anywhere in a table snapshot is found: the header or the CRC

@@ -84,7 +84,8 @@ MIN_LOG_RECORDS = 1024
 # many records at most.
 COMPACT_DIVISOR = 16
 CHUNK_SLOTS = 1 << 14  # slots copied per lock hold while a record snapshot is written
-SNAP_CHUNKS = 256  # chunks of the table (4-6 KiB each) copied per lock hold
+SNAP_CHUNKS = 256  # chunks with long keys (4-6 KiB each) copied per lock hold
+SNAP_COPY_HOLD_US = 0  # tests: a pause inside each chunk's copy (see Table.snap_copy)
 READ_BYTES = 16 << 20  # index files are read and applied this many bytes at a time
 # How a table snapshot is read: "read" (into fresh anonymous memory), "direct" (the
 # same with O_DIRECT, falling back to "read" where the file system refuses it) or
@@ -934,11 +935,13 @@ class NVMeIndex:
 
     def _table_snapshot(self, gen: int) -> None:
         """Finish the table snapshot begun at the rotation to ``gen``: the chunks no
-        store has written yet, SNAP_CHUNKS per lock hold, then the chunks' CRCs, the
-        long keys and the header; fsync, rename, fsync the directory."""
+        store has saved yet (copied without the lock; those holding keys of more
+        than 32 bytes SNAP_CHUNKS per lock hold), then the chunks' CRCs, the long
+        keys and the header; fsync, rename, fsync the directory."""
         tmp = self._tmp_path
         fd = os.dup(self._snap_fd)
         try:
+            self._native.snap_copy(SNAP_COPY_HOLD_US)  # neither the lock nor the GIL held
             done = False
             while not done:
                 with self.lock:  # copies chunks: the disk is written without the lock
