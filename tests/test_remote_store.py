@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from _redis import redis_cluster, redis_server, server_binary, shared_server  # noqa: F401
 from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, RemoteConfig
-from kvactors.errors import ConfigError, RemoteUnavailable
+from kvactors.errors import BlocksMissingError, ConfigError, RemoteUnavailable
 from kvactors.media.local_server import LocalCluster, LocalServer
 from kvactors.media.remote import HEADER_BYTES, RemoteStore, fingerprint
 
@@ -125,6 +125,51 @@ def test_garbage_truncated_and_foreign_values_are_misses(
     assert store.counters().corrupt == 5
 
 
+def _views(rows: torch.Tensor) -> list[memoryview]:
+    flat = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
+    bb = rows.shape[1]
+    return [flat[i * bb : (i + 1) * bb] for i in range(rows.shape[0])]
+
+
+def test_reads_into_slots_verify_each_value_where_it_landed(
+    redis_server: LocalServer,  # noqa: F811
+    store: RemoteStore,
+) -> None:
+    """``read_slots`` (the cache's promotions into its CPU slots) reads each value
+    straight into its buffer and checks it there: hits are exact, every value that
+    failed a check or is absent is named by the error, and a value of the wrong
+    size or with another block's header never reaches its buffer at all."""
+    keys = [1, 2, 3, 4, 5, 6]
+    rows = rows_for(keys)
+    store.write_from([], rows, keys)
+    c = redis_server.client()
+    _damage(redis_server, store, 2, b"not a block at all")  # wrong size
+    flipped = bytearray(c.get(store.redis_key(3)))
+    flipped[-1] ^= 0x40  # header fine, payload damaged
+    _damage(redis_server, store, 3, bytes(flipped))
+    _damage(redis_server, store, 4, c.get(store.redis_key(1)))  # block 1's value
+    c.delete(store.redis_key(5))  # absent
+    out = torch.full_like(rows, 7)
+    with pytest.raises(BlocksMissingError) as info:
+        store.read_slots([], _views(out), keys)
+    assert sorted(info.value.keys) == [2, 3, 4, 5]
+    assert info.value.missing == [5]
+    assert torch.equal(out[0], rows[0])
+    assert torch.equal(out[5], rows[5])  # the reply after the damaged ones: in step
+    for untouched in (1, 3, 4):  # wrong size, another block's header, absent
+        assert bool((out[untouched] == 7).all())
+    assert store.counters().corrupt == 3
+    # fetch(in_place=True) is the same read, telling absent from refused positions.
+    out.fill_(7)
+    assert store.fetch(keys, _views(out), in_place=True) == ([4], [1, 2, 3])
+    assert torch.equal(out[[0, 5]], rows[[0, 5]])
+    assert bool((out[[1, 3, 4]] == 7).all())
+    # The connection is left at a reply boundary: the next read is exact.
+    again = torch.zeros_like(rows[:1])
+    assert store.read_slots([], _views(again), [6]) == []
+    assert torch.equal(again[0], rows[5])
+
+
 def test_namespaces_and_models_do_not_see_each_other(redis_server: LocalServer) -> None:  # noqa: F811
     a = RemoteStore("remote", BB, url=redis_server.url, model="llama-8b")
     b = RemoteStore("remote", BB, url=redis_server.url, model="llama-70b")
@@ -163,6 +208,11 @@ def test_any_damaged_value_is_a_miss(
         out = torch.full((1, bb), 3, dtype=torch.uint8)
         assert s.read_into([], out, [7]) == [0]
         assert bool((out == 3).all())
+        # Read in place (into a slot nobody else reads): reported all the same.
+        with pytest.raises(BlocksMissingError) as info:
+            s.read_slots([], _views(out), [7])
+        assert info.value.keys == [7]
+        assert info.value.missing == []
     finally:
         s.close()
 

@@ -213,6 +213,49 @@ async def test_damaged_values_are_misses_for_the_cache(redis_server: LocalServer
         names.close()
 
 
+async def test_a_damaged_value_read_into_a_cpu_slot_is_never_served(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """A promotion reads each value straight into its new CPU slot and checks it
+    there. A value whose payload fails its checksum is a miss: the caller's rows
+    are not written, the block is not in CPU, its slot is free again, and what
+    landed there is never loaded (the slot's next block loads exact)."""
+    remote = RemoteConfig(url=redis_server.url)
+    keys = list(range(4))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as a:
+            await store_all(a, keys)
+        client = redis_server.client()
+        from kvactors.media.remote import RemoteStore
+
+        names = RemoteStore("remote", BB, url=redis_server.url)
+        value = bytearray(client.get(names.redis_key(2)))
+        value[-1] ^= 0x01  # the header is fine: the payload lands in the slot
+        client.set(names.redis_key(2), bytes(value))
+        names.close()
+        async with kvactors.open(config(remote, cpu_blocks=4)) as b:
+            out = torch.full((4, BB), 9, dtype=torch.uint8)
+            got = await b.load(keys, out, partial=True)
+            assert len(got.tiers) == 2  # the run before the damaged block
+            assert torch.equal(out[:2], data(keys[:2]))
+            assert bool((out[2:] == 9).all())  # neither the damaged block nor the one after
+            stats = await settled(b)
+            cpu = stats.policy.tiers["cpu"]
+            # Blocks 0, 1 and 3 arrived and stay promoted; block 2's slot is free.
+            assert (cpu.used, cpu.free, cpu.pinned) == (3, 1, 0)
+            found = await b.lookup(keys)
+            assert found.hits == 2
+            assert found.tiers[:2] == ["cpu", "cpu"]
+            with pytest.raises(BlockNotFoundError):
+                await b.load([2], torch.zeros(1, BB, dtype=torch.uint8))
+            # The freed slot takes the next block, which loads exact.
+            await b.store([10], data([10]))
+            again = torch.zeros(1, BB, dtype=torch.uint8)
+            assert (await b.load([10], again)).tiers == ["cpu"]
+            assert torch.equal(again, data([10]))
+            await settled(b)
+
+
 async def test_maxmemory_reached_is_misses_not_errors() -> None:
     """A server much smaller than what is stored evicts: no caller sees an error,
     later lookups and loads find fewer blocks, and whatever is found is exact."""
@@ -507,6 +550,10 @@ async def test_a_hung_server_blocks_no_event_loop_and_no_buffer_after_cancel(
                 assert 0.4 < took < 2.0
                 assert ticks >= 10  # the loop ran on while the client call blocked
                 snapshot = out.clone()
+                # The CPU slots the read was landing in were released only once
+                # the worker thread had given up: nothing pinned, nothing promoted.
+                cpu = (await b.stats()).policy.tiers["cpu"]
+                assert (cpu.pinned, cpu.being_written, cpu.used) == (0, 0, 0)
             finally:
                 redis_server.proc.send_signal(signal.SIGCONT)
             await anyio.sleep(0.3)
@@ -517,6 +564,53 @@ async def test_a_hung_server_blocks_no_event_loop_and_no_buffer_after_cancel(
             again = torch.zeros(4, BB, dtype=torch.uint8)
             assert (await b.load(keys, again)).tiers == ["remote"] * 4
             assert torch.equal(again, data(keys))
+
+
+async def test_a_load_cancelled_while_its_read_lands_in_cpu_slots_leaves_no_pin(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """The server stalls (SIGSTOP) and answers again before the read's timeout,
+    after the load was cancelled: the cancelled call returns once the worker
+    thread has finished reading into the CPU slots, nothing is pinned or half
+    written afterwards, its destination is not written after it returned, and
+    whatever the cache serves from then on is exact."""
+    remote = RemoteConfig(url=redis_server.url, timeout=2.0)
+    keys = list(range(8))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as a:
+            await store_all(a, keys)
+        async with kvactors.open(config(remote)) as b:
+            assert redis_server.proc is not None
+            proc = redis_server.proc
+            out = torch.zeros(8, BB, dtype=torch.uint8)
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                async with anyio.create_task_group() as tg:
+
+                    async def resume() -> None:
+                        await anyio.sleep(0.3)
+                        proc.send_signal(signal.SIGCONT)
+
+                    tg.start_soon(resume)
+                    t0 = time.monotonic()
+                    with anyio.move_on_after(0.1):
+                        await b.load(keys, out, partial=True)
+                    took = time.monotonic() - t0
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            assert 0.25 < took < 2.0  # returned once the thread's read was over
+            snapshot = out.clone()
+            stats = await b.stats()
+            for tier in stats.policy.tiers.values():
+                assert tier.pinned == tier.being_written == 0
+                assert tier.used + tier.free == tier.capacity
+            await anyio.sleep(0.2)
+            assert torch.equal(out, snapshot)
+            for k in keys:
+                one = torch.zeros(1, BB, dtype=torch.uint8)
+                assert (await b.load([k], one)).tiers in (["cpu"], ["remote"])
+                assert torch.equal(one, data([k]))
+            await settled(b)
 
 
 async def test_a_tracked_block_the_server_evicted_counts_in_lookup_until_read(

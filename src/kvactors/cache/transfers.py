@@ -18,7 +18,7 @@ only when the memory side is on a GPU.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import msgspec
@@ -106,6 +106,19 @@ def _check(side: Side, bad: list[int], keys: list[Key]) -> None:
         )
 
 
+_Read = Callable[[list[int], list[memoryview], list[Key] | None], list[int]]
+
+
+def _reader(medium: BlockMedium, *, private: bool) -> _Read:
+    """How to read ``medium``'s blocks into host buffers: into ``private`` ones
+    (nobody reads them before the transfer completed: a tier's own slots, a
+    staging tensor) with the medium's ``read_slots`` where it has one (a remote
+    store then verifies each value where it landed, with no staging copy),
+    else with ``read_buffers``."""
+    slots: _Read | None = getattr(medium, "read_slots", None) if private else None
+    return slots or medium.read_buffers
+
+
 def move(src: Side, dst: Side, keys: list[Key], pool: CopyPool | None = None) -> None:
     """Copy ``src``'s slots into ``dst``'s (blocking); blocks read from a buffer
     medium are verified against ``keys`` (:class:`IntegrityError` names the bad
@@ -127,11 +140,13 @@ def move(src: Side, dst: Side, keys: list[Key], pool: CopyPool | None = None) ->
         return
     assert src.medium is not None
     if d is not None and d.device.type == "cpu":
-        _check(src, src.medium.read_buffers(src.ids, row_buffers(d, dst.ids), keys), keys)
+        # A tier's own slots are read by no one until the plan completes.
+        read = _reader(src.medium, private=dst.medium is not None)
+        _check(src, read(src.ids, row_buffers(d, dst.ids), keys), keys)
         return
     stage = torch.empty((n, src.medium.block_bytes), dtype=torch.uint8)
     bufs = row_buffers(stage, range(n))
-    _check(src, src.medium.read_buffers(src.ids, bufs, keys), keys)
+    _check(src, _reader(src.medium, private=True)(src.ids, bufs, keys), keys)
     if d is not None:
         with _device_stream(d):
             copy_rows(stage, list(range(n)), d, dst.ids)

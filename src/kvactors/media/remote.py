@@ -13,10 +13,14 @@ A value that is absent (never stored, or evicted by the server), truncated,
 garbage, or written under another fingerprint or key is a *miss*, counted and
 reported, never bytes handed to the caller.
 
-Every call blocks (the tier actor runs it in a worker thread). Reads land in
-the client's own reply buffer first; only a value that passed every check is
-copied into the caller's destination, before the call returns, so a
-destination is never written after the call returned or was abandoned.
+Every call blocks (the tier actor runs it in a worker thread) and has stopped
+writing into its destinations when it returns or raises. Reads into a
+caller's buffer land in a staging buffer of the worker thread first; only a
+value that passed every check is copied into the buffer. Reads into slots no
+one else reads until the read is over (:meth:`RemoteStore.read_slots`: the
+cache's own CPU slots being promoted into) land there straight off the
+socket and are verified in place; a slot whose value failed a check is
+reported missed, and its bytes are never served.
 
 Failures: a server that refuses connections or does not answer within
 ``timeout`` raises :class:`~kvactors.errors.RemoteUnavailable` and is then
@@ -556,21 +560,26 @@ class RemoteStore:
         absent, refused = self.fetch(keys, bufs)
         return sorted(absent + refused)
 
-    def fetch(self, keys: Sequence[Key], bufs: Sequence[memoryview]) -> tuple[list[int], list[int]]:
+    def fetch(
+        self, keys: Sequence[Key], bufs: Sequence[memoryview], *, in_place: bool = False
+    ) -> tuple[list[int], list[int]]:
         """Read block ``keys[i]`` into ``bufs[i]``; return the positions ``absent``
         (never stored, evicted, expired, or on a node that is down) and those
         ``refused`` (present but truncated, garbage, foreign or another block's).
 
         The ``GET``\\ s of a batch go out in one pipeline; each reply is read off
         the socket straight into a staging buffer of this thread, checked, and
-        only then copied into ``bufs[i]``, before the call returns.
+        only then copied into ``bufs[i]``, before the call returns. With
+        ``in_place`` it is read straight into ``bufs[i]`` and checked there:
+        the buffers of the positions returned then hold undefined bytes (for
+        buffers nobody reads before this call returned, see :meth:`read_slots`).
         """
         t0 = time.perf_counter()
         rkeys = [self.redis_key(k) for k in keys]
         status = [_ABSENT] * len(rkeys)
 
         def execute(node: _Node, batch: list[int]) -> list[Any]:
-            return self._get_batch(node, batch, rkeys, keys, bufs)
+            return self._get_batch(node, batch, rkeys, keys, bufs, in_place)
 
         def result(pos: int, got: Any) -> None:
             status[pos] = got
@@ -596,6 +605,7 @@ class RemoteStore:
         rkeys: list[bytes],
         keys: Sequence[Key],
         bufs: Sequence[memoryview],
+        in_place: bool,
     ) -> list[int]:
         """``GET`` the keys of ``batch`` from ``node`` in one pipeline; what each
         delivered (:data:`_HIT`, :data:`_ABSENT`, :data:`_REFUSED`). A pooled
@@ -612,7 +622,7 @@ class RemoteStore:
                 conn.send_packed_command([request], check_health=False)
                 wire.start(conn._sock)
                 for pos in batch:
-                    got.append(self._read_value(wire, keys[pos], bufs[pos]))
+                    got.append(self._read_value(wire, keys[pos], bufs[pos], in_place))
                 if not wire.idle:
                     raise ConnectionError("protocol error: more replies than commands")
                 return got
@@ -628,8 +638,9 @@ class RemoteStore:
                 pool.release(conn)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _read_value(self, wire: _Wire, key: Key, buf: memoryview) -> int:
-        """Read one ``GET`` reply; copy its payload into ``buf`` if it is block ``key``'s, whole."""
+    def _read_value(self, wire: _Wire, key: Key, buf: memoryview, in_place: bool) -> int:
+        """Read one ``GET`` reply; its payload into ``buf`` if it is block ``key``'s,
+        whole (with ``in_place`` straight into ``buf``, whatever it turns out to be)."""
         line = wire.line()
         kind = line[:1]
         if kind == b"$":
@@ -643,12 +654,6 @@ class RemoteStore:
                 return _REFUSED
             head = bytearray(start)
             wire.into(memoryview(head))
-            stage = self._local.stage
-            if stage is None or len(stage) != self.block_bytes:
-                stage = self._local.stage = memoryview(bytearray(self.block_bytes))
-            wire.into(stage)
-            if wire.line():
-                raise ConnectionError("protocol error: a value longer than announced")
             magic, fp, klen, plen, digest = _HEAD.unpack_from(head)
             if (
                 magic != MAGIC
@@ -656,10 +661,17 @@ class RemoteStore:
                 or klen != len(raw)
                 or plen != self.block_bytes
                 or head[HEADER_BYTES:] != raw
-                or self._hash(stage) != digest
             ):
+                wire.skip(self.block_bytes + 2)  # not this block's: its bytes go nowhere
                 return _REFUSED
-            buf[:] = stage  # verified: only now touch the caller's buffer
+            stage = buf if in_place else self._stage()
+            wire.into(stage)
+            if wire.line():
+                raise ConnectionError("protocol error: a value longer than announced")
+            if self._hash(stage) != digest:
+                return _REFUSED
+            if not in_place:
+                buf[:] = stage  # verified: only now touch the caller's buffer
             return _HIT
         if kind == b"-":
             # MOVED / ASK: the slot moved (the map is reloaded on the next failure);
@@ -668,6 +680,13 @@ class RemoteStore:
         if kind == b"_":  # RESP3's null
             return _ABSENT
         raise ConnectionError(f"protocol error: unexpected reply {line[:32]!r}")
+
+    def _stage(self) -> memoryview:
+        """This thread's staging buffer of one value."""
+        stage = self._local.stage
+        if stage is None or len(stage) != self.block_bytes:
+            stage = self._local.stage = memoryview(bytearray(self.block_bytes))
+        return stage
 
     def put(self, keys: Sequence[Key], bufs: Sequence[memoryview]) -> list[int]:
         """Write block ``keys[i]`` from ``bufs[i]``; return the positions not written
@@ -726,11 +745,27 @@ class RemoteStore:
         blocks by key). Blocks not delivered raise
         :class:`~kvactors.errors.BlocksMissingError` naming them (``missing``: those
         the server does not have; the rest were refused as damaged), once every
-        block that arrived is in its buffer; so the result is always ``[]``."""
+        block that arrived is in its buffer; so the result is always ``[]``. The
+        buffer of a block not delivered is not touched."""
+        return self._read(ids, bufs, keys, False)
+
+    def read_slots(
+        self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None = None
+    ) -> list[int]:
+        """:meth:`read_buffers` into buffers nobody reads until this call returned
+        (slots of the reader's own, such as the CPU slots a promotion fills): each
+        value lands there straight off the socket and is verified in place, with
+        no staging copy; the buffer of a block not delivered holds undefined
+        bytes, and the error names it as for :meth:`read_buffers`."""
+        return self._read(ids, bufs, keys, True)
+
+    def _read(
+        self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None, in_place: bool
+    ) -> list[int]:
         del ids
         if keys is None:
             raise ConfigError("remote: reads name blocks by key")
-        absent, refused = self.fetch(keys, bufs)
+        absent, refused = self.fetch(keys, bufs, in_place=in_place)
         if absent or refused:
             gone = [keys[i] for i in absent]
             raise BlocksMissingError(
