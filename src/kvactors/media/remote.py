@@ -63,8 +63,8 @@ _HEAD = struct.Struct("<4s8sHQQ")  # magic, fingerprint, key length, payload len
 HEADER_BYTES = _HEAD.size
 READ_PIPELINE_BYTES = 16 * 2**20
 """Values one pipeline of ``GET``\\ s asks for at most (each reply is read off the
-socket into a staging buffer of one value, so this bounds only what the server
-holds queued for the connection)."""
+socket into its destination, or a staging buffer of one value, so this bounds
+only what the server holds queued for the connection)."""
 
 T = TypeVar("T")
 

@@ -13,7 +13,8 @@ With no ``--url`` it starts a throwaway Valkey / Redis server on 127.0.0.1
   ``kv.load``, then the remote medium alone (``RemoteStore.put`` /
   ``get_into``) runs; figures are the best round of each, and the spread of
   kvactors / raw within each round is shown beside them. Clients and caches
-  stay open across rounds, as an engine's do (each round uses new keys). Loads
+  stay open across rounds, as an engine's do (each round uses new keys), and
+  each side has connected to the server before the first round. Loads
   on every side go into a destination written before, as an engine's buffers
   are (a fresh one would mostly measure first-touch page faults).
 - **Round trip**: one block's ``GET`` (raw) against one block's remote fetch
@@ -148,6 +149,14 @@ async def _rounds(url: str, rows: torch.Tensor, rounds: int) -> dict[str, list[f
     run = anyio.to_thread.run_sync
     try:
         async with kvactors.open(cfg) as a, kvactors.open(cfg) as b:
+            # Connections made before the first round, on every side.
+            warm = [rounds * n]
+            raw.client.ping()
+            await a.store(warm, rows[:1])
+            await b.load(warm, out[:1])
+            out.zero_()
+            store.delete(warm)
+            medium.contains(warm)
             for r in range(rounds):
                 took = seconds.setdefault
                 took("raw_set", []).append(await run(raw.set, f"{namespace}-raw-{r}:".encode()))
