@@ -97,20 +97,18 @@ kt_same(PyObject *stored, PyObject *key)
     return PyObject_RichCompareBool(stored, key, Py_EQ);
 }
 
-/* The index of key among entries whose stored key same(ctx, index, key)
- * compares (1 equal, 0 not, -1 with an exception set): >= 0, -1 when absent,
- * -2 with an exception set (its __hash__ or __eq__ raised). */
+/* Whether the key stored at index is key: 1 equal, 0 not, -1 with an
+ * exception set. */
 typedef int (*kt_same_fn)(void *ctx, int32_t index, PyObject *key);
 
+/* The index of key, whose mixed hash (kt_mix of its Python hash) is h, among
+ * entries whose stored key same(ctx, index, key) compares: >= 0, -1 when
+ * absent, -2 with an exception set (its __eq__ raised). */
 static inline int32_t
-kt_find_by(const KeyTable *t, PyObject *key, kt_same_fn same, void *ctx)
+kt_find_mixed(const KeyTable *t, uint32_t h, PyObject *key, kt_same_fn same, void *ctx)
 {
-    Py_hash_t full = PyObject_Hash(key);
-    if (full == -1 && PyErr_Occurred())
-        return -2;
     if (t->tab == NULL)
         return -1;
-    uint32_t h = kt_mix(full);
     for (uint64_t i = h & t->mask;; i = (i + 1) & t->mask) {
         uint64_t e = t->tab[i];
         if (e == 0)
@@ -124,6 +122,16 @@ kt_find_by(const KeyTable *t, PyObject *key, kt_same_fn same, void *ctx)
                 return idx;
         }
     }
+}
+
+/* The same, hashing key first: -2 also when its __hash__ raised. */
+static inline int32_t
+kt_find_by(const KeyTable *t, PyObject *key, kt_same_fn same, void *ctx)
+{
+    Py_hash_t full = PyObject_Hash(key);
+    if (full == -1 && PyErr_Occurred())
+        return -2;
+    return kt_find_mixed(t, kt_mix(full), key, same, ctx);
 }
 
 static inline int
@@ -175,21 +183,27 @@ kt_reserve(KeyTable *t, Py_ssize_t n)
     return want == buckets ? 0 : kt_resize(t, want);
 }
 
-/* An absent key whose Python hash is full enters at index. */
+/* An absent key whose mixed hash (kt_mix of its Python hash) is h enters at index. */
 static inline int
-kt_insert_hash(KeyTable *t, Py_hash_t full, int32_t index)
+kt_insert_mixed(KeyTable *t, uint32_t h, int32_t index)
 {
     uint64_t buckets = t->tab == NULL ? 0 : t->mask + 1;
     if ((uint64_t)(t->used + 1) * 10 > buckets * 7 &&
         kt_resize(t, buckets ? 2 * buckets : 16) < 0)
         return -1;
-    uint32_t h = kt_mix(full);
     uint64_t i = h & t->mask;
     while (t->tab[i] != 0)
         i = (i + 1) & t->mask;
     t->tab[i] = KT_ENTRY(h, index);
     t->used++;
     return 0;
+}
+
+/* An absent key whose Python hash is full enters at index. */
+static inline int
+kt_insert_hash(KeyTable *t, Py_hash_t full, int32_t index)
+{
+    return kt_insert_mixed(t, kt_mix(full), index);
 }
 
 /* key (absent, exact int or bytes: hashing it cannot fail) enters at index. */
@@ -202,11 +216,10 @@ kt_insert(KeyTable *t, PyObject *key, int32_t index)
     return kt_insert_hash(t, full, index);
 }
 
-/* The entry of index, whose key's Python hash is full, leaves. */
+/* The entry of index, whose key's mixed hash is h, leaves. */
 static inline void
-kt_delete_hash(KeyTable *t, Py_hash_t full, int32_t index)
+kt_delete_mixed(KeyTable *t, uint32_t h, int32_t index)
 {
-    uint32_t h = kt_mix(full);
     uint64_t want = KT_ENTRY(h, index), mask = t->mask;
     uint64_t i = h & mask;
     while (t->tab[i] != want) {
@@ -229,6 +242,13 @@ kt_delete_hash(KeyTable *t, Py_hash_t full, int32_t index)
     }
     t->tab[i] = 0;
     t->used--;
+}
+
+/* The entry of index, whose key's Python hash is full, leaves. */
+static inline void
+kt_delete_hash(KeyTable *t, Py_hash_t full, int32_t index)
+{
+    kt_delete_mixed(t, kt_mix(full), index);
 }
 
 /* The entry of index (whose key is key, already held) leaves. */

@@ -146,6 +146,15 @@ core_slot(Core *core, PyObject *key)
     return kt_find(&core->map, core->keys, key);
 }
 
+/* The same for a key whose mixed hash (kt_mix of its Python hash) is h. */
+static inline int32_t
+core_slot_mixed(Core *core, PyObject *key, uint32_t h)
+{
+    if (core->kstate != NULL)
+        return core_slot_shared(core, key);
+    return kt_find_mixed(&core->map, h, key, kt_same_in, core->keys);
+}
+
 /* Whether slot s (< cap) holds a key. */
 static inline int
 core_used(const Core *core, int32_t s)

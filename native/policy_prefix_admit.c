@@ -33,11 +33,12 @@ typedef struct {
     uint8_t cls;          /* class | RESTORED */
 } Node;
 
-/* A ghost: one cache line per entry. */
+/* A ghost: 32 bytes, two to a cache line. */
 typedef struct {
     PyObject *key;       /* owned; NULL when the entry is free */
     long long since;     /* `stored` when it left */
     int32_t prev, next;  /* the ghost list (a free entry: the next free one) */
+    uint32_t hash;       /* kt_mix of the key's hash: dropping it hashes nothing */
     int8_t tag;          /* class evicted from, or -1 - class declined in */
 } Ghost;
 
@@ -71,8 +72,10 @@ typedef struct {
     Py_ssize_t nprobed, probed_cap;
     unsigned long long probed_at;
     /* The keys the last touch that found any found as ghosts within the window
-     * (owned), and the class each would have moved to had it stayed. */
+     * (owned), their hashes, and the class each would have moved to had it
+     * stayed. */
     PyObject **ret_keys;
+    Py_hash_t *ret_hash;
     uint8_t *ret_cls;
     Py_ssize_t nret, ret_cap;
 } PrefixAdmit;
@@ -122,6 +125,7 @@ pa_dealloc(Core *core)
     for (Py_ssize_t k = 0; k < p->nret; k++)
         Py_DECREF(p->ret_keys[k]);
     PyMem_Free(p->ret_keys);
+    PyMem_Free(p->ret_hash);
     PyMem_Free(p->ret_cls);
     kt_free(&p->gmap);
     PyMem_Free(p->node);
@@ -199,11 +203,23 @@ ghost_same(void *ctx, int32_t g, PyObject *key)
     return kt_same(((PrefixAdmit *)ctx)->ghosts[g].key, key);
 }
 
-/* The ghost entry of key: >= 0, -1 when none, -2 with an exception set. */
+/* The ghost entry of key, whose mixed hash is h: >= 0, -1 when none, -2
+ * with an exception set. */
 static int32_t
-ghost_of(PrefixAdmit *p, PyObject *key)
+ghost_of(PrefixAdmit *p, PyObject *key, uint32_t h)
 {
-    return kt_find_by(&p->gmap, key, ghost_same, p);
+    return kt_find_mixed(&p->gmap, h, key, ghost_same, p);
+}
+
+/* kt_mix of key's Python hash into *h: 0, or -1 with an exception set. */
+static inline int
+mixed_hash(PyObject *key, uint32_t *h)
+{
+    Py_hash_t full = PyObject_Hash(key);
+    if (full == -1 && PyErr_Occurred())
+        return -1;
+    *h = kt_mix(full);
+    return 0;
 }
 
 static inline void
@@ -238,7 +254,7 @@ ghost_drop(PrefixAdmit *p, int32_t g)
 {
     Ghost *e = &p->ghosts[g];
     PyObject *key = e->key;
-    kt_delete(&p->gmap, key, g);
+    kt_delete_mixed(&p->gmap, e->hash, g);
     ghost_unlink(p, g);
     p->glen--;
     e->key = NULL;
@@ -247,14 +263,15 @@ ghost_drop(PrefixAdmit *p, int32_t g)
     Py_DECREF(key);
 }
 
-/* ghosts[key] = (tag, stored), at the newest end (moved there when key is
- * a ghost already, which only a key restored can be while held: maybe_ghost),
- * then the oldest leave while they left before the window (one capacity of
- * stores) or there are more than GHOSTS capacities of them. */
+/* ghosts[key] = (tag, stored), key's mixed hash h, at the newest end (moved
+ * there when key is a ghost already, which only a key restored can be while
+ * held: maybe_ghost), then the oldest leave while they left before the
+ * window (one capacity of stores) or there are more than GHOSTS capacities
+ * of them. */
 static int
-ghost(Core *core, PrefixAdmit *p, PyObject *key, int tag, int maybe_ghost)
+ghost(Core *core, PrefixAdmit *p, PyObject *key, uint32_t h, int tag, int maybe_ghost)
 {
-    int32_t g = maybe_ghost ? ghost_of(p, key) : -1;
+    int32_t g = maybe_ghost ? ghost_of(p, key, h) : -1;
     if (g == -2)
         return -1;
     if (g >= 0) {
@@ -265,10 +282,11 @@ ghost(Core *core, PrefixAdmit *p, PyObject *key, int tag, int maybe_ghost)
         if (ghost_reserve(p) < 0)
             return -1;
         g = p->gfree;
-        if (kt_insert(&p->gmap, key, g) < 0)
+        if (kt_insert_mixed(&p->gmap, h, g) < 0)
             return -1;
         p->gfree = p->ghosts[g].next;
         p->ghosts[g].key = Py_NewRef(key);
+        p->ghosts[g].hash = h;
         ghost_push(p, g);
         p->glen++;
         p->gadds++;
@@ -282,14 +300,15 @@ ghost(Core *core, PrefixAdmit *p, PyObject *key, int tag, int maybe_ghost)
     return 0;
 }
 
-/* A use of a key that is a ghost: the ghost is forgotten and, when it left
- * within the window, its class counts a use (an evicted one also a regret)
- * and *back is the class the use would have moved it to; else *back = -1. */
+/* A use of a key (mixed hash h) that is a ghost: the ghost is forgotten and,
+ * when it left within the window, its class counts a use (an evicted one also
+ * a regret) and *back is the class the use would have moved it to; else
+ * *back = -1. */
 static int
-ghost_hit(Core *core, PrefixAdmit *p, PyObject *key, int *back)
+ghost_hit(Core *core, PrefixAdmit *p, PyObject *key, uint32_t h, int *back)
 {
     *back = -1;
-    int32_t g = ghost_of(p, key);
+    int32_t g = ghost_of(p, key, h);
     if (g < 0)
         return g == -2 ? -1 : 0;
     int tag = p->ghosts[g].tag;
@@ -306,15 +325,17 @@ ghost_hit(Core *core, PrefixAdmit *p, PyObject *key, int *back)
     return 0;
 }
 
-/* The class the last touch found key's ghost would move it to: >= 0, -1 when
- * it found none, -2 with an exception set. */
+/* The class the last touch found key's ghost (key's Python hash: full) would
+ * move it to: >= 0, -1 when it found none, -2 with an exception set. */
 static int
-returning_of(PrefixAdmit *p, PyObject *key)
+returning_of(PrefixAdmit *p, PyObject *key, Py_hash_t full)
 {
     for (Py_ssize_t k = 0; k < p->nret; k++) /* the same object, as in a handshake */
         if (p->ret_keys[k] == key)
             return p->ret_cls[k];
-    for (Py_ssize_t k = 0; k < p->nret; k++) {
+    for (Py_ssize_t k = 0; k < p->nret; k++) { /* as a dict: equal hashes, then == */
+        if (p->ret_hash[k] != full)
+            continue;
         int same = kt_same(p->ret_keys[k], key);
         if (same < 0)
             return -2;
@@ -411,14 +432,16 @@ pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *f
         if (key != fresh[j])
             continue;
         int c = new_class(pos, ncall, extends), back = -1;
+        Py_hash_t hash = PyObject_Hash(key); /* exact int or bytes: cannot fail */
+        uint32_t h = kt_mix(hash);
         /* the last touch looked it up (and no ghost came since), or look now */
         while (probe < nprobe && p->probed[probe] != key)
             probe++;
         if (probe < nprobe)
             probe++;
-        else if (ghost_hit(core, p, key, &back) < 0)
+        else if (ghost_hit(core, p, key, h, &back) < 0)
             return -1;
-        if (back < 0 && p->nret > 0 && (back = returning_of(p, key)) == -2)
+        if (back < 0 && p->nret > 0 && (back = returning_of(p, key, hash)) == -2)
             return -1;
         /* a key back within the window re-enters as the reused block it would
          * have been, if that class is worth more (not a call's last key) */
@@ -428,7 +451,7 @@ pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *f
         if (!declined && full && value(p, c) < bar)
             declined = 1;
         if (declined) {
-            if (ghost(core, p, key, -1 - c, 0) < 0) /* ghost_hit just forgot it */
+            if (ghost(core, p, key, h, -1 - c, 0) < 0) /* ghost_hit just forgot it */
                 return -1;
         }
         else {
@@ -512,6 +535,12 @@ pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
             return -1;
         }
         p->ret_keys = keys;
+        Py_hash_t *hashes = PyMem_Realloc(p->ret_hash, (size_t)n * sizeof(Py_hash_t));
+        if (hashes == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        p->ret_hash = hashes;
         uint8_t *cls = PyMem_Realloc(p->ret_cls, (size_t)n);
         if (cls == NULL) {
             PyErr_NoMemory();
@@ -521,12 +550,16 @@ pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
         p->ret_cap = n;
     }
     for (Py_ssize_t k = n - 1; k >= 0; k--) {
-        int32_t s = core_slot(core, keys[k]);
+        Py_hash_t full = PyObject_Hash(keys[k]);
+        if (full == -1 && PyErr_Occurred())
+            return -1;
+        uint32_t h = kt_mix(full);
+        int32_t s = core_slot_mixed(core, keys[k], h);
         if (s == -2)
             return -1;
         if (s < 0) {
             int back = -1;
-            if (p->glen > 0 && ghost_hit(core, p, keys[k], &back) < 0)
+            if (p->glen > 0 && ghost_hit(core, p, keys[k], h, &back) < 0)
                 return -1;
             if (back >= 0) {
                 if (kept) { /* this call's keys replace the last ones */
@@ -536,6 +569,7 @@ pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
                     kept = 0;
                 }
                 p->ret_keys[p->nret] = Py_NewRef(keys[k]);
+                p->ret_hash[p->nret] = full;
                 p->ret_cls[p->nret++] = (uint8_t)back;
             }
             p->probed[p->nprobed++] = Py_NewRef(keys[k]); /* not a ghost now */
@@ -568,6 +602,19 @@ next_evictable(Core *core, PrefixAdmit *p, int32_t s, uint32_t epoch)
     return s;
 }
 
+/* Slot s is a class's candidate: fetch what deciding on the one after it
+ * reads (a hint only). */
+static inline void
+fetch_after(Core *core, PrefixAdmit *p, int32_t s)
+{
+    int32_t t = p->node[s].next;
+    if (t >= 0) {
+        __builtin_prefetch(&p->node[t]);
+        __builtin_prefetch(&core->ref[t]);
+        __builtin_prefetch(&core->stamp[t]);
+    }
+}
+
 /* The class lists merged by H, lowest first (on equal H the lower class),
  * each list in its own order, as heapq.merge of the lists does. */
 static Py_ssize_t
@@ -591,6 +638,7 @@ pa_evict(Core *core, Py_ssize_t n, uint32_t epoch, PyObject *const *call, Py_ssi
         else
             continue;
         cursor[c] = s;
+        fetch_after(core, p, s);
         active[nactive++] = c;
     }
     for (Py_ssize_t found = 0; found < n; found++) {
@@ -606,6 +654,7 @@ pa_evict(Core *core, Py_ssize_t n, uint32_t epoch, PyObject *const *call, Py_ssi
         if ((s = next_evictable(core, p, p->node[s].next, epoch)) >= 0) {
             cursor[best] = s;
             cursor_prio[best] = p->node[s].prio;
+            fetch_after(core, p, s);
         }
         else {
             for (int a = at + 1; a < nactive; a++)
@@ -613,13 +662,20 @@ pa_evict(Core *core, Py_ssize_t n, uint32_t epoch, PyObject *const *call, Py_ssi
             nactive--;
         }
     }
+    enum { AHEAD = 4 };
     for (Py_ssize_t k = 0; k < n; k++) {
         int32_t s = out[k];
+        if (k + AHEAD < n && core->keys != NULL) /* the victim's key, a few ahead */
+            __builtin_prefetch(core->keys[out[k + AHEAD]], 1);
         unlink_slot(p, s);
         if (p->node[s].prio > p->clock)
             p->clock = p->node[s].prio;
-        PyObject *key = core_key(core, s);
-        int rc = key == NULL ? -1 : ghost(core, p, key, CLASS(p, s), p->node[s].cls & RESTORED);
+        /* the key is read in place when the core holds its object */
+        PyObject *key = core->keys != NULL ? Py_NewRef(core->keys[s]) : core_key(core, s);
+        uint32_t h;
+        int rc = key == NULL || mixed_hash(key, &h) < 0
+                     ? -1
+                     : ghost(core, p, key, h, CLASS(p, s), p->node[s].cls & RESTORED);
         Py_XDECREF(key);
         if (rc < 0)
             return -1;
