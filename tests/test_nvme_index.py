@@ -144,7 +144,9 @@ def test_log_stays_bounded_by_live_entries_counting_records(
     assert worst <= 2 * max(MIN_LOG_RECORDS, 1000) + 64  # at all times
     assert index.compactions >= 5
     again = NVMeIndex(tmp_path, BB, 1000, native=native)
-    assert again.log_records <= max(MIN_LOG_RECORDS, 1000) + 64
+    # what a compaction still running at the last put left in the new log is
+    # replayed too (close waits for it; on a loaded host it can lag behind)
+    assert again.log_records <= 2 * max(MIN_LOG_RECORDS, 1000) + 64
     assert sorted(k for k, _, _ in state(again)) == list(range(19000, 20000))
     again.close()
 
