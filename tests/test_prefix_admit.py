@@ -291,10 +291,14 @@ def test_order_state_names_everything_that_decides() -> None:
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_never_below_lru_on_generated_prefix_trees(shape: str) -> None:
     """Prefix trees of different branching, session length, reuse skew and request
-    length (tests/_workloads.py, not fitted to any trace), two seeds, at 5%, 10%
-    and 25% of the unique blocks: at least LRU's hits (to 0.01%: one cell of 48,
-    a shape whose working set fits, is 4 hits of 88,000 below), at most MIN's."""
-    for seed in (1, 2):
+    length (tests/_workloads.py, not fitted to any trace), four seeds, at 5%, 10%
+    and 25% of the unique blocks: at least LRU's hits (to 0.01%: one cell of 96,
+    a shape whose working set fits, is 4 hits of 88,000 below), at most MIN's.
+    Seeds 3 and 4 hold draws that seeds 1 and 2 do not: a variant keeping a
+    returning key in its new class while returning keys measure below that class
+    passes seeds 1 and 2 and falls to 0.976 of LRU on "few hot roots, skewed",
+    seed 3, at 5%."""
+    for seed in (1, 2, 3, 4):
         requests = prefix_tree(1500, seed, **SHAPES[shape])  # type: ignore[arg-type]
         _between_lru_and_min(requests, 0.9999, (shape, seed))
 
