@@ -586,6 +586,11 @@ async def test_a_store_of_more_new_blocks_than_the_cpu_tier_holds_is_none() -> N
         ["bench", "nvme-index", "--blocks", "0"],
         ["bench", "nvme-index", "--rounds", "nan"],
         ["bench", "paged", "--requests", "0"],
+        ["bench", "remote", "--sizes", "0"],
+        ["bench", "remote", "--mib", "0"],
+        ["bench", "remote", "--repeat", "0"],
+        ["bench", "remote", "--requests", "0"],
+        ["bench", "remote", "--cpu-blocks", "0"],
     ],
 )
 def test_bad_numbers_on_the_command_line_are_usage_errors(
@@ -597,6 +602,43 @@ def test_bad_numbers_on_the_command_line_are_usage_errors(
     assert out == ""
     assert "usage: kvactors" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["bench", "transfer", "--dir", "{file}"], "--dir"),
+        (["bench", "nvme-index", "--dir", "{file}"], "--dir"),
+        (["bench", "remote", "--trace", "{missing}"], "cannot read trace"),
+        (["bench", "vllm", "--vllm-python", "{missing}"], "--vllm-python"),
+        (["demo", "--nvme-dir", "{file}"], "nvme.directory"),
+        (["demo", "--trace", "{missing}"], "cannot read trace"),
+        (["demo", "--policy", "bogus"], "cpu.policy"),
+        (["demo", "--device", "bogus"], "gpu.device"),
+        (["demo", "--remote", "nonsense://x"], "url"),
+        (["replay", "{missing}"], "cannot read trace"),
+        (["bench", "policy", "--trace", "{missing}"], "cannot read trace"),
+        (["bench", "paged", "--device", "bogus"], "device"),
+        (["bench", "nvme-index", "--policy", "bogus"], "unknown policy"),
+    ],
+)
+def test_bad_paths_and_names_on_the_command_line_exit_2_with_one_line(
+    argv: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A KVActorsError from a command "prints one line on stderr and exits with
+    status 2, like a usage error": a --dir that is a file, a missing trace or
+    interpreter, an unknown policy or device, a URL that is not Redis."""
+    file = tmp_path / "a-file"
+    file.write_text("not a directory")
+    names = {"file": str(file), "missing": str(tmp_path / "missing.jsonl")}
+    assert main([a.format(**names) for a in argv] + ["--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("kvactors: error: ")
+    assert len(err.strip().splitlines()) == 1
+    assert says in err
+    assert "Traceback" not in err
+    assert file.read_text() == "not a directory"
 
 
 @pytest.mark.anyio

@@ -34,11 +34,11 @@ import gc
 import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from kvactors.cli.bench import work_directory
 from kvactors.cli.replay import positive_float, positive_int
 from kvactors.cli.report import Report, progress
 from kvactors.keys import Key
@@ -238,8 +238,7 @@ def measure(
 
 
 def run(args: argparse.Namespace) -> Report:
-    directory = Path(args.dir or tempfile.mkdtemp(prefix="kvactors-bench-index-"))
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = work_directory(args.dir, "kvactors-bench-index-")
     nvme_index.SNAP_LOAD = args.snapshot_load
     work = directory / f"index-{args.blocks}"
     shutil.rmtree(work, ignore_errors=True)

@@ -40,12 +40,13 @@ import anyio
 import torch
 
 import kvactors
+from kvactors.cli.replay import positive_int, resolve_trace
 from kvactors.cli.report import GBPS, RATIO, Report, progress
 from kvactors.config import Config, GPUConfig, RemoteConfig, TierConfig
 from kvactors.keys import Key
 from kvactors.media.local_server import LocalServer
 from kvactors.media.remote import RemoteStore
-from kvactors.traces import bundled_trace, load_trace
+from kvactors.traces import load_trace
 
 GOAL_RATIO = 0.8
 _MAIN = "import sys; from kvactors.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -55,13 +56,17 @@ CPU = torch.device("cpu")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="server to use (default: start one on 127.0.0.1)")
     parser.add_argument(
-        "--sizes", type=int, nargs="+", default=[64, 512, 2048], help="block sizes in KiB"
+        "--sizes", type=positive_int, nargs="+", default=[64, 512, 2048], help="block sizes in KiB"
     )
-    parser.add_argument("--mib", type=int, default=64, help="MiB moved per measurement")
-    parser.add_argument("--repeat", type=int, default=5, help="rounds (best of N)")
+    parser.add_argument("--mib", type=positive_int, default=64, help="MiB moved per measurement")
+    parser.add_argument("--repeat", type=positive_int, default=5, help="rounds (best of N)")
     parser.add_argument("--trace", help="trace for the sharing figure (default: bundled)")
-    parser.add_argument("--requests", type=int, default=1500, help="trace requests replayed")
-    parser.add_argument("--cpu-blocks", type=int, default=256, help="CPU tier of each engine")
+    parser.add_argument(
+        "--requests", type=positive_int, default=1500, help="trace requests replayed"
+    )
+    parser.add_argument(
+        "--cpu-blocks", type=positive_int, default=256, help="CPU tier of each engine"
+    )
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
 
 
@@ -270,7 +275,9 @@ def _sharing(url: str, trace: str, requests: int, cpu: int) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> Report:
-    trace = args.trace or str(bundled_trace("conversation"))
+    trace = str(resolve_trace(args.trace))
+    if not args.worker:
+        load_trace(trace)  # a bad trace is a TraceError here, not in a replay process
     if args.worker:
         ns, half, wtrace, _ = args.worker
         result = anyio.run(_replay, args.url, ns, int(half), wtrace, args.requests, args.cpu_blocks)

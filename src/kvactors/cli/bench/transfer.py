@@ -36,7 +36,6 @@ import mmap
 import os
 import random
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from typing import Any
 
 import torch
 
+from kvactors.cli.bench import work_directory
 from kvactors.cli.replay import positive_int
 from kvactors.cli.report import GBPS, RATIO, Report
 from kvactors.config import NVMeConfig
@@ -362,8 +362,7 @@ def _measure_cold(
 def run(args: argparse.Namespace) -> Report:
     device = resolve_device("auto")
     rng = random.Random(0)
-    directory = Path(args.dir or tempfile.mkdtemp(prefix="kvactors-bench-"))
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = work_directory(args.dir, "kvactors-bench-")
     results: list[dict[str, Any]] = []
     try:
         for size in args.sizes:

@@ -336,6 +336,8 @@ def _run_engines(
     from pathlib import Path
 
     python = args.vllm_python or find_vllm_python()
+    if args.vllm_python is not None and not Path(args.vllm_python).is_file():
+        raise EngineRunError(f"bench vllm: --vllm-python {args.vllm_python!r} is not a file")
     if python is None:
         raise EngineRunError(
             "bench vllm: no interpreter with vLLM found; make one with "
