@@ -54,7 +54,9 @@ BAD_REMOTE = [
     ("namespace", "a b"), ("namespace", "{a}"), ("model", 3), ("layout", None),
     ("num_blocks", 0), ("threads", 0), ("write_policy", "sometimes"), ("flush_timeout", 0),
     ("connect_timeout", -1), ("timeout", "2"), ("retry_after", 0), ("ttl", 0),
-    ("max_batch_bytes", 0),
+    ("max_batch_bytes", 0), ("threads", 2**40), ("timeout", float("nan")),
+    ("connect_timeout", float("inf")), ("retry_after", float("nan")), ("ttl", float("inf")),
+    ("flush_timeout", True),
 ]  # fmt: skip
 
 

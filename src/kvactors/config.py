@@ -7,6 +7,7 @@ Every value is checked when the config is built or loaded; a wrong one raises
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
@@ -39,6 +40,12 @@ MAX_BLOCKS = 2**31 - 1
 """Slots of one tier at most (slot ids are 32-bit in the compiled manager core)."""
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+MAX_THREADS = 1024
+"""Worker threads of one tier, and NVMe stripes, at most (each is a task or a file)."""
+MAX_INFLIGHT = 65536
+"""Requests the coordinator runs at once, at most (each is a task)."""
+Threads = Annotated[int, msgspec.Meta(ge=1, le=MAX_THREADS)]
+Inflight = Annotated[int, msgspec.Meta(ge=1, le=MAX_INFLIGHT)]
 Blocks = Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOCKS)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -50,6 +57,14 @@ MAX_INLINE_BYTES = 4 * MiB
 InlineBytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_INLINE_BYTES)]
 
 
+_BOUNDS = {
+    "num_blocks": MAX_BLOCKS,
+    "threads": MAX_THREADS,
+    "stripes": MAX_THREADS,
+    "max_inflight": MAX_INFLIGHT,
+}
+
+
 def _check_positive(obj: msgspec.Struct, *names: str) -> None:
     # msgspec checks ``Meta`` bounds only when decoding; direct construction
     # (``TierConfig(num_blocks=0)``) is checked here with the same message.
@@ -57,8 +72,9 @@ def _check_positive(obj: msgspec.Struct, *names: str) -> None:
         value = getattr(obj, name)
         if type(value) is not int or value < 1:
             raise ConfigError(f"{name}: expected an int >= 1, got {value!r}")
-        if name == "num_blocks" and value > MAX_BLOCKS:
-            raise ConfigError(f"{name}: expected an int <= {MAX_BLOCKS}, got {value!r}")
+        bound = _BOUNDS.get(name)
+        if bound is not None and value > bound:
+            raise ConfigError(f"{name}: expected an int <= {bound}, got {value!r}")
 
 
 class TierSpec(Protocol):
@@ -86,7 +102,7 @@ class GPUConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     num_blocks: Blocks = 256
     device: str = "auto"
-    threads: Positive = 2
+    threads: Threads = 2
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_blocks", "threads")
@@ -97,7 +113,7 @@ class TierConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     num_blocks: Blocks = 1024
     policy: str = "lru"
-    threads: Positive = 2
+    threads: Threads = 2
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_blocks", "threads")
@@ -129,8 +145,8 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     policy: str = "lru"
     directory: str | None = None
     backend: Literal["auto", "posix", "kvikio"] = "auto"
-    threads: Positive = 4
-    stripes: Positive = 2
+    threads: Threads = 4
+    stripes: Threads = 2
     io: Literal["auto", "direct", "buffered"] = "auto"
 
     def __post_init__(self) -> None:
@@ -157,6 +173,16 @@ TIERS: tuple[str, ...] = ("cpu", "nvme", "remote")
 """The chain below the GPU pool, top first: each name is a field of :class:`Config`
 holding a :class:`TierSpec` (or ``None``: not configured). Stores land in the
 first; blocks evicted from one tier move down to the next."""
+
+
+def _seconds(value: object) -> bool:
+    """A finite number of seconds > 0 (NaN and infinity never bound a wait)."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 _REMOTE_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -203,7 +229,7 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     connect_timeout: float = 0.5
     timeout: float = 2.0
     retry_after: float = 1.0
-    threads: Positive = 4
+    threads: Threads = 4
     write_policy: Literal["write_through", "on_demotion"] = "write_through"
     flush_timeout: float = 10.0
     ttl: float | None = None
@@ -213,9 +239,9 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         _check_positive(self, "num_blocks", "threads", "max_batch_bytes")
         for name in ("connect_timeout", "timeout", "retry_after", "flush_timeout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
+            if not _seconds(value):
                 raise ConfigError(f"{name}: expected seconds > 0, got {value!r}")
-        if self.ttl is not None and (not isinstance(self.ttl, (int, float)) or self.ttl <= 0):
+        if self.ttl is not None and not _seconds(self.ttl):
             raise ConfigError(f"ttl: expected seconds > 0 or none, got {self.ttl!r}")
         if self.url is None and not self.nodes:
             raise ConfigError("url: give url or nodes")
@@ -298,7 +324,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     nvme: NVMeConfig | None = NVMeConfig()
     write_mode: Literal["write_back", "write_through"] = "write_back"
     mailbox_size: Positive = 256
-    max_inflight: Positive = 32
+    max_inflight: Inflight = 32
     event_buffer: NonNegative = 1024
     inline_bytes: InlineBytes = 4 * MiB
     move_bytes: bool = True

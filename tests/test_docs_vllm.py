@@ -1,0 +1,98 @@
+"""docs/vllm.md's configuration table held to ``kvactors.vllm`` (no vLLM needed):
+every kvactors key of ``kv_connector_extra_config`` is documented with the
+default the code applies, a bad value raises ConfigError naming the key, and
+vLLM's own keys pass through."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from _docs import DOCS, code, doc_table, toml_value
+from kvactors.errors import ConfigError
+from kvactors.vllm import extra_config
+from kvactors.vllm.config import VLLM_KEYS, VLLMSettings, parse_settings
+
+VLLM_MD = DOCS / "vllm.md"
+# Defaults the table gives in words, not as a literal.
+IN_WORDS = {
+    "required": None,
+    "a temporary directory": None,
+    "`policy`": None,  # resolved to the CPU tier's policy
+    "vLLM's model name and dtype": None,  # filled in by the spec from vLLM's config
+}
+
+
+def table() -> dict[str, str]:
+    rows = doc_table(VLLM_MD, "| key | default | meaning |")
+    return {code(row[0]): row[1] for row in rows}
+
+
+def test_every_key_is_documented_with_its_default() -> None:
+    documented = table()
+    fields = {f.name for f in dataclasses.fields(VLLMSettings)}
+    assert set(documented) - {"spec_module_path", "spec_name"} == fields
+    settings = parse_settings({"cpu_bytes": 1})
+    for key, cell in documented.items():
+        if key in ("spec_module_path", "spec_name", "cpu_bytes"):
+            continue
+        want = IN_WORDS[cell] if cell in IN_WORDS else toml_value(cell)
+        got = getattr(settings, key)
+        assert (list(got) if isinstance(got, tuple) else got) == (
+            [] if want is None and key == "remote_nodes" else want
+        ), key
+    assert settings.resolved_nvme_policy == settings.policy
+    with pytest.raises(ConfigError, match=r"'cpu_bytes'.*required"):
+        parse_settings({})
+
+
+def test_spec_module_and_name_are_what_extra_config_adds() -> None:
+    meaning = {code(row[0]): row[2] for row in doc_table(VLLM_MD, "| key | default | meaning |")}
+    config = extra_config(cpu_bytes=1)
+    assert config["spec_module_path"] == toml_value(meaning["spec_module_path"])
+    assert config["spec_name"] == toml_value(meaning["spec_name"])
+
+
+BAD = [
+    ("cpu_bytes", 0), ("cpu_bytes", -1), ("cpu_bytes", "lots"), ("cpu_bytes", True),
+    ("nvme_bytes", -1), ("nvme_bytes", 1.5), ("nvme_directory", ""), ("nvme_directory", 3),
+    ("policy", "fifo"), ("nvme_policy", "fifo"), ("write_mode", "around"),
+    ("nvme_backend", "gds"), ("nvme_stripes", 0), ("prefetch", "yes"),
+    ("remote_url", "127.0.0.1:6379"), ("remote_url", 5), ("remote_nodes", "h:1"),
+    ("remote_nodes", ["no-port"]), ("remote_namespace", "a:b"), ("remote_namespace", ""),
+    ("remote_model", ""), ("remote_timeout", 0), ("remote_timeout", "2"), ("remote_ttl", -1),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "value"), BAD)
+def test_a_bad_value_is_a_config_error_naming_its_key(key: str, value: Any) -> None:
+    """ "`extra_config(...)` checks the settings at once and raises `ConfigError`
+    naming a bad key"."""
+    settings = {"cpu_bytes": 1 << 20, key: value}
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        extra_config(**settings)
+
+
+def test_a_numeric_string_is_accepted_for_bytes_and_a_typo_is_an_error() -> None:
+    assert parse_settings(extra_config(cpu_bytes="4096")).cpu_bytes == 4096
+    with pytest.raises(ConfigError, match=r"'cpu_byte'.*unknown key"):
+        extra_config(cpu_byte=1)
+
+
+def test_vllms_own_keys_pass_through() -> None:
+    """ "vLLM's own keys of the same dict pass through to vLLM: blocks_per_chunk (or
+    block_size ...), offload_prompt_only, self_describing_kv_events, canonical_layout"."""
+    named = {"blocks_per_chunk", "block_size", "offload_prompt_only",
+             "self_describing_kv_events", "canonical_layout"}  # fmt: skip
+    assert named | {"spec_module_path", "spec_name"} == VLLM_KEYS
+    config = extra_config(
+        cpu_bytes=1,
+        blocks_per_chunk=2,
+        block_size=32,
+        offload_prompt_only=False,
+        self_describing_kv_events=True,
+        canonical_layout=True,
+    )
+    assert config["blocks_per_chunk"] == 2
