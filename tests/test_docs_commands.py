@@ -17,6 +17,7 @@ COMMAND = r"(?:\.venv/bin/)?kvactors (?:demo|replay|bench)\b"
 SAMPLES = {
     "N": "1000",
     "F": "0.1",
+    "R": "0.02",  # benchmarks.md: `--rounds R`, R given in the text after it
     "URL": "redis://127.0.0.1:6379/0",
     "TRACE": "synthetic",
     "TRACE.jsonl": "synthetic",
