@@ -754,28 +754,14 @@ ghost_state(PrefixAdmit *p)
     return out;
 }
 
-/* {key: class} of the admitted keys not inserted yet. */
+/* {key: class} of n keys and their classes. */
 static PyObject *
-chosen_state(PrefixAdmit *p)
+class_map(PyObject **keys, const uint8_t *cls, Py_ssize_t n)
 {
     PyObject *out = PyDict_New();
-    for (Py_ssize_t k = 0; out != NULL && k < p->nchosen; k++) {
-        PyObject *c = PyLong_FromLong(p->chosen[k]);
-        if (c == NULL || PyDict_SetItem(out, p->chosen_keys[k], c) < 0)
-            Py_CLEAR(out);
-        Py_XDECREF(c);
-    }
-    return out;
-}
-
-/* {key: class} of the keys the last touch found returning. */
-static PyObject *
-returning_state(PrefixAdmit *p)
-{
-    PyObject *out = PyDict_New();
-    for (Py_ssize_t k = 0; out != NULL && k < p->nret; k++) {
-        PyObject *c = PyLong_FromLong(p->ret_cls[k]);
-        if (c == NULL || PyDict_SetItem(out, p->ret_keys[k], c) < 0)
+    for (Py_ssize_t k = 0; out != NULL && k < n; k++) {
+        PyObject *c = PyLong_FromLong(cls[k]);
+        if (c == NULL || PyDict_SetItem(out, keys[k], c) < 0)
             Py_CLEAR(out);
         Py_XDECREF(c);
     }
@@ -802,7 +788,10 @@ pa_state(Core *core)
         return NULL;
     return Py_BuildValue("(sdLddNNNNNN)", "prefix_admit", p->clock, p->stored, p->evictions,
                          p->regrets, floats(p->births, CLASSES), floats(p->uses, CLASSES), lists,
-                         ghost_state(p), chosen_state(p), returning_state(p));
+                         ghost_state(p),
+                         /* admitted, not inserted yet; found returning by the last touch */
+                         class_map(p->chosen_keys, p->chosen, p->nchosen),
+                         class_map(p->ret_keys, p->ret_cls, p->nret));
 }
 
 const PolicyOps prefix_admit_ops = {
