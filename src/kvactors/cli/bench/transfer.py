@@ -36,6 +36,7 @@ import mmap
 import os
 import random
 import shutil
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -101,18 +102,21 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _best(fn: Callable[[], object], base: Callable[[], object], repeat: int) -> tuple[float, float]:
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _best(
+    fn: Callable[[], object], base: Callable[[], object], repeat: int
+) -> tuple[float, float, list[tuple[float, float]]]:
+    """Best times of ``fn`` and ``base`` over ``repeat`` interleaved rounds (after
+    one warm-up each), and every round's ``(base, fn)`` times."""
     fn()
     base()
-    t_fn = t_base = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        base()
-        t_base = min(t_base, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        fn()
-        t_fn = min(t_fn, time.perf_counter() - t0)
-    return t_fn, t_base
+    rounds = [(_timed(base), _timed(fn)) for _ in range(repeat)]
+    return min(f for _, f in rounds), min(b for b, _ in rounds), rounds
 
 
 def _sync(device: torch.device) -> None:
@@ -121,9 +125,23 @@ def _sync(device: torch.device) -> None:
 
 
 def _result(
-    path: str, size: int, nbytes: int, t_fn: float, t_base: float, goal: str
+    path: str,
+    size: int,
+    nbytes: int,
+    t_fn: float,
+    t_base: float,
+    rounds: list[tuple[float, float]],
+    goal: str,
 ) -> dict[str, Any]:
+    """One row: the best-of ratio (best baseline time over best time) and the
+    median of the rounds' own ratios (each round's baseline over its measured
+    pass, run back to back). A cold goal is met only if both reach it (the
+    disk's speed swings between rounds here; a best-of alone could pair a
+    lucky pass with an unlucky baseline)."""
     ratio = t_base / t_fn
+    round_ratios = [b / f for b, f in rounds]
+    median = statistics.median(round_ratios)
+    cold = goal == "cold"
     if goal == "memory":
         checked = size >= 512 * 1024
     elif goal == "cuda":
@@ -140,8 +158,10 @@ def _result(
         "gb_per_s": nbytes / t_fn / 1e9,
         "baseline_gb_per_s": nbytes / t_base / 1e9,
         "ratio": ratio,
+        "ratio_median": median,
+        "round_ratios": round_ratios,
         "goal": GOALS[goal] if checked else None,
-        "goal_met": ratio >= GOALS[goal] if checked else None,
+        "goal_met": (min(ratio, median) if cold else ratio) >= GOALS[goal] if checked else None,
     }
 
 
@@ -245,28 +265,32 @@ class _DirectSequential:
     """The device's best sequential direct I/O of ``n`` blocks of ``size`` bytes:
     calling it times one pass with 1, 2, 4 and 8 threads (as many requests in
     flight), each walking its own contiguous part of an ``O_DIRECT`` file in
-    one-block requests from a page-aligned buffer (writes end with
-    ``fdatasync``), and returns the best."""
+    one-block requests (writes end with ``fdatasync``), and returns the best.
 
-    def __init__(self, path: Path, size: int, n: int, write: bool) -> None:
+    Block ``i`` moves to or from its own block of ``buf`` (page-aligned, ``n``
+    blocks), as the store's blocks do to and from their own pool rows: on this
+    virtual disk, direct reads that land in one reused buffer measured less
+    than half as fast as reads into distinct ones (0.55 against 1.4 GB/s at 2
+    MiB, one request in flight), which would make the baseline a slow copy
+    instead of the device."""
+
+    def __init__(self, path: Path, size: int, n: int, write: bool, buf: mmap.mmap) -> None:
         self.size, self.n, self.write = size, n, write
+        self.view = memoryview(buf)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
         os.ftruncate(self.fd, n * size)
-        self.bufs = [mmap.mmap(-1, size) for _ in range(8)]  # page-aligned memory
-        for buf in self.bufs:
-            buf.write(os.urandom(size))
 
     def one(self, threads: int) -> float:
         per = -(-self.n // threads)
-        size, fd = self.size, self.fd
+        size, fd, view = self.size, self.fd, self.view
 
         def walk(t: int) -> None:
-            view = memoryview(self.bufs[t])
             for i in range(t * per, min(self.n, (t + 1) * per)):
+                block = view[i * size : (i + 1) * size]
                 if self.write:
-                    os.pwritev(fd, [view], i * size)
+                    os.pwritev(fd, [block], i * size)
                 else:
-                    os.preadv(fd, [view], i * size)
+                    os.preadv(fd, [block], i * size)
 
         t0 = time.perf_counter()
         workers = [threading.Thread(target=walk, args=(t,)) for t in range(threads)]
@@ -282,9 +306,8 @@ class _DirectSequential:
         return min(self.one(t) for t in (1, 2, 4, 8))
 
     def close(self) -> None:
+        self.view.release()
         os.close(self.fd)
-        for buf in self.bufs:
-            buf.close()
 
 
 def _measure_cold(
@@ -315,13 +338,16 @@ def _measure_cold(
     bufs = cpu.buffers(dst_ids)
     write_base: _DirectSequential | None = None
     read_base: _DirectSequential | None = None
+    flat = mmap.mmap(-1, nbytes)  # page-aligned, one block per request
+    for i in range(n):
+        flat[i * size : (i + 1) * size] = bufs[i]
     try:
         # The read baseline's file holds written bytes (not holes, which read as zeros).
-        write_base = _DirectSequential(directory / f"dr{size}.bin", size, n, True)
+        write_base = _DirectSequential(directory / f"dr{size}.bin", size, n, True, flat)
         write_base()
         write_base.close()
-        read_base = _DirectSequential(directory / f"dr{size}.bin", size, n, False)
-        write_base = _DirectSequential(directory / f"dw{size}.bin", size, n, True)
+        read_base = _DirectSequential(directory / f"dr{size}.bin", size, n, False, flat)
+        write_base = _DirectSequential(directory / f"dw{size}.bin", size, n, True, flat)
 
         def write_blocks() -> float:
             t0 = time.perf_counter()
@@ -343,17 +369,17 @@ def _measure_cold(
             (f"{label} -> cpu (cold)", read_blocks, read_base),
         ):
             fn()
-            t_fn = t_base = float("inf")
-            for _ in range(repeat):
-                t_base = min(t_base, base())
-                t_fn = min(t_fn, fn())
-            out.append(_result(path, size, nbytes, t_fn, t_base, "cold"))
+            rounds = [(base(), fn()) for _ in range(repeat)]
+            t_fn = min(f for _, f in rounds)
+            t_base = min(b for b, _ in rounds)
+            out.append(_result(path, size, nbytes, t_fn, t_base, rounds, "cold"))
         return out
     finally:
         store.close()
         for b in (write_base, read_base):
             if b is not None:
                 b.close()
+        flat.close()
         shutil.rmtree(directory / f"c{size}", ignore_errors=True)
         for name in (f"dw{size}.bin", f"dr{size}.bin"):
             (directory / name).unlink(missing_ok=True)
@@ -388,21 +414,32 @@ def run(args: argparse.Namespace) -> Report:
             r["gb_per_s"],
             r["baseline_gb_per_s"],
             r["ratio"],
+            r["ratio_median"],
             r["goal_met"],
         ]
         for r in results
     ]
     return Report(
         title=f"kvactors bench transfer ({device.type}): blocks vs one contiguous copy",
-        columns=["path", "block KiB", "GB/s", "baseline GB/s", "ratio", "goal met"],
+        columns=[
+            "path",
+            "block KiB",
+            "GB/s",
+            "baseline GB/s",
+            "ratio",
+            "median ratio",
+            "goal met",
+        ],
         rows=rows,
         summary={"device": device.type, "results": results, "goals": GOALS, "goal_met": met},
-        formats={"GB/s": GBPS, "baseline GB/s": GBPS, "ratio": RATIO},
+        formats={"GB/s": GBPS, "baseline GB/s": GBPS, "ratio": RATIO, "median ratio": RATIO},
         notes=[
             "baseline: one contiguous tensor copy (memory) or one sequential pwrite/pread "
             "of the same bytes (nvme, warm), page cache warm for both; for the cold rows the "
             "best of 1/2/4/8 threads of sequential O_DIRECT one-block requests (+ fdatasync "
-            "for writes) of the same bytes",
+            "for writes) of the same bytes, each block to or from its own buffer; ratio: best "
+            "baseline time / best time; median ratio: the median of the interleaved rounds' "
+            "own ratios; a cold goal is met only if both reach it",
             f"goals: memory >= {GOALS['memory']} at 512 KiB and above, nvme >= {GOALS['nvme']}"
             f", cold >= {GOALS['cold']} from 512 KiB and >= {GOALS['cold_small']} at 64 KiB"
             + (f", GPU -> pinned CPU >= {GOALS['cuda']} at 2 MiB" if device.type == "cuda" else "")
