@@ -60,8 +60,10 @@ def adjacent_runs(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[tuple[
 
 
 SPLIT_COPY_BYTES = 4 * 2**20
-"""Host copies of at least this many bytes are split over the copy pool's threads
-plus the calling one, as one large ``Tensor.copy_`` is over torch's threads."""
+"""The least bytes each thread of a split host copy moves: a copy of ``b`` bytes runs
+in ``min(workers + 1, b // SPLIT_COPY_BYTES)`` parts (the copy pool's threads plus
+the calling one, as one large ``Tensor.copy_`` runs over torch's threads), so a
+hand-off to a helper thread always carries enough bytes to pay for itself."""
 
 
 class CopyPool:
@@ -105,8 +107,9 @@ def _host_copy(s: Any, d: Any, runs: list[tuple[int, int, int]], pool: CopyPool 
     """Copy ``runs`` of rows of array ``s`` into ``d``; large copies in parallel parts."""
     total = sum(n for _, _, n in runs)
     executor = pool.executor() if pool is not None else None
-    parts = min(pool.workers + 1 if pool is not None else 1, total)
-    if executor is None or parts < 2 or total * s.shape[1] < SPLIT_COPY_BYTES:
+    workers = pool.workers if pool is not None else 0
+    parts = min(workers + 1, total, total * s.shape[1] // SPLIT_COPY_BYTES)
+    if executor is None or parts < 2:
         _copy_runs(s, d, runs)
         return
     # Equal shares of rows, cutting runs where a share ends.
@@ -138,8 +141,9 @@ def copy_rows(
 
     Host to host: one ``memcpy`` per run of adjacent rows through numpy, in a
     single pass (torch's ``index_select`` + ``index_copy_`` make two through a
-    temporary); from ``SPLIT_COPY_BYTES`` up, the runs are split over ``pool``'s
-    threads and the calling one.
+    temporary); with ``pool``, a copy of at least twice ``SPLIT_COPY_BYTES`` is split
+    into parts of at least that many bytes over ``pool``'s threads and the calling
+    one.
     With CUDA on either side: a gather on the device, then one asynchronous copy
     per run (pinned host memory makes them DMA), on the current stream.
     """

@@ -4,7 +4,9 @@ For each block size, ``--mib`` MiB of blocks move with shuffled (non-adjacent)
 slot ids, through the same functions the tier actors call:
 
 - GPU pool -> CPU tier and back (gather/scatter; the GPU pool is on the CPU
-  without CUDA), against one contiguous tensor copy of the same bytes;
+  without CUDA), with a cache's copy threads (``CopyPool``) as the tier actors
+  pass them, against one contiguous tensor copy of the same bytes (which runs
+  over torch's threads);
 - CPU tier -> NVMe and back, **warm** (``FileStore.write_buffers``/
   ``read_buffers`` of a buffered store: vectored ``pwritev``/``preadv`` straight
   from the pool's rows, a call per run of adjacent slots), against one
@@ -50,7 +52,7 @@ from kvactors.cli.bench import work_directory
 from kvactors.cli.replay import positive_int
 from kvactors.cli.report import GBPS, RATIO, Report
 from kvactors.config import NVMeConfig
-from kvactors.media import FileStore, MemoryPool, copy_rows, resolve_device
+from kvactors.media import CopyPool, FileStore, MemoryPool, copy_rows, resolve_device
 from kvactors.media.file_store import DIRECT_ALIGN, DIRECT_DEPTH
 
 try:
@@ -192,13 +194,14 @@ def _measure_size(
     flat_gpu = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     flat_cpu = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cpu.pinned)
     out: list[dict[str, Any]] = []
+    copier = CopyPool()
 
     def gather() -> None:
-        copy_rows(gpu.data, src_ids, cpu.data, dst_ids)
+        copy_rows(gpu.data, src_ids, cpu.data, dst_ids, copier)
         _sync(device)
 
     def scatter() -> None:
-        copy_rows(cpu.data, dst_ids, gpu.data, src_ids)
+        copy_rows(cpu.data, dst_ids, gpu.data, src_ids, copier)
         _sync(device)
 
     def contiguous_down() -> None:
@@ -211,12 +214,13 @@ def _measure_size(
 
     label = "gpu" if device.type == "cuda" else "gpu pool (cpu)"
     down_goal = "cuda" if device.type == "cuda" else "memory"
-    out.append(
-        _result(f"{label} -> cpu", size, nbytes, *_best(gather, contiguous_down, repeat), down_goal)
-    )
-    out.append(
-        _result(f"cpu -> {label}", size, nbytes, *_best(scatter, contiguous_up, repeat), "memory")
-    )
+    try:
+        down = _best(gather, contiguous_down, repeat)
+        up = _best(scatter, contiguous_up, repeat)
+    finally:
+        copier.close()
+    out.append(_result(f"{label} -> cpu", size, nbytes, *down, down_goal))
+    out.append(_result(f"cpu -> {label}", size, nbytes, *up, "memory"))
 
     store = FileStore(
         "nvme",
