@@ -280,3 +280,58 @@ def test_replay_served_from_the_cli(trace: Path, capsys: pytest.CaptureFixture[s
 def test_replay_bytes_needs_served(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", str(trace), "--blocks", "4", "--bytes"]) == 2
     assert "--bytes needs --served" in capsys.readouterr().err
+
+
+def _write_trace(path: Path, requests: list[list[int]]) -> Path:
+    with open(path, "w") as f:
+        for i, ids in enumerate(requests):
+            record = {"timestamp": i, "input_length": 512 * len(ids), "output_length": 1}
+            f.write(json.dumps({**record, "hash_ids": ids}) + "\n")
+    return path
+
+
+def test_bench_policy_on_a_trace_without_blocks_is_a_typed_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write_trace(tmp_path / "empty.jsonl", [[], []])
+    assert main(["bench", "policy", "--trace", str(path), "--blocks", "4", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    why = "no block accesses to time (every request's hash_ids is empty)"
+    assert err == f"kvactors: error: {path}: {why}\n"
+
+
+def test_demo_verifies_blocks_whose_ids_pass_64_bits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    big = [2**63, 2**64 - 1, -5]
+    path = _write_trace(tmp_path / "wide.jsonl", [[*big, 1], [*big, 2], [*big, 1]])
+    assert main(["demo", "--trace", str(path), "--no-nvme", "--device", "cpu", "--json"]) == 0
+    summary = last_json(capsys.readouterr().out)["summary"]
+    assert summary["requests"] == 3
+    # the second and third requests find the shared three-block prefix (and the third its 1)
+    assert summary["verified"] == summary["hits"] == 3 + 4
+    assert summary["trace"] == str(path)
+
+
+def test_demo_accepts_a_bundled_trace_name_and_titles_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["demo", "--trace", "synthetic", "--requests", "3", "--no-nvme", "--device", "cpu"]
+    assert main(argv) == 0
+    title = capsys.readouterr().out.splitlines()[0]
+    assert title == "kvactors demo: the synthetic trace through GPU pool, CPU"
+
+
+def test_pattern_bytes_differ_for_every_64_bit_id() -> None:
+    import torch
+
+    from kvactors.cli.demo import block_bytes_for
+
+    keys = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, -(2**63)]
+    rows = block_bytes_for(keys[:5], 64, torch.device("cpu"))
+    assert len({bytes(r.numpy()) for r in rows}) == 5
+    # ids equal modulo 2**64 name the same bytes: -1 and 2**64 - 1, -(2**63) and 2**63
+    again = block_bytes_for([-1, keys[5]], 64, torch.device("cpu"))
+    assert torch.equal(again[0], rows[4])
+    assert torch.equal(again[1], rows[3])

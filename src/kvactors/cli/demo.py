@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,6 +23,7 @@ from kvactors.cli.replay import positive_int
 from kvactors.cli.report import Report
 from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
 from kvactors.errors import KVActorsError
+from kvactors.traces import BUNDLED_TRACES, bundled_trace
 
 __all__ = ["DemoResult", "block_bytes_for", "run_demo"]
 
@@ -33,14 +35,22 @@ class IntegrityFailure(KVActorsError):
 # direction -> (tier actor, job kind) whose counters measure it
 
 _MUL = 0x9E3779B97F4A7C15 & 0x7FFFFFFFFFFFFFFF
+_MASK = (1 << 64) - 1
+_HALF = 1 << 63
 
 
 def block_bytes_for(keys: list[int], block_bytes: int, device: torch.device) -> torch.Tensor:
-    """The bytes of ``keys``' blocks: ``(n, block_bytes)`` uint8, unique per key and offset."""
+    """The bytes of ``keys``' blocks: ``(n, block_bytes)`` uint8.
+
+    Distinct for ids distinct modulo 2**64 (the pattern uses an id's low 64 bits).
+    """
     words = block_bytes // 8
-    k = torch.tensor(keys, dtype=torch.int64, device=device).unsqueeze(1)
+    # Trace ids are any integers; the pattern is made from their low 64 bits (two's complement).
+    folded = [((key + _HALF) & _MASK) - _HALF for key in keys]
+    k = torch.tensor(folded, dtype=torch.int64, device=device).unsqueeze(1)
     pos = torch.arange(words, dtype=torch.int64, device=device).unsqueeze(0)
-    rows = (k * _MUL) ^ (pos * 0x100000001B3 + k)
+    # k -> k * _MUL is a bijection of 64-bit words (_MUL is odd): distinct ids, distinct words.
+    rows = (k * _MUL) ^ (pos * 0x100000001B3)
     return rows.view(torch.uint8).view(len(keys), block_bytes)
 
 
@@ -152,7 +162,12 @@ async def run_demo(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trace", default=None, help="Mooncake JSONL trace (default: bundled)")
+    parser.add_argument(
+        "--trace",
+        default=None,
+        help="Mooncake JSONL trace, or a bundled name (conversation, synthetic); "
+        "default: conversation",
+    )
     parser.add_argument(
         "--requests", type=positive_int, default=None, help="replay only the first N"
     )
@@ -178,10 +193,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Report:
+    from kvactors.cli.replay import resolve_trace
     from kvactors.cli.report import ProgressBar
-    from kvactors.traces import bundled_trace, load_trace
+    from kvactors.traces import load_trace
 
-    path = args.trace or bundled_trace("conversation")
+    path = resolve_trace(args.trace)
     requests = [r.hash_ids for r in load_trace(path)]
     if args.requests is not None:
         requests = requests[: args.requests]
@@ -219,13 +235,21 @@ def run(args: argparse.Namespace) -> Report:
     names = {"cpu": "CPU", "nvme": "NVMe"}
     tiers = ", ".join(["GPU pool", *(names.get(name, name) for name, _ in config.chain())])
     return Report(
-        title=f"kvactors demo: the conversation trace through {tiers}",
+        title=f"kvactors demo: {_trace_name(path)} through {tiers}",
         columns=["direction", "MiB", "jobs", "GB/s"],
         rows=rows,
         summary=summary,
         formats={"MiB": ",.1f", "GB/s": ".2f"},
         notes=notes,
     )
+
+
+def _trace_name(path: Path) -> str:
+    """``the conversation trace`` for a bundled trace, else the file's name."""
+    for name in BUNDLED_TRACES:
+        if path == bundled_trace(name):
+            return f"the {name} trace"
+    return path.name
 
 
 def default_config(args: argparse.Namespace) -> Config:

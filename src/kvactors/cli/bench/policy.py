@@ -43,6 +43,7 @@ from kvactors.cli.replay import (
     resolve_trace,
 )
 from kvactors.cli.report import RATE, RATIO, Report, progress
+from kvactors.errors import TraceError
 from kvactors.keys import Key
 from kvactors.manager import NATIVE, OffloadingManager
 from kvactors.policy import POLICIES
@@ -230,6 +231,8 @@ def run(args: argparse.Namespace) -> Report:
     unique = len({key for blocks in requests for key in blocks})
     capacity = capacity_blocks(unique, blocks=args.blocks, fraction=args.capacity)
     ops = sum(len(blocks) for blocks in requests)
+    if not ops:
+        raise TraceError(f"{path}: no block accesses to time (every request's hash_ids is empty)")
     names = list(POLICIES) if args.policy == "all" else [args.policy]
 
     subjects: list[tuple[str, Callable[[], int]]] = [
