@@ -757,7 +757,8 @@ def test_bench_remote_starts_its_own_server_and_reports_every_figure(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """``kvactors bench remote`` with no URL: a throwaway server, store / load GB/s
-    against raw redis-py per size, the round trip, the two-engine hit ratios."""
+    against raw redis-py per size (the faster of one call per block and pipelines,
+    the winner named), the round trip, the two-engine hit ratios."""
     import json
 
     from kvactors.cli import main
@@ -773,7 +774,16 @@ def test_bench_remote_starts_its_own_server_and_reports_every_figure(
         figures = summary["sizes"][kib]
         for name in ("raw_set", "raw_get", "medium_put", "medium_get", "kv_store", "kv_load"):
             assert figures[f"{name}_gbps"] > 0
-        assert figures["load_ratio"] > 0
+        for op, ratio, side in (
+            ("set", "store_ratio", "kv_store"),
+            ("get", "load_ratio", "kv_load"),
+        ):
+            # The baseline is the faster of one call per block and pipelines, named.
+            ways = {mode: figures[f"raw_{op}_{mode}_gbps"] for mode in ("call", "pipeline")}
+            assert all(v > 0 for v in ways.values())
+            won = figures[f"{ratio.split('_')[0]}_baseline"]
+            assert ways[won] == max(ways.values()) == figures[f"raw_{op}_gbps"]
+            assert figures[ratio] == pytest.approx(figures[f"{side}_gbps"] / max(ways.values()))
     assert summary["round_trip"]["kv_load_us"] > 0
     sharing = summary["sharing"]
     assert 0 <= sharing["alone"] <= sharing["shared"] <= 1
