@@ -16,15 +16,17 @@ from hypothesis import strategies as st
 
 from kvactors.errors import ConfigError, IndexDamagedError
 from kvactors.keys import Key
-from kvactors.media import nvme_index
-from kvactors.media.nvme_index import MIN_LOG_RECORDS, NVMeIndex, new_table
+from kvactors.media import index_format, index_snapshot, index_table, nvme_index
+from kvactors.media.index_snapshot import SnapshotLoad
+from kvactors.media.index_table import new_table
+from kvactors.media.nvme_index import MIN_LOG_RECORDS, NVMeIndex
 
 BB = 4096
 
 
 @pytest.fixture(params=["python", "native"])
 def native(request: pytest.FixtureRequest) -> bool:
-    if request.param == "native" and nvme_index._NativeTable is None:
+    if request.param == "native" and index_table.NativeTable is None:
         pytest.skip("compiled NVMe index not built")
     return request.param == "native"
 
@@ -52,10 +54,10 @@ def test_tables_agree_with_a_model(ops: list[tuple[str, Key, int, int]]) -> None
     """Both tables (and a plain dict model) hold the same entries after any
     sequence of puts and deletes, in the same oldest-first order."""
     tables = [new_table(10, native=False)]
-    if nvme_index._NativeTable is not None:
+    if index_table.NativeTable is not None:
         tables.append(new_table(10, native=True))
         # Buckets recording distances up to 1 only: deletions read the records.
-        tables.append(nvme_index._NativeTable(10, 3, 1))
+        tables.append(index_table.NativeTable(10, 3, 1))
     model: dict[Key, tuple[int, int, int]] = {}
     for seq, (op, key, slot, crc) in enumerate(ops, 1):
         if op == "put":
@@ -98,7 +100,7 @@ def test_dump_and_apply_round_trip(native: bool) -> None:
         src.put(key, i, i * 3, i + 1)
     data, n = src.dump(0, 100)
     assert n == 100
-    for other in (True, False) if nvme_index._NativeTable is not None else (False,):
+    for other in (True, False) if index_table.NativeTable is not None else (False,):
         dst = new_table(100, other)  # the file format is the same for both tables
         assert dst.apply(data, 0) == (100, len(data), 1)
         assert dst.entries() == src.entries()
@@ -184,8 +186,8 @@ def test_stores_go_on_while_a_snapshot_is_written(
 ) -> None:
     """A background compaction copies the table a chunk at a time: puts from
     another thread keep landing, and after a reopen every put is there."""
-    monkeypatch.setattr(nvme_index, "CHUNK_SLOTS", 512)
-    n = 16 * nvme_index.CHUNK_SLOTS
+    monkeypatch.setattr(index_snapshot, "CHUNK_SLOTS", 512)
+    n = 16 * index_snapshot.CHUNK_SLOTS
     index = NVMeIndex(tmp_path, BB, n, sync=False, native=native)
     index.put([(i, i, i) for i in range(n)], sync=False)
     stop = threading.Event()
@@ -254,9 +256,10 @@ def test_a_damaged_snapshot_is_set_aside_and_what_verifies_is_kept(
 ) -> None:
     """The record snapshot (Python table) keeps each record that verifies; the
     table snapshot (compiled) each chunk of 128 slots that verifies."""
+    load: SnapshotLoad = "direct"
     if mapped:  # files read in small pieces, records split across them
-        monkeypatch.setattr(nvme_index, "READ_BYTES", 100)
-        monkeypatch.setattr(nvme_index, "SNAP_LOAD", "read")
+        monkeypatch.setattr(index_snapshot, "READ_BYTES", 100)
+        load = "read"
     n = 4096 if native else 64  # 32 chunks of the compiled table
     step = n // 32
     index = NVMeIndex(tmp_path, BB, n, native=native)
@@ -278,7 +281,7 @@ def test_a_damaged_snapshot_is_set_aside_and_what_verifies_is_kept(
         with pytest.raises(IndexDamagedError, match=r"index\.snap is a directory"):
             NVMeIndex(tmp_path, BB, n, native=native)
         return
-    again = NVMeIndex(tmp_path, BB, n, native=native)
+    again = NVMeIndex(tmp_path, BB, n, native=native, snapshot_load=load)
     got = state(again)
     assert again.quarantined == [tmp_path / "index.snap.damaged"]
     # Whatever is kept is exactly what was written; the log after the snapshot too.
@@ -289,14 +292,14 @@ def test_a_damaged_snapshot_is_set_aside_and_what_verifies_is_kept(
     again.put([(200, 31 * step, 2)])
     again.close()
     # The state after recovery is durable on its own: reopening needs nothing set aside.
-    third = NVMeIndex(tmp_path, BB, n, native=native)
+    third = NVMeIndex(tmp_path, BB, n, native=native, snapshot_load=load)
     assert third.quarantined == []
     assert state(third) == [*got, (200, 31 * step, 2)]
     third.close()
 
 
 def _native_only() -> None:
-    if nvme_index._NativeTable is None:
+    if index_table.NativeTable is None:
         pytest.skip("compiled NVMe index not built")
 
 
@@ -329,7 +332,7 @@ def test_the_compiled_hash_agrees_with_a_dict_under_churn(dist_cap: int) -> None
     _native_only()
     rng = random.Random(dist_cap)
     n = 3000
-    table = nvme_index._NativeTable(n, 11, dist_cap)
+    table = index_table.NativeTable(n, 11, dist_cap)
     model: dict[Key, int] = {}
     by_slot: dict[int, Key] = {}
     for seq in range(1, 30_000):
@@ -352,22 +355,19 @@ def test_the_compiled_hash_agrees_with_a_dict_under_churn(dist_cap: int) -> None
 
 
 @pytest.mark.parametrize("load", ["read", "direct", "mmap"])
-def test_a_table_snapshot_reopens_to_the_same_table(
-    tmp_path: Path, load: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_table_snapshot_reopens_to_the_same_table(tmp_path: Path, load: SnapshotLoad) -> None:
     """The compiled table's snapshot is its own arrays: after a reopen (each way of
     reading it) every entry is found by key and slot, new entries go in and old
     ones out through the loaded hash, and the hash seed came with it."""
     _native_only()
-    monkeypatch.setattr(nvme_index, "SNAP_LOAD", load)
     rng = random.Random(7)
     index = NVMeIndex(tmp_path, BB, 3000, sync=False)
     model = _fill(index, 4000, rng)
     index.compact()
     seed = index.table.seed  # type: ignore[attr-defined]
     index.close()
-    again = NVMeIndex(tmp_path, BB, 3000, sync=False)
-    assert again.snapshot_format == nvme_index.TABLE_VERSION
+    again = NVMeIndex(tmp_path, BB, 3000, sync=False, snapshot_load=load)
+    assert again.snapshot_format == index_format.TABLE_VERSION
     assert again.table.seed == seed  # type: ignore[attr-defined]
     assert again.log_records == 0
     assert {e.key: (e.slot, e.crc) for e in again.entries()} == model
@@ -429,7 +429,7 @@ def test_a_table_snapshot_copied_while_stores_run_is_the_table_at_its_rotation(
     and the log to the table as it was at the end."""
     _native_only()
     monkeypatch.setattr(nvme_index, "COMPACT_DIVISOR", 1)  # no compaction of its own
-    monkeypatch.setattr(nvme_index, "SNAP_COPY_HOLD_US", 100)
+    monkeypatch.setattr(index_snapshot, "SNAP_COPY_HOLD_US", 100)
     n = 1 << 16
     index = NVMeIndex(tmp_path, BB, n, sync=False)
     # Some long keys (out of line): their chunks are saved under the lock.
@@ -549,16 +549,16 @@ def test_record_snapshots_stay_readable_and_table_snapshots_name_their_format(
     old.compact()
     old.put([(b"x", 60, 1)])
     old.close()
-    assert (tmp_path / "index.snap").read_bytes()[:8] == nvme_index.SNAP_MAGIC
+    assert (tmp_path / "index.snap").read_bytes()[:8] == index_format.SNAP_MAGIC
     index = NVMeIndex(tmp_path, BB, 100)
-    assert index.snapshot_format == nvme_index.VERSION
+    assert index.snapshot_format == index_format.VERSION
     want = state(index)
     assert len(want) == 51
     index.compact()
     index.close()
-    assert (tmp_path / "index.snap").read_bytes()[:8] == nvme_index.TSNAP_MAGIC
+    assert (tmp_path / "index.snap").read_bytes()[:8] == index_format.TSNAP_MAGIC
     again = NVMeIndex(tmp_path, BB, 100)
-    assert again.snapshot_format == nvme_index.TABLE_VERSION
+    assert again.snapshot_format == index_format.TABLE_VERSION
     assert state(again) == want
     again.close()
     with pytest.raises(IndexDamagedError, match=r"table snapshot \(format 3"):
@@ -576,12 +576,12 @@ def test_a_table_snapshot_of_another_layout_or_geometry_is_refused(tmp_path: Pat
     index.close()
     snap = tmp_path / "index.snap"
     data = snap.read_bytes()
-    fields = list(nvme_index._TSNAP.unpack_from(data))
+    fields = list(index_format.TABLE_HEAD.unpack_from(data))
 
     def rewrite(i: int, value: int) -> None:
         patched = list(fields)
         patched[i] = value
-        head = nvme_index._TSNAP.pack(*patched)[:-4]
+        head = index_format.TABLE_HEAD.pack(*patched)[:-4]
         head += zlib.crc32(head).to_bytes(4, "little")
         snap.write_bytes(head + data[len(head) :])
 

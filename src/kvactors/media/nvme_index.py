@@ -37,6 +37,11 @@ Crash safety, and where fsync matters:
   fsync: losing one only brings back a record whose checksum check fails again
   (or, for a drop, a block whose bytes are still exact).
 
+The code: record framing and file helpers in :mod:`kvactors.media.index_format`,
+the live table in :mod:`kvactors.media.index_table`, snapshot and log files in
+:mod:`kvactors.media.index_snapshot`; this module keeps the log, the updates and
+the scheduling of compactions.
+
 Compaction starts when the logs hold more records than ``max(MIN_LOG_RECORDS,
 live entries)``: under the lock it only rotates to a new log generation; a
 background thread then copies the table a chunk of slots at a time (the lock
@@ -47,8 +52,6 @@ crash at any point reopens from the previous snapshot and every log after it.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import struct
 import threading
@@ -56,222 +59,38 @@ import time
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeAlias
-
-import msgspec
 
 from kvactors.errors import ConfigError, IndexDamagedError
 from kvactors.keys import Key
-
-if TYPE_CHECKING:
-    from kvactors._nvme_index import Table as _NativeTableType
-
-try:
-    from kvactors._nvme_index import Table as _NativeTable
-    from kvactors._nvme_index import encode as _native_encode
-except ImportError:  # built without a C compiler: the Python reference table
-    _NativeTable = None  # type: ignore[misc,assignment]
-    _native_encode = None  # type: ignore[assignment]
+from kvactors.media.index_format import (
+    LOG_HEAD,
+    LOG_MAGIC,
+    META,
+    META_MAGIC,
+    OP_DEL,
+    OP_PUT,
+    VERSION,
+    Entry,
+    checksum,
+    encode,
+    frame,
+    fsync_dir,
+    gc_paused,
+    read_file,
+    read_head,
+    write_atomic,
+)
+from kvactors.media.index_snapshot import SnapshotFiles, SnapshotLoad
+from kvactors.media.index_table import new_table
 
 __all__ = ["MIN_LOG_RECORDS", "Entry", "NVMeIndex", "checksum"]
 
-VERSION = 2  # of index.meta, the logs and the record-format snapshot
-TABLE_VERSION = 3  # of the snapshot that is the compiled table's own arrays
 MIN_LOG_RECORDS = 1024
 # Compaction starts past max(MIN_LOG_RECORDS, min(live, num_blocks / COMPACT_DIVISOR))
 # log records: a reopen replays at most about num_blocks / 16 records after reading
 # the snapshot, and a snapshot (at most the table's size) is written once per that
 # many records at most.
 COMPACT_DIVISOR = 16
-CHUNK_SLOTS = 1 << 14  # slots copied per lock hold while a record snapshot is written
-SNAP_CHUNKS = 256  # chunks with long keys (4-6 KiB each) copied per lock hold
-SNAP_COPY_HOLD_US = 0  # tests: a pause inside each chunk's copy (see Table.snap_copy)
-READ_BYTES = 16 << 20  # index files are read and applied this many bytes at a time
-# How a table snapshot is read: "read" (into fresh anonymous memory), "direct" (the
-# same with O_DIRECT, falling back to "read" where the file system refuses it) or
-# "mmap" (MAP_PRIVATE | MAP_POPULATE of the file itself).
-SNAP_LOAD = "direct"
-_LOAD_HOW = {"read": 0, "direct": 1, "mmap": 2}
-PAGE = 4096
-
-_REC = struct.Struct("<IBBHIIQ")  # crc, op, kind, key length, slot, block crc, seq
-_META = struct.Struct("<8sIIQQII")  # magic, version, stripes, block_bytes, num_blocks, 0, crc
-_SNAP = struct.Struct("<8sIIQQQQII")  # magic, version, stripes, gen, count, bb, nb, 0, crc
-_LOG = struct.Struct("<8sIIQI4x")  # magic, version, 0, gen, crc
-# The table snapshot's header (one page): magic, version, stripes, gen, block_bytes,
-# num_blocks, live, max_seq, seed, buckets, rec_bytes, slot_bits, rec_chunk,
-# ht_chunk, chunks, crcs_crc, crcs_off, recs_off, ht_off, long_off, long_len,
-# long_count, long_crc, dist_max (the most a bucket's distance field holds), crc
-_TSNAP = struct.Struct("<8sIIQQQQQQQIIIIIIQQQQQQIII")
-META_MAGIC, SNAP_MAGIC, LOG_MAGIC = b"KVAMETA2", b"KVASNAP2", b"KVALOG02"
-TSNAP_MAGIC = b"KVATBL03"
-OP_PUT, OP_DEL = 1, 2
-KIND_INT, KIND_BYTES, KIND_BIGINT = 0, 1, 2
-_I64 = 1 << 63
-Buffer: TypeAlias = bytes | bytearray | memoryview
-
-
-def checksum(data: memoryview | bytes) -> int:
-    """CRC-32 of one block's bytes."""
-    return zlib.crc32(data)
-
-
-class Entry(msgspec.Struct, frozen=True, gc=False):
-    key: Key
-    slot: int
-    crc: int
-
-
-def encode_key(key: Key) -> tuple[int, bytes]:
-    """``(kind, raw bytes)`` of a key as records store it."""
-    if isinstance(key, bytes):
-        return KIND_BYTES, bytes(key)
-    if -_I64 <= key < _I64:
-        return KIND_INT, key.to_bytes(8, "little", signed=True)
-    return KIND_BIGINT, key.to_bytes((key.bit_length() + 8) // 8, "little", signed=True)
-
-
-def decode_key(kind: int, raw: bytes) -> Key:
-    return raw if kind == KIND_BYTES else int.from_bytes(raw, "little", signed=True)
-
-
-def encode(op: int, keys: list[Key], slots: list[int], crcs: list[int], first_seq: int) -> bytes:
-    """Records of ``keys`` numbered from ``first_seq`` (compiled where built)."""
-    if _native_encode is not None:
-        return _native_encode(op, keys, slots, crcs, first_seq)
-    return b"".join(
-        frame(op, key, slot, crc, first_seq + i)
-        for i, (key, slot, crc) in enumerate(zip(keys, slots, crcs))
-    )
-
-
-def frame(op: int, key: Key, slot: int, crc: int, seq: int) -> bytes:
-    """One record, framed and padded."""
-    kind, raw = encode_key(key)
-    body = _REC.pack(0, op, kind, len(raw), slot, crc, seq)[4:] + raw
-    body += bytes(-(len(body) + 4) % 8)
-    return struct.pack("<I", zlib.crc32(body)) + body
-
-
-class _Table(Protocol):
-    """The live entries; the compiled ``Table`` and :class:`_PyTable` both follow it."""
-
-    def put(self, key: Key, slot: int, crc: int, seq: int) -> None: ...
-    def delete(self, key: Key, seq: int) -> bool: ...
-    def get(self, slot: int) -> tuple[Key, int] | None: ...
-    def find(self, key: Key) -> int: ...
-    def apply(self, data: Buffer, offset: int) -> tuple[int, int, int]: ...
-    def dump(self, lo: int, hi: int) -> tuple[bytes, int]: ...
-    def entries(self) -> list[tuple[Key, int, int]]: ...
-    def __len__(self) -> int: ...
-    @property
-    def max_seq(self) -> int: ...
-    @property
-    def nbytes(self) -> int: ...
-
-
-class _PyTable:
-    """The reference table: dicts keyed by slot and key (one object per entry)."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self.by_slot: dict[int, tuple[Key, int, int]] = {}  # slot -> (key, crc, seq)
-        self.by_key: dict[Key, int] = {}
-        self.max_seq = 0
-
-    def __len__(self) -> int:
-        return len(self.by_key)
-
-    @property
-    def nbytes(self) -> int:
-        return 0  # not measured: Python objects
-
-    def put(self, key: Key, slot: int, crc: int, seq: int) -> None:
-        self.max_seq = max(self.max_seq, seq)
-        if not 0 <= slot < self.num_blocks:
-            return
-        old = self.by_key.get(key)
-        if old is not None and self.by_slot[old][2] >= seq:
-            return  # the key was written again later (or this very record again)
-        here = self.by_slot.get(slot)
-        if here is not None and here[2] >= seq:
-            return  # the slot was reused later
-        if old is not None:
-            del self.by_slot[old]
-            here = self.by_slot.get(slot)
-        if here is not None:
-            del self.by_key[here[0]]  # the slot was reused: its earlier key is gone
-        self.by_slot[slot] = (key, crc, seq)
-        self.by_key[key] = slot
-
-    def delete(self, key: Key, seq: int) -> bool:
-        self.max_seq = max(self.max_seq, seq)
-        slot = self.by_key.get(key)
-        if slot is None or self.by_slot[slot][2] > seq:
-            return False
-        del self.by_key[key]
-        del self.by_slot[slot]
-        return True
-
-    def get(self, slot: int) -> tuple[Key, int] | None:
-        entry = self.by_slot.get(slot)
-        return None if entry is None else (entry[0], entry[1])
-
-    def find(self, key: Key) -> int:
-        return self.by_key.get(key, -1)
-
-    def apply(self, data: Buffer, offset: int) -> tuple[int, int, int]:
-        """Apply the records of ``data`` from ``offset``; ``(applied, end, ok)``:
-        ``end`` is where the records applied end, ``ok`` is 1 when that is the end
-        of ``data``, 0 when a bad record starts there, 2 when ``data`` ends in the
-        middle of the record that starts there."""
-        n = 0
-        size = len(data)
-        while offset < size:
-            if offset + _REC.size > size:
-                return n, offset, 2
-            crc, op, kind, klen, slot, bcrc, seq = _REC.unpack_from(data, offset)
-            total = _REC.size + klen + (-(_REC.size + klen) % 8)
-            if offset + total > size:
-                return n, offset, 2
-            if zlib.crc32(data[offset + 4 : offset + total]) != crc:
-                return n, offset, 0
-            if op not in (OP_PUT, OP_DEL) or kind > KIND_BIGINT:
-                return n, offset, 0
-            raw = bytes(data[offset + _REC.size : offset + _REC.size + klen])
-            key = decode_key(kind, raw)
-            if op == OP_PUT:
-                self.put(key, slot, bcrc, seq)
-            else:
-                self.delete(key, seq)
-            n += 1
-            offset += total
-        return n, offset, 1
-
-    def dump(self, lo: int, hi: int) -> tuple[bytes, int]:
-        parts = [
-            frame(OP_PUT, e[0], slot, e[1], e[2])
-            for slot in range(lo, min(hi, self.num_blocks))
-            if (e := self.by_slot.get(slot)) is not None
-        ]
-        return b"".join(parts), len(parts)
-
-    def entries(self) -> list[tuple[Key, int, int]]:
-        items = sorted(self.by_slot.items(), key=lambda item: item[1][2])
-        return [(key, slot, crc) for slot, (key, crc, _) in items]
-
-
-def new_table(num_blocks: int, native: bool | None = None) -> _Table:
-    """The compiled table where built (``native=None``), else the Python one."""
-    if native is None:
-        native = _NativeTable is not None
-    if native:
-        if _NativeTable is None:
-            raise ConfigError("the compiled NVMe index (kvactors._nvme_index) is not built")
-        seed = int.from_bytes(os.urandom(8), "little")  # the hash layout is per directory
-        table: _Table = _NativeTable(num_blocks, seed)
-        return table
-    return _PyTable(num_blocks)
 
 
 class _ByKey(Mapping[Key, Entry]):
@@ -298,66 +117,7 @@ class _ByKey(Mapping[Key, Entry]):
         return len(self._index.table)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def _round_page(n: int) -> int:
-    return -(-n // PAGE) * PAGE
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _read_file(path: Path) -> bytes:
-    """A small file's bytes; a directory in its place is a damaged directory."""
-    if path.is_dir():
-        raise IndexDamagedError(f"{path} is a directory, not an index file; move it away")
-    return path.read_bytes()
-
-
-def _head(path: Path, size: int) -> bytes:
-    """The first ``size`` bytes of an index file (fewer if it is shorter)."""
-    if path.is_dir():
-        raise IndexDamagedError(f"{path} is a directory, not an index file; move it away")
-    with open(path, "rb") as fh:
-        return fh.read(size)
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Bulk creation of millions of small objects without a collection every 700."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-class NVMeIndex:
+class NVMeIndex(SnapshotFiles):
     """Key -> (slot, checksum) for one cache directory; see the module docstring.
 
     Thread-safe: updates and lookups take :attr:`lock`; a background compaction
@@ -378,12 +138,14 @@ class NVMeIndex:
         data_files: list[Path] | None = None,
         sync: bool = True,
         native: bool | None = None,
+        snapshot_load: SnapshotLoad = "direct",
     ) -> None:
         self.directory = directory
         self.block_bytes = block_bytes
         self.num_blocks = num_blocks
         self.stripes = stripes
         self.sync = sync
+        self.snapshot_load = snapshot_load
         self.meta_path = directory / "index.meta"
         self.snap_path = directory / "index.snap"
         self.lock = threading.Lock()
@@ -421,9 +183,7 @@ class NVMeIndex:
     # -- geometry -------------------------------------------------------------------
 
     def _meta_bytes(self) -> bytes:
-        head = _META.pack(
-            META_MAGIC, VERSION, self.stripes, self.block_bytes, self.num_blocks, 0, 0
-        )
+        head = META.pack(META_MAGIC, VERSION, self.stripes, self.block_bytes, self.num_blocks, 0, 0)
         return head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
 
     def _check_meta(self, data_files: list[Path]) -> None:
@@ -437,15 +197,15 @@ class NVMeIndex:
                     "(block_bytes, num_blocks, stripes) is unknown, so it is not reopened; "
                     "move the directory away or restore the file"
                 )
-            _write_atomic(path, self._meta_bytes())
+            write_atomic(path, self._meta_bytes())
             return
-        data = _read_file(path)
-        if len(data) != _META.size or zlib.crc32(data[:-4]) != _META.unpack(data)[-1]:
+        data = read_file(path)
+        if len(data) != META.size or zlib.crc32(data[:-4]) != META.unpack(data)[-1]:
             raise IndexDamagedError(
                 f"{path} is damaged (not a kvactors geometry record): the directory's "
                 "block_bytes / num_blocks / stripes are unknown, so it is not reopened"
             )
-        magic, version, stripes, bb, nb, _, _ = _META.unpack(data)
+        magic, version, stripes, bb, nb, _, _ = META.unpack(data)
         if magic != META_MAGIC or version != VERSION:
             raise IndexDamagedError(f"{path}: index version {version} is not supported")
         if (bb, nb) != (self.block_bytes, self.num_blocks):
@@ -460,17 +220,6 @@ class NVMeIndex:
             )
 
     # -- recovery -------------------------------------------------------------------
-
-    def _log_path(self, gen: int) -> Path:
-        return self.directory / f"index.{gen}.log"
-
-    def _logs(self) -> list[int]:
-        gens = []
-        for path in self.directory.glob("index.*.log"):
-            middle = path.name[len("index.") : -len(".log")]
-            if middle.isdigit():
-                gens.append(int(middle))
-        return sorted(gens)
 
     def _quarantine(self, path: Path) -> None:
         n = 0
@@ -503,162 +252,10 @@ class NVMeIndex:
         self.load_seconds = (t1 - t0, time.perf_counter() - t1)
         return max([covered, *self._logs()], default=0) or 1
 
-    def _apply_file(self, path: Path, start: int) -> tuple[int, int, bool]:
-        """Apply the records of ``path`` from byte ``start``, read a chunk at a time
-        into one buffer (no copy of the whole file in memory); ``(applied, end,
-        intact)``: ``end`` is where the records applied end, ``intact`` whether
-        that is the end of the file."""
-        buf = bytearray(READ_BYTES + 65536)
-        view = memoryview(buf)
-        have = 0
-        pos = start  # file offset of buf[0]
-        applied = 0
-        with open(path, "rb") as fh:
-            fh.seek(start)
-            while True:
-                got = fh.readinto(view[have:READ_BYTES])
-                have += got
-                if have == 0:
-                    return applied, pos, True
-                n, end, ok = self.table.apply(view[:have], 0)
-                applied += n
-                if ok == 0 or (ok == 2 and got == 0):
-                    return applied, pos + end, False  # a bad record, or cut short at the end
-                rest = have - end
-                buf[:rest] = buf[end:have]
-                pos += end
-                have = rest
-                if got == 0:
-                    return applied, pos, True
-
-    def _load_snapshot(self) -> int:
-        """Load the snapshot (either format); the generation it covers, -1 if damaged
-        (what verified is kept in the table)."""
-        data = _head(self.snap_path, PAGE)
-        if data[:8] == TSNAP_MAGIC:
-            return self._load_table_snapshot(data)
-        if len(data) < _SNAP.size:
-            return -1
-        magic, version, stripes, gen, count, bb, nb, _, crc = _SNAP.unpack_from(data)
-        if magic != SNAP_MAGIC or zlib.crc32(data[: _SNAP.size - 4]) != crc:
-            return -1
-        if version != VERSION:
-            raise IndexDamagedError(f"{self.snap_path}: version {version} not supported")
-        self._check_geometry(bb, nb, stripes)
-        applied, _, intact = self._apply_file(self.snap_path, _SNAP.size)
-        self.snapshot_format = VERSION
-        return gen if intact and applied == count else -1
-
-    def _check_geometry(self, bb: int, nb: int, stripes: int) -> None:
-        if (bb, nb, stripes) != (self.block_bytes, self.num_blocks, self.stripes):
-            raise IndexDamagedError(
-                f"{self.snap_path} describes {bb} x {nb} blocks over {stripes} "
-                f"file(s), {self.meta_path.name} {self.block_bytes} x "
-                f"{self.num_blocks} over {self.stripes}"
-            )
-
-    def _compiled(self) -> _NativeTableType | None:
-        table = self.table
-        if _NativeTable is not None and isinstance(table, _NativeTable):
-            return table
-        return None
-
-    @property
-    def _native(self) -> _NativeTableType:
-        table = self._compiled()
-        assert table is not None, "the compiled table's own snapshot needs the compiled table"
-        return table
-
-    def _table_layout(self) -> dict[str, int]:
-        """Where a table snapshot puts each part (page-aligned, in this order): the
-        header page, the chunks' CRC-32Cs, the record array, the bucket array, the
-        keys of more than 32 bytes."""
-        layout: dict[str, int] = dict(self._native.layout)
-        crcs_off = PAGE
-        recs_off = crcs_off + _round_page(4 * layout["chunks"])
-        ht_off = recs_off + _round_page(layout["recs_bytes"])
-        long_off = ht_off + _round_page(layout["ht_bytes"])
-        layout.update(crcs_off=crcs_off, recs_off=recs_off, ht_off=ht_off, long_off=long_off)
-        return layout
-
-    def _load_table_snapshot(self, head: bytes) -> int:
-        """The compiled table's own arrays, read straight into it (docs/durability.md)."""
-        if len(head) < _TSNAP.size or zlib.crc32(head[: _TSNAP.size - 4]) != int.from_bytes(
-            head[_TSNAP.size - 4 : _TSNAP.size], "little"
-        ):
-            return -1  # a torn or garbage header: nothing in the file can be trusted
-        (
-            _, version, stripes, gen, bb, nb, live, max_seq, seed, buckets, rec_bytes,
-            slot_bits, rec_chunk, ht_chunk, chunks, crcs_crc, crcs_off, recs_off, ht_off,
-            long_off, long_len, long_count, long_crc, dist_max, _,
-        ) = _TSNAP.unpack_from(head)  # fmt: skip
-        if version != TABLE_VERSION:
-            raise IndexDamagedError(
-                f"{self.snap_path}: table snapshot version {version} is not supported"
-            )
-        self._check_geometry(bb, nb, stripes)
-        if self._compiled() is None:
-            raise IndexDamagedError(
-                f"{self.snap_path} is a table snapshot (format {TABLE_VERSION}, written by "
-                "the compiled index kvactors._nvme_index), which this installation lacks: "
-                "reinstall kvactors with a C compiler to reopen this directory"
-            )
-        layout = self._table_layout()
-        found = {
-            "rec_bytes": rec_bytes, "buckets": buckets, "slot_bits": slot_bits,
-            "rec_chunk": rec_chunk, "ht_chunk": ht_chunk, "chunks": chunks,
-            "crcs_off": crcs_off, "recs_off": recs_off, "ht_off": ht_off,
-            "long_off": long_off, "dist_max": dist_max,
-        }  # fmt: skip
-        mine = {name: layout[name] for name in found}
-        if mine != found:
-            raise IndexDamagedError(
-                f"{self.snap_path}: a table snapshot of another layout ({found}); this "
-                f"build's is {mine}"
-            )
-        fd = os.open(self.snap_path, os.O_RDONLY)
-        try:
-            crcs = os.pread(fd, 4 * chunks, crcs_off)
-            longs = os.pread(fd, long_len, long_off) if long_len else b""
-            if len(crcs) != 4 * chunks or zlib.crc32(crcs) != crcs_crc:
-                return -1  # no chunk can be checked
-            if len(longs) != long_len or zlib.crc32(longs) != long_crc:
-                longs = b""  # the entries with long keys are dropped, the rest kept
-            how = _LOAD_HOW[SNAP_LOAD]
-            read_fd = fd
-            if how == 1:
-                try:
-                    read_fd = os.open(self.snap_path, os.O_RDONLY | os.O_DIRECT)
-                except OSError:  # a file system without O_DIRECT (tmpfs)
-                    how = 0
-            try:
-                try:
-                    bad, dropped = self._native.load(
-                        read_fd, how, recs_off, ht_off, seed, live, max_seq, crcs, longs,
-                        long_count,
-                    )  # fmt: skip
-                except OSError:
-                    if how != 1:
-                        raise
-                    # O_DIRECT refused at read time (alignment rules of this file system)
-                    bad, dropped = self._native.load(
-                        fd, 0, recs_off, ht_off, seed, live, max_seq, crcs, longs, long_count
-                    )
-            finally:
-                if read_fd != fd:
-                    os.close(read_fd)
-            if how == 0:
-                # Read into the table: the page cache need not hold a second copy.
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-        self.snapshot_format = TABLE_VERSION
-        return gen if bad == 0 and dropped == 0 and len(longs) == long_len else -1
-
     def _replay(self, gen: int, *, last: bool) -> None:
         path = self._log_path(gen)
-        head = _LOG.size
-        data = _head(path, head)
+        head = LOG_HEAD.size
+        data = read_head(path, head)
         if len(data) < head:
             # Created but its header never reached the disk: nothing was in it.
             if data.strip(b"\0") and not last:
@@ -667,7 +264,7 @@ class NVMeIndex:
                 path.unlink()
                 self.torn_tail = self.torn_tail or bool(data)
             return
-        magic, version, _, got_gen, crc = _LOG.unpack_from(data)
+        magic, version, _, got_gen, crc = LOG_HEAD.unpack_from(data)
         bad_head = magic != LOG_MAGIC or version != VERSION or got_gen != gen
         if bad_head or zlib.crc32(data[: head - 8]) != crc:
             self._quarantine(path)
@@ -684,9 +281,11 @@ class NVMeIndex:
     # -- the log --------------------------------------------------------------------
 
     def _log_header(self, gen: int) -> bytes:
-        head = _LOG.pack(LOG_MAGIC, VERSION, 0, gen, 0)
+        head = LOG_HEAD.pack(LOG_MAGIC, VERSION, 0, gen, 0)
         return (
-            head[: _LOG.size - 8] + struct.pack("<I", zlib.crc32(head[: _LOG.size - 8])) + bytes(4)
+            head[: LOG_HEAD.size - 8]
+            + struct.pack("<I", zlib.crc32(head[: LOG_HEAD.size - 8]))
+            + bytes(4)
         )
 
     def _open_log(self) -> None:
@@ -701,7 +300,7 @@ class NVMeIndex:
                 os.write(fd, self._log_header(gen))
                 if self.sync:
                     os.fsync(fd)
-                    _fsync_dir(self.directory)
+                    fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -823,7 +422,7 @@ class NVMeIndex:
 
     def entries(self) -> list[Entry]:
         """Live entries, oldest first."""
-        with self.lock, _gc_paused():
+        with self.lock, gc_paused():
             items = self.table.entries()
             return [Entry(key, slot, crc) for key, slot, crc in items]
 
@@ -924,115 +523,6 @@ class NVMeIndex:
             with self.lock:
                 self._compactor = None
                 self._idle.notify_all()
-
-    def _end_table_snapshot(self) -> tuple[int, int, bytes, bytes, int, int] | None:
-        """Stop the table snapshot being taken (the lock held); its fd closed."""
-        got = self._native.snap_end()
-        if self._snap_fd >= 0:
-            os.close(self._snap_fd)
-            self._snap_fd = -1
-        return got
-
-    def _table_snapshot(self, gen: int) -> None:
-        """Finish the table snapshot begun at the rotation to ``gen``: the chunks no
-        store has saved yet (copied without the lock; those holding keys of more
-        than 32 bytes SNAP_CHUNKS per lock hold), then the chunks' CRCs, the long
-        keys and the header; fsync, rename, fsync the directory."""
-        tmp = self._tmp_path
-        fd = os.dup(self._snap_fd)
-        try:
-            self._native.snap_copy(SNAP_COPY_HOLD_US)  # neither the lock nor the GIL held
-            done = False
-            while not done:
-                with self.lock:  # copies chunks: the disk is written without the lock
-                    t0 = time.perf_counter()
-                    done = self._native.snap_step(SNAP_CHUNKS)
-                    held = time.perf_counter() - t0
-                self.longest_hold_s = max(self.longest_hold_s, held)
-                self._native.snap_flush()
-            self._native.snap_flush()  # what stores copied since
-            with self.lock:
-                got = self._end_table_snapshot()
-            assert got is not None
-            live, max_seq, crcs, longs, long_count, err = got
-            if err:
-                raise OSError(err, os.strerror(err), str(tmp))
-            layout = self._table_layout()
-            _pwrite_all(fd, crcs, layout["crcs_off"])
-            if longs:
-                _pwrite_all(fd, longs, layout["long_off"])
-            head = _TSNAP.pack(
-                TSNAP_MAGIC, TABLE_VERSION, self.stripes, gen, self.block_bytes,
-                self.num_blocks, live, max_seq, self._native.seed,
-                layout["buckets"], layout["rec_bytes"], layout["slot_bits"],
-                layout["rec_chunk"], layout["ht_chunk"], layout["chunks"], zlib.crc32(crcs),
-                layout["crcs_off"], layout["recs_off"], layout["ht_off"], layout["long_off"],
-                len(longs), long_count, zlib.crc32(longs), layout["dist_max"], 0,
-            )[:-4]  # fmt: skip
-            _pwrite_all(fd, head + struct.pack("<I", zlib.crc32(head)), 0)
-            if self.sync:
-                os.fsync(fd)
-        except BaseException:
-            with self.lock:
-                if self._snap_fd >= 0:
-                    self._end_table_snapshot()
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        self._commit_snapshot(tmp, gen)
-
-    def _commit_snapshot(self, tmp: Path, gen: int) -> None:
-        os.replace(tmp, self.snap_path)
-        if self.sync:
-            _fsync_dir(self.directory)
-        with self.lock:
-            retired = [self._log_path(old) for old in self._logs() if old < gen]
-            self.log_records -= self._old_records
-            self._old_records = 0
-            self.compactions += 1
-        for path in retired:  # unlinking a large file takes a while: not under the lock
-            path.unlink(missing_ok=True)
-
-    def _snapshot(self, gen: int) -> None:
-        if self._snap_fd >= 0:
-            self._table_snapshot(gen)
-            return
-        tmp = self._tmp_path
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        count = 0
-        h = 0
-        try:
-            os.write(fd, bytes(_SNAP.size))
-            for lo in range(0, self.num_blocks, CHUNK_SLOTS):
-                with self.lock:
-                    data, n = self.table.dump(lo, lo + CHUNK_SLOTS)
-                if data:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                count += n
-            head = _SNAP.pack(
-                SNAP_MAGIC,
-                VERSION,
-                self.stripes,
-                gen,
-                count,
-                self.block_bytes,
-                self.num_blocks,
-                0,
-                0,
-            )[:-4]
-            h = zlib.crc32(head)
-            os.pwrite(fd, head + struct.pack("<I", h), 0)
-            if self.sync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        self._commit_snapshot(tmp, gen)
 
     def close(self) -> None:
         self.wait_compaction()

@@ -43,7 +43,7 @@ from kvactors.cli.replay import positive_float, positive_int
 from kvactors.cli.report import Report, progress
 from kvactors.keys import Key
 from kvactors.manager import OffloadingManager
-from kvactors.media import nvme_index
+from kvactors.media.index_snapshot import LOAD_HOW, SnapshotLoad
 from kvactors.media.nvme_index import NVMeIndex
 
 TERABYTE_TIER = 67_108_864  # 4 TiB of 64 KiB blocks
@@ -66,8 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", default=None, help="directory for the index files")
     parser.add_argument(
         "--snapshot-load",
-        choices=sorted(nvme_index._LOAD_HOW),
-        default=nvme_index.SNAP_LOAD,
+        choices=sorted(LOAD_HOW),
+        default="direct",
         help="how the reopen reads the table snapshot (default: the index's own)",
     )
 
@@ -102,6 +102,7 @@ def measure(
     policy: str,
     directory: Path,
     quiet: bool,
+    snapshot_load: SnapshotLoad = "direct",
 ) -> dict[str, Any]:
     rng = random.Random(0)
     gc.collect()
@@ -179,7 +180,7 @@ def measure(
     _evict(directory)
     rss1 = _rss()
     t0, c0 = time.perf_counter(), time.process_time()
-    again = NVMeIndex(directory, 4096, blocks, 1)
+    again = NVMeIndex(directory, 4096, blocks, 1, snapshot_load=snapshot_load)
     reopen_s, reopen_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     snapshot_s, logs_s = again.load_seconds
     snapshot_format = again.snapshot_format
@@ -239,7 +240,6 @@ def measure(
 
 def run(args: argparse.Namespace) -> Report:
     directory = work_directory(args.dir, "kvactors-bench-index-")
-    nvme_index.SNAP_LOAD = args.snapshot_load
     work = directory / f"index-{args.blocks}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
@@ -253,6 +253,7 @@ def run(args: argparse.Namespace) -> Report:
             args.policy,
             work,
             bool(getattr(args, "json", False)),
+            args.snapshot_load,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
