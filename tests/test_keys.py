@@ -25,6 +25,9 @@ def test_argument_checks_agree_on_both_paths(core: str, monkeypatch: pytest.Monk
         ([1, 1], False),  # named twice
         ([0, True], False),  # not a plain int
         ([0, 1.0], False),
+        (["0", "1"], False),  # sortable among themselves, but not slot ids
+        ([b"\x00"], False),
+        ([1.0, 2.0], False),
         ([0, 2**70], False),
         ((0, 1), False),  # not a list: the caller converts and checks
     ]:

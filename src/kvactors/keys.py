@@ -58,13 +58,7 @@ def distinct_slots(ids: object, limit: int) -> bool:
         return False
     if _first_bad_slot is not None:
         return _first_bad_slot(ids, limit) < 0
-    try:
-        order = sorted(ids)
-    except TypeError:
-        return False
-    return (
-        order[0] >= 0
-        and order[-1] < limit
-        and set(map(type, ids)) <= _INT_TYPE
-        and len(set(order)) == len(order)
-    )
+    if not set(map(type, ids)) <= _INT_TYPE:
+        return False  # strings, floats, bools: sortable among themselves, not slots
+    order = sorted(ids)
+    return order[0] >= 0 and order[-1] < limit and len(set(order)) == len(order)
