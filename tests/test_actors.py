@@ -292,3 +292,119 @@ async def test_a_sender_cancelled_while_waiting_for_room_sends_nothing() -> None
         assert await parked == "released"
         assert await queued == 1
         assert await actor.ask(Add(0)) == 1  # the cancelled Add(100) never ran
+
+
+# -- an actor's own worker threads ----------------------------------------------------
+
+
+async def test_threads_run_jobs_in_their_own_threads_and_return_results() -> None:
+    import threading
+
+    from kvactors.actors import Threads
+
+    threads = Threads("kvactors-test", 2)
+    try:
+        with anyio.fail_after(10):
+            name = await threads.run(lambda: threading.current_thread().name)
+            assert name.startswith("kvactors-test-")
+            assert name != threading.current_thread().name
+            assert await threads.run(divmod, 17, 5) == (3, 2)
+    finally:
+        threads.close()
+    assert not any(t.name.startswith("kvactors-test-") for t in threading.enumerate())
+
+
+async def test_threads_raise_the_jobs_error_and_keep_serving() -> None:
+    from kvactors.actors import Threads
+
+    threads = Threads("kvactors-test", 1)
+    try:
+        with anyio.fail_after(10):
+            with pytest.raises(ZeroDivisionError):
+                await threads.run(lambda: 1 // 0)
+            assert await threads.run(sum, [1, 2, 3]) == 6
+    finally:
+        threads.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await threads.run(sum, [1])
+
+
+async def test_threads_run_at_most_count_jobs_at_once() -> None:
+    import threading
+
+    from kvactors.actors import Threads
+
+    lock = threading.Lock()
+    now = [0]
+    most = [0]
+    release = threading.Event()
+
+    def job() -> None:
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        release.wait(10)
+        with lock:
+            now[0] -= 1
+
+    threads = Threads("kvactors-test", 2)
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for _ in range(5):
+                    tg.start_soon(threads.run, job)
+                while True:  # two jobs start; the other three wait their turn
+                    with lock:
+                        if now[0] == 2:
+                            break
+                    await anyio.sleep(0.001)
+                release.set()
+    finally:
+        threads.close()
+    assert most[0] == 2
+    assert now[0] == 0
+    assert len(threads._threads) == 0
+
+
+async def test_threads_job_is_not_interrupted_and_its_result_not_lost() -> None:
+    """Cancelling the waiter waits for the job to end (it is never abandoned)
+    and the cancellation takes effect at the next checkpoint."""
+    import threading
+
+    from kvactors.actors import Threads
+
+    started = threading.Event()
+    release = threading.Event()
+    ended: list[str] = []
+
+    def job() -> str:
+        started.set()
+        release.wait(10)
+        ended.append("job")
+        return "done"
+
+    threads = Threads("kvactors-test", 1)
+    got: list[str] = []
+    try:
+        with anyio.fail_after(10):
+            scope = anyio.CancelScope()
+
+            async def waiter() -> None:
+                with scope:
+                    got.append(await threads.run(job))
+                    ended.append("returned")
+                    await anyio.lowlevel.checkpoint()
+                    ended.append("not reached")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiter)
+                while not started.is_set():
+                    await anyio.sleep(0.001)
+                scope.cancel()
+                await anyio.sleep(0.01)
+                assert ended == []  # the waiter still waits for the job
+                release.set()
+    finally:
+        threads.close()
+    assert got == ["done"]
+    assert ended == ["job", "returned"]

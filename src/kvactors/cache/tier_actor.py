@@ -3,9 +3,9 @@
 A tier actor owns its medium's bytes (never its metadata: that is the policy
 actor's). It runs every transfer with one end on its medium and the other on a
 tier above it, the GPU pool or the caller's side (:func:`~kvactors.cache.
-transfers.runner`), so a transfer's I/O runs under the thread limiter of the
-medium doing it. Transfers run in worker threads under the tier's
-``anyio.CapacityLimiter``; only memory-to-memory copies of at most
+transfers.runner`), so a transfer's I/O runs in the threads of the medium
+doing it: the tier's own ``threads`` worker threads
+(:class:`~kvactors.actors.Threads`). Only memory-to-memory copies of at most
 ``inline_bytes`` run on the event loop, where a thread hop costs more than the
 copy. A promotion carrying the load that follows it (``Move.then``) runs both
 in one job: the blocks are read into the top tier, verified, then copied out
@@ -27,9 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import anyio
-
-from kvactors.actors import Actor
+from kvactors.actors import Actor, Threads
 from kvactors.cache.messages import Contains, Forget, JobReport, Move, TierRequest
 from kvactors.cache.results import OpStats, TierStats
 from kvactors.cache.transfers import Side, move
@@ -63,7 +61,8 @@ class TierActor(Actor[TierRequest]):
     ) -> None:
         super().__init__(medium.name, mailbox_size=mailbox_size, concurrency=threads)
         self.medium = medium
-        self.limiter = anyio.CapacityLimiter(threads)
+        # At most ``threads`` jobs at once, each in one of the tier's own threads.
+        self.threads = Threads(f"kvactors-{medium.name}", threads)
         self.inline_bytes = inline_bytes
         self.copier = copier
         self.move_bytes = move_bytes
@@ -135,14 +134,14 @@ class TierActor(Actor[TierRequest]):
     async def _run(
         self, op: str, blocks: int, inline: bool, fn: Callable[..., object], *args: Any
     ) -> JobReport:
-        """Run a job, inline or in a worker thread under the tier's limiter."""
+        """Run a job, inline or in one of the tier's worker threads."""
         try:
             if inline:
                 t0 = time.perf_counter()
                 fn(*args)
                 spent = time.perf_counter() - t0
             else:
-                spent = await anyio.to_thread.run_sync(_timed, fn, args, limiter=self.limiter)
+                spent = await self.threads.run(_timed, fn, args)
         except TierFailed as exc:
             self._failed_jobs += 1
             self.crashed = str(exc)
@@ -181,6 +180,7 @@ class TierActor(Actor[TierRequest]):
         return nbytes
 
     async def on_stop(self) -> None:
+        self.threads.close()  # every job has ended: the messages in hand are done
         self.medium.close()
 
     def tier_stats(self) -> TierStats:

@@ -60,7 +60,7 @@ class Transfer(msgspec.Struct, frozen=True):
 def runner(transfer: Transfer, chain: list[str]) -> str:
     """The tier whose actor runs ``transfer``: of its two ends, the one deeper in
     ``chain`` (the request's side and the GPU pool sit above every tier), so
-    NVMe reads and writes run under the NVMe tier's thread limiter."""
+    NVMe reads and writes run in the NVMe tier's threads."""
     src = chain.index(transfer.src) if transfer.src in chain else -1
     dst = chain.index(transfer.dst) if transfer.dst in chain else -1
     return chain[max(src, dst)]

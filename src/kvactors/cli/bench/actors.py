@@ -26,7 +26,7 @@ import anyio
 import torch
 
 import kvactors
-from kvactors.actors import Actor, Message
+from kvactors.actors import Actor, Message, Threads
 from kvactors.cache.transfers import Side, move
 from kvactors.cli.replay import positive_int
 from kvactors.cli.report import RATE, RATIO, Report
@@ -73,14 +73,20 @@ def _config(bb: int, batch: int, move_bytes: bool = True) -> Config:
 
 class _Direct:
     """The same transfers as direct calls of the media function: inline (the
-    goal's baseline), or each in one worker thread, as async code that must not
-    block its event loop would call it (``threaded``, for reference)."""
+    goal's baseline), or each in one worker thread handed over as a tier actor
+    hands its jobs (:class:`~kvactors.actors.Threads`), as async code that must
+    not block its event loop would call it (``threaded``, for reference)."""
 
     def __init__(self, bb: int, batch: int) -> None:
         self.gpu = MemoryPool("gpu", batch, bb, torch.device("cpu"))
         self.cpu = MemoryPool("cpu", 2 * batch, bb, torch.device("cpu"))
         self.pool = CopyPool()
+        self.threads = Threads("kvactors-bench", 1)
         self.batch = batch
+
+    def close(self) -> None:
+        self.threads.close()
+        self.pool.close()
 
     async def run(self, rounds: int, threaded: bool = False) -> float:
         batch, gpu, cpu = self.batch, self.gpu, self.cpu
@@ -100,7 +106,7 @@ class _Direct:
                     self.pool,
                 )
                 if threaded:
-                    await anyio.to_thread.run_sync(move, *job)
+                    await self.threads.run(move, *job)
                 else:
                     move(*job)
         return time.perf_counter() - start
@@ -142,7 +148,7 @@ async def _cell(bb: int, batch: int, rounds: int, repeat: int) -> tuple[float, f
             stats = await kv.stats()
             assert stats.failed_stores == stats.failed_loads == 0
     finally:
-        direct.pool.close()
+        direct.close()
     scale = rounds / CHUNK
     return best[0] * scale, best[1] * scale, best[2] * scale
 
