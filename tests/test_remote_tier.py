@@ -452,6 +452,99 @@ async def test_a_remote_load_is_one_job_promoting_and_copying_out(
             await settled(b)
 
 
+BIG = 256 * 1024  # eight blocks are a 2 MiB store: over OVERLAP_BYTES
+
+
+def big_config(remote: RemoteConfig, cpu_blocks: int = 32) -> Config:
+    return Config(
+        block_bytes=BIG,
+        gpu=GPUConfig(num_blocks=32, device="cpu"),
+        cpu=TierConfig(num_blocks=cpu_blocks),
+        nvme=None,
+        remote=remote,
+    )
+
+
+async def test_a_large_store_writes_through_from_the_request_rows_beside_the_copy(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """A store of at least OVERLAP_BYTES from host memory sends the request's own rows
+    to the server while the CPU tier copies them (``tensor->remote`` /
+    ``gpu->remote``, never ``cpu->remote``), also when some of its keys are already
+    in CPU (the positions of the new ones only); another cache loads every block
+    byte-exact, and a small store still writes through from its CPU slots."""
+    from kvactors.cache.executor import OVERLAP_BYTES
+
+    assert 8 * BIG >= OVERLAP_BYTES > 2 * BIG
+    remote = RemoteConfig(url=redis_server.url, namespace="overlap")
+    first, mixed, pooled = [0, 1, 2], [5, 0, 6, 7, 1, 8, 9, 10, 11, 12], list(range(20, 28))
+    with anyio.fail_after(60):
+        async with kvactors.open(big_config(remote)) as a:
+            await a.store(first, block_bytes_for(first, BIG, CPU).clone())
+            ops = (await a.stats()).tiers["remote"].transfers
+            assert set(ops) == {"cpu->remote"}  # under OVERLAP_BYTES: from the CPU slots
+            await a.store(mixed, block_bytes_for(mixed, BIG, CPU).clone())
+            gpu: Any = a.gpu_pool
+            slots = [5, 2, 7, 0, 3, 6, 1, 4]
+            gpu.write_rows(slots, block_bytes_for(pooled, BIG, CPU))
+            await a.store(pooled, slots)
+            stats = await settled(a)
+            ops = stats.tiers["remote"].transfers
+            assert ops["tensor->remote"].bytes == 8 * BIG  # the new keys of ``mixed``
+            assert ops["gpu->remote"].bytes == 8 * BIG
+            assert ops["cpu->remote"].bytes == 3 * BIG
+            assert stats.tiers["cpu"].transfers["tensor->cpu"].bytes == 11 * BIG
+        async with kvactors.open(big_config(remote)) as b:
+            every = list(dict.fromkeys(first + mixed + pooled))
+            out = torch.zeros(len(every), BIG, dtype=torch.uint8)
+            got = await b.load(every, out)
+            assert got.tiers == ["remote"] * len(every)
+            assert torch.equal(out, block_bytes_for(every, BIG, CPU))
+            await settled(b)
+
+
+async def test_cancelled_large_stores_leave_no_pin_and_serve_exact_bytes(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """Large stores (write-through beside the copy) cancelled at random moments, with
+    loads of the same keys: no pin or block being written is left, and whatever
+    the cache or a second cache serves afterwards is byte-exact."""
+    remote = RemoteConfig(url=redis_server.url, namespace="storm")
+    rng = random.Random(11)
+    keys = list(range(40))
+    with anyio.fail_after(120):
+        async with kvactors.open(big_config(remote, cpu_blocks=16)) as kv:
+
+            async def churn(i: int) -> None:
+                with anyio.move_on_after(rng.choice([0, 0.0005, 0.002, 0.01, 0.05])):
+                    base = rng.randrange(0, 32)
+                    chunk = keys[base : base + 8]
+                    if i % 2 == 0:
+                        await kv.store(chunk, block_bytes_for(chunk, BIG, CPU).clone())
+                    else:
+                        out = torch.zeros(len(chunk), BIG, dtype=torch.uint8)
+                        await kv.load(chunk, out, partial=True)
+
+            for _ in range(3):
+                async with anyio.create_task_group() as tg:
+                    for i in range(16):
+                        tg.start_soon(churn, i)
+            stats = await settled(kv)
+            for tier in stats.policy.tiers.values():
+                assert tier.pinned == tier.being_written == 0
+                assert tier.used + tier.free == tier.capacity
+            for k in keys:
+                out = torch.zeros(1, BIG, dtype=torch.uint8)
+                if (await kv.load([k], out, partial=True)).tiers:
+                    assert torch.equal(out, block_bytes_for([k], BIG, CPU))
+        async with kvactors.open(big_config(remote)) as other:
+            for k in keys:
+                out = torch.zeros(1, BIG, dtype=torch.uint8)
+                if (await other.load([k], out, partial=True)).tiers:
+                    assert torch.equal(out, block_bytes_for([k], BIG, CPU))
+            await settled(other)
+
+
 def calls(server: LocalServer) -> dict[str, int]:
     """Commands the server ran since the last ``CONFIG RESETSTAT``, by name."""
     stats = server.client().info("commandstats")

@@ -50,6 +50,10 @@ __all__ = ["Executor", "Outcome"]
 
 _NO_WAIT = contextlib.nullcontext()
 
+OVERLAP_BYTES = 1 << 20
+"""A store of at least this many bytes from host memory runs beside the
+``through`` write after it (see :meth:`Executor._overlap`)."""
+
 
 def _split(
     plan: LoadPlan, done: list[bool], partial: dict[int, set[Key]]
@@ -166,6 +170,7 @@ class Executor:
             if waited:
                 await anyio.lowlevel.checkpoint_if_cancelled()
             then, rest = _fused(plan)
+            overlap = self._overlap(plan, side)
             for i, transfer in enumerate(plan.transfers):
                 if i in rest:
                     left = rest[i]
@@ -173,27 +178,10 @@ class Executor:
                         outcome.done[i] = True
                         continue
                     transfer = left
-                try:
-                    threaded = await self._move(transfer, side, then.get(i))
-                except IntegrityError as exc:
-                    outcome.corrupted.setdefault(transfer.src, []).extend(exc.keys)
-                    if isinstance(exc, BlocksMissingError):
-                        outcome.missing.update(exc.missing)
-                        if transfer.role == "promote":
-                            # Read into host slots: the blocks that arrived are whole.
-                            outcome.partial[i] = set(exc.keys)
-                    if transfer.role in REQUIRED:
-                        raise
-                except TierError as exc:
-                    outcome.failure = outcome.failure or str(exc)
-                    if transfer.role in REQUIRED:
-                        raise
-                else:
-                    outcome.done[i] = True
-                    if threaded:
-                        # A thread's copy is not interrupted: a cancellation that
-                        # came meanwhile takes effect here, before the next step.
-                        await anyio.lowlevel.checkpoint_if_cancelled()
+                if i in overlap:
+                    await self._overlapped(plan, i, overlap[i], side, outcome)
+                elif i - 1 not in overlap:  # else it ran beside the store before it
+                    await self._step(i, transfer, side, outcome, then.get(i))
         except BaseException as exc:
             outcome.error = exc
             raise
@@ -205,6 +193,98 @@ class Executor:
             with _NO_WAIT if self._at_once(outcome) else self.shield(shield=True):
                 durable = await self._complete(plan, outcome)
         return durable
+
+    async def _step(
+        self,
+        i: int,
+        transfer: Transfer,
+        side: Any,
+        outcome: Outcome,
+        then: Transfer | None = None,
+        src: Side | None = None,
+    ) -> None:
+        """Run transfer ``i`` of a plan and record it in ``outcome``; raises the
+        error of a required one (a failed ``demote`` / ``through`` is recorded)."""
+        try:
+            threaded = await self._move(transfer, side, then, src)
+        except IntegrityError as exc:
+            outcome.corrupted.setdefault(transfer.src, []).extend(exc.keys)
+            if isinstance(exc, BlocksMissingError):
+                outcome.missing.update(exc.missing)
+                if transfer.role == "promote":
+                    # Read into host slots: the blocks that arrived are whole.
+                    outcome.partial[i] = set(exc.keys)
+            if transfer.role in REQUIRED:
+                raise
+        except TierError as exc:
+            outcome.failure = outcome.failure or str(exc)
+            if transfer.role in REQUIRED:
+                raise
+        else:
+            outcome.done[i] = True
+            if threaded:
+                # A thread's copy is not interrupted: a cancellation that
+                # came meanwhile takes effect here, before the next step.
+                await anyio.lowlevel.checkpoint_if_cancelled()
+
+    def _overlap(self, plan: StorePlan | LoadPlan, side: Any) -> dict[int, Side]:
+        """The stores of ``plan`` whose ``through`` write (the transfer right after
+        each, from the tier just stored into) may run beside them, reading the
+        request's own rows instead of the slots being filled: where those rows
+        are in host memory, the store moves at least :data:`OVERLAP_BYTES` and
+        the written medium takes any host buffer (``writes_any_buffer``: the
+        remote store; files keep reading the top tier's aligned slots).
+        Maps the store's index to the ``through`` write's source."""
+        if not isinstance(plan, StorePlan) or not self.move_bytes or side is None:
+            return {}
+        rows = side if isinstance(side, torch.Tensor) else self.gpu.tensor()
+        if rows.device.type != "cpu":
+            return {}
+        found: dict[int, Side] = {}
+        transfers = plan.transfers
+        for i, store in enumerate(transfers[:-1]):
+            through = transfers[i + 1]
+            if (
+                store.role != "store"
+                or through.role != "through"
+                or through.src != store.dst
+                or not getattr(self.tiers[through.dst].medium, "writes_any_buffer", False)
+                or len(store.keys) * self.gpu.block_bytes < OVERLAP_BYTES
+            ):
+                continue
+            at = dict(zip(store.dst_ids, store.src_ids))  # top-tier slot -> request position
+            positions = [at[slot] for slot in through.src_ids]
+            if isinstance(side, torch.Tensor):
+                found[i] = Side("tensor", positions, None, side)
+            else:
+                found[i] = Side("gpu", [side[p] for p in positions], self.gpu, None)
+        return found
+
+    async def _overlapped(
+        self, plan: StorePlan | LoadPlan, i: int, src: Side, side: Any, outcome: Outcome
+    ) -> None:
+        """Store ``i`` and the ``through`` write after it at once: the write reads
+        the request's rows (``src``, the same bytes the store copies) while the
+        store copies them into the top tier, each on its own tier actor. Both have
+        ended when this returns; the store's error, if any, is raised then."""
+        failed: list[Exception] = []  # the store's error first, then the write's
+
+        async def store() -> None:
+            try:
+                await self._step(i, plan.transfers[i], side, outcome)
+            except Exception as exc:  # raised below, once the write has ended too
+                failed.insert(0, exc)
+
+        async with anyio.create_task_group() as tg:
+            # The write first: its thread is busy with the server while the
+            # store's copy runs (on the event loop, or a thread of its own).
+            tg.start_soon(store)
+            try:
+                await self._step(i + 1, plan.transfers[i + 1], side, outcome, src=src)
+            except Exception as exc:  # not a tier's error (those are recorded): a bug
+                failed.append(exc)
+        if failed:
+            raise failed[0]
 
     def _at_once(self, outcome: Outcome) -> bool:
         """Whether completing a plan that ran as ``outcome`` says has no await that
@@ -256,10 +336,17 @@ class Executor:
         slots = side if len(ids) == len(side) else [side[i] for i in ids]
         return Side("gpu", slots, self.gpu, None)
 
-    async def _move(self, transfer: Transfer, side: Any, then: Transfer | None = None) -> bool:
+    async def _move(
+        self,
+        transfer: Transfer,
+        side: Any,
+        then: Transfer | None = None,
+        source: Side | None = None,
+    ) -> bool:
         """Run one transfer on its tier actor (and ``then``, the load of the blocks
-        it promotes, in the same job); returns whether it ran in a thread."""
-        src = self._side(transfer.src, transfer.src_ids, side)
+        it promotes, in the same job; from ``source`` instead of its own source,
+        when given); returns whether it ran in a thread."""
+        src = source or self._side(transfer.src, transfer.src_ids, side)
         dst = self._side(transfer.dst, transfer.dst_ids, side)
         out = None
         if then is not None:

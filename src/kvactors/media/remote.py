@@ -63,8 +63,14 @@ _HEAD = struct.Struct("<4s8sHQQ")  # magic, fingerprint, key length, payload len
 HEADER_BYTES = _HEAD.size
 READ_PIPELINE_BYTES = 16 * 2**20
 """Values one pipeline of ``GET``\\ s asks for at most (each reply is read off the
-socket into its destination, or a staging buffer of one value, so this bounds
-only what the server holds queued for the connection)."""
+socket into its destination, or a staging buffer of one value; what the server
+holds queued for the connection is bounded by :data:`READ_WINDOW_BYTES`)."""
+
+READ_WINDOW_BYTES = 1 * 2**20
+"""Values a connection has asked for and not yet read, at most (at least one):
+the ``GET``\\ s of a pipeline go out as the replies before them are read, so
+the server streams each value as it is asked for instead of queueing the
+replies of the whole pipeline (which read slower here, from 512 KiB values up)."""
 
 T = TypeVar("T")
 
@@ -242,6 +248,9 @@ class RemoteStore:
 
     in_memory = False
     durable = True  # the server outlives the process (not a crash of the server)
+    writes_any_buffer = True
+    """Writes take any host buffer (no alignment, no lifetime past the call), so a
+    store's write-through may send the request's own rows (see the executor)."""
 
     def __init__(
         self,
@@ -451,9 +460,8 @@ class RemoteStore:
     ) -> list[int]:
         """Have ``execute(node, batch)`` run the commands of the positions of
         ``rkeys`` that ``node`` serves (see :meth:`_each`), in batches of ``step``
-        commands (by default as many values as fit in ``max_batch_bytes``; values
-        of 512 KiB and more go one per call, where a pipeline of writes gains
-        nothing), and pass each reply to ``result(pos, reply)``. Returns the positions whose node
+        commands (by default as many values as fit in ``max_batch_bytes``), and
+        pass each reply to ``result(pos, reply)``. Returns the positions whose node
         failed or is down (their keys count as misses); raises RemoteUnavailable
         when the server failed, or in a cluster when every node is down."""
         step = step or max(1, self.max_batch_bytes // (self.block_bytes + HEADER_BYTES))
@@ -567,7 +575,9 @@ class RemoteStore:
         (never stored, evicted, expired, or on a node that is down) and those
         ``refused`` (present but truncated, garbage, foreign or another block's).
 
-        The ``GET``\\ s of a batch go out in one pipeline; each reply is read off
+        The ``GET``\\ s of a batch go out in one pipeline, at most
+        :data:`READ_WINDOW_BYTES` of values asked for and not yet read (the next
+        ``GET`` goes out as a reply is read); each reply is read off
         the socket straight into a staging buffer of this thread, checked, and
         only then copied into ``bufs[i]``, before the call returns. With
         ``in_place`` it is read straight into ``bufs[i]`` and checked there:
@@ -610,18 +620,22 @@ class RemoteStore:
         """``GET`` the keys of ``batch`` from ``node`` in one pipeline; what each
         delivered (:data:`_HIT`, :data:`_ABSENT`, :data:`_REFUSED`). A pooled
         connection the server closed (say, it restarted) is replaced once."""
-        request = b"".join(
-            b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(rkeys[p]), rkeys[p]) for p in batch
-        )
+        requests = [b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(rkeys[p]), rkeys[p]) for p in batch]
+        window = max(1, READ_WINDOW_BYTES // (self.block_bytes + HEADER_BYTES))
         pool = node.client.connection_pool
         wire = self._local.wire
         for attempt in (0, 1):
             conn = pool.get_connection()
             got: list[int] = []
             try:
-                conn.send_packed_command([request], check_health=False)
-                wire.start(conn._sock)
-                for pos in batch:
+                conn.send_packed_command([b"".join(requests[:window])], check_health=False)
+                sock = conn._sock
+                wire.start(sock)
+                for j, pos in enumerate(batch):
+                    if j + window < len(requests):
+                        # One more asked for as one is read: the server works on
+                        # the next value meanwhile, and never queues the batch.
+                        sock.sendall(requests[j + window])
                     got.append(self._read_value(wire, keys[pos], bufs[pos], in_place))
                 if not wire.idle:
                     raise ConnectionError("protocol error: more replies than commands")
