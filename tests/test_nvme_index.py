@@ -428,7 +428,9 @@ def test_a_table_snapshot_copied_while_stores_run_is_the_table_at_its_rotation(
     snapshot alone reopens to the table as it was at the rotation, the snapshot
     and the log to the table as it was at the end."""
     _native_only()
-    monkeypatch.setattr(nvme_index, "COMPACT_DIVISOR", 1)  # no compaction of its own
+    monkeypatch.setattr(nvme_index, "COMPACT_DIVISOR", 1)
+    # No compaction of its own, however many rounds the writer's records add up over.
+    monkeypatch.setattr(nvme_index, "MIN_LOG_RECORDS", 1 << 40)
     monkeypatch.setattr(index_snapshot, "SNAP_COPY_HOLD_US", 100)
     n = 1 << 16
     index = NVMeIndex(tmp_path, BB, n, sync=False)
@@ -445,12 +447,13 @@ def test_a_table_snapshot_copied_while_stores_run_is_the_table_at_its_rotation(
         i = 0
         while not stop.is_set() and i < 500:  # fewer records than the compaction bound
             base = 10**7 + 64 * i
-            # The first half of the slots only: the copy saves the other half's chunks.
+            # Slots of the lower half only: the upper half's record chunks are left
+            # to the copy, so it saves some however fast this thread runs.
             index.put([(base + j, rng.randrange(n // 2), 3) for j in range(64)], sync=False)
             i += 1
 
     taken_over = False
-    for _ in range(5):
+    for _ in range(20):  # a take-over needs a store to meet a chunk mid-copy: a race
         thread = threading.Thread(target=writer)
         thread.start()
         time.sleep(0.002)

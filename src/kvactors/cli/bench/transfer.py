@@ -39,9 +39,9 @@ import os
 import random
 import shutil
 import statistics
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,12 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def _best_of(rounds: list[tuple[float, float]]) -> tuple[float, float, list[tuple[float, float]]]:
+    """The best measured and best baseline time of rounds of ``(base, fn)`` times,
+    and the rounds themselves (``_result``'s arguments)."""
+    return min(f for _, f in rounds), min(b for b, _ in rounds), rounds
+
+
 def _best(
     fn: Callable[[], object], base: Callable[[], object], repeat: int
 ) -> tuple[float, float, list[tuple[float, float]]]:
@@ -122,8 +128,7 @@ def _best(
     one warm-up each), and every round's ``(base, fn)`` times."""
     fn()
     base()
-    rounds = [(_timed(base), _timed(fn)) for _ in range(repeat)]
-    return min(f for _, f in rounds), min(b for b, _ in rounds), rounds
+    return _best_of([(_timed(base), _timed(fn)) for _ in range(repeat)])
 
 
 def _sync(device: torch.device) -> None:
@@ -277,14 +282,11 @@ class _DirectSequential:
     ``fdatasync``), and returns the best. The requests run on the compiled I/O
     loop the store uses (threads taking the next block in order), so no Python
     per request limits the baseline; without the compiled core, Python threads
-    each walk a contiguous part of the file.
+    each walk a contiguous part of the file, one ``pwritev``/``preadv`` per block.
 
     Block ``i`` of the file moves to or from ``rows[i]``: the same CPU pool rows
-    the store's pass moves, so both sides differ only in their requests. On
-    this virtual disk the destination memory alone moved the same loop's 2 MiB
-    reads between 0.6 and 2.8 GB/s (a fresh ``mmap`` against the pool's rows),
-    and one buffer reused per request read at 0.53-0.61 against 1.05-1.55 GB/s
-    into a buffer per block."""
+    the store's pass moves, so both sides differ only in their requests (why
+    that matters is measured in docs/benchmarks.md)."""
 
     def __init__(self, path: Path, size: int, n: int, write: bool, rows: list[memoryview]) -> None:
         self.size, self.n, self.write = size, n, write
@@ -312,17 +314,16 @@ class _DirectSequential:
                 raise OSError(f"direct baseline: a {size}-byte request moved {min(done)}")
         else:
             per = -(-n // threads)
+            call = os.pwritev if self.write else os.preadv
 
             def walk(t: int) -> None:
                 for i in range(t * per, min(n, (t + 1) * per)):
-                    call = os.pwritev if self.write else os.preadv
-                    call(fd, [blocks[i]], i * size)
+                    if call(fd, [blocks[i]], i * size) != size:
+                        raise OSError(f"direct baseline: a short {size}-byte request")
 
-            workers = [threading.Thread(target=walk, args=(t,)) for t in range(threads)]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
+            with ThreadPoolExecutor(threads) as workers:
+                for part in [workers.submit(walk, t) for t in range(threads)]:
+                    part.result()  # a failed request raises here
         if self.write:
             os.fdatasync(fd)
         return time.perf_counter() - t0
@@ -390,10 +391,8 @@ def _measure_cold(
             (f"{label} -> cpu (cold)", read_blocks, read_base),
         ):
             fn()
-            rounds = [(base(), fn()) for _ in range(repeat)]
-            t_fn = min(f for _, f in rounds)
-            t_base = min(b for b, _ in rounds)
-            out.append(_result(path, size, nbytes, t_fn, t_base, rounds, "cold"))
+            best = _best_of([(base(), fn()) for _ in range(repeat)])
+            out.append(_result(path, size, nbytes, *best, "cold"))
         return out
     finally:
         store.close()
