@@ -19,7 +19,7 @@ import msgspec
 import torch
 
 import kvactors
-from kvactors.cli.replay import positive_int
+from kvactors.cli.arguments import positive_int
 from kvactors.cli.report import Report
 from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
 from kvactors.errors import KVActorsError
@@ -193,7 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Report:
-    from kvactors.cli.replay import resolve_trace
+    from kvactors.cli.arguments import resolve_trace
     from kvactors.cli.report import ProgressBar
     from kvactors.traces import load_trace
 

@@ -28,7 +28,7 @@ import torch
 import kvactors
 from kvactors.actors import Actor, Message, Threads
 from kvactors.cache.transfers import Side, move
-from kvactors.cli.replay import positive_int
+from kvactors.cli.arguments import positive_int
 from kvactors.cli.report import RATE, RATIO, Report
 from kvactors.config import Config, GPUConfig, TierConfig
 from kvactors.keys import Key

@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvactors.cli.arguments import positive_float, positive_int
 from kvactors.cli.bench import work_directory
-from kvactors.cli.replay import positive_float, positive_int
 from kvactors.cli.report import Report, progress
 from kvactors.keys import Key
 from kvactors.manager import OffloadingManager

@@ -33,7 +33,7 @@ from typing import Any
 import anyio
 import torch
 
-from kvactors.cli.replay import positive_int
+from kvactors.cli.arguments import positive_int
 from kvactors.cli.report import GBPS, RATE, RATIO, Report, progress
 from kvactors.keys import Key
 from kvactors.paged import BlockAllocator, KVCacheConfig, Offloader, PagedKVCache

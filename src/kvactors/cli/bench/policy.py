@@ -33,15 +33,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from kvactors.cli.replay import (
-    BLOCK_TOKENS,
+from kvactors.cli.arguments import (
     DEFAULT_CAPACITY,
     add_capacity_arguments,
     capacity_blocks,
-    handshake,
     positive_int,
     resolve_trace,
 )
+from kvactors.cli.replay import BLOCK_TOKENS, handshake
 from kvactors.cli.report import RATE, RATIO, Report, progress
 from kvactors.errors import TraceError
 from kvactors.keys import Key

@@ -43,7 +43,7 @@ import anyio
 import torch
 
 import kvactors
-from kvactors.cli.replay import positive_int, resolve_trace
+from kvactors.cli.arguments import positive_int, resolve_trace
 from kvactors.cli.report import GBPS, RATIO, Report, progress
 from kvactors.config import Config, GPUConfig, RemoteConfig, TierConfig
 from kvactors.keys import Key

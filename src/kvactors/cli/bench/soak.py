@@ -6,7 +6,7 @@ import argparse
 
 import anyio
 
-from kvactors.cli.replay import positive_float, positive_int, probability
+from kvactors.cli.arguments import positive_float, positive_int, probability
 from kvactors.cli.report import COUNT, Report
 from kvactors.cli.soak import run_soak
 

@@ -47,8 +47,8 @@ from typing import Any
 
 import torch
 
+from kvactors.cli.arguments import positive_int
 from kvactors.cli.bench import work_directory
-from kvactors.cli.replay import positive_int
 from kvactors.cli.report import GBPS, RATIO, Report
 from kvactors.config import NVMeConfig
 from kvactors.media import CopyPool, FileStore, MemoryPool, copy_rows, resolve_device

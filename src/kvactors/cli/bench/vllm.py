@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from kvactors.cli.replay import positive_int
+from kvactors.cli.arguments import positive_int
 from kvactors.cli.report import GBPS, RATIO, Report, progress
 from kvactors.errors import ConfigError
 from kvactors.traces import TraceRequest, bundled_trace, load_trace
