@@ -8,7 +8,9 @@ textbook shapes a prefix cache meets.
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 
 class _Chains:
@@ -175,3 +177,12 @@ SHAPES: dict[str, dict[str, object]] = {
 }
 """Differently shaped :func:`prefix_tree` workloads: branching, session length,
 reuse skew and request length each varied."""
+
+
+def write_trace(path: Path, requests: list[list[int]]) -> Path:
+    """``requests`` as a Mooncake JSONL trace at ``path`` (one request a line, in order)."""
+    with open(path, "w") as f:
+        for i, ids in enumerate(requests):
+            record = {"timestamp": i, "input_length": 512 * len(ids), "output_length": 1}
+            f.write(json.dumps({**record, "hash_ids": ids}) + "\n")
+    return path

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from _workloads import write_trace
 from kvactors.cli import BENCHES, COMMANDS, main
 from kvactors.manager import NATIVE
 
@@ -20,12 +21,7 @@ HAND_TRACE = [[1, 2, 3], [1, 2, 4], [1, 5, 6], [1, 2, 3], [1, 5], [2, 3], [7, 2]
 
 @pytest.fixture
 def trace(tmp_path: Path) -> Path:
-    path = tmp_path / "hand.jsonl"
-    with open(path, "w") as f:
-        for i, ids in enumerate(HAND_TRACE):
-            record = {"timestamp": i, "input_length": 512 * len(ids), "output_length": 1}
-            f.write(json.dumps({**record, "hash_ids": ids}) + "\n")
-    return path
+    return write_trace(tmp_path / "hand.jsonl", HAND_TRACE)
 
 
 def last_json(out: str) -> dict[str, Any]:
@@ -282,18 +278,10 @@ def test_replay_bytes_needs_served(trace: Path, capsys: pytest.CaptureFixture[st
     assert "--bytes needs --served" in capsys.readouterr().err
 
 
-def _write_trace(path: Path, requests: list[list[int]]) -> Path:
-    with open(path, "w") as f:
-        for i, ids in enumerate(requests):
-            record = {"timestamp": i, "input_length": 512 * len(ids), "output_length": 1}
-            f.write(json.dumps({**record, "hash_ids": ids}) + "\n")
-    return path
-
-
 def test_bench_policy_on_a_trace_without_blocks_is_a_typed_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = _write_trace(tmp_path / "empty.jsonl", [[], []])
+    path = write_trace(tmp_path / "empty.jsonl", [[], []])
     assert main(["bench", "policy", "--trace", str(path), "--blocks", "4", "--json"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
@@ -305,7 +293,7 @@ def test_demo_verifies_blocks_whose_ids_pass_64_bits(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     big = [2**63, 2**64 - 1, -5]
-    path = _write_trace(tmp_path / "wide.jsonl", [[*big, 1], [*big, 2], [*big, 1]])
+    path = write_trace(tmp_path / "wide.jsonl", [[*big, 1], [*big, 2], [*big, 1]])
     assert main(["demo", "--trace", str(path), "--no-nvme", "--device", "cpu", "--json"]) == 0
     summary = last_json(capsys.readouterr().out)["summary"]
     assert summary["requests"] == 3

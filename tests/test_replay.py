@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from fractions import Fraction
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _managers import ADMITTING
+from _workloads import write_trace
 from kvactors.cli.replay import (
     belady,
     capacity_blocks,
@@ -31,14 +31,6 @@ STORING = [policy for policy in POLICIES if policy not in ADMITTING]
 TEXTBOOK = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
 
 HAND_TRACE = [[1, 2, 3], [1, 2, 4], [1, 5, 6], [1, 2, 3], [1, 5], [2, 3], [7, 2]]
-
-
-def write_trace(path: Path, requests: list[list[int]]) -> Path:
-    with open(path, "w") as f:
-        for i, ids in enumerate(requests):
-            record = {"timestamp": i, "input_length": 512 * len(ids), "output_length": 1}
-            f.write(json.dumps({**record, "hash_ids": ids}) + "\n")
-    return path
 
 
 # -- replay through the manager ------------------------------------------------
