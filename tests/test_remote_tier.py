@@ -22,7 +22,7 @@ from _redis import redis_cluster, redis_server, server_binary  # noqa: F401
 from _served import settled
 from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
-from kvactors.errors import BlockNotFoundError
+from kvactors.errors import BlockNotFoundError, CacheLockedError
 from kvactors.media.local_server import LocalCluster, LocalServer
 
 pytestmark = pytest.mark.anyio
@@ -543,6 +543,74 @@ async def test_cancelled_large_stores_leave_no_pin_and_serve_exact_bytes(
                 if (await other.load([k], out, partial=True)).tiers:
                     assert torch.equal(out, block_bytes_for([k], BIG, CPU))
             await settled(other)
+
+
+def connections(server: LocalServer) -> int:
+    """Client connections the server holds now, the asking one excluded."""
+    client = server.client()
+    try:
+        return int(client.info("clients")["connected_clients"]) - 1
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+async def test_the_thread_limit_bounds_the_calls_in_flight_to_the_server(
+    redis_server: LocalServer,  # noqa: F811
+    threads: int,
+) -> None:
+    """``remote.threads``: however many requests reach the remote tier at once, at
+    most that many of its calls are in flight, so it never holds more connections
+    to the server (each worker thread takes one from the pool and gives it back)."""
+    remote = RemoteConfig(url=redis_server.url, namespace="limit", threads=threads)
+    keys = list(range(48))
+    with anyio.fail_after(60):
+        async with kvactors.open(config(remote, cpu_blocks=64)) as a:
+            await store_all(a, keys)
+        assert connections(redis_server) == 0
+        async with kvactors.open(config(remote, cpu_blocks=64)) as b:
+
+            async def one(i: int) -> None:
+                chunk = keys[i * 4 : i * 4 + 4]
+                assert (await b.lookup(chunk)).hits == 4
+                out = torch.zeros(4, BB, dtype=torch.uint8)
+                assert (await b.load(chunk, out)).tiers == ["remote"] * 4
+                assert torch.equal(out, data(chunk))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(12):
+                    tg.start_soon(one, i)
+            held = connections(redis_server)
+            assert 1 <= held <= threads
+            assert (await settled(b)).remote.hits == 48  # type: ignore[union-attr]
+
+
+async def test_engines_share_one_server_while_each_nvme_directory_stays_locked(
+    redis_server: LocalServer,  # noqa: F811
+    tmp_path: Any,
+) -> None:
+    """Sharing a server does not share an NVMe directory: a second cache naming the
+    directory a first one holds fails with CacheLockedError, while a cache with a
+    directory of its own on the same server loads the first one's blocks."""
+    remote = RemoteConfig(url=redis_server.url, namespace="lock")
+
+    def with_nvme(directory: str) -> Config:
+        return config(remote).replace(
+            nvme=NVMeConfig(num_blocks=32, backend="posix", directory=directory)
+        )
+
+    keys = list(range(8))
+    with anyio.fail_after(60):
+        async with kvactors.open(with_nvme(str(tmp_path / "a"))) as a:
+            await store_all(a, keys)
+            with pytest.raises(CacheLockedError):
+                async with kvactors.open(with_nvme(str(tmp_path / "a"))):
+                    pass
+            async with kvactors.open(with_nvme(str(tmp_path / "b"))) as b:
+                out = torch.zeros(len(keys), BB, dtype=torch.uint8)
+                assert (await b.load(keys, out)).tiers == ["remote"] * len(keys)
+                assert torch.equal(out, data(keys))
+                await settled(b)
 
 
 def calls(server: LocalServer) -> dict[str, int]:
