@@ -24,7 +24,12 @@
 #define PRIOR_BIRTHS 1.0
 #define PRIOR_USES 0.5
 #define WINDOW 4.0
-#define GHOSTS 4 /* at most this many capacities of ghosts */
+#define GHOSTS 4 /* at most this many capacities of ghosts, kept this many capacities of stores */
+#define DUEL_SAMPLE 32  /* the miniatures see one key in at most this many */
+#define DUEL_BLOCKS 1024 /* ...and hold at least this many blocks each */
+#define RET_STALE 0xFF   /* ret_cls of a key whose ghost was older than the window */
+
+typedef struct Mini Mini;
 
 /* A slot's entry: one cache line serves the walk of a list (next, H). */
 typedef struct {
@@ -78,7 +83,30 @@ typedef struct {
     Py_hash_t *ret_hash;
     uint8_t *ret_cls;
     Py_ssize_t nret, ret_cap;
+    /* The seen cut (a new key that is no ghost is declined, with the keys
+     * after it) and the duel that sets it: two miniatures of this policy (no
+     * duel of their own) on the keys whose mixed hash is below sample_below,
+     * one never cutting, one always; their leading hits, halved every WINDOW
+     * miniature capacities of sampled keys. */
+    int cut;
+    Mini *minis[2];
+    uint64_t sample_below;
+    double duel_hits[2], duel_keys;
+    PyObject **sampled; /* touch's scratch: its sampled keys (borrowed), their hashes */
+    uint32_t *sampled_hash;
+    Py_ssize_t sampled_cap;
 } PrefixAdmit;
+
+/* A miniature: a core of its own (only the fields a policy reads: n, used,
+ * keys, ref, stamp, map, epoch), its free slots and a request's scratch. */
+struct Mini {
+    Core core;
+    int32_t *free_slots;
+    Py_ssize_t nfree;
+    PyObject **fresh;
+    int32_t *slots, *out;
+    Py_ssize_t scratch_cap;
+};
 
 #define PA(core) ((PrefixAdmit *)(core)->pstate)
 
@@ -88,8 +116,66 @@ typedef struct {
 #define RESTORED 0x80
 #define CLASS(p, s) ((p)->node[s].cls & ~RESTORED)
 
+static int pa_setup(Core *core, int duel);
+static void pa_dealloc(Core *core);
+static int pa_grow(Core *core, Py_ssize_t old_cap, Py_ssize_t new_cap);
+
+static void
+mini_free(Mini *m)
+{
+    if (m == NULL)
+        return;
+    Core *c = &m->core;
+    pa_dealloc(c);
+    if (c->keys != NULL)
+        for (Py_ssize_t s = 0; s < c->n; s++)
+            Py_XDECREF(c->keys[s]);
+    kt_free(&c->map);
+    PyMem_Free(c->keys);
+    PyMem_Free(c->ref);
+    PyMem_Free(c->stamp);
+    PyMem_Free(m->free_slots);
+    PyMem_Free(m->fresh);
+    PyMem_Free(m->slots);
+    PyMem_Free(m->out);
+    PyMem_Free(m);
+}
+
+/* A miniature of n blocks, cutting or not: NULL with an exception set. */
+static Mini *
+mini_new(Py_ssize_t n, int cut)
+{
+    Mini *m = PyMem_Calloc(1, sizeof(Mini));
+    if (m == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    Core *c = &m->core;
+    c->ops = &prefix_admit_ops;
+    c->n = c->cap = n;
+    c->block_size = 1.0;
+    c->epoch = 1;
+    c->keys = PyMem_Calloc((size_t)n, sizeof(PyObject *));
+    c->ref = PyMem_Calloc((size_t)n, sizeof(int32_t));
+    c->stamp = PyMem_Calloc((size_t)n, sizeof(uint32_t));
+    m->free_slots = PyMem_Malloc((size_t)n * sizeof(int32_t));
+    if (c->keys == NULL || c->ref == NULL || c->stamp == NULL || m->free_slots == NULL) {
+        PyErr_NoMemory();
+        mini_free(m);
+        return NULL;
+    }
+    for (Py_ssize_t s = n - 1; s >= 0; s--)
+        m->free_slots[m->nfree++] = (int32_t)s;
+    if (pa_setup(c, 0) < 0 || pa_grow(c, 0, n) < 0) {
+        mini_free(m);
+        return NULL;
+    }
+    PA(c)->cut = cut;
+    return m;
+}
+
 static int
-pa_init(Core *core, PyObject *options)
+pa_setup(Core *core, int duel)
 {
     PrefixAdmit *p = PyMem_Calloc(1, sizeof(PrefixAdmit));
     if (p == NULL) {
@@ -105,7 +191,23 @@ pa_init(Core *core, PyObject *options)
     p->evictions = PRIOR_BIRTHS;
     p->window = WINDOW * (double)core->n;
     p->ghead = p->gtail = p->gfree = -1;
+    if (duel) {
+        Py_ssize_t sample = DUEL_SAMPLE;
+        while (sample > 1 && core->n / sample < DUEL_BLOCKS)
+            sample /= 2;
+        Py_ssize_t n = core->n / sample > 1 ? core->n / sample : 1;
+        p->sample_below = ((uint64_t)1 << 32) / (uint64_t)sample;
+        for (int side = 0; side < 2; side++)
+            if ((p->minis[side] = mini_new(n, side)) == NULL)
+                return -1; /* the core deallocs what was made */
+    }
     return 0;
+}
+
+static int
+pa_init(Core *core, PyObject *options)
+{
+    return pa_setup(core, 1);
 }
 
 static void
@@ -114,6 +216,10 @@ pa_dealloc(Core *core)
     PrefixAdmit *p = PA(core);
     if (p == NULL)
         return;
+    mini_free(p->minis[0]);
+    mini_free(p->minis[1]);
+    PyMem_Free(p->sampled);
+    PyMem_Free(p->sampled_hash);
     for (Py_ssize_t g = 0; g < p->gcap; g++)
         Py_XDECREF(p->ghosts[g].key);
     for (Py_ssize_t k = 0; k < p->nchosen; k++)
@@ -293,7 +399,7 @@ ghost(Core *core, PrefixAdmit *p, PyObject *key, uint32_t h, int tag, int maybe_
     }
     p->ghosts[g].tag = (int8_t)tag;
     p->ghosts[g].since = p->stored;
-    long long horizon = p->stored - (long long)core->n;
+    long long horizon = p->stored - GHOSTS * (long long)core->n;
     Py_ssize_t limit = GHOSTS * core->n;
     while (p->glen > limit || p->ghosts[p->ghead].since < horizon)
         ghost_drop(p, p->ghead);
@@ -302,8 +408,8 @@ ghost(Core *core, PrefixAdmit *p, PyObject *key, uint32_t h, int tag, int maybe_
 
 /* A use of a key (mixed hash h) that is a ghost: the ghost is forgotten and,
  * when it left within the window, its class counts a use (an evicted one also
- * a regret) and *back is the class the use would have moved it to; else
- * *back = -1. */
+ * a regret) and *back is the class the use would have moved it to; an older
+ * ghost: *back = -2 (seen, nothing counted); no ghost: *back = -1. */
 static int
 ghost_hit(Core *core, PrefixAdmit *p, PyObject *key, uint32_t h, int *back)
 {
@@ -314,8 +420,10 @@ ghost_hit(Core *core, PrefixAdmit *p, PyObject *key, uint32_t h, int *back)
     int tag = p->ghosts[g].tag;
     long long since = p->ghosts[g].since;
     ghost_drop(p, g);
-    if (p->stored - since > (long long)core->n)
-        return 0; /* left more than a turnover of the tier ago */
+    if (p->stored - since > (long long)core->n) {
+        *back = -2; /* left more than a turnover of the tier ago */
+        return 0;
+    }
     if (tag < 0)
         tag = -1 - tag;
     else
@@ -325,24 +433,35 @@ ghost_hit(Core *core, PrefixAdmit *p, PyObject *key, uint32_t h, int *back)
     return 0;
 }
 
-/* The class the last touch found key's ghost (key's Python hash: full) would
- * move it to: >= 0, -1 when it found none, -2 with an exception set. */
-static int
-returning_of(PrefixAdmit *p, PyObject *key, Py_hash_t full)
+static inline int
+ret_back(const PrefixAdmit *p, Py_ssize_t k)
 {
+    return p->ret_cls[k] == RET_STALE ? -2 : p->ret_cls[k];
+}
+
+/* *back: the class the last touch found key's ghost (key's Python hash: full)
+ * would move it to, -2 an older ghost, -1 none. 0, or -1 with an exception set. */
+static int
+returning_of(PrefixAdmit *p, PyObject *key, Py_hash_t full, int *back)
+{
+    *back = -1;
     for (Py_ssize_t k = 0; k < p->nret; k++) /* the same object, as in a handshake */
-        if (p->ret_keys[k] == key)
-            return p->ret_cls[k];
+        if (p->ret_keys[k] == key) {
+            *back = ret_back(p, k);
+            return 0;
+        }
     for (Py_ssize_t k = 0; k < p->nret; k++) { /* as a dict: equal hashes, then == */
         if (p->ret_hash[k] != full)
             continue;
         int same = kt_same(p->ret_keys[k], key);
         if (same < 0)
-            return -2;
-        if (same)
-            return p->ret_cls[k];
+            return -1;
+        if (same) {
+            *back = ret_back(p, k);
+            return 0;
+        }
     }
-    return -1;
+    return 0;
 }
 
 /* -- the table entry ------------------------------------------------------- */
@@ -391,14 +510,19 @@ unlink_slot(PrefixAdmit *p, int32_t s)
 }
 
 /* The leading new keys worth storing: a new key whose class is worth less
- * than regret**2 is declined, with every new key after it, only when
- * storing them all would evict. */
+ * than regret**2, or while the seen cut is on a key that is no ghost, is
+ * declined, with every new key after it, only when storing them all would
+ * evict. */
+static int duel_call(PrefixAdmit *p, PyObject *const *keys, Py_ssize_t n);
+
 static Py_ssize_t
 pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *fresh,
          Py_ssize_t m)
 {
     PrefixAdmit *p = PA(core);
     forget_chosen(p); /* only this call's admitted keys wait for insert_many */
+    if (p->minis[0] != NULL && duel_call(p, call, ncall) < 0) /* the miniatures see it first */
+        return -1;
     if (m > p->chosen_cap) {
         uint8_t *chosen = PyMem_Realloc(p->chosen, (size_t)m);
         if (chosen == NULL) {
@@ -422,7 +546,7 @@ pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *f
         extends = s >= 0;
     }
     int full = core->used + m > core->n;
-    double bar = pow(p->regrets / p->evictions, 2.0);
+    double regret = p->regrets / p->evictions, bar = regret * regret; /* as pow(regret, 2) */
     Py_ssize_t admitted = 0, j = 0;
     Py_ssize_t probe = 0, nprobe = p->probed_at == p->gadds ? p->nprobed : 0;
     int declined = 0;
@@ -441,14 +565,14 @@ pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *f
             probe++;
         else if (ghost_hit(core, p, key, h, &back) < 0)
             return -1;
-        if (back < 0 && p->nret > 0 && (back = returning_of(p, key, hash)) == -2)
+        if (back == -1 && p->nret > 0 && returning_of(p, key, hash, &back) < 0)
             return -1;
         /* a key back within the window re-enters as the reused block it would
          * have been, if that class is worth more (not a call's last key) */
         if (back >= 0 && pos != ncall - 1 && value(p, back) > value(p, c))
             c = back;
         born(p, c);
-        if (!declined && full && value(p, c) < bar)
+        if (!declined && full && (value(p, c) < bar || (p->cut && back == -1)))
             declined = 1;
         if (declined) {
             if (ghost(core, p, key, h, -1 - c, 0) < 0) /* ghost_hit just forgot it */
@@ -511,6 +635,166 @@ pa_remove(Core *core, PyObject *key, int32_t s)
     return 0;
 }
 
+static int pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n);
+static Py_ssize_t pa_evict(Core *core, Py_ssize_t n, uint32_t epoch, PyObject *const *call,
+                           Py_ssize_t ncall, int32_t *out);
+
+/* A bare manager's handshake for one request of k distinct keys on a
+ * miniature: *hits gains its leading keys held; then touch, admit, evict and
+ * insert_many of what is stored, ready at once (PrefixAdmitPolicy.request). */
+static int
+mini_request(Mini *m, PyObject *const *keys, Py_ssize_t k, double *hits)
+{
+    Core *c = &m->core;
+    if (k > m->scratch_cap) {
+        PyObject **fresh = PyMem_Realloc(m->fresh, (size_t)k * sizeof(PyObject *));
+        if (fresh == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        m->fresh = fresh;
+        int32_t *slots = PyMem_Realloc(m->slots, (size_t)k * sizeof(int32_t));
+        if (slots == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        m->slots = slots;
+        int32_t *out = PyMem_Realloc(m->out, (size_t)k * sizeof(int32_t));
+        if (out == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        m->out = out;
+        m->scratch_cap = k;
+    }
+    /* touch moves no key in or out: one look-up per key serves it all */
+    Py_ssize_t lead = -1, nfresh = 0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        int32_t s = core_slot(c, keys[i]);
+        if (s == -2)
+            return -1;
+        m->slots[i] = s;
+        if (s < 0) {
+            if (lead < 0)
+                lead = i;
+            m->fresh[nfresh++] = keys[i];
+        }
+    }
+    *hits += (double)(lead < 0 ? k : lead);
+    if (pa_touch(c, keys, k) < 0)
+        return -1;
+    if (nfresh == 0)
+        return 0;
+    Py_ssize_t admitted = pa_admit(c, keys, k, m->fresh, nfresh);
+    if (admitted <= 0)
+        return admitted < 0 ? -1 : 0;
+    Py_ssize_t need = c->used + admitted - c->n;
+    if (need > 0) {
+        uint32_t epoch = ++c->epoch;
+        for (Py_ssize_t i = 0; i < k; i++) /* the call's keys are protected */
+            if (m->slots[i] >= 0)
+                c->stamp[m->slots[i]] = epoch;
+        Py_ssize_t got = pa_evict(c, need, epoch, keys, k, m->out);
+        if (got <= 0)
+            return got < 0 ? -1 : 0;
+        for (Py_ssize_t v = 0; v < need; v++) {
+            int32_t s = m->out[v];
+            PyObject *key = c->keys[s];
+            kt_delete(&c->map, key, s);
+            c->keys[s] = NULL;
+            Py_DECREF(key);
+            c->used--;
+            m->free_slots[m->nfree++] = s;
+        }
+    }
+    for (Py_ssize_t j = 0; j < admitted; j++) {
+        int32_t s = m->free_slots[--m->nfree];
+        if (kt_insert(&c->map, m->fresh[j], s) < 0)
+            return -1;
+        c->keys[s] = Py_NewRef(m->fresh[j]);
+        c->ref[s] = 0;
+        c->stamp[s] = 0;
+        c->used++;
+        m->slots[j] = s;
+    }
+    return pa_insert_many(c, m->fresh, m->slots, admitted);
+}
+
+/* Room for a touch of n keys to collect its sampled keys. */
+static int
+sampled_reserve(PrefixAdmit *p, Py_ssize_t n)
+{
+    if (n > p->sampled_cap) {
+        PyObject **sampled = PyMem_Realloc(p->sampled, (size_t)n * sizeof(PyObject *));
+        if (sampled == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        p->sampled = sampled;
+        uint32_t *hashes = PyMem_Realloc(p->sampled_hash, (size_t)n * sizeof(uint32_t));
+        if (hashes == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        p->sampled_hash = hashes;
+        p->sampled_cap = n;
+    }
+    return 0;
+}
+
+/* The k sampled keys of a prepare_store (p->sampled, in call order) run through both
+ * miniatures as a request (not when one is named twice), and the cut follows
+ * the one with more leading hits, by more than one standard deviation
+ * (gain**2 > the hits' sum). */
+static int
+duel(PrefixAdmit *p, Py_ssize_t k)
+{
+    if (k == 0)
+        return 0;
+    for (Py_ssize_t a = 0; a < k; a++)
+        for (Py_ssize_t b = a + 1; b < k; b++) {
+            if (p->sampled_hash[a] != p->sampled_hash[b])
+                continue;
+            int same = kt_same(p->sampled[a], p->sampled[b]);
+            if (same < 0)
+                return -1;
+            if (same)
+                return 0; /* a key named twice is no request */
+        }
+    for (int side = 0; side < 2; side++)
+        if (mini_request(p->minis[side], p->sampled, k, &p->duel_hits[side]) < 0)
+            return -1;
+    p->duel_keys += (double)k;
+    if (p->duel_keys > WINDOW * (double)p->minis[0]->core.n) {
+        p->duel_keys *= 0.5;
+        p->duel_hits[0] *= 0.5;
+        p->duel_hits[1] *= 0.5;
+    }
+    double gain = p->duel_hits[1] - p->duel_hits[0];
+    p->cut = gain > 0.0 && gain * gain > p->duel_hits[0] + p->duel_hits[1];
+    return 0;
+}
+
+/* The duel on one prepare_store's keys: its sampled keys, in call order. */
+static int
+duel_call(PrefixAdmit *p, PyObject *const *keys, Py_ssize_t n)
+{
+    if (sampled_reserve(p, n) < 0)
+        return -1;
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_hash_t full = PyObject_Hash(keys[i]); /* checked usable: cannot fail */
+        if (full == -1 && PyErr_Occurred())
+            return -1;
+        uint32_t h = kt_mix(full);
+        if ((uint64_t)h < p->sample_below) {
+            p->sampled[k] = keys[i];
+            p->sampled_hash[k++] = h;
+        }
+    }
+    return duel(p, k);
+}
+
 static int
 pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
 {
@@ -561,7 +845,7 @@ pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
             int back = -1;
             if (p->glen > 0 && ghost_hit(core, p, keys[k], h, &back) < 0)
                 return -1;
-            if (back >= 0) {
+            if (back != -1) {
                 if (kept) { /* this call's keys replace the last ones */
                     for (Py_ssize_t r = 0; r < p->nret; r++)
                         Py_DECREF(p->ret_keys[r]);
@@ -570,7 +854,7 @@ pa_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
                 }
                 p->ret_keys[p->nret] = Py_NewRef(keys[k]);
                 p->ret_hash[p->nret] = full;
-                p->ret_cls[p->nret++] = (uint8_t)back;
+                p->ret_cls[p->nret++] = back >= 0 ? (uint8_t)back : RET_STALE;
             }
             p->probed[p->nprobed++] = Py_NewRef(keys[k]); /* not a ghost now */
             continue;
@@ -754,13 +1038,13 @@ ghost_state(PrefixAdmit *p)
     return out;
 }
 
-/* {key: class} of n keys and their classes. */
+/* {key: class} of n keys and their classes (RET_STALE: -1). */
 static PyObject *
 class_map(PyObject **keys, const uint8_t *cls, Py_ssize_t n)
 {
     PyObject *out = PyDict_New();
     for (Py_ssize_t k = 0; out != NULL && k < n; k++) {
-        PyObject *c = PyLong_FromLong(cls[k]);
+        PyObject *c = PyLong_FromLong(cls[k] == RET_STALE ? -1 : cls[k]);
         if (c == NULL || PyDict_SetItem(out, keys[k], c) < 0)
             Py_CLEAR(out);
         Py_XDECREF(c);
@@ -786,12 +1070,23 @@ pa_state(Core *core)
     }
     if (lists == NULL)
         return NULL;
-    return Py_BuildValue("(sdLddNNNNNN)", "prefix_admit", p->clock, p->stored, p->evictions,
+    PyObject *duel_state = Py_NewRef(Py_None);
+    if (p->minis[0] != NULL) {
+        Py_DECREF(duel_state);
+        duel_state = Py_BuildValue("(dddNN)", p->duel_hits[0], p->duel_hits[1], p->duel_keys,
+                                   pa_state(&p->minis[0]->core), pa_state(&p->minis[1]->core));
+        if (duel_state == NULL) {
+            Py_DECREF(lists);
+            return NULL;
+        }
+    }
+    return Py_BuildValue("(sdLddNNNNNNON)", "prefix_admit", p->clock, p->stored, p->evictions,
                          p->regrets, floats(p->births, CLASSES), floats(p->uses, CLASSES), lists,
                          ghost_state(p),
                          /* admitted, not inserted yet; found returning by the last touch */
                          class_map(p->chosen_keys, p->chosen, p->nchosen),
-                         class_map(p->ret_keys, p->ret_cls, p->nret));
+                         class_map(p->ret_keys, p->ret_cls, p->nret),
+                         p->cut ? Py_True : Py_False, duel_state);
 }
 
 const PolicyOps prefix_admit_ops = {

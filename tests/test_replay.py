@@ -204,14 +204,13 @@ def test_min_leading_hits_bound_every_policy_on_chained_traces(
 
 def test_a_policy_that_declines_stores_can_beat_min() -> None:
     """MIN stores every missing block of a request that fits; a policy that may
-    decline blocks is not bound by it. 4 blocks: prefix_admit finds 6 leading hits
-    here, MIN 5 (it must store [0, 11, 12] and loses part of [9, 10])."""
-    requests = [
-        [0, 1, 2, 3], [0, 4, 5, 6], [0, 1, 2, 3], [0], [7, 8], [9, 10], [0, 11, 12], [9, 10],
-    ]  # fmt: skip
+    decline blocks is not bound by it. 4 blocks: prefix_admit finds 3 leading hits
+    here, MIN 2 (it must store [7, 8] and [0, 11, 12] and loses part of
+    [9, 10, 13]); docs/replay.md quotes this example."""
+    requests = [[7, 8, 14], [9, 10, 13], [7, 8], [0, 11, 12], [9, 10, 13]]
     bound = belady(requests, 4)
-    assert (bound.hits, bound.resident_hits) == (5, 5)
-    assert replay(requests, "prefix_admit", 4).hits == 6
+    assert (bound.hits, bound.resident_hits) == (2, 2)
+    assert replay(requests, "prefix_admit", 4).hits == 3
 
 
 @pytest.mark.slow

@@ -17,6 +17,16 @@ decisions:
   Declining cuts the chain there (the blocks behind a declined one could
   never be a leading hit). Declined keys are remembered as ghosts, so a
   class that turns valuable is admitted again.
+- **The seen cut.** While it is on, a new key that is no ghost (not
+  evicted or declined within the last four capacities of stores) is declined
+  too, with the new keys after it. A duel sets it: two miniature copies of
+  this policy (``capacity / S`` blocks each, :func:`duel_sample`) replay the
+  keys of each ``admit`` call (a ``prepare_store`` with new keys) whose mixed
+  hash falls in a ``1/S`` sample, as a request
+  (:meth:`PrefixAdmitPolicy.request`), one never cutting, one always; the
+  cut is on while the cutting copy's leading hits exceed the other's by more
+  than one standard deviation (``gain ** 2 > hits_a + hits_b``, counts
+  halved every four miniature capacities of sampled keys).
 - **Eviction.** GreedyDual over classes: a block's priority is
   ``H = clock + value(class)`` when stored or touched, the block with the
   lowest ``H`` leaves first and the clock rises to each victim's ``H``. A
@@ -48,7 +58,9 @@ changing workload within a few turnovers of the tier. The regret rate is
 ghost hits of evicted keys over evictions, halved the same way. The ghost
 window is measured in stores, not in ghosts, so declined and evicted keys get
 the same horizon (one turnover of the tier) however many keys are declined;
-at most ``4 * capacity`` ghosts are kept (the oldest go first). Nothing is
+ghosts are kept for four capacities of stores, at most ``4 * capacity`` of
+them (the oldest go first), an older one than the horizon only marking its
+key as seen. Nothing is
 fitted to a trace: every knob is a ratio measured on the running workload
 or a multiple of the tier's own capacity.
 """
@@ -77,8 +89,41 @@ PRIOR_BIRTHS = 1.0
 PRIOR_USES = 0.5
 """Each class starts at value 0.5: neither favoured nor starved before any feedback."""
 GHOSTS = 4
-"""At most this many capacities of ghosts are kept (a memory bound; the window
-itself is one capacity of stores)."""
+"""At most this many capacities of ghosts are kept, each for at most this many
+capacities of stores (the window in which a ghost's use counts is one capacity
+of stores; an older ghost only says the key was seen, for the seen cut)."""
+DUEL_SAMPLE = 32
+"""The duel's miniature caches see one key in (at most) this many, by hash, as
+set dueling samples 32 leader sets of a processor cache."""
+DUEL_BLOCKS = 1024
+"""...but each miniature holds at least this many blocks (the sample shrinks on
+small tiers; below ``DUEL_BLOCKS`` blocks it is every key at full size)."""
+_M64 = (1 << 64) - 1
+
+
+def key_mix(key: Key) -> int:
+    """The 32-bit mix of ``key``'s hash the compiled core also uses (murmur3's finalizer)."""
+    x = hash(key) & _M64
+    x ^= x >> 33
+    x = (x * 0xFF51AFD7ED558CCD) & _M64
+    x ^= x >> 33
+    x = (x * 0xC4CEB9FE1A85EC53) & _M64
+    x ^= x >> 33
+    return x & 0xFFFFFFFF
+
+
+def duel_sample(capacity: int) -> int:
+    """One key in how many the duel's miniatures see: a power of two, at most
+    :data:`DUEL_SAMPLE`, leaving each at least :data:`DUEL_BLOCKS` blocks (1 on
+    small tiers)."""
+    sample = DUEL_SAMPLE
+    while sample > 1 and capacity // sample < DUEL_BLOCKS:
+        sample //= 2
+    return sample
+
+
+_READY = BlockStatus(0, 0, 1)
+"""The one block status of a miniature's blocks: ready, never pinned."""
 
 
 def new_class(position: int, length: int, extends: bool) -> int:
@@ -112,7 +157,7 @@ class PrefixAdmitPolicy:
     window: ClassVar[float] = 4.0
     """Counts halve after this many capacities' worth of births (or evictions)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, duel: bool = True, cut: bool = False) -> None:
         self.capacity = capacity
         self.clock = 0.0
         self.births = [PRIOR_BIRTHS] * CLASSES
@@ -132,6 +177,24 @@ class PrefixAdmitPolicy:
         # touch finding none (a served load touching its hits) keeps them.
         self._returning: dict[Key, int] = {}
         self.get = self._blocks.get
+        # The seen cut: while on, a new key that is no ghost (not seen among the
+        # last keys evicted or declined) is declined, with every new key after it.
+        self.cut = cut
+        # The duel: two miniature copies of this policy on a hash sample of the
+        # keys, one never cutting, one always; the cut follows the one with more
+        # (leading) hits, by more than one standard deviation.
+        self._minis: tuple[PrefixAdmitPolicy, PrefixAdmitPolicy] | None = None
+        self._sample_below = 0
+        self.duel_hits = [0.0, 0.0]
+        self.duel_keys = 0.0
+        if duel:
+            sample = duel_sample(capacity)
+            mini = max(1, capacity // sample)
+            self._minis = (
+                PrefixAdmitPolicy(mini, duel=False),
+                PrefixAdmitPolicy(mini, duel=False, cut=True),
+            )
+            self._sample_below = (1 << 32) // sample
 
     # -- what is learned -------------------------------------------------------
 
@@ -155,20 +218,21 @@ class PrefixAdmitPolicy:
         ghosts = self.ghosts
         ghosts.pop(key, None)
         ghosts[key] = (tag, self.stored)
-        horizon = self.stored - self.capacity
+        horizon = self.stored - GHOSTS * self.capacity
         limit = GHOSTS * self.capacity
         while len(ghosts) > limit or next(iter(ghosts.values()))[1] < horizon:
             ghosts.popitem(last=False)
 
     def _ghost_hit(self, key: Key) -> int | None:
         """Forget ``key``'s ghost and count its use; a key asked for within the
-        window returns the class its use would have moved it to, had it stayed."""
+        window returns the class its use would have moved it to, had it stayed,
+        an older ghost ``-1`` (seen, nothing counted), no ghost ``None``."""
         entry = self.ghosts.pop(key, None)
         if entry is None:
             return None
         tag, since = entry
         if self.stored - since > self.capacity:
-            return None  # left more than a turnover of the tier ago
+            return -1  # left more than a turnover of the tier ago
         if tag < 0:
             tag = -1 - tag
         else:
@@ -181,20 +245,24 @@ class PrefixAdmitPolicy:
     def admit(self, keys: Sequence[Key], new: Sequence[Key]) -> list[Key]:
         """The leading keys of ``new`` (the keys of ``keys`` not held, in order) to store.
 
-        A new key whose class is worth less than ``regret ** 2`` is declined,
-        with every new key after it, but only when storing all of ``new``
-        would evict: a tier with room stores everything.
+        A new key whose class is worth less than ``regret ** 2``, or while
+        the seen cut is on a key that is no ghost, is declined, with every
+        new key after it, but only when storing all of ``new`` would evict: a
+        tier with room stores everything.
         """
         # Only this call's admitted keys wait for insert_many: a call that then
         # found no idle blocks to evict leaves none behind for good.
         self._chosen.clear()
         if not new:
             return []
+        if self._minis is not None:  # the miniatures see the call first
+            self._duel(keys)
         blocks = self._blocks
         length = len(keys)
         extends = bool(length) and keys[0] in blocks
         full = len(blocks) + len(new) > self.capacity
-        bar = self.regret**2
+        regret = self.regret
+        bar = regret * regret
         chosen = self._chosen
         admitted: list[Key] = []
         declined = False
@@ -202,6 +270,7 @@ class PrefixAdmitPolicy:
         want: Key | None = next(pending)
         returning = self._returning
         value = self.value
+        cut = self.cut
         for position, key in enumerate(keys):
             if key != want:
                 continue
@@ -212,10 +281,15 @@ class PrefixAdmitPolicy:
             # A key back within the window (evicted or declined) re-enters as the
             # reused block it would have been, if that class is worth more (not a
             # call's last key).
-            if back is not None and position != length - 1 and value(back) > value(cls):
+            if (
+                back is not None
+                and back >= 0
+                and position != length - 1
+                and value(back) > value(cls)
+            ):
                 cls = back
             self._born(cls)
-            if not declined and full and self.value(cls) < bar:
+            if not declined and full and (value(cls) < bar or (cut and back is None)):
                 declined = True
             if declined:
                 self._ghost(key, -1 - cls)
@@ -272,6 +346,45 @@ class PrefixAdmitPolicy:
             classes[key] = cls
             lists[cls][key] = self.clock + self.value(cls)
 
+    def _duel(self, keys: Sequence[Key]) -> None:
+        """Run the sampled keys of ``keys`` through both miniatures as a
+        request, and set the cut from their hits."""
+        assert self._minis is not None
+        below = self._sample_below
+        sampled = [key for key in keys if key_mix(key) < below]
+        if not sampled or len(set(sampled)) < len(sampled):
+            return  # a key named twice is no request
+        hits = self.duel_hits
+        for side, mini in enumerate(self._minis):
+            hits[side] += mini.request(sampled)
+        self.duel_keys += len(sampled)
+        if self.duel_keys > self.window * self._minis[0].capacity:
+            self.duel_keys *= 0.5
+            hits[0] *= 0.5
+            hits[1] *= 0.5
+        gain = hits[1] - hits[0]
+        self.cut = gain > 0.0 and gain * gain > hits[0] + hits[1]
+
+    def request(self, keys: Sequence[Key]) -> int:
+        """A bare manager's handshake for one request of distinct ``keys`` on
+        this policy alone (the duel's miniatures): the leading keys held, then
+        ``touch``, ``admit``, ``evict`` and ``insert_many`` of what is stored,
+        ready at once. Returns the leading hits."""
+        blocks = self._blocks
+        hits = 0
+        for key in keys:
+            if key not in blocks:
+                break
+            hits += 1
+        self.touch(keys)
+        new = [key for key in keys if key not in blocks]
+        if new:
+            admitted = self.admit(keys, new)
+            need = len(blocks) + len(admitted) - self.capacity
+            if admitted and (need <= 0 or self.evict(need, set(keys)) is not None):
+                self.insert_many([(key, _READY) for key in admitted])
+        return hits
+
     def evict(self, n: int, protected: Container[Key]) -> list[tuple[Key, BlockStatus]] | None:
         if n <= 0:
             return []
@@ -303,10 +416,12 @@ class PrefixAdmitPolicy:
 
     def order_state(self) -> tuple[object, ...]:
         """Everything that decides the next answers: ``("prefix_admit", clock,
-        stored, evictions, regrets, births, uses, lists, ghosts, chosen, returning)``,
-        the lists as ``(key, priority)`` pairs in order, the ghosts as
-        ``(key, tag, stored then)`` oldest first and ``returning`` as
-        ``{key: class}`` (compared with the compiled core)."""
+        stored, evictions, regrets, births, uses, lists, ghosts, chosen, returning,
+        cut, duel)``, the lists as ``(key, priority)`` pairs in order, the ghosts as
+        ``(key, tag, stored then)`` oldest first, ``returning`` as ``{key: class}``
+        (-1: an older ghost) and ``duel`` as ``(hits without the cut, hits with it,
+        sampled keys, each miniature's order_state())``, ``None`` in a miniature
+        (compared with the compiled core)."""
         return (
             "prefix_admit",
             self.clock,
@@ -319,6 +434,16 @@ class PrefixAdmitPolicy:
             tuple((key, tag, since) for key, (tag, since) in self.ghosts.items()),
             dict(self._chosen),
             dict(self._returning),
+            self.cut,
+            None
+            if self._minis is None
+            else (
+                self.duel_hits[0],
+                self.duel_hits[1],
+                self.duel_keys,
+                self._minis[0].order_state(),
+                self._minis[1].order_state(),
+            ),
         )
 
     def keys(self) -> Iterator[Key]:
