@@ -3,6 +3,8 @@ online feedback, and never falling apart against LRU on unseen sharing shapes.""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from _managers import make_manager
@@ -13,7 +15,7 @@ from kvactors.cli.replay import belady, replay
 from kvactors.config import Config, NVMeConfig, TierConfig
 from kvactors.manager import NATIVE
 from kvactors.policy import PrefixAdmitPolicy, make_policy
-from kvactors.policy.prefix_admit import NEW_CLASSES, new_class
+from kvactors.policy.prefix_admit import NEW_CLASSES, duel_sample, new_class
 
 CORES = ["prefix_admit", "prefix_admit-python"]
 
@@ -354,3 +356,76 @@ def test_one_off_requests_gain_a_fifth_over_lru() -> None:
         capacity = int(0.05 * unique)
         lru = replay(requests, "lru", capacity).hits
         assert replay(requests, "prefix_admit", capacity).hits > 1.2 * lru
+
+
+def test_the_duel_samples_one_key_in_up_to_32() -> None:
+    """Each miniature holds at least 1,024 blocks: every key on small tiers,
+    one in 32 on large ones."""
+    assert duel_sample(1000) == 1
+    assert duel_sample(2048) == 2
+    assert duel_sample(32 * 1024 - 1) == 16
+    assert duel_sample(10**6) == 32
+    policy = PrefixAdmitPolicy(4096)
+    state = policy.order_state()[-1]
+    assert isinstance(state, tuple)
+    assert [mini[0] for mini in state[3:]] == ["prefix_admit", "prefix_admit"]
+    assert PrefixAdmitPolicy(8, duel=False).order_state()[-1] is None
+
+
+def _state(mgr: OffloadingManager) -> Any:
+    """The policy's order_state, from whichever core runs it."""
+    if mgr.native:
+        return mgr._core.policy_state()  # type: ignore[attr-defined]
+    return mgr.policy.order_state()  # type: ignore[union-attr]
+
+
+def _handshake(mgr: OffloadingManager, requests: list[list[int]]) -> int:
+    hits = 0
+    for keys in requests:
+        hits += mgr.lookup(keys)
+        mgr.touch(keys)
+        out = mgr.prepare_store(keys)
+        if out is not None:
+            mgr.complete_store(out.block_hashes_to_store)
+    return hits
+
+
+def _floods(rounds: int) -> list[list[int]]:
+    """32 slots' worth of traffic: a pool of 24 two-block chains each asked for
+    again every few rounds, between them one-off 4-block chains never seen again."""
+    requests: list[list[int]] = []
+    for i in range(rounds):
+        hot = 10_000 + 2 * (i % 24)
+        requests += [[hot, hot + 1], [100 * i + j for j in range(4)]]
+    return requests
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_the_duel_cuts_one_off_chains_that_flush_the_reused_ones(core: str) -> None:
+    """One-off chains would flush the reused ones: the cutting miniature wins, the
+    cut turns on, and the one-off chains are declined on first sight."""
+    mgr = make_manager(32, core)
+    hits = _handshake(mgr, _floods(600))
+    state = _state(mgr)
+    assert state[11] is True  # the cut
+    without, cutting = state[12][0], state[12][1]
+    assert cutting > without
+    out = mgr.prepare_store([900_001, 900_002])
+    assert out is not None
+    assert out.block_hashes_to_store == []  # never seen: declined
+    assert hits > replay(_floods(600), "lru", 32).hits
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_the_duel_keeps_the_cut_off_where_first_reuses_pay(core: str) -> None:
+    """Chat turns: each request extends the last one of its session, so every new
+    block is asked for again at the next turn; cutting them would lose those
+    hits, and the cut stays off."""
+    mgr = make_manager(32, core)
+    requests: list[list[int]] = []
+    for turn in range(1, 40):
+        for session in range(6):
+            requests.append([1000 * session + j for j in range(min(turn, 5))])
+    _handshake(mgr, requests)
+    state = _state(mgr)
+    assert state[11] is False
