@@ -101,8 +101,8 @@ typedef struct {
  * keys, ref, stamp, map, epoch), its free slots and a request's scratch. */
 struct Mini {
     Core core;
-    int32_t *free_slots;
-    Py_ssize_t nfree;
+    int32_t *free_slots; /* freed slots, then next_fresh.. never used (nothing up front) */
+    Py_ssize_t nfree, next_fresh;
     PyObject **fresh;
     int32_t *slots, *out;
     Py_ssize_t scratch_cap;
@@ -128,7 +128,7 @@ mini_free(Mini *m)
     Core *c = &m->core;
     pa_dealloc(c);
     if (c->keys != NULL)
-        for (Py_ssize_t s = 0; s < c->n; s++)
+        for (Py_ssize_t s = 0; s < m->next_fresh; s++)
             Py_XDECREF(c->keys[s]);
     kt_free(&c->map);
     PyMem_Free(c->keys);
@@ -164,8 +164,6 @@ mini_new(Py_ssize_t n, int cut)
         mini_free(m);
         return NULL;
     }
-    for (Py_ssize_t s = n - 1; s >= 0; s--)
-        m->free_slots[m->nfree++] = (int32_t)s;
     if (pa_setup(c, 0) < 0 || pa_grow(c, 0, n) < 0) {
         mini_free(m);
         return NULL;
@@ -708,7 +706,7 @@ mini_request(Mini *m, PyObject *const *keys, Py_ssize_t k, double *hits)
         }
     }
     for (Py_ssize_t j = 0; j < admitted; j++) {
-        int32_t s = m->free_slots[--m->nfree];
+        int32_t s = m->nfree > 0 ? m->free_slots[--m->nfree] : (int32_t)m->next_fresh++;
         if (kt_insert(&c->map, m->fresh[j], s) < 0)
             return -1;
         c->keys[s] = Py_NewRef(m->fresh[j]);
