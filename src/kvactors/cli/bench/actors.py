@@ -7,8 +7,8 @@ the tier actor runs (:func:`~kvactors.cache.transfers.move`, GPU pool -> CPU
 tier and back, with as many copy threads) and nothing else, in the same run:
 the two (and the threaded reference) take turns in short chunks of rounds, in
 one event loop, each on its own buffers of the same sizes, each scaled from its
-best chunk. Block sizes 256 KiB and 2 MiB, batches of 16 and 64. Goal: the actor path at least 0.9x the direct calls at every size and
-batch.
+best chunk. Block sizes 256 KiB and 2 MiB, batches of 16 and 64. Goal: the
+actor path at least 0.9x the direct calls at every size and batch.
 
 Also reported, with no goal: the metadata-only ratio (``Config(move_bytes=
 False)``: handshakes through the actors, no byte copied, against the same
