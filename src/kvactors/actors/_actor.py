@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -44,6 +44,20 @@ M = TypeVar("M")
 R = TypeVar("R")
 
 log = logging.getLogger("kvactors.actors")
+
+
+Checkpoint = Callable[[], Awaitable[None]]
+
+
+def loop_checkpoints() -> tuple[Checkpoint, Checkpoint]:
+    """``(checkpoint, checkpoint_if_cancelled)`` of the running async backend: the
+    functions ``anyio.lowlevel``'s run, looked up once instead of on each call
+    (the look-up doubled a yield's cost here). Call it on the loop they serve."""
+    get = getattr(anyio.lowlevel, "get_async_backend", None)
+    if get is None:  # an anyio without it: its own functions
+        return anyio.lowlevel.checkpoint, anyio.lowlevel.checkpoint_if_cancelled
+    backend = get()
+    return backend.checkpoint, backend.checkpoint_if_cancelled
 
 
 class Message(msgspec.Struct, Generic[R], frozen=True):
@@ -116,6 +130,7 @@ class Actor(Generic[M]):
         self._handled = 0
         self._failed = 0
         self._dropped = 0
+        self._checkpoint: Checkpoint = anyio.lowlevel.checkpoint  # the backend's, once running
 
     # -- to override ---------------------------------------------------------------
 
@@ -226,6 +241,7 @@ class Actor(Generic[M]):
             raise ActorStartError(f"actor {self.name!r} failed to start: {exc}") from exc
         self._running = True
         self._places = self._concurrency
+        self._checkpoint = loop_checkpoints()[0]
         task_status.started()
         try:
             async with anyio.create_task_group() as tg:
@@ -266,7 +282,7 @@ class Actor(Generic[M]):
                     continue
                 await self._dispatch(envelope)
                 # Yield between messages: fairness, and a place to be cancelled.
-                await anyio.lowlevel.checkpoint()
+                await self._checkpoint()
         finally:
             self._fail_queued()
 

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.lowlevel
 
-from kvactors.actors import Actor, Message
+from kvactors.actors import Actor, Message, loop_checkpoints
 from kvactors.cache.executor import Executor, Outcome
 from kvactors.cache.messages import (
     Adopt,
@@ -98,6 +98,7 @@ class Coordinator(Actor[CoordinatorRequest]):
 
     async def on_start(self) -> None:
         self._shield = self.executor.shield = type(anyio.CancelScope())
+        self.executor.checkpoint_if_cancelled = loop_checkpoints()[1]
 
     async def handle(self, message: CoordinatorRequest) -> Any:
         call: Coroutine[Any, Any, StoreResult | LoadResult | None]

@@ -31,6 +31,7 @@ import anyio.lowlevel
 import msgspec
 import torch
 
+from kvactors.actors import Checkpoint
 from kvactors.cache.messages import Complete, Drop, Forget, LoadPlan, MarkFailed, Move, StorePlan
 from kvactors.cache.policy_actor import PolicyActor
 from kvactors.cache.tier_actor import TierActor
@@ -152,8 +153,10 @@ class Executor:
         self.failed_tiers: set[str] = set()
         # The running backend's cancel scope class, made directly (as events are
         # in the actor runtime): ``anyio.CancelScope()`` looks the backend up
-        # each time. Set by the coordinator once its event loop runs.
+        # each time; and its ``checkpoint_if_cancelled``, looked up once. Set by
+        # the coordinator once its event loop runs.
         self.shield: type[anyio.CancelScope] = anyio.CancelScope
+        self.checkpoint_if_cancelled: Checkpoint = anyio.lowlevel.checkpoint_if_cancelled
 
     async def run(
         self,
@@ -225,7 +228,7 @@ class Executor:
             if threaded:
                 # A thread's copy is not interrupted: a cancellation that
                 # came meanwhile takes effect here, before the next step.
-                await anyio.lowlevel.checkpoint_if_cancelled()
+                await self.checkpoint_if_cancelled()
 
     def _overlap(self, plan: StorePlan | LoadPlan, side: Any) -> dict[int, Side]:
         """The stores of ``plan`` whose ``through`` write (the transfer right after

@@ -19,9 +19,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 
-from kvactors.actors import Actor, Future
+from kvactors.actors import Actor, Future, loop_checkpoints
 from kvactors.cache.arguments import check_key_list, check_side
 from kvactors.cache.coordinator import Coordinator
 from kvactors.cache.events import CacheEvent
@@ -94,6 +93,8 @@ class KVCache:
         self._tg = task_group
         self._closed = False
         self._lookup_latency = Latency()
+        # The running backend's yield, looked up once (KVCache is made on its loop).
+        self._checkpoint = loop_checkpoints()[0]
         self.metrics_url: str | None = None
         """Where Prometheus scrapes this cache (``[metrics] port`` set), else ``None``."""
         self.flushed: list[FlushResult] = []
@@ -122,7 +123,7 @@ class KVCache:
     async def _call(self, request: Store | Load) -> Any:
         # Every call yields to the event loop once, before anything happens
         # (and is cancelled there, with nothing done, if its caller is).
-        await anyio.lowlevel.checkpoint()
+        await self._checkpoint()
         return await self._coord.ask(request)
 
     # -- the API --------------------------------------------------------------------
@@ -137,7 +138,7 @@ class KVCache:
         """
         self._check_open("lookup")
         message = Lookup(check_key_list(keys, "lookup"))
-        await anyio.lowlevel.checkpoint()
+        await self._checkpoint()
         start = time.perf_counter()
         if self._coord.shared:
             # Keys no tier holds: ask the shared (remote) tier, in one batch.

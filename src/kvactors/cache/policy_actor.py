@@ -259,8 +259,15 @@ class PolicyActor(Actor[PolicyRequest], Placement):
         raise TierFailed(f"no tier named {tier!r}")
 
     def _flush_events(self) -> None:
+        hub = self.hub
         for manager in self.managers:
-            for ev in manager.take_events():
+            events = manager.take_events()
+            if not events:
+                continue
+            if not hub.subscribers and self._lazy is None:
+                hub.published += len(events)  # nobody listens: counted, not built
+                continue
+            for ev in events:
                 kind: EventKind = "removed" if ev.removed else "stored"
                 self.hub.publish(CacheEvent(kind, ev.medium, ev.block_hashes))
                 if self._lazy is not None:

@@ -169,13 +169,16 @@ class TierActor(Actor[TierRequest]):
         nbytes = blocks * self.medium.block_bytes
         acc = self._ops.get(op)
         if acc is None:
-            acc = self._ops[op] = [0, 0, 0.0]
+            # jobs, bytes, seconds, and whether its bytes are written / read here
+            written = op.endswith("->" + self.name)
+            read = not written and op.startswith(self.name + "->")
+            acc = self._ops[op] = [0, 0, 0.0, written, read]
         acc[0] += jobs
         acc[1] += nbytes
         acc[2] += seconds
-        if op.endswith("->" + self.name):
+        if acc[3]:
             self._bytes_written += nbytes
-        elif op.startswith(self.name + "->"):
+        elif acc[4]:
             self._bytes_read += nbytes
         return nbytes
 
