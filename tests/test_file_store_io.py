@@ -501,12 +501,15 @@ def test_io_mode_follows_the_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("offset", [0, 64, 1])
-def test_direct_io_round_trips_aligned_and_unaligned_buffers(tmp_path: Path, offset: int) -> None:
+def test_direct_io_round_trips_aligned_and_unaligned_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offset: int
+) -> None:
     """O_DIRECT takes page-aligned buffers as they are and any others through an
     aligned bounce buffer: the same bytes either way, runs longer than the
     bounce buffer included."""
     if file_store._io_vectored is None:
         pytest.skip("compiled I/O core not built")
+    monkeypatch.setattr(file_store, "DIRECT_REQUEST_BYTES", 2**40)  # runs stay one request
     n = 1100  # one run of 4.3 MiB: more than the 4 MiB bounce buffer
     raw = torch.randint(0, 256, (n * BB + 2 * BB,), dtype=torch.uint8)
     skip = (-raw.data_ptr() % 4096 + offset) % (2 * BB)
@@ -536,3 +539,71 @@ def test_memory_pools_on_the_host_are_page_aligned() -> None:
         assert cpu.data.data_ptr() % 4096 == 0
         assert cpu.data.shape == (n, BB)
         assert not cpu.data.any()
+
+
+@pytest.mark.parametrize(("most", "cut"), [(BB // 2, 1), (3 * BB + BB // 2, 3), (4 * BB, 4)])
+def test_direct_runs_are_cut_into_requests_of_at_most_direct_request_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, most: int, cut: int
+) -> None:
+    """Direct, a run of adjacent slots longer than DIRECT_REQUEST_BYTES is several
+    requests, in file order, each at most that long (whole blocks, at least one);
+    the bytes round trip, and a short request tears only its own tail."""
+    if file_store._io_vectored is None:
+        pytest.skip("compiled I/O core not built")
+    monkeypatch.setattr(file_store, "DIRECT_REQUEST_BYTES", most)
+    src = pool(12, 9)
+    ids = [11, 2, 3, 4, 5, 6, 7, 8, 9, 0]  # runs: [0], [2..9], [11]
+    keys: list[bytes | int] = [100 + i for i in ids]
+    store = FileStore("nvme", 16, BB, str(tmp_path), io_threads=2, io="direct")
+    try:
+        faults = Scripted({})
+        store.faults = faults
+        store.write_buffers(ids, src.buffers(list(range(10))), keys)
+        starts = [0, *range(2, 10, cut), 11]
+        want = [(True, s, min(cut, 10 - s) if 2 <= s < 10 else 1) for s in starts]
+        assert sorted(faults.asked) == want
+        dst = MemoryPool("cpu", 10, BB, torch.device("cpu"))
+        assert store.read_buffers(ids, dst.buffers(list(range(10))), keys) == []
+        assert torch.equal(dst.data, src.data[:10])
+        if cut > 1:  # the request at slot 2 moves one block: slots 3.. of it are torn
+            store.faults = Scripted({2: BB})
+            torn = [ids.index(s) for s in range(3, 2 + cut)]
+            assert store.read_buffers(ids, dst.buffers(list(range(10))), keys) == sorted(torn)
+    finally:
+        store.close()
+
+
+def test_a_direct_request_is_one_call_and_a_slot_named_twice_keeps_its_last_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Direct, a read or write is one call into the compiled loop with
+    io_threads * io_depth requests in flight; a write naming a slot twice runs one
+    request at a time, so the later buffer is what the slot holds."""
+    if file_store._io_vectored is None:
+        pytest.skip("compiled I/O core not built")
+    calls: list[tuple[bool, int, int]] = []
+    vectored = file_store._io_vectored
+
+    def counting(write: bool, fds: list[int], *args: Any) -> list[int]:
+        calls.append((write, len(fds), args[-1]))
+        return vectored(write, fds, *args)
+
+    monkeypatch.setattr(file_store, "_io_vectored", counting)
+    n = 40
+    src = pool(2 * n, 5)
+    slots = [2 * i for i in range(n)]  # no two adjacent: 40 requests
+    store = FileStore("nvme", 2 * n, BB, str(tmp_path), io="direct", io_threads=2, io_depth=3)
+    try:
+        store.write_buffers(slots, src.buffers(list(range(n))))
+        dst = MemoryPool("cpu", n, BB, torch.device("cpu"))
+        store.read_buffers(slots, dst.buffers(list(range(n))))
+        assert torch.equal(dst.data, src.data[:n])
+        assert calls == [(True, n, 6), (False, n, 6)]
+        calls.clear()
+        # Every slot twice, the second time from rows n..2n-1: the second buffers win.
+        store.write_buffers(slots + slots, src.buffers(list(range(2 * n))))
+        assert calls == [(True, 2 * n, 1)]
+        store.read_buffers(slots, dst.buffers(list(range(n))))
+        assert torch.equal(dst.data, src.data[n:])
+    finally:
+        store.close()

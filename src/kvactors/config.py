@@ -135,7 +135,7 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     writes to one file serialise on its inode lock, so writes to different files
     run in parallel. A directory is reopened with the stripes it was made with.
     ``io``: ``"direct"`` reads and writes the block files with ``O_DIRECT``
-    (past the page cache, several requests in flight per file; blocks a multiple
+    (past the page cache, several requests in flight at once; blocks a multiple
     of 4096 bytes); ``"buffered"`` through the page cache; ``"auto"`` is direct
     for a named directory whose file system takes ``O_DIRECT`` with such
     blocks, buffered otherwise (a temporary directory, a tmpfs).

@@ -45,6 +45,10 @@ T = TypeVar("T")
 MAX_BLOCKS = 2**32  # slots are u32 in the index records
 DIRECT_ALIGN = 4096  # offsets, lengths and (else bounced) buffers of O_DIRECT I/O
 DIRECT_DEPTH = 4  # direct requests in flight per I/O thread (measured in docs/benchmarks.md)
+# The most bytes of one direct request: a longer run of adjacent slots is cut into
+# requests of this size (at least one block), so several of them are in flight at
+# once instead of one call for the whole run (measured in docs/benchmarks.md).
+DIRECT_REQUEST_BYTES = 2**20
 _Batch = tuple[int, list[int]]
 
 
@@ -76,6 +80,19 @@ def _batches(ids: list[int], stripes: int = 1) -> list[tuple[int, list[int]]]:
             batches.append((slot, run))
         prev = slot
     return batches
+
+
+def _pieces(batches: list[_Batch], stripes: int, most: int) -> list[_Batch]:
+    """``batches`` with every run longer than ``most`` slots cut into runs of at
+    most ``most`` (in the same order), each still one call."""
+    out: list[_Batch] = []
+    for slot, positions in batches:
+        if len(positions) <= most:
+            out.append((slot, positions))
+            continue
+        for k in range(0, len(positions), most):
+            out.append((slot + k * stripes, positions[k : k + most]))
+    return out
 
 
 _IOV_MAX = 1024
@@ -145,8 +162,9 @@ class FileStore:
     inode lock; spread over several files they run in parallel, one I/O thread
     per file. ``io`` is ``nvme.io`` (``"auto"``, ``"direct"``, ``"buffered"``,
     see :class:`~kvactors.config.NVMeConfig`); :attr:`io` says which one runs.
-    Direct writes and reads keep up to ``io_threads * io_depth`` requests in
-    flight (``io_depth`` per I/O thread, on the compiled loop).
+    A direct read or write is one call into the compiled loop that keeps up to
+    ``io_threads * io_depth`` requests in flight (``io_depth`` per I/O thread),
+    each at most ``DIRECT_REQUEST_BYTES`` (a longer run of adjacent slots is cut).
 
     ``directory=None`` makes a temporary directory, removed on :meth:`close`
     (and when opening fails). A directory is held by one process at a time: an
@@ -383,8 +401,12 @@ class FileStore:
                 return positions[got // bb :]
             return []
 
-        run = self._runner(False, bufs, read_done, self.io_depth)
-        torn = {pos for bad in self._in_stretches(run, _batches(ids, self.stripes)) for pos in bad}
+        batches = self._plan(ids)
+        if self._one_call(False):  # all its requests share io_threads * io_depth threads
+            results = self._runner(False, bufs, read_done, self._direct_depth())(batches)
+        else:
+            results = self._in_stretches(self._runner(False, bufs, read_done), batches)
+        torn = {pos for bad in results for pos in bad}
         if keys is None:
             return []
         crcs = self.index.match(ids, keys)
@@ -395,6 +417,25 @@ class FileStore:
         ]
         self.corrupted += len(bad)
         return bad
+
+    def _one_call(self, write: bool) -> bool:
+        """Direct I/O on the compiled loop: a request's system calls are one call
+        (the Python path, with entry points replaced, runs in stretches)."""
+        plain = os.pwritev if write else os.preadv
+        return bool(self.direct_fds) and (self.pwritev if write else self.preadv) is plain
+
+    def _direct_depth(self) -> int:
+        """Direct requests in flight for one read or write: ``io_depth`` per I/O thread."""
+        return min(64, self.io_threads * self.io_depth)
+
+    def _plan(self, ids: list[int]) -> list[_Batch]:
+        """The system calls of a request: runs of adjacent slots (``_batches``);
+        direct, runs cut to at most ``DIRECT_REQUEST_BYTES`` each, so a long run
+        is several requests in flight rather than one."""
+        batches = _batches(ids, self.stripes)
+        if not self.direct_fds:
+            return batches
+        return _pieces(batches, self.stripes, max(1, DIRECT_REQUEST_BYTES // self.block_bytes))
 
     def _slots(self, slot: int, n: int) -> str:
         last = slot + (n - 1) * self.stripes
@@ -532,16 +573,17 @@ class FileStore:
 
         # Buffered writes to one file serialize on its inode lock, so threads help
         # only across files: one group per file (measured in docs/benchmarks.md).
-        # Direct writes keep several requests in flight per file instead.
-        batches = _batches(ids, stripes)
+        # Direct writes are one call whose requests share io_threads * io_depth
+        # threads, each taking the next request in file order.
+        batches = self._plan(ids)
         files = [[b for b in batches if b[0] % stripes == k] for k in range(stripes)]
-        # Batches in flight at once must not write one slot twice (the last buffer wins).
-        depth = self.io_depth if len(set(ids)) == len(ids) else 1
-        run = self._runner(True, bufs, write_done, depth)
-        if self.direct_fds:
-            self._in_stretches(run, batches)
+        if self._one_call(True):
+            # Requests in flight at once must not write one slot twice (the last
+            # buffer wins): a request naming a slot twice runs one at a time.
+            depth = self._direct_depth() if len(set(ids)) == len(ids) else 1
+            self._runner(True, bufs, write_done, depth)(batches)
         else:
-            self._in_groups(run, [group for group in files if group])
+            self._in_groups(self._runner(True, bufs, write_done), [g for g in files if g])
         if keys is None:
             return
         if self.durable:
