@@ -238,7 +238,12 @@ class Executor:
         the written medium takes any host buffer (``writes_any_buffer``: the
         remote store; files keep reading the top tier's aligned slots).
         Maps the store's index to the ``through`` write's source."""
-        if not isinstance(plan, StorePlan) or not self.move_bytes or side is None:
+        if (
+            len(plan.transfers) < 2
+            or not isinstance(plan, StorePlan)
+            or not self.move_bytes
+            or side is None
+        ):
             return {}
         rows = side if isinstance(side, torch.Tensor) else self.gpu.tensor()
         if rows.device.type != "cpu":
