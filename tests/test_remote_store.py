@@ -400,7 +400,7 @@ def test_one_store_serves_many_threads_at_once(store: RemoteStore) -> None:
     with ThreadPoolExecutor(8) as pool:
         checked = list(pool.map(worker, range(8)))
     assert min(checked) >= 24  # each read at least its own blocks
-    client = store._nodes["server"].client
+    client = store.nodes.by_name["server"].client
     client.set(store.redis_key(1), b"garbage")
     fresh = torch.full((3, BB), 9, dtype=torch.uint8)
     assert store.fetch([0, 1, 123456], views(fresh)) == ([2], [1])
@@ -462,13 +462,13 @@ def test_one_pipeline_of_writes_carries_at_most_max_batch_bytes(
     bytes of values (counted on the wire), all of it arriving."""
     s = RemoteStore("remote", BB, url=redis_server.url, max_batch_bytes=5 * BB)
     sent: list[int] = []
-    send = s._send_packed
+    send = s.io.send_packed
 
     def counting(node: Any, commands: list[Any]) -> list[Any]:
         sent.append(sum(len(c) for command in commands for c in command.chunks))
         return send(node, commands)
 
-    s._send_packed = counting  # type: ignore[method-assign]
+    s.io.send_packed = counting  # type: ignore[method-assign]
     keys = list(range(23))
     rows = rows_for(keys)
     assert s.put(keys, [memoryview(r.numpy()) for r in rows]) == []

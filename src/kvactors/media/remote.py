@@ -1,17 +1,12 @@
 """The remote medium: :class:`RemoteStore`, blocks in a Valkey / Redis server or cluster.
 
-One key per block, ``{namespace}:{fingerprint}:{key hex}``, where the
-fingerprint hashes everything that makes bytes compatible (``block_bytes``,
-the layout and model identity the user supplies, and :data:`FORMAT_VERSION`),
-so engines running different models never see each other's blocks. Each
-value is a small header and the block's bytes::
-
-    magic "KVR1" | fingerprint (8) | key length u16 | payload length u64 |
-    xxh3-64 of the payload u64 | key | payload
-
-A value that is absent (never stored, or evicted by the server), truncated,
-garbage, or written under another fingerprint or key is a *miss*, counted and
-reported, never bytes handed to the caller.
+The store over three modules, one role each: :mod:`~kvactors.media.remote_format`
+(server keys, the fingerprint naming compatible bytes, each value's header),
+:mod:`~kvactors.media.remote_wire` (the commands and replies on a connection)
+and :mod:`~kvactors.media.remote_nodes` (which node serves a key, which are
+down). A value that is absent, truncated, garbage, or written under another
+fingerprint or key is a *miss*, counted and reported, never bytes handed to
+the caller.
 
 Every call blocks (the tier actor runs it in a worker thread) and has stopped
 writing into its destinations when it returns or raises. Reads into a
@@ -24,90 +19,42 @@ reported missed, and its bytes are never served.
 
 Failures: a server that refuses connections or does not answer within
 ``timeout`` raises :class:`~kvactors.errors.RemoteUnavailable` and is then
-left alone for ``retry_after`` seconds (calls fail at once, without touching
-the network); the first call after that tries it again, so the store
-reconnects by itself once the server is back. In a cluster the nodes are
-judged one by one: keys whose node is down are misses while another node
-answers; only when every node is down does a call raise.
+left alone for ``retry_after`` seconds; in a cluster, keys whose node is down
+are misses while another node answers (see :mod:`~kvactors.media.remote_nodes`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 import torch
 
 from kvactors.errors import BlocksMissingError, ConfigError, RemoteUnavailable, TransferError
 from kvactors.keys import Key
+from kvactors.media.remote_format import (
+    FORMAT_VERSION,
+    HEADER_BYTES,
+    ValueFormat,
+    encode_key,
+    fingerprint,
+)
+from kvactors.media.remote_nodes import Node, RemoteNodes, parse_node
+from kvactors.media.remote_wire import ABSENT, READ_PIPELINE_BYTES, REFUSED, Packed, RemoteIO
 
 __all__ = [
     "FORMAT_VERSION",
+    "HEADER_BYTES",
     "RemoteCounters",
     "RemoteStore",
+    "encode_key",
     "fingerprint",
     "parse_node",
 ]
-
-FORMAT_VERSION = 1
-"""Version of the value format; part of the fingerprint, so a change starts a new namespace."""
-
-MAGIC = b"KVR1"
-_HEAD = struct.Struct("<4s8sHQQ")  # magic, fingerprint, key length, payload length, xxh3
-HEADER_BYTES = _HEAD.size
-READ_PIPELINE_BYTES = 16 * 2**20
-"""Values one pipeline of ``GET``\\ s asks for at most (each reply is read off the
-socket into its destination, or a staging buffer of one value; what the server
-holds queued for the connection is bounded by :data:`READ_WINDOW_BYTES`)."""
-
-READ_WINDOW_BYTES = 1 * 2**20
-"""Values a connection has asked for and not yet read, at most (at least one):
-the ``GET``\\ s of a pipeline go out as the replies before them are read, so
-the server streams each value as it is asked for instead of queueing the
-replies of the whole pipeline (which read slower here, from 512 KiB values up)."""
-
-T = TypeVar("T")
-
-
-def _xxh3() -> Callable[[Any], int]:
-    try:
-        import xxhash
-    except ImportError:  # pragma: no cover - the remote extra installs it
-        raise ConfigError(
-            "remote: the remote tier needs the 'remote' extra: pip install 'kvactors[remote]'"
-        ) from None
-    fn: Callable[[Any], int] = xxhash.xxh3_64_intdigest
-    return fn
-
-
-def fingerprint(block_bytes: int, model: str = "", layout: str = "") -> bytes:
-    """8 bytes naming what makes block bytes compatible between engines."""
-    text = (
-        f"kvactors-remote/{FORMAT_VERSION}|block_bytes={block_bytes}|layout={layout}|model={model}"
-    )
-    return hashlib.blake2b(text.encode(), digest_size=8).digest()
-
-
-def encode_key(key: Key) -> bytes:
-    """A key as bytes, the same in every process (``int`` and ``bytes`` keys never collide)."""
-    if type(key) is bytes:
-        return b"b" + key
-    assert isinstance(key, int)
-    return b"i" + key.to_bytes((key.bit_length() + 8) // 8, "little", signed=True)
-
-
-def parse_node(text: str) -> tuple[str, int]:
-    """``"host:port"`` -> ``(host, port)``; a bad one raises ConfigError."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"remote.nodes: expected 'host:port', got {text!r}")
-    return host.strip("[]"), int(port)
 
 
 class RemoteCounters(msgspec.Struct, frozen=True):
@@ -129,111 +76,6 @@ class RemoteCounters(msgspec.Struct, frozen=True):
     write_seconds: float
     node_failures: int
     down: list[str]
-
-
-class _Packed:
-    """One command already in the wire format: its chunks, sent in order."""
-
-    __slots__ = ("chunks",)
-
-    def __init__(self, chunks: list[Any]) -> None:
-        self.chunks = chunks
-
-
-class _Node:
-    """One server: its client and when it may be tried again after a failure."""
-
-    __slots__ = ("client", "down_until", "error", "name")
-
-    def __init__(self, name: str, client: Any) -> None:
-        self.name = name
-        self.client = client
-        self.down_until = 0.0
-        self.error = ""
-
-
-_HIT, _ABSENT, _REFUSED = 0, 1, 2  # what one GET delivered
-
-
-class _Wire:
-    """RESP2 replies read straight off one connection's socket.
-
-    Bulk replies land where the reader says (:meth:`into`), with ``recv_into``
-    and no intermediate copy; only the short lines (``$len``, errors) and what
-    arrived with them pass through the small ``buf``. The reader must end at a
-    reply boundary (:attr:`idle`); a connection it leaves elsewhere is closed.
-    """
-
-    __slots__ = ("buf", "hi", "lo", "sock", "view")
-
-    def __init__(self, size: int = 1 << 16) -> None:
-        self.buf = bytearray(size)
-        self.view = memoryview(self.buf)
-        self.sock: Any = None
-        self.lo = self.hi = 0
-
-    def start(self, sock: Any) -> None:
-        self.sock = sock
-        self.lo = self.hi = 0
-
-    @property
-    def idle(self) -> bool:
-        return self.lo == self.hi
-
-    def _fill(self) -> None:
-        if self.lo == self.hi:
-            self.lo = self.hi = 0
-        elif self.hi == len(self.buf):
-            n = self.hi - self.lo
-            self.buf[:n] = self.buf[self.lo : self.hi]
-            self.lo, self.hi = 0, n
-        got = self.sock.recv_into(self.view[self.hi :])
-        if not got:
-            raise ConnectionError("the server closed the connection")
-        self.hi += got
-
-    def line(self) -> bytes:
-        """One reply line, without its CRLF."""
-        while True:
-            end = self.buf.find(b"\r\n", self.lo, self.hi)
-            if end >= 0:
-                out = bytes(self.view[self.lo : end])
-                self.lo = end + 2
-                return out
-            if self.lo == 0 and self.hi == len(self.buf):
-                raise ConnectionError("protocol error: reply line too long")
-            self._fill()
-
-    def into(self, dst: memoryview) -> None:
-        """Exactly ``len(dst)`` bytes of the stream into ``dst``."""
-        want = len(dst)
-        have = min(self.hi - self.lo, want)
-        if have:
-            dst[:have] = self.view[self.lo : self.lo + have]
-            self.lo += have
-        recv = self.sock.recv_into
-        while have < want:
-            got = recv(dst[have:])
-            if not got:
-                raise ConnectionError("the server closed the connection")
-            have += got
-
-    def skip(self, n: int) -> None:
-        """Discard ``n`` bytes of the stream."""
-        while n:
-            if self.lo == self.hi:
-                self._fill()
-            take = min(n, self.hi - self.lo)
-            self.lo += take
-            n -= take
-
-
-class _Local(threading.local):
-    """Per worker thread: a socket reader and a staging buffer for one value."""
-
-    def __init__(self) -> None:
-        self.wire = _Wire()
-        self.stage: memoryview | None = None
 
 
 class RemoteStore:
@@ -279,33 +121,28 @@ class RemoteStore:
             raise ConfigError(
                 "remote: the remote tier needs the 'remote' extra: pip install 'kvactors[remote]'"
             ) from None
-        if any(c in namespace for c in "{}: ") or not namespace:
-            raise ConfigError(
-                f"remote.namespace: expected a non-empty name without '{{', '}}', ':' "
-                f"or spaces, got {namespace!r}"
-            )
+        fmt = ValueFormat(namespace, block_bytes, model, layout)
         if url is None and not nodes:
             raise ConfigError("remote: give a url or a list of cluster nodes")
         self.name = name
         self.block_bytes = block_bytes
         self.num_blocks = num_blocks
         self.namespace = namespace
-        self.fingerprint = fingerprint(block_bytes, model, layout)
-        self.prefix = f"{namespace}:{self.fingerprint.hex()}:".encode()
+        self.format = fmt
+        self.fingerprint = fmt.fingerprint
+        self.prefix = fmt.prefix
         self.timeout = timeout
         self.retry_after = retry_after
         self.max_batch_bytes = max_batch_bytes
         self.ttl_ms = None if ttl is None else max(1, int(ttl * 1000))
-        self._hash = _xxh3()
-        self._errors: tuple[type[BaseException], ...] = (
+        errors: tuple[type[BaseException], ...] = (
             redis.ConnectionError,
             redis.TimeoutError,
             redis.exceptions.ClusterError,
             OSError,
         )
-        self._timeouts: tuple[type[BaseException], ...] = (TimeoutError, redis.TimeoutError)
-        self._response_error = redis.ResponseError
-        self._local = _Local()
+        self.io = RemoteIO(fmt, errors, (TimeoutError, redis.TimeoutError), redis.ResponseError)
+        """The commands on a connection (:mod:`~kvactors.media.remote_wire`)."""
         common: dict[str, Any] = {
             "socket_timeout": timeout,
             "socket_connect_timeout": connect_timeout,
@@ -319,227 +156,45 @@ class RemoteStore:
             ("hits", "misses", "corrupt", "lookups", "stored", "bytes_read", "bytes_written"), 0
         )
         self._seconds = {"read": 0.0, "write": 0.0}
-        self._node_failures = 0
-        self._cluster: Any = None
-        self._connect: Callable[[], Any] | None = None
-        self._connect_lock = threading.Lock()
-        self._entry = _Node("cluster", None)  # when the cluster's map cannot be had
-        self._nodes: dict[str, _Node] = {}
-        if nodes or cluster:
-            startup = [
-                redis.cluster.ClusterNode(*parse_node(n))  # type: ignore[no-untyped-call]
-                for n in nodes
-            ]
-            kwargs = {"require_full_coverage": False, **common}
-            if startup:
-                self._connect = lambda: redis.cluster.RedisCluster(startup_nodes=startup, **kwargs)
-            else:
-                assert url is not None
-                self._connect = lambda: redis.cluster.RedisCluster.from_url(url, **kwargs)
-            self.where = ",".join(nodes) if nodes else str(url)
-        else:
-            assert url is not None
-            try:
-                client = redis.Redis.from_url(url, **common)
-            except ValueError as exc:
-                raise ConfigError(f"remote.url: {exc}") from None
-            self._nodes["server"] = _Node(url, client)
-            self.where = url
+        self.nodes = RemoteNodes(
+            name,
+            url=url,
+            nodes=nodes,
+            cluster=cluster,
+            options=common,
+            retry_after=retry_after,
+            errors=errors,
+            lock=self._lock,
+        )
+        """The server or cluster nodes (:mod:`~kvactors.media.remote_nodes`)."""
+        self.where = self.nodes.where
 
     # -- keys and values ------------------------------------------------------------
 
     def redis_key(self, key: Key) -> bytes:
         """The server key of block ``key``."""
-        return self.prefix + encode_key(key).hex().encode()
+        return self.format.redis_key(key)
 
     def header(self, key: Key, payload: memoryview) -> bytes:
         """The header of a value holding ``payload`` as block ``key``."""
-        raw = encode_key(key)
-        head = _HEAD.pack(MAGIC, self.fingerprint, len(raw), len(payload), self._hash(payload))
-        return head + raw
+        return self.format.header(key, payload)
 
-    def _verify(self, key: Key, value: Any) -> memoryview | None:
-        """The payload of ``value`` if it is block ``key``'s, whole; else ``None``."""
-        raw = encode_key(key)
-        if not isinstance(value, bytes) or len(value) < HEADER_BYTES:
-            return None
-        magic, fp, klen, plen, digest = _HEAD.unpack_from(value)
-        start = HEADER_BYTES + klen
-        if (
-            magic != MAGIC
-            or fp != self.fingerprint
-            or klen != len(raw)
-            or plen != self.block_bytes
-            or len(value) != start + plen
-            or value[HEADER_BYTES:start] != raw
-        ):
-            return None
-        payload = memoryview(value)[start:]
-        if self._hash(payload) != digest:
-            return None
-        return payload
-
-    # -- nodes ----------------------------------------------------------------------
-
-    def _groups(self, rkeys: list[bytes]) -> list[tuple[_Node, list[int]]]:
-        """The positions of ``rkeys`` grouped by the node that serves them."""
-        if self._connect is None:
-            return [(self._nodes["server"], list(range(len(rkeys))))]
-        cluster = self._cluster_client()
-        groups: dict[str, list[int]] = {}
-        for pos, rkey in enumerate(rkeys):
-            node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(rkey))
-            groups.setdefault(node.name, []).append(pos)
-            if node.name not in self._nodes:
-                self._nodes[node.name] = _Node(node.name, cluster.get_redis_connection(node))
-        return [(self._nodes[name], positions) for name, positions in groups.items()]
-
-    def _batches(self, positions: list[int], step: int) -> Iterator[list[int]]:
-        for i in range(0, len(positions), step):
-            yield positions[i : i + step]
-
-    def _execute(self, node: _Node, commands: list[Any]) -> list[Any]:
-        """Send ``commands`` to ``node``: one plain call for one, else one pipeline
-        (:class:`_Packed` ones as they are). A command's own error (``OOM``,
-        ``MOVED``) is its result; a connection error or time-out raises."""
-        if isinstance(commands[0], _Packed):
-            return self._send_packed(node, commands)
-        if len(commands) == 1:
-            try:
-                return [node.client.execute_command(*commands[0])]
-            except self._response_error as exc:
-                return [exc]
-        pipe = node.client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        results: list[Any] = pipe.execute(raise_on_error=False)
-        return results
-
-    def _each(self, command: Callable[[int], Any]) -> Callable[[_Node, list[int]], list[Any]]:
+    def _each(self, command: Callable[[int], Any]) -> Callable[[Node, list[int]], list[Any]]:
         """An executor for :meth:`_run` sending ``command(pos)`` for each position."""
-        return lambda node, batch: self._execute(node, [command(pos) for pos in batch])
-
-    def _send_packed(self, node: _Node, commands: list[_Packed]) -> list[Any]:
-        """Send pre-packed commands on one pooled connection and read their replies.
-
-        The block's bytes go to the socket from the caller's buffer as they are
-        (redis-py's own packer would copy them into one string first). A
-        connection the server closed (say, it restarted) is replaced once.
-        """
-        pool = node.client.connection_pool
-        chunks = [chunk for command in commands for chunk in command.chunks]
-        for attempt in (0, 1):
-            conn = pool.get_connection()
-            try:
-                conn.send_packed_command(chunks, check_health=False)
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        replies.append(conn.read_response())
-                    except self._response_error as exc:
-                        replies.append(exc)
-                return replies
-            except self._errors:
-                conn.disconnect()
-                if attempt:
-                    raise
-            except BaseException:
-                conn.disconnect()  # replies may be left unread on it: never reuse it
-                raise
-            finally:
-                pool.release(conn)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return lambda node, batch: self.io.execute(node, [command(pos) for pos in batch])
 
     def _run(
         self,
         rkeys: list[bytes],
-        execute: Callable[[_Node, list[int]], list[Any]],
+        execute: Callable[[Node, list[int]], list[Any]],
         result: Callable[[int, Any], None],
         what: str,
         step: int = 0,
     ) -> list[int]:
-        """Have ``execute(node, batch)`` run the commands of the positions of
-        ``rkeys`` that ``node`` serves (see :meth:`_each`), in batches of ``step``
-        commands (by default as many values as fit in ``max_batch_bytes``), and
-        pass each reply to ``result(pos, reply)``. Returns the positions whose node
-        failed or is down (their keys count as misses); raises RemoteUnavailable
-        when the server failed, or in a cluster when every node is down."""
+        """:meth:`RemoteNodes.run <kvactors.media.remote_nodes.RemoteNodes.run>`, by
+        default in batches of as many values as fit in ``max_batch_bytes``."""
         step = step or max(1, self.max_batch_bytes // (self.block_bytes + HEADER_BYTES))
-        failed: list[int] = []
-        errors: list[str] = []
-        now = time.monotonic()
-        for node, positions in self._groups(rkeys):
-            if node.down_until > now:
-                failed += positions
-                errors.append(f"{node.name}: {node.error} (retrying in {self.retry_after:g} s)")
-                continue
-            try:
-                for batch in self._batches(positions, step):
-                    replies = execute(node, batch)
-                    for pos, reply in zip(batch, replies):
-                        if isinstance(reply, self._errors):
-                            raise reply
-                        result(pos, reply)
-            except self._errors as exc:
-                node.down_until = time.monotonic() + self.retry_after
-                node.error = f"{type(exc).__name__}: {exc}"
-                errors.append(f"{node.name}: {node.error}")
-                failed += positions
-                if self._cluster is not None:
-                    self._refresh()
-            else:
-                node.down_until = 0.0
-        if failed:
-            with self._lock:
-                self._node_failures += len(errors)
-            # In a cluster, keys on a dead node are misses while another node serves.
-            now = time.monotonic()
-            alive = self._connect is not None and any(
-                n.down_until <= now for n in self._nodes.values()
-            )
-            if len(failed) == len(rkeys) and not alive:
-                raise RemoteUnavailable(
-                    f"remote {self.name!r}: {what} failed: " + "; ".join(errors[:4]),
-                    self.retry_after,
-                )
-        return failed
-
-    def _cluster_client(self) -> Any:
-        """The cluster client, made on first use (it reads the cluster's slot map,
-        so it needs a node that answers: until then the store is down)."""
-        with self._connect_lock:
-            return self._cluster or self._open_cluster()
-
-    def _open_cluster(self) -> Any:
-        entry = self._entry
-        if entry.down_until > time.monotonic():
-            raise RemoteUnavailable(
-                f"remote {self.name!r}: {entry.error} (retrying in {self.retry_after:g} s)",
-                self.retry_after,
-            )
-        assert self._connect is not None
-        try:
-            self._cluster = self._connect()
-        except Exception as exc:  # RedisClusterException, ConnectionError, ...
-            entry.down_until = time.monotonic() + self.retry_after
-            entry.error = f"cannot reach the cluster {self.where}: {exc}"
-            with self._lock:
-                self._node_failures += 1
-            raise RemoteUnavailable(
-                f"remote {self.name!r}: {entry.error}", self.retry_after
-            ) from exc
-        entry.down_until = 0.0
-        return self._cluster
-
-    def _refresh(self) -> None:
-        # The cluster's map of slots may have changed (a node failed over or
-        # left): reload it; where no node answers the old map stays.
-        with contextlib.suppress(Exception):  # RedisClusterException when no node answers
-            self._cluster.nodes_manager.initialize()
-        self._nodes = {n: v for n, v in self._nodes.items() if self._known(n)}
-
-    def _known(self, name: str) -> bool:
-        return self._cluster.get_node(node_name=name) is not None
+        return self.nodes.run(rkeys, execute, result, what, step)
 
     # -- block calls ----------------------------------------------------------------
 
@@ -576,28 +231,29 @@ class RemoteStore:
         ``refused`` (present but truncated, garbage, foreign or another block's).
 
         The ``GET``\\ s of a batch go out in one pipeline, at most
-        :data:`READ_WINDOW_BYTES` of values asked for and not yet read (the next
-        ``GET`` goes out as a reply is read); each reply is read off
-        the socket straight into a staging buffer of this thread, checked, and
-        only then copied into ``bufs[i]``, before the call returns. With
+        :data:`~kvactors.media.remote_wire.READ_WINDOW_BYTES` of values asked
+        for and not yet read (the next ``GET`` goes out as a reply is read);
+        each reply is read off the socket straight into a staging buffer of
+        this thread, checked, and only then copied into ``bufs[i]``, before the
+        call returns. With
         ``in_place`` it is read straight into ``bufs[i]`` and checked there:
         the buffers of the positions returned then hold undefined bytes (for
         buffers nobody reads before this call returned, see :meth:`read_slots`).
         """
         t0 = time.perf_counter()
         rkeys = [self.redis_key(k) for k in keys]
-        status = [_ABSENT] * len(rkeys)
+        status = [ABSENT] * len(rkeys)
 
-        def execute(node: _Node, batch: list[int]) -> list[Any]:
-            return self._get_batch(node, batch, rkeys, keys, bufs, in_place)
+        def execute(node: Node, batch: list[int]) -> list[Any]:
+            return self.io.get_batch(node, batch, rkeys, keys, bufs, in_place)
 
         def result(pos: int, got: Any) -> None:
             status[pos] = got
 
         step = max(1, READ_PIPELINE_BYTES // (self.block_bytes + HEADER_BYTES))
         self._run(rkeys, execute, result, "read", step)
-        absent = [i for i, st in enumerate(status) if st == _ABSENT]
-        refused = [i for i, st in enumerate(status) if st == _REFUSED]
+        absent = [i for i, st in enumerate(status) if st == ABSENT]
+        refused = [i for i, st in enumerate(status) if st == REFUSED]
         hits = len(rkeys) - len(absent) - len(refused)
         with self._lock:
             c = self._counts
@@ -607,100 +263,6 @@ class RemoteStore:
             c["bytes_read"] += hits * self.block_bytes
             self._seconds["read"] += time.perf_counter() - t0
         return absent, refused
-
-    def _get_batch(
-        self,
-        node: _Node,
-        batch: list[int],
-        rkeys: list[bytes],
-        keys: Sequence[Key],
-        bufs: Sequence[memoryview],
-        in_place: bool,
-    ) -> list[int]:
-        """``GET`` the keys of ``batch`` from ``node`` in one pipeline; what each
-        delivered (:data:`_HIT`, :data:`_ABSENT`, :data:`_REFUSED`). A pooled
-        connection the server closed (say, it restarted) is replaced once."""
-        requests = [b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(rkeys[p]), rkeys[p]) for p in batch]
-        window = max(1, READ_WINDOW_BYTES // (self.block_bytes + HEADER_BYTES))
-        pool = node.client.connection_pool
-        wire = self._local.wire
-        for attempt in (0, 1):
-            conn = pool.get_connection()
-            got: list[int] = []
-            try:
-                conn.send_packed_command([b"".join(requests[:window])], check_health=False)
-                sock = conn._sock
-                wire.start(sock)
-                for j, pos in enumerate(batch):
-                    if j + window < len(requests):
-                        # One more asked for as one is read: the server works on
-                        # the next value meanwhile, and never queues the batch.
-                        sock.sendall(requests[j + window])
-                    got.append(self._read_value(wire, keys[pos], bufs[pos], in_place))
-                if not wire.idle:
-                    raise ConnectionError("protocol error: more replies than commands")
-                return got
-            except self._errors as exc:
-                conn.disconnect()
-                if attempt or got or isinstance(exc, self._timeouts):
-                    raise
-            except BaseException:
-                conn.disconnect()  # replies may be left unread on it: never reuse it
-                raise
-            finally:
-                wire.sock = None
-                pool.release(conn)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _read_value(self, wire: _Wire, key: Key, buf: memoryview, in_place: bool) -> int:
-        """Read one ``GET`` reply; its payload into ``buf`` if it is block ``key``'s,
-        whole (with ``in_place`` straight into ``buf``, whatever it turns out to be)."""
-        line = wire.line()
-        kind = line[:1]
-        if kind == b"$":
-            size = int(line[1:])
-            if size < 0:
-                return _ABSENT
-            raw = encode_key(key)
-            start = HEADER_BYTES + len(raw)
-            if size != start + self.block_bytes:
-                wire.skip(size + 2)
-                return _REFUSED
-            head = bytearray(start)
-            wire.into(memoryview(head))
-            magic, fp, klen, plen, digest = _HEAD.unpack_from(head)
-            if (
-                magic != MAGIC
-                or fp != self.fingerprint
-                or klen != len(raw)
-                or plen != self.block_bytes
-                or head[HEADER_BYTES:] != raw
-            ):
-                wire.skip(self.block_bytes + 2)  # not this block's: its bytes go nowhere
-                return _REFUSED
-            stage = buf if in_place else self._stage()
-            wire.into(stage)
-            if wire.line():
-                raise ConnectionError("protocol error: a value longer than announced")
-            if self._hash(stage) != digest:
-                return _REFUSED
-            if not in_place:
-                buf[:] = stage  # verified: only now touch the caller's buffer
-            return _HIT
-        if kind == b"-":
-            # MOVED / ASK: the slot moved (the map is reloaded on the next failure);
-            # WRONGTYPE and the like: something else lives under this key.
-            return _ABSENT if line.startswith((b"-MOVED", b"-ASK")) else _REFUSED
-        if kind == b"_":  # RESP3's null
-            return _ABSENT
-        raise ConnectionError(f"protocol error: unexpected reply {line[:32]!r}")
-
-    def _stage(self) -> memoryview:
-        """This thread's staging buffer of one value."""
-        stage = self._local.stage
-        if stage is None or len(stage) != self.block_bytes:
-            stage = self._local.stage = memoryview(bytearray(self.block_bytes))
-        return stage
 
     def put(self, keys: Sequence[Key], bufs: Sequence[memoryview]) -> list[int]:
         """Write block ``keys[i]`` from ``bufs[i]``; return the positions not written
@@ -720,14 +282,14 @@ class RemoteStore:
         )
         argc = 3 if self.ttl_ms is None else 5
 
-        def command(pos: int) -> _Packed:
+        def command(pos: int) -> Packed:
             # SET key header+payload [PX ttl], framed by hand so that the payload
             # is sent from its buffer, never copied.
             payload, rkey = bufs[pos], rkeys[pos]
             head = self.header(keys[pos], payload)
             size = len(head) + len(payload)
             start = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (argc, len(rkey), rkey, size)
-            return _Packed([start + head, payload, ttl])
+            return Packed([start + head, payload, ttl])
 
         def result(pos: int, ok: Any) -> None:
             if ok not in (b"OK", "OK", True):
@@ -842,35 +404,18 @@ class RemoteStore:
 
     def ping(self) -> bool:
         """Whether every known node answers now (marks them up or down)."""
-        if self._connect is not None:
-            try:
-                self._groups([self.prefix])  # makes the client, learns a node
-            except RemoteUnavailable:
-                return False
-        ok = True
-        for node in list(self._nodes.values()):
-            try:
-                node.client.ping()
-            except self._errors as exc:
-                node.down_until = time.monotonic() + self.retry_after
-                node.error = f"{type(exc).__name__}: {exc}"
-                ok = False
-            else:
-                node.down_until = 0.0
-        return ok
+        return self.nodes.ping(self.prefix)
 
     @property
     def down(self) -> list[str]:
         """Nodes currently left alone after a failure."""
-        now = time.monotonic()
-        nodes = [*self._nodes.values(), self._entry]
-        return sorted(n.name for n in nodes if n.down_until > now)
+        return self.nodes.down
 
     def counters(self) -> RemoteCounters:
         with self._lock:
             c = dict(self._counts)
             seconds = dict(self._seconds)
-            failures = self._node_failures
+            failures = self.nodes.failures
         return RemoteCounters(
             hits=c["hits"],
             misses=c["misses"],
@@ -886,12 +431,7 @@ class RemoteStore:
         )
 
     def close(self) -> None:
-        if self._cluster is not None:
-            self._cluster.close()
-        for node in self._nodes.values():
-            if self._cluster is None:
-                node.client.close()
-        self._nodes = {}
+        self.nodes.close()
 
 
 def _row_views(rows: torch.Tensor) -> list[memoryview]:

@@ -1,0 +1,238 @@
+"""The remote store's servers: which node serves a key, and which nodes are down.
+
+A server that refuses connections or does not answer within the client's
+time-out raises :class:`~kvactors.errors.RemoteUnavailable` and is then left
+alone for ``retry_after`` seconds (calls fail at once, without touching the
+network); the first call after that tries it again, so the store reconnects
+by itself once the server is back. In a cluster the nodes are judged one by
+one: keys whose node is down are misses while another node answers; only
+when every node is down does a call raise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from kvactors.errors import ConfigError, RemoteUnavailable
+
+__all__ = ["Node", "RemoteNodes", "parse_node"]
+
+
+def parse_node(text: str) -> tuple[str, int]:
+    """``"host:port"`` -> ``(host, port)``; a bad one raises ConfigError."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"remote.nodes: expected 'host:port', got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class Node:
+    """One server: its client and when it may be tried again after a failure."""
+
+    __slots__ = ("client", "down_until", "error", "name")
+
+    def __init__(self, name: str, client: Any) -> None:
+        self.name = name
+        self.client = client
+        self.down_until = 0.0
+        self.error = ""
+
+
+class RemoteNodes:
+    """The server (``url``) or cluster nodes (``nodes``, or ``url`` with
+    ``cluster``) of remote store ``name``, made with the client ``options``.
+
+    ``errors`` are the client's connection errors and time-outs; each node
+    failure is counted in :attr:`failures`, under ``lock``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        url: str | None,
+        nodes: Sequence[str],
+        cluster: bool,
+        options: dict[str, Any],
+        retry_after: float,
+        errors: tuple[type[BaseException], ...],
+        lock: threading.Lock,
+    ) -> None:
+        import redis
+        import redis.cluster
+
+        self.name = name
+        self.retry_after = retry_after
+        self.errors = errors
+        self.lock = lock
+        self.failures = 0
+        self.cluster: Any = None
+        self.connect: Callable[[], Any] | None = None
+        self.connect_lock = threading.Lock()
+        self.entry = Node("cluster", None)  # when the cluster's map cannot be had
+        self.by_name: dict[str, Node] = {}
+        if nodes or cluster:
+            startup = [
+                redis.cluster.ClusterNode(*parse_node(n))  # type: ignore[no-untyped-call]
+                for n in nodes
+            ]
+            kwargs = {"require_full_coverage": False, **options}
+            if startup:
+                self.connect = lambda: redis.cluster.RedisCluster(startup_nodes=startup, **kwargs)
+            else:
+                assert url is not None
+                self.connect = lambda: redis.cluster.RedisCluster.from_url(url, **kwargs)
+            self.where = ",".join(nodes) if nodes else str(url)
+        else:
+            assert url is not None
+            try:
+                client = redis.Redis.from_url(url, **options)
+            except ValueError as exc:
+                raise ConfigError(f"remote.url: {exc}") from None
+            self.by_name["server"] = Node(url, client)
+            self.where = url
+
+    def groups(self, rkeys: list[bytes]) -> list[tuple[Node, list[int]]]:
+        """The positions of ``rkeys`` grouped by the node that serves them."""
+        if self.connect is None:
+            return [(self.by_name["server"], list(range(len(rkeys))))]
+        cluster = self.cluster_client()
+        groups: dict[str, list[int]] = {}
+        for pos, rkey in enumerate(rkeys):
+            node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(rkey))
+            groups.setdefault(node.name, []).append(pos)
+            if node.name not in self.by_name:
+                self.by_name[node.name] = Node(node.name, cluster.get_redis_connection(node))
+        return [(self.by_name[name], positions) for name, positions in groups.items()]
+
+    def batches(self, positions: list[int], step: int) -> Iterator[list[int]]:
+        for i in range(0, len(positions), step):
+            yield positions[i : i + step]
+
+    def run(
+        self,
+        rkeys: list[bytes],
+        execute: Callable[[Node, list[int]], list[Any]],
+        result: Callable[[int, Any], None],
+        what: str,
+        step: int,
+    ) -> list[int]:
+        """Have ``execute(node, batch)`` run the commands of the positions of
+        ``rkeys`` that ``node`` serves, in batches of ``step`` commands, and
+        pass each reply to ``result(pos, reply)``. Returns the positions whose node
+        failed or is down (their keys count as misses); raises RemoteUnavailable
+        when the server failed, or in a cluster when every node is down."""
+        failed: list[int] = []
+        errors: list[str] = []
+        now = time.monotonic()
+        for node, positions in self.groups(rkeys):
+            if node.down_until > now:
+                failed += positions
+                errors.append(f"{node.name}: {node.error} (retrying in {self.retry_after:g} s)")
+                continue
+            try:
+                for batch in self.batches(positions, step):
+                    replies = execute(node, batch)
+                    for pos, reply in zip(batch, replies):
+                        if isinstance(reply, self.errors):
+                            raise reply
+                        result(pos, reply)
+            except self.errors as exc:
+                node.down_until = time.monotonic() + self.retry_after
+                node.error = f"{type(exc).__name__}: {exc}"
+                errors.append(f"{node.name}: {node.error}")
+                failed += positions
+                if self.cluster is not None:
+                    self.refresh()
+            else:
+                node.down_until = 0.0
+        if failed:
+            with self.lock:
+                self.failures += len(errors)
+            # In a cluster, keys on a dead node are misses while another node serves.
+            now = time.monotonic()
+            alive = self.connect is not None and any(
+                n.down_until <= now for n in self.by_name.values()
+            )
+            if len(failed) == len(rkeys) and not alive:
+                raise RemoteUnavailable(
+                    f"remote {self.name!r}: {what} failed: " + "; ".join(errors[:4]),
+                    self.retry_after,
+                )
+        return failed
+
+    def cluster_client(self) -> Any:
+        """The cluster client, made on first use (it reads the cluster's slot map,
+        so it needs a node that answers: until then the store is down)."""
+        with self.connect_lock:
+            return self.cluster or self.open_cluster()
+
+    def open_cluster(self) -> Any:
+        entry = self.entry
+        if entry.down_until > time.monotonic():
+            raise RemoteUnavailable(
+                f"remote {self.name!r}: {entry.error} (retrying in {self.retry_after:g} s)",
+                self.retry_after,
+            )
+        assert self.connect is not None
+        try:
+            self.cluster = self.connect()
+        except Exception as exc:  # RedisClusterException, ConnectionError, ...
+            entry.down_until = time.monotonic() + self.retry_after
+            entry.error = f"cannot reach the cluster {self.where}: {exc}"
+            with self.lock:
+                self.failures += 1
+            raise RemoteUnavailable(
+                f"remote {self.name!r}: {entry.error}", self.retry_after
+            ) from exc
+        entry.down_until = 0.0
+        return self.cluster
+
+    def refresh(self) -> None:
+        # The cluster's map of slots may have changed (a node failed over or
+        # left): reload it; where no node answers the old map stays.
+        with contextlib.suppress(Exception):  # RedisClusterException when no node answers
+            self.cluster.nodes_manager.initialize()
+        self.by_name = {n: v for n, v in self.by_name.items() if self.known(n)}
+
+    def known(self, name: str) -> bool:
+        return self.cluster.get_node(node_name=name) is not None
+
+    def ping(self, probe: bytes) -> bool:
+        """Whether every known node answers now (marks them up or down); in a
+        cluster, the node serving key ``probe`` is learnt first."""
+        if self.connect is not None:
+            try:
+                self.groups([probe])  # makes the client, learns a node
+            except RemoteUnavailable:
+                return False
+        ok = True
+        for node in list(self.by_name.values()):
+            try:
+                node.client.ping()
+            except self.errors as exc:
+                node.down_until = time.monotonic() + self.retry_after
+                node.error = f"{type(exc).__name__}: {exc}"
+                ok = False
+            else:
+                node.down_until = 0.0
+        return ok
+
+    @property
+    def down(self) -> list[str]:
+        """Nodes currently left alone after a failure."""
+        now = time.monotonic()
+        nodes = [*self.by_name.values(), self.entry]
+        return sorted(n.name for n in nodes if n.down_until > now)
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+        for node in self.by_name.values():
+            if self.cluster is None:
+                node.client.close()
+        self.by_name = {}

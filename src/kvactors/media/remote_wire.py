@@ -1,0 +1,295 @@
+"""The remote store's commands on a connection: writes framed by hand, reads off the socket.
+
+A write's payload goes to the socket from the caller's buffer as it is
+(:class:`Packed`: redis-py's own packer would copy it into one string first).
+A read's reply is read off the socket by :class:`Wire` straight into a
+staging buffer of the worker thread, checked, and only then copied into the
+caller's buffer; reads ``in_place`` land in the destination itself and are
+checked there (:meth:`RemoteIO.read_value`). The ``GET``\\ s of a batch go
+out as the replies before them are read, at most :data:`READ_WINDOW_BYTES`
+ahead, so the server streams each value as it is asked for.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from kvactors.keys import Key
+from kvactors.media.remote_format import HEADER_BYTES, ValueFormat, encode_key
+from kvactors.media.remote_nodes import Node
+
+__all__ = [
+    "ABSENT",
+    "HIT",
+    "READ_PIPELINE_BYTES",
+    "READ_WINDOW_BYTES",
+    "REFUSED",
+    "Local",
+    "Packed",
+    "RemoteIO",
+    "Wire",
+]
+
+READ_PIPELINE_BYTES = 16 * 2**20
+"""Values one pipeline of ``GET``\\ s asks for at most (each reply is read off the
+socket into its destination, or a staging buffer of one value; what the server
+holds queued for the connection is bounded by :data:`READ_WINDOW_BYTES`)."""
+
+READ_WINDOW_BYTES = 1 * 2**20
+"""Values a connection has asked for and not yet read, at most (at least one):
+the ``GET``\\ s of a pipeline go out as the replies before them are read, so
+the server streams each value as it is asked for instead of queueing the
+replies of the whole pipeline (which read slower here, from 512 KiB values up)."""
+
+HIT, ABSENT, REFUSED = 0, 1, 2  # what one GET delivered
+
+
+class Packed:
+    """One command already in the wire format: its chunks, sent in order."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: list[Any]) -> None:
+        self.chunks = chunks
+
+
+class Wire:
+    """RESP2 replies read straight off one connection's socket.
+
+    Bulk replies land where the reader says (:meth:`into`), with ``recv_into``
+    and no intermediate copy; only the short lines (``$len``, errors) and what
+    arrived with them pass through the small ``buf``. The reader must end at a
+    reply boundary (:attr:`idle`); a connection it leaves elsewhere is closed.
+    """
+
+    __slots__ = ("buf", "hi", "lo", "sock", "view")
+
+    def __init__(self, size: int = 1 << 16) -> None:
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.sock: Any = None
+        self.lo = self.hi = 0
+
+    def start(self, sock: Any) -> None:
+        self.sock = sock
+        self.lo = self.hi = 0
+
+    @property
+    def idle(self) -> bool:
+        return self.lo == self.hi
+
+    def _fill(self) -> None:
+        if self.lo == self.hi:
+            self.lo = self.hi = 0
+        elif self.hi == len(self.buf):
+            n = self.hi - self.lo
+            self.buf[:n] = self.buf[self.lo : self.hi]
+            self.lo, self.hi = 0, n
+        got = self.sock.recv_into(self.view[self.hi :])
+        if not got:
+            raise ConnectionError("the server closed the connection")
+        self.hi += got
+
+    def line(self) -> bytes:
+        """One reply line, without its CRLF."""
+        while True:
+            end = self.buf.find(b"\r\n", self.lo, self.hi)
+            if end >= 0:
+                out = bytes(self.view[self.lo : end])
+                self.lo = end + 2
+                return out
+            if self.lo == 0 and self.hi == len(self.buf):
+                raise ConnectionError("protocol error: reply line too long")
+            self._fill()
+
+    def into(self, dst: memoryview) -> None:
+        """Exactly ``len(dst)`` bytes of the stream into ``dst``."""
+        want = len(dst)
+        have = min(self.hi - self.lo, want)
+        if have:
+            dst[:have] = self.view[self.lo : self.lo + have]
+            self.lo += have
+        recv = self.sock.recv_into
+        while have < want:
+            got = recv(dst[have:])
+            if not got:
+                raise ConnectionError("the server closed the connection")
+            have += got
+
+    def skip(self, n: int) -> None:
+        """Discard ``n`` bytes of the stream."""
+        while n:
+            if self.lo == self.hi:
+                self._fill()
+            take = min(n, self.hi - self.lo)
+            self.lo += take
+            n -= take
+
+
+class Local(threading.local):
+    """Per worker thread: a socket reader and a staging buffer for one value."""
+
+    def __init__(self) -> None:
+        self.wire = Wire()
+        self.stage: memoryview | None = None
+
+
+class RemoteIO:
+    """The commands of a store of ``fmt``'s blocks on a node's pooled connections.
+
+    ``errors`` are the connection errors and time-outs of the client (a node
+    that raises one is failed), ``timeouts`` the time-outs among them,
+    ``response_error`` a command's own error reply (``OOM``, ``MOVED``).
+    """
+
+    def __init__(
+        self,
+        fmt: ValueFormat,
+        errors: tuple[type[BaseException], ...],
+        timeouts: tuple[type[BaseException], ...],
+        response_error: type[BaseException],
+    ) -> None:
+        self.fmt = fmt
+        self.errors = errors
+        self.timeouts = timeouts
+        self.response_error = response_error
+        self.local = Local()
+
+    def execute(self, node: Node, commands: list[Any]) -> list[Any]:
+        """Send ``commands`` to ``node``: one plain call for one, else one pipeline
+        (:class:`Packed` ones as they are). A command's own error (``OOM``,
+        ``MOVED``) is its result; a connection error or time-out raises."""
+        if isinstance(commands[0], Packed):
+            return self.send_packed(node, commands)
+        if len(commands) == 1:
+            try:
+                return [node.client.execute_command(*commands[0])]
+            except self.response_error as exc:
+                return [exc]
+        pipe = node.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        results: list[Any] = pipe.execute(raise_on_error=False)
+        return results
+
+    def send_packed(self, node: Node, commands: list[Packed]) -> list[Any]:
+        """Send pre-packed commands on one pooled connection and read their replies.
+
+        The block's bytes go to the socket from the caller's buffer as they are
+        (redis-py's own packer would copy them into one string first). A
+        connection the server closed (say, it restarted) is replaced once.
+        """
+        pool = node.client.connection_pool
+        chunks = [chunk for command in commands for chunk in command.chunks]
+        for attempt in (0, 1):
+            conn = pool.get_connection()
+            try:
+                conn.send_packed_command(chunks, check_health=False)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(conn.read_response())
+                    except self.response_error as exc:
+                        replies.append(exc)
+                return replies
+            except self.errors:
+                conn.disconnect()
+                if attempt:
+                    raise
+            except BaseException:
+                conn.disconnect()  # replies may be left unread on it: never reuse it
+                raise
+            finally:
+                pool.release(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def get_batch(
+        self,
+        node: Node,
+        batch: list[int],
+        rkeys: list[bytes],
+        keys: Sequence[Key],
+        bufs: Sequence[memoryview],
+        in_place: bool,
+    ) -> list[int]:
+        """``GET`` the keys of ``batch`` from ``node`` in one pipeline; what each
+        delivered (:data:`HIT`, :data:`ABSENT`, :data:`REFUSED`). A pooled
+        connection the server closed (say, it restarted) is replaced once."""
+        requests = [b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(rkeys[p]), rkeys[p]) for p in batch]
+        window = max(1, READ_WINDOW_BYTES // (self.fmt.block_bytes + HEADER_BYTES))
+        pool = node.client.connection_pool
+        wire = self.local.wire
+        for attempt in (0, 1):
+            conn = pool.get_connection()
+            got: list[int] = []
+            try:
+                conn.send_packed_command([b"".join(requests[:window])], check_health=False)
+                sock = conn._sock
+                wire.start(sock)
+                for j, pos in enumerate(batch):
+                    if j + window < len(requests):
+                        # One more asked for as one is read: the server works on
+                        # the next value meanwhile, and never queues the batch.
+                        sock.sendall(requests[j + window])
+                    got.append(self.read_value(wire, keys[pos], bufs[pos], in_place))
+                if not wire.idle:
+                    raise ConnectionError("protocol error: more replies than commands")
+                return got
+            except self.errors as exc:
+                conn.disconnect()
+                if attempt or got or isinstance(exc, self.timeouts):
+                    raise
+            except BaseException:
+                conn.disconnect()  # replies may be left unread on it: never reuse it
+                raise
+            finally:
+                wire.sock = None
+                pool.release(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def read_value(self, wire: Wire, key: Key, buf: memoryview, in_place: bool) -> int:
+        """Read one ``GET`` reply; its payload into ``buf`` if it is block ``key``'s,
+        whole (with ``in_place`` straight into ``buf``, whatever it turns out to be)."""
+        line = wire.line()
+        kind = line[:1]
+        if kind == b"$":
+            size = int(line[1:])
+            if size < 0:
+                return ABSENT
+            fmt = self.fmt
+            raw = encode_key(key)
+            start = HEADER_BYTES + len(raw)
+            if size != start + fmt.block_bytes:
+                wire.skip(size + 2)
+                return REFUSED
+            head = bytearray(start)
+            wire.into(memoryview(head))
+            digest = fmt.digest(head, raw)
+            if digest is None:
+                wire.skip(fmt.block_bytes + 2)  # not this block's: its bytes go nowhere
+                return REFUSED
+            stage = buf if in_place else self.stage()
+            wire.into(stage)
+            if wire.line():
+                raise ConnectionError("protocol error: a value longer than announced")
+            if fmt.hash(stage) != digest:
+                return REFUSED
+            if not in_place:
+                buf[:] = stage  # verified: only now touch the caller's buffer
+            return HIT
+        if kind == b"-":
+            # MOVED / ASK: the slot moved (the map is reloaded on the next failure);
+            # WRONGTYPE and the like: something else lives under this key.
+            return ABSENT if line.startswith((b"-MOVED", b"-ASK")) else REFUSED
+        if kind == b"_":  # RESP3's null
+            return ABSENT
+        raise ConnectionError(f"protocol error: unexpected reply {line[:32]!r}")
+
+    def stage(self) -> memoryview:
+        """This thread's staging buffer of one value."""
+        stage = self.local.stage
+        if stage is None or len(stage) != self.fmt.block_bytes:
+            stage = self.local.stage = memoryview(bytearray(self.fmt.block_bytes))
+        return stage
