@@ -6,8 +6,13 @@ Modules, by role::
     hashing     chained block keys (blake2b over parent key + int64 token ids)
     kv_tensors  KVTensors: per-layer [2, num_blocks, block_size, heads, head_dim];
                 gather / scatter offload rows, copy_blocks
-    allocator   BlockAllocator: the synchronous core (block tables, prefix sharing,
-                copy-on-write, defragment) that *plans* offloads and restores
+    block_pool  BlockPool: each block's state (empty, referenced, cached, clean),
+                the cache index, LRU order, pressure, defragment
+    offload_planner
+                OffloadPlanner: over the pool, *plans* offloads (evicted blocks,
+                prepare_offload, prepare_swap_out) and restores
+    allocator   BlockAllocator: the synchronous core over both (block tables,
+                prefix sharing, copy-on-write): allocate, extend, fork, free
     offload     Offloader protocol and PagedKVCache: executes those plans through
                 an offloader (memory pressure, swap_out / swap_in)
 

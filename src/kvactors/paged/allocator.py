@@ -1,12 +1,8 @@
 """The block allocator: the synchronous core of the paged KV cache.
 
-Every block of the pool is in exactly one state:
-
-- *empty*: holds nothing; handed out first, lowest id first;
-- *referenced*: in the block table of ``ref_count(b) > 0`` requests;
-- *cached*: idle (no request holds it) but it holds a full block whose key is
-  known, so a later request with the same prefix shares it without recompute.
-  Cached blocks are reused least recently used first when no empty block is left.
+Every block of the pool is empty, referenced (in a request's block table) or
+cached (idle, holding a full block whose key is known); see
+:mod:`kvactors.paged.block_pool`.
 
 Requests ``allocate``, ``extend``, ``fork`` and ``free``. A full block is keyed by
 the chained hash of its tokens (:mod:`kvactors.paged.hashing`); the first request
@@ -18,35 +14,21 @@ by) before the next call that can share them: a block is registered, and so
 shareable, as soon as it is allocated full. A request aborted before its tokens
 were computed is freed with ``free(request_id, computed=False)``.
 
-**Offloading** is decided here and executed elsewhere (the async
-:class:`~kvactors.paged.offload.PagedKVCache`), in the house's prepare/complete
-style; nothing here does I/O:
-
-- ``allocate`` and ``extend`` return the cached blocks they evicted that were
-  not yet offloaded (``evicted``): their bytes are intact until the caller
-  writes the blocks it got, so it copies them out first, then stores them.
-- ``prepare_offload`` (memory pressure) and ``prepare_swap_out`` return blocks to
-  store; ``complete_offload`` marks them offloaded (*clean*): a clean cached block
-  is reused without a store.
-- ``match`` names the keys to look up in the offload store; ``allocate`` given
-  the keys found (``offloaded``) plans a restore, and ``complete_restore`` says
-  where the loaded rows go.
-
-With ``blocks_per_offload = k > 1`` one offload block packs the ``k`` blocks
-``[c*k, c*k + k)`` of a sequence (a *chunk*), keyed by its last block's key. A
-sequence's *tail* (its blocks after the last whole chunk, the partial block
-included) is stored by ``prepare_swap_out`` under a tail key.
+Offloading is planned by :mod:`kvactors.paged.offload_planner` (evicted
+blocks, ``prepare_offload``, ``prepare_swap_out``, restores) over the block
+states of :mod:`kvactors.paged.block_pool`; nothing here does I/O.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 
 from kvactors.errors import OutOfBlocksError, PagedCacheError
+from kvactors.paged.block_pool import cdiv
 from kvactors.paged.config import KVCacheConfig
-from kvactors.paged.hashing import hash_blocks, hash_tail, pack_tokens, root_key
+from kvactors.paged.hashing import hash_blocks, pack_tokens, root_key
+from kvactors.paged.offload_planner import OffloadPlanner
 from kvactors.paged.plans import (
     AllocationPlan,
     AllocatorStats,
@@ -74,11 +56,7 @@ __all__ = [
 ]
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-class BlockAllocator:
+class BlockAllocator(OffloadPlanner):
     """Allocates the blocks of a pool of ``num_blocks`` blocks of ``block_size`` tokens.
 
     ``offloading=True`` turns on the offload planning (``evicted`` items, clean
@@ -88,49 +66,6 @@ class BlockAllocator:
     each ``allocate`` and ``extend``. ``root`` is the parent key of every
     sequence's first block (see :func:`~kvactors.paged.hashing.root_key`).
     """
-
-    def __init__(
-        self,
-        num_blocks: int,
-        block_size: int,
-        *,
-        blocks_per_offload: int = 1,
-        watermark_blocks: int = 0,
-        offloading: bool = False,
-        root: bytes = b"",
-    ) -> None:
-        for name, value, low in (
-            ("num_blocks", num_blocks, 1),
-            ("block_size", block_size, 1),
-            ("blocks_per_offload", blocks_per_offload, 1),
-            ("watermark_blocks", watermark_blocks, 0),
-        ):
-            if type(value) is not int or value < low:
-                raise PagedCacheError(f"{name}: expected an int >= {low}, got {value!r}")
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.blocks_per_offload = blocks_per_offload
-        self.watermark_blocks = watermark_blocks
-        self.offloading = offloading
-        self.root = root
-        self._requests: dict[RequestId, Request] = {}
-        self._empty = list(range(num_blocks))  # a heap: lowest id first
-        self._lru: OrderedDict[int, None] = OrderedDict()  # cached blocks, least recent first
-        self._by_key: dict[bytes, int] = {}  # registered key -> block
-        n = num_blocks
-        self._ref = [0] * n
-        self._key: list[bytes | None] = [None] * n  # registered key of each block
-        self._parent: list[bytes] = [b""] * n  # key of the block before it
-        self._depth = [0] * n  # its index in its sequence
-        self._clean = [False] * n  # its bytes are in the offload store
-        self._clean_cached = 0
-        self._in_flight: set[bytes] = set()  # offload keys prepared, not completed
-        self._callbacks: list[Callable[[MemoryPressure], None]] = []
-        self._hit_blocks = 0
-        self._restored_blocks = 0
-        self._evicted_blocks = 0
-        self._dropped_blocks = 0
-        self._pressure_events = 0
 
     @classmethod
     def from_config(cls, config: KVCacheConfig, *, offloading: bool = False) -> BlockAllocator:
@@ -146,22 +81,6 @@ class BlockAllocator:
 
     # -- queries --------------------------------------------------------------------
 
-    def num_free_blocks(self) -> int:
-        """Blocks an allocation can take now: empty ones and idle cached ones."""
-        return len(self._empty) + len(self._lru)
-
-    def usage(self) -> float:
-        """Fraction of the pool held by requests (0.0 to 1.0)."""
-        return (self.num_blocks - self.num_free_blocks()) / self.num_blocks
-
-    def can_allocate(self, num_tokens: int) -> bool:
-        """Whether a request of ``num_tokens`` tokens fits now, without counting prefix hits."""
-        if type(num_tokens) is not int or num_tokens < 0:
-            raise PagedCacheError(
-                f"can_allocate: num_tokens must be an int >= 0, got {num_tokens!r}"
-            )
-        return _cdiv(num_tokens, self.block_size) <= self.num_free_blocks()
-
     def get_block_table(self, request_id: RequestId) -> BlockTable:
         """The live block table of ``request_id``; PagedCacheError if it is unknown."""
         return BlockTable(self._get(request_id, "get_block_table"))
@@ -169,90 +88,7 @@ class BlockAllocator:
     def request_ids(self) -> list[RequestId]:
         return list(self._requests)
 
-    def _block(self, block_id: int) -> int:
-        if type(block_id) is not int or not 0 <= block_id < self.num_blocks:
-            raise PagedCacheError(f"block id {block_id!r} is out of range 0..{self.num_blocks - 1}")
-        return block_id
-
-    def ref_count(self, block_id: int) -> int:
-        """How many block tables hold ``block_id``."""
-        return self._ref[self._block(block_id)]
-
-    def cached_blocks(self) -> list[int]:
-        """Idle cached blocks, least recently used first."""
-        return list(self._lru)
-
-    def empty_blocks(self) -> list[int]:
-        """Empty blocks, in ascending order."""
-        return sorted(self._empty)
-
-    def block_key(self, block_id: int) -> bytes | None:
-        """The key ``block_id`` is registered under, or ``None``."""
-        return self._key[self._block(block_id)]
-
-    def is_clean(self, block_id: int) -> bool:
-        """Whether the bytes of ``block_id`` are known to be in the offload store."""
-        return self._clean[self._block(block_id)]
-
-    def under_pressure(self) -> bool:
-        """Fewer than ``watermark_blocks`` blocks are empty or cached and clean."""
-        return len(self._empty) + self._clean_cached < self.watermark_blocks
-
-    def stats(self) -> AllocatorStats:
-        free = self.num_free_blocks()
-        return AllocatorStats(
-            num_blocks=self.num_blocks,
-            used=self.num_blocks - free,
-            cached=len(self._lru),
-            empty=len(self._empty),
-            clean=self._clean_cached,
-            requests=len(self._requests),
-            hit_blocks=self._hit_blocks,
-            restored_blocks=self._restored_blocks,
-            evicted_blocks=self._evicted_blocks,
-            dropped_blocks=self._dropped_blocks,
-            pressure_events=self._pressure_events,
-        )
-
-    # -- pressure callbacks ---------------------------------------------------------
-
-    def add_pressure_callback(self, callback: Callable[[MemoryPressure], None]) -> None:
-        """Run ``callback`` after every ``allocate`` / ``extend`` that takes blocks and
-        leaves the pool under pressure. It runs after the call's changes; an exception it raises
-        reaches the caller of that call (whose changes stand)."""
-        self._callbacks.append(callback)
-
-    def remove_pressure_callback(self, callback: Callable[[MemoryPressure], None]) -> None:
-        self._callbacks.remove(callback)
-
-    def _check_pressure(self) -> None:
-        if not self.under_pressure():
-            return
-        self._pressure_events += 1
-        event = MemoryPressure(
-            len(self._empty), self._clean_cached, len(self._lru), self.watermark_blocks
-        )
-        for callback in list(self._callbacks):
-            callback(event)
-
     # -- request lifecycle ----------------------------------------------------------
-
-    def _get(self, request_id: RequestId, what: str) -> Request:
-        req = self._requests.get(request_id)
-        if req is None:
-            raise PagedCacheError(
-                f"{what}: unknown request {request_id!r} (never allocated, or already freed)"
-            )
-        return req
-
-    def _idle(self, request_id: RequestId, what: str) -> Request:
-        req = self._get(request_id, what)
-        if req.pending is not None:
-            raise PagedCacheError(
-                f"{what}: request {request_id!r} has a restore in flight; "
-                "call complete_restore first"
-            )
-        return req
 
     def _check_fits(self, request_id: RequestId, num_blocks: int, what: str) -> None:
         if num_blocks > self.num_blocks:
@@ -261,25 +97,12 @@ class BlockAllocator:
                 f"the pool has {self.num_blocks} in all"
             )
 
-    def _segments(
-        self, tokens: Sequence[int], hashes: list[bytes], tail: bool
-    ) -> list[tuple[bytes, int, int]]:
-        """``(key, first block, stop block)`` of each offload block of a sequence."""
-        k = self.blocks_per_offload
-        whole = len(hashes) // k
-        segs = [(hashes[c * k + k - 1], c * k, c * k + k) for c in range(whole)]
-        stop = _cdiv(len(tokens), self.block_size)
-        if tail and stop > whole * k:
-            parent = hashes[whole * k - 1] if whole else self.root
-            segs.append((hash_tail(parent, tokens[whole * k * self.block_size :]), whole * k, stop))
-        return segs
-
     def _limits(self, num_tokens: int, compute_last: bool) -> tuple[int, int]:
         """Blocks that may be shared (resident) and restored at most."""
         if compute_last:
             limit = (num_tokens - 1) // self.block_size
             return limit, limit
-        return num_tokens // self.block_size, _cdiv(num_tokens, self.block_size)
+        return num_tokens // self.block_size, cdiv(num_tokens, self.block_size)
 
     def _resident_run(self, hashes: list[bytes], limit: int) -> int:
         r = 0
@@ -342,8 +165,8 @@ class BlockAllocator:
         tokens = self._tokens(token_ids, "allocate")
         if not tokens:
             raise PagedCacheError(f"allocate: request {request_id!r} has no tokens")
-        bs, k = self.block_size, self.blocks_per_offload
-        total = _cdiv(len(tokens), bs)
+        bs = self.block_size
+        total = cdiv(len(tokens), bs)
         self._check_fits(request_id, total, "allocate")
         hashes = hash_blocks(self.root, tokens, bs)
         share_limit, restore_limit = self._limits(len(tokens), compute_last)
@@ -351,19 +174,9 @@ class BlockAllocator:
         restore: list[tuple[int, int]] = []  # (table index, row)
         restore_keys: list[bytes] = []
         if offloaded:
-            segments = self._segments(tokens, hashes, tail=not compute_last)
-            for key, first, stop in segments:
-                if stop <= r:
-                    continue
-                if first >= restore_limit or key not in offloaded:
-                    break
-                rows = range(max(first, r), min(stop, restore_limit))
-                if not rows:
-                    break  # the blocks of this chunk in reach are all in the pool
-                restore += [(i, len(restore_keys) * k + i - first) for i in rows]
-                restore_keys.append(key)
-                if stop > restore_limit:
-                    break
+            restore, restore_keys = self._plan_restore(
+                tokens, hashes, r, restore_limit, offloaded, compute_last
+            )
         hits = [self._by_key[h] for h in hashes[:r]]
         idle_hits = sum(1 for b in hits if self._ref[b] == 0)
         needed = total - r
@@ -432,7 +245,7 @@ class BlockAllocator:
             return ExtendPlan([], [])
         bs = self.block_size
         old_len = len(req.tokens)
-        total = _cdiv(old_len + len(new), bs)
+        total = cdiv(old_len + len(new), bs)
         self._check_fits(request_id, total, "extend")
         cow = old_len % bs != 0 and self._ref[req.blocks[-1]] > 1
         needed = total - len(req.blocks) + int(cow)
@@ -508,182 +321,3 @@ class BlockAllocator:
                 self._unregister(b)
                 heapq.heappush(self._empty, b)
         return req.tokens
-
-    # -- offloading -----------------------------------------------------------------
-
-    def prepare_offload(self) -> list[OffloadItem]:
-        """Under pressure: the least recently used cached blocks to store before reuse.
-
-        Plans enough offload blocks to bring the reusable blocks back to the
-        watermark (stores in flight count as done), as far as cached blocks
-        allow. Each item's key stays in flight until :meth:`complete_offload`;
-        the caller must copy the bytes out before
-        its next call on the allocator. Returns ``[]`` when not under pressure.
-        """
-        if not self.offloading or not self.under_pressure():
-            return []
-        missing = self.watermark_blocks - len(self._empty) - self._clean_cached
-        for key in self._in_flight:  # stores already under way count as done
-            b = self._by_key.get(key)
-            if b is not None and b in self._lru and not self._clean[b]:
-                missing -= 1
-        items: list[OffloadItem] = []
-        planned: set[int] = set()
-        for b in self._lru:
-            if missing <= 0:
-                break
-            if self._clean[b] or b in planned:
-                continue
-            item = self._chunk_item(b)
-            if item is None:
-                continue
-            items.append(item)
-            self._in_flight.add(item.key)
-            for a in item.block_ids:
-                if a not in planned and a in self._lru and not self._clean[a]:
-                    missing -= 1
-                planned.add(a)
-        return items
-
-    def prepare_swap_out(self, request_id: RequestId) -> list[OffloadItem]:
-        """The offload blocks that save ``request_id`` before it is freed (swapped out).
-
-        Whole chunks already offloaded and keys already in flight are skipped;
-        the tail (partial block included) is always named. The caller copies the
-        bytes out, frees the request, stores the items and calls ``complete_offload``.
-        """
-        req = self._idle(request_id, "prepare_swap_out")
-        items: list[OffloadItem] = []
-        n_full = len(req.hashes)
-        for key, first, stop in self._segments(req.tokens, req.hashes, tail=True):
-            if key in self._in_flight or (stop <= n_full and self._clean[req.blocks[stop - 1]]):
-                continue
-            hashes: list[bytes | None] = [
-                req.hashes[i] if i < n_full else None for i in range(first, stop)
-            ]
-            items.append(OffloadItem(key, req.blocks[first:stop], hashes))
-            self._in_flight.add(key)
-        return items
-
-    def complete_offload(self, items: Sequence[OffloadItem], success: bool) -> None:
-        """Finish a store of ``items``: on success their blocks still in the pool are clean."""
-        for item in items:
-            self._in_flight.discard(item.key)
-            if not success:
-                continue
-            for key in item.hashes:
-                b = self._by_key.get(key) if key is not None else None
-                if b is not None and not self._clean[b]:
-                    self._clean[b] = True
-                    if b in self._lru:
-                        self._clean_cached += 1
-
-    def _chunk_item(self, b: int) -> OffloadItem | None:
-        """The whole chunk ending at registered block ``b``, if all of it is in the pool."""
-        k = self.blocks_per_offload
-        key = self._key[b]
-        if key is None or (self._depth[b] + 1) % k or key in self._in_flight:
-            return None
-        ids = [b]
-        hashes: list[bytes | None] = [key]
-        parent = self._parent[b]
-        for _ in range(k - 1):
-            a = self._by_key.get(parent)
-            if a is None:
-                return None
-            ids.append(a)
-            hashes.append(parent)
-            parent = self._parent[a]
-        ids.reverse()
-        hashes.reverse()
-        return OffloadItem(key, ids, hashes)
-
-    # -- block bookkeeping ----------------------------------------------------------
-
-    def _acquire(self, b: int) -> None:
-        if self._ref[b] == 0:
-            del self._lru[b]
-            if self._clean[b]:
-                self._clean_cached -= 1
-        self._ref[b] += 1
-
-    def _take(self, n: int) -> tuple[list[int], list[OffloadItem]]:
-        """``n`` blocks at ref 1: empty ones first, then the least recently used cached."""
-        taken = [heapq.heappop(self._empty) for _ in range(min(n, len(self._empty)))]
-        victims: list[int] = []
-        lru = iter(self._lru)
-        while len(taken) + len(victims) < n:
-            victims.append(next(lru))
-        evicted: list[OffloadItem] = []
-        if self.offloading:
-            # Plan every victim's offload before any is unregistered: a chunk's
-            # earlier blocks may be victims of this same call.
-            for b in victims:
-                if self._clean[b] or self._key[b] in self._in_flight:
-                    continue
-                item = self._chunk_item(b)
-                if item is not None:
-                    evicted.append(item)
-                else:
-                    self._dropped_blocks += 1
-        elif victims:
-            self._dropped_blocks += len(victims)
-        for b in victims:
-            del self._lru[b]
-            if self._clean[b]:
-                self._clean_cached -= 1
-            self._unregister(b)
-        self._evicted_blocks += len(victims)
-        taken += victims
-        for b in taken:
-            self._ref[b] = 1
-        return taken, evicted
-
-    def _register(self, req: Request, i: int) -> None:
-        """Register block ``i`` of ``req`` under its key, unless another block holds it."""
-        key = req.hashes[i]
-        if key in self._by_key:
-            return  # another block holds the same tokens; this one stays private
-        b = req.blocks[i]
-        self._by_key[key] = b
-        self._key[b] = key
-        self._parent[b] = req.hashes[i - 1] if i else self.root
-        self._depth[b] = i
-
-    def _unregister(self, b: int) -> None:
-        key = self._key[b]
-        if key is not None:
-            del self._by_key[key]
-            self._key[b] = None
-        self._clean[b] = False
-
-    # -- defragmentation ------------------------------------------------------------
-
-    def defragment(self) -> dict[int, int]:
-        """Move every block holding data (referenced or cached) to the lowest ids.
-
-        Rewrites every block table, the cache index and the LRU order; returns
-        ``{old id: new id}`` for the blocks that moved. The caller moves their
-        bytes (:meth:`KVTensors.copy_blocks` with the mapping's keys and values,
-        which never overlap). A restore in flight stays valid: its targets are
-        resolved by ``complete_restore``.
-        """
-        live = [b for b in range(self.num_blocks) if self._ref[b] or self._key[b] is not None]
-        n_live = len(live)
-        holes = sorted(b for b in self._empty if b < n_live)
-        movers = [b for b in live if b >= n_live]
-        mapping = dict(zip(movers, holes, strict=True))
-        for old, new in mapping.items():
-            self._ref[new], self._ref[old] = self._ref[old], 0
-            self._key[new], self._key[old] = self._key[old], None
-            self._parent[new], self._depth[new] = self._parent[old], self._depth[old]
-            self._clean[new], self._clean[old] = self._clean[old], False
-            key = self._key[new]
-            if key is not None:
-                self._by_key[key] = new
-        if mapping:
-            for req in self._requests.values():
-                req.blocks = [mapping.get(b, b) for b in req.blocks]
-            self._lru = OrderedDict((mapping.get(b, b), None) for b in self._lru)
-        self._empty = list(range(n_live, self.num_blocks))
-        return mapping
