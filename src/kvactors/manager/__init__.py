@@ -26,6 +26,8 @@ One state machine, two implementations kept call-for-call equal:
 - ``_native``: the compiled core (``native/manager_core.c``), each policy behind
   a table of functions mirroring :class:`~kvactors.policy.CachePolicy`
   (``native/policy_*.c``), a user's own policy called back from C;
+- ``_contract``: what the Python manager checks in the keys and the policy
+  answers it is handed (the compiled core makes the same checks in C);
 - ``_checks``: the constructor checks both make; ``_types``: the structs.
 """
 

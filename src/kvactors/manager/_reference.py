@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from itertools import compress, count, takewhile
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from kvactors.errors import (
     BlockNotFoundError,
@@ -17,10 +17,18 @@ from kvactors.errors import (
     BlockNotReadyError,
     BlockStateError,
     InvalidKeyError,
-    PolicyError,
 )
 from kvactors.keys import Key
 from kvactors.manager._checks import check_sizes, resolve_policy, use_native
+from kvactors.manager._contract import (
+    KEY_TYPES,
+    admitted_keys,
+    check_new_keys,
+    check_usable,
+    check_victims,
+    is_none,
+    key_fault,
+)
 from kvactors.manager._types import (
     LoadStoreSpec,
     ManagerStats,
@@ -34,16 +42,6 @@ if TYPE_CHECKING:
     from kvactors.media.nvme_index import NVMeIndex
 
 __all__ = ["OffloadingManager"]
-
-_KEY_TYPES = frozenset((int, bytes))
-
-
-def _key_fault(method: str, key: object, exc: Exception) -> NoReturn:
-    """A key's lookup raised: the typed error both cores raise, chained."""
-    kind = type(key).__name__
-    raise InvalidKeyError(
-        f"{method}: block key of type {kind} is not usable ({type(exc).__name__}: {exc})"
-    ) from exc
 
 
 class OffloadingManager:
@@ -138,18 +136,8 @@ class OffloadingManager:
         try:
             return list(map(self._get, keys))
         except Exception:
-            self._usable(method, keys)
+            check_usable(self._get, method, keys)
             raise
-
-    def _usable(self, method: str, keys: Iterable[Any]) -> None:
-        """Every key can be looked up (exact int/bytes always can)."""
-        get = self._get
-        for key in keys:
-            if type(key) not in _KEY_TYPES:
-                try:
-                    get(key)
-                except Exception as exc:
-                    _key_fault(method, key, exc)
 
     # -- queries ----------------------------------------------------------------
 
@@ -178,14 +166,14 @@ class OffloadingManager:
         try:
             return self._policy.get(key) is not None  # type: ignore[arg-type]
         except Exception as exc:
-            _key_fault("__contains__", key, exc)
+            key_fault("__contains__", key, exc)
 
     def get(self, key: Key) -> BlockStatus | None:
         """The block record of ``key`` (``None`` when absent). Do not mutate it."""
         try:
             return self._policy.get(key)
         except Exception as exc:
-            _key_fault("get", key, exc)
+            key_fault("get", key, exc)
 
     def lookup(self, keys: Iterable[Key]) -> int:
         """How many leading ``keys`` are present and ready. Changes no order."""
@@ -194,13 +182,13 @@ class OffloadingManager:
             # The leading present keys (a block record is always truthy), in C ...
             hits = len(list(takewhile(self._get, keys)))
         except Exception:
-            self._usable("lookup", keys)
+            check_usable(self._get, "lookup", keys)
             raise
         # ... cut at the first one still being written, if any is.
         writing = self._writing
         if writing and hits and not writing.isdisjoint(keys[:hits]):
             hits = next(compress(count(), map(writing.__contains__, keys[:hits])))
-        self._usable("lookup", keys[hits:])
+        check_usable(self._get, "lookup", keys[hits:])
         self._lookups += 1
         self._lookup_keys += len(keys)
         self._hits += hits
@@ -209,7 +197,7 @@ class OffloadingManager:
     def touch(self, keys: Iterable[Key]) -> None:
         """Mark ``keys`` used, the first key most recently. Absent keys are ignored."""
         keys = list(keys)
-        self._usable("touch", keys)
+        check_usable(self._get, "touch", keys)
         self._policy.touch(keys)
 
     # -- store ------------------------------------------------------------------
@@ -225,13 +213,15 @@ class OffloadingManager:
         """
         keys = tuple(keys)
         blocks = self._blocks("prepare_store", keys)
-        to_store = list(compress(keys, map(_is_none, blocks)))
+        to_store = list(compress(keys, map(is_none, blocks)))
         if not to_store:
             return PrepareStoreOutput([], LoadStoreSpec([], self.medium), [])
-        _check_new_keys(to_store)
+        check_new_keys(to_store)
         if self._admit is not None:
             # An admission policy may decline new keys: a leading part is stored.
-            to_store = self._admitted(self._admit(list(keys), list(to_store)), to_store)
+            to_store = admitted_keys(
+                self._policy, self._admit(list(keys), list(to_store)), to_store
+            )
             if not to_store:
                 return PrepareStoreOutput([], LoadStoreSpec([], self.medium), [])
         free_list = self._free_list
@@ -243,7 +233,7 @@ class OffloadingManager:
             if victims is None:
                 self._failed_prepares += 1
                 return None
-            self._check_victims(need, victims, keys)
+            check_victims(self._policy, self.num_blocks, need, victims, keys)
             evicted = [key for key, _ in victims]
             evicted_ids = [block.block_id for _, block in victims]
             free_list.extend(evicted_ids)
@@ -254,24 +244,6 @@ class OffloadingManager:
         self._policy.insert_many([(k, BlockStatus(i, -1, size)) for k, i in zip(to_store, ids)])
         self._writing.update(to_store)
         return PrepareStoreOutput(to_store, LoadStoreSpec(ids, self.medium), evicted, evicted_ids)
-
-    def _admitted(self, answer: object, to_store: list[Key]) -> list[Key]:
-        """``admit``'s answer is a leading part of the new keys (each the same
-        type and value, in order), or ``PolicyError``; returns that part."""
-        try:
-            admitted = list(answer)  # type: ignore[call-overload]
-        except TypeError:
-            admitted = None
-        if (
-            admitted is None
-            or len(admitted) > len(to_store)
-            or any(type(a) is not type(b) or a != b for a, b in zip(admitted, to_store))
-        ):
-            raise PolicyError(
-                f"policy {self._policy!r} broke the CachePolicy contract: admit returned "
-                f"{answer!r}, not a leading part of the new keys {to_store!r}"
-            )
-        return to_store[: len(admitted)]
 
     def _take(self, n: int) -> list[int]:
         """``n`` slot ids: fresh ids in order first, then freed ids, last freed
@@ -286,33 +258,6 @@ class OffloadingManager:
         if n_reused:
             del free_list[-n_reused:]
         return reused + fresh if self._stack_first else fresh + reused
-
-    def _check_victims(
-        self, n: int, victims: list[tuple[Key, BlockStatus]], keys: tuple[Key, ...]
-    ) -> None:
-        """``evict``'s answer keeps the ``CachePolicy`` contract, or ``PolicyError``."""
-
-        def broken(what: str, shown: object) -> NoReturn:
-            raise PolicyError(
-                f"policy {self._policy!r} broke the CachePolicy contract: "
-                f"evict({n}) returned {shown!r}, {what}"
-            )
-
-        victims = list(victims)
-        if len(victims) != n:
-            broken("victims, not exactly n", len(victims))
-        protected = set(keys)
-        for pair in victims:
-            if type(pair) is not tuple or len(pair) != 2:
-                broken("not a (key, block) pair", pair)
-            key, block = pair
-            if not isinstance(block, BlockStatus) or not 0 <= block.block_id < self.num_blocks:
-                broken("a key the manager does not hold", key)
-            if block.ref_cnt != 0:
-                broken("a block that is not idle (ref_cnt != 0)", key)
-            if key in protected:
-                broken("a key that is protected or named twice", key)
-            protected.add(key)
 
     def complete_store(self, keys: Iterable[Key], success: bool = True) -> None:
         """Finish a store: ready the not-ready ``keys`` or, on failure, drop them.
@@ -420,7 +365,7 @@ class OffloadingManager:
         policy = self._policy
         size = self.block_size
         for key, block_id in pairs:
-            if type(key) not in _KEY_TYPES or not 0 <= block_id < self.num_blocks:
+            if type(key) not in KEY_TYPES or not 0 <= block_id < self.num_blocks:
                 continue
             if block_id in used or policy.get(key) is not None:
                 continue
@@ -518,26 +463,3 @@ class OffloadingManager:
             self._evictions,
             self._failed_prepares,
         )
-
-
-def _is_none(block: object) -> bool:
-    return block is None
-
-
-def _check_new_keys(keys: list[Any]) -> None:
-    """New keys are exactly ``bytes``/``int`` and each is named once (in that order)."""
-    if not set(map(type, keys)) <= _KEY_TYPES:
-        for key in keys:
-            if type(key) not in _KEY_TYPES:
-                raise InvalidKeyError(
-                    f"prepare_store: block key {key!r} has type {type(key).__name__}; "
-                    "keys must be bytes or int"
-                )
-    if len(set(keys)) != len(keys):
-        seen: set[Key] = set()
-        for key in keys:
-            if key in seen:
-                raise InvalidKeyError(
-                    f"prepare_store: block key {key!r} is named twice in one call"
-                )
-            seen.add(key)
