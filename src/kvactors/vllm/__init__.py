@@ -16,7 +16,8 @@ Enable it in vLLM with::
 
 The vLLM classes (:class:`KVActorsOffloadingSpec` and the manager and worker it
 makes) import vLLM and load on first use; :mod:`kvactors.vllm.config`,
-:mod:`kvactors.vllm.tiers` and :mod:`kvactors.vllm.mover` do not need it.
+:mod:`kvactors.vllm.tiers`, :mod:`kvactors.vllm.mover` and
+:mod:`kvactors.vllm.paged_rows` do not need it.
 See docs/vllm.md.
 """
 

@@ -44,7 +44,8 @@ from kvactors.keys import Key
 from kvactors.media import resolve_nvme_backend
 from kvactors.media.remote import RemoteStore
 from kvactors.vllm.config import VLLMSettings, num_slots, parse_settings
-from kvactors.vllm.mover import BlockMover, GPUBlocks, PagedRows
+from kvactors.vllm.mover import BlockMover
+from kvactors.vllm.paged_rows import GPUBlocks, PagedRows
 from kvactors.vllm.prefetch import Mailbox, MailboxReader, Prefetcher, mailbox_path
 from kvactors.vllm.tiers import COUNTERS, CPU, NVME, TieredManager, TransferPlan
 

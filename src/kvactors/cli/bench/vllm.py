@@ -47,7 +47,7 @@ from kvactors.vllm.engine import (
     find_vllm_python,
     run_in_subprocess,
 )
-from kvactors.vllm.mover import GPUBlocks, PagedRows
+from kvactors.vllm.paged_rows import GPUBlocks, PagedRows
 
 __all__ = ["MIN_COPY_RATIO", "add_arguments", "copy_path", "run", "trace_prompts"]
 
