@@ -40,7 +40,7 @@ from kvactors.cli.arguments import (
     positive_int,
     resolve_trace,
 )
-from kvactors.cli.replay import BLOCK_TOKENS, handshake
+from kvactors.cli.replay_runs import BLOCK_TOKENS, handshake
 from kvactors.cli.report import RATE, RATIO, Report, progress
 from kvactors.errors import TraceError
 from kvactors.keys import Key
