@@ -36,6 +36,7 @@ import torch
 
 from kvactors.errors import BlocksMissingError, ConfigError, RemoteUnavailable, TransferError
 from kvactors.keys import Key
+from kvactors.media.memory import row_buffers
 from kvactors.media.remote_format import (
     FORMAT_VERSION,
     HEADER_BYTES,
@@ -379,7 +380,7 @@ class RemoteStore:
         if keys is None:
             raise ConfigError("remote: reads name blocks by key")
         host = rows if rows.device.type == "cpu" else torch.empty_like(rows, device="cpu")
-        missed = self.get_into(keys, _row_views(host))
+        missed = self.get_into(keys, row_buffers(host, range(host.shape[0])))
         if host is not rows:
             rows.copy_(host)
         return missed
@@ -390,7 +391,8 @@ class RemoteStore:
         del ids
         if keys is None:
             raise ConfigError("remote: writes name blocks by key")
-        self.put(keys, _row_views(rows.cpu().contiguous()))
+        host = rows.cpu().contiguous()
+        self.put(keys, row_buffers(host, range(host.shape[0])))
 
     def drop(self, keys: list[Key]) -> None:
         """Delete blocks ``keys`` from the server: the cache calls this for values
@@ -432,9 +434,3 @@ class RemoteStore:
 
     def close(self) -> None:
         self.nodes.close()
-
-
-def _row_views(rows: torch.Tensor) -> list[memoryview]:
-    flat = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
-    bb = rows.shape[1]
-    return [flat[i * bb : (i + 1) * bb] for i in range(rows.shape[0])]
