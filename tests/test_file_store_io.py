@@ -16,7 +16,7 @@ import torch
 
 from kvactors.errors import ConfigError, TransferError
 from kvactors.media import FileStore, MemoryPool, file_store, memory
-from kvactors.media.file_store import _batches
+from kvactors.media.file_plan import batches
 from kvactors.media.kvikio_io import _KvikioIO
 
 BB = 4096
@@ -31,16 +31,16 @@ def pool(n: int, seed: int) -> MemoryPool:
 
 def test_batches_sort_slots_and_merge_adjacent_ones() -> None:
     ids = [7, 3, 5, 0, 4, 6, 10, 9]
-    assert _batches(ids) == [(0, [3]), (3, [1, 4, 2, 5, 0]), (9, [7, 6])]
-    assert _batches([]) == []
+    assert batches(ids) == [(0, [3]), (3, [1, 4, 2, 5, 0]), (9, [7, 6])]
+    assert batches([]) == []
     # A slot named twice stays in request order (the later buffer is written last).
-    assert _batches([2, 2, 3]) == [(2, [0]), (2, [1, 2])]
+    assert batches([2, 2, 3]) == [(2, [0]), (2, [1, 2])]
 
 
 def test_batches_over_stripes_merge_slots_adjacent_in_their_file() -> None:
     """Slot s lives in file s % 2 at block s // 2: 3, 5, 7 are one run of file 1."""
     ids = [7, 3, 5, 0, 4, 6, 10, 9]
-    assert _batches(ids, 2) == [(0, [3]), (4, [4, 5]), (10, [6]), (3, [1, 2, 0, 7])]
+    assert batches(ids, 2) == [(0, [3]), (4, [4, 5]), (10, [6]), (3, [1, 2, 0, 7])]
 
 
 @pytest.fixture(params=["native", "python"])

@@ -2,8 +2,8 @@
 
 A :class:`~kvactors.media.file_store.FileStore` asks its ``faults`` object
 (``None`` in production) about every system call it plans, in the compiled
-I/O loop and in the Python one alike (see
-:class:`~kvactors.media.file_store.Faults`). :class:`InjectedFaults` is the
+I/O loop and in the Python one alike: :class:`Faults` is what it asks.
+:class:`InjectedFaults` is the
 seeded random one ``kvactors bench soak`` and the tests use; all its state is
 its own (nothing module-level).
 """
@@ -13,8 +13,26 @@ from __future__ import annotations
 import errno
 import random
 import threading
+from typing import Protocol
 
-__all__ = ["InjectedFaults"]
+__all__ = ["Faults", "InjectedFaults"]
+
+
+class Faults(Protocol):
+    """Faults injected into a :class:`FileStore`'s I/O, on the path users run
+    (the compiled loop included): set :attr:`FileStore.faults`.
+
+    ``on_io`` is asked once per system call planned (one run of adjacent slots
+    of one file): ``0`` runs it, a negative ``-errno`` fails it with that error
+    without touching the file, a positive ``n`` smaller than ``nbytes``
+    transfers only the first ``n`` bytes (a short call). ``on_read`` sees the
+    buffers of each read that completed and may change their bytes (a device
+    returning bad data). Both may be called from I/O threads at once.
+    """
+
+    def on_io(self, write: bool, stripe: int, offset: int, nbytes: int) -> int: ...
+
+    def on_read(self, buffers: list[memoryview]) -> None: ...
 
 
 class InjectedFaults:

@@ -5,7 +5,7 @@ adjacent slots one call, long requests spread over I/O threads), with
 directory) or through it (``"buffered"``). Every block written carries a CRC-32
 kept in an on-disk index (:mod:`kvactors.media.nvme_index`) and checked when
 read back; reopening the directory serves what was durably stored before.
-Faults are injected through :attr:`FileStore.faults` (see :class:`Faults`) on
+Faults are injected through :attr:`FileStore.faults` (see :class:`~kvactors.media.faults.Faults`) on
 the same calls.
 """
 
@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -31,8 +31,11 @@ from kvactors.errors import (
     TransferError,
 )
 from kvactors.keys import Key
+from kvactors.media import file_plan
+from kvactors.media.faults import Faults
+from kvactors.media.file_plan import Batch
 from kvactors.media.kvikio_io import _KvikioIO
-from kvactors.media.memory import _fan_out
+from kvactors.media.memory import _fan_out, row_buffers
 from kvactors.media.nvme_index import Entry, NVMeIndex, checksum
 
 try:
@@ -49,104 +52,6 @@ DIRECT_DEPTH = 4  # direct requests in flight per I/O thread (measured in docs/b
 # requests of this size (at least one block), so several of them are in flight at
 # once instead of one call for the whole run (measured in docs/benchmarks.md).
 DIRECT_REQUEST_BYTES = 2**20
-_Batch = tuple[int, list[int]]
-
-
-def _batches(ids: list[int], stripes: int = 1) -> list[tuple[int, list[int]]]:
-    """The positions of ``ids`` grouped into runs of slots adjacent in their file,
-    in file order: ``(first_slot, positions)`` with
-    ``ids[positions[j]] == first_slot + j * stripes``.
-
-    Slot ``s`` lives in file ``s % stripes`` at block ``s // stripes``. Sorting
-    first merges slots that are adjacent in a file but not in the request (a
-    shuffled free list) into one vectored call, and walks each file forwards.
-    The sort is stable: a slot named twice keeps its last buffer last.
-    """
-    if stripes == 1:
-        order = sorted(range(len(ids)), key=ids.__getitem__)
-    else:
-        span = max(ids, default=0) + 1  # file first, then slot: one int per slot
-        places = [slot % stripes * span + slot for slot in ids]
-        order = sorted(range(len(ids)), key=places.__getitem__)
-    batches: list[tuple[int, list[int]]] = []
-    prev = -2 * stripes
-    run: list[int] = []
-    for pos in order:
-        slot = ids[pos]
-        if slot == prev + stripes:
-            run.append(pos)
-        else:
-            run = [pos]
-            batches.append((slot, run))
-        prev = slot
-    return batches
-
-
-def _pieces(batches: list[_Batch], stripes: int, most: int) -> list[_Batch]:
-    """``batches`` with every run longer than ``most`` slots cut into runs of at
-    most ``most`` (in the same order), each still one call."""
-    out: list[_Batch] = []
-    for slot, positions in batches:
-        if len(positions) <= most:
-            out.append((slot, positions))
-            continue
-        for k in range(0, len(positions), most):
-            out.append((slot + k * stripes, positions[k : k + most]))
-    return out
-
-
-_IOV_MAX = 1024
-
-
-def _vectored(call: Callable[..., int], fd: int, bufs: list[memoryview], offset: int) -> int:
-    """``preadv``/``pwritev`` of many buffers at ``offset``, IOV_MAX at a time."""
-    if len(bufs) <= _IOV_MAX:
-        return call(fd, bufs, offset)
-    done = 0
-    for i in range(0, len(bufs), _IOV_MAX):
-        chunk = bufs[i : i + _IOV_MAX]
-        n = call(fd, chunk, offset + done)
-        done += n
-        if n != sum(len(b) for b in chunk):
-            break
-    return done
-
-
-def _first_bytes(views: list[memoryview], limit: int) -> list[memoryview]:
-    """``views`` cut to their first ``limit`` bytes (all of them for ``limit`` 0)."""
-    if limit <= 0:
-        return views
-    out = []
-    for view in views:
-        if limit <= 0:
-            break
-        out.append(view[:limit])
-        limit -= len(view)
-    return out
-
-
-def _row_views(rows: torch.Tensor) -> list[memoryview]:
-    """One writable byte view per row of a contiguous CPU ``(n, block_bytes)`` tensor."""
-    flat = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
-    bb = rows.shape[1] if rows.dim() == 2 else rows.numel()
-    return [flat[i * bb : (i + 1) * bb] for i in range(rows.shape[0])]
-
-
-class Faults(Protocol):
-    """Faults injected into a :class:`FileStore`'s I/O, on the path users run
-    (the compiled loop included): set :attr:`FileStore.faults`.
-
-    ``on_io`` is asked once per system call planned (one run of adjacent slots
-    of one file): ``0`` runs it, a negative ``-errno`` fails it with that error
-    without touching the file, a positive ``n`` smaller than ``nbytes``
-    transfers only the first ``n`` bytes (a short call). ``on_read`` sees the
-    buffers of each read that completed and may change their bytes (a device
-    returning bad data). Both may be called from I/O threads at once.
-    """
-
-    def on_io(self, write: bool, stripe: int, offset: int, nbytes: int) -> int: ...
-
-    def on_read(self, buffers: list[memoryview]) -> None: ...
 
 
 def _startup(path: Path, exc: OSError) -> StoreOpenError:
@@ -366,7 +271,7 @@ class FileStore:
         """Read slots into ``rows``; returns the positions whose bytes failed the
         checksum of ``keys`` (or are not indexed under that key)."""
         host = rows if rows.device.type == "cpu" else torch.empty_like(rows, device="cpu")
-        bad = self.read_buffers(ids, _row_views(host), keys)
+        bad = self.read_buffers(ids, row_buffers(host, range(host.shape[0])), keys)
         if host is not rows:
             rows.copy_(host)
         return bad
@@ -384,7 +289,7 @@ class FileStore:
         """
         bb = self.block_bytes
 
-        def read_done(batch: _Batch, got: int | OSError) -> list[int]:
+        def read_done(batch: Batch, got: int | OSError) -> list[int]:
             slot, positions = batch
             n = len(positions)
             want = n * bb
@@ -428,14 +333,15 @@ class FileStore:
         """Direct requests in flight for one read or write: ``io_depth`` per I/O thread."""
         return min(64, self.io_threads * self.io_depth)
 
-    def _plan(self, ids: list[int]) -> list[_Batch]:
-        """The system calls of a request: runs of adjacent slots (``_batches``);
+    def _plan(self, ids: list[int]) -> list[Batch]:
+        """The system calls of a request: runs of adjacent slots (``batches``);
         direct, runs cut to at most ``DIRECT_REQUEST_BYTES`` each, so a long run
         is several requests in flight rather than one."""
-        batches = _batches(ids, self.stripes)
+        runs = file_plan.batches(ids, self.stripes)
         if not self.direct_fds:
-            return batches
-        return _pieces(batches, self.stripes, max(1, DIRECT_REQUEST_BYTES // self.block_bytes))
+            return runs
+        most = max(1, DIRECT_REQUEST_BYTES // self.block_bytes)
+        return file_plan.pieces(runs, self.stripes, most)
 
     def _slots(self, slot: int, n: int) -> str:
         last = slot + (n - 1) * self.stripes
@@ -446,9 +352,9 @@ class FileStore:
         self,
         write: bool,
         bufs: list[memoryview],
-        done: Callable[[_Batch, int | OSError], T],
+        done: Callable[[Batch, int | OSError], T],
         depth: int = 1,
-    ) -> Callable[[list[_Batch]], list[T]]:
+    ) -> Callable[[list[Batch]], list[T]]:
         """What runs one group of batches: their system calls, each batch's result
         through ``done`` (bytes done, or the error), stopping at the first raise.
 
@@ -464,7 +370,7 @@ class FileStore:
         call = self.pwritev if write else self.preadv
         faults = self.faults
 
-        def plan(group: list[_Batch]) -> list[int] | None:
+        def plan(group: list[Batch]) -> list[int] | None:
             if faults is None:
                 return None
             return [
@@ -476,7 +382,7 @@ class FileStore:
             nfds, align = (self.direct_fds, DIRECT_ALIGN) if self.direct_fds else (fds, 0)
             depth = depth if self.direct_fds else 1
 
-            def run_native(group: list[_Batch]) -> list[T]:
+            def run_native(group: list[Batch]) -> list[T]:
                 got = _io_vectored(
                     write,
                     [nfds[slot % stripes] for slot, _ in group],
@@ -498,7 +404,7 @@ class FileStore:
 
             return run_native
 
-        def one(batch: _Batch, injected: int) -> T:
+        def one(batch: Batch, injected: int) -> T:
             slot, positions = batch
             fd, offset = fds[slot % stripes], slot // stripes * bb
             views = [bufs[p] for p in positions]
@@ -507,22 +413,21 @@ class FileStore:
                 got = OSError(-injected, os.strerror(-injected))
             else:
                 try:
-                    got = _vectored(call, fd, _first_bytes(views, injected), offset)
+                    cut = file_plan.first_bytes(views, injected)
+                    got = file_plan.vectored(call, fd, cut, offset)
                 except OSError as exc:
                     got = exc
                 if faults is not None and not write and isinstance(got, int) and got > 0:
                     faults.on_read(views)
             return done(batch, got)
 
-        def run_python(group: list[_Batch]) -> list[T]:
+        def run_python(group: list[Batch]) -> list[T]:
             plans = plan(group) or [0] * len(group)
             return [one(batch, injected) for batch, injected in zip(group, plans)]
 
         return run_python
 
-    def _in_stretches(
-        self, run: Callable[[list[_Batch]], list[T]], batches: list[_Batch]
-    ) -> list[T]:
+    def _in_stretches(self, run: Callable[[list[Batch]], list[T]], batches: list[Batch]) -> list[T]:
         """``run`` over ``batches``; with many, over contiguous stretches of them on
         the store's I/O threads (reads of one file run in parallel)."""
         if self._pool is None or len(batches) < 16:
@@ -531,7 +436,7 @@ class FileStore:
         return self._in_groups(run, [batches[i : i + step] for i in range(0, len(batches), step)])
 
     def _in_groups(
-        self, run: Callable[[list[_Batch]], list[T]], groups: list[list[_Batch]]
+        self, run: Callable[[list[Batch]], list[T]], groups: list[list[Batch]]
     ) -> list[T]:
         """``run`` over each group of batches, the groups on the I/O threads.
 
@@ -545,7 +450,8 @@ class FileStore:
 
     def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
         """Write ``rows`` into slots, fsync them, then index them under ``keys``."""
-        self.write_buffers(ids, _row_views(rows.cpu().contiguous()), keys)
+        host = rows.cpu().contiguous()
+        self.write_buffers(ids, row_buffers(host, range(host.shape[0])), keys)
 
     def write_buffers(
         self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None = None
@@ -562,7 +468,7 @@ class FileStore:
         # The slots' old records are superseded by the new ones below; a crash in
         # between leaves old records over new bytes, which fail their checksum.
 
-        def write_done(batch: _Batch, done: int | OSError) -> None:
+        def write_done(batch: Batch, done: int | OSError) -> None:
             if isinstance(done, OSError):
                 raise done
             slot, positions = batch
