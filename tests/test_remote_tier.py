@@ -366,6 +366,26 @@ async def test_a_partial_load_over_an_evicted_block_keeps_the_run_before_it(
             assert (stats.policy.missing, stats.policy.corrupted) == (1, 0)
 
 
+async def storm_then_check(
+    kv: kvactors.KVCache, churn: Any, clients: int, keys: list[int], bb: int
+) -> None:
+    """Three waves of ``clients`` cancelled calls (``churn(i)``); then no block is
+    pinned or half written, every tier's slots add up, and whatever is served now
+    is exact, from whichever tier."""
+    for _ in range(3):
+        async with anyio.create_task_group() as tg:
+            for i in range(clients):
+                tg.start_soon(churn, i)
+    stats = await settled(kv)
+    for tier in stats.policy.tiers.values():
+        assert tier.pinned == tier.being_written == 0
+        assert tier.used + tier.free == tier.capacity
+    for k in keys:
+        out = torch.zeros(1, bb, dtype=torch.uint8)
+        if (await kv.load([k], out, partial=True)).tiers:
+            assert torch.equal(out, block_bytes_for([k], bb, CPU))
+
+
 @pytest.mark.parametrize("policy", ["write_through", "on_demotion"])
 async def test_cancellation_storm_with_the_remote_tier_leaves_no_pin(
     redis_server: LocalServer,  # noqa: F811
@@ -393,19 +413,7 @@ async def test_cancellation_storm_with_the_remote_tier_leaves_no_pin(
                         kv.prefetch(chunk)
                         await anyio.lowlevel.checkpoint()
 
-            for _ in range(3):
-                async with anyio.create_task_group() as tg:
-                    for i in range(40):
-                        tg.start_soon(churn, i)
-            stats = await settled(kv)
-            for tier in stats.policy.tiers.values():
-                assert tier.pinned == tier.being_written == 0
-                assert tier.used + tier.free == tier.capacity
-            # Whatever is served now is exact, from whichever tier.
-            for k in keys:
-                out = torch.zeros(1, BB, dtype=torch.uint8)
-                if (await kv.load([k], out, partial=True)).tiers:
-                    assert torch.equal(out, data([k]))
+            await storm_then_check(kv, churn, 40, keys, BB)
             await settled(kv)
 
 
@@ -525,18 +533,7 @@ async def test_cancelled_large_stores_leave_no_pin_and_serve_exact_bytes(
                         out = torch.zeros(len(chunk), BIG, dtype=torch.uint8)
                         await kv.load(chunk, out, partial=True)
 
-            for _ in range(3):
-                async with anyio.create_task_group() as tg:
-                    for i in range(16):
-                        tg.start_soon(churn, i)
-            stats = await settled(kv)
-            for tier in stats.policy.tiers.values():
-                assert tier.pinned == tier.being_written == 0
-                assert tier.used + tier.free == tier.capacity
-            for k in keys:
-                out = torch.zeros(1, BIG, dtype=torch.uint8)
-                if (await kv.load([k], out, partial=True)).tiers:
-                    assert torch.equal(out, block_bytes_for([k], BIG, CPU))
+            await storm_then_check(kv, churn, 16, keys, BIG)
         async with kvactors.open(big_config(remote)) as other:
             for k in keys:
                 out = torch.zeros(1, BIG, dtype=torch.uint8)
