@@ -39,8 +39,9 @@ Crash safety, and where fsync matters:
 
 The code: record framing and file helpers in :mod:`kvactors.media.index_format`,
 the live table in :mod:`kvactors.media.index_table`, snapshot and log files in
-:mod:`kvactors.media.index_snapshot`; this module keeps the log, the updates and
-the scheduling of compactions.
+:mod:`kvactors.media.index_snapshot`, the geometry record and recovery at open in
+:mod:`kvactors.media.index_recovery`; this module keeps the log appends, the
+updates and the scheduling of compactions.
 
 Compaction starts when the logs hold more records than ``max(MIN_LOG_RECORDS,
 live entries)``: under the lock it only rotates to a new log generation; a
@@ -53,34 +54,15 @@ crash at any point reopens from the previous snapshot and every log after it.
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from kvactors.errors import ConfigError, IndexDamagedError
 from kvactors.keys import Key
-from kvactors.media.index_format import (
-    LOG_HEAD,
-    LOG_MAGIC,
-    META,
-    META_MAGIC,
-    OP_DEL,
-    OP_PUT,
-    VERSION,
-    Entry,
-    checksum,
-    encode,
-    frame,
-    fsync_dir,
-    gc_paused,
-    read_file,
-    read_head,
-    write_atomic,
-)
-from kvactors.media.index_snapshot import SnapshotFiles, SnapshotLoad
+from kvactors.media.index_format import OP_DEL, OP_PUT, Entry, checksum, encode, frame, gc_paused
+from kvactors.media.index_recovery import IndexRecovery
+from kvactors.media.index_snapshot import SnapshotLoad
 from kvactors.media.index_table import new_table
 
 __all__ = ["MIN_LOG_RECORDS", "Entry", "NVMeIndex", "checksum"]
@@ -117,7 +99,7 @@ class _ByKey(Mapping[Key, Entry]):
         return len(self._index.table)
 
 
-class NVMeIndex(SnapshotFiles):
+class NVMeIndex(IndexRecovery):
     """Key -> (slot, checksum) for one cache directory; see the module docstring.
 
     Thread-safe: updates and lookups take :attr:`lock`; a background compaction
@@ -180,132 +162,10 @@ class NVMeIndex(SnapshotFiles):
         if self.quarantined or self.torn_tail:
             self.compact()  # what verified, durable on its own again
 
-    # -- geometry -------------------------------------------------------------------
-
-    def _meta_bytes(self) -> bytes:
-        head = META.pack(META_MAGIC, VERSION, self.stripes, self.block_bytes, self.num_blocks, 0, 0)
-        return head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
-
-    def _check_meta(self, data_files: list[Path]) -> None:
-        path = self.meta_path
-        if not path.exists() and not path.is_symlink():
-            others = [p for p in data_files if p.exists()]
-            if others or self.snap_path.exists() or list(self.directory.glob("index.*.log")):
-                found = others[0] if others else self.snap_path
-                raise IndexDamagedError(
-                    f"{path} is missing but {found.name} exists: the directory's geometry "
-                    "(block_bytes, num_blocks, stripes) is unknown, so it is not reopened; "
-                    "move the directory away or restore the file"
-                )
-            write_atomic(path, self._meta_bytes())
-            return
-        data = read_file(path)
-        if len(data) != META.size or zlib.crc32(data[:-4]) != META.unpack(data)[-1]:
-            raise IndexDamagedError(
-                f"{path} is damaged (not a kvactors geometry record): the directory's "
-                "block_bytes / num_blocks / stripes are unknown, so it is not reopened"
-            )
-        magic, version, stripes, bb, nb, _, _ = META.unpack(data)
-        if magic != META_MAGIC or version != VERSION:
-            raise IndexDamagedError(f"{path}: index version {version} is not supported")
-        if (bb, nb) != (self.block_bytes, self.num_blocks):
-            raise ConfigError(
-                f"nvme.directory: holds blocks of {bb} bytes x {nb}, "
-                f"config asks for {self.block_bytes} x {self.num_blocks}"
-            )
-        if stripes != self.stripes:
-            raise ConfigError(
-                f"nvme.directory: its blocks are spread over {stripes} file(s), "
-                f"config asks for nvme.stripes = {self.stripes}"
-            )
-
-    # -- recovery -------------------------------------------------------------------
-
-    def _quarantine(self, path: Path) -> None:
-        n = 0
-        while (target := path.with_name(f"{path.name}.damaged{n or ''}")).exists():
-            n += 1
-        os.replace(path, target)
-        self.quarantined.append(target)
-
-    def _load(self) -> int:
-        """Snapshot, then every log from its generation on; the newest generation."""
-        for stale in self.directory.glob("index.*.tmp"):
-            stale.unlink()  # a crash while writing it: never renamed, never used
-        covered = 0
-        t0 = time.perf_counter()
-        if self.snap_path.exists() or self.snap_path.is_symlink():
-            covered = self._load_snapshot()
-            if covered < 0:
-                # Keep the entries that verified (each record has its own CRC),
-                # set the file aside and replay every log there is.
-                self._quarantine(self.snap_path)
-                covered = 0
-        gens = self._logs()
-        for gen in gens:
-            if gen < covered:
-                self._log_path(gen).unlink()  # retired by the snapshot
-        gens = [g for g in gens if g >= covered]
-        t1 = time.perf_counter()
-        for i, gen in enumerate(gens):
-            self._replay(gen, last=i == len(gens) - 1)
-        self.load_seconds = (t1 - t0, time.perf_counter() - t1)
-        return max([covered, *self._logs()], default=0) or 1
-
-    def _replay(self, gen: int, *, last: bool) -> None:
-        path = self._log_path(gen)
-        head = LOG_HEAD.size
-        data = read_head(path, head)
-        if len(data) < head:
-            # Created but its header never reached the disk: nothing was in it.
-            if data.strip(b"\0") and not last:
-                self._quarantine(path)
-            else:
-                path.unlink()
-                self.torn_tail = self.torn_tail or bool(data)
-            return
-        magic, version, _, got_gen, crc = LOG_HEAD.unpack_from(data)
-        bad_head = magic != LOG_MAGIC or version != VERSION or got_gen != gen
-        if bad_head or zlib.crc32(data[: head - 8]) != crc:
-            self._quarantine(path)
-            return
-        applied, end, intact = self._apply_file(path, head)
-        self.log_records += applied
-        if not intact:
-            # A torn append (or damage): cut the log there so new records follow good ones.
-            self.torn_tail = True
-            with open(path, "r+b") as fh:
-                fh.truncate(end)
-                os.fsync(fh.fileno())
-
     # -- the log --------------------------------------------------------------------
-
-    def _log_header(self, gen: int) -> bytes:
-        head = LOG_HEAD.pack(LOG_MAGIC, VERSION, 0, gen, 0)
-        return (
-            head[: LOG_HEAD.size - 8]
-            + struct.pack("<I", zlib.crc32(head[: LOG_HEAD.size - 8]))
-            + bytes(4)
-        )
 
     def _open_log(self) -> None:
         self._log_fd = self._create_log(self.gen)
-
-    def _create_log(self, gen: int) -> int:
-        """The descriptor of log ``gen``, its header durable (created if new)."""
-        path = self._log_path(gen)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            if os.fstat(fd).st_size == 0:
-                os.write(fd, self._log_header(gen))
-                if self.sync:
-                    os.fsync(fd)
-                    fsync_dir(self.directory)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        return fd
 
     def _append(self, data: bytes, records: int, sync: bool) -> None:
         """Append framed records (the lock held). On failure (a full disk) the log
