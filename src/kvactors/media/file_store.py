@@ -7,12 +7,14 @@ kept in an on-disk index (:mod:`kvactors.media.nvme_index`) and checked when
 read back; reopening the directory serves what was durably stored before.
 Faults are injected through :attr:`FileStore.faults` (see :class:`~kvactors.media.faults.Faults`) on
 the same calls.
+
+Opening the directory (its lock, sizes, index, block files, the ``O_DIRECT``
+choice) is in :mod:`kvactors.media.file_open`, the system calls a request is cut
+into in :mod:`kvactors.media.file_plan`; this module reads and writes.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import shutil
 import tempfile
@@ -23,20 +25,16 @@ from typing import TypeVar
 
 import torch
 
-from kvactors.errors import (
-    CacheLockedError,
-    ConfigError,
-    IndexDamagedError,
-    StoreOpenError,
-    TransferError,
-)
+from kvactors.errors import ConfigError, TransferError
 from kvactors.keys import Key
 from kvactors.media import file_plan
 from kvactors.media.faults import Faults
+from kvactors.media.file_open import DIRECT_ALIGN as DIRECT_ALIGN  # imported from here too
+from kvactors.media.file_open import FileDirectory, startup_error
 from kvactors.media.file_plan import Batch
 from kvactors.media.kvikio_io import _KvikioIO
 from kvactors.media.memory import _fan_out, row_buffers
-from kvactors.media.nvme_index import Entry, NVMeIndex, checksum
+from kvactors.media.nvme_index import Entry, checksum
 
 try:
     from kvactors._io_core import vectored as _io_vectored
@@ -46,7 +44,6 @@ except ImportError:  # built without a C compiler: one system call per batch fro
 
 T = TypeVar("T")
 MAX_BLOCKS = 2**32  # slots are u32 in the index records
-DIRECT_ALIGN = 4096  # offsets, lengths and (else bounced) buffers of O_DIRECT I/O
 DIRECT_DEPTH = 4  # direct requests in flight per I/O thread (measured in docs/benchmarks.md)
 # The most bytes of one direct request: a longer run of adjacent slots is cut into
 # requests of this size (at least one block), so several of them are in flight at
@@ -54,12 +51,7 @@ DIRECT_DEPTH = 4  # direct requests in flight per I/O thread (measured in docs/b
 DIRECT_REQUEST_BYTES = 2**20
 
 
-def _startup(path: Path, exc: OSError) -> StoreOpenError:
-    what = exc.strerror or str(exc)
-    return StoreOpenError(f"nvme.directory: cannot open {path}: {what}")
-
-
-class FileStore:
+class FileStore(FileDirectory):
     """NVMe block slots in preallocated files under ``directory``, with an index.
 
     Slot ``s`` lives in file ``s % stripes`` (``blocks.bin`` for one stripe,
@@ -131,7 +123,7 @@ class FileStore:
             try:
                 directory = tempfile.mkdtemp(prefix="kvactors-")
             except OSError as exc:
-                raise _startup(Path(tempfile.gettempdir()), exc) from exc
+                raise startup_error(Path(tempfile.gettempdir()), exc) from exc
         self.directory = Path(directory)
         names = ["blocks.bin"] if stripes == 1 else [f"blocks.{k}.bin" for k in range(stripes)]
         self.paths = [self.directory / name for name in names]
@@ -139,13 +131,13 @@ class FileStore:
             raise ConfigError(f"nvme.io must be 'auto', 'direct' or 'buffered', got {io!r}")
         try:
             self._open(num_blocks, block_bytes, stripes)
-            self.io = self._open_direct(io)
+            self.io = self._open_direct(io, compiled=_io_vectored is not None)
         except BaseException as exc:
             self._release()
             if self._tmp:
                 shutil.rmtree(self.directory, ignore_errors=True)
             if isinstance(exc, OSError):
-                raise _startup(Path(exc.filename or self.directory), exc) from exc
+                raise startup_error(Path(exc.filename or self.directory), exc) from exc
             raise
         # I/O entry points of the Python path (kvikio replaces them).
         self.pwritev: Callable[..., int] = os.pwritev
@@ -157,105 +149,6 @@ class FileStore:
             self._kvikio = _KvikioIO(dict(zip(self.fds, self.paths)))
             self.pwritev = self._kvikio.pwritev
             self.preadv = self._kvikio.preadv
-
-    def _open(self, num_blocks: int, block_bytes: int, stripes: int) -> None:
-        """Lock the directory, check sizes, recover the index, open the files."""
-        if self.directory.exists() and not self.directory.is_dir():
-            raise StoreOpenError(f"nvme.directory: {self.directory} exists and is not a directory")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CacheLockedError(
-                f"{self.directory} is in use by another kvactors process"
-            ) from None
-        for path in self.paths:
-            if path.is_dir():
-                raise IndexDamagedError(f"{path} is a directory, not a block file; move it away")
-        sizes = [(num_blocks - k + stripes - 1) // stripes * block_bytes for k in range(stripes)]
-        self._check_space(sizes)
-        self.index = NVMeIndex(
-            self.directory,
-            block_bytes,
-            num_blocks,
-            stripes,
-            data_files=self.paths,
-            sync=self.durable,
-        )
-        try:
-            for path, size in zip(self.paths, sizes):
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-                self.fds.append(fd)
-                # The file of stripe k holds slots k, k + stripes, k + 2 * stripes, ...
-                have = os.fstat(fd).st_size
-                if have > size:  # never shrink a file that holds blocks
-                    raise IndexDamagedError(
-                        f"{path} holds {have} bytes, more than {size} for its "
-                        f"{block_bytes}-byte slots: not the file index.meta describes"
-                    )
-                if have < size:
-                    os.ftruncate(fd, size)
-        except BaseException:
-            self.index.close()
-            raise
-
-    def _open_direct(self, io: str) -> str:
-        """``"direct"`` (O_DIRECT descriptors opened beside the buffered ones) or
-        ``"buffered"``, for the configured ``nvme.io``.
-
-        ``auto`` is direct for a named directory on a file system that takes
-        O_DIRECT with page-multiple blocks, buffered otherwise (a temporary
-        directory, a tmpfs, odd block sizes).
-        """
-        if io == "buffered" or (io == "auto" and self._tmp):
-            return "buffered"
-        if self.block_bytes % DIRECT_ALIGN:
-            if io == "direct":
-                raise ConfigError(
-                    f"nvme.io = 'direct' needs block_bytes a multiple of {DIRECT_ALIGN}, "
-                    f"got {self.block_bytes}"
-                )
-            return "buffered"
-        if _io_vectored is None or self.backend == "kvikio":
-            if io == "direct":
-                raise ConfigError(
-                    "nvme.io = 'direct' needs the compiled I/O core and the posix backend"
-                )
-            return "buffered"
-        for path in self.paths:
-            try:
-                self.direct_fds.append(os.open(path, os.O_RDWR | os.O_DIRECT))
-            except OSError as exc:
-                if exc.errno != errno.EINVAL or io == "direct":
-                    raise ConfigError(
-                        f"nvme.io = 'direct': {path} cannot be opened with O_DIRECT: {exc.strerror}"
-                    ) from exc
-                for fd in self.direct_fds:
-                    os.close(fd)
-                self.direct_fds = []
-                return "buffered"
-        return "direct"
-
-    def _check_space(self, sizes: list[int]) -> None:
-        """The files' bytes not yet on disk must fit its free space."""
-        missing = 0
-        for path, size in zip(self.paths, sizes):
-            try:
-                st = os.stat(path)
-                missing += max(0, size - st.st_blocks * 512)
-            except FileNotFoundError:
-                missing += size
-        # Room for the index too: a snapshot and a log of every slot, as an upper bound.
-        missing += 2 * 64 * self.num_blocks
-        vfs = os.statvfs(self.directory)
-        free = vfs.f_bavail * vfs.f_frsize
-        if missing > free:
-            raise ConfigError(
-                f"nvme.num_blocks: {self.num_blocks} blocks of {self.block_bytes} bytes need "
-                f"{missing / 2**30:.1f} GiB more on the disk of {self.directory}, "
-                f"which has {free / 2**30:.1f} GiB free"
-            )
 
     def tensor(self) -> None:
         """Not a memory medium: bytes move through ``read_buffers`` / ``write_buffers``."""
@@ -502,15 +395,6 @@ class FileStore:
     def drop(self, keys: list[Key]) -> None:
         """Remove the index records of ``keys`` (their slots' bytes stay until reused)."""
         self.index.delete(keys)
-
-    def _release(self) -> None:
-        for fd in self.fds + self.direct_fds:
-            os.close(fd)
-        self.fds = []
-        self.direct_fds = []
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = -1
 
     def close(self) -> None:
         if self._lock_fd < 0:
