@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvactors.cli import main
-from kvactors.cli.bench import transfer
+from kvactors.cli.bench import transfer_cold
 from kvactors.media import MemoryPool
 from kvactors.media.file_store import DIRECT_ALIGN
 
@@ -93,13 +93,13 @@ def test_direct_baseline_moves_every_block_to_and_from_its_row(
     Python fallback (threads walking parts of the file): block ``i`` of the file
     is written from, and read back into, row ``i``, at every depth it tries."""
     if not compiled:
-        monkeypatch.setattr(transfer, "_io_vectored", None)
+        monkeypatch.setattr(transfer_cold, "_io_vectored", None)
     size, n = DIRECT_ALIGN, 7  # 7 blocks: the threads' parts are uneven
     src = MemoryPool("cpu", n, size, torch.device("cpu"))
     src.data.copy_(torch.randint(0, 256, (n, size), dtype=torch.uint8))
     path = tmp_path / "direct.bin"
     try:
-        writer = transfer._DirectSequential(path, size, n, True, src.buffers(list(range(n))))
+        writer = transfer_cold.DirectSequential(path, size, n, True, src.buffers(list(range(n))))
     except OSError as exc:  # a file system without O_DIRECT (tmpfs)
         pytest.skip(f"O_DIRECT refused here: {exc}")
     try:
@@ -108,7 +108,7 @@ def test_direct_baseline_moves_every_block_to_and_from_its_row(
         writer.close()
     assert path.read_bytes() == src.data.numpy().tobytes()
     dst = MemoryPool("cpu", n, size, torch.device("cpu"))
-    reader = transfer._DirectSequential(path, size, n, False, dst.buffers(list(range(n))))
+    reader = transfer_cold.DirectSequential(path, size, n, False, dst.buffers(list(range(n))))
     try:
         for threads in (1, 3, 16):
             dst.data.zero_()

@@ -26,6 +26,9 @@ slot ids, through the same functions the tier actors call:
 With CUDA, GPU -> pinned CPU is also measured.
 
 The files are removed afterwards (and the directory, unless ``--dir`` named it).
+The cold rows' store passes and direct baseline are in
+:mod:`kvactors.cli.bench.transfer_cold`; this module runs the rest and makes the
+table.
 
 Each figure is the best of ``--repeat`` rounds, the baseline and the measured
 path interleaved; beside it, the median of the rounds' own ratios. A cold goal
@@ -41,7 +44,6 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +51,11 @@ import torch
 
 from kvactors.cli.arguments import positive_int
 from kvactors.cli.bench import work_directory
+from kvactors.cli.bench.transfer_cold import best_of, measure_cold
 from kvactors.cli.report import GBPS, RATIO, Report
 from kvactors.config import NVMeConfig
 from kvactors.media import CopyPool, FileStore, MemoryPool, copy_rows, resolve_device
-from kvactors.media.file_store import DIRECT_ALIGN, DIRECT_DEPTH
-
-try:
-    from kvactors._io_core import vectored as _io_vectored
-except ImportError:  # built without a C compiler
-    _io_vectored = None  # type: ignore[assignment]
+from kvactors.media.file_store import DIRECT_DEPTH
 
 GOALS = {"memory": 0.7, "nvme": 0.8, "cuda": 0.8, "cold": 0.8, "cold_small": 0.6}
 
@@ -115,12 +113,6 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def _best_of(rounds: list[tuple[float, float]]) -> tuple[float, float, list[tuple[float, float]]]:
-    """The best measured and best baseline time of rounds of ``(base, fn)`` times,
-    and the rounds themselves (``_result``'s arguments)."""
-    return min(f for _, f in rounds), min(b for b, _ in rounds), rounds
-
-
 def _best(
     fn: Callable[[], object], base: Callable[[], object], repeat: int
 ) -> tuple[float, float, list[tuple[float, float]]]:
@@ -128,7 +120,7 @@ def _best(
     one warm-up each), and every round's ``(base, fn)`` times."""
     fn()
     base()
-    return _best_of([(_timed(base), _timed(fn)) for _ in range(repeat)])
+    return best_of([(_timed(base), _timed(fn)) for _ in range(repeat)])
 
 
 def _sync(device: torch.device) -> None:
@@ -264,144 +256,9 @@ def _measure_size(
         os.close(seq)
         shutil.rmtree(directory / f"s{size}", ignore_errors=True)
         (directory / f"seq{size}.bin").unlink(missing_ok=True)
-    out += _measure_cold(size, n, repeat, cpu, dst_ids, directory, rng, stripes, io, io_depth)
+    cold = measure_cold(size, n, repeat, cpu, dst_ids, directory, rng, stripes, io, io_depth)
+    out += [_result(path, size, nbytes, *best, "cold") for path, best in cold]
     return out
-
-
-def _evict(fds: list[int]) -> None:
-    """Drop files from the page cache: flush them, then ``POSIX_FADV_DONTNEED``."""
-    for fd in fds:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-class _DirectSequential:
-    """The device's best sequential direct I/O of ``n`` blocks of ``size`` bytes:
-    calling it times one pass of an ``O_DIRECT`` file in file order, in
-    one-block requests with 1, 2, 4, 8 and 16 in flight (writes end with
-    ``fdatasync``), and returns the best. The requests run on the compiled I/O
-    loop the store uses (threads taking the next block in order), so no Python
-    per request limits the baseline; without the compiled core, Python threads
-    each walk a contiguous part of the file, one ``pwritev``/``preadv`` per block.
-
-    Block ``i`` of the file moves to or from ``rows[i]``: the same CPU pool rows
-    the store's pass moves, so both sides differ only in their requests (why
-    that matters is measured in docs/benchmarks.md)."""
-
-    def __init__(self, path: Path, size: int, n: int, write: bool, rows: list[memoryview]) -> None:
-        self.size, self.n, self.write = size, n, write
-        self.rows = rows
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
-        os.ftruncate(self.fd, n * size)
-
-    def one(self, threads: int) -> float:
-        size, fd, n, blocks = self.size, self.fd, self.n, self.rows
-        t0 = time.perf_counter()
-        if _io_vectored is not None:
-            # The compiled loop the store runs, here in plain sequential order:
-            # one-block requests, ``threads`` of them in flight.
-            done = _io_vectored(
-                self.write,
-                [fd] * n,
-                [i * size for i in range(n)],
-                [1] * n,
-                blocks,
-                None,
-                DIRECT_ALIGN,
-                threads,
-            )
-            if any(d != size for d in done):
-                raise OSError(f"direct baseline: a {size}-byte request moved {min(done)}")
-        else:
-            per = -(-n // threads)
-            call = os.pwritev if self.write else os.preadv
-
-            def walk(t: int) -> None:
-                for i in range(t * per, min(n, (t + 1) * per)):
-                    if call(fd, [blocks[i]], i * size) != size:
-                        raise OSError(f"direct baseline: a short {size}-byte request")
-
-            with ThreadPoolExecutor(threads) as workers:
-                for part in [workers.submit(walk, t) for t in range(threads)]:
-                    part.result()  # a failed request raises here
-        if self.write:
-            os.fdatasync(fd)
-        return time.perf_counter() - t0
-
-    def __call__(self) -> float:
-        return min(self.one(t) for t in (1, 2, 4, 8, 16))
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-def _measure_cold(
-    size: int,
-    n: int,
-    repeat: int,
-    cpu: MemoryPool,
-    dst_ids: list[int],
-    directory: Path,
-    rng: random.Random,
-    stripes: int,
-    io: str,
-    io_depth: int = DIRECT_DEPTH,
-) -> list[dict[str, Any]]:
-    nbytes = n * size
-    store = FileStore(
-        "nvme",
-        2 * n,
-        size,
-        str(directory / f"c{size}"),
-        durable=True,
-        io_threads=max(2, stripes),
-        stripes=stripes,
-        io=io,
-        io_depth=io_depth,
-    )
-    ids = rng.sample(range(2 * n), n)
-    bufs = cpu.buffers(dst_ids)
-    write_base: _DirectSequential | None = None
-    read_base: _DirectSequential | None = None
-    try:
-        # The read baseline's file holds written bytes (not holes, which read as zeros).
-        write_base = _DirectSequential(directory / f"dr{size}.bin", size, n, True, bufs)
-        write_base()
-        write_base.close()
-        read_base = _DirectSequential(directory / f"dr{size}.bin", size, n, False, bufs)
-        write_base = _DirectSequential(directory / f"dw{size}.bin", size, n, True, bufs)
-
-        def write_blocks() -> float:
-            t0 = time.perf_counter()
-            store.write_buffers(ids, bufs)
-            for fd in store.fds:
-                os.fdatasync(fd)
-            return time.perf_counter() - t0
-
-        def read_blocks() -> float:
-            _evict(store.fds)
-            t0 = time.perf_counter()
-            store.read_buffers(ids, bufs)
-            return time.perf_counter() - t0
-
-        label = f"nvme {store.io}"
-        out = []
-        for path, fn, base in (
-            (f"cpu -> {label} (cold)", write_blocks, write_base),
-            (f"{label} -> cpu (cold)", read_blocks, read_base),
-        ):
-            fn()
-            best = _best_of([(base(), fn()) for _ in range(repeat)])
-            out.append(_result(path, size, nbytes, *best, "cold"))
-        return out
-    finally:
-        store.close()
-        for b in (write_base, read_base):
-            if b is not None:
-                b.close()
-        shutil.rmtree(directory / f"c{size}", ignore_errors=True)
-        for name in (f"dw{size}.bin", f"dr{size}.bin"):
-            (directory / name).unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> Report:
