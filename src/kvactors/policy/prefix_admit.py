@@ -63,6 +63,10 @@ them (the oldest go first), an older one than the horizon only marking its
 key as seen. Nothing is
 fitted to a trace: every knob is a ratio measured on the running workload
 or a multiple of the tier's own capacity.
+
+The classes and what is learned of them (values, regret, ghosts) are in
+:mod:`kvactors.policy.prefix_values`; this module decides admission, the duel
+and eviction.
 """
 
 from __future__ import annotations
@@ -74,24 +78,10 @@ from typing import ClassVar
 
 from kvactors.keys import Key
 from kvactors.policy._base import BlockStatus
+from kvactors.policy.prefix_values import CLASSES, NEW_CLASSES, ClassValues, new_class, promoted
 
 __all__ = ["CLASSES", "NEW_CLASSES", "PrefixAdmitPolicy", "new_class"]
 
-NEW_CLASSES = 16
-"""Classes of new blocks: not the call's last key (bit 0), extends a present prefix
-(bit 1), length bucket (bits 2-3). A last key's class sorts first, so on equal
-priority a chain's last block leaves before its other blocks."""
-REUSED_CLASSES = 3
-"""Classes of reused blocks: used once, twice, three times or more since stored."""
-CLASSES = NEW_CLASSES + REUSED_CLASSES
-
-PRIOR_BIRTHS = 1.0
-PRIOR_USES = 0.5
-"""Each class starts at value 0.5: neither favoured nor starved before any feedback."""
-GHOSTS = 4
-"""At most this many capacities of ghosts are kept, each for at most this many
-capacities of stores (the window in which a ghost's use counts is one capacity
-of stores; an older ghost only says the key was seen, for the seen cut)."""
 DUEL_SAMPLE = 32
 """The duel's miniature caches see one key in (at most) this many, by hash, as
 set dueling samples 32 leader sets of a processor cache."""
@@ -126,18 +116,7 @@ _READY = BlockStatus(0, 0, 1)
 """The one block status of a miniature's blocks: ready, never pinned."""
 
 
-def new_class(position: int, length: int, extends: bool) -> int:
-    """The class of a new block at ``position`` of a call of ``length`` keys."""
-    bucket = min(length.bit_length() // 2, 3)  # 1 | 2-7 | 8-31 | 32+ keys
-    return (position != length - 1) | (extends << 1) | (bucket << 2)
-
-
-def _promoted(cls: int) -> int:
-    """The class a block moves to when it is used."""
-    return NEW_CLASSES if cls < NEW_CLASSES else min(cls + 1, CLASSES - 1)
-
-
-class PrefixAdmitPolicy:
+class PrefixAdmitPolicy(ClassValues):
     """Prefix-aware admission with class-valued GreedyDual eviction (see the module).
 
     - ``admit(keys, new)`` returns the leading part of ``new`` worth storing.
@@ -154,21 +133,11 @@ class PrefixAdmitPolicy:
     """
 
     name: ClassVar[str] = "prefix_admit"
-    window: ClassVar[float] = 4.0
-    """Counts halve after this many capacities' worth of births (or evictions)."""
 
     def __init__(self, capacity: int, *, duel: bool = True, cut: bool = False) -> None:
-        self.capacity = capacity
+        super().__init__(capacity)
         self.clock = 0.0
-        self.births = [PRIOR_BIRTHS] * CLASSES
-        self.uses = [PRIOR_USES] * CLASSES
-        self.evictions = PRIOR_BIRTHS
-        self.regrets = 0.0
-        self.stored = 0  # blocks inserted so far: the ghost window's clock
         self.lists: list[OrderedDict[Key, float]] = [OrderedDict() for _ in range(CLASSES)]
-        # key -> (class of an evicted key, or -1 - class of a declined one; ``stored``
-        # when it left), oldest first.
-        self.ghosts: OrderedDict[Key, tuple[int, int]] = OrderedDict()
         self._blocks: dict[Key, BlockStatus] = {}
         self._class: dict[Key, int] = {}
         self._chosen: dict[Key, int] = {}  # admitted, not yet inserted
@@ -195,50 +164,6 @@ class PrefixAdmitPolicy:
                 PrefixAdmitPolicy(mini, duel=False, cut=True),
             )
             self._sample_below = (1 << 32) // sample
-
-    # -- what is learned -------------------------------------------------------
-
-    def value(self, cls: int) -> float:
-        """Uses per birth of class ``cls``: how often such a block is used again."""
-        return self.uses[cls] / self.births[cls]
-
-    @property
-    def regret(self) -> float:
-        """Ghost hits of evicted keys per eviction: what an eviction costs."""
-        return self.regrets / self.evictions
-
-    def _born(self, cls: int) -> None:
-        births = self.births[cls] + 1.0
-        if births > self.window * self.capacity:
-            births *= 0.5
-            self.uses[cls] *= 0.5
-        self.births[cls] = births
-
-    def _ghost(self, key: Key, tag: int) -> None:
-        ghosts = self.ghosts
-        ghosts.pop(key, None)
-        ghosts[key] = (tag, self.stored)
-        horizon = self.stored - GHOSTS * self.capacity
-        limit = GHOSTS * self.capacity
-        while len(ghosts) > limit or next(iter(ghosts.values()))[1] < horizon:
-            ghosts.popitem(last=False)
-
-    def _ghost_hit(self, key: Key) -> int | None:
-        """Forget ``key``'s ghost and count its use; a key asked for within the
-        window returns the class its use would have moved it to, had it stayed,
-        an older ghost ``-1`` (seen, nothing counted), no ghost ``None``."""
-        entry = self.ghosts.pop(key, None)
-        if entry is None:
-            return None
-        tag, since = entry
-        if self.stored - since > self.capacity:
-            return -1  # left more than a turnover of the tier ago
-        if tag < 0:
-            tag = -1 - tag
-        else:
-            self.regrets += 1.0
-        self.uses[tag] += 1.0
-        return _promoted(tag)
 
     # -- the CachePolicy protocol ----------------------------------------------
 
@@ -341,7 +266,7 @@ class PrefixAdmitPolicy:
             cls = classes[key]
             del lists[cls][key]
             self.uses[cls] += 1.0
-            cls = _promoted(cls)
+            cls = promoted(cls)
             self._born(cls)
             classes[key] = cls
             lists[cls][key] = self.clock + self.value(cls)
