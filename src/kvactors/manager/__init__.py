@@ -22,7 +22,8 @@ manager per tier, and a user's own scheduler may embed one directly.
 
 One state machine, two implementations kept call-for-call equal:
 
-- ``_reference``: the Python manager, the executable reference;
+- ``_reference``: the Python manager, the executable reference (its
+  ``restore`` / ``restore_index`` in ``_restore``);
 - ``_native``: the compiled core (``native/manager_core.c``), each policy behind
   a table of functions mirroring :class:`~kvactors.policy.CachePolicy`
   (``native/policy_*.c``), a user's own policy called back from C;

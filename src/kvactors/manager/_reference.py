@@ -2,26 +2,21 @@
 
 The compiled core (native/manager_core.c) implements exactly this, call for
 call; ``tests/test_native_core.py`` drives both side by side and compares every
-answer, error, event, statistic and the policies' order data.
+answer, error, event, statistic and the policies' order data. Restoring from
+disk is in :mod:`kvactors.manager._restore`, the checks of keys and of a
+policy's answers in :mod:`kvactors.manager._contract`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from itertools import compress, count, takewhile
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kvactors.errors import (
-    BlockNotFoundError,
-    BlockNotPinnedError,
-    BlockNotReadyError,
-    BlockStateError,
-    InvalidKeyError,
-)
+from kvactors.errors import BlockNotFoundError, BlockNotPinnedError, BlockNotReadyError
 from kvactors.keys import Key
 from kvactors.manager._checks import check_sizes, resolve_policy, use_native
 from kvactors.manager._contract import (
-    KEY_TYPES,
     admitted_keys,
     check_new_keys,
     check_usable,
@@ -29,6 +24,7 @@ from kvactors.manager._contract import (
     is_none,
     key_fault,
 )
+from kvactors.manager._restore import Restore
 from kvactors.manager._types import (
     LoadStoreSpec,
     ManagerStats,
@@ -38,13 +34,10 @@ from kvactors.manager._types import (
 from kvactors.policy import make_policy
 from kvactors.policy._base import BlockStatus, CachePolicy
 
-if TYPE_CHECKING:
-    from kvactors.media.nvme_index import NVMeIndex
-
 __all__ = ["OffloadingManager"]
 
 
-class OffloadingManager:
+class OffloadingManager(Restore):
     """Metadata of one tier: ``num_blocks`` slots ordered by an eviction ``policy``.
 
     Drop-in for vLLM's ``OffloadingManager`` (same method names and semantics).
@@ -338,62 +331,7 @@ class OffloadingManager:
             block.ref_cnt -= 1
             unpinned.append(block)
 
-    def restore(self, blocks: Iterable[tuple[Key, int]]) -> list[Key]:
-        """Load ``(key, slot id)`` pairs found on disk into an empty manager, as ready.
-
-        They enter in the given order (oldest first, for recency). The whole
-        call is checked first: an item that is not a ``(key, slot id)`` pair or
-        a slot id that is not an ``int`` raises
-        :class:`~kvactors.errors.InvalidKeyError` with nothing restored. Pairs
-        with a key that is not ``bytes``/``int``, an out-of-range slot, or a
-        slot or key already restored are skipped; the keys restored are
-        returned. Free slots are then handed out lowest first. Raises
-        :class:`~kvactors.errors.BlockStateError` if the manager is not empty.
-        """
-        if len(self._policy) or self._next_fresh or self._free_list:
-            raise BlockStateError(f"restore: the {self.medium} manager is not empty")
-        pairs = tuple(blocks)
-        for k, pair in enumerate(pairs):
-            if type(pair) not in (tuple, list) or len(pair) != 2:
-                raise InvalidKeyError(f"restore: item {k} is not a (key, slot id) pair: {pair!r}")
-            if type(pair[1]) is not int:
-                raise InvalidKeyError(
-                    f"restore: slot id {pair[1]!r} of key {pair[0]!r} is not an int"
-                )
-        used: set[int] = set()
-        restored: list[Key] = []
-        policy = self._policy
-        size = self.block_size
-        for key, block_id in pairs:
-            if type(key) not in KEY_TYPES or not 0 <= block_id < self.num_blocks:
-                continue
-            if block_id in used or policy.get(key) is not None:
-                continue
-            used.add(block_id)
-            policy.insert(key, BlockStatus(block_id, 0, size))
-            restored.append(key)
-        # Free slots lowest first: the holes below the highest restored slot
-        # (lowest on top), then the fresh ids above it in order.
-        high = max(used, default=-1)
-        self._next_fresh = high + 1
-        self._free_list = [i for i in range(high, -1, -1) if i not in used]
-        self._stack_first = True
-        return restored
-
     # -- removal and events -----------------------------------------------------
-
-    def restore_index(self, index: NVMeIndex) -> int:
-        """:meth:`restore` from every entry of an NVMe tier's index (oldest
-        first); returns how many entries were restored.
-
-        Into an empty manager, as :meth:`restore` does with the index's
-        ``(key, slot)`` pairs. The compiled core restores straight from the
-        index's compiled table, with no object per entry, and from then on
-        reads the keys of the slots the index records from that table rather
-        than keeping its own copy (a slot's key is copied out before the index
-        changes its record); its answers stay the same.
-        """
-        return len(self.restore((e.key, e.slot) for e in index.entries()))
 
     def remove(self, keys: Iterable[Key]) -> list[Key]:
         """Drop idle (ref 0) blocks among ``keys`` and free their slots.
