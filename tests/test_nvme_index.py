@@ -453,7 +453,7 @@ def test_a_table_snapshot_copied_while_stores_run_is_the_table_at_its_rotation(
             i += 1
 
     taken_over = False
-    for _ in range(20):  # a take-over needs a store to meet a chunk mid-copy: a race
+    for _ in range(60):  # a take-over needs a store to meet a chunk mid-copy: a race
         thread = threading.Thread(target=writer)
         thread.start()
         time.sleep(0.002)
