@@ -5,9 +5,11 @@ or foreign value a miss, a dead or hung server a typed error and then a reconnec
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,7 @@ from kvactors.config import Config, RemoteConfig
 from kvactors.errors import BlocksMissingError, ConfigError, RemoteUnavailable
 from kvactors.media.local_server import LocalCluster, LocalServer
 from kvactors.media.remote import HEADER_BYTES, RemoteStore, fingerprint
+from kvactors.media.remote_wire import SEND_BYTES, send_all
 
 BB = 16 * 1024
 CPU = torch.device("cpu")
@@ -459,25 +462,80 @@ def test_one_pipeline_of_writes_carries_at_most_max_batch_bytes(
     redis_server: LocalServer,  # noqa: F811
 ) -> None:
     """``max_batch_bytes``: a large write goes out in pipelines of at most that many
-    bytes of values (counted on the wire), all of it arriving."""
+    bytes of values (each block and its header), all of it arriving."""
     s = RemoteStore("remote", BB, url=redis_server.url, max_batch_bytes=5 * BB)
     sent: list[int] = []
-    send = s.io.send_packed
+    send = s.io.set_batch
 
-    def counting(node: Any, commands: list[Any]) -> list[Any]:
-        sent.append(sum(len(c) for command in commands for c in command.chunks))
-        return send(node, commands)
+    def counting(node: Any, batch: list[int], *rest: Any) -> list[Any]:
+        sent.append(len(batch))
+        return send(node, batch, *rest)
 
-    s.io.send_packed = counting  # type: ignore[method-assign]
+    s.io.set_batch = counting  # type: ignore[method-assign]
     keys = list(range(23))
     rows = rows_for(keys)
     assert s.put(keys, [memoryview(r.numpy()) for r in rows]) == []
-    assert len(sent) == 6  # 5 pipelines of 4 blocks (each BB and its header), 1 of 3
-    assert max(sent) <= 5 * BB
+    assert sent == [4, 4, 4, 4, 4, 3]  # each BB and its header: 4 fit in 5 * BB
+    assert max(sent) * (BB + HEADER_BYTES) <= 5 * BB
     out = torch.zeros_like(rows)
     assert s.read_into([], out, keys) == []
     assert torch.equal(out, rows)
     s.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3 * 2**16), min_size=1, max_size=40))
+def test_gathered_writes_deliver_every_byte_in_order(sizes: list[int]) -> None:
+    """``send_all``: gathered writes that the socket takes only in part (a small
+    send buffer, a reader draining it meanwhile) resume where they stopped."""
+    chunks: list[Any] = []
+    for i, size in enumerate(sizes):
+        data = bytes([i % 251]) * size
+        chunks.append(memoryview(data) if i % 2 else data)
+    expected = b"".join(bytes(c) for c in chunks)
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    a.settimeout(10)
+    got = bytearray()
+
+    def drain() -> None:
+        while len(got) < len(expected):
+            part = b.recv(1 << 16)
+            if not part:
+                return
+            got.extend(part)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        send_all(a, list(chunks))
+        reader.join(10)
+    finally:
+        a.close()
+        reader.join(10)
+        b.close()
+    assert not reader.is_alive()
+    assert bytes(got) == expected
+
+
+def test_writes_of_many_small_blocks_span_gathered_writes(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """Blocks smaller than ``SEND_BYTES``, more than one gathered write's worth,
+    with and without a ``ttl``: every value arrives whole, in its own key."""
+    for ttl in (None, 600.0):
+        s = RemoteStore(
+            "remote", BB, url=redis_server.url, namespace=f"gather{ttl is None}", ttl=ttl
+        )
+        keys = list(range(3 * SEND_BYTES // BB + 5))
+        rows = rows_for(keys)
+        assert s.put(keys, [memoryview(r.numpy()) for r in rows]) == []
+        out = torch.zeros_like(rows)
+        assert s.read_into([], out, keys) == []
+        assert torch.equal(out, rows)
+        pttl = redis_server.client().pttl(s.redis_key(keys[-1]))
+        assert (pttl == -1) if ttl is None else (0 < pttl <= 600_000)
+        s.close()
 
 
 def test_remote_and_metrics_sections_of_a_config_file(tmp_path: Path) -> None:

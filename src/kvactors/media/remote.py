@@ -45,7 +45,7 @@ from kvactors.media.remote_format import (
     fingerprint,
 )
 from kvactors.media.remote_nodes import Node, RemoteNodes, parse_node
-from kvactors.media.remote_wire import ABSENT, READ_PIPELINE_BYTES, REFUSED, Packed, RemoteIO
+from kvactors.media.remote_wire import ABSENT, READ_PIPELINE_BYTES, REFUSED, RemoteIO
 
 __all__ = [
     "FORMAT_VERSION",
@@ -272,31 +272,17 @@ class RemoteStore:
         t0 = time.perf_counter()
         rkeys = [self.redis_key(k) for k in keys]
         refused: list[int] = []
-        ttl = (
-            b"\r\n"
-            if self.ttl_ms is None
-            else b"\r\n$2\r\nPX\r\n$%d\r\n%d\r\n"
-            % (
-                len(str(self.ttl_ms)),
-                self.ttl_ms,
-            )
-        )
-        argc = 3 if self.ttl_ms is None else 5
 
-        def command(pos: int) -> Packed:
+        def execute(node: Node, batch: list[int]) -> list[Any]:
             # SET key header+payload [PX ttl], framed by hand so that the payload
             # is sent from its buffer, never copied.
-            payload, rkey = bufs[pos], rkeys[pos]
-            head = self.header(keys[pos], payload)
-            size = len(head) + len(payload)
-            start = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (argc, len(rkey), rkey, size)
-            return Packed([start + head, payload, ttl])
+            return self.io.set_batch(node, batch, rkeys, keys, bufs, self.ttl_ms)
 
         def result(pos: int, ok: Any) -> None:
             if ok not in (b"OK", "OK", True):
                 refused.append(pos)
 
-        down = self._run(rkeys, self._each(command), result, "write")
+        down = self._run(rkeys, execute, result, "write")
         bad = sorted(set(refused) | set(down))
         with self._lock:
             self._counts["stored"] += len(rkeys) - len(bad)

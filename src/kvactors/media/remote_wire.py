@@ -1,7 +1,10 @@
 """The remote store's commands on a connection: writes framed by hand, reads off the socket.
 
 A write's payload goes to the socket from the caller's buffer as it is
-(:class:`Packed`: redis-py's own packer would copy it into one string first).
+(redis-py's own packer would copy it into one string first), and the
+``SET``\\ s of a batch go out as they are framed, about :data:`SEND_BYTES` of
+values per gathered write (:meth:`RemoteIO.set_batch`), so the server stores
+the first values while the next are checksummed.
 A read's reply is read off the socket by :class:`Wire` straight into a
 staging buffer of the worker thread, checked, and only then copied into the
 caller's buffer; reads ``in_place`` land in the destination itself and are
@@ -12,6 +15,7 @@ ahead, so the server streams each value as it is asked for.
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -26,10 +30,11 @@ __all__ = [
     "READ_PIPELINE_BYTES",
     "READ_WINDOW_BYTES",
     "REFUSED",
+    "SEND_BYTES",
     "Local",
-    "Packed",
     "RemoteIO",
     "Wire",
+    "send_all",
 ]
 
 READ_PIPELINE_BYTES = 16 * 2**20
@@ -43,16 +48,38 @@ the ``GET``\\ s of a pipeline go out as the replies before them are read, so
 the server streams each value as it is asked for instead of queueing the
 replies of the whole pipeline (which read slower here, from 512 KiB values up)."""
 
+SEND_BYTES = 1 * 2**20
+"""Values the ``SET``\\ s of a batch gather into one write to the socket, about
+(one ``sendmsg`` of their frames and payloads; a value larger goes alone): the
+first go out while the next are still being checksummed, in few system calls."""
+
+SEND_BUFFERS = 512
+"""Buffers one gathered write carries at most (Linux takes up to 1024)."""
+
 HIT, ABSENT, REFUSED = 0, 1, 2  # what one GET delivered
 
 
-class Packed:
-    """One command already in the wire format: its chunks, sent in order."""
-
-    __slots__ = ("chunks",)
-
-    def __init__(self, chunks: list[Any]) -> None:
-        self.chunks = chunks
+def send_all(sock: Any, chunks: list[Any]) -> None:
+    """Write every byte of ``chunks`` to ``sock`` in order: gathered writes
+    (``sendmsg``) resumed where a partial one stopped; one ``sendall`` per chunk
+    on a socket without them (TLS)."""
+    if isinstance(sock, ssl.SSLSocket):
+        for chunk in chunks:
+            sock.sendall(chunk)
+        return
+    while chunks:
+        sent = sock.sendmsg(chunks)
+        done = 0
+        for chunk in chunks:
+            size = len(chunk)
+            if sent < size:
+                break
+            sent -= size
+            done += 1
+        if done == len(chunks):
+            return
+        chunks = chunks[done:]
+        chunks[0] = memoryview(chunks[0])[sent:]
 
 
 class Wire:
@@ -158,11 +185,9 @@ class RemoteIO:
         self.local = Local()
 
     def execute(self, node: Node, commands: list[Any]) -> list[Any]:
-        """Send ``commands`` to ``node``: one plain call for one, else one pipeline
-        (:class:`Packed` ones as they are). A command's own error (``OOM``,
-        ``MOVED``) is its result; a connection error or time-out raises."""
-        if isinstance(commands[0], Packed):
-            return self.send_packed(node, commands)
+        """Send ``commands`` to ``node``: one plain call for one, else one pipeline.
+        A command's own error (``OOM``, ``MOVED``) is its result; a connection
+        error or time-out raises."""
         if len(commands) == 1:
             try:
                 return [node.client.execute_command(*commands[0])]
@@ -174,21 +199,30 @@ class RemoteIO:
         results: list[Any] = pipe.execute(raise_on_error=False)
         return results
 
-    def send_packed(self, node: Node, commands: list[Packed]) -> list[Any]:
-        """Send pre-packed commands on one pooled connection and read their replies.
-
-        The block's bytes go to the socket from the caller's buffer as they are
-        (redis-py's own packer would copy them into one string first). A
-        connection the server closed (say, it restarted) is replaced once.
-        """
+    def set_batch(
+        self,
+        node: Node,
+        batch: list[int],
+        rkeys: list[bytes],
+        keys: Sequence[Key],
+        bufs: Sequence[memoryview],
+        ttl_ms: int | None,
+    ) -> list[Any]:
+        """``SET`` server key ``rkeys[p]`` to block ``keys[p]``'s header and
+        ``bufs[p]`` (with ``PX ttl_ms`` when given) for each position ``p`` of
+        ``batch``, on one pooled connection; the replies in order (a command's own
+        error, ``OOM``, as it is). Each command is framed by hand and its payload
+        sent from its buffer as it is; they go out as they are framed, about
+        :data:`SEND_BYTES` of values per gathered write (:func:`send_all`), so the
+        server stores the first while the next are checksummed. A connection the
+        server closed (say, it restarted) is replaced once."""
         pool = node.client.connection_pool
-        chunks = [chunk for command in commands for chunk in command.chunks]
         for attempt in (0, 1):
             conn = pool.get_connection()
             try:
-                conn.send_packed_command(chunks, check_health=False)
+                self._send_sets(conn._sock, batch, rkeys, keys, bufs, ttl_ms)
                 replies: list[Any] = []
-                for _ in commands:
+                for _ in batch:
                     try:
                         replies.append(conn.read_response())
                     except self.response_error as exc:
@@ -204,6 +238,42 @@ class RemoteIO:
             finally:
                 pool.release(conn)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _send_sets(
+        self,
+        sock: Any,
+        batch: list[int],
+        rkeys: list[bytes],
+        keys: Sequence[Key],
+        bufs: Sequence[memoryview],
+        ttl_ms: int | None,
+    ) -> None:
+        """Frame and send the ``SET``\\ s of :meth:`set_batch`."""
+        if ttl_ms is None:
+            argc, tail = 3, b"\r\n"
+        else:
+            ms = b"%d" % ttl_ms
+            argc, tail = 5, b"\r\n$2\r\nPX\r\n$%d\r\n%s\r\n" % (len(ms), ms)
+        header = self.fmt.header
+        chunks: list[Any] = []
+        gathered = 0
+        end = b""  # the end of the command before (sent with the next one's start)
+        for pos in batch:
+            if gathered >= SEND_BYTES or len(chunks) >= SEND_BUFFERS:
+                send_all(sock, chunks)
+                chunks, gathered = [], 0
+            payload, rkey = bufs[pos], rkeys[pos]
+            head = header(keys[pos], payload)
+            size = len(head) + len(payload)
+            chunks.append(
+                b"%s*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s"
+                % (end, argc, len(rkey), rkey, size, head)
+            )
+            chunks.append(payload)
+            gathered += len(payload)
+            end = tail
+        chunks.append(end)
+        send_all(sock, chunks)
 
     def get_batch(
         self,
