@@ -167,6 +167,37 @@ async def test_a_prefetch_is_not_an_access_of_the_tier_it_promotes_from() -> Non
             assert (await kv.lookup([0])).tiers == ["cpu"]
 
 
+async def _events_published(subscribe: bool) -> tuple[int, int]:
+    """``events_published`` after 12 stores through a CPU tier of 8 over NVMe
+    (stores, demotions, removals), and how many events a subscriber received."""
+    cfg = small_config()
+    received = 0
+    with anyio.fail_after(20):
+        async with kvactors.open(cfg) as kv:
+            fill(kv, list(range(12)), list(range(12)))
+            events = await kv.events() if subscribe else None
+            for key in range(12):
+                await kv.store([key], [key])
+            stats = await settled(kv)
+            if events is not None:
+                with events:  # type: ignore[attr-defined]
+                    while True:
+                        try:
+                            events.receive_nowait()  # type: ignore[attr-defined]
+                        except anyio.WouldBlock:
+                            break
+                        received += 1
+    return stats.policy.events_published, received
+
+
+async def test_events_are_counted_alike_with_and_without_a_subscriber() -> None:
+    """With nobody subscribed no event is built, but each is counted all the same."""
+    unseen, _ = await _events_published(subscribe=False)
+    seen, received = await _events_published(subscribe=True)
+    assert unseen == seen == received
+    assert seen >= 12  # a stored event per store at least
+
+
 async def _lookup_load_store(requests: list[list[int]], policy: str, capacity: int) -> int:
     """Per request: ``lookup``, ``load`` of its hits, ``store``; the hits."""
     cfg = Config(cpu=TierConfig(num_blocks=capacity, policy=policy), nvme=None, move_bytes=False)

@@ -59,6 +59,11 @@ class EventHub:
             alive.append(sub)
         self._subscribers = alive
 
+    def published_unseen(self, n: int) -> None:
+        """Count ``n`` events published while nobody subscribes: nothing to build or send."""
+        assert not self._subscribers, "a subscriber would miss these events"
+        self.published += n
+
     def subscribe(self) -> AsyncIterator[CacheEvent]:
         """A new receive stream of events from now on; iterate it with ``async for``.
 

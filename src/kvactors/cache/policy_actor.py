@@ -265,11 +265,11 @@ class PolicyActor(Actor[PolicyRequest], Placement):
             if not events:
                 continue
             if not hub.subscribers and self._lazy is None:
-                hub.published += len(events)  # nobody listens: counted, not built
+                hub.published_unseen(len(events))  # nobody listens: counted, not built
                 continue
             for ev in events:
                 kind: EventKind = "removed" if ev.removed else "stored"
-                self.hub.publish(CacheEvent(kind, ev.medium, ev.block_hashes))
+                hub.publish(CacheEvent(kind, ev.medium, ev.block_hashes))
                 if self._lazy is not None:
                     self._note_unflushed(ev.medium, ev.block_hashes, ev.removed)
 
