@@ -34,8 +34,8 @@ import msgspec
 
 from kvactors.cli.report import progress
 from kvactors.config import Config, TierConfig
-from kvactors.errors import ConfigError, InvalidKeyError
-from kvactors.keys import Key
+from kvactors.errors import ConfigError
+from kvactors.keys import Key, check_keys
 from kvactors.manager import OffloadingManager
 
 __all__ = [
@@ -229,11 +229,7 @@ def _next_uses(requests: Sequence[Sequence[Key]]) -> list[list[int]]:
     for r in range(n - 1, -1, -1):
         blocks = requests[r]
         if len(set(blocks)) != len(blocks):
-            seen: set[Key] = set()
-            for key in blocks:
-                if key in seen:
-                    raise InvalidKeyError(f"request {r}: block key {key!r} is named twice")
-                seen.add(key)
+            check_keys(blocks, f"request {r}")  # names the repeated key
         out[r] = [get(key, n) for key in blocks]
         for key in blocks:
             last[key] = r

@@ -268,11 +268,6 @@ class NVMeIndex(IndexRecovery):
                 self._maybe_compact()
             return gone
 
-    def lookup_slot(self, slot: int) -> Entry | None:
-        with self.lock:
-            got = self.table.get(slot)
-        return None if got is None else Entry(got[0], slot, got[1])
-
     def match(self, slots: list[int], keys: list[Key]) -> list[int]:
         """The checksum indexed for ``keys[i]`` at ``slots[i]``, or -1 where the slot
         holds another key or nothing."""
