@@ -11,11 +11,12 @@ With no ``--url`` it starts a throwaway Valkey / Redis server on 127.0.0.1
   run, made two ways: one call per block, and one ``pipeline`` per batch of
   about 8 MiB of values; the baseline of each cell is the faster of the two
   (named in the table), and the goal is kvactors >= 0.8x it. In each of
-  ``--repeat`` rounds the two raw ``SET`` ways are followed at once by
-  ``kv.store`` and the two raw ``GET`` ways by ``kv.load``, then the remote
-  medium alone (``RemoteStore.put`` /
-  ``get_into``) runs; figures are the best round of each, and the spread of
-  kvactors / raw within each round is shown beside them. Clients and caches
+  ``--repeat`` rounds the two raw ``SET`` ways and ``kv.store`` run, then the
+  two raw ``GET`` ways and ``kv.load``, the three sides taking turns at going
+  first (round ``r`` rotates their order by ``r``), then the remote medium
+  alone (``RemoteStore.put`` / ``get_into``) runs; figures are the best round
+  of each, and the spread of kvactors / raw within each round is shown
+  beside them. Clients and caches
   stay open across rounds, as an engine's do (each round uses new keys), and
   each side has connected to the server before the first round. Loads
   on every side go into a destination written before, as an engine's buffers

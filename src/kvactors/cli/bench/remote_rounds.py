@@ -1,7 +1,8 @@
 """The store / load rounds of ``kvactors bench remote``: raw redis-py ``SET`` /
 ``GET`` of the same bytes (one call per block, and pipelines of about
 :data:`RAW_BATCH_BYTES`), ``kv.store`` / ``kv.load`` through two caches, and the
-remote medium alone, a moment apart in each round.
+remote medium alone, a moment apart in each round, the three raw / kvactors
+sides taking turns at going first.
 
 :mod:`kvactors.cli.bench.remote` (the command, the round trips, the sharing
 replay, the table) turns the seconds measured here into figures.
@@ -119,11 +120,13 @@ def _medium(store: RemoteStore, rows: torch.Tensor, out: torch.Tensor) -> tuple[
 
 
 async def measure_rounds(url: str, rows: torch.Tensor, rounds: int) -> dict[str, list[float]]:
-    """Seconds of each side in each round: raw ``SET`` then ``kv.store`` (one cache,
-    writing through to the server), raw ``GET`` then ``kv.load`` of the blocks
-    just stored by a second cache whose local tiers do not hold them, then the
-    medium alone; each pair a moment apart, in one run. Clients and caches stay
-    open across rounds (as an engine's do); each round uses new keys."""
+    """Seconds of each side in each round: raw ``SET`` both ways and ``kv.store``
+    (one cache, writing through to the server), then raw ``GET`` both ways and
+    ``kv.load`` of the blocks just stored by a second cache whose local tiers do
+    not hold them, then the medium alone, in one run. The three sides (one call
+    per block, pipelines, kvactors) take turns at going first: round ``r`` runs
+    them in the order rotated by ``r``, stores and loads alike. Clients and
+    caches stay open across rounds (as an engine's do); each round uses new keys."""
     n, bb = rows.shape
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     cfg = cache_config(url, bb, n, namespace, cpu_blocks=n)
@@ -146,23 +149,32 @@ async def measure_rounds(url: str, rows: torch.Tensor, rounds: int) -> dict[str,
             medium.contains(warm)
             for r in range(rounds):
                 took = seconds.setdefault
-                for mode in RAW_MODES:
-                    prefix = f"{namespace}-raw-{mode}-{r}:".encode()
-                    took(f"raw_set_{mode}", []).append(await run(raw.set, mode, prefix))
                 keys: list[Key] = list(range(r * n, (r + 1) * n))
-                t0 = time.perf_counter()
-                for i in range(0, n, step):
-                    await a.store(keys[i : i + step], rows[i : i + step])
-                took("kv_store", []).append(time.perf_counter() - t0)
-                for mode in RAW_MODES:
-                    took(f"raw_get_{mode}", []).append(await run(raw.get, mode))
-                t0 = time.perf_counter()
-                for i in range(0, n, step):
-                    got = await b.load(keys[i : i + step], out[i : i + step])
-                    assert set(got.tiers) == {"remote"}
-                took("kv_load", []).append(time.perf_counter() - t0)
-                assert torch.equal(out, rows)
-                out.zero_()
+                # The three sides take turns at going first (round r starts at
+                # side r mod 3): none always writes into, or reads from, a
+                # server the others have just used.
+                sides = ["call", "pipeline", "kv"]
+                sides = sides[r % 3 :] + sides[: r % 3]
+                for side in sides:
+                    if side == "kv":
+                        t0 = time.perf_counter()
+                        for i in range(0, n, step):
+                            await a.store(keys[i : i + step], rows[i : i + step])
+                        took("kv_store", []).append(time.perf_counter() - t0)
+                    else:
+                        prefix = f"{namespace}-raw-{side}-{r}:".encode()
+                        took(f"raw_set_{side}", []).append(await run(raw.set, side, prefix))
+                for side in sides:
+                    if side == "kv":
+                        t0 = time.perf_counter()
+                        for i in range(0, n, step):
+                            got = await b.load(keys[i : i + step], out[i : i + step])
+                            assert set(got.tiers) == {"remote"}
+                        took("kv_load", []).append(time.perf_counter() - t0)
+                        assert torch.equal(out, rows)
+                        out.zero_()
+                    else:
+                        took(f"raw_get_{side}", []).append(await run(raw.get, side))
                 store.delete(keys)  # the server never fills up
                 put, get = await run(_medium, medium, rows, out)
                 took("medium_put", []).append(put)
