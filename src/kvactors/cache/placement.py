@@ -103,6 +103,7 @@ class Placement:
             else:
                 manager.restore(found)
         self.top = self.managers[0]
+        self._all = range(len(self.managers))
         self.hub = EventHub(config.event_buffer)
         self.failed: set[str] = set()
         self._retry_at: dict[str, float] = {}  # failed tiers tried again from then on
@@ -117,10 +118,13 @@ class Placement:
         self.demotions_lost = 0
         self.demotions_declined = 0
 
-    def _live(self, start: int) -> list[int]:
-        """Indexes of the tiers from ``start`` down that are not failed."""
+    def _live(self, start: int) -> Sequence[int]:
+        """Indexes of the tiers from ``start`` down that are not failed (not to
+        be changed by the caller: while no tier failed, one kept range)."""
         if self._retry_at:
             self._retry_due()
+        if not self.failed:
+            return self._all[start:]
         return [i for i in range(start, len(self.managers)) if self.names[i] not in self.failed]
 
     def _retry_due(self) -> None:
@@ -133,14 +137,21 @@ class Placement:
 
     def _tier_of(self, key: Key, start: int = 0) -> int | None:
         """The shallowest live tier from ``start`` down holding ``key`` ready."""
-        for i in self._live(start):
-            block = self.managers[i].get(key)
-            if block is not None and block.ref_cnt >= 0:
-                return i
-        return None
+        return self._tiers_of([key], start)[0]
 
-    def _held_below(self, key: Key, start: int) -> bool:
-        return any(key in self.managers[i] for i in self._live(start))
+    def _tiers_of(self, keys: list[Key], start: int = 0) -> list[int | None]:
+        """:meth:`_tier_of` of each of ``keys``, the live tiers looked up once."""
+        managers = [(i, self.managers[i]) for i in self._live(start)]
+        out: list[int | None] = []
+        for key in keys:
+            found = None
+            for i, manager in managers:
+                block = manager.get(key)
+                if block is not None and block.ref_cnt >= 0:
+                    found = i
+                    break
+            out.append(found)
+        return out
 
     def _demote(self, tier: int, keys: list[Key], ids: list[int]) -> list[Transfer]:
         """Transfers that move ``tier``'s victims ``keys`` (in slots ``ids``) down one
@@ -152,7 +163,8 @@ class Placement:
             self.demotions_lost += len(keys)
             return []
         nxt = below[0]
-        wanted = [k for k in keys if not self._held_below(k, nxt + 1)]
+        deeper = [self.managers[i] for i in self._live(nxt + 1)]
+        wanted = [k for k in keys if not any(k in m for m in deeper)] if deeper else keys
         out = self.managers[nxt].prepare_store(wanted) if wanted else None
         if out is None:
             # The next tier is full of pinned / in-flight blocks: the victims are dropped.
@@ -184,8 +196,12 @@ class Placement:
         # A key held anywhere is not stored again. Keys already in the top tier
         # stay in the call, so the manager protects them from this call's evictions.
         top = self.top
-        if len(self.managers) > 1:
-            candidates = [k for k in keys if k in top or not self._held_below(k, 1)]
+        below = [self.managers[i] for i in self._live(1)]
+        if len(below) == 1:
+            (held,) = below
+            candidates = [k for k in keys if k in top or k not in held]
+        elif below:
+            candidates = [k for k in keys if k in top or not any(k in m for m in below)]
         else:
             candidates = keys
         out = top.prepare_store(candidates)
@@ -272,8 +288,7 @@ class Placement:
                 return LoadPlan(keys, [top_name] * len(keys), [move], [(0, keys)])
         where: list[int] = []
         moving: list[Key] = []
-        for key in keys:
-            tier = self._tier_of(key)
+        for key, tier in zip(keys, self._tiers_of(keys)):
             if tier is None:
                 if prefetch:
                     where.append(-1)
@@ -384,10 +399,17 @@ class Placement:
         self._landed(plan.new)
         if True not in self.durable:
             return []
-        durable = [i for i in self._live(0) if self.durable[i]]
+        durable = [self.managers[i] for i in self._live(0) if self.durable[i]]
         if not durable:
             return []
-        return [k for k in plan.keys if any(self._ready(i, k) for i in durable)]
+        out: list[Key] = []
+        for key in plan.keys:
+            for manager in durable:
+                block = manager.get(key)
+                if block is not None and block.ref_cnt >= 0:
+                    out.append(key)
+                    break
+        return out
 
     def _landed(self, keys: list[Key]) -> None:
         """``keys`` (a store's new keys, or one demotion's) are no longer in flight;
@@ -397,7 +419,3 @@ class Placement:
             mark = marks[0]
             if mark is not None and mark.event is not None:
                 mark.event.set()
-
-    def _ready(self, tier: int, key: Key) -> bool:
-        block = self.managers[tier].get(key)
-        return block is not None and block.ref_cnt >= 0

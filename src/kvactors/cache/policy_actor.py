@@ -207,7 +207,7 @@ class PolicyActor(Actor[PolicyRequest], Placement):
         if len(self.managers) == 1:
             self.top.touch(keys)
             return
-        tiers = [self._tier_of(k) for k in keys]
+        tiers = self._tiers_of(keys)
         self._touch(keys, [0 if t is None else t for t in tiers])
 
     def drop(
@@ -238,7 +238,9 @@ class PolicyActor(Actor[PolicyRequest], Placement):
             self._retry_due()
         if tier in self.failed:
             return []
-        missing = [k for k in keys if not any(k in m for m in self.managers)]
+        missing = keys
+        for manager in self.managers:  # one pass per tier, not a generator per key
+            missing = [k for k in missing if k not in manager]
         if adopt and missing:
             self.adopt(tier, missing)
         return missing
