@@ -14,7 +14,9 @@ With no ``--url`` it starts a throwaway Valkey / Redis server on 127.0.0.1
   ``--repeat`` rounds the two raw ``SET`` ways and ``kv.store`` run, then the
   two raw ``GET`` ways and ``kv.load``, the three sides taking turns at going
   first (round ``r`` rotates their order by ``r``), then the remote medium
-  alone (``RemoteStore.put`` / ``get_into``) runs; figures are the best round
+  alone (``RemoteStore.put`` / ``get_into``) runs, after one round that is
+  not measured (the caches' CPU tiers then full and evicting, as in every
+  later round, and the server's memory grown); figures are the best round
   of each, and the spread of kvactors / raw within each round is shown
   beside them. Clients and caches
   stay open across rounds, as an engine's do (each round uses new keys), and

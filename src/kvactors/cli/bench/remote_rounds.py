@@ -125,7 +125,9 @@ async def measure_rounds(url: str, rows: torch.Tensor, rounds: int) -> dict[str,
     ``kv.load`` of the blocks just stored by a second cache whose local tiers do
     not hold them, then the medium alone, in one run. The three sides (one call
     per block, pipelines, kvactors) take turns at going first: round ``r`` runs
-    them in the order rotated by ``r``, stores and loads alike. Clients and
+    them in the order rotated by ``r``, stores and loads alike. A first round,
+    not measured, brings every side to the state of the later ones (the caches'
+    CPU tiers full and evicting, the server's memory grown). Clients and
     caches stay open across rounds (as an engine's do); each round uses new keys."""
     n, bb = rows.shape
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
@@ -140,15 +142,19 @@ async def measure_rounds(url: str, rows: torch.Tensor, rounds: int) -> dict[str,
     try:
         async with kvactors.open(cfg) as a, kvactors.open(cfg) as b:
             # Connections made before the first round, on every side.
-            warm = [rounds * n]
+            warm = [(rounds + 1) * n]
             raw.client.ping()
             await a.store(warm, rows[:1])
             await b.load(warm, out[:1])
             out.zero_()
             store.delete(warm)
             medium.contains(warm)
-            for r in range(rounds):
-                took = seconds.setdefault
+            for r in range(rounds + 1):
+                # Round 0 is not measured: every side, the caches' CPU tiers (full,
+                # evicting, from round 1 on) and the server's memory are then as
+                # they are in every later round.
+                unmeasured: dict[str, list[float]] = {}
+                took = (seconds if r else unmeasured).setdefault
                 keys: list[Key] = list(range(r * n, (r + 1) * n))
                 # The three sides take turns at going first (round r starts at
                 # side r mod 3): none always writes into, or reads from, a
