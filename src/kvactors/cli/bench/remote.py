@@ -17,7 +17,8 @@ With no ``--url`` it starts a throwaway Valkey / Redis server on 127.0.0.1
   first (round ``r`` rotates their order by ``r``), then the remote medium
   alone (``RemoteStore.put`` / ``get_into``) runs, after one round that is
   not measured (the caches' CPU tiers then full and evicting, as in every
-  later round, and the server's memory grown); figures are the best round
+  later round, and the server's memory grown), the objects the process held
+  before it kept out of the garbage collector's scans (``gc.freeze``); figures are the best round
   of each, and the spread of kvactors / raw within each round is shown
   beside them. Clients and caches
   stay open across rounds, as an engine's do (each round uses new keys), and
