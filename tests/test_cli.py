@@ -323,3 +323,39 @@ def test_pattern_bytes_differ_for_every_64_bit_id() -> None:
     again = block_bytes_for([-1, keys[5]], 64, torch.device("cpu"))
     assert torch.equal(again[0], rows[4])
     assert torch.equal(again[1], rows[3])
+
+
+def test_demo_on_a_trace_with_no_requests_reports_zeros(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    argv = ["demo", "--trace", str(path), "--no-nvme", "--device", "cpu"]
+    assert main([*argv, "--json"]) == 0
+    report = last_json(capsys.readouterr().out)
+    assert report["summary"]["requests"] == report["summary"]["blocks"] == 0
+    assert report["notes"][-1] == "latency p50 / p99 (us): no calls made"
+    assert main(argv) == 0
+    assert "latency p50 / p99 (us): no calls made" in capsys.readouterr().out
+
+
+def test_requests_run_in_file_order_whatever_their_timestamps_and_extra_fields(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Timestamps out of order, repeated, some floats; lengths that do not match
+    # the block counts; fields the format does not name: the replay is the
+    # same as that of the same hash_ids written with ordered timestamps.
+    odd = tmp_path / "odd.jsonl"
+    stamps: list[float] = [9, 3, 3, 0.5, 7, 7, 1]
+    with open(odd, "w") as f:
+        for ids, stamp in zip(HAND_TRACE, stamps):
+            record = {"timestamp": stamp, "input_length": 1, "output_length": 0}
+            f.write(json.dumps({**record, "hash_ids": ids, "session": "a", "x": [1]}) + "\n")
+    plain = write_trace(tmp_path / "plain.jsonl", HAND_TRACE)
+    reports = []
+    for path in (odd, plain):
+        assert main(["replay", str(path), "--blocks", "4", "--json"]) == 0
+        reports.append(last_json(capsys.readouterr().out)["rows"])
+    assert reports[0] == reports[1]
+    lru = next(row for row in reports[0] if row[0] == "lru")
+    assert lru[1] == 7  # tests/test_replay.py's hand-worked count

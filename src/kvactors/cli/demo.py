@@ -228,8 +228,11 @@ def run(args: argparse.Namespace) -> Report:
         + "; "
         f"{result['promoted']:,} promoted, {result['demoted']:,} demoted",
         "latency p50 / p99 (us): "
-        + ", ".join(
-            f"{op} {v['p50']:,.0f} / {v['p99']:,.0f}" for op, v in lat.items() if v["count"]
+        + (
+            ", ".join(
+                f"{op} {v['p50']:,.0f} / {v['p99']:,.0f}" for op, v in lat.items() if v["count"]
+            )
+            or "no calls made"
         ),
     ]
     names = {"cpu": "CPU", "nvme": "NVMe"}

