@@ -55,6 +55,7 @@ from kvactors.cli.bench.remote_rounds import (
     measure_rounds,
 )
 from kvactors.cli.report import GBPS, RATIO, Report, progress
+from kvactors.errors import RemoteUnavailable
 from kvactors.media.local_server import LocalServer
 from kvactors.media.remote import RemoteStore
 from kvactors.traces import load_trace
@@ -165,6 +166,16 @@ def _sharing(url: str, trace: str, requests: int, cpu: int) -> dict[str, float]:
     return out
 
 
+def _check_answers(url: str) -> None:
+    """RemoteUnavailable (one line, exit 2) when no server answers at ``url``."""
+    store = RemoteStore("remote", 4096, url=url, namespace=f"bench-{uuid.uuid4().hex[:8]}")
+    try:
+        if not store.ping():
+            raise RemoteUnavailable(f"bench remote: no server answers at {url}")
+    finally:
+        store.close()
+
+
 def run(args: argparse.Namespace) -> Report:
     trace = str(resolve_trace(args.trace))
     if not args.worker:
@@ -178,6 +189,8 @@ def run(args: argparse.Namespace) -> Report:
             rows=[[result["hits"], result["keys"]]],
             summary=result,
         )
+    if args.url:
+        _check_answers(args.url)
     server = None if args.url else LocalServer().start()
     url = args.url or server.url  # type: ignore[union-attr]
     try:
