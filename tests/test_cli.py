@@ -392,3 +392,21 @@ def test_any_trace_in_the_format_replays_to_one_json_line(
     for policy in summary["policies"].values():
         assert 0 <= policy["hits"] <= summary["block_accesses"]
     assert summary["belady"]["hits"] <= summary["block_accesses"]
+
+
+def test_bench_remote_sharing_takes_requests_of_no_blocks_and_a_one_request_trace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sharing figure replays alternate requests in two processes: a request
+    with no hash_ids is skipped, and a process whose half is empty replays nothing."""
+    from _redis import server_binary
+
+    monkeypatch.setenv("KVACTORS_REDIS_SERVER", server_binary())
+    mixed = write_trace(tmp_path / "mixed.jsonl", [[1, 2], [], [1, 2]])
+    one = write_trace(tmp_path / "one.jsonl", [[5]])
+    expected = {mixed: 0.5, one: 0.0}  # [1, 2] twice, both in process 0: 2 hits of 4
+    for path, ratio in expected.items():
+        argv = ["bench", "remote", "--sizes", "16", "--mib", "1", "--repeat", "1"]
+        assert main([*argv, "--trace", str(path), "--requests", "3", "--json"]) == 0
+        sharing = last_json(capsys.readouterr().out)["summary"]["sharing"]
+        assert sharing == {"alone": ratio, "shared": ratio}

@@ -125,7 +125,7 @@ async def _replay(url: str, namespace: str, half: int, trace: str, requests: int
     """One engine: every other request of the trace, starting at ``half``."""
     reqs = load_trace(trace)[:requests][half::2]
     bb = 4096
-    longest = max(len(r.hash_ids) for r in reqs)
+    longest = max((len(r.hash_ids) for r in reqs), default=0) or 1
     cfg = cache_config(url, bb, longest, namespace, cpu_blocks=cpu)
     hits = total = 0
     async with kvactors.open(cfg) as kv:
@@ -133,6 +133,8 @@ async def _replay(url: str, namespace: str, half: int, trace: str, requests: int
         for r in reqs:
             keys = list(r.hash_ids)
             n = len(keys)
+            if not n:
+                continue  # a request shorter than one block
             got = await kv.load(keys, dst[:n], partial=True)
             h = len(got.tiers)
             hits += h
