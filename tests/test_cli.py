@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from _workloads import write_trace
 from kvactors.cli import BENCHES, COMMANDS, main
@@ -359,3 +361,52 @@ def test_requests_run_in_file_order_whatever_their_timestamps_and_extra_fields(
     assert reports[0] == reports[1]
     lru = next(row for row in reports[0] if row[0] == "lru")
     assert lru[1] == 7  # tests/test_replay.py's hand-worked count
+
+
+# Block ids as users' traces may have them: small, negative, past 64 bits.
+IDS = st.sampled_from([0, 1, 2, 3, 7, -1, -(2**70), 2**63, 2**64 - 1, 10**30])
+TRACES = st.lists(st.lists(IDS, max_size=6, unique=True), max_size=12)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(requests=TRACES, blocks=st.integers(1, 8), served=st.booleans())
+def test_any_trace_in_the_format_replays_to_one_json_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    requests: list[list[int]],
+    blocks: int,
+    served: bool,
+) -> None:
+    """Empty traces, requests shorter than one block (no hash_ids), any ids: replay
+    (bare manager or served cache) prints one JSON object whose counts are the trace's."""
+    path = write_trace(tmp_path / "any.jsonl", requests)
+    argv = ["replay", str(path), "--blocks", str(blocks), "--json"]
+    assert main(argv + (["--served"] if served else [])) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    summary = last_json(out)["summary"]
+    assert summary["requests"] == len(requests)
+    assert summary["block_accesses"] == sum(map(len, requests))
+    for policy in summary["policies"].values():
+        assert 0 <= policy["hits"] <= summary["block_accesses"]
+    assert summary["belady"]["hits"] <= summary["block_accesses"]
+
+
+def test_bench_remote_sharing_takes_requests_of_no_blocks_and_a_one_request_trace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sharing figure replays alternate requests in two processes: a request
+    with no hash_ids is skipped, and a process whose half is empty replays nothing."""
+    from _redis import server_binary
+
+    monkeypatch.setenv("KVACTORS_REDIS_SERVER", server_binary())
+    mixed = write_trace(tmp_path / "mixed.jsonl", [[1, 2], [], [1, 2]])
+    one = write_trace(tmp_path / "one.jsonl", [[5]])
+    expected = {mixed: 0.5, one: 0.0}  # [1, 2] twice, both in process 0: 2 hits of 4
+    for path, ratio in expected.items():
+        argv = ["bench", "remote", "--sizes", "16", "--mib", "1", "--repeat", "1"]
+        assert main([*argv, "--trace", str(path), "--requests", "3", "--json"]) == 0
+        sharing = last_json(capsys.readouterr().out)["summary"]["sharing"]
+        assert sharing == {"alone": ratio, "shared": ratio}

@@ -102,6 +102,11 @@ def test_api_md_config_example_names_every_key() -> None:
         ({"nvme": {"threads": 5000}}, "nvme.threads"),
         ({"nvme": {"stripes": 2**40}}, "nvme.stripes"),
         ({"move_bytes": "yes"}, "move_bytes"),
+        ({"gpu": {"device": "cuda:x"}}, "gpu.device"),
+        ({"gpu": {"device": "cuda:"}}, "gpu.device"),
+        ({"gpu": {"device": "tpu"}}, "gpu.device"),
+        ({"nvme": {"directory": ""}}, "nvme: directory"),
+        ({"nvme": {"directory": " "}}, "nvme: directory"),
         ({"cpu": {"colour": "red"}}, "colour"),
         ({"colour": "red"}, "colour"),
     ],
@@ -111,6 +116,12 @@ def test_wrong_config_values_raise_config_error_naming_the_field(
 ) -> None:
     with pytest.raises(ConfigError, match=re.escape(field)):
         kvactors.Config.from_dict(data)
+
+
+def test_an_empty_nvme_directory_is_an_error_not_the_working_directory() -> None:
+    with pytest.raises(ConfigError, match="directory: empty"):
+        kvactors.NVMeConfig(directory="")
+    assert kvactors.Config.from_dict({"gpu": {"device": "cuda:1"}}).gpu.device == "cuda:1"
 
 
 def test_unknown_policy_name_in_config_is_typed() -> None:
@@ -586,6 +597,9 @@ async def test_a_store_of_more_new_blocks_than_the_cpu_tier_holds_is_none() -> N
         ["bench", "actors", "--batches", "0"],
         ["bench", "transfer", "--sizes", "0"],
         ["bench", "transfer", "--sizes", "64Q"],
+        ["bench", "transfer", "--sizes", "3K"],
+        ["bench", "transfer", "--sizes", "64K,1"],
+        ["bench", "soak", "--keys", "7"],
         ["bench", "transfer", "--mib", "0"],
         ["bench", "nvme-index", "--blocks", "0"],
         ["bench", "nvme-index", "--rounds", "nan"],
@@ -616,6 +630,7 @@ def test_bad_numbers_on_the_command_line_are_usage_errors(
         (["bench", "remote", "--trace", "{missing}"], "cannot read trace"),
         (["bench", "vllm", "--vllm-python", "{missing}"], "--vllm-python"),
         (["demo", "--nvme-dir", "{file}"], "nvme.directory"),
+        (["demo", "--nvme-dir", ""], "directory: empty"),
         (["demo", "--trace", "{missing}"], "cannot read trace"),
         (["demo", "--policy", "bogus"], "cpu.policy"),
         (["demo", "--device", "bogus"], "gpu.device"),

@@ -151,6 +151,9 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_blocks", "threads", "stripes")
+        if self.directory is not None and not self.directory.strip():
+            # An empty path would put the tier's files in the working directory.
+            raise ConfigError("directory: empty; leave it out (None) for a temporary directory")
 
     def open_medium(self, name: str, config: Config) -> BlockMedium:
         from kvactors.media import FileStore, resolve_nvme_backend
@@ -348,8 +351,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                 raise UnknownPolicyError(
                     f"{field}.policy: unknown policy {tier.policy!r}; supported: {known}"
                 )
-        if self.gpu.device not in ("auto", "cpu", "cuda") and not self.gpu.device.startswith(
-            "cuda:"
+        device = self.gpu.device
+        if device not in ("auto", "cpu", "cuda") and not (
+            device.startswith("cuda:") and device[5:].isdecimal() and device[5:].isascii()
         ):
             raise ConfigError(
                 f"gpu.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.gpu.device!r}"

@@ -160,6 +160,8 @@ async def _served(
         label = f"{policy} (served)"
         for blocks in progress(requests, len(requests), label, enabled=show_progress):
             keys = list(blocks)
+            if not keys:
+                continue  # a request shorter than one block: nothing to look up or store
             side = torch.zeros((len(keys), bb), dtype=torch.uint8) if move_bytes else None
             found = len((await kv.load(keys, side, partial=True)).tiers)
             hits += found

@@ -140,6 +140,9 @@ class RemoteStore:
             redis.ConnectionError,
             redis.TimeoutError,
             redis.exceptions.ClusterError,
+            # Something that is not a Valkey / Redis server answered (a wrong port):
+            # down like a server that refuses the connection.
+            redis.exceptions.InvalidResponse,
             OSError,
         )
         self.io = RemoteIO(fmt, errors, (TimeoutError, redis.TimeoutError), redis.ResponseError)

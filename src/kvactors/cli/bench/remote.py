@@ -60,6 +60,7 @@ from kvactors.cli.bench.remote_rounds import (
     measure_rounds,
 )
 from kvactors.cli.report import GBPS, RATIO, Report, progress
+from kvactors.errors import RemoteUnavailable
 from kvactors.media.local_server import LocalServer
 from kvactors.media.remote import RemoteStore
 from kvactors.traces import load_trace
@@ -129,7 +130,7 @@ async def _replay(url: str, namespace: str, half: int, trace: str, requests: int
     """One engine: every other request of the trace, starting at ``half``."""
     reqs = load_trace(trace)[:requests][half::2]
     bb = 4096
-    longest = max(len(r.hash_ids) for r in reqs)
+    longest = max((len(r.hash_ids) for r in reqs), default=0) or 1
     cfg = cache_config(url, bb, longest, namespace, cpu_blocks=cpu)
     hits = total = 0
     async with kvactors.open(cfg) as kv:
@@ -137,6 +138,8 @@ async def _replay(url: str, namespace: str, half: int, trace: str, requests: int
         for r in reqs:
             keys = list(r.hash_ids)
             n = len(keys)
+            if not n:
+                continue  # a request shorter than one block
             got = await kv.load(keys, dst[:n], partial=True)
             h = len(got.tiers)
             hits += h
@@ -170,6 +173,16 @@ def _sharing(url: str, trace: str, requests: int, cpu: int) -> dict[str, float]:
     return out
 
 
+def _check_answers(url: str) -> None:
+    """RemoteUnavailable (one line, exit 2) when no server answers at ``url``."""
+    store = RemoteStore("remote", 4096, url=url, namespace=f"bench-{uuid.uuid4().hex[:8]}")
+    try:
+        if not store.ping():
+            raise RemoteUnavailable(f"bench remote: no server answers at {url}")
+    finally:
+        store.close()
+
+
 def run(args: argparse.Namespace) -> Report:
     trace = str(resolve_trace(args.trace))
     if not args.worker:
@@ -183,6 +196,8 @@ def run(args: argparse.Namespace) -> Report:
             rows=[[result["hits"], result["keys"]]],
             summary=result,
         )
+    if args.url:
+        _check_answers(args.url)
     server = None if args.url else LocalServer().start()
     url = args.url or server.url  # type: ignore[union-attr]
     try:

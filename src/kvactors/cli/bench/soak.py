@@ -14,7 +14,12 @@ from kvactors.cli.soak import run_soak
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=positive_float, default=30.0, help="how long to run")
     parser.add_argument("--clients", type=positive_int, default=16, help="concurrent clients")
-    parser.add_argument("--keys", type=positive_int, default=2000, help="size of the key space")
+    parser.add_argument(
+        "--keys",
+        type=_keys,
+        default=2000,
+        help="size of the key space, at least 8 (the CPU tier holds keys / 8, NVMe keys / 2)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--write-faults", type=probability, default=0.02, help="P(ENOSPC) per write"
@@ -22,6 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--read-faults", type=probability, default=0.02, help="P(flipped byte) per read"
     )
+
+
+def _keys(text: str) -> int:
+    """argparse type of ``--keys``: an int of at least 8, so the CPU tier has a slot."""
+    keys = positive_int(text)
+    if keys < 8:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 8 (the CPU tier holds keys / 8), got {keys}"
+        )
+    return keys
 
 
 def run(args: argparse.Namespace) -> Report:

@@ -55,7 +55,7 @@ from kvactors.cli.bench.transfer_cold import best_of, measure_cold
 from kvactors.cli.report import GBPS, RATIO, Report
 from kvactors.config import NVMeConfig
 from kvactors.media import CopyPool, FileStore, MemoryPool, copy_rows, resolve_device
-from kvactors.media.file_store import DIRECT_DEPTH
+from kvactors.media.file_store import DIRECT_ALIGN, DIRECT_DEPTH
 
 GOALS = {"memory": 0.7, "nvme": 0.8, "cuda": 0.8, "cold": 0.8, "cold_small": 0.6}
 
@@ -97,13 +97,20 @@ def _size(text: str) -> int:
 
 
 def _sizes(text: str) -> list[int]:
-    """argparse type of ``--sizes``: positive block sizes, comma separated."""
+    """argparse type of ``--sizes``: positive block sizes, comma separated, each a
+    multiple of 4 KiB (the cold rows' baseline is ``O_DIRECT`` I/O of one block)."""
     try:
         sizes = [_size(s) for s in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not sizes like 64K,2M: {text!r}") from None
     if not all(size > 0 for size in sizes):
         raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    odd = [size for size in sizes if size % DIRECT_ALIGN]
+    if odd:
+        raise argparse.ArgumentTypeError(
+            f"sizes must be multiples of 4K (the cold rows' baseline is O_DIRECT I/O), "
+            f"got {odd[0]} bytes"
+        )
     return sizes
 
 
