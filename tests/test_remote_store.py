@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,13 @@ from kvactors.config import Config, RemoteConfig
 from kvactors.errors import BlocksMissingError, ConfigError, RemoteUnavailable
 from kvactors.media.local_server import LocalCluster, LocalServer
 from kvactors.media.remote import HEADER_BYTES, RemoteStore, fingerprint
-from kvactors.media.remote_wire import SEND_BYTES, send_all
+from kvactors.media.remote_wire import (
+    READ_WINDOW_BYTES,
+    READ_WINDOW_VALUES,
+    SEND_BYTES,
+    read_window,
+    send_all,
+)
 
 BB = 16 * 1024
 CPU = torch.device("cpu")
@@ -56,6 +63,36 @@ def test_round_trip_is_byte_exact(store: RemoteStore) -> None:
     counts = store.counters()
     assert (counts.hits, counts.misses, counts.stored) == (len(keys), 1, len(keys))
     assert counts.bytes_read == counts.bytes_written == len(keys) * BB
+
+
+def test_read_window_is_deeper_for_values_up_to_64_kib() -> None:
+    """Up to 64 KiB a connection keeps 64 GETs out (1 MiB would be 15 at 64 KiB);
+    larger values keep 1 MiB of them out, at least one."""
+    assert read_window(64 * 1024) == READ_WINDOW_VALUES == 64
+    assert read_window(4096) == READ_WINDOW_BYTES // (4096 + HEADER_BYTES) > 64
+    assert read_window(128 * 1024) == READ_WINDOW_BYTES // (128 * 1024 + HEADER_BYTES) == 7
+    assert read_window(2 * 2**20) == 1
+
+
+def test_reads_past_a_deep_window_are_byte_exact(redis_server: LocalServer) -> None:  # noqa: F811
+    """More 64 KiB blocks than the window holds, read staged and into slots, in
+    one pipeline: every one byte-exact, in its own place."""
+    bb = 64 * 1024
+    n = 3 * read_window(bb) + 5
+    s = RemoteStore("remote", bb, url=redis_server.url, namespace=f"win-{uuid.uuid4().hex[:8]}")
+    try:
+        keys = list(range(n))
+        rows = torch.randint(0, 256, (n, bb), dtype=torch.uint8)
+        s.write_from([], rows, keys)
+        out = torch.zeros_like(rows)
+        assert s.read_into([], out, keys[::-1]) == []
+        assert torch.equal(out, rows.flip(0))
+        slots = torch.zeros_like(rows)
+        bufs = [memoryview(slots[i].numpy()) for i in range(n)]
+        assert s.read_slots(keys, bufs, keys) == []
+        assert torch.equal(slots, rows)
+    finally:
+        s.close()
 
 
 def test_int_and_bytes_keys_never_collide(store: RemoteStore) -> None:

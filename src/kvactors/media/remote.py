@@ -235,7 +235,7 @@ class RemoteStore:
         ``refused`` (present but truncated, garbage, foreign or another block's).
 
         The ``GET``\\ s of a batch go out in one pipeline, at most
-        :data:`~kvactors.media.remote_wire.READ_WINDOW_BYTES` of values asked
+        :func:`~kvactors.media.remote_wire.read_window` values asked
         for and not yet read (the next ``GET`` goes out as a reply is read);
         each reply is read off the socket straight into a staging buffer of
         this thread, checked, and only then copied into ``bufs[i]``, before the
