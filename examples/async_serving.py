@@ -18,6 +18,7 @@ import anyio
 import torch
 
 import kvactors
+from kvactors.cli.arguments import positive_int
 from kvactors.cli.demo import block_bytes_for
 from kvactors.traces import bundled_trace, load_trace
 
@@ -71,8 +72,8 @@ async def serve(requests: list[list[int]], concurrency: int) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--requests", type=positive_int, default=300)
+    parser.add_argument("--concurrency", type=positive_int, default=4)
     args = parser.parse_args(argv)
     requests = [r.hash_ids for r in load_trace(bundled_trace("conversation"))][: args.requests]
     totals = anyio.run(serve, requests, args.concurrency)

@@ -27,6 +27,7 @@ import anyio.lowlevel
 import torch
 
 import kvactors
+from kvactors.cli.arguments import positive_int
 from kvactors.cli.demo import block_bytes_for
 from kvactors.traces import bundled_trace, load_trace
 
@@ -115,8 +116,8 @@ async def run(requests: list[list[int]], batch: int) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--requests", type=positive_int, default=300)
+    parser.add_argument("--batch", type=positive_int, default=4)
     args = parser.parse_args(argv)
     requests = [r.hash_ids for r in load_trace(bundled_trace("conversation"))][: args.requests]
     stats = anyio.run(run, requests, args.batch)

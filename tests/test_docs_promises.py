@@ -6,6 +6,7 @@ typed error the docs name (root ``KVActorsError``) with nothing changed.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import sys
@@ -772,3 +773,19 @@ def test_replay_md_output_is_what_replay_prints(capsys: pytest.CaptureFixture[st
     lru = replay(requests, "lru", 18_279)
     assert (lru.hits, lru.accesses) == (80419, 288500)
     assert belady(requests, 18_279).hits == 105710
+
+
+# --- docs/architecture.md: the chain of tiers -------------------------------------
+
+
+def test_architecture_md_names_the_tiers_and_the_chain_as_they_are() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    found = re.search(r"`kvactors\.config\.TIERS` names .*?\(`(\(.*?\))`\)", text, flags=re.S)
+    assert found is not None
+    from kvactors.config import TIERS, RemoteConfig
+
+    assert ast.literal_eval(found.group(1)) == TIERS
+    remote = RemoteConfig(url="redis://127.0.0.1:1/0")
+    config = kvactors.Config(remote=remote)
+    assert [name for name, _ in config.chain()] == ["cpu", "nvme", "remote"]
+    assert [name for name, _ in kvactors.Config(nvme=None).chain()] == ["cpu"]

@@ -37,3 +37,21 @@ def test_sync_scheduler_example(capsys: pytest.CaptureFixture[str]) -> None:
     fields = dict(zip(out.split()[0::2], out.split()[1::2]))
     assert fields["requests"] == "80"
     assert int(fields["reused"]) > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "argv"),
+    [
+        ("async_serving", ["--requests", "0"]),
+        ("async_serving", ["--concurrency", "0"]),
+        ("sync_scheduler", ["--requests", "-1"]),
+        ("sync_scheduler", ["--batch", "0"]),
+    ],
+)
+def test_an_example_given_a_count_below_one_is_a_usage_error(
+    name: str, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        load(name).main(argv)
+    assert exc.value.code == 2
+    assert "must be positive" in capsys.readouterr().err

@@ -317,8 +317,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
       the real actors: every handshake is planned, routed to its tier actors and
       completed as usual, but no byte is copied, and ``src`` / ``dst`` are
       ``None``. Pools are still allocated: use a small ``block_bytes``.
-    - ``TIERS`` orders the chain below the GPU pool (``cpu``, then ``nvme``);
-      ``chain()`` lists the tiers set.
+    - ``TIERS`` (module level) orders the chain below the GPU pool (``cpu``,
+      ``nvme``, ``remote``); ``chain()`` lists the tiers set.
     """
 
     block_bytes: Positive = 64 * KiB
