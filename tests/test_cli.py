@@ -410,3 +410,16 @@ def test_bench_remote_sharing_takes_requests_of_no_blocks_and_a_one_request_trac
         assert main([*argv, "--trace", str(path), "--requests", "3", "--json"]) == 0
         sharing = last_json(capsys.readouterr().out)["summary"]["sharing"]
         assert sharing == {"alone": ratio, "shared": ratio}
+
+
+def test_a_trace_saved_with_a_byte_order_mark_and_crlf_lines_replays(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = write_trace(tmp_path / "plain.jsonl", HAND_TRACE)
+    windows = tmp_path / "windows.jsonl"
+    windows.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes().replace(b"\n", b"\r\n"))
+    rows = []
+    for path in (plain, windows):
+        assert main(["replay", str(path), "--blocks", "4", "--json"]) == 0
+        rows.append(last_json(capsys.readouterr().out)["rows"])
+    assert rows[0] == rows[1]

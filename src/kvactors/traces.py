@@ -7,8 +7,9 @@ One JSON object per line::
 ``timestamp`` is the arrival time in ms, the lengths count tokens, and
 ``hash_ids`` are chained prefix-block hashes (512 tokens per block): equal ids
 at the same position mean a reusable KV prefix. Other fields are ignored;
-blank lines are skipped. The bundled traces come from the Mooncake project's
-FAST'25 release (see ``kvactors/data/README.md``).
+blank lines are skipped, and so is a UTF-8 byte-order mark at the start.
+The bundled traces come from the Mooncake project's FAST'25 release
+(see ``kvactors/data/README.md``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class TraceRequest(msgspec.Struct, frozen=True):
 
 
 _decoder = msgspec.json.Decoder(TraceRequest)
+_BOM = b"\xef\xbb\xbf"
 
 
 def load_trace(path: str | os.PathLike[str]) -> list[TraceRequest]:
@@ -56,6 +58,8 @@ def load_trace(path: str | os.PathLike[str]) -> list[TraceRequest]:
             lines = f.readlines()
     except OSError as exc:
         raise TraceError(f"cannot read trace {os.fspath(path)!r}: {exc.strerror}") from exc
+    if lines and lines[0].startswith(_BOM):
+        lines[0] = lines[0][len(_BOM) :]  # a UTF-8 byte-order mark, as some editors write
     requests: list[TraceRequest] = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
