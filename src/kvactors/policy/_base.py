@@ -1,8 +1,9 @@
-"""What every eviction policy shares: the block record and the ``CachePolicy`` protocol."""
+"""What every eviction policy shares: the block record, the ``CachePolicy`` protocol
+and the key queries over a policy's ``key -> block`` map."""
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from typing import ClassVar, Protocol, runtime_checkable
 
 import msgspec
@@ -65,3 +66,22 @@ class CachePolicy(Protocol):
     def __len__(self) -> int: ...
 
     def __contains__(self, key: object) -> bool: ...
+
+
+class HeldKeys:
+    """``keys``, ``__len__`` and ``__contains__`` of a policy that keeps every key
+    it holds in one map, ``self._blocks`` (``key -> BlockStatus``)."""
+
+    __slots__ = ()
+
+    _blocks: Mapping[Key, BlockStatus]
+
+    def keys(self) -> Iterator[Key]:
+        """Every key held, in no promised order."""
+        return iter(self._blocks)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._blocks

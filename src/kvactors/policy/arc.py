@@ -13,10 +13,10 @@ from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import ClassVar
 
 from kvactors.keys import Key
-from kvactors.policy._base import BlockStatus
+from kvactors.policy._base import BlockStatus, HeldKeys
 
 
-class ARCPolicy:
+class ARCPolicy(HeldKeys):
     """ARC with vLLM's semantics, made atomic.
 
     - ``insert`` puts a key in T1 (and out of the ghost lists).
@@ -39,21 +39,21 @@ class ARCPolicy:
         self.b1: OrderedDict[Key, None] = OrderedDict()
         self.b2: OrderedDict[Key, None] = OrderedDict()
         # key -> block for both resident lists, so ``get`` is one C call.
-        self._all: dict[Key, BlockStatus] = {}
-        self.get = self._all.get
+        self._blocks: dict[Key, BlockStatus] = {}
+        self.get = self._blocks.get
 
     def insert(self, key: Key, block: BlockStatus) -> None:
         self.b1.pop(key, None)
         self.b2.pop(key, None)
         self.t1[key] = block
-        self._all[key] = block
+        self._blocks[key] = block
 
     def insert_many(self, items: Iterable[tuple[Key, BlockStatus]]) -> None:
         for key, block in items:
             self.insert(key, block)
 
     def remove(self, key: Key) -> None:
-        del self._all[key]
+        del self._blocks[key]
         if self.t1.pop(key, None) is None:
             del self.t2[key]
 
@@ -104,7 +104,7 @@ class ARCPolicy:
             if in_t1:
                 t1_left -= 1
             victims.append((pick[0], pick[1], in_t1))
-        t1, t2, b1, b2, all_ = self.t1, self.t2, self.b1, self.b2, self._all
+        t1, t2, b1, b2, all_ = self.t1, self.t2, self.b1, self.b2, self._blocks
         for key, _, in_t1 in victims:
             del all_[key]
             if in_t1:
@@ -123,12 +123,3 @@ class ARCPolicy:
         order data the compiled core's ``arc`` entry reports too."""
         lists = [list(lst) for lst in (self.t1, self.t2, self.b1, self.b2)]
         return ("arc", self.target, *lists)
-
-    def keys(self) -> Iterator[Key]:
-        return iter(self._all)
-
-    def __len__(self) -> int:
-        return len(self._all)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._all

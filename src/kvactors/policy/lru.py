@@ -9,7 +9,7 @@ from operator import attrgetter, not_
 from typing import ClassVar
 
 from kvactors.keys import Key
-from kvactors.policy._base import BlockStatus
+from kvactors.policy._base import BlockStatus, HeldKeys
 
 _REF_CNT = attrgetter("ref_cnt")
 
@@ -18,7 +18,7 @@ def _drain(it: Iterator[object]) -> None:
     deque(it, maxlen=0)
 
 
-class LRUPolicy:
+class LRUPolicy(HeldKeys):
     """Plain LRU.
 
     ``insert`` appends at the most-recent end; ``touch(keys)`` walks the keys in
@@ -66,12 +66,3 @@ class LRUPolicy:
         """``("lru", [keys, least recent first])``: the order data the compiled
         core's ``lru`` entry reports too (the differential tests compare them)."""
         return ("lru", list(self._blocks))
-
-    def keys(self) -> Iterator[Key]:
-        return iter(self._blocks)
-
-    def __len__(self) -> int:
-        return len(self._blocks)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._blocks

@@ -77,7 +77,7 @@ from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import ClassVar
 
 from kvactors.keys import Key
-from kvactors.policy._base import BlockStatus
+from kvactors.policy._base import BlockStatus, HeldKeys
 from kvactors.policy.prefix_values import CLASSES, NEW_CLASSES, ClassValues, new_class, promoted
 
 __all__ = ["CLASSES", "NEW_CLASSES", "PrefixAdmitPolicy", "new_class"]
@@ -116,7 +116,7 @@ _READY = BlockStatus(0, 0, 1)
 """The one block status of a miniature's blocks: ready, never pinned."""
 
 
-class PrefixAdmitPolicy(ClassValues):
+class PrefixAdmitPolicy(ClassValues, HeldKeys):
     """Prefix-aware admission with class-valued GreedyDual eviction (see the module).
 
     - ``admit(keys, new)`` returns the leading part of ``new`` worth storing.
@@ -370,12 +370,3 @@ class PrefixAdmitPolicy(ClassValues):
                 self._minis[1].order_state(),
             ),
         )
-
-    def keys(self) -> Iterator[Key]:
-        return iter(self._blocks)
-
-    def __len__(self) -> int:
-        return len(self._blocks)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._blocks

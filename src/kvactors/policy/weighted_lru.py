@@ -18,15 +18,15 @@ GDSF; uniform blocks make it irrelevant). Pick it when a few shared prefixes
 from __future__ import annotations
 
 import heapq
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Sequence
 from itertools import count
 from typing import ClassVar
 
 from kvactors.keys import Key
-from kvactors.policy._base import BlockStatus
+from kvactors.policy._base import BlockStatus, HeldKeys
 
 
-class WeightedLRUPolicy:
+class WeightedLRUPolicy(HeldKeys):
     """GDSF ordering with lazily invalidated heap entries (``evict`` is O(k log n))."""
 
     name: ClassVar[str] = "weighted_lru"
@@ -112,12 +112,3 @@ class WeightedLRUPolicy:
         data the compiled core's ``weighted_lru`` entry reports too."""
         live = {key: (self._prio[key][0], self._freq[key]) for key in self._blocks}
         return ("weighted_lru", self.clock, live)
-
-    def keys(self) -> Iterator[Key]:
-        return iter(self._blocks)
-
-    def __len__(self) -> int:
-        return len(self._blocks)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._blocks
