@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Container, Iterable, Iterator, Sequence
-from typing import Any, ClassVar
+from collections.abc import Container, Sequence
+from typing import ClassVar
 
 import anyio
 import pytest
 
 import kvactors
 from _docs import DOCS, doc_table
+from _policies import RecordingFIFO
 from kvactors import OffloadingManager, manager
 from kvactors.cli import main
 from kvactors.errors import PolicyError
@@ -74,51 +75,6 @@ def test_the_figures_table_is_what_replay_prints(capsys: pytest.CaptureFixture[s
 # --- Your own policy --------------------------------------------------------------
 
 
-class Recording:
-    """A user's own FIFO policy that records every call its manager makes."""
-
-    name: ClassVar[str] = "recording"
-
-    def __init__(self) -> None:
-        self.blocks: dict[Key, BlockStatus] = {}
-        self.calls: list[tuple[Any, ...]] = []
-
-    def get(self, key: Key) -> BlockStatus | None:
-        return self.blocks.get(key)
-
-    def insert(self, key: Key, block: BlockStatus) -> None:
-        self.calls.append(("insert", key, block.ref_cnt, block.size))
-        self.blocks[key] = block
-
-    def insert_many(self, items: Iterable[tuple[Key, BlockStatus]]) -> None:
-        items = list(items)
-        self.calls.append(("insert_many", [(k, b.ref_cnt, b.size) for k, b in items]))
-        self.blocks.update(items)
-
-    def remove(self, key: Key) -> None:
-        self.calls.append(("remove", key))
-        del self.blocks[key]
-
-    def touch(self, keys: Sequence[Key]) -> None:
-        self.calls.append(("touch", list(keys)))
-
-    def evict(self, n: int, protected: Container[Key]) -> list[tuple[Key, BlockStatus]] | None:
-        idle = [k for k, b in self.blocks.items() if b.ref_cnt == 0 and k not in protected]
-        self.calls.append(("evict", n, sorted(k for k in self.blocks if k in protected)))
-        if len(idle) < n:
-            return None
-        return [(k, self.blocks.pop(k)) for k in idle[:n]]
-
-    def keys(self) -> Iterator[Key]:
-        return iter(self.blocks)
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.blocks
-
-
 @pytest.mark.parametrize("native", CORES)
 def test_a_users_policy_is_told_what_the_page_says_in_that_order(native: bool) -> None:
     """insert_many once per prepare_store with the new keys (ref -1, the manager's
@@ -127,7 +83,7 @@ def test_a_users_policy_is_told_what_the_page_says_in_that_order(native: bool) -
     call, absent ones included; insert per key restore loads (ref 0)."""
     if native and not manager.NATIVE:
         pytest.skip("compiled core not built")
-    policy = Recording()
+    policy = RecordingFIFO()
     mgr = OffloadingManager(3, block_size=16, policy=policy, native=native)
     out = mgr.prepare_store([1, 2])
     assert out is not None
@@ -140,21 +96,21 @@ def test_a_users_policy_is_told_what_the_page_says_in_that_order(native: bool) -
     mgr.touch([9, 2, 4])
     mgr.remove([2])
     assert policy.calls == [
-        ("insert_many", [(1, -1, 16), (2, -1, 16)]),
-        ("evict", 1, [2]),  # 2 is named by the call: protected
-        ("insert_many", [(3, -1, 16), (4, -1, 16)]),
+        ("insert_many", [(1, 0, -1, 16), (2, 1, -1, 16)]),
+        ("evict", 1, [1], [2]),  # 2 is named by the call: protected
+        ("insert_many", [(3, 2, -1, 16), (4, 0, -1, 16)]),  # 4 takes 1's slot
         ("remove", 3),
         ("touch", [9, 2, 4]),
         ("remove", 2),
     ]
     assert [b.ref_cnt for b in policy.blocks.values()] == [0]  # kept current
-    restored = Recording()
+    restored = RecordingFIFO()
     fresh = OffloadingManager(4, block_size=8, policy=restored, native=native)
     assert fresh.restore([(5, 0), (6, 2)]) == [5, 6]
-    assert restored.calls == [("insert", 5, 0, 8), ("insert", 6, 0, 8)]
+    assert restored.calls == [("insert", 5, 0, 0, 8), ("insert", 6, 2, 0, 8)]
 
 
-class Breaking(Recording):
+class Breaking(RecordingFIFO):
     """Answers evict in one of the ways the page forbids."""
 
     name: ClassVar[str] = "breaking"
@@ -196,7 +152,7 @@ def test_an_evict_answer_that_breaks_the_contract_raises_policy_error(
         mgr.prepare_store([2, 3] if how == "protected" else [3])
 
 
-class NotLeading(Recording):
+class NotLeading(RecordingFIFO):
     name: ClassVar[str] = "not_leading"
 
     def admit(self, keys: Sequence[Key], new_keys: Sequence[Key]) -> list[Key]:
