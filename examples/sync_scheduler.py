@@ -17,19 +17,15 @@ kvactors actors do their work.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import deque
 from typing import Any
 
 import anyio
 import anyio.lowlevel
-import torch
+from _serving import check_reused, compute, config, parse, report
 
 import kvactors
-from kvactors.cli.arguments import positive_int
-from kvactors.cli.demo import block_bytes_for
-from kvactors.traces import bundled_trace, load_trace
 
 
 class Request:
@@ -75,16 +71,13 @@ class Scheduler:
     def _compute(self, req: Request) -> None:
         assert req.load is not None
         req.reused = len(req.load.result().tiers)
-        bb = self.kv.config.block_bytes
-        got = self.pool.rows(req.slots[: req.reused])
-        if not torch.equal(got, block_bytes_for(req.blocks[: req.reused], bb, self.pool.device)):
-            raise SystemExit("a reused block differs from what was stored")
+        check_reused(self.pool, req.blocks[: req.reused], req.slots[: req.reused])
         todo = req.blocks[req.reused :]
         if not todo:
             req.store = kvactors.Future()
             req.store.set_result(None)
             return
-        self.pool.write_rows(req.slots[req.reused :], block_bytes_for(todo, bb, self.pool.device))
+        compute(self.pool, todo, req.slots[req.reused :])
         req.store = self.kv.submit_store(todo, req.slots[req.reused :])
 
     def _retire(self, req: Request) -> None:
@@ -100,32 +93,17 @@ class Scheduler:
 
 async def run(requests: list[list[int]], batch: int) -> dict[str, int]:
     longest = max(len(r) for r in requests)
-    config = kvactors.Config(
-        block_bytes=16 * 1024,
-        gpu=kvactors.GPUConfig(num_blocks=batch * longest),
-        cpu=kvactors.TierConfig(num_blocks=1024),
-        nvme=kvactors.NVMeConfig(num_blocks=4096),
-    )
-    async with kvactors.open(config) as kv:
+    async with kvactors.open(config(batch, longest)) as kv:
         sched = Scheduler(kv, requests, batch)
         while sched.busy:
             sched.step()
             await anyio.lowlevel.checkpoint()  # the step boundary: actors run here
-    return sched.stats | {"steps": sched.steps}
+    return {"steps": sched.steps} | sched.stats
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=positive_int, default=300)
-    parser.add_argument("--batch", type=positive_int, default=4)
-    args = parser.parse_args(argv)
-    requests = [r.hash_ids for r in load_trace(bundled_trace("conversation"))][: args.requests]
-    stats = anyio.run(run, requests, args.batch)
-    ratio = stats["reused"] / max(1, stats["blocks"])
-    print(
-        f"steps {stats['steps']}  requests {stats['requests']}  blocks {stats['blocks']}"
-        f"  reused {stats['reused']}  reuse ratio {ratio:.3f}"
-    )
+    requests, batch = parse(argv, __doc__, "batch")
+    report(anyio.run(run, requests, batch))
     return 0
 
 
