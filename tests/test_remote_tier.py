@@ -51,6 +51,17 @@ async def store_all(kv: kvactors.KVCache, keys: list[int], step: int = 4) -> Non
         assert await kv.store(keys[i : i + step], data(keys[i : i + step])) is not None
 
 
+def server_keys(url: str, keys: list[int], bb: int = BB) -> list[bytes]:
+    """The names the remote tier keeps these blocks under on the server."""
+    from kvactors.media.remote import RemoteStore
+
+    names = RemoteStore("remote", bb, url=url)
+    try:
+        return [names.redis_key(k) for k in keys]
+    finally:
+        names.close()
+
+
 def drain(events: Any) -> list[kvactors.CacheEvent]:
     """The events published so far (the policy actor publishes as it handles)."""
     seen: list[kvactors.CacheEvent] = []
@@ -179,11 +190,9 @@ async def test_damaged_values_are_misses_for_the_cache(redis_server: LocalServer
         async with kvactors.open(config(remote)) as a:
             await store_all(a, keys)
         client = redis_server.client()
-        from kvactors.media.remote import RemoteStore
-
-        names = RemoteStore("remote", BB, url=redis_server.url)
-        client.set(names.redis_key(5), b"garbage")
-        client.set(names.redis_key(6), client.get(names.redis_key(6))[:100])
+        five, six = server_keys(redis_server.url, [5, 6])
+        client.set(five, b"garbage")
+        client.set(six, client.get(six)[:100])
         async with kvactors.open(config(remote)) as b:
             events: Any = await b.events()
             with events:
@@ -202,7 +211,7 @@ async def test_damaged_values_are_misses_for_the_cache(redis_server: LocalServer
                 assert sorted(k for e in seen if e.kind == "corrupted" for k in e.keys) == [5, 6]
                 assert not [e for e in seen if e.kind == "missing"]
                 # ... deleted from the server, so from now on they are missing.
-                assert client.exists(names.redis_key(5), names.redis_key(6)) == 0
+                assert client.exists(five, six) == 0
                 with pytest.raises(BlockNotFoundError):
                     await b.load(keys[5:7], torch.zeros(2, BB, dtype=torch.uint8))
                 stats = await settled(b)
@@ -211,7 +220,6 @@ async def test_damaged_values_are_misses_for_the_cache(redis_server: LocalServer
                     5,
                     6,
                 ]
-        names.close()
 
 
 async def test_a_damaged_value_read_into_a_cpu_slot_is_never_served(
@@ -227,13 +235,10 @@ async def test_a_damaged_value_read_into_a_cpu_slot_is_never_served(
         async with kvactors.open(config(remote)) as a:
             await store_all(a, keys)
         client = redis_server.client()
-        from kvactors.media.remote import RemoteStore
-
-        names = RemoteStore("remote", BB, url=redis_server.url)
-        value = bytearray(client.get(names.redis_key(2)))
+        (two,) = server_keys(redis_server.url, [2])
+        value = bytearray(client.get(two))
         value[-1] ^= 0x01  # the header is fine: the payload lands in the slot
-        client.set(names.redis_key(2), bytes(value))
-        names.close()
+        client.set(two, bytes(value))
         async with kvactors.open(config(remote, cpu_blocks=4)) as b:
             out = torch.full((4, BB), 9, dtype=torch.uint8)
             got = await b.load(keys, out, partial=True)
@@ -307,11 +312,8 @@ async def test_blocks_the_server_evicted_are_missing_not_corrupted() -> None:
                     chunk = keys[i : i + 4]
                     assert await a.store(chunk, block_bytes_for(chunk, bb, CPU)) is not None
             client = server.client()
-            from kvactors.media.remote import RemoteStore
-
-            names = RemoteStore("remote", bb, url=server.url)
-            absent = [k for k in keys if not client.exists(names.redis_key(k))]
-            names.close()
+            names = server_keys(server.url, keys, bb)
+            absent = [k for k, name in zip(keys, names) if not client.exists(name)]
             assert 0 < len(absent) < len(keys)
             async with kvactors.open(cfg) as b:
                 events: Any = await b.events()
@@ -348,11 +350,7 @@ async def test_a_partial_load_over_an_evicted_block_keeps_the_run_before_it(
     with anyio.fail_after(30):
         async with kvactors.open(config(remote)) as a:
             await store_all(a, keys)
-        from kvactors.media.remote import RemoteStore
-
-        names = RemoteStore("remote", BB, url=redis_server.url)
-        assert redis_server.client().delete(names.redis_key(3)) == 1
-        names.close()
+        assert redis_server.client().delete(*server_keys(redis_server.url, [3])) == 1
         async with kvactors.open(config(remote)) as b:
             out = torch.zeros(8, BB, dtype=torch.uint8)
             got = await b.load(keys, out, partial=True)
@@ -659,11 +657,7 @@ async def test_blocks_the_remote_tier_forgets_stay_on_the_server(
         async with kvactors.open(config(remote)) as a:
             await store_all(a, keys)
             assert (await a.stats()).policy.tiers["remote"].used <= 8
-        from kvactors.media.remote import RemoteStore
-
-        names = RemoteStore("remote", BB, url=redis_server.url)
-        assert redis_server.client().exists(*[names.redis_key(k) for k in keys]) == len(keys)
-        names.close()
+        assert redis_server.client().exists(*server_keys(redis_server.url, keys)) == len(keys)
         async with kvactors.open(config(remote)) as b:
             out = torch.zeros(4, BB, dtype=torch.uint8)
             assert (await b.load(keys[:4], out)).tiers == ["remote"] * 4
@@ -783,11 +777,7 @@ async def test_a_tracked_block_the_server_evicted_counts_in_lookup_until_read(
     with anyio.fail_after(30):
         async with kvactors.open(config(remote, cpu_blocks=16)) as kv:
             await store_all(kv, keys)  # 0-7 left CPU; the remote tier tracks them
-            from kvactors.media.remote import RemoteStore
-
-            names = RemoteStore("remote", BB, url=redis_server.url)
-            assert redis_server.client().delete(names.redis_key(0)) == 1
-            names.close()
+            assert redis_server.client().delete(*server_keys(redis_server.url, [0])) == 1
             assert (await kv.lookup([0, 1])).tiers == ["remote", "remote"]
             out = torch.zeros(2, BB, dtype=torch.uint8)
             assert (await kv.load([0, 1], out, partial=True)).tiers == []
