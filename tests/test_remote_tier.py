@@ -103,8 +103,11 @@ async def test_a_block_stored_by_one_engine_loads_in_another(
             assert (await c.lookup(keys)).hits == 0
 
 
-def test_store_in_process_a_load_in_process_b(redis_server: LocalServer) -> None:  # noqa: F811
-    """Two OS processes, each with its own cache, share blocks through one server."""
+def in_two_processes(url: str, first: int, write_policy: str) -> list[str]:
+    """Process A stores 40 blocks from key ``first`` on and closes; then process B,
+    with its own cache on the same server, loads them, all from the remote tier,
+    byte-exact. Each process's output: A prints how many blocks the remote tier had
+    stored before it closed and what closing wrote back, B ``exact 40``."""
     code = textwrap.dedent(
         f"""
         import sys, anyio, torch, kvactors
@@ -112,29 +115,40 @@ def test_store_in_process_a_load_in_process_b(redis_server: LocalServer) -> None
         from kvactors.config import Config, GPUConfig, RemoteConfig, TierConfig
         cfg = Config(block_bytes={BB}, gpu=GPUConfig(num_blocks=64, device="cpu"),
                      cpu=TierConfig(num_blocks=64), nvme=None,
-                     remote=RemoteConfig(url={redis_server.url!r}))
-        keys = list(range(1000, 1040))
+                     remote=RemoteConfig(url={url!r}, write_policy={write_policy!r}))
+        keys = list(range({first}, {first + 40}))
         want = block_bytes_for(keys, {BB}, torch.device("cpu"))
         async def main():
             with anyio.fail_after(60):
                 async with kvactors.open(cfg) as kv:
                     if sys.argv[1] == "store":
                         await kv.store(keys, want)
+                        print("stored", (await kv.stats()).remote.stored)
                     else:
                         out = torch.zeros_like(want)
                         got = await kv.load(keys, out)
                         assert set(got.tiers) == {{"remote"}}, got.tiers
                         assert torch.equal(out, want)
                         print("exact", len(keys))
+                if sys.argv[1] == "store":
+                    print("flushed", [(r.tier, r.written, r.failed, r.left, r.error)
+                                      for r in kv.flushed])
         anyio.run(main)
         """
     )
+    outs = []
     for role in ("store", "load"):
         done = subprocess.run(
             [sys.executable, "-c", code, role], capture_output=True, text=True, timeout=120
         )
         assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["exact", "40"]
+        outs.append(done.stdout.strip())
+    return outs
+
+
+def test_store_in_process_a_load_in_process_b(redis_server: LocalServer) -> None:  # noqa: F811
+    """Two OS processes, each with its own cache, share blocks through one server."""
+    assert in_two_processes(redis_server.url, 1000, "write_through")[1] == "exact 40"
 
 
 async def test_dead_server_leaves_local_tiers_serving_and_reconnects(
@@ -947,42 +961,8 @@ def test_on_demotion_blocks_still_local_are_written_back_at_close(
 ) -> None:
     """Under ``on_demotion`` process A stores blocks that never leave its CPU tier
     and closes: closing writes them back, so process B loads every one byte-exact."""
-    code = textwrap.dedent(
-        f"""
-        import sys, anyio, torch, kvactors
-        from kvactors.cli.demo import block_bytes_for
-        from kvactors.config import Config, GPUConfig, RemoteConfig, TierConfig
-        cfg = Config(block_bytes={BB}, gpu=GPUConfig(num_blocks=64, device="cpu"),
-                     cpu=TierConfig(num_blocks=64), nvme=None,
-                     remote=RemoteConfig(url={redis_server.url!r}, write_policy="on_demotion"))
-        keys = list(range(2000, 2040))
-        want = block_bytes_for(keys, {BB}, torch.device("cpu"))
-        async def main():
-            with anyio.fail_after(60):
-                async with kvactors.open(cfg) as kv:
-                    if sys.argv[1] == "store":
-                        await kv.store(keys, want)
-                        assert (await kv.stats()).remote.stored == 0  # all still in CPU
-                    else:
-                        out = torch.zeros_like(want)
-                        got = await kv.load(keys, out)
-                        assert set(got.tiers) == {{"remote"}}, got.tiers
-                        assert torch.equal(out, want)
-                        print("exact", len(keys))
-                if sys.argv[1] == "store":
-                    print("flushed", [(r.tier, r.written, r.failed, r.left, r.error)
-                                      for r in kv.flushed])
-        anyio.run(main)
-        """
-    )
-    outs = []
-    for role in ("store", "load"):
-        done = subprocess.run(
-            [sys.executable, "-c", code, role], capture_output=True, text=True, timeout=120
-        )
-        assert done.returncode == 0, done.stderr
-        outs.append(done.stdout.strip())
-    assert outs == ["flushed [('remote', 40, 0, 0, None)]", "exact 40"]
+    outs = in_two_processes(redis_server.url, 2000, "on_demotion")
+    assert outs == ["stored 0\nflushed [('remote', 40, 0, 0, None)]", "exact 40"]
 
 
 async def test_write_back_at_close_takes_blocks_from_cpu_and_nvme(
