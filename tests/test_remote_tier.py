@@ -51,6 +51,12 @@ async def store_all(kv: kvactors.KVCache, keys: list[int], step: int = 4) -> Non
         assert await kv.store(keys[i : i + step], data(keys[i : i + step])) is not None
 
 
+async def seed(cfg: Config, keys: list[int]) -> None:
+    """Store ``keys`` through a cache of its own, closed (so on the server) on return."""
+    async with kvactors.open(cfg) as kv:
+        await store_all(kv, keys)
+
+
 def server_keys(url: str, keys: list[int], bb: int = BB) -> list[bytes]:
     """The names the remote tier keeps these blocks under on the server."""
     from kvactors.media.remote import RemoteStore
@@ -80,8 +86,7 @@ async def test_a_block_stored_by_one_engine_loads_in_another(
     remote = RemoteConfig(url=redis_server.url, model="m1")
     keys = list(range(24))
     with anyio.fail_after(30):
-        async with kvactors.open(config(remote)) as a:
-            await store_all(a, keys)
+        await seed(config(remote), keys)
         async with kvactors.open(config(remote)) as b:
             found = await b.lookup(keys)
             assert found.hits == len(keys)
@@ -201,8 +206,7 @@ async def test_damaged_values_are_misses_for_the_cache(redis_server: LocalServer
     remote = RemoteConfig(url=redis_server.url)
     keys = list(range(8))
     with anyio.fail_after(30):
-        async with kvactors.open(config(remote)) as a:
-            await store_all(a, keys)
+        await seed(config(remote), keys)
         client = redis_server.client()
         five, six = server_keys(redis_server.url, [5, 6])
         client.set(five, b"garbage")
@@ -246,8 +250,7 @@ async def test_a_damaged_value_read_into_a_cpu_slot_is_never_served(
     remote = RemoteConfig(url=redis_server.url)
     keys = list(range(4))
     with anyio.fail_after(30):
-        async with kvactors.open(config(remote)) as a:
-            await store_all(a, keys)
+        await seed(config(remote), keys)
         client = redis_server.client()
         (two,) = server_keys(redis_server.url, [2])
         value = bytearray(client.get(two))
@@ -362,8 +365,7 @@ async def test_a_partial_load_over_an_evicted_block_keeps_the_run_before_it(
     remote = RemoteConfig(url=redis_server.url)
     keys = list(range(8))
     with anyio.fail_after(30):
-        async with kvactors.open(config(remote)) as a:
-            await store_all(a, keys)
+        await seed(config(remote), keys)
         assert redis_server.client().delete(*server_keys(redis_server.url, [3])) == 1
         async with kvactors.open(config(remote)) as b:
             out = torch.zeros(8, BB, dtype=torch.uint8)
@@ -440,8 +442,7 @@ async def test_a_remote_load_is_one_job_promoting_and_copying_out(
     remote = RemoteConfig(url=redis_server.url)
     keys = list(range(10))
     with anyio.fail_after(30):
-        async with kvactors.open(config(remote)) as a:
-            await store_all(a, keys)
+        await seed(config(remote), keys)
         async with kvactors.open(config(remote)) as b:
             out = torch.zeros(4, BB, dtype=torch.uint8)
             await b.load(keys[:4], out)  # now in CPU
@@ -461,8 +462,7 @@ async def test_a_remote_load_is_one_job_promoting_and_copying_out(
             assert stats.tiers["cpu"].transfers["cpu->tensor"].bytes == 4 * BB
             # Into slots of the GPU pool, in an order of their own.
             more = [12, 1, 10, 11]
-        async with kvactors.open(config(remote)) as a:
-            await store_all(a, [10, 11, 12])
+        await seed(config(remote), [10, 11, 12])
         async with kvactors.open(config(remote)) as b:
             await b.load([1], torch.zeros(1, BB, dtype=torch.uint8))
             slots = [40, 3, 17, 18]
@@ -575,8 +575,7 @@ async def test_the_thread_limit_bounds_the_calls_in_flight_to_the_server(
     remote = RemoteConfig(url=redis_server.url, namespace="limit", threads=threads)
     keys = list(range(48))
     with anyio.fail_after(60):
-        async with kvactors.open(config(remote, cpu_blocks=64)) as a:
-            await store_all(a, keys)
+        await seed(config(remote, cpu_blocks=64), keys)
         assert connections(redis_server) == 0
         async with kvactors.open(config(remote, cpu_blocks=64)) as b:
 
@@ -638,8 +637,7 @@ async def test_loads_ask_nothing_first_and_lookups_ask_in_one_batch(
     remote = RemoteConfig(url=redis_server.url)
     keys = list(range(12))
     with anyio.fail_after(30):
-        async with kvactors.open(config(remote)) as a:
-            await store_all(a, keys[:8])
+        await seed(config(remote), keys[:8])
         async with kvactors.open(config(remote)) as b:
             redis_server.client().config_resetstat()
             out = torch.zeros(4, BB, dtype=torch.uint8)
@@ -688,8 +686,7 @@ async def test_a_hung_server_blocks_no_event_loop_and_no_buffer_after_cancel(
     remote = RemoteConfig(url=redis_server.url, timeout=0.5, retry_after=0.2)
     keys = list(range(4))
     with anyio.fail_after(30):
-        async with kvactors.open(config(remote)) as a:
-            await store_all(a, keys)
+        await seed(config(remote), keys)
         async with kvactors.open(config(remote)) as b:
             assert redis_server.proc is not None
             redis_server.proc.send_signal(signal.SIGSTOP)
@@ -744,8 +741,7 @@ async def test_a_load_cancelled_while_its_read_lands_in_cpu_slots_leaves_no_pin(
     remote = RemoteConfig(url=redis_server.url, timeout=2.0)
     keys = list(range(8))
     with anyio.fail_after(30):
-        async with kvactors.open(config(remote)) as a:
-            await store_all(a, keys)
+        await seed(config(remote), keys)
         async with kvactors.open(config(remote)) as b:
             assert redis_server.proc is not None
             proc = redis_server.proc
@@ -832,8 +828,7 @@ async def test_prefetch_promotes_remote_blocks_to_cpu(redis_server: LocalServer)
     remote = RemoteConfig(url=redis_server.url)
     keys = list(range(6))
     with anyio.fail_after(30):
-        async with kvactors.open(config(remote)) as a:
-            await store_all(a, keys)
+        await seed(config(remote), keys)
         async with kvactors.open(config(remote)) as b:
             assert b.prefetch(keys)
             while (await b.stats()).policy.promoted < len(keys):
@@ -870,8 +865,7 @@ async def test_cluster_tier_loses_one_node_without_wrong_bytes(
     remote = RemoteConfig(url=None, nodes=redis_cluster.nodes, timeout=0.5, retry_after=5)
     keys = list(range(60))
     with anyio.fail_after(60):
-        async with kvactors.open(config(remote, cpu_blocks=64)) as a:
-            await store_all(a, keys)
+        await seed(config(remote, cpu_blocks=64), keys)
         async with kvactors.open(config(remote, cpu_blocks=64)) as b:
             assert (await b.lookup(keys)).hits == len(keys)
             redis_cluster.servers[2].kill()
