@@ -150,25 +150,36 @@ async def _replay(url: str, namespace: str, half: int, trace: str, requests: int
 
 
 def _sharing(url: str, trace: str, requests: int, cpu: int) -> dict[str, float]:
-    """Hit ratios of two engine processes, alone (own namespaces) and sharing one."""
+    """Hit ratios of two engine processes, alone (own namespaces) and sharing one.
+
+    The replay processes run in sessions of their own, so a terminal's Ctrl-C
+    reaches only this process, which then stops them (nothing else prints)."""
     tag = uuid.uuid4().hex[:8]
     out: dict[str, float] = {}
     for mode in ("alone", "shared"):
-        procs = []
-        for half in (0, 1):
-            ns = f"bench-{tag}-{mode}" + (f"-{half}" if mode == "alone" else "")
-            cmd = [sys.executable, "-c", _MAIN, "bench", "remote", "--json"]
-            cmd += ["--url", url, "--requests", str(requests), "--cpu-blocks", str(cpu)]
-            cmd += ["--worker", ns, str(half), trace, "x"]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
-        hits = keys = 0
-        for p in procs:
-            stdout, _ = p.communicate(timeout=600)
-            if p.returncode != 0:
-                raise RuntimeError(f"bench remote: a replay process failed ({p.returncode})")
-            result = json.loads(stdout.strip().splitlines()[-1])["summary"]
-            hits += result["hits"]
-            keys += result["keys"]
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            for half in (0, 1):
+                ns = f"bench-{tag}-{mode}" + (f"-{half}" if mode == "alone" else "")
+                cmd = [sys.executable, "-c", _MAIN, "bench", "remote", "--json"]
+                cmd += ["--url", url, "--requests", str(requests), "--cpu-blocks", str(cpu)]
+                cmd += ["--worker", ns, str(half), trace, "x"]
+                procs.append(
+                    subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+                )
+            hits = keys = 0
+            for p in procs:
+                stdout, _ = p.communicate(timeout=600)
+                if p.returncode != 0:
+                    raise RuntimeError(f"bench remote: a replay process failed ({p.returncode})")
+                result = json.loads(stdout.strip().splitlines()[-1])["summary"]
+                hits += result["hits"]
+                keys += result["keys"]
+        finally:
+            for p in procs:  # none outlives the bench (Ctrl-C, a failure, a timeout)
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
         out[mode] = hits / keys if keys else 0.0
     return out
 
