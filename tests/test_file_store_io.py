@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kvactors.errors import ConfigError, TransferError
-from kvactors.media import FileStore, MemoryPool, file_store, memory
+from kvactors.media import FileStore, MemoryPool, file_store
 from kvactors.media.file_plan import batches
 from kvactors.media.kvikio_io import _KvikioIO
 
@@ -273,38 +273,6 @@ def test_a_directory_reopens_only_with_its_stripes(tmp_path: Path) -> None:
         assert torch.equal(dst.data, src.data)
     finally:
         store.close()
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_large_host_copies_split_over_threads_move_the_same_bytes(
-    monkeypatch: pytest.MonkeyPatch, threads: int
-) -> None:
-    """From SPLIT_COPY_BYTES up, copy_rows splits the runs over a copy pool of
-    torch's thread count; every row lands where a plain gather/scatter puts it."""
-    monkeypatch.setattr(memory, "SPLIT_COPY_BYTES", 4 * BB)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    parts: list[int] = []
-    fan_out = memory._fan_out
-
-    def counting(executor: Any, fn: Any, chunks: list[Any]) -> Any:
-        parts.append(len(chunks))
-        return fan_out(executor, fn, chunks)
-
-    monkeypatch.setattr(memory, "_fan_out", counting)
-    rng = random.Random(threads)
-    src = pool(64, 3)
-    dst = MemoryPool("cpu", 80, BB, torch.device("cpu"))
-    src_ids = rng.sample(range(64), 40)
-    dst_ids = rng.sample(range(80), 40)
-    copier = memory.CopyPool()  # torch's thread count less the calling thread
-    try:
-        memory.copy_rows(src.data, src_ids, dst.data, dst_ids, copier)
-    finally:
-        copier.close()
-    assert parts == ([threads] if threads > 1 else [])  # 40 rows: 10 parts' worth
-    assert torch.equal(dst.data[dst_ids], src.data[src_ids])
-    untouched = sorted(set(range(80)) - set(dst_ids))
-    assert not dst.data[untouched].any()
 
 
 @pytest.mark.usefixtures("io_path")
