@@ -1,5 +1,5 @@
 """What the served-cache tests share: a small cache's config, filling and reading
-GPU-pool slots, and waiting until no handshake is in flight."""
+GPU-pool slots, waiting until no handshake is in flight, and the events so far."""
 
 from __future__ import annotations
 
@@ -34,6 +34,16 @@ def fill(kv: kvactors.KVCache, keys: list[int], slots: list[int]) -> None:
 
 def rows(kv: kvactors.KVCache, slots: list[int]) -> torch.Tensor:
     return kv.gpu_pool.rows(slots)
+
+
+def drain(events: Any) -> list[kvactors.CacheEvent]:
+    """The events published so far (the policy actor publishes as it handles)."""
+    seen: list[kvactors.CacheEvent] = []
+    while True:
+        try:
+            seen.append(events.receive_nowait())
+        except anyio.WouldBlock:
+            return seen
 
 
 async def settled(kv: kvactors.KVCache) -> kvactors.CacheStats:

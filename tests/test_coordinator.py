@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kvactors
-from _served import BB, CPU, fill, rows, settled, small_config
+from _served import BB, CPU, drain, fill, rows, settled, small_config
 from kvactors.cache import tier_actor, transfers
 from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config
@@ -66,13 +66,8 @@ async def test_store_demote_promote_and_load_back_byte_exact(kv: kvactors.KVCach
     stats = await settled(kv)
     assert (stats.policy.promoted, stats.policy.demoted) == (4, 16)  # 4 CPU victims written down
     assert stats.failed_loads == stats.failed_stores == 0
-    seen: list[kvactors.CacheEvent] = []
     with events:
-        while True:
-            try:
-                seen.append(events.receive_nowait())
-            except anyio.WouldBlock:
-                break
+        seen = drain(events)
     kinds = {e.kind for e in seen}
     assert {"stored", "removed", "demoted", "promoted"} <= kinds
     demoted = [k for e in seen if e.kind == "demoted" for k in e.keys]

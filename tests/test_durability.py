@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import kvactors
+from _served import drain
 from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
 from kvactors.errors import CacheLockedError, ConfigError, IntegrityError
@@ -132,12 +133,7 @@ async def test_damaged_block_files_are_misses_not_garbage(tmp_path: Path, damage
                 assert torch.equal(out[: len(good)], block_bytes_for(good, BB, CPU))
                 stats = await kv.stats()
                 assert stats.policy.corrupted == 1
-                seen = []
-                while True:
-                    try:
-                        seen.append(events.receive_nowait())
-                    except anyio.WouldBlock:
-                        break
+                seen = drain(events)
             assert any(e.kind == "corrupted" and e.keys == [victim] for e in seen)
         # The drop is durable too: a third open no longer lists the block.
         index = NVMeIndex(tmp_path, BB, 64, STRIPES)

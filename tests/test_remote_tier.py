@@ -20,7 +20,7 @@ import torch
 
 import kvactors
 from _redis import redis_cluster, redis_server, server_binary  # noqa: F401
-from _served import settled
+from _served import drain, settled
 from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
 from kvactors.errors import BlockNotFoundError, CacheLockedError
@@ -66,16 +66,6 @@ def server_keys(url: str, keys: list[int], bb: int = BB) -> list[bytes]:
         return [names.redis_key(k) for k in keys]
     finally:
         names.close()
-
-
-def drain(events: Any) -> list[kvactors.CacheEvent]:
-    """The events published so far (the policy actor publishes as it handles)."""
-    seen: list[kvactors.CacheEvent] = []
-    while True:
-        try:
-            seen.append(events.receive_nowait())
-        except anyio.WouldBlock:
-            return seen
 
 
 async def test_a_block_stored_by_one_engine_loads_in_another(

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kvactors
-from _served import BB, CPU, fill, rows, settled, small_config
+from _served import BB, CPU, drain, fill, rows, settled, small_config
 from kvactors.cache import transfers
 from kvactors.cli.demo import block_bytes_for
 from kvactors.cli.replay import replay
@@ -155,14 +155,12 @@ async def test_a_prefetch_is_not_an_access_of_the_tier_it_promotes_from() -> Non
                     await anyio.sleep(0.01)
                 await settled(kv)
                 await kv.store([6], [6])  # demotes 5 from CPU: one NVMe block leaves
-                removed = []
-                while True:
-                    try:
-                        event = events.receive_nowait()  # type: ignore[attr-defined]
-                    except anyio.WouldBlock:
-                        break
-                    if event.kind == "removed" and event.tier == "nvme":
-                        removed += event.keys
+                removed = [
+                    key
+                    for event in drain(events)
+                    if event.kind == "removed" and event.tier == "nvme"
+                    for key in event.keys
+                ]
             assert removed == [1, 0]
             assert (await kv.lookup([0])).tiers == ["cpu"]
 
@@ -181,12 +179,7 @@ async def _events_published(subscribe: bool) -> tuple[int, int]:
             stats = await settled(kv)
             if events is not None:
                 with events:  # type: ignore[attr-defined]
-                    while True:
-                        try:
-                            events.receive_nowait()  # type: ignore[attr-defined]
-                        except anyio.WouldBlock:
-                            break
-                        received += 1
+                    received = len(drain(events))
     return stats.policy.events_published, received
 
 

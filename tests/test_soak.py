@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 import kvactors
+from _served import drain
 from kvactors.cli.demo import block_bytes_for
 from kvactors.cli.soak import run_soak, settle
 from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
@@ -80,11 +81,6 @@ async def test_settle_waits_for_a_prefetch_still_dropping_a_corrupt_block() -> N
                     gate.set()
                 stats = await settle(kv)
                 assert stats.actors[0].in_hand == 0
-                seen = []
-                while True:
-                    try:
-                        seen.append(events.receive_nowait())
-                    except anyio.WouldBlock:
-                        break
+                seen = drain(events)
             assert any(e.kind == "corrupted" and e.tier == "nvme" and 0 in e.keys for e in seen)
             assert (await kv.lookup([0])).hits == 0
