@@ -188,6 +188,13 @@ async def bring_back(cache: PagedKVCache, out: SwappedOut) -> Allocation:
     return got
 
 
+async def flush(cache: PagedKVCache) -> None:
+    """Run and free an unrelated 32-token request: in a pool of 8 blocks of 4
+    tokens, every block it had cached is evicted (offloaded first where due)."""
+    await admit(cache, "x", toks(32, start=900))
+    cache.free("x")
+
+
 def toks(n: int, start: int = 0) -> list[int]:
     return list(range(start, start + n))
 
@@ -281,8 +288,7 @@ async def test_chunks_of_two_blocks() -> None:
     await admit(cache, "r", toks(19))  # blocks 0..4: chunks [0 1] [2 3], tail [4]
     out = await cache.swap_out("r")
     assert (store.calls[-1], out.stored_blocks) == (("store", 3), 3)
-    await admit(cache, "x", toks(32, start=900))  # evicts everything
-    cache.free("x")
+    await flush(cache)
     got = await bring_back(cache, out)
     assert (got.num_cached_tokens, got.num_loaded_tokens) == (19, 19)
     # x's blocks are stored as they make room (3 chunks), then pressure stores 1 more.
@@ -302,8 +308,7 @@ async def test_a_failed_load_leaves_the_tokens_to_compute() -> None:
     cache, store = setup(blocks=8)
     await admit(cache, "a", toks(12))
     out = await cache.swap_out("a")
-    await admit(cache, "x", toks(32, start=900))
-    cache.free("x")
+    await flush(cache)
     store.fail_load = True
     got = await bring_back(cache, out)  # computes all 12 tokens again
     assert (got.num_cached_tokens, got.num_loaded_tokens) == (0, 0)
@@ -335,8 +340,7 @@ async def test_cancelled_allocate_releases_its_blocks() -> None:
     cache, store = setup(blocks=8)
     await admit(cache, "a", toks(12))
     out = await cache.swap_out("a")
-    await admit(cache, "x", toks(32, start=900))
-    cache.free("x")
+    await flush(cache)
     free_before = cache.allocator.num_free_blocks()
     store.gate = anyio.Event()
     with anyio.fail_after(5):
@@ -424,8 +428,7 @@ async def test_without_an_offloader_evicted_blocks_are_recomputed() -> None:
     got = await bring_back(cache, out)
     assert (got.num_cached_tokens, got.num_loaded_tokens) == (12, 0)  # all still in the pool
     cache.free("a")
-    await admit(cache, "x", toks(32, start=900))
-    cache.free("x")
+    await flush(cache)
     got = await bring_back(cache, out)
     assert (got.num_cached_tokens, got.num_loaded_tokens) == (0, 0)
     check(cache, "a")
@@ -463,8 +466,7 @@ async def test_through_the_coordinator_with_cpu_and_nvme_tiers(tmp_path: Path) -
             cache.free("a")
             await admit(cache, "b", toks(8, start=100))  # pressure: a's tail goes out
             out = await cache.swap_out("b")
-            await admit(cache, "x", toks(32, start=900))  # evicts everything
-            cache.free("x")
+            await flush(cache)
             got = await admit(cache, "d", [*toks(20), 7])
             assert (got.num_cached_tokens, got.num_loaded_tokens) == (20, 20)
             got = await bring_back(cache, out)

@@ -262,10 +262,7 @@ class Executor:
                 continue
             at = dict(zip(store.dst_ids, store.src_ids))  # top-tier slot -> request position
             positions = [at[slot] for slot in through.src_ids]
-            if isinstance(side, torch.Tensor):
-                found[i] = Side("tensor", positions, None, side)
-            else:
-                found[i] = Side("gpu", [side[p] for p in positions], self.gpu, None)
+            found[i] = self._side(CALLER, positions, side, in_place=True)
         return found
 
     async def _overlapped(
@@ -333,15 +330,21 @@ class Executor:
 
     # -- one transfer -----------------------------------------------------------------
 
-    def _side(self, name: str, ids: list[int], side: Any) -> Side:
+    def _side(self, name: str, ids: list[int], side: Any, *, in_place: bool = False) -> Side:
+        """One end of a transfer: tier ``name``'s slots ``ids``, or the caller's
+        rows at positions ``ids``: the GPU-pool slots named there, or rows of the
+        caller's tensor, read or written in place where ``in_place`` (positions in
+        any order) or where ``ids`` are all its rows, else through a copy that
+        :meth:`_move` makes."""
         if name != CALLER:
             return Side(name, ids, self.tiers[name].medium, None)
         if side is None:  # move_bytes=False: nothing to bind
             return Side(CALLER, ids, None, None)
         if isinstance(side, torch.Tensor):
-            return Side("tensor", ids, None, side if ids == list(range(len(side))) else None)
+            whole = in_place or ids == list(range(len(side)))
+            return Side("tensor", ids, None, side if whole else None)
         # Slot ids of the GPU pool: the caller's positions ``ids`` name them.
-        slots = side if len(ids) == len(side) else [side[i] for i in ids]
+        slots = side if not in_place and len(ids) == len(side) else [side[i] for i in ids]
         return Side("gpu", slots, self.gpu, None)
 
     async def _move(
@@ -359,11 +362,8 @@ class Executor:
         out = None
         if then is not None:
             top = self._side(then.src, then.src_ids, side)
-            # Straight into the rows of the caller's tensor at those positions.
-            if isinstance(side, torch.Tensor):
-                out = Move(top, Side("tensor", then.dst_ids, None, side), then.keys)
-            else:
-                out = Move(top, self._side(CALLER, then.dst_ids, side), then.keys)
+            # Straight into the caller's rows at those positions.
+            out = Move(top, self._side(CALLER, then.dst_ids, side, in_place=True), then.keys)
         copy_back = False
         if src.name == "tensor" and src.rows is None:
             # Some rows of the caller's tensor: a copy of them, then positions 0..n-1.
