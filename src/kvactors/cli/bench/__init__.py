@@ -1,5 +1,6 @@
 """``kvactors bench``: speed benchmarks, one module per subcommand (a long one's
-parts in modules named after it, such as ``transfer_cold``).
+parts in modules named after it, such as ``transfer_cold``; a baseline two of
+them share in ``baseline``).
 
 Each module exposes ``add_arguments(parser)`` and ``run(args) -> Report`` and
 is registered in :data:`kvactors.cli.BENCHES`. A benchmark prints its figures

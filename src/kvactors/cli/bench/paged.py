@@ -34,6 +34,7 @@ import anyio
 import torch
 
 from kvactors.cli.arguments import positive_int
+from kvactors.cli.bench.baseline import HostRoundTrip, sync
 from kvactors.cli.report import GBPS, RATE, RATIO, Report, progress
 from kvactors.keys import Key
 from kvactors.paged import BlockAllocator, KVCacheConfig, Offloader, PagedKVCache
@@ -243,43 +244,32 @@ async def _round_trips(
     cache = PagedKVCache(config, offloader)
     for layer in cache.kv.layers:
         layer.copy_(torch.randn(layer.shape, dtype=torch.float32).to(layer.dtype))
-    nbytes = args.swap_blocks * config.block_size_bytes
-    src = torch.empty(nbytes, dtype=torch.uint8, device=cache.kv.device)
-    dst = torch.empty_like(src)
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cache.kv.device.type == "cuda")
-    cuda = cache.kv.device.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(cache.kv.device)
-
+    device = cache.kv.device
+    # Out to host memory and back, contiguous: the best a round trip through the
+    # offload tiers could do.
+    baseline = HostRoundTrip(args.swap_blocks * config.block_size_bytes, device)
     trips: list[float] = []
     copies: list[float] = []
     tokens = args.swap_blocks * args.block_size
     filler = list(range(10**6, 10**6 + config.num_gpu_blocks * args.block_size))
     # One more than asked: the first is a warm-up (first touches of every buffer), dropped.
     for rep in progress(range(repeat + 1), repeat + 1, "bench paged: round trip", enabled=show):
-        sync()
-        start = time.perf_counter()
-        host.copy_(src)  # out to host memory and back, contiguous: the best a
-        dst.copy_(host)  # round trip through the offload tiers could do
-        sync()
-        copies.append(time.perf_counter() - start)
+        copies.append(baseline())
         rid = f"r{rep}"
         prompt = [rep * 7919 + t for t in range(tokens)]  # new keys: nothing is stored yet
         await cache.allocate(rid, prompt)
-        sync()
+        sync(device)
         start = time.perf_counter()
         out = await cache.swap_out(rid)
-        sync()
+        sync(device)
         elapsed = time.perf_counter() - start
         # Evict the request's blocks without timing it, so swap_in loads them all.
         await cache.allocate("filler", filler)
         cache.allocator.free("filler", computed=False)
-        sync()
+        sync(device)
         start = time.perf_counter()
         back = await cache.swap_in(out)
-        sync()
+        sync(device)
         trips.append(elapsed + time.perf_counter() - start)
         if back.num_loaded_tokens != tokens or out.stored_blocks != args.swap_blocks:
             raise RuntimeError(  # pragma: no cover - a broken cache, not a slow one

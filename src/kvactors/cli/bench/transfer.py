@@ -51,6 +51,7 @@ import torch
 
 from kvactors.cli.arguments import positive_int
 from kvactors.cli.bench import work_directory
+from kvactors.cli.bench.baseline import sync
 from kvactors.cli.bench.transfer_cold import best_of, measure_cold
 from kvactors.cli.report import GBPS, RATIO, Report
 from kvactors.config import NVMeConfig
@@ -130,11 +131,6 @@ def _best(
     return best_of([(_timed(base), _timed(fn)) for _ in range(repeat)])
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _result(
     path: str,
     size: int,
@@ -201,19 +197,19 @@ def _measure_size(
 
     def gather() -> None:
         copy_rows(gpu.data, src_ids, cpu.data, dst_ids, copier)
-        _sync(device)
+        sync(device)
 
     def scatter() -> None:
         copy_rows(cpu.data, dst_ids, gpu.data, src_ids, copier)
-        _sync(device)
+        sync(device)
 
     def contiguous_down() -> None:
         flat_cpu.copy_(flat_gpu, non_blocking=True)
-        _sync(device)
+        sync(device)
 
     def contiguous_up() -> None:
         flat_gpu.copy_(flat_cpu, non_blocking=True)
-        _sync(device)
+        sync(device)
 
     label = "gpu" if device.type == "cuda" else "gpu pool (cpu)"
     down_goal = "cuda" if device.type == "cuda" else "memory"

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from kvactors.cli.arguments import positive_int
+from kvactors.cli.bench.baseline import HostRoundTrip, sync
 from kvactors.cli.report import GBPS, RATIO, Report, progress
 from kvactors.errors import ConfigError
 from kvactors.traces import TraceRequest, bundled_trace, load_trace
@@ -159,29 +160,17 @@ def copy_path(
     spec = GPUBlocks(ids, [blocks], [0])
     slots = list(range(blocks))
     nbytes = blocks * rows.row_bytes
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    baseline = HostRoundTrip(nbytes, device)
     copies: list[float] = []
     trips: list[float] = []
     gc.disable()
     try:
         for _ in progress(range(repeat + 1), repeat + 1, "bench vllm: copy path", enabled=show):
-            sync()
-            t = time.perf_counter()
-            host.copy_(src)
-            dst.copy_(host)
-            sync()
-            copies.append(time.perf_counter() - t)
+            copies.append(baseline())
             t = time.perf_counter()
             rows.gather(spec, pool, slots)
             rows.scatter(spec, pool, slots)
-            sync()
+            sync(device)
             trips.append(time.perf_counter() - t)
     finally:
         gc.enable()
