@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from _redis import server_binary
@@ -39,11 +40,15 @@ def alive(pid: int) -> bool:
     return True
 
 
-def test_ctrl_c_of_bench_remote_exits_130_and_stops_its_server() -> None:
-    binary = server_binary()
-    env = {**os.environ, "KVACTORS_REDIS_SERVER": binary}
+def ctrl_c(
+    argv: list[str], ready: Callable[[dict[int, bytes]], list[int]], within: float
+) -> tuple[subprocess.CompletedProcess[bytes], list[int]]:
+    """Run ``kvactors ARGV`` in a process group of its own; once ``ready`` finds
+    the processes to wait for among its children (``{pid: cmdline}``, at most
+    ``within`` seconds), let it run one second more and send the group SIGINT.
+    Returns how the command ended and the processes ``ready`` found."""
+    env = {**os.environ, "KVACTORS_REDIS_SERVER": server_binary()}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    argv = ["bench", "remote", "--sizes", "64", "--mib", "256", "--repeat", "50", "--json"]
     proc = subprocess.Popen(
         [sys.executable, "-c", MAIN, *argv],
         stdout=subprocess.PIPE,
@@ -51,64 +56,54 @@ def test_ctrl_c_of_bench_remote_exits_130_and_stops_its_server() -> None:
         env=env,
         start_new_session=True,
     )
+    found: list[int] = []
     try:
-        deadline = time.monotonic() + 60
-        server = None
-        while server is None and time.monotonic() < deadline and proc.poll() is None:
-            names = {c: Path(f"/proc/{c}/cmdline").read_bytes() for c in children(proc.pid)}
-            server = next((c for c, n in names.items() if b"server" in n), None)
+        deadline = time.monotonic() + within
+        while not found and time.monotonic() < deadline and proc.poll() is None:
+            found = ready({c: Path(f"/proc/{c}/cmdline").read_bytes() for c in children(proc.pid)})
             time.sleep(0.05)
-        assert server is not None, "the bench started no server"
-        time.sleep(1.0)  # into the rounds, talking to the server
+        assert found, f"kvactors {' '.join(argv)} started none of the processes looked for"
+        time.sleep(1.0)  # into the work, with them running
         os.killpg(proc.pid, signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, stderr.decode(errors="replace")[-2000:]
-    assert stdout == b""
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr), found
+
+
+def all_gone(pids: list[int]) -> bool:
+    """Whether every one of ``pids`` has exited within 10 seconds."""
     deadline = time.monotonic() + 10
-    while alive(server) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not alive(server)
+    return not any(alive(p) for p in pids)
+
+
+def test_ctrl_c_of_bench_remote_exits_130_and_stops_its_server() -> None:
+    argv = ["bench", "remote", "--sizes", "64", "--mib", "256", "--repeat", "50", "--json"]
+    done, server = ctrl_c(
+        argv, lambda names: [c for c, n in names.items() if b"server" in n][:1], 60
+    )
+    assert done.returncode == 130, done.stderr.decode(errors="replace")[-2000:]
+    assert done.stdout == b""
+    assert all_gone(server)
 
 
 def test_ctrl_c_in_bench_remotes_sharing_phase_is_quiet_and_stops_its_workers() -> None:
     # The sharing figure runs two replay processes; a Ctrl-C then reaches the
     # whole group. Exit 130, no traceback from any process, no worker left.
-    binary = server_binary()
-    env = {**os.environ, "KVACTORS_REDIS_SERVER": binary}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     argv = ["bench", "remote", "--sizes", "64", "--mib", "1", "--repeat", "1"]
     argv += ["--requests", "12000", "--json"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", MAIN, *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        start_new_session=True,
-    )
-    workers: list[int] = []
-    try:
-        deadline = time.monotonic() + 120
-        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            names = {c: Path(f"/proc/{c}/cmdline").read_bytes() for c in children(proc.pid)}
-            workers = [c for c, n in names.items() if b"--worker" in n]
-            time.sleep(0.05)
-        assert len(workers) == 2, "the bench started no replay workers"
-        time.sleep(1.0)  # the workers are replaying
-        os.killpg(proc.pid, signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    text = stderr.decode(errors="replace")
-    assert proc.returncode == 130, text[-2000:]
-    assert stdout == b""
+
+    def both_workers(names: dict[int, bytes]) -> list[int]:
+        workers = [c for c, n in names.items() if b"--worker" in n]
+        return workers if len(workers) == 2 else []
+
+    done, workers = ctrl_c(argv, both_workers, 120)
+    text = done.stderr.decode(errors="replace")
+    assert done.returncode == 130, text[-2000:]
+    assert done.stdout == b""
     assert "Traceback" not in text, text[-2000:]
-    deadline = time.monotonic() + 10
-    while any(alive(w) for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(alive(w) for w in workers)
+    assert all_gone(workers)
