@@ -5,21 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvactors.media import kvikio_available
+
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def _gds_available() -> bool:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libcuda.so.1")
-        import kvikio  # noqa: F401
-    except (OSError, ImportError):
-        return False
-    return True
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -33,6 +24,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(no_cuda)
         if "gds" in item.keywords:
             if has_gds is None:
-                has_gds = _gds_available()
+                has_gds = kvikio_available()
             if not has_gds:
                 item.add_marker(no_gds)
