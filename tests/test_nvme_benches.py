@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,34 +17,22 @@ from kvactors.media import MemoryPool
 from kvactors.media.file_store import DIRECT_ALIGN
 
 
-def run_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
-    assert main([*argv, "--json"]) == 0
+def summary_of(argv: str, directory: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """``kvactors ARGV --dir DIRECTORY --json``: it succeeds and prints one JSON
+    object; its ``summary``."""
+    assert main([*argv.split(), "--dir", str(directory), "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     value = json.loads(lines[0])
     assert isinstance(value, dict)
-    return value
+    summary = value["summary"]
+    assert isinstance(summary, dict)
+    return summary
 
 
 def test_bench_nvme_index_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = run_json(
-        [
-            "bench",
-            "nvme-index",
-            "--blocks",
-            "5000",
-            "--rounds",
-            "1",
-            "--durable-seconds",
-            "0.2",
-            "--dir",
-            str(tmp_path),
-        ],
-        capsys,
-    )
-    summary = out["summary"]
-    assert isinstance(summary, dict)
-    r = summary["results"]
+    argv = "bench nvme-index --blocks 5000 --rounds 1 --durable-seconds 0.2"
+    r = summary_of(argv, tmp_path, capsys)["results"]
     assert r["blocks"] == 5000
     assert r["compactions"] >= 1  # 5,000 rewrites of 5,000 live entries compact at least once
     assert r["most_log_per_live"] <= 2.0
@@ -54,23 +43,7 @@ def test_bench_nvme_index_small(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_bench_transfer_cold_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = run_json(
-        [
-            "bench",
-            "transfer",
-            "--sizes",
-            "64K",
-            "--mib",
-            "2",
-            "--repeat",
-            "3",
-            "--dir",
-            str(tmp_path),
-        ],
-        capsys,
-    )
-    summary = out["summary"]
-    assert isinstance(summary, dict)
+    summary = summary_of("bench transfer --sizes 64K --mib 2 --repeat 3", tmp_path, capsys)
     paths = [r["path"] for r in summary["results"]]
     cold = [r for r in summary["results"] if r["path"].endswith("(cold)")]
     assert len(cold) == 2, paths
