@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import kvactors
+from _docs import doc_block
 from kvactors import OffloadingManager
 from kvactors.cli import main
 from kvactors.errors import (
@@ -50,14 +51,6 @@ def small(**changes: Any) -> kvactors.Config:
     }
     base.update(changes)
     return kvactors.Config(**base)
-
-
-def doc_block(path: Path, lang: str, contains: str) -> str:
-    text = path.read_text()
-    for block in re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S):
-        if contains in block:
-            return str(block)
-    raise AssertionError(f"no {lang} block with {contains!r} in {path.name}")
 
 
 # --- docs/api.md: Configuration ------------------------------------------------

@@ -13,25 +13,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import kvactors
 from _redis import redis_server  # noqa: F401
+from _served import BB, small_config
 from kvactors.cache.metrics import CacheMetrics, serve_metrics
 from kvactors.cli.demo import block_bytes_for
-from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
+from kvactors.config import Config, GPUConfig, RemoteConfig, TierConfig
 from kvactors.errors import TierFailed
 from kvactors.media.local_server import LocalServer
 from kvactors.media.remote import RemoteStore
 
 pytestmark = pytest.mark.anyio
-
-BB = 4096
-
-
-def small_config() -> Config:
-    return Config(
-        block_bytes=BB,
-        gpu=GPUConfig(num_blocks=64, device="cpu"),
-        cpu=TierConfig(num_blocks=8),
-        nvme=NVMeConfig(num_blocks=64, backend="posix"),
-    )
 
 
 def _get(url: str) -> str:
