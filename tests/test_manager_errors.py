@@ -101,6 +101,34 @@ def test_both_cores_raise_the_same_constructor_errors(native: bool) -> None:
         OffloadingManager(4, block_size=16, policy=None, native=native)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="block_size"):
         OffloadingManager(4, block_size=0, native=native)
+    with pytest.raises(ConfigError, match="medium must be a str, got int"):
+        OffloadingManager(4, block_size=16, medium=3, native=native)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("native", CORES)
+@pytest.mark.parametrize("keys", [None, 7, 1.5])
+def test_keys_that_are_not_iterable_are_an_invalid_key_on_both_cores(
+    native: bool, keys: object
+) -> None:
+    mgr = OffloadingManager(4, block_size=16, native=native)
+    calls = {
+        "lookup": mgr.lookup,
+        "touch": mgr.touch,
+        "prepare_store": mgr.prepare_store,
+        "complete_store": mgr.complete_store,
+        "prepare_load": mgr.prepare_load,
+        "complete_load": mgr.complete_load,
+        "remove": mgr.remove,
+        "restore": mgr.restore,
+    }
+    kind = type(keys).__name__
+    for name, call in calls.items():
+        with pytest.raises(
+            InvalidKeyError, match=f"^{name}: keys must be an iterable of keys, got {kind}$"
+        ):
+            call(keys)
+    assert mgr.stats().lookups == 0
+    assert len(mgr) == 0
 
 
 @pytest.mark.skipif(not manager.NATIVE, reason="compiled core not built")

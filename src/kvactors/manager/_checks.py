@@ -24,12 +24,14 @@ any other policy (a name of :data:`kvactors.policy.POLICIES` or a
 calls back into the Python object."""
 
 
-def check_sizes(num_blocks: object, block_size: object) -> None:
+def check_sizes(num_blocks: object, block_size: object, medium: object = "CPU") -> None:
     """The same :class:`~kvactors.errors.ConfigError`, naming the field, on both cores."""
     if type(num_blocks) is not int or not 0 < num_blocks <= MAX_BLOCKS:
         raise ConfigError(f"num_blocks must be an int in 1..{MAX_BLOCKS}, got {num_blocks!r}")
     if type(block_size) is not int or block_size <= 0:
         raise ConfigError(f"block_size must be a positive int, got {block_size!r}")
+    if not isinstance(medium, str):
+        raise ConfigError(f"medium must be a str, got {type(medium).__name__}")
 
 
 def resolve_policy(policy: object) -> str | CachePolicy:

@@ -24,6 +24,7 @@ __all__ = [
     "check_victims",
     "is_none",
     "key_fault",
+    "key_tuple",
 ]
 
 KEY_TYPES = frozenset((int, bytes))
@@ -36,6 +37,17 @@ def key_fault(method: str, key: object, exc: Exception) -> NoReturn:
     raise InvalidKeyError(
         f"{method}: block key of type {kind} is not usable ({type(exc).__name__}: {exc})"
     ) from exc
+
+
+def key_tuple(method: str, keys: Iterable[Any]) -> tuple[Any, ...]:
+    """A call's keys as a tuple; a ``keys`` that is not iterable (``None``, an
+    ``int``) raises the :class:`~kvactors.errors.InvalidKeyError` the compiled
+    core raises."""
+    try:
+        return tuple(keys)
+    except TypeError:
+        kind = type(keys).__name__
+        raise InvalidKeyError(f"{method}: keys must be an iterable of keys, got {kind}") from None
 
 
 def check_usable(get: Callable[[Any], object], method: str, keys: Iterable[Any]) -> None:

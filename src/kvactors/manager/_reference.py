@@ -23,6 +23,7 @@ from kvactors.manager._contract import (
     check_victims,
     is_none,
     key_fault,
+    key_tuple,
 )
 from kvactors.manager._restore import Restore
 from kvactors.manager._types import (
@@ -89,7 +90,7 @@ class OffloadingManager(Restore):
         medium: str = "CPU",
         native: bool | None = None,
     ) -> None:
-        check_sizes(num_blocks, block_size)
+        check_sizes(num_blocks, block_size, medium)
         resolved = resolve_policy(policy)
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -170,7 +171,7 @@ class OffloadingManager(Restore):
 
     def lookup(self, keys: Iterable[Key]) -> int:
         """How many leading ``keys`` are present and ready. Changes no order."""
-        keys = tuple(keys)
+        keys = key_tuple("lookup", keys)
         try:
             # The leading present keys (a block record is always truthy), in C ...
             hits = len(list(takewhile(self._get, keys)))
@@ -189,7 +190,7 @@ class OffloadingManager(Restore):
 
     def touch(self, keys: Iterable[Key]) -> None:
         """Mark ``keys`` used, the first key most recently. Absent keys are ignored."""
-        keys = list(keys)
+        keys = list(key_tuple("touch", keys))
         check_usable(self._get, "touch", keys)
         self._policy.touch(keys)
 
@@ -204,7 +205,7 @@ class OffloadingManager(Restore):
         (nothing changed) for a key that cannot be looked up, a new key that is
         not ``bytes``/``int``, or a new key named twice.
         """
-        keys = tuple(keys)
+        keys = key_tuple("prepare_store", keys)
         blocks = self._blocks("prepare_store", keys)
         to_store = list(compress(keys, map(is_none, blocks)))
         if not to_store:
@@ -259,7 +260,7 @@ class OffloadingManager(Restore):
         :class:`~kvactors.errors.BlockNotFoundError` (nothing changed) for an
         absent key.
         """
-        keys = tuple(keys)
+        keys = key_tuple("complete_store", keys)
         blocks = self._blocks("complete_store", keys)
         if None in blocks:
             missing = keys[blocks.index(None)]
@@ -297,7 +298,7 @@ class OffloadingManager(Restore):
         :class:`~kvactors.errors.BlockNotReadyError` naming the first key in
         that state; then no key is pinned.
         """
-        keys = tuple(keys)
+        keys = key_tuple("prepare_load", keys)
         blocks = self._blocks("prepare_load", keys)
         for key, block in zip(keys, blocks):
             if block is None:
@@ -316,7 +317,7 @@ class OffloadingManager(Restore):
         :class:`~kvactors.errors.BlockNotPinnedError` naming the key; then no key
         is unpinned (a key named twice but pinned once fails on its second unpin).
         """
-        keys = tuple(keys)
+        keys = key_tuple("complete_load", keys)
         blocks = self._blocks("complete_load", keys)
         unpinned: list[BlockStatus] = []
         for key, block in zip(keys, blocks):
@@ -340,7 +341,7 @@ class OffloadingManager(Restore):
         be looked up raises :class:`~kvactors.errors.InvalidKeyError`, nothing
         removed). Returns the keys removed; one ``removed`` event lists them.
         """
-        keys = tuple(keys)
+        keys = key_tuple("remove", keys)
         self._blocks("remove", keys)
         get = self._get
         removed: list[Key] = []

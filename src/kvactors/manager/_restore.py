@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from kvactors.errors import BlockStateError, InvalidKeyError
 from kvactors.keys import Key
-from kvactors.manager._contract import KEY_TYPES
+from kvactors.manager._contract import KEY_TYPES, key_tuple
 from kvactors.policy._base import BlockStatus, CachePolicy
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class Restore:
         """
         if len(self._policy) or self._next_fresh or self._free_list:
             raise BlockStateError(f"restore: the {self.medium} manager is not empty")
-        pairs = tuple(blocks)
+        pairs = key_tuple("restore", blocks)
         for k, pair in enumerate(pairs):
             if type(pair) not in (tuple, list) or len(pair) != 2:
                 raise InvalidKeyError(f"restore: item {k} is not a (key, slot id) pair: {pair!r}")
