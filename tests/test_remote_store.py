@@ -210,6 +210,37 @@ def test_reads_into_slots_verify_each_value_where_it_landed(
     assert torch.equal(again[0], rows[5])
 
 
+def test_ready_is_told_each_block_once_it_is_in_its_buffer_verified(
+    redis_server: LocalServer,  # noqa: F811
+    store: RemoteStore,
+) -> None:
+    """``ready(i)`` (how a promotion copies blocks out while the next arrive) is
+    called in the reading thread, in read order, for each delivered position only,
+    and at that moment ``bufs[i]`` already holds block ``keys[i]``'s exact bytes:
+    never for an absent or damaged value, in place or through the staging buffer."""
+    keys = list(range(1, 41))  # past one read window of 16 KiB values
+    rows = rows_for(keys)
+    store.write_from([], rows, keys)
+    c = redis_server.client()
+    flipped = bytearray(c.get(store.redis_key(7)))
+    flipped[-1] ^= 0x40  # header fine, payload damaged: lands in place, then fails
+    _damage(redis_server, store, 7, bytes(flipped))
+    _damage(redis_server, store, 20, b"garbage")
+    c.delete(store.redis_key(33))
+    for in_place in (True, False):
+        out = torch.full_like(rows, 7)
+        seen: list[tuple[int, int, bool]] = []  # position, thread, bytes exact then
+
+        def ready(i: int, out: torch.Tensor = out, seen: list[Any] = seen) -> None:
+            seen.append((i, threading.get_ident(), torch.equal(out[i], rows[i])))
+
+        absent, refused = store.fetch(keys, _views(out), in_place=in_place, ready=ready)
+        assert (absent, refused) == ([32], [6, 19])
+        assert [i for i, _, _ in seen] == [i for i in range(len(keys)) if i not in (6, 19, 32)]
+        assert {t for _, t, _ in seen} == {threading.get_ident()}
+        assert all(exact for _, _, exact in seen)
+
+
 def test_namespaces_and_models_do_not_see_each_other(redis_server: LocalServer) -> None:  # noqa: F811
     a = RemoteStore("remote", BB, url=redis_server.url, model="llama-8b")
     b = RemoteStore("remote", BB, url=redis_server.url, model="llama-70b")

@@ -766,6 +766,106 @@ async def test_a_load_cancelled_while_its_read_lands_in_cpu_slots_leaves_no_pin(
             await settled(b)
 
 
+def big(keys: list[int]) -> torch.Tensor:
+    return block_bytes_for(keys, BIG, CPU).clone()
+
+
+async def test_a_large_remote_load_copies_blocks_out_while_the_next_arrive(
+    redis_server: LocalServer,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A load of at least twice ``STREAM_COPY_BYTES`` from the server copies its
+    blocks out to the caller's rows as they arrive (the promotion's read and the
+    copy out overlap): every row exact. A damaged value ends the run there: the
+    rows before it are exact, the rows from it on (the blocks after it arrived
+    too) are never written, and those blocks stay promoted in CPU."""
+    from kvactors.cache import tier_actor
+
+    calls: list[int] = []
+    real = tier_actor._streamed
+
+    def spy(*args: Any) -> float:
+        calls.append(len(args[2]))
+        return real(*args)
+
+    monkeypatch.setattr(tier_actor, "_streamed", spy)
+    remote = RemoteConfig(url=redis_server.url)
+    keys = list(range(16))  # 4 MiB
+    with anyio.fail_after(30):
+        async with kvactors.open(big_config(remote)) as a:
+            for i in range(0, 16, 8):
+                await a.store(keys[i : i + 8], big(keys[i : i + 8]))
+        async with kvactors.open(big_config(remote)) as b:
+            out = torch.full((16, BIG), 9, dtype=torch.uint8)
+            got = await b.load(keys, out)
+            assert got.tiers == ["remote"] * 16
+            assert torch.equal(out, big(keys))
+            assert calls == [16]
+            await settled(b)
+        client = redis_server.client()
+        from kvactors.media.remote import RemoteStore
+
+        names = RemoteStore("remote", BIG, url=redis_server.url)
+        value = bytearray(client.get(names.redis_key(9)))
+        value[-1] ^= 0x01  # lands in its slot, then fails its checksum
+        client.set(names.redis_key(9), bytes(value))
+        names.close()
+        async with kvactors.open(big_config(remote)) as b:
+            out = torch.full((16, BIG), 9, dtype=torch.uint8)
+            got = await b.load(keys, out, partial=True)
+            assert len(got.tiers) == 9
+            assert torch.equal(out[:9], big(keys[:9]))
+            assert bool((out[9:] == 9).all())
+            assert len(calls) == 2
+            stats = await settled(b)
+            assert stats.policy.tiers["cpu"].used == 15  # all but block 9 arrived, kept
+
+
+async def test_a_large_remote_load_cancelled_mid_read_writes_nothing_afterwards(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """The server stalls (SIGSTOP) in the middle of a 4 MiB load whose blocks are
+    copied out as they arrive, and answers again after the load was cancelled:
+    the call returns once the read and every copy out have ended, its rows are
+    not written afterwards, nothing stays pinned, and later loads are exact."""
+    remote = RemoteConfig(url=redis_server.url, timeout=2.0)
+    keys = list(range(16))
+    with anyio.fail_after(30):
+        async with kvactors.open(big_config(remote)) as a:
+            for i in range(0, 16, 8):
+                await a.store(keys[i : i + 8], big(keys[i : i + 8]))
+        async with kvactors.open(big_config(remote)) as b:
+            assert redis_server.proc is not None
+            proc = redis_server.proc
+            out = torch.zeros(16, BIG, dtype=torch.uint8)
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                async with anyio.create_task_group() as tg:
+
+                    async def resume() -> None:
+                        await anyio.sleep(0.3)
+                        proc.send_signal(signal.SIGCONT)
+
+                    tg.start_soon(resume)
+                    t0 = time.monotonic()
+                    with anyio.move_on_after(0.1):
+                        await b.load(keys, out, partial=True)
+                    took = time.monotonic() - t0
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            assert 0.25 < took < 2.0  # returned once the thread's work was over
+            snapshot = out.clone()
+            stats = await b.stats()
+            for tier in stats.policy.tiers.values():
+                assert tier.pinned == tier.being_written == 0
+            await anyio.sleep(0.2)
+            assert torch.equal(out, snapshot)
+            again = torch.zeros(16, BIG, dtype=torch.uint8)
+            await b.load(keys, again)
+            assert torch.equal(again, big(keys))
+            await settled(b)
+
+
 async def test_a_tracked_block_the_server_evicted_counts_in_lookup_until_read(
     redis_server: LocalServer,  # noqa: F811
 ) -> None:

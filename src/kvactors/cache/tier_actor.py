@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, wait
 from typing import Any
 
 from kvactors.actors import Actor, Threads
 from kvactors.cache.messages import Contains, Forget, JobReport, Move, TierRequest
 from kvactors.cache.results import OpStats, TierStats
-from kvactors.cache.transfers import Side, move
+from kvactors.cache.transfers import Side, _check, move
 from kvactors.errors import KVActorsError, TierFailed, TransferError
 from kvactors.keys import Key
-from kvactors.media import BlockMedium, CopyPool
+from kvactors.media import BlockMedium, CopyPool, copy_rows, row_buffers
 
 __all__ = ["TierActor"]
 
@@ -43,6 +44,70 @@ def _timed(fn: Callable[..., object], args: tuple[Any, ...]) -> float:
     wait for a worker thread."""
     t0 = time.perf_counter()
     fn(*args)
+    return time.perf_counter() - t0
+
+
+STREAM_COPY_BYTES = 1 * 2**20
+"""Blocks a promotion's load hands to the copy thread at once, about (a block
+larger goes alone), while the promotion reads the next (:func:`_streamed`)."""
+
+
+def _streamed(src: Side, dst: Side, keys: list[Key], then: Move, pool: CopyPool | None) -> float:
+    """Read ``keys`` from ``src`` into ``dst``'s host slots and copy those ``then``
+    loads out to its host rows as they arrive: once every block up to one has
+    arrived verified (the medium's ``ready``), they join the next copy job, one
+    of about :data:`STREAM_COPY_BYTES` on ``pool``'s thread, while the read
+    goes on; the blocks still pending when the read ends are copied here. A
+    block after one that was not delivered is never copied out (a partial load
+    leaves the caller's rows past its run as they were). Returns once every
+    copy has ended, also when the read raised (its error is re-raised then):
+    no row is written after it returned. Returns the seconds from the read's
+    end to the last copy's."""
+    assert src.medium is not None
+    assert dst.rows is not None
+    assert then.dst.rows is not None
+    assert pool is not None
+    slots, out = dst.rows, then.dst.rows
+    at = {slot: x for x, slot in enumerate(then.src.ids)}  # slot -> position in ``then``
+    per_job = max(1, STREAM_COPY_BYTES // src.medium.block_bytes)
+    pending: list[int] = []
+    jobs: list[Future[None]] = []
+
+    def copy(xs: list[int]) -> None:
+        copy_rows(slots, [then.src.ids[x] for x in xs], out, [then.dst.ids[x] for x in xs])
+
+    arrived = [False] * len(keys)
+    upto = [0]  # blocks 0 .. upto-1 of the read have all arrived
+
+    def ready(pos: int) -> None:
+        arrived[pos] = True
+        i = upto[0]
+        while i < len(keys) and arrived[i]:
+            x = at.get(dst.ids[i])
+            if x is not None:
+                pending.append(x)
+            i += 1
+        upto[0] = i
+        if len(pending) >= per_job:
+            xs = pending[:]
+            pending.clear()
+            executor = pool.executor()
+            if executor is None:  # the cache is closing: copy here
+                copy(xs)
+            else:
+                jobs.append(executor.submit(copy, xs))
+
+    read: Any = src.medium.read_slots  # type: ignore[attr-defined]
+    try:
+        bad: list[int] = read(src.ids, row_buffers(slots, dst.ids), keys, ready)
+        t0 = time.perf_counter()
+        if pending and not bad:
+            copy(pending)
+    finally:
+        wait(jobs)  # also when the read raised: no copy outlives this call
+    _check(src, bad, keys)
+    for job in jobs:
+        job.result()
     return time.perf_counter() - t0
 
 
@@ -109,6 +174,9 @@ class TierActor(Actor[TierRequest]):
         copy = [0.0]
 
         def both() -> None:
+            if self._streams(src, dst, then, len(keys)):
+                copy[0] = _streamed(src, dst, keys, then, self.copier)
+                return
             move(src, dst, keys, self.copier)
             t0 = time.perf_counter()
             move(then.src, then.dst, then.keys, self.copier)
@@ -118,6 +186,26 @@ class TierActor(Actor[TierRequest]):
         self._count(op, 0, -copy[0], jobs=0)
         self._count(f"{then.src.name}->{then.dst.name}", len(then.keys), copy[0])
         return report
+
+    def _streams(self, src: Side, dst: Side, then: Move, blocks: int) -> bool:
+        """Whether a promotion's load copies its blocks out as they arrive
+        (:func:`_streamed`): from a medium that says when each block is in,
+        verified (``read_slots`` with ``ready``: a remote store), into host
+        slots, out to host rows, at least twice :data:`STREAM_COPY_BYTES`, with
+        a copy thread to do it."""
+        s, d, out = src.medium, dst.rows, then.dst.rows
+        return (
+            getattr(s, "ready_reads", False)
+            and dst.medium is not None
+            and d is not None
+            and d.is_cpu
+            and then.src.rows is d
+            and out is not None
+            and out.is_cpu
+            and blocks * self.medium.block_bytes >= 2 * STREAM_COPY_BYTES
+            and self.copier is not None
+            and self.copier.executor() is not None
+        )
 
     def _inline(self, src: Side, dst: Side, blocks: int) -> bool:
         """Whether a transfer runs on the event loop: memory on the host at both

@@ -94,6 +94,9 @@ class RemoteStore:
     writes_any_buffer = True
     """Writes take any host buffer (no alignment, no lifetime past the call), so a
     store's write-through may send the request's own rows (see the executor)."""
+    ready_reads = True
+    """``read_slots`` takes ``ready``, told each block as it arrives verified, so a
+    promotion's load copies blocks out while the next arrive (see the tier actor)."""
 
     def __init__(
         self,
@@ -228,7 +231,12 @@ class RemoteStore:
         return sorted(absent + refused)
 
     def fetch(
-        self, keys: Sequence[Key], bufs: Sequence[memoryview], *, in_place: bool = False
+        self,
+        keys: Sequence[Key],
+        bufs: Sequence[memoryview],
+        *,
+        in_place: bool = False,
+        ready: Callable[[int], None] | None = None,
     ) -> tuple[list[int], list[int]]:
         """Read block ``keys[i]`` into ``bufs[i]``; return the positions ``absent``
         (never stored, evicted, expired, or on a node that is down) and those
@@ -243,13 +251,16 @@ class RemoteStore:
         ``in_place`` it is read straight into ``bufs[i]`` and checked there:
         the buffers of the positions returned then hold undefined bytes (for
         buffers nobody reads before this call returned, see :meth:`read_slots`).
+        ``ready(i)``, when given, is called in this thread as soon as
+        ``bufs[i]`` holds block ``keys[i]``, verified (with the reads of the
+        next values still going on): a position passed to it is delivered.
         """
         t0 = time.perf_counter()
         rkeys = [self.redis_key(k) for k in keys]
         status = [ABSENT] * len(rkeys)
 
         def execute(node: Node, batch: list[int]) -> list[Any]:
-            return self.io.get_batch(node, batch, rkeys, keys, bufs, in_place)
+            return self.io.get_batch(node, batch, rkeys, keys, bufs, in_place, ready)
 
         def result(pos: int, got: Any) -> None:
             status[pos] = got
@@ -316,22 +327,33 @@ class RemoteStore:
         return self._read(ids, bufs, keys, False)
 
     def read_slots(
-        self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None = None
+        self,
+        ids: list[int],
+        bufs: list[memoryview],
+        keys: list[Key] | None = None,
+        ready: Callable[[int], None] | None = None,
     ) -> list[int]:
         """:meth:`read_buffers` into buffers nobody reads until this call returned
         (slots of the reader's own, such as the CPU slots a promotion fills): each
         value lands there straight off the socket and is verified in place, with
         no staging copy; the buffer of a block not delivered holds undefined
-        bytes, and the error names it as for :meth:`read_buffers`."""
-        return self._read(ids, bufs, keys, True)
+        bytes, and the error names it as for :meth:`read_buffers`. ``ready(i)``
+        is called as soon as ``bufs[i]`` holds its block, verified (see
+        :meth:`fetch`), so the caller may copy it out while the next arrive."""
+        return self._read(ids, bufs, keys, True, ready)
 
     def _read(
-        self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None, in_place: bool
+        self,
+        ids: list[int],
+        bufs: list[memoryview],
+        keys: list[Key] | None,
+        in_place: bool,
+        ready: Callable[[int], None] | None = None,
     ) -> list[int]:
         del ids
         if keys is None:
             raise ConfigError("remote: reads name blocks by key")
-        absent, refused = self.fetch(keys, bufs, in_place=in_place)
+        absent, refused = self.fetch(keys, bufs, in_place=in_place, ready=ready)
         if absent or refused:
             gone = [keys[i] for i in absent]
             raise BlocksMissingError(

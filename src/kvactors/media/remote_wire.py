@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvactors.keys import Key
@@ -307,10 +307,13 @@ class RemoteIO:
         keys: Sequence[Key],
         bufs: Sequence[memoryview],
         in_place: bool,
+        ready: Callable[[int], None] | None = None,
     ) -> list[int]:
         """``GET`` the keys of ``batch`` from ``node`` in one pipeline; what each
-        delivered (:data:`HIT`, :data:`ABSENT`, :data:`REFUSED`). A pooled
-        connection the server closed (say, it restarted) is replaced once."""
+        delivered (:data:`HIT`, :data:`ABSENT`, :data:`REFUSED`). ``ready(pos)`` is
+        called as soon as position ``pos`` is in ``bufs[pos]``, verified, while
+        the next values are still on their way. A pooled connection the server
+        closed (say, it restarted) is replaced once, before any value arrived."""
         requests = [b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(rkeys[p]), rkeys[p]) for p in batch]
         window = read_window(self.fmt.block_bytes)
         pool = node.client.connection_pool
@@ -327,7 +330,10 @@ class RemoteIO:
                         # One more asked for as one is read: the server works on
                         # the next value meanwhile, and never queues the batch.
                         sock.sendall(requests[j + window])
-                    got.append(self.read_value(wire, keys[pos], bufs[pos], in_place))
+                    status = self.read_value(wire, keys[pos], bufs[pos], in_place)
+                    got.append(status)
+                    if status == HIT and ready is not None:
+                        ready(pos)
                 if not wire.idle:
                     raise ConnectionError("protocol error: more replies than commands")
                 return got
