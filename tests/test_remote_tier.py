@@ -766,16 +766,30 @@ async def test_a_load_cancelled_while_its_read_lands_in_cpu_slots_leaves_no_pin(
             await settled(b)
 
 
-def big(keys: list[int]) -> torch.Tensor:
-    return block_bytes_for(keys, BIG, CPU).clone()
+HUGE = 512 * 1024  # STREAM_BLOCK_BYTES: eight blocks are a 4 MiB load
+
+
+def huge(keys: list[int]) -> torch.Tensor:
+    return block_bytes_for(keys, HUGE, CPU).clone()
+
+
+def huge_config(remote: RemoteConfig) -> Config:
+    return Config(
+        block_bytes=HUGE,
+        gpu=GPUConfig(num_blocks=8, device="cpu"),
+        cpu=TierConfig(num_blocks=16),
+        nvme=None,
+        remote=remote,
+    )
 
 
 async def test_a_large_remote_load_copies_blocks_out_while_the_next_arrive(
     redis_server: LocalServer,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A load of at least twice ``STREAM_COPY_BYTES`` from the server copies its
-    blocks out to the caller's rows as they arrive (the promotion's read and the
+    """A load of at least twice ``STREAM_COPY_BYTES`` in blocks of at least
+    ``STREAM_BLOCK_BYTES`` from the server copies its blocks out to the caller's
+    rows as they arrive (the promotion's read and the
     copy out overlap): every row exact. A damaged value ends the run there: the
     rows before it are exact, the rows from it on (the blocks after it arrived
     too) are never written, and those blocks stay promoted in CPU."""
@@ -790,35 +804,45 @@ async def test_a_large_remote_load_copies_blocks_out_while_the_next_arrive(
 
     monkeypatch.setattr(tier_actor, "_streamed", spy)
     remote = RemoteConfig(url=redis_server.url)
-    keys = list(range(16))  # 4 MiB
+    keys = list(range(8))  # 4 MiB
     with anyio.fail_after(30):
-        async with kvactors.open(big_config(remote)) as a:
-            for i in range(0, 16, 8):
-                await a.store(keys[i : i + 8], big(keys[i : i + 8]))
-        async with kvactors.open(big_config(remote)) as b:
-            out = torch.full((16, BIG), 9, dtype=torch.uint8)
+        async with kvactors.open(huge_config(remote)) as a:
+            await a.store(keys, huge(keys))
+        async with kvactors.open(huge_config(remote)) as b:
+            out = torch.full((8, HUGE), 9, dtype=torch.uint8)
             got = await b.load(keys, out)
-            assert got.tiers == ["remote"] * 16
-            assert torch.equal(out, big(keys))
-            assert calls == [16]
+            assert got.tiers == ["remote"] * 8
+            assert torch.equal(out, huge(keys))
+            assert calls == [8]
             await settled(b)
         client = redis_server.client()
         from kvactors.media.remote import RemoteStore
 
-        names = RemoteStore("remote", BIG, url=redis_server.url)
-        value = bytearray(client.get(names.redis_key(9)))
+        names = RemoteStore("remote", HUGE, url=redis_server.url)
+        value = bytearray(client.get(names.redis_key(5)))
         value[-1] ^= 0x01  # lands in its slot, then fails its checksum
-        client.set(names.redis_key(9), bytes(value))
+        client.set(names.redis_key(5), bytes(value))
         names.close()
-        async with kvactors.open(big_config(remote)) as b:
-            out = torch.full((16, BIG), 9, dtype=torch.uint8)
+        async with kvactors.open(huge_config(remote)) as b:
+            out = torch.full((8, HUGE), 9, dtype=torch.uint8)
             got = await b.load(keys, out, partial=True)
-            assert len(got.tiers) == 9
-            assert torch.equal(out[:9], big(keys[:9]))
-            assert bool((out[9:] == 9).all())
+            assert len(got.tiers) == 5
+            assert torch.equal(out[:5], huge(keys[:5]))
+            assert bool((out[5:] == 9).all())
             assert len(calls) == 2
             stats = await settled(b)
-            assert stats.policy.tiers["cpu"].used == 15  # all but block 9 arrived, kept
+            assert stats.policy.tiers["cpu"].used == 7  # all but block 5 arrived, kept
+        # Smaller blocks (256 KiB) are read first and copied out after, as before.
+        small = list(range(100, 116))  # 4 MiB
+        async with kvactors.open(big_config(remote)) as a:
+            for i in range(0, 16, 8):
+                await a.store(small[i : i + 8], block_bytes_for(small[i : i + 8], BIG, CPU))
+        async with kvactors.open(big_config(remote)) as b:
+            out = torch.zeros(16, BIG, dtype=torch.uint8)
+            assert (await b.load(small, out)).tiers == ["remote"] * 16
+            assert torch.equal(out, block_bytes_for(small, BIG, CPU))
+            assert len(calls) == 2
+            await settled(b)
 
 
 async def test_a_large_remote_load_cancelled_mid_read_writes_nothing_afterwards(
@@ -829,15 +853,14 @@ async def test_a_large_remote_load_cancelled_mid_read_writes_nothing_afterwards(
     the call returns once the read and every copy out have ended, its rows are
     not written afterwards, nothing stays pinned, and later loads are exact."""
     remote = RemoteConfig(url=redis_server.url, timeout=2.0)
-    keys = list(range(16))
+    keys = list(range(8))
     with anyio.fail_after(30):
-        async with kvactors.open(big_config(remote)) as a:
-            for i in range(0, 16, 8):
-                await a.store(keys[i : i + 8], big(keys[i : i + 8]))
-        async with kvactors.open(big_config(remote)) as b:
+        async with kvactors.open(huge_config(remote)) as a:
+            await a.store(keys, huge(keys))
+        async with kvactors.open(huge_config(remote)) as b:
             assert redis_server.proc is not None
             proc = redis_server.proc
-            out = torch.zeros(16, BIG, dtype=torch.uint8)
+            out = torch.zeros(8, HUGE, dtype=torch.uint8)
             proc.send_signal(signal.SIGSTOP)
             try:
                 async with anyio.create_task_group() as tg:
@@ -860,9 +883,9 @@ async def test_a_large_remote_load_cancelled_mid_read_writes_nothing_afterwards(
                 assert tier.pinned == tier.being_written == 0
             await anyio.sleep(0.2)
             assert torch.equal(out, snapshot)
-            again = torch.zeros(16, BIG, dtype=torch.uint8)
+            again = torch.zeros(8, HUGE, dtype=torch.uint8)
             await b.load(keys, again)
-            assert torch.equal(again, big(keys))
+            assert torch.equal(again, huge(keys))
             await settled(b)
 
 
