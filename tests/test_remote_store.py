@@ -340,6 +340,43 @@ def test_hung_server_times_out(redis_server: LocalServer) -> None:  # noqa: F811
     s.close()
 
 
+def test_closed_connections_are_replaced_and_a_hung_read_is_not_sent_again(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """The server drops every client connection (``CLIENT KILL``): the next write
+    and the next read each succeed on a new connection, exact, with no error and
+    no node marked down. A read the server does not answer is not sent again
+    on a new connection: it fails after one ``timeout``."""
+    s = RemoteStore("remote", BB, url=redis_server.url, timeout=0.4, retry_after=0.2)
+    keys = list(range(6))
+    rows = rows_for(keys)
+    s.write_from([], rows, keys)
+    out = torch.zeros_like(rows)
+    assert s.read_into([], out, keys) == []
+    admin = redis_server.client()
+    for op in ("write", "read"):
+        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+        if op == "write":
+            s.write_from([], rows, keys)
+        else:
+            out.zero_()
+            assert s.read_into([], out, keys) == []
+            assert torch.equal(out, rows)
+        assert s.down == []
+    assert s.counters().node_failures == 0
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RemoteUnavailable):
+            s.fetch(keys, _views(out))
+        took = time.monotonic() - t0
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    assert 0.35 < took < 0.75  # one timeout (0.4 s), not two
+    s.close()
+
+
 def test_maxmemory_full_is_misses_not_errors() -> None:
     """allkeys-lru: the server evicts, older blocks miss, every hit is exact.
     noeviction: writes are refused (reported, not raised) and reads still work."""

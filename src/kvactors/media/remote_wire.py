@@ -18,7 +18,7 @@ from __future__ import annotations
 import ssl
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from kvactors.keys import Key
 from kvactors.media.remote_format import HEADER_BYTES, ValueFormat, encode_key
@@ -81,6 +81,8 @@ SEND_BUFFERS = 512
 """Buffers one gathered write carries at most (Linux takes up to 1024)."""
 
 HIT, ABSENT, REFUSED = 0, 1, 2  # what one GET delivered
+
+T = TypeVar("T")
 
 
 def send_all(sock: Any, chunks: list[Any]) -> None:
@@ -240,21 +242,37 @@ class RemoteIO:
         :data:`SEND_BYTES` of values per gathered write (:func:`send_all`), so the
         server stores the first while the next are checksummed. A connection the
         server closed (say, it restarted) is replaced once."""
+
+        def sets(conn: Any) -> list[Any]:
+            self._send_sets(conn._sock, batch, rkeys, keys, bufs, ttl_ms)
+            replies: list[Any] = []
+            for _ in batch:
+                try:
+                    replies.append(conn.read_response())
+                except self.response_error as exc:
+                    replies.append(exc)
+            return replies
+
+        # Writes go again on a new connection (a SET sent twice stores the same value).
+        return self._on_connection(node, sets, lambda exc: True)
+
+    def _on_connection(
+        self, node: Node, work: Callable[[Any], T], again: Callable[[BaseException], bool]
+    ) -> T:
+        """``work(conn)`` on a pooled connection of ``node``. A connection error or
+        time-out disconnects it (it may hold unread replies, so it is never
+        reused) and, where ``again(exc)`` says so, runs ``work`` once more on a
+        new one (a pooled connection the server closed: say, it restarted);
+        else, and the second time, it raises. Any other exception disconnects
+        it too and raises."""
         pool = node.client.connection_pool
         for attempt in (0, 1):
             conn = pool.get_connection()
             try:
-                self._send_sets(conn._sock, batch, rkeys, keys, bufs, ttl_ms)
-                replies: list[Any] = []
-                for _ in batch:
-                    try:
-                        replies.append(conn.read_response())
-                    except self.response_error as exc:
-                        replies.append(exc)
-                return replies
-            except self.errors:
+                return work(conn)
+            except self.errors as exc:
                 conn.disconnect()
-                if attempt:
+                if attempt or not again(exc):
                     raise
             except BaseException:
                 conn.disconnect()  # replies may be left unread on it: never reuse it
@@ -316,11 +334,11 @@ class RemoteIO:
         closed (say, it restarted) is replaced once, before any value arrived."""
         requests = [b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(rkeys[p]), rkeys[p]) for p in batch]
         window = read_window(self.fmt.block_bytes)
-        pool = node.client.connection_pool
         wire = self.local.wire
-        for attempt in (0, 1):
-            conn = pool.get_connection()
-            got: list[int] = []
+        got: list[int] = []
+
+        def gets(conn: Any) -> list[int]:
+            got.clear()
             try:
                 conn.send_packed_command([b"".join(requests[:window])], check_health=False)
                 sock = conn._sock
@@ -337,17 +355,14 @@ class RemoteIO:
                 if not wire.idle:
                     raise ConnectionError("protocol error: more replies than commands")
                 return got
-            except self.errors as exc:
-                conn.disconnect()
-                if attempt or got or isinstance(exc, self.timeouts):
-                    raise
-            except BaseException:
-                conn.disconnect()  # replies may be left unread on it: never reuse it
-                raise
             finally:
                 wire.sock = None
-                pool.release(conn)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        # Read again only before any value arrived, and never after a time-out
+        # (a hung server is not waited on twice).
+        return self._on_connection(
+            node, gets, lambda exc: not got and not isinstance(exc, self.timeouts)
+        )
 
     def read_value(self, wire: Wire, key: Key, buf: memoryview, in_place: bool) -> int:
         """Read one ``GET`` reply; its payload into ``buf`` if it is block ``key``'s,
