@@ -182,6 +182,14 @@ async def test_direct_io_needs_4096_byte_blocks(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("config", ["kv.toml", {"block_bytes": 64}, 0])
+async def test_open_of_anything_but_a_config_is_a_config_error(config: Any) -> None:
+    with anyio.fail_after(30), pytest.raises(ConfigError, match=r"expected a kvactors\.Config"):
+        async with kvactors.open(config):
+            pass
+
+
+@pytest.mark.anyio
 async def test_too_large_pool_raises_config_error_before_allocating() -> None:
     config = small(cpu=kvactors.TierConfig(num_blocks=2**31 - 1))
     config = config.replace(block_bytes=1 << 20)

@@ -87,9 +87,7 @@ def _field_types(cls: type[msgspec.Struct]) -> tuple[tuple[str, Any, tuple[type,
     fields = []
     for name, hint in typing.get_type_hints(cls, include_extras=True).items():
         members = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        structs = tuple(
-            m for m in members if isinstance(m, type) and issubclass(m, msgspec.Struct)
-        )
+        structs = tuple(m for m in members if isinstance(m, type) and issubclass(m, msgspec.Struct))
         fields.append((name, hint, structs, type(None) in members))
     return tuple(fields)
 
