@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from kvactors.config import _REMOTE_SCHEMES, MAX_THREADS
+from kvactors.config import _REMOTE_SCHEMES, MAX_BLOCKS, MAX_THREADS
 from kvactors.errors import ConfigError
 from kvactors.policy import POLICIES
 
@@ -225,5 +225,10 @@ def num_slots(total_bytes: int, row_bytes: int, world_size: int, key: str) -> in
         raise ConfigError(
             f"kv_connector_extra_config[{key!r}]: {total_bytes} bytes hold no block of "
             f"{row_bytes} bytes x {max(1, world_size)} workers"
+        )
+    if slots > MAX_BLOCKS:
+        raise ConfigError(
+            f"kv_connector_extra_config[{key!r}]: {total_bytes} bytes make {slots} blocks of "
+            f"{row_bytes} bytes x {max(1, world_size)} workers; a tier holds at most {MAX_BLOCKS}"
         )
     return slots
