@@ -336,6 +336,8 @@ BAD_SLOTS: list[Any] = [
     ["0", "1"],
     {0, 1},
     [True, False],
+    [torch.tensor(True), torch.tensor(False)],  # torch bools
+    [torch.tensor([0]), torch.tensor([1])],  # one-element vectors, not integers
     [0, 0],
     [0],
     [0, 1, 2],
