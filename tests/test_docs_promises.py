@@ -142,6 +142,14 @@ def test_wrong_values_made_directly_raise_config_error_naming_the_field(
         make()
 
 
+def test_replace_with_a_value_no_field_holds_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"^invalid config: block_bytes: "):
+        kvactors.Config().replace(block_bytes=object())
+    with pytest.raises(ConfigError, match="colour"):
+        kvactors.Config().replace(colour=1)
+    assert kvactors.Config().replace(nvme=None, block_bytes=4096).block_bytes == 4096
+
+
 def test_unknown_policy_name_in_config_is_typed() -> None:
     with pytest.raises(UnknownPolicyError, match=r"cpu\.policy.*lru"):
         kvactors.Config.from_dict({"cpu": {"policy": "mru"}})

@@ -433,7 +433,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied and validated."""
         data = msgspec.to_builtins(self)
-        data.update(msgspec.to_builtins(changes))
+        for name, value in changes.items():
+            try:
+                data[name] = msgspec.to_builtins(value)
+            except TypeError as exc:  # a value no config field can hold (an object)
+                raise ConfigError(f"invalid config: {name}: {exc}") from None
         return Config.from_dict(data)
 
 
