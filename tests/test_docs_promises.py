@@ -22,6 +22,7 @@ import kvactors
 from _docs import doc_block
 from kvactors import OffloadingManager
 from kvactors.cli import main
+from kvactors.config import MetricsConfig, RemoteConfig
 from kvactors.errors import (
     ActorClosed,
     BlockNotFoundError,
@@ -118,6 +119,37 @@ def test_an_empty_nvme_directory_is_an_error_not_the_working_directory() -> None
     assert kvactors.Config.from_dict({"gpu": {"device": "cuda:1"}}).gpu.device == "cuda:1"
 
 
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: kvactors.Config(write_mode="sometimes"), "write_mode"),
+        (lambda: kvactors.Config(move_bytes="yes"), "move_bytes"),
+        (lambda: kvactors.Config(cpu={"num_blocks": 4}), "cpu: expected TierConfig"),
+        (lambda: kvactors.Config(nvme={"num_blocks": 4}), "nvme: expected NVMeConfig or None"),
+        (lambda: kvactors.GPUConfig(device=3), "device"),
+        (lambda: kvactors.TierConfig(policy=["lru"]), "policy"),
+        (lambda: kvactors.NVMeConfig(directory=3), "directory"),
+        (lambda: kvactors.NVMeConfig(io="odirect"), "io"),
+        (lambda: RemoteConfig(cluster="yes"), "cluster"),
+        (lambda: MetricsConfig(host=3), "host"),
+    ],
+)
+def test_wrong_values_made_directly_raise_config_error_naming_the_field(
+    make: Any, field: str
+) -> None:
+    """docs/api.md: every wrong value raises ConfigError, also when the struct is made in Python."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(field)}"):
+        make()
+
+
+def test_replace_with_a_value_no_field_holds_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"^invalid config: block_bytes: "):
+        kvactors.Config().replace(block_bytes=object())
+    with pytest.raises(ConfigError, match="colour"):
+        kvactors.Config().replace(colour=1)
+    assert kvactors.Config().replace(nvme=None, block_bytes=4096).block_bytes == 4096
+
+
 def test_unknown_policy_name_in_config_is_typed() -> None:
     with pytest.raises(UnknownPolicyError, match=r"cpu\.policy.*lru"):
         kvactors.Config.from_dict({"cpu": {"policy": "mru"}})
@@ -134,6 +166,10 @@ def test_from_toml_bad_files_raise_config_error(tmp_path: Path) -> None:
         kvactors.Config.from_toml(tmp_path / "missing.toml")
     with pytest.raises(ConfigError):
         kvactors.Config.from_toml(tmp_path)  # a directory
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"model = '\xe9'\n")  # not UTF-8
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        kvactors.Config.from_toml(latin)
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("[cpu]\nnum_blocks = 4\nsize = 3\n")
     with pytest.raises(ConfigError, match="size"):
@@ -151,6 +187,14 @@ async def test_direct_io_needs_4096_byte_blocks(tmp_path: Path) -> None:
 
 
 # --- docs/api.md: open, calls, argument checks -------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("config", ["kv.toml", {"block_bytes": 64}, 0])
+async def test_open_of_anything_but_a_config_is_a_config_error(config: Any) -> None:
+    with anyio.fail_after(30), pytest.raises(ConfigError, match=r"expected a kvactors\.Config"):
+        async with kvactors.open(config):
+            pass
 
 
 @pytest.mark.anyio
@@ -300,6 +344,8 @@ BAD_SLOTS: list[Any] = [
     ["0", "1"],
     {0, 1},
     [True, False],
+    [torch.tensor(True), torch.tensor(False)],  # torch bools
+    [torch.tensor([0]), torch.tensor([1])],  # one-element vectors, not integers
     [0, 0],
     [0],
     [0, 1, 2],

@@ -13,7 +13,7 @@ import pytest
 from _docs import DOCS, code, doc_table, toml_value
 from kvactors.errors import ConfigError
 from kvactors.vllm import extra_config
-from kvactors.vllm.config import VLLM_KEYS, VLLMSettings, parse_settings
+from kvactors.vllm.config import VLLM_KEYS, VLLMSettings, num_slots, parse_settings
 
 VLLM_MD = DOCS / "vllm.md"
 # Defaults the table gives in words, not as a literal.
@@ -63,6 +63,9 @@ BAD = [
     ("remote_url", "127.0.0.1:6379"), ("remote_url", 5), ("remote_nodes", "h:1"),
     ("remote_nodes", ["no-port"]), ("remote_namespace", "a:b"), ("remote_namespace", ""),
     ("remote_model", ""), ("remote_timeout", 0), ("remote_timeout", "2"), ("remote_ttl", -1),
+    ("nvme_stripes", 1025), ("remote_url", "http://127.0.0.1:6379"),
+    ("remote_timeout", float("nan")), ("remote_timeout", float("inf")),
+    ("remote_ttl", float("nan")),
 ]  # fmt: skip
 
 
@@ -96,3 +99,14 @@ def test_vllms_own_keys_pass_through() -> None:
         canonical_layout=True,
     )
     assert config["blocks_per_chunk"] == 2
+
+
+def test_a_tier_size_too_small_or_too_large_is_a_config_error_naming_its_key() -> None:
+    """ "A tier size too small for one block raises ConfigError naming its key"; one of
+    more slots than a tier holds (2**31 - 1) names it too."""
+    assert num_slots(8 << 20, 1 << 20, 2, "cpu_bytes") == 4
+    with pytest.raises(ConfigError, match=r"'cpu_bytes'.*hold no block"):
+        num_slots(1 << 20, 1 << 20, 2, "cpu_bytes")
+    with pytest.raises(ConfigError, match=r"'nvme_bytes'.*at most 2147483647"):
+        num_slots(2**31 * 4096, 4096, 1, "nvme_bytes")
+    assert num_slots((2**31 - 1) * 4096, 4096, 1, "nvme_bytes") == 2**31 - 1

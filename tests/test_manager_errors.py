@@ -288,3 +288,17 @@ def test_restore_into_a_used_manager_is_refused(native: bool) -> None:
     _ready(mgr, [1])
     with pytest.raises(BlockStateError, match="not empty"):
         mgr.restore([(2, 1)])
+
+
+@pytest.mark.parametrize("native", CORES)
+@pytest.mark.parametrize("index", [None, [(1, 0)], "index"])
+def test_restore_index_of_something_else_is_the_same_error_on_both_cores(
+    native: bool, index: object
+) -> None:
+    mgr = OffloadingManager(4, block_size=16, native=native)
+    kind = type(index).__name__
+    with pytest.raises(
+        InvalidKeyError, match=f"^restore_index: expected an NVMeIndex, got {kind}$"
+    ):
+        mgr.restore_index(index)  # type: ignore[arg-type]
+    assert len(mgr) == 0

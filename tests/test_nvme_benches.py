@@ -42,6 +42,30 @@ def test_bench_nvme_index_small(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert list(tmp_path.iterdir()) == []  # its files are removed
 
 
+def test_bench_nvme_index_blocks_past_32_bit_slots_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["bench", "nvme-index", "--blocks", str(2**31)]) == 2
+    err = capsys.readouterr().err
+    assert "argument --blocks: must be in 1..2147483647, got 2147483648" in err
+    assert "Traceback" not in err
+
+
+def test_running_out_of_memory_is_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvactors.cli.bench import nvme_index
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(nvme_index, "measure", no_memory)
+    assert main(["bench", "nvme-index", "--blocks", "10", "--dir", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert out.err == "kvactors: error: out of memory (try smaller sizes)\n"
+    assert out.out == ""
+
+
 def test_bench_transfer_cold_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     summary = summary_of("bench transfer --sizes 64K --mib 2 --repeat 3", tmp_path, capsys)
     paths = [r["path"] for r in summary["results"]]

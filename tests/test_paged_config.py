@@ -7,9 +7,10 @@ import struct
 from typing import Any
 
 import pytest
+import torch
 
 from kvactors.errors import ConfigError, PagedCacheError
-from kvactors.paged import KVCacheConfig, hash_block, hash_blocks, hash_tail, root_key
+from kvactors.paged import KVCacheConfig, KVTensors, hash_block, hash_blocks, hash_tail, root_key
 
 BASE: dict[str, Any] = {
     "num_layers": 2,
@@ -58,6 +59,8 @@ def test_offload_block_packs_whole_blocks() -> None:
         ({"dtype": "torch.float16"}, "dtype"),
         ({"device": "tpu"}, "device"),
         ({"device": "cuda:x"}, "device"),
+        ({"device": 0}, "device"),
+        ({"namespace": 3}, "namespace"),
         ({"offload_block_bytes": 6000}, "block_size"),  # 4096 does not divide it
         ({"offload_block_bytes": 0}, "offload_block_bytes"),
         ({"watermark": 1.0}, "watermark"),
@@ -109,3 +112,9 @@ def test_root_covers_layout_and_namespace_only() -> None:
 def test_a_token_that_is_not_an_int64_is_refused(bad: Any) -> None:
     with pytest.raises(PagedCacheError, match="token id"):
         hash_block(bytes(32), [1, bad, 3, 4])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
+def test_kv_tensors_on_cuda_without_cuda_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"^device: 'cuda' asked for, but CUDA is not available"):
+        KVTensors(make(device="cuda"))

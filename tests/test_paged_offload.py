@@ -29,6 +29,7 @@ import kvactors
 from kvactors.config import Config, GPUConfig, NVMeConfig, TierConfig
 from kvactors.errors import (
     BlockNotFoundError,
+    ConfigError,
     OutOfBlocksError,
     PagedCacheError,
     TensorSpecError,
@@ -572,3 +573,20 @@ TestCacheLifecycles.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+async def test_a_cache_with_other_block_bytes_is_refused_as_offloader() -> None:
+    """docs/paged.md: the coordinator's KVCache block_bytes must equal config.offload_bytes."""
+    config = make_config(8)
+    tiers = Config(
+        block_bytes=2 * config.offload_bytes,
+        gpu=GPUConfig(num_blocks=1, device="cpu"),
+        cpu=TierConfig(num_blocks=6),
+        nvme=None,
+    )
+    with anyio.fail_after(30):
+        async with kvactors.open(tiers) as kv:
+            with pytest.raises(ConfigError, match=r"^block_bytes: the offloader's blocks are"):
+                PagedKVCache(config, kv)
+    with pytest.raises(ConfigError, match=r"^config: expected a KVCacheConfig, got dict"):
+        PagedKVCache({"num_layers": 1}, None)  # type: ignore[arg-type]

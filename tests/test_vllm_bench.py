@@ -64,3 +64,9 @@ def test_without_vllm_the_error_says_how_to_get_it(monkeypatch: pytest.MonkeyPat
     args = parse("--copy-layers", "2", "--copy-page", "1024", "--copy-blocks", "2", "--repeat", "1")
     with pytest.raises(EngineRunError, match=r"setup\.sh --test"):
         bench.run(args)
+
+
+def test_start_takes_its_default_of_zero_and_refuses_a_negative_line() -> None:
+    assert parse("--start", "0").start == 0
+    with pytest.raises(SystemExit):
+        parse("--start", "-1")

@@ -7,8 +7,11 @@ Every value is checked when the config is built or loaded; a wrong one raises
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
@@ -77,6 +80,35 @@ def _check_positive(obj: msgspec.Struct, *names: str) -> None:
             raise ConfigError(f"{name}: expected an int <= {bound}, got {value!r}")
 
 
+@functools.cache
+def _field_types(cls: type[msgspec.Struct]) -> tuple[tuple[str, Any, tuple[type, ...], bool], ...]:
+    """Per field: its name, type, the struct types it may hold and whether
+    ``None`` is allowed there."""
+    fields = []
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        members = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        structs = tuple(m for m in members if isinstance(m, type) and issubclass(m, msgspec.Struct))
+        fields.append((name, hint, structs, type(None) in members))
+    return tuple(fields)
+
+
+def _check_types(obj: msgspec.Struct) -> None:
+    # Direct construction (``Config(write_mode="nope")``, ``TierConfig(policy=3)``)
+    # checks no type: every field is checked here as decoding checks it, and a
+    # section must be its struct (or None where allowed), not a dict.
+    for name, hint, structs, optional in _field_types(type(obj)):
+        value = getattr(obj, name)
+        if structs:
+            if not isinstance(value, structs) and not (value is None and optional):
+                allowed = " or ".join([s.__name__ for s in structs] + ["None"] * optional)
+                raise ConfigError(f"{name}: expected {allowed}, got {type(value).__name__}")
+            continue
+        try:
+            msgspec.convert(value, hint)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{name}: {_field_message(exc)}") from None
+
+
 class TierSpec(Protocol):
     """What one tier of the chain below the GPU pool needs from its config entry.
 
@@ -106,6 +138,7 @@ class GPUConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_blocks", "threads")
+        _check_types(self)
 
 
 class TierConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -117,6 +150,7 @@ class TierConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_blocks", "threads")
+        _check_types(self)
 
     def open_medium(self, name: str, config: Config) -> BlockMedium:
         import torch
@@ -151,6 +185,7 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_blocks", "threads", "stripes")
+        _check_types(self)
         if self.directory is not None and not self.directory.strip():
             # An empty path would put the tier's files in the working directory.
             raise ConfigError("directory: empty; leave it out (None) for a temporary directory")
@@ -246,6 +281,7 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"{name}: expected seconds > 0, got {value!r}")
         if self.ttl is not None and not _seconds(self.ttl):
             raise ConfigError(f"ttl: expected seconds > 0 or none, got {self.ttl!r}")
+        _check_types(self)
         if self.url is None and not self.nodes:
             raise ConfigError("url: give url or nodes")
         if self.url is not None and not self.url.startswith(_REMOTE_SCHEMES):
@@ -294,6 +330,7 @@ class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         port = self.port
         if port is not None and (type(port) is not int or not 0 <= port <= 65535):
             raise ConfigError(f"port: expected a TCP port 0..65535 or none, got {port!r}")
+        _check_types(self)
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -345,6 +382,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             raise ConfigError(
                 f"inline_bytes: expected an int from 0 to {MAX_INLINE_BYTES} (4 MiB), got {value!r}"
             )
+        _check_types(self)
         for field, tier in self.chain():
             if tier.policy not in POLICIES:
                 known = ", ".join(sorted(POLICIES))
@@ -388,14 +426,18 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                 data = tomllib.load(fh)
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied and validated."""
         data = msgspec.to_builtins(self)
-        data.update(msgspec.to_builtins(changes))
+        for name, value in changes.items():
+            try:
+                data[name] = msgspec.to_builtins(value)
+            except TypeError as exc:  # a value no config field can hold (an object)
+                raise ConfigError(f"invalid config: {name}: {exc}") from None
         return Config.from_dict(data)
 
 

@@ -47,7 +47,12 @@ def _slot_ids(side: object, what: str) -> list[int]:
         )
     ids: list[int] = []
     for i in side:
-        if isinstance(i, bool) or (isinstance(i, torch.Tensor) and i.is_floating_point()):
+        if isinstance(i, bool) or (
+            # A torch integer is a 0-d tensor of an integer dtype: not a bool, a
+            # float, or a one-element vector (which operator.index would take).
+            isinstance(i, torch.Tensor)
+            and (i.dim() != 0 or i.dtype == torch.bool or i.is_floating_point() or i.is_complex())
+        ):
             raise TensorSpecError(f"{what}: slot ids must be integers, got {i!r}")
         try:
             ids.append(operator.index(i))

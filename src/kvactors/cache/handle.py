@@ -36,7 +36,7 @@ from kvactors.cache.results import (
 )
 from kvactors.cache.tier_actor import TierActor
 from kvactors.config import Config
-from kvactors.errors import ActorClosed, TensorSpecError
+from kvactors.errors import ActorClosed, ConfigError, TensorSpecError
 from kvactors.keys import Key
 from kvactors.media import BlockMedium, CopyPool, MemoryPool, open_media
 from kvactors.media.nvme_index import NVMeIndex
@@ -290,9 +290,13 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
     NVMe directory that cannot be created) raises
     :class:`~kvactors.errors.ActorStartError` or the medium's own typed error,
     with everything opened so far closed again. An error raised in the body
-    leaves the block as itself, not wrapped in an exception group.
+    leaves the block as itself, not wrapped in an exception group. Anything
+    but a :class:`~kvactors.Config` or ``None`` raises ``ConfigError``.
     """
-    config = config or Config()
+    if config is None:
+        config = Config()
+    elif not isinstance(config, Config):
+        raise ConfigError(f"open: expected a kvactors.Config or None, got {type(config).__name__}")
     gpu, media = open_media(config)
     copier = CopyPool()
     tiers: list[TierActor] = []

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command in ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
     0 on success, 2 for a usage error or a :class:`~kvactors.errors.KVActorsError`
-    (one line on stderr), 130 when interrupted.
+    (one line on stderr), 1 when memory runs out (one line), 130 when interrupted.
     """
     args_list = sys.argv[1:] if argv is None else argv
     parser = build_parser(args_list)
@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except MemoryError:
+        print("kvactors: error: out of memory (try smaller sizes)", file=sys.stderr)
+        return 1
     try:
         if args.json:
             print(report.to_json())

@@ -96,6 +96,16 @@ def positive_int(text: str) -> int:
     return _number(text, int, "an int", lambda v: v > 0, "positive")
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type of a start index: an int >= 0."""
+    return _number(text, int, "an int", lambda v: v >= 0, ">= 0")
+
+
+def block_count(text: str) -> int:
+    """argparse type of a tier's slot count: an int in 1..2**31-1 (slot ids are 32-bit)."""
+    return _number(text, int, "an int", lambda v: 0 < v <= 2**31 - 1, "in 1..2147483647")
+
+
 def positive_float(text: str) -> float:
     """argparse type of a duration or a multiple: a finite number > 0."""
     return _number(text, float, "a number", lambda v: 0 < v < float("inf"), "positive")

@@ -15,6 +15,7 @@ from kvactors._manager_core import ManagerCore
 from kvactors.keys import Key
 from kvactors.manager._checks import NATIVE_POLICIES
 from kvactors.manager._reference import OffloadingManager
+from kvactors.manager._restore import check_index
 from kvactors.manager._types import LoadStoreSpec, PrepareStoreOutput
 from kvactors.policy import make_policy
 from kvactors.policy._base import BlockStatus, CachePolicy
@@ -97,6 +98,7 @@ class NativeManager(OffloadingManager):
         return self._core.restore(blocks)
 
     def restore_index(self, index: NVMeIndex) -> int:
+        check_index(index)
         table = index.table
         if _IndexTable is None or not isinstance(table, _IndexTable):
             return super().restore_index(index)

@@ -19,7 +19,15 @@ from kvactors.policy._base import BlockStatus, CachePolicy
 if TYPE_CHECKING:
     from kvactors.media.nvme_index import NVMeIndex
 
-__all__ = ["Restore"]
+__all__ = ["Restore", "check_index"]
+
+
+def check_index(index: object) -> None:
+    """``index`` is an NVMe index (the same error on both cores otherwise)."""
+    from kvactors.media.nvme_index import NVMeIndex
+
+    if not isinstance(index, NVMeIndex):
+        raise InvalidKeyError(f"restore_index: expected an NVMeIndex, got {type(index).__name__}")
 
 
 class Restore:
@@ -86,4 +94,5 @@ class Restore:
         than keeping its own copy (a slot's key is copied out before the index
         changes its record); its answers stay the same.
         """
+        check_index(index)
         return len(self.restore((e.key, e.slot) for e in index.entries()))

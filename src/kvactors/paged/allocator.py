@@ -130,7 +130,13 @@ class BlockAllocator(OffloadPlanner):
         return PrefixMatch(min(len(tokens), r * self.block_size), keys)
 
     def _tokens(self, token_ids: Sequence[int], what: str) -> list[int]:
-        tokens = list(token_ids)
+        try:
+            tokens = list(token_ids)
+        except TypeError:
+            kind = type(token_ids).__name__
+            raise PagedCacheError(
+                f"{what}: token ids must be a sequence of ints, got {kind}"
+            ) from None
         if len(tokens) == 1 and type(tokens[0]) is int and -(2**63) <= tokens[0] < 2**63:
             return tokens  # one decoded token: the common case, checked without packing
         try:

@@ -75,8 +75,9 @@ class KVCacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         if self.dtype not in DTYPES:
             known = ", ".join(DTYPES)
             raise ConfigError(f"dtype: unsupported KV dtype {self.dtype!r}; supported: {known}")
-        if self.device not in ("auto", "cpu", "cuda") and not (
-            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        if not isinstance(self.device, str) or (
+            self.device not in ("auto", "cpu", "cuda")
+            and not (self.device.startswith("cuda:") and self.device[5:].isdigit())
         ):
             raise ConfigError(
                 f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
@@ -95,6 +96,8 @@ class KVCacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             or not 0 <= self.watermark < 1
         ):
             raise ConfigError(f"watermark: expected a fraction in [0, 1), got {self.watermark!r}")
+        if not isinstance(self.namespace, str):
+            raise ConfigError(f"namespace: expected a str, got {type(self.namespace).__name__}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -132,4 +135,6 @@ class KVCacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         """``device`` with ``"auto"`` resolved to CUDA when available, else the CPU."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device: {self.device!r} asked for, but CUDA is not available")
         return torch.device(self.device)

@@ -35,7 +35,7 @@ from typing import Protocol, runtime_checkable
 import msgspec
 import torch
 
-from kvactors.errors import KVActorsError
+from kvactors.errors import ConfigError, KVActorsError
 from kvactors.keys import Key
 from kvactors.paged.allocator import (
     AllocatorStats,
@@ -145,6 +145,16 @@ class PagedKVCache:
         kv: KVTensors | None = None,
         staging_bytes: int = 64 << 20,
     ) -> None:
+        if not isinstance(config, KVCacheConfig):
+            raise ConfigError(f"config: expected a KVCacheConfig, got {type(config).__name__}")
+        # An offloader that says its block size (the coordinator's KVCache, by
+        # its config) must take offload rows of exactly config.offload_bytes.
+        block_bytes = getattr(getattr(offloader, "config", None), "block_bytes", None)
+        if type(block_bytes) is int and block_bytes != config.offload_bytes:
+            raise ConfigError(
+                f"block_bytes: the offloader's blocks are {block_bytes} bytes, "
+                f"config.offload_bytes is {config.offload_bytes}"
+            )
         self.config = config
         self.offloader = offloader
         self.kv = kv if kv is not None else KVTensors(config)

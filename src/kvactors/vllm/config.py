@@ -7,9 +7,11 @@ worker process (each parses the same dict).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
+from kvactors.config import _REMOTE_SCHEMES, MAX_BLOCKS, MAX_THREADS
 from kvactors.errors import ConfigError
 from kvactors.policy import POLICIES
 
@@ -81,7 +83,13 @@ class VLLMSettings:
         return self.nvme_policy or self.policy
 
 
-def _int(extra: Mapping[str, Any], key: str, default: int | None, minimum: int) -> int:
+def _int(
+    extra: Mapping[str, Any],
+    key: str,
+    default: int | None,
+    minimum: int,
+    maximum: int | None = None,
+) -> int:
     value = extra.get(key, default)
     if value is None:
         raise ConfigError(f"kv_connector_extra_config[{key!r}] is required (bytes, an int > 0)")
@@ -95,6 +103,8 @@ def _int(extra: Mapping[str, Any], key: str, default: int | None, minimum: int) 
         ) from None
     if number < minimum:
         raise ConfigError(f"kv_connector_extra_config[{key!r}]: must be >= {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ConfigError(f"kv_connector_extra_config[{key!r}]: must be <= {maximum}, got {number}")
     return number
 
 
@@ -139,7 +149,7 @@ def parse_settings(extra: Mapping[str, Any]) -> VLLMSettings:
         nvme_policy=None if nvme_policy is None else _choice(extra, "nvme_policy", None, policies),
         write_mode=_choice(extra, "write_mode", "back", WRITE_MODES),
         nvme_backend=_choice(extra, "nvme_backend", "auto", ("auto", "posix", "kvikio")),
-        nvme_stripes=_int(extra, "nvme_stripes", 1, 1),
+        nvme_stripes=_int(extra, "nvme_stripes", 1, 1, MAX_THREADS),
         prefetch=prefetch,
     )
 
@@ -148,7 +158,12 @@ def _positive(extra: Mapping[str, Any], key: str, default: float | None) -> floa
     value = extra.get(key, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ConfigError(
             f"kv_connector_extra_config[{key!r}]: expected seconds > 0, got {value!r}"
         )
@@ -157,7 +172,7 @@ def _positive(extra: Mapping[str, Any], key: str, default: float | None) -> floa
 
 def _remote(extra: Mapping[str, Any]) -> dict[str, Any]:
     url = extra.get("remote_url")
-    if url is not None and (not isinstance(url, str) or "://" not in url):
+    if url is not None and (not isinstance(url, str) or not url.startswith(_REMOTE_SCHEMES)):
         raise ConfigError(
             f"kv_connector_extra_config['remote_url']: expected a redis://host:port URL, "
             f"got {url!r}"
@@ -210,5 +225,10 @@ def num_slots(total_bytes: int, row_bytes: int, world_size: int, key: str) -> in
         raise ConfigError(
             f"kv_connector_extra_config[{key!r}]: {total_bytes} bytes hold no block of "
             f"{row_bytes} bytes x {max(1, world_size)} workers"
+        )
+    if slots > MAX_BLOCKS:
+        raise ConfigError(
+            f"kv_connector_extra_config[{key!r}]: {total_bytes} bytes make {slots} blocks of "
+            f"{row_bytes} bytes x {max(1, world_size)} workers; a tier holds at most {MAX_BLOCKS}"
         )
     return slots

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvactors.cli.arguments import positive_float, positive_int
+from kvactors.cli.arguments import block_count, positive_float, positive_int
 from kvactors.cli.bench import work_directory
 from kvactors.cli.report import Report, progress
 from kvactors.keys import Key
@@ -52,7 +52,7 @@ GOAL_BLOCKS = 10_000_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--blocks", type=positive_int, default=1_000_000, help="slots of the tier")
+    parser.add_argument("--blocks", type=block_count, default=1_000_000, help="slots of the tier")
     parser.add_argument("--key-bytes", type=positive_int, default=32, help="bytes of each key")
     parser.add_argument("--batch", type=positive_int, default=64, help="records per append")
     parser.add_argument(

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from kvactors.cli.arguments import positive_int
+from kvactors.cli.arguments import non_negative_int, positive_int
 from kvactors.cli.bench.baseline import HostRoundTrip, sync
 from kvactors.cli.report import GBPS, RATIO, Report, progress
 from kvactors.errors import ConfigError
@@ -82,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("--copy-blocks", 32, "copy path: blocks gathered and scattered"),
         ("--repeat", 5, "copy path: interleaved runs, best kept"),
     ):
-        parser.add_argument(flag, type=positive_int, default=default, help=f"{what} ({default})")
+        kind = non_negative_int if flag == "--start" else positive_int
+        parser.add_argument(flag, type=kind, default=default, help=f"{what} ({default})")
     parser.add_argument(
         "--nvme-dir", default=None, help="directory of the NVMe tier (default: a temporary one)"
     )
