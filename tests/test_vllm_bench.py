@@ -4,6 +4,7 @@ engine runs themselves are exercised by test_vllm_engine.py's runs of the same r
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,13 @@ def test_start_takes_its_default_of_zero_and_refuses_a_negative_line() -> None:
     assert parse("--start", "0").start == 0
     with pytest.raises(SystemExit):
         parse("--start", "-1")
+
+
+def test_a_vllm_python_that_is_not_an_interpreter_is_one_typed_error(tmp_path: Path) -> None:
+    text = tmp_path / "not-python"
+    text.write_text("just text\n")
+    text.chmod(0o755)
+    args = parse("--vllm-python", str(text), "--copy-layers", "1", "--copy-page", "1024",
+                 "--copy-blocks", "1", "--repeat", "1")  # fmt: skip
+    with pytest.raises(EngineRunError, match="not-python"):
+        bench.run(args)

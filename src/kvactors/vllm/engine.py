@@ -65,15 +65,21 @@ def build_in_subprocess(python: str, directory: str | Path, **overrides: Any) ->
         "import json, sys; from kvactors.vllm.engine import build_tiny_llama; "
         "build_tiny_llama(sys.argv[1], **json.loads(sys.argv[2]))"
     )
-    proc = subprocess.run(
-        [python, "-c", code, str(directory), json.dumps(overrides)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    try:
+        proc = subprocess.run(
+            [python, "-c", code, str(directory), json.dumps(overrides)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    except OSError as exc:  # not an interpreter (not executable, wrong format)
+        raise EngineRunError(f"cannot run {python!r}: {exc.strerror}") from exc
     if proc.returncode != 0:
-        raise EngineRunError(f"building the model failed:\n{proc.stderr[-2000:]}")
+        raise EngineRunError(
+            f"building the model with {python!r} failed (exit {proc.returncode}):\n"
+            f"{proc.stderr[-2000:]}"
+        )
     return Path(directory)
 
 
@@ -109,6 +115,8 @@ def run_in_subprocess(
             )
         except subprocess.TimeoutExpired as exc:
             raise EngineRunError(f"vLLM run timed out after {timeout:.0f} s") from exc
+        except OSError as exc:
+            raise EngineRunError(f"cannot run {python!r}: {exc.strerror}") from exc
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = proc.stderr[-4000:]
