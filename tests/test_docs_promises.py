@@ -828,3 +828,22 @@ def test_architecture_md_names_the_tiers_and_the_chain_as_they_are() -> None:
     config = kvactors.Config(remote=remote)
     assert [name for name, _ in config.chain()] == ["cpu", "nvme", "remote"]
     assert [name for name, _ in kvactors.Config(nvme=None).chain()] == ["cpu"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("buffer", [0, 2])
+async def test_a_stream_that_falls_behind_loses_the_newest_events_counted(buffer: int) -> None:
+    """docs/api.md: publishing never waits for a reader; a stream more than
+    event_buffer events behind loses the newest ones, counted in events_dropped."""
+    with anyio.fail_after(30):
+        config = small().replace(event_buffer=buffer)
+        async with kvactors.open(config) as kv, await kv.events() as stream:
+            for k in range(5):
+                await kv.store([k], [k])  # nobody reads: no store waits
+            got = []
+            with anyio.move_on_after(0.2):
+                async for event in stream:
+                    got.append(event.keys)
+            stats = await kv.stats()
+    assert got == [[k] for k in range(buffer)]
+    assert stats.policy.events_dropped == 5 - buffer
