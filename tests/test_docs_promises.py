@@ -847,3 +847,32 @@ async def test_a_stream_that_falls_behind_loses_the_newest_events_counted(buffer
             stats = await kv.stats()
     assert got == [[k] for k in range(buffer)]
     assert stats.policy.events_dropped == 5 - buffer
+
+
+@pytest.mark.anyio
+async def test_gpu_pool_rows_and_write_rows_check_their_arguments() -> None:
+    """docs/api.md: kv.gpu_pool's rows(ids) / write_rows(ids, rows) take slot ids in
+    0..gpu.num_blocks-1 and (len(ids), block_bytes) uint8 rows; TensorSpecError otherwise."""
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            pool = kv.gpu_pool
+            before = pool.rows(range(8)).clone()
+            row = torch.ones((1, BB), dtype=torch.uint8)
+            bad_writes = [
+                ([8], row),
+                ([-1], row),
+                ([0.5], row),
+                ([0, 1], row),  # one row for two slots
+                ([0], torch.ones((1, BB - 1), dtype=torch.uint8)),
+                ([0], torch.ones((1, BB // 4), dtype=torch.int32)),
+                ([0], None),
+            ]
+            for ids, rows in bad_writes:
+                with pytest.raises(TensorSpecError, match=r"^write_rows: "):
+                    pool.write_rows(ids, rows)  # type: ignore[arg-type]
+            for ids in ([8], [-1], [True], None, {0}):
+                with pytest.raises(TensorSpecError, match=r"^rows: "):
+                    pool.rows(ids)  # type: ignore[arg-type]
+            assert torch.equal(pool.rows(range(8)), before)  # nothing written
+            pool.write_rows((3,), row)
+            assert torch.equal(pool.rows([3]), row)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from kvactors.errors import ConfigError
+from kvactors.errors import ConfigError, TensorSpecError
 from kvactors.keys import Key
 
 
@@ -221,8 +222,34 @@ class MemoryPool:
         if self.stream is not None:
             self.stream.synchronize()
 
+    def _slots(self, ids: object, what: str) -> list[int]:
+        """``ids`` checked: a list, tuple or range of ints in ``0..num_blocks-1``."""
+        if not isinstance(ids, (list, tuple, range)):
+            raise TensorSpecError(
+                f"{what}: slot ids must be a list, tuple or range, got {type(ids).__name__}"
+            )
+        checked: list[int] = []
+        for i in ids:
+            if isinstance(i, bool) or (isinstance(i, torch.Tensor) and i.dim() != 0):
+                raise TensorSpecError(f"{what}: slot ids must be integers, got {i!r}")
+            try:
+                slot = operator.index(i)
+            except TypeError:
+                raise TensorSpecError(f"{what}: slot ids must be integers, got {i!r}") from None
+            if not 0 <= slot < self.num_blocks:
+                raise TensorSpecError(
+                    f"{what}: {self.name} slot {slot} is out of range 0..{self.num_blocks - 1}"
+                )
+            checked.append(slot)
+        return checked
+
     def rows(self, ids: list[int]) -> torch.Tensor:
-        """A copy of slots ``ids`` as ``(n, block_bytes)``."""
+        """A copy of slots ``ids`` as ``(n, block_bytes)`` uint8. Raises
+        :class:`~kvactors.errors.TensorSpecError` for slot ids that are not
+        integers in ``0..num_blocks-1``."""
+        return self._rows(self._slots(ids, "rows"))
+
+    def _rows(self, ids: list[int]) -> torch.Tensor:
         out = torch.empty((len(ids), self.block_bytes), dtype=torch.uint8, device=self.device)
         with self._on_stream():
             copy_rows(self.data, ids, out, list(range(len(ids))))
@@ -230,7 +257,25 @@ class MemoryPool:
         return out
 
     def write_rows(self, ids: list[int], rows: torch.Tensor) -> None:
-        """Copy ``rows`` into slots ``ids`` (blocking until done)."""
+        """Copy ``rows``, a ``(len(ids), block_bytes)`` uint8 tensor, into slots
+        ``ids`` (blocking until done). Raises
+        :class:`~kvactors.errors.TensorSpecError` for bad slot ids or rows."""
+        slots = self._slots(ids, "write_rows")
+        want = (len(slots), self.block_bytes)
+        if (
+            not isinstance(rows, torch.Tensor)
+            or rows.dtype != torch.uint8
+            or tuple(rows.shape) != want
+        ):
+            got = (
+                f"shape {tuple(rows.shape)} of {rows.dtype}"
+                if isinstance(rows, torch.Tensor)
+                else type(rows).__name__
+            )
+            raise TensorSpecError(f"write_rows: rows must be a {want} uint8 tensor, got {got}")
+        self._write_rows(slots, rows)
+
+    def _write_rows(self, ids: list[int], rows: torch.Tensor) -> None:
         with self._on_stream():
             copy_rows(rows, list(range(len(ids))), self.data, ids)
         self._finish()
@@ -249,7 +294,7 @@ class MemoryPool:
         return row_buffers(self.data, ids)
 
     def write_from(self, ids: list[int], rows: torch.Tensor, keys: list[Key] | None = None) -> None:
-        self.write_rows(ids, rows)
+        self._write_rows(ids, rows)
 
     def tensor(self) -> torch.Tensor:
         return self.data
@@ -265,7 +310,7 @@ class MemoryPool:
     def read_buffers(
         self, ids: list[int], bufs: list[memoryview], keys: list[Key] | None = None
     ) -> list[int]:
-        rows = self.rows(ids).cpu()
+        rows = self._rows(ids).cpu()
         for buf, row in zip(bufs, row_buffers(rows, range(len(ids)))):
             buf[:] = row
         return []
@@ -276,7 +321,7 @@ class MemoryPool:
         rows = torch.empty((len(ids), self.block_bytes), dtype=torch.uint8)
         for buf, view in zip(row_buffers(rows, range(len(ids))), bufs):
             buf[:] = view
-        self.write_rows(ids, rows)
+        self._write_rows(ids, rows)
 
     def recovered(self) -> list[Any]:
         return []  # memory holds nothing across processes
