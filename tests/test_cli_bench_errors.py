@@ -3,6 +3,8 @@ stderr's last line, no traceback, nothing on stdout."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -55,3 +57,19 @@ def test_paged_config_resolves_a_missing_cuda_device_to_a_config_error(
     assert config("cuda:1").resolved_device() == torch.device("cuda:1")
     with pytest.raises(ConfigError, match="'cuda:2' asked for, but CUDA has 2 devices"):
         config("cuda:2").resolved_device()
+
+
+@pytest.mark.parametrize("value", ["65536", "100000"])
+def test_bench_nvme_index_refuses_keys_longer_than_the_index_records(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    last = refused(["bench", "nvme-index", "--blocks", "10", "--key-bytes", value], capsys)
+    assert last.endswith(f"error: argument --key-bytes: must be at most 65,535, got {value}")
+
+
+def test_bench_nvme_index_runs_with_the_longest_key(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "nvme-index", "--blocks", "8", "--key-bytes", "65535", "--rounds", "1",
+            "--durable-seconds", "0.01", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    out, _ = capsys.readouterr()
+    assert json.loads(out.splitlines()[-1])["summary"]["results"]["key_bytes"] == 65535
