@@ -132,9 +132,19 @@ class KVCacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         return math.ceil(self.watermark * self.num_gpu_blocks)
 
     def resolved_device(self) -> torch.device:
-        """``device`` with ``"auto"`` resolved to CUDA when available, else the CPU."""
+        """``device`` with ``"auto"`` resolved to CUDA when available, else the CPU.
+
+        Raises :class:`~kvactors.errors.ConfigError` for ``"cuda"`` / ``"cuda:N"``
+        when CUDA is not available, or when device ``N`` does not exist.
+        """
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device: {self.device!r} asked for, but CUDA is not available")
+        if self.device != "cpu":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device: {self.device!r} asked for, but CUDA is not available")
+            count = torch.cuda.device_count()
+            if self.device.startswith("cuda:") and int(self.device[5:]) >= count:
+                raise ConfigError(
+                    f"device: {self.device!r} asked for, but CUDA has {count} devices"
+                )
         return torch.device(self.device)

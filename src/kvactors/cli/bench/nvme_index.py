@@ -49,11 +49,18 @@ from kvactors.media.nvme_index import NVMeIndex
 TERABYTE_TIER = 67_108_864  # 4 TiB of 64 KiB blocks
 GOALS = {"reopen_s": 3.0, "ram_bytes_per_block": 100.0, "log_per_live": 2.0, "store_wait_ms": 50.0}
 GOAL_BLOCKS = 10_000_000
+MAX_KEY_BYTES = 65_535
+"""The longest key the index records (its records hold a key's length in 16 bits)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocks", type=block_count, default=1_000_000, help="slots of the tier")
-    parser.add_argument("--key-bytes", type=positive_int, default=32, help="bytes of each key")
+    parser.add_argument(
+        "--key-bytes",
+        type=_key_bytes,
+        default=32,
+        help=f"bytes of each key, at most {MAX_KEY_BYTES:,}",
+    )
     parser.add_argument("--batch", type=positive_int, default=64, help="records per append")
     parser.add_argument(
         "--rounds",
@@ -70,6 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="direct",
         help="how the reopen reads the table snapshot (default: the index's own)",
     )
+
+
+def _key_bytes(text: str) -> int:
+    """argparse type of ``--key-bytes``: 1 to :data:`MAX_KEY_BYTES`."""
+    n = positive_int(text)
+    if n > MAX_KEY_BYTES:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_KEY_BYTES:,}, got {text}")
+    return n
 
 
 def _rss() -> int:

@@ -304,6 +304,7 @@ async def _measure_round_trips(
 def run(args: argparse.Namespace) -> Report:
     """Run ``kvactors bench paged``; raises ConfigError for a bad layout or device."""
     show: bool | None = False if args.json else None
+    _kv_config(args).resolved_device()  # a bad layout or device fails before any run
     prompts = _workload(args)
     subjects = [("bare free list", _free_list_run(args, prompts)),
                 ("BlockAllocator", _allocator_run(args, prompts))]  # fmt: skip
