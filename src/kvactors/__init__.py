@@ -12,11 +12,11 @@ Folders are the layers, top to bottom (no import goes upward)::
                     placement (which block is in which tier of the chain; the plans),
                     tier actors (transfers on one medium), messages, transfers (the
                     one copy function), results, events, metrics
+    actors/         mailbox, typed messages, one-shot reply; ask / tell / try_tell
+    manager/        one tier's metadata: slots, ref counts, events (vLLM API)
     media/          bytes only: the BlockMedium protocol, memory pools (GPU pool, CPU
                     tier), the NVMe file store and its index, kvikio I/O, injected
                     faults, the remote (Valkey / Redis) store
-    actors/         mailbox, typed messages, one-shot reply; ask / tell / try_tell
-    manager/        one tier's metadata: slots, ref counts, events (vLLM API)
     policy/         eviction order only: lru, arc, weighted_lru, prefix_admit
     config.py, errors.py, keys.py, traces.py   shared by every layer
 
