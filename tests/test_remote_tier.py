@@ -720,6 +720,31 @@ async def test_a_hung_server_blocks_no_event_loop_and_no_buffer_after_cancel(
             assert torch.equal(again, data(keys))
 
 
+async def load_cancelled_while_stopped(
+    server: LocalServer, kv: kvactors.KVCache, keys: list[int], out: torch.Tensor
+) -> float:
+    """Stop the server (SIGSTOP), start ``kv.load(keys, out, partial=True)``, cancel
+    it after 0.1 s and let the server answer again at 0.3 s; the seconds the
+    cancelled call took to return."""
+    assert server.proc is not None
+    proc = server.proc
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def resume() -> None:
+                await anyio.sleep(0.3)
+                proc.send_signal(signal.SIGCONT)
+
+            tg.start_soon(resume)
+            t0 = time.monotonic()
+            with anyio.move_on_after(0.1):
+                await kv.load(keys, out, partial=True)
+            return time.monotonic() - t0
+    finally:
+        proc.send_signal(signal.SIGCONT)
+
+
 async def test_a_load_cancelled_while_its_read_lands_in_cpu_slots_leaves_no_pin(
     redis_server: LocalServer,  # noqa: F811
 ) -> None:
@@ -733,24 +758,8 @@ async def test_a_load_cancelled_while_its_read_lands_in_cpu_slots_leaves_no_pin(
     with anyio.fail_after(30):
         await seed(config(remote), keys)
         async with kvactors.open(config(remote)) as b:
-            assert redis_server.proc is not None
-            proc = redis_server.proc
             out = torch.zeros(8, BB, dtype=torch.uint8)
-            proc.send_signal(signal.SIGSTOP)
-            try:
-                async with anyio.create_task_group() as tg:
-
-                    async def resume() -> None:
-                        await anyio.sleep(0.3)
-                        proc.send_signal(signal.SIGCONT)
-
-                    tg.start_soon(resume)
-                    t0 = time.monotonic()
-                    with anyio.move_on_after(0.1):
-                        await b.load(keys, out, partial=True)
-                    took = time.monotonic() - t0
-            finally:
-                proc.send_signal(signal.SIGCONT)
+            took = await load_cancelled_while_stopped(redis_server, b, keys, out)
             assert 0.25 < took < 2.0  # returned once the thread's read was over
             snapshot = out.clone()
             stats = await b.stats()
@@ -858,24 +867,8 @@ async def test_a_large_remote_load_cancelled_mid_read_writes_nothing_afterwards(
         async with kvactors.open(huge_config(remote)) as a:
             await a.store(keys, huge(keys))
         async with kvactors.open(huge_config(remote)) as b:
-            assert redis_server.proc is not None
-            proc = redis_server.proc
             out = torch.zeros(8, HUGE, dtype=torch.uint8)
-            proc.send_signal(signal.SIGSTOP)
-            try:
-                async with anyio.create_task_group() as tg:
-
-                    async def resume() -> None:
-                        await anyio.sleep(0.3)
-                        proc.send_signal(signal.SIGCONT)
-
-                    tg.start_soon(resume)
-                    t0 = time.monotonic()
-                    with anyio.move_on_after(0.1):
-                        await b.load(keys, out, partial=True)
-                    took = time.monotonic() - t0
-            finally:
-                proc.send_signal(signal.SIGCONT)
+            took = await load_cancelled_while_stopped(redis_server, b, keys, out)
             assert 0.25 < took < 2.0  # returned once the thread's work was over
             snapshot = out.clone()
             stats = await b.stats()
