@@ -876,3 +876,34 @@ async def test_gpu_pool_rows_and_write_rows_check_their_arguments() -> None:
             assert torch.equal(pool.rows(range(8)), before)  # nothing written
             pool.write_rows((3,), row)
             assert torch.equal(pool.rows([3]), row)
+
+
+@pytest.mark.anyio
+async def test_a_key_too_long_for_the_nvme_index_stays_in_cpu_and_is_dropped_on_eviction(
+    tmp_path: Path,
+) -> None:
+    # docs/api.md: keys over the NVMe index's 65,535 bytes are CPU-only, never durable.
+    cfg = kvactors.Config(
+        block_bytes=4096,
+        write_mode="write_through",
+        gpu=kvactors.GPUConfig(num_blocks=4, device="cpu"),
+        cpu=kvactors.TierConfig(num_blocks=2),
+        nvme=kvactors.NVMeConfig(num_blocks=16, directory=str(tmp_path / "kv")),
+    )
+    long_key, short_key = b"k" * 70_000, b"s" * 60_000
+    with anyio.fail_after(30):
+        async with kvactors.open(cfg) as kv:
+            first = await kv.store([long_key], [0])
+            second = await kv.store([short_key], [0])
+            assert first is not None
+            assert first.stored == 1
+            assert first.durable == []
+            assert second is not None
+            assert second.durable == [short_key]
+            assert (await kv.lookup([long_key])).tiers == ["cpu"]
+            for i in range(4):  # evict both from the two CPU slots
+                await kv.store([i], [1])
+            stats = await kv.stats()
+            assert stats.policy.demotions_lost >= 1
+            assert (await kv.lookup([long_key])).hits == 0
+            assert (await kv.lookup([short_key])).tiers == ["nvme"]
