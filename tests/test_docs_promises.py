@@ -890,7 +890,7 @@ async def test_a_key_too_long_for_the_nvme_index_stays_in_cpu_and_is_dropped_on_
         cpu=kvactors.TierConfig(num_blocks=2),
         nvme=kvactors.NVMeConfig(num_blocks=16, directory=str(tmp_path / "kv")),
     )
-    long_key, short_key = b"k" * 70_000, b"s" * 60_000
+    long_key, short_key = b"k" * 65_536, b"s" * 65_535
     with anyio.fail_after(30):
         async with kvactors.open(cfg) as kv:
             first = await kv.store([long_key], [0])
