@@ -11,6 +11,7 @@ import torch
 from kvactors.cli import main
 from kvactors.cli.bench import paged as bench_paged
 from kvactors.errors import ConfigError
+from kvactors.media import resolve_device
 from kvactors.paged import KVCacheConfig
 
 
@@ -73,3 +74,15 @@ def test_bench_nvme_index_runs_with_the_longest_key(capsys: pytest.CaptureFixtur
     assert main(argv) == 0
     out, _ = capsys.readouterr()
     assert json.loads(out.splitlines()[-1])["summary"]["results"]["key_bytes"] == 65535
+
+
+def test_a_cache_on_a_cuda_device_past_the_count_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(
+        ConfigError, match=r"^gpu.device: 'cuda:1' asked for, but CUDA has 1 devices"
+    ):
+        resolve_device("cuda:1")

@@ -9,8 +9,13 @@ import ast
 import re
 from pathlib import Path
 
+import anyio
+import pytest
+
 import kvactors
 from _docs import DOCS, ROOT
+from kvactors import Config, GPUConfig, LoadResult, NVMeConfig, TierConfig
+from kvactors.cache.results import CacheStats
 from kvactors.cli import BENCHES
 
 PACKAGE = ROOT / "src" / "kvactors"
@@ -103,3 +108,45 @@ def test_the_package_docstring_lists_the_folders_in_the_map_order() -> None:
     doc = kvactors.__doc__ or ""
     listed = re.findall(r"^    (\w+)/ ", doc, flags=re.M)
     assert listed == FOLDERS
+
+
+def tiers(cpu_blocks: int) -> Config:
+    return Config(
+        block_bytes=4096,
+        gpu=GPUConfig(num_blocks=8, device="cpu"),
+        cpu=TierConfig(num_blocks=cpu_blocks),
+        nvme=NVMeConfig(num_blocks=16),
+    )
+
+
+def jobs(stats: CacheStats) -> dict[str, dict[str, int]]:
+    return {name: {pair: op.jobs for pair, op in tier.transfers.items()}
+            for name, tier in stats.tiers.items()}  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_a_promotion_and_the_load_out_of_it_run_as_one_job_of_the_nvme_tier() -> None:
+    with anyio.fail_after(60):
+        async with kvactors.open(tiers(cpu_blocks=2)) as kv:
+            await kv.store([0, 1], [0, 1])
+            await kv.store([2, 3], [2, 3])  # demotes 0 and 1 to NVMe
+            before = jobs(await kv.stats())
+            assert await kv.load([0], [4]) == LoadResult(tiers=["nvme"])
+            after = jobs(await kv.stats())
+    assert before["nvme"] == {"cpu->nvme": 1}
+    assert after["cpu"] == before["cpu"] == {"gpu->cpu": 2}  # nothing read out of CPU here
+    # The promotion (which demoted a block to make room) and the copy out of it:
+    assert after["nvme"] == {"cpu->nvme": 2, "nvme->cpu": 1, "cpu->gpu": 1}
+
+
+@pytest.mark.anyio
+async def test_a_read_with_no_top_tier_slot_runs_nvme_to_gpu_on_the_nvme_tier() -> None:
+    with anyio.fail_after(60):
+        async with kvactors.open(tiers(cpu_blocks=2)) as kv:
+            for first in (0, 2, 4):
+                await kv.store([first, first + 1], [first, first + 1])
+            # 0-3 are in NVMe only, and the CPU tier holds two blocks: no promotion.
+            assert await kv.load([0, 1, 2, 3], [4, 5, 6, 7]) == LoadResult(tiers=["nvme"] * 4)
+            after = jobs(await kv.stats())
+    assert after["cpu"] == {"gpu->cpu": 3}
+    assert after["nvme"] == {"cpu->nvme": 2, "nvme->gpu": 1}

@@ -21,10 +21,14 @@ from kvactors.keys import Key
 
 
 def resolve_device(name: str) -> torch.device:
+    """``gpu.device`` as a torch device; ConfigError when it names CUDA where
+    there is none, or a CUDA device ``cuda:N`` past the ones there are."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"gpu.device: {name!r} asked for, but CUDA is not available")
+    if name.startswith("cuda:") and int(name[5:]) >= (count := torch.cuda.device_count()):
+        raise ConfigError(f"gpu.device: {name!r} asked for, but CUDA has {count} devices")
     return torch.device(name)
 
 
