@@ -870,7 +870,8 @@ async def test_gpu_pool_rows_and_write_rows_check_their_arguments() -> None:
             for ids, rows in bad_writes:
                 with pytest.raises(TensorSpecError, match=r"^write_rows: "):
                     pool.write_rows(ids, rows)  # type: ignore[arg-type]
-            for ids in ([8], [-1], [True], None, {0}):
+            torch_bad = [torch.tensor(True), torch.tensor([1]), torch.tensor(1.0)]
+            for ids in ([8], [-1], [True], None, {0}, *([t] for t in torch_bad)):
                 with pytest.raises(TensorSpecError, match=r"^rows: "):
                     pool.rows(ids)  # type: ignore[arg-type]
             assert torch.equal(pool.rows(range(8)), before)  # nothing written

@@ -13,13 +13,13 @@ is sent.
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 
 from kvactors.errors import InvalidKeyError, TensorSpecError
 from kvactors.keys import Key, check_keys, distinct_slots
+from kvactors.media.memory import slot_ints
 
 __all__ = ["check_key_list", "check_side"]
 
@@ -45,20 +45,7 @@ def _slot_ids(side: object, what: str) -> list[int]:
         raise TensorSpecError(
             f"{what}: expected a tensor or a list of GPU-pool slot ids, got {kind}"
         )
-    ids: list[int] = []
-    for i in side:
-        if isinstance(i, bool) or (
-            # A torch integer is a 0-d tensor of an integer dtype: not a bool, a
-            # float, or a one-element vector (which operator.index would take).
-            isinstance(i, torch.Tensor)
-            and (i.dim() != 0 or i.dtype == torch.bool or i.is_floating_point() or i.is_complex())
-        ):
-            raise TensorSpecError(f"{what}: slot ids must be integers, got {i!r}")
-        try:
-            ids.append(operator.index(i))
-        except TypeError:
-            raise TensorSpecError(f"{what}: slot ids must be integers, got {i!r}") from None
-    return ids
+    return slot_ints(side, what)
 
 
 def check_side(

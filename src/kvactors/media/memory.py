@@ -20,16 +20,36 @@ from kvactors.errors import ConfigError, TensorSpecError
 from kvactors.keys import Key
 
 
-def resolve_device(name: str) -> torch.device:
-    """``gpu.device`` as a torch device; ConfigError when it names CUDA where
+def resolve_device(name: str, field: str = "gpu.device") -> torch.device:
+    """A device setting (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, named
+    ``field`` in errors) as a torch device; ConfigError when it names CUDA where
     there is none, or a CUDA device ``cuda:N`` past the ones there are."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"gpu.device: {name!r} asked for, but CUDA is not available")
+        raise ConfigError(f"{field}: {name!r} asked for, but CUDA is not available")
     if name.startswith("cuda:") and int(name[5:]) >= (count := torch.cuda.device_count()):
-        raise ConfigError(f"gpu.device: {name!r} asked for, but CUDA has {count} devices")
+        raise ConfigError(f"{field}: {name!r} asked for, but CUDA has {count} devices")
     return torch.device(name)
+
+
+def slot_ints(ids: Iterable[Any], what: str) -> list[int]:
+    """The ints of slot ids (Python, numpy and torch integers); a bool, a float, a
+    string, a torch tensor that is not a 0-d integer (a one-element vector,
+    which ``operator.index`` would take) raise
+    :class:`~kvactors.errors.TensorSpecError` naming ``what``."""
+    checked: list[int] = []
+    for i in ids:
+        if isinstance(i, bool) or (
+            isinstance(i, torch.Tensor)
+            and (i.dim() != 0 or i.dtype == torch.bool or i.is_floating_point() or i.is_complex())
+        ):
+            raise TensorSpecError(f"{what}: slot ids must be integers, got {i!r}")
+        try:
+            checked.append(operator.index(i))
+        except TypeError:
+            raise TensorSpecError(f"{what}: slot ids must be integers, got {i!r}") from None
+    return checked
 
 
 T = TypeVar("T")
@@ -232,19 +252,12 @@ class MemoryPool:
             raise TensorSpecError(
                 f"{what}: slot ids must be a list, tuple or range, got {type(ids).__name__}"
             )
-        checked: list[int] = []
-        for i in ids:
-            if isinstance(i, bool) or (isinstance(i, torch.Tensor) and i.dim() != 0):
-                raise TensorSpecError(f"{what}: slot ids must be integers, got {i!r}")
-            try:
-                slot = operator.index(i)
-            except TypeError:
-                raise TensorSpecError(f"{what}: slot ids must be integers, got {i!r}") from None
+        checked = slot_ints(ids, what)
+        for slot in checked:
             if not 0 <= slot < self.num_blocks:
                 raise TensorSpecError(
                     f"{what}: {self.name} slot {slot} is out of range 0..{self.num_blocks - 1}"
                 )
-            checked.append(slot)
         return checked
 
     def rows(self, ids: list[int]) -> torch.Tensor:

@@ -18,6 +18,7 @@ import msgspec
 import torch
 
 from kvactors.errors import ConfigError
+from kvactors.media.memory import resolve_device
 
 __all__ = ["DTYPES", "KVCacheConfig"]
 
@@ -137,14 +138,4 @@ class KVCacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         Raises :class:`~kvactors.errors.ConfigError` for ``"cuda"`` / ``"cuda:N"``
         when CUDA is not available, or when device ``N`` does not exist.
         """
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device != "cpu":
-            if not torch.cuda.is_available():
-                raise ConfigError(f"device: {self.device!r} asked for, but CUDA is not available")
-            count = torch.cuda.device_count()
-            if self.device.startswith("cuda:") and int(self.device[5:]) >= count:
-                raise ConfigError(
-                    f"device: {self.device!r} asked for, but CUDA has {count} devices"
-                )
-        return torch.device(self.device)
+        return resolve_device(self.device, "device")
