@@ -745,6 +745,23 @@ async def load_cancelled_while_stopped(
         proc.send_signal(signal.SIGCONT)
 
 
+async def assert_cancelled_load_left_nothing(
+    server: LocalServer, kv: kvactors.KVCache, keys: list[int], out: torch.Tensor
+) -> None:
+    """A load cancelled while the server is stopped returns once the worker
+    thread's read (and any copy out) is over, leaves nothing pinned or being
+    written, and its destination is not written after it returned."""
+    took = await load_cancelled_while_stopped(server, kv, keys, out)
+    assert 0.25 < took < 2.0
+    snapshot = out.clone()
+    stats = await kv.stats()
+    for tier in stats.policy.tiers.values():
+        assert tier.pinned == tier.being_written == 0
+        assert tier.used + tier.free == tier.capacity
+    await anyio.sleep(0.2)
+    assert torch.equal(out, snapshot)
+
+
 async def test_a_load_cancelled_while_its_read_lands_in_cpu_slots_leaves_no_pin(
     redis_server: LocalServer,  # noqa: F811
 ) -> None:
@@ -759,15 +776,7 @@ async def test_a_load_cancelled_while_its_read_lands_in_cpu_slots_leaves_no_pin(
         await seed(config(remote), keys)
         async with kvactors.open(config(remote)) as b:
             out = torch.zeros(8, BB, dtype=torch.uint8)
-            took = await load_cancelled_while_stopped(redis_server, b, keys, out)
-            assert 0.25 < took < 2.0  # returned once the thread's read was over
-            snapshot = out.clone()
-            stats = await b.stats()
-            for tier in stats.policy.tiers.values():
-                assert tier.pinned == tier.being_written == 0
-                assert tier.used + tier.free == tier.capacity
-            await anyio.sleep(0.2)
-            assert torch.equal(out, snapshot)
+            await assert_cancelled_load_left_nothing(redis_server, b, keys, out)
             for k in keys:
                 one = torch.zeros(1, BB, dtype=torch.uint8)
                 assert (await b.load([k], one)).tiers in (["cpu"], ["remote"])
@@ -868,14 +877,7 @@ async def test_a_large_remote_load_cancelled_mid_read_writes_nothing_afterwards(
             await a.store(keys, huge(keys))
         async with kvactors.open(huge_config(remote)) as b:
             out = torch.zeros(8, HUGE, dtype=torch.uint8)
-            took = await load_cancelled_while_stopped(redis_server, b, keys, out)
-            assert 0.25 < took < 2.0  # returned once the thread's work was over
-            snapshot = out.clone()
-            stats = await b.stats()
-            for tier in stats.policy.tiers.values():
-                assert tier.pinned == tier.being_written == 0
-            await anyio.sleep(0.2)
-            assert torch.equal(out, snapshot)
+            await assert_cancelled_load_left_nothing(redis_server, b, keys, out)
             again = torch.zeros(8, HUGE, dtype=torch.uint8)
             await b.load(keys, again)
             assert torch.equal(again, huge(keys))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 import msgspec
 
 from kvactors.errors import ConfigError, UnknownPolicyError
+from kvactors.manager import MAX_BLOCKS
 from kvactors.policy import POLICIES
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "MAX_BLOCKS",
+    "REMOTE_SCHEMES",
     "TIERS",
     "Config",
     "GPUConfig",
@@ -39,8 +42,6 @@ __all__ = [
     "TierSpec",
 ]
 
-MAX_BLOCKS = 2**31 - 1
-"""Slots of one tier at most (slot ids are 32-bit in the compiled manager core)."""
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 MAX_THREADS = 1024
@@ -223,7 +224,7 @@ def _seconds(value: object) -> bool:
     )
 
 
-_REMOTE_SCHEMES = ("redis://", "rediss://", "unix://")
+REMOTE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -284,9 +285,9 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         _check_types(self)
         if self.url is None and not self.nodes:
             raise ConfigError("url: give url or nodes")
-        if self.url is not None and not self.url.startswith(_REMOTE_SCHEMES):
+        if self.url is not None and not self.url.startswith(REMOTE_SCHEMES):
             raise ConfigError(
-                f"url: expected {', '.join(s + '...' for s in _REMOTE_SCHEMES)}, got {self.url!r}"
+                f"url: expected {', '.join(s + '...' for s in REMOTE_SCHEMES)}, got {self.url!r}"
             )
         from kvactors.media.remote import parse_node
 

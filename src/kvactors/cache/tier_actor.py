@@ -31,7 +31,7 @@ from typing import Any
 from kvactors.actors import Actor, Threads
 from kvactors.cache.messages import Contains, Forget, JobReport, Move, TierRequest
 from kvactors.cache.results import OpStats, TierStats
-from kvactors.cache.transfers import Side, _check, move
+from kvactors.cache.transfers import Side, check_read, move
 from kvactors.errors import KVActorsError, TierFailed, TransferError
 from kvactors.keys import Key
 from kvactors.media import BlockMedium, CopyPool, copy_rows, row_buffers
@@ -112,7 +112,7 @@ def _streamed(src: Side, dst: Side, keys: list[Key], then: Move, pool: CopyPool 
             copy(pending)
     finally:
         wait(jobs)  # also when the read raised: no copy outlives this call
-    _check(src, bad, keys)
+    check_read(src, bad, keys)
     for job in jobs:
         job.result()
     return time.perf_counter() - t0

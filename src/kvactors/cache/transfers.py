@@ -97,7 +97,7 @@ def _device_stream(*tensors: torch.Tensor | None) -> Iterator[None]:
     stream.synchronize()
 
 
-def _check(side: Side, bad: list[int], keys: list[Key]) -> None:
+def check_read(side: Side, bad: list[int], keys: list[Key]) -> None:
     if bad:
         bad_keys = [keys[i] for i in bad]
         raise IntegrityError(
@@ -142,11 +142,11 @@ def move(src: Side, dst: Side, keys: list[Key], pool: CopyPool | None = None) ->
     if d is not None and d.device.type == "cpu":
         # A tier's own slots are read by no one until the plan completes.
         read = _reader(src.medium, private=dst.medium is not None)
-        _check(src, read(src.ids, row_buffers(d, dst.ids), keys), keys)
+        check_read(src, read(src.ids, row_buffers(d, dst.ids), keys), keys)
         return
     stage = torch.empty((n, src.medium.block_bytes), dtype=torch.uint8)
     bufs = row_buffers(stage, range(n))
-    _check(src, _reader(src.medium, private=True)(src.ids, bufs, keys), keys)
+    check_read(src, _reader(src.medium, private=True)(src.ids, bufs, keys), keys)
     if d is not None:
         with _device_stream(d):
             copy_rows(stage, list(range(n)), d, dst.ids)

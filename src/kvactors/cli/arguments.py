@@ -16,6 +16,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TypeVar
 
+from kvactors.config import MAX_BLOCKS
 from kvactors.errors import ConfigError
 from kvactors.traces import BUNDLED_TRACES, bundled_trace
 
@@ -103,7 +104,7 @@ def non_negative_int(text: str) -> int:
 
 def block_count(text: str) -> int:
     """argparse type of a tier's slot count: an int in 1..2**31-1 (slot ids are 32-bit)."""
-    return _number(text, int, "an int", lambda v: 0 < v <= 2**31 - 1, "in 1..2147483647")
+    return _number(text, int, "an int", lambda v: 0 < v <= MAX_BLOCKS, f"in 1..{MAX_BLOCKS}")
 
 
 def positive_float(text: str) -> float:

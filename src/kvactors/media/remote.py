@@ -36,6 +36,7 @@ import torch
 
 from kvactors.errors import BlocksMissingError, ConfigError, RemoteUnavailable, TransferError
 from kvactors.keys import Key
+from kvactors.manager import MAX_BLOCKS
 from kvactors.media.memory import row_buffers
 from kvactors.media.remote_format import (
     FORMAT_VERSION,
@@ -114,7 +115,7 @@ class RemoteStore:
         retry_after: float = 1.0,
         max_batch_bytes: int = 64 * 2**20,
         ttl: float | None = None,
-        num_blocks: int = 2**31 - 1,
+        num_blocks: int = MAX_BLOCKS,
     ) -> None:
         try:
             import redis

@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from kvactors.config import _REMOTE_SCHEMES, MAX_BLOCKS, MAX_THREADS
+from kvactors.config import MAX_BLOCKS, MAX_THREADS, REMOTE_SCHEMES
 from kvactors.errors import ConfigError
 from kvactors.policy import POLICIES
 
@@ -172,7 +172,7 @@ def _positive(extra: Mapping[str, Any], key: str, default: float | None) -> floa
 
 def _remote(extra: Mapping[str, Any]) -> dict[str, Any]:
     url = extra.get("remote_url")
-    if url is not None and (not isinstance(url, str) or not url.startswith(_REMOTE_SCHEMES)):
+    if url is not None and (not isinstance(url, str) or not url.startswith(REMOTE_SCHEMES)):
         raise ConfigError(
             f"kv_connector_extra_config['remote_url']: expected a redis://host:port URL, "
             f"got {url!r}"
