@@ -36,7 +36,6 @@ import torch
 
 from kvactors.errors import BlocksMissingError, ConfigError, RemoteUnavailable, TransferError
 from kvactors.keys import Key
-from kvactors.manager import MAX_BLOCKS
 from kvactors.media.memory import row_buffers
 from kvactors.media.remote_format import (
     FORMAT_VERSION,
@@ -115,7 +114,7 @@ class RemoteStore:
         retry_after: float = 1.0,
         max_batch_bytes: int = 64 * 2**20,
         ttl: float | None = None,
-        num_blocks: int = MAX_BLOCKS,
+        num_blocks: int = 2**31 - 1,  # the manager's MAX_BLOCKS (media sit below it)
     ) -> None:
         try:
             import redis
