@@ -56,7 +56,7 @@ BAD_REMOTE = [
     ("connect_timeout", -1), ("timeout", "2"), ("retry_after", 0), ("ttl", 0),
     ("max_batch_bytes", 0), ("threads", 2**40), ("timeout", float("nan")),
     ("connect_timeout", float("inf")), ("retry_after", float("nan")), ("ttl", float("inf")),
-    ("flush_timeout", True),
+    ("flush_timeout", True), ("nodes", ["h:\u00b2"]), ("nodes", ["h:65536"]),
 ]  # fmt: skip
 
 

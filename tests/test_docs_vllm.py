@@ -65,7 +65,8 @@ BAD = [
     ("remote_model", ""), ("remote_timeout", 0), ("remote_timeout", "2"), ("remote_ttl", -1),
     ("nvme_stripes", 1025), ("remote_url", "http://127.0.0.1:6379"),
     ("remote_timeout", float("nan")), ("remote_timeout", float("inf")),
-    ("remote_ttl", float("nan")),
+    ("remote_ttl", float("nan")), ("remote_nodes", ["h:0"]), ("remote_nodes", ["h:65536"]),
+    ("remote_nodes", [7000]), ("remote_nodes", ["h:\u00b2"]),
 ]  # fmt: skip
 
 

@@ -185,7 +185,8 @@ def _remote(extra: Mapping[str, Any]) -> dict[str, Any]:
         )
     for node in nodes:
         host, _, port = str(node).rpartition(":")
-        if not isinstance(node, str) or not host or not port.isdigit():
+        digits = port.isascii() and port.isdigit()
+        if not isinstance(node, str) or not host or not digits or not 0 < int(port) < 65536:
             raise ConfigError(
                 f"kv_connector_extra_config['remote_nodes']: expected host:port, got {node!r}"
             )
