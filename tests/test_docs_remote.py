@@ -166,6 +166,18 @@ def test_a_value_on_the_server_has_the_documented_key_and_layout(
         store.close()
 
 
+def test_the_header_and_encoded_key_sizes_the_set_up_gives() -> None:
+    """'Setting up a server': each value carries a 30-byte header and the encoded
+    key, "63 bytes in all for a 32-byte key, at most 39 for an `int` key with
+    `abs(key) < 2**63`, 40 for any other 64-bit one, signed or unsigned"."""
+    assert 30 + len(encode_key(b"k" * 32)) == 63
+    for key in (0, 1, -1, 2**63 - 1, -(2**63 - 1), 2**62, -(2**62)):
+        assert 30 + len(encode_key(key)) <= 39, key
+    for key in (2**63, -(2**63), 2**64 - 1):
+        assert 30 + len(encode_key(key)) == 40, key
+    assert 30 + len(encode_key(2**72)) > 40  # past 64 bits the key grows
+
+
 def test_the_fingerprint_covers_block_bytes_layout_and_model() -> None:
     base = fingerprint(BB, "m", "l")
     assert len({base, fingerprint(2 * BB, "m", "l"), fingerprint(BB, "n", "l"),
