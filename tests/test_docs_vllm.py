@@ -14,6 +14,7 @@ from _docs import DOCS, code, doc_table, toml_value
 from kvactors.errors import ConfigError
 from kvactors.vllm import extra_config
 from kvactors.vllm.config import VLLM_KEYS, VLLMSettings, num_slots, parse_settings
+from kvactors.vllm.tiers import COUNTERS, TieredManager
 
 VLLM_MD = DOCS / "vllm.md"
 # Defaults the table gives in words, not as a literal.
@@ -111,3 +112,27 @@ def test_a_tier_size_too_small_or_too_large_is_a_config_error_naming_its_key() -
     with pytest.raises(ConfigError, match=r"'nvme_bytes'.*at most 2147483647"):
         num_slots(2**31 * 4096, 4096, 1, "nvme_bytes")
     assert num_slots((2**31 - 1) * 4096, 4096, 1, "nvme_bytes") == 2**31 - 1
+
+
+def test_the_metrics_table_is_the_counters_and_gauges_the_backend_reports() -> None:
+    """'Metrics': every counter the scheduler's tiers count is a row (kind
+    counter), and the gauges are the tiers' usage, NVMe's only with an NVMe
+    tier, each a fraction of the slots in use."""
+    rows = doc_table(VLLM_MD, "| metric | kind | what |")
+    kinds = {code(row[0]): row[1] for row in rows}
+    prefix = "vllm:kvactors_"
+    assert all(name.startswith(prefix) for name in kinds)
+    counters = {n.removeprefix(prefix) for n, kind in kinds.items() if kind == "counter"}
+    gauges = {n.removeprefix(prefix) for n, kind in kinds.items() if kind == "gauge"}
+    assert counters == set(COUNTERS)
+    assert len(counters) == len(COUNTERS)
+    assert gauges == {"cpu_usage", "nvme_usage"}
+    assert set(kinds.values()) == {"counter", "gauge"}
+    cpu_only = TieredManager(4)
+    assert set(cpu_only.usage()) == {"cpu"}
+    tiers = TieredManager(4, 8)
+    out = tiers.prepare_store([b"a", b"b"])
+    assert out is not None
+    tiers.complete_store(out[0])
+    assert tiers.usage() == {"cpu": 0.5, "nvme": 0.0}
+    assert tiers.take_counters()["store_blocks"] == 2
