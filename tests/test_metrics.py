@@ -167,6 +167,8 @@ async def test_remote_misses_and_damaged_values_are_scraped_apart(
     assert sample(samples, "kvactors_tier_hits_total", tier="remote") == stats.remote.hits == 4
     assert stats.policy.tiers["cpu"].used == 4
     assert sample(samples, "kvactors_tier_misses_total", tier="remote") == 2
+    # the remote tier's evictions are the values it refused as damaged
+    assert sample(samples, "kvactors_tier_evictions_total", tier="remote") == 1
 
 
 async def test_the_remote_tier_is_scraped_once_per_series_and_shows_a_dead_server(
