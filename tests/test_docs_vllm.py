@@ -67,7 +67,8 @@ BAD = [
     ("nvme_stripes", 1025), ("remote_url", "http://127.0.0.1:6379"),
     ("remote_timeout", float("nan")), ("remote_timeout", float("inf")),
     ("remote_ttl", float("nan")), ("remote_nodes", ["h:0"]), ("remote_nodes", ["h:65536"]),
-    ("remote_nodes", [7000]), ("remote_nodes", ["h:\u00b2"]),
+    ("remote_nodes", [7000]), ("remote_nodes", ["h:\u00b2"]), ("remote_ttl", 0),
+    ("remote_ttl", "5"), ("remote_ttl", True), ("remote_ttl", float("inf")),
 ]  # fmt: skip
 
 
@@ -78,6 +79,19 @@ def test_a_bad_value_is_a_config_error_naming_its_key(key: str, value: Any) -> N
     settings = {"cpu_bytes": 1 << 20, key: value}
     with pytest.raises(ConfigError, match=f"'{key}'"):
         extra_config(**settings)
+
+
+def test_remote_url_and_remote_nodes_are_one_or_the_other() -> None:
+    """`remote_nodes`: "a list of cluster nodes instead of `remote_url`"."""
+    with pytest.raises(ConfigError, match=r"'remote_nodes'.*not both"):
+        extra_config(cpu_bytes=1, remote_url="redis://h:1/0", remote_nodes=["h:7000"])
+    cluster = parse_settings(extra_config(cpu_bytes=1, remote_nodes=["h:7000", "[::1]:7001"]))
+    assert cluster.remote
+    assert cluster.remote_url is None
+    assert cluster.remote_nodes == ("h:7000", "[::1]:7001")
+    for url in ("redis://h:1/0", "rediss://h:1/0", "unix:///tmp/valkey.sock"):
+        assert parse_settings(extra_config(cpu_bytes=1, remote_url=url)).remote
+    assert not parse_settings(extra_config(cpu_bytes=1)).remote
 
 
 def test_a_numeric_string_is_accepted_for_bytes_and_a_typo_is_an_error() -> None:
