@@ -167,6 +167,30 @@ def test_the_store_without_a_cache_snippet_runs_as_written(
         assert hasattr(counters, name)
 
 
+def test_a_store_without_a_cache_reports_a_damaged_value_and_leaves_it(
+    shared_server: LocalServer,  # noqa: F811
+) -> None:
+    """'Using the store without a cache': a damaged value is reported by `fetch`
+    (`damaged`) and `get_into`, stays on the server, and `store.delete` removes it."""
+    store = RemoteStore("remote", BB, url=shared_server.url, namespace="docs-damaged")
+    try:
+        bufs = [memoryview(bytearray(b"x" * BB)) for _ in range(3)]
+        assert store.put([1, 2], bufs[:2]) == []
+        client = shared_server.client()
+        client.set(store.redis_key(2), b"not a block")
+        out = [memoryview(bytearray(BB)) for _ in range(3)]
+        assert store.fetch([1, 2, 3], out) == ([2], [1])
+        assert bytes(out[0]) == b"x" * BB
+        assert bytes(out[1]) == bytes(BB)  # the damaged block's buffer is not touched
+        assert store.get_into([2], out[1:2]) == [0]
+        assert client.exists(store.redis_key(2)) == 1
+        store.delete([1, 2])
+        assert client.exists(store.redis_key(1), store.redis_key(2)) == 0
+        assert store.fetch([1, 2], out[:2]) == ([0, 1], [])
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("key", [7, 2**70, -3, b"", b"k" * 32])
 def test_a_value_on_the_server_has_the_documented_key_and_layout(
     shared_server: LocalServer,  # noqa: F811
