@@ -163,8 +163,16 @@ def test_the_store_without_a_cache_snippet_runs_as_written(
     assert scope["damaged"] == []
     assert scope["held"] == [True, True, True, True]
     counters = scope["store"].counters()
-    for name in ("hits", "misses", "corrupt", "down"):
-        assert hasattr(counters, name)
+    item = re.search(
+        r"^- `stats`: `store\.counters\(\)`(.*?)\n\n", REMOTE_MD.read_text(), re.M | re.S
+    )
+    assert item is not None
+    named = re.findall(r"`([a-z_]+)`", item.group(1).split(":", 1)[1])
+    assert set(named) - {"remote"} == set(type(counters).__struct_fields__)
+    assert (counters.hits, counters.misses, counters.corrupt, counters.stored) == (8, 0, 0, 4)
+    assert counters.bytes_read == 8 * 65536
+    assert counters.bytes_written == 4 * 65536
+    assert counters.down == []
 
 
 def test_a_store_without_a_cache_reports_a_damaged_value_and_leaves_it(
