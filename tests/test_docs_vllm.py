@@ -69,6 +69,7 @@ BAD = [
     ("remote_ttl", float("nan")), ("remote_nodes", ["h:0"]), ("remote_nodes", ["h:65536"]),
     ("remote_nodes", [7000]), ("remote_nodes", ["h:\u00b2"]), ("remote_ttl", 0),
     ("remote_ttl", "5"), ("remote_ttl", True), ("remote_ttl", float("inf")),
+    ("remote_timeout", None), ("nvme_stripes", None), ("remote_nodes", ""), ("remote_nodes", {}),
 ]  # fmt: skip
 
 
@@ -79,6 +80,20 @@ def test_a_bad_value_is_a_config_error_naming_its_key(key: str, value: Any) -> N
     settings = {"cpu_bytes": 1 << 20, key: value}
     with pytest.raises(ConfigError, match=f"'{key}'"):
         extra_config(**settings)
+
+
+def test_a_key_whose_default_is_none_takes_none() -> None:
+    """The table's defaults written out: `none` is accepted where it is the default."""
+    settings = parse_settings(
+        extra_config(
+            cpu_bytes=1, nvme_directory=None, nvme_policy=None, remote_url=None,
+            remote_nodes=None, remote_model=None, remote_ttl=None,
+        )
+    )  # fmt: skip
+    assert settings == parse_settings({"cpu_bytes": 1})
+    assert not settings.remote
+    with pytest.raises(ConfigError, match=r"'nvme_bytes'.*expected an int, got None"):
+        extra_config(cpu_bytes=1, nvme_bytes=None)
 
 
 def test_remote_url_and_remote_nodes_are_one_or_the_other() -> None:
