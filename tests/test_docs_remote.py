@@ -67,6 +67,23 @@ def test_bad_remote_values_raise_config_error_naming_the_key(key: str, value: An
         Config.from_dict({"remote": {key: value}})
 
 
+def test_the_opening_config_files_read_as_written(tmp_path: Path) -> None:
+    """The first TOML block (one server, a model) and the cluster one (`nodes`)
+    read into a config whose last tier is the remote."""
+    path = tmp_path / "kv.toml"
+    path.write_text(doc_block(REMOTE_MD, "toml", "block_bytes = 65536"))
+    config = Config.from_toml(path)
+    assert config.block_bytes == 65536
+    assert config.remote == RemoteConfig(
+        url="redis://127.0.0.1:6379/0", model="llama-3.1-8b-instruct/bf16/tp0"
+    )
+    assert [name for name, _ in config.chain()][-1] == "remote"
+    path.write_text(doc_block(REMOTE_MD, "toml", "nodes = "))
+    cluster = Config.from_toml(path).remote
+    assert cluster is not None
+    assert cluster.nodes == ["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.3:7000"]
+
+
 def test_bad_remote_policy_and_unknown_keys_are_typed() -> None:
     with pytest.raises(UnknownPolicyError, match=r"remote\.policy"):
         Config.from_dict({"remote": {"policy": "nope"}})
