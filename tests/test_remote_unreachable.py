@@ -9,6 +9,7 @@ is a service that is not Valkey / Redis, not a stand-in for one."""
 from __future__ import annotations
 
 import http.server
+import re
 import threading
 from collections.abc import Iterator
 
@@ -16,8 +17,11 @@ import anyio
 import pytest
 
 import kvactors
+from _docs import DOCS
 from kvactors.cli import main
 from kvactors.media.local_server import free_port
+
+REMOTE_MD = DOCS / "remote.md"
 
 
 class _Quiet(http.server.BaseHTTPRequestHandler):
@@ -79,3 +83,7 @@ def test_bench_remote_with_a_url_where_no_server_answers_exits_2_in_one_line(
     out, err = capsys.readouterr()
     assert out == ""
     assert err == f"kvactors: error: bench remote: no server answers at {url}\n"
+    # the line docs/remote.md gives, URL standing for the one asked
+    line = re.search(r"`(kvactors: error: bench remote: [^`]*)`", REMOTE_MD.read_text())
+    assert line is not None
+    assert err == line.group(1).replace("URL", url) + "\n"

@@ -25,7 +25,7 @@ __all__ = ["Node", "RemoteNodes", "parse_node"]
 def parse_node(text: str) -> tuple[str, int]:
     """``"host:port"`` -> ``(host, port)``; a bad one raises ConfigError."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"remote.nodes: expected 'host:port', got {text!r}")
     return host.strip("[]"), int(port)
 

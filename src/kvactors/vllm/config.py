@@ -91,7 +91,7 @@ def _int(
     maximum: int | None = None,
 ) -> int:
     value = extra.get(key, default)
-    if value is None:
+    if value is None and default is None:
         raise ConfigError(f"kv_connector_extra_config[{key!r}] is required (bytes, an int > 0)")
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ConfigError(f"kv_connector_extra_config[{key!r}]: expected an int, got {value!r}")
@@ -155,8 +155,9 @@ def parse_settings(extra: Mapping[str, Any]) -> VLLMSettings:
 
 
 def _positive(extra: Mapping[str, Any], key: str, default: float | None) -> float | None:
+    """Seconds > 0 under ``key``; ``None`` only where that is the default (none)."""
     value = extra.get(key, default)
-    if value is None:
+    if value is None and default is None:
         return None
     if (
         isinstance(value, bool)
@@ -177,7 +178,8 @@ def _remote(extra: Mapping[str, Any]) -> dict[str, Any]:
             f"kv_connector_extra_config['remote_url']: expected a redis://host:port URL, "
             f"got {url!r}"
         )
-    nodes = extra.get("remote_nodes", ())
+    nodes = extra.get("remote_nodes")
+    nodes = () if nodes is None else nodes  # none, the default: no nodes
     if isinstance(nodes, str) or not isinstance(nodes, list | tuple):
         raise ConfigError(
             "kv_connector_extra_config['remote_nodes']: expected a list of host:port, "
@@ -185,7 +187,8 @@ def _remote(extra: Mapping[str, Any]) -> dict[str, Any]:
         )
     for node in nodes:
         host, _, port = str(node).rpartition(":")
-        if not isinstance(node, str) or not host or not port.isdigit():
+        digits = port.isascii() and port.isdigit()
+        if not isinstance(node, str) or not host or not digits or not 0 < int(port) < 65536:
             raise ConfigError(
                 f"kv_connector_extra_config['remote_nodes']: expected host:port, got {node!r}"
             )
