@@ -423,3 +423,27 @@ def test_a_trace_saved_with_a_byte_order_mark_and_crlf_lines_replays(
         assert main(["replay", str(path), "--blocks", "4", "--json"]) == 0
         rows.append(last_json(capsys.readouterr().out)["rows"])
     assert rows[0] == rows[1]
+
+
+def test_python_dash_m_kvactors_is_the_kvactors_command() -> None:
+    """``python -m kvactors`` runs the same CLI: its version; a bad command exits 2."""
+    import kvactors
+
+    version = subprocess.run(
+        [sys.executable, "-m", "kvactors", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert version.returncode == 0, version.stderr
+    assert kvactors.__version__ in version.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "kvactors", "no-such-command"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert bad.stdout == ""

@@ -19,6 +19,7 @@ Folders are the layers, top to bottom (no import goes upward)::
                     faults, the remote (Valkey / Redis) store
     policy/         eviction order only: lru, arc, weighted_lru, prefix_admit
     config.py, errors.py, keys.py, traces.py   shared by every layer
+    __main__.py     python -m kvactors: the kvactors command
 
 ``OffloadingManager`` is the synchronous core a scheduler may embed directly.
 """
