@@ -184,6 +184,19 @@ def test_prefetch_setting() -> None:
         parse_settings({"cpu_bytes": 1, "prefetch": "yes"})
 
 
+def _remote_engine(
+    tmp_path: Path, server: LocalServer, name: str
+) -> tuple[TieredManager, Prefetcher, BlockMover]:
+    """One engine's tiers (CPU, the remote), prefetcher and mover, on ``server``."""
+    tensors = caches(2, 32, 128)
+    rows = PagedRows(tensors, [[0, 1]])
+    path = tmp_path / f"{name}.ctl"
+    store = RemoteStore(name, rows.row_bytes, url=server.url, namespace="vllmtest")
+    mover = BlockMover(rows, 4, mail=MailboxReader(Mailbox(path, 1, 0), 0), remote=store)
+    tiers = TieredManager(4, remote=True)
+    return tiers, Prefetcher(tiers, Mailbox(path, 1, -1), nvme=False), mover
+
+
 def test_remote_tier_stores_and_a_fresh_engine_fetches(
     tmp_path: Path,
     redis_server: LocalServer,  # noqa: F811
@@ -192,17 +205,8 @@ def test_remote_tier_stores_and_a_fresh_engine_fetches(
     NVMe) looks a block up, fetches it into CPU through the mailbox, loads its
     bytes. A block the server lacks stays a miss; a down server is a miss too."""
 
-    def engine(name: str) -> tuple[TieredManager, Prefetcher, BlockMover]:
-        tensors = caches(2, 32, 128)
-        rows = PagedRows(tensors, [[0, 1]])
-        path = tmp_path / f"{name}.ctl"
-        store = RemoteStore(name, rows.row_bytes, url=redis_server.url, namespace="vllmtest")
-        mover = BlockMover(rows, 4, mail=MailboxReader(Mailbox(path, 1, 0), 0), remote=store)
-        tiers = TieredManager(4, remote=True)
-        return tiers, Prefetcher(tiers, Mailbox(path, 1, -1), nvme=False), mover
-
-    a_tiers, a_pre, a = engine("a")
-    b_tiers, b_pre, b = engine("b")
+    a_tiers, a_pre, a = _remote_engine(tmp_path, redis_server, "a")
+    b_tiers, b_pre, b = _remote_engine(tmp_path, redis_server, "b")
     try:
         out = a_tiers.prepare_store(KEYS[0:3])
         assert out is not None
@@ -236,6 +240,44 @@ def test_remote_tier_stores_and_a_fresh_engine_fetches(
         assert b_pre.start(KEYS[2], from_remote=True)
         _settle(b_pre)
         assert b_tiers.lookup(KEYS[2]) == "miss"
+    finally:
+        for pre, mover in ((a_pre, a), (b_pre, b)):
+            mover.close()
+            pre.close()
+
+
+def test_a_damaged_value_fetched_is_a_miss_and_deleted_from_the_server(
+    tmp_path: Path,
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """The backend's fetch of a value overwritten with garbage in the server is a
+    miss (the CPU slot is not served), and the value is deleted, so the next
+    engine that asks finds it absent instead of damaged again; the good block
+    fetched beside it is a hit."""
+    a_tiers, a_pre, a = _remote_engine(tmp_path, redis_server, "a")
+    b_tiers, b_pre, b = _remote_engine(tmp_path, redis_server, "b")
+    try:
+        out = a_tiers.prepare_store(KEYS[0:2])
+        assert out is not None
+        a.execute(True, GPUBlocks([0, 1], [2], [0]), out[1])
+        a_tiers.complete_store(out[0])
+        assert a.remote is not None
+        assert b.remote is not None
+        client = redis_server.client()
+        good, damaged = (a.remote.redis_key(k) for k in KEYS[0:2])
+        assert client.exists(good, damaged) == 2
+        client.set(damaged, b"garbage")
+        assert b_pre.start(KEYS[0], from_remote=True)
+        assert b_pre.start(KEYS[1], from_remote=True)
+        _settle(b_pre)
+        assert b_tiers.lookup(KEYS[0]) == "hit"
+        assert b_tiers.lookup(KEYS[1]) == "miss"
+        counters = b_tiers.take_counters()
+        assert counters["remote_fetched_blocks"] == 1
+        assert counters["remote_fetch_failures"] == 1
+        assert b.remote.counters().corrupt == 1
+        assert client.exists(damaged) == 0
+        assert client.exists(good) == 1
     finally:
         for pre, mover in ((a_pre, a), (b_pre, b)):
             mover.close()

@@ -38,7 +38,11 @@ class Remote(Protocol):
 
     def put(self, keys: Sequence[Key], bufs: Sequence[memoryview]) -> list[int]: ...
 
-    def get_into(self, keys: Sequence[Key], bufs: Sequence[memoryview]) -> list[int]: ...
+    def fetch(
+        self, keys: Sequence[Key], bufs: Sequence[memoryview]
+    ) -> tuple[list[int], list[int]]: ...
+
+    def drop(self, keys: list[Key]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -194,7 +198,11 @@ class BlockMover:
             if moves[0].op == FETCH:
                 if self.remote is None:
                     raise TransferError("remote: a fetch, but no remote tier is configured")
-                bad = set(self.remote.get_into(keys, self.cpu.buffers(cpu)))
+                absent, refused = self.remote.fetch(keys, self.cpu.buffers(cpu))
+                if refused:  # truncated, garbage, foreign: no engine should fetch it again
+                    log.warning("kvactors: %d fetched values were damaged; deleted", len(refused))
+                    self.remote.drop([keys[i] for i in refused])
+                bad = set(absent) | set(refused)
                 return [i not in bad for i in range(len(moves))]
             store = self._nvme()
             if moves[0].op == DEMOTE:
