@@ -5,11 +5,12 @@ actor's). It runs every transfer with one end on its medium and the other on a
 tier above it, the GPU pool or the caller's side (:func:`~kvactors.cache.
 transfers.runner`), so a transfer's I/O runs in the threads of the medium
 doing it: the tier's own ``threads`` worker threads
-(:class:`~kvactors.actors.Threads`). Only memory-to-memory copies of at most
-``inline_bytes`` run on the event loop, where a thread hop costs more than the
+(:class:`~kvactors.actors.Threads`). Only memory-to-memory copies on the host
+of at most ``inline_bytes`` (``Config.inline_bytes``, 4 MiB by default) run on
+the event loop, where a thread hop would cost a quarter to a half of the
 copy. A promotion carrying the load that follows it (``Move.then``) runs both
-in one job: the blocks are read into the top tier, verified, then copied out
-to the caller, with one thread hop. With ``threads`` > 1 several transfers are
+in one job: the blocks are read into the top tier, verified, then copied out to
+the caller, with one thread hop. With ``threads`` > 1 several transfers are
 in flight at once: the policy actor hands every slot to one plan only, so they
 never touch the same slot.
 
@@ -127,7 +128,7 @@ class TierActor(Actor[TierRequest]):
         *,
         threads: int = 2,
         mailbox_size: int = 64,
-        inline_bytes: int = 256 * 1024,
+        inline_bytes: int = 4 * 2**20,
         copier: CopyPool | None = None,
         move_bytes: bool = True,
     ) -> None:
