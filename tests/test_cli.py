@@ -429,21 +429,18 @@ def test_python_dash_m_kvactors_is_the_kvactors_command() -> None:
     """``python -m kvactors`` runs the same CLI: its version; a bad command exits 2."""
     import kvactors
 
-    version = subprocess.run(
-        [sys.executable, "-m", "kvactors", "--version"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "kvactors", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    version = run("--version")
     assert version.returncode == 0, version.stderr
     assert kvactors.__version__ in version.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "kvactors", "no-such-command"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    bad = run("no-such-command")
     assert bad.returncode == 2
     assert bad.stdout == ""
