@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -423,3 +424,46 @@ def test_a_trace_saved_with_a_byte_order_mark_and_crlf_lines_replays(
         assert main(["replay", str(path), "--blocks", "4", "--json"]) == 0
         rows.append(last_json(capsys.readouterr().out)["rows"])
     assert rows[0] == rows[1]
+
+
+class _TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("args", "bar"),
+    [
+        ([], True),
+        (["--json"], False),
+        (["--served"], True),
+        (["--served", "--json"], False),
+    ],
+)
+def test_replay_progress_bar_on_a_terminal_never_with_json(
+    trace: Path,
+    args: list[str],
+    bar: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """docs/replay.md: a progress bar is drawn on stderr when stderr is a terminal
+    and CI is not set; never with --json; and under CI, not at all."""
+    monkeypatch.delenv("CI", raising=False)
+    tty = _TTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert main(["replay", str(trace), "--blocks", "4", "--policy", "lru", *args]) == 0
+    drawn = tty.getvalue()
+    if bar:
+        assert "\rbelady (MIN) [" in drawn
+        assert ("\rlru (served) [" if "--served" in args else "\rlru [") in drawn
+        assert drawn.endswith("\r\x1b[2K")  # the line is erased before the table
+    else:
+        assert drawn == ""
+    out = capsys.readouterr().out
+    assert out.startswith("{" if "--json" in args else "replay: hand.jsonl, 4 blocks")
+    monkeypatch.setenv("CI", "true")
+    tty.seek(0)
+    tty.truncate()
+    assert main(["replay", str(trace), "--blocks", "4", "--policy", "lru", *args]) == 0
+    assert tty.getvalue() == ""
