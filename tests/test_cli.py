@@ -467,3 +467,21 @@ def test_replay_progress_bar_on_a_terminal_never_with_json(
     tty.truncate()
     assert main(["replay", str(trace), "--blocks", "4", "--policy", "lru", *args]) == 0
     assert tty.getvalue() == ""
+
+
+def test_replay_a_bundled_name_is_the_bundled_trace_beside_a_directory_of_that_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/replay.md: an existing *file* named like a bundled trace wins over it; a
+    directory of that name does not (it was read as the trace: exit 2)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "synthetic").mkdir()
+    assert main(["replay", "synthetic", "--policy", "lru", "--blocks", "4000", "--json"]) == 0
+    summary = last_json(capsys.readouterr().out)["summary"]
+    assert Path(summary["trace"]).name == "mooncake_synthetic.jsonl"
+    assert summary["requests"] == 3993
+    (tmp_path / "synthetic").rmdir()
+    write_trace(tmp_path / "synthetic", HAND_TRACE)
+    assert main(["replay", "synthetic", "--policy", "lru", "--blocks", "4", "--json"]) == 0
+    summary = last_json(capsys.readouterr().out)["summary"]
+    assert (summary["trace"], summary["requests"]) == ("synthetic", 7)

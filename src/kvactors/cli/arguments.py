@@ -62,11 +62,11 @@ def resolve_trace(name: str | None) -> Path:
 
     ``None`` is the bundled conversation trace; a bundled name
     (``conversation``, ``synthetic``) is that trace unless a file of that name
-    exists; anything else is a path.
+    exists (a directory of that name does not count); anything else is a path.
     """
     if name is None:
         return bundled_trace("conversation")
-    if name in BUNDLED_TRACES and not os.path.exists(name):
+    if name in BUNDLED_TRACES and (not os.path.exists(name) or os.path.isdir(name)):
         return bundled_trace(name)
     return Path(name)
 
