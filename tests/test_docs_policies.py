@@ -211,7 +211,13 @@ def test_a_weighted_lru_weight_that_is_not_a_finite_number_is_a_config_error(
 
 
 def test_weighted_lru_takes_any_finite_int_or_float_weight() -> None:
-    for weights in ({"frequency_weight": 2, "size_weight": 0.5}, {"frequency_weight": -1.5}):
+    import numpy as np
+
+    for weights in (
+        {"frequency_weight": 2, "size_weight": 0.5},
+        {"frequency_weight": -1.5},
+        {"size_weight": np.float64(0.25)},  # a float subclass
+    ):
         policy = WeightedLRUPolicy(4, **weights)  # type: ignore[arg-type]
         mgr = OffloadingManager(4, block_size=16, policy=policy)
         out = mgr.prepare_store([1, 2, 3, 4])

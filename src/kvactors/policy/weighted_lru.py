@@ -39,7 +39,11 @@ class WeightedLRUPolicy(HeldKeys):
         """Raises :class:`~kvactors.errors.ConfigError` naming a weight that is not a
         finite ``int`` or ``float`` (a string, ``None``, a bool, NaN, infinity)."""
         for field, weight in (("frequency_weight", frequency_weight), ("size_weight", size_weight)):
-            if type(weight) not in (int, float) or not math.isfinite(weight):
+            if (
+                not isinstance(weight, (int, float))
+                or isinstance(weight, bool)
+                or not math.isfinite(weight)
+            ):
                 raise ConfigError(f"{field} must be a finite number, got {weight!r}")
         self.capacity = capacity
         self.frequency_weight = frequency_weight
