@@ -159,6 +159,8 @@ def test_malformed_trace_is_one_line_on_stderr(
         ["replay", "--capacity", "1.5"],
         ["replay", "--capacity", "abc"],
         ["replay", "--blocks", "0"],
+        ["replay", "--blocks", "2147483648"],  # past a manager's 2**31 - 1 slots
+        ["replay", "--blocks", "1e3"],
         ["replay", "--policy", "fifo"],
         ["bench", "nope"],
         ["bench"],
