@@ -34,9 +34,9 @@ from typing import Any
 import msgspec
 import torch
 
+from kvactors.config import MAX_BLOCKS
 from kvactors.errors import BlocksMissingError, ConfigError, RemoteUnavailable, TransferError
 from kvactors.keys import Key
-from kvactors.manager import MAX_BLOCKS
 from kvactors.media.memory import row_buffers
 from kvactors.media.remote_format import (
     FORMAT_VERSION,
