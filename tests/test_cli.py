@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -158,6 +159,8 @@ def test_malformed_trace_is_one_line_on_stderr(
         ["replay", "--capacity", "1.5"],
         ["replay", "--capacity", "abc"],
         ["replay", "--blocks", "0"],
+        ["replay", "--blocks", "2147483648"],  # past a manager's 2**31 - 1 slots
+        ["replay", "--blocks", "1e3"],
         ["replay", "--policy", "fifo"],
         ["bench", "nope"],
         ["bench"],
@@ -444,3 +447,64 @@ def test_python_dash_m_kvactors_is_the_kvactors_command() -> None:
     bad = run("no-such-command")
     assert bad.returncode == 2
     assert bad.stdout == ""
+
+
+class _TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("args", "bar"),
+    [
+        ([], True),
+        (["--json"], False),
+        (["--served"], True),
+        (["--served", "--json"], False),
+    ],
+)
+def test_replay_progress_bar_on_a_terminal_never_with_json(
+    trace: Path,
+    args: list[str],
+    bar: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """docs/replay.md: a progress bar is drawn on stderr when stderr is a terminal
+    and CI is not set; never with --json; and under CI, not at all."""
+    monkeypatch.delenv("CI", raising=False)
+    tty = _TTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert main(["replay", str(trace), "--blocks", "4", "--policy", "lru", *args]) == 0
+    drawn = tty.getvalue()
+    if bar:
+        assert "\rbelady (MIN) [" in drawn
+        assert ("\rlru (served) [" if "--served" in args else "\rlru [") in drawn
+        assert drawn.endswith("\r\x1b[2K")  # the line is erased before the table
+    else:
+        assert drawn == ""
+    out = capsys.readouterr().out
+    assert out.startswith("{" if "--json" in args else "replay: hand.jsonl, 4 blocks")
+    monkeypatch.setenv("CI", "true")
+    tty.seek(0)
+    tty.truncate()
+    assert main(["replay", str(trace), "--blocks", "4", "--policy", "lru", *args]) == 0
+    assert tty.getvalue() == ""
+
+
+def test_replay_a_bundled_name_is_the_bundled_trace_beside_a_directory_of_that_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/replay.md: an existing *file* named like a bundled trace wins over it; a
+    directory of that name does not (it was read as the trace: exit 2)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "synthetic").mkdir()
+    assert main(["replay", "synthetic", "--policy", "lru", "--blocks", "4000", "--json"]) == 0
+    summary = last_json(capsys.readouterr().out)["summary"]
+    assert Path(summary["trace"]).name == "mooncake_synthetic.jsonl"
+    assert summary["requests"] == 3993
+    (tmp_path / "synthetic").rmdir()
+    write_trace(tmp_path / "synthetic", HAND_TRACE)
+    assert main(["replay", "synthetic", "--policy", "lru", "--blocks", "4", "--json"]) == 0
+    summary = last_json(capsys.readouterr().out)["summary"]
+    assert (summary["trace"], summary["requests"]) == ("synthetic", 7)

@@ -19,7 +19,7 @@ from _docs import DOCS, doc_table
 from _policies import RecordingFIFO
 from kvactors import OffloadingManager, manager
 from kvactors.cli import main
-from kvactors.errors import PolicyError
+from kvactors.errors import ConfigError, PolicyError
 from kvactors.keys import Key
 from kvactors.policy import (
     POLICIES,
@@ -197,6 +197,33 @@ def test_weighted_lru_with_both_weights_zero_is_plain_lru(native: bool) -> None:
         assert outs[0] == outs[1]
         evictions += len(outs[0][1])
     assert evictions > 1000
+
+
+@pytest.mark.parametrize("field", ["frequency_weight", "size_weight"])
+@pytest.mark.parametrize("weight", ["0.5", None, True, float("nan"), float("inf"), -float("inf")])
+def test_a_weighted_lru_weight_that_is_not_a_finite_number_is_a_config_error(
+    field: str, weight: object
+) -> None:
+    """docs/policies.md: raised when the policy is made, naming the weight (it used
+    to surface as a TypeError from the first prepare_store, or order by NaN)."""
+    with pytest.raises(ConfigError, match=f"^{field} must be a finite number, got "):
+        WeightedLRUPolicy(20, **{field: weight})  # type: ignore[arg-type]
+
+
+def test_weighted_lru_takes_any_finite_int_or_float_weight() -> None:
+    import numpy as np
+
+    for weights in (
+        {"frequency_weight": 2, "size_weight": 0.5},
+        {"frequency_weight": -1.5},
+        {"size_weight": np.float64(0.25)},  # a float subclass
+    ):
+        policy = WeightedLRUPolicy(4, **weights)  # type: ignore[arg-type]
+        mgr = OffloadingManager(4, block_size=16, policy=policy)
+        out = mgr.prepare_store([1, 2, 3, 4])
+        assert out is not None
+        mgr.complete_store(out.block_hashes_to_store)
+        assert mgr.prepare_store([5]) is not None
 
 
 def test_the_built_in_policies_are_python_classes_that_run_as_objects() -> None:

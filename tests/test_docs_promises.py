@@ -464,6 +464,10 @@ async def test_leaving_the_block_waits_for_submitted_futures() -> None:
         ({"num_blocks": 4.0}, ConfigError),
         ({"num_blocks": 4, "block_size": 0}, ConfigError),
         ({"num_blocks": 4, "block_size": "16"}, ConfigError),
+        ({"num_blocks": 4, "block_size": -1}, ConfigError),
+        ({"num_blocks": True}, ConfigError),
+        ({"num_blocks": 4, "medium": b"CPU"}, ConfigError),
+        ({"num_blocks": 4, "medium": None}, ConfigError),
         ({"num_blocks": 4, "policy": "mru"}, UnknownPolicyError),
         ({"num_blocks": 4, "policy": None}, UnknownPolicyError),
         ({"num_blocks": 4, "policy": 3}, UnknownPolicyError),
@@ -472,12 +476,22 @@ async def test_leaving_the_block_waits_for_submitted_futures() -> None:
 def test_manager_constructor_errors(
     kwargs: dict[str, Any], error: type[Exception], native: bool | None
 ) -> None:
+    field = list(kwargs)[-1]  # each case's wrong argument is its last
     kwargs = {"block_size": 16, **kwargs}
     with pytest.raises(error) as info:
         OffloadingManager(**kwargs, native=native)
     if error is UnknownPolicyError:
         assert "lru" in str(info.value)
         assert "arc" in str(info.value)
+    else:
+        assert str(info.value).startswith(f"{field} must be ")
+
+
+@pytest.mark.parametrize("native", ["yes", 1, 0, "False"])
+def test_manager_native_other_than_true_false_none_is_a_config_error(native: Any) -> None:
+    """docs/manager.md's Errors table: `native` is True, False or None."""
+    with pytest.raises(ConfigError, match=r"^native must be True, False or None"):
+        OffloadingManager(4, block_size=16, native=native)
 
 
 @pytest.mark.parametrize("native", [False, None])

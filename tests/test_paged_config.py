@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from kvactors.errors import ConfigError, PagedCacheError
-from kvactors.paged import KVCacheConfig, KVTensors, hash_block, hash_blocks, hash_tail, root_key
+from kvactors.paged import (
+    BlockAllocator,
+    KVCacheConfig,
+    KVTensors,
+    MemoryPressure,
+    hash_block,
+    hash_blocks,
+    hash_tail,
+    root_key,
+)
 
 BASE: dict[str, Any] = {
     "num_layers": 2,
@@ -118,3 +127,26 @@ def test_a_token_that_is_not_an_int64_is_refused(bad: Any) -> None:
 def test_kv_tensors_on_cuda_without_cuda_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"^device: 'cuda' asked for, but CUDA is not available"):
         KVTensors(make(device="cuda"))
+
+
+@pytest.mark.parametrize(
+    ("watermark", "num_gpu_blocks", "blocks"),
+    [(0.07, 100, 7), (0.29, 100, 29), (0.1, 4096, 410), (0.0, 10, 0), (0.5, 3, 2), (1e-05, 10, 1)],
+)
+def test_watermark_blocks_is_the_exact_decimal_rounded_up(
+    watermark: float, num_gpu_blocks: int, blocks: int
+) -> None:
+    """docs/paged.md: ``watermark × num_gpu_blocks`` rounded up, from the decimal
+    written (0.07 * 100 is 7.000000000000001 as floats, which would give 8)."""
+    c = make(watermark=watermark, num_gpu_blocks=num_gpu_blocks)
+    assert c.watermark_blocks == blocks
+    a = BlockAllocator.from_config(c)
+    assert a.stats().num_blocks == num_gpu_blocks
+    seen: list[MemoryPressure] = []
+    a.add_pressure_callback(seen.append)
+    # take blocks one at a time: pressure starts exactly when fewer than `blocks` are left
+    for i in range(num_gpu_blocks):
+        a.allocate(f"r{i}", [i] * 1)
+        empty = num_gpu_blocks - i - 1
+        assert bool(seen) == (empty < blocks), (i, empty, seen)
+        seen.clear()

@@ -281,6 +281,33 @@ async def test_swap_in_shares_what_is_still_in_the_pool() -> None:
     assert store.calls[-1] == ("store", 1)
 
 
+class IntHitsOffloader(MemoryOffloader):
+    """The same store, its ``lookup`` answering a plain int (docs/paged.md: "an int
+    or a result with ``.hits``"), more than asked for when ``overcount`` is set."""
+
+    overcount = 0
+
+    async def lookup(self, keys: Sequence[Key]) -> int:  # type: ignore[override]
+        return (await super().lookup(keys)).hits + self.overcount
+
+
+@pytest.mark.parametrize("overcount", [0, 5])
+async def test_an_offloader_whose_lookup_returns_an_int(overcount: int) -> None:
+    config = make_config(8)
+    store = IntHitsOffloader(config.offload_bytes)
+    store.overcount = overcount  # clamped to the keys asked about
+    cache = PagedKVCache(config, store)
+    with anyio.fail_after(10):
+        await admit(cache, "r", toks(13))  # 3 full blocks + 1 token
+        out = await cache.swap_out("r")
+        assert out.stored_blocks == 4
+        await admit(cache, "other", toks(32, start=500))  # evicts every block r had
+        cache.free("other")
+        got = await bring_back(cache, out)
+    assert (got.num_cached_tokens, got.num_loaded_tokens) == (13, 13)
+    check(cache, "r")
+
+
 async def test_chunks_of_two_blocks() -> None:
     """Offload rows of two blocks: whole chunks and a tail come back bit for bit."""
     config = make_config(8)

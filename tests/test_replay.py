@@ -320,6 +320,8 @@ def test_resolve_trace_names_and_paths(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(tmp_path)
     write_trace(tmp_path / "synthetic", [[1]])
     assert resolve_trace("synthetic") == Path("synthetic")  # an existing file wins
+    (tmp_path / "conversation").mkdir()  # a directory of that name does not
+    assert resolve_trace("conversation") == bundled_trace("conversation")
     assert resolve_trace("x.jsonl") == Path("x.jsonl")
 
 

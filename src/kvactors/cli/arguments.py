@@ -62,11 +62,11 @@ def resolve_trace(name: str | None) -> Path:
 
     ``None`` is the bundled conversation trace; a bundled name
     (``conversation``, ``synthetic``) is that trace unless a file of that name
-    exists; anything else is a path.
+    exists (a directory of that name does not count); anything else is a path.
     """
     if name is None:
         return bundled_trace("conversation")
-    if name in BUNDLED_TRACES and not os.path.exists(name):
+    if name in BUNDLED_TRACES and (not os.path.exists(name) or os.path.isdir(name)):
         return bundled_trace(name)
     return Path(name)
 
@@ -93,7 +93,7 @@ def parse_fraction(text: str) -> Fraction:
 
 
 def positive_int(text: str) -> int:
-    """argparse type of ``--blocks`` and ``--repeat``: a positive int."""
+    """argparse type of a count such as ``--repeat``: a positive int."""
     return _number(text, int, "an int", lambda v: v > 0, "positive")
 
 
@@ -103,7 +103,8 @@ def non_negative_int(text: str) -> int:
 
 
 def block_count(text: str) -> int:
-    """argparse type of a tier's slot count: an int in 1..2**31-1 (slot ids are 32-bit)."""
+    """argparse type of a tier's slot count (``--blocks``): an int in 1..2**31-1 (slot ids
+    are 32-bit)."""
     return _number(text, int, "an int", lambda v: 0 < v <= MAX_BLOCKS, f"in 1..{MAX_BLOCKS}")
 
 
@@ -120,7 +121,7 @@ def probability(text: str) -> float:
 def add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
     """``--blocks N`` or ``--capacity FRACTION`` (default 0.1), shared with ``bench policy``."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--blocks", type=positive_int, metavar="N", help="tier size in blocks")
+    group.add_argument("--blocks", type=block_count, metavar="N", help="tier size in blocks")
     group.add_argument(
         "--capacity",
         type=parse_fraction,

@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 import torch
 
+from kvactors.config import MAX_BLOCKS
 from kvactors.errors import BlocksMissingError, ConfigError, RemoteUnavailable, TransferError
 from kvactors.keys import Key
 from kvactors.media.memory import row_buffers
@@ -114,7 +115,7 @@ class RemoteStore:
         retry_after: float = 1.0,
         max_batch_bytes: int = 64 * 2**20,
         ttl: float | None = None,
-        num_blocks: int = 2**31 - 1,  # the manager's MAX_BLOCKS (media sit below it)
+        num_blocks: int = MAX_BLOCKS,
     ) -> None:
         try:
             import redis

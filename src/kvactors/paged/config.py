@@ -13,6 +13,7 @@ Every value is checked when the config is built; a wrong one raises
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import msgspec
 import torch
@@ -129,8 +130,12 @@ class KVCacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     @property
     def watermark_blocks(self) -> int:
-        """``watermark`` as a block count (rounded up)."""
-        return math.ceil(self.watermark * self.num_gpu_blocks)
+        """``watermark`` as a block count, rounded up, from the decimal value written.
+
+        Exact: ``0.07`` of 100 blocks is 7 (the float product, 7.000000000000001,
+        would round up to 8).
+        """
+        return math.ceil(Fraction(repr(self.watermark)) * self.num_gpu_blocks)
 
     def resolved_device(self) -> torch.device:
         """``device`` with ``"auto"`` resolved to CUDA when available, else the CPU.

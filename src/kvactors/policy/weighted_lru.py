@@ -18,10 +18,12 @@ GDSF; uniform blocks make it irrelevant). Pick it when a few shared prefixes
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Container, Iterable, Sequence
 from itertools import count
 from typing import ClassVar
 
+from kvactors.errors import ConfigError
 from kvactors.keys import Key
 from kvactors.policy._base import BlockStatus, HeldKeys
 
@@ -34,6 +36,15 @@ class WeightedLRUPolicy(HeldKeys):
     def __init__(
         self, capacity: int = 0, *, frequency_weight: float = 1.0, size_weight: float = 1.0
     ) -> None:
+        """Raises :class:`~kvactors.errors.ConfigError` naming a weight that is not a
+        finite ``int`` or ``float`` (a string, ``None``, a bool, NaN, infinity)."""
+        for field, weight in (("frequency_weight", frequency_weight), ("size_weight", size_weight)):
+            if (
+                not isinstance(weight, (int, float))
+                or isinstance(weight, bool)
+                or not math.isfinite(weight)
+            ):
+                raise ConfigError(f"{field} must be a finite number, got {weight!r}")
         self.capacity = capacity
         self.frequency_weight = frequency_weight
         self.size_weight = size_weight
