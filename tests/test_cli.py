@@ -161,6 +161,9 @@ def test_malformed_trace_is_one_line_on_stderr(
         ["replay", "--blocks", "0"],
         ["replay", "--blocks", "2147483648"],  # past a manager's 2**31 - 1 slots
         ["replay", "--blocks", "1e3"],
+        ["demo", "--cpu-blocks", "2147483648"],
+        ["demo", "--nvme-blocks", "2147483648"],
+        ["bench", "remote", "--cpu-blocks", "2147483648"],
         ["replay", "--policy", "fifo"],
         ["bench", "nope"],
         ["bench"],

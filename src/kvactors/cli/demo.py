@@ -19,7 +19,7 @@ import msgspec
 import torch
 
 import kvactors
-from kvactors.cli.arguments import positive_int
+from kvactors.cli.arguments import block_count, positive_int
 from kvactors.cli.report import Report
 from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
 from kvactors.errors import KVActorsError
@@ -174,8 +174,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--block-kib", type=positive_int, default=16, help="bytes per block, in KiB"
     )
-    parser.add_argument("--cpu-blocks", type=positive_int, default=4096, help="CPU tier slots")
-    parser.add_argument("--nvme-blocks", type=positive_int, default=32768, help="NVMe tier slots")
+    parser.add_argument("--cpu-blocks", type=block_count, default=4096, help="CPU tier slots")
+    parser.add_argument("--nvme-blocks", type=block_count, default=32768, help="NVMe tier slots")
     parser.add_argument("--nvme-dir", default=None, help="NVMe directory (default: temporary)")
     parser.add_argument("--no-nvme", action="store_true", help="run with GPU and CPU tiers only")
     parser.add_argument("--concurrency", type=positive_int, default=4, help="requests in flight")

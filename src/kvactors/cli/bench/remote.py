@@ -52,7 +52,7 @@ import anyio
 import torch
 
 import kvactors
-from kvactors.cli.arguments import positive_int, resolve_trace
+from kvactors.cli.arguments import block_count, positive_int, resolve_trace
 from kvactors.cli.bench.remote_rounds import (
     RAW_BATCH_BYTES,
     RAW_MODES,
@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--requests", type=positive_int, default=1500, help="trace requests replayed"
     )
     parser.add_argument(
-        "--cpu-blocks", type=positive_int, default=256, help="CPU tier of each engine"
+        "--cpu-blocks", type=block_count, default=256, help="CPU tier of each engine"
     )
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
 
