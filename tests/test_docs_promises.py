@@ -908,3 +908,68 @@ async def test_a_key_too_long_for_the_nvme_index_stays_in_cpu_and_is_dropped_on_
             assert stats.policy.demotions_lost >= 1
             assert (await kv.lookup([long_key])).hits == 0
             assert (await kv.lookup([short_key])).tiers == ["nvme"]
+
+
+@pytest.mark.anyio
+async def test_open_without_a_config_uses_the_defaults() -> None:
+    # docs/api.md: open() or open(None) runs the defaults of the configuration.
+    defaults = kvactors.Config()
+    assert defaults.nvme is not None
+    with anyio.fail_after(60):
+        for kv_open in (kvactors.open, lambda: kvactors.open(None)):
+            async with kv_open() as kv:
+                stats = await kv.stats()
+                assert {name: t.capacity for name, t in stats.policy.tiers.items()} == {
+                    "cpu": defaults.cpu.num_blocks,
+                    "nvme": defaults.nvme.num_blocks,
+                }
+                assert {name: t.policy for name, t in stats.policy.tiers.items()} == {
+                    "cpu": "lru",
+                    "nvme": "lru",
+                }
+                last = defaults.gpu.num_blocks - 1
+                assert kv.gpu_pool.rows([last]).shape == (1, defaults.block_bytes)
+                with pytest.raises(TensorSpecError):
+                    kv.gpu_pool.rows([last + 1])
+                assert kv.medium("nvme").io == "buffered"  # a temporary directory
+
+
+@pytest.mark.anyio
+async def test_prefetch_returns_false_when_dropped_and_counts_it() -> None:
+    # docs/api.md: prefetch is a lossy hint, NVMe blocks are promoted to CPU;
+    # False when dropped (counted: stats().prefetch_dropped).
+    config = small(
+        mailbox_size=1,
+        cpu=kvactors.TierConfig(num_blocks=1),
+        nvme=kvactors.NVMeConfig(num_blocks=8),
+    )
+    with anyio.fail_after(30):
+        async with kvactors.open(config) as kv:
+            await kv.store([b"a"], [0])
+            await kv.store([b"b"], [1])  # demotes a to NVMe
+            assert (await kv.lookup([b"a"])).tiers == ["nvme"]
+            assert (await kv.stats()).prefetch_dropped == 0
+            sent = [kv.prefetch([b"a"]) for _ in range(6)]  # no await: the mailbox fills
+            assert sent[0] is True
+            assert False in sent
+            assert (await kv.stats()).prefetch_dropped == sent.count(False)
+            while (await kv.lookup([b"a"])).tiers != ["cpu"]:
+                await anyio.sleep(0.01)  # the hint that got through promotes it
+
+
+@pytest.mark.anyio
+async def test_an_events_stream_dropped_unclosed_warns_resource_warning() -> None:
+    # docs/api.md: the events stream is an anyio receive stream; close it when
+    # done, else it warns ResourceWarning when dropped.
+    import gc
+
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            async with await kv.events() as closed:
+                await kv.store([b"a"], [0])
+                assert (await closed.receive()).keys == [b"a"]
+            del closed
+            gc.collect()  # a closed stream does not warn (warnings are errors here)
+            streams = [await kv.events()]
+            with pytest.warns(ResourceWarning, match="Unclosed"):
+                streams.clear()  # the last reference: dropped at once
