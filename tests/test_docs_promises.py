@@ -973,3 +973,53 @@ async def test_an_events_stream_dropped_unclosed_warns_resource_warning() -> Non
             streams = [await kv.events()]
             with pytest.warns(ResourceWarning, match="Unclosed"):
                 streams.clear()  # the last reference: dropped at once
+
+
+@pytest.mark.anyio
+async def test_submit_futures_poll_and_await_as_documented() -> None:
+    # docs/api.md: a submit_* future has done(), result(), exception() or is
+    # awaited; result()/exception() before done() raise RuntimeError, and
+    # cancelling a waiter does not cancel the call.
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            fut = kv.submit_store([b"a"], [0])
+            assert not fut.done()
+            with pytest.raises(RuntimeError, match="not done"):
+                fut.result()
+            with pytest.raises(RuntimeError, match="not done"):
+                fut.exception()
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await fut  # cancelled at once: the store goes on
+            assert scope.cancelled_caught
+            stored = await fut
+            assert fut.done()
+            assert fut.exception() is None
+            assert fut.result() is stored
+            assert stored is not None
+            assert stored.stored == 1
+            assert (await kv.lookup([b"a"])).tiers == ["cpu"]
+            missing = kv.submit_load([b"zz"], [1])
+            with pytest.raises(BlockNotFoundError):
+                await missing
+            assert isinstance(missing.exception(), BlockNotFoundError)
+            with pytest.raises(BlockNotFoundError):
+                missing.result()
+
+
+@pytest.mark.anyio
+async def test_load_partial_must_be_a_bool() -> None:
+    # docs/api.md: partial is True or False; anything else raises TensorSpecError
+    # before anything changes (submit_load included).
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            await kv.store([b"a"], [0])
+            before = await kv.stats()
+            for bad in (1, 0, None, "yes"):
+                with pytest.raises(TensorSpecError, match="partial"):
+                    await kv.load([b"a"], [1], partial=bad)  # type: ignore[arg-type]
+                with pytest.raises(TensorSpecError, match="partial"):
+                    kv.submit_load([b"a"], [1], partial=bad)  # type: ignore[arg-type]
+            after = await kv.stats()
+            assert after.latency["load"].count == before.latency["load"].count == 0
+            assert (await kv.load([b"a"], [1], partial=True)).tiers == ["cpu"]
