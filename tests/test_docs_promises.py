@@ -1023,3 +1023,41 @@ async def test_load_partial_must_be_a_bool() -> None:
             after = await kv.stats()
             assert after.latency["load"].count == before.latency["load"].count == 0
             assert (await kv.load([b"a"], [1], partial=True)).tiers == ["cpu"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["demo", "--requests", "-1"], "kvactors demo"),
+        (["replay", "--capacity", "0"], "kvactors replay"),
+        (["bench", "nope"], "kvactors bench"),
+        (["nope"], "kvactors"),
+        (["bench", "policy", "--bogus"], "kvactors"),
+    ],
+)
+def test_a_bad_argument_prints_usage_then_one_error_line_and_exits_2(
+    argv: list[str], command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # README.md: a bad argument prints the command's usage, then one line naming
+    # the command, and exits 2; no traceback.
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("usage: kvactors")
+    assert "Traceback" not in err
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.startswith(f"{command}: error: ")
+    assert sum("error:" in line for line in err.splitlines()) == 1
+
+
+def test_a_kvactors_error_prints_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # README.md: a kvactors error prints one line (kvactors: error: ...) and exits 2.
+    missing = tmp_path / "missing.jsonl"
+    assert main(["replay", str(missing)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.endswith("\n")
+    assert err.count("\n") == 1
+    assert err.startswith(f"kvactors: error: cannot read trace '{missing}'")
