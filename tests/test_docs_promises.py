@@ -1061,3 +1061,30 @@ def test_a_kvactors_error_prints_one_line_and_exits_2(
     assert err.endswith("\n")
     assert err.count("\n") == 1
     assert err.startswith(f"kvactors: error: cannot read trace '{missing}'")
+
+
+@pytest.mark.parametrize(
+    "field", ["connect_timeout", "timeout", "retry_after", "flush_timeout", "ttl"]
+)
+def test_remote_seconds_past_a_floats_range_are_a_config_error(field: str) -> None:
+    # docs/api.md: the remote tier's seconds are finite numbers > 0; every wrong
+    # value raises ConfigError naming the field (an int too large for a float too).
+    huge = 2**1100
+    with pytest.raises(ConfigError, match=field):
+        RemoteConfig(url="redis://127.0.0.1:6379/0", model="m", **{field: huge})
+    with pytest.raises(ConfigError, match=field):
+        kvactors.Config.from_dict(
+            {"remote": {"url": "redis://127.0.0.1:6379/0", "model": "m", field: huge}}
+        )
+    assert getattr(RemoteConfig(url="redis://h:1/0", model="m", **{field: 2**20}), field) == 2**20
+
+
+@pytest.mark.anyio
+async def test_a_block_size_no_machine_holds_is_a_config_error_at_open() -> None:
+    # docs/api.md: at open, pools too large for this machine raise ConfigError
+    # naming the field, also for a block_bytes past a float's range.
+    with anyio.fail_after(30):
+        for block_bytes in (2**1100, 2**60):
+            with pytest.raises(ConfigError, match=r"^gpu\.num_blocks: the pools up to this one"):
+                async with kvactors.open(small(block_bytes=block_bytes)):
+                    pass
