@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -1088,3 +1091,54 @@ async def test_a_block_size_no_machine_holds_is_a_config_error_at_open() -> None
             with pytest.raises(ConfigError, match=r"^gpu\.num_blocks: the pools up to this one"):
                 async with kvactors.open(small(block_bytes=block_bytes)):
                     pass
+
+
+def _takes_o_direct(directory: Path) -> bool:
+    import errno
+
+    probe = directory / "probe"
+    probe.write_bytes(b"\0" * BB)
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    finally:
+        probe.unlink()
+    os.close(fd)
+    return True
+
+
+@pytest.mark.anyio
+async def test_nvme_io_auto_is_direct_exactly_where_the_file_system_takes_o_direct(
+    tmp_path: Path,
+) -> None:
+    # docs/api.md: "auto" is direct for a named directory whose file system
+    # accepts O_DIRECT (a tmpfs does from Linux 6.6 on), buffered otherwise;
+    # "direct" where the file system refuses it is a ConfigError naming nvme.io.
+    from kvactors.media import file_store
+
+    if file_store._io_vectored is None:
+        pytest.skip("compiled I/O core not built")
+    shm = Path("/dev/shm")
+    places = [tmp_path]
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        places.append(shm)
+    with anyio.fail_after(60):
+        for place in places:
+            base = Path(tempfile.mkdtemp(dir=place))
+            try:
+                direct = _takes_o_direct(base)
+                for io in ("auto", "direct"):
+                    nvme = kvactors.NVMeConfig(num_blocks=8, directory=str(base / io), io=io)
+                    if io == "direct" and not direct:
+                        with pytest.raises(ConfigError, match=r"nvme\.io"):
+                            async with kvactors.open(small(nvme=nvme)):
+                                pass
+                        continue
+                    async with kvactors.open(small(nvme=nvme)) as kv:
+                        want = "direct" if direct else "buffered"
+                        assert kv.medium("nvme").io == want, (place, io)
+            finally:
+                shutil.rmtree(base, ignore_errors=True)
