@@ -231,3 +231,34 @@ async def test_a_temporary_directory_is_removed_on_close() -> None:
             assert result is not None
             assert result.durable == []  # never durable
     assert not directory.exists()
+
+
+async def test_a_temporary_directory_is_removed_when_opening_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/durability.md: temporary directories are removed on close (and when
+    opening fails)."""
+    import tempfile
+
+    made: list[str] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def recording_mkdtemp(*args: Any, **kwargs: Any) -> str:
+        path = real_mkdtemp(*args, **{**kwargs, "dir": str(tmp_path)})
+        made.append(path)
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording_mkdtemp)
+    bad = kvactors.Config(
+        block_bytes=1000,  # O_DIRECT needs 4096-byte multiples
+        gpu=kvactors.GPUConfig(num_blocks=4, device="cpu"),
+        cpu=kvactors.TierConfig(num_blocks=4),
+        nvme=kvactors.NVMeConfig(num_blocks=8, io="direct"),
+    )
+    with anyio.fail_after(30):
+        with pytest.raises(ConfigError, match=r"nvme\.io"):
+            async with kvactors.open(bad):
+                pass
+    assert made, "the store made its temporary directory before failing"
+    assert not any(Path(p).exists() for p in made)
+    assert os.listdir(tmp_path) == []
