@@ -1142,3 +1142,34 @@ async def test_nvme_io_auto_is_direct_exactly_where_the_file_system_takes_o_dire
                         assert kv.medium("nvme").io == want, (place, io)
             finally:
                 shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.anyio
+async def test_an_int_key_too_long_for_the_nvme_index_is_never_durable(tmp_path: Path) -> None:
+    # docs/api.md: an int key whose signed little-endian bytes exceed 65,535 is
+    # CPU-only, never durable; the keys stored after it stay durable across a
+    # reopen (its record used to wrap its 16-bit length and cut the log there).
+    cfg = kvactors.Config(
+        block_bytes=4096,
+        write_mode="write_through",
+        gpu=kvactors.GPUConfig(num_blocks=4, device="cpu"),
+        cpu=kvactors.TierConfig(num_blocks=8),
+        nvme=kvactors.NVMeConfig(num_blocks=16, directory=str(tmp_path / "kv")),
+    )
+    too_long = [2**524279, -(2**524279)]
+    fits = [2**524279 - 1, -(2**524279) + 1, 2**800, b"after"]
+    with anyio.fail_after(60):
+        async with kvactors.open(cfg) as kv:
+            for key in too_long:
+                result = await kv.store([key], [0])
+                assert result is not None
+                assert (result.stored, result.durable) == (1, [])
+                assert (await kv.lookup([key])).tiers == ["cpu"]
+            for key in fits:
+                result = await kv.store([key], [1])
+                assert result is not None
+                assert result.durable == [key]
+        async with kvactors.open(cfg) as kv:
+            assert (await kv.lookup(too_long)).hits == 0
+            for key in fits:
+                assert (await kv.lookup([key])).tiers == ["nvme"]

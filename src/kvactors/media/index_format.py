@@ -103,8 +103,25 @@ def decode_key(kind: int, raw: bytes) -> Key:
     return raw if kind == KIND_BYTES else int.from_bytes(raw, "little", signed=True)
 
 
+MAX_KEY_BYTES = 65_535
+"""The longest key a record holds (its length is a ``u16``): a ``bytes`` key's
+length, an ``int`` key's signed little-endian bytes."""
+_MAX_INT_BITS = 8 * MAX_KEY_BYTES  # an int of this many bits needs one byte more
+
+
 def encode(op: int, keys: list[Key], slots: list[int], crcs: list[int], first_seq: int) -> bytes:
-    """Records of ``keys`` numbered from ``first_seq`` (compiled where built)."""
+    """Records of ``keys`` numbered from ``first_seq`` (compiled where built).
+
+    A key longer than :data:`MAX_KEY_BYTES` (``bytes``, or an ``int`` whose
+    bytes are) raises ``ValueError``: nothing is encoded."""
+    for key in keys:
+        too_long = (
+            len(key) > MAX_KEY_BYTES
+            if isinstance(key, bytes)
+            else key.bit_length() >= _MAX_INT_BITS
+        )
+        if too_long:
+            raise ValueError(f"keys of the NVMe index are at most {MAX_KEY_BYTES} bytes")
     if _native_encode is not None:
         return _native_encode(op, keys, slots, crcs, first_seq)
     return b"".join(
