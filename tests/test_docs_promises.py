@@ -1173,3 +1173,30 @@ async def test_an_int_key_too_long_for_the_nvme_index_is_never_durable(tmp_path:
             assert (await kv.lookup(too_long)).hits == 0
             for key in fits:
                 assert (await kv.lookup([key])).tiers == ["nvme"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("long_key", [b"k" * 65_536, 2**524279], ids=["bytes", "int"])
+async def test_a_write_through_call_naming_a_too_long_key_makes_none_of_its_keys_durable(
+    tmp_path: Path, long_key: bytes | int
+) -> None:
+    # docs/api.md: under write_through a call naming a key too long for the NVMe
+    # index fails its whole NVMe write: its other new keys are CPU-only too.
+    cfg = kvactors.Config(
+        block_bytes=4096,
+        write_mode="write_through",
+        gpu=kvactors.GPUConfig(num_blocks=4, device="cpu"),
+        cpu=kvactors.TierConfig(num_blocks=8),
+        nvme=kvactors.NVMeConfig(num_blocks=16, directory=str(tmp_path / "kv")),
+    )
+    with anyio.fail_after(60):
+        async with kvactors.open(cfg) as kv:
+            mixed = await kv.store([1, long_key, 2], [0, 1, 2])
+            assert mixed is not None
+            assert (mixed.stored, mixed.durable) == (3, [])
+            alone = await kv.store([3], [3])
+            assert alone is not None
+            assert alone.durable == [3]
+        async with kvactors.open(cfg) as kv:
+            assert (await kv.lookup([1])).hits == 0
+            assert (await kv.lookup([3])).tiers == ["nvme"]
