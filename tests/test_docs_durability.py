@@ -23,6 +23,7 @@ from kvactors.errors import (
     ActorStartError,
     ConfigError,
     IndexDamagedError,
+    IntegrityError,
     KVActorsError,
     StoreOpenError,
 )
@@ -231,3 +232,63 @@ async def test_a_temporary_directory_is_removed_on_close() -> None:
             assert result is not None
             assert result.durable == []  # never durable
     assert not directory.exists()
+
+
+async def test_a_temporary_directory_is_removed_when_opening_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/durability.md: temporary directories are removed on close (and when
+    opening fails)."""
+    import tempfile
+
+    made: list[str] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def recording_mkdtemp(*args: Any, **kwargs: Any) -> str:
+        path = real_mkdtemp(*args, **{**kwargs, "dir": str(tmp_path)})
+        made.append(path)
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording_mkdtemp)
+    bad = kvactors.Config(
+        block_bytes=1000,  # O_DIRECT needs 4096-byte multiples
+        gpu=kvactors.GPUConfig(num_blocks=4, device="cpu"),
+        cpu=kvactors.TierConfig(num_blocks=4),
+        nvme=kvactors.NVMeConfig(num_blocks=8, io="direct"),
+    )
+    with anyio.fail_after(30):
+        with pytest.raises(ConfigError, match=r"nvme\.io"):
+            async with kvactors.open(bad):
+                pass
+    assert made, "the store made its temporary directory before failing"
+    assert not any(Path(p).exists() for p in made)
+    assert os.listdir(tmp_path) == []
+
+
+async def test_a_block_file_cut_short_grows_back_and_its_lost_blocks_are_misses(
+    tmp_path: Path,
+) -> None:
+    """docs/durability.md: a block file is never shrunk; one cut short grows
+    back (its missing blocks fail their checksum: misses)."""
+    keys = [1, 2, 3, 4]
+    data = await fill(tmp_path, keys, stripes=1)
+    path = tmp_path / "blocks.bin"
+    full = path.stat().st_size
+    assert full == 16 * BB
+    os.truncate(path, 0)
+    with anyio.fail_after(30):
+        async with kvactors.open(config(tmp_path, stripes=1)) as kv:
+            assert path.stat().st_size == full  # grown back at open
+            out = torch.zeros(4, BB, dtype=torch.uint8)
+            with pytest.raises(IntegrityError) as info:
+                await kv.load(keys, out)
+            assert sorted(info.value.keys) == keys
+            assert (await kv.lookup(keys)).hits == 0  # misses from now on
+            assert (await kv.load(keys, out, partial=True)).tiers == []
+            assert (await kv.stats()).policy.corrupted == 4
+            stored = await kv.store(keys, data)  # the tier takes them again
+            assert stored is not None
+            assert sorted(stored.durable) == keys
+        async with kvactors.open(config(tmp_path, stripes=1)) as kv:
+            await kv.load(keys, out)
+            assert torch.equal(out, data)

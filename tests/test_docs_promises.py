@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -922,3 +925,292 @@ async def test_a_key_too_long_for_the_nvme_index_stays_in_cpu_and_is_dropped_on_
             assert stats.policy.demotions_lost >= 1
             assert (await kv.lookup([long_key])).hits == 0
             assert (await kv.lookup([short_key])).tiers == ["nvme"]
+
+
+@pytest.mark.anyio
+async def test_open_without_a_config_uses_the_defaults() -> None:
+    # docs/api.md: open() or open(None) runs the defaults of the configuration.
+    defaults = kvactors.Config()
+    assert defaults.nvme is not None
+    with anyio.fail_after(60):
+        for kv_open in (kvactors.open, lambda: kvactors.open(None)):
+            async with kv_open() as kv:
+                stats = await kv.stats()
+                assert {name: t.capacity for name, t in stats.policy.tiers.items()} == {
+                    "cpu": defaults.cpu.num_blocks,
+                    "nvme": defaults.nvme.num_blocks,
+                }
+                assert {name: t.policy for name, t in stats.policy.tiers.items()} == {
+                    "cpu": "lru",
+                    "nvme": "lru",
+                }
+                last = defaults.gpu.num_blocks - 1
+                assert kv.gpu_pool.rows([last]).shape == (1, defaults.block_bytes)
+                with pytest.raises(TensorSpecError):
+                    kv.gpu_pool.rows([last + 1])
+                assert kv.medium("nvme").io == "buffered"  # a temporary directory
+
+
+@pytest.mark.anyio
+async def test_prefetch_returns_false_when_dropped_and_counts_it() -> None:
+    # docs/api.md: prefetch is a lossy hint, NVMe blocks are promoted to CPU;
+    # False when dropped (counted: stats().prefetch_dropped).
+    config = small(
+        mailbox_size=1,
+        cpu=kvactors.TierConfig(num_blocks=1),
+        nvme=kvactors.NVMeConfig(num_blocks=8),
+    )
+    with anyio.fail_after(30):
+        async with kvactors.open(config) as kv:
+            await kv.store([b"a"], [0])
+            await kv.store([b"b"], [1])  # demotes a to NVMe
+            assert (await kv.lookup([b"a"])).tiers == ["nvme"]
+            assert (await kv.stats()).prefetch_dropped == 0
+            sent = [kv.prefetch([b"a"]) for _ in range(6)]  # no await: the mailbox fills
+            assert sent[0] is True
+            assert False in sent
+            assert (await kv.stats()).prefetch_dropped == sent.count(False)
+            while (await kv.lookup([b"a"])).tiers != ["cpu"]:
+                await anyio.sleep(0.01)  # the hint that got through promotes it
+
+
+@pytest.mark.anyio
+async def test_an_events_stream_dropped_unclosed_warns_resource_warning() -> None:
+    # docs/api.md: the events stream is an anyio receive stream; close it when
+    # done, else it warns ResourceWarning when dropped.
+    import gc
+
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            async with await kv.events() as closed:
+                await kv.store([b"a"], [0])
+                assert (await closed.receive()).keys == [b"a"]
+            del closed
+            gc.collect()  # a closed stream does not warn (warnings are errors here)
+            streams = [await kv.events()]
+            with pytest.warns(ResourceWarning, match="Unclosed"):
+                streams.clear()  # the last reference: dropped at once
+
+
+@pytest.mark.anyio
+async def test_submit_futures_poll_and_await_as_documented() -> None:
+    # docs/api.md: a submit_* future has done(), result(), exception() or is
+    # awaited; result()/exception() before done() raise RuntimeError, and
+    # cancelling a waiter does not cancel the call.
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            fut = kv.submit_store([b"a"], [0])
+            assert not fut.done()
+            with pytest.raises(RuntimeError, match="not done"):
+                fut.result()
+            with pytest.raises(RuntimeError, match="not done"):
+                fut.exception()
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await fut  # cancelled at once: the store goes on
+            assert scope.cancelled_caught
+            stored = await fut
+            assert fut.done()
+            assert fut.exception() is None
+            assert fut.result() is stored
+            assert stored is not None
+            assert stored.stored == 1
+            assert (await kv.lookup([b"a"])).tiers == ["cpu"]
+            missing = kv.submit_load([b"zz"], [1])
+            with pytest.raises(BlockNotFoundError):
+                await missing
+            assert isinstance(missing.exception(), BlockNotFoundError)
+            with pytest.raises(BlockNotFoundError):
+                missing.result()
+
+
+@pytest.mark.anyio
+async def test_load_partial_must_be_a_bool() -> None:
+    # docs/api.md: partial is True or False; anything else raises TensorSpecError
+    # before anything changes (submit_load included).
+    with anyio.fail_after(30):
+        async with kvactors.open(small()) as kv:
+            await kv.store([b"a"], [0])
+            before = await kv.stats()
+            for bad in (1, 0, None, "yes"):
+                with pytest.raises(TensorSpecError, match="partial"):
+                    await kv.load([b"a"], [1], partial=bad)  # type: ignore[arg-type]
+                with pytest.raises(TensorSpecError, match="partial"):
+                    kv.submit_load([b"a"], [1], partial=bad)  # type: ignore[arg-type]
+            after = await kv.stats()
+            assert after.latency["load"].count == before.latency["load"].count == 0
+            assert (await kv.load([b"a"], [1], partial=True)).tiers == ["cpu"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["demo", "--requests", "-1"], "kvactors demo"),
+        (["replay", "--capacity", "0"], "kvactors replay"),
+        (["bench", "nope"], "kvactors bench"),
+        (["nope"], "kvactors"),
+        (["bench", "policy", "--bogus"], "kvactors"),
+    ],
+)
+def test_a_bad_argument_prints_usage_then_one_error_line_and_exits_2(
+    argv: list[str], command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # README.md: a bad argument prints the command's usage, then one line naming
+    # the command, and exits 2; no traceback.
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("usage: kvactors")
+    assert "Traceback" not in err
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.startswith(f"{command}: error: ")
+    assert sum("error:" in line for line in err.splitlines()) == 1
+
+
+def test_a_kvactors_error_prints_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # README.md: a kvactors error prints one line (kvactors: error: ...) and exits 2.
+    missing = tmp_path / "missing.jsonl"
+    assert main(["replay", str(missing)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.endswith("\n")
+    assert err.count("\n") == 1
+    assert err.startswith(f"kvactors: error: cannot read trace '{missing}'")
+
+
+@pytest.mark.parametrize(
+    "field", ["connect_timeout", "timeout", "retry_after", "flush_timeout", "ttl"]
+)
+def test_remote_seconds_past_a_floats_range_are_a_config_error(field: str) -> None:
+    # docs/api.md: the remote tier's seconds are finite numbers > 0; every wrong
+    # value raises ConfigError naming the field (an int too large for a float too).
+    huge = 2**1100
+    with pytest.raises(ConfigError, match=field):
+        RemoteConfig(url="redis://127.0.0.1:6379/0", model="m", **{field: huge})
+    with pytest.raises(ConfigError, match=field):
+        kvactors.Config.from_dict(
+            {"remote": {"url": "redis://127.0.0.1:6379/0", "model": "m", field: huge}}
+        )
+    assert getattr(RemoteConfig(url="redis://h:1/0", model="m", **{field: 2**20}), field) == 2**20
+
+
+@pytest.mark.anyio
+async def test_a_block_size_no_machine_holds_is_a_config_error_at_open() -> None:
+    # docs/api.md: at open, pools too large for this machine raise ConfigError
+    # naming the field, also for a block_bytes past a float's range.
+    with anyio.fail_after(30):
+        for block_bytes in (2**1100, 2**60):
+            with pytest.raises(ConfigError, match=r"^gpu\.num_blocks: the pools up to this one"):
+                async with kvactors.open(small(block_bytes=block_bytes)):
+                    pass
+
+
+def _takes_o_direct(directory: Path) -> bool:
+    import errno
+
+    probe = directory / "probe"
+    probe.write_bytes(b"\0" * BB)
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    finally:
+        probe.unlink()
+    os.close(fd)
+    return True
+
+
+@pytest.mark.anyio
+async def test_nvme_io_auto_is_direct_exactly_where_the_file_system_takes_o_direct(
+    tmp_path: Path,
+) -> None:
+    # docs/api.md: "auto" is direct for a named directory whose file system
+    # accepts O_DIRECT (a tmpfs does from Linux 6.6 on), buffered otherwise;
+    # "direct" where the file system refuses it is a ConfigError naming nvme.io.
+    from kvactors.media import file_store
+
+    if file_store._io_vectored is None:
+        pytest.skip("compiled I/O core not built")
+    shm = Path("/dev/shm")
+    places = [tmp_path]
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        places.append(shm)
+    with anyio.fail_after(60):
+        for place in places:
+            base = Path(tempfile.mkdtemp(dir=place))
+            try:
+                direct = _takes_o_direct(base)
+                for io in ("auto", "direct"):
+                    nvme = kvactors.NVMeConfig(num_blocks=8, directory=str(base / io), io=io)
+                    if io == "direct" and not direct:
+                        with pytest.raises(ConfigError, match=r"nvme\.io"):
+                            async with kvactors.open(small(nvme=nvme)):
+                                pass
+                        continue
+                    async with kvactors.open(small(nvme=nvme)) as kv:
+                        want = "direct" if direct else "buffered"
+                        assert kv.medium("nvme").io == want, (place, io)
+            finally:
+                shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.anyio
+async def test_an_int_key_too_long_for_the_nvme_index_is_never_durable(tmp_path: Path) -> None:
+    # docs/api.md: an int key whose signed little-endian bytes exceed 65,535 is
+    # CPU-only, never durable; the keys stored after it stay durable across a
+    # reopen (its record used to wrap its 16-bit length and cut the log there).
+    cfg = kvactors.Config(
+        block_bytes=4096,
+        write_mode="write_through",
+        gpu=kvactors.GPUConfig(num_blocks=4, device="cpu"),
+        cpu=kvactors.TierConfig(num_blocks=8),
+        nvme=kvactors.NVMeConfig(num_blocks=16, directory=str(tmp_path / "kv")),
+    )
+    too_long = [2**524279, -(2**524279)]
+    fits = [2**524279 - 1, -(2**524279) + 1, 2**800, b"after"]
+    with anyio.fail_after(60):
+        async with kvactors.open(cfg) as kv:
+            for key in too_long:
+                result = await kv.store([key], [0])
+                assert result is not None
+                assert (result.stored, result.durable) == (1, [])
+                assert (await kv.lookup([key])).tiers == ["cpu"]
+            for key in fits:
+                result = await kv.store([key], [1])
+                assert result is not None
+                assert result.durable == [key]
+        async with kvactors.open(cfg) as kv:
+            assert (await kv.lookup(too_long)).hits == 0
+            for key in fits:
+                assert (await kv.lookup([key])).tiers == ["nvme"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("long_key", [b"k" * 65_536, 2**524279], ids=["bytes", "int"])
+async def test_a_write_through_call_naming_a_too_long_key_makes_none_of_its_keys_durable(
+    tmp_path: Path, long_key: bytes | int
+) -> None:
+    # docs/api.md: under write_through a call naming a key too long for the NVMe
+    # index fails its whole NVMe write: its other new keys are CPU-only too.
+    cfg = kvactors.Config(
+        block_bytes=4096,
+        write_mode="write_through",
+        gpu=kvactors.GPUConfig(num_blocks=4, device="cpu"),
+        cpu=kvactors.TierConfig(num_blocks=8),
+        nvme=kvactors.NVMeConfig(num_blocks=16, directory=str(tmp_path / "kv")),
+    )
+    with anyio.fail_after(60):
+        async with kvactors.open(cfg) as kv:
+            mixed = await kv.store([1, long_key, 2], [0, 1, 2])
+            assert mixed is not None
+            assert (mixed.stored, mixed.durable) == (3, [])
+            alone = await kv.store([3], [3])
+            assert alone is not None
+            assert alone.durable == [3]
+        async with kvactors.open(cfg) as kv:
+            assert (await kv.lookup([1])).hits == 0
+            assert (await kv.lookup([3])).tiers == ["nvme"]

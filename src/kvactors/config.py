@@ -215,13 +215,14 @@ first; blocks evicted from one tier move down to the next."""
 
 
 def _seconds(value: object) -> bool:
-    """A finite number of seconds > 0 (NaN and infinity never bound a wait)."""
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    """A finite number of seconds > 0 (NaN and infinity never bound a wait; an
+    int past a float's range cannot be one either)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:
+        return False
 
 
 REMOTE_SCHEMES = ("redis://", "rediss://", "unix://")

@@ -56,7 +56,10 @@ def _host_memory() -> int:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    try:
+        return f"{n / 2**30:.1f} GiB"
+    except OverflowError:  # an int past a float's range (a huge block_bytes)
+        return f"{int(n) // 2**30} GiB"
 
 
 def check_sizes(config: Config, device: torch.device) -> None:

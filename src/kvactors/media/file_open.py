@@ -93,7 +93,7 @@ class FileDirectory:
 
         ``auto`` is direct for a named directory on a file system that takes
         O_DIRECT with page-multiple blocks, buffered otherwise (a temporary
-        directory, a tmpfs, odd block sizes). ``compiled``: whether the
+        directory, a file system refusing O_DIRECT, odd block sizes). ``compiled``: whether the
         compiled I/O core is there (direct I/O runs only on it).
         """
         if io == "buffered" or (io == "auto" and self._tmp):

@@ -103,8 +103,37 @@ def decode_key(kind: int, raw: bytes) -> Key:
     return raw if kind == KIND_BYTES else int.from_bytes(raw, "little", signed=True)
 
 
+MAX_KEY_BYTES = 65_535
+"""The longest key a record holds (its length is a ``u16``): a ``bytes`` key's
+length, an ``int`` key's signed little-endian bytes."""
+_MAX_INT_BITS = 8 * MAX_KEY_BYTES  # an int of this many bits needs one byte more
+
+
+def _too_long(keys: list[Key]) -> bool:
+    """Whether a key is longer than :data:`MAX_KEY_BYTES`: one C loop over a list of
+    ints or of bytes, a Python one over a mixed list."""
+    try:
+        return max(map(int.bit_length, keys)) >= _MAX_INT_BITS  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    try:
+        return max(map(len, keys)) > MAX_KEY_BYTES  # type: ignore[arg-type]
+    except TypeError:
+        return any(
+            len(key) > MAX_KEY_BYTES
+            if isinstance(key, bytes)
+            else key.bit_length() >= _MAX_INT_BITS
+            for key in keys
+        )
+
+
 def encode(op: int, keys: list[Key], slots: list[int], crcs: list[int], first_seq: int) -> bytes:
-    """Records of ``keys`` numbered from ``first_seq`` (compiled where built)."""
+    """Records of ``keys`` numbered from ``first_seq`` (compiled where built).
+
+    A key longer than :data:`MAX_KEY_BYTES` (``bytes``, or an ``int`` whose
+    bytes are) raises ``ValueError``: nothing is encoded."""
+    if keys and _too_long(keys):
+        raise ValueError(f"keys of the NVMe index are at most {MAX_KEY_BYTES} bytes")
     if _native_encode is not None:
         return _native_encode(op, keys, slots, crcs, first_seq)
     return b"".join(
