@@ -43,14 +43,13 @@ from kvactors.cli.bench import work_directory
 from kvactors.cli.report import Report, progress
 from kvactors.keys import Key
 from kvactors.manager import OffloadingManager
+from kvactors.media.index_format import MAX_KEY_BYTES
 from kvactors.media.index_snapshot import LOAD_HOW, SnapshotLoad
 from kvactors.media.nvme_index import NVMeIndex
 
 TERABYTE_TIER = 67_108_864  # 4 TiB of 64 KiB blocks
 GOALS = {"reopen_s": 3.0, "ram_bytes_per_block": 100.0, "log_per_live": 2.0, "store_wait_ms": 50.0}
 GOAL_BLOCKS = 10_000_000
-MAX_KEY_BYTES = 65_535
-"""The longest key the index records (its records hold a key's length in 16 bits)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
