@@ -896,18 +896,24 @@ async def test_gpu_pool_rows_and_write_rows_check_their_arguments() -> None:
             assert torch.equal(pool.rows([3]), row)
 
 
+def _write_through(tmp_path: Path, cpu_blocks: int) -> kvactors.Config:
+    """4 KiB blocks, a 4-slot GPU pool, ``cpu_blocks`` CPU slots, 16 NVMe slots in
+    ``tmp_path / "kv"``, every store written through to NVMe."""
+    return kvactors.Config(
+        block_bytes=4096,
+        write_mode="write_through",
+        gpu=kvactors.GPUConfig(num_blocks=4, device="cpu"),
+        cpu=kvactors.TierConfig(num_blocks=cpu_blocks),
+        nvme=kvactors.NVMeConfig(num_blocks=16, directory=str(tmp_path / "kv")),
+    )
+
+
 @pytest.mark.anyio
 async def test_a_key_too_long_for_the_nvme_index_stays_in_cpu_and_is_dropped_on_eviction(
     tmp_path: Path,
 ) -> None:
     # docs/api.md: keys over the NVMe index's 65,535 bytes are CPU-only, never durable.
-    cfg = kvactors.Config(
-        block_bytes=4096,
-        write_mode="write_through",
-        gpu=kvactors.GPUConfig(num_blocks=4, device="cpu"),
-        cpu=kvactors.TierConfig(num_blocks=2),
-        nvme=kvactors.NVMeConfig(num_blocks=16, directory=str(tmp_path / "kv")),
-    )
+    cfg = _write_through(tmp_path, cpu_blocks=2)
     long_key, short_key = b"k" * 65_536, b"s" * 65_535
     with anyio.fail_after(30):
         async with kvactors.open(cfg) as kv:
@@ -1163,13 +1169,7 @@ async def test_an_int_key_too_long_for_the_nvme_index_is_never_durable(tmp_path:
     # docs/api.md: an int key whose signed little-endian bytes exceed 65,535 is
     # CPU-only, never durable; the keys stored after it stay durable across a
     # reopen (its record used to wrap its 16-bit length and cut the log there).
-    cfg = kvactors.Config(
-        block_bytes=4096,
-        write_mode="write_through",
-        gpu=kvactors.GPUConfig(num_blocks=4, device="cpu"),
-        cpu=kvactors.TierConfig(num_blocks=8),
-        nvme=kvactors.NVMeConfig(num_blocks=16, directory=str(tmp_path / "kv")),
-    )
+    cfg = _write_through(tmp_path, cpu_blocks=8)
     too_long = [2**524279, -(2**524279)]
     fits = [2**524279 - 1, -(2**524279) + 1, 2**800, b"after"]
     with anyio.fail_after(60):
@@ -1196,13 +1196,7 @@ async def test_a_write_through_call_naming_a_too_long_key_makes_none_of_its_keys
 ) -> None:
     # docs/api.md: under write_through a call naming a key too long for the NVMe
     # index fails its whole NVMe write: its other new keys are CPU-only too.
-    cfg = kvactors.Config(
-        block_bytes=4096,
-        write_mode="write_through",
-        gpu=kvactors.GPUConfig(num_blocks=4, device="cpu"),
-        cpu=kvactors.TierConfig(num_blocks=8),
-        nvme=kvactors.NVMeConfig(num_blocks=16, directory=str(tmp_path / "kv")),
-    )
+    cfg = _write_through(tmp_path, cpu_blocks=8)
     with anyio.fail_after(60):
         async with kvactors.open(cfg) as kv:
             mixed = await kv.store([1, long_key, 2], [0, 1, 2])
