@@ -70,6 +70,7 @@ BAD = [
     ("remote_nodes", [7000]), ("remote_nodes", ["h:\u00b2"]), ("remote_ttl", 0),
     ("remote_ttl", "5"), ("remote_ttl", True), ("remote_ttl", float("inf")),
     ("remote_timeout", None), ("nvme_stripes", None), ("remote_nodes", ""), ("remote_nodes", {}),
+    ("remote_timeout", 2**1100), ("remote_ttl", 2**1100), ("remote_nodes", [":7000"]),
 ]  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeGuard
 
 import msgspec
 
@@ -40,6 +40,7 @@ __all__ = [
     "RemoteConfig",
     "TierConfig",
     "TierSpec",
+    "positive_seconds",
 ]
 
 
@@ -214,7 +215,7 @@ holding a :class:`TierSpec` (or ``None``: not configured). Stores land in the
 first; blocks evicted from one tier move down to the next."""
 
 
-def _seconds(value: object) -> bool:
+def positive_seconds(value: object) -> TypeGuard[int | float]:
     """A finite number of seconds > 0 (NaN and infinity never bound a wait; an
     int past a float's range cannot be one either)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -279,9 +280,9 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         _check_positive(self, "num_blocks", "threads", "max_batch_bytes")
         for name in ("connect_timeout", "timeout", "retry_after", "flush_timeout"):
             value = getattr(self, name)
-            if not _seconds(value):
+            if not positive_seconds(value):
                 raise ConfigError(f"{name}: expected seconds > 0, got {value!r}")
-        if self.ttl is not None and not _seconds(self.ttl):
+        if self.ttl is not None and not positive_seconds(self.ttl):
             raise ConfigError(f"ttl: expected seconds > 0 or none, got {self.ttl!r}")
         _check_types(self)
         if self.url is None and not self.nodes:

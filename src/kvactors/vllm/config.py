@@ -7,12 +7,12 @@ worker process (each parses the same dict).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
-from kvactors.config import MAX_BLOCKS, MAX_THREADS, REMOTE_SCHEMES
+from kvactors.config import MAX_BLOCKS, MAX_THREADS, REMOTE_SCHEMES, positive_seconds
 from kvactors.errors import ConfigError
+from kvactors.media.remote_nodes import parse_node
 from kvactors.policy import POLICIES
 
 __all__ = ["SPEC_MODULE", "SPEC_NAME", "VLLM_KEYS", "VLLMSettings", "parse_settings"]
@@ -159,12 +159,7 @@ def _positive(extra: Mapping[str, Any], key: str, default: float | None) -> floa
     value = extra.get(key, default)
     if value is None and default is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not positive_seconds(value):
         raise ConfigError(
             f"kv_connector_extra_config[{key!r}]: expected seconds > 0, got {value!r}"
         )
@@ -186,12 +181,14 @@ def _remote(extra: Mapping[str, Any]) -> dict[str, Any]:
             f"got {nodes!r}"
         )
     for node in nodes:
-        host, _, port = str(node).rpartition(":")
-        digits = port.isascii() and port.isdigit()
-        if not isinstance(node, str) or not host or not digits or not 0 < int(port) < 65536:
+        try:
+            if not isinstance(node, str):
+                raise ConfigError(node)
+            parse_node(node)
+        except ConfigError:
             raise ConfigError(
                 f"kv_connector_extra_config['remote_nodes']: expected host:port, got {node!r}"
-            )
+            ) from None
     if url is not None and nodes:
         raise ConfigError(
             "kv_connector_extra_config['remote_nodes']: give remote_url or remote_nodes, not both"
