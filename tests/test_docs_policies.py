@@ -200,7 +200,9 @@ def test_weighted_lru_with_both_weights_zero_is_plain_lru(native: bool) -> None:
 
 
 @pytest.mark.parametrize("field", ["frequency_weight", "size_weight"])
-@pytest.mark.parametrize("weight", ["0.5", None, True, float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize(
+    "weight", ["0.5", None, True, float("nan"), float("inf"), -float("inf"), 2**1100]
+)
 def test_a_weighted_lru_weight_that_is_not_a_finite_number_is_a_config_error(
     field: str, weight: object
 ) -> None:

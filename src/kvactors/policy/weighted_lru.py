@@ -28,6 +28,16 @@ from kvactors.keys import Key
 from kvactors.policy._base import BlockStatus, HeldKeys
 
 
+def _finite(value: object) -> bool:
+    """An ``int`` or ``float`` (not a bool) that a float holds, finite."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 class WeightedLRUPolicy(HeldKeys):
     """GDSF ordering with lazily invalidated heap entries (``evict`` is O(k log n))."""
 
@@ -37,13 +47,10 @@ class WeightedLRUPolicy(HeldKeys):
         self, capacity: int = 0, *, frequency_weight: float = 1.0, size_weight: float = 1.0
     ) -> None:
         """Raises :class:`~kvactors.errors.ConfigError` naming a weight that is not a
-        finite ``int`` or ``float`` (a string, ``None``, a bool, NaN, infinity)."""
+        finite ``int`` or ``float`` (a string, ``None``, a bool, NaN, infinity, an
+        int past a float's range)."""
         for field, weight in (("frequency_weight", frequency_weight), ("size_weight", size_weight)):
-            if (
-                not isinstance(weight, (int, float))
-                or isinstance(weight, bool)
-                or not math.isfinite(weight)
-            ):
+            if not _finite(weight):
                 raise ConfigError(f"{field} must be a finite number, got {weight!r}")
         self.capacity = capacity
         self.frequency_weight = frequency_weight
