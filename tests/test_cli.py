@@ -190,6 +190,19 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
         assert name in out
 
 
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["bench", "--help"]] + [["bench", name, "--help"] for name, _ in BENCHES]
+)
+def test_help_is_plain_text(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """--help prints the commands' docstrings without their reStructuredText markup."""
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "``" not in out
+    for role in (":class:", ":mod:", ":func:"):
+        assert role not in out
+    assert "  kvactors bench" not in out  # a command's one-line help does not repeat its name
+
+
 def test_bench_policy_json(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "policy", "--trace", str(trace), "--blocks", "4", "--repeat", "2"]
     assert main([*argv, "--policy", "lru", "--json"]) == 0

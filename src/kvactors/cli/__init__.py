@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import cast
@@ -57,6 +58,21 @@ def _first_words(argv: Sequence[str]) -> list[str]:
     return [arg for arg in argv if not arg.startswith("-")][:2]
 
 
+_ROLE = re.compile(r":[a-z]+:`~?([^`]*)`")
+
+
+def plain_text(doc: str) -> str:
+    """A command module's docstring as ``--help`` prints it: reStructuredText's
+    inline markup dropped (a cross-reference ``:class:`~a.B``` reads ``B``, a
+    literal ````x```` reads ``x``)."""
+
+    def name(match: re.Match[str]) -> str:
+        target = match.group(1)
+        return target.rsplit(".", 1)[-1] if match.group(0).count("~") else target
+
+    return _ROLE.sub(name, doc).replace("``", "")
+
+
 def _add_command(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     name: str,
@@ -69,10 +85,12 @@ def _add_command(
         subparsers.add_parser(name)
         return
     module = importlib.import_module(module_name)
-    doc = (module.__doc__ or "").strip()
+    doc = plain_text((module.__doc__ or "").strip())
+    first = doc.splitlines()[0] if doc else ""
     parser = subparsers.add_parser(
         name,
-        help=doc.splitlines()[0] if doc else None,
+        help=first.removeprefix(f"kvactors {name}: ").removeprefix(f"kvactors bench {name}: ")
+        or None,
         description=doc or None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
