@@ -1191,20 +1191,42 @@ async def test_an_int_key_too_long_for_the_nvme_index_is_never_durable(tmp_path:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("long_key", [b"k" * 65_536, 2**524279], ids=["bytes", "int"])
-async def test_a_write_through_call_naming_a_too_long_key_makes_none_of_its_keys_durable(
+async def test_a_write_through_call_naming_a_too_long_key_writes_its_other_keys_through(
     tmp_path: Path, long_key: bytes | int
 ) -> None:
-    # docs/api.md: under write_through a call naming a key too long for the NVMe
-    # index fails its whole NVMe write: its other new keys are CPU-only too.
+    # docs/api.md: under write_through a key too long for the NVMe index is left
+    # out of the call's NVMe write; the call's other new keys are written through
+    # and durable, across a reopen too.
     cfg = _write_through(tmp_path, cpu_blocks=8)
     with anyio.fail_after(60):
         async with kvactors.open(cfg) as kv:
             mixed = await kv.store([1, long_key, 2], [0, 1, 2])
             assert mixed is not None
-            assert (mixed.stored, mixed.durable) == (3, [])
-            alone = await kv.store([3], [3])
-            assert alone is not None
-            assert alone.durable == [3]
+            assert (mixed.stored, mixed.durable) == (3, [1, 2])
+            assert (await kv.lookup([1, long_key, 2])).tiers == ["cpu"] * 3
+            assert (await kv.stats()).tiers["nvme"].failed_jobs == 0
         async with kvactors.open(cfg) as kv:
-            assert (await kv.lookup([1])).hits == 0
-            assert (await kv.lookup([3])).tiers == ["nvme"]
+            assert (await kv.lookup([1, 2])).tiers == ["nvme", "nvme"]
+            assert (await kv.lookup([long_key])).hits == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("long_key", [b"k" * 65_536, 2**524279], ids=["bytes", "int"])
+async def test_a_too_long_key_evicted_with_others_is_dropped_and_they_are_demoted(
+    tmp_path: Path, long_key: bytes | int
+) -> None:
+    # docs/api.md: evicted from CPU, a key too long for the NVMe index is dropped
+    # (demotions_lost), not demoted; the victims evicted with it are demoted.
+    cfg = _write_through(tmp_path, cpu_blocks=3).replace(write_mode="write_back")
+    with anyio.fail_after(60):
+        async with kvactors.open(cfg) as kv:
+            first = await kv.store([1, long_key, 2], [0, 1, 2])
+            assert first is not None
+            assert first.durable == []
+            evicting = await kv.store([3, 4, 5], [0, 1, 2])  # all three victims at once
+            assert evicting is not None
+            stats = await kv.stats()
+            assert stats.policy.demotions_lost == 1
+            assert stats.tiers["nvme"].failed_jobs == 0
+            assert (await kv.lookup([1, 2])).tiers == ["nvme", "nvme"]
+            assert (await kv.lookup([long_key])).hits == 0

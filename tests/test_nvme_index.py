@@ -670,3 +670,29 @@ def test_many_random_reopens_match_a_model(tmp_path: Path, native: bool) -> None
             (k, s, c) for k, (s, c) in model.items()
         )
     index.close()
+
+
+_EDGE = index_format.MAX_KEY_BYTES
+_KEYS = st.one_of(
+    st.sampled_from([_EDGE - 1, _EDGE, _EDGE + 1]).map(lambda n: b"k" * n),
+    st.binary(max_size=40),
+    st.sampled_from([8 * _EDGE - 1, 8 * _EDGE]).flatmap(
+        lambda bits: st.sampled_from([2**bits - 1, 2**bits, -(2**bits), -(2**bits) + 1])
+    ),
+    st.integers(min_value=-(2**70), max_value=2**70),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_KEYS, max_size=6))
+def test_fitting_keeps_exactly_the_keys_a_record_holds(keys: list[Key]) -> None:
+    """``fitting`` leaves out exactly the keys ``encode`` refuses, in order."""
+
+    def encodes(key: Key) -> bool:
+        try:
+            index_format.encode(index_format.OP_PUT, [key], [0], [0], 1)
+        except ValueError:
+            return False
+        return True
+
+    assert index_format.fitting(keys) == [k for k in keys if encodes(k)]
