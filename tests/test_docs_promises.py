@@ -103,8 +103,8 @@ def test_api_md_config_example_names_every_key() -> None:
         ({"gpu": {"device": "cuda:x"}}, "gpu.device"),
         ({"gpu": {"device": "cuda:"}}, "gpu.device"),
         ({"gpu": {"device": "tpu"}}, "gpu.device"),
-        ({"nvme": {"directory": ""}}, "nvme: directory"),
-        ({"nvme": {"directory": " "}}, "nvme: directory"),
+        ({"nvme": {"directory": ""}}, "nvme.directory"),
+        ({"nvme": {"directory": " "}}, "nvme.directory"),
         ({"cpu": {"colour": "red"}}, "colour"),
         ({"colour": "red"}, "colour"),
     ],
@@ -113,6 +113,28 @@ def test_wrong_config_values_raise_config_error_naming_the_field(
     data: dict[str, Any], field: str
 ) -> None:
     with pytest.raises(ConfigError, match=re.escape(field)):
+        kvactors.Config.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "start"),
+    [
+        ({"nvme": {"directory": ""}}, "nvme.directory: empty"),
+        ({"cpu": {"num_blocks": 0}}, "cpu.num_blocks: Expected `int` >= 1"),
+        ({"remote": {"url": "redis://h", "ttl": -1}}, "remote.ttl: expected seconds > 0"),
+        ({"remote": {"url": "redis://h", "timeout": 0.0}}, "remote.timeout: expected"),
+        ({"remote": {"url": "http://h"}}, "remote.url: expected redis://"),
+        ({"remote": {"nodes": ["h"]}}, "remote.nodes: expected 'host:port'"),
+        ({"remote": {"url": "redis://h", "namespace": ""}}, "remote.namespace: expected"),
+        ({"metrics": {"port": 2**20}}, "metrics.port: Expected `int` <= 65535"),
+    ],
+)
+def test_a_section_s_wrong_value_is_named_by_its_dotted_path(
+    data: dict[str, Any], start: str
+) -> None:
+    """docs/api.md: a loaded config's error names the field by its path: a
+    section's own checks (an empty directory, seconds) too, not the bare field."""
+    with pytest.raises(ConfigError, match=f"^invalid config: {re.escape(start)}"):
         kvactors.Config.from_dict(data)
 
 

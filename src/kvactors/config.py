@@ -446,9 +446,18 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
 def _field_message(exc: msgspec.ValidationError) -> str:
     # msgspec says "Expected `int` >= 1, got `0` - at `$.cpu.num_blocks`"; lead
-    # with the field path, as users scan for it first.
+    # with the field path, as users scan for it first. A section's own check
+    # (its __post_init__'s ConfigError, "directory: empty") is reported at the
+    # section's path (`$.nvme`): its field joins that path ("nvme.directory").
     text = str(exc)
     head, sep, where = text.rpartition(" - at `$.")
-    if sep:
-        return f"{where.rstrip('`')}: {head}"
-    return text
+    if not sep:
+        return text
+    where = where.rstrip("`")
+    if isinstance(exc.__cause__, ConfigError):
+        if head.startswith(f"{where}."):
+            return head  # the check named the path itself ("remote.nodes")
+        name, colon, _ = head.partition(": ")
+        if colon and name.isidentifier():
+            return f"{where}.{head}"
+    return f"{where}: {head}"
