@@ -36,6 +36,7 @@ from kvactors.errors import (
     TensorSpecError,
     UnknownPolicyError,
 )
+from kvactors.media import resolve_device
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -136,6 +137,24 @@ def test_a_section_s_wrong_value_is_named_by_its_dotted_path(
     section's own checks (an empty directory, seconds) too, not the bare field."""
     with pytest.raises(ConfigError, match=f"^invalid config: {re.escape(start)}"):
         kvactors.Config.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "device", ["cuda:01", "cuda:00", "cuda:+1", "cuda: 1", "cuda:1x", "cuda:\u0663", "CUDA"]
+)
+def test_a_device_that_is_not_auto_cpu_cuda_or_cuda_n_names_gpu_device(device: str) -> None:
+    """docs/api.md: ``gpu.device`` is "auto", "cpu", "cuda" or "cuda:N" (N as torch
+    writes it); anything else is a ConfigError naming it, loaded or made in
+    Python, and at open, before CUDA is asked whether it is there."""
+    want = f"gpu.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+    with pytest.raises(ConfigError, match=f"^invalid config: {re.escape(want)}$"):
+        kvactors.Config.from_dict({"gpu": {"device": device}})
+    with pytest.raises(ConfigError, match=f"^{re.escape(want)}$"):
+        kvactors.Config(gpu=kvactors.GPUConfig(device=device))
+    with pytest.raises(ConfigError, match=f"^{re.escape(want)}$"):
+        resolve_device(device)
+    for good in ("auto", "cpu", "cuda", "cuda:0", "cuda:10"):
+        assert kvactors.Config(gpu=kvactors.GPUConfig(device=good)).gpu.device == good
 
 
 def test_an_empty_nvme_directory_is_an_error_not_the_working_directory() -> None:

@@ -68,6 +68,11 @@ def test_offload_block_packs_whole_blocks() -> None:
         ({"dtype": "torch.float16"}, "dtype"),
         ({"device": "tpu"}, "device"),
         ({"device": "cuda:x"}, "device"),
+        ({"device": "cuda:01"}, "device"),
+        ({"device": "cuda:+1"}, "device"),
+        ({"device": "cuda: 1"}, "device"),
+        ({"device": "cuda:1x"}, "device"),
+        ({"device": "cuda:\u00b2"}, "device"),  # a digit to str.isdigit, not to int()
         ({"device": 0}, "device"),
         ({"namespace": 3}, "namespace"),
         ({"offload_block_bytes": 6000}, "block_size"),  # 4096 does not divide it
