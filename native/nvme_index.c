@@ -489,6 +489,20 @@ typedef struct {
     PyObject *hold; /* a bytes object to release, or NULL */
 } key_t_;
 
+/* The longest key a record holds (its length is a u16), as index_format.MAX_KEY_BYTES. */
+#define MAX_KEY_BYTES 65535
+
+/* key_in's ValueError for a key longer than MAX_KEY_BYTES, index_format.encode's words. */
+static int
+key_too_long(void)
+{
+    PyErr_SetString(PyExc_ValueError, "keys of the NVMe index are at most 65535 bytes");
+    return -2;
+}
+
+/* The record form of key ``o``: 0; -1 with an exception set (TypeError: not bytes
+ * or int); -2 with ValueError set: longer than MAX_KEY_BYTES (a bytes key's
+ * length, an int's signed little-endian bytes), which no record holds. */
 static int
 key_in(PyObject *o, key_t_ *k)
 {
@@ -497,10 +511,8 @@ key_in(PyObject *o, key_t_ *k)
         k->kind = KIND_BYTES;
         k->data = (const uint8_t *)PyBytes_AS_STRING(o);
         k->len = (size_t)PyBytes_GET_SIZE(o);
-        if (k->len > 65535) {
-            PyErr_SetString(PyExc_ValueError, "keys of the NVMe index are at most 65535 bytes");
-            return -1;
-        }
+        if (k->len > MAX_KEY_BYTES)
+            return key_too_long();
         return 0;
     }
     if (!PyLong_Check(o)) {
@@ -527,6 +539,8 @@ key_in(PyObject *o, key_t_ *k)
     Py_DECREF(bits);
     if (nbits < 0 && PyErr_Occurred())
         return -1;
+    if ((nbits + 8) / 8 > MAX_KEY_BYTES) /* bit_length >= 8 * MAX_KEY_BYTES */
+        return key_too_long();
     /* signed=True is keyword-only: call through the method object. */
     PyObject *meth = PyObject_GetAttrString(o, "to_bytes");
     if (meth == NULL)
@@ -688,7 +702,14 @@ Table_delete(Table *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OK", &key, &seq))
         return NULL;
     key_t_ k;
-    if (key_in(key, &k) < 0)
+    int got = key_in(key, &k);
+    if (got == -2) { /* too long to be held: nothing to delete (the sequence counts) */
+        PyErr_Clear();
+        if (seq > self->max_seq)
+            self->max_seq = seq;
+        Py_RETURN_FALSE;
+    }
+    if (got < 0)
         return NULL;
     int gone = do_delete(self, k.kind, k.data, k.len, seq);
     Py_XDECREF(k.hold);
@@ -714,8 +735,10 @@ static PyObject *
 Table_find(Table *self, PyObject *arg)
 {
     key_t_ k;
-    if (key_in(arg, &k) < 0) {
-        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+    int got = key_in(arg, &k);
+    if (got < 0) {
+        /* Not a key, or one too long to be held: in no slot. */
+        if (got == -2 || PyErr_ExceptionMatches(PyExc_TypeError)) {
             PyErr_Clear();
             return PyLong_FromLong(-1);
         }

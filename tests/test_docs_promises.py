@@ -36,6 +36,7 @@ from kvactors.errors import (
     TensorSpecError,
     UnknownPolicyError,
 )
+from kvactors.media import resolve_device
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -103,8 +104,8 @@ def test_api_md_config_example_names_every_key() -> None:
         ({"gpu": {"device": "cuda:x"}}, "gpu.device"),
         ({"gpu": {"device": "cuda:"}}, "gpu.device"),
         ({"gpu": {"device": "tpu"}}, "gpu.device"),
-        ({"nvme": {"directory": ""}}, "nvme: directory"),
-        ({"nvme": {"directory": " "}}, "nvme: directory"),
+        ({"nvme": {"directory": ""}}, "nvme.directory"),
+        ({"nvme": {"directory": " "}}, "nvme.directory"),
         ({"cpu": {"colour": "red"}}, "colour"),
         ({"colour": "red"}, "colour"),
     ],
@@ -114,6 +115,46 @@ def test_wrong_config_values_raise_config_error_naming_the_field(
 ) -> None:
     with pytest.raises(ConfigError, match=re.escape(field)):
         kvactors.Config.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "start"),
+    [
+        ({"nvme": {"directory": ""}}, "nvme.directory: empty"),
+        ({"cpu": {"num_blocks": 0}}, "cpu.num_blocks: Expected `int` >= 1"),
+        ({"remote": {"url": "redis://h", "ttl": -1}}, "remote.ttl: expected seconds > 0"),
+        ({"remote": {"url": "redis://h", "timeout": 0.0}}, "remote.timeout: expected"),
+        ({"remote": {"url": "http://h"}}, "remote.url: expected redis://"),
+        ({"remote": {"nodes": ["h"]}}, "remote.nodes: expected 'host:port'"),
+        ({"remote": {"url": "redis://h", "namespace": ""}}, "remote.namespace: expected"),
+        ({"metrics": {"port": 2**20}}, "metrics.port: Expected `int` <= 65535"),
+    ],
+)
+def test_a_section_s_wrong_value_is_named_by_its_dotted_path(
+    data: dict[str, Any], start: str
+) -> None:
+    """docs/api.md: a loaded config's error names the field by its path: a
+    section's own checks (an empty directory, seconds) too, not the bare field."""
+    with pytest.raises(ConfigError, match=f"^invalid config: {re.escape(start)}"):
+        kvactors.Config.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "device", ["cuda:01", "cuda:00", "cuda:+1", "cuda: 1", "cuda:1x", "cuda:\u0663", "CUDA"]
+)
+def test_a_device_that_is_not_auto_cpu_cuda_or_cuda_n_names_gpu_device(device: str) -> None:
+    """docs/api.md: ``gpu.device`` is "auto", "cpu", "cuda" or "cuda:N" (N as torch
+    writes it); anything else is a ConfigError naming it, loaded or made in
+    Python, and at open, before CUDA is asked whether it is there."""
+    want = f"gpu.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+    with pytest.raises(ConfigError, match=f"^invalid config: {re.escape(want)}$"):
+        kvactors.Config.from_dict({"gpu": {"device": device}})
+    with pytest.raises(ConfigError, match=f"^{re.escape(want)}$"):
+        kvactors.Config(gpu=kvactors.GPUConfig(device=device))
+    with pytest.raises(ConfigError, match=f"^{re.escape(want)}$"):
+        resolve_device(device)
+    for good in ("auto", "cpu", "cuda", "cuda:0", "cuda:10"):
+        assert kvactors.Config(gpu=kvactors.GPUConfig(device=good)).gpu.device == good
 
 
 def test_an_empty_nvme_directory_is_an_error_not_the_working_directory() -> None:
@@ -1191,20 +1232,42 @@ async def test_an_int_key_too_long_for_the_nvme_index_is_never_durable(tmp_path:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("long_key", [b"k" * 65_536, 2**524279], ids=["bytes", "int"])
-async def test_a_write_through_call_naming_a_too_long_key_makes_none_of_its_keys_durable(
+async def test_a_write_through_call_naming_a_too_long_key_writes_its_other_keys_through(
     tmp_path: Path, long_key: bytes | int
 ) -> None:
-    # docs/api.md: under write_through a call naming a key too long for the NVMe
-    # index fails its whole NVMe write: its other new keys are CPU-only too.
+    # docs/api.md: under write_through a key too long for the NVMe index is left
+    # out of the call's NVMe write; the call's other new keys are written through
+    # and durable, across a reopen too.
     cfg = _write_through(tmp_path, cpu_blocks=8)
     with anyio.fail_after(60):
         async with kvactors.open(cfg) as kv:
             mixed = await kv.store([1, long_key, 2], [0, 1, 2])
             assert mixed is not None
-            assert (mixed.stored, mixed.durable) == (3, [])
-            alone = await kv.store([3], [3])
-            assert alone is not None
-            assert alone.durable == [3]
+            assert (mixed.stored, mixed.durable) == (3, [1, 2])
+            assert (await kv.lookup([1, long_key, 2])).tiers == ["cpu"] * 3
+            assert (await kv.stats()).tiers["nvme"].failed_jobs == 0
         async with kvactors.open(cfg) as kv:
-            assert (await kv.lookup([1])).hits == 0
-            assert (await kv.lookup([3])).tiers == ["nvme"]
+            assert (await kv.lookup([1, 2])).tiers == ["nvme", "nvme"]
+            assert (await kv.lookup([long_key])).hits == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("long_key", [b"k" * 65_536, 2**524279], ids=["bytes", "int"])
+async def test_a_too_long_key_evicted_with_others_is_dropped_and_they_are_demoted(
+    tmp_path: Path, long_key: bytes | int
+) -> None:
+    # docs/api.md: evicted from CPU, a key too long for the NVMe index is dropped
+    # (demotions_lost), not demoted; the victims evicted with it are demoted.
+    cfg = _write_through(tmp_path, cpu_blocks=3).replace(write_mode="write_back")
+    with anyio.fail_after(60):
+        async with kvactors.open(cfg) as kv:
+            first = await kv.store([1, long_key, 2], [0, 1, 2])
+            assert first is not None
+            assert first.durable == []
+            evicting = await kv.store([3, 4, 5], [0, 1, 2])  # all three victims at once
+            assert evicting is not None
+            stats = await kv.stats()
+            assert stats.policy.demotions_lost == 1
+            assert stats.tiers["nvme"].failed_jobs == 0
+            assert (await kv.lookup([1, 2])).tiers == ["nvme", "nvme"]
+            assert (await kv.lookup([long_key])).hits == 0

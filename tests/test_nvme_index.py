@@ -670,3 +670,69 @@ def test_many_random_reopens_match_a_model(tmp_path: Path, native: bool) -> None
             (k, s, c) for k, (s, c) in model.items()
         )
     index.close()
+
+
+_EDGE = index_format.MAX_KEY_BYTES
+_KEYS = st.one_of(
+    st.sampled_from([_EDGE - 1, _EDGE, _EDGE + 1]).map(lambda n: b"k" * n),
+    st.binary(max_size=40),
+    st.sampled_from([8 * _EDGE - 1, 8 * _EDGE]).flatmap(
+        lambda bits: st.sampled_from([2**bits - 1, 2**bits, -(2**bits), -(2**bits) + 1])
+    ),
+    st.integers(min_value=-(2**70), max_value=2**70),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_KEYS, max_size=6))
+def test_fitting_keeps_exactly_the_keys_a_record_holds(keys: list[Key]) -> None:
+    """``fitting`` leaves out exactly the keys ``encode`` refuses, in order."""
+
+    def encodes(key: Key) -> bool:
+        try:
+            index_format.encode(index_format.OP_PUT, [key], [0], [0], 1)
+        except ValueError:
+            return False
+        return True
+
+    assert index_format.fitting(keys) == [k for k in keys if encodes(k)]
+
+
+def test_the_compiled_index_refuses_a_key_too_long_as_encode_does() -> None:
+    """The compiled table and encoder refuse an ``int`` key whose signed bytes
+    exceed ``MAX_KEY_BYTES`` as they refuse such a ``bytes`` key, with
+    ``index_format.encode``'s ``ValueError``; finding or deleting one answers
+    "absent", as the Python table does. The longest keys that fit are held."""
+    if index_table.NativeTable is None:
+        pytest.skip("compiled NVMe index not built")
+    from kvactors._nvme_index import encode as native_encode
+
+    edge = index_format.MAX_KEY_BYTES
+    message = f"^keys of the NVMe index are at most {edge} bytes$"
+    too_long: list[Key] = [
+        b"k" * (edge + 1),
+        2 ** (8 * edge - 1),
+        -(2 ** (8 * edge - 1)),
+        2**600_000,
+    ]
+    fits: list[Key] = [b"k" * edge, 2 ** (8 * edge - 1) - 1, -(2 ** (8 * edge - 1)) + 1]
+    for key in too_long:
+        with pytest.raises(ValueError, match=message):
+            index_format.encode(index_format.OP_PUT, [key], [0], [0], 1)
+        with pytest.raises(ValueError, match=message):
+            native_encode(index_format.OP_PUT, [1, key], [0, 1], [0, 0], 1)
+    tables = [new_table(4, native=True), new_table(4, native=False)]
+    for table in tables:
+        for seq, key in enumerate(fits, 1):
+            table.put(key, seq, seq, seq)
+    native_table = tables[0]
+    for key in too_long:
+        with pytest.raises(ValueError, match=message):
+            native_table.put(key, 0, 0, 10)
+    for table in tables:
+        for key in too_long:
+            assert table.find(key) == -1
+            assert table.delete(key, 11) is False
+        assert table.max_seq == 11
+        assert table.entries() == [(key, i, i) for i, key in enumerate(fits, 1)]
+        assert [table.find(key) for key in fits] == [1, 2, 3]

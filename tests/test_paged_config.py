@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvactors.errors import ConfigError, PagedCacheError
 from kvactors.paged import (
@@ -20,6 +23,7 @@ from kvactors.paged import (
     hash_tail,
     root_key,
 )
+from kvactors.paged.hashing import pack_tokens
 
 BASE: dict[str, Any] = {
     "num_layers": 2,
@@ -68,6 +72,11 @@ def test_offload_block_packs_whole_blocks() -> None:
         ({"dtype": "torch.float16"}, "dtype"),
         ({"device": "tpu"}, "device"),
         ({"device": "cuda:x"}, "device"),
+        ({"device": "cuda:01"}, "device"),
+        ({"device": "cuda:+1"}, "device"),
+        ({"device": "cuda: 1"}, "device"),
+        ({"device": "cuda:1x"}, "device"),
+        ({"device": "cuda:\u00b2"}, "device"),  # a digit to str.isdigit, not to int()
         ({"device": 0}, "device"),
         ({"namespace": 3}, "namespace"),
         ({"offload_block_bytes": 6000}, "block_size"),  # 4096 does not divide it
@@ -117,10 +126,33 @@ def test_root_covers_layout_and_namespace_only() -> None:
     assert root_key(make(offload_block_bytes=8192)) != base
 
 
-@pytest.mark.parametrize("bad", [1.5, 2**63, "a", None])
+@pytest.mark.parametrize("bad", [1.5, 2**63, "a", None, True, False])
 def test_a_token_that_is_not_an_int64_is_refused(bad: Any) -> None:
-    with pytest.raises(PagedCacheError, match="token id"):
-        hash_block(bytes(32), [1, bad, 3, 4])
+    message = f"^token id {re.escape(repr(bad))} is not an int64"
+    for call in (hash_block, hash_tail, lambda p, t: hash_blocks(p, t, 2)):
+        with pytest.raises(PagedCacheError, match=message):
+            call(bytes(32), [1, bad, 3, 4])
+    with pytest.raises(PagedCacheError, match=message):
+        pack_tokens([bad])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.integers(-(2**63), 2**63 - 1), max_size=40),
+    st.integers(1, 8),
+    st.integers(0, 6),
+)
+def test_hash_blocks_chains_hash_block_over_each_full_block(
+    tokens: list[int], block_size: int, start: int
+) -> None:
+    """``hash_blocks`` from block ``start`` equals ``hash_block`` chained block by block."""
+    parent = want_parent = bytes(range(32))
+    want = []
+    for i in range(start, len(tokens) // block_size):
+        want_parent = hash_block(want_parent, tokens[i * block_size : (i + 1) * block_size])
+        want.append(want_parent)
+    assert hash_blocks(parent, tokens, block_size, start) == want
+    assert hash_blocks(parent, tuple(tokens), block_size, start) == want
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")

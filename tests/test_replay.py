@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -146,6 +148,19 @@ def test_belady_rejects_bad_arguments() -> None:
         belady([[1]], 0)
     with pytest.raises(InvalidKeyError, match="request 1: block key 5"):
         belady([[1], [5, 5]], 2)
+
+
+@pytest.mark.parametrize("bad", ["a", True, 1.5, None, bytearray(b"k")])
+def test_belady_rejects_the_keys_replay_rejects(bad: object) -> None:
+    """A key that is not bytes/int is an InvalidKeyError naming it in both runs
+    (belady named only repeated keys, and ran a trace of str keys)."""
+    requests: Any = [[10, 20], [30, bad], [bad]]
+    with pytest.raises(InvalidKeyError, match="block key"):
+        replay(requests, "lru", 4)
+    kind = type(bad).__name__
+    want = f"request 1: block key {bad!r} has type {kind}; keys must be bytes or int"
+    with pytest.raises(InvalidKeyError, match=f"^{re.escape(want)}$"):
+        belady(requests, 4)  # named in the first request naming it
 
 
 @st.composite

@@ -30,6 +30,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "DEVICE_NAMES",
     "MAX_BLOCKS",
     "REMOTE_SCHEMES",
     "TIERS",
@@ -40,6 +41,7 @@ __all__ = [
     "RemoteConfig",
     "TierConfig",
     "TierSpec",
+    "is_device_name",
     "positive_seconds",
 ]
 
@@ -213,6 +215,27 @@ TIERS: tuple[str, ...] = ("cpu", "nvme", "remote")
 """The chain below the GPU pool, top first: each name is a field of :class:`Config`
 holding a :class:`TierSpec` (or ``None``: not configured). Stores land in the
 first; blocks evicted from one tier move down to the next."""
+
+
+DEVICE_NAMES = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+"""The device settings there are, as errors list them."""
+
+
+def is_device_name(name: object) -> TypeGuard[str]:
+    """Whether ``name`` is a device setting: ``"auto"``, ``"cpu"``, ``"cuda"`` or
+    ``"cuda:N"``, ``N`` a device number as torch writes it (ASCII digits, no sign,
+    space or leading zero: ``"cuda:01"`` is not one)."""
+    if not isinstance(name, str):
+        return False
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    number = name.removeprefix("cuda:")
+    return (
+        number != name
+        and number.isascii()
+        and number.isdigit()
+        and (number == "0" or not number.startswith("0"))
+    )
 
 
 def positive_seconds(value: object) -> TypeGuard[int | float]:
@@ -392,13 +415,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                 raise UnknownPolicyError(
                     f"{field}.policy: unknown policy {tier.policy!r}; supported: {known}"
                 )
-        device = self.gpu.device
-        if device not in ("auto", "cpu", "cuda") and not (
-            device.startswith("cuda:") and device[5:].isdecimal() and device[5:].isascii()
-        ):
-            raise ConfigError(
-                f"gpu.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.gpu.device!r}"
-            )
+        if not is_device_name(self.gpu.device):
+            raise ConfigError(f"gpu.device: expected {DEVICE_NAMES}, got {self.gpu.device!r}")
 
     def chain(self) -> list[tuple[str, TierSpec]]:
         """The tiers below the GPU pool that this config sets, top (fastest) first."""
@@ -446,9 +464,18 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
 def _field_message(exc: msgspec.ValidationError) -> str:
     # msgspec says "Expected `int` >= 1, got `0` - at `$.cpu.num_blocks`"; lead
-    # with the field path, as users scan for it first.
+    # with the field path, as users scan for it first. A section's own check
+    # (its __post_init__'s ConfigError, "directory: empty") is reported at the
+    # section's path (`$.nvme`): its field joins that path ("nvme.directory").
     text = str(exc)
     head, sep, where = text.rpartition(" - at `$.")
-    if sep:
-        return f"{where.rstrip('`')}: {head}"
-    return text
+    if not sep:
+        return text
+    where = where.rstrip("`")
+    if isinstance(exc.__cause__, ConfigError):
+        if head.startswith(f"{where}."):
+            return head  # the check named the path itself ("remote.nodes")
+        name, colon, _ = head.partition(": ")
+        if colon and name.isidentifier():
+            return f"{where}.{head}"
+    return f"{where}: {head}"

@@ -18,6 +18,10 @@ For a chain ``t0, t1, ...`` (``t0`` the top, ``cpu``):
   deepest victims move first (their slots are the ones handed out above);
 - a tier whose ``write_policy`` is ``"write_through"`` (the remote tier's
   default) gets those ``through`` transfers whatever ``write_mode`` says;
+- the NVMe tier never gets a key longer than its index holds
+  (:data:`~kvactors.media.index_format.MAX_KEY_BYTES`): such a key is left out
+  of that tier's ``through`` transfer (the call's other keys are written) and,
+  evicted from the tier above, dropped (``demotions_lost``), not demoted;
 - a tier that failed with a ``retry_after`` is left out for that long, then
   used again;
 - a load takes each block from the shallowest tier holding it ready; a block
@@ -45,10 +49,11 @@ import anyio
 from kvactors.cache.events import CacheEvent, EventHub
 from kvactors.cache.messages import LoadPlan, StorePlan
 from kvactors.cache.transfers import CALLER, Role, Transfer
-from kvactors.config import Config
+from kvactors.config import Config, NVMeConfig
 from kvactors.errors import BlockNotFoundError, BlockNotReadyError, TierFailed
 from kvactors.keys import Key
 from kvactors.manager import OffloadingManager
+from kvactors.media.index_format import fitting
 from kvactors.media.nvme_index import NVMeIndex
 
 __all__ = ["Placement", "Recovered", "Tiers"]
@@ -112,6 +117,8 @@ class Placement:
             self.write_through or getattr(specs[name], "write_policy", "") == "write_through"
             for name in self.names
         ]
+        # Tiers whose index bounds a key's length (NVMe), by position in the chain.
+        self.bounded = [isinstance(specs[name], NVMeConfig) for name in self.names]
         self._writing: dict[Key, _Writing] = {}
         self.promoted = 0
         self.demoted = 0
@@ -165,6 +172,11 @@ class Placement:
         nxt = below[0]
         deeper = [self.managers[i] for i in self._live(nxt + 1)]
         wanted = [k for k in keys if not any(k in m for m in deeper)] if deeper else keys
+        if self.bounded[nxt]:
+            fit = fitting(wanted)
+            # Keys too long for the next tier's index are dropped, the others moved.
+            self.demotions_lost += len(wanted) - len(fit)
+            wanted = fit
         out = self.managers[nxt].prepare_store(wanted) if wanted else None
         if out is None:
             # The next tier is full of pinned / in-flight blocks: the victims are dropped.
@@ -231,7 +243,9 @@ class Placement:
             for i in self._live(1):
                 if not self.through[i]:
                     continue
-                through = self.managers[i].prepare_store(new)
+                # A key too long for the tier's index stays out; the others go.
+                fit = fitting(new) if self.bounded[i] else new
+                through = self.managers[i].prepare_store(fit) if fit else None
                 if through is None or not through.block_hashes_to_store:
                     continue
                 transfers += self._demote(

@@ -221,17 +221,18 @@ def gap_share(hits: int, lru_hits: int, min_hits: int) -> float | None:
 def _next_uses(requests: Sequence[Sequence[Key]]) -> list[list[int]]:
     """For each request, the index of the next request accessing each of its blocks.
 
-    ``len(requests)`` stands for "never again". Raises ``InvalidKeyError`` for a
-    request that names a key twice.
+    ``len(requests)`` stands for "never again". Raises ``InvalidKeyError`` for
+    the first request naming a key that is not ``bytes``/``int`` (as
+    :func:`replay` does) or naming one twice.
     """
+    for r, blocks in enumerate(requests):
+        check_keys(blocks, f"request {r}")
     n = len(requests)
     out: list[list[int]] = [[] for _ in range(n)]
     last: dict[Key, int] = {}
     get = last.get
     for r in range(n - 1, -1, -1):
         blocks = requests[r]
-        if len(set(blocks)) != len(blocks):
-            check_keys(blocks, f"request {r}")  # names the repeated key
         out[r] = [get(key, n) for key in blocks]
         for key in blocks:
             last[key] = r
@@ -250,7 +251,9 @@ def belady(
     the eviction order is a heap of ``(next use, depth)`` entries with lazy
     deletion (an entry is live while it matches the block's current next use).
     Raises :class:`~kvactors.errors.ConfigError` for ``capacity <= 0`` and
-    :class:`~kvactors.errors.InvalidKeyError` for a request naming a key twice.
+    :class:`~kvactors.errors.InvalidKeyError` for a request naming a key that
+    is not ``bytes``/``int`` (a ``str``, a ``bool``) or naming one twice, as
+    :func:`replay` does.
     """
     if type(capacity) is not int or capacity <= 0:
         raise ConfigError(f"capacity must be a positive int, got {capacity!r}")

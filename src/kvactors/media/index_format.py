@@ -127,6 +127,14 @@ def _too_long(keys: list[Key]) -> bool:
         )
 
 
+def fitting(keys: list[Key]) -> list[Key]:
+    """``keys`` less those longer than :data:`MAX_KEY_BYTES` (``keys`` itself when
+    every one fits, found in one C loop as :func:`encode` finds it)."""
+    if not keys or not _too_long(keys):
+        return keys
+    return [key for key in keys if not _too_long([key])]
+
+
 def encode(op: int, keys: list[Key], slots: list[int], crcs: list[int], first_seq: int) -> bytes:
     """Records of ``keys`` numbered from ``first_seq`` (compiled where built).
 

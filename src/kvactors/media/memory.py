@@ -16,14 +16,18 @@ from typing import Any, TypeVar
 
 import torch
 
+from kvactors.config import DEVICE_NAMES, is_device_name
 from kvactors.errors import ConfigError, TensorSpecError
 from kvactors.keys import Key
 
 
 def resolve_device(name: str, field: str = "gpu.device") -> torch.device:
     """A device setting (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, named
-    ``field`` in errors) as a torch device; ConfigError when it names CUDA where
-    there is none, or a CUDA device ``cuda:N`` past the ones there are."""
+    ``field`` in errors) as a torch device; ConfigError when it is none of those
+    (:func:`~kvactors.config.is_device_name`: ``"cuda:01"``, ``"cuda: 1"``), names
+    CUDA where there is none, or a CUDA device ``cuda:N`` past the ones there are."""
+    if not is_device_name(name):
+        raise ConfigError(f"{field}: expected {DEVICE_NAMES}, got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -18,6 +18,7 @@ from fractions import Fraction
 import msgspec
 import torch
 
+from kvactors.config import DEVICE_NAMES, is_device_name
 from kvactors.errors import ConfigError
 from kvactors.media.memory import resolve_device
 
@@ -77,13 +78,8 @@ class KVCacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         if self.dtype not in DTYPES:
             known = ", ".join(DTYPES)
             raise ConfigError(f"dtype: unsupported KV dtype {self.dtype!r}; supported: {known}")
-        if not isinstance(self.device, str) or (
-            self.device not in ("auto", "cpu", "cuda")
-            and not (self.device.startswith("cuda:") and self.device[5:].isdigit())
-        ):
-            raise ConfigError(
-                f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
-            )
+        if not is_device_name(self.device):
+            raise ConfigError(f"device: expected {DEVICE_NAMES}, got {self.device!r}")
         if self.offload_block_bytes is not None:
             _check_int(self.offload_block_bytes, "offload_block_bytes", 1)
             if self.offload_block_bytes % self.block_size_bytes:

@@ -29,17 +29,23 @@ DIGEST_SIZE = 32
 def pack_tokens(token_ids: Sequence[int]) -> bytes:
     """``token_ids`` as little-endian int64s.
 
-    Raises :class:`~kvactors.errors.PagedCacheError` if one is not an int64.
+    Raises :class:`~kvactors.errors.PagedCacheError` if one is not an int64 (a
+    ``bool`` is not one, though ``struct`` would pack it as 0 or 1).
     """
     try:
-        return struct.pack(f"<{len(token_ids)}q", *token_ids)
+        packed = struct.pack(f"<{len(token_ids)}q", *token_ids)
     except struct.error:
         for token in token_ids:
             if type(token) is not int or not -(2**63) <= token < 2**63:
-                raise PagedCacheError(
-                    f"token id {token!r} is not an int64; token ids must be ints"
-                ) from None
+                raise _not_a_token(token) from None
         raise  # pragma: no cover - struct rejected something the loop accepts
+    if bool in set(map(type, token_ids)):
+        raise _not_a_token(next(t for t in token_ids if type(t) is bool))
+    return packed
+
+
+def _not_a_token(token: object) -> PagedCacheError:
+    return PagedCacheError(f"token id {token!r} is not an int64; token ids must be ints")
 
 
 def _digest(person: bytes, data: bytes) -> bytes:
@@ -83,8 +89,14 @@ def hash_blocks(
     ``parent`` is the key of block ``start - 1`` (the root key when ``start`` is 0).
     Raises :class:`~kvactors.errors.PagedCacheError` for a token id that is not an int64.
     """
+    full = len(token_ids) // block_size
+    if full <= start:
+        return []
+    # Packed (and checked) once; each block's key is hash_block's over its bytes.
+    data = pack_tokens(token_ids[start * block_size : full * block_size])
+    step = 8 * block_size
     keys: list[bytes] = []
-    for i in range(start, len(token_ids) // block_size):
-        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size])
+    for i in range(0, len(data), step):
+        parent = _digest(b"kvactors.block", parent + data[i : i + step])
         keys.append(parent)
     return keys
