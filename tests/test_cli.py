@@ -511,3 +511,23 @@ def test_replay_a_bundled_name_is_the_bundled_trace_beside_a_directory_of_that_n
     assert main(["replay", "synthetic", "--policy", "lru", "--blocks", "4", "--json"]) == 0
     summary = last_json(capsys.readouterr().out)["summary"]
     assert (summary["trace"], summary["requests"]) == ("synthetic", 7)
+
+
+def test_replay_notes_a_policy_above_min(
+    tmp_path: Path, trace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/replay.md's third counterexample through the command: prefix_admit finds 3
+    leading hits, MIN 2, on a chained trace with no store refused, so neither of the
+    other notes explains it; a note names the policy. None on the hand trace."""
+    requests = [[7, 8, 14], [9, 10, 13], [7, 8], [0, 11, 12], [9, 10, 13]]
+    path = write_trace(tmp_path / "declines.jsonl", requests)
+    assert main(["replay", str(path), "--blocks", "4", "--json"]) == 0
+    report = last_json(capsys.readouterr().out)
+    assert report["summary"]["belady"]["hits"] == 2
+    assert report["summary"]["policies"]["prefix_admit"]["hits"] == 3
+    above = [note for note in report["notes"] if note.startswith("above MIN")]
+    assert len(above) == 1
+    assert above[0].startswith("above MIN's 2 hits: prefix_admit (3 hits).")
+    assert main(["replay", str(trace), "--blocks", "4", "--json"]) == 0
+    notes = last_json(capsys.readouterr().out)["notes"]
+    assert not any(note.startswith("above MIN") for note in notes)

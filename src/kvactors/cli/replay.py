@@ -157,6 +157,16 @@ def run(args: argparse.Namespace) -> Report:
             f"{bound.stores_refused:,} requests have more blocks than the capacity and "
             "store nothing (stores refused); MIN is then not guaranteed to be a bound."
         )
+    above = [
+        (name, result.hits) for name, (result, _) in results.items() if result.hits > bound.hits
+    ]
+    if above:
+        who = ", ".join(f"{name} ({hits:,} hits)" for name, hits in above)
+        notes.append(
+            f"above MIN's {bound.hits:,} hits: {who}. MIN bounds only policies that store "
+            "every missing block of a request that fits (not prefix_admit, which may "
+            "decline some), on a prefix-closed trace with no store refused."
+        )
     summary: dict[str, object] = {
         "command": "replay",
         "trace": str(path),
