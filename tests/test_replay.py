@@ -141,6 +141,20 @@ def test_belady_is_not_a_bound_when_stores_are_refused() -> None:
     assert (lru.hits, lru.stores_refused) == (2, 1)
 
 
+def test_prefix_admit_stores_the_admitted_part_of_a_request_larger_than_the_tier() -> None:
+    """docs/replay.md: under prefix_admit a request with more blocks than the tier still
+    stores the blocks it admits when they fit beside its present ones; `stores refused`
+    counts only the requests whose prepare_store returned None. 2 blocks, as above:
+    [3, 4, 2] finds 4 present, admits 3 (declines 2) and stores it in the slot of 0,
+    so [3] hits; the storing policies refuse the request."""
+    requests = [[4, 3], [0], [3, 4, 2], [3]]
+    for run in (replay, replay_served):
+        admit = run(requests, "prefix_admit", 2)
+        assert (admit.hits, admit.stores_refused) == (1, 0), run
+        for policy in STORING:
+            assert run(requests, policy, 2).stores_refused == 1, (run, policy)
+
+
 def test_belady_rejects_bad_arguments() -> None:
     with pytest.raises(ConfigError, match="capacity"):
         belady([[1]], 0)
