@@ -531,3 +531,23 @@ def test_replay_notes_a_policy_above_min(
     assert main(["replay", str(trace), "--blocks", "4", "--json"]) == 0
     notes = last_json(capsys.readouterr().out)["notes"]
     assert not any(note.startswith("above MIN") for note in notes)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["replay", "--bogus"],  # an option no command has
+        ["replay", "--repeat", "3"],  # an option of bench policy
+        ["replay", "conversation", "extra"],  # a second TRACE
+        ["bench", "policy", "--served"],  # an option of replay
+    ],
+)
+def test_an_argument_the_command_does_not_take_is_a_top_level_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: the top-level usage and `kvactors: error: ...`, exit status 2."""
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("usage: kvactors [-h] [--version] COMMAND ...\n")
+    assert err.splitlines()[-1].startswith("kvactors: error: unrecognized arguments: ")
