@@ -551,3 +551,17 @@ def test_an_argument_the_command_does_not_take_is_a_top_level_usage_error(
     assert out == ""
     assert err.startswith("usage: kvactors [-h] [--version] COMMAND ...\n")
     assert err.splitlines()[-1].startswith("kvactors: error: unrecognized arguments: ")
+
+
+def test_replay_ratios_without_min_hits_are_a_dash_and_null(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/replay.md: `of MIN` when MIN has no hits and `of gap` when MIN has no more
+    hits than LRU are `-` in the table and null in the JSON. One request: no hits."""
+    path = write_trace(tmp_path / "one.jsonl", [[1, 2, 3]])
+    assert main(["replay", str(path), "--blocks", "8", "--policy", "arc"]) == 0
+    row = capsys.readouterr().out.splitlines()[4].split()
+    assert row == ["arc", "0", "0.000", "0.000", "-", "-", "0", "0"]
+    assert main(["replay", str(path), "--blocks", "8", "--policy", "arc", "--json"]) == 0
+    arc = last_json(capsys.readouterr().out)["summary"]["policies"]["arc"]
+    assert (arc["of_belady"], arc["of_gap"]) == (None, None)
