@@ -281,9 +281,16 @@ def test_replay_served_from_the_cli(trace: Path, capsys: pytest.CaptureFixture[s
         assert result["of_gap"] is None or isinstance(result["of_gap"], float)
 
 
-def test_replay_bytes_needs_served(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_replay_bytes_needs_served(
+    tmp_path: Path, trace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["replay", str(trace), "--blocks", "4", "--bytes"]) == 2
     assert "--bytes needs --served" in capsys.readouterr().err
+    # Said before the trace is read: not hidden behind a trace error.
+    assert main(["replay", str(tmp_path / "missing.jsonl"), "--bytes"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "kvactors: error: --bytes needs --served (a bare manager moves no bytes)\n"
 
 
 def test_bench_policy_on_a_trace_without_blocks_is_a_typed_error(

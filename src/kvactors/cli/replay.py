@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Report:
     """Run ``kvactors replay``; raises the trace's or the capacity's typed error."""
+    served: bool = args.served
+    if args.bytes and not served:  # before the trace is read: it may be large, or missing
+        raise ConfigError("--bytes needs --served (a bare manager moves no bytes)")
     path = resolve_trace(args.trace)
     trace = load_trace(path)
     requests = [request.hash_ids for request in trace]
@@ -85,9 +88,6 @@ def run(args: argparse.Namespace) -> Report:
     capacity = capacity_blocks(unique, blocks=args.blocks, fraction=args.capacity)
     show: bool | None = False if args.json else None
     names = list(POLICIES) if args.policy == "all" else [args.policy]
-    served: bool = args.served
-    if args.bytes and not served:
-        raise ConfigError("--bytes needs --served (a bare manager moves no bytes)")
     mode = ("served, bytes" if args.bytes else "served, no bytes") if served else "manager"
 
     def one(name: str) -> ReplayResult:
