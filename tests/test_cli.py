@@ -294,9 +294,16 @@ def test_replay_served_from_the_cli(trace: Path, capsys: pytest.CaptureFixture[s
         assert result["of_gap"] is None or isinstance(result["of_gap"], float)
 
 
-def test_replay_bytes_needs_served(trace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_replay_bytes_needs_served(
+    tmp_path: Path, trace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["replay", str(trace), "--blocks", "4", "--bytes"]) == 2
     assert "--bytes needs --served" in capsys.readouterr().err
+    # Said before the trace is read: not hidden behind a trace error.
+    assert main(["replay", str(tmp_path / "missing.jsonl"), "--bytes"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "kvactors: error: --bytes needs --served (a bare manager moves no bytes)\n"
 
 
 def test_bench_policy_on_a_trace_without_blocks_is_a_typed_error(
@@ -524,3 +531,57 @@ def test_replay_a_bundled_name_is_the_bundled_trace_beside_a_directory_of_that_n
     assert main(["replay", "synthetic", "--policy", "lru", "--blocks", "4", "--json"]) == 0
     summary = last_json(capsys.readouterr().out)["summary"]
     assert (summary["trace"], summary["requests"]) == ("synthetic", 7)
+
+
+def test_replay_notes_a_policy_above_min(
+    tmp_path: Path, trace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/replay.md's third counterexample through the command: prefix_admit finds 3
+    leading hits, MIN 2, on a chained trace with no store refused, so neither of the
+    other notes explains it; a note names the policy. None on the hand trace."""
+    requests = [[7, 8, 14], [9, 10, 13], [7, 8], [0, 11, 12], [9, 10, 13]]
+    path = write_trace(tmp_path / "declines.jsonl", requests)
+    assert main(["replay", str(path), "--blocks", "4", "--json"]) == 0
+    report = last_json(capsys.readouterr().out)
+    assert report["summary"]["belady"]["hits"] == 2
+    assert report["summary"]["policies"]["prefix_admit"]["hits"] == 3
+    above = [note for note in report["notes"] if note.startswith("above MIN")]
+    assert len(above) == 1
+    assert above[0].startswith("above MIN's 2 hits: prefix_admit (3 hits).")
+    assert main(["replay", str(trace), "--blocks", "4", "--json"]) == 0
+    notes = last_json(capsys.readouterr().out)["notes"]
+    assert not any(note.startswith("above MIN") for note in notes)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["replay", "--bogus"],  # an option no command has
+        ["replay", "--repeat", "3"],  # an option of bench policy
+        ["replay", "conversation", "extra"],  # a second TRACE
+        ["bench", "policy", "--served"],  # an option of replay
+    ],
+)
+def test_an_argument_the_command_does_not_take_is_a_top_level_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: the top-level usage and `kvactors: error: ...`, exit status 2."""
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("usage: kvactors [-h] [--version] COMMAND ...\n")
+    assert err.splitlines()[-1].startswith("kvactors: error: unrecognized arguments: ")
+
+
+def test_replay_ratios_without_min_hits_are_a_dash_and_null(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/replay.md: `of MIN` when MIN has no hits and `of gap` when MIN has no more
+    hits than LRU are `-` in the table and null in the JSON. One request: no hits."""
+    path = write_trace(tmp_path / "one.jsonl", [[1, 2, 3]])
+    assert main(["replay", str(path), "--blocks", "8", "--policy", "arc"]) == 0
+    row = capsys.readouterr().out.splitlines()[4].split()
+    assert row == ["arc", "0", "0.000", "0.000", "-", "-", "0", "0"]
+    assert main(["replay", str(path), "--blocks", "8", "--policy", "arc", "--json"]) == 0
+    arc = last_json(capsys.readouterr().out)["summary"]["policies"]["arc"]
+    assert (arc["of_belady"], arc["of_gap"]) == (None, None)

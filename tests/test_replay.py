@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -143,6 +144,20 @@ def test_belady_is_not_a_bound_when_stores_are_refused() -> None:
     assert (lru.hits, lru.stores_refused) == (2, 1)
 
 
+def test_prefix_admit_stores_the_admitted_part_of_a_request_larger_than_the_tier() -> None:
+    """docs/replay.md: under prefix_admit a request with more blocks than the tier still
+    stores the blocks it admits when they fit beside its present ones; `stores refused`
+    counts only the requests whose prepare_store returned None. 2 blocks, as above:
+    [3, 4, 2] finds 4 present, admits 3 (declines 2) and stores it in the slot of 0,
+    so [3] hits; the storing policies refuse the request."""
+    requests = [[4, 3], [0], [3, 4, 2], [3]]
+    for run in (replay, replay_served):
+        admit = run(requests, "prefix_admit", 2)
+        assert (admit.hits, admit.stores_refused) == (1, 0), run
+        for policy in STORING:
+            assert run(requests, policy, 2).stores_refused == 1, (run, policy)
+
+
 def test_belady_rejects_bad_arguments() -> None:
     with pytest.raises(ConfigError, match="capacity"):
         belady([[1]], 0)
@@ -279,6 +294,27 @@ def test_load_trace_reads_requests_in_order(tmp_path: Path) -> None:
         TraceRequest(timestamp=0, input_length=700, output_length=3, hash_ids=[0, 1]),
         TraceRequest(timestamp=1.5, input_length=10, output_length=0, hash_ids=[0]),
     ]
+
+
+def test_trace_fields_as_docs_replay_md_gives_them(tmp_path: Path) -> None:
+    """docs/replay.md: ids of either sign and past 64 bits, an empty hash_ids, requests
+    in file order whatever their timestamps; each of the four fields is required."""
+    ids = [-1, 2**64, -(2**70), 0]
+    path = write_trace(tmp_path / "t.jsonl", [[5], ids, []])
+    lines = path.read_text().splitlines()
+    lines[0] = lines[0].replace('"timestamp": 0', '"timestamp": 900')
+    path.write_text("\n".join(lines) + "\n")
+    requests = load_trace(path)
+    assert [r.hash_ids for r in requests] == [[5], ids, []]
+    assert [r.timestamp for r in requests] == [900, 1, 2]
+    result = replay([r.hash_ids for r in requests], "lru", 4)
+    assert (result.requests, result.accesses) == (3, 5)
+    for field in ("timestamp", "input_length", "output_length", "hash_ids"):
+        record = {"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1]}
+        del record[field]
+        (tmp_path / "m.jsonl").write_text(json.dumps(record) + "\n")
+        with pytest.raises(TraceError, match=rf"m\.jsonl:1: .*`{field}`"):
+            load_trace(tmp_path / "m.jsonl")
 
 
 @pytest.mark.parametrize(

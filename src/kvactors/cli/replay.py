@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Report:
     """Run ``kvactors replay``; raises the trace's or the capacity's typed error."""
+    served: bool = args.served
+    if args.bytes and not served:  # before the trace is read: it may be large, or missing
+        raise ConfigError("--bytes needs --served (a bare manager moves no bytes)")
     path = resolve_trace(args.trace)
     trace = load_trace(path)
     requests = [request.hash_ids for request in trace]
@@ -85,9 +88,6 @@ def run(args: argparse.Namespace) -> Report:
     capacity = capacity_blocks(unique, blocks=args.blocks, fraction=args.capacity)
     show: bool | None = False if args.json else None
     names = list(POLICIES) if args.policy == "all" else [args.policy]
-    served: bool = args.served
-    if args.bytes and not served:
-        raise ConfigError("--bytes needs --served (a bare manager moves no bytes)")
     mode = ("served, bytes" if args.bytes else "served, no bytes") if served else "manager"
 
     def one(name: str) -> ReplayResult:
@@ -156,6 +156,16 @@ def run(args: argparse.Namespace) -> Report:
         notes.append(
             f"{bound.stores_refused:,} requests have more blocks than the capacity and "
             "store nothing (stores refused); MIN is then not guaranteed to be a bound."
+        )
+    above = [
+        (name, result.hits) for name, (result, _) in results.items() if result.hits > bound.hits
+    ]
+    if above:
+        who = ", ".join(f"{name} ({hits:,} hits)" for name, hits in above)
+        notes.append(
+            f"above MIN's {bound.hits:,} hits: {who}. MIN bounds only policies that store "
+            "every missing block of a request that fits (not prefix_admit, which may "
+            "decline some), on a prefix-closed trace with no store refused."
         )
     summary: dict[str, object] = {
         "command": "replay",

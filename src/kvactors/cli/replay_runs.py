@@ -4,8 +4,9 @@ A request is the list of its block keys. Replaying it through one
 :class:`~kvactors.manager.OffloadingManager` is the handshake a serving engine
 runs: ``hits = lookup(blocks)``, ``touch(blocks)``, then ``prepare_store(blocks)``
 and ``complete_store`` of the keys it returned (``None`` stores nothing: the
-request has more blocks than the tier). The block hit ratio is the sum of hits
-over the sum of ``len(blocks)``.
+request's blocks to store do not fit beside its present ones, which for a
+policy that stores every missing block means it has more blocks than the
+tier). The block hit ratio is the sum of hits over the sum of ``len(blocks)``.
 
 :func:`belady` runs the offline optimum on the same accesses: every request
 accesses all its blocks; a request that fits stores its missing blocks,
@@ -57,9 +58,12 @@ class ReplayResult(msgspec.Struct, frozen=True):
     """The outcome of replaying one trace with one policy (or ``"belady"``).
 
     ``hits`` counts leading hits. ``stores_refused`` counts requests whose
-    missing blocks were not stored because the request has more blocks than
-    ``capacity``. ``resident_hits`` (MIN only, ``None`` for policies) counts
-    every block of a request found resident, leading or not.
+    store was refused (``prepare_store`` returned ``None``): for a policy that
+    stores every missing block (and MIN), the requests with more blocks than
+    ``capacity``; ``prefix_admit`` still stores the blocks it admits of such a
+    request when they fit beside its present ones. ``resident_hits`` (MIN
+    only, ``None`` for policies) counts every block of a request found
+    resident, leading or not.
     """
 
     policy: str

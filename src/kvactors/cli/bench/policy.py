@@ -28,27 +28,38 @@ import argparse
 import gc
 import multiprocessing
 import os
+import queue
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from kvactors.cli.arguments import (
     DEFAULT_CAPACITY,
     add_capacity_arguments,
+    block_count,
     capacity_blocks,
     positive_int,
     resolve_trace,
 )
 from kvactors.cli.replay_runs import BLOCK_TOKENS, handshake
 from kvactors.cli.report import RATE, RATIO, Report, progress
-from kvactors.errors import TraceError
+from kvactors.errors import KVActorsError, TraceError
 from kvactors.keys import Key
 from kvactors.manager import NATIVE, OffloadingManager
 from kvactors.policy import POLICIES
 from kvactors.traces import load_trace
 
-__all__ = ["MAX_LRU_COST", "MIN_OPS_PER_S", "MIN_RATIO", "add_arguments", "bare_lru", "run"]
+__all__ = [
+    "MAX_LRU_COST",
+    "MIN_OPS_PER_S",
+    "MIN_RATIO",
+    "MeasureFailed",
+    "add_arguments",
+    "bare_lru",
+    "run",
+]
 
 MIN_RATIO = 0.5
 """Goal: a policy's block-ops/s over the bare ``OrderedDict`` LRU's, same run."""
@@ -139,11 +150,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--memory",
-        type=positive_int,
+        type=block_count,
         metavar="N",
-        help="instead of timing: RAM per block of a manager holding N blocks",
+        help="instead of timing: RAM per block of a manager holding N blocks (1..2**31-1)",
     )
     add_capacity_arguments(parser)
+
+
+class MeasureFailed(KVActorsError):
+    """A ``--memory`` process failed (a kvactors error) or died before reporting."""
 
 
 KEY_BYTES = 32
@@ -162,8 +177,9 @@ def _rss() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _fill(policy: str, blocks: int, native: bool | None, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    """In a fresh process: RSS growth per block after N stores, then after N more."""
+def _measure(policy: str, blocks: int, native: bool | None) -> tuple[list[float], float, bool]:
+    """RSS growth per block after ``blocks`` stores, then after as many more; the seconds
+    the stores took; whether the compiled core ran."""
     keys = [i.to_bytes(KEY_BYTES, "big") for i in range(2 * blocks)]
     gc.collect()
     gc.disable()
@@ -177,7 +193,56 @@ def _fill(policy: str, blocks: int, native: bool | None, out: multiprocessing.Qu
             assert stored is not None
             manager.complete_store(stored.block_hashes_to_store)
         figures.append((_rss() - before) / blocks)
-    out.put((figures, time.perf_counter() - start, manager.native))
+    return figures, time.perf_counter() - start, manager.native
+
+
+def _fill(policy: str, blocks: int, native: bool | None, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    """In a fresh process: :func:`_measure`, its answer put on ``out`` as ``("ok", ...)``,
+    or ``("memory", message)`` when memory runs out, ``("error", message)`` for a
+    kvactors error; Ctrl-C ends it quietly (the parent reports it)."""
+    report: tuple[str, object]
+    try:
+        report = ("ok", _measure(policy, blocks, native))
+    except MemoryError:
+        # Put only once the except clause has dropped the traceback and its frames
+        # (the keys, the manager): sending the answer needs a little memory too.
+        report = ("memory", f"{blocks:,} blocks of {policy} do not fit in memory")
+    except KVActorsError as exc:
+        report = ("error", str(exc))
+    except KeyboardInterrupt:
+        return
+    out.put(report)
+
+
+def _child_answer(
+    child: multiprocessing.process.BaseProcess,
+    answers: multiprocessing.Queue,  # type: ignore[type-arg]
+    policy: str,
+) -> tuple[list[float], float, bool]:
+    """Wait for ``child``'s answer on ``answers``; raise ``MemoryError`` when it ran out of
+    memory, and :class:`MeasureFailed` for a kvactors error or a child that
+    died without answering (killed, say, by the kernel's out-of-memory killer)."""
+    while True:
+        try:
+            kind, value = answers.get(timeout=0.2)
+            break
+        except queue.Empty:
+            if child.is_alive():
+                continue
+        try:  # it exited: what it sent before exiting may still be in the pipe
+            kind, value = answers.get(timeout=1.0)
+            break
+        except queue.Empty:
+            raise MeasureFailed(
+                f"bench policy --memory: the {policy} process exited with status "
+                f"{child.exitcode} before reporting (a negative status is the signal "
+                "that ended it, such as 9 from the out-of-memory killer)"
+            ) from None
+    if kind == "memory":
+        raise MemoryError(value)
+    if kind == "error":
+        raise MeasureFailed(f"bench policy --memory: {value}")
+    return cast(tuple[list[float], float, bool], value)
 
 
 def _memory(args: argparse.Namespace, names: list[str]) -> Report:
@@ -187,11 +252,15 @@ def _memory(args: argparse.Namespace, names: list[str]) -> Report:
     results: dict[str, object] = {}
     show: bool | None = False if args.json else None
     for name in progress(names, len(names), "bench policy --memory", enabled=show):
-        queue = context.Queue()
-        child = context.Process(target=_fill, args=(name, blocks, None, queue))
+        answers = context.Queue()
+        child = context.Process(target=_fill, args=(name, blocks, None, answers))
         child.start()
-        figures, seconds, native = queue.get()
-        child.join()
+        try:
+            figures, seconds, native = _child_answer(child, answers, name)
+        finally:
+            if child.is_alive():  # interrupted, or an answer that was an error
+                child.terminate()
+            child.join()
         rows.append([name, "compiled" if native else "python", figures[0], figures[1], seconds])
         results[name] = {
             "core": "compiled" if native else "python",
