@@ -110,6 +110,8 @@ def test_progress_shows_on_a_terminal_only_outside_ci(monkeypatch: pytest.Monkey
     monkeypatch.delenv("CI", raising=False)
     assert progress_enabled(FakeTTY())
     assert not progress_enabled(io.StringIO())
+    monkeypatch.setenv("CI", "")  # set but empty counts as not set (docs/replay.md)
+    assert progress_enabled(FakeTTY())
     monkeypatch.setenv("CI", "true")
     assert not progress_enabled(FakeTTY())
     tty = FakeTTY()
