@@ -553,6 +553,20 @@ def test_replay_notes_a_policy_above_min(
     assert not any(note.startswith("above MIN") for note in notes)
 
 
+@pytest.mark.parametrize(("big", "note"), [(1, "1 request has"), (2, "2 requests have")])
+def test_replay_notes_the_requests_too_big_to_store(
+    tmp_path: Path, big: int, note: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A request with more blocks than the capacity is counted in a note, in words
+    that agree with the count."""
+    requests = [[1, 2], *([[10 * i + 3, 10 * i + 4, 10 * i + 5] for i in range(big)]), [1, 2]]
+    path = write_trace(tmp_path / "big.jsonl", requests)
+    assert main(["replay", str(path), "--policy", "lru", "--blocks", "2", "--json"]) == 0
+    report = last_json(capsys.readouterr().out)
+    assert report["summary"]["belady"]["stores_refused"] == big
+    assert f"{note} more blocks than the capacity and stored nothing" in " ".join(report["notes"])
+
+
 @pytest.mark.parametrize(
     "argv",
     [

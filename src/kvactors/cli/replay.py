@@ -154,8 +154,10 @@ def run(args: argparse.Namespace) -> Report:
         )
     if bound.stores_refused:
         notes.append(
-            f"{bound.stores_refused:,} requests have more blocks than the capacity and "
-            "store nothing (stores refused); MIN is then not guaranteed to be a bound."
+            f"{bound.stores_refused:,} "
+            + ("request has" if bound.stores_refused == 1 else "requests have")
+            + " more blocks than the capacity and stored nothing (stores refused); "
+            "MIN is then not guaranteed to be a bound."
         )
     above = [
         (name, result.hits) for name, (result, _) in results.items() if result.hits > bound.hits
