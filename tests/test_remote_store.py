@@ -32,6 +32,7 @@ from kvactors.media.remote_wire import (
     READ_WINDOW_VALUES,
     SEND_BYTES,
     read_window,
+    refills,
     send_all,
 )
 
@@ -72,6 +73,28 @@ def test_read_window_is_deeper_for_values_up_to_64_kib() -> None:
     assert read_window(4096) == READ_WINDOW_BYTES // (4096 + HEADER_BYTES) > 64
     assert read_window(128 * 1024) == READ_WINDOW_BYTES // (128 * 1024 + HEADER_BYTES) == 7
     assert read_window(2 * 2**20) == 1
+
+
+@given(st.integers(0, 600), st.integers(1, 300))
+def test_refills_ask_for_each_value_once_in_order_within_the_window(n: int, window: int) -> None:
+    """The GETs of an n-value pipeline: the first window at once, then the rest in
+    order, each asked for once and before its reply is read; at most window + 1
+    out unread, and while any are left to ask for, at least window + 2 - step
+    (three quarters of the window) out, with a quarter of the window a write."""
+    plan = refills(n, window)
+    step = max(1, window // 4)
+    asked = min(n, window)
+    for j in range(n):
+        if j in plan:
+            start, end = plan[j]
+            assert start == asked
+            assert end - start == min(step, n - start)
+            asked = end
+        assert j < asked <= j + window + 1  # reply j was asked for; the window holds
+        if asked < n:
+            assert asked - j >= window + 2 - step >= window - window // 4
+    assert asked == n
+    assert len(plan) == -(-max(0, n - window) // step)
 
 
 def test_reads_past_a_deep_window_are_byte_exact(redis_server: LocalServer) -> None:  # noqa: F811
