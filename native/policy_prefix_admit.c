@@ -14,7 +14,9 @@
  * a chosen class too, else class 0. touch() keeps the keys it found as ghosts
  * within the window with the class each would have moved to (`returning`,
  * until a later touch finds any): admit gives such a key that class when it is worth
- * more than its new class (not for a call's last key). */
+ * more than its new class (not for a call's last key); a ghost of any age right
+ * behind a reused block (held, or admitted by the same call) then takes that
+ * block's class when it is worth more (not for a call's last key either). */
 #include "manager_core.h"
 
 #include <math.h>
@@ -569,6 +571,25 @@ pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *f
          * have been, if that class is worth more (not a call's last key) */
         if (back >= 0 && pos != ncall - 1 && value(p, back) > value(p, c))
             c = back;
+        /* a ghost (of any age) right behind a reused block, held or admitted by
+         * this call, takes that block's class if it is worth more (not a call's
+         * last key): the chain it continues is in use again */
+        if (back != -1 && pos > 0 && pos != ncall - 1) {
+            int above = -1;
+            if (j > 0 && fresh[j - 1] == call[pos - 1]) { /* new in this call */
+                if (!declined) /* so admitted: the last one chosen */
+                    above = p->chosen[admitted - 1];
+            }
+            else {
+                int32_t s = core_slot(core, call[pos - 1]);
+                if (s == -2)
+                    return -1;
+                if (s >= 0)
+                    above = CLASS(p, s);
+            }
+            if (above >= NEW_CLASSES && value(p, above) > value(p, c))
+                c = above;
+        }
         born(p, c);
         if (!declined && full && (value(p, c) < bar || (p->cut && back == -1)))
             declined = 1;

@@ -47,7 +47,10 @@ A key asked for while it is a ghost (below) is remembered until a later
 ``touch`` finds ghosts of its own; stored again, it enters the reused class its use would have moved
 it to had it stayed, when that class is worth more than its new class (not
 for a call's last key): a block's frequency outlives its eviction, as ARC
-moves a ghost hit to its frequency list.
+moves a ghost hit to its frequency list. A new key that is a ghost of any age
+(not a call's last key) stored right behind a reused block (the call's
+previous key, held or admitted by the same call) then takes that block's
+class when it is worth more: the chain it continues is in use again.
 
 ``value(class)`` is ``uses / births``: a birth is a block stored (or
 declined) in the class, or a use moving it there; a use is a touch of a
@@ -194,6 +197,7 @@ class PrefixAdmitPolicy(ClassValues, HeldKeys):
         pending = iter(new)
         want: Key | None = next(pending)
         returning = self._returning
+        classes = self._class
         value = self.value
         cut = self.cut
         for position, key in enumerate(keys):
@@ -213,6 +217,16 @@ class PrefixAdmitPolicy(ClassValues, HeldKeys):
                 and value(back) > value(cls)
             ):
                 cls = back
+            # A ghost (of any age) right behind a reused block, held or admitted
+            # by this call, takes that block's class if it is worth more (not a
+            # call's last key): the chain it continues is in use again.
+            if back is not None and position and position != length - 1:
+                parent = keys[position - 1]
+                above = classes.get(parent)
+                if above is None:
+                    above = chosen.get(parent)
+                if above is not None and above >= NEW_CLASSES and value(above) > value(cls):
+                    cls = above
             self._born(cls)
             if not declined and full and (value(cls) < bar or (cut and back is None)):
                 declined = True
