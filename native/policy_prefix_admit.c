@@ -409,7 +409,8 @@ ghost(Core *core, PrefixAdmit *p, PyObject *key, uint32_t h, int tag, int maybe_
 /* A use of a key (mixed hash h) that is a ghost: the ghost is forgotten and,
  * when it left within the window, its class counts a use (an evicted one also
  * a regret) and *back is the class the use would have moved it to; an older
- * ghost: *back = -2 (seen, nothing counted); no ghost: *back = -1. */
+ * ghost: *back = -2 (seen; its class counts n / age of a use, no regret, while
+ * age is within GHOSTS capacities); no ghost: *back = -1. */
 static int
 ghost_hit(Core *core, PrefixAdmit *p, PyObject *key, uint32_t h, int *back)
 {
@@ -420,8 +421,11 @@ ghost_hit(Core *core, PrefixAdmit *p, PyObject *key, uint32_t h, int *back)
     int tag = p->ghosts[g].tag;
     long long since = p->ghosts[g].since;
     ghost_drop(p, g);
-    if (p->stored - since > (long long)core->n) {
-        *back = -2; /* left more than a turnover of the tier ago */
+    long long age = p->stored - since;
+    if (age > (long long)core->n) { /* left more than a turnover of the tier ago */
+        if (age <= (long long)GHOSTS * (long long)core->n)
+            p->uses[tag < 0 ? -1 - tag : tag] += (double)core->n / (double)age;
+        *back = -2;
         return 0;
     }
     if (tag < 0)

@@ -55,15 +55,17 @@ class when it is worth more: the chain it continues is in use again.
 ``value(class)`` is ``uses / births``: a birth is a block stored (or
 declined) in the class, or a use moving it there; a use is a touch of a
 block of the class, resident or a ghost (a key evicted or declined while
-fewer than ``capacity`` blocks have been stored since). Both counts start at a neutral prior and
+fewer than ``capacity`` blocks have been stored since; an older ghost, asked
+for ``age`` stores after it left, counts ``capacity / age`` of a use). Both
+counts start at a neutral prior and
 halve when ``births`` passes four times the capacity, so the values follow a
 changing workload within a few turnovers of the tier. The regret rate is
 ghost hits of evicted keys over evictions, halved the same way. The ghost
 window is measured in stores, not in ghosts, so declined and evicted keys get
 the same horizon (one turnover of the tier) however many keys are declined;
 ghosts are kept for four capacities of stores, at most ``4 * capacity`` of
-them (the oldest go first), an older one than the horizon only marking its
-key as seen. Nothing is
+them (the oldest go first), an older one than the horizon marking its key
+as seen, neither a regret nor a key that re-enters as a reused block. Nothing is
 fitted to a trace: every knob is a ratio measured on the running workload
 or a multiple of the tier's own capacity.
 
