@@ -14,7 +14,9 @@
  * a chosen class too, else class 0. touch() keeps the keys it found as ghosts
  * within the window with the class each would have moved to (`returning`,
  * until a later touch finds any): admit gives such a key that class when it is worth
- * more than its new class (not for a call's last key). */
+ * more than its new class (not for a call's last key); a ghost of any age right
+ * behind a reused block (held, or admitted by the same call) then takes that
+ * block's class when it is worth more (not for a call's last key either). */
 #include "manager_core.h"
 
 #include <math.h>
@@ -407,7 +409,8 @@ ghost(Core *core, PrefixAdmit *p, PyObject *key, uint32_t h, int tag, int maybe_
 /* A use of a key (mixed hash h) that is a ghost: the ghost is forgotten and,
  * when it left within the window, its class counts a use (an evicted one also
  * a regret) and *back is the class the use would have moved it to; an older
- * ghost: *back = -2 (seen, nothing counted); no ghost: *back = -1. */
+ * ghost: *back = -2 (seen; its class counts n / age of a use, no regret, while
+ * age is within GHOSTS capacities); no ghost: *back = -1. */
 static int
 ghost_hit(Core *core, PrefixAdmit *p, PyObject *key, uint32_t h, int *back)
 {
@@ -418,8 +421,11 @@ ghost_hit(Core *core, PrefixAdmit *p, PyObject *key, uint32_t h, int *back)
     int tag = p->ghosts[g].tag;
     long long since = p->ghosts[g].since;
     ghost_drop(p, g);
-    if (p->stored - since > (long long)core->n) {
-        *back = -2; /* left more than a turnover of the tier ago */
+    long long age = p->stored - since;
+    if (age > (long long)core->n) { /* left more than a turnover of the tier ago */
+        if (age <= (long long)GHOSTS * (long long)core->n)
+            p->uses[tag < 0 ? -1 - tag : tag] += (double)core->n / (double)age;
+        *back = -2;
         return 0;
     }
     if (tag < 0)
@@ -569,6 +575,25 @@ pa_admit(Core *core, PyObject *const *call, Py_ssize_t ncall, PyObject *const *f
          * have been, if that class is worth more (not a call's last key) */
         if (back >= 0 && pos != ncall - 1 && value(p, back) > value(p, c))
             c = back;
+        /* a ghost (of any age) right behind a reused block, held or admitted by
+         * this call, takes that block's class if it is worth more (not a call's
+         * last key): the chain it continues is in use again */
+        if (back != -1 && pos > 0 && pos != ncall - 1) {
+            int above = -1;
+            if (j > 0 && fresh[j - 1] == call[pos - 1]) { /* new in this call */
+                if (!declined) /* so admitted: the last one chosen */
+                    above = p->chosen[admitted - 1];
+            }
+            else {
+                int32_t s = core_slot(core, call[pos - 1]);
+                if (s == -2)
+                    return -1;
+                if (s >= 0)
+                    above = CLASS(p, s);
+            }
+            if (above >= NEW_CLASSES && value(p, above) > value(p, c))
+                c = above;
+        }
         born(p, c);
         if (!declined && full && (value(p, c) < bar || (p->cut && back == -1)))
             declined = 1;

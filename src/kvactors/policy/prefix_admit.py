@@ -47,20 +47,25 @@ A key asked for while it is a ghost (below) is remembered until a later
 ``touch`` finds ghosts of its own; stored again, it enters the reused class its use would have moved
 it to had it stayed, when that class is worth more than its new class (not
 for a call's last key): a block's frequency outlives its eviction, as ARC
-moves a ghost hit to its frequency list.
+moves a ghost hit to its frequency list. A new key that is a ghost of any age
+(not a call's last key) stored right behind a reused block (the call's
+previous key, held or admitted by the same call) then takes that block's
+class when it is worth more: the chain it continues is in use again.
 
 ``value(class)`` is ``uses / births``: a birth is a block stored (or
 declined) in the class, or a use moving it there; a use is a touch of a
 block of the class, resident or a ghost (a key evicted or declined while
-fewer than ``capacity`` blocks have been stored since). Both counts start at a neutral prior and
+fewer than ``capacity`` blocks have been stored since; an older ghost, asked
+for ``age`` stores after it left, counts ``capacity / age`` of a use). Both
+counts start at a neutral prior and
 halve when ``births`` passes four times the capacity, so the values follow a
 changing workload within a few turnovers of the tier. The regret rate is
 ghost hits of evicted keys over evictions, halved the same way. The ghost
 window is measured in stores, not in ghosts, so declined and evicted keys get
 the same horizon (one turnover of the tier) however many keys are declined;
 ghosts are kept for four capacities of stores, at most ``4 * capacity`` of
-them (the oldest go first), an older one than the horizon only marking its
-key as seen. Nothing is
+them (the oldest go first), an older one than the horizon marking its key
+as seen, neither a regret nor a key that re-enters as a reused block. Nothing is
 fitted to a trace: every knob is a ratio measured on the running workload
 or a multiple of the tier's own capacity.
 
@@ -194,6 +199,7 @@ class PrefixAdmitPolicy(ClassValues, HeldKeys):
         pending = iter(new)
         want: Key | None = next(pending)
         returning = self._returning
+        classes = self._class
         value = self.value
         cut = self.cut
         for position, key in enumerate(keys):
@@ -213,6 +219,16 @@ class PrefixAdmitPolicy(ClassValues, HeldKeys):
                 and value(back) > value(cls)
             ):
                 cls = back
+            # A ghost (of any age) right behind a reused block, held or admitted
+            # by this call, takes that block's class if it is worth more (not a
+            # call's last key): the chain it continues is in use again.
+            if back is not None and position and position != length - 1:
+                parent = keys[position - 1]
+                above = classes.get(parent)
+                if above is None:
+                    above = chosen.get(parent)
+                if above is not None and above >= NEW_CLASSES and value(above) > value(cls):
+                    cls = above
             self._born(cls)
             if not declined and full and (value(cls) < bar or (cut and back is None)):
                 declined = True

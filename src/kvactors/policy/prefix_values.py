@@ -40,8 +40,9 @@ PRIOR_USES = 0.5
 """Each class starts at value 0.5: neither favoured nor starved before any feedback."""
 GHOSTS = 4
 """At most this many capacities of ghosts are kept, each for at most this many
-capacities of stores (the window in which a ghost's use counts is one capacity
-of stores; an older ghost only says the key was seen, for the seen cut)."""
+capacities of stores (the window in which a ghost's use counts whole is one
+capacity of stores; an older ghost's use counts ``capacity / age``, and it says
+the key was seen, for the seen cut)."""
 
 
 def new_class(position: int, length: int, extends: bool) -> int:
@@ -103,13 +104,19 @@ class ClassValues:
     def _ghost_hit(self, key: Key) -> int | None:
         """Forget ``key``'s ghost and count its use; a key asked for within the
         window returns the class its use would have moved it to, had it stayed,
-        an older ghost ``-1`` (seen, nothing counted), no ghost ``None``."""
+        an older ghost ``-1`` (seen; its use counts ``capacity / age``, no
+        regret), no ghost ``None``."""
         entry = self.ghosts.pop(key, None)
         if entry is None:
             return None
         tag, since = entry
-        if self.stored - since > self.capacity:
-            return -1  # left more than a turnover of the tier ago
+        age = self.stored - since
+        if age > self.capacity:  # left more than a turnover of the tier ago
+            if age <= GHOSTS * self.capacity:
+                # The share of a use a block of the class would have bought per
+                # turnover of residence: 1 within the window, capacity / age after.
+                self.uses[-1 - tag if tag < 0 else tag] += self.capacity / age
+            return -1
         if tag < 0:
             tag = -1 - tag
         else:
