@@ -63,6 +63,7 @@ from kvactors.cli.report import GBPS, RATIO, Report, progress
 from kvactors.errors import RemoteUnavailable
 from kvactors.media.local_server import LocalServer
 from kvactors.media.remote import RemoteStore
+from kvactors.media.remote_nodes import masked_url
 from kvactors.traces import load_trace
 
 GOAL_RATIO = 0.8
@@ -185,11 +186,17 @@ def _sharing(url: str, trace: str, requests: int, cpu: int) -> dict[str, float]:
 
 
 def _check_answers(url: str) -> None:
-    """RemoteUnavailable (one line, exit 2) when no server answers at ``url``."""
+    """RemoteUnavailable (one line, exit 2) when no server answers at ``url``, or
+    it refuses the URL's credentials (a wrong password, a user it does not know)."""
     store = RemoteStore("remote", 4096, url=url, namespace=f"bench-{uuid.uuid4().hex[:8]}")
     try:
         if not store.ping():
-            raise RemoteUnavailable(f"bench remote: no server answers at {url}")
+            error = store.nodes.by_name["server"].error
+            if error.startswith(("AuthenticationError", "NoPermissionError")):
+                raise RemoteUnavailable(
+                    f"bench remote: the server at {masked_url(url)} refused the login: {error}"
+                )
+            raise RemoteUnavailable(f"bench remote: no server answers at {masked_url(url)}")
     finally:
         store.close()
 
@@ -220,7 +227,7 @@ def run(args: argparse.Namespace) -> Report:
 
 def _run(args: argparse.Namespace, url: str, trace: str) -> Report:
     rows_out: list[list[object]] = []
-    summary: dict[str, Any] = {"url": url, "sizes": {}}
+    summary: dict[str, Any] = {"url": masked_url(url), "sizes": {}}
     met = True
     quiet = args.json
     for kib in progress(
@@ -301,7 +308,7 @@ def _run(args: argparse.Namespace, url: str, trace: str) -> Report:
         "of the two by median round (column 'baseline'), per cell, at its best round",
         f"goal: kvactors >= {GOAL_RATIO}x raw redis-py at every size: "
         + ("met" if met else "NOT met"),
-        f"server: {url}; best of {args.repeat} rounds, {args.mib} MiB per measurement "
+        f"server: {masked_url(url)}; best of {args.repeat} rounds, {args.mib} MiB per measurement "
         "(ratio: of the bests; per round: kvactors / the faster raw of the same round)",
     ]
     return Report(

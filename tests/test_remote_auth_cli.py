@@ -1,0 +1,71 @@
+"""A password in the URL of ``kvactors demo --remote``, ``kvactors bench remote
+--url``: accepted, and shown nowhere (the
+table, the JSON summary, error lines, reprs). Real servers on 127.0.0.1 with
+``requirepass``, a free port each."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from _redis import server_binary
+from kvactors.cli import main
+from kvactors.media.local_server import LocalServer
+
+SECRET = "s3cret-Pw"
+
+
+@pytest.fixture
+def auth_server() -> Iterator[LocalServer]:
+    with LocalServer(password=SECRET, binary=server_binary()) as server:
+        yield server
+
+
+def test_demo_with_a_password_url_shows_it_masked(
+    auth_server: LocalServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["demo", "--trace", "synthetic", "--requests", "20", "--no-nvme", "--device", "cpu"]
+    argv += ["--remote", auth_server.url]
+    assert main([*argv, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert SECRET not in out + err
+    summary = json.loads(out.strip().splitlines()[-1])["summary"]
+    assert summary["config"]["remote"]["url"] == f"redis://:***@127.0.0.1:{auth_server.port}/0"
+    assert summary["hits_remote"] >= 0
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "in remote" in out
+    assert SECRET not in out + err
+
+
+def test_bench_remote_with_a_password_url_shows_it_masked(
+    auth_server: LocalServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "remote", "--url", auth_server.url, "--sizes", "16", "--mib", "1"]
+    argv += ["--repeat", "1", "--trace", "synthetic", "--requests", "4"]
+    masked = f"redis://:***@127.0.0.1:{auth_server.port}/0"
+    assert main([*argv, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert SECRET not in out + err
+    assert json.loads(out.strip().splitlines()[-1])["summary"]["url"] == masked
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert f"server: {masked};" in out
+    assert SECRET not in out + err
+
+
+def test_bench_remote_with_a_wrong_password_exits_2_in_one_masked_line(
+    auth_server: LocalServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"redis://:wrong-Pw@127.0.0.1:{auth_server.port}/0"
+    argv = ["bench", "remote", "--url", url, "--sizes", "16", "--mib", "1", "--repeat", "1"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"kvactors: error: bench remote: the server at redis://:***@127.0.0.1:"
+        f"{auth_server.port}/0 refused the login: AuthenticationError: invalid "
+        "username-password pair or user is disabled.\n"
+    )
