@@ -1,5 +1,5 @@
 """A password in the URL of ``kvactors demo --remote``, ``kvactors bench remote
---url``: accepted, and shown nowhere (the
+--url`` and the vLLM backend's ``remote_url``: accepted, and shown nowhere (the
 table, the JSON summary, error lines, reprs). Real servers on 127.0.0.1 with
 ``requirepass``, a free port each."""
 
@@ -12,7 +12,9 @@ import pytest
 
 from _redis import server_binary
 from kvactors.cli import main
+from kvactors.errors import ConfigError
 from kvactors.media.local_server import LocalServer
+from kvactors.vllm import parse_settings
 
 SECRET = "s3cret-Pw"
 
@@ -69,3 +71,15 @@ def test_bench_remote_with_a_wrong_password_exits_2_in_one_masked_line(
         f"{auth_server.port}/0 refused the login: AuthenticationError: invalid "
         "username-password pair or user is disabled.\n"
     )
+
+
+def test_vllm_remote_url_with_a_password_is_accepted_and_shown_masked() -> None:
+    url = "redis://kv:pw-Secret@10.0.0.1:6379/0"
+    settings = parse_settings({"cpu_bytes": 1 << 20, "remote_url": url})
+    assert settings.remote_url == url  # passed on to the store as it is
+    assert settings.remote
+    assert "pw-Secret" not in repr(settings)
+    assert "remote_url='redis://kv:***@10.0.0.1:6379/0'" in repr(settings)
+    with pytest.raises(ConfigError, match=r"remote_url.*kv:\*\*\*@") as raised:
+        parse_settings({"cpu_bytes": 1, "remote_url": "http://kv:pw-Secret@h/0"})
+    assert "pw-Secret" not in str(raised.value)

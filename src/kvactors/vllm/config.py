@@ -12,7 +12,7 @@ from typing import Any
 
 from kvactors.config import MAX_BLOCKS, MAX_THREADS, REMOTE_SCHEMES, positive_seconds
 from kvactors.errors import ConfigError
-from kvactors.media.remote_nodes import parse_node
+from kvactors.media.remote_nodes import masked_url, parse_node
 from kvactors.policy import POLICIES
 
 __all__ = ["SPEC_MODULE", "SPEC_NAME", "VLLM_KEYS", "VLLMSettings", "parse_settings"]
@@ -73,6 +73,13 @@ class VLLMSettings:
     """Seconds a server call may take before the server counts as down."""
     remote_ttl: float | None = None
     """Seconds the server keeps a block (``None``: until the server evicts it)."""
+
+    def __repr__(self) -> str:
+        # remote_url may carry a password: shown masked, as everywhere it is named.
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.remote_url is not None:
+            shown["remote_url"] = masked_url(self.remote_url)
+        return f"VLLMSettings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
     def remote(self) -> bool:
@@ -171,7 +178,7 @@ def _remote(extra: Mapping[str, Any]) -> dict[str, Any]:
     if url is not None and (not isinstance(url, str) or not url.startswith(REMOTE_SCHEMES)):
         raise ConfigError(
             f"kv_connector_extra_config['remote_url']: expected a redis://host:port URL, "
-            f"got {url!r}"
+            f"got {masked_url(url) if isinstance(url, str) else url!r}"
         )
     nodes = extra.get("remote_nodes")
     nodes = () if nodes is None else nodes  # none, the default: no nodes
