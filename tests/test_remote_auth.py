@@ -82,10 +82,13 @@ def test_an_acl_user_with_only_the_tier_commands(auth_server: LocalServer) -> No
     LOG records no refusal but redis-py's optional ``CLIENT SETINFO`` (whose
     error redis-py ignores)."""
     store = RemoteStore("remote", BB, url=url_of(auth_server, f"kv:{KV_PW}"), timeout=2.0)
+    expiring = RemoteStore("remote", BB, url=url_of(auth_server, f"kv:{KV_PW}"), ttl=60.0)
     try:
         round_trip(store)
+        assert expiring.put([5], blocks(1)) == []  # SET ... PX: no other command
     finally:
         store.close()
+        expiring.close()
     admin = auth_server.client()
     refused = {(e["reason"], e["object"]) for e in admin.acl_log()}
     admin.close()
