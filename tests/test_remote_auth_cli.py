@@ -6,7 +6,9 @@ table, the JSON summary, error lines, reprs). Real servers on 127.0.0.1 with
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -43,8 +45,18 @@ def test_demo_with_a_password_url_shows_it_masked(
 
 
 def test_bench_remote_with_a_password_url_shows_it_masked(
-    auth_server: LocalServer, capsys: pytest.CaptureFixture[str]
+    auth_server: LocalServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Nor is it on the command line of the two replay processes (which every
+    user of the machine can list): they get it by environment."""
+    started: list[list[str]] = []
+    real_popen = subprocess.Popen
+
+    def popen(cmd: list[str], **kwargs: Any) -> Any:
+        started.append(list(cmd))
+        return real_popen(cmd, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
     argv = ["bench", "remote", "--url", auth_server.url, "--sizes", "16", "--mib", "1"]
     argv += ["--repeat", "1", "--trace", "synthetic", "--requests", "4"]
     masked = f"redis://:***@127.0.0.1:{auth_server.port}/0"
@@ -52,6 +64,8 @@ def test_bench_remote_with_a_password_url_shows_it_masked(
     out, err = capsys.readouterr()
     assert SECRET not in out + err
     assert json.loads(out.strip().splitlines()[-1])["summary"]["url"] == masked
+    assert len(started) == 4  # two processes, alone and sharing
+    assert all(SECRET not in " ".join(cmd) for cmd in started)
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert f"server: {masked};" in out

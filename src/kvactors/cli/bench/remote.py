@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,8 @@ from kvactors.media.remote_nodes import masked_url
 from kvactors.traces import load_trace
 
 GOAL_RATIO = 0.8
+WORKER_URL = "KVACTORS_BENCH_REMOTE_URL"
+"""The environment variable that hands a replay process the server's URL."""
 _MAIN = "import sys; from kvactors.cli import main; sys.exit(main(sys.argv[1:]))"
 CPU = torch.device("cpu")
 
@@ -163,10 +166,15 @@ def _sharing(url: str, trace: str, requests: int, cpu: int) -> dict[str, float]:
             for half in (0, 1):
                 ns = f"bench-{tag}-{mode}" + (f"-{half}" if mode == "alone" else "")
                 cmd = [sys.executable, "-c", _MAIN, "bench", "remote", "--json"]
-                cmd += ["--url", url, "--requests", str(requests), "--cpu-blocks", str(cpu)]
+                cmd += ["--requests", str(requests), "--cpu-blocks", str(cpu)]
                 cmd += ["--worker", ns, str(half), trace, "x"]
+                # The URL (it may carry a password) by environment, not on the
+                # command line that any user of the machine can list.
+                env = {**os.environ, WORKER_URL: url}
                 procs.append(
-                    subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+                    subprocess.Popen(
+                        cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env
+                    )
                 )
             hits = keys = 0
             for p in procs:
@@ -207,7 +215,8 @@ def run(args: argparse.Namespace) -> Report:
         load_trace(trace)  # a bad trace is a TraceError here, not in a replay process
     if args.worker:
         ns, half, wtrace, _ = args.worker
-        result = anyio.run(_replay, args.url, ns, int(half), wtrace, args.requests, args.cpu_blocks)
+        url = os.environ[WORKER_URL]
+        result = anyio.run(_replay, url, ns, int(half), wtrace, args.requests, args.cpu_blocks)
         return Report(
             title="replay worker",
             columns=["hits", "keys"],
