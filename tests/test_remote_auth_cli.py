@@ -6,6 +6,7 @@ table, the JSON summary, error lines, reprs). Real servers on 127.0.0.1 with
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,7 @@ from _redis import server_binary
 from kvactors.cli import main
 from kvactors.errors import ConfigError
 from kvactors.media.local_server import LocalServer
+from kvactors.media.remote import RemoteStore
 from kvactors.vllm import parse_settings
 
 SECRET = "s3cret-Pw"
@@ -97,3 +99,44 @@ def test_vllm_remote_url_with_a_password_is_accepted_and_shown_masked() -> None:
     with pytest.raises(ConfigError, match=r"remote_url.*kv:\*\*\*@") as raised:
         parse_settings({"cpu_bytes": 1, "remote_url": "http://kv:pw-Secret@h/0"})
     assert "pw-Secret" not in str(raised.value)
+
+
+def test_vllm_remote_username_and_password_log_in_to_nodes(auth_server: LocalServer) -> None:
+    """``remote_nodes`` has no place for a login: ``remote_username`` /
+    ``remote_password`` carry it, to the store the spec opens (with its keys)."""
+    admin = auth_server.client()
+    admin.execute_command(
+        "ACL", "SETUSER", "kv", "on", ">kv-Pw", "~kvactors:*", "+get", "+set", "+exists", "+del"
+    )
+    admin.close()
+    extra = {"cpu_bytes": 1 << 20, "remote_username": "kv", "remote_password": "kv-Pw"}
+    settings = parse_settings({**extra, "remote_url": auth_server.url.replace(f":{SECRET}@", "")})
+    assert "kv-Pw" not in repr(settings)
+    assert "remote_password='***'" in repr(settings)
+    store = RemoteStore(
+        "remote0",
+        4096,
+        url=settings.remote_url,
+        nodes=settings.remote_nodes,
+        username=settings.remote_username,
+        password=settings.remote_password,
+    )
+    try:
+        block = memoryview(bytearray(os.urandom(4096)))
+        assert store.put([1], [block]) == []
+        out = memoryview(bytearray(4096))
+        assert store.get_into([1], [out]) == []
+        assert bytes(out) == bytes(block)
+    finally:
+        store.close()
+    nodes = parse_settings({**extra, "remote_nodes": ["10.0.0.1:7000"]})
+    assert (nodes.remote_username, nodes.remote_password) == ("kv", "kv-Pw")
+    for key, url in (
+        ("remote_password", "redis://:url-Pw@h:1/0"),
+        ("remote_username", "redis://kv@h:1/0"),
+    ):
+        with pytest.raises(ConfigError, match=rf"'{key}'.*in one place") as raised:
+            parse_settings({**extra, "remote_url": url})
+        assert "url-Pw" not in str(raised.value)
+    with pytest.raises(ConfigError, match=r"'remote_password'.*got \*\*\*"):
+        parse_settings({"cpu_bytes": 1, "remote_password": ""})

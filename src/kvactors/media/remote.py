@@ -48,9 +48,9 @@ from kvactors.media.remote_format import (
 from kvactors.media.remote_nodes import (
     Node,
     RemoteNodes,
+    check_credentials,
     masked_url,
     parse_node,
-    url_credentials,
 )
 from kvactors.media.remote_wire import ABSENT, READ_PIPELINE_BYTES, REFUSED, RemoteIO
 
@@ -65,29 +65,6 @@ __all__ = [
     "masked_url",
     "parse_node",
 ]
-
-
-def check_credentials(
-    url: str | None, nodes: Sequence[str], username: str | None, password: str | None
-) -> None:
-    """ConfigError where ``username`` / ``password`` are given and the ``url`` that
-    would be used (``nodes`` override it) carries one too, or they are not
-    non-empty strings."""
-    for field, value in (("username", username), ("password", password)):
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ConfigError(f"remote.{field}: expected a non-empty string or none")
-    if url is None or nodes:
-        return
-    in_url = url_credentials(url)
-    for field, value, found in (
-        ("username", username, in_url[0]),
-        ("password", password, in_url[1]),
-    ):
-        if value is not None and found is not None:
-            raise ConfigError(
-                f"remote.{field}: the url {masked_url(url)} carries a {field} too; "
-                "give it in one place"
-            )
 
 
 class RemoteCounters(msgspec.Struct, frozen=True):

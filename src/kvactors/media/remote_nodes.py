@@ -21,7 +21,14 @@ from urllib.parse import parse_qs, unquote
 
 from kvactors.errors import ConfigError, RemoteUnavailable
 
-__all__ = ["Node", "RemoteNodes", "masked_url", "parse_node", "url_credentials"]
+__all__ = [
+    "Node",
+    "RemoteNodes",
+    "check_credentials",
+    "masked_url",
+    "parse_node",
+    "url_credentials",
+]
 
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
 
@@ -68,6 +75,29 @@ def parse_node(text: str) -> tuple[str, int]:
     if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"remote.nodes: expected 'host:port', got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def check_credentials(
+    url: str | None, nodes: Sequence[str], username: str | None, password: str | None
+) -> None:
+    """ConfigError where ``username`` / ``password`` are given and the ``url`` that
+    would be used (``nodes`` override it) carries one too, or they are not
+    non-empty strings."""
+    for field, value in (("username", username), ("password", password)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"remote.{field}: expected a non-empty string or none")
+    if url is None or nodes:
+        return
+    in_url = url_credentials(url)
+    for field, value, found in (
+        ("username", username, in_url[0]),
+        ("password", password, in_url[1]),
+    ):
+        if value is not None and found is not None:
+            raise ConfigError(
+                f"remote.{field}: the url {masked_url(url)} carries a {field} too; "
+                "give it in one place"
+            )
 
 
 class Node:
