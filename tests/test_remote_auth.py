@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import anyio
@@ -207,16 +208,23 @@ def test_the_config_repr_masks_the_password() -> None:
     assert "password='***'" in repr(keys)
 
 
-def cache_config(url: str, **remote: object) -> kvactors.Config:
+def cache_config(url: str, **more: object) -> kvactors.Config:
     return kvactors.Config.from_dict(
         {
             "block_bytes": BB,
             "gpu": {"num_blocks": 16, "device": "cpu"},
             "cpu": {"num_blocks": 16},
             "nvme": None,
-            "remote": {"url": url, "timeout": 1.0, "retry_after": 600.0, **remote},
+            "remote": {"url": url, "timeout": 1.0, "retry_after": 600.0},
+            **more,
         }
     )
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text: str = response.read().decode()
+        return text
 
 
 @pytest.mark.anyio
@@ -248,7 +256,7 @@ async def test_a_wrong_password_leaves_the_local_tiers_serving_and_shows_no_secr
     rows = torch.randint(0, 256, (2, BB), dtype=torch.uint8)
     url = url_of(auth_server, ":wrong-Pw")
     with anyio.fail_after(60):
-        async with kvactors.open(cache_config(url)) as kv:
+        async with kvactors.open(cache_config(url, metrics={"port": 0})) as kv:
             assert (await kv.lookup([1, 2])).hits == 0
             stored = await kv.store([1, 2], rows)
             assert stored is not None
@@ -262,7 +270,12 @@ async def test_a_wrong_password_leaves_the_local_tiers_serving_and_shows_no_secr
             assert stats.tiers["remote"].crashed
             assert stats.remote is not None
             assert stats.remote.down == [masked_url(url)]
-            for text in (repr(stats), repr(kv.config), caplog.text):
+            assert kv.metrics_url is not None
+            await anyio.sleep(1.2)  # the exporter refreshes every second
+            metrics = await anyio.to_thread.run_sync(scrape, kv.metrics_url)
+            assert 'kvactors_tier_up{tier="remote"} 0.0' in metrics
+            assert f"127.0.0.1:{auth_server.port}" not in metrics  # labels name tiers only
+            for text in (repr(stats), repr(kv.config), caplog.text, metrics):
                 assert "wrong-Pw" not in text
 
 
