@@ -58,6 +58,7 @@ BAD_REMOTE = [
     ("max_batch_bytes", 0), ("threads", 2**40), ("timeout", float("nan")),
     ("connect_timeout", float("inf")), ("retry_after", float("nan")), ("ttl", float("inf")),
     ("flush_timeout", True), ("nodes", ["h:\u00b2"]), ("nodes", ["h:65536"]),
+    ("username", ""), ("password", ""), ("password", 5), ("username", ["kv"]),
 ]  # fmt: skip
 
 

@@ -71,6 +71,8 @@ BAD = [
     ("remote_ttl", "5"), ("remote_ttl", True), ("remote_ttl", float("inf")),
     ("remote_timeout", None), ("nvme_stripes", None), ("remote_nodes", ""), ("remote_nodes", {}),
     ("remote_timeout", 2**1100), ("remote_ttl", 2**1100), ("remote_nodes", [":7000"]),
+    ("remote_username", ""), ("remote_username", 5), ("remote_password", ""),
+    ("remote_password", ["pw"]),
 ]  # fmt: skip
 
 

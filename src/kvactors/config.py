@@ -260,6 +260,11 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
       socket; ``rediss://`` is handed to redis-py for TLS); with
       ``cluster = true`` one node of a cluster.
     - ``nodes``: ``["host:port", ...]`` start-up nodes of a cluster (overrides ``url``).
+    - ``username`` / ``password``: authenticate to the server, or to every node
+      of a cluster (an ACL user, or ``requirepass`` with ``username`` unset);
+      ``url`` may carry them instead (``redis://user:pw@host``), not both (a
+      ConfigError). Never shown: a password appears as ``***`` in this struct's
+      repr and in every message and figure naming the server.
     - ``namespace``: prefix of every key; with ``model`` (the model identity:
       name, revision, dtype, parallel rank, ...) and ``layout`` (anything else
       that shapes a block's bytes) and ``block_bytes`` it makes the key space,
@@ -287,6 +292,8 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_blocks: Blocks = 262144
     policy: str = "lru"
     cluster: bool = False
+    username: str | None = None
+    password: str | None = None
     namespace: str = "kvactors"
     model: str = ""
     layout: str = ""
@@ -310,19 +317,32 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         _check_types(self)
         if self.url is None and not self.nodes:
             raise ConfigError("url: give url or nodes")
+        from kvactors.media.remote import check_credentials, masked_url, parse_node
+
         if self.url is not None and not self.url.startswith(REMOTE_SCHEMES):
             raise ConfigError(
-                f"url: expected {', '.join(s + '...' for s in REMOTE_SCHEMES)}, got {self.url!r}"
+                f"url: expected {', '.join(s + '...' for s in REMOTE_SCHEMES)}, "
+                f"got {masked_url(self.url)!r}"
             )
-        from kvactors.media.remote import parse_node
-
         for node in self.nodes:
             parse_node(node)  # ConfigError naming remote.nodes
+        check_credentials(self.url, self.nodes, self.username, self.password)
         if not self.namespace or any(c in self.namespace for c in "{}: "):
             raise ConfigError(
                 f"namespace: expected a non-empty name without braces, colons "
                 f"or spaces, got {self.namespace!r}"
             )
+
+    def __repr__(self) -> str:
+        from kvactors.media.remote import masked_url
+
+        shown = {
+            f: getattr(self, f) for f in self.__struct_fields__ if f not in ("url", "password")
+        }
+        shown["url"] = None if self.url is None else masked_url(self.url)
+        shown["password"] = None if self.password is None else "***"
+        fields = ", ".join(f"{f}={shown[f]!r}" for f in self.__struct_fields__)
+        return f"RemoteConfig({fields})"
 
     def open_medium(self, name: str, config: Config) -> BlockMedium:
         from kvactors.media.remote import RemoteStore
@@ -333,6 +353,8 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             url=self.url,
             nodes=self.nodes,
             cluster=self.cluster,
+            username=self.username,
+            password=self.password,
             namespace=self.namespace,
             model=self.model,
             layout=self.layout,

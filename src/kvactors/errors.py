@@ -76,7 +76,9 @@ class TierFailed(TierError):
 
 class RemoteUnavailable(TierFailed):
     """The remote store (a Valkey / Redis server or every node a call needs) refused the
-    connection or did not answer in time. The tier is down for ``retry_after``
+    connection, did not answer in time, refused the login (a wrong password) or
+    denied the user a command or key of the tier (``NOPERM``, the server's ACL);
+    the message names the server with any password masked. The tier is down for ``retry_after``
     seconds (``remote.retry_after``), then tried again."""
 
     def __init__(self, message: str, retry_after: float = 1.0) -> None:

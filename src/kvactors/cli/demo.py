@@ -23,6 +23,7 @@ from kvactors.cli.arguments import block_count, positive_int
 from kvactors.cli.report import Report
 from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
 from kvactors.errors import KVActorsError
+from kvactors.media.remote_nodes import masked_url
 from kvactors.traces import BUNDLED_TRACES, bundled_trace
 
 __all__ = ["DemoResult", "block_bytes_for", "run_demo"]
@@ -218,6 +219,10 @@ def run(args: argparse.Namespace) -> Report:
     summary = dict(result)
     summary["trace"] = str(path)
     summary["config"] = msgspec.to_builtins(config)
+    remote = summary["config"].get("remote")
+    if remote is not None:  # the JSON summary never shows a password
+        remote["url"] = remote["url"] and masked_url(remote["url"])
+        remote["password"] = remote["password"] and "***"
     notes = [
         f"{result['requests']:,} requests, {result['blocks']:,} blocks in "
         f"{result['seconds']:.1f} s; every loaded block checked against its key: "

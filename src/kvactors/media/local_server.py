@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from kvactors.errors import ConfigError, KVActorsError
 
@@ -74,6 +75,8 @@ def free_port() -> int:
 class LocalServer:
     """One server process on ``127.0.0.1:port``; ``maxmemory`` in bytes (``0``: none).
 
+    ``password``: the server requires it (``requirepass``; ``masterauth`` too, for
+    replicas of a cluster's nodes), and :attr:`url` and :meth:`client` carry it.
     ``extra`` are more ``--name value`` settings. Use as a context manager, or
     :meth:`start` / :meth:`stop`; :meth:`kill` and :meth:`start` again on the
     same port simulate a crash and a restart (the data is gone: no persistence).
@@ -87,10 +90,12 @@ class LocalServer:
         policy: str = "allkeys-lru",
         cluster: bool = False,
         extra: dict[str, str] | None = None,
+        password: str | None = None,
         binary: str | None = None,
     ) -> None:
         self.binary = binary or find_server_binary()
         self.port = port or free_port()
+        self.password = password
         self.maxmemory = maxmemory
         self.policy = policy
         self.cluster = cluster
@@ -101,7 +106,8 @@ class LocalServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = "" if self.password is None else f":{quote(self.password, safe='')}@"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def node(self) -> str:
@@ -136,6 +142,8 @@ class LocalServer:
                     "cluster-require-full-coverage": "no",
                 }
             )
+        if self.password is not None:
+            settings.update({"requirepass": self.password, "masterauth": self.password})
         settings.update(self.extra)
         args = [self.binary]
         for name, value in settings.items():
@@ -181,7 +189,8 @@ class LocalServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
+                # -NOAUTH: it answers, and wants a password first (requirepass).
+                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
@@ -189,6 +198,7 @@ class LocalServer:
         """A plain redis-py client of this server (for tests and set-up)."""
         import redis
 
+        kwargs.setdefault("password", self.password)
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **kwargs)
 
     def kill(self) -> None:
@@ -214,11 +224,21 @@ class LocalServer:
 
 
 class LocalCluster:
-    """``n`` cluster-enabled :class:`LocalServer` s, the slots split evenly, joined."""
+    """``n`` cluster-enabled :class:`LocalServer` s, the slots split evenly, joined;
+    ``password``: every node requires it (see :class:`LocalServer`)."""
 
-    def __init__(self, n: int = 3, *, maxmemory: int = 0, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        n: int = 3,
+        *,
+        maxmemory: int = 0,
+        password: str | None = None,
+        binary: str | None = None,
+    ) -> None:
+        self.password = password
         self.servers = [
-            LocalServer(cluster=True, maxmemory=maxmemory, binary=binary) for _ in range(n)
+            LocalServer(cluster=True, maxmemory=maxmemory, password=password, binary=binary)
+            for _ in range(n)
         ]
 
     @property

@@ -45,7 +45,13 @@ from kvactors.media.remote_format import (
     encode_key,
     fingerprint,
 )
-from kvactors.media.remote_nodes import Node, RemoteNodes, parse_node
+from kvactors.media.remote_nodes import (
+    Node,
+    RemoteNodes,
+    check_credentials,
+    masked_url,
+    parse_node,
+)
 from kvactors.media.remote_wire import ABSENT, READ_PIPELINE_BYTES, REFUSED, RemoteIO
 
 __all__ = [
@@ -53,8 +59,10 @@ __all__ = [
     "HEADER_BYTES",
     "RemoteCounters",
     "RemoteStore",
+    "check_credentials",
     "encode_key",
     "fingerprint",
+    "masked_url",
     "parse_node",
 ]
 
@@ -84,6 +92,10 @@ class RemoteStore:
     """Blocks of ``block_bytes`` in a Valkey / Redis server (``url``) or cluster
     (``nodes``, or ``url`` with ``cluster=True``); see the module docstring.
 
+    ``username`` / ``password`` authenticate every connection, to the server or
+    to each node (a ``url`` may carry them instead, not both: ConfigError); a URL's
+    password is shown masked (``***``) wherever the store names the server.
+
     ``num_blocks`` is nominal (the server decides what it keeps); slot ids in
     the :class:`~kvactors.media.base.BlockMedium` calls are ignored and
     ``keys`` name the blocks. ``max_batch_bytes`` bounds the values one
@@ -107,6 +119,8 @@ class RemoteStore:
         url: str | None = None,
         nodes: Sequence[str] = (),
         cluster: bool = False,
+        username: str | None = None,
+        password: str | None = None,
         namespace: str = "kvactors",
         model: str = "",
         layout: str = "",
@@ -129,6 +143,7 @@ class RemoteStore:
         fmt = ValueFormat(namespace, block_bytes, model, layout)
         if url is None and not nodes:
             raise ConfigError("remote: give a url or a list of cluster nodes")
+        check_credentials(url, nodes, username, password)
         self.name = name
         self.block_bytes = block_bytes
         self.num_blocks = num_blocks
@@ -147,9 +162,22 @@ class RemoteStore:
             # Something that is not a Valkey / Redis server answered (a wrong port):
             # down like a server that refuses the connection.
             redis.exceptions.InvalidResponse,
+            # The server's ACL denies the user a command or a key (``NOPERM``):
+            # down, with the server's reason, rather than every block a miss.
+            # (A wrong password is an AuthenticationError, a ConnectionError.)
+            redis.exceptions.NoPermissionError,
             OSError,
         )
-        self.io = RemoteIO(fmt, errors, (TimeoutError, redis.TimeoutError), redis.ResponseError)
+        self.io = RemoteIO(
+            fmt,
+            errors,
+            (TimeoutError, redis.TimeoutError),
+            redis.ResponseError,
+            {
+                b"-NOPERM": redis.exceptions.NoPermissionError,
+                b"-NOAUTH": redis.AuthenticationError,
+            },
+        )
         """The commands on a connection (:mod:`~kvactors.media.remote_wire`)."""
         common: dict[str, Any] = {
             "socket_timeout": timeout,
@@ -159,6 +187,11 @@ class RemoteStore:
             # hammered, it waits ``retry_after``.
             "retry": Retry(NoBackoff(), 1),
         }
+        # Sent by every connection (HELLO ... AUTH, or AUTH) before its first command.
+        if username is not None:
+            common["username"] = username
+        if password is not None:
+            common["password"] = password
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(
             ("hits", "misses", "corrupt", "lookups", "stored", "bytes_read", "bytes_written"), 0

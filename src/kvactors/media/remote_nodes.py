@@ -12,14 +12,61 @@ when every node is down does a call raise.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+from urllib.parse import parse_qs, unquote
 
 from kvactors.errors import ConfigError, RemoteUnavailable
 
-__all__ = ["Node", "RemoteNodes", "parse_node"]
+__all__ = [
+    "Node",
+    "RemoteNodes",
+    "check_credentials",
+    "masked_url",
+    "parse_node",
+    "url_credentials",
+]
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+
+
+def _split(url: str) -> tuple[str, str, str]:
+    """``url`` -> (``scheme://``, netloc, the rest), as ``urllib.parse`` cuts it."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "", "", url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    return scheme + sep, rest[:end], rest[end:]
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password shown as ``***`` (the user name stays): in
+    ``redis://user:pw@host`` and in a ``password=`` query argument, both of which
+    redis-py reads. A URL without a password comes back as it is."""
+    scheme, netloc, rest = _split(url)
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    return scheme + netloc + _QUERY_PASSWORD.sub(r"\1***", rest)
+
+
+def url_credentials(url: str) -> tuple[str | None, str | None]:
+    """The user name and password ``url`` carries (``None`` where it has none), as
+    redis-py reads them: ``user:password@`` or ``username=`` / ``password=`` query
+    arguments."""
+    _, netloc, rest = _split(url)
+    userinfo, at, _ = netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    query = parse_qs(rest.partition("?")[2].partition("#")[0])
+    found = (
+        unquote(user) if at and user else None,
+        unquote(password) if at and colon and password else None,
+    )
+    username = query["username"][0] if query.get("username") else found[0]
+    return username, query["password"][0] if query.get("password") else found[1]
 
 
 def parse_node(text: str) -> tuple[str, int]:
@@ -28,6 +75,29 @@ def parse_node(text: str) -> tuple[str, int]:
     if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"remote.nodes: expected 'host:port', got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def check_credentials(
+    url: str | None, nodes: Sequence[str], username: str | None, password: str | None
+) -> None:
+    """ConfigError where ``username`` / ``password`` are given and the ``url`` that
+    would be used (``nodes`` override it) carries one too, or they are not
+    non-empty strings."""
+    for field, value in (("username", username), ("password", password)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"remote.{field}: expected a non-empty string or none")
+    if url is None or nodes:
+        return
+    in_url = url_credentials(url)
+    for field, value, found in (
+        ("username", username, in_url[0]),
+        ("password", password, in_url[1]),
+    ):
+        if value is not None and found is not None:
+            raise ConfigError(
+                f"remote.{field}: the url {masked_url(url)} carries a {field} too; "
+                "give it in one place"
+            )
 
 
 class Node:
@@ -86,15 +156,16 @@ class RemoteNodes:
             else:
                 assert url is not None
                 self.connect = lambda: redis.cluster.RedisCluster.from_url(url, **kwargs)
-            self.where = ",".join(nodes) if nodes else str(url)
+            self.where = ",".join(nodes) if nodes else masked_url(str(url))
         else:
             assert url is not None
             try:
                 client = redis.Redis.from_url(url, **options)
             except ValueError as exc:
                 raise ConfigError(f"remote.url: {exc}") from None
-            self.by_name["server"] = Node(url, client)
-            self.where = url
+            # The name shown in errors, logs and ``down``: never the password.
+            self.where = masked_url(url)
+            self.by_name["server"] = Node(self.where, client)
 
     def groups(self, rkeys: list[bytes]) -> list[tuple[Node, list[int]]]:
         """The positions of ``rkeys`` grouped by the node that serves them."""

@@ -216,7 +216,9 @@ class RemoteIO:
 
     ``errors`` are the connection errors and time-outs of the client (a node
     that raises one is failed), ``timeouts`` the time-outs among them,
-    ``response_error`` a command's own error reply (``OOM``, ``MOVED``).
+    ``response_error`` a command's own error reply (``OOM``, ``MOVED``), and
+    ``denied`` the error replies (by their first word, ``-NOPERM``) that fail the
+    node instead: the server will not serve this user, so no reply would differ.
     """
 
     def __init__(
@@ -225,8 +227,10 @@ class RemoteIO:
         errors: tuple[type[BaseException], ...],
         timeouts: tuple[type[BaseException], ...],
         response_error: type[BaseException],
+        denied: dict[bytes, type[BaseException]] | None = None,
     ) -> None:
         self.fmt = fmt
+        self.denied = dict(denied or {})
         self.errors = errors
         self.timeouts = timeouts
         self.response_error = response_error
@@ -384,8 +388,11 @@ class RemoteIO:
 
         # Read again only before any value arrived, and never after a time-out
         # (a hung server is not waited on twice).
+        denied = tuple(self.denied.values())
         return self._on_connection(
-            node, gets, lambda exc: not got and not isinstance(exc, self.timeouts)
+            node,
+            gets,
+            lambda exc: not got and not isinstance(exc, self.timeouts + denied),
         )
 
     def read_value(self, wire: Wire, key: Key, buf: memoryview, in_place: bool) -> int:
@@ -419,6 +426,9 @@ class RemoteIO:
                 buf[:] = stage  # verified: only now touch the caller's buffer
             return HIT
         if kind == b"-":
+            denied = self.denied.get(line.partition(b" ")[0])
+            if denied is not None:  # NOPERM (the ACL), NOAUTH: not this key's fault
+                raise denied(line[1:].decode(errors="replace"))
             # MOVED / ASK: the slot moved (the map is reloaded on the next failure);
             # WRONGTYPE and the like: something else lives under this key.
             return ABSENT if line.startswith((b"-MOVED", b"-ASK")) else REFUSED

@@ -12,7 +12,7 @@ from typing import Any
 
 from kvactors.config import MAX_BLOCKS, MAX_THREADS, REMOTE_SCHEMES, positive_seconds
 from kvactors.errors import ConfigError
-from kvactors.media.remote_nodes import parse_node
+from kvactors.media.remote_nodes import masked_url, parse_node, url_credentials
 from kvactors.policy import POLICIES
 
 __all__ = ["SPEC_MODULE", "SPEC_NAME", "VLLM_KEYS", "VLLMSettings", "parse_settings"]
@@ -65,6 +65,12 @@ class VLLMSettings:
     by every engine that names it (and the same model and layout)."""
     remote_nodes: tuple[str, ...] = ()
     """Cluster nodes (``host:port``) instead of ``remote_url``."""
+    remote_username: str | None = None
+    """The ACL user every connection to the server or each node logs in as
+    (``None``: ``remote_url``'s, else ``default``)."""
+    remote_password: str | None = None
+    """The password every connection logs in with (``None``: ``remote_url``'s, if
+    any); the only way to log in to ``remote_nodes``. Shown as ``***``."""
     remote_namespace: str = "kvactors"
     """First part of every server key."""
     remote_model: str | None = None
@@ -73,6 +79,15 @@ class VLLMSettings:
     """Seconds a server call may take before the server counts as down."""
     remote_ttl: float | None = None
     """Seconds the server keeps a block (``None``: until the server evicts it)."""
+
+    def __repr__(self) -> str:
+        # remote_url may carry a password: shown masked, as everywhere it is named.
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.remote_url is not None:
+            shown["remote_url"] = masked_url(self.remote_url)
+        if self.remote_password is not None:
+            shown["remote_password"] = "***"
+        return f"VLLMSettings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
     def remote(self) -> bool:
@@ -171,7 +186,7 @@ def _remote(extra: Mapping[str, Any]) -> dict[str, Any]:
     if url is not None and (not isinstance(url, str) or not url.startswith(REMOTE_SCHEMES)):
         raise ConfigError(
             f"kv_connector_extra_config['remote_url']: expected a redis://host:port URL, "
-            f"got {url!r}"
+            f"got {masked_url(url) if isinstance(url, str) else url!r}"
         )
     nodes = extra.get("remote_nodes")
     nodes = () if nodes is None else nodes  # none, the default: no nodes
@@ -206,7 +221,24 @@ def _remote(extra: Mapping[str, Any]) -> dict[str, Any]:
         )
     timeout = _positive(extra, "remote_timeout", 2.0)
     assert timeout is not None
+    login: dict[str, str | None] = {}
+    for key in ("remote_username", "remote_password"):
+        value = extra.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            shown = "***" if key == "remote_password" and isinstance(value, str) else repr(value)
+            raise ConfigError(
+                f"kv_connector_extra_config[{key!r}]: expected a non-empty string, got {shown}"
+            )
+        login[key] = value
+    in_url = (None, None) if url is None or nodes else url_credentials(url)
+    for key, found in zip(("remote_username", "remote_password"), in_url):
+        if login[key] is not None and found is not None:
+            raise ConfigError(
+                f"kv_connector_extra_config[{key!r}]: remote_url {masked_url(url or '')} "
+                "carries one too; give it in one place"
+            )
     return {
+        **login,
         "remote_url": url,
         "remote_nodes": tuple(nodes),
         "remote_namespace": namespace,

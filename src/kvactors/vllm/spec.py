@@ -356,6 +356,8 @@ class KVActorsOffloadingSpec(OffloadingSpec):  # type: ignore[misc]
             self.row_bytes,
             url=s.remote_url,
             nodes=s.remote_nodes,
+            username=s.remote_username,
+            password=s.remote_password,
             namespace=s.remote_namespace,
             model=model,
             layout=layout,

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -63,9 +64,12 @@ from kvactors.cli.report import GBPS, RATIO, Report, progress
 from kvactors.errors import RemoteUnavailable
 from kvactors.media.local_server import LocalServer
 from kvactors.media.remote import RemoteStore
+from kvactors.media.remote_nodes import masked_url
 from kvactors.traces import load_trace
 
 GOAL_RATIO = 0.8
+WORKER_URL = "KVACTORS_BENCH_REMOTE_URL"
+"""The environment variable that hands a replay process the server's URL."""
 _MAIN = "import sys; from kvactors.cli import main; sys.exit(main(sys.argv[1:]))"
 CPU = torch.device("cpu")
 
@@ -162,10 +166,15 @@ def _sharing(url: str, trace: str, requests: int, cpu: int) -> dict[str, float]:
             for half in (0, 1):
                 ns = f"bench-{tag}-{mode}" + (f"-{half}" if mode == "alone" else "")
                 cmd = [sys.executable, "-c", _MAIN, "bench", "remote", "--json"]
-                cmd += ["--url", url, "--requests", str(requests), "--cpu-blocks", str(cpu)]
+                cmd += ["--requests", str(requests), "--cpu-blocks", str(cpu)]
                 cmd += ["--worker", ns, str(half), trace, "x"]
+                # The URL (it may carry a password) by environment, not on the
+                # command line that any user of the machine can list.
+                env = {**os.environ, WORKER_URL: url}
                 procs.append(
-                    subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+                    subprocess.Popen(
+                        cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env
+                    )
                 )
             hits = keys = 0
             for p in procs:
@@ -185,11 +194,17 @@ def _sharing(url: str, trace: str, requests: int, cpu: int) -> dict[str, float]:
 
 
 def _check_answers(url: str) -> None:
-    """RemoteUnavailable (one line, exit 2) when no server answers at ``url``."""
+    """RemoteUnavailable (one line, exit 2) when no server answers at ``url``, or
+    it refuses the URL's credentials (a wrong password, a user it does not know)."""
     store = RemoteStore("remote", 4096, url=url, namespace=f"bench-{uuid.uuid4().hex[:8]}")
     try:
         if not store.ping():
-            raise RemoteUnavailable(f"bench remote: no server answers at {url}")
+            error = store.nodes.by_name["server"].error
+            if error.startswith(("AuthenticationError", "NoPermissionError")):
+                raise RemoteUnavailable(
+                    f"bench remote: the server at {masked_url(url)} refused the login: {error}"
+                )
+            raise RemoteUnavailable(f"bench remote: no server answers at {masked_url(url)}")
     finally:
         store.close()
 
@@ -200,7 +215,8 @@ def run(args: argparse.Namespace) -> Report:
         load_trace(trace)  # a bad trace is a TraceError here, not in a replay process
     if args.worker:
         ns, half, wtrace, _ = args.worker
-        result = anyio.run(_replay, args.url, ns, int(half), wtrace, args.requests, args.cpu_blocks)
+        url = os.environ[WORKER_URL]
+        result = anyio.run(_replay, url, ns, int(half), wtrace, args.requests, args.cpu_blocks)
         return Report(
             title="replay worker",
             columns=["hits", "keys"],
@@ -220,7 +236,7 @@ def run(args: argparse.Namespace) -> Report:
 
 def _run(args: argparse.Namespace, url: str, trace: str) -> Report:
     rows_out: list[list[object]] = []
-    summary: dict[str, Any] = {"url": url, "sizes": {}}
+    summary: dict[str, Any] = {"url": masked_url(url), "sizes": {}}
     met = True
     quiet = args.json
     for kib in progress(
@@ -301,7 +317,7 @@ def _run(args: argparse.Namespace, url: str, trace: str) -> Report:
         "of the two by median round (column 'baseline'), per cell, at its best round",
         f"goal: kvactors >= {GOAL_RATIO}x raw redis-py at every size: "
         + ("met" if met else "NOT met"),
-        f"server: {url}; best of {args.repeat} rounds, {args.mib} MiB per measurement "
+        f"server: {masked_url(url)}; best of {args.repeat} rounds, {args.mib} MiB per measurement "
         "(ratio: of the bests; per round: kvactors / the faster raw of the same round)",
     ]
     return Report(
