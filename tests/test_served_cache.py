@@ -625,6 +625,34 @@ async def test_leaving_the_block_waits_for_futures_submitted_just_before() -> No
             await kv.lookup([1])
 
 
+async def test_an_error_leaving_the_block_still_waits_for_submitted_futures() -> None:
+    """Leaving the block with an error ends the calls of ``submit_*`` as a plain
+    exit does (they are not cancelled); leaving it by cancellation cancels them."""
+    futures: list[kvactors.Future[Any]] = []
+    keys = list(range(6))  # fewer than the CPU tier holds
+
+    async def submit_then_fail() -> None:
+        nonlocal futures
+        async with kvactors.open(small_config(inline_bytes=0)) as kv:
+            fill(kv, keys, keys)
+            futures = [kv.submit_store([k], [k]) for k in keys]
+            raise ValueError("boom")
+
+    with anyio.fail_after(20):
+        with pytest.raises(ValueError, match="boom"):
+            await submit_then_fail()
+        assert [f.result() for f in futures] == [kvactors.StoreResult(1, 0)] * 6
+
+        with anyio.CancelScope() as scope:
+            async with kvactors.open(small_config(inline_bytes=0)) as kv:
+                fill(kv, keys, keys)
+                futures = [kv.submit_store([k], [k]) for k in keys]
+                scope.cancel()
+                await anyio.sleep(5)
+        assert scope.cancelled_caught
+        assert all(isinstance(f.exception(), ActorClosed) for f in futures)
+
+
 async def test_the_copy_threads_belong_to_one_cache_and_close_with_it() -> None:
     """Large host copies are split over the cache's own threads: none is left
     once the cache closes, and two caches never share them."""

@@ -92,6 +92,8 @@ class KVCache:
         )
         self._tg = task_group
         self._closed = False
+        # Futures of ``submit_*`` whose call has not ended yet.
+        self._submitted: set[Future[Any]] = set()
         self._lookup_latency = Latency()
         # The running backend's yield, looked up once (KVCache is made on its loop).
         self._checkpoint = loop_checkpoints()[0]
@@ -220,9 +222,20 @@ class KVCache:
             except BaseException:
                 fut.set_exception(ActorClosed("the cache closed before the request finished"))
                 raise
+            finally:
+                self._submitted.discard(fut)
 
+        self._submitted.add(fut)
         self._tg.start_soon(run)
         return fut
+
+    async def _finish_submitted(self) -> None:
+        """Wait until every call started by ``submit_*`` has ended (those
+        submitted meanwhile included)."""
+        while self._submitted:
+            fut = next(iter(self._submitted))
+            await fut.settled()
+            self._submitted.discard(fut)
 
     def prefetch(self, keys: Sequence[Key]) -> bool:
         """Hint that ``keys`` will be loaded soon: blocks held below the CPU tier
@@ -282,7 +295,9 @@ def _report_flush(results: list[FlushResult]) -> None:
 async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
     """Start every actor of a cache built from ``config`` (defaults when ``None``).
 
-    On exit, the futures of ``submit_*`` and the handshakes in flight finish,
+    On exit, also with an error, the futures of ``submit_*`` and the handshakes
+    in flight finish (a block left by cancellation cancels the calls of
+    ``submit_*``: their futures hold :class:`~kvactors.errors.ActorClosed`),
     then the coordinator, the policy actor and the tiers stop in that order;
     requests still queued fail with :class:`~kvactors.errors.ActorClosed`.
     Pools too large for this machine raise :class:`~kvactors.errors.ConfigError`
@@ -330,16 +345,24 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
                     async with anyio.create_task_group() as user_tg:
                         kv = KVCache(config, coord, user_tg)
                         port = config.metrics.port if config.metrics is not None else None
-                        if config.metrics is not None and port is not None:
-                            from kvactors.cache.metrics import serve_metrics
+                        try:
+                            if config.metrics is not None and port is not None:
+                                from kvactors.cache.metrics import serve_metrics
 
-                            # Prometheus metrics on [metrics] host:port while open.
-                            host = config.metrics.host
-                            async with serve_metrics(kv, port=port, host=host) as endpoint:
-                                kv.metrics_url = endpoint.url
+                                # Prometheus metrics on [metrics] host:port while open.
+                                host = config.metrics.host
+                                async with serve_metrics(kv, port=port, host=host) as endpoint:
+                                    kv.metrics_url = endpoint.url
+                                    yield kv
+                            else:
                                 yield kv
-                        else:
-                            yield kv
+                        except Exception:
+                            # An error leaving the block: the calls of ``submit_*``
+                            # still end, as on a plain exit, before the task group
+                            # would cancel them.
+                            with anyio.CancelScope(shield=True):
+                                await kv._finish_submitted()
+                            raise
                 finally:
                     if kv is not None:
                         kv._closed = True
