@@ -249,10 +249,14 @@ class KVCache:
     async def events(self) -> AsyncIterator[CacheEvent]:
         """Events from now on; the stream ends when the cache closes."""
         self._check_open("events")
+        # A cancellation point that yields once, as every call (cancelled there:
+        # no stream is made).
+        await self._checkpoint()
         return await self._policy.ask(Subscribe())
 
     async def stats(self) -> CacheStats:
         self._check_open("stats")
+        await self._checkpoint()  # a loop polling stats still lets other tasks run
         snap = await self._policy.ask(GetSnapshot())
         tiers = list(self._coord.tiers.values())
         actors = [self._coord.statistics(), self._policy.statistics()]
