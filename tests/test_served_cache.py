@@ -4,6 +4,7 @@ and concurrency, start-up sizes, typed errors leaving ``async with``."""
 
 from __future__ import annotations
 
+import random
 import threading
 from pathlib import Path
 from typing import Any
@@ -651,6 +652,58 @@ async def test_an_error_leaving_the_block_still_waits_for_submitted_futures() ->
                 await anyio.sleep(5)
         assert scope.cancelled_caught
         assert all(isinstance(f.exception(), ActorClosed) for f in futures)
+
+
+@pytest.mark.parametrize("write_mode", ["write_back", "write_through"])
+@pytest.mark.parametrize("close_after", [0.0, 0.002, 0.02])
+async def test_calls_from_other_tasks_while_the_cache_closes_succeed_or_raise_actor_closed(
+    write_mode: str, close_after: float
+) -> None:
+    """Tasks outside the block keep calling every method while it closes: each
+    call succeeds or raises ``ActorClosed`` (never another error, never a
+    hang), and ``prefetch`` answers ``False`` once closed."""
+    outcomes: dict[str, int] = {}
+    cfg = small_config(
+        inline_bytes=0, max_inflight=2, mailbox_size=2, write_mode=write_mode, cpu={"num_blocks": 3}
+    )
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as outer, kvactors.open(cfg) as kv:
+
+            async def hammer(lane: int) -> None:
+                rnd = random.Random(lane)
+                slots = list(range(lane * 4, lane * 4 + 3))
+                while True:
+                    keys = rnd.sample(range(12), 3)
+                    op = rnd.choice(["store", "load", "lookup", "stats", "events", "submit"])
+                    try:
+                        if op == "store":
+                            await kv.store(keys, block_bytes_for(keys, BB, CPU))
+                        elif op == "load":
+                            got = await kv.load(keys, slots, partial=True)
+                            n = len(got.tiers)
+                            assert torch.equal(
+                                rows(kv, slots[:n]), block_bytes_for(keys[:n], BB, CPU)
+                            )
+                        elif op == "lookup":
+                            await kv.lookup(keys)
+                        elif op == "stats":
+                            await kv.stats()
+                        elif op == "events":
+                            (await kv.events()).close()
+                        else:
+                            fut = kv.submit_load(keys, slots, partial=True)
+                            await fut
+                        kv.prefetch(keys)
+                    except ActorClosed:
+                        outcomes["closed"] = outcomes.get("closed", 0) + 1
+                        assert kv.prefetch(keys) is False
+                        return
+                    outcomes["ok"] = outcomes.get("ok", 0) + 1
+
+            for lane in range(8):
+                outer.start_soon(hammer, lane)
+            await anyio.sleep(close_after)
+    assert outcomes["closed"] == 8
 
 
 async def test_the_copy_threads_belong_to_one_cache_and_close_with_it() -> None:
