@@ -5,6 +5,7 @@ and concurrency, start-up sizes, typed errors leaving ``async with``."""
 from __future__ import annotations
 
 import random
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from _served import BB, CPU, drain, fill, rows, settled, small_config
 from kvactors.cache import transfers
 from kvactors.cli.demo import block_bytes_for
 from kvactors.cli.replay import replay
-from kvactors.config import Config, NVMeConfig, TierConfig
+from kvactors.config import Config, MetricsConfig, NVMeConfig, TierConfig
 from kvactors.errors import (
     ActorClosed,
     ConfigError,
@@ -30,6 +31,9 @@ from kvactors.errors import (
 from kvactors.media.faults import InjectedFaults
 from kvactors.policy import POLICIES
 from kvactors.traces import bundled_trace, load_trace
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
 
 pytestmark = pytest.mark.anyio
 
@@ -332,6 +336,35 @@ async def test_a_typed_error_leaves_the_block_as_itself() -> None:
         except KVActorsError as exc:
             caught.append(exc)
         assert [str(e) for e in caught] == ["mine"]
+
+
+@pytest.mark.parametrize("metrics", [False, True])
+async def test_an_exception_group_of_the_callers_own_leaves_the_block_as_itself(
+    metrics: bool,
+) -> None:
+    """The cache takes off only the groups its own task groups add: a group the
+    body raises (one error or several, or one from the caller's task group)
+    leaves as that same object."""
+    cfg = small_config(metrics=MetricsConfig(port=0)) if metrics else small_config()
+    errors: list[BaseException] = [
+        ExceptionGroup("mine", [ValueError("v")]),
+        ExceptionGroup("two", [ValueError("a"), KeyError("b")]),
+        ValueError("plain"),
+    ]
+    with anyio.fail_after(20):
+        for error in errors:
+            with pytest.raises(type(error)) as info:
+                async with kvactors.open(cfg):
+                    raise error
+            assert info.value is error
+
+        async def child() -> None:
+            raise ValueError("child")
+
+        with pytest.raises(ExceptionGroup) as group:
+            async with kvactors.open(cfg), anyio.create_task_group() as tg:
+                tg.start_soon(child)
+        assert [str(e) for e in group.value.exceptions] == ["child"]
 
 
 # -- 9. start-up sizes ------------------------------------------------------------------

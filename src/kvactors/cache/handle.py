@@ -56,13 +56,17 @@ def _recovered(medium: BlockMedium) -> NVMeIndex | list[tuple[Key, int]]:
     return [(e.key, e.slot) for e in medium.recovered()]
 
 
-def _unwrap(group: BaseExceptionGroup[Any]) -> BaseException | None:
-    """The single error a group of groups holds, if it holds exactly one."""
+def _unwrap(group: BaseExceptionGroup[Any], body: BaseException | None) -> BaseException | None:
+    """The single error a group of groups holds, if it holds exactly one; the
+    descent stops at ``body`` (the error that left the ``async with`` body,
+    which may be a group of the caller's own)."""
     errors = group.exceptions
     if len(errors) != 1:
         return None
     inner = errors[0]
-    return _unwrap(inner) if isinstance(inner, BaseExceptionGroup) else inner
+    if inner is body or not isinstance(inner, BaseExceptionGroup):
+        return inner
+    return _unwrap(inner, body)
 
 
 class KVCache:
@@ -320,6 +324,7 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
     copier = CopyPool()
     tiers: list[TierActor] = []
     started: list[Actor[Any]] = []
+    body_error: BaseException | None = None
     try:
         specs = dict(config.chain())
         for medium in media:
@@ -357,9 +362,17 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
                                 host = config.metrics.host
                                 async with serve_metrics(kv, port=port, host=host) as endpoint:
                                     kv.metrics_url = endpoint.url
-                                    yield kv
+                                    try:
+                                        yield kv
+                                    except BaseException as exc:
+                                        body_error = exc
+                                        raise
                             else:
-                                yield kv
+                                try:
+                                    yield kv
+                                except BaseException as exc:
+                                    body_error = exc  # left as itself, below
+                                    raise
                         except Exception:
                             # An error leaving the block: the calls of ``submit_*``
                             # still end, as on a plain exit, before the task group
@@ -385,7 +398,9 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
                         if actor is coord and actor in started:
                             await coord.wait_stopped()
     except BaseExceptionGroup as group:
-        single = _unwrap(group)
+        if body_error is group:  # the caller's own group, no task group around it
+            raise
+        single = _unwrap(group, body_error)
         if isinstance(single, Exception):
             raise single from None
         raise
