@@ -513,6 +513,12 @@ async def test_stats_and_events_yield_once_and_are_cancellation_points(
             scope.cancel()
             await call()
         assert scope.cancelled_caught, call
+    # Subscribed before the call yields: a store submitted just before is seen.
+    fill(kv, [1], [0])
+    fut = kv.submit_store([1], [0])
+    async with await kv.events() as stream:
+        await fut
+        assert [(e.kind, e.keys) for e in drain(stream)] == [("stored", [1])]
 
 
 @pytest.mark.parametrize("error", ["down", "corrupt"])

@@ -16,9 +16,10 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from kvactors.actors import Actor, Future, loop_checkpoints
 from kvactors.cache.arguments import check_key_list, check_side
@@ -253,10 +254,16 @@ class KVCache:
     async def events(self) -> AsyncIterator[CacheEvent]:
         """Events from now on; the stream ends when the cache closes."""
         self._check_open("events")
-        # A cancellation point that yields once, as every call (cancelled there:
-        # no stream is made).
-        await self._checkpoint()
-        return await self._policy.ask(Subscribe())
+        stream: AsyncIterator[CacheEvent] = await self._policy.ask(Subscribe())
+        # Subscribed first, so nothing published from the call on is missed; then
+        # a cancellation point that yields once, as every call (cancelled there,
+        # the stream is closed again).
+        try:
+            await self._checkpoint()
+        except BaseException:
+            cast(MemoryObjectReceiveStream[CacheEvent], stream).close()
+            raise
+        return stream
 
     async def stats(self) -> CacheStats:
         self._check_open("stats")
