@@ -330,6 +330,29 @@ def test_demo_verifies_blocks_whose_ids_pass_64_bits(
     assert summary["trace"] == str(path)
 
 
+def test_demo_reports_a_block_loaded_back_wrong_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request's error leaves its task group as itself: the command prints one
+    line and exits 2 (the error is not an exception group's traceback)."""
+    from kvactors.cli import demo
+
+    real = demo.block_bytes_for
+    calls = 0
+
+    def changing(*args: Any) -> Any:  # the bytes checked after a load differ
+        nonlocal calls
+        calls += 1
+        out = real(*args)
+        return out if calls == 1 else out ^ 1
+
+    monkeypatch.setattr(demo, "block_bytes_for", changing)
+    path = write_trace(tmp_path / "twice.jsonl", [[1, 2], [1, 2]])
+    assert main(["demo", "--trace", str(path), "--no-nvme", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvactors: error: request 1: block 1 loaded back wrong"), err
+
+
 def test_demo_accepts_a_bundled_trace_name_and_titles_it(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -485,6 +485,42 @@ async def test_every_call_yields_and_a_call_cancelled_before_it_runs_changes_not
     assert stats.policy.tiers["cpu"].used == 2
 
 
+async def test_stats_and_events_yield_once_and_are_cancellation_points(
+    kv: kvactors.KVCache,
+) -> None:
+    """``stats()`` and ``events()`` are calls like the others: a loop of them
+    lets other tasks run, and a caller already cancelled gets no stream."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        before = ticks
+        for _ in range(5):
+            await kv.stats()
+            stream = await kv.events()
+            stream.close()
+        assert ticks >= before + 10
+        tg.cancel_scope.cancel()
+    for call in (kv.stats, kv.events):
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await call()
+        assert scope.cancelled_caught, call
+    # Subscribed before the call yields: a store submitted just before is seen.
+    fill(kv, [1], [0])
+    fut = kv.submit_store([1], [0])
+    async with await kv.events() as stream:
+        await fut
+        assert [(e.kind, e.keys) for e in drain(stream)] == [("stored", [1])]
+
+
 @pytest.mark.parametrize("error", ["down", "corrupt"])
 async def test_a_cancelled_partial_load_whose_read_then_fails_raises_the_cancellation(
     error: str,

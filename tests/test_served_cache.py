@@ -4,6 +4,8 @@ and concurrency, start-up sizes, typed errors leaving ``async with``."""
 
 from __future__ import annotations
 
+import random
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from _served import BB, CPU, drain, fill, rows, settled, small_config
 from kvactors.cache import transfers
 from kvactors.cli.demo import block_bytes_for
 from kvactors.cli.replay import replay
-from kvactors.config import Config, NVMeConfig, TierConfig
+from kvactors.config import Config, MetricsConfig, NVMeConfig, TierConfig
 from kvactors.errors import (
     ActorClosed,
     ConfigError,
@@ -29,6 +31,9 @@ from kvactors.errors import (
 from kvactors.media.faults import InjectedFaults
 from kvactors.policy import POLICIES
 from kvactors.traces import bundled_trace, load_trace
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
 
 pytestmark = pytest.mark.anyio
 
@@ -333,6 +338,35 @@ async def test_a_typed_error_leaves_the_block_as_itself() -> None:
         assert [str(e) for e in caught] == ["mine"]
 
 
+@pytest.mark.parametrize("metrics", [False, True])
+async def test_an_exception_group_of_the_callers_own_leaves_the_block_as_itself(
+    metrics: bool,
+) -> None:
+    """The cache takes off only the groups its own task groups add: a group the
+    body raises (one error or several, or one from the caller's task group)
+    leaves as that same object."""
+    cfg = small_config(metrics=MetricsConfig(port=0)) if metrics else small_config()
+    errors: list[BaseException] = [
+        ExceptionGroup("mine", [ValueError("v")]),
+        ExceptionGroup("two", [ValueError("a"), KeyError("b")]),
+        ValueError("plain"),
+    ]
+    with anyio.fail_after(20):
+        for error in errors:
+            with pytest.raises(type(error)) as info:
+                async with kvactors.open(cfg):
+                    raise error
+            assert info.value is error
+
+        async def child() -> None:
+            raise ValueError("child")
+
+        with pytest.raises(ExceptionGroup) as group:
+            async with kvactors.open(cfg), anyio.create_task_group() as tg:
+                tg.start_soon(child)
+        assert [str(e) for e in group.value.exceptions] == ["child"]
+
+
 # -- 9. start-up sizes ------------------------------------------------------------------
 
 
@@ -623,6 +657,86 @@ async def test_leaving_the_block_waits_for_futures_submitted_just_before() -> No
         assert [f.result() for f in futures] == [kvactors.StoreResult(1, 0)] * 10
         with pytest.raises(ActorClosed):
             await kv.lookup([1])
+
+
+async def test_an_error_leaving_the_block_still_waits_for_submitted_futures() -> None:
+    """Leaving the block with an error ends the calls of ``submit_*`` as a plain
+    exit does (they are not cancelled); leaving it by cancellation cancels them."""
+    futures: list[kvactors.Future[Any]] = []
+    keys = list(range(6))  # fewer than the CPU tier holds
+
+    async def submit_then_fail() -> None:
+        nonlocal futures
+        async with kvactors.open(small_config(inline_bytes=0)) as kv:
+            fill(kv, keys, keys)
+            futures = [kv.submit_store([k], [k]) for k in keys]
+            raise ValueError("boom")
+
+    with anyio.fail_after(20):
+        with pytest.raises(ValueError, match="boom"):
+            await submit_then_fail()
+        assert [f.result() for f in futures] == [kvactors.StoreResult(1, 0)] * 6
+
+        with anyio.CancelScope() as scope:
+            async with kvactors.open(small_config(inline_bytes=0)) as kv:
+                fill(kv, keys, keys)
+                futures = [kv.submit_store([k], [k]) for k in keys]
+                scope.cancel()
+                await anyio.sleep(5)
+        assert scope.cancelled_caught
+        assert all(isinstance(f.exception(), ActorClosed) for f in futures)
+
+
+@pytest.mark.parametrize("write_mode", ["write_back", "write_through"])
+@pytest.mark.parametrize("close_after", [0.0, 0.002, 0.02])
+async def test_calls_from_other_tasks_while_the_cache_closes_succeed_or_raise_actor_closed(
+    write_mode: str, close_after: float
+) -> None:
+    """Tasks outside the block keep calling every method while it closes: each
+    call succeeds or raises ``ActorClosed`` (never another error, never a
+    hang), and ``prefetch`` answers ``False`` once closed."""
+    outcomes: dict[str, int] = {}
+    cfg = small_config(
+        inline_bytes=0, max_inflight=2, mailbox_size=2, write_mode=write_mode, cpu={"num_blocks": 3}
+    )
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as outer, kvactors.open(cfg) as kv:
+
+            async def hammer(lane: int) -> None:
+                rnd = random.Random(lane)
+                slots = list(range(lane * 4, lane * 4 + 3))
+                while True:
+                    keys = rnd.sample(range(12), 3)
+                    op = rnd.choice(["store", "load", "lookup", "stats", "events", "submit"])
+                    try:
+                        if op == "store":
+                            await kv.store(keys, block_bytes_for(keys, BB, CPU))
+                        elif op == "load":
+                            got = await kv.load(keys, slots, partial=True)
+                            n = len(got.tiers)
+                            assert torch.equal(
+                                rows(kv, slots[:n]), block_bytes_for(keys[:n], BB, CPU)
+                            )
+                        elif op == "lookup":
+                            await kv.lookup(keys)
+                        elif op == "stats":
+                            await kv.stats()
+                        elif op == "events":
+                            (await kv.events()).close()
+                        else:
+                            fut = kv.submit_load(keys, slots, partial=True)
+                            await fut
+                        kv.prefetch(keys)
+                    except ActorClosed:
+                        outcomes["closed"] = outcomes.get("closed", 0) + 1
+                        assert kv.prefetch(keys) is False
+                        return
+                    outcomes["ok"] = outcomes.get("ok", 0) + 1
+
+            for lane in range(8):
+                outer.start_soon(hammer, lane)
+            await anyio.sleep(close_after)
+    assert outcomes["closed"] == 8
 
 
 async def test_the_copy_threads_belong_to_one_cache_and_close_with_it() -> None:

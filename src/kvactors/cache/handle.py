@@ -16,9 +16,10 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from kvactors.actors import Actor, Future, loop_checkpoints
 from kvactors.cache.arguments import check_key_list, check_side
@@ -56,13 +57,17 @@ def _recovered(medium: BlockMedium) -> NVMeIndex | list[tuple[Key, int]]:
     return [(e.key, e.slot) for e in medium.recovered()]
 
 
-def _unwrap(group: BaseExceptionGroup[Any]) -> BaseException | None:
-    """The single error a group of groups holds, if it holds exactly one."""
+def _unwrap(group: BaseExceptionGroup[Any], body: BaseException | None) -> BaseException | None:
+    """The single error a group of groups holds, if it holds exactly one; the
+    descent stops at ``body`` (the error that left the ``async with`` body,
+    which may be a group of the caller's own)."""
     errors = group.exceptions
     if len(errors) != 1:
         return None
     inner = errors[0]
-    return _unwrap(inner) if isinstance(inner, BaseExceptionGroup) else inner
+    if inner is body or not isinstance(inner, BaseExceptionGroup):
+        return inner
+    return _unwrap(inner, body)
 
 
 class KVCache:
@@ -92,6 +97,8 @@ class KVCache:
         )
         self._tg = task_group
         self._closed = False
+        # Futures of ``submit_*`` whose call has not ended yet.
+        self._submitted: set[Future[Any]] = set()
         self._lookup_latency = Latency()
         # The running backend's yield, looked up once (KVCache is made on its loop).
         self._checkpoint = loop_checkpoints()[0]
@@ -220,9 +227,20 @@ class KVCache:
             except BaseException:
                 fut.set_exception(ActorClosed("the cache closed before the request finished"))
                 raise
+            finally:
+                self._submitted.discard(fut)
 
+        self._submitted.add(fut)
         self._tg.start_soon(run)
         return fut
+
+    async def _finish_submitted(self) -> None:
+        """Wait until every call started by ``submit_*`` has ended (those
+        submitted meanwhile included)."""
+        while self._submitted:
+            fut = next(iter(self._submitted))
+            await fut.settled()
+            self._submitted.discard(fut)
 
     def prefetch(self, keys: Sequence[Key]) -> bool:
         """Hint that ``keys`` will be loaded soon: blocks held below the CPU tier
@@ -236,10 +254,20 @@ class KVCache:
     async def events(self) -> AsyncIterator[CacheEvent]:
         """Events from now on; the stream ends when the cache closes."""
         self._check_open("events")
-        return await self._policy.ask(Subscribe())
+        stream: AsyncIterator[CacheEvent] = await self._policy.ask(Subscribe())
+        # Subscribed first, so nothing published from the call on is missed; then
+        # a cancellation point that yields once, as every call (cancelled there,
+        # the stream is closed again).
+        try:
+            await self._checkpoint()
+        except BaseException:
+            cast(MemoryObjectReceiveStream[CacheEvent], stream).close()
+            raise
+        return stream
 
     async def stats(self) -> CacheStats:
         self._check_open("stats")
+        await self._checkpoint()  # a loop polling stats still lets other tasks run
         snap = await self._policy.ask(GetSnapshot())
         tiers = list(self._coord.tiers.values())
         actors = [self._coord.statistics(), self._policy.statistics()]
@@ -282,7 +310,9 @@ def _report_flush(results: list[FlushResult]) -> None:
 async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
     """Start every actor of a cache built from ``config`` (defaults when ``None``).
 
-    On exit, the futures of ``submit_*`` and the handshakes in flight finish,
+    On exit, also with an error, the futures of ``submit_*`` and the handshakes
+    in flight finish (a block left by cancellation cancels the calls of
+    ``submit_*``: their futures hold :class:`~kvactors.errors.ActorClosed`),
     then the coordinator, the policy actor and the tiers stop in that order;
     requests still queued fail with :class:`~kvactors.errors.ActorClosed`.
     Pools too large for this machine raise :class:`~kvactors.errors.ConfigError`
@@ -301,6 +331,7 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
     copier = CopyPool()
     tiers: list[TierActor] = []
     started: list[Actor[Any]] = []
+    body_error: BaseException | None = None
     try:
         specs = dict(config.chain())
         for medium in media:
@@ -330,16 +361,32 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
                     async with anyio.create_task_group() as user_tg:
                         kv = KVCache(config, coord, user_tg)
                         port = config.metrics.port if config.metrics is not None else None
-                        if config.metrics is not None and port is not None:
-                            from kvactors.cache.metrics import serve_metrics
+                        try:
+                            if config.metrics is not None and port is not None:
+                                from kvactors.cache.metrics import serve_metrics
 
-                            # Prometheus metrics on [metrics] host:port while open.
-                            host = config.metrics.host
-                            async with serve_metrics(kv, port=port, host=host) as endpoint:
-                                kv.metrics_url = endpoint.url
-                                yield kv
-                        else:
-                            yield kv
+                                # Prometheus metrics on [metrics] host:port while open.
+                                host = config.metrics.host
+                                async with serve_metrics(kv, port=port, host=host) as endpoint:
+                                    kv.metrics_url = endpoint.url
+                                    try:
+                                        yield kv
+                                    except BaseException as exc:
+                                        body_error = exc
+                                        raise
+                            else:
+                                try:
+                                    yield kv
+                                except BaseException as exc:
+                                    body_error = exc  # left as itself, below
+                                    raise
+                        except Exception:
+                            # An error leaving the block: the calls of ``submit_*``
+                            # still end, as on a plain exit, before the task group
+                            # would cancel them.
+                            with anyio.CancelScope(shield=True):
+                                await kv._finish_submitted()
+                            raise
                 finally:
                     if kv is not None:
                         kv._closed = True
@@ -358,7 +405,9 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
                         if actor is coord and actor in started:
                             await coord.wait_stopped()
     except BaseExceptionGroup as group:
-        single = _unwrap(group)
+        if body_error is group:  # the caller's own group, no task group around it
+            raise
+        single = _unwrap(group, body_error)
         if isinstance(single, Exception):
             raise single from None
         raise

@@ -10,6 +10,7 @@ pool and ``store`` them. The next request's blocks are hinted with ``prefetch``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierCon
 from kvactors.errors import KVActorsError
 from kvactors.media.remote_nodes import masked_url
 from kvactors.traces import BUNDLED_TRACES, bundled_trace
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["DemoResult", "block_bytes_for", "run_demo"]
 
@@ -127,15 +131,23 @@ async def run_demo(
             finally:
                 send.send_nowait(slot_range)
 
-        async with anyio.create_task_group() as tg:
-            for i, blocks in enumerate(requests):
-                slot_range = await recv.receive()
-                if i + 1 < len(requests) and kv.prefetch(requests[i + 1]):
-                    counts["prefetch_sent"] += 1
-                tg.start_soon(serve, i, blocks, slot_range)
+        try:
+            async with anyio.create_task_group() as tg:
+                for i, blocks in enumerate(requests):
+                    slot_range = await recv.receive()
+                    if i + 1 < len(requests) and kv.prefetch(requests[i + 1]):
+                        counts["prefetch_sent"] += 1
+                    tg.start_soon(serve, i, blocks, slot_range)
+        except BaseExceptionGroup as group:
+            # A request's error (IntegrityFailure, a typed cache error) leaves as
+            # itself, so the command reports it in one line.
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            send.close()
+            recv.close()
         stats = await kv.stats()
-        send.close()
-        recv.close()
     elapsed = time.perf_counter() - start
     result = DemoResult(counts)
     result["seconds"] = elapsed
