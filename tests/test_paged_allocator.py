@@ -278,6 +278,24 @@ def test_pressure_callbacks_run_below_the_watermark() -> None:
     assert a.stats().pressure_events == 3
 
 
+def test_an_allocation_that_takes_no_block_runs_no_pressure_callback() -> None:
+    """docs/paged.md: callbacks run after an allocate that *takes blocks*; a swap-in
+    (compute_last=False) of blocks other requests hold takes none."""
+    a = make(num_blocks=4, watermark_blocks=4)
+    seen: list[MemoryPressure] = []
+    a.add_pressure_callback(seen.append)
+    a.allocate("r1", toks(8))
+    assert len(seen) == 1
+    plan = a.allocate("r2", toks(8), compute_last=False)  # both blocks shared, held by r1
+    assert plan.num_shared_tokens == 8
+    assert len(seen) == 1
+    assert a.stats().pressure_events == 1
+    a.free("r1")
+    a.free("r2")  # both blocks cached now
+    a.allocate("r3", toks(8), compute_last=False)  # takes the two cached blocks
+    assert len(seen) == 2
+
+
 def test_under_pressure_the_lru_cached_blocks_are_planned_for_offload() -> None:
     a = make(num_blocks=8, watermark_blocks=4, offloading=True)
     a.allocate("r1", toks(12))  # 0 1 2

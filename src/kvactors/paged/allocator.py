@@ -207,7 +207,8 @@ class BlockAllocator(OffloadPlanner):
         if restore:
             req.pending = restore
         self._requests[request_id] = req
-        self._check_pressure()
+        if needed or idle_hits:  # it took blocks (shared only held ones otherwise)
+            self._check_pressure()
         cached = min(len(tokens), (r + len(restore)) * bs)
         shared = min(len(tokens), r * bs)
         return AllocationPlan(BlockTable(req), cached, shared, restore_keys, evicted)
