@@ -477,6 +477,43 @@ async def test_errors_reach_the_caller_and_change_nothing() -> None:
     check(cache, "a")
 
 
+@pytest.mark.parametrize("offloading", [True, False])
+async def test_bad_token_ids_raise_paged_cache_error_and_look_nothing_up(
+    offloading: bool,
+) -> None:
+    """docs/paged.md: token ids that are not a sequence (None, an int), a bad token
+    id, no tokens, a request id allocated twice or one too big for the pool raise
+    PagedCacheError from PagedKVCache.allocate / swap_in as from the allocator,
+    and nothing changed (no lookup either)."""
+    cache, store = setup(blocks=4)
+    if not offloading:
+        cache = PagedKVCache(make_config(4))
+    await admit(cache, "a", toks(6))
+    cache.free("a")
+    store.calls.clear()
+    before = cache.stats()
+    cases: list[tuple[RequestId, Any, str]] = [
+        ("b", None, "token ids must be a sequence of ints, got NoneType"),
+        ("b", 5, "token ids must be a sequence of ints, got int"),
+        ("b", [*toks(5), True], "token id True is not an int64"),
+        ("b", [], "has no tokens"),
+        ("b", toks(17), "needs 5 blocks, the pool has 4"),
+    ]
+    await admit(cache, "a", toks(6))
+    cases.append(("a", toks(6), "request 'a' is already allocated"))
+    with anyio.fail_after(10):
+        for rid, tokens, message in cases:
+            with pytest.raises(PagedCacheError, match=message) as info:
+                await cache.allocate(rid, tokens)
+            assert type(info.value) is PagedCacheError
+            with pytest.raises(PagedCacheError, match=message):
+                await cache.swap_in(SwappedOut(rid, tokens, 0))
+    assert store.calls == []
+    assert cache.stats().lookups == before.lookups
+    assert cache.allocator.request_ids() == ["a"]
+    check(cache, "a")
+
+
 async def test_through_the_coordinator_with_cpu_and_nvme_tiers(tmp_path: Path) -> None:
     """The coordinator is an offloader: blocks go out to the CPU tier, down to NVMe
     (the CPU tier holds 6 blocks), and come back bit for bit."""

@@ -145,6 +145,17 @@ class BlockAllocator(OffloadPlanner):
             raise PagedCacheError(f"{what}: {exc}") from None
         return tokens
 
+    def _new_request(self, request_id: RequestId, token_ids: Sequence[int]) -> list[int]:
+        """``token_ids`` as a list, checked as ``allocate`` checks a new request
+        (PagedCacheError: the id exists, a bad token id, no tokens, more blocks than the pool)."""
+        if request_id in self._requests:
+            raise PagedCacheError(f"allocate: request {request_id!r} is already allocated")
+        tokens = self._tokens(token_ids, "allocate")
+        if not tokens:
+            raise PagedCacheError(f"allocate: request {request_id!r} has no tokens")
+        self._check_fits(request_id, cdiv(len(tokens), self.block_size), "allocate")
+        return tokens
+
     def allocate(
         self,
         request_id: RequestId,
@@ -166,14 +177,9 @@ class BlockAllocator(OffloadPlanner):
         pool has; :class:`~kvactors.errors.OutOfBlocksError` if not enough blocks
         are free now. On any error nothing changed.
         """
-        if request_id in self._requests:
-            raise PagedCacheError(f"allocate: request {request_id!r} is already allocated")
-        tokens = self._tokens(token_ids, "allocate")
-        if not tokens:
-            raise PagedCacheError(f"allocate: request {request_id!r} has no tokens")
+        tokens = self._new_request(request_id, token_ids)
         bs = self.block_size
         total = cdiv(len(tokens), bs)
-        self._check_fits(request_id, total, "allocate")
         hashes = hash_blocks(self.root, tokens, bs)
         share_limit, restore_limit = self._limits(len(tokens), compute_last)
         r = self._resident_run(hashes, share_limit)

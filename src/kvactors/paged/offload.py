@@ -203,7 +203,8 @@ class PagedKVCache:
         self, request_id: RequestId, token_ids: Sequence[int], *, compute_last: bool
     ) -> Allocation:
         core = self.allocator
-        tokens = list(token_ids)
+        # Checked before the lookup: a call that raises looks nothing up.
+        tokens = core._new_request(request_id, token_ids)
         offloaded: Collection[bytes] = ()
         if self.offloader is not None:
             match = core.match(tokens, compute_last=compute_last)
