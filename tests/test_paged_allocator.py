@@ -158,6 +158,17 @@ def test_failures_change_nothing() -> None:
         (lambda a: a.allocate("r9", None), "allocate: token ids must be a sequence of ints"),
         (lambda a: a.extend("r1", 5), "extend: token ids must be a sequence of ints, got int"),
         (lambda a: a.match(None), "match: token ids must be a sequence of ints"),
+        (
+            lambda a: a.allocate("r9", {1, 2}),
+            "allocate: token ids must be a sequence of ints, got set",
+        ),
+        (
+            lambda a: a.allocate("r9", {1: 2}),
+            "allocate: token ids must be a sequence of ints, got dict",
+        ),
+        (lambda a: a.allocate("r9", iter([1])), "sequence of ints, got list_iterator"),
+        (lambda a: a.extend("r1", (t for t in [1])), "sequence of ints, got generator"),
+        (lambda a: a.match(frozenset([1])), "match: token ids must be a sequence of ints"),
         (lambda a: a.free("nope"), "free: unknown request 'nope'"),
         (lambda a: a.fork("nope", "c"), "fork: unknown request 'nope'"),
         (lambda a: a.fork("r1", "r1"), "fork: request 'r1' is already allocated"),
@@ -177,6 +188,14 @@ def test_bad_input_gets_a_typed_error(call: object, message: str) -> None:
         call(a)  # type: ignore[operator]
     assert type(info.value) is PagedCacheError
     assert state(a) == before
+
+
+def test_token_ids_in_other_sequence_types_are_taken_in_order() -> None:
+    a = make()
+    for rid, tokens in enumerate([tuple(toks(6)), range(6), toks(6)]):
+        plan = a.allocate(rid, tokens)
+        assert plan.num_shared_tokens == (0 if rid == 0 else 4)
+        assert a.free(rid) == toks(6)
 
 
 def test_a_block_table_is_dead_after_free() -> None:

@@ -21,8 +21,10 @@ states of :mod:`kvactors.paged.block_pool`; nothing here does I/O.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 from kvactors.errors import OutOfBlocksError, PagedCacheError
 from kvactors.paged.block_pool import cdiv
@@ -130,13 +132,18 @@ class BlockAllocator(OffloadPlanner):
         return PrefixMatch(min(len(tokens), r * self.block_size), keys)
 
     def _tokens(self, token_ids: Sequence[int], what: str) -> list[int]:
-        try:
-            tokens = list(token_ids)
-        except TypeError:
+        # A sequence has an order and a length: a set, a mapping or an iterator is not one.
+        tokens: list[int] | None = None
+        if type(token_ids) is list or (
+            not isinstance(token_ids, AbstractSet | Mapping)
+            and hasattr(token_ids, "__len__")
+            and hasattr(token_ids, "__getitem__")
+        ):
+            with contextlib.suppress(TypeError):
+                tokens = list(token_ids)
+        if tokens is None:
             kind = type(token_ids).__name__
-            raise PagedCacheError(
-                f"{what}: token ids must be a sequence of ints, got {kind}"
-            ) from None
+            raise PagedCacheError(f"{what}: token ids must be a sequence of ints, got {kind}")
         if len(tokens) == 1 and type(tokens[0]) is int and -(2**63) <= tokens[0] < 2**63:
             return tokens  # one decoded token: the common case, checked without packing
         try:
