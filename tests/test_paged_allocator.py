@@ -297,6 +297,20 @@ def test_pressure_callbacks_run_below_the_watermark() -> None:
     assert a.stats().pressure_events == 3
 
 
+def test_a_clean_block_a_request_holds_does_not_count_against_pressure() -> None:
+    """docs/paged.md: pressure counts empty blocks and cached clean ones only."""
+    a = make(num_blocks=4, watermark_blocks=2, offloading=True)
+    a.allocate("r1", toks(9))
+    items = a.prepare_swap_out("r1")  # stored while r1 still holds its blocks
+    a.complete_offload(items, True)
+    assert a.is_clean(a.get_block_table("r1")[0])
+    assert (a.stats().empty, a.stats().clean) == (1, 0)
+    assert a.under_pressure()
+    a.free("r1")
+    assert (a.stats().empty, a.stats().clean) == (2, 2)  # the partial block is empty
+    assert not a.under_pressure()
+
+
 def test_an_allocation_that_takes_no_block_runs_no_pressure_callback() -> None:
     """docs/paged.md: callbacks run after an allocate that *takes blocks*; a swap-in
     (compute_last=False) of blocks other requests hold takes none."""
