@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import anyio
 import msgspec
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -277,3 +277,49 @@ TestLayouts.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from(["float8_e5m2", "bfloat16", "float32"]),
+    block_size=st.sampled_from([1, 3, 5]),
+    per_row=st.integers(1, 3),
+    length=st.integers(1, 20),
+    held=st.booleans(),
+)
+def test_a_swap_round_trip_brings_back_every_token(
+    dtype: str, block_size: int, per_row: int, length: int, held: bool
+) -> None:
+    """docs/paged.md: swap_out stores what is not offloaded yet (the partial block
+    too, under a tail key) and frees; swap_in shares what is still in the pool and
+    loads the rest: with a store that keeps everything, every token comes back,
+    whatever the layout. ``held``: a fork keeps the blocks in the pool meanwhile."""
+    machine = Layouts()
+    blocks = 2 * -(-length // block_size) + 1
+    machine.setup(
+        dtype=dtype,
+        block_size=block_size,
+        per_row=per_row,
+        blocks=blocks,
+        watermark=0.0,
+        capacity=1000,
+        heads=1,
+    )
+    cache = machine.cache
+    tokens = [(7 * i) % 5 for i in range(length)]
+    got = run(cache.allocate, "r", tokens)
+    machine.tokens["r"] = tokens
+    machine.write("r", got.num_cached_tokens)
+    if held:
+        cache.fork("r", "twin")
+    out = run(cache.swap_out, "r")
+    assert out.token_ids == tokens
+    if not held:
+        filler = list(range(100, 100 + blocks * block_size))  # evicts every cached block
+        run(cache.allocate, "filler", filler)
+        cache.free("filler")
+    back = run(cache.swap_in, out)
+    assert back.num_cached_tokens == length
+    full = length // block_size * block_size
+    assert back.num_loaded_tokens == (length - full if held else length)
+    machine.check("r")
