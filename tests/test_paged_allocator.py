@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -191,11 +193,55 @@ def test_bad_input_gets_a_typed_error(call: object, message: str) -> None:
 
 
 def test_token_ids_in_other_sequence_types_are_taken_in_order() -> None:
+    """Tuples, ranges and numpy / torch integer arrays are sequences of int64 token
+    ids: they share blocks with the same ids in a list, and the request keeps them
+    as ints."""
     a = make()
-    for rid, tokens in enumerate([tuple(toks(6)), range(6), toks(6)]):
-        plan = a.allocate(rid, tokens)
+    kinds = [
+        tuple(toks(6)),
+        range(6),
+        np.arange(6, dtype=np.int64),
+        np.arange(6, dtype=np.int32),
+        torch.arange(6),
+        torch.arange(6, dtype=torch.int32),
+        toks(6),
+    ]
+    for rid, tokens in enumerate(kinds):
+        plan = a.allocate(rid, tokens)  # type: ignore[arg-type]
         assert plan.num_shared_tokens == (0 if rid == 0 else 4)
-        assert a.free(rid) == toks(6)
+        assert a.extend(rid, np.array([6], dtype=np.int64)).copies == []  # type: ignore[arg-type]
+        back = a.free(rid)
+        assert back == toks(7)
+        assert {type(t) for t in back} == {int}
+    assert hash_block(ROOT, torch.arange(4)) == hash_block(ROOT, toks(4))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        torch.arange(6.0),
+        torch.tensor([1, 0, 1], dtype=torch.bool),
+        np.array([True, False]),
+        [1, np.float32(2.0)],
+        np.array([2**64 - 1], dtype=np.uint64),
+        torch.zeros(2, 2, dtype=torch.int64),
+    ],
+)
+def test_float_and_bool_array_elements_are_not_token_ids(tokens: object) -> None:
+    """docs/paged.md: a token id that is not an int64 (True is not one) raises
+    PagedCacheError, whatever holds it."""
+    a = make()
+    a.allocate("r1", toks(6))
+    before = state(a)
+    for call in (
+        lambda: a.allocate("r2", tokens),  # type: ignore[arg-type]
+        lambda: a.extend("r1", tokens),  # type: ignore[arg-type]
+        lambda: a.match(tokens),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(PagedCacheError, match="is not an int64") as info:
+            call()
+        assert type(info.value) is PagedCacheError
+    assert state(a) == before
 
 
 def test_a_block_table_is_dead_after_free() -> None:

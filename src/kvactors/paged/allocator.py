@@ -29,7 +29,7 @@ from collections.abc import Set as AbstractSet
 from kvactors.errors import OutOfBlocksError, PagedCacheError
 from kvactors.paged.block_pool import cdiv
 from kvactors.paged.config import KVCacheConfig
-from kvactors.paged.hashing import hash_blocks, pack_tokens, root_key
+from kvactors.paged.hashing import as_token_ids, hash_blocks, pack_tokens, root_key
 from kvactors.paged.offload_planner import OffloadPlanner
 from kvactors.paged.plans import (
     AllocationPlan,
@@ -147,10 +147,11 @@ class BlockAllocator(OffloadPlanner):
         if len(tokens) == 1 and type(tokens[0]) is int and -(2**63) <= tokens[0] < 2**63:
             return tokens  # one decoded token: the common case, checked without packing
         try:
-            pack_tokens(tokens)
+            ints = as_token_ids(tokens)  # numpy / torch integers as ints
+            pack_tokens(ints)
         except PagedCacheError as exc:
             raise PagedCacheError(f"{what}: {exc}") from None
-        return tokens
+        return list(ints) if ints is not tokens else tokens
 
     def _new_request(self, request_id: RequestId, token_ids: Sequence[int]) -> list[int]:
         """``token_ids`` as a list, checked as ``allocate`` checks a new request
