@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvactors.errors import OutOfBlocksError, PagedCacheError
-from kvactors.paged import BlockAllocator, MemoryPressure, hash_block
+from kvactors.paged import BlockAllocator, MemoryPressure, OffloadItem, hash_block, hash_tail
 
 ROOT = b"model-root"
 TOKEN = st.sampled_from([0, 1, 2, -1, 2**63 - 1, -(2**63)])
@@ -35,8 +35,11 @@ def keys_of(tokens: list[int], block_size: int) -> list[bytes]:
 
 
 class Model:
-    def __init__(self, num_blocks: int, block_size: int, watermark: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, watermark: int, offloading: bool) -> None:
         self.n, self.bs, self.wm = num_blocks, block_size, watermark
+        self.offloading = offloading
+        self.clean = [False] * num_blocks  # bytes known to be in the offload store
+        self.evicted: list[OffloadItem] = []  # what the last take planned to store
         self.empty = list(range(num_blocks))
         self.lru: list[int] = []
         self.ref = [0] * num_blocks
@@ -49,17 +52,24 @@ class Model:
     def free_count(self) -> int:
         return len(self.empty) + len(self.lru)
 
+    def clean_cached(self) -> int:
+        return sum(self.clean[b] for b in self.lru)
+
     def under_pressure(self) -> bool:
-        return len(self.empty) < self.wm  # nothing is clean without offloading
+        return len(self.empty) + self.clean_cached() < self.wm
 
     def take(self, n: int) -> list[int]:
         got = [heapq.heappop(self.empty) for _ in range(min(n, len(self.empty)))]
+        self.evicted = []
         while len(got) < n:
             b = self.lru.pop(0)
             key = self.key[b]
             assert key is not None
+            if self.offloading and not self.clean[b]:
+                self.evicted.append(OffloadItem(key, [b], [key]))
             del self.by_key[key]
             self.key[b] = None
+            self.clean[b] = False
             got.append(b)
         for b in got:
             self.ref[b] = 1
@@ -73,14 +83,33 @@ class Model:
 
 
 class AllocatorVsModel(RuleBasedStateMachine):
+    OFFLOADING = False
+
+    def stored(self, items: list[OffloadItem], success: bool) -> None:
+        """Complete a store: on success, the blocks still registered under the
+        items' keys are clean."""
+        self.a.complete_offload(items, success)
+        if success:
+            for item in items:
+                for key in item.hashes:
+                    b = self.m.by_key.get(key) if key is not None else None
+                    if b is not None:
+                        self.m.clean[b] = True
+
     @initialize(
         num_blocks=st.integers(1, 9),
         block_size=st.sampled_from([1, 2, 3, 5, 7]),
         watermark=st.integers(0, 10),
     )
     def setup(self, num_blocks: int, block_size: int, watermark: int) -> None:
-        self.a = BlockAllocator(num_blocks, block_size, watermark_blocks=watermark, root=ROOT)
-        self.m = Model(num_blocks, block_size, watermark)
+        self.a = BlockAllocator(
+            num_blocks,
+            block_size,
+            watermark_blocks=watermark,
+            offloading=self.OFFLOADING,
+            root=ROOT,
+        )
+        self.m = Model(num_blocks, block_size, watermark, self.OFFLOADING)
         self.events: list[MemoryPressure] = []
         self.a.add_pressure_callback(self.events.append)
         self.next_id = 0
@@ -91,15 +120,17 @@ class AllocatorVsModel(RuleBasedStateMachine):
         assert len(self.events) == expected, (self.events, took)
         if expected:
             m = self.m
-            assert self.events[0] == MemoryPressure(len(m.empty), 0, len(m.lru), m.wm)
+            want = MemoryPressure(len(m.empty), m.clean_cached(), len(m.lru), m.wm)
+            assert self.events[0] == want
         self.events.clear()
 
     @rule(
         which=st.integers(0, 2),
         suffix=st.lists(TOKEN, max_size=12),
         compute_last=st.booleans(),
+        success=st.booleans(),
     )
-    def allocate(self, which: int, suffix: list[int], compute_last: bool) -> None:
+    def allocate(self, which: int, suffix: list[int], compute_last: bool, success: bool) -> None:
         m = self.m
         tokens = self.prefixes[which] + suffix
         self.next_id += 1
@@ -140,12 +171,13 @@ class AllocatorVsModel(RuleBasedStateMachine):
             assert plan.num_cached_tokens < len(tokens)
         assert plan.block_table.block_ids == m.blocks[rid]
         assert plan.block_table.num_tokens == len(tokens)
-        assert (plan.restore_keys, plan.evicted) == ([], [])
+        assert (plan.restore_keys, plan.evicted) == ([], m.evicted)
+        self.stored(plan.evicted, success)
         self.pressure_check(took=bool(total - r or idle))
 
     @precondition(lambda self: self.m.tokens)
-    @rule(data=st.data(), new=st.lists(TOKEN, max_size=8))
-    def extend(self, data: st.DataObject, new: list[int]) -> None:
+    @rule(data=st.data(), new=st.lists(TOKEN, max_size=8), success=st.booleans())
+    def extend(self, data: st.DataObject, new: list[int], success: bool) -> None:
         m = self.m
         rid = data.draw(st.sampled_from(sorted(m.tokens)))
         old = m.tokens[rid]
@@ -182,7 +214,8 @@ class AllocatorVsModel(RuleBasedStateMachine):
         for i in range(n_old, len(keys)):
             m.register(rid, i, keys[i])
         assert plan.copies == copies
-        assert plan.evicted == []
+        assert plan.evicted == m.evicted
+        self.stored(plan.evicted, success)
         assert self.a.get_block_table(rid).block_ids == blocks
         self.pressure_check(took=needed > 0)
 
@@ -206,9 +239,10 @@ class AllocatorVsModel(RuleBasedStateMachine):
 
     @precondition(lambda self: self.m.tokens)
     @rule(data=st.data(), computed=st.booleans())
-    def free(self, data: st.DataObject, computed: bool) -> None:
+    def free(self, data: st.DataObject, computed: bool, rid: int | None = None) -> None:
         m = self.m
-        rid = data.draw(st.sampled_from(sorted(m.tokens)))
+        if rid is None:
+            rid = data.draw(st.sampled_from(sorted(m.tokens)))
         table = self.a.get_block_table(rid)
         assert self.a.free(rid, computed=computed) == m.tokens[rid]
         blocks = m.blocks.pop(rid)
@@ -226,6 +260,7 @@ class AllocatorVsModel(RuleBasedStateMachine):
                 if key is not None:
                     del m.by_key[key]
                     m.key[b] = None
+                m.clean[b] = False
                 heapq.heappush(m.empty, b)
         for use in (lambda: table.block_ids, lambda: len(table), lambda: table[0]):
             with pytest.raises(PagedCacheError):
@@ -259,14 +294,52 @@ class AllocatorVsModel(RuleBasedStateMachine):
         assert self.a.defragment() == expected
         new_ref = list(m.ref)
         new_key = list(m.key)
+        new_clean = list(m.clean)
         for old, new in expected.items():
+            new_clean[new], new_clean[old] = m.clean[old], False
             new_ref[new], new_ref[old] = m.ref[old], 0
             new_key[new], new_key[old] = m.key[old], None
-        m.ref, m.key = new_ref, new_key
+        m.ref, m.key, m.clean = new_ref, new_key, new_clean
         m.by_key = {k: b for b, k in enumerate(m.key) if k is not None}
         m.blocks = {rid: [expected.get(b, b) for b in bl] for rid, bl in m.blocks.items()}
         m.lru = [expected.get(b, b) for b in m.lru]
         m.empty = list(range(len(live), m.n))
+
+    @precondition(lambda self: self.OFFLOADING)
+    @rule(success=st.booleans())
+    def relieve_pressure(self, success: bool) -> None:
+        m = self.m
+        expected: list[OffloadItem] = []
+        if m.under_pressure():
+            missing = m.wm - len(m.empty) - m.clean_cached()
+            for b in m.lru:
+                key = m.key[b]
+                if missing <= 0:
+                    break
+                if not m.clean[b] and key is not None:
+                    expected.append(OffloadItem(key, [b], [key]))
+                    missing -= 1
+        assert self.a.prepare_offload() == expected
+        self.stored(expected, success)
+
+    @precondition(lambda self: self.OFFLOADING and self.m.tokens)
+    @rule(data=st.data(), success=st.booleans())
+    def swap_out(self, data: st.DataObject, success: bool) -> None:
+        m = self.m
+        rid = data.draw(st.sampled_from(sorted(m.tokens)))
+        tokens, blocks = m.tokens[rid], m.blocks[rid]
+        keys = keys_of(tokens, m.bs)
+        expected = [
+            OffloadItem(key, [blocks[i]], [key])
+            for i, key in enumerate(keys)
+            if not m.clean[blocks[i]]
+        ]
+        if len(tokens) % m.bs:
+            tail = hash_tail(keys[-1] if keys else ROOT, tokens[len(keys) * m.bs :])
+            expected.append(OffloadItem(tail, [blocks[-1]], [None]))
+        assert self.a.prepare_swap_out(rid) == expected
+        self.free(data, computed=True, rid=rid)
+        self.stored(expected, success)
 
     @invariant()
     def same_state(self) -> None:
@@ -275,6 +348,7 @@ class AllocatorVsModel(RuleBasedStateMachine):
         assert a.cached_blocks() == m.lru
         assert [a.ref_count(b) for b in range(m.n)] == m.ref
         assert [a.block_key(b) for b in range(m.n)] == m.key
+        assert [a.is_clean(b) for b in range(m.n)] == m.clean
         assert sorted(a.request_ids()) == sorted(m.tokens)
         for rid, blocks in m.blocks.items():
             assert a.get_block_table(rid).block_ids == blocks
@@ -288,9 +362,16 @@ class AllocatorVsModel(RuleBasedStateMachine):
             m.n - m.free_count(),
             len(m.lru),
             len(m.empty),
-            0,
+            m.clean_cached(),
             len(m.tokens),
         )
+
+
+class OffloadingVsModel(AllocatorVsModel):
+    """The same with offloading: evicted dirty blocks, clean blocks, memory
+    pressure counting them, prepare_offload and prepare_swap_out."""
+
+    OFFLOADING = True
 
 
 TestAllocatorVsModel = AllocatorVsModel.TestCase
@@ -300,3 +381,5 @@ TestAllocatorVsModel.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+TestOffloadingVsModel = OffloadingVsModel.TestCase
+TestOffloadingVsModel.settings = TestAllocatorVsModel.settings
