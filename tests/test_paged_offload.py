@@ -477,6 +477,20 @@ async def test_errors_reach_the_caller_and_change_nothing() -> None:
     check(cache, "a")
 
 
+async def test_a_request_aborted_before_computing_is_freed_uncomputed() -> None:
+    """docs/paged.md: free(id, computed=False) drops the blocks the request filled
+    instead of caching them; PagedKVCache.free takes it as the allocator does."""
+    cache, _store = setup(blocks=8)
+    await admit(cache, "a", toks(8))
+    cache.free("a")
+    got = await cache.allocate("b", toks(13))  # shares a's 2 blocks, fills 2 more
+    assert got.num_cached_tokens == 8
+    assert cache.free("b", computed=False) == toks(13)
+    assert len(cache.allocator.cached_blocks()) == 2  # only a's computed blocks
+    again = await cache.allocate("c", toks(13))
+    assert again.num_cached_tokens == 8
+
+
 @pytest.mark.parametrize("offloading", [True, False])
 async def test_bad_token_ids_raise_paged_cache_error_and_look_nothing_up(
     offloading: bool,
