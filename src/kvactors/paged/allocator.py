@@ -21,7 +21,6 @@ states of :mod:`kvactors.paged.block_pool`; nothing here does I/O.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 from collections.abc import Collection, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -29,7 +28,7 @@ from collections.abc import Set as AbstractSet
 from kvactors.errors import OutOfBlocksError, PagedCacheError
 from kvactors.paged.block_pool import cdiv
 from kvactors.paged.config import KVCacheConfig
-from kvactors.paged.hashing import as_token_ids, hash_blocks, pack_tokens, root_key
+from kvactors.paged.hashing import checked_token_ids, hash_blocks, root_key
 from kvactors.paged.offload_planner import OffloadPlanner
 from kvactors.paged.plans import (
     AllocationPlan,
@@ -139,16 +138,17 @@ class BlockAllocator(OffloadPlanner):
             and hasattr(token_ids, "__len__")
             and hasattr(token_ids, "__getitem__")
         ):
-            with contextlib.suppress(TypeError):
+            try:
                 tokens = list(token_ids)
+            except TypeError:  # (not contextlib.suppress: this runs on every decode step)
+                tokens = None
         if tokens is None:
             kind = type(token_ids).__name__
             raise PagedCacheError(f"{what}: token ids must be a sequence of ints, got {kind}")
         if len(tokens) == 1 and type(tokens[0]) is int and -(2**63) <= tokens[0] < 2**63:
             return tokens  # one decoded token: the common case, checked without packing
         try:
-            ints = as_token_ids(tokens)  # numpy / torch integers as ints
-            pack_tokens(ints)
+            ints = checked_token_ids(tokens)  # numpy / torch integers as ints
         except PagedCacheError as exc:
             raise PagedCacheError(f"{what}: {exc}") from None
         return list(ints) if ints is not tokens else tokens

@@ -25,6 +25,7 @@ from kvactors.paged.config import KVCacheConfig
 __all__ = [
     "DIGEST_SIZE",
     "as_token_ids",
+    "checked_token_ids",
     "hash_block",
     "hash_blocks",
     "hash_tail",
@@ -43,7 +44,18 @@ def pack_tokens(token_ids: Sequence[int]) -> bytes:
     ``bool`` is not one, though ``struct`` would pack it as 0 or 1; neither is a
     float or a bool array element; a numpy or torch integer is).
     """
+    return _pack(as_token_ids(token_ids))
+
+
+def checked_token_ids(token_ids: Sequence[int]) -> Sequence[int]:
+    """:func:`as_token_ids`, with the int64 range checked (as :func:`pack_tokens` does)."""
     tokens = as_token_ids(token_ids)
+    _pack(tokens)
+    return tokens
+
+
+def _pack(tokens: Sequence[int]) -> bytes:
+    """``tokens`` (ints) as little-endian int64s; PagedCacheError for one out of range."""
     try:
         return struct.pack(f"<{len(tokens)}q", *tokens)
     except struct.error:
