@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -158,6 +160,17 @@ def test_failures_change_nothing() -> None:
         (lambda a: a.allocate("r9", None), "allocate: token ids must be a sequence of ints"),
         (lambda a: a.extend("r1", 5), "extend: token ids must be a sequence of ints, got int"),
         (lambda a: a.match(None), "match: token ids must be a sequence of ints"),
+        (
+            lambda a: a.allocate("r9", {1, 2}),
+            "allocate: token ids must be a sequence of ints, got set",
+        ),
+        (
+            lambda a: a.allocate("r9", {1: 2}),
+            "allocate: token ids must be a sequence of ints, got dict",
+        ),
+        (lambda a: a.allocate("r9", iter([1])), "sequence of ints, got list_iterator"),
+        (lambda a: a.extend("r1", (t for t in [1])), "sequence of ints, got generator"),
+        (lambda a: a.match(frozenset([1])), "match: token ids must be a sequence of ints"),
         (lambda a: a.free("nope"), "free: unknown request 'nope'"),
         (lambda a: a.fork("nope", "c"), "fork: unknown request 'nope'"),
         (lambda a: a.fork("r1", "r1"), "fork: request 'r1' is already allocated"),
@@ -176,6 +189,58 @@ def test_bad_input_gets_a_typed_error(call: object, message: str) -> None:
     with pytest.raises(PagedCacheError, match=message) as info:
         call(a)  # type: ignore[operator]
     assert type(info.value) is PagedCacheError
+    assert state(a) == before
+
+
+def test_token_ids_in_other_sequence_types_are_taken_in_order() -> None:
+    """Tuples, ranges and numpy / torch integer arrays are sequences of int64 token
+    ids: they share blocks with the same ids in a list, and the request keeps them
+    as ints."""
+    a = make()
+    kinds = [
+        tuple(toks(6)),
+        range(6),
+        np.arange(6, dtype=np.int64),
+        np.arange(6, dtype=np.int32),
+        torch.arange(6),
+        torch.arange(6, dtype=torch.int32),
+        toks(6),
+    ]
+    for rid, tokens in enumerate(kinds):
+        plan = a.allocate(rid, tokens)  # type: ignore[arg-type]
+        assert plan.num_shared_tokens == (0 if rid == 0 else 4)
+        assert a.extend(rid, np.array([6], dtype=np.int64)).copies == []  # type: ignore[arg-type]
+        back = a.free(rid)
+        assert back == toks(7)
+        assert {type(t) for t in back} == {int}
+    assert hash_block(ROOT, torch.arange(4)) == hash_block(ROOT, toks(4))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        torch.arange(6.0),
+        torch.tensor([1, 0, 1], dtype=torch.bool),
+        np.array([True, False]),
+        [1, np.float32(2.0)],
+        np.array([2**64 - 1], dtype=np.uint64),
+        torch.zeros(2, 2, dtype=torch.int64),
+    ],
+)
+def test_float_and_bool_array_elements_are_not_token_ids(tokens: object) -> None:
+    """docs/paged.md: a token id that is not an int64 (True is not one) raises
+    PagedCacheError, whatever holds it."""
+    a = make()
+    a.allocate("r1", toks(6))
+    before = state(a)
+    for call in (
+        lambda: a.allocate("r2", tokens),  # type: ignore[arg-type]
+        lambda: a.extend("r1", tokens),  # type: ignore[arg-type]
+        lambda: a.match(tokens),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(PagedCacheError, match="is not an int64") as info:
+            call()
+        assert type(info.value) is PagedCacheError
     assert state(a) == before
 
 
@@ -276,6 +341,38 @@ def test_pressure_callbacks_run_below_the_watermark() -> None:
     a.extend("r2", toks(3))  # takes block 7
     assert len(seen) == 2
     assert a.stats().pressure_events == 3
+
+
+def test_a_clean_block_a_request_holds_does_not_count_against_pressure() -> None:
+    """docs/paged.md: pressure counts empty blocks and cached clean ones only."""
+    a = make(num_blocks=4, watermark_blocks=2, offloading=True)
+    a.allocate("r1", toks(9))
+    items = a.prepare_swap_out("r1")  # stored while r1 still holds its blocks
+    a.complete_offload(items, True)
+    assert a.is_clean(a.get_block_table("r1")[0])
+    assert (a.stats().empty, a.stats().clean) == (1, 0)
+    assert a.under_pressure()
+    a.free("r1")
+    assert (a.stats().empty, a.stats().clean) == (2, 2)  # the partial block is empty
+    assert not a.under_pressure()
+
+
+def test_an_allocation_that_takes_no_block_runs_no_pressure_callback() -> None:
+    """docs/paged.md: callbacks run after an allocate that *takes blocks*; a swap-in
+    (compute_last=False) of blocks other requests hold takes none."""
+    a = make(num_blocks=4, watermark_blocks=4)
+    seen: list[MemoryPressure] = []
+    a.add_pressure_callback(seen.append)
+    a.allocate("r1", toks(8))
+    assert len(seen) == 1
+    plan = a.allocate("r2", toks(8), compute_last=False)  # both blocks shared, held by r1
+    assert plan.num_shared_tokens == 8
+    assert len(seen) == 1
+    assert a.stats().pressure_events == 1
+    a.free("r1")
+    a.free("r2")  # both blocks cached now
+    a.allocate("r3", toks(8), compute_last=False)  # takes the two cached blocks
+    assert len(seen) == 2
 
 
 def test_under_pressure_the_lru_cached_blocks_are_planned_for_offload() -> None:

@@ -477,6 +477,57 @@ async def test_errors_reach_the_caller_and_change_nothing() -> None:
     check(cache, "a")
 
 
+async def test_a_request_aborted_before_computing_is_freed_uncomputed() -> None:
+    """docs/paged.md: free(id, computed=False) drops the blocks the request filled
+    instead of caching them; PagedKVCache.free takes it as the allocator does."""
+    cache, _store = setup(blocks=8)
+    await admit(cache, "a", toks(8))
+    cache.free("a")
+    got = await cache.allocate("b", toks(13))  # shares a's 2 blocks, fills 2 more
+    assert got.num_cached_tokens == 8
+    assert cache.free("b", computed=False) == toks(13)
+    assert len(cache.allocator.cached_blocks()) == 2  # only a's computed blocks
+    again = await cache.allocate("c", toks(13))
+    assert again.num_cached_tokens == 8
+
+
+@pytest.mark.parametrize("offloading", [True, False])
+async def test_bad_token_ids_raise_paged_cache_error_and_look_nothing_up(
+    offloading: bool,
+) -> None:
+    """docs/paged.md: token ids that are not a sequence (None, an int), a bad token
+    id, no tokens, a request id allocated twice or one too big for the pool raise
+    PagedCacheError from PagedKVCache.allocate / swap_in as from the allocator,
+    and nothing changed (no lookup either)."""
+    cache, store = setup(blocks=4)
+    if not offloading:
+        cache = PagedKVCache(make_config(4))
+    await admit(cache, "a", toks(6))
+    cache.free("a")
+    store.calls.clear()
+    before = cache.stats()
+    cases: list[tuple[RequestId, Any, str]] = [
+        ("b", None, "token ids must be a sequence of ints, got NoneType"),
+        ("b", 5, "token ids must be a sequence of ints, got int"),
+        ("b", [*toks(5), True], "token id True is not an int64"),
+        ("b", [], "has no tokens"),
+        ("b", toks(17), "needs 5 blocks, the pool has 4"),
+    ]
+    await admit(cache, "a", toks(6))
+    cases.append(("a", toks(6), "request 'a' is already allocated"))
+    with anyio.fail_after(10):
+        for rid, tokens, message in cases:
+            with pytest.raises(PagedCacheError, match=message) as info:
+                await cache.allocate(rid, tokens)
+            assert type(info.value) is PagedCacheError
+            with pytest.raises(PagedCacheError, match=message):
+                await cache.swap_in(SwappedOut(rid, tokens, 0))
+    assert store.calls == []
+    assert cache.stats().lookups == before.lookups
+    assert cache.allocator.request_ids() == ["a"]
+    check(cache, "a")
+
+
 async def test_through_the_coordinator_with_cpu_and_nvme_tiers(tmp_path: Path) -> None:
     """The coordinator is an offloader: blocks go out to the CPU tier, down to NVMe
     (the CPU tier holds 6 blocks), and come back bit for bit."""

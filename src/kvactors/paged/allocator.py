@@ -22,12 +22,13 @@ states of :mod:`kvactors.paged.block_pool`; nothing here does I/O.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 from kvactors.errors import OutOfBlocksError, PagedCacheError
 from kvactors.paged.block_pool import cdiv
 from kvactors.paged.config import KVCacheConfig
-from kvactors.paged.hashing import hash_blocks, pack_tokens, root_key
+from kvactors.paged.hashing import checked_token_ids, hash_blocks, root_key
 from kvactors.paged.offload_planner import OffloadPlanner
 from kvactors.paged.plans import (
     AllocationPlan,
@@ -130,19 +131,37 @@ class BlockAllocator(OffloadPlanner):
         return PrefixMatch(min(len(tokens), r * self.block_size), keys)
 
     def _tokens(self, token_ids: Sequence[int], what: str) -> list[int]:
-        try:
-            tokens = list(token_ids)
-        except TypeError:
+        # A sequence has an order and a length: a set, a mapping or an iterator is not one.
+        tokens: list[int] | None = None
+        if type(token_ids) is list or (
+            not isinstance(token_ids, AbstractSet | Mapping)
+            and hasattr(token_ids, "__len__")
+            and hasattr(token_ids, "__getitem__")
+        ):
+            try:
+                tokens = list(token_ids)
+            except TypeError:  # (not contextlib.suppress: this runs on every decode step)
+                tokens = None
+        if tokens is None:
             kind = type(token_ids).__name__
-            raise PagedCacheError(
-                f"{what}: token ids must be a sequence of ints, got {kind}"
-            ) from None
+            raise PagedCacheError(f"{what}: token ids must be a sequence of ints, got {kind}")
         if len(tokens) == 1 and type(tokens[0]) is int and -(2**63) <= tokens[0] < 2**63:
             return tokens  # one decoded token: the common case, checked without packing
         try:
-            pack_tokens(tokens)
+            ints = checked_token_ids(tokens)  # numpy / torch integers as ints
         except PagedCacheError as exc:
             raise PagedCacheError(f"{what}: {exc}") from None
+        return list(ints) if ints is not tokens else tokens
+
+    def _new_request(self, request_id: RequestId, token_ids: Sequence[int]) -> list[int]:
+        """``token_ids`` as a list, checked as ``allocate`` checks a new request
+        (PagedCacheError: the id exists, a bad token id, no tokens, more blocks than the pool)."""
+        if request_id in self._requests:
+            raise PagedCacheError(f"allocate: request {request_id!r} is already allocated")
+        tokens = self._tokens(token_ids, "allocate")
+        if not tokens:
+            raise PagedCacheError(f"allocate: request {request_id!r} has no tokens")
+        self._check_fits(request_id, cdiv(len(tokens), self.block_size), "allocate")
         return tokens
 
     def allocate(
@@ -166,14 +185,9 @@ class BlockAllocator(OffloadPlanner):
         pool has; :class:`~kvactors.errors.OutOfBlocksError` if not enough blocks
         are free now. On any error nothing changed.
         """
-        if request_id in self._requests:
-            raise PagedCacheError(f"allocate: request {request_id!r} is already allocated")
-        tokens = self._tokens(token_ids, "allocate")
-        if not tokens:
-            raise PagedCacheError(f"allocate: request {request_id!r} has no tokens")
+        tokens = self._new_request(request_id, token_ids)
         bs = self.block_size
         total = cdiv(len(tokens), bs)
-        self._check_fits(request_id, total, "allocate")
         hashes = hash_blocks(self.root, tokens, bs)
         share_limit, restore_limit = self._limits(len(tokens), compute_last)
         r = self._resident_run(hashes, share_limit)
@@ -207,7 +221,8 @@ class BlockAllocator(OffloadPlanner):
         if restore:
             req.pending = restore
         self._requests[request_id] = req
-        self._check_pressure()
+        if needed or idle_hits:  # it took blocks (shared only held ones otherwise)
+            self._check_pressure()
         cached = min(len(tokens), (r + len(restore)) * bs)
         shared = min(len(tokens), r * bs)
         return AllocationPlan(BlockTable(req), cached, shared, restore_keys, evicted)

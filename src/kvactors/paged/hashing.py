@@ -13,6 +13,7 @@ Python's ``hash()`` is never used: it is salted per process.
 from __future__ import annotations
 
 import hashlib
+import operator
 import struct
 from collections.abc import Sequence
 
@@ -21,27 +22,67 @@ import msgspec
 from kvactors.errors import PagedCacheError
 from kvactors.paged.config import KVCacheConfig
 
-__all__ = ["DIGEST_SIZE", "hash_block", "hash_blocks", "hash_tail", "pack_tokens", "root_key"]
+__all__ = [
+    "DIGEST_SIZE",
+    "as_token_ids",
+    "checked_token_ids",
+    "hash_block",
+    "hash_blocks",
+    "hash_tail",
+    "pack_tokens",
+    "root_key",
+]
 
 DIGEST_SIZE = 32
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def pack_tokens(token_ids: Sequence[int]) -> bytes:
     """``token_ids`` as little-endian int64s.
 
     Raises :class:`~kvactors.errors.PagedCacheError` if one is not an int64 (a
-    ``bool`` is not one, though ``struct`` would pack it as 0 or 1).
+    ``bool`` is not one, though ``struct`` would pack it as 0 or 1; neither is a
+    float or a bool array element; a numpy or torch integer is).
     """
+    return _pack(as_token_ids(token_ids))
+
+
+def checked_token_ids(token_ids: Sequence[int]) -> Sequence[int]:
+    """:func:`as_token_ids`, with the int64 range checked (as :func:`pack_tokens` does)."""
+    tokens = as_token_ids(token_ids)
+    _pack(tokens)
+    return tokens
+
+
+def _pack(tokens: Sequence[int]) -> bytes:
+    """``tokens`` (ints) as little-endian int64s; PagedCacheError for one out of range."""
     try:
-        packed = struct.pack(f"<{len(token_ids)}q", *token_ids)
+        return struct.pack(f"<{len(tokens)}q", *tokens)
     except struct.error:
-        for token in token_ids:
-            if type(token) is not int or not -(2**63) <= token < 2**63:
-                raise _not_a_token(token) from None
-        raise  # pragma: no cover - struct rejected something the loop accepts
-    if bool in set(map(type, token_ids)):
-        raise _not_a_token(next(t for t in token_ids if type(t) is bool))
-    return packed
+        raise _not_a_token(next(t for t in tokens if not _INT64_MIN <= t <= _INT64_MAX)) from None
+
+
+def as_token_ids(token_ids: Sequence[int]) -> Sequence[int]:
+    """``token_ids`` with each one an ``int`` (numpy or torch integers converted).
+
+    Raises :class:`~kvactors.errors.PagedCacheError` for one that is not an
+    integer (a bool, a float, a bool or float array element); the int64 range is
+    checked by :func:`pack_tokens`.
+    """
+    if set(map(type, token_ids)) <= {int}:
+        return token_ids
+    return [_as_token_id(t) for t in token_ids]
+
+
+def _as_token_id(token: object) -> int:
+    if type(token) is int:
+        return token
+    if isinstance(token, bool) or "bool" in str(getattr(token, "dtype", "")):
+        raise _not_a_token(token)
+    try:
+        return operator.index(token)  # type: ignore[arg-type]
+    except TypeError:
+        raise _not_a_token(token) from None
 
 
 def _not_a_token(token: object) -> PagedCacheError:

@@ -203,7 +203,8 @@ class PagedKVCache:
         self, request_id: RequestId, token_ids: Sequence[int], *, compute_last: bool
     ) -> Allocation:
         core = self.allocator
-        tokens = list(token_ids)
+        # Checked before the lookup: a call that raises looks nothing up.
+        tokens = core._new_request(request_id, token_ids)
         offloaded: Collection[bytes] = ()
         if self.offloader is not None:
             match = core.match(tokens, compute_last=compute_last)
@@ -277,9 +278,13 @@ class PagedKVCache:
         """A new request sharing every block of ``parent_id`` (see :meth:`BlockAllocator.fork`)."""
         return self.allocator.fork(parent_id, child_id)
 
-    def free(self, request_id: RequestId) -> list[int]:
-        """Release a request's blocks (see :meth:`BlockAllocator.free`); its token ids."""
-        return self.allocator.free(request_id)
+    def free(self, request_id: RequestId, *, computed: bool = True) -> list[int]:
+        """Release a request's blocks (see :meth:`BlockAllocator.free`); its token ids.
+
+        ``computed=False``: the request was aborted before the engine wrote its
+        tokens, so the blocks it filled are dropped, not cached.
+        """
+        return self.allocator.free(request_id, computed=computed)
 
     async def swap_out(self, request_id: RequestId) -> SwappedOut:
         """Store a request's blocks in the offloader and free it (preemption).
