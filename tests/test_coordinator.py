@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -453,12 +454,10 @@ async def test_handshakes_in_the_callers_task_or_by_mailbox_leave_the_same_state
             assert (coord.handled, coord.failed) == (8, 0)
 
 
-async def test_every_call_yields_and_a_call_cancelled_before_it_runs_changes_nothing(
-    kv: kvactors.KVCache,
-) -> None:
-    """Calls answered at once still let other tasks run (one checkpoint each),
-    and a caller already cancelled stores nothing."""
-    fill(kv, [1, 2], [0, 1])
+@asynccontextmanager
+async def ticking() -> AsyncIterator[Callable[[], int]]:
+    """A task that counts its turns while the body runs: how often the body's
+    calls let other tasks run (the count, read through the yielded function)."""
     ticks = 0
 
     async def ticker() -> None:
@@ -470,13 +469,23 @@ async def test_every_call_yields_and_a_call_cancelled_before_it_runs_changes_not
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
         await anyio.lowlevel.checkpoint()
-        before = ticks
+        yield lambda: ticks
+        tg.cancel_scope.cancel()
+
+
+async def test_every_call_yields_and_a_call_cancelled_before_it_runs_changes_nothing(
+    kv: kvactors.KVCache,
+) -> None:
+    """Calls answered at once still let other tasks run (one checkpoint each),
+    and a caller already cancelled stores nothing."""
+    fill(kv, [1, 2], [0, 1])
+    async with ticking() as ticks:
+        before = ticks()
         for _ in range(5):
             await kv.store([1, 2], [0, 1])
             await kv.lookup([1, 2])
             await kv.load([1, 2], [5, 6])
-        assert ticks >= before + 15
-        tg.cancel_scope.cancel()
+        assert ticks() >= before + 15
     with anyio.CancelScope() as scope:
         scope.cancel()
         await kv.store([3], [2])
@@ -490,24 +499,13 @@ async def test_stats_and_events_yield_once_and_are_cancellation_points(
 ) -> None:
     """``stats()`` and ``events()`` are calls like the others: a loop of them
     lets other tasks run, and a caller already cancelled gets no stream."""
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await anyio.lowlevel.checkpoint()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
-        await anyio.lowlevel.checkpoint()
-        before = ticks
+    async with ticking() as ticks:
+        before = ticks()
         for _ in range(5):
             await kv.stats()
             stream = await kv.events()
             stream.close()
-        assert ticks >= before + 10
-        tg.cancel_scope.cancel()
+        assert ticks() >= before + 10
     for call in (kv.stats, kv.events):
         with anyio.CancelScope() as scope:
             scope.cancel()
