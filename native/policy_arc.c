@@ -236,11 +236,13 @@ arc_touch(Core *core, PyObject *const *keys, Py_ssize_t n)
             if (touch_ghost(core, p, keys[k]) < 0)
                 return -1;
         }
-        /* T1 -> T2 once ready (a block being written was only just inserted:
-         * not a second use); T2 -> its recent end. */
-        else if (p->where[s] == T2 || core->ref[s] >= 0) {
+        /* T1 -> T2 once ready; T2 -> its recent end. A block being written
+         * was only just inserted, not used twice: it stays in T1, at its
+         * recent end (as vLLM's ARC does). */
+        else {
+            int to = (p->where[s] == T2 || core->ref[s] >= 0) ? T2 : T1;
             unlink_slot(p, s);
-            push_slot(p, s, T2);
+            push_slot(p, s, to);
         }
     }
     return 0;

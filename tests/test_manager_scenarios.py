@@ -186,6 +186,24 @@ def test_arc_lists_and_target_follow_the_spec() -> None:
     assert list(policy.b1) == [3]
 
 
+@pytest.mark.parametrize("policy", ["arc", "arc-python"])
+def test_arc_touch_of_a_block_being_written_moves_it_to_t1s_recent_end(policy: str) -> None:
+    """As vLLM's ARC: a touched T1 block still being written stays in T1 but
+    becomes its most recent entry, so the untouched one leaves first."""
+    mgr = make_manager(3, policy)
+    out = mgr.prepare_store([1, 2, 3])
+    assert out is not None
+    mgr.touch([1])  # not ready: no second use, but now T1's most recent
+    mgr.complete_store([1, 2, 3])
+    out = mgr.prepare_store([4])
+    assert out is not None
+    assert out.block_hashes_evicted == [2]
+    out = mgr.prepare_store([5])
+    assert out is not None
+    assert out.block_hashes_evicted == [3]
+    assert mgr.lookup([1]) == 1
+
+
 def test_arc_failed_evict_is_atomic() -> None:
     policy = ARCPolicy(2)
     mgr = make_manager(2, policy)

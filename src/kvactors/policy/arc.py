@@ -20,8 +20,9 @@ class ARCPolicy(HeldKeys):
     """ARC with vLLM's semantics, made atomic.
 
     - ``insert`` puts a key in T1 (and out of the ghost lists).
-    - ``touch`` walks keys in reverse: a ready T1 block moves to T2; a T2 block
-      moves to its most-recent end; a B1 hit raises ``target`` by
+    - ``touch`` walks keys in reverse: a ready T1 block moves to T2, a T1 block
+      still being written to T1's most-recent end; a T2 block moves to its
+      most-recent end; a B1 hit raises ``target`` by
       ``max(1, |B2|/|B1|)`` (capped at capacity); a B2 hit lowers it by
       ``max(1, |B1|/|B2|)`` (floored at 0). Ghost hits refresh the ghost entry.
     - ``evict(n)`` takes from T1 while ``|T1| >= int(target)``, else from T2,
@@ -65,7 +66,10 @@ class ARCPolicy(HeldKeys):
                 if block.ref_cnt >= 0:
                     del t1[key]
                     t2[key] = block
-                # A block still being written was only just inserted: not a second use.
+                else:
+                    # A block still being written was only just inserted, not
+                    # used twice: it stays in T1, at its most recent end.
+                    t1.move_to_end(key)
             elif key in t2:
                 t2.move_to_end(key)
             elif key in b1:
