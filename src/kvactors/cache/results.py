@@ -69,6 +69,11 @@ class Snapshot(msgspec.Struct, frozen=True):
     events_dropped: int
     missing: int = 0  # blocks a shared tier no longer had when read (evicted there)
     demotions_declined: int = 0
+    # Per tier: keys ``lookup`` (and the lookup of a partial load) found there,
+    # and keys it looked for there and did not find (in each live tier above the
+    # one holding a key, and in every live tier for the first key none held).
+    lookup_found: dict[str, int] = msgspec.field(default_factory=dict)
+    lookup_missed: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class FlushResult(msgspec.Struct, frozen=True):
