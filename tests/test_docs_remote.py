@@ -232,7 +232,7 @@ def test_a_value_on_the_server_has_the_documented_key_and_layout(
         payload = bytes(range(256)) * (BB // 256)
         assert store.put([key], [memoryview(bytearray(payload))]) == []
         rkey = store.redis_key(key)
-        fp = fingerprint(BB, "m", "")
+        fp = fingerprint(BB, "m", "", "layout")
         assert len(fp) == 8
         assert rkey == b"layout:" + fp.hex().encode() + b":" + encode_key(key).hex().encode()
         assert re.fullmatch(rb"layout:[0-9a-f]{16}:[0-9a-f]+", rkey)
@@ -260,10 +260,11 @@ def test_the_header_and_encoded_key_sizes_the_set_up_gives() -> None:
     assert 30 + len(encode_key(2**72)) > 40  # past 64 bits the key grows
 
 
-def test_the_fingerprint_covers_block_bytes_layout_and_model() -> None:
+def test_the_fingerprint_covers_block_bytes_layout_model_and_namespace() -> None:
     base = fingerprint(BB, "m", "l")
     assert len({base, fingerprint(2 * BB, "m", "l"), fingerprint(BB, "n", "l"),
-                fingerprint(BB, "m", "k")}) == 4  # fmt: skip
+                fingerprint(BB, "m", "k"), fingerprint(BB, "m", "l", "other")}) == 5  # fmt: skip
+    assert base == fingerprint(BB, "m", "l", "kvactors")  # the default namespace
     assert base == fingerprint(BB, "m", "l")
     assert base != hashlib.blake2b(b"", digest_size=8).digest()
 

@@ -230,6 +230,51 @@ async def test_damaged_values_are_misses_for_the_cache(redis_server: LocalServer
                 ]
 
 
+async def test_a_value_copied_from_another_namespace_is_a_corrupted_miss(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """'Keys and values': a value of another namespace (same model, layout and
+    block size, same block key) copied under this namespace's key fails its
+    checks: the load stops before it, the caller's rows stay untouched, the block
+    counts as corrupted and the value is deleted; the value under its own
+    namespace still loads in a cache of that namespace."""
+    from kvactors.media.remote import RemoteStore
+
+    keys = list(range(4))
+    ours, theirs = (RemoteConfig(url=redis_server.url, namespace=n) for n in ("ours", "theirs"))
+    with anyio.fail_after(30):
+        await seed(config(ours), keys)
+        # the other namespace holds other bytes under the same block keys
+        async with kvactors.open(config(theirs)) as kv:
+            assert await kv.store(keys, data([k + 100 for k in keys])) is not None
+        names = [
+            RemoteStore("remote", BB, url=redis_server.url, namespace=n) for n in ("ours", "theirs")
+        ]
+        try:
+            here, there = (s.redis_key(2) for s in names)
+        finally:
+            for store in names:
+                store.close()
+        assert here != there
+        client = redis_server.client()
+        client.set(here, client.get(there))
+        async with kvactors.open(config(ours)) as kv:
+            out = torch.full((4, BB), 7, dtype=torch.uint8)
+            got = await kv.load(keys, out, partial=True)
+            assert len(got.tiers) == 2
+            assert torch.equal(out[:2], data(keys[:2]))
+            assert bool((out[2:] == 7).all())
+            stats = await settled(kv)
+            assert stats.remote is not None
+            assert stats.remote.corrupt == 1
+            assert stats.policy.corrupted == 1
+            assert client.exists(here) == 0
+        async with kvactors.open(config(theirs)) as kv:
+            out = torch.zeros(1, BB, dtype=torch.uint8)
+            await kv.load([2], out)
+            assert torch.equal(out, data([102]))
+
+
 async def test_a_damaged_value_read_into_a_cpu_slot_is_never_served(
     redis_server: LocalServer,  # noqa: F811
 ) -> None:
