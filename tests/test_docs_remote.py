@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import kvactors
 from _docs import DOCS, code, doc_block, doc_table, toml_value
-from _redis import shared_server  # noqa: F401
+from _redis import server_binary, shared_server  # noqa: F401
 from kvactors.cli import main
 from kvactors.config import Config, GPUConfig, MetricsConfig, RemoteConfig, TierConfig
 from kvactors.errors import ConfigError, RemoteUnavailable, TierFailed, UnknownPolicyError
@@ -129,6 +129,21 @@ def test_the_local_server_snippet_runs_and_prints_a_loopback_url(
     snippet = doc_block(REMOTE_MD, "python", "LocalServer(")
     exec(compile(snippet, "remote.md", "exec"), {})
     assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", capsys.readouterr().out.strip())
+
+
+def test_a_local_server_stopped_starts_again_empty_on_its_port() -> None:
+    """`LocalServer.stop()` removes its directory; `start()` after it brings up an
+    empty server on the same port (a restarted server), as after `kill()`."""
+    with LocalServer(binary=server_binary()) as server:
+        url = server.url
+        server.client().set(b"k", b"v")
+        server.stop()
+        assert not server.dir.exists()
+        server.start()
+        assert server.url == url
+        assert server.client().ping()
+        assert server.client().dbsize() == 0
+    assert not server.dir.exists()
 
 
 def test_the_local_server_binary_is_looked_for_in_the_documented_order(
