@@ -275,6 +275,42 @@ async def test_a_value_copied_from_another_namespace_is_a_corrupted_miss(
             assert torch.equal(out, data([102]))
 
 
+async def test_values_a_cache_wrote_under_ttl_expire_and_are_then_missing(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """`ttl`: the cache writes each value with `PX`; once expired, a load of it in
+    another cache is a miss (a partial load returns nothing, a full one raises
+    `BlockNotFoundError`), counted as missing, never as corrupted."""
+    keys = [b"t0", b"t1", b"t2"]
+    remote = RemoteConfig(url=redis_server.url, ttl=0.4, namespace="ttl")
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as a:
+            assert await a.store(keys, data([0, 1, 2])) is not None
+        client = redis_server.client()
+        from kvactors.media.remote import RemoteStore
+
+        names = RemoteStore("remote", BB, url=redis_server.url, namespace="ttl")
+        try:
+            rkeys = [names.redis_key(k) for k in keys]
+        finally:
+            names.close()
+        assert all(0 < client.pttl(k) <= 400 for k in rkeys)
+        while client.exists(*rkeys):
+            await anyio.sleep(0.05)
+        async with kvactors.open(config(remote)) as b:
+            out = torch.full((3, BB), 7, dtype=torch.uint8)
+            assert (await b.load(keys, out, partial=True)).tiers == []
+            with pytest.raises(BlockNotFoundError):
+                await b.load(keys[1:], out[:2])
+            assert bool((out == 7).all())
+            stats = await settled(b)
+            assert stats.policy.corrupted == 0
+            assert stats.policy.missing >= 1
+            assert stats.remote is not None
+            assert stats.remote.corrupt == 0
+            assert stats.remote.misses >= 2
+
+
 async def test_a_damaged_value_read_into_a_cpu_slot_is_never_served(
     redis_server: LocalServer,  # noqa: F811
 ) -> None:
