@@ -311,6 +311,34 @@ async def test_values_a_cache_wrote_under_ttl_expire_and_are_then_missing(
             assert stats.remote.misses >= 2
 
 
+@pytest.mark.parametrize("field", ["layout", "model"])
+async def test_caches_of_another_layout_or_model_never_share_blocks(
+    redis_server: LocalServer,  # noqa: F811
+    field: str,
+) -> None:
+    """'Keys and values': two caches on one server and namespace whose `layout`
+    (or `model`) differ never read each other's blocks: the other's lookup finds
+    none and its load misses them as absent (other keys, not damaged values),
+    while a cache of the first identity loads them."""
+    keys = list(range(4))
+    first = RemoteConfig(url=redis_server.url, **{field: "a"})
+    other = RemoteConfig(url=redis_server.url, **{field: "b"})
+    with anyio.fail_after(30):
+        await seed(config(first), keys)
+        async with kvactors.open(config(other)) as b:
+            assert (await b.lookup(keys)).hits == 0
+            out = torch.zeros(4, BB, dtype=torch.uint8)
+            assert (await b.load(keys, out, partial=True)).tiers == []
+            stats = await settled(b)
+            assert stats.remote is not None
+            assert stats.remote.corrupt == 0
+            assert stats.remote.hits == 0
+        async with kvactors.open(config(first)) as a:
+            assert (await a.lookup(keys)).tiers == ["remote"] * 4
+            await a.load(keys, out)
+            assert torch.equal(out, data(keys))
+
+
 async def test_a_damaged_value_read_into_a_cpu_slot_is_never_served(
     redis_server: LocalServer,  # noqa: F811
 ) -> None:
