@@ -1257,6 +1257,51 @@ async def test_write_back_at_close_is_bounded_by_flush_timeout(
     assert result.error is not None
 
 
+async def test_write_back_cut_by_flush_timeout_counts_the_batch_in_flight_as_failed(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """A live server and a `flush_timeout` too short for 80 MiB held in CPU and
+    NVMe, the block left by an exception: the close returns within
+    `flush_timeout` plus one `timeout`, `written + failed + left` is every
+    block, the server holds exactly the blocks counted `written` (those of the
+    batch cut off, counted `failed`, are not left there), and the error says
+    time ran out."""
+    bb = 1 << 20
+    keys = list(range(80))
+    remote = RemoteConfig(
+        url=redis_server.url, write_policy="on_demotion", flush_timeout=0.01, timeout=2.0
+    )
+    cfg = Config(
+        block_bytes=bb,
+        gpu=GPUConfig(num_blocks=8, device="cpu"),
+        cpu=TierConfig(num_blocks=32),
+        nvme=NVMeConfig(num_blocks=64, backend="posix"),
+        remote=remote,
+    )
+    seen: dict[str, Any] = {}
+
+    async def store_then_leave() -> None:
+        async with kvactors.open(cfg) as kv:
+            seen["kv"] = kv
+            for i in range(0, len(keys), 8):
+                chunk = keys[i : i + 8]
+                assert await kv.store(chunk, block_bytes_for(chunk, bb, CPU)) is not None
+            assert redis_server.client().dbsize() == 0  # nothing demoted to it yet
+            seen["t0"] = time.monotonic()
+            raise RuntimeError("leaving")
+
+    with anyio.fail_after(60), pytest.raises(RuntimeError, match="leaving"):
+        await store_then_leave()
+    assert time.monotonic() - seen["t0"] < 0.01 + 2.0 + 1.0
+    [result] = seen["kv"].flushed
+    assert result.written + result.failed + result.left == len(keys)
+    client = redis_server.client()
+    held = [bool(client.exists(n)) for n in server_keys(redis_server.url, keys, bb)]
+    assert sum(held) == result.written
+    if result.written < len(keys):
+        assert result.error == "time ran out after 0.01 s"
+
+
 async def test_a_full_noeviction_server_fails_remote_writes_not_stores() -> None:
     """Failure behaviour, "the server is full under `noeviction`": every store
     succeeds locally and loads exact from CPU; the remote writes the server

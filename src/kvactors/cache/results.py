@@ -79,7 +79,8 @@ class Snapshot(msgspec.Struct, frozen=True):
 class FlushResult(msgspec.Struct, frozen=True):
     """What closing the cache wrote into a tier written ``on_demotion`` (the
     blocks still held above it): ``written``, ``failed`` (the tier refused or
-    failed them), ``left`` (not tried: time ran out), ``seconds`` taken and the
+    failed them, or they were in the batch being written when time ran out),
+    ``left`` (not tried: time ran out), ``seconds`` taken and the
     first ``error`` (``None`` when every block was written)."""
 
     tier: str
