@@ -23,7 +23,7 @@ from _redis import redis_cluster, redis_server, server_binary  # noqa: F401
 from _served import drain, settled
 from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
-from kvactors.errors import BlockNotFoundError, CacheLockedError
+from kvactors.errors import BlockNotFoundError, CacheLockedError, RemoteUnavailable
 from kvactors.media.local_server import LocalCluster, LocalServer
 
 pytestmark = pytest.mark.anyio
@@ -188,6 +188,37 @@ async def test_dead_server_leaves_local_tiers_serving_and_reconnects(
         async with kvactors.open(config(remote)) as other:
             late = keys[30 * 4 : 31 * 4]
             assert (await other.lookup(late)).tiers == ["remote"] * 4
+
+
+async def test_a_full_load_within_retry_after_is_block_not_found_at_once(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """Failure behaviour, a server that is down: the full load that finds it down
+    raises `RemoteUnavailable`; within `retry_after` a full load of another block
+    only the server held raises `BlockNotFoundError` at once (no network), and a
+    partial one returns nothing; after `retry_after`, with the server back, the
+    block loads."""
+    remote = RemoteConfig(url=redis_server.url, timeout=1.0, retry_after=1.0)
+    keys = list(range(4))
+    with anyio.fail_after(30):
+        await seed(config(remote), keys)
+        async with kvactors.open(config(remote)) as kv:
+            assert (await kv.lookup(keys)).tiers == ["remote"] * 4
+            redis_server.kill()
+            out = torch.zeros(1, BB, dtype=torch.uint8)
+            with pytest.raises(RemoteUnavailable):
+                await kv.load([0], out)
+            t0 = time.monotonic()
+            with pytest.raises(BlockNotFoundError):
+                await kv.load([1], out)
+            assert (await kv.load([2], out, partial=True)).tiers == []
+            assert time.monotonic() - t0 < 0.5
+            assert (await kv.stats()).policy.failed == ["remote"]
+            redis_server.start()
+            await seed(config(remote), keys)
+            await anyio.sleep(1.0)
+            await kv.load([1], out)
+            assert torch.equal(out, data([1]))
 
 
 async def test_damaged_values_are_misses_for_the_cache(redis_server: LocalServer) -> None:  # noqa: F811
