@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import kvactors
 from _docs import DOCS, code, doc_block, doc_table, toml_value
-from _redis import shared_server  # noqa: F401
+from _redis import server_binary, shared_server  # noqa: F401
 from kvactors.cli import main
 from kvactors.config import Config, GPUConfig, MetricsConfig, RemoteConfig, TierConfig
 from kvactors.errors import ConfigError, RemoteUnavailable, TierFailed, UnknownPolicyError
@@ -131,6 +131,21 @@ def test_the_local_server_snippet_runs_and_prints_a_loopback_url(
     assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", capsys.readouterr().out.strip())
 
 
+def test_a_local_server_stopped_starts_again_empty_on_its_port() -> None:
+    """`LocalServer.stop()` removes its directory; `start()` after it brings up an
+    empty server on the same port (a restarted server), as after `kill()`."""
+    with LocalServer(binary=server_binary()) as server:
+        url = server.url
+        server.client().set(b"k", b"v")
+        server.stop()
+        assert not server.dir.exists()
+        server.start()
+        assert server.url == url
+        assert server.client().ping()
+        assert server.client().dbsize() == 0
+    assert not server.dir.exists()
+
+
 def test_the_local_server_binary_is_looked_for_in_the_documented_order(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -232,7 +247,7 @@ def test_a_value_on_the_server_has_the_documented_key_and_layout(
         payload = bytes(range(256)) * (BB // 256)
         assert store.put([key], [memoryview(bytearray(payload))]) == []
         rkey = store.redis_key(key)
-        fp = fingerprint(BB, "m", "")
+        fp = fingerprint(BB, "m", "", "layout")
         assert len(fp) == 8
         assert rkey == b"layout:" + fp.hex().encode() + b":" + encode_key(key).hex().encode()
         assert re.fullmatch(rb"layout:[0-9a-f]{16}:[0-9a-f]+", rkey)
@@ -260,10 +275,11 @@ def test_the_header_and_encoded_key_sizes_the_set_up_gives() -> None:
     assert 30 + len(encode_key(2**72)) > 40  # past 64 bits the key grows
 
 
-def test_the_fingerprint_covers_block_bytes_layout_and_model() -> None:
+def test_the_fingerprint_covers_block_bytes_layout_model_and_namespace() -> None:
     base = fingerprint(BB, "m", "l")
     assert len({base, fingerprint(2 * BB, "m", "l"), fingerprint(BB, "n", "l"),
-                fingerprint(BB, "m", "k")}) == 4  # fmt: skip
+                fingerprint(BB, "m", "k"), fingerprint(BB, "m", "l", "other")}) == 5  # fmt: skip
+    assert base == fingerprint(BB, "m", "l", "kvactors")  # the default namespace
     assert base == fingerprint(BB, "m", "l")
     assert base != hashlib.blake2b(b"", digest_size=8).digest()
 

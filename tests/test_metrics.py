@@ -60,11 +60,9 @@ async def test_scraped_metrics_match_the_cache_stats() -> None:
                 stats = await kv.stats()
                 samples = await scrape(endpoint.url)
                 cpu = stats.policy.tiers["cpu"]
-                assert sample(samples, "kvactors_tier_hits_total", tier="cpu") == cpu.hits
-                assert (
-                    sample(samples, "kvactors_tier_misses_total", tier="cpu")
-                    == cpu.lookup_keys - cpu.hits
-                )
+                found, missed = stats.policy.lookup_found, stats.policy.lookup_missed
+                assert sample(samples, "kvactors_tier_hits_total", tier="cpu") == found["cpu"]
+                assert sample(samples, "kvactors_tier_misses_total", tier="cpu") == missed["cpu"]
                 assert sample(samples, "kvactors_tier_evictions_total", tier="cpu") == cpu.evictions
                 assert cpu.evictions > 0  # 20 blocks through 8 CPU slots
                 nvme_in = sample(samples, "kvactors_tier_bytes_total", tier="nvme", direction="in")
@@ -82,12 +80,43 @@ async def test_scraped_metrics_match_the_cache_stats() -> None:
                 with anyio.fail_after(5):
                     while True:
                         later = await scrape(endpoint.url)
-                        if sample(later, "kvactors_tier_hits_total", tier="cpu") > cpu.hits:
+                        if sample(later, "kvactors_tier_hits_total", tier="cpu") > found["cpu"]:
                             break
                         await anyio.sleep(0.02)
             # Stopped with the block: nothing listens any more.
             with pytest.raises(urllib.error.URLError):
                 await scrape(endpoint.url)
+
+
+async def test_hits_and_misses_count_the_keys_a_lookup_found_in_each_tier() -> None:
+    """A lookup whose keys lie in NVMe (the older ones) and CPU (the newer ones):
+    each tier's scraped hits are the keys `LookupResult.tiers` names it for, and
+    its misses the keys looked for there in vain (CPU: the NVMe keys and the key
+    no tier holds; NVMe: that key), none for a key after that one."""
+    keys = list(range(12))
+    with anyio.fail_after(30):
+        async with kvactors.open(small_config()) as kv:
+            kv.gpu_pool.write_rows(keys, block_bytes_for(keys, BB, torch.device("cpu")))  # type: ignore[attr-defined]
+            for i in range(0, 12, 4):
+                assert await kv.store(keys[i : i + 4], keys[i : i + 4])
+            result = await kv.lookup([*keys, 999, 1000])  # 1000: after the stop, not looked for
+            assert result.hits == 12
+            assert result.tiers == ["nvme"] * 4 + ["cpu"] * 8
+            async with serve_metrics(kv, port=0, interval=0.05) as endpoint:
+                samples = await scrape(endpoint.url)
+                assert sample(samples, "kvactors_tier_hits_total", tier="nvme") == 4
+                assert sample(samples, "kvactors_tier_hits_total", tier="cpu") == 8
+                assert sample(samples, "kvactors_tier_misses_total", tier="cpu") == 5
+                assert sample(samples, "kvactors_tier_misses_total", tier="nvme") == 1
+                await kv.lookup([2, 3])  # both in NVMe: two more hits there
+                with anyio.fail_after(5):
+                    while True:
+                        later = await scrape(endpoint.url)
+                        if sample(later, "kvactors_tier_hits_total", tier="nvme") == 6:
+                            break
+                        await anyio.sleep(0.02)
+                assert sample(later, "kvactors_tier_misses_total", tier="cpu") == 7
+                assert sample(later, "kvactors_tier_hits_total", tier="cpu") == 8
 
 
 async def test_a_crashed_tier_is_reported_down() -> None:

@@ -23,7 +23,7 @@ from _redis import redis_cluster, redis_server, server_binary  # noqa: F401
 from _served import drain, settled
 from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
-from kvactors.errors import BlockNotFoundError, CacheLockedError
+from kvactors.errors import BlockNotFoundError, CacheLockedError, RemoteUnavailable
 from kvactors.media.local_server import LocalCluster, LocalServer
 
 pytestmark = pytest.mark.anyio
@@ -190,6 +190,37 @@ async def test_dead_server_leaves_local_tiers_serving_and_reconnects(
             assert (await other.lookup(late)).tiers == ["remote"] * 4
 
 
+async def test_a_full_load_within_retry_after_is_block_not_found_at_once(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """Failure behaviour, a server that is down: the full load that finds it down
+    raises `RemoteUnavailable`; within `retry_after` a full load of another block
+    only the server held raises `BlockNotFoundError` at once (no network), and a
+    partial one returns nothing; after `retry_after`, with the server back, the
+    block loads."""
+    remote = RemoteConfig(url=redis_server.url, timeout=1.0, retry_after=1.0)
+    keys = list(range(4))
+    with anyio.fail_after(30):
+        await seed(config(remote), keys)
+        async with kvactors.open(config(remote)) as kv:
+            assert (await kv.lookup(keys)).tiers == ["remote"] * 4
+            redis_server.kill()
+            out = torch.zeros(1, BB, dtype=torch.uint8)
+            with pytest.raises(RemoteUnavailable):
+                await kv.load([0], out)
+            t0 = time.monotonic()
+            with pytest.raises(BlockNotFoundError):
+                await kv.load([1], out)
+            assert (await kv.load([2], out, partial=True)).tiers == []
+            assert time.monotonic() - t0 < 0.5
+            assert (await kv.stats()).policy.failed == ["remote"]
+            redis_server.start()
+            await seed(config(remote), keys)
+            await anyio.sleep(1.0)
+            await kv.load([1], out)
+            assert torch.equal(out, data([1]))
+
+
 async def test_damaged_values_are_misses_for_the_cache(redis_server: LocalServer) -> None:  # noqa: F811
     """Garbage and truncated values on the server: the load stops before them
     (partial) or reports them missing, never serves their bytes."""
@@ -228,6 +259,115 @@ async def test_damaged_values_are_misses_for_the_cache(redis_server: LocalServer
                     5,
                     6,
                 ]
+
+
+async def test_a_value_copied_from_another_namespace_is_a_corrupted_miss(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """'Keys and values': a value of another namespace (same model, layout and
+    block size, same block key) copied under this namespace's key fails its
+    checks: the load stops before it, the caller's rows stay untouched, the block
+    counts as corrupted and the value is deleted; the value under its own
+    namespace still loads in a cache of that namespace."""
+    from kvactors.media.remote import RemoteStore
+
+    keys = list(range(4))
+    ours, theirs = (RemoteConfig(url=redis_server.url, namespace=n) for n in ("ours", "theirs"))
+    with anyio.fail_after(30):
+        await seed(config(ours), keys)
+        # the other namespace holds other bytes under the same block keys
+        async with kvactors.open(config(theirs)) as kv:
+            assert await kv.store(keys, data([k + 100 for k in keys])) is not None
+        names = [
+            RemoteStore("remote", BB, url=redis_server.url, namespace=n) for n in ("ours", "theirs")
+        ]
+        try:
+            here, there = (s.redis_key(2) for s in names)
+        finally:
+            for store in names:
+                store.close()
+        assert here != there
+        client = redis_server.client()
+        client.set(here, client.get(there))
+        async with kvactors.open(config(ours)) as kv:
+            out = torch.full((4, BB), 7, dtype=torch.uint8)
+            got = await kv.load(keys, out, partial=True)
+            assert len(got.tiers) == 2
+            assert torch.equal(out[:2], data(keys[:2]))
+            assert bool((out[2:] == 7).all())
+            stats = await settled(kv)
+            assert stats.remote is not None
+            assert stats.remote.corrupt == 1
+            assert stats.policy.corrupted == 1
+            assert client.exists(here) == 0
+        async with kvactors.open(config(theirs)) as kv:
+            out = torch.zeros(1, BB, dtype=torch.uint8)
+            await kv.load([2], out)
+            assert torch.equal(out, data([102]))
+
+
+async def test_values_a_cache_wrote_under_ttl_expire_and_are_then_missing(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """`ttl`: the cache writes each value with `PX`; once expired, a load of it in
+    another cache is a miss (a partial load returns nothing, a full one raises
+    `BlockNotFoundError`), counted as missing, never as corrupted."""
+    keys = [b"t0", b"t1", b"t2"]
+    remote = RemoteConfig(url=redis_server.url, ttl=0.4, namespace="ttl")
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as a:
+            assert await a.store(keys, data([0, 1, 2])) is not None
+        client = redis_server.client()
+        from kvactors.media.remote import RemoteStore
+
+        names = RemoteStore("remote", BB, url=redis_server.url, namespace="ttl")
+        try:
+            rkeys = [names.redis_key(k) for k in keys]
+        finally:
+            names.close()
+        assert all(0 < client.pttl(k) <= 400 for k in rkeys)
+        while client.exists(*rkeys):
+            await anyio.sleep(0.05)
+        async with kvactors.open(config(remote)) as b:
+            out = torch.full((3, BB), 7, dtype=torch.uint8)
+            assert (await b.load(keys, out, partial=True)).tiers == []
+            with pytest.raises(BlockNotFoundError):
+                await b.load(keys[1:], out[:2])
+            assert bool((out == 7).all())
+            stats = await settled(b)
+            assert stats.policy.corrupted == 0
+            assert stats.policy.missing >= 1
+            assert stats.remote is not None
+            assert stats.remote.corrupt == 0
+            assert stats.remote.misses >= 2
+
+
+@pytest.mark.parametrize("field", ["layout", "model"])
+async def test_caches_of_another_layout_or_model_never_share_blocks(
+    redis_server: LocalServer,  # noqa: F811
+    field: str,
+) -> None:
+    """'Keys and values': two caches on one server and namespace whose `layout`
+    (or `model`) differ never read each other's blocks: the other's lookup finds
+    none and its load misses them as absent (other keys, not damaged values),
+    while a cache of the first identity loads them."""
+    keys = list(range(4))
+    first = RemoteConfig(url=redis_server.url, **{field: "a"})
+    other = RemoteConfig(url=redis_server.url, **{field: "b"})
+    with anyio.fail_after(30):
+        await seed(config(first), keys)
+        async with kvactors.open(config(other)) as b:
+            assert (await b.lookup(keys)).hits == 0
+            out = torch.zeros(4, BB, dtype=torch.uint8)
+            assert (await b.load(keys, out, partial=True)).tiers == []
+            stats = await settled(b)
+            assert stats.remote is not None
+            assert stats.remote.corrupt == 0
+            assert stats.remote.hits == 0
+        async with kvactors.open(config(first)) as a:
+            assert (await a.lookup(keys)).tiers == ["remote"] * 4
+            await a.load(keys, out)
+            assert torch.equal(out, data(keys))
 
 
 async def test_a_damaged_value_read_into_a_cpu_slot_is_never_served(
@@ -1146,6 +1286,51 @@ async def test_write_back_at_close_is_bounded_by_flush_timeout(
     assert result.written == 0
     assert result.failed + result.left == len(keys)
     assert result.error is not None
+
+
+async def test_write_back_cut_by_flush_timeout_counts_the_batch_in_flight_as_failed(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """A live server and a `flush_timeout` too short for 80 MiB held in CPU and
+    NVMe, the block left by an exception: the close returns within
+    `flush_timeout` plus one `timeout`, `written + failed + left` is every
+    block, the server holds exactly the blocks counted `written` (those of the
+    batch cut off, counted `failed`, are not left there), and the error says
+    time ran out."""
+    bb = 1 << 20
+    keys = list(range(80))
+    remote = RemoteConfig(
+        url=redis_server.url, write_policy="on_demotion", flush_timeout=0.01, timeout=2.0
+    )
+    cfg = Config(
+        block_bytes=bb,
+        gpu=GPUConfig(num_blocks=8, device="cpu"),
+        cpu=TierConfig(num_blocks=32),
+        nvme=NVMeConfig(num_blocks=64, backend="posix"),
+        remote=remote,
+    )
+    seen: dict[str, Any] = {}
+
+    async def store_then_leave() -> None:
+        async with kvactors.open(cfg) as kv:
+            seen["kv"] = kv
+            for i in range(0, len(keys), 8):
+                chunk = keys[i : i + 8]
+                assert await kv.store(chunk, block_bytes_for(chunk, bb, CPU)) is not None
+            assert redis_server.client().dbsize() == 0  # nothing demoted to it yet
+            seen["t0"] = time.monotonic()
+            raise RuntimeError("leaving")
+
+    with anyio.fail_after(60), pytest.raises(RuntimeError, match="leaving"):
+        await store_then_leave()
+    assert time.monotonic() - seen["t0"] < 0.01 + 2.0 + 1.0
+    [result] = seen["kv"].flushed
+    assert result.written + result.failed + result.left == len(keys)
+    client = redis_server.client()
+    held = [bool(client.exists(n)) for n in server_keys(redis_server.url, keys, bb)]
+    assert sum(held) == result.written
+    if result.written < len(keys):
+        assert result.error == "time ran out after 0.01 s"
 
 
 async def test_a_full_noeviction_server_fails_remote_writes_not_stores() -> None:

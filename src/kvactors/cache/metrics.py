@@ -17,7 +17,9 @@ Families (each prefixed ``kvactors_``; ``tier`` is ``gpu``, ``cpu``, ``nvme`` or
 it); docs/remote.md lists them with their types:
 
 - ``tier_hits_total`` / ``tier_misses_total`` (tier): keys found / not found
-  (lookups of local tiers; reads of the remote, damaged values counted as misses);
+  (local tiers: the keys lookups found in the tier, and those they looked for
+  there in vain, ``stats().policy.lookup_found`` / ``lookup_missed``; the remote:
+  its reads, damaged values counted as misses);
 - ``tier_bytes_total`` (tier, direction): bytes moved;
 - ``tier_gbps`` (tier, direction): GB/s while transferring (bytes / busy seconds);
 - ``tier_recent_gbps`` (tier, direction): GB/s of wall time between the last
@@ -126,8 +128,8 @@ class CacheMetrics:
                 blocks.add_metric([name, state], getattr(m, state))
             if name == "remote" and remote is not None:
                 continue  # what the server answered, below (one series per tier)
-            hits.add_metric([name], m.hits)
-            misses.add_metric([name], m.lookup_keys - m.hits)
+            hits.add_metric([name], stats.policy.lookup_found.get(name, 0))
+            misses.add_metric([name], stats.policy.lookup_missed.get(name, 0))
             evictions.add_metric([name], m.evictions)
         if remote is not None:
             hits.add_metric(["remote"], remote.hits)

@@ -96,6 +96,10 @@ class PolicyActor(Actor[PolicyRequest], Placement):
         self._unflushed: dict[Key, None] = {}
         self.corrupted = 0
         self.missing = 0
+        # Per tier: keys lookups found there, and keys they looked for there in
+        # vain (a key a lower tier held was looked for in each live tier above).
+        self.lookup_found = [0] * len(self.names)
+        self.lookup_missed = [0] * len(self.names)
 
     async def handle(self, message: PolicyRequest) -> Any:
         try:
@@ -157,12 +161,31 @@ class PolicyActor(Actor[PolicyRequest], Placement):
                 if tier is None:
                     break
                 found.append(tier)
+        self._count_lookup(hits, found, len(found) < len(keys))
         if touch:
             self._touch_rest(keys[len(found) :])
             if found:
                 self._touch(keys, found)
             self._count(keys)
         return LookupResult(len(found), [self.names[i] for i in found])
+
+    def _count_lookup(self, hits: int, found: list[int], stopped: bool) -> None:
+        """Count a lookup's keys per tier: ``found[j]`` is the tier that held key
+        ``j`` (the first ``hits`` the top tier), each live tier above it missed
+        it; ``stopped``: the key after them was in no live tier."""
+        self.lookup_found[0] += hits
+        if len(found) == hits and not stopped:
+            return
+        live = [i for i in range(len(self.names)) if self.names[i] not in self.failed]
+        for tier in found[hits:]:
+            self.lookup_found[tier] += 1
+            for i in live:
+                if i >= tier:
+                    break
+                self.lookup_missed[i] += 1
+        if stopped:
+            for i in live:
+                self.lookup_missed[i] += 1
 
     def _touch(self, keys: list[Key], tiers: list[int]) -> None:
         """Count an access of ``keys[j]`` in tier ``tiers[j]``, the first key most recent."""
@@ -348,6 +371,8 @@ class PolicyActor(Actor[PolicyRequest], Placement):
             demotions_declined=self.demotions_declined,
             corrupted=self.corrupted,
             missing=self.missing,
+            lookup_found=dict(zip(self.names, self.lookup_found)),
+            lookup_missed=dict(zip(self.names, self.lookup_missed)),
             events_published=self.hub.published,
             events_dropped=self.hub.dropped,
         )

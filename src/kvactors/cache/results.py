@@ -69,12 +69,18 @@ class Snapshot(msgspec.Struct, frozen=True):
     events_dropped: int
     missing: int = 0  # blocks a shared tier no longer had when read (evicted there)
     demotions_declined: int = 0
+    # Per tier: keys ``lookup`` (and the lookup of a partial load) found there,
+    # and keys it looked for there and did not find (in each live tier above the
+    # one holding a key, and in every live tier for the first key none held).
+    lookup_found: dict[str, int] = msgspec.field(default_factory=dict)
+    lookup_missed: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class FlushResult(msgspec.Struct, frozen=True):
     """What closing the cache wrote into a tier written ``on_demotion`` (the
     blocks still held above it): ``written``, ``failed`` (the tier refused or
-    failed them), ``left`` (not tried: time ran out), ``seconds`` taken and the
+    failed them, or they were in the batch being written when time ran out),
+    ``left`` (not tried: time ran out), ``seconds`` taken and the
     first ``error`` (``None`` when every block was written)."""
 
     tier: str

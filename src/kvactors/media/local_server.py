@@ -154,6 +154,7 @@ class LocalServer:
         """Start the process and wait (at most ``timeout`` s) until it answers PING."""
         if self.proc is not None and self.proc.poll() is None:
             return self
+        self.dir.mkdir(parents=True, exist_ok=True)  # removed by a stop() before
         if self.cluster:
             (self.dir / "nodes.conf").unlink(missing_ok=True)
         self.proc = subprocess.Popen(
@@ -212,7 +213,7 @@ class LocalServer:
             self.proc = None
 
     def stop(self) -> None:
-        """Kill the server and remove its directory."""
+        """Kill the server and remove its directory (:meth:`start` makes a new one)."""
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -2,8 +2,9 @@
 
 One key per block, ``{namespace}:{fingerprint}:{key hex}``, where the
 fingerprint hashes everything that makes bytes compatible (``block_bytes``,
-the layout and model identity the user supplies, and :data:`FORMAT_VERSION`),
-so engines running different models never see each other's blocks. Each
+the layout and model identity the user supplies, and :data:`FORMAT_VERSION`)
+and the namespace, so engines running different models never see each other's
+blocks, and a value copied from another namespace fails its header check. Each
 value is a small header and the block's bytes::
 
     magic "KVR1" | fingerprint (8) | key length u16 | payload length u64 |
@@ -56,10 +57,15 @@ def xxh3() -> Callable[[Any], int]:
     return fn
 
 
-def fingerprint(block_bytes: int, model: str = "", layout: str = "") -> bytes:
-    """8 bytes naming what makes block bytes compatible between engines."""
+def fingerprint(
+    block_bytes: int, model: str = "", layout: str = "", namespace: str = "kvactors"
+) -> bytes:
+    """8 bytes naming what makes block bytes compatible between engines, and the
+    namespace they share (so a value copied from another namespace fails the
+    header check)."""
     text = (
-        f"kvactors-remote/{FORMAT_VERSION}|block_bytes={block_bytes}|layout={layout}|model={model}"
+        f"kvactors-remote/{FORMAT_VERSION}|block_bytes={block_bytes}|layout={layout}"
+        f"|model={model}|namespace={namespace}"
     )
     return hashlib.blake2b(text.encode(), digest_size=8).digest()
 
@@ -84,7 +90,7 @@ class ValueFormat:
                 f"or spaces, got {namespace!r}"
             )
         self.block_bytes = block_bytes
-        self.fingerprint = fingerprint(block_bytes, model, layout)
+        self.fingerprint = fingerprint(block_bytes, model, layout, namespace)
         self.prefix = f"{namespace}:{self.fingerprint.hex()}:".encode()
         self.hash = xxh3()
 
