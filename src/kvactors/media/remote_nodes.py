@@ -78,25 +78,30 @@ def parse_node(text: str) -> tuple[str, int]:
 
 
 def check_credentials(
-    url: str | None, nodes: Sequence[str], username: str | None, password: str | None
+    url: str | None,
+    nodes: Sequence[str],
+    username: object,
+    password: object,
+    names: tuple[str, str] = ("remote.username", "remote.password"),
 ) -> None:
-    """ConfigError where ``username`` / ``password`` are given and the ``url`` that
-    would be used (``nodes`` override it) carries one too, or they are not
-    non-empty strings."""
-    for field, value in (("username", username), ("password", password)):
+    """ConfigError, naming the setting (``names``: the user name's, the
+    password's), where ``username`` / ``password`` are given and are not
+    non-empty strings, or the ``url`` that would be used (``nodes`` override it)
+    carries one too. A password is never shown."""
+    for name, value, secret in ((names[0], username, False), (names[1], password, True)):
         if value is not None and (not isinstance(value, str) or not value):
-            raise ConfigError(f"remote.{field}: expected a non-empty string or none")
+            shown = "***" if secret and isinstance(value, str) else repr(value)
+            raise ConfigError(f"{name}: expected a non-empty string or none, got {shown}")
     if url is None or nodes:
         return
     in_url = url_credentials(url)
-    for field, value, found in (
-        ("username", username, in_url[0]),
-        ("password", password, in_url[1]),
+    for name, field, value, found in (
+        (names[0], "username", username, in_url[0]),
+        (names[1], "password", password, in_url[1]),
     ):
         if value is not None and found is not None:
             raise ConfigError(
-                f"remote.{field}: the url {masked_url(url)} carries a {field} too; "
-                "give it in one place"
+                f"{name}: the url {masked_url(url)} carries a {field} too; give it in one place"
             )
 
 

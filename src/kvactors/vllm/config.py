@@ -12,7 +12,7 @@ from typing import Any
 
 from kvactors.config import MAX_BLOCKS, MAX_THREADS, REMOTE_SCHEMES, positive_seconds
 from kvactors.errors import ConfigError
-from kvactors.media.remote_nodes import masked_url, parse_node, url_credentials
+from kvactors.media.remote_nodes import check_credentials, masked_url, parse_node
 from kvactors.policy import POLICIES
 
 __all__ = ["SPEC_MODULE", "SPEC_NAME", "VLLM_KEYS", "VLLMSettings", "parse_settings"]
@@ -221,22 +221,17 @@ def _remote(extra: Mapping[str, Any]) -> dict[str, Any]:
         )
     timeout = _positive(extra, "remote_timeout", 2.0)
     assert timeout is not None
-    login: dict[str, str | None] = {}
-    for key in ("remote_username", "remote_password"):
-        value = extra.get(key)
-        if value is not None and (not isinstance(value, str) or not value):
-            shown = "***" if key == "remote_password" and isinstance(value, str) else repr(value)
-            raise ConfigError(
-                f"kv_connector_extra_config[{key!r}]: expected a non-empty string, got {shown}"
-            )
-        login[key] = value
-    in_url = (None, None) if url is None or nodes else url_credentials(url)
-    for key, found in zip(("remote_username", "remote_password"), in_url):
-        if login[key] is not None and found is not None:
-            raise ConfigError(
-                f"kv_connector_extra_config[{key!r}]: remote_url {masked_url(url or '')} "
-                "carries one too; give it in one place"
-            )
+    login = {key: extra.get(key) for key in ("remote_username", "remote_password")}
+    check_credentials(
+        url,
+        nodes,
+        login["remote_username"],
+        login["remote_password"],
+        names=(
+            "kv_connector_extra_config['remote_username']",
+            "kv_connector_extra_config['remote_password']",
+        ),
+    )
     return {
         **login,
         "remote_url": url,
