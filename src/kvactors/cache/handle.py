@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, cast
 
 import anyio
@@ -362,19 +362,15 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
                         kv = KVCache(config, coord, user_tg)
                         port = config.metrics.port if config.metrics is not None else None
                         try:
-                            if config.metrics is not None and port is not None:
-                                from kvactors.cache.metrics import serve_metrics
+                            async with AsyncExitStack() as serving:
+                                if config.metrics is not None and port is not None:
+                                    from kvactors.cache.metrics import serve_metrics
 
-                                # Prometheus metrics on [metrics] host:port while open.
-                                host = config.metrics.host
-                                async with serve_metrics(kv, port=port, host=host) as endpoint:
+                                    # Prometheus metrics on [metrics] host:port while open.
+                                    endpoint = await serving.enter_async_context(
+                                        serve_metrics(kv, port=port, host=config.metrics.host)
+                                    )
                                     kv.metrics_url = endpoint.url
-                                    try:
-                                        yield kv
-                                    except BaseException as exc:
-                                        body_error = exc
-                                        raise
-                            else:
                                 try:
                                     yield kv
                                 except BaseException as exc:
