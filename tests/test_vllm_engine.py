@@ -29,12 +29,10 @@ from typing import Any
 import pytest
 
 from _redis import server_binary
+from _vllm_venv import ROOT, vllm_python
 from kvactors.media.local_server import LocalServer
 from kvactors.vllm import extra_config
 from kvactors.vllm.engine import EngineRunError, run_in_subprocess
-
-ROOT = Path(__file__).resolve().parent.parent
-VLLM_PYTHON = Path(os.environ.get("KVACTORS_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 
 pytestmark = pytest.mark.vllm
 
@@ -42,15 +40,6 @@ BLOCK = 32  # the CPU attention backend wants multiples of 32
 ROW = 4 * 2 * BLOCK * 2 * 64 * 2  # layers x (K, V) x tokens x kv heads x head dim x bf16
 PREFIX = 24 * BLOCK
 ORDER = [0, 1, 2, 3, 4, 3, 4, 0, 1, 2]  # five prefixes, then revisits: recent ones, then old ones
-
-
-def _vllm_python() -> Path:
-    if not VLLM_PYTHON.exists():
-        reason = f"no vLLM venv at {VLLM_PYTHON} (bash scripts/setup.sh --test makes it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return VLLM_PYTHON
 
 
 def _prompts() -> list[list[int]]:
@@ -76,7 +65,7 @@ def _run(python: Path, name: str, spec: dict[str, Any], multiprocess: bool) -> A
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    python = _vllm_python()
+    python = vllm_python()
     tmp = tmp_path_factory.mktemp("vllm")
     model = tmp / "tiny-llama"
     subprocess.run(

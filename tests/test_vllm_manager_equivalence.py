@@ -6,25 +6,19 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-VLLM_PYTHON = Path(os.environ.get("KVACTORS_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+from _vllm_venv import ROOT, vllm_python
 
 pytestmark = pytest.mark.vllm
 
 
 def test_managers_match_vllms_cpu_manager() -> None:
-    if not VLLM_PYTHON.exists():
-        reason = f"no vLLM venv at {VLLM_PYTHON} (bash scripts/setup.sh --test makes it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    python = vllm_python()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(
-        [str(VLLM_PYTHON), str(ROOT / "tests" / "_vllm_manager_diff.py"), "60"],
+        [str(python), str(ROOT / "tests" / "_vllm_manager_diff.py"), "60"],
         capture_output=True,
         text=True,
         timeout=300,
