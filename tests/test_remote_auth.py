@@ -375,3 +375,32 @@ async def test_a_cache_on_a_cluster_with_the_username_and_password_keys(
             assert (await kv.load(list(range(12)), out)).tiers == ["remote"] * 12
             assert torch.equal(out, rows)
             assert KV_PW not in repr(await kv.stats())
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_server_that_comes_back_wanting_a_password_is_down_not_misses(in_place: bool) -> None:
+    """A server restarted with ``requirepass`` under a tier that has no password:
+    its ``-NOAUTH`` replies (read off the socket by the tier's own ``GET`` code,
+    and by redis-py for ``SET`` / ``EXISTS``) mark the tier down with the
+    server's reason; no value counts as damaged, none as a miss."""
+    with LocalServer(binary=server_binary()) as server:
+        store = RemoteStore("remote", BB, url=server.url, retry_after=30.0, timeout=2.0)
+        try:
+            assert store.put([1, 2], blocks(2)) == []
+            server.kill()
+            server.password = SECRET
+            server.start()
+            got = [memoryview(bytearray(BB)) for _ in range(2)]
+            with pytest.raises(RemoteUnavailable, match=r"(?i)auth"):
+                store.fetch([1, 2], got, in_place=in_place)
+            counters = store.counters()
+            assert counters.corrupt == 0
+            assert store.down == [store.where]
+            assert SECRET not in repr(counters)
+        finally:
+            store.close()
+        fresh = RemoteStore("remote", BB, url=server.url, timeout=2.0)  # with the password
+        try:
+            assert fresh.contains([1, 2]) == [False, False]  # the restarted server is empty
+        finally:
+            fresh.close()
