@@ -333,15 +333,18 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"or spaces, got {self.namespace!r}"
             )
 
-    def __repr__(self) -> str:
+    def masked(self) -> dict[str, Any]:
+        """The fields by name, in order, with the password shown as ``***``
+        (the ``password`` key's and the URL's): what a repr or a report shows."""
         from kvactors.media.remote import masked_url
 
-        shown = {
-            f: getattr(self, f) for f in self.__struct_fields__ if f not in ("url", "password")
-        }
+        shown = {f: getattr(self, f) for f in self.__struct_fields__}
         shown["url"] = None if self.url is None else masked_url(self.url)
         shown["password"] = None if self.password is None else "***"
-        fields = ", ".join(f"{f}={shown[f]!r}" for f in self.__struct_fields__)
+        return shown
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f}={v!r}" for f, v in self.masked().items())
         return f"RemoteConfig({fields})"
 
     def open_medium(self, name: str, config: Config) -> BlockMedium:

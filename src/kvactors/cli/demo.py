@@ -24,7 +24,6 @@ from kvactors.cli.arguments import block_count, positive_int
 from kvactors.cli.report import Report
 from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
 from kvactors.errors import KVActorsError
-from kvactors.media.remote_nodes import masked_url
 from kvactors.traces import BUNDLED_TRACES, bundled_trace
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -231,10 +230,8 @@ def run(args: argparse.Namespace) -> Report:
     summary = dict(result)
     summary["trace"] = str(path)
     summary["config"] = msgspec.to_builtins(config)
-    remote = summary["config"].get("remote")
-    if remote is not None:  # the JSON summary never shows a password
-        remote["url"] = remote["url"] and masked_url(remote["url"])
-        remote["password"] = remote["password"] and "***"
+    if config.remote is not None:  # the JSON summary never shows a password
+        summary["config"]["remote"] = msgspec.to_builtins(config.remote.masked())
     notes = [
         f"{result['requests']:,} requests, {result['blocks']:,} blocks in "
         f"{result['seconds']:.1f} s; every loaded block checked against its key: "
