@@ -289,6 +289,10 @@ class KVActorsOffloadingSpec(OffloadingSpec):  # type: ignore[misc]
     def build_metric_definitions(
         cls, extra_config: dict[str, Any]
     ) -> dict[str, OffloadingMetricMetadata]:
+        """The metrics the backend reports; ``extra_config`` is checked as the engine
+        checks it (:func:`~kvactors.vllm.config.parse_settings`: a bad value is a
+        ``ConfigError`` naming its key, in the front-end too)."""
+        settings = parse_settings(extra_config)
         defs: dict[str, OffloadingMetricMetadata] = {
             METRIC_PREFIX + name: OffloadingCounterMetadata(documentation=_COUNTER_DOCS[name])
             for name in COUNTERS
@@ -296,7 +300,7 @@ class KVActorsOffloadingSpec(OffloadingSpec):  # type: ignore[misc]
         defs[METRIC_PREFIX + "cpu_usage"] = OffloadingGaugeMetadata(
             documentation="Fraction of the CPU tier's slots in use."
         )
-        if int(extra_config.get("nvme_bytes", 0) or 0) > 0:
+        if settings.nvme_bytes > 0:
             defs[METRIC_PREFIX + "nvme_usage"] = OffloadingGaugeMetadata(
                 documentation="Fraction of the NVMe tier's slots in use."
             )
