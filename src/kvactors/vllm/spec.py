@@ -41,9 +41,8 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvactors.errors import KVActorsError
 from kvactors.keys import Key
-from kvactors.media import resolve_nvme_backend
 from kvactors.media.remote import RemoteStore
-from kvactors.vllm.config import VLLMSettings, num_slots, parse_settings
+from kvactors.vllm.config import VLLMSettings, num_slots, nvme_io_backend, parse_settings
 from kvactors.vllm.mover import BlockMover
 from kvactors.vllm.paged_rows import GPUBlocks, PagedRows
 from kvactors.vllm.prefetch import Mailbox, MailboxReader, Prefetcher, mailbox_path
@@ -313,8 +312,8 @@ class KVActorsOffloadingSpec(OffloadingSpec):  # type: ignore[misc]
         row = config.worker_kv_bytes_per_block * self.blocks_per_chunk
         self.cpu_slots = num_slots(self.settings.cpu_bytes, row, world, "cpu_bytes")
         self.nvme_slots = num_slots(self.settings.nvme_bytes, row, world, "nvme_bytes")
-        if self.settings.nvme_bytes:  # kvikio asked for where it cannot load: fail at start
-            resolve_nvme_backend(self.settings.nvme_backend)
+        # kvikio asked for where it cannot load: a ConfigError at engine start
+        self.nvme_backend = nvme_io_backend(self.settings) if self.nvme_slots else "posix"
         self.prefetch = self.settings.prefetch and self.nvme_slots > 0
         self.row_bytes = row
         # the remote tier's reads go through the prefetch mailbox too
@@ -389,7 +388,7 @@ class KVActorsOffloadingSpec(OffloadingSpec):  # type: ignore[misc]
                 self.cpu_slots,
                 self.nvme_slots,
                 nvme_directory=directory,
-                nvme_backend=s.nvme_backend,
+                nvme_backend=self.nvme_backend,
                 nvme_stripes=s.nvme_stripes,
                 mail=mail,
                 remote=self._remote_store(rank) if s.remote else None,
