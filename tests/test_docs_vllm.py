@@ -13,7 +13,13 @@ import pytest
 from _docs import DOCS, code, doc_table, toml_value
 from kvactors.errors import ConfigError
 from kvactors.vllm import extra_config
-from kvactors.vllm.config import VLLM_KEYS, VLLMSettings, num_slots, parse_settings
+from kvactors.vllm.config import (
+    VLLM_KEYS,
+    VLLMSettings,
+    num_slots,
+    nvme_io_backend,
+    parse_settings,
+)
 from kvactors.vllm.tiers import COUNTERS, TieredManager
 
 VLLM_MD = DOCS / "vllm.md"
@@ -168,3 +174,20 @@ def test_the_metrics_table_is_the_counters_and_gauges_the_backend_reports() -> N
     tiers.complete_store(out[0])
     assert tiers.usage() == {"cpu": 0.5, "nvme": 0.0}
     assert tiers.take_counters()["store_blocks"] == 2
+
+
+def test_kvikio_where_it_cannot_load_is_a_config_error_naming_nvme_backend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ "`"kvikio"` (GPUDirect Storage; `ConfigError` at engine start where kvikio or
+    the CUDA driver cannot load) or `"auto"` (kvikio where it loads, POSIX otherwise)"."""
+    monkeypatch.setattr("kvactors.media.kvikio_io.kvikio_available", lambda: False)
+    kvikio = parse_settings(extra_config(cpu_bytes=1, nvme_bytes=1, nvme_backend="kvikio"))
+    with pytest.raises(ConfigError, match=r"kv_connector_extra_config\['nvme_backend'\]"):
+        nvme_io_backend(kvikio)
+    for name in ("auto", "posix"):
+        settings = parse_settings(extra_config(cpu_bytes=1, nvme_bytes=1, nvme_backend=name))
+        assert nvme_io_backend(settings) == "posix"
+    monkeypatch.setattr("kvactors.media.kvikio_io.kvikio_available", lambda: True)
+    assert nvme_io_backend(kvikio) == "kvikio"
+    assert nvme_io_backend(parse_settings({"cpu_bytes": 1})) == "kvikio"  # auto

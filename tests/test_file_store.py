@@ -58,6 +58,24 @@ def test_reopened_store_recovers_its_index(tmp_path: Path, backend: str) -> None
         again.close()
 
 
+def test_a_fresh_store_starts_empty_whatever_the_directory_held(tmp_path: Path) -> None:
+    store = FileStore("nvme", 16, BB, str(tmp_path), stripes=2)
+    store.write_from([3, 4], rows(2, 2), [1, 2])
+    store.close()
+    (tmp_path / "notes.txt").write_text("kept")
+    # another geometry (slots, stripes): refused as a reopening, taken when fresh
+    with pytest.raises(ConfigError, match=r"nvme\.directory"):
+        FileStore("nvme", 8, BB, str(tmp_path))
+    again = FileStore("nvme", 8, BB, str(tmp_path), fresh=True)
+    try:
+        assert again.recovered() == []
+        assert again.read_into([3], torch.empty(1, BB, dtype=torch.uint8), [1]) == [0]
+        assert not list(tmp_path.glob("blocks.*.bin"))  # the old stripes' files are gone
+        assert (tmp_path / "notes.txt").read_text() == "kept"
+    finally:
+        again.close()
+
+
 def test_short_read_without_keys_is_a_transfer_error(tmp_path: Path) -> None:
     store = FileStore("nvme", 4, BB, str(tmp_path))
     try:

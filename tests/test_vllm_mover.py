@@ -170,3 +170,28 @@ def test_promotion_without_a_cpu_slot_reads_into_scratch(tmp_path: Path) -> None
         del pin
     finally:
         mover.close()
+
+
+def test_a_second_mover_on_the_same_nvme_directory_starts_it_fresh(tmp_path: Path) -> None:
+    """The NVMe directory is scratch space: a later engine (even with another NVMe
+    size) starts it empty instead of finding, or refusing, the previous run's files."""
+    rows = PagedRows(caches(2, 32, 128), [[0, 1]])
+    directory = str(tmp_path / "nvme")
+    first = BlockMover(rows, 4, 16, nvme_directory=directory, nvme_backend="posix")
+    try:
+        tiers = TieredManager(4, 16, write_mode="through")
+        out = tiers.prepare_store([b"k" * 12])
+        assert out is not None
+        assert len(out[1].write_through) == 1
+        first.execute(True, GPUBlocks([0], [1], [0]), out[1])
+        assert first.nvme is not None
+        assert len(first.nvme.index.by_key) == 1
+    finally:
+        first.close()
+    for slots in (16, 8):
+        again = BlockMover(rows, 4, slots, nvme_directory=directory, nvme_backend="posix")
+        try:
+            assert again.nvme is not None
+            assert again.nvme.recovered() == []
+        finally:
+            again.close()

@@ -44,6 +44,16 @@ class FileDirectory:
     index: NVMeIndex
     _lock_fd: int
     _tmp: bool  # a temporary directory (made by the store, removed on close)
+    fresh: bool  # start empty: the store's files from an earlier opening are deleted
+
+    def _clear(self) -> None:
+        """Delete the files a store keeps in the directory (index, logs, snapshots,
+        quarantined copies, block files of any stripe count; nothing else), the
+        lock held."""
+        for pattern in ("index.*", "blocks.bin", "blocks.*.bin"):
+            for path in self.directory.glob(pattern):
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
 
     def _open(self, num_blocks: int, block_bytes: int, stripes: int) -> None:
         """Lock the directory, check sizes, recover the index, open the files."""
@@ -57,6 +67,8 @@ class FileDirectory:
             raise CacheLockedError(
                 f"{self.directory} is in use by another kvactors process"
             ) from None
+        if self.fresh:
+            self._clear()
         for path in self.paths:
             if path.is_dir():
                 raise IndexDamagedError(f"{path} is a directory, not a block file; move it away")

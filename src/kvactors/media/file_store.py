@@ -74,7 +74,10 @@ class FileStore(FileDirectory):
     :class:`~kvactors.errors.StoreOpenError` naming the path, and leaves
     nothing open. Blocks written with their keys are checksummed and indexed
     once their bytes are fsynced; :meth:`recovered` lists what a reopened
-    directory still holds.
+    directory still holds. ``fresh=True`` starts it empty instead: once the
+    lock is held, the files a store keeps there (``index.*``, ``blocks.bin``,
+    ``blocks.K.bin``) from an earlier opening are deleted, whatever geometry
+    they had; other files are left alone.
     """
 
     in_memory = False
@@ -87,6 +90,7 @@ class FileStore(FileDirectory):
         directory: str | None = None,
         *,
         durable: bool = True,
+        fresh: bool = False,
         backend: str = "posix",
         io_threads: int = 2,
         stripes: int = 1,
@@ -111,6 +115,7 @@ class FileStore(FileDirectory):
         self.num_blocks = num_blocks
         self.block_bytes = block_bytes
         self.durable = durable
+        self.fresh = fresh
         self.faults = faults
         self.corrupted = 0
         self.fds: list[int] = []

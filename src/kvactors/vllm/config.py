@@ -15,7 +15,14 @@ from kvactors.errors import ConfigError
 from kvactors.media.remote_nodes import check_credentials, masked_url, parse_node
 from kvactors.policy import POLICIES
 
-__all__ = ["SPEC_MODULE", "SPEC_NAME", "VLLM_KEYS", "VLLMSettings", "parse_settings"]
+__all__ = [
+    "SPEC_MODULE",
+    "SPEC_NAME",
+    "VLLM_KEYS",
+    "VLLMSettings",
+    "nvme_io_backend",
+    "parse_settings",
+]
 
 SPEC_MODULE = "kvactors.vllm"
 SPEC_NAME = "KVActorsOffloadingSpec"
@@ -241,6 +248,21 @@ def _remote(extra: Mapping[str, Any]) -> dict[str, Any]:
         "remote_timeout": timeout,
         "remote_ttl": _positive(extra, "remote_ttl", None),
     }
+
+
+def nvme_io_backend(settings: VLLMSettings) -> str:
+    """``"kvikio"`` or ``"posix"``: the NVMe I/O backend ``settings.nvme_backend`` gives
+    on this host. ``"kvikio"`` where kvikio or the CUDA driver cannot load is a
+    :class:`~kvactors.errors.ConfigError` naming ``nvme_backend``."""
+    from kvactors.media.kvikio_io import resolve_nvme_backend
+
+    try:
+        return resolve_nvme_backend(settings.nvme_backend)
+    except ConfigError:
+        raise ConfigError(
+            "kv_connector_extra_config['nvme_backend']: 'kvikio' asked for, but kvikio or "
+            "the CUDA driver (libcuda.so.1) cannot be loaded here; use 'auto' or 'posix'"
+        ) from None
 
 
 def num_slots(total_bytes: int, row_bytes: int, world_size: int, key: str) -> int:

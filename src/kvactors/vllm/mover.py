@@ -102,6 +102,7 @@ class BlockMover:
                 bb,
                 nvme_directory,
                 durable=False,
+                fresh=True,  # scratch space: an earlier run's files are not served
                 backend=resolve_nvme_backend(nvme_backend),
                 io_threads=max(2, nvme_stripes),
                 stripes=nvme_stripes,

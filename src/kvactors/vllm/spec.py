@@ -41,9 +41,8 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvactors.errors import KVActorsError
 from kvactors.keys import Key
-from kvactors.media import resolve_nvme_backend
 from kvactors.media.remote import RemoteStore
-from kvactors.vllm.config import VLLMSettings, num_slots, parse_settings
+from kvactors.vllm.config import VLLMSettings, num_slots, nvme_io_backend, parse_settings
 from kvactors.vllm.mover import BlockMover
 from kvactors.vllm.paged_rows import GPUBlocks, PagedRows
 from kvactors.vllm.prefetch import Mailbox, MailboxReader, Prefetcher, mailbox_path
@@ -289,6 +288,10 @@ class KVActorsOffloadingSpec(OffloadingSpec):  # type: ignore[misc]
     def build_metric_definitions(
         cls, extra_config: dict[str, Any]
     ) -> dict[str, OffloadingMetricMetadata]:
+        """The metrics the backend reports; ``extra_config`` is checked as the engine
+        checks it (:func:`~kvactors.vllm.config.parse_settings`: a bad value is a
+        ``ConfigError`` naming its key, in the front-end too)."""
+        settings = parse_settings(extra_config)
         defs: dict[str, OffloadingMetricMetadata] = {
             METRIC_PREFIX + name: OffloadingCounterMetadata(documentation=_COUNTER_DOCS[name])
             for name in COUNTERS
@@ -296,7 +299,7 @@ class KVActorsOffloadingSpec(OffloadingSpec):  # type: ignore[misc]
         defs[METRIC_PREFIX + "cpu_usage"] = OffloadingGaugeMetadata(
             documentation="Fraction of the CPU tier's slots in use."
         )
-        if int(extra_config.get("nvme_bytes", 0) or 0) > 0:
+        if settings.nvme_bytes > 0:
             defs[METRIC_PREFIX + "nvme_usage"] = OffloadingGaugeMetadata(
                 documentation="Fraction of the NVMe tier's slots in use."
             )
@@ -309,8 +312,8 @@ class KVActorsOffloadingSpec(OffloadingSpec):  # type: ignore[misc]
         row = config.worker_kv_bytes_per_block * self.blocks_per_chunk
         self.cpu_slots = num_slots(self.settings.cpu_bytes, row, world, "cpu_bytes")
         self.nvme_slots = num_slots(self.settings.nvme_bytes, row, world, "nvme_bytes")
-        if self.settings.nvme_bytes:  # kvikio asked for where it cannot load: fail at start
-            resolve_nvme_backend(self.settings.nvme_backend)
+        # kvikio asked for where it cannot load: a ConfigError at engine start
+        self.nvme_backend = nvme_io_backend(self.settings) if self.nvme_slots else "posix"
         self.prefetch = self.settings.prefetch and self.nvme_slots > 0
         self.row_bytes = row
         # the remote tier's reads go through the prefetch mailbox too
@@ -385,7 +388,7 @@ class KVActorsOffloadingSpec(OffloadingSpec):  # type: ignore[misc]
                 self.cpu_slots,
                 self.nvme_slots,
                 nvme_directory=directory,
-                nvme_backend=s.nvme_backend,
+                nvme_backend=self.nvme_backend,
                 nvme_stripes=s.nvme_stripes,
                 mail=mail,
                 remote=self._remote_store(rank) if s.remote else None,
