@@ -51,6 +51,19 @@ BENCHES: list[tuple[str, str]] = [
 
 Runner = Callable[[argparse.Namespace], Report]
 
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is running out of memory: a :class:`MemoryError`, or torch's
+    allocation failure (``torch.OutOfMemoryError``, or the ``RuntimeError`` its CPU
+    allocator raises), told apart without importing torch."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(
+        words in str(exc).lower() for words in _OUT_OF_MEMORY
+    )
+
 
 def _first_words(argv: Sequence[str]) -> list[str]:
     # No option before a command takes a value, so the leading non-option
@@ -139,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command in ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
     0 on success, 2 for a usage error or a :class:`~kvactors.errors.KVActorsError`
-    (one line on stderr), 1 when memory runs out (one line), 130 when interrupted.
+    (one line on stderr), 1 when memory runs out (one line; a :class:`MemoryError` or
+    torch's allocation failure on the CPU or a GPU), 130 when interrupted.
     """
     args_list = sys.argv[1:] if argv is None else argv
     parser = build_parser(args_list)
@@ -155,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except MemoryError:
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
         print("kvactors: error: out of memory (try smaller sizes)", file=sys.stderr)
         return 1
     try:
