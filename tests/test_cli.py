@@ -658,3 +658,28 @@ def test_a_runtime_error_that_is_not_memory_is_not_called_out_of_memory(
     monkeypatch.setattr(replay, "run", fail)
     with pytest.raises(RuntimeError, match="some other failure"):
         main(["replay"])
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (
+            OSError(28, "No space left on device", "/tmp/x/blocks"),
+            "No space left on device: /tmp/x/blocks",
+        ),
+        (PermissionError(13, "Permission denied"), "Permission denied"),
+    ],
+)
+def test_an_os_error_during_a_command_is_one_line_exit_2(
+    error: OSError, line: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import kvactors.cli.replay as replay
+
+    def fail(args: object) -> None:
+        raise error
+
+    monkeypatch.setattr(replay, "run", fail)
+    assert main(["replay"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"kvactors: error: {line}\n"

@@ -12,8 +12,9 @@ command's module is imported only when that command runs (or for ``--help``),
 so a command that needs torch does not slow the others down.
 
 Output: the report as a table on stdout, or with ``--json`` exactly one line
-of JSON. A :class:`~kvactors.errors.KVActorsError` prints one line on stderr
-and exits with status 2, like a usage error.
+of JSON. A :class:`~kvactors.errors.KVActorsError` or an :class:`OSError` (a
+full disk, a permission denied) prints one line on stderr and exits with
+status 2, like a usage error.
 """
 
 from __future__ import annotations
@@ -151,9 +152,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command in ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
-    0 on success, 2 for a usage error or a :class:`~kvactors.errors.KVActorsError`
-    (one line on stderr), 1 when memory runs out (one line; a :class:`MemoryError` or
-    torch's allocation failure on the CPU or a GPU), 130 when interrupted.
+    0 on success, 2 for a usage error, a :class:`~kvactors.errors.KVActorsError` or an
+    :class:`OSError` such as a full disk (one line on stderr), 1 when memory runs out
+    (one line; a :class:`MemoryError` or torch's allocation failure on the CPU or a
+    GPU), 130 when interrupted.
     """
     args_list = sys.argv[1:] if argv is None else argv
     parser = build_parser(args_list)
@@ -169,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        # Disk full, permission denied, a path that went away: the system's words.
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+        print(f"kvactors: error: {reason}{where}", file=sys.stderr)
+        return 2
     except (MemoryError, RuntimeError) as exc:
         if not _is_out_of_memory(exc):
             raise
