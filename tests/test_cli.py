@@ -622,3 +622,64 @@ def test_replay_ratios_without_min_hits_are_a_dash_and_null(
     assert main(["replay", str(path), "--blocks", "8", "--policy", "arc", "--json"]) == 0
     arc = last_json(capsys.readouterr().out)["summary"]["policies"]["arc"]
     assert (arc["of_belady"], arc["of_gap"]) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+        "memory: you tried to allocate 209715200004096 bytes. Error code 12",
+        "CUDA out of memory. Tried to allocate 20.00 GiB",
+    ],
+)
+def test_a_torch_allocation_failure_is_one_out_of_memory_line_exit_1(
+    message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import kvactors.cli.replay as replay
+
+    def fail(args: object) -> None:
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(replay, "run", fail)
+    assert main(["replay"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "kvactors: error: out of memory (try smaller sizes)\n"
+
+
+def test_a_runtime_error_that_is_not_memory_is_not_called_out_of_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import kvactors.cli.replay as replay
+
+    def fail(args: object) -> None:
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(replay, "run", fail)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        main(["replay"])
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (
+            OSError(28, "No space left on device", "/tmp/x/blocks"),
+            "No space left on device: /tmp/x/blocks",
+        ),
+        (PermissionError(13, "Permission denied"), "Permission denied"),
+    ],
+)
+def test_an_os_error_during_a_command_is_one_line_exit_2(
+    error: OSError, line: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import kvactors.cli.replay as replay
+
+    def fail(args: object) -> None:
+        raise error
+
+    monkeypatch.setattr(replay, "run", fail)
+    assert main(["replay"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"kvactors: error: {line}\n"

@@ -12,8 +12,9 @@ command's module is imported only when that command runs (or for ``--help``),
 so a command that needs torch does not slow the others down.
 
 Output: the report as a table on stdout, or with ``--json`` exactly one line
-of JSON. A :class:`~kvactors.errors.KVActorsError` prints one line on stderr
-and exits with status 2, like a usage error.
+of JSON. A :class:`~kvactors.errors.KVActorsError` or an :class:`OSError` (a
+full disk, a permission denied) prints one line on stderr and exits with
+status 2, like a usage error.
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ BENCHES: list[tuple[str, str]] = [
 """``kvactors bench`` subcommands: (name, module), modules under ``kvactors.cli.bench``."""
 
 Runner = Callable[[argparse.Namespace], Report]
+
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is running out of memory: a :class:`MemoryError`, or torch's
+    allocation failure (``torch.OutOfMemoryError``, or the ``RuntimeError`` its CPU
+    allocator raises), told apart without importing torch."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(
+        words in str(exc).lower() for words in _OUT_OF_MEMORY
+    )
 
 
 def _first_words(argv: Sequence[str]) -> list[str]:
@@ -138,8 +152,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command in ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
-    0 on success, 2 for a usage error or a :class:`~kvactors.errors.KVActorsError`
-    (one line on stderr), 1 when memory runs out (one line), 130 when interrupted.
+    0 on success, 2 for a usage error, a :class:`~kvactors.errors.KVActorsError` or an
+    :class:`OSError` such as a full disk (one line on stderr), 1 when memory runs out
+    (one line; a :class:`MemoryError` or torch's allocation failure on the CPU or a
+    GPU), 130 when interrupted.
     """
     args_list = sys.argv[1:] if argv is None else argv
     parser = build_parser(args_list)
@@ -155,7 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except MemoryError:
+    except OSError as exc:
+        # Disk full, permission denied, a path that went away: the system's words.
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+        print(f"kvactors: error: {reason}{where}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
         print("kvactors: error: out of memory (try smaller sizes)", file=sys.stderr)
         return 1
     try:
