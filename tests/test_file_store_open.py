@@ -115,6 +115,39 @@ def test_a_directory_where_a_block_file_should_be(tmp_path: Path) -> None:
     FileStore("nvme", 16, BB, str(tmp_path), stripes=2).close()
 
 
+@pytest.mark.parametrize("name", ["index.snap.tmp", "index.meta.tmp", "index.1.log.tmp"])
+@pytest.mark.parametrize("used", [False, True])
+def test_a_stale_index_tmp_is_removed_and_a_directory_of_that_name_refused(
+    tmp_path: Path, name: str, used: bool
+) -> None:
+    # docs/durability.md: a stale index.*.tmp (a crash while writing it) is
+    # removed at open; a directory in its place is IndexDamagedError naming it
+    # (it used to be StoreOpenError "Is a directory" from the unlink).
+    rows = torch.full((1, BB), 7, dtype=torch.uint8)
+    if used:
+        store = FileStore("nvme", 16, BB, str(tmp_path), stripes=2)
+        store.write_from([3], rows, [42])
+        store.close()
+    (tmp_path / name).write_bytes(b"torn")
+    store = FileStore("nvme", 16, BB, str(tmp_path), stripes=2)
+    assert not (tmp_path / name).exists()
+    assert [(e.key, e.slot) for e in store.recovered()] == ([(42, 3)] if used else [])
+    store.close()
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "inside").write_bytes(b"not ours")
+    with pytest.raises(IndexDamagedError, match=rf"{name.replace('.', '[.]')} is a directory"):
+        FileStore("nvme", 16, BB, str(tmp_path), stripes=2)
+    assert (tmp_path / name / "inside").read_bytes() == b"not ours"  # nothing of it removed
+    (tmp_path / name / "inside").unlink()
+    (tmp_path / name).rmdir()
+    store = FileStore("nvme", 16, BB, str(tmp_path), stripes=2)  # not locked, not damaged
+    out = torch.empty_like(rows)
+    assert store.read_into([3], out, [42]) == ([] if used else [0])
+    if used:
+        assert torch.equal(out, rows)
+    store.close()
+
+
 def test_permission_denied_is_a_startup_error(
     private_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
