@@ -736,3 +736,23 @@ def test_the_compiled_index_refuses_a_key_too_long_as_encode_does() -> None:
         assert table.max_seq == 11
         assert table.entries() == [(key, i, i) for i, key in enumerate(fits, 1)]
         assert [table.find(key) for key in fits] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("stray", ["index.\u00b2.log", "index.01.log", "index.\u0663.log"])
+def test_files_named_like_a_log_but_not_one_are_left_alone(
+    tmp_path: Path, native: bool, stray: str
+) -> None:
+    # Only index.G.log with G in ASCII decimal (as the index names them) is a log:
+    # a name with another digit used to fail the open with a bare ValueError.
+    index = NVMeIndex(tmp_path, BB, 16, native=native)
+    index.put([(1, 2, 3), (b"k", 4, 5)])
+    index.close()
+    want = state(NVMeIndex(tmp_path, BB, 16, native=native))
+    (tmp_path / stray).write_bytes(b"not a log of this index")
+    again = NVMeIndex(tmp_path, BB, 16, native=native)
+    assert state(again) == want == [(1, 2, 3), (b"k", 4, 5)]
+    assert again.quarantined == []
+    again.put([(6, 7, 8)])
+    again.close()
+    assert (tmp_path / stray).read_bytes() == b"not a log of this index"
+    assert state(NVMeIndex(tmp_path, BB, 16, native=native)) == [*want, (6, 7, 8)]
