@@ -206,3 +206,33 @@ def test_a_truncated_block_file_grows_back_and_its_blocks_are_misses(tmp_path: P
         assert torch.equal(out[0], data[0])
     finally:
         store.close()
+
+
+def test_a_temporary_directory_skips_every_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/durability.md: a temporary directory (directory=None) skips every
+    # fsync; index.meta's atomic write used to fsync the file and the directory.
+    calls: list[str] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def counted(fd: int, name: str = name, real: Any = real) -> None:
+            calls.append(name)
+            real(fd)
+
+        monkeypatch.setattr(os, name, counted)
+    store = FileStore("nvme", 16, BB, None, durable=False, stripes=2)
+    rows = torch.full((3, BB), 5, dtype=torch.uint8)
+    store.write_from([0, 1, 2], rows, [1, 2, 3])
+    store.index.compact()
+    out = torch.empty_like(rows)
+    assert store.read_into([0, 1, 2], out, [1, 2, 3]) == []
+    assert torch.equal(out, rows)
+    store.close()
+    assert calls == []
+    named = FileStore("nvme", 16, BB, str(tmp_path), stripes=2)  # durable: fsyncs
+    try:
+        assert "fsync" in calls
+    finally:
+        named.close()

@@ -56,7 +56,7 @@ class IndexRecovery(SnapshotFiles):
                     "(block_bytes, num_blocks, stripes) is unknown, so it is not reopened; "
                     "move the directory away or restore the file"
                 )
-            write_atomic(path, self._meta_bytes())
+            write_atomic(path, self._meta_bytes(), sync=self.sync)
             return
         data = read_file(path)
         if len(data) != META.size or zlib.crc32(data[:-4]) != META.unpack(data)[-1]:
