@@ -236,3 +236,60 @@ def test_a_temporary_directory_skips_every_fsync(
         assert "fsync" in calls
     finally:
         named.close()
+
+
+@pytest.mark.parametrize("io", ["auto", "direct"])
+def test_too_many_open_files_for_the_direct_descriptors_is_a_startup_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, io: str
+) -> None:
+    # docs/durability.md: EMFILE while opening is StoreOpenError naming the path;
+    # on the O_DIRECT descriptors it used to be ConfigError "nvme.io = 'direct'"
+    # (also under nvme.io = "auto"). Only EINVAL is the file system refusing O_DIRECT.
+    from kvactors.media import file_store
+
+    if file_store._io_vectored is None:
+        pytest.skip("compiled I/O core not built")
+    real = os.open
+
+    def emfile_for_direct(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", emfile_for_direct)
+    with pytest.raises(StoreOpenError, match=r"blocks\.0\.bin: Too many open files"):
+        FileStore("nvme", 16, BB, str(tmp_path), stripes=2, io=io)
+    monkeypatch.setattr(os, "open", real)
+    store = FileStore("nvme", 16, BB, str(tmp_path), stripes=2, io=io)  # nothing left locked
+    try:
+        assert store.io == "direct"
+    finally:
+        store.close()
+
+
+def test_a_file_system_refusing_o_direct_is_buffered_or_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/api.md: EINVAL on the O_DIRECT open (a file system refusing it) is
+    # ConfigError naming nvme.io under "direct", buffered I/O under "auto".
+    from kvactors.media import file_store
+
+    if file_store._io_vectored is None:
+        pytest.skip("compiled I/O core not built")
+    real = os.open
+
+    def einval_for_direct(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", einval_for_direct)
+    refused = r"nvme\.io = 'direct': .*blocks\.0\.bin cannot be opened with O_DIRECT"
+    with pytest.raises(ConfigError, match=refused):
+        FileStore("nvme", 16, BB, str(tmp_path), stripes=2, io="direct")
+    store = FileStore("nvme", 16, BB, str(tmp_path), stripes=2, io="auto")
+    try:
+        assert store.io == "buffered"
+        assert store.direct_fds == []
+    finally:
+        store.close()
