@@ -323,3 +323,48 @@ def test_the_nvme_tier_manager_is_restored_from_the_index_itself(tmp_path: Path)
                 OffloadingManager(64, block_size=BB).restore_index(store.index)
     finally:
         store.close()
+
+
+class FailFrom:
+    """Faults: every block write from the ``first``-th call on fails with ``err``."""
+
+    def __init__(self, err: int, first: int) -> None:
+        self.err, self.first, self.writes = err, first, 0
+
+    def on_io(self, write: bool, stripe: int, offset: int, nbytes: int) -> int:
+        if not write:
+            return 0
+        self.writes += 1
+        return -self.err if self.writes >= self.first else 0
+
+    def on_read(self, buffers: list[memoryview]) -> None:
+        pass
+
+
+@pytest.mark.parametrize("err", [errno.EFBIG, errno.ENOSPC])
+async def test_a_write_cut_off_by_efbig_or_enospc_leaves_nothing_half_written(
+    tmp_path: Path, err: int
+) -> None:
+    # docs/durability.md "Writes that fail": injected on the path users run
+    # (FileStore.faults, the compiled loop included), the second run of a
+    # store's write fails after the first landed: the store lands in CPU only,
+    # nothing of it is indexed, and after a reopen only what was durable is there.
+    with anyio.fail_after(30):
+        cfg = durable_config(tmp_path, cpu=TierConfig(num_blocks=16))
+        kept, lost = list(range(8)), list(range(100, 108))
+        async with kvactors.open(cfg) as kv:
+            assert (await kv.store(kept, block_bytes_for(kept, BB, CPU))).durable == kept
+            store: FileStore = kv.medium("nvme")  # type: ignore[assignment]
+            store.faults = faults = FailFrom(err, 2)
+            result = await kv.store(lost, block_bytes_for(lost, BB, CPU))
+            store.faults = None
+            assert result == kvactors.StoreResult(8, 0)
+            assert faults.writes >= 2  # a run was written before one failed
+            stats = await kv.stats()
+            assert stats.tiers["nvme"].failed_jobs == 1
+            assert stats.policy.tiers["nvme"].used == len(kept)
+        async with kvactors.open(cfg) as kv:
+            for key in lost:
+                assert (await kv.lookup([key])).hits == 0
+            assert (await kv.lookup(kept)).tiers == ["nvme"] * len(kept)
+            assert torch.equal(await load_all(kv, kept), block_bytes_for(kept, BB, CPU))

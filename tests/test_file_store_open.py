@@ -115,6 +115,39 @@ def test_a_directory_where_a_block_file_should_be(tmp_path: Path) -> None:
     FileStore("nvme", 16, BB, str(tmp_path), stripes=2).close()
 
 
+@pytest.mark.parametrize("name", ["index.snap.tmp", "index.meta.tmp", "index.1.log.tmp"])
+@pytest.mark.parametrize("used", [False, True])
+def test_a_stale_index_tmp_is_removed_and_a_directory_of_that_name_refused(
+    tmp_path: Path, name: str, used: bool
+) -> None:
+    # docs/durability.md: a stale index.*.tmp (a crash while writing it) is
+    # removed at open; a directory in its place is IndexDamagedError naming it
+    # (it used to be StoreOpenError "Is a directory" from the unlink).
+    rows = torch.full((1, BB), 7, dtype=torch.uint8)
+    if used:
+        store = FileStore("nvme", 16, BB, str(tmp_path), stripes=2)
+        store.write_from([3], rows, [42])
+        store.close()
+    (tmp_path / name).write_bytes(b"torn")
+    store = FileStore("nvme", 16, BB, str(tmp_path), stripes=2)
+    assert not (tmp_path / name).exists()
+    assert [(e.key, e.slot) for e in store.recovered()] == ([(42, 3)] if used else [])
+    store.close()
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "inside").write_bytes(b"not ours")
+    with pytest.raises(IndexDamagedError, match=rf"{name.replace('.', '[.]')} is a directory"):
+        FileStore("nvme", 16, BB, str(tmp_path), stripes=2)
+    assert (tmp_path / name / "inside").read_bytes() == b"not ours"  # nothing of it removed
+    (tmp_path / name / "inside").unlink()
+    (tmp_path / name).rmdir()
+    store = FileStore("nvme", 16, BB, str(tmp_path), stripes=2)  # not locked, not damaged
+    out = torch.empty_like(rows)
+    assert store.read_into([3], out, [42]) == ([] if used else [0])
+    if used:
+        assert torch.equal(out, rows)
+    store.close()
+
+
 def test_permission_denied_is_a_startup_error(
     private_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -171,5 +204,92 @@ def test_a_truncated_block_file_grows_back_and_its_blocks_are_misses(tmp_path: P
         out = torch.empty(2, BB, dtype=torch.uint8)
         assert store.read_into([0, 7], out, [1, 2]) == [1]
         assert torch.equal(out[0], data[0])
+    finally:
+        store.close()
+
+
+def test_a_temporary_directory_skips_every_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/durability.md: a temporary directory (directory=None) skips every
+    # fsync; index.meta's atomic write used to fsync the file and the directory.
+    calls: list[str] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def counted(fd: int, name: str = name, real: Any = real) -> None:
+            calls.append(name)
+            real(fd)
+
+        monkeypatch.setattr(os, name, counted)
+    store = FileStore("nvme", 16, BB, None, durable=False, stripes=2)
+    rows = torch.full((3, BB), 5, dtype=torch.uint8)
+    store.write_from([0, 1, 2], rows, [1, 2, 3])
+    store.index.compact()
+    out = torch.empty_like(rows)
+    assert store.read_into([0, 1, 2], out, [1, 2, 3]) == []
+    assert torch.equal(out, rows)
+    store.close()
+    assert calls == []
+    named = FileStore("nvme", 16, BB, str(tmp_path), stripes=2)  # durable: fsyncs
+    try:
+        assert "fsync" in calls
+    finally:
+        named.close()
+
+
+@pytest.mark.parametrize("io", ["auto", "direct"])
+def test_too_many_open_files_for_the_direct_descriptors_is_a_startup_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, io: str
+) -> None:
+    # docs/durability.md: EMFILE while opening is StoreOpenError naming the path;
+    # on the O_DIRECT descriptors it used to be ConfigError "nvme.io = 'direct'"
+    # (also under nvme.io = "auto"). Only EINVAL is the file system refusing O_DIRECT.
+    from kvactors.media import file_store
+
+    if file_store._io_vectored is None:
+        pytest.skip("compiled I/O core not built")
+    real = os.open
+
+    def emfile_for_direct(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", emfile_for_direct)
+    with pytest.raises(StoreOpenError, match=r"blocks\.0\.bin: Too many open files"):
+        FileStore("nvme", 16, BB, str(tmp_path), stripes=2, io=io)
+    monkeypatch.setattr(os, "open", real)
+    store = FileStore("nvme", 16, BB, str(tmp_path), stripes=2, io=io)  # nothing left locked
+    try:
+        assert store.io == "direct"
+    finally:
+        store.close()
+
+
+def test_a_file_system_refusing_o_direct_is_buffered_or_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/api.md: EINVAL on the O_DIRECT open (a file system refusing it) is
+    # ConfigError naming nvme.io under "direct", buffered I/O under "auto".
+    from kvactors.media import file_store
+
+    if file_store._io_vectored is None:
+        pytest.skip("compiled I/O core not built")
+    real = os.open
+
+    def einval_for_direct(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", einval_for_direct)
+    refused = r"nvme\.io = 'direct': .*blocks\.0\.bin cannot be opened with O_DIRECT"
+    with pytest.raises(ConfigError, match=refused):
+        FileStore("nvme", 16, BB, str(tmp_path), stripes=2, io="direct")
+    store = FileStore("nvme", 16, BB, str(tmp_path), stripes=2, io="auto")
+    try:
+        assert store.io == "buffered"
+        assert store.direct_fds == []
     finally:
         store.close()

@@ -3,12 +3,14 @@ compaction in the background, and recovery from damaged files."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -736,3 +738,60 @@ def test_the_compiled_index_refuses_a_key_too_long_as_encode_does() -> None:
         assert table.max_seq == 11
         assert table.entries() == [(key, i, i) for i, key in enumerate(fits, 1)]
         assert [table.find(key) for key in fits] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("stray", ["index.\u00b2.log", "index.01.log", "index.\u0663.log"])
+def test_files_named_like_a_log_but_not_one_are_left_alone(
+    tmp_path: Path, native: bool, stray: str
+) -> None:
+    # Only index.G.log with G in ASCII decimal (as the index names them) is a log:
+    # a name with another digit used to fail the open with a bare ValueError.
+    index = NVMeIndex(tmp_path, BB, 16, native=native)
+    index.put([(1, 2, 3), (b"k", 4, 5)])
+    index.close()
+    want = state(NVMeIndex(tmp_path, BB, 16, native=native))
+    (tmp_path / stray).write_bytes(b"not a log of this index")
+    again = NVMeIndex(tmp_path, BB, 16, native=native)
+    assert state(again) == want == [(1, 2, 3), (b"k", 4, 5)]
+    assert again.quarantined == []
+    again.put([(6, 7, 8)])
+    again.close()
+    assert (tmp_path / stray).read_bytes() == b"not a log of this index"
+    assert state(NVMeIndex(tmp_path, BB, 16, native=native)) == [*want, (6, 7, 8)]
+
+
+def test_a_failed_append_is_cut_back_and_indexes_nothing(
+    tmp_path: Path, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/durability.md: a log append that fails (a full disk) is truncated to
+    # where it was; later records never follow a torn one, the failed put's
+    # entries are not indexed, before or after a reopen.
+    index = NVMeIndex(tmp_path, BB, 16, native=native)
+    index.put([(1, 2, 3)])
+    log = tmp_path / f"index.{index.gen}.log"
+    size = log.stat().st_size
+    real = os.write
+    calls = []
+
+    def full_disk(fd: int, data: Any) -> int:
+        if fd != index._log_fd:
+            return real(fd, data)
+        calls.append(len(data))
+        if len(calls) == 1:  # part of the records land, then the disk is full
+            return real(fd, memoryview(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(OSError, match="No space left") as got:
+        index.put([(b"lost", 5, 6), (7, 8, 9)])
+    monkeypatch.setattr(os, "write", real)
+    assert got.value.errno == errno.ENOSPC
+    assert len(calls) == 2
+    assert log.stat().st_size == size
+    assert state(index) == [(1, 2, 3)]
+    index.put([(10, 11, 12)])  # space is back
+    index.close()
+    again = NVMeIndex(tmp_path, BB, 16, native=native)
+    assert not again.torn_tail
+    assert state(again) == [(1, 2, 3), (10, 11, 12)]
+    again.close()

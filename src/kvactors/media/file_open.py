@@ -127,7 +127,9 @@ class FileDirectory:
             try:
                 self.direct_fds.append(os.open(path, os.O_RDWR | os.O_DIRECT))
             except OSError as exc:
-                if exc.errno != errno.EINVAL or io == "direct":
+                if exc.errno != errno.EINVAL:
+                    raise  # not the file system's answer (EMFILE, ...): a StoreOpenError
+                if io == "direct":
                     raise ConfigError(
                         f"nvme.io = 'direct': {path} cannot be opened with O_DIRECT: {exc.strerror}"
                     ) from exc

@@ -56,7 +56,7 @@ class IndexRecovery(SnapshotFiles):
                     "(block_bytes, num_blocks, stripes) is unknown, so it is not reopened; "
                     "move the directory away or restore the file"
                 )
-            write_atomic(path, self._meta_bytes())
+            write_atomic(path, self._meta_bytes(), sync=self.sync)
             return
         data = read_file(path)
         if len(data) != META.size or zlib.crc32(data[:-4]) != META.unpack(data)[-1]:
@@ -87,10 +87,16 @@ class IndexRecovery(SnapshotFiles):
         os.replace(path, target)
         self.quarantined.append(target)
 
+    def _remove_stale(self) -> None:
+        """Remove every ``index.*.tmp``: a crash while writing it, never renamed,
+        never used. A directory of that name no crash leaves: refused, named."""
+        for stale in self.directory.glob("index.*.tmp"):
+            if stale.is_dir() and not stale.is_symlink():
+                raise IndexDamagedError(f"{stale} is a directory, not an index file; move it away")
+            stale.unlink()
+
     def _load(self) -> int:
         """Snapshot, then every log from its generation on; the newest generation."""
-        for stale in self.directory.glob("index.*.tmp"):
-            stale.unlink()  # a crash while writing it: never renamed, never used
         covered = 0
         t0 = time.perf_counter()
         if self.snap_path.exists() or self.snap_path.is_symlink():

@@ -76,10 +76,13 @@ class SnapshotFiles:
         return self.directory / f"index.{gen}.log"
 
     def _logs(self) -> list[int]:
+        """The generations of the logs there, in order: only the names the index
+        writes (``index.G.log``, ``G`` in ASCII decimal without leading zeros),
+        others (``index.01.log``, other digits) are not its files."""
         gens = []
         for path in self.directory.glob("index.*.log"):
             middle = path.name[len("index.") : -len(".log")]
-            if middle.isdigit():
+            if middle.isascii() and middle.isdigit() and str(int(middle)) == middle:
                 gens.append(int(middle))
         return sorted(gens)
 

@@ -155,6 +155,7 @@ class NVMeIndex(IndexRecovery):
         self.longest_rotation_s = 0.0  # the longest a log rotation took (the lock held)
         self.slowest_put: tuple[float, ...] = (0.0,) * 6
         self.longest_compaction_wait_s = 0.0
+        self._remove_stale()  # before index.meta.tmp is written for a new directory
         self._check_meta(data_files or [])
         self.gen = self._load()
         self._seq = self.table.max_seq
