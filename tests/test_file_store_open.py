@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +239,19 @@ def test_a_temporary_directory_skips_every_fsync(
         named.close()
 
 
+def _fail_direct_opens(monkeypatch: pytest.MonkeyPatch, err: int) -> Callable[..., int]:
+    """Make every ``os.open`` with ``O_DIRECT`` fail with ``err``; return the real one."""
+    real = os.open
+
+    def failing(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(err, os.strerror(err), str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing)
+    return real
+
+
 @pytest.mark.parametrize("io", ["auto", "direct"])
 def test_too_many_open_files_for_the_direct_descriptors_is_a_startup_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, io: str
@@ -249,14 +263,7 @@ def test_too_many_open_files_for_the_direct_descriptors_is_a_startup_error(
 
     if file_store._io_vectored is None:
         pytest.skip("compiled I/O core not built")
-    real = os.open
-
-    def emfile_for_direct(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(path))
-        return real(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", emfile_for_direct)
+    real = _fail_direct_opens(monkeypatch, errno.EMFILE)
     with pytest.raises(StoreOpenError, match=r"blocks\.0\.bin: Too many open files"):
         FileStore("nvme", 16, BB, str(tmp_path), stripes=2, io=io)
     monkeypatch.setattr(os, "open", real)
@@ -276,14 +283,7 @@ def test_a_file_system_refusing_o_direct_is_buffered_or_named(
 
     if file_store._io_vectored is None:
         pytest.skip("compiled I/O core not built")
-    real = os.open
-
-    def einval_for_direct(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(path))
-        return real(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", einval_for_direct)
+    _fail_direct_opens(monkeypatch, errno.EINVAL)
     refused = r"nvme\.io = 'direct': .*blocks\.0\.bin cannot be opened with O_DIRECT"
     with pytest.raises(ConfigError, match=refused):
         FileStore("nvme", 16, BB, str(tmp_path), stripes=2, io="direct")
