@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvactors.errors import TensorSpecError, TransferError
+from kvactors.errors import CacheLockedError, TensorSpecError, TransferError
 from kvactors.vllm.mover import BlockMover, GPUBlocks, PagedRows
 from kvactors.vllm.tiers import TieredManager
 
@@ -195,3 +195,27 @@ def test_a_second_mover_on_the_same_nvme_directory_starts_it_fresh(tmp_path: Pat
             assert again.nvme.recovered() == []
         finally:
             again.close()
+
+
+def test_a_second_mover_while_the_first_runs_is_refused_and_deletes_nothing(
+    tmp_path: Path,
+) -> None:
+    """docs/vllm.md: two engines at once on one NVMe directory are refused
+    (CacheLockedError); the fresh start happens only under the lock, so the running
+    one's blocks stay indexed."""
+    rows = PagedRows(caches(2, 32, 128), [[0, 1]])
+    directory = str(tmp_path / "nvme")
+    first = BlockMover(rows, 4, 16, nvme_directory=directory, nvme_backend="posix")
+    try:
+        tiers = TieredManager(4, 16, write_mode="through")
+        out = tiers.prepare_store([b"k" * 12])
+        assert out is not None
+        first.execute(True, GPUBlocks([0], [1], [0]), out[1])
+        assert first.nvme is not None
+        files = sorted(p.name for p in (tmp_path / "nvme").iterdir())
+        with pytest.raises(CacheLockedError, match="in use"):
+            BlockMover(rows, 4, 16, nvme_directory=directory, nvme_backend="posix")
+        assert sorted(p.name for p in (tmp_path / "nvme").iterdir()) == files
+        assert len(first.nvme.index.by_key) == 1
+    finally:
+        first.close()
