@@ -163,6 +163,29 @@ def test_an_empty_nvme_directory_is_an_error_not_the_working_directory() -> None
     assert kvactors.Config.from_dict({"gpu": {"device": "cuda:1"}}).gpu.device == "cuda:1"
 
 
+@pytest.mark.parametrize("directory", ["/tmp/kv\x00x", "\x00", "kv\ud800"])
+def test_an_nvme_directory_the_os_cannot_name_is_a_config_error(
+    directory: str, tmp_path: Path
+) -> None:
+    """docs/api.md: ``nvme.directory`` is a path the OS can take (no NUL byte, no
+    lone surrogate): a ConfigError naming it when the config is made or loaded,
+    not a bare ValueError / UnicodeEncodeError from the open."""
+    with pytest.raises(ConfigError, match=r"^invalid config: nvme\.directory: not a path"):
+        kvactors.Config.from_dict({"nvme": {"directory": directory}})
+    with pytest.raises(ConfigError, match=r"^directory: not a path"):
+        kvactors.NVMeConfig(directory=directory)
+    with pytest.raises(ConfigError, match=r"^invalid config: nvme\.directory: not a path"):
+        kvactors.Config().replace(nvme={"directory": directory})
+    if "\x00" in directory:  # TOML can write a NUL (\u0000), not a lone surrogate
+        path = tmp_path / "kv.toml"
+        path.write_text('[nvme]\ndirectory = "/tmp/kv\\u0000x"\n')
+        with pytest.raises(ConfigError, match=r"^invalid config: nvme\.directory: not a path"):
+            kvactors.Config.from_toml(path)
+    # A name the OS takes, non-ASCII and undecodable bytes (surrogateescape) included.
+    for good in ("/tmp/k\u00e9v", "/tmp/kv\udc80"):
+        assert kvactors.NVMeConfig(directory=good).directory == good
+
+
 @pytest.mark.parametrize(
     ("make", "field"),
     [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import types
 import typing
@@ -193,6 +194,8 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.directory is not None and not self.directory.strip():
             # An empty path would put the tier's files in the working directory.
             raise ConfigError("directory: empty; leave it out (None) for a temporary directory")
+        if self.directory is not None:
+            _check_path(self.directory)
 
     def open_medium(self, name: str, config: Config) -> BlockMedium:
         from kvactors.media import FileStore, resolve_nvme_backend
@@ -208,6 +211,24 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             io_threads=max(2, self.stripes),
             stripes=self.stripes,
             io=self.io,
+        )
+
+
+def _check_path(directory: str) -> None:
+    # The OS takes a path as bytes: a NUL byte ends it early and a lone
+    # surrogate has no encoding, so either would fail only at open, as a bare
+    # ValueError / UnicodeEncodeError naming no field.
+    try:
+        encoded = os.fsencode(directory)
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            f"directory: not a path the file system can name ({exc.reason} "
+            f"at position {exc.start}), got {directory!r}"
+        ) from None
+    if b"\0" in encoded:
+        raise ConfigError(
+            f"directory: not a path: it holds a NUL byte at position "
+            f"{directory.index(chr(0))}, got {directory!r}"
         )
 
 
