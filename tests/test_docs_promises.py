@@ -274,6 +274,27 @@ async def test_too_large_pool_raises_config_error_before_allocating() -> None:
 
 
 @pytest.mark.anyio
+async def test_what_this_machine_lacks_is_a_config_error_naming_the_field_at_open() -> None:
+    """docs/api.md, Errors: ConfigError at open for what depends on the machine:
+    a CUDA gpu.device without CUDA, nvme.backend = "kvikio" without kvikio."""
+    from kvactors.media.kvikio_io import kvikio_available
+
+    cases = []
+    if not torch.cuda.is_available():
+        cases += [(small(gpu=kvactors.GPUConfig(num_blocks=8, device=d)), "gpu.device")
+                  for d in ("cuda", "cuda:1")]  # fmt: skip
+    if not kvikio_available():
+        nvme = kvactors.NVMeConfig(num_blocks=8, backend="kvikio")
+        cases.append((small(nvme=nvme), "nvme.backend"))
+    if not cases:
+        pytest.skip("CUDA and kvikio are both here")
+    for config, field in cases:
+        with anyio.fail_after(30), pytest.raises(ConfigError, match=f"^{re.escape(field)}: "):
+            async with kvactors.open(config):
+                pass
+
+
+@pytest.mark.anyio
 async def test_nvme_directory_that_is_a_file_raises_typed(tmp_path: Path) -> None:
     path = tmp_path / "afile"
     path.write_bytes(b"x")
