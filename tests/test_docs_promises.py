@@ -241,6 +241,21 @@ def test_from_toml_bad_files_raise_config_error(tmp_path: Path) -> None:
     unknown.write_text("[cpu]\nnum_blocks = 4\nsize = 3\n")
     with pytest.raises(ConfigError, match="size"):
         kvactors.Config.from_toml(unknown)
+    # A path no file can have is a ConfigError too (was ValueError /
+    # UnicodeEncodeError), and an int is not taken as a file descriptor.
+    for bad_path in (str(tmp_path / "kv\x00.toml"), str(tmp_path / "kv\ud800.toml")):
+        with pytest.raises(ConfigError, match=r"^cannot read config .*not a path"):
+            kvactors.Config.from_toml(bad_path)
+    read, write = os.pipe()
+    try:
+        os.write(write, b"block_bytes = 4096\n")
+        for not_a_path in (read, None, 1.5):
+            with pytest.raises(ConfigError, match=r"^from_toml: expected a path"):
+                kvactors.Config.from_toml(not_a_path)  # type: ignore[arg-type]
+        os.fstat(read)  # still open: never read as a config, nor closed
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 @pytest.mark.anyio

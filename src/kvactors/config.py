@@ -488,6 +488,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     @classmethod
     def from_toml(cls, path: str | Path) -> Config:
         """Load a config from a TOML file; unknown keys and wrong values raise ConfigError."""
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            # An int would be read as an open file descriptor (and closed).
+            raise ConfigError(f"from_toml: expected a path, got {type(path).__name__}")
         try:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
@@ -495,6 +498,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+        except ValueError as exc:  # from open: a NUL byte, a lone surrogate
+            raise ConfigError(f"cannot read config {path!r}: not a path: {exc}") from None
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> Config:
