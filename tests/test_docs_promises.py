@@ -209,6 +209,25 @@ def test_wrong_values_made_directly_raise_config_error_naming_the_field(
         make()
 
 
+def test_a_section_that_may_be_none_is_turned_off_with_false_in_toml(tmp_path: Path) -> None:
+    """docs/api.md: TOML has no null, so ``nvme = false`` (also ``remote``,
+    ``metrics``) runs without that section; left out, [nvme] is its defaults;
+    ``true`` is a ConfigError naming the section."""
+    path = tmp_path / "kv.toml"
+    path.write_text("block_bytes = 4096\nnvme = false\nremote = false\nmetrics = false\n")
+    config = kvactors.Config.from_toml(path)
+    assert (config.nvme, config.remote, config.metrics) == (None, None, None)
+    assert [name for name, _ in config.chain()] == ["cpu"]
+    path.write_text("block_bytes = 4096\n")
+    assert kvactors.Config.from_toml(path).nvme == kvactors.NVMeConfig()
+    assert kvactors.Config().replace(nvme=False).nvme is None
+    for section in ("nvme", "remote", "metrics"):
+        with pytest.raises(ConfigError, match=f"^invalid config: {section}: expected a table"):
+            kvactors.Config.from_dict({section: True})
+    with pytest.raises(ConfigError, match=r"^invalid config: cpu: Expected `object`"):
+        kvactors.Config.from_dict({"cpu": False})  # the CPU tier cannot be turned off
+
+
 def test_replace_with_a_value_no_field_holds_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"^invalid config: block_bytes: "):
         kvactors.Config().replace(block_bytes=object())

@@ -475,7 +475,20 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
-        """Build a config from plain data (as parsed from TOML or JSON)."""
+        """Build a config from plain data (as parsed from TOML or JSON).
+
+        A section that may be ``None`` (``nvme``, ``remote``, ``metrics``) is
+        turned off with ``false`` as well: TOML has no null."""
+        if isinstance(data, dict):
+            off = [k for k in _OPTIONAL_SECTIONS if data.get(k) is False]
+            if off:
+                data = {**data, **dict.fromkeys(off)}
+            for name in _OPTIONAL_SECTIONS:
+                if data.get(name) is True:
+                    raise ConfigError(
+                        f"invalid config: {name}: expected a table of its settings, "
+                        f"or false for none, got true"
+                    )
         try:
             return msgspec.convert(data, cls)
         except msgspec.ValidationError as exc:
@@ -511,6 +524,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             except TypeError as exc:  # a value no config field can hold (an object)
                 raise ConfigError(f"invalid config: {name}: {exc}") from None
         return Config.from_dict(data)
+
+
+_OPTIONAL_SECTIONS = tuple(
+    name for name, _, structs, optional in _field_types(Config) if structs and optional
+)
+"""The sections of :class:`Config` that may be ``None`` (``false`` in TOML)."""
 
 
 def _field_message(exc: msgspec.ValidationError) -> str:
