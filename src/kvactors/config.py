@@ -43,6 +43,7 @@ __all__ = [
     "TierConfig",
     "TierSpec",
     "is_device_name",
+    "path_problem",
     "positive_seconds",
 ]
 
@@ -194,8 +195,9 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.directory is not None and not self.directory.strip():
             # An empty path would put the tier's files in the working directory.
             raise ConfigError("directory: empty; leave it out (None) for a temporary directory")
-        if self.directory is not None:
-            _check_path(self.directory)
+        problem = None if self.directory is None else path_problem(self.directory)
+        if problem is not None:
+            raise ConfigError(f"directory: {problem}, got {self.directory!r}")
 
     def open_medium(self, name: str, config: Config) -> BlockMedium:
         from kvactors.media import FileStore, resolve_nvme_backend
@@ -214,22 +216,18 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         )
 
 
-def _check_path(directory: str) -> None:
-    # The OS takes a path as bytes: a NUL byte ends it early and a lone
-    # surrogate has no encoding, so either would fail only at open, as a bare
-    # ValueError / UnicodeEncodeError naming no field.
+def path_problem(path: str) -> str | None:
+    """Why the file system cannot name ``path`` (``None``: it can). The OS takes
+    a path as bytes: a NUL byte would end it early and a lone surrogate has no
+    encoding, so either would fail only at open, as a bare ``ValueError`` /
+    ``UnicodeEncodeError`` naming no field."""
     try:
-        encoded = os.fsencode(directory)
+        encoded = os.fsencode(path)
     except UnicodeEncodeError as exc:
-        raise ConfigError(
-            f"directory: not a path the file system can name ({exc.reason} "
-            f"at position {exc.start}), got {directory!r}"
-        ) from None
+        return f"not a path the file system can name ({exc.reason} at position {exc.start})"
     if b"\0" in encoded:
-        raise ConfigError(
-            f"directory: not a path: it holds a NUL byte at position "
-            f"{directory.index(chr(0))}, got {directory!r}"
-        )
+        return f"not a path: it holds a NUL byte at position {path.index(chr(0))}"
+    return None
 
 
 TIERS: tuple[str, ...] = ("cpu", "nvme", "remote")
