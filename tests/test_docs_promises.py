@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import kvactors
-from _docs import doc_block
+from _docs import doc_block, doc_table
 from kvactors import OffloadingManager
 from kvactors.cli import main
 from kvactors.config import MetricsConfig, RemoteConfig
@@ -305,6 +305,27 @@ async def test_too_large_pool_raises_config_error_before_allocating() -> None:
     with anyio.fail_after(30), pytest.raises(ConfigError, match=re.escape("cpu.num_blocks")):
         async with kvactors.open(config):
             pass
+
+
+def test_api_md_errors_table_names_real_errors_and_their_bases() -> None:
+    """docs/api.md, Errors: every error the table names is a class of
+    kvactors.errors under KVActorsError, and the kinds it states hold."""
+    from kvactors import errors
+
+    rows = doc_table(ROOT / "docs" / "api.md", "| error | when |")
+    named = set()
+    for cell, _ in rows:
+        names = re.findall(r"`(\w+)`", cell)
+        for name in names:
+            cls = getattr(errors, name)
+            assert issubclass(cls, errors.KVActorsError), name
+            named.add(name)
+        # "`A` (a `B`)": A is a kind of B; "`A` (`B`)": B is a kind of A.
+        kinds = re.search(r"^`(\w+)` \((an? )?`(\w+)`\)$", cell)
+        if kinds is not None:
+            first, second = getattr(errors, kinds[1]), getattr(errors, kinds[3])
+            assert issubclass(first, second) if kinds[2] else issubclass(second, first), cell
+    assert {"StoreOpenError", "IndexDamagedError", "CacheLockedError", "ConfigError"} <= named
 
 
 @pytest.mark.anyio
