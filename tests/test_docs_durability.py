@@ -212,6 +212,41 @@ async def test_a_name_that_is_not_a_log_does_not_stop_a_fresh_directory(tmp_path
     assert (tmp_path / "index.01.log").read_bytes() == b"not the index's"
 
 
+FIFO_OPEN = """
+import sys
+from kvactors.media import FileStore
+try:
+    FileStore("nvme", 16, 4096, sys.argv[1], stripes=2).close()
+except Exception as exc:
+    print(type(exc).__name__, exc)
+else:
+    print("opened")
+"""
+
+
+@pytest.mark.parametrize("name", ["index.meta", "index.snap", "index.1.log", "blocks.0.bin"])
+async def test_a_fifo_where_a_file_should_be_is_index_damaged_not_a_hang(
+    tmp_path: Path, name: str
+) -> None:
+    """'Damaged files': anything but a regular file where an index or block file
+    should be is IndexDamagedError naming it; a FIFO's open waited for a writer
+    forever (the open runs in a child process, so that wait fails this test
+    instead of hanging it)."""
+    import sys
+
+    await fill(tmp_path, [1])
+    (tmp_path / "index.snap").write_bytes(b"")  # so that each name is there
+    path = tmp_path / name
+    path.unlink()
+    os.mkfifo(path)
+    with anyio.fail_after(30):  # the child is killed if its open waits
+        done = await anyio.run_process([sys.executable, "-c", FIFO_OPEN, str(tmp_path)])
+    stdout = done.stdout.decode()
+    kind = "a block file" if name.startswith("blocks") else "an index file"
+    assert stdout == f"IndexDamagedError {path} is not a regular file, not {kind}; move it away\n"
+    assert path.exists()  # left as it was
+
+
 async def test_a_longer_block_file_is_index_damaged(tmp_path: Path) -> None:
     await fill(tmp_path, [1])
     path = tmp_path / "blocks.0.bin"
