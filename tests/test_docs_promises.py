@@ -120,6 +120,28 @@ def test_wrong_config_values_raise_config_error_naming_the_field(
 @pytest.mark.parametrize(
     ("data", "start"),
     [
+        ({"colour": 1}, "colour: unknown key; known: block_bytes, gpu, cpu, nvme, write_mode"),
+        ({"tiers": {"cpu": {}}}, "tiers: unknown key; known: block_bytes"),
+        ({"cpu": {"colour": 1}}, "cpu.colour: unknown key; known: num_blocks, policy, threads"),
+        ({"nvme": {"path": "/x"}}, "nvme.path: unknown key; known: num_blocks, policy, directory"),
+        ({"remote": {"url": "redis://h", "host": "h"}}, "remote.host: unknown key; known: url"),
+        ({"metrics": {"x": 1}}, "metrics.x: unknown key; known: port, host"),
+    ],
+)
+def test_an_unknown_key_is_named_by_its_path_with_the_keys_there(
+    data: dict[str, Any], start: str, tmp_path: Path
+) -> None:
+    """docs/api.md: every wrong value, an unknown key (a typo, a key of another
+    section or layout) too, raises ConfigError naming it by its path, and lists
+    the keys that section has (the message said ``cpu: Object contains unknown
+    field `colour```)."""
+    with pytest.raises(ConfigError, match=f"^invalid config: {re.escape(start)}"):
+        kvactors.Config.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "start"),
+    [
         ({"nvme": {"directory": ""}}, "nvme.directory: empty"),
         ({"cpu": {"num_blocks": 0}}, "cpu.num_blocks: Expected `int` >= 1"),
         ({"remote": {"url": "redis://h", "ttl": -1}}, "remote.ttl: expected seconds > 0"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -530,6 +531,17 @@ _OPTIONAL_SECTIONS = tuple(
 """The sections of :class:`Config` that may be ``None`` (``false`` in TOML)."""
 
 
+_UNKNOWN = re.compile(r"Object contains unknown field `(.*)`")
+
+
+def _known(where: str) -> str:
+    """The keys of the config section at dotted path ``where`` ("": the top level)."""
+    cls: type[msgspec.Struct] = Config
+    for part in where.split(".") if where else []:
+        cls = next(st[0] for name, _, st, _ in _field_types(cls) if name == part)
+    return ", ".join(cls.__struct_fields__)
+
+
 def _field_message(exc: msgspec.ValidationError) -> str:
     # msgspec says "Expected `int` >= 1, got `0` - at `$.cpu.num_blocks`"; lead
     # with the field path, as users scan for it first. A section's own check
@@ -538,8 +550,15 @@ def _field_message(exc: msgspec.ValidationError) -> str:
     text = str(exc)
     head, sep, where = text.rpartition(" - at `$.")
     if not sep:
-        return text
+        head, where = text, ""
     where = where.rstrip("`")
+    unknown = _UNKNOWN.fullmatch(head)
+    if unknown is not None:
+        # A key no field has (a typo, a key of another section or an older
+        # layout): named by its path, with the keys that section does have.
+        return f"{where + '.' if where else ''}{unknown[1]}: unknown key; known: {_known(where)}"
+    if not where:
+        return text
     if isinstance(exc.__cause__, ConfigError):
         if head.startswith(f"{where}."):
             return head  # the check named the path itself ("remote.nodes")
