@@ -182,6 +182,71 @@ async def test_a_damaged_geometry_record_is_index_damaged_naming_it(
     assert "index.meta" in str(exc)
 
 
+@pytest.mark.parametrize("left", ["blocks.0.bin", "index.snap", "index.1.log"])
+async def test_a_missing_geometry_record_names_the_index_file_that_is_there(
+    tmp_path: Path, left: str
+) -> None:
+    """'Damaged files': index.meta missing while a block file or an index file
+    exists is IndexDamagedError naming index.meta and that file (with only a
+    log left, the message named index.snap, which was not there)."""
+    await fill(tmp_path, [1])
+    (tmp_path / "index.snap").write_bytes(b"")  # a file of each kind to choose from
+    for path in tmp_path.iterdir():
+        if path.name != left:
+            path.unlink()
+    exc = await open_error(config(tmp_path))
+    assert isinstance(exc, IndexDamagedError)
+    assert f"index.meta is missing but {left} exists" in str(exc)
+    assert sorted(os.listdir(tmp_path)) == [left]  # nothing written
+
+
+async def test_a_name_that_is_not_a_log_does_not_stop_a_fresh_directory(tmp_path: Path) -> None:
+    """'What is on disk': index.01.log is not a log (never read, left alone), so a
+    directory holding only it opens as a new one, not as one missing index.meta."""
+    (tmp_path / "index.01.log").write_bytes(b"not the index's")
+    with anyio.fail_after(30):
+        async with kvactors.open(config(tmp_path)) as kv:
+            assert (await kv.lookup([1])).hits == 0
+            assert await kv.store([1], blocks(1)) is not None
+    assert (tmp_path / "index.meta").exists()
+    assert (tmp_path / "index.01.log").read_bytes() == b"not the index's"
+
+
+FIFO_OPEN = """
+import sys
+from kvactors.media import FileStore
+try:
+    FileStore("nvme", 16, 4096, sys.argv[1], stripes=2).close()
+except Exception as exc:
+    print(type(exc).__name__, exc)
+else:
+    print("opened")
+"""
+
+
+@pytest.mark.parametrize("name", ["index.meta", "index.snap", "index.1.log", "blocks.0.bin"])
+async def test_a_fifo_where_a_file_should_be_is_index_damaged_not_a_hang(
+    tmp_path: Path, name: str
+) -> None:
+    """'Damaged files': anything but a regular file where an index or block file
+    should be is IndexDamagedError naming it; a FIFO's open waited for a writer
+    forever (the open runs in a child process, so that wait fails this test
+    instead of hanging it)."""
+    import sys
+
+    await fill(tmp_path, [1])
+    (tmp_path / "index.snap").write_bytes(b"")  # so that each name is there
+    path = tmp_path / name
+    path.unlink()
+    os.mkfifo(path)
+    with anyio.fail_after(30):  # the child is killed if its open waits
+        done = await anyio.run_process([sys.executable, "-c", FIFO_OPEN, str(tmp_path)])
+    stdout = done.stdout.decode()
+    kind = "a block file" if name.startswith("blocks") else "an index file"
+    assert stdout == f"IndexDamagedError {path} is not a regular file, not {kind}; move it away\n"
+    assert path.exists()  # left as it was
+
+
 async def test_a_longer_block_file_is_index_damaged(tmp_path: Path) -> None:
     await fill(tmp_path, [1])
     path = tmp_path / "blocks.0.bin"

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import kvactors
-from _docs import doc_block
+from _docs import doc_block, doc_table
 from kvactors import OffloadingManager
 from kvactors.cli import main
 from kvactors.config import MetricsConfig, RemoteConfig
@@ -120,6 +120,28 @@ def test_wrong_config_values_raise_config_error_naming_the_field(
 @pytest.mark.parametrize(
     ("data", "start"),
     [
+        ({"colour": 1}, "colour: unknown key; known: block_bytes, gpu, cpu, nvme, write_mode"),
+        ({"tiers": {"cpu": {}}}, "tiers: unknown key; known: block_bytes"),
+        ({"cpu": {"colour": 1}}, "cpu.colour: unknown key; known: num_blocks, policy, threads"),
+        ({"nvme": {"path": "/x"}}, "nvme.path: unknown key; known: num_blocks, policy, directory"),
+        ({"remote": {"url": "redis://h", "host": "h"}}, "remote.host: unknown key; known: url"),
+        ({"metrics": {"x": 1}}, "metrics.x: unknown key; known: port, host"),
+    ],
+)
+def test_an_unknown_key_is_named_by_its_path_with_the_keys_there(
+    data: dict[str, Any], start: str, tmp_path: Path
+) -> None:
+    """docs/api.md: every wrong value, an unknown key (a typo, a key of another
+    section or layout) too, raises ConfigError naming it by its path, and lists
+    the keys that section has (the message said ``cpu: Object contains unknown
+    field `colour```)."""
+    with pytest.raises(ConfigError, match=f"^invalid config: {re.escape(start)}"):
+        kvactors.Config.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "start"),
+    [
         ({"nvme": {"directory": ""}}, "nvme.directory: empty"),
         ({"cpu": {"num_blocks": 0}}, "cpu.num_blocks: Expected `int` >= 1"),
         ({"remote": {"url": "redis://h", "ttl": -1}}, "remote.ttl: expected seconds > 0"),
@@ -163,6 +185,29 @@ def test_an_empty_nvme_directory_is_an_error_not_the_working_directory() -> None
     assert kvactors.Config.from_dict({"gpu": {"device": "cuda:1"}}).gpu.device == "cuda:1"
 
 
+@pytest.mark.parametrize("directory", ["/tmp/kv\x00x", "\x00", "kv\ud800"])
+def test_an_nvme_directory_the_os_cannot_name_is_a_config_error(
+    directory: str, tmp_path: Path
+) -> None:
+    """docs/api.md: ``nvme.directory`` is a path the OS can take (no NUL byte, no
+    lone surrogate): a ConfigError naming it when the config is made or loaded,
+    not a bare ValueError / UnicodeEncodeError from the open."""
+    with pytest.raises(ConfigError, match=r"^invalid config: nvme\.directory: not a path"):
+        kvactors.Config.from_dict({"nvme": {"directory": directory}})
+    with pytest.raises(ConfigError, match=r"^directory: not a path"):
+        kvactors.NVMeConfig(directory=directory)
+    with pytest.raises(ConfigError, match=r"^invalid config: nvme\.directory: not a path"):
+        kvactors.Config().replace(nvme={"directory": directory})
+    if "\x00" in directory:  # TOML can write a NUL (\u0000), not a lone surrogate
+        path = tmp_path / "kv.toml"
+        path.write_text('[nvme]\ndirectory = "/tmp/kv\\u0000x"\n')
+        with pytest.raises(ConfigError, match=r"^invalid config: nvme\.directory: not a path"):
+            kvactors.Config.from_toml(path)
+    # A name the OS takes, non-ASCII and undecodable bytes (surrogateescape) included.
+    for good in ("/tmp/k\u00e9v", "/tmp/kv\udc80"):
+        assert kvactors.NVMeConfig(directory=good).directory == good
+
+
 @pytest.mark.parametrize(
     ("make", "field"),
     [
@@ -184,6 +229,25 @@ def test_wrong_values_made_directly_raise_config_error_naming_the_field(
     """docs/api.md: every wrong value raises ConfigError, also when the struct is made in Python."""
     with pytest.raises(ConfigError, match=f"^{re.escape(field)}"):
         make()
+
+
+def test_a_section_that_may_be_none_is_turned_off_with_false_in_toml(tmp_path: Path) -> None:
+    """docs/api.md: TOML has no null, so ``nvme = false`` (also ``remote``,
+    ``metrics``) runs without that section; left out, [nvme] is its defaults;
+    ``true`` is a ConfigError naming the section."""
+    path = tmp_path / "kv.toml"
+    path.write_text("block_bytes = 4096\nnvme = false\nremote = false\nmetrics = false\n")
+    config = kvactors.Config.from_toml(path)
+    assert (config.nvme, config.remote, config.metrics) == (None, None, None)
+    assert [name for name, _ in config.chain()] == ["cpu"]
+    path.write_text("block_bytes = 4096\n")
+    assert kvactors.Config.from_toml(path).nvme == kvactors.NVMeConfig()
+    assert kvactors.Config().replace(nvme=False).nvme is None
+    for section in ("nvme", "remote", "metrics"):
+        with pytest.raises(ConfigError, match=f"^invalid config: {section}: expected a table"):
+            kvactors.Config.from_dict({section: True})
+    with pytest.raises(ConfigError, match=r"^invalid config: cpu: Expected `object`"):
+        kvactors.Config.from_dict({"cpu": False})  # the CPU tier cannot be turned off
 
 
 def test_replace_with_a_value_no_field_holds_is_a_config_error() -> None:
@@ -218,6 +282,21 @@ def test_from_toml_bad_files_raise_config_error(tmp_path: Path) -> None:
     unknown.write_text("[cpu]\nnum_blocks = 4\nsize = 3\n")
     with pytest.raises(ConfigError, match="size"):
         kvactors.Config.from_toml(unknown)
+    # A path no file can have is a ConfigError too (was ValueError /
+    # UnicodeEncodeError), and an int is not taken as a file descriptor.
+    for bad_path in (str(tmp_path / "kv\x00.toml"), str(tmp_path / "kv\ud800.toml")):
+        with pytest.raises(ConfigError, match=r"^cannot read config .*not a path"):
+            kvactors.Config.from_toml(bad_path)
+    read, write = os.pipe()
+    try:
+        os.write(write, b"block_bytes = 4096\n")
+        for not_a_path in (read, None, 1.5):
+            with pytest.raises(ConfigError, match=r"^from_toml: expected a path"):
+                kvactors.Config.from_toml(not_a_path)  # type: ignore[arg-type]
+        os.fstat(read)  # still open: never read as a config, nor closed
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 @pytest.mark.anyio
@@ -248,6 +327,48 @@ async def test_too_large_pool_raises_config_error_before_allocating() -> None:
     with anyio.fail_after(30), pytest.raises(ConfigError, match=re.escape("cpu.num_blocks")):
         async with kvactors.open(config):
             pass
+
+
+def test_api_md_errors_table_names_real_errors_and_their_bases() -> None:
+    """docs/api.md, Errors: every error the table names is a class of
+    kvactors.errors under KVActorsError, and the kinds it states hold."""
+    from kvactors import errors
+
+    rows = doc_table(ROOT / "docs" / "api.md", "| error | when |")
+    named = set()
+    for cell, _ in rows:
+        names = re.findall(r"`(\w+)`", cell)
+        for name in names:
+            cls = getattr(errors, name)
+            assert issubclass(cls, errors.KVActorsError), name
+            named.add(name)
+        # "`A` (a `B`)": A is a kind of B; "`A` (`B`)": B is a kind of A.
+        kinds = re.search(r"^`(\w+)` \((an? )?`(\w+)`\)$", cell)
+        if kinds is not None:
+            first, second = getattr(errors, kinds[1]), getattr(errors, kinds[3])
+            assert issubclass(first, second) if kinds[2] else issubclass(second, first), cell
+    assert {"StoreOpenError", "IndexDamagedError", "CacheLockedError", "ConfigError"} <= named
+
+
+@pytest.mark.anyio
+async def test_what_this_machine_lacks_is_a_config_error_naming_the_field_at_open() -> None:
+    """docs/api.md, Errors: ConfigError at open for what depends on the machine:
+    a CUDA gpu.device without CUDA, nvme.backend = "kvikio" without kvikio."""
+    from kvactors.media.kvikio_io import kvikio_available
+
+    cases = []
+    if not torch.cuda.is_available():
+        cases += [(small(gpu=kvactors.GPUConfig(num_blocks=8, device=d)), "gpu.device")
+                  for d in ("cuda", "cuda:1")]  # fmt: skip
+    if not kvikio_available():
+        nvme = kvactors.NVMeConfig(num_blocks=8, backend="kvikio")
+        cases.append((small(nvme=nvme), "nvme.backend"))
+    if not cases:
+        pytest.skip("CUDA and kvikio are both here")
+    for config, field in cases:
+        with anyio.fail_after(30), pytest.raises(ConfigError, match=f"^{re.escape(field)}: "):
+            async with kvactors.open(config):
+                pass
 
 
 @pytest.mark.anyio
@@ -401,6 +522,10 @@ BAD_SLOTS: list[Any] = [
     torch.zeros((2, BB + 1), dtype=torch.uint8),
     torch.zeros((3, BB), dtype=torch.uint8),
     torch.zeros((BB, 2), dtype=torch.uint8).t(),
+    # Lazy views whose memory does not hold the values they show (a bare
+    # RuntimeError from the byte view before): TensorSpecError too.
+    torch.ones((2, BB // 8), dtype=torch.complex64).conj(),
+    torch.ones((2, BB // 4), dtype=torch.float32)._neg_view(),
 ]
 
 

@@ -78,7 +78,8 @@ BAD = [
     ("remote_timeout", None), ("nvme_stripes", None), ("remote_nodes", ""), ("remote_nodes", {}),
     ("remote_timeout", 2**1100), ("remote_ttl", 2**1100), ("remote_nodes", [":7000"]),
     ("remote_username", ""), ("remote_username", 5), ("remote_password", ""),
-    ("remote_password", ["pw"]),
+    ("remote_password", ["pw"]), ("nvme_directory", "/tmp/kv\x00"),
+    ("nvme_directory", "kv\ud800"),
 ]  # fmt: skip
 
 

@@ -101,6 +101,20 @@ def test_both_cores_raise_the_same_constructor_errors(native: bool) -> None:
         OffloadingManager(4, block_size=16, policy=None, native=native)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="block_size"):
         OffloadingManager(4, block_size=0, native=native)
+    # Past a C ssize_t the compiled core raised OverflowError, the Python one took it.
+    for size in (2**63, 2**70):
+        with pytest.raises(
+            ConfigError, match=r"^block_size must be a positive int up to 2\*\*63 - 1"
+        ):
+            OffloadingManager(4, block_size=size, native=native)
+    widest = OffloadingManager(4, block_size=2**63 - 1, native=native, enable_events=True)
+    out = widest.prepare_store([1])
+    assert out is not None
+    widest.complete_store([1])
+    block = widest.get(1)
+    assert block is not None
+    assert (block.block_id, block.ref_cnt, block.size) == (0, 0, 2**63 - 1)
+    assert widest.take_events()[0].block_size == 2**63 - 1
     with pytest.raises(ConfigError, match="medium must be a str, got int"):
         OffloadingManager(4, block_size=16, medium=3, native=native)  # type: ignore[arg-type]
 

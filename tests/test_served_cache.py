@@ -483,6 +483,58 @@ async def test_a_write_through_store_cancelled_during_its_nvme_write_is_never_re
             assert (await kv.lookup([1, 2])).hits == 0  # nor after a restart
 
 
+@pytest.mark.parametrize("call", ["store", "load"])
+async def test_a_call_cancelled_during_its_copy_of_the_callers_tensor_returns_after_it(
+    call: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/api.md, Cancellation: a cancelled call returns once the transfer in
+    flight has ended, so afterwards kvactors neither reads ``src`` nor writes
+    ``dst``: the copy of the caller's tensor (in a worker thread, inline_bytes=0)
+    has returned when the cancelled call does, and nothing stays pinned."""
+    direction = "tensor->cpu" if call == "store" else "cpu->tensor"
+    ended = threading.Event()
+    gate = threading.Event()
+    entered = threading.Event()
+    original = transfers.move
+    from kvactors.cache import tier_actor
+
+    def held(src: Any, dst: Any, *rest: Any) -> None:
+        if f"{src.name}->{dst.name}" == direction:
+            entered.set()
+            gate.wait(10)
+            original(src, dst, *rest)
+            ended.set()
+        else:
+            original(src, dst, *rest)
+
+    mine = torch.full((2, BB), 7, dtype=torch.uint8)
+    with anyio.fail_after(20):
+        async with kvactors.open(small_config(inline_bytes=0)) as kv:
+            if call == "load":
+                assert await kv.store([1, 2], mine.clone()) is not None
+            monkeypatch.setattr(tier_actor, "move", held)
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    if call == "store":
+                        tg.start_soon(kv.store, [1, 2], mine)
+                    else:
+                        tg.start_soon(kv.load, [1, 2], mine)
+                    with anyio.fail_after(5):
+                        while not entered.is_set():
+                            await anyio.sleep(0.005)
+                    threading.Timer(0.2, gate.set).start()
+                    scope.cancel()
+            assert scope.cancelled_caught
+            assert ended.is_set()  # the copy had returned before the call did
+            stats = await settled(kv)
+            for tier in stats.policy.tiers.values():
+                assert tier.pinned == tier.being_written == 0
+            if call == "store":
+                assert (await kv.lookup([1, 2])).hits == 0  # a cancelled store stores nothing
+            else:
+                assert (await kv.lookup([1, 2])).hits == 2  # a cancelled load drops nothing
+
+
 @pytest.mark.parametrize("first", ["completes", "is cancelled"])
 async def test_a_second_store_of_a_key_being_written_waits_for_the_first(
     first: str, monkeypatch: pytest.MonkeyPatch

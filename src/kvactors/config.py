@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import re
 import sys
 import types
 import typing
@@ -42,6 +44,7 @@ __all__ = [
     "TierConfig",
     "TierSpec",
     "is_device_name",
+    "path_problem",
     "positive_seconds",
 ]
 
@@ -193,6 +196,9 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.directory is not None and not self.directory.strip():
             # An empty path would put the tier's files in the working directory.
             raise ConfigError("directory: empty; leave it out (None) for a temporary directory")
+        problem = None if self.directory is None else path_problem(self.directory)
+        if problem is not None:
+            raise ConfigError(f"directory: {problem}, got {self.directory!r}")
 
     def open_medium(self, name: str, config: Config) -> BlockMedium:
         from kvactors.media import FileStore, resolve_nvme_backend
@@ -209,6 +215,20 @@ class NVMeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             stripes=self.stripes,
             io=self.io,
         )
+
+
+def path_problem(path: str) -> str | None:
+    """Why the file system cannot name ``path`` (``None``: it can). The OS takes
+    a path as bytes: a NUL byte would end it early and a lone surrogate has no
+    encoding, so either would fail only at open, as a bare ``ValueError`` /
+    ``UnicodeEncodeError`` naming no field."""
+    try:
+        encoded = os.fsencode(path)
+    except UnicodeEncodeError as exc:
+        return f"not a path the file system can name ({exc.reason} at position {exc.start})"
+    if b"\0" in encoded:
+        return f"not a path: it holds a NUL byte at position {path.index(chr(0))}"
+    return None
 
 
 TIERS: tuple[str, ...] = ("cpu", "nvme", "remote")
@@ -454,7 +474,20 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
-        """Build a config from plain data (as parsed from TOML or JSON)."""
+        """Build a config from plain data (as parsed from TOML or JSON).
+
+        A section that may be ``None`` (``nvme``, ``remote``, ``metrics``) is
+        turned off with ``false`` as well: TOML has no null."""
+        if isinstance(data, dict):
+            off = [k for k in _OPTIONAL_SECTIONS if data.get(k) is False]
+            if off:
+                data = {**data, **dict.fromkeys(off)}
+            for name in _OPTIONAL_SECTIONS:
+                if data.get(name) is True:
+                    raise ConfigError(
+                        f"invalid config: {name}: expected a table of its settings, "
+                        f"or false for none, got true"
+                    )
         try:
             return msgspec.convert(data, cls)
         except msgspec.ValidationError as exc:
@@ -467,6 +500,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     @classmethod
     def from_toml(cls, path: str | Path) -> Config:
         """Load a config from a TOML file; unknown keys and wrong values raise ConfigError."""
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            # An int would be read as an open file descriptor (and closed).
+            raise ConfigError(f"from_toml: expected a path, got {type(path).__name__}")
         try:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
@@ -474,6 +510,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+        except ValueError as exc:  # from open: a NUL byte, a lone surrogate
+            raise ConfigError(f"cannot read config {path!r}: not a path: {exc}") from None
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> Config:
@@ -487,6 +525,23 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         return Config.from_dict(data)
 
 
+_OPTIONAL_SECTIONS = tuple(
+    name for name, _, structs, optional in _field_types(Config) if structs and optional
+)
+"""The sections of :class:`Config` that may be ``None`` (``false`` in TOML)."""
+
+
+_UNKNOWN = re.compile(r"Object contains unknown field `(.*)`")
+
+
+def _known(where: str) -> str:
+    """The keys of the config section at dotted path ``where`` ("": the top level)."""
+    cls: type[msgspec.Struct] = Config
+    for part in where.split(".") if where else []:
+        cls = next(st[0] for name, _, st, _ in _field_types(cls) if name == part)
+    return ", ".join(cls.__struct_fields__)
+
+
 def _field_message(exc: msgspec.ValidationError) -> str:
     # msgspec says "Expected `int` >= 1, got `0` - at `$.cpu.num_blocks`"; lead
     # with the field path, as users scan for it first. A section's own check
@@ -495,8 +550,15 @@ def _field_message(exc: msgspec.ValidationError) -> str:
     text = str(exc)
     head, sep, where = text.rpartition(" - at `$.")
     if not sep:
-        return text
+        head, where = text, ""
     where = where.rstrip("`")
+    unknown = _UNKNOWN.fullmatch(head)
+    if unknown is not None:
+        # A key no field has (a typo, a key of another section or an older
+        # layout): named by its path, with the keys that section does have.
+        return f"{where + '.' if where else ''}{unknown[1]}: unknown key; known: {_known(where)}"
+    if not where:
+        return text
     if isinstance(exc.__cause__, ConfigError):
         if head.startswith(f"{where}."):
             return head  # the check named the path itself ("remote.nodes")

@@ -124,8 +124,8 @@ class StoreOpenError(ActorStartError):
 
 class IndexDamagedError(StoreOpenError):
     """A file of the NVMe directory is damaged in a way recovery does not repair by
-    guessing (the geometry record, a directory where a file should be); the
-    message names the file."""
+    guessing (the geometry record, a directory or a FIFO where a file should be);
+    the message names the file."""
 
 
 class TensorSpecError(KVActorsError, ValueError):

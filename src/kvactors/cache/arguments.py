@@ -78,6 +78,15 @@ def check_side(
             raise TensorSpecError(f"{what}: tensor holds {side.nbytes} bytes, expected {n} x {bb}")
         if not side.is_contiguous():
             raise TensorSpecError(f"{what}: tensor must be contiguous")
+        if side.is_conj() or side.is_neg():
+            # A lazy view (x.conj(), torch's negative bit): its memory does not
+            # hold the values it shows, so its bytes are not the blocks.
+            kind, fix = (
+                ("conjugate", "resolve_conj") if side.is_conj() else ("negative", "resolve_neg")
+            )
+            raise TensorSpecError(
+                f"{what}: tensor is a lazy {kind} view; pass x.{fix}() (memory holding its values)"
+            )
         return side.view(torch.uint8).view(n, bb) if side.dtype != torch.uint8 else side.view(n, bb)
     limit = gpu_blocks
     if distinct_slots(side, limit) and len(side) == n:

@@ -14,6 +14,9 @@ except ImportError:  # built without a C compiler: the Python manager does it al
 
 __all__ = ["NATIVE", "NATIVE_POLICIES", "check_sizes", "resolve_policy", "use_native"]
 
+MAX_BLOCK_SIZE = 2**63 - 1
+"""The largest ``block_size`` (tokens per block): the compiled core holds it in a C ``ssize_t``."""
+
 NATIVE: bool = _manager_core is not None
 """Whether the compiled core was built (see :class:`OffloadingManager`'s ``native``)."""
 
@@ -28,8 +31,8 @@ def check_sizes(num_blocks: object, block_size: object, medium: object = "CPU") 
     """The same :class:`~kvactors.errors.ConfigError`, naming the field, on both cores."""
     if type(num_blocks) is not int or not 0 < num_blocks <= MAX_BLOCKS:
         raise ConfigError(f"num_blocks must be an int in 1..{MAX_BLOCKS}, got {num_blocks!r}")
-    if type(block_size) is not int or block_size <= 0:
-        raise ConfigError(f"block_size must be a positive int, got {block_size!r}")
+    if type(block_size) is not int or not 0 < block_size <= MAX_BLOCK_SIZE:
+        raise ConfigError(f"block_size must be a positive int up to 2**63 - 1, got {block_size!r}")
     if not isinstance(medium, str):
         raise ConfigError(f"medium must be a str, got {type(medium).__name__}")
 

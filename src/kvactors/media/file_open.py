@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from kvactors.errors import CacheLockedError, ConfigError, IndexDamagedError, StoreOpenError
+from kvactors.media.index_format import check_regular
 from kvactors.media.nvme_index import NVMeIndex
 
 __all__ = ["DIRECT_ALIGN", "FileDirectory", "startup_error"]
@@ -70,8 +71,7 @@ class FileDirectory:
         if self.fresh:
             self._clear()
         for path in self.paths:
-            if path.is_dir():
-                raise IndexDamagedError(f"{path} is a directory, not a block file; move it away")
+            check_regular(path, "a block file")
         sizes = [(num_blocks - k + stripes - 1) // stripes * block_bytes for k in range(stripes)]
         self._check_space(sizes)
         self.index = NVMeIndex(

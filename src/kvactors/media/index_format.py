@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ __all__ = [
     "VERSION",
     "Buffer",
     "Entry",
+    "check_regular",
     "checksum",
     "decode_key",
     "encode",
@@ -195,17 +197,30 @@ def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
         fsync_dir(path.parent)
 
 
+def check_regular(path: Path, what: str = "an index file") -> None:
+    """Anything but a regular file where one of the directory's files should be
+    (a directory, a FIFO, a socket, a device) is a damaged directory: reading a
+    FIFO would wait for a writer forever. An absent path passes."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        raise IndexDamagedError(f"{path} is a directory, not {what}; move it away")
+    if not stat.S_ISREG(mode):
+        raise IndexDamagedError(f"{path} is not a regular file, not {what}; move it away")
+
+
 def read_file(path: Path) -> bytes:
-    """A small file's bytes; a directory in its place is a damaged directory."""
-    if path.is_dir():
-        raise IndexDamagedError(f"{path} is a directory, not an index file; move it away")
+    """A small file's bytes; anything but a regular file in its place is a
+    damaged directory."""
+    check_regular(path)
     return path.read_bytes()
 
 
 def read_head(path: Path, size: int) -> bytes:
     """The first ``size`` bytes of an index file (fewer if it is shorter)."""
-    if path.is_dir():
-        raise IndexDamagedError(f"{path} is a directory, not an index file; move it away")
+    check_regular(path)
     with open(path, "rb") as fh:
         return fh.read(size)
 

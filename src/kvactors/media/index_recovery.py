@@ -48,9 +48,13 @@ class IndexRecovery(SnapshotFiles):
     def _check_meta(self, data_files: list[Path]) -> None:
         path = self.meta_path
         if not path.exists() and not path.is_symlink():
-            others = [p for p in data_files if p.exists()]
-            if others or self.snap_path.exists() or list(self.directory.glob("index.*.log")):
-                found = others[0] if others else self.snap_path
+            # The first file of the index's own there: a block file, the
+            # snapshot, a log (only a name the index writes is one: index.01.log is not).
+            found = next(
+                (p for p in [*data_files, self.snap_path] if p.exists()),
+                next((self._log_path(g) for g in self._logs()), None),
+            )
+            if found is not None:
                 raise IndexDamagedError(
                     f"{path} is missing but {found.name} exists: the directory's geometry "
                     "(block_bytes, num_blocks, stripes) is unknown, so it is not reopened; "

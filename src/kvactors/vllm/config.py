@@ -10,7 +10,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from kvactors.config import MAX_BLOCKS, MAX_THREADS, REMOTE_SCHEMES, positive_seconds
+from kvactors.config import (
+    MAX_BLOCKS,
+    MAX_THREADS,
+    REMOTE_SCHEMES,
+    path_problem,
+    positive_seconds,
+)
 from kvactors.errors import ConfigError
 from kvactors.media.remote_nodes import check_credentials, masked_url, parse_node
 from kvactors.policy import POLICIES
@@ -155,6 +161,11 @@ def parse_settings(extra: Mapping[str, Any]) -> VLLMSettings:
     if directory is not None and (not isinstance(directory, str) or not directory):
         raise ConfigError(
             f"kv_connector_extra_config['nvme_directory']: expected a path, got {directory!r}"
+        )
+    problem = None if directory is None else path_problem(directory)
+    if problem is not None:
+        raise ConfigError(
+            f"kv_connector_extra_config['nvme_directory']: {problem}, got {directory!r}"
         )
     nvme_policy = extra.get("nvme_policy")
     prefetch = extra.get("prefetch", True)
