@@ -441,6 +441,16 @@ enter(Core *self, const char *method, PyObject *arg)
     if (arg == NULL) {
         seq = PyTuple_New(0);
     }
+    else if (PyBytes_Check(arg) || PyByteArray_Check(arg) || PyUnicode_Check(arg) ||
+             PyMemoryView_Check(arg)) {
+        /* One key where a call takes many: iterated, its items (ints, characters)
+         * would be taken for keys. */
+        PyErr_Format(KVInvalidKey,
+                     "%s: keys must be an iterable of keys, got one %s (for a single key, "
+                     "pass [key])",
+                     method, _PyType_Name(Py_TYPE(arg)));
+        seq = NULL;
+    }
     else {
         seq = PySequence_Tuple(arg);
         if (seq == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {

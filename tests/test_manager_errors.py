@@ -145,6 +145,35 @@ def test_keys_that_are_not_iterable_are_an_invalid_key_on_both_cores(
     assert len(mgr) == 0
 
 
+@pytest.mark.parametrize("native", CORES)
+@pytest.mark.parametrize("keys", [b"ab", bytearray(b"ab"), memoryview(b"ab"), "ab"])
+def test_one_key_where_keys_go_is_an_invalid_key_on_both_cores(native: bool, keys: object) -> None:
+    """A bytes key (or a string) passed bare is refused, not iterated: its items
+    (the ints 97 and 98, or characters) would be taken for keys and stored."""
+    mgr = OffloadingManager(4, block_size=16, native=native)
+    calls = {
+        "lookup": mgr.lookup,
+        "touch": mgr.touch,
+        "prepare_store": mgr.prepare_store,
+        "complete_store": mgr.complete_store,
+        "prepare_load": mgr.prepare_load,
+        "complete_load": mgr.complete_load,
+        "remove": mgr.remove,
+        "restore": mgr.restore,
+    }
+    kind = type(keys).__name__
+    for name, call in calls.items():
+        with pytest.raises(
+            InvalidKeyError,
+            match=rf"^{name}: keys must be an iterable of keys, got one {kind} "
+            r"\(for a single key, pass \[key\]\)$",
+        ):
+            call(keys)
+    assert mgr.stats().lookups == 0
+    assert len(mgr) == 0
+    assert mgr.prepare_store([b"ab"]) is not None  # as one key in a list it is fine
+
+
 @pytest.mark.skipif(not manager.NATIVE, reason="compiled core not built")
 def test_slots_are_allocated_as_they_are_used() -> None:
     mgr = OffloadingManager(2**31 - 1, block_size=16, policy="arc", native=True)

@@ -23,7 +23,7 @@ from _redis import redis_cluster, redis_server, server_binary  # noqa: F401
 from _served import drain, settled
 from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
-from kvactors.errors import BlockNotFoundError, CacheLockedError, RemoteUnavailable
+from kvactors.errors import ActorClosed, BlockNotFoundError, CacheLockedError, RemoteUnavailable
 from kvactors.media.local_server import LocalCluster, LocalServer
 
 pytestmark = pytest.mark.anyio
@@ -1363,3 +1363,34 @@ async def test_a_full_noeviction_server_fails_remote_writes_not_stores() -> None
                 assert 0 < stats.policy.tiers["remote"].used <= held
                 assert "remote" not in stats.policy.failed
                 assert stats.tiers["remote"].crashed is None
+
+
+async def test_the_nvme_and_remote_media_refuse_io_once_their_cache_closed(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """docs/api.md: after the cache closes, ``kv.medium("nvme")`` and
+    ``kv.medium("remote")`` raise ActorClosed for reads, writes and drops (they
+    raised a bare IndexError / KeyError); the CPU pool's memory stays readable."""
+    bb = 4096
+    cfg = Config(
+        block_bytes=bb,
+        gpu=GPUConfig(num_blocks=4, device="cpu"),
+        cpu=TierConfig(num_blocks=4),
+        nvme=NVMeConfig(num_blocks=8),
+        remote=RemoteConfig(url=redis_server.url),
+    )
+    rows = block_bytes_for([1, 2], bb, CPU)
+    with anyio.fail_after(30):
+        async with kvactors.open(cfg) as kv:
+            assert await kv.store([1, 2], rows) is not None
+    out = torch.zeros(1, bb, dtype=torch.uint8)
+    for tier in ("nvme", "remote"):
+        medium: Any = kv.medium(tier)
+        for name, args in (("read_into", ([0], out, [1])), ("write_from", ([0], out, [5]))):
+            with pytest.raises(ActorClosed, match="after the store was closed"):
+                getattr(medium, name)(*args)
+        with pytest.raises(ActorClosed, match="after the store was closed"):
+            medium.drop([1])
+    assert out.count_nonzero() == 0  # nothing was read into it
+    cpu: Any = kv.medium("cpu")
+    assert cpu.read_into([0], out, [1]) == []

@@ -41,8 +41,15 @@ def key_fault(method: str, key: object, exc: Exception) -> NoReturn:
 
 def key_tuple(method: str, keys: Iterable[Any]) -> tuple[Any, ...]:
     """A call's keys as a tuple; a ``keys`` that is not iterable (``None``, an
-    ``int``) raises the :class:`~kvactors.errors.InvalidKeyError` the compiled
+    ``int``) or is one key's bytes or a string (whose items would be taken for
+    keys) raises the :class:`~kvactors.errors.InvalidKeyError` the compiled
     core raises."""
+    if isinstance(keys, (bytes, bytearray, str, memoryview)):
+        kind = type(keys).__name__
+        raise InvalidKeyError(
+            f"{method}: keys must be an iterable of keys, got one {kind} "
+            "(for a single key, pass [key])"
+        )
     try:
         return tuple(keys)
     except TypeError:

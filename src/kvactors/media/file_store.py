@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import torch
 
-from kvactors.errors import ConfigError, TransferError
+from kvactors.errors import ActorClosed, ConfigError, TransferError
 from kvactors.keys import Key
 from kvactors.media import file_plan
 from kvactors.media.faults import Faults
@@ -121,6 +121,7 @@ class FileStore(FileDirectory):
         self.fds: list[int] = []
         self.direct_fds: list[int] = []  # O_DIRECT descriptors of the same files
         self._lock_fd = -1
+        self._closed = False
         self._tmp = directory is None
         self._pool: ThreadPoolExecutor | None = None
         self._kvikio: _KvikioIO | None = None
@@ -185,6 +186,7 @@ class FileStore(FileDirectory):
         touched are reported bad instead. Either way every read has finished
         (no I/O thread still writes into ``bufs``) when this returns or raises.
         """
+        self._check_open("read")
         bb = self.block_bytes
 
         def read_done(batch: Batch, got: int | OSError) -> list[int]:
@@ -361,6 +363,7 @@ class FileStore(FileDirectory):
         write) is raised once the runs before it in slot order are written; then
         nothing is indexed and the slots hold unknown bytes.
         """
+        self._check_open("write")
         bb = self.block_bytes
         stripes = self.stripes
         # The slots' old records are superseded by the new ones below; a crash in
@@ -399,9 +402,16 @@ class FileStore(FileDirectory):
 
     def drop(self, keys: list[Key]) -> None:
         """Remove the index records of ``keys`` (their slots' bytes stay until reused)."""
+        self._check_open("drop")
         self.index.delete(keys)
 
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ActorClosed(f"{self.name}: {what} after the store was closed")
+
     def close(self) -> None:
+        """Release the files; later reads, writes and drops raise ActorClosed."""
+        self._closed = True
         if self._lock_fd < 0:
             return
         if self._pool is not None:

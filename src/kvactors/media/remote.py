@@ -35,7 +35,13 @@ import msgspec
 import torch
 
 from kvactors.config import MAX_BLOCKS
-from kvactors.errors import BlocksMissingError, ConfigError, RemoteUnavailable, TransferError
+from kvactors.errors import (
+    ActorClosed,
+    BlocksMissingError,
+    ConfigError,
+    RemoteUnavailable,
+    TransferError,
+)
 from kvactors.keys import Key
 from kvactors.media.memory import row_buffers
 from kvactors.media.remote_format import (
@@ -147,6 +153,7 @@ class RemoteStore:
         self.name = name
         self.block_bytes = block_bytes
         self.num_blocks = num_blocks
+        self._closed = False
         self.namespace = namespace
         self.format = fmt
         self.fingerprint = fmt.fingerprint
@@ -233,7 +240,10 @@ class RemoteStore:
         step: int = 0,
     ) -> list[int]:
         """:meth:`RemoteNodes.run <kvactors.media.remote_nodes.RemoteNodes.run>`, by
-        default in batches of as many values as fit in ``max_batch_bytes``."""
+        default in batches of as many values as fit in ``max_batch_bytes``; after
+        :meth:`close`, ActorClosed."""
+        if self._closed:
+            raise ActorClosed(f"remote {self.name!r}: {what} after the store was closed")
         step = step or max(1, self.max_batch_bytes // (self.block_bytes + HEADER_BYTES))
         return self.nodes.run(rkeys, execute, result, what, step)
 
@@ -478,4 +488,6 @@ class RemoteStore:
         )
 
     def close(self) -> None:
+        """Close the connections; later server calls raise ActorClosed."""
+        self._closed = True
         self.nodes.close()
