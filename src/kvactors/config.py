@@ -317,7 +317,7 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         _check_types(self)
         if self.url is None and not self.nodes:
             raise ConfigError("url: give url or nodes")
-        from kvactors.media.remote import check_credentials, masked_url, parse_node
+        from kvactors.media.remote import check_credentials, check_url, masked_url, parse_node
 
         if self.url is not None and not self.url.startswith(REMOTE_SCHEMES):
             raise ConfigError(
@@ -327,6 +327,8 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for node in self.nodes:
             parse_node(node)  # ConfigError naming remote.nodes
         check_credentials(self.url, self.nodes, self.username, self.password)
+        if self.url is not None and not self.nodes:
+            check_url(self.url, self.cluster)  # the URL used: ConfigError naming remote.url
         if not self.namespace or any(c in self.namespace for c in "{}: "):
             raise ConfigError(
                 f"namespace: expected a non-empty name without braces, colons "

@@ -49,6 +49,7 @@ from kvactors.media.remote_nodes import (
     Node,
     RemoteNodes,
     check_credentials,
+    check_url,
     masked_url,
     parse_node,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "RemoteCounters",
     "RemoteStore",
     "check_credentials",
+    "check_url",
     "encode_key",
     "fingerprint",
     "masked_url",
@@ -144,6 +146,8 @@ class RemoteStore:
         if url is None and not nodes:
             raise ConfigError("remote: give a url or a list of cluster nodes")
         check_credentials(url, nodes, username, password)
+        if url is not None and not nodes:
+            check_url(url, cluster)
         self.name = name
         self.block_bytes = block_bytes
         self.num_blocks = num_blocks

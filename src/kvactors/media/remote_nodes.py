@@ -12,19 +12,22 @@ when every node is down does a call raise.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
+from kvactors.config import REMOTE_SCHEMES
 from kvactors.errors import ConfigError, RemoteUnavailable
 
 __all__ = [
     "Node",
     "RemoteNodes",
     "check_credentials",
+    "check_url",
     "masked_url",
     "parse_node",
     "url_credentials",
@@ -72,9 +75,88 @@ def url_credentials(url: str) -> tuple[str | None, str | None]:
 def parse_node(text: str) -> tuple[str, int]:
     """``"host:port"`` -> ``(host, port)``; a bad one raises ConfigError."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+    if (
+        not sep
+        or not host
+        or any(c.isspace() for c in host)
+        or not (port.isascii() and port.isdigit())
+        or not 0 < int(port) < 65536
+    ):
         raise ConfigError(f"remote.nodes: expected 'host:port', got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def check_url(url: str, cluster: bool = False) -> None:
+    """ConfigError naming ``remote.url`` where redis-py would not connect to ``url``
+    as written: another scheme, a port that is no number 1..65535, a path that
+    is no database number (``/0``; redis-py would take database 0 for
+    ``/db0``), a ``unix://`` URL without a path, a query argument redis-py does
+    not take or a value it cannot read (which would fail only at the first
+    connection); with ``cluster``, a database other than 0 (a cluster has only
+    that one) or a ``unix://`` URL (``remote.cluster``: nodes are reached over
+    TCP). The password is shown as ``***``."""
+    shown = masked_url(url)
+    if not url.startswith(REMOTE_SCHEMES):
+        raise ConfigError(
+            f"remote.url: expected {', '.join(s + '...' for s in REMOTE_SCHEMES)}, got {shown!r}"
+        )
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(
+                f"remote.url: a unix:// URL names the socket's path "
+                f"(unix:///run/valkey.sock), got {shown!r}"
+            )
+        if cluster:
+            raise ConfigError(
+                f"remote.cluster: a cluster's nodes are reached over TCP, "
+                f"not a unix:// socket ({shown!r})"
+            )
+        path = ""
+    else:
+        try:
+            port = parts.port
+        except ValueError as exc:  # "Port out of range 0-65535", "... as 'abc'"
+            raise ConfigError(f"remote.url: {exc} in {shown!r}") from None
+        if port == 0:
+            raise ConfigError(f"remote.url: expected a port 1..65535, got 0 in {shown!r}")
+        path = unquote(parts.path).removeprefix("/")
+    db = query["db"][0] if query.get("db") else path or "0"
+    for text in (path or "0", db):
+        if not (text.isascii() and text.isdigit()):
+            raise ConfigError(
+                f"remote.url: expected a database number (redis://host:6379/0), "
+                f"got {text!r} in {shown!r}"
+            )
+    if cluster and int(db) != 0:
+        raise ConfigError(f"remote.url: a cluster has database 0 only, got {db} in {shown!r}")
+    try:
+        import redis.connection
+    except ImportError:  # the store says which extra it needs
+        return
+    try:
+        options = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:  # "Invalid value for 'db' in connection URL."
+        raise ConfigError(f"remote.url: {exc} ({shown!r})") from None
+    taken = _parameters(redis.ConnectionPool)
+    for cls in options.get("connection_class", redis.connection.Connection).__mro__:
+        taken |= _parameters(cls)
+    for name in query:
+        if name not in taken:
+            raise ConfigError(f"remote.url: redis-py takes no query argument {name!r} ({shown!r})")
+
+
+def _parameters(cls: type) -> set[str]:
+    """The keyword parameters ``cls.__init__`` itself names."""
+    init = cls.__dict__.get("__init__")
+    if init is None:
+        return set()
+    return {
+        p.name
+        for p in inspect.signature(init).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
 
 
 def check_credentials(
