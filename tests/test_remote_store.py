@@ -485,6 +485,41 @@ def test_unreachable_server_is_a_typed_error() -> None:
     s.close()
 
 
+def test_a_server_refusing_the_connections_database_is_down_naming_it(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """A URL naming a database the server does not have (`SELECT 99` of 16): every
+    call, one key or many, raises RemoteUnavailable with the server's reason and
+    the server is left alone for `retry_after`, never a raw ResponseError or a
+    lookup answering "absent"."""
+    url = redis_server.url.removesuffix("/0") + "/99"
+    buf = [memoryview(bytearray(BB))]
+    calls: dict[str, Any] = {
+        "lookup": lambda s: s.contains([1]),
+        "lookups": lambda s: s.contains([1, 2]),
+        "write": lambda s: s.put([1], buf),
+        "read": lambda s: s.fetch([1], buf),
+        "delete": lambda s: s.delete([1]),
+    }
+    for name, call in calls.items():
+        s = RemoteStore("remote", BB, url=url, timeout=1.0, retry_after=30)
+        try:
+            with pytest.raises(RemoteUnavailable, match="DB index is out of range"):
+                call(s)
+            assert s.down == [url], name
+            assert s.counters().node_failures == 1, name
+            with pytest.raises(RemoteUnavailable, match="retrying"):
+                call(s)  # left alone: no network
+        finally:
+            s.close()
+    s = RemoteStore("remote", BB, url=url, timeout=1.0)
+    try:
+        assert s.ping() is False
+        assert s.down == [url]
+    finally:
+        s.close()
+
+
 def test_bad_settings_raise_config_error() -> None:
     with pytest.raises(ConfigError, match="namespace"):
         RemoteStore("remote", BB, url="redis://127.0.0.1:1/0", namespace="a{b}")

@@ -221,6 +221,27 @@ async def test_a_full_load_within_retry_after_is_block_not_found_at_once(
             assert torch.equal(out, data([1]))
 
 
+async def test_a_database_the_server_lacks_is_a_server_that_is_down(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """Failure behaviour: a URL whose database the server refuses (`/99` of 16)
+    is a server that is down: a full load of a block only the server could hold
+    raises `RemoteUnavailable` naming the reason (not a `TransferError`), stores
+    and lookups succeed with the local tiers, and the tier shows as failed."""
+    url = redis_server.url.removesuffix("/0") + "/99"
+    remote = RemoteConfig(url=url, timeout=1.0, retry_after=30)
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as kv:
+            with pytest.raises(RemoteUnavailable, match="DB index is out of range"):
+                await kv.load([3], torch.zeros(1, BB, dtype=torch.uint8))
+            assert (await kv.store([1, 2], data([1, 2]))) is not None
+            assert (await kv.lookup([1, 2, 3])).tiers == ["cpu", "cpu"]
+            stats = await kv.stats()
+            assert stats.policy.failed == ["remote"]
+            assert stats.remote is not None
+            assert stats.remote.down == [url]
+
+
 async def test_damaged_values_are_misses_for_the_cache(redis_server: LocalServer) -> None:  # noqa: F811
     """Garbage and truncated values on the server: the load stops before them
     (partial) or reports them missing, never serves their bytes."""

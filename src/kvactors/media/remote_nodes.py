@@ -187,6 +187,22 @@ def check_credentials(
             )
 
 
+def _set_up(conn: Any) -> None:
+    """A new connection's set-up (``HELLO`` / ``AUTH``, ``SELECT``), as redis-py
+    does it; an error reply to it (``SELECT`` of a database the server does not
+    have) fails the connection: the server will not serve it, so the node is
+    down with the server's reason, never each command's own error (a lookup
+    answering "absent")."""
+    import redis
+
+    try:
+        conn.on_connect()
+    except redis.ResponseError as exc:
+        if isinstance(exc, redis.exceptions.NoPermissionError):
+            raise  # the ACL's refusal, down as it is
+        raise redis.ConnectionError(f"the server refused the connection: {exc}") from exc
+
+
 class Node:
     """One server: its client and when it may be tried again after a failure."""
 
@@ -247,7 +263,7 @@ class RemoteNodes:
         else:
             assert url is not None
             try:
-                client = redis.Redis.from_url(url, **options)
+                client = redis.Redis.from_url(url, redis_connect_func=_set_up, **options)
             except ValueError as exc:
                 raise ConfigError(f"remote.url: {exc}") from None
             # The name shown in errors, logs and ``down``: never the password.
