@@ -384,6 +384,12 @@ class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if port is not None and (type(port) is not int or not 0 <= port <= 65535):
             raise ConfigError(f"port: expected a TCP port 0..65535 or none, got {port!r}")
         _check_types(self)
+        if not self.host.strip():
+            # The HTTP server would listen on every interface.
+            raise ConfigError(
+                f"host: expected an address to listen on (127.0.0.1; 0.0.0.0 for every "
+                f"interface), got {self.host!r}"
+            )
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
