@@ -363,6 +363,79 @@ def test_hung_server_times_out(redis_server: LocalServer) -> None:  # noqa: F811
     s.close()
 
 
+HUNG_CALLS: dict[str, Any] = {
+    "lookup": lambda s, buf: s.contains([1]),
+    "lookups": lambda s, buf: s.contains([1, 2]),
+    "write": lambda s, buf: s.put([1], buf),
+    "read": lambda s, buf: s.fetch([1], buf),
+    "delete": lambda s, buf: s.delete([1]),
+    "ping": lambda s, buf: s.ping(),
+}
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+@pytest.mark.parametrize("call", list(HUNG_CALLS))
+def test_a_hung_server_is_waited_on_for_one_timeout_per_call(
+    shared_server: LocalServer,  # noqa: F811
+    call: str,
+    pooled: bool,
+) -> None:
+    """'A server that is down or hung raises `RemoteUnavailable` (after
+    `timeout`)': every call, on a pooled connection or a new one, gives up
+    after one `timeout`, never waiting again on a second connection (`ping`
+    answers False)."""
+    timeout = 0.8
+    s = RemoteStore("remote", BB, url=shared_server.url, namespace="hung", timeout=timeout)
+    buf = [memoryview(bytearray(BB))]
+    proc = shared_server.proc
+    assert proc is not None
+    try:
+        if pooled:
+            assert s.put([1], buf) == []
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            if call == "ping":
+                assert s.ping() is False
+            else:
+                with pytest.raises(RemoteUnavailable, match="Timeout"):
+                    HUNG_CALLS[call](s, buf)
+            elapsed = time.monotonic() - t0
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        assert timeout <= elapsed < timeout * 1.75
+        assert s.down == [shared_server.url]
+    finally:
+        s.close()
+
+
+def test_a_connect_that_hangs_is_given_up_after_connect_timeout() -> None:
+    """`connect_timeout`: seconds to connect. A server whose listen queue is full
+    never completes the connection: the call raises RemoteUnavailable after one
+    `connect_timeout`, long before `timeout`."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        queued = [socket.socket() for _ in range(8)]  # fill the queue, never accepted
+        try:
+            for sock in queued:
+                sock.setblocking(False)
+                sock.connect_ex(("127.0.0.1", port))
+            url = f"redis://127.0.0.1:{port}/0"
+            s = RemoteStore("remote", BB, url=url, connect_timeout=0.8, timeout=10.0)
+            try:
+                t0 = time.monotonic()
+                with pytest.raises(RemoteUnavailable, match="Timeout connecting"):
+                    s.contains([1])
+                assert 0.8 <= time.monotonic() - t0 < 0.8 * 1.75
+            finally:
+                s.close()
+        finally:
+            for sock in queued:
+                sock.close()
+
+
 def test_closed_connections_are_replaced_and_a_hung_read_is_not_sent_again(
     redis_server: LocalServer,  # noqa: F811
 ) -> None:

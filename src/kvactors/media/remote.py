@@ -189,7 +189,7 @@ class RemoteStore:
             # One quick retry: a pooled connection the server closed (say, it
             # restarted) fails once and is replaced; a dead server is not
             # hammered, it waits ``retry_after``.
-            "retry": Retry(NoBackoff(), 1),
+            "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         }
         # Sent by every connection (HELLO ... AUTH, or AUTH) before its first command.
         if username is not None:
