@@ -694,6 +694,38 @@ def test_a_cluster_named_by_one_node_url(redis_cluster: LocalCluster) -> None:  
     s.close()
 
 
+def test_a_cluster_node_url_without_cluster_true_is_down_saying_so(
+    redis_cluster: LocalCluster,  # noqa: F811
+) -> None:
+    """`url` naming a node of a cluster without `cluster = true`: the node
+    redirects (`MOVED`) the keys of the other nodes' slots. That is no miss and
+    no refused write (a third of the blocks silently stored): every call raises
+    RemoteUnavailable telling to set `cluster = true`, and the server is down."""
+    url = f"redis://{redis_cluster.nodes[0]}/0"
+    keys = list(range(24))
+    bufs = [memoryview(bytearray(BB)) for _ in keys]
+    calls: dict[str, Any] = {
+        "write": lambda s: s.put(keys, bufs),
+        "lookups": lambda s: s.contains(keys),
+        "read": lambda s: s.fetch(keys, bufs),
+        "read in place": lambda s: s.fetch(keys, bufs, in_place=True),
+    }
+    for name, call in calls.items():
+        s = RemoteStore("remote", BB, url=url, timeout=1.0, retry_after=30)
+        try:
+            with pytest.raises(RemoteUnavailable, match="cluster = true"):
+                call(s)
+            assert s.down == [url], name
+        finally:
+            s.close()
+    cluster = RemoteStore("remote", BB, url=url, cluster=True)
+    try:
+        assert cluster.put(keys, bufs) == []  # the same URL as a cluster: every block
+        assert cluster.contains(keys) == [True] * len(keys)
+    finally:
+        cluster.close()
+
+
 def test_one_pipeline_of_writes_carries_at_most_max_batch_bytes(
     redis_server: LocalServer,  # noqa: F811
 ) -> None:

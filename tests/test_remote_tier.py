@@ -242,6 +242,23 @@ async def test_a_database_the_server_lacks_is_a_server_that_is_down(
             assert stats.remote.down == [url]
 
 
+async def test_a_cluster_node_named_as_one_server_is_down_saying_so(
+    redis_cluster: LocalCluster,  # noqa: F811
+) -> None:
+    """A cache whose `url` names a cluster node without `cluster = true`: the
+    full load that needs the server raises `RemoteUnavailable` saying to set
+    `cluster = true`, stores go on in the local tiers, the tier shows as failed."""
+    remote = RemoteConfig(url=f"redis://{redis_cluster.nodes[0]}/0", retry_after=30)
+    keys = list(range(16))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as kv:
+            with pytest.raises(RemoteUnavailable, match="cluster = true"):
+                await kv.load(keys, torch.zeros(len(keys), BB, dtype=torch.uint8))
+            await store_all(kv, keys)
+            assert (await kv.lookup(keys)).tiers == ["cpu"] * len(keys)
+            assert (await kv.stats()).policy.failed == ["remote"]
+
+
 async def test_damaged_values_are_misses_for_the_cache(redis_server: LocalServer) -> None:  # noqa: F811
     """Garbage and truncated values on the server: the load stops before them
     (partial) or reports them missing, never serves their bytes."""

@@ -172,15 +172,19 @@ class RemoteStore:
             redis.exceptions.NoPermissionError,
             OSError,
         )
+        denied: dict[bytes, type[BaseException]] = {
+            b"-NOPERM": redis.exceptions.NoPermissionError,
+            b"-NOAUTH": redis.AuthenticationError,
+        }
+        single = not nodes and not cluster
+        if single:
+            # A redirect (MOVED / ASK; MovedError is an AskError) from a server
+            # named as one: it is a node of a cluster and would serve only its
+            # own slots' keys. Down, saying so, rather than misses and lost writes.
+            errors += (redis.exceptions.AskError,)
+            denied |= {b"-MOVED": redis.exceptions.MovedError, b"-ASK": redis.exceptions.AskError}
         self.io = RemoteIO(
-            fmt,
-            errors,
-            (TimeoutError, redis.TimeoutError),
-            redis.ResponseError,
-            {
-                b"-NOPERM": redis.exceptions.NoPermissionError,
-                b"-NOAUTH": redis.AuthenticationError,
-            },
+            fmt, errors, (TimeoutError, redis.TimeoutError), redis.ResponseError, denied
         )
         """The commands on a connection (:mod:`~kvactors.media.remote_wire`)."""
         common: dict[str, Any] = {

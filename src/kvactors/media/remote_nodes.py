@@ -270,6 +270,17 @@ class RemoteNodes:
             self.where = masked_url(url)
             self.by_name["server"] = Node(self.where, client)
 
+    def reason(self, exc: BaseException) -> str:
+        """What a node's failure ``exc`` says in errors and logs."""
+        import redis
+
+        if self.connect is None and isinstance(exc, redis.exceptions.AskError):
+            return (
+                f"the server is a node of a cluster (it redirected a key: {exc}); "
+                f"set cluster = true, or list the nodes"
+            )
+        return f"{type(exc).__name__}: {exc}"
+
     def groups(self, rkeys: list[bytes]) -> list[tuple[Node, list[int]]]:
         """The positions of ``rkeys`` grouped by the node that serves them."""
         if self.connect is None:
@@ -317,7 +328,7 @@ class RemoteNodes:
                         result(pos, reply)
             except self.errors as exc:
                 node.down_until = time.monotonic() + self.retry_after
-                node.error = f"{type(exc).__name__}: {exc}"
+                node.error = self.reason(exc)
                 errors.append(f"{node.name}: {node.error}")
                 failed += positions
                 if self.cluster is not None:
@@ -390,7 +401,7 @@ class RemoteNodes:
                 node.client.ping()
             except self.errors as exc:
                 node.down_until = time.monotonic() + self.retry_after
-                node.error = f"{type(exc).__name__}: {exc}"
+                node.error = self.reason(exc)
                 ok = False
             else:
                 node.down_until = 0.0

@@ -427,9 +427,11 @@ class RemoteIO:
                 buf[:] = stage  # verified: only now touch the caller's buffer
             return HIT
         if kind == b"-":
-            denied = self.denied.get(line.partition(b" ")[0])
+            code, _, text = line.partition(b" ")
+            denied = self.denied.get(code)
             if denied is not None:  # NOPERM (the ACL), NOAUTH: not this key's fault
-                raise denied(line[1:].decode(errors="replace"))
+                # The text after the code, as redis-py's own parser gives it.
+                raise denied(text.decode(errors="replace"))
             # MOVED / ASK: the slot moved (the map is reloaded on the next failure);
             # WRONGTYPE and the like: something else lives under this key.
             return ABSENT if line.startswith((b"-MOVED", b"-ASK")) else REFUSED
