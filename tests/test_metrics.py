@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import kvactors
 from _redis import redis_server  # noqa: F401
-from _served import BB, small_config
+from _served import BB, settled, small_config
 from kvactors.cache.metrics import CacheMetrics, serve_metrics
 from kvactors.cli.demo import block_bytes_for
 from kvactors.config import Config, GPUConfig, MetricsConfig, RemoteConfig, TierConfig
@@ -135,6 +135,46 @@ async def test_a_crashed_tier_is_reported_down() -> None:
             )
             assert "kvactors_tier_up{'tier': 'nvme'}=0" in text
             assert "kvactors_tier_up{'tier': 'cpu'}=1" in text
+
+
+async def test_recent_gbps_is_the_bytes_moved_between_two_refreshes_over_their_time() -> None:
+    """`kvactors_tier_recent_gbps`: "GB/s of wall time between the last two
+    refreshes", per tier and direction; 0 before a second refresh, and 0 again
+    once nothing moved between two."""
+    keys = list(range(8))
+    with anyio.fail_after(30):
+        async with kvactors.open(small_config()) as kv:
+            metrics = CacheMetrics()
+            before = await kv.stats()
+            metrics.update(before, now=10.0)
+
+            def recent() -> dict[tuple[str, str], float]:
+                return {
+                    (s.labels["tier"], s.labels["direction"]): s.value
+                    for f in metrics.collect()
+                    if f.name == "kvactors_tier_recent_gbps"
+                    for s in f.samples
+                }
+
+            assert set(recent().values()) == {0.0}
+            await kv.store(keys, block_bytes_for(keys, BB, torch.device("cpu")))
+            after = await settled(kv)
+            metrics.update(after, now=12.0)
+            moved = sum(
+                t.bytes
+                for ts in after.tiers.values()
+                for op, t in ts.transfers.items()
+                if op.endswith("->cpu")
+            ) - sum(
+                t.bytes
+                for ts in before.tiers.values()
+                for op, t in ts.transfers.items()
+                if op.endswith("->cpu")
+            )
+            assert moved == len(keys) * BB
+            assert recent()[("cpu", "in")] == pytest.approx(moved / 2.0 / 1e9)
+            metrics.update(after, now=13.0)
+            assert recent()[("cpu", "in")] == 0.0
 
 
 def test_two_exporters_do_not_clash() -> None:
