@@ -544,6 +544,46 @@ def test_cluster_spreads_blocks_and_survives_a_dead_node(redis_cluster: LocalClu
     s.close()
 
 
+@pytest.mark.parametrize("victim", [0, 1, 2])
+def test_a_hung_cluster_node_is_waited_on_for_one_timeout_per_call(
+    redis_cluster: LocalCluster,  # noqa: F811
+    victim: int,
+) -> None:
+    """Failure behaviour, one node of a cluster stops answering (SIGSTOP), whichever
+    of the start-up nodes it is: its keys are misses, the other nodes' blocks
+    arrive exact, and no call waits longer than about one `timeout` (the slot
+    map is reloaded from the other nodes, not from the hung one)."""
+    timeout = 0.8
+    keys = list(range(60))
+    rows = rows_for(keys)
+    s = RemoteStore("remote", BB, nodes=redis_cluster.nodes, timeout=timeout, retry_after=0.2)
+    server = redis_cluster.servers[victim]
+    proc = server.proc
+    assert proc is not None
+    try:
+        s.write_from([], rows, keys)
+        on_victim = set(server.client().keys(b"kvactors:*"))
+        gone = sorted(i for i, k in enumerate(keys) if s.redis_key(k) in on_victim)
+        kept = [i for i in range(len(keys)) if i not in gone]
+        assert gone
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            out = torch.zeros_like(rows)
+            assert s.read_into([], out, keys) == gone
+            assert torch.equal(out[kept], rows[kept])
+            assert time.monotonic() - t0 < timeout * 1.75
+            time.sleep(0.25)  # past retry_after: the hung node is tried again
+            t0 = time.monotonic()
+            found = s.contains(keys)
+            assert [i for i, f in enumerate(found) if not f] == gone
+            assert time.monotonic() - t0 < timeout * 1.75
+        finally:
+            proc.send_signal(signal.SIGCONT)
+    finally:
+        s.close()
+
+
 def test_unreachable_server_is_a_typed_error() -> None:
     from kvactors.media.local_server import free_port
 

@@ -332,7 +332,7 @@ class RemoteNodes:
                 errors.append(f"{node.name}: {node.error}")
                 failed += positions
                 if self.cluster is not None:
-                    self.refresh()
+                    self.refresh(node.name)
             else:
                 node.down_until = 0.0
         if failed:
@@ -377,11 +377,17 @@ class RemoteNodes:
         entry.down_until = 0.0
         return self.cluster
 
-    def refresh(self) -> None:
-        # The cluster's map of slots may have changed (a node failed over or
-        # left): reload it; where no node answers the old map stays.
+    def refresh(self, failed: str) -> None:
+        """Reload the cluster's map of slots, which may have changed (node
+        ``failed`` failed over or left); where no node answers the old map stays.
+        The other nodes are asked first (where redis-py's reload takes the failed
+        node's name), so a node that hangs is not waited on twice in one call."""
+        manager = self.cluster.nodes_manager
+        options: dict[str, Any] = {}
+        if "last_failed_node_name" in inspect.signature(manager.initialize).parameters:
+            options["last_failed_node_name"] = failed
         with contextlib.suppress(Exception):  # RedisClusterException when no node answers
-            self.cluster.nodes_manager.initialize()
+            manager.initialize(**options)
         self.by_name = {n: v for n, v in self.by_name.items() if self.known(n)}
 
     def known(self, name: str) -> bool:
