@@ -207,7 +207,7 @@ async def test_metrics_port_in_the_config_serves_while_the_cache_is_open() -> No
 async def test_an_address_the_exporter_cannot_listen_on_is_a_config_error_naming_it() -> None:
     """`[metrics]`: a `port` in use is a ConfigError naming `metrics.port`, a `host`
     that is no address of this machine one naming `metrics.host` (not the port),
-    and an empty `host` (which would listen on every interface) is refused when
+    and an empty `host` (no address at all) is refused when
     the config is made."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -385,7 +385,7 @@ class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"port: expected a TCP port 0..65535 or none, got {port!r}")
         _check_types(self)
         if not self.host.strip():
-            # The HTTP server would listen on every interface.
+            # No address: the exporter could not listen anywhere (not "every interface").
             raise ConfigError(
                 f"host: expected an address to listen on (127.0.0.1; 0.0.0.0 for every "
                 f"interface), got {self.host!r}"
