@@ -1303,6 +1303,55 @@ async def test_write_back_at_close_takes_blocks_from_cpu_and_nvme(
         assert [(r.written, r.failed, r.left, r.error) for r in b.flushed] == [(0, 0, 0, None)]
 
 
+async def test_write_back_at_close_runs_when_the_block_is_cancelled(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """`on_demotion`: closing writes back the blocks still held in CPU "whatever
+    ended the `async with` block", a cancellation included: every block is on
+    the server afterwards and `kv.flushed` counts them written."""
+    remote = RemoteConfig(url=redis_server.url, write_policy="on_demotion")
+    keys = list(range(12))
+    seen: dict[str, kvactors.KVCache] = {}
+    with anyio.fail_after(30):
+        with anyio.CancelScope() as scope:
+            async with kvactors.open(config(remote)) as kv:
+                seen["kv"] = kv
+                await store_all(kv, keys)
+                assert redis_server.client().dbsize() == 0  # nothing demoted yet
+                scope.cancel()
+                await anyio.sleep_forever()
+        assert scope.cancelled_caught
+    assert [(r.tier, r.written, r.failed, r.left) for r in seen["kv"].flushed] == [
+        ("remote", len(keys), 0, 0)
+    ]
+    client = redis_server.client()
+    assert all(client.exists(n) for n in server_keys(redis_server.url, keys))
+    async with kvactors.open(config(RemoteConfig(url=redis_server.url))) as other:
+        out = torch.zeros(len(keys), BB, dtype=torch.uint8)
+        assert (await other.load(keys, out)).tiers == ["remote"] * len(keys)
+        assert torch.equal(out, data(keys))
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.001, 0.005, 0.02, 0.1])
+async def test_a_cancellation_while_the_cache_opens_or_runs_never_hangs_the_close(
+    redis_server: LocalServer,  # noqa: F811
+    delay: float,
+) -> None:
+    """A cancel scope around `kvactors.open` that fires while the actors start (or
+    once they run): the block is left within a few seconds, every actor stopped,
+    and a cache that opened has written back under `on_demotion`."""
+    remote = RemoteConfig(url=redis_server.url, write_policy="on_demotion")
+    opened: list[kvactors.KVCache] = []
+    with anyio.fail_after(20):
+        with anyio.move_on_after(delay):
+            async with kvactors.open(config(remote, nvme=True)) as kv:
+                opened.append(kv)
+                await kv.store([1, 2], data([1, 2]))
+                await anyio.sleep_forever()
+    for kv in opened:
+        assert [(r.tier, r.failed, r.left) for r in kv.flushed] == [("remote", 0, 0)]
+
+
 async def test_write_back_at_close_with_the_server_down_reports_and_returns(
     redis_server: LocalServer,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
