@@ -826,6 +826,33 @@ async def test_loads_ask_nothing_first_and_lookups_ask_in_one_batch(
             await settled(b)
 
 
+async def test_a_lookup_or_load_of_more_blocks_than_the_remote_tracks_gets_the_leading_ones(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """`num_blocks`: the blocks of the server the cache keeps track of. A lookup
+    of 32 blocks the server holds, by a cache whose remote tier tracks 8, finds
+    the leading 8 (not none), and a partial load returns those 8 byte-exact; a
+    full load of all 32 raises `BlockNotFoundError` (see Limits)."""
+    remote = RemoteConfig(url=redis_server.url, num_blocks=8)
+    keys = list(range(32))
+    with anyio.fail_after(30):
+        await seed(config(remote, cpu_blocks=64), keys)  # 4 blocks a store
+        assert redis_server.client().dbsize() == len(keys)
+        async with kvactors.open(config(remote, cpu_blocks=64)) as kv:
+            found = await kv.lookup(keys)
+            assert found.hits == 8
+            assert found.tiers == ["remote"] * 8
+        async with kvactors.open(config(remote, cpu_blocks=64)) as kv:
+            out = torch.zeros(len(keys), BB, dtype=torch.uint8)
+            got = await kv.load(keys, out, partial=True)
+            assert got.tiers == ["remote"] * 8
+            assert torch.equal(out[:8], data(keys[:8]))
+            assert not out[8:].any()
+        async with kvactors.open(config(remote, cpu_blocks=64)) as kv:
+            with pytest.raises(BlockNotFoundError):
+                await kv.load(keys, torch.zeros(len(keys), BB, dtype=torch.uint8))
+
+
 async def test_blocks_the_remote_tier_forgets_stay_on_the_server(
     redis_server: LocalServer,  # noqa: F811
 ) -> None:

@@ -275,6 +275,14 @@ class PolicyActor(Actor[PolicyRequest], Placement):
         manager = self._manager(tier)
         new = [k for k in keys if k not in manager]
         out = manager.prepare_store(new) if new else None
+        if out is None and new:
+            # More than the tier can track at once: the leading ones, as many as
+            # fit beside the blocks in use (a lookup's run of hits, a partial
+            # load's prefix), rather than none.
+            st = manager.stats()
+            room = st.capacity - st.pinned - st.being_written
+            if room > 0:
+                out = manager.prepare_store(new[:room])
         if out is not None and out.block_hashes_to_store:
             manager.complete_store(out.block_hashes_to_store, success=True)
 
