@@ -853,6 +853,32 @@ async def test_a_lookup_or_load_of_more_blocks_than_the_remote_tracks_gets_the_l
                 await kv.load(keys, torch.zeros(len(keys), BB, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("write_policy", ["write_through", "on_demotion"])
+async def test_more_blocks_at_once_than_the_remote_tracks_still_reach_the_server(
+    redis_server: LocalServer,  # noqa: F811
+    write_policy: str,
+) -> None:
+    """A store of 32 blocks at once (`write_through`), or a store evicting 32
+    blocks from CPU at once (`on_demotion`), into a remote tier that tracks 16:
+    the leading 16 are written to the server (not none of them), and another
+    engine loads them byte-exact."""
+    remote = RemoteConfig(url=redis_server.url, num_blocks=16, write_policy=write_policy)
+    first, second = list(range(32)), list(range(100, 132))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote, cpu_blocks=32)) as kv:
+            assert await kv.store(first, data(first)) is not None
+            if write_policy == "on_demotion":
+                assert redis_server.client().dbsize() == 0
+                assert await kv.store(second, data(second)) is not None  # evicts all 32
+            stats = await settled(kv)
+            assert stats.remote is not None
+            assert stats.remote.stored == 16
+        async with kvactors.open(config(RemoteConfig(url=redis_server.url))) as other:
+            out = torch.zeros(16, BB, dtype=torch.uint8)
+            assert (await other.load(first[:16], out)).tiers == ["remote"] * 16
+            assert torch.equal(out, data(first[:16]))
+
+
 async def test_blocks_the_remote_tier_forgets_stay_on_the_server(
     redis_server: LocalServer,  # noqa: F811
 ) -> None:
