@@ -238,6 +238,9 @@ async def test_a_database_the_server_lacks_is_a_server_that_is_down(
             assert (await kv.lookup([1, 2, 3])).tiers == ["cpu", "cpu"]
             stats = await kv.stats()
             assert stats.policy.failed == ["remote"]
+            crashed = stats.tiers["remote"].crashed
+            assert crashed is not None
+            assert "DB index is out of range" in crashed
             assert stats.remote is not None
             assert stats.remote.down == [url]
 
