@@ -140,6 +140,28 @@ def test_a_cluster_url_must_name_a_tcp_node_of_database_0() -> None:
     assert Config.from_dict({"remote": unused}).remote is not None
 
 
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:6379/0", "redis://:secret@h:abc/0", "redis://h/0?foo=1"]
+)
+def test_a_bad_url_names_remote_url_from_the_config_and_from_demo_remote(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every check of the URL names `remote.url`, for a `RemoteConfig` made in
+    Python as from a file, and `kvactors demo --remote URL` says it in one line
+    (exit 2), the password as `***`."""
+    with pytest.raises(ConfigError, match=r"^remote\.url: "):
+        RemoteConfig(url=url)
+    with pytest.raises(ConfigError, match=r"^remote\.url: "):
+        RemoteConfig(url=None)
+    assert main(["demo", "--remote", url, "--requests", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("kvactors: error: remote.url: ")
+    assert "secret" not in lines[0]
+
+
 def test_bad_remote_policy_and_unknown_keys_are_typed() -> None:
     with pytest.raises(UnknownPolicyError, match=r"remote\.policy"):
         Config.from_dict({"remote": {"policy": "nope"}})

@@ -258,7 +258,9 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     - ``url``: one server, ``redis://host:port/db`` (``unix:///path`` for a
       socket; ``rediss://`` is handed to redis-py for TLS); with
-      ``cluster = true`` one node of a cluster.
+      ``cluster = true`` one node of a cluster (database 0, over TCP). A URL
+      redis-py cannot use as written (a bad port or database path, a query
+      argument it does not take) is a ConfigError naming ``remote.url``.
     - ``nodes``: ``["host:port", ...]`` start-up nodes of a cluster (overrides ``url``).
     - ``username`` / ``password``: authenticate to the server, or to every node
       of a cluster (an ACL user, or ``requirepass`` with ``username`` unset);
@@ -316,12 +318,12 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"ttl: expected seconds > 0 or none, got {self.ttl!r}")
         _check_types(self)
         if self.url is None and not self.nodes:
-            raise ConfigError("url: give url or nodes")
+            raise ConfigError("remote.url: give url or nodes")
         from kvactors.media.remote import check_credentials, check_url, masked_url, parse_node
 
         if self.url is not None and not self.url.startswith(REMOTE_SCHEMES):
             raise ConfigError(
-                f"url: expected {', '.join(s + '...' for s in REMOTE_SCHEMES)}, "
+                f"remote.url: expected {', '.join(s + '...' for s in REMOTE_SCHEMES)}, "
                 f"got {masked_url(self.url)!r}"
             )
         for node in self.nodes:
