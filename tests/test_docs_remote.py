@@ -59,6 +59,10 @@ BAD_REMOTE = [
     ("connect_timeout", float("inf")), ("retry_after", float("nan")), ("ttl", float("inf")),
     ("flush_timeout", True), ("nodes", ["h:\u00b2"]), ("nodes", ["h:65536"]),
     ("username", ""), ("password", ""), ("password", 5), ("username", ["kv"]),
+    ("url", "redis://h:abc/0"), ("url", "redis://h:70000/0"), ("url", "redis://h:0/0"),
+    ("url", "redis://h:6379/notadb"), ("url", "redis://h:6379/1/2"), ("url", "redis://h/-1"),
+    ("url", "redis://h:6379/0?db=x"), ("url", "redis://h:6379/0?foo=1"), ("url", "unix://"),
+    ("url", "unix:///run/v.sock?timeout=x"), ("nodes", [" h:1"]), ("nodes", ["h h:1"]),
 ]  # fmt: skip
 
 
@@ -83,6 +87,79 @@ def test_the_opening_config_files_read_as_written(tmp_path: Path) -> None:
     cluster = Config.from_toml(path).remote
     assert cluster is not None
     assert cluster.nodes == ["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.3:7000"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://10.0.0.1:6379/0", "redis://10.0.0.1:6379", "redis://10.0.0.1:6379/", "redis://h/3",
+     "redis://:s%40cret@h:6379/0", "redis://kv:pw@h/0?socket_keepalive=true&client_name=e1",
+     "redis://h/0?password=pw&username=kv", "rediss://h:6380/0?ssl_cert_reqs=none",
+     "unix:///run/valkey.sock", "unix:///run/valkey.sock?db=2"],
+)  # fmt: skip
+def test_urls_of_the_forms_redis_py_reads_are_accepted(url: str) -> None:
+    """`url`: one server (`redis://host:port/db`, `unix:///path.sock`, `rediss://`),
+    with the login and the query arguments redis-py reads."""
+    remote = Config.from_dict({"remote": {"url": url}}).remote
+    assert remote is not None
+    assert remote.url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [("redis://:secret@h:abc/0", "port"), ("redis://:secret@h:6379/db0", "database"),
+     ("redis://:secret@h:6379/0?bogus=1", "bogus"), ("redis://h/0?password=secret&db=x", "db"),
+     ("unix://:secret@", "path")],
+)  # fmt: skip
+def test_a_url_redis_py_cannot_use_is_a_config_error_at_load(url: str, reason: str) -> None:
+    """A port that is no number 1-65535, a path that is no database number, an
+    empty socket path, a query argument redis-py does not take or cannot read:
+    a ConfigError naming `remote.url` and the reason when the config is loaded
+    (not a TypeError, or a database silently taken as 0, when the cache first
+    reaches the server), the password shown as `***`; a store made directly
+    checks the same."""
+    with pytest.raises(ConfigError, match=rf"(?i)remote\.url: .*{reason}") as raised:
+        Config.from_dict({"remote": {"url": url}})
+    assert "secret" not in str(raised.value)
+    with pytest.raises(ConfigError, match=rf"(?i)remote\.url: .*{reason}") as raised:
+        RemoteStore("remote", BB, url=url)
+    assert "secret" not in str(raised.value)
+
+
+def test_a_cluster_url_must_name_a_tcp_node_of_database_0() -> None:
+    """`cluster = true`: `url` names one node of a cluster, which has database 0
+    only and is reached over TCP; `nodes` set, the URL is not used."""
+    with pytest.raises(ConfigError, match=r"remote\.url: .*database 0"):
+        Config.from_dict({"remote": {"url": "redis://h:7000/1", "cluster": True}})
+    with pytest.raises(ConfigError, match=r"remote\.cluster: "):
+        Config.from_dict({"remote": {"url": "unix:///run/v.sock", "cluster": True}})
+    with pytest.raises(ConfigError, match=r"remote\.url: .*database 0"):
+        RemoteStore("remote", BB, url="redis://h:7000/2", cluster=True)
+    for url in ("redis://h:7000/0", "redis://h:7000"):
+        assert Config.from_dict({"remote": {"url": url, "cluster": True}}).remote is not None
+    unused = {"url": "redis://h:7000/1", "cluster": True, "nodes": ["h:7000"]}
+    assert Config.from_dict({"remote": unused}).remote is not None
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:6379/0", "redis://:secret@h:abc/0", "redis://h/0?foo=1"]
+)
+def test_a_bad_url_names_remote_url_from_the_config_and_from_demo_remote(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every check of the URL names `remote.url`, for a `RemoteConfig` made in
+    Python as from a file, and `kvactors demo --remote URL` says it in one line
+    (exit 2), the password as `***`."""
+    with pytest.raises(ConfigError, match=r"^remote\.url: "):
+        RemoteConfig(url=url)
+    with pytest.raises(ConfigError, match=r"^remote\.url: "):
+        RemoteConfig(url=None)
+    assert main(["demo", "--remote", url, "--requests", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("kvactors: error: remote.url: ")
+    assert "secret" not in lines[0]
 
 
 def test_bad_remote_policy_and_unknown_keys_are_typed() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import urllib.error
 import urllib.request
 from typing import Any
@@ -14,11 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import kvactors
 from _redis import redis_server  # noqa: F401
-from _served import BB, small_config
+from _served import BB, settled, small_config
 from kvactors.cache.metrics import CacheMetrics, serve_metrics
 from kvactors.cli.demo import block_bytes_for
-from kvactors.config import Config, GPUConfig, RemoteConfig, TierConfig
-from kvactors.errors import TierFailed
+from kvactors.config import Config, GPUConfig, MetricsConfig, RemoteConfig, TierConfig
+from kvactors.errors import ConfigError, TierFailed
 from kvactors.media.local_server import LocalServer
 from kvactors.media.remote import RemoteStore
 
@@ -136,6 +137,46 @@ async def test_a_crashed_tier_is_reported_down() -> None:
             assert "kvactors_tier_up{'tier': 'cpu'}=1" in text
 
 
+async def test_recent_gbps_is_the_bytes_moved_between_two_refreshes_over_their_time() -> None:
+    """`kvactors_tier_recent_gbps`: "GB/s of wall time between the last two
+    refreshes", per tier and direction; 0 before a second refresh, and 0 again
+    once nothing moved between two."""
+    keys = list(range(8))
+    with anyio.fail_after(30):
+        async with kvactors.open(small_config()) as kv:
+            metrics = CacheMetrics()
+            before = await kv.stats()
+            metrics.update(before, now=10.0)
+
+            def recent() -> dict[tuple[str, str], float]:
+                return {
+                    (s.labels["tier"], s.labels["direction"]): s.value
+                    for f in metrics.collect()
+                    if f.name == "kvactors_tier_recent_gbps"
+                    for s in f.samples
+                }
+
+            assert set(recent().values()) == {0.0}
+            await kv.store(keys, block_bytes_for(keys, BB, torch.device("cpu")))
+            after = await settled(kv)
+            metrics.update(after, now=12.0)
+            moved = sum(
+                t.bytes
+                for ts in after.tiers.values()
+                for op, t in ts.transfers.items()
+                if op.endswith("->cpu")
+            ) - sum(
+                t.bytes
+                for ts in before.tiers.values()
+                for op, t in ts.transfers.items()
+                if op.endswith("->cpu")
+            )
+            assert moved == len(keys) * BB
+            assert recent()[("cpu", "in")] == pytest.approx(moved / 2.0 / 1e9)
+            metrics.update(after, now=13.0)
+            assert recent()[("cpu", "in")] == 0.0
+
+
 def test_two_exporters_do_not_clash() -> None:
     a, b = CacheMetrics(), CacheMetrics()
     assert a.registry is not b.registry
@@ -161,6 +202,44 @@ async def test_metrics_port_in_the_config_serves_while_the_cache_is_open() -> No
         assert re.fullmatch(r"http://127\.0\.0\.1:([1-9]\d*)/metrics", url) is not None
         async with kvactors.open(small_config()) as plain:
             assert plain.metrics_url is None
+
+
+async def test_an_address_the_exporter_cannot_listen_on_is_a_config_error_naming_it() -> None:
+    """`[metrics]`: a `port` in use is a ConfigError naming `metrics.port`, a `host`
+    that is no address of this machine one naming `metrics.host` (not the port),
+    and an empty `host` (no address at all) is refused when
+    the config is made."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with anyio.fail_after(30):
+            with pytest.raises(ConfigError, match=rf"^metrics\.port: .*127\.0\.0\.1:{port}"):
+                async with kvactors.open(small_config().replace(metrics={"port": port})):
+                    pass
+            config = small_config().replace(metrics={"port": 0, "host": "192.0.2.1"})
+            with pytest.raises(ConfigError, match=r"^metrics\.host: .*192\.0\.2\.1"):
+                async with kvactors.open(config):
+                    pass
+    with pytest.raises(ConfigError, match=r"metrics\.host"):
+        Config.from_dict({"metrics": {"port": 0, "host": ""}})
+    with pytest.raises(ConfigError, match="host"):
+        MetricsConfig(host=" ")
+
+
+async def test_the_metrics_url_of_an_ipv6_host_is_one_a_scraper_reads() -> None:
+    """`host = "::1"`: `kv.metrics_url` writes the address in brackets, as URLs do."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    config = small_config().replace(metrics={"port": 0, "host": "::1"})
+    with anyio.fail_after(30):
+        async with kvactors.open(config) as kv:
+            assert kv.metrics_url is not None
+            assert re.fullmatch(r"http://\[::1\]:[1-9]\d*/metrics", kv.metrics_url)
+            assert "kvactors_tier_up" in await anyio.to_thread.run_sync(_get, kv.metrics_url)
 
 
 async def test_remote_misses_and_damaged_values_are_scraped_apart(

@@ -78,6 +78,30 @@ def test_a_requirepass_server_through_a_password_url(auth_server: LocalServer) -
         store.close()
 
 
+def test_a_password_with_url_characters_logs_in_percent_encoded() -> None:
+    """Percent-encode `@`, `/`, `?`, `#` and `%` in a URL's user name or password
+    (`p%40ss` for `p@ss`); redis-py decodes them: such a password logs in from
+    the URL as from the `password` key, and neither form shows it; LocalServer's
+    own `url` carries it encoded."""
+    password = "p@ss/w?r#d%1"
+    encoded = "p%40ss%2Fw%3Fr%23d%251"
+    with LocalServer(password=password, binary=server_binary()) as server:
+        assert server.url == url_of(server, f":{encoded}")
+        plain = f"redis://127.0.0.1:{server.port}/0"
+        for store, where in (
+            (RemoteStore("remote", BB, url=url_of(server, f":{encoded}")), url_of(server, ":***")),
+            (RemoteStore("remote", BB, url=plain, password=password), plain),
+        ):
+            try:
+                round_trip(store)
+                assert store.where == where
+            finally:
+                store.close()
+        shown = repr(RemoteConfig(url=url_of(server, f":{encoded}")))
+        assert encoded not in shown
+        assert url_of(server, ":***") in shown
+
+
 def test_an_acl_user_with_only_the_tier_commands(auth_server: LocalServer) -> None:
     """The commands docs/remote.md lists are all the tier sends: the server's ACL
     LOG records no refusal but redis-py's optional ``CLIENT SETINFO`` (whose

@@ -101,6 +101,25 @@ def test_vllm_remote_url_with_a_password_is_accepted_and_shown_masked() -> None:
     assert "pw-Secret" not in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["redis://:pw-Secret@h:abc/0", "redis://:pw-Secret@h:6379/db0", "redis://:pw-Secret@h/0?foo=1",
+     "unix://:pw-Secret@"],
+)  # fmt: skip
+def test_a_vllm_remote_url_redis_py_cannot_use_is_a_config_error_naming_remote_url(
+    url: str,
+) -> None:
+    """The vLLM backend's `remote_url` is checked as `[remote] url` is (a port, a
+    database path, a query argument, a socket path), when the settings are
+    parsed, and the error names `remote_url`, its password masked."""
+    with pytest.raises(
+        ConfigError, match=r"^kv_connector_extra_config\['remote_url'\]: "
+    ) as raised:
+        parse_settings({"cpu_bytes": 1 << 20, "remote_url": url})
+    assert "pw-Secret" not in str(raised.value)
+    assert "***" in str(raised.value)
+
+
 def test_vllm_remote_username_and_password_log_in_to_nodes(auth_server: LocalServer) -> None:
     """``remote_nodes`` has no place for a login: ``remote_username`` /
     ``remote_password`` carry it, to the store the spec opens (with its keys)."""

@@ -363,6 +363,79 @@ def test_hung_server_times_out(redis_server: LocalServer) -> None:  # noqa: F811
     s.close()
 
 
+HUNG_CALLS: dict[str, Any] = {
+    "lookup": lambda s, buf: s.contains([1]),
+    "lookups": lambda s, buf: s.contains([1, 2]),
+    "write": lambda s, buf: s.put([1], buf),
+    "read": lambda s, buf: s.fetch([1], buf),
+    "delete": lambda s, buf: s.delete([1]),
+    "ping": lambda s, buf: s.ping(),
+}
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+@pytest.mark.parametrize("call", list(HUNG_CALLS))
+def test_a_hung_server_is_waited_on_for_one_timeout_per_call(
+    shared_server: LocalServer,  # noqa: F811
+    call: str,
+    pooled: bool,
+) -> None:
+    """'A server that is down or hung raises `RemoteUnavailable` (after
+    `timeout`)': every call, on a pooled connection or a new one, gives up
+    after one `timeout`, never waiting again on a second connection (`ping`
+    answers False)."""
+    timeout = 0.8
+    s = RemoteStore("remote", BB, url=shared_server.url, namespace="hung", timeout=timeout)
+    buf = [memoryview(bytearray(BB))]
+    proc = shared_server.proc
+    assert proc is not None
+    try:
+        if pooled:
+            assert s.put([1], buf) == []
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            if call == "ping":
+                assert s.ping() is False
+            else:
+                with pytest.raises(RemoteUnavailable, match="Timeout"):
+                    HUNG_CALLS[call](s, buf)
+            elapsed = time.monotonic() - t0
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        assert timeout <= elapsed < timeout * 1.75
+        assert s.down == [shared_server.url]
+    finally:
+        s.close()
+
+
+def test_a_connect_that_hangs_is_given_up_after_connect_timeout() -> None:
+    """`connect_timeout`: seconds to connect. A server whose listen queue is full
+    never completes the connection: the call raises RemoteUnavailable after one
+    `connect_timeout`, long before `timeout`."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        queued = [socket.socket() for _ in range(8)]  # fill the queue, never accepted
+        try:
+            for sock in queued:
+                sock.setblocking(False)
+                sock.connect_ex(("127.0.0.1", port))
+            url = f"redis://127.0.0.1:{port}/0"
+            s = RemoteStore("remote", BB, url=url, connect_timeout=0.8, timeout=10.0)
+            try:
+                t0 = time.monotonic()
+                with pytest.raises(RemoteUnavailable, match="Timeout connecting"):
+                    s.contains([1])
+                assert 0.8 <= time.monotonic() - t0 < 0.8 * 1.75
+            finally:
+                s.close()
+        finally:
+            for sock in queued:
+                sock.close()
+
+
 def test_closed_connections_are_replaced_and_a_hung_read_is_not_sent_again(
     redis_server: LocalServer,  # noqa: F811
 ) -> None:
@@ -471,6 +544,46 @@ def test_cluster_spreads_blocks_and_survives_a_dead_node(redis_cluster: LocalClu
     s.close()
 
 
+@pytest.mark.parametrize("victim", [0, 1, 2])
+def test_a_hung_cluster_node_is_waited_on_for_one_timeout_per_call(
+    redis_cluster: LocalCluster,  # noqa: F811
+    victim: int,
+) -> None:
+    """Failure behaviour, one node of a cluster stops answering (SIGSTOP), whichever
+    of the start-up nodes it is: its keys are misses, the other nodes' blocks
+    arrive exact, and no call waits longer than about one `timeout` (the slot
+    map is reloaded from the other nodes, not from the hung one)."""
+    timeout = 0.8
+    keys = list(range(60))
+    rows = rows_for(keys)
+    s = RemoteStore("remote", BB, nodes=redis_cluster.nodes, timeout=timeout, retry_after=0.2)
+    server = redis_cluster.servers[victim]
+    proc = server.proc
+    assert proc is not None
+    try:
+        s.write_from([], rows, keys)
+        on_victim = set(server.client().keys(b"kvactors:*"))
+        gone = sorted(i for i, k in enumerate(keys) if s.redis_key(k) in on_victim)
+        kept = [i for i in range(len(keys)) if i not in gone]
+        assert gone
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            out = torch.zeros_like(rows)
+            assert s.read_into([], out, keys) == gone
+            assert torch.equal(out[kept], rows[kept])
+            assert time.monotonic() - t0 < timeout * 1.75
+            time.sleep(0.25)  # past retry_after: the hung node is tried again
+            t0 = time.monotonic()
+            found = s.contains(keys)
+            assert [i for i, f in enumerate(found) if not f] == gone
+            assert time.monotonic() - t0 < timeout * 1.75
+        finally:
+            proc.send_signal(signal.SIGCONT)
+    finally:
+        s.close()
+
+
 def test_unreachable_server_is_a_typed_error() -> None:
     from kvactors.media.local_server import free_port
 
@@ -483,6 +596,41 @@ def test_unreachable_server_is_a_typed_error() -> None:
         s.contains([1])
     assert time.monotonic() - t0 < 2.0
     s.close()
+
+
+def test_a_server_refusing_the_connections_database_is_down_naming_it(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """A URL naming a database the server does not have (`SELECT 99` of 16): every
+    call, one key or many, raises RemoteUnavailable with the server's reason and
+    the server is left alone for `retry_after`, never a raw ResponseError or a
+    lookup answering "absent"."""
+    url = redis_server.url.removesuffix("/0") + "/99"
+    buf = [memoryview(bytearray(BB))]
+    calls: dict[str, Any] = {
+        "lookup": lambda s: s.contains([1]),
+        "lookups": lambda s: s.contains([1, 2]),
+        "write": lambda s: s.put([1], buf),
+        "read": lambda s: s.fetch([1], buf),
+        "delete": lambda s: s.delete([1]),
+    }
+    for name, call in calls.items():
+        s = RemoteStore("remote", BB, url=url, timeout=1.0, retry_after=30)
+        try:
+            with pytest.raises(RemoteUnavailable, match="DB index is out of range"):
+                call(s)
+            assert s.down == [url], name
+            assert s.counters().node_failures == 1, name
+            with pytest.raises(RemoteUnavailable, match="retrying"):
+                call(s)  # left alone: no network
+        finally:
+            s.close()
+    s = RemoteStore("remote", BB, url=url, timeout=1.0)
+    try:
+        assert s.ping() is False
+        assert s.down == [url]
+    finally:
+        s.close()
 
 
 def test_bad_settings_raise_config_error() -> None:
@@ -584,6 +732,38 @@ def test_a_cluster_named_by_one_node_url(redis_cluster: LocalCluster) -> None:  
     assert s.read_into([], out, keys) == []
     assert torch.equal(out, rows)
     s.close()
+
+
+def test_a_cluster_node_url_without_cluster_true_is_down_saying_so(
+    redis_cluster: LocalCluster,  # noqa: F811
+) -> None:
+    """`url` naming a node of a cluster without `cluster = true`: the node
+    redirects (`MOVED`) the keys of the other nodes' slots. That is no miss and
+    no refused write (a third of the blocks silently stored): every call raises
+    RemoteUnavailable telling to set `cluster = true`, and the server is down."""
+    url = f"redis://{redis_cluster.nodes[0]}/0"
+    keys = list(range(24))
+    bufs = [memoryview(bytearray(BB)) for _ in keys]
+    calls: dict[str, Any] = {
+        "write": lambda s: s.put(keys, bufs),
+        "lookups": lambda s: s.contains(keys),
+        "read": lambda s: s.fetch(keys, bufs),
+        "read in place": lambda s: s.fetch(keys, bufs, in_place=True),
+    }
+    for name, call in calls.items():
+        s = RemoteStore("remote", BB, url=url, timeout=1.0, retry_after=30)
+        try:
+            with pytest.raises(RemoteUnavailable, match="cluster = true"):
+                call(s)
+            assert s.down == [url], name
+        finally:
+            s.close()
+    cluster = RemoteStore("remote", BB, url=url, cluster=True)
+    try:
+        assert cluster.put(keys, bufs) == []  # the same URL as a cluster: every block
+        assert cluster.contains(keys) == [True] * len(keys)
+    finally:
+        cluster.close()
 
 
 def test_one_pipeline_of_writes_carries_at_most_max_batch_bytes(

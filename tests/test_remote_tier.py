@@ -221,6 +221,47 @@ async def test_a_full_load_within_retry_after_is_block_not_found_at_once(
             assert torch.equal(out, data([1]))
 
 
+async def test_a_database_the_server_lacks_is_a_server_that_is_down(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """Failure behaviour: a URL whose database the server refuses (`/99` of 16)
+    is a server that is down: a full load of a block only the server could hold
+    raises `RemoteUnavailable` naming the reason (not a `TransferError`), stores
+    and lookups succeed with the local tiers, and the tier shows as failed."""
+    url = redis_server.url.removesuffix("/0") + "/99"
+    remote = RemoteConfig(url=url, timeout=1.0, retry_after=30)
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as kv:
+            with pytest.raises(RemoteUnavailable, match="DB index is out of range"):
+                await kv.load([3], torch.zeros(1, BB, dtype=torch.uint8))
+            assert (await kv.store([1, 2], data([1, 2]))) is not None
+            assert (await kv.lookup([1, 2, 3])).tiers == ["cpu", "cpu"]
+            stats = await kv.stats()
+            assert stats.policy.failed == ["remote"]
+            crashed = stats.tiers["remote"].crashed
+            assert crashed is not None
+            assert "DB index is out of range" in crashed
+            assert stats.remote is not None
+            assert stats.remote.down == [url]
+
+
+async def test_a_cluster_node_named_as_one_server_is_down_saying_so(
+    redis_cluster: LocalCluster,  # noqa: F811
+) -> None:
+    """A cache whose `url` names a cluster node without `cluster = true`: the
+    full load that needs the server raises `RemoteUnavailable` saying to set
+    `cluster = true`, stores go on in the local tiers, the tier shows as failed."""
+    remote = RemoteConfig(url=f"redis://{redis_cluster.nodes[0]}/0", retry_after=30)
+    keys = list(range(16))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote)) as kv:
+            with pytest.raises(RemoteUnavailable, match="cluster = true"):
+                await kv.load(keys, torch.zeros(len(keys), BB, dtype=torch.uint8))
+            await store_all(kv, keys)
+            assert (await kv.lookup(keys)).tiers == ["cpu"] * len(keys)
+            assert (await kv.stats()).policy.failed == ["remote"]
+
+
 async def test_damaged_values_are_misses_for_the_cache(redis_server: LocalServer) -> None:  # noqa: F811
     """Garbage and truncated values on the server: the load stops before them
     (partial) or reports them missing, never serves their bytes."""
@@ -788,6 +829,59 @@ async def test_loads_ask_nothing_first_and_lookups_ask_in_one_batch(
             await settled(b)
 
 
+async def test_a_lookup_or_load_of_more_blocks_than_the_remote_tracks_gets_the_leading_ones(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """`num_blocks`: the blocks of the server the cache keeps track of. A lookup
+    of 32 blocks the server holds, by a cache whose remote tier tracks 8, finds
+    the leading 8 (not none), and a partial load returns those 8 byte-exact; a
+    full load of all 32 raises `BlockNotFoundError` (see Limits)."""
+    remote = RemoteConfig(url=redis_server.url, num_blocks=8)
+    keys = list(range(32))
+    with anyio.fail_after(30):
+        await seed(config(remote, cpu_blocks=64), keys)  # 4 blocks a store
+        assert redis_server.client().dbsize() == len(keys)
+        async with kvactors.open(config(remote, cpu_blocks=64)) as kv:
+            found = await kv.lookup(keys)
+            assert found.hits == 8
+            assert found.tiers == ["remote"] * 8
+        async with kvactors.open(config(remote, cpu_blocks=64)) as kv:
+            out = torch.zeros(len(keys), BB, dtype=torch.uint8)
+            got = await kv.load(keys, out, partial=True)
+            assert got.tiers == ["remote"] * 8
+            assert torch.equal(out[:8], data(keys[:8]))
+            assert not out[8:].any()
+        async with kvactors.open(config(remote, cpu_blocks=64)) as kv:
+            with pytest.raises(BlockNotFoundError):
+                await kv.load(keys, torch.zeros(len(keys), BB, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("write_policy", ["write_through", "on_demotion"])
+async def test_more_blocks_at_once_than_the_remote_tracks_still_reach_the_server(
+    redis_server: LocalServer,  # noqa: F811
+    write_policy: str,
+) -> None:
+    """A store of 32 blocks at once (`write_through`), or a store evicting 32
+    blocks from CPU at once (`on_demotion`), into a remote tier that tracks 16:
+    the leading 16 are written to the server (not none of them), and another
+    engine loads them byte-exact."""
+    remote = RemoteConfig(url=redis_server.url, num_blocks=16, write_policy=write_policy)
+    first, second = list(range(32)), list(range(100, 132))
+    with anyio.fail_after(30):
+        async with kvactors.open(config(remote, cpu_blocks=32)) as kv:
+            assert await kv.store(first, data(first)) is not None
+            if write_policy == "on_demotion":
+                assert redis_server.client().dbsize() == 0
+                assert await kv.store(second, data(second)) is not None  # evicts all 32
+            stats = await settled(kv)
+            assert stats.remote is not None
+            assert stats.remote.stored == 16
+        async with kvactors.open(config(RemoteConfig(url=redis_server.url))) as other:
+            out = torch.zeros(16, BB, dtype=torch.uint8)
+            assert (await other.load(first[:16], out)).tiers == ["remote"] * 16
+            assert torch.equal(out, data(first[:16]))
+
+
 async def test_blocks_the_remote_tier_forgets_stay_on_the_server(
     redis_server: LocalServer,  # noqa: F811
 ) -> None:
@@ -1105,6 +1199,36 @@ async def test_on_demotion_writes_blocks_only_when_they_leave_cpu(
             assert torch.equal(out, data(keys))
 
 
+async def test_on_demotion_with_nvme_writes_blocks_only_when_they_leave_nvme(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """`on_demotion`: "blocks reach the server when evicted from the tier above
+    (CPU, or NVMe when configured)": with NVMe in the chain, blocks CPU evicts go
+    to NVMe and none to the server; those NVMe evicts reach the server, and
+    another engine loads them from there byte-exact."""
+    remote = RemoteConfig(url=redis_server.url, write_policy="on_demotion")
+    keys = list(range(48))
+    with anyio.fail_after(60):
+        async with kvactors.open(config(remote, nvme=True, cpu_blocks=8)) as a:
+            await store_all(a, keys[:32])  # 24 evicted from CPU: NVMe holds them
+            stats = await settled(a)
+            assert stats.policy.tiers["nvme"].used == 24
+            assert stats.remote is not None
+            assert stats.remote.stored == 0
+            assert redis_server.client().dbsize() == 0
+            await store_all(a, keys[32:])  # 16 more into NVMe (32 slots): 8 leave it
+            stats = await settled(a)
+            assert stats.policy.tiers["nvme"].used == 32
+            assert stats.remote is not None
+            assert stats.remote.stored == 8
+        async with kvactors.open(config(RemoteConfig(url=redis_server.url))) as b:
+            first = keys[:8]  # the least recently used: the first NVMe evicted
+            assert (await b.lookup(first)).tiers == ["remote"] * 8
+            out = torch.zeros(8, BB, dtype=torch.uint8)
+            await b.load(first, out)
+            assert torch.equal(out, data(first))
+
+
 async def test_cluster_tier_loses_one_node_without_wrong_bytes(
     redis_cluster: LocalCluster,  # noqa: F811
 ) -> None:
@@ -1235,6 +1359,55 @@ async def test_write_back_at_close_takes_blocks_from_cpu_and_nvme(
         assert [(r.written, r.failed, r.left, r.error) for r in b.flushed] == [(0, 0, 0, None)]
 
 
+async def test_write_back_at_close_runs_when_the_block_is_cancelled(
+    redis_server: LocalServer,  # noqa: F811
+) -> None:
+    """`on_demotion`: closing writes back the blocks still held in CPU "whatever
+    ended the `async with` block", a cancellation included: every block is on
+    the server afterwards and `kv.flushed` counts them written."""
+    remote = RemoteConfig(url=redis_server.url, write_policy="on_demotion")
+    keys = list(range(12))
+    seen: dict[str, kvactors.KVCache] = {}
+    with anyio.fail_after(30):
+        with anyio.CancelScope() as scope:
+            async with kvactors.open(config(remote)) as kv:
+                seen["kv"] = kv
+                await store_all(kv, keys)
+                assert redis_server.client().dbsize() == 0  # nothing demoted yet
+                scope.cancel()
+                await anyio.sleep_forever()
+        assert scope.cancelled_caught
+    assert [(r.tier, r.written, r.failed, r.left) for r in seen["kv"].flushed] == [
+        ("remote", len(keys), 0, 0)
+    ]
+    client = redis_server.client()
+    assert all(client.exists(n) for n in server_keys(redis_server.url, keys))
+    async with kvactors.open(config(RemoteConfig(url=redis_server.url))) as other:
+        out = torch.zeros(len(keys), BB, dtype=torch.uint8)
+        assert (await other.load(keys, out)).tiers == ["remote"] * len(keys)
+        assert torch.equal(out, data(keys))
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.001, 0.005, 0.02, 0.1])
+async def test_a_cancellation_while_the_cache_opens_or_runs_never_hangs_the_close(
+    redis_server: LocalServer,  # noqa: F811
+    delay: float,
+) -> None:
+    """A cancel scope around `kvactors.open` that fires while the actors start (or
+    once they run): the block is left within a few seconds, every actor stopped,
+    and a cache that opened has written back under `on_demotion`."""
+    remote = RemoteConfig(url=redis_server.url, write_policy="on_demotion")
+    opened: list[kvactors.KVCache] = []
+    with anyio.fail_after(20):
+        with anyio.move_on_after(delay):
+            async with kvactors.open(config(remote, nvme=True)) as kv:
+                opened.append(kv)
+                await kv.store([1, 2], data([1, 2]))
+                await anyio.sleep_forever()
+    for kv in opened:
+        assert [(r.tier, r.failed, r.left) for r in kv.flushed] == [("remote", 0, 0)]
+
+
 async def test_write_back_at_close_with_the_server_down_reports_and_returns(
     redis_server: LocalServer,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
@@ -1256,7 +1429,11 @@ async def test_write_back_at_close_with_the_server_down_reports_and_returns(
     assert result.written == 0
     assert result.failed + result.left == len(keys)
     assert result.error is not None
-    assert any("written back" in r.getMessage() for r in caplog.records)
+    # "a close that did not write everything also logs a warning (logger `kvactors.cache`)"
+    assert any(
+        r.name == "kvactors.cache" and r.levelname == "WARNING" and "written back" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 async def test_write_back_at_close_is_bounded_by_flush_timeout(

@@ -278,7 +278,9 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     - ``url``: one server, ``redis://host:port/db`` (``unix:///path`` for a
       socket; ``rediss://`` is handed to redis-py for TLS); with
-      ``cluster = true`` one node of a cluster.
+      ``cluster = true`` one node of a cluster (database 0, over TCP). A URL
+      redis-py cannot use as written (a bad port or database path, a query
+      argument it does not take) is a ConfigError naming ``remote.url``.
     - ``nodes``: ``["host:port", ...]`` start-up nodes of a cluster (overrides ``url``).
     - ``username`` / ``password``: authenticate to the server, or to every node
       of a cluster (an ACL user, or ``requirepass`` with ``username`` unset);
@@ -336,17 +338,19 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"ttl: expected seconds > 0 or none, got {self.ttl!r}")
         _check_types(self)
         if self.url is None and not self.nodes:
-            raise ConfigError("url: give url or nodes")
-        from kvactors.media.remote import check_credentials, masked_url, parse_node
+            raise ConfigError("remote.url: give url or nodes")
+        from kvactors.media.remote import check_credentials, check_url, masked_url, parse_node
 
         if self.url is not None and not self.url.startswith(REMOTE_SCHEMES):
             raise ConfigError(
-                f"url: expected {', '.join(s + '...' for s in REMOTE_SCHEMES)}, "
+                f"remote.url: expected {', '.join(s + '...' for s in REMOTE_SCHEMES)}, "
                 f"got {masked_url(self.url)!r}"
             )
         for node in self.nodes:
             parse_node(node)  # ConfigError naming remote.nodes
         check_credentials(self.url, self.nodes, self.username, self.password)
+        if self.url is not None and not self.nodes:
+            check_url(self.url, self.cluster)  # the URL used: ConfigError naming remote.url
         if not self.namespace or any(c in self.namespace for c in "{}: "):
             raise ConfigError(
                 f"namespace: expected a non-empty name without braces, colons "
@@ -402,6 +406,12 @@ class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if port is not None and (type(port) is not int or not 0 <= port <= 65535):
             raise ConfigError(f"port: expected a TCP port 0..65535 or none, got {port!r}")
         _check_types(self)
+        if not self.host.strip():
+            # No address: the exporter could not listen anywhere (not "every interface").
+            raise ConfigError(
+                f"host: expected an address to listen on (127.0.0.1; 0.0.0.0 for every "
+                f"interface), got {self.host!r}"
+            )
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -306,6 +306,25 @@ def _report_flush(results: list[FlushResult]) -> None:
             )
 
 
+class _Started:
+    """The task status of an actor started by :func:`_run_until_stopped`."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+
+    def started(self, value: None = None) -> None:
+        self.event.set()
+
+
+async def _run_until_stopped(actor: Actor[Any], status: _Started) -> None:
+    """``actor.run``, out of reach of a cancellation of the ``async with`` block
+    (started with ``start_soon``: ``TaskGroup.start`` cancelled would wait for
+    it): closing still needs the actors (the write-back at close asks the
+    policy actor and the tiers), and stops them itself, in dependency order."""
+    with anyio.CancelScope(shield=True):
+        await actor.run(task_status=status)
+
+
 @asynccontextmanager
 async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
     """Start every actor of a cache built from ``config`` (defaults when ``None``).
@@ -354,7 +373,11 @@ async def open(config: Config | None = None) -> AsyncIterator[KVCache]:
         async with anyio.create_task_group() as tg:
             try:
                 for actor in order:
-                    await tg.start(actor.run)
+                    status = _Started()
+                    tg.start_soon(_run_until_stopped, actor, status)
+                    # Cancelled (or an actor failed to start: the group cancels
+                    # this), the finally below stops every actor, started or not.
+                    await status.event.wait()
                     started.append(actor)
                 kv: KVCache | None = None
                 try:

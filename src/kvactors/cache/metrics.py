@@ -40,6 +40,8 @@ it); docs/remote.md lists them with their types:
 from __future__ import annotations
 
 import contextlib
+import errno
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -194,7 +196,8 @@ class MetricsEndpoint:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/metrics"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
+        return f"http://{host}:{self.port}/metrics"
 
 
 @contextlib.asynccontextmanager
@@ -210,7 +213,11 @@ async def serve_metrics(
     try:
         server, thread = prom.start_http_server(port, addr=host, registry=metrics.registry)
     except OSError as exc:
-        raise ConfigError(f"metrics.port: cannot listen on {host}:{port}: {exc}") from exc
+        # No such address here (a name that does not resolve, another machine's
+        # address) is the host's fault; a port in use or not allowed is the port's.
+        unknown = isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+        key = "metrics.host" if unknown else "metrics.port"
+        raise ConfigError(f"{key}: cannot listen on {host}:{port}: {exc}") from exc
     endpoint = MetricsEndpoint(metrics, host, server.server_port)
     try:
         async with anyio.create_task_group() as tg:

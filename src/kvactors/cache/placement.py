@@ -52,7 +52,7 @@ from kvactors.cache.transfers import CALLER, Role, Transfer
 from kvactors.config import Config, NVMeConfig
 from kvactors.errors import BlockNotFoundError, BlockNotReadyError, TierFailed
 from kvactors.keys import Key
-from kvactors.manager import OffloadingManager
+from kvactors.manager import OffloadingManager, PrepareStoreOutput
 from kvactors.media.index_format import fitting
 from kvactors.media.nvme_index import NVMeIndex
 
@@ -63,6 +63,23 @@ Tiers = Sequence[tuple[str, bool]]
 
 Recovered = Sequence[Sequence[tuple[Key, int]] | NVMeIndex]
 """Per tier, what its medium held when opened: ``(key, slot)`` pairs, or the NVMe index."""
+
+
+def leading_store(
+    manager: OffloadingManager, keys: list[Key]
+) -> tuple[PrepareStoreOutput | None, int]:
+    """``manager.prepare_store(keys)`` and how many of ``keys`` it was given: where
+    the tier has no room for all of them at once (more than it holds beside its
+    blocks in use), the leading ones, as many as fit, rather than none."""
+    if not keys:
+        return None, 0
+    out = manager.prepare_store(keys)
+    if out is None:
+        st = manager.stats()
+        room = st.capacity - st.pinned - st.being_written
+        if 0 < room < len(keys):
+            return manager.prepare_store(keys[:room]), room
+    return out, len(keys)
 
 
 class _Writing:
@@ -177,7 +194,11 @@ class Placement:
             # Keys too long for the next tier's index are dropped, the others moved.
             self.demotions_lost += len(wanted) - len(fit)
             wanted = fit
-        out = self.managers[nxt].prepare_store(wanted) if wanted else None
+        out, taken = leading_store(self.managers[nxt], wanted)
+        if out is not None and taken < len(wanted):
+            # More victims than the next tier had room for: the rest are dropped.
+            self.demotions_lost += len(wanted) - taken
+            wanted = wanted[:taken]
         if out is None:
             # The next tier is full of pinned / in-flight blocks: the victims are dropped.
             self.demotions_lost += len(wanted)
@@ -245,7 +266,7 @@ class Placement:
                     continue
                 # A key too long for the tier's index stays out; the others go.
                 fit = fitting(new) if self.bounded[i] else new
-                through = self.managers[i].prepare_store(fit) if fit else None
+                through, _ = leading_store(self.managers[i], fit)
                 if through is None or not through.block_hashes_to_store:
                     continue
                 transfers += self._demote(

@@ -59,7 +59,7 @@ from kvactors.cache.messages import (
     PrepareStore,
     Subscribe,
 )
-from kvactors.cache.placement import Placement, Recovered, Tiers
+from kvactors.cache.placement import Placement, Recovered, Tiers, leading_store
 from kvactors.cache.results import LookupResult, Snapshot
 from kvactors.cache.transfers import Transfer
 from kvactors.config import Config
@@ -274,7 +274,9 @@ class PolicyActor(Actor[PolicyRequest], Placement):
         on the server)."""
         manager = self._manager(tier)
         new = [k for k in keys if k not in manager]
-        out = manager.prepare_store(new) if new else None
+        # More than the tier can track at once: the leading ones (a lookup's run
+        # of hits, a partial load's prefix), rather than none.
+        out, _ = leading_store(manager, new)
         if out is not None and out.block_hashes_to_store:
             manager.complete_store(out.block_hashes_to_store, success=True)
 

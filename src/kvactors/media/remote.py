@@ -55,6 +55,7 @@ from kvactors.media.remote_nodes import (
     Node,
     RemoteNodes,
     check_credentials,
+    check_url,
     masked_url,
     parse_node,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "RemoteCounters",
     "RemoteStore",
     "check_credentials",
+    "check_url",
     "encode_key",
     "fingerprint",
     "masked_url",
@@ -150,6 +152,8 @@ class RemoteStore:
         if url is None and not nodes:
             raise ConfigError("remote: give a url or a list of cluster nodes")
         check_credentials(url, nodes, username, password)
+        if url is not None and not nodes:
+            check_url(url, cluster)
         self.name = name
         self.block_bytes = block_bytes
         self.num_blocks = num_blocks
@@ -175,15 +179,19 @@ class RemoteStore:
             redis.exceptions.NoPermissionError,
             OSError,
         )
+        denied: dict[bytes, type[BaseException]] = {
+            b"-NOPERM": redis.exceptions.NoPermissionError,
+            b"-NOAUTH": redis.AuthenticationError,
+        }
+        single = not nodes and not cluster
+        if single:
+            # A redirect (MOVED / ASK; MovedError is an AskError) from a server
+            # named as one: it is a node of a cluster and would serve only its
+            # own slots' keys. Down, saying so, rather than misses and lost writes.
+            errors += (redis.exceptions.AskError,)
+            denied |= {b"-MOVED": redis.exceptions.MovedError, b"-ASK": redis.exceptions.AskError}
         self.io = RemoteIO(
-            fmt,
-            errors,
-            (TimeoutError, redis.TimeoutError),
-            redis.ResponseError,
-            {
-                b"-NOPERM": redis.exceptions.NoPermissionError,
-                b"-NOAUTH": redis.AuthenticationError,
-            },
+            fmt, errors, (TimeoutError, redis.TimeoutError), redis.ResponseError, denied
         )
         """The commands on a connection (:mod:`~kvactors.media.remote_wire`)."""
         common: dict[str, Any] = {
@@ -192,7 +200,7 @@ class RemoteStore:
             # One quick retry: a pooled connection the server closed (say, it
             # restarted) fails once and is replaced; a dead server is not
             # hammered, it waits ``retry_after``.
-            "retry": Retry(NoBackoff(), 1),
+            "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         }
         # Sent by every connection (HELLO ... AUTH, or AUTH) before its first command.
         if username is not None:

@@ -12,19 +12,22 @@ when every node is down does a call raise.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
+from kvactors.config import REMOTE_SCHEMES
 from kvactors.errors import ConfigError, RemoteUnavailable
 
 __all__ = [
     "Node",
     "RemoteNodes",
     "check_credentials",
+    "check_url",
     "masked_url",
     "parse_node",
     "url_credentials",
@@ -72,9 +75,88 @@ def url_credentials(url: str) -> tuple[str | None, str | None]:
 def parse_node(text: str) -> tuple[str, int]:
     """``"host:port"`` -> ``(host, port)``; a bad one raises ConfigError."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+    if (
+        not sep
+        or not host
+        or any(c.isspace() for c in host)
+        or not (port.isascii() and port.isdigit())
+        or not 0 < int(port) < 65536
+    ):
         raise ConfigError(f"remote.nodes: expected 'host:port', got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def check_url(url: str, cluster: bool = False) -> None:
+    """ConfigError naming ``remote.url`` where redis-py would not connect to ``url``
+    as written: another scheme, a port that is no number 1..65535, a path that
+    is no database number (``/0``; redis-py would take database 0 for
+    ``/db0``), a ``unix://`` URL without a path, a query argument redis-py does
+    not take or a value it cannot read (which would fail only at the first
+    connection); with ``cluster``, a database other than 0 (a cluster has only
+    that one) or a ``unix://`` URL (``remote.cluster``: nodes are reached over
+    TCP). The password is shown as ``***``."""
+    shown = masked_url(url)
+    if not url.startswith(REMOTE_SCHEMES):
+        raise ConfigError(
+            f"remote.url: expected {', '.join(s + '...' for s in REMOTE_SCHEMES)}, got {shown!r}"
+        )
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(
+                f"remote.url: a unix:// URL names the socket's path "
+                f"(unix:///run/valkey.sock), got {shown!r}"
+            )
+        if cluster:
+            raise ConfigError(
+                f"remote.cluster: a cluster's nodes are reached over TCP, "
+                f"not a unix:// socket ({shown!r})"
+            )
+        path = ""
+    else:
+        try:
+            port = parts.port
+        except ValueError as exc:  # "Port out of range 0-65535", "... as 'abc'"
+            raise ConfigError(f"remote.url: {exc} in {shown!r}") from None
+        if port == 0:
+            raise ConfigError(f"remote.url: expected a port 1..65535, got 0 in {shown!r}")
+        path = unquote(parts.path).removeprefix("/")
+    db = query["db"][0] if query.get("db") else path or "0"
+    for text in (path or "0", db):
+        if not (text.isascii() and text.isdigit()):
+            raise ConfigError(
+                f"remote.url: expected a database number (redis://host:6379/0), "
+                f"got {text!r} in {shown!r}"
+            )
+    if cluster and int(db) != 0:
+        raise ConfigError(f"remote.url: a cluster has database 0 only, got {db} in {shown!r}")
+    try:
+        import redis.connection
+    except ImportError:  # the store says which extra it needs
+        return
+    try:
+        options = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:  # "Invalid value for 'db' in connection URL."
+        raise ConfigError(f"remote.url: {exc} ({shown!r})") from None
+    taken = _parameters(redis.ConnectionPool)
+    for cls in options.get("connection_class", redis.connection.Connection).__mro__:
+        taken |= _parameters(cls)
+    for name in query:
+        if name not in taken:
+            raise ConfigError(f"remote.url: redis-py takes no query argument {name!r} ({shown!r})")
+
+
+def _parameters(cls: type) -> set[str]:
+    """The keyword parameters ``cls.__init__`` itself names."""
+    init = cls.__dict__.get("__init__")
+    if init is None:
+        return set()
+    return {
+        p.name
+        for p in inspect.signature(init).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
 
 
 def check_credentials(
@@ -103,6 +185,22 @@ def check_credentials(
             raise ConfigError(
                 f"{name}: the url {masked_url(url)} carries a {field} too; give it in one place"
             )
+
+
+def _set_up(conn: Any) -> None:
+    """A new connection's set-up (``HELLO`` / ``AUTH``, ``SELECT``), as redis-py
+    does it; an error reply to it (``SELECT`` of a database the server does not
+    have) fails the connection: the server will not serve it, so the node is
+    down with the server's reason, never each command's own error (a lookup
+    answering "absent")."""
+    import redis
+
+    try:
+        conn.on_connect()
+    except redis.ResponseError as exc:
+        if isinstance(exc, redis.exceptions.NoPermissionError):
+            raise  # the ACL's refusal, down as it is
+        raise redis.ConnectionError(f"the server refused the connection: {exc}") from exc
 
 
 class Node:
@@ -165,12 +263,23 @@ class RemoteNodes:
         else:
             assert url is not None
             try:
-                client = redis.Redis.from_url(url, **options)
+                client = redis.Redis.from_url(url, redis_connect_func=_set_up, **options)
             except ValueError as exc:
                 raise ConfigError(f"remote.url: {exc}") from None
             # The name shown in errors, logs and ``down``: never the password.
             self.where = masked_url(url)
             self.by_name["server"] = Node(self.where, client)
+
+    def reason(self, exc: BaseException) -> str:
+        """What a node's failure ``exc`` says in errors and logs."""
+        import redis
+
+        if self.connect is None and isinstance(exc, redis.exceptions.AskError):
+            return (
+                f"the server is a node of a cluster (it redirected a key: {exc}); "
+                f"set cluster = true, or list the nodes"
+            )
+        return f"{type(exc).__name__}: {exc}"
 
     def groups(self, rkeys: list[bytes]) -> list[tuple[Node, list[int]]]:
         """The positions of ``rkeys`` grouped by the node that serves them."""
@@ -219,11 +328,11 @@ class RemoteNodes:
                         result(pos, reply)
             except self.errors as exc:
                 node.down_until = time.monotonic() + self.retry_after
-                node.error = f"{type(exc).__name__}: {exc}"
+                node.error = self.reason(exc)
                 errors.append(f"{node.name}: {node.error}")
                 failed += positions
                 if self.cluster is not None:
-                    self.refresh()
+                    self.refresh(node.name)
             else:
                 node.down_until = 0.0
         if failed:
@@ -268,11 +377,17 @@ class RemoteNodes:
         entry.down_until = 0.0
         return self.cluster
 
-    def refresh(self) -> None:
-        # The cluster's map of slots may have changed (a node failed over or
-        # left): reload it; where no node answers the old map stays.
+    def refresh(self, failed: str) -> None:
+        """Reload the cluster's map of slots, which may have changed (node
+        ``failed`` failed over or left); where no node answers the old map stays.
+        The other nodes are asked first (where redis-py's reload takes the failed
+        node's name), so a node that hangs is not waited on twice in one call."""
+        manager = self.cluster.nodes_manager
+        options: dict[str, Any] = {}
+        if "last_failed_node_name" in inspect.signature(manager.initialize).parameters:
+            options["last_failed_node_name"] = failed
         with contextlib.suppress(Exception):  # RedisClusterException when no node answers
-            self.cluster.nodes_manager.initialize()
+            manager.initialize(**options)
         self.by_name = {n: v for n, v in self.by_name.items() if self.known(n)}
 
     def known(self, name: str) -> bool:
@@ -292,7 +407,7 @@ class RemoteNodes:
                 node.client.ping()
             except self.errors as exc:
                 node.down_until = time.monotonic() + self.retry_after
-                node.error = f"{type(exc).__name__}: {exc}"
+                node.error = self.reason(exc)
                 ok = False
             else:
                 node.down_until = 0.0

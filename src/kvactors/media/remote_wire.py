@@ -267,7 +267,7 @@ class RemoteIO:
         sent from its buffer as it is; they go out as they are framed, about
         :data:`SEND_BYTES` of values per gathered write (:func:`send_all`), so the
         server stores the first while the next are checksummed. A connection the
-        server closed (say, it restarted) is replaced once."""
+        server closed (say, it restarted) is replaced once; a time-out raises."""
 
         def sets(conn: Any) -> list[Any]:
             self._send_sets(conn._sock, batch, rkeys, keys, bufs, ttl_ms)
@@ -279,8 +279,9 @@ class RemoteIO:
                     replies.append(exc)
             return replies
 
-        # Writes go again on a new connection (a SET sent twice stores the same value).
-        return self._on_connection(node, sets, lambda exc: True)
+        # Writes go again on a new connection (a SET sent twice stores the same
+        # value), but never after a time-out: a hung server is not waited on twice.
+        return self._on_connection(node, sets, lambda exc: not isinstance(exc, self.timeouts))
 
     def _on_connection(
         self, node: Node, work: Callable[[Any], T], again: Callable[[BaseException], bool]
@@ -426,9 +427,11 @@ class RemoteIO:
                 buf[:] = stage  # verified: only now touch the caller's buffer
             return HIT
         if kind == b"-":
-            denied = self.denied.get(line.partition(b" ")[0])
+            code, _, text = line.partition(b" ")
+            denied = self.denied.get(code)
             if denied is not None:  # NOPERM (the ACL), NOAUTH: not this key's fault
-                raise denied(line[1:].decode(errors="replace"))
+                # The text after the code, as redis-py's own parser gives it.
+                raise denied(text.decode(errors="replace"))
             # MOVED / ASK: the slot moved (the map is reloaded on the next failure);
             # WRONGTYPE and the like: something else lives under this key.
             return ABSENT if line.startswith((b"-MOVED", b"-ASK")) else REFUSED

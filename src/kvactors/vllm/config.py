@@ -18,7 +18,7 @@ from kvactors.config import (
     positive_seconds,
 )
 from kvactors.errors import ConfigError
-from kvactors.media.remote_nodes import check_credentials, masked_url, parse_node
+from kvactors.media.remote_nodes import check_credentials, check_url, masked_url, parse_node
 from kvactors.policy import POLICIES
 
 __all__ = [
@@ -237,6 +237,12 @@ def _remote(extra: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"kv_connector_extra_config['remote_model']: expected a name, got {model!r}"
         )
+    if url is not None and not nodes:
+        try:
+            check_url(url)  # as [remote] url: a port, database path, query argument redis-py takes
+        except ConfigError as exc:
+            reason = str(exc).removeprefix("remote.url: ")
+            raise ConfigError(f"kv_connector_extra_config['remote_url']: {reason}") from None
     timeout = _positive(extra, "remote_timeout", 2.0)
     assert timeout is not None
     login = {key: extra.get(key) for key in ("remote_username", "remote_password")}
