@@ -22,6 +22,7 @@ import torch
 import kvactors
 from kvactors.cli.arguments import block_count, positive_int
 from kvactors.cli.report import Report
+from kvactors.cli.stopping import run_async
 from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
 from kvactors.errors import KVActorsError
 from kvactors.traces import BUNDLED_TRACES, bundled_trace
@@ -219,7 +220,7 @@ def run(args: argparse.Namespace) -> Report:
         gpu={"num_blocks": args.concurrency * longest, "device": args.device}
     )
     bar = ProgressBar(len(requests), "demo", enabled=None if not args.json else False)
-    result = anyio.run(
+    result = run_async(
         lambda: run_demo(requests, config, concurrency=args.concurrency, progress=bar.advance)
     )
     bar.close()

@@ -49,7 +49,6 @@ import time
 import uuid
 from typing import Any
 
-import anyio
 import torch
 
 import kvactors
@@ -61,6 +60,7 @@ from kvactors.cli.bench.remote_rounds import (
     measure_rounds,
 )
 from kvactors.cli.report import GBPS, RATIO, Report, progress
+from kvactors.cli.stopping import run_async
 from kvactors.errors import RemoteUnavailable
 from kvactors.media.local_server import LocalServer
 from kvactors.media.remote import RemoteStore
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> Report:
     if args.worker:
         ns, half, wtrace, _ = args.worker
         url = os.environ[WORKER_URL]
-        result = anyio.run(_replay, url, ns, int(half), wtrace, args.requests, args.cpu_blocks)
+        result = run_async(_replay, url, ns, int(half), wtrace, args.requests, args.cpu_blocks)
         return Report(
             title="replay worker",
             columns=["hits", "keys"],
@@ -245,7 +245,7 @@ def _run(args: argparse.Namespace, url: str, trace: str) -> Report:
         bb = kib * 1024
         n = max(4, args.mib * 2**20 // bb)
         rows = torch.randint(0, 256, (n, bb), dtype=torch.uint8)
-        rounds = anyio.run(measure_rounds, url, rows, args.repeat)
+        rounds = run_async(measure_rounds, url, rows, args.repeat)
         gb = n * bb / 1e9
         speed = {name: gb / min(s) for name, s in rounds.items()}
         won: dict[str, str] = {}
@@ -299,7 +299,7 @@ def _run(args: argparse.Namespace, url: str, trace: str) -> Report:
             "store_ratio_rounds": paired["store"],
             "load_ratio_rounds": paired["load"],
         }
-    trips = anyio.run(_round_trips, url, args.sizes[0] * 1024)
+    trips = run_async(_round_trips, url, args.sizes[0] * 1024)
     summary["round_trip"] = trips
     share = _sharing(url, trace, args.requests, args.cpu_blocks)
     summary["sharing"] = share
