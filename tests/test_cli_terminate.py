@@ -133,3 +133,39 @@ def test_sigterm_of_a_command_outside_an_event_loop_exits_143(tmp_path: Path) ->
         ["bench", "nvme-index", "--json"], tmp_path, made(tmp_path, "kvactors-bench-index-")
     )
     check_stopped(done, tmp_path)
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether ``pid`` has a handler installed for SIGTERM (Linux /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def test_sigterm_while_the_command_starts_exits_143_without_a_traceback(tmp_path: Path) -> None:
+    # At once after the handler is in place: the command is still loading its
+    # modules (torch for demo) or just starting; either way 143, nothing printed.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MAIN, "demo", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not catches_sigterm(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.001)
+        assert catches_sigterm(proc.pid), "kvactors demo never set its SIGTERM handler"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    check_stopped(subprocess.CompletedProcess([], proc.returncode, stdout, stderr), tmp_path)
