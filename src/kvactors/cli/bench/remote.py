@@ -193,18 +193,19 @@ def _sharing(url: str, trace: str, requests: int, cpu: int) -> dict[str, float]:
     return out
 
 
-def _check_answers(url: str) -> None:
+def check_answers(url: str, command: str = "bench remote") -> None:
     """RemoteUnavailable (one line, exit 2) when no server answers at ``url``, or
-    it refuses the URL's credentials (a wrong password, a user it does not know)."""
+    it refuses the URL's credentials (a wrong password, a user it does not know);
+    ``command`` begins the message (``bench remote``, ``demo``)."""
     store = RemoteStore("remote", 4096, url=url, namespace=f"bench-{uuid.uuid4().hex[:8]}")
     try:
         if not store.ping():
             error = store.nodes.by_name["server"].error
             if error.startswith(("AuthenticationError", "NoPermissionError")):
                 raise RemoteUnavailable(
-                    f"bench remote: the server at {masked_url(url)} refused the login: {error}"
+                    f"{command}: the server at {masked_url(url)} refused the login: {error}"
                 )
-            raise RemoteUnavailable(f"bench remote: no server answers at {masked_url(url)}")
+            raise RemoteUnavailable(f"{command}: no server answers at {masked_url(url)}")
     finally:
         store.close()
 
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace) -> Report:
             summary=result,
         )
     if args.url:
-        _check_answers(args.url)
+        check_answers(args.url)
     server = None if args.url else LocalServer().start()
     url = args.url or server.url  # type: ignore[union-attr]
     try:
