@@ -47,8 +47,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     _received.append(True)
     if _main_tasks:
         loop, task = _main_tasks[-1]
-        task.cancel()
-        loop.call_soon_threadsafe(lambda: None)  # wake the loop if it is waiting
+        loop.call_soon_threadsafe(task.cancel)  # and wakes the loop if it is waiting
         return
     raise KeyboardInterrupt
 
@@ -82,6 +81,8 @@ def run_async(func: Callable[..., Awaitable[T]], *args: object) -> T:
         finally:
             _main_tasks.pop()
 
+    if _received:  # stopping already: start nothing more
+        raise KeyboardInterrupt
     try:
         return anyio.run(main)
     except BaseException:
