@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from kvactors.cli.report import Report
-from kvactors.cli.stopping import sigterm_as_interrupt
+from kvactors.cli.stopping import sigterm_as_interrupt, terminating
 from kvactors.errors import KVActorsError
 
 __all__ = ["BENCHES", "COMMANDS", "build_parser", "main"]
@@ -202,6 +202,8 @@ def _main(args_list: list[str]) -> int:
             raise
         print("kvactors: error: out of memory (try smaller sizes)", file=sys.stderr)
         return 1
+    if terminating():  # a SIGTERM the command's own clean-up absorbed: print nothing
+        return TERMINATED
     try:
         if args.json:
             print(report.to_json())

@@ -30,7 +30,7 @@ from typing import TypeVar
 
 import anyio
 
-__all__ = ["run_async", "sigterm_as_interrupt"]
+__all__ = ["run_async", "sigterm_as_interrupt", "terminating"]
 
 T = TypeVar("T")
 
@@ -50,6 +50,11 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         loop.call_soon_threadsafe(task.cancel)  # and wakes the loop if it is waiting
         return
     raise KeyboardInterrupt
+
+
+def terminating() -> bool:
+    """Whether a SIGTERM has arrived while :func:`sigterm_as_interrupt` is in force."""
+    return bool(_received)
 
 
 @contextmanager
