@@ -169,3 +169,32 @@ def test_sigterm_while_the_command_starts_exits_143_without_a_traceback(tmp_path
             proc.kill()
             proc.communicate()
     check_stopped(subprocess.CompletedProcess([], proc.returncode, stdout, stderr), tmp_path)
+
+
+def test_sigterm_while_bench_remote_starts_its_server_stops_that_server(tmp_path: Path) -> None:
+    # The moment the server process exists, before it answers: the bench is
+    # still waiting for it inside LocalServer.start, which must stop it too.
+    env = {**os.environ, "KVACTORS_REDIS_SERVER": server_binary(), "TMPDIR": str(tmp_path)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    argv = ["bench", "remote", "--sizes", "64", "--mib", "1", "--repeat", "1", "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MAIN, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    server: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not server and time.monotonic() < deadline and proc.poll() is None:
+            server = [c for c in children(proc.pid) if b"server" in cmdline(c)]
+        assert server, "bench remote started no server"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    check_stopped(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr), tmp_path)
+    assert all_gone(server)

@@ -167,16 +167,25 @@ class LocalServer:
             # than killing the server under the command's feet first.
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                log = self._log_tail()
-                self.proc = None
-                raise ServerError(f"server on port {self.port} exited at start: {err}{log}")
-            if self._answers():
-                return self
-            time.sleep(0.02)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    err = (
+                        self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                    )
+                    log = self._log_tail()
+                    self.proc = None
+                    raise ServerError(f"server on port {self.port} exited at start: {err}{log}")
+                if self._answers():
+                    return self
+                time.sleep(0.02)
+        except BaseException:
+            # It exited, or the wait was interrupted (Ctrl-C, a SIGTERM): the
+            # caller never got the server to stop, so stop it (and remove its
+            # directory) here rather than leave it running.
+            self.stop()
+            raise
         self.stop()
         raise ServerError(f"server on port {self.port} did not answer within {timeout} s")
 
