@@ -226,10 +226,12 @@ def run(args: argparse.Namespace) -> Report:
         )
     if args.url:
         check_answers(args.url)
-    server = None if args.url else LocalServer().start()
-    url = args.url or server.url  # type: ignore[union-attr]
-    try:
-        return _run(args, url, trace)
+    server: LocalServer | None = None
+    try:  # from before the server exists, so an interrupt at any point stops it
+        if not args.url:
+            server = LocalServer()
+            server.start()
+        return _run(args, args.url or server.url, trace)  # type: ignore[union-attr]
     finally:
         if server is not None:
             server.stop()
