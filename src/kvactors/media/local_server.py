@@ -25,7 +25,9 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -70,6 +72,40 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block take effect when it ends.
+
+    Around starting the server process: an interrupt raised inside
+    ``subprocess.Popen`` once the child exists (while it waits for the exec)
+    leaves no ``Popen`` object, so nothing could stop that server. Outside the
+    main thread, or for a signal whose handler was not set from Python, it
+    holds nothing. A held signal is raised again, once, after the handlers in
+    force before are back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        held.append(signum)
+
+    previous = {
+        sig: handler
+        for sig in (signal.SIGINT, signal.SIGTERM)
+        if (handler := signal.getsignal(sig)) is not None
+    }
+    for sig in previous:
+        signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
 
 
 class LocalServer:
@@ -157,17 +193,18 @@ class LocalServer:
         self.dir.mkdir(parents=True, exist_ok=True)  # removed by a stop() before
         if self.cluster:
             (self.dir / "nodes.conf").unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            self._args(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            # Its own session: a terminal's Ctrl-C reaches only the command
-            # that started it, which then stops it (see :meth:`stop`), rather
-            # than killing the server under the command's feet first.
-            start_new_session=True,
-        )
         try:
+            with _interrupts_held():
+                self.proc = subprocess.Popen(
+                    self._args(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    # Its own session: a terminal's Ctrl-C reaches only the command
+                    # that started it, which then stops it (see :meth:`stop`), rather
+                    # than killing the server under the command's feet first.
+                    start_new_session=True,
+                )
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
