@@ -198,3 +198,36 @@ def test_sigterm_while_bench_remote_starts_its_server_stops_that_server(tmp_path
             proc.communicate()
     check_stopped(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr), tmp_path)
     assert all_gone(server)
+
+
+def test_sigterm_while_bench_remote_starts_a_replay_process_stops_it(tmp_path: Path) -> None:
+    # The moment the sharing figure's first replay process exists: the bench may
+    # still be inside subprocess.Popen for it, and must stop it all the same.
+    env = {**os.environ, "KVACTORS_REDIS_SERVER": server_binary(), "TMPDIR": str(tmp_path)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    argv = ["bench", "remote", "--sizes", "64", "--mib", "1", "--repeat", "1"]
+    argv += ["--requests", "12000", "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MAIN, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    found: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            kids = children(proc.pid)
+            if any(b"--worker" in cmdline(c) for c in kids):
+                found = kids  # the server and the replay process
+                break
+        assert found, "bench remote started no replay process"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    check_stopped(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr), tmp_path)
+    assert all_gone(found)

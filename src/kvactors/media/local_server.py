@@ -34,7 +34,14 @@ from urllib.parse import quote
 
 from kvactors.errors import ConfigError, KVActorsError
 
-__all__ = ["LocalCluster", "LocalServer", "ServerError", "find_server_binary", "free_port"]
+__all__ = [
+    "LocalCluster",
+    "LocalServer",
+    "ServerError",
+    "find_server_binary",
+    "free_port",
+    "interrupts_held",
+]
 
 SLOTS = 16384
 
@@ -75,10 +82,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
+def interrupts_held() -> Iterator[None]:
     """SIGINT and SIGTERM that arrive in the block take effect when it ends.
 
-    Around starting the server process: an interrupt raised inside
+    Around starting a child process that must not outlive its parent (the
+    server here; bench remote's replay processes): an interrupt raised inside
     ``subprocess.Popen`` once the child exists (while it waits for the exec)
     leaves no ``Popen`` object, so nothing could stop that server. Outside the
     main thread, or for a signal whose handler was not set from Python, it
@@ -194,7 +202,7 @@ class LocalServer:
         if self.cluster:
             (self.dir / "nodes.conf").unlink(missing_ok=True)
         try:
-            with _interrupts_held():
+            with interrupts_held():
                 self.proc = subprocess.Popen(
                     self._args(),
                     stdin=subprocess.DEVNULL,

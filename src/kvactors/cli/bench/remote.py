@@ -62,7 +62,7 @@ from kvactors.cli.bench.remote_rounds import (
 from kvactors.cli.report import GBPS, RATIO, Report, progress
 from kvactors.cli.stopping import run_async
 from kvactors.errors import RemoteUnavailable
-from kvactors.media.local_server import LocalServer
+from kvactors.media.local_server import LocalServer, interrupts_held
 from kvactors.media.remote import RemoteStore
 from kvactors.media.remote_nodes import masked_url
 from kvactors.traces import load_trace
@@ -171,11 +171,12 @@ def _sharing(url: str, trace: str, requests: int, cpu: int) -> dict[str, float]:
                 # The URL (it may carry a password) by environment, not on the
                 # command line that any user of the machine can list.
                 env = {**os.environ, WORKER_URL: url}
-                procs.append(
-                    subprocess.Popen(
-                        cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env
+                with interrupts_held():  # none started that the finally cannot stop
+                    procs.append(
+                        subprocess.Popen(
+                            cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env
+                        )
                     )
-                )
             hits = keys = 0
             for p in procs:
                 stdout, _ = p.communicate(timeout=600)
