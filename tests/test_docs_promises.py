@@ -1279,6 +1279,26 @@ async def test_a_block_size_no_machine_holds_is_a_config_error_at_open() -> None
                     pass
 
 
+def test_pools_only_an_idle_machine_holds_are_a_config_error() -> None:
+    # docs/api.md: the pools are checked against the host memory available, not
+    # the machine's total; pools between the two would pass a check against the
+    # total and be killed by the kernel while they are zero-filled (so this test
+    # only checks, it allocates nothing).
+    from kvactors.media import check_sizes
+
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo}
+    available = info["MemAvailable"]
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert total - available > 64 << 20  # room between the two for the check below
+    blocks = (available + total) // 2 // BB
+    with pytest.raises(ConfigError, match=r"^gpu\.num_blocks: .* GiB available$"):
+        check_sizes(
+            small(gpu=kvactors.GPUConfig(num_blocks=blocks, device="cpu")), torch.device("cpu")
+        )
+    check_sizes(small(gpu=kvactors.GPUConfig(num_blocks=8, device="cpu")), torch.device("cpu"))
+
+
 def _takes_o_direct(directory: Path) -> bool:
     import errno
 

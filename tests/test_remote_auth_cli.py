@@ -16,7 +16,7 @@ import pytest
 from _redis import server_binary
 from kvactors.cli import main
 from kvactors.errors import ConfigError
-from kvactors.media.local_server import LocalServer
+from kvactors.media.local_server import LocalServer, free_port
 from kvactors.media.remote import RemoteStore
 from kvactors.vllm import parse_settings
 
@@ -159,3 +159,32 @@ def test_vllm_remote_username_and_password_log_in_to_nodes(auth_server: LocalSer
         assert "url-Pw" not in str(raised.value)
     with pytest.raises(ConfigError, match=r"'remote_password'.*got \*\*\*"):
         parse_settings({"cpu_bytes": 1, "remote_password": ""})
+
+
+def test_demo_with_no_server_at_its_remote_url_is_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # As bench remote --url (docs/remote.md): the demo's remote tier is what it
+    # shows, so a server that does not answer is an error before anything runs.
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    argv = ["demo", "--trace", "synthetic", "--requests", "20", "--no-nvme", "--device", "cpu"]
+    assert main([*argv, "--remote", url, "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"kvactors: error: demo: no server answers at {url}\n"
+
+
+def test_demo_whose_server_refuses_the_login_is_one_line_exit_2(
+    auth_server: LocalServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"redis://:wrong-{SECRET}@127.0.0.1:{auth_server.port}/0"
+    argv = ["demo", "--trace", "synthetic", "--requests", "20", "--no-nvme", "--device", "cpu"]
+    assert main([*argv, "--remote", url]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(
+        f"kvactors: error: demo: the server at redis://:***@127.0.0.1:{auth_server.port}/0 "
+        "refused the login: "
+    )
+    assert err.count("\n") == 1
+    assert SECRET not in err

@@ -14,7 +14,9 @@ so a command that needs torch does not slow the others down.
 Output: the report as a table on stdout, or with ``--json`` exactly one line
 of JSON. A :class:`~kvactors.errors.KVActorsError` or an :class:`OSError` (a
 full disk, a permission denied) prints one line on stderr and exits with
-status 2, like a usage error.
+status 2, like a usage error. Ctrl-C exits with status 130 and a SIGTERM with
+143, each once the command's clean-up has run (see :mod:`kvactors.cli.stopping`;
+a command runs its event loop with :func:`~kvactors.cli.stopping.run_async`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from kvactors.cli.report import Report
+from kvactors.cli.stopping import sigterm_as_interrupt, terminating
 from kvactors.errors import KVActorsError
 
 __all__ = ["BENCHES", "COMMANDS", "build_parser", "main"]
@@ -149,15 +152,32 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (SIGINT): 128 + 2, as a shell reports a process it ended."""
+
+TERMINATED = 143
+"""Exit status after a SIGTERM: 128 + 15."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command in ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
     0 on success, 2 for a usage error, a :class:`~kvactors.errors.KVActorsError` or an
     :class:`OSError` such as a full disk (one line on stderr), 1 when memory runs out
     (one line; a :class:`MemoryError` or torch's allocation failure on the CPU or a
-    GPU), 130 when interrupted.
+    GPU), 130 when interrupted (Ctrl-C) and 143 on a SIGTERM, with nothing on stdout,
+    once the command's clean-up has run.
     """
     args_list = sys.argv[1:] if argv is None else argv
+    with sigterm_as_interrupt() as terminated:
+        try:
+            status = _main(args_list)
+        except KeyboardInterrupt:  # while the parser loads the command's modules
+            status = INTERRUPTED
+        return TERMINATED if terminated else status
+
+
+def _main(args_list: list[str]) -> int:
     parser = build_parser(args_list)
     try:
         args = parser.parse_args(args_list)
@@ -170,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvactors: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
     except OSError as exc:
         # Disk full, permission denied, a path that went away: the system's words.
         where = f": {exc.filename}" if exc.filename is not None else ""
@@ -182,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("kvactors: error: out of memory (try smaller sizes)", file=sys.stderr)
         return 1
+    if terminating():  # a SIGTERM the command's own clean-up absorbed: print nothing
+        return TERMINATED
     try:
         if args.json:
             print(report.to_json())

@@ -22,6 +22,7 @@ import torch
 import kvactors
 from kvactors.cli.arguments import block_count, positive_int
 from kvactors.cli.report import Report
+from kvactors.cli.stopping import run_async
 from kvactors.config import Config, GPUConfig, NVMeConfig, RemoteConfig, TierConfig
 from kvactors.errors import KVActorsError
 from kvactors.traces import BUNDLED_TRACES, bundled_trace
@@ -218,8 +219,15 @@ def run(args: argparse.Namespace) -> Report:
     config = default_config(args).replace(
         gpu={"num_blocks": args.concurrency * longest, "device": args.device}
     )
+    if args.remote is not None:
+        # As bench remote --url: a server that does not answer (or refuses the
+        # login) is one error line before anything runs, not a demo whose remote
+        # tier is down from its first call.
+        from kvactors.cli.bench.remote import check_answers
+
+        check_answers(args.remote, "demo")
     bar = ProgressBar(len(requests), "demo", enabled=None if not args.json else False)
-    result = anyio.run(
+    result = run_async(
         lambda: run_demo(requests, config, concurrency=args.concurrency, progress=bar.advance)
     )
     bar.close()

@@ -30,10 +30,10 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
-import anyio
 import msgspec
 
 from kvactors.cli.report import progress
+from kvactors.cli.stopping import run_async
 from kvactors.config import Config, TierConfig
 from kvactors.errors import ConfigError
 from kvactors.keys import Key, check_keys
@@ -199,7 +199,7 @@ def replay_served(
     """
     if type(capacity) is not int or capacity <= 0:
         raise ConfigError(f"capacity must be a positive int, got {capacity!r}")
-    hits, refused, evictions, _ = anyio.run(
+    hits, refused, evictions, _ = run_async(
         _served, requests, policy, capacity, move_bytes, show_progress
     )
     return ReplayResult(

@@ -48,7 +48,21 @@ compiled core allocates 38 B per slot under lru, 122 B under arc, up front)."""
 
 
 def _host_memory() -> int:
-    """Physical memory of this machine, in bytes (0 when unknown)."""
+    """Host memory new pools can have now, in bytes: ``MemAvailable`` of
+    ``/proc/meminfo`` (Linux), else the machine's physical memory (0 when unknown).
+
+    Not the physical memory: the pools are zero-filled, so pools that fit the
+    machine's total but not what the other processes leave are killed by the
+    kernel's out-of-memory killer while they are filled, with no error to report.
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                name, _, value = line.partition(":")
+                if name == "MemAvailable":
+                    return int(value.split()[0]) * 1024  # kB
+    except (OSError, ValueError, IndexError):  # not Linux, or an unexpected format
+        pass
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):  # pragma: no cover - not a POSIX host
@@ -93,7 +107,7 @@ def check_sizes(config: Config, device: torch.device) -> None:
             if total > host:
                 raise ConfigError(
                     f"{field}: the pools up to this one need {_gib(total)} of host memory "
-                    f"(block_bytes = {bb}); this machine has {_gib(host)}"
+                    f"(block_bytes = {bb}); this machine has {_gib(host)} available"
                 )
     # The disk under an NVMe directory is checked by the file store when it opens.
 

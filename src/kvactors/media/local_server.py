@@ -25,14 +25,23 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from kvactors.errors import ConfigError, KVActorsError
 
-__all__ = ["LocalCluster", "LocalServer", "ServerError", "find_server_binary", "free_port"]
+__all__ = [
+    "LocalCluster",
+    "LocalServer",
+    "ServerError",
+    "find_server_binary",
+    "free_port",
+    "interrupts_held",
+]
 
 SLOTS = 16384
 
@@ -70,6 +79,41 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block take effect when it ends.
+
+    Around starting a child process that must not outlive its parent (the
+    server here; bench remote's replay processes): an interrupt raised inside
+    ``subprocess.Popen`` once the child exists (while it waits for the exec)
+    leaves no ``Popen`` object, so nothing could stop that server. Outside the
+    main thread, or for a signal whose handler was not set from Python, it
+    holds nothing. A held signal is raised again, once, after the handlers in
+    force before are back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        held.append(signum)
+
+    previous = {
+        sig: handler
+        for sig in (signal.SIGINT, signal.SIGTERM)
+        if (handler := signal.getsignal(sig)) is not None
+    }
+    for sig in previous:
+        signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
 
 
 class LocalServer:
@@ -157,26 +201,36 @@ class LocalServer:
         self.dir.mkdir(parents=True, exist_ok=True)  # removed by a stop() before
         if self.cluster:
             (self.dir / "nodes.conf").unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            self._args(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            # Its own session: a terminal's Ctrl-C reaches only the command
-            # that started it, which then stops it (see :meth:`stop`), rather
-            # than killing the server under the command's feet first.
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                log = self._log_tail()
-                self.proc = None
-                raise ServerError(f"server on port {self.port} exited at start: {err}{log}")
-            if self._answers():
-                return self
-            time.sleep(0.02)
+        try:
+            with interrupts_held():
+                self.proc = subprocess.Popen(
+                    self._args(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    # Its own session: a terminal's Ctrl-C reaches only the command
+                    # that started it, which then stops it (see :meth:`stop`), rather
+                    # than killing the server under the command's feet first.
+                    start_new_session=True,
+                )
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    err = (
+                        self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                    )
+                    log = self._log_tail()
+                    self.proc = None
+                    raise ServerError(f"server on port {self.port} exited at start: {err}{log}")
+                if self._answers():
+                    return self
+                time.sleep(0.02)
+        except BaseException:
+            # It exited, or the wait was interrupted (Ctrl-C, a SIGTERM): the
+            # caller never got the server to stop, so stop it (and remove its
+            # directory) here rather than leave it running.
+            self.stop()
+            raise
         self.stop()
         raise ServerError(f"server on port {self.port} did not answer within {timeout} s")
 

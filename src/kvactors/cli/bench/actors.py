@@ -30,6 +30,7 @@ from kvactors.actors import Actor, Message, Threads
 from kvactors.cache.transfers import Side, move
 from kvactors.cli.arguments import positive_int
 from kvactors.cli.report import RATE, RATIO, Report
+from kvactors.cli.stopping import run_async
 from kvactors.config import Config, GPUConfig, TierConfig
 from kvactors.keys import Key
 from kvactors.manager import OffloadingManager
@@ -204,11 +205,11 @@ def run(args: argparse.Namespace) -> Report:
         bb = kib * 1024
         for batch in args.batches:
             rounds = max(4, args.mib * MiB // (bb * batch))
-            direct, threaded, actors = anyio.run(_cell, bb, batch, rounds, args.repeat)
+            direct, threaded, actors = run_async(_cell, bb, batch, rounds, args.repeat)
             meta_sync = meta_actors = float("inf")
             for _ in range(args.repeat):
                 meta_sync = min(meta_sync, _manager(bb, batch, rounds * 4))
-                meta_actors = min(meta_actors, anyio.run(_metadata_only, batch, rounds * 4))
+                meta_actors = min(meta_actors, run_async(_metadata_only, batch, rounds * 4))
             moved = 2 * rounds * batch * bb  # stored + loaded
             ratio = direct / actors
             meta_ratio = meta_sync / meta_actors
@@ -236,7 +237,7 @@ def run(args: argparse.Namespace) -> Report:
                 "ratio_vs_threaded": vs_threaded,
                 "metadata_only_ratio": meta_ratio,
             }
-    rtt = min(anyio.run(_ask_round_trip) for _ in range(args.repeat))
+    rtt = min(run_async(_ask_round_trip) for _ in range(args.repeat))
     summary: dict[str, Any] = {
         "runs": results,
         "ask_round_trip_us": rtt,

@@ -30,12 +30,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import anyio
 import torch
 
 from kvactors.cli.arguments import positive_int
 from kvactors.cli.bench.baseline import HostRoundTrip, sync
 from kvactors.cli.report import GBPS, RATE, RATIO, Report, progress
+from kvactors.cli.stopping import run_async
 from kvactors.keys import Key
 from kvactors.paged import BlockAllocator, KVCacheConfig, Offloader, PagedKVCache
 
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> Report:
     base_ops = ops / best["bare free list"]
     ours_ops = ops / best["BlockAllocator"]
 
-    trips, copies = anyio.run(_measure_round_trips, args, show)
+    trips, copies = run_async(_measure_round_trips, args, show)
     config = _kv_config(args)
     nbytes = args.swap_blocks * config.block_size_bytes
     copy_gbps = 2 * nbytes / min(copies) / 1e9

@@ -49,7 +49,6 @@ import time
 import uuid
 from typing import Any
 
-import anyio
 import torch
 
 import kvactors
@@ -61,8 +60,9 @@ from kvactors.cli.bench.remote_rounds import (
     measure_rounds,
 )
 from kvactors.cli.report import GBPS, RATIO, Report, progress
+from kvactors.cli.stopping import run_async
 from kvactors.errors import RemoteUnavailable
-from kvactors.media.local_server import LocalServer
+from kvactors.media.local_server import LocalServer, interrupts_held
 from kvactors.media.remote import RemoteStore
 from kvactors.media.remote_nodes import masked_url
 from kvactors.traces import load_trace
@@ -171,11 +171,12 @@ def _sharing(url: str, trace: str, requests: int, cpu: int) -> dict[str, float]:
                 # The URL (it may carry a password) by environment, not on the
                 # command line that any user of the machine can list.
                 env = {**os.environ, WORKER_URL: url}
-                procs.append(
-                    subprocess.Popen(
-                        cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env
+                with interrupts_held():  # none started that the finally cannot stop
+                    procs.append(
+                        subprocess.Popen(
+                            cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env
+                        )
                     )
-                )
             hits = keys = 0
             for p in procs:
                 stdout, _ = p.communicate(timeout=600)
@@ -193,18 +194,19 @@ def _sharing(url: str, trace: str, requests: int, cpu: int) -> dict[str, float]:
     return out
 
 
-def _check_answers(url: str) -> None:
+def check_answers(url: str, command: str = "bench remote") -> None:
     """RemoteUnavailable (one line, exit 2) when no server answers at ``url``, or
-    it refuses the URL's credentials (a wrong password, a user it does not know)."""
+    it refuses the URL's credentials (a wrong password, a user it does not know);
+    ``command`` begins the message (``bench remote``, ``demo``)."""
     store = RemoteStore("remote", 4096, url=url, namespace=f"bench-{uuid.uuid4().hex[:8]}")
     try:
         if not store.ping():
             error = store.nodes.by_name["server"].error
             if error.startswith(("AuthenticationError", "NoPermissionError")):
                 raise RemoteUnavailable(
-                    f"bench remote: the server at {masked_url(url)} refused the login: {error}"
+                    f"{command}: the server at {masked_url(url)} refused the login: {error}"
                 )
-            raise RemoteUnavailable(f"bench remote: no server answers at {masked_url(url)}")
+            raise RemoteUnavailable(f"{command}: no server answers at {masked_url(url)}")
     finally:
         store.close()
 
@@ -216,7 +218,7 @@ def run(args: argparse.Namespace) -> Report:
     if args.worker:
         ns, half, wtrace, _ = args.worker
         url = os.environ[WORKER_URL]
-        result = anyio.run(_replay, url, ns, int(half), wtrace, args.requests, args.cpu_blocks)
+        result = run_async(_replay, url, ns, int(half), wtrace, args.requests, args.cpu_blocks)
         return Report(
             title="replay worker",
             columns=["hits", "keys"],
@@ -224,11 +226,13 @@ def run(args: argparse.Namespace) -> Report:
             summary=result,
         )
     if args.url:
-        _check_answers(args.url)
-    server = None if args.url else LocalServer().start()
-    url = args.url or server.url  # type: ignore[union-attr]
-    try:
-        return _run(args, url, trace)
+        check_answers(args.url)
+    server: LocalServer | None = None
+    try:  # from before the server exists, so an interrupt at any point stops it
+        if not args.url:
+            server = LocalServer()
+            server.start()
+        return _run(args, args.url or server.url, trace)  # type: ignore[union-attr]
     finally:
         if server is not None:
             server.stop()
@@ -245,7 +249,7 @@ def _run(args: argparse.Namespace, url: str, trace: str) -> Report:
         bb = kib * 1024
         n = max(4, args.mib * 2**20 // bb)
         rows = torch.randint(0, 256, (n, bb), dtype=torch.uint8)
-        rounds = anyio.run(measure_rounds, url, rows, args.repeat)
+        rounds = run_async(measure_rounds, url, rows, args.repeat)
         gb = n * bb / 1e9
         speed = {name: gb / min(s) for name, s in rounds.items()}
         won: dict[str, str] = {}
@@ -299,7 +303,7 @@ def _run(args: argparse.Namespace, url: str, trace: str) -> Report:
             "store_ratio_rounds": paired["store"],
             "load_ratio_rounds": paired["load"],
         }
-    trips = anyio.run(_round_trips, url, args.sizes[0] * 1024)
+    trips = run_async(_round_trips, url, args.sizes[0] * 1024)
     summary["round_trip"] = trips
     share = _sharing(url, trace, args.requests, args.cpu_blocks)
     summary["sharing"] = share

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-import anyio
-
 from kvactors.cli.arguments import positive_float, positive_int, probability
 from kvactors.cli.report import COUNT, Report
 from kvactors.cli.soak import run_soak
+from kvactors.cli.stopping import run_async
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +39,7 @@ def _keys(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> Report:
-    res = anyio.run(
+    res = run_async(
         lambda: run_soak(
             seconds=args.seconds,
             clients=args.clients,
