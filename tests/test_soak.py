@@ -84,3 +84,35 @@ async def test_settle_waits_for_a_prefetch_still_dropping_a_corrupt_block() -> N
                 seen = drain(events)
             assert any(e.kind == "corrupted" and e.tier == "nvme" and 0 in e.keys for e in seen)
             assert (await kv.lookup([0])).hits == 0
+
+
+@pytest.mark.parametrize("bad", ["wrong_bytes", "lost", "invariants_ok"])
+def test_a_failed_soak_exits_1_with_its_report_printed(
+    bad: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: wrong bytes and lost blocks must be 0, and a run where they are not
+    exits 1 (after its table or JSON), so a CI job running it fails. The soak's
+    own result is replaced here: a real soak that finds the cache wrong is a bug
+    this suite would catch elsewhere first."""
+    import json
+
+    from kvactors.cli import main
+    from kvactors.cli.bench import soak as soak_command
+    from kvactors.cli.soak import SoakResult
+
+    fields = dict.fromkeys(SoakResult.__struct_fields__, 0)
+    fields.update(seconds=0.1, invariants_ok=True)
+    fields[bad] = False if bad == "invariants_ok" else 1
+
+    async def broken(**kwargs: Any) -> SoakResult:
+        return SoakResult(**fields)
+
+    monkeypatch.setattr(soak_command, "run_soak", broken)
+    assert main(["bench", "soak", "--seconds", "0.1", "--json"]) == 1
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summary"]
+    assert summary["passed"] is False
+    assert main(["bench", "soak", "--seconds", "0.1"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert main(["bench", "soak", "--seconds", "0.5", "--clients", "2", "--keys", "32"]) == 0
+    assert "PASSED" in capsys.readouterr().out

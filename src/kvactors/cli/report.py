@@ -75,7 +75,9 @@ class Report(msgspec.Struct, kw_only=True):
     column. ``summary`` holds the machine-readable figures (JSON types only);
     ``notes`` are lines printed under the table. ``formats`` maps a column name
     to a format spec such as :data:`RATIO` or :data:`GBPS`; columns not named
-    there use :func:`format_value`'s defaults.
+    there use :func:`format_value`'s defaults. ``status`` is the command's exit
+    status once the report is printed: 0, or 1 for a run that found the cache
+    wrong (``bench soak``: a byte served wrong, a block lost, an invariant broken).
     """
 
     title: str
@@ -84,6 +86,7 @@ class Report(msgspec.Struct, kw_only=True):
     summary: dict[str, object] = {}
     notes: list[str] = []
     formats: dict[str, str] = {}
+    status: int = 0
 
     def render(self, file: TextIO | None = None) -> None:
         """Print the title, the table and the notes to ``file`` (default stdout).

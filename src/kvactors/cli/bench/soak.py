@@ -68,4 +68,5 @@ def run(args: argparse.Namespace) -> Report:
         summary={**{f: getattr(res, f) for f in res.__struct_fields__}, "passed": ok},
         formats={"count": COUNT} if all(isinstance(r[1], int) for r in rows) else {},
         notes=["PASSED: nothing lost, nothing wrong" if ok else "FAILED"],
+        status=0 if ok else 1,  # a CI job running it fails with it
     )
