@@ -41,6 +41,77 @@ def test_the_policy_table_names_every_built_in_policy() -> None:
     assert kvactors.Config().cpu.policy == "lru"  # "`lru` (default)"
 
 
+# --- What every built-in policy does ----------------------------------------------
+
+
+def _order_state(mgr: OffloadingManager) -> tuple[object, ...]:
+    """The policy's order data: the compiled core's report, or the Python policy's."""
+    if mgr.native:
+        return mgr._core.policy_state()  # type: ignore[attr-defined,no-any-return]
+    return mgr.policy.order_state()  # type: ignore[union-attr,no-any-return]
+
+
+def _blocks(mgr: OffloadingManager, keys: range) -> list[tuple[int, int] | None]:
+    return [None if (b := mgr.get(k)) is None else (b.block_id, b.ref_cnt) for k in keys]
+
+
+@pytest.mark.parametrize("native", CORES)
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_never_evicts_a_held_block_and_evicts_atomically(
+    name: str, native: bool
+) -> None:
+    """The page's two promises for every built-in policy, on both cores: no victim
+    is pinned, being written or named in the same prepare_store; a prepare_store
+    that cannot find all the room it needs returns None and evicts nothing: every
+    block, its slot and ref count, and the policy's eviction order stay as they
+    were (prefix_admit's learned counts, ghosts and duel, which its admit updates
+    before the eviction, may change; the order of its resident blocks does not)."""
+    if native and not manager.NATIVE:
+        pytest.skip("compiled core not built")
+    import random
+
+    rnd = random.Random(3)
+    keys_in_use = range(40)
+    mgr = OffloadingManager(8, block_size=1, policy=name, native=native)
+    pins: list[int] = []
+    writing: list[int] = []
+    refused = evicted = 0
+    for _ in range(3000):
+        keys = list(dict.fromkeys(rnd.randrange(40) for _ in range(rnd.randrange(1, 7))))
+        mgr.touch(keys)
+        before = (_order_state(mgr), _blocks(mgr, keys_in_use), mgr.stats().evictions)
+        out = mgr.prepare_store(keys)
+        if out is None:
+            refused += 1
+            after = (_order_state(mgr), _blocks(mgr, keys_in_use), mgr.stats().evictions)
+            if name == "prefix_admit":  # clock, stored, evictions and the lists
+                before = (before[0][1:4] + before[0][7:8], *before[1:])
+                after = (after[0][1:4] + after[0][7:8], *after[1:])
+            assert after == before
+        else:
+            victims = set(out.block_hashes_evicted)
+            assert not victims & set(keys)
+            assert not victims & set(pins)
+            assert not victims & set(writing)
+            evicted += len(victims)
+            if rnd.random() < 0.3:  # in flight (ref -1) until a later step
+                writing.extend(out.block_hashes_to_store)
+            elif out.block_hashes_to_store:
+                mgr.complete_store(out.block_hashes_to_store, success=rnd.random() < 0.9)
+        if writing and rnd.random() < 0.4:
+            mgr.complete_store(writing)
+            writing.clear()
+        ready = [k for k in keys_in_use if (b := mgr.get(k)) is not None and b.ref_cnt >= 0]
+        if ready and rnd.random() < 0.3:
+            key = rnd.choice(ready)
+            mgr.prepare_load([key])
+            pins.append(key)
+        if pins and rnd.random() < 0.3:
+            mgr.complete_load([pins.pop(rnd.randrange(len(pins)))])
+    assert refused > 100
+    assert evicted > 100
+
+
 # --- Figures on the bundled traces ----------------------------------------------
 
 
