@@ -299,6 +299,44 @@ def test_weighted_lru_takes_any_finite_int_or_float_weight() -> None:
         assert mgr.prepare_store([5]) is not None
 
 
+@pytest.mark.parametrize("native", CORES)
+@pytest.mark.parametrize(
+    ("weights", "victims"),
+    [
+        # 41 uses: 41 ** 200 is past a float's range, the other blocks' are not.
+        ({"frequency_weight": 200}, [2, 4]),
+        ({"frequency_weight": 200.0}, [2, 4]),
+        # (41 / 16) ** 300 is finite, (1 / 16) ** 300 is 0.0.
+        ({"size_weight": 300.0, "frequency_weight": 300.0}, [2, 4]),
+        # 16 ** -300 is 0.0: every priority is infinite, so the order is LRU's.
+        ({"size_weight": -300}, [2, 1]),
+    ],
+)
+def test_a_finite_weight_whose_priority_leaves_a_floats_range_keeps_working(
+    weights: dict[str, float], victims: list[int], native: bool
+) -> None:
+    """Any finite weight is taken, so it must work for every block: a priority
+    past a float's range is infinite (one below it 0.0), ties to the least
+    recently used. These raised OverflowError or ZeroDivisionError out of touch
+    or prepare_store, a block's use count already raised."""
+    if native and not manager.NATIVE:
+        pytest.skip("compiled core not built")
+    mgr = OffloadingManager(3, block_size=16, policy=WeightedLRUPolicy(3, **weights), native=native)
+    out = mgr.prepare_store([1, 2, 3])
+    assert out is not None
+    mgr.complete_store([1, 2, 3])
+    for _ in range(40):
+        mgr.touch([1])
+    mgr.touch([3])
+    evicted = []
+    for new in (4, 5):
+        out = mgr.prepare_store([new])
+        assert out is not None
+        evicted += out.block_hashes_evicted
+        mgr.complete_store([new])
+    assert evicted == victims
+
+
 def test_the_built_in_policies_are_python_classes_that_run_as_objects() -> None:
     """ "A built-in policy is also a Python class ... passing such an object runs
     it through the call-back entry"."""

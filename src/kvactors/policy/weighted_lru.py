@@ -63,8 +63,21 @@ class WeightedLRUPolicy(HeldKeys):
         self._seq = count()
         self.get = self._blocks.get
 
+    def _weight(self, freq: int, size: int) -> float:
+        """``freq ** frequency_weight / size ** size_weight``; where that passes a
+        float's range (large weights, many uses), the same value from logarithms,
+        saturated: ``inf`` above a float's range, ``0.0`` below it."""
+        try:
+            return float(freq**self.frequency_weight / size**self.size_weight)
+        except (OverflowError, ZeroDivisionError):
+            exponent = self.frequency_weight * math.log(freq) - self.size_weight * math.log(size)
+            try:
+                return math.exp(exponent)
+            except OverflowError:
+                return math.inf
+
     def _push(self, key: Key, block: BlockStatus) -> None:
-        weight = self._freq[key] ** self.frequency_weight / max(block.size, 1) ** self.size_weight
+        weight = self._weight(self._freq[key], max(block.size, 1))
         entry = (self.clock + weight, next(self._seq))
         self._prio[key] = entry
         heapq.heappush(self._heap, (entry[0], entry[1], key))
