@@ -28,6 +28,7 @@ from kvactors.policy import (
     LRUPolicy,
     PrefixAdmitPolicy,
     WeightedLRUPolicy,
+    make_policy,
 )
 
 POLICIES_MD = DOCS / "policies.md"
@@ -335,6 +336,39 @@ def test_a_finite_weight_whose_priority_leaves_a_floats_range_keeps_working(
         evicted += out.block_hashes_evicted
         mgr.complete_store([new])
     assert evicted == victims
+
+
+@pytest.mark.parametrize("capacity", ["4", None, True, 2.5, -1])
+@pytest.mark.parametrize("cls", [LRUPolicy, ARCPolicy, WeightedLRUPolicy, PrefixAdmitPolicy])
+def test_a_built_in_policy_given_a_capacity_that_is_not_a_count_is_a_config_error(
+    cls: type, capacity: object
+) -> None:
+    """Raised when the policy is made, naming capacity (ARCPolicy and
+    PrefixAdmitPolicy took these and failed in a later handshake with a
+    TypeError, KeyError or StopIteration; the others took anything)."""
+    minimum = 1 if cls is PrefixAdmitPolicy else 0
+    with pytest.raises(ConfigError, match=rf"^capacity: expected an int >= {minimum}, got "):
+        cls(capacity)
+    with pytest.raises(ConfigError, match=r"^capacity: "):
+        make_policy(cls.name, capacity)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("native", CORES)
+def test_prefix_admit_needs_a_capacity_of_one_block_the_others_take_zero(native: bool) -> None:
+    if native and not manager.NATIVE:
+        pytest.skip("compiled core not built")
+    with pytest.raises(ConfigError, match=r"^capacity: expected an int >= 1, got 0$"):
+        PrefixAdmitPolicy(0)
+    import numpy as np
+
+    for policy in (LRUPolicy(), WeightedLRUPolicy(), ARCPolicy(0), PrefixAdmitPolicy(np.int64(1))):
+        mgr = OffloadingManager(2, block_size=1, policy=policy, native=native)
+        for keys in ([1, 2], [3], [4, 1]):
+            mgr.touch(keys)
+            out = mgr.prepare_store(keys)
+            assert out is not None
+            mgr.complete_store(out.block_hashes_to_store)
+        assert mgr.lookup([4]) == 1
 
 
 def test_the_built_in_policies_are_python_classes_that_run_as_objects() -> None:

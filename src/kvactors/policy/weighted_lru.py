@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from kvactors.errors import ConfigError
 from kvactors.keys import Key
-from kvactors.policy._base import BlockStatus, HeldKeys
+from kvactors.policy._base import BlockStatus, HeldKeys, checked_capacity
 
 
 def _finite(value: object) -> bool:
@@ -48,7 +48,8 @@ class WeightedLRUPolicy(HeldKeys):
     ) -> None:
         """Raises :class:`~kvactors.errors.ConfigError` naming a weight that is not a
         finite ``int`` or ``float`` (a string, ``None``, a bool, NaN, infinity, an
-        int past a float's range)."""
+        int past a float's range), and for a ``capacity`` that is not an ``int >= 0``."""
+        capacity = checked_capacity(capacity, 0)
         for field, weight in (("frequency_weight", frequency_weight), ("size_weight", size_weight)):
             if not _finite(weight):
                 raise ConfigError(f"{field} must be a finite number, got {weight!r}")
