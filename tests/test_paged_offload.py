@@ -477,6 +477,32 @@ async def test_errors_reach_the_caller_and_change_nothing() -> None:
     check(cache, "a")
 
 
+@pytest.mark.parametrize("offloading", [True, False])
+async def test_swap_out_and_swap_in_errors_name_the_call(offloading: bool) -> None:
+    """swap_out of an unknown request said "free: ..." without an offloader and
+    "prepare_swap_out: ..." with one; swap_in of anything but a SwappedOut raised
+    AttributeError. Both are PagedCacheError naming the call, nothing changed."""
+    cache, store = setup(blocks=4)
+    if not offloading:
+        cache = PagedKVCache(make_config(4))
+    await admit(cache, "a", toks(6))
+    store.calls.clear()
+    before = cache.stats()
+    with anyio.fail_after(10):
+        with pytest.raises(PagedCacheError, match=r"^swap_out: unknown request 'zz' \("):
+            await cache.swap_out("zz")
+        for bad in ("a", None, ("a", toks(6), 0)):
+            with pytest.raises(
+                PagedCacheError,
+                match=r"^swap_in: expected the SwappedOut that swap_out returned, got ",
+            ):
+                await cache.swap_in(bad)  # type: ignore[arg-type]
+    assert store.calls == []
+    assert cache.stats() == before
+    assert cache.allocator.request_ids() == ["a"]
+    check(cache, "a")
+
+
 async def test_a_request_aborted_before_computing_is_freed_uncomputed() -> None:
     """docs/paged.md: free(id, computed=False) drops the blocks the request filled
     instead of caching them; PagedKVCache.free takes it as the allocator does."""
