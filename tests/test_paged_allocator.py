@@ -179,6 +179,13 @@ def test_failures_change_nothing() -> None:
         (lambda a: a.can_allocate(-1), "num_tokens must be an int >= 0"),
         (lambda a: a.ref_count(8), r"block id 8 is out of range 0\.\.7"),
         (lambda a: a.block_key(-1), r"block id -1 is out of range 0\.\.7"),
+        # An unhashable request id raised TypeError from the request map.
+        (lambda a: a.allocate(["r9"], [1]), "allocate: a request id must be hashable"),
+        (lambda a: a.extend(["r1"], [1]), "extend: a request id must be hashable .*got list"),
+        (lambda a: a.free({}), "free: a request id must be hashable .*got dict"),
+        (lambda a: a.fork("r1", ["c"]), "fork: a request id must be hashable"),
+        (lambda a: a.fork(["r1"], "c"), "fork: a request id must be hashable"),
+        (lambda a: a.get_block_table([7]), "get_block_table: a request id must be hashable"),
     ],
 )
 def test_bad_input_gets_a_typed_error(call: object, message: str) -> None:

@@ -156,7 +156,7 @@ class BlockAllocator(OffloadPlanner):
     def _new_request(self, request_id: RequestId, token_ids: Sequence[int]) -> list[int]:
         """``token_ids`` as a list, checked as ``allocate`` checks a new request
         (PagedCacheError: the id exists, a bad token id, no tokens, more blocks than the pool)."""
-        if request_id in self._requests:
+        if self._known(request_id, "allocate"):
             raise PagedCacheError(f"allocate: request {request_id!r} is already allocated")
         tokens = self._tokens(token_ids, "allocate")
         if not tokens:
@@ -305,7 +305,7 @@ class BlockAllocator(OffloadPlanner):
         is unknown or the child exists.
         """
         parent = self._idle(parent_id, "fork")
-        if child_id in self._requests:
+        if self._known(child_id, "fork"):
             raise PagedCacheError(f"fork: request {child_id!r} is already allocated")
         child = Request(child_id, list(parent.tokens))
         child.blocks = list(parent.blocks)

@@ -144,8 +144,19 @@ class BlockPool:
 
     # -- requests -------------------------------------------------------------------
 
+    def _known(self, request_id: RequestId, what: str) -> bool:
+        """Whether ``request_id`` is allocated; PagedCacheError for an id that is
+        not hashable (a list, a dict: no request can have it)."""
+        try:
+            return request_id in self._requests
+        except TypeError:
+            raise PagedCacheError(
+                f"{what}: a request id must be hashable (a str or an int), "
+                f"got {type(request_id).__name__}"
+            ) from None
+
     def _get(self, request_id: RequestId, what: str) -> Request:
-        req = self._requests.get(request_id)
+        req = self._requests.get(request_id) if self._known(request_id, what) else None
         if req is None:
             raise PagedCacheError(
                 f"{what}: unknown request {request_id!r} (never allocated, or already freed)"
