@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvactors.errors import PagedCacheError, TensorSpecError
+from kvactors.errors import ConfigError, PagedCacheError, TensorSpecError
 from kvactors.paged import DTYPES, KVCacheConfig, KVTensors
 
 
@@ -137,3 +137,34 @@ def test_rows_at_an_odd_address_move_byte_by_byte_just_as_well() -> None:
     assert torch.equal(rows, kv.gather([4, 1]))
     kv.scatter([0, 2], rows)
     assert all(torch.equal(t[:, [0, 2]], t[:, [4, 1]]) for t in kv.layers)
+
+
+def test_what_is_not_a_config_a_tensor_or_a_list_of_tensors_is_refused_by_name() -> None:
+    """These raised AttributeError or TypeError from inside KVTensors; now the
+    typed error that names the argument (ConfigError for the config, as
+    PagedKVCache gives, TensorSpecError for the tensors)."""
+    import numpy as np
+
+    c = config()
+    with pytest.raises(ConfigError, match=r"^config: expected a KVCacheConfig, got str$"):
+        KVTensors("c")  # type: ignore[arg-type]
+    with pytest.raises(
+        TensorSpecError, match=r"^layers: expected a sequence of 3 tensors, got int$"
+    ):
+        KVTensors(c, 5)  # type: ignore[arg-type]
+    layer = np.zeros((2, 6, 2, 2, 4), np.float32)
+    with pytest.raises(
+        TensorSpecError, match=r"^layers\[0\]: expected a torch.Tensor, got ndarray$"
+    ):
+        KVTensors(c, [layer] * 3)  # type: ignore[list-item]
+    kv = KVTensors(c)
+    with pytest.raises(
+        TensorSpecError, match=r"^scatter rows: expected a torch.Tensor, got NoneType$"
+    ):
+        kv.scatter([1], None)  # type: ignore[arg-type]
+    with pytest.raises(TensorSpecError, match=r"^gather out: expected a torch.Tensor, got list$"):
+        kv.gather([1], out=[0] * c.block_size_bytes)  # type: ignore[arg-type]
+    # Any iterable of the right tensors still is one: a generator, a stacked tensor.
+    stacked = torch.zeros((3, 2, 6, 2, 2, 4))
+    assert KVTensors(c, stacked).layers[2].data_ptr() == stacked[2].data_ptr()
+    assert len(KVTensors(c, (t for t in torch.zeros((3, 2, 6, 2, 2, 4)))).layers) == 3

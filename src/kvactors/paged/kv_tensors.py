@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kvactors.errors import PagedCacheError, TensorSpecError
+from kvactors.errors import ConfigError, PagedCacheError, TensorSpecError
 from kvactors.media.memory import adjacent_runs
 from kvactors.paged.config import KVCacheConfig
 
@@ -53,6 +53,8 @@ class KVTensors:
     """
 
     def __init__(self, config: KVCacheConfig, layers: Sequence[torch.Tensor] | None = None) -> None:
+        if not isinstance(config, KVCacheConfig):
+            raise ConfigError(f"config: expected a KVCacheConfig, got {type(config).__name__}")
         self.config = config
         c = config
         self.shape = (2, c.num_gpu_blocks, c.block_size, c.num_kv_heads, c.head_dim)
@@ -63,7 +65,13 @@ class KVTensors:
                 for _ in range(c.num_layers)
             ]
         else:
-            self.layers = list(layers)
+            try:
+                self.layers = list(layers)
+            except TypeError:
+                raise TensorSpecError(
+                    f"layers: expected a sequence of {c.num_layers} tensors, "
+                    f"got {type(layers).__name__}"
+                ) from None
             self._check_layers()
         self.device = self.layers[0].device
         # Per layer, a view [2, num_blocks, words of one block of keys (or values)],
@@ -84,6 +92,10 @@ class KVTensors:
             )
         device = self.layers[0].device
         for i, t in enumerate(self.layers):
+            if not isinstance(t, torch.Tensor):
+                raise TensorSpecError(
+                    f"layers[{i}]: expected a torch.Tensor, got {type(t).__name__}"
+                )
             if tuple(t.shape) != self.shape:
                 raise TensorSpecError(
                     f"layers[{i}]: expected shape {self.shape}, got {tuple(t.shape)}"
@@ -117,6 +129,8 @@ class KVTensors:
     def _rows(self, rows: torch.Tensor, n: int, what: str) -> torch.Tensor:
         """``rows`` as a ``[n, num_layers, 2, side_bytes]`` uint8 view."""
         bb = self.config.block_size_bytes
+        if not isinstance(rows, torch.Tensor):
+            raise TensorSpecError(f"{what}: expected a torch.Tensor, got {type(rows).__name__}")
         if rows.dim() == 0 or rows.shape[0] != n or rows.nbytes != n * bb:
             raise TensorSpecError(
                 f"{what}: expected {n} rows of {bb} bytes, got shape {tuple(rows.shape)} "
