@@ -729,3 +729,32 @@ TestLifecycles = Lifecycles.TestCase
 TestLifecycles.settings = MACHINE_SETTINGS
 TestChunkLifecycles = ChunkLifecycles.TestCase
 TestChunkLifecycles.settings = MACHINE_SETTINGS
+
+
+def test_a_pressure_callback_is_checked_when_added_and_its_error_leaves_the_call_done() -> None:
+    """add_pressure_callback(None) was taken and made the first allocate under
+    pressure raise TypeError (after the request was allocated); removing a
+    callback never added raised ValueError. A callback's own exception reaches
+    the caller, and the allocation it follows stands."""
+    a = make(num_blocks=8, watermark_blocks=3)
+    with pytest.raises(PagedCacheError, match=r"^add_pressure_callback: expected a callable, got "):
+        a.add_pressure_callback(None)  # type: ignore[arg-type]
+    with pytest.raises(PagedCacheError, match=r"^remove_pressure_callback: .* is not a pressure"):
+        a.remove_pressure_callback(print)  # type: ignore[arg-type]
+    a.allocate("r1", toks(24))  # 2 empty left: under pressure, no callback to run
+    assert a.stats().pressure_events == 1
+
+    seen: list[MemoryPressure] = []
+
+    def refuse(event: MemoryPressure) -> None:
+        raise RuntimeError(f"pressure: {event.num_empty} empty")
+
+    a.add_pressure_callback(refuse)
+    a.add_pressure_callback(seen.append)
+    with pytest.raises(RuntimeError, match=r"^pressure: 1 empty$"):
+        a.allocate("r2", toks(2, start=90))
+    assert a.get_block_table("r2").block_ids == [6]  # the allocation stands
+    assert seen == []  # the callback after the raising one skipped that event
+    a.remove_pressure_callback(refuse)
+    a.extend("r2", toks(3, start=95))  # takes block 7
+    assert seen == [MemoryPressure(0, 0, 0, 3)]

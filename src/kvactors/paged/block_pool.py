@@ -177,11 +177,23 @@ class BlockPool:
     def add_pressure_callback(self, callback: Callable[[MemoryPressure], None]) -> None:
         """Run ``callback`` after every ``allocate`` / ``extend`` that takes blocks and
         leaves the pool under pressure. It runs after the call's changes; an exception it raises
-        reaches the caller of that call (whose changes stand)."""
+        reaches the caller of that call (whose changes stand), and the callbacks
+        after it do not run for that event. PagedCacheError for a ``callback``
+        that is not callable (it would have failed the first call under pressure)."""
+        if not callable(callback):
+            raise PagedCacheError(
+                f"add_pressure_callback: expected a callable, got {type(callback).__name__}"
+            )
         self._callbacks.append(callback)
 
     def remove_pressure_callback(self, callback: Callable[[MemoryPressure], None]) -> None:
-        self._callbacks.remove(callback)
+        """Stop running ``callback``; PagedCacheError if it was never added."""
+        try:
+            self._callbacks.remove(callback)
+        except ValueError:
+            raise PagedCacheError(
+                f"remove_pressure_callback: {callback!r} is not a pressure callback"
+            ) from None
 
     def _check_pressure(self) -> None:
         if not self.under_pressure():
