@@ -54,6 +54,8 @@ class BlockPool:
         ):
             if type(value) is not int or value < low:
                 raise PagedCacheError(f"{name}: expected an int >= {low}, got {value!r}")
+        if not isinstance(root, bytes):
+            raise PagedCacheError(f"root: expected bytes (a root key), got {type(root).__name__}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.blocks_per_offload = blocks_per_offload
