@@ -179,6 +179,10 @@ def test_failures_change_nothing() -> None:
         (lambda a: a.can_allocate(-1), "num_tokens must be an int >= 0"),
         (lambda a: a.ref_count(8), r"block id 8 is out of range 0\.\.7"),
         (lambda a: a.block_key(-1), r"block id -1 is out of range 0\.\.7"),
+        # offloaded that is not a collection of keys raised TypeError part way.
+        (lambda a: a.allocate("r9", toks(8), offloaded=5), "allocate: offloaded must be a"),
+        (lambda a: a.allocate("r9", toks(8), offloaded="k"), "offload keys .bytes., got str"),
+        (lambda a: a.allocate("r9", toks(8), offloaded=[[1]]), "offload keys .bytes., got list"),
         # An unhashable request id raised TypeError from the request map.
         (lambda a: a.allocate(["r9"], [1]), "allocate: a request id must be hashable"),
         (lambda a: a.extend(["r1"], [1]), "extend: a request id must be hashable .*got list"),

@@ -57,6 +57,20 @@ __all__ = [
 ]
 
 
+def _key_set(offloaded: object) -> AbstractSet[bytes]:
+    """``allocate``'s ``offloaded`` as a set; PagedCacheError for what is not a
+    collection of offload keys (an int, a str, a list of lists)."""
+    if not isinstance(offloaded, (str, bytes, bytearray)):
+        try:
+            return set(offloaded)  # type: ignore[call-overload,no-any-return]
+        except TypeError:
+            pass
+    raise PagedCacheError(
+        f"allocate: offloaded must be a collection of offload keys (bytes), "
+        f"got {type(offloaded).__name__}"
+    )
+
+
 class BlockAllocator(OffloadPlanner):
     """Allocates the blocks of a pool of ``num_blocks`` blocks of ``block_size`` tokens.
 
@@ -181,11 +195,14 @@ class BlockAllocator(OffloadPlanner):
         :meth:`match`.
 
         Raises :class:`~kvactors.errors.PagedCacheError` if the request exists,
-        has no tokens, a token id is not an int64 or it needs more blocks than the
-        pool has; :class:`~kvactors.errors.OutOfBlocksError` if not enough blocks
-        are free now. On any error nothing changed.
+        has no tokens, a token id is not an int64, ``offloaded`` is not a
+        collection of keys or it needs more blocks than the pool has;
+        :class:`~kvactors.errors.OutOfBlocksError` if not enough blocks are free now.
+        On any error nothing changed.
         """
         tokens = self._new_request(request_id, token_ids)
+        if not isinstance(offloaded, AbstractSet):
+            offloaded = _key_set(offloaded)
         bs = self.block_size
         total = cdiv(len(tokens), bs)
         hashes = hash_blocks(self.root, tokens, bs)
