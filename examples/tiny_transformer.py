@@ -446,10 +446,25 @@ SMALL = Options(
 )
 
 
+SEEDS = range(-(2**63), 2**63 - 1)
+"""The seeds torch's generators take, leaving room for the prompts' ``seed + 1``."""
+
+
+def seed_int(text: str) -> int:
+    """argparse type of ``--seed``: an int in :data:`SEEDS`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an int: {text!r}") from None
+    if value not in SEEDS:
+        raise argparse.ArgumentTypeError(f"must be in {SEEDS.start}..{SEEDS.stop - 1}, got {text}")
+    return value
+
+
 def parse_options(argv: Sequence[str] | None) -> Options:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="the size the tests run")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=seed_int, help=f"an int in {SEEDS.start}..{SEEDS.stop - 1}")
     p.add_argument("--layers", type=positive_int)
     p.add_argument("--d-model", type=positive_int)
     p.add_argument("--heads", type=positive_int, help="query heads (a multiple of --kv-heads)")

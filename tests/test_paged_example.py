@@ -129,6 +129,8 @@ def test_the_command_in_the_docs_runs_from_the_checkout_root() -> None:
         (["--generate", "0"], "argument --generate: must be positive, got 0"),
         (["--prefix", "-1"], "argument --prefix: must be >= 0, got -1"),
         (["--defrag-every", "-1"], "argument --defrag-every: must be >= 0, got -1"),
+        (["--seed", str(2**64)], f"argument --seed: must be in {-(2**63)}..{2**63 - 2}, got"),
+        (["--seed", "x"], "argument --seed: not an int: 'x'"),
         (["--heads", "3"], "--heads 3 is not a multiple of --kv-heads 2"),
         (["--kv-heads", "3"], "--heads 4 is not a multiple of --kv-heads 3"),
         # --small: prompts of up to 16 + 5 tokens, 8 generated, blocks of 4 tokens.
