@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -208,3 +210,15 @@ def test_the_key_functions_refuse_what_is_not_a_key_or_a_count_by_name() -> None
         hash_block(b"r", [1, 2]),
         hash_block(hash_block(b"r", [1, 2]), [3, 4]),
     ]
+
+
+@pytest.mark.parametrize("watermark", [Fraction(7, 100), Decimal("0.07"), "0.1", True])
+def test_a_watermark_of_another_type_is_refused_saying_which_types_it_takes(
+    watermark: object,
+) -> None:
+    """The message said 'expected a fraction in [0, 1), got Fraction(7, 100)',
+    refusing a fraction in [0, 1) for wanting one; it names the types taken."""
+    with pytest.raises(
+        ConfigError, match=r"^watermark: expected an int or a float in \[0, 1\), got "
+    ):
+        make(watermark=watermark)
