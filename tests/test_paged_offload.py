@@ -694,3 +694,23 @@ async def test_a_cache_with_other_block_bytes_is_refused_as_offloader() -> None:
                 PagedKVCache(config, kv)
     with pytest.raises(ConfigError, match=r"^config: expected a KVCacheConfig, got dict"):
         PagedKVCache({"num_layers": 1}, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("offloader", ["kv", object(), "config"])
+def test_an_offloader_that_is_not_one_is_refused_when_the_cache_is_made(offloader: object) -> None:
+    """PagedKVCache(config, kvactors.Config(...)) (the config, not the opened
+    cache) was taken and failed the first allocate with AttributeError ('Config'
+    object has no attribute 'lookup'). Now ConfigError naming offloader, with a
+    hint for a Config."""
+    if offloader == "config":
+        offloader = kvactors.Config(
+            block_bytes=make_config(4).offload_bytes, cpu=kvactors.TierConfig(num_blocks=4)
+        )
+    hint = r" \(open it first: async with kvactors.open\(config\) as kv\)$"
+    with pytest.raises(
+        ConfigError,
+        match=r"^offloader: expected an Offloader \(lookup, store and load coroutines, "
+        rf"such as the KVCache kvactors.open gives\), got {type(offloader).__name__}"
+        + (hint if isinstance(offloader, kvactors.Config) else "$"),
+    ):
+        PagedKVCache(make_config(4), offloader)  # type: ignore[arg-type]

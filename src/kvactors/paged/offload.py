@@ -35,6 +35,7 @@ from typing import Protocol, runtime_checkable
 import msgspec
 import torch
 
+from kvactors.config import Config
 from kvactors.errors import ConfigError, KVActorsError, PagedCacheError
 from kvactors.keys import Key
 from kvactors.paged.allocator import (
@@ -147,6 +148,16 @@ class PagedKVCache:
     ) -> None:
         if not isinstance(config, KVCacheConfig):
             raise ConfigError(f"config: expected a KVCacheConfig, got {type(config).__name__}")
+        if offloader is not None and not isinstance(offloader, Offloader):
+            hint = (
+                " (open it first: async with kvactors.open(config) as kv)"
+                if isinstance(offloader, Config)
+                else ""
+            )
+            raise ConfigError(
+                "offloader: expected an Offloader (lookup, store and load coroutines, "
+                f"such as the KVCache kvactors.open gives), got {type(offloader).__name__}{hint}"
+            )
         # An offloader that says its block size (the coordinator's KVCache, by
         # its config) must take offload rows of exactly config.offload_bytes.
         block_bytes = getattr(getattr(offloader, "config", None), "block_bytes", None)
