@@ -762,3 +762,31 @@ def test_a_pressure_callback_is_checked_when_added_and_its_error_leaves_the_call
     a.remove_pressure_callback(refuse)
     a.extend("r2", toks(3, start=95))  # takes block 7
     assert seen == [MemoryPressure(0, 0, 0, 3)]
+
+
+def test_completions_take_a_bool_and_the_plans_items_only() -> None:
+    """complete_offload / complete_restore counted any success by its truth (a
+    list [False] as a success, None as a failure) and complete_offload(None, ...)
+    raised TypeError. Now PagedCacheError, nothing changed; numpy and torch bool
+    scalars are bools."""
+    import numpy as np
+
+    a = make(num_blocks=8, offloading=True)
+    a.allocate("r1", toks(9))
+    items = a.prepare_swap_out("r1")
+    before = state(a)
+    for bad in ([False], None, 1, np.array([True])):
+        with pytest.raises(PagedCacheError, match=r"^complete_offload: success must be a bool"):
+            a.complete_offload(items, bad)  # type: ignore[arg-type]
+    for bad_items in (None, items[0], [1]):
+        with pytest.raises(PagedCacheError, match=r"^complete_offload: items must be the Off"):
+            a.complete_offload(bad_items, True)  # type: ignore[arg-type]
+    assert state(a) == before
+    a.complete_offload(items, np.bool_(True))
+    assert a.is_clean(a.get_block_table("r1")[0])
+    other = make(num_blocks=8, offloading=True)
+    plan = other.allocate("r2", toks(9), offloaded={item.key for item in items})
+    assert plan.restore_keys
+    with pytest.raises(PagedCacheError, match=r"^complete_restore: success must be a bool"):
+        other.complete_restore("r2", [True])  # type: ignore[arg-type]
+    other.complete_restore("r2", True)  # still in flight after the refusal

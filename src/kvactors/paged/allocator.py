@@ -253,6 +253,7 @@ class BlockAllocator(OffloadPlanner):
         PagedCacheError if the request is unknown or has no restore in flight.
         """
         req = self._get(request_id, "complete_restore")
+        success = self._success(success, "complete_restore")
         if req.pending is None:
             raise PagedCacheError(
                 f"complete_restore: request {request_id!r} has no restore in flight"

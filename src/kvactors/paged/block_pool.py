@@ -157,6 +157,17 @@ class BlockPool:
                 f"got {type(request_id).__name__}"
             ) from None
 
+    @staticmethod
+    def _success(success: object, what: str) -> bool:
+        """``success`` as a bool: a ``bool``, or a numpy or torch bool scalar;
+        PagedCacheError for anything else (a list, ``None``, an int), which would
+        otherwise count by its truth."""
+        if type(success) is bool:
+            return success
+        if "bool" in str(getattr(success, "dtype", "")) and getattr(success, "ndim", 1) == 0:
+            return bool(success)
+        raise PagedCacheError(f"{what}: success must be a bool, got {success!r}")
+
     def _get(self, request_id: RequestId, what: str) -> Request:
         req = self._requests.get(request_id) if self._known(request_id, what) else None
         if req is None:
