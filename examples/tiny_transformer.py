@@ -38,6 +38,7 @@ import anyio
 import torch
 
 import kvactors
+from kvactors.cli.arguments import non_negative_int, positive_int
 from kvactors.errors import BlockNotFoundError, OutOfBlocksError, TensorSpecError
 from kvactors.keys import Key
 from kvactors.paged import (
@@ -445,23 +446,40 @@ SMALL = Options(
 )
 
 
+SEEDS = range(-(2**63), 2**63 - 1)
+"""The seeds torch's generators take, leaving room for the prompts' ``seed + 1``."""
+
+
+def seed_int(text: str) -> int:
+    """argparse type of ``--seed``: an int in :data:`SEEDS`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an int: {text!r}") from None
+    if value not in SEEDS:
+        raise argparse.ArgumentTypeError(f"must be in {SEEDS.start}..{SEEDS.stop - 1}, got {text}")
+    return value
+
+
 def parse_options(argv: Sequence[str] | None) -> Options:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="the size the tests run")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--layers", type=int)
-    p.add_argument("--d-model", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--kv-heads", type=int)
-    p.add_argument("--head-dim", type=int)
-    p.add_argument("--block-size", type=int)
-    p.add_argument("--gpu-blocks", type=int, help="blocks in the pool")
-    p.add_argument("--families", type=int, help="groups of prompts sharing a prefix")
-    p.add_argument("--prompts-per-family", type=int)
-    p.add_argument("--prefix", type=int, help="tokens of the shared prefix")
-    p.add_argument("--generate", type=int, help="tokens generated per prompt")
-    p.add_argument("--max-running", type=int)
-    p.add_argument("--defrag-every", type=int, help="defragment every N steps (0: never)")
+    p.add_argument("--seed", type=seed_int, help=f"an int in {SEEDS.start}..{SEEDS.stop - 1}")
+    p.add_argument("--layers", type=positive_int)
+    p.add_argument("--d-model", type=positive_int)
+    p.add_argument("--heads", type=positive_int, help="query heads (a multiple of --kv-heads)")
+    p.add_argument("--kv-heads", type=positive_int)
+    p.add_argument("--head-dim", type=positive_int)
+    p.add_argument("--block-size", type=positive_int)
+    p.add_argument("--gpu-blocks", type=positive_int, help="blocks in the pool")
+    p.add_argument("--families", type=positive_int, help="groups of prompts sharing a prefix")
+    p.add_argument("--prompts-per-family", type=positive_int)
+    p.add_argument("--prefix", type=non_negative_int, help="tokens of the shared prefix")
+    p.add_argument("--generate", type=positive_int, help="tokens generated per prompt")
+    p.add_argument("--max-running", type=positive_int)
+    p.add_argument(
+        "--defrag-every", type=non_negative_int, help="defragment every N steps (0: never)"
+    )
     args = p.parse_args(argv)
     opts = SMALL if args.small else Options()
     shape = {
@@ -486,7 +504,25 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     changes: dict[str, Any] = {k: v for k, v in top.items() if v is not None}
     if shape_changes:
         changes["shape"] = ModelShape(**{**opts.shape.__dict__, **shape_changes})
-    return Options(**{**opts.__dict__, **changes})
+    opts = Options(**{**opts.__dict__, **changes})
+    shape = opts.shape
+    if shape.heads % shape.kv_heads:
+        p.error(f"--heads {shape.heads} is not a multiple of --kv-heads {shape.kv_heads}")
+    # The longest request: the prefix, the longest suffix and every generated token
+    # but the last (which is never fed back through the model).
+    longest = opts.prefix + opts.suffix[1] + opts.generate
+    if longest > shape.max_positions:
+        p.error(
+            f"a request of up to {longest} tokens (--prefix + {opts.suffix[1]} + --generate) "
+            f"is longer than the model's {shape.max_positions} positions"
+        )
+    needed = -(-(longest - 1) // opts.block_size)
+    if opts.gpu_blocks < needed:
+        p.error(
+            f"--gpu-blocks {opts.gpu_blocks} cannot hold one request of up to {longest} "
+            f"tokens: it needs {needed} blocks of {opts.block_size} tokens"
+        )
+    return opts
 
 
 def report(result: Result) -> str:

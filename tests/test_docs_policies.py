@@ -28,6 +28,7 @@ from kvactors.policy import (
     LRUPolicy,
     PrefixAdmitPolicy,
     WeightedLRUPolicy,
+    make_policy,
 )
 
 POLICIES_MD = DOCS / "policies.md"
@@ -39,6 +40,77 @@ def test_the_policy_table_names_every_built_in_policy() -> None:
     rows = doc_table(POLICIES_MD, "| policy | in one line | pick it when |")
     assert {re.sub(r"[` ]|\(default\)", "", row[0]) for row in rows} == set(POLICIES)
     assert kvactors.Config().cpu.policy == "lru"  # "`lru` (default)"
+
+
+# --- What every built-in policy does ----------------------------------------------
+
+
+def _order_state(mgr: OffloadingManager) -> tuple[object, ...]:
+    """The policy's order data: the compiled core's report, or the Python policy's."""
+    if mgr.native:
+        return mgr._core.policy_state()  # type: ignore[attr-defined,no-any-return]
+    return mgr.policy.order_state()  # type: ignore[union-attr,no-any-return]
+
+
+def _blocks(mgr: OffloadingManager, keys: range) -> list[tuple[int, int] | None]:
+    return [None if (b := mgr.get(k)) is None else (b.block_id, b.ref_cnt) for k in keys]
+
+
+@pytest.mark.parametrize("native", CORES)
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_never_evicts_a_held_block_and_evicts_atomically(
+    name: str, native: bool
+) -> None:
+    """The page's two promises for every built-in policy, on both cores: no victim
+    is pinned, being written or named in the same prepare_store; a prepare_store
+    that cannot find all the room it needs returns None and evicts nothing: every
+    block, its slot and ref count, and the policy's eviction order stay as they
+    were (prefix_admit's learned counts, ghosts and duel, which its admit updates
+    before the eviction, may change; the order of its resident blocks does not)."""
+    if native and not manager.NATIVE:
+        pytest.skip("compiled core not built")
+    import random
+
+    rnd = random.Random(3)
+    keys_in_use = range(40)
+    mgr = OffloadingManager(8, block_size=1, policy=name, native=native)
+    pins: list[int] = []
+    writing: list[int] = []
+    refused = evicted = 0
+    for _ in range(3000):
+        keys = list(dict.fromkeys(rnd.randrange(40) for _ in range(rnd.randrange(1, 7))))
+        mgr.touch(keys)
+        before = (_order_state(mgr), _blocks(mgr, keys_in_use), mgr.stats().evictions)
+        out = mgr.prepare_store(keys)
+        if out is None:
+            refused += 1
+            after = (_order_state(mgr), _blocks(mgr, keys_in_use), mgr.stats().evictions)
+            if name == "prefix_admit":  # clock, stored, evictions and the lists
+                before = (before[0][1:4] + before[0][7:8], *before[1:])
+                after = (after[0][1:4] + after[0][7:8], *after[1:])
+            assert after == before
+        else:
+            victims = set(out.block_hashes_evicted)
+            assert not victims & set(keys)
+            assert not victims & set(pins)
+            assert not victims & set(writing)
+            evicted += len(victims)
+            if rnd.random() < 0.3:  # in flight (ref -1) until a later step
+                writing.extend(out.block_hashes_to_store)
+            elif out.block_hashes_to_store:
+                mgr.complete_store(out.block_hashes_to_store, success=rnd.random() < 0.9)
+        if writing and rnd.random() < 0.4:
+            mgr.complete_store(writing)
+            writing.clear()
+        ready = [k for k in keys_in_use if (b := mgr.get(k)) is not None and b.ref_cnt >= 0]
+        if ready and rnd.random() < 0.3:
+            key = rnd.choice(ready)
+            mgr.prepare_load([key])
+            pins.append(key)
+        if pins and rnd.random() < 0.3:
+            mgr.complete_load([pins.pop(rnd.randrange(len(pins)))])
+    assert refused > 100
+    assert evicted > 100
 
 
 # --- Figures on the bundled traces ----------------------------------------------
@@ -226,6 +298,77 @@ def test_weighted_lru_takes_any_finite_int_or_float_weight() -> None:
         assert out is not None
         mgr.complete_store(out.block_hashes_to_store)
         assert mgr.prepare_store([5]) is not None
+
+
+@pytest.mark.parametrize("native", CORES)
+@pytest.mark.parametrize(
+    ("weights", "victims"),
+    [
+        # 41 uses: 41 ** 200 is past a float's range, the other blocks' are not.
+        ({"frequency_weight": 200}, [2, 4]),
+        ({"frequency_weight": 200.0}, [2, 4]),
+        # (41 / 16) ** 300 is finite, (1 / 16) ** 300 is 0.0.
+        ({"size_weight": 300.0, "frequency_weight": 300.0}, [2, 4]),
+        # 16 ** -300 is 0.0: every priority is infinite, so the order is LRU's.
+        ({"size_weight": -300}, [2, 1]),
+    ],
+)
+def test_a_finite_weight_whose_priority_leaves_a_floats_range_keeps_working(
+    weights: dict[str, float], victims: list[int], native: bool
+) -> None:
+    """Any finite weight is taken, so it must work for every block: a priority
+    past a float's range is infinite (one below it 0.0), ties to the least
+    recently used. These raised OverflowError or ZeroDivisionError out of touch
+    or prepare_store, a block's use count already raised."""
+    if native and not manager.NATIVE:
+        pytest.skip("compiled core not built")
+    mgr = OffloadingManager(3, block_size=16, policy=WeightedLRUPolicy(3, **weights), native=native)
+    out = mgr.prepare_store([1, 2, 3])
+    assert out is not None
+    mgr.complete_store([1, 2, 3])
+    for _ in range(40):
+        mgr.touch([1])
+    mgr.touch([3])
+    evicted = []
+    for new in (4, 5):
+        out = mgr.prepare_store([new])
+        assert out is not None
+        evicted += out.block_hashes_evicted
+        mgr.complete_store([new])
+    assert evicted == victims
+
+
+@pytest.mark.parametrize("capacity", ["4", None, True, 2.5, -1])
+@pytest.mark.parametrize("cls", [LRUPolicy, ARCPolicy, WeightedLRUPolicy, PrefixAdmitPolicy])
+def test_a_built_in_policy_given_a_capacity_that_is_not_a_count_is_a_config_error(
+    cls: type, capacity: object
+) -> None:
+    """Raised when the policy is made, naming capacity (ARCPolicy and
+    PrefixAdmitPolicy took these and failed in a later handshake with a
+    TypeError, KeyError or StopIteration; the others took anything)."""
+    minimum = 1 if cls is PrefixAdmitPolicy else 0
+    with pytest.raises(ConfigError, match=rf"^capacity: expected an int >= {minimum}, got "):
+        cls(capacity)
+    with pytest.raises(ConfigError, match=r"^capacity: "):
+        make_policy(cls.name, capacity)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("native", CORES)
+def test_prefix_admit_needs_a_capacity_of_one_block_the_others_take_zero(native: bool) -> None:
+    if native and not manager.NATIVE:
+        pytest.skip("compiled core not built")
+    with pytest.raises(ConfigError, match=r"^capacity: expected an int >= 1, got 0$"):
+        PrefixAdmitPolicy(0)
+    import numpy as np
+
+    for policy in (LRUPolicy(), WeightedLRUPolicy(), ARCPolicy(0), PrefixAdmitPolicy(np.int64(1))):
+        mgr = OffloadingManager(2, block_size=1, policy=policy, native=native)
+        for keys in ([1, 2], [3], [4, 1]):
+            mgr.touch(keys)
+            out = mgr.prepare_store(keys)
+            assert out is not None
+            mgr.complete_store(out.block_hashes_to_store)
+        assert mgr.lookup([4]) == 1
 
 
 def test_the_built_in_policies_are_python_classes_that_run_as_objects() -> None:

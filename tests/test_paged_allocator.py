@@ -179,6 +179,17 @@ def test_failures_change_nothing() -> None:
         (lambda a: a.can_allocate(-1), "num_tokens must be an int >= 0"),
         (lambda a: a.ref_count(8), r"block id 8 is out of range 0\.\.7"),
         (lambda a: a.block_key(-1), r"block id -1 is out of range 0\.\.7"),
+        # offloaded that is not a collection of keys raised TypeError part way.
+        (lambda a: a.allocate("r9", toks(8), offloaded=5), "allocate: offloaded must be a"),
+        (lambda a: a.allocate("r9", toks(8), offloaded="k"), "offload keys .bytes., got str"),
+        (lambda a: a.allocate("r9", toks(8), offloaded=[[1]]), "offload keys .bytes., got list"),
+        # An unhashable request id raised TypeError from the request map.
+        (lambda a: a.allocate(["r9"], [1]), "allocate: a request id must be hashable"),
+        (lambda a: a.extend(["r1"], [1]), "extend: a request id must be hashable .*got list"),
+        (lambda a: a.free({}), "free: a request id must be hashable .*got dict"),
+        (lambda a: a.fork("r1", ["c"]), "fork: a request id must be hashable"),
+        (lambda a: a.fork(["r1"], "c"), "fork: a request id must be hashable"),
+        (lambda a: a.get_block_table([7]), "get_block_table: a request id must be hashable"),
     ],
 )
 def test_bad_input_gets_a_typed_error(call: object, message: str) -> None:
@@ -722,3 +733,60 @@ TestLifecycles = Lifecycles.TestCase
 TestLifecycles.settings = MACHINE_SETTINGS
 TestChunkLifecycles = ChunkLifecycles.TestCase
 TestChunkLifecycles.settings = MACHINE_SETTINGS
+
+
+def test_a_pressure_callback_is_checked_when_added_and_its_error_leaves_the_call_done() -> None:
+    """add_pressure_callback(None) was taken and made the first allocate under
+    pressure raise TypeError (after the request was allocated); removing a
+    callback never added raised ValueError. A callback's own exception reaches
+    the caller, and the allocation it follows stands."""
+    a = make(num_blocks=8, watermark_blocks=3)
+    with pytest.raises(PagedCacheError, match=r"^add_pressure_callback: expected a callable, got "):
+        a.add_pressure_callback(None)  # type: ignore[arg-type]
+    with pytest.raises(PagedCacheError, match=r"^remove_pressure_callback: .* is not a pressure"):
+        a.remove_pressure_callback(print)  # type: ignore[arg-type]
+    a.allocate("r1", toks(24))  # 2 empty left: under pressure, no callback to run
+    assert a.stats().pressure_events == 1
+
+    seen: list[MemoryPressure] = []
+
+    def refuse(event: MemoryPressure) -> None:
+        raise RuntimeError(f"pressure: {event.num_empty} empty")
+
+    a.add_pressure_callback(refuse)
+    a.add_pressure_callback(seen.append)
+    with pytest.raises(RuntimeError, match=r"^pressure: 1 empty$"):
+        a.allocate("r2", toks(2, start=90))
+    assert a.get_block_table("r2").block_ids == [6]  # the allocation stands
+    assert seen == []  # the callback after the raising one skipped that event
+    a.remove_pressure_callback(refuse)
+    a.extend("r2", toks(3, start=95))  # takes block 7
+    assert seen == [MemoryPressure(0, 0, 0, 3)]
+
+
+def test_completions_take_a_bool_and_the_plans_items_only() -> None:
+    """complete_offload / complete_restore counted any success by its truth (a
+    list [False] as a success, None as a failure) and complete_offload(None, ...)
+    raised TypeError. Now PagedCacheError, nothing changed; numpy and torch bool
+    scalars are bools."""
+    import numpy as np
+
+    a = make(num_blocks=8, offloading=True)
+    a.allocate("r1", toks(9))
+    items = a.prepare_swap_out("r1")
+    before = state(a)
+    for bad in ([False], None, 1, np.array([True])):
+        with pytest.raises(PagedCacheError, match=r"^complete_offload: success must be a bool"):
+            a.complete_offload(items, bad)  # type: ignore[arg-type]
+    for bad_items in (None, items[0], [1]):
+        with pytest.raises(PagedCacheError, match=r"^complete_offload: items must be the Off"):
+            a.complete_offload(bad_items, True)  # type: ignore[arg-type]
+    assert state(a) == before
+    a.complete_offload(items, np.bool_(True))
+    assert a.is_clean(a.get_block_table("r1")[0])
+    other = make(num_blocks=8, offloading=True)
+    plan = other.allocate("r2", toks(9), offloaded={item.key for item in items})
+    assert plan.restore_keys
+    with pytest.raises(PagedCacheError, match=r"^complete_restore: success must be a bool"):
+        other.complete_restore("r2", [True])  # type: ignore[arg-type]
+    other.complete_restore("r2", True)  # still in flight after the refusal

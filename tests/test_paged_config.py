@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -182,3 +184,41 @@ def test_watermark_blocks_is_the_exact_decimal_rounded_up(
         empty = num_gpu_blocks - i - 1
         assert bool(seen) == (empty < blocks), (i, empty, seen)
         seen.clear()
+
+
+def test_the_key_functions_refuse_what_is_not_a_key_or_a_count_by_name() -> None:
+    """hash_block / hash_tail / hash_blocks with a parent that is not bytes raised
+    TypeError from the concatenation, hash_blocks with block_size 0
+    ZeroDivisionError, root_key of something else AttributeError, and a
+    BlockAllocator with a str root failed its first allocate."""
+    parent_error = r"parent must be bytes \(the previous block's key or the root key\), got "
+    with pytest.raises(PagedCacheError, match=rf"^hash_block: {parent_error}str$"):
+        hash_block("root", [1])  # type: ignore[arg-type]
+    with pytest.raises(PagedCacheError, match=rf"^hash_tail: {parent_error}NoneType$"):
+        hash_tail(None, [1])  # type: ignore[arg-type]
+    with pytest.raises(PagedCacheError, match=rf"^hash_blocks: {parent_error}bytearray$"):
+        hash_blocks(bytearray(), [1, 2], 1)  # type: ignore[arg-type]
+    with pytest.raises(PagedCacheError, match=r"^hash_blocks: block_size must be an int >= 1"):
+        hash_blocks(b"", [1, 2], 0)
+    with pytest.raises(PagedCacheError, match=r"^hash_blocks: start must be an int >= 0"):
+        hash_blocks(b"", [1, 2], 1, -1)
+    with pytest.raises(ConfigError, match=r"^config: expected a KVCacheConfig, got dict$"):
+        root_key({})  # type: ignore[arg-type]
+    with pytest.raises(PagedCacheError, match=r"^root: expected bytes \(a root key\), got str$"):
+        BlockAllocator(4, 2, root="model")  # type: ignore[arg-type]
+    assert hash_blocks(b"r", [1, 2, 3, 4], 2) == [
+        hash_block(b"r", [1, 2]),
+        hash_block(hash_block(b"r", [1, 2]), [3, 4]),
+    ]
+
+
+@pytest.mark.parametrize("watermark", [Fraction(7, 100), Decimal("0.07"), "0.1", True])
+def test_a_watermark_of_another_type_is_refused_saying_which_types_it_takes(
+    watermark: object,
+) -> None:
+    """The message said 'expected a fraction in [0, 1), got Fraction(7, 100)',
+    refusing a fraction in [0, 1) for wanting one; it names the types taken."""
+    with pytest.raises(
+        ConfigError, match=r"^watermark: expected an int or a float in \[0, 1\), got "
+    ):
+        make(watermark=watermark)

@@ -99,3 +99,60 @@ def test_a_corrupted_block_is_caught_and_exits_1(
     out = capsys.readouterr().out
     assert "DIFFER" in out
     assert "MISMATCH: logits differ from the dense reference for" in out
+
+
+def test_the_command_in_the_docs_runs_from_the_checkout_root() -> None:
+    """docs/paged.md: ``python examples/tiny_transformer.py --small``, in a process of
+    its own, prints the table and exits 0."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "examples/tiny_transformer.py", "--small"],
+        cwd=EXAMPLE.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().endswith("all logits equal the dense reference bit for bit")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--layers", "0"], "argument --layers: must be positive, got 0"),
+        (["--gpu-blocks", "0"], "argument --gpu-blocks: must be positive, got 0"),
+        (["--block-size", "-4"], "argument --block-size: must be positive, got -4"),
+        (["--families", "0"], "argument --families: must be positive, got 0"),
+        (["--prompts-per-family", "0"], "argument --prompts-per-family: must be positive"),
+        (["--max-running", "0"], "argument --max-running: must be positive, got 0"),
+        (["--generate", "0"], "argument --generate: must be positive, got 0"),
+        (["--prefix", "-1"], "argument --prefix: must be >= 0, got -1"),
+        (["--defrag-every", "-1"], "argument --defrag-every: must be >= 0, got -1"),
+        (["--seed", str(2**64)], f"argument --seed: must be in {-(2**63)}..{2**63 - 2}, got"),
+        (["--seed", "x"], "argument --seed: not an int: 'x'"),
+        (["--heads", "3"], "--heads 3 is not a multiple of --kv-heads 2"),
+        (["--kv-heads", "3"], "--heads 4 is not a multiple of --kv-heads 3"),
+        # --small: prompts of up to 16 + 5 tokens, 8 generated, blocks of 4 tokens.
+        (
+            ["--gpu-blocks", "6"],
+            "--gpu-blocks 6 cannot hold one request of up to 29 tokens: it needs 7 blocks",
+        ),
+        (["--prefix", "600", "--gpu-blocks", "400"], "longer than the model's 512 positions"),
+    ],
+)
+def test_a_size_the_example_cannot_run_is_a_usage_error(
+    tt: ModuleType, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    """Exit status 2 and a message naming the option, before any work (these used to
+    end in a traceback from the model, the config or the allocator, or, for zero
+    prompts, in a vacuous "all logits equal")."""
+    with pytest.raises(SystemExit) as exc:
+        tt.main(["--small", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_smallest_pool_the_example_accepts_runs(tt: ModuleType) -> None:
+    """The bound of the --gpu-blocks check is exact for --small: 7 blocks run."""
+    assert tt.main(["--small", "--gpu-blocks", "7", "--max-running", "1"]) == 0

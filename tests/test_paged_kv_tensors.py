@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvactors.errors import PagedCacheError, TensorSpecError
+from kvactors.errors import ConfigError, PagedCacheError, TensorSpecError
 from kvactors.paged import DTYPES, KVCacheConfig, KVTensors
 
 
@@ -137,3 +137,58 @@ def test_rows_at_an_odd_address_move_byte_by_byte_just_as_well() -> None:
     assert torch.equal(rows, kv.gather([4, 1]))
     kv.scatter([0, 2], rows)
     assert all(torch.equal(t[:, [0, 2]], t[:, [4, 1]]) for t in kv.layers)
+
+
+def test_what_is_not_a_config_a_tensor_or_a_list_of_tensors_is_refused_by_name() -> None:
+    """These raised AttributeError or TypeError from inside KVTensors; now the
+    typed error that names the argument (ConfigError for the config, as
+    PagedKVCache gives, TensorSpecError for the tensors)."""
+    import numpy as np
+
+    c = config()
+    with pytest.raises(ConfigError, match=r"^config: expected a KVCacheConfig, got str$"):
+        KVTensors("c")  # type: ignore[arg-type]
+    with pytest.raises(
+        TensorSpecError, match=r"^layers: expected a sequence of 3 tensors, got int$"
+    ):
+        KVTensors(c, 5)  # type: ignore[arg-type]
+    layer = np.zeros((2, 6, 2, 2, 4), np.float32)
+    with pytest.raises(
+        TensorSpecError, match=r"^layers\[0\]: expected a torch.Tensor, got ndarray$"
+    ):
+        KVTensors(c, [layer] * 3)  # type: ignore[list-item]
+    kv = KVTensors(c)
+    with pytest.raises(
+        TensorSpecError, match=r"^scatter rows: expected a torch.Tensor, got NoneType$"
+    ):
+        kv.scatter([1], None)  # type: ignore[arg-type]
+    with pytest.raises(TensorSpecError, match=r"^gather out: expected a torch.Tensor, got list$"):
+        kv.gather([1], out=[0] * c.block_size_bytes)  # type: ignore[arg-type]
+    # Any iterable of the right tensors still is one: a generator, a stacked tensor.
+    stacked = torch.zeros((3, 2, 6, 2, 2, 4))
+    assert KVTensors(c, stacked).layers[2].data_ptr() == stacked[2].data_ptr()
+    assert len(KVTensors(c, (t for t in torch.zeros((3, 2, 6, 2, 2, 4)))).layers) == 3
+
+
+def test_block_ids_may_be_numpy_or_torch_integers_and_nothing_else() -> None:
+    """A block table kept as a numpy array or a tensor (as engines keep them) moves
+    the same rows as a list; its ids used to be refused as 'block id tensor(1) is
+    out of range 0..5', naming an id that is in range. A bool or a float is not a
+    block id, and the message says so."""
+    import numpy as np
+
+    c = config()
+    kv = numbered(c)
+    want = kv.gather([4, 1, 2])
+    for ids in (np.array([4, 1, 2]), torch.tensor([4, 1, 2]), [np.int64(4), 1, torch.tensor(2)]):
+        assert torch.equal(kv.gather(ids), want)  # type: ignore[arg-type]
+    other = numbered(c)
+    other.scatter(np.array([0, 3, 5]), want)  # type: ignore[arg-type]
+    assert torch.equal(other.gather([0, 3, 5]), want)
+    other.copy_blocks(torch.tensor([0]), np.array([1]))  # type: ignore[arg-type]
+    assert torch.equal(other.gather([1]), want[:1])
+    for bad, shown in ((True, "True"), (1.0, "1.0"), (np.array([True])[0], "np.True_")):
+        with pytest.raises(PagedCacheError, match=rf"^gather: block id {shown} is not an int$"):
+            kv.gather([0, bad])  # type: ignore[list-item]
+    with pytest.raises(PagedCacheError, match=r"^scatter: block id 6 is out of range 0\.\.5$"):
+        kv.scatter(np.array([6]), want[:1])  # type: ignore[arg-type]

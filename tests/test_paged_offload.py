@@ -477,6 +477,32 @@ async def test_errors_reach_the_caller_and_change_nothing() -> None:
     check(cache, "a")
 
 
+@pytest.mark.parametrize("offloading", [True, False])
+async def test_swap_out_and_swap_in_errors_name_the_call(offloading: bool) -> None:
+    """swap_out of an unknown request said "free: ..." without an offloader and
+    "prepare_swap_out: ..." with one; swap_in of anything but a SwappedOut raised
+    AttributeError. Both are PagedCacheError naming the call, nothing changed."""
+    cache, store = setup(blocks=4)
+    if not offloading:
+        cache = PagedKVCache(make_config(4))
+    await admit(cache, "a", toks(6))
+    store.calls.clear()
+    before = cache.stats()
+    with anyio.fail_after(10):
+        with pytest.raises(PagedCacheError, match=r"^swap_out: unknown request 'zz' \("):
+            await cache.swap_out("zz")
+        for bad in ("a", None, ("a", toks(6), 0)):
+            with pytest.raises(
+                PagedCacheError,
+                match=r"^swap_in: expected the SwappedOut that swap_out returned, got ",
+            ):
+                await cache.swap_in(bad)  # type: ignore[arg-type]
+    assert store.calls == []
+    assert cache.stats() == before
+    assert cache.allocator.request_ids() == ["a"]
+    check(cache, "a")
+
+
 async def test_a_request_aborted_before_computing_is_freed_uncomputed() -> None:
     """docs/paged.md: free(id, computed=False) drops the blocks the request filled
     instead of caching them; PagedKVCache.free takes it as the allocator does."""
@@ -668,3 +694,23 @@ async def test_a_cache_with_other_block_bytes_is_refused_as_offloader() -> None:
                 PagedKVCache(config, kv)
     with pytest.raises(ConfigError, match=r"^config: expected a KVCacheConfig, got dict"):
         PagedKVCache({"num_layers": 1}, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("offloader", ["kv", object(), "config"])
+def test_an_offloader_that_is_not_one_is_refused_when_the_cache_is_made(offloader: object) -> None:
+    """PagedKVCache(config, kvactors.Config(...)) (the config, not the opened
+    cache) was taken and failed the first allocate with AttributeError ('Config'
+    object has no attribute 'lookup'). Now ConfigError naming offloader, with a
+    hint for a Config."""
+    if offloader == "config":
+        offloader = kvactors.Config(
+            block_bytes=make_config(4).offload_bytes, cpu=kvactors.TierConfig(num_blocks=4)
+        )
+    hint = r" \(open it first: async with kvactors.open\(config\) as kv\)$"
+    with pytest.raises(
+        ConfigError,
+        match=r"^offloader: expected an Offloader \(lookup, store and load coroutines, "
+        rf"such as the KVCache kvactors.open gives\), got {type(offloader).__name__}"
+        + (hint if isinstance(offloader, kvactors.Config) else "$"),
+    ):
+        PagedKVCache(make_config(4), offloader)  # type: ignore[arg-type]

@@ -57,6 +57,20 @@ __all__ = [
 ]
 
 
+def _key_set(offloaded: object) -> AbstractSet[bytes]:
+    """``allocate``'s ``offloaded`` as a set; PagedCacheError for what is not a
+    collection of offload keys (an int, a str, a list of lists)."""
+    if not isinstance(offloaded, (str, bytes, bytearray)):
+        try:
+            return set(offloaded)  # type: ignore[call-overload,no-any-return]
+        except TypeError:
+            pass
+    raise PagedCacheError(
+        f"allocate: offloaded must be a collection of offload keys (bytes), "
+        f"got {type(offloaded).__name__}"
+    )
+
+
 class BlockAllocator(OffloadPlanner):
     """Allocates the blocks of a pool of ``num_blocks`` blocks of ``block_size`` tokens.
 
@@ -156,7 +170,7 @@ class BlockAllocator(OffloadPlanner):
     def _new_request(self, request_id: RequestId, token_ids: Sequence[int]) -> list[int]:
         """``token_ids`` as a list, checked as ``allocate`` checks a new request
         (PagedCacheError: the id exists, a bad token id, no tokens, more blocks than the pool)."""
-        if request_id in self._requests:
+        if self._known(request_id, "allocate"):
             raise PagedCacheError(f"allocate: request {request_id!r} is already allocated")
         tokens = self._tokens(token_ids, "allocate")
         if not tokens:
@@ -181,11 +195,14 @@ class BlockAllocator(OffloadPlanner):
         :meth:`match`.
 
         Raises :class:`~kvactors.errors.PagedCacheError` if the request exists,
-        has no tokens, a token id is not an int64 or it needs more blocks than the
-        pool has; :class:`~kvactors.errors.OutOfBlocksError` if not enough blocks
-        are free now. On any error nothing changed.
+        has no tokens, a token id is not an int64, ``offloaded`` is not a
+        collection of keys or it needs more blocks than the pool has;
+        :class:`~kvactors.errors.OutOfBlocksError` if not enough blocks are free now.
+        On any error nothing changed.
         """
         tokens = self._new_request(request_id, token_ids)
+        if not isinstance(offloaded, AbstractSet):
+            offloaded = _key_set(offloaded)
         bs = self.block_size
         total = cdiv(len(tokens), bs)
         hashes = hash_blocks(self.root, tokens, bs)
@@ -236,6 +253,7 @@ class BlockAllocator(OffloadPlanner):
         PagedCacheError if the request is unknown or has no restore in flight.
         """
         req = self._get(request_id, "complete_restore")
+        success = self._success(success, "complete_restore")
         if req.pending is None:
             raise PagedCacheError(
                 f"complete_restore: request {request_id!r} has no restore in flight"
@@ -305,7 +323,7 @@ class BlockAllocator(OffloadPlanner):
         is unknown or the child exists.
         """
         parent = self._idle(parent_id, "fork")
-        if child_id in self._requests:
+        if self._known(child_id, "fork"):
             raise PagedCacheError(f"fork: request {child_id!r} is already allocated")
         child = Request(child_id, list(parent.tokens))
         child.blocks = list(parent.blocks)

@@ -54,6 +54,8 @@ class BlockPool:
         ):
             if type(value) is not int or value < low:
                 raise PagedCacheError(f"{name}: expected an int >= {low}, got {value!r}")
+        if not isinstance(root, bytes):
+            raise PagedCacheError(f"root: expected bytes (a root key), got {type(root).__name__}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.blocks_per_offload = blocks_per_offload
@@ -144,8 +146,30 @@ class BlockPool:
 
     # -- requests -------------------------------------------------------------------
 
+    def _known(self, request_id: RequestId, what: str) -> bool:
+        """Whether ``request_id`` is allocated; PagedCacheError for an id that is
+        not hashable (a list, a dict: no request can have it)."""
+        try:
+            return request_id in self._requests
+        except TypeError:
+            raise PagedCacheError(
+                f"{what}: a request id must be hashable (a str or an int), "
+                f"got {type(request_id).__name__}"
+            ) from None
+
+    @staticmethod
+    def _success(success: object, what: str) -> bool:
+        """``success`` as a bool: a ``bool``, or a numpy or torch bool scalar;
+        PagedCacheError for anything else (a list, ``None``, an int), which would
+        otherwise count by its truth."""
+        if type(success) is bool:
+            return success
+        if "bool" in str(getattr(success, "dtype", "")) and getattr(success, "ndim", 1) == 0:
+            return bool(success)
+        raise PagedCacheError(f"{what}: success must be a bool, got {success!r}")
+
     def _get(self, request_id: RequestId, what: str) -> Request:
-        req = self._requests.get(request_id)
+        req = self._requests.get(request_id) if self._known(request_id, what) else None
         if req is None:
             raise PagedCacheError(
                 f"{what}: unknown request {request_id!r} (never allocated, or already freed)"
@@ -166,11 +190,23 @@ class BlockPool:
     def add_pressure_callback(self, callback: Callable[[MemoryPressure], None]) -> None:
         """Run ``callback`` after every ``allocate`` / ``extend`` that takes blocks and
         leaves the pool under pressure. It runs after the call's changes; an exception it raises
-        reaches the caller of that call (whose changes stand)."""
+        reaches the caller of that call (whose changes stand), and the callbacks
+        after it do not run for that event. PagedCacheError for a ``callback``
+        that is not callable (it would have failed the first call under pressure)."""
+        if not callable(callback):
+            raise PagedCacheError(
+                f"add_pressure_callback: expected a callable, got {type(callback).__name__}"
+            )
         self._callbacks.append(callback)
 
     def remove_pressure_callback(self, callback: Callable[[MemoryPressure], None]) -> None:
-        self._callbacks.remove(callback)
+        """Stop running ``callback``; PagedCacheError if it was never added."""
+        try:
+            self._callbacks.remove(callback)
+        except ValueError:
+            raise PagedCacheError(
+                f"remove_pressure_callback: {callback!r} is not a pressure callback"
+            ) from None
 
     def _check_pressure(self) -> None:
         if not self.under_pressure():

@@ -93,7 +93,9 @@ class KVCacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             or not math.isfinite(self.watermark)
             or not 0 <= self.watermark < 1
         ):
-            raise ConfigError(f"watermark: expected a fraction in [0, 1), got {self.watermark!r}")
+            raise ConfigError(
+                f"watermark: expected an int or a float in [0, 1), got {self.watermark!r}"
+            )
         if not isinstance(self.namespace, str):
             raise ConfigError(f"namespace: expected a str, got {type(self.namespace).__name__}")
 

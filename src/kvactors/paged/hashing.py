@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from kvactors.errors import PagedCacheError
+from kvactors.errors import ConfigError, PagedCacheError
 from kvactors.paged.config import KVCacheConfig
 
 __all__ = [
@@ -89,6 +89,16 @@ def _not_a_token(token: object) -> PagedCacheError:
     return PagedCacheError(f"token id {token!r} is not an int64; token ids must be ints")
 
 
+def _parent(parent: object, what: str) -> bytes:
+    """``parent`` if it is ``bytes`` (a block key, or the root key); PagedCacheError otherwise."""
+    if not isinstance(parent, bytes):
+        raise PagedCacheError(
+            f"{what}: parent must be bytes (the previous block's key or the root key), "
+            f"got {type(parent).__name__}"
+        )
+    return parent
+
+
 def _digest(person: bytes, data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE, person=person).digest()
 
@@ -98,8 +108,11 @@ def root_key(config: KVCacheConfig) -> bytes:
 
     It covers what changes the bytes of a block (layer count, heads, head size,
     dtype, block size, blocks per offload block) and ``config.namespace``; the
-    pool size, device and watermark do not change it.
+    pool size, device and watermark do not change it. ConfigError for a
+    ``config`` that is not a :class:`KVCacheConfig`.
     """
+    if not isinstance(config, KVCacheConfig):
+        raise ConfigError(f"config: expected a KVCacheConfig, got {type(config).__name__}")
     layout = (
         config.num_layers,
         config.num_kv_heads,
@@ -114,12 +127,12 @@ def root_key(config: KVCacheConfig) -> bytes:
 
 def hash_block(parent: bytes, token_ids: Sequence[int]) -> bytes:
     """The key of a full block of ``token_ids`` whose predecessor's key is ``parent``."""
-    return _digest(b"kvactors.block", parent + pack_tokens(token_ids))
+    return _digest(b"kvactors.block", _parent(parent, "hash_block") + pack_tokens(token_ids))
 
 
 def hash_tail(parent: bytes, token_ids: Sequence[int]) -> bytes:
     """The key of a sequence's tail ``token_ids`` following the block keyed ``parent``."""
-    return _digest(b"kvactors.tail", parent + pack_tokens(token_ids))
+    return _digest(b"kvactors.tail", _parent(parent, "hash_tail") + pack_tokens(token_ids))
 
 
 def hash_blocks(
@@ -128,8 +141,14 @@ def hash_blocks(
     """Chained keys of the full blocks of ``token_ids`` from block index ``start`` on.
 
     ``parent`` is the key of block ``start - 1`` (the root key when ``start`` is 0).
-    Raises :class:`~kvactors.errors.PagedCacheError` for a token id that is not an int64.
+    Raises :class:`~kvactors.errors.PagedCacheError` for a token id that is not an
+    int64, a ``parent`` that is not bytes, or a ``block_size`` or ``start`` that is
+    not an int (``>= 1``, ``>= 0``).
     """
+    _parent(parent, "hash_blocks")
+    for name, value, low in (("block_size", block_size, 1), ("start", start, 0)):
+        if type(value) is not int or value < low:
+            raise PagedCacheError(f"hash_blocks: {name} must be an int >= {low}, got {value!r}")
     full = len(token_ids) // block_size
     if full <= start:
         return []

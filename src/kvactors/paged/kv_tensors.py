@@ -16,18 +16,31 @@ so every dtype (fp8 included) moves bit for bit.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from kvactors.errors import PagedCacheError, TensorSpecError
+from kvactors.errors import ConfigError, PagedCacheError, TensorSpecError
 from kvactors.media.memory import adjacent_runs
 from kvactors.paged.config import KVCacheConfig
 
 __all__ = ["KVTensors", "copy_row_runs"]
 
 _WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+def _block_id(value: object, what: str) -> int:
+    """``value`` as an ``int`` if it is an integer (a numpy or torch integer too),
+    not a bool; PagedCacheError otherwise."""
+    dtype = str(getattr(value, "dtype", ""))
+    if not isinstance(value, bool) and "bool" not in dtype:
+        try:
+            return operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise PagedCacheError(f"{what}: block id {value!r} is not an int")
 
 
 def copy_row_runs(src: Any, src_rows: Sequence[int], dst: Any, dst_rows: Sequence[int]) -> None:
@@ -53,6 +66,8 @@ class KVTensors:
     """
 
     def __init__(self, config: KVCacheConfig, layers: Sequence[torch.Tensor] | None = None) -> None:
+        if not isinstance(config, KVCacheConfig):
+            raise ConfigError(f"config: expected a KVCacheConfig, got {type(config).__name__}")
         self.config = config
         c = config
         self.shape = (2, c.num_gpu_blocks, c.block_size, c.num_kv_heads, c.head_dim)
@@ -63,7 +78,13 @@ class KVTensors:
                 for _ in range(c.num_layers)
             ]
         else:
-            self.layers = list(layers)
+            try:
+                self.layers = list(layers)
+            except TypeError:
+                raise TensorSpecError(
+                    f"layers: expected a sequence of {c.num_layers} tensors, "
+                    f"got {type(layers).__name__}"
+                ) from None
             self._check_layers()
         self.device = self.layers[0].device
         # Per layer, a view [2, num_blocks, words of one block of keys (or values)],
@@ -84,6 +105,10 @@ class KVTensors:
             )
         device = self.layers[0].device
         for i, t in enumerate(self.layers):
+            if not isinstance(t, torch.Tensor):
+                raise TensorSpecError(
+                    f"layers[{i}]: expected a torch.Tensor, got {type(t).__name__}"
+                )
             if tuple(t.shape) != self.shape:
                 raise TensorSpecError(
                     f"layers[{i}]: expected shape {self.shape}, got {tuple(t.shape)}"
@@ -105,18 +130,26 @@ class KVTensors:
 
     # -- block moves ----------------------------------------------------------------
 
-    def _index(self, block_ids: Sequence[int], what: str, unique: bool) -> torch.Tensor:
+    def _index(
+        self, block_ids: Sequence[int], what: str, unique: bool
+    ) -> tuple[torch.Tensor, list[int]]:
+        """``block_ids`` checked, as an index tensor and a list of ``int``s."""
         n = self.config.num_gpu_blocks
-        for b in block_ids:
-            if type(b) is not int or not 0 <= b < n:
+        ids = list(block_ids)
+        for i, b in enumerate(ids):
+            if type(b) is not int:
+                ids[i] = b = _block_id(b, what)
+            if not 0 <= b < n:
                 raise PagedCacheError(f"{what}: block id {b!r} is out of range 0..{n - 1}")
-        if unique and len(set(block_ids)) != len(block_ids):
+        if unique and len(set(ids)) != len(ids):
             raise PagedCacheError(f"{what}: a destination block id is named twice")
-        return torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
+        return torch.tensor(ids, dtype=torch.long, device=self.device), ids
 
     def _rows(self, rows: torch.Tensor, n: int, what: str) -> torch.Tensor:
         """``rows`` as a ``[n, num_layers, 2, side_bytes]`` uint8 view."""
         bb = self.config.block_size_bytes
+        if not isinstance(rows, torch.Tensor):
+            raise TensorSpecError(f"{what}: expected a torch.Tensor, got {type(rows).__name__}")
         if rows.dim() == 0 or rows.shape[0] != n or rows.nbytes != n * bb:
             raise TensorSpecError(
                 f"{what}: expected {n} rows of {bb} bytes, got shape {tuple(rows.shape)} "
@@ -140,7 +173,7 @@ class KVTensors:
         ``len(block_ids) * block_size_bytes`` bytes, any device) receives the rows
         and is returned; by default a new tensor on the cache's device.
         """
-        idx = self._index(block_ids, "gather", unique=False)
+        idx, block_ids = self._index(block_ids, "gather", unique=False)
         n = len(block_ids)
         if out is None:
             out = torch.empty(
@@ -184,7 +217,7 @@ class KVTensors:
         :class:`~kvactors.errors.TensorSpecError` for a wrong ``rows`` and
         :class:`~kvactors.errors.PagedCacheError` for a bad or repeated block id.
         """
-        idx = self._index(block_ids, "scatter", unique=True)
+        idx, block_ids = self._index(block_ids, "scatter", unique=True)
         n = len(block_ids)
         view = self._rows(rows, n, "scatter rows")
         if not n:
@@ -205,8 +238,8 @@ class KVTensors:
         """
         if len(src) != len(dst):
             raise PagedCacheError(f"copy_blocks: {len(src)} sources for {len(dst)} destinations")
-        src_idx = self._index(src, "copy_blocks", unique=False)
-        dst_idx = self._index(dst, "copy_blocks", unique=True)
+        src_idx, _ = self._index(src, "copy_blocks", unique=False)
+        dst_idx, _ = self._index(dst, "copy_blocks", unique=True)
         if not len(src):
             return
         if self.device.type == "cpu":

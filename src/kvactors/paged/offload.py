@@ -35,7 +35,8 @@ from typing import Protocol, runtime_checkable
 import msgspec
 import torch
 
-from kvactors.errors import ConfigError, KVActorsError
+from kvactors.config import Config
+from kvactors.errors import ConfigError, KVActorsError, PagedCacheError
 from kvactors.keys import Key
 from kvactors.paged.allocator import (
     AllocatorStats,
@@ -147,6 +148,16 @@ class PagedKVCache:
     ) -> None:
         if not isinstance(config, KVCacheConfig):
             raise ConfigError(f"config: expected a KVCacheConfig, got {type(config).__name__}")
+        if offloader is not None and not isinstance(offloader, Offloader):
+            hint = (
+                " (open it first: async with kvactors.open(config) as kv)"
+                if isinstance(offloader, Config)
+                else ""
+            )
+            raise ConfigError(
+                "offloader: expected an Offloader (lookup, store and load coroutines, "
+                f"such as the KVCache kvactors.open gives), got {type(offloader).__name__}{hint}"
+            )
         # An offloader that says its block size (the coordinator's KVCache, by
         # its config) must take offload rows of exactly config.offload_bytes.
         block_bytes = getattr(getattr(offloader, "config", None), "block_bytes", None)
@@ -195,8 +206,15 @@ class PagedKVCache:
 
         ``num_cached_tokens`` may be less than its token count (blocks the
         offloader no longer had): the engine recomputes those. Errors and
-        cancellation as for :meth:`allocate`.
+        cancellation as for :meth:`allocate`, and
+        :class:`~kvactors.errors.PagedCacheError` for a ``swapped`` that is not a
+        :class:`SwappedOut`.
         """
+        if not isinstance(swapped, SwappedOut):
+            raise PagedCacheError(
+                f"swap_in: expected the SwappedOut that swap_out returned, "
+                f"got {type(swapped).__name__}"
+            )
         return await self._admit(swapped.request_id, swapped.token_ids, compute_last=False)
 
     async def _admit(
@@ -291,10 +309,11 @@ class PagedKVCache:
 
         Blocks already offloaded are not stored again. The request is freed
         before the first await: if cancelled, it stays freed and what was not
-        stored is recomputed by :meth:`swap_in`. Raises PagedCacheError for an
-        unknown request.
+        stored is recomputed by :meth:`swap_in`. Raises PagedCacheError naming
+        ``swap_out`` for an unknown request.
         """
         core = self.allocator
+        core._idle(request_id, "swap_out")
         if self.offloader is None:
             return SwappedOut(request_id, core.free(request_id), 0)
         items = core.prepare_swap_out(request_id)

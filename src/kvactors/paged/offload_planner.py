@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Collection, Sequence
 
+from kvactors.errors import PagedCacheError
 from kvactors.paged.block_pool import BlockPool, cdiv
 from kvactors.paged.hashing import hash_tail
 from kvactors.paged.plans import OffloadItem, RequestId
@@ -171,7 +172,17 @@ class OffloadPlanner(BlockPool):
         return items
 
     def complete_offload(self, items: Sequence[OffloadItem], success: bool) -> None:
-        """Finish a store of ``items``: on success their blocks still in the pool are clean."""
+        """Finish a store of ``items``: on success their blocks still in the pool are clean.
+
+        PagedCacheError (nothing changed) for ``items`` that are not a sequence
+        of :class:`OffloadItem` or a ``success`` that is not a bool.
+        """
+        success = self._success(success, "complete_offload")
+        if not isinstance(items, Sequence) or not all(isinstance(i, OffloadItem) for i in items):
+            raise PagedCacheError(
+                "complete_offload: items must be the OffloadItems a plan gave, "
+                f"got {type(items).__name__}"
+            )
         for item in items:
             self._in_flight.discard(item.key)
             if not success:

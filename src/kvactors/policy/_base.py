@@ -3,12 +3,30 @@ and the key queries over a policy's ``key -> block`` map."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from typing import ClassVar, Protocol, runtime_checkable
 
 import msgspec
 
+from kvactors.errors import ConfigError
 from kvactors.keys import Key
+
+
+def checked_capacity(capacity: object, minimum: int) -> int:
+    """``capacity`` as an ``int`` if it is an integer (not a bool) of at least ``minimum``.
+
+    Raises :class:`~kvactors.errors.ConfigError` naming ``capacity`` otherwise, when
+    the policy is made (a policy given a wrong one used to fail in a later
+    handshake, with a ``TypeError``, ``KeyError`` or ``StopIteration``).
+    """
+    try:
+        value = operator.index(capacity)  # type: ignore[arg-type]
+    except TypeError:
+        value = None
+    if value is None or isinstance(capacity, bool) or value < minimum:
+        raise ConfigError(f"capacity: expected an int >= {minimum}, got {capacity!r}")
+    return value
 
 
 class BlockStatus(msgspec.Struct, eq=False, gc=False):

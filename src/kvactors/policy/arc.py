@@ -13,7 +13,7 @@ from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import ClassVar
 
 from kvactors.keys import Key
-from kvactors.policy._base import BlockStatus, HeldKeys
+from kvactors.policy._base import BlockStatus, HeldKeys, checked_capacity
 
 
 class ARCPolicy(HeldKeys):
@@ -33,7 +33,9 @@ class ARCPolicy(HeldKeys):
     name: ClassVar[str] = "arc"
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+        """Raises :class:`~kvactors.errors.ConfigError` for a ``capacity`` that is
+        not an ``int >= 0``."""
+        self.capacity = checked_capacity(capacity, 0)
         self.target = 0.0
         self.t1: OrderedDict[Key, BlockStatus] = OrderedDict()
         self.t2: OrderedDict[Key, BlockStatus] = OrderedDict()

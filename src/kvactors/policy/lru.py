@@ -9,7 +9,7 @@ from operator import attrgetter, not_
 from typing import ClassVar
 
 from kvactors.keys import Key
-from kvactors.policy._base import BlockStatus, HeldKeys
+from kvactors.policy._base import BlockStatus, HeldKeys, checked_capacity
 
 _REF_CNT = attrgetter("ref_cnt")
 
@@ -31,7 +31,8 @@ class LRUPolicy(HeldKeys):
     name: ClassVar[str] = "lru"
 
     def __init__(self, capacity: int = 0) -> None:
-        # capacity is unused by LRU; accepted so every policy is built alike.
+        # capacity is unused by LRU; accepted (and checked) so every policy is built alike.
+        checked_capacity(capacity, 0)
         self._blocks: OrderedDict[Key, BlockStatus] = OrderedDict()
         # Bound C methods: the manager's hot loops call these once per key.
         self.get = self._blocks.get

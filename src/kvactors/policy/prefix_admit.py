@@ -82,7 +82,7 @@ from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import ClassVar
 
 from kvactors.keys import Key
-from kvactors.policy._base import BlockStatus, HeldKeys
+from kvactors.policy._base import BlockStatus, HeldKeys, checked_capacity
 from kvactors.policy.prefix_values import CLASSES, NEW_CLASSES, ClassValues, new_class, promoted
 
 __all__ = ["CLASSES", "NEW_CLASSES", "PrefixAdmitPolicy", "new_class"]
@@ -140,7 +140,9 @@ class PrefixAdmitPolicy(ClassValues, HeldKeys):
     name: ClassVar[str] = "prefix_admit"
 
     def __init__(self, capacity: int, *, duel: bool = True, cut: bool = False) -> None:
-        super().__init__(capacity)
+        """Raises :class:`~kvactors.errors.ConfigError` for a ``capacity`` that is
+        not an ``int >= 1``."""
+        super().__init__(checked_capacity(capacity, 1))
         self.clock = 0.0
         self.lists: list[OrderedDict[Key, float]] = [OrderedDict() for _ in range(CLASSES)]
         self._blocks: dict[Key, BlockStatus] = {}

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from kvactors.errors import ConfigError
 from kvactors.keys import Key
-from kvactors.policy._base import BlockStatus, HeldKeys
+from kvactors.policy._base import BlockStatus, HeldKeys, checked_capacity
 
 
 def _finite(value: object) -> bool:
@@ -48,7 +48,8 @@ class WeightedLRUPolicy(HeldKeys):
     ) -> None:
         """Raises :class:`~kvactors.errors.ConfigError` naming a weight that is not a
         finite ``int`` or ``float`` (a string, ``None``, a bool, NaN, infinity, an
-        int past a float's range)."""
+        int past a float's range), and for a ``capacity`` that is not an ``int >= 0``."""
+        capacity = checked_capacity(capacity, 0)
         for field, weight in (("frequency_weight", frequency_weight), ("size_weight", size_weight)):
             if not _finite(weight):
                 raise ConfigError(f"{field} must be a finite number, got {weight!r}")
@@ -63,8 +64,21 @@ class WeightedLRUPolicy(HeldKeys):
         self._seq = count()
         self.get = self._blocks.get
 
+    def _weight(self, freq: int, size: int) -> float:
+        """``freq ** frequency_weight / size ** size_weight``; where that passes a
+        float's range (large weights, many uses), the same value from logarithms,
+        saturated: ``inf`` above a float's range, ``0.0`` below it."""
+        try:
+            return float(freq**self.frequency_weight / size**self.size_weight)
+        except (OverflowError, ZeroDivisionError):
+            exponent = self.frequency_weight * math.log(freq) - self.size_weight * math.log(size)
+            try:
+                return math.exp(exponent)
+            except OverflowError:
+                return math.inf
+
     def _push(self, key: Key, block: BlockStatus) -> None:
-        weight = self._freq[key] ** self.frequency_weight / max(block.size, 1) ** self.size_weight
+        weight = self._weight(self._freq[key], max(block.size, 1))
         entry = (self.clock + weight, next(self._seq))
         self._prio[key] = entry
         heapq.heappush(self._heap, (entry[0], entry[1], key))
