@@ -10,13 +10,15 @@ is left there is what the command left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from subprocess import Popen
 
 import pytest
 
@@ -27,6 +29,32 @@ ROOT = Path(__file__).resolve().parent.parent
 MAIN = "import sys; from kvactors.cli import main; sys.exit(main())"
 
 
+@contextlib.contextmanager
+def running(argv: list[str], tmp: Path, *, sigint_ignored: bool = False) -> Iterator[Popen[str]]:
+    """``kvactors ARGV`` running with ``TMPDIR=tmp`` (``sigint_ignored``: started
+    with SIGINT ignored, as a shell script's background job is); killed on the
+    way out if it is still running."""
+    env = {**os.environ, "KVACTORS_REDIS_SERVER": server_binary(), "TMPDIR": str(tmp)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-c", MAIN, *argv]
+    if sigint_ignored:  # the shell's trap is inherited across its exec
+        cmd = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd]
+    proc = Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def sigterm(proc: Popen[str], argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Send ``proc`` SIGTERM and wait (at most 60 s) for how it ends."""
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+
 def terminate(
     argv: list[str],
     tmp: Path,
@@ -35,31 +63,18 @@ def terminate(
     within: float = 120,
     sigint_ignored: bool = False,
 ) -> tuple[subprocess.CompletedProcess[str], list[int]]:
-    """Run ``kvactors ARGV`` with ``TMPDIR=tmp``; once ``ready(pid)`` returns the
+    """Run ``kvactors ARGV`` (:func:`running`); once ``ready(pid)`` returns the
     processes to check (a list, maybe empty; ``None``: not yet; at most ``within``
-    seconds), let it run one second more and send it SIGTERM. ``sigint_ignored``:
-    start it with SIGINT ignored, as a shell script's background job is."""
-    env = {**os.environ, "KVACTORS_REDIS_SERVER": server_binary(), "TMPDIR": str(tmp)}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-c", MAIN, *argv]
-    if sigint_ignored:  # the shell's trap is inherited across its exec
-        cmd = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    found: list[int] | None = None
-    try:
+    seconds), let it run one second more and send it SIGTERM."""
+    with running(argv, tmp, sigint_ignored=sigint_ignored) as proc:
+        found: list[int] | None = None
         deadline = time.monotonic() + within
         while found is None and time.monotonic() < deadline and proc.poll() is None:
             found = ready(proc.pid)
             time.sleep(0.05)
         assert found is not None, f"kvactors {' '.join(argv)} never got ready to be stopped"
         time.sleep(1.0)  # into the work
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr), found
+        return sigterm(proc, argv), found
 
 
 def made(tmp: Path, prefix: str) -> Callable[[int], list[int] | None]:
@@ -148,74 +163,35 @@ def catches_sigterm(pid: int) -> bool:
 def test_sigterm_while_the_command_starts_exits_143_without_a_traceback(tmp_path: Path) -> None:
     # At once after the handler is in place: the command is still loading its
     # modules (torch for demo) or just starting; either way 143, nothing printed.
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen(
-        [sys.executable, "-c", MAIN, "demo", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
+    with running(["demo", "--json"], tmp_path) as proc:
         deadline = time.monotonic() + 60
         while not catches_sigterm(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.001)
         assert catches_sigterm(proc.pid), "kvactors demo never set its SIGTERM handler"
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    check_stopped(subprocess.CompletedProcess([], proc.returncode, stdout, stderr), tmp_path)
+        check_stopped(sigterm(proc, []), tmp_path)
 
 
 def test_sigterm_while_bench_remote_starts_its_server_stops_that_server(tmp_path: Path) -> None:
     # The moment the server process exists, before it answers: the bench is
     # still waiting for it inside LocalServer.start, which must stop it too.
-    env = {**os.environ, "KVACTORS_REDIS_SERVER": server_binary(), "TMPDIR": str(tmp_path)}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     argv = ["bench", "remote", "--sizes", "64", "--mib", "1", "--repeat", "1", "--json"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", MAIN, *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    server: list[int] = []
-    try:
+    with running(argv, tmp_path) as proc:
+        server: list[int] = []
         deadline = time.monotonic() + 60
         while not server and time.monotonic() < deadline and proc.poll() is None:
             server = [c for c in children(proc.pid) if b"server" in cmdline(c)]
         assert server, "bench remote started no server"
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    check_stopped(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr), tmp_path)
+        check_stopped(sigterm(proc, argv), tmp_path)
     assert all_gone(server)
 
 
 def test_sigterm_while_bench_remote_starts_a_replay_process_stops_it(tmp_path: Path) -> None:
     # The moment the sharing figure's first replay process exists: the bench may
     # still be inside subprocess.Popen for it, and must stop it all the same.
-    env = {**os.environ, "KVACTORS_REDIS_SERVER": server_binary(), "TMPDIR": str(tmp_path)}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     argv = ["bench", "remote", "--sizes", "64", "--mib", "1", "--repeat", "1"]
     argv += ["--requests", "12000", "--json"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", MAIN, *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    found: list[int] = []
-    try:
+    with running(argv, tmp_path) as proc:
+        found: list[int] = []
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             kids = children(proc.pid)
@@ -223,11 +199,5 @@ def test_sigterm_while_bench_remote_starts_a_replay_process_stops_it(tmp_path: P
                 found = kids  # the server and the replay process
                 break
         assert found, "bench remote started no replay process"
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    check_stopped(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr), tmp_path)
+        check_stopped(sigterm(proc, argv), tmp_path)
     assert all_gone(found)

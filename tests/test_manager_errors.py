@@ -119,22 +119,20 @@ def test_both_cores_raise_the_same_constructor_errors(native: bool) -> None:
         OffloadingManager(4, block_size=16, medium=3, native=native)  # type: ignore[arg-type]
 
 
+def key_calls(mgr: OffloadingManager) -> dict[str, Any]:
+    """Every manager method that takes a call's keys, by name."""
+    names = ["lookup", "touch", "prepare_store", "complete_store", "prepare_load"]
+    names += ["complete_load", "remove", "restore"]
+    return {name: getattr(mgr, name) for name in names}
+
+
 @pytest.mark.parametrize("native", CORES)
 @pytest.mark.parametrize("keys", [None, 7, 1.5])
 def test_keys_that_are_not_iterable_are_an_invalid_key_on_both_cores(
     native: bool, keys: object
 ) -> None:
     mgr = OffloadingManager(4, block_size=16, native=native)
-    calls = {
-        "lookup": mgr.lookup,
-        "touch": mgr.touch,
-        "prepare_store": mgr.prepare_store,
-        "complete_store": mgr.complete_store,
-        "prepare_load": mgr.prepare_load,
-        "complete_load": mgr.complete_load,
-        "remove": mgr.remove,
-        "restore": mgr.restore,
-    }
+    calls = key_calls(mgr)
     kind = type(keys).__name__
     for name, call in calls.items():
         with pytest.raises(
@@ -151,16 +149,7 @@ def test_one_key_where_keys_go_is_an_invalid_key_on_both_cores(native: bool, key
     """A bytes key (or a string) passed bare is refused, not iterated: its items
     (the ints 97 and 98, or characters) would be taken for keys and stored."""
     mgr = OffloadingManager(4, block_size=16, native=native)
-    calls = {
-        "lookup": mgr.lookup,
-        "touch": mgr.touch,
-        "prepare_store": mgr.prepare_store,
-        "complete_store": mgr.complete_store,
-        "prepare_load": mgr.prepare_load,
-        "complete_load": mgr.complete_load,
-        "remove": mgr.remove,
-        "restore": mgr.restore,
-    }
+    calls = key_calls(mgr)
     kind = type(keys).__name__
     for name, call in calls.items():
         with pytest.raises(
