@@ -63,27 +63,38 @@ def _run(python: Path, name: str, spec: dict[str, Any], multiprocess: bool) -> A
         pytest.fail(f"vLLM run {name!r}: {exc}")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    python = vllm_python()
-    tmp = tmp_path_factory.mktemp("vllm")
+def _tiny_model(tmp: Path) -> Path:
+    """A tiny Llama (config and random weights) built in ``tmp`` by the vLLM venv."""
     model = tmp / "tiny-llama"
     subprocess.run(
         [
-            str(python),
+            str(vllm_python()),
             "-c",
             f"from kvactors.vllm.engine import build_tiny_llama; build_tiny_llama({str(model)!r})",
         ],
         check=True,
         timeout=300,
     )
-    base = {
+    return model
+
+
+def _base(model: Path) -> dict[str, Any]:
+    """What every engine run of these tests shares: the model, the prompts, and 40
+    device blocks (under two requests' worth: prefixes go to CPU / NVMe)."""
+    return {
         "model": str(model),
         "prompts": _prompts(),
         "block_size": BLOCK,
-        "kv_cache_bytes": 40 * ROW,  # 40 device blocks: under two requests' worth
+        "kv_cache_bytes": 40 * ROW,
         "max_model_len": 1024,
     }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    python = vllm_python()
+    tmp = tmp_path_factory.mktemp("vllm")
+    base = _base(_tiny_model(tmp))
     corrupt = _kv(tmp / "c", spec_name="CorruptingSpec", prefetch=False)
     corrupt["spec_module_path"] = "kvactors_corrupt_spec"
     uni = {**base, "executor": "uni"}

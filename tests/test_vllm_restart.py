@@ -11,38 +11,20 @@ prompts), one in-process engine per run, each in a process of its own.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from _vllm_venv import vllm_python
 from kvactors.vllm import extra_config
-from test_vllm_engine import BLOCK, ROW, _hits, _prompts, _run
+from test_vllm_engine import ROW, _base, _hits, _run, _tiny_model
 
 pytestmark = pytest.mark.vllm
 
 
 def test_an_engine_restarted_on_the_same_nvme_directory_starts_it_fresh(tmp_path: Path) -> None:
     python = vllm_python()
-    model = tmp_path / "tiny-llama"
-    subprocess.run(
-        [
-            str(python),
-            "-c",
-            f"from kvactors.vllm.engine import build_tiny_llama; build_tiny_llama({str(model)!r})",
-        ],
-        check=True,
-        timeout=300,
-    )
-    base = {
-        "model": str(model),
-        "prompts": _prompts(),
-        "block_size": BLOCK,
-        "kv_cache_bytes": 40 * ROW,  # under two requests' worth: prefixes go to CPU / NVMe
-        "max_model_len": 1024,
-        "executor": "uni",
-    }
+    base = {**_base(_tiny_model(tmp_path)), "executor": "uni"}
     nvme = tmp_path / "nvme"
 
     def engine(name: str, nvme_bytes: int, stripes: int) -> dict[str, object]:
