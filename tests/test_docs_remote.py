@@ -63,6 +63,8 @@ BAD_REMOTE = [
     ("url", "redis://h:6379/notadb"), ("url", "redis://h:6379/1/2"), ("url", "redis://h/-1"),
     ("url", "redis://h:6379/0?db=x"), ("url", "redis://h:6379/0?foo=1"), ("url", "unix://"),
     ("url", "unix:///run/v.sock?timeout=x"), ("nodes", [" h:1"]), ("nodes", ["h h:1"]),
+    ("namespace", "a\tb"), ("namespace", "a\nb"), ("namespace", "a\x00b"),
+    ("namespace", "a\u2003b"),
 ]  # fmt: skip
 
 

@@ -69,6 +69,7 @@ BAD = [
     ("nvme_backend", "gds"), ("nvme_stripes", 0), ("prefetch", "yes"),
     ("remote_url", "127.0.0.1:6379"), ("remote_url", 5), ("remote_nodes", "h:1"),
     ("remote_nodes", ["no-port"]), ("remote_namespace", "a:b"), ("remote_namespace", ""),
+    ("remote_namespace", "a\tb"), ("remote_namespace", "a\x7fb"),
     ("remote_model", ""), ("remote_timeout", 0), ("remote_timeout", "2"), ("remote_ttl", -1),
     ("nvme_stripes", 1025), ("remote_url", "http://127.0.0.1:6379"),
     ("remote_timeout", float("nan")), ("remote_timeout", float("inf")),

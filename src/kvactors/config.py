@@ -231,6 +231,17 @@ def path_problem(path: str) -> str | None:
     return None
 
 
+def namespace_ok(namespace: object) -> bool:
+    """Whether ``namespace`` can prefix a remote tier's server keys: a non-empty
+    ``str`` with no braces (cluster hash tags), colons (the key's separator),
+    white space or control characters."""
+    return (
+        isinstance(namespace, str)
+        and bool(namespace)
+        and not any(c in "{}:" or c.isspace() or not c.isprintable() for c in namespace)
+    )
+
+
 TIERS: tuple[str, ...] = ("cpu", "nvme", "remote")
 """The chain below the GPU pool, top first: each name is a field of :class:`Config`
 holding a :class:`TierSpec` (or ``None``: not configured). Stores land in the
@@ -351,10 +362,10 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         check_credentials(self.url, self.nodes, self.username, self.password)
         if self.url is not None and not self.nodes:
             check_url(self.url, self.cluster)  # the URL used: ConfigError naming remote.url
-        if not self.namespace or any(c in self.namespace for c in "{}: "):
+        if not namespace_ok(self.namespace):
             raise ConfigError(
-                f"namespace: expected a non-empty name without braces, colons "
-                f"or spaces, got {self.namespace!r}"
+                f"namespace: expected a non-empty name without braces, colons, "
+                f"white space or control characters, got {self.namespace!r}"
             )
 
     def masked(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from kvactors.config import (
     MAX_BLOCKS,
     MAX_THREADS,
     REMOTE_SCHEMES,
+    namespace_ok,
     path_problem,
     positive_seconds,
 )
@@ -227,10 +228,10 @@ def _remote(extra: Mapping[str, Any]) -> dict[str, Any]:
             "kv_connector_extra_config['remote_nodes']: give remote_url or remote_nodes, not both"
         )
     namespace = extra.get("remote_namespace", "kvactors")
-    if not isinstance(namespace, str) or not namespace or any(c in namespace for c in "{}: "):
+    if not namespace_ok(namespace):
         raise ConfigError(
             f"kv_connector_extra_config['remote_namespace']: expected a non-empty name without "
-            f"'{{', '}}', ':' or spaces, got {namespace!r}"
+            f"'{{', '}}', ':', white space or control characters, got {namespace!r}"
         )
     model = extra.get("remote_model")
     if model is not None and (not isinstance(model, str) or not model):
