@@ -1046,6 +1046,7 @@ async def test_gpu_pool_rows_and_write_rows_check_their_arguments() -> None:
                 ([-1], row),
                 ([0.5], row),
                 ([0, 1], row),  # one row for two slots
+                ([2, 2], torch.ones((2, BB), dtype=torch.uint8)),  # a slot named twice
                 ([0], torch.ones((1, BB - 1), dtype=torch.uint8)),
                 ([0], torch.ones((1, BB // 4), dtype=torch.int32)),
                 ([0], None),

@@ -280,8 +280,12 @@ class MemoryPool:
     def write_rows(self, ids: list[int], rows: torch.Tensor) -> None:
         """Copy ``rows``, a ``(len(ids), block_bytes)`` uint8 tensor, into slots
         ``ids`` (blocking until done). Raises
-        :class:`~kvactors.errors.TensorSpecError` for bad slot ids or rows."""
+        :class:`~kvactors.errors.TensorSpecError` for bad slot ids (a slot named
+        twice included: which row it would hold is not defined) or rows."""
         slots = self._slots(ids, "write_rows")
+        if len(set(slots)) != len(slots):
+            twice = next(s for i, s in enumerate(slots) if s in slots[:i])
+            raise TensorSpecError(f"write_rows: {self.name} slot {twice} is named twice")
         want = (len(slots), self.block_bytes)
         if (
             not isinstance(rows, torch.Tensor)
