@@ -172,22 +172,30 @@ def test_promotion_without_a_cpu_slot_reads_into_scratch(tmp_path: Path) -> None
         mover.close()
 
 
-def test_a_second_mover_on_the_same_nvme_directory_starts_it_fresh(tmp_path: Path) -> None:
-    """The NVMe directory is scratch space: a later engine (even with another NVMe
-    size) starts it empty instead of finding, or refusing, the previous run's files."""
-    rows = PagedRows(caches(2, 32, 128), [[0, 1]])
-    directory = str(tmp_path / "nvme")
-    first = BlockMover(rows, 4, 16, nvme_directory=directory, nvme_backend="posix")
+def _mover_holding_one_block(rows: PagedRows, directory: str) -> BlockMover:
+    """A mover (4 CPU, 16 NVMe slots, posix I/O) on ``directory`` that has written
+    one block through to NVMe (checked indexed there); the caller closes it."""
+    mover = BlockMover(rows, 4, 16, nvme_directory=directory, nvme_backend="posix")
     try:
         tiers = TieredManager(4, 16, write_mode="through")
         out = tiers.prepare_store([b"k" * 12])
         assert out is not None
         assert len(out[1].write_through) == 1
-        first.execute(True, GPUBlocks([0], [1], [0]), out[1])
-        assert first.nvme is not None
-        assert len(first.nvme.index.by_key) == 1
-    finally:
-        first.close()
+        mover.execute(True, GPUBlocks([0], [1], [0]), out[1])
+        assert mover.nvme is not None
+        assert len(mover.nvme.index.by_key) == 1
+    except BaseException:
+        mover.close()
+        raise
+    return mover
+
+
+def test_a_second_mover_on_the_same_nvme_directory_starts_it_fresh(tmp_path: Path) -> None:
+    """The NVMe directory is scratch space: a later engine (even with another NVMe
+    size) starts it empty instead of finding, or refusing, the previous run's files."""
+    rows = PagedRows(caches(2, 32, 128), [[0, 1]])
+    directory = str(tmp_path / "nvme")
+    _mover_holding_one_block(rows, directory).close()
     for slots in (16, 8):
         again = BlockMover(rows, 4, slots, nvme_directory=directory, nvme_backend="posix")
         try:
@@ -205,12 +213,8 @@ def test_a_second_mover_while_the_first_runs_is_refused_and_deletes_nothing(
     one's blocks stay indexed."""
     rows = PagedRows(caches(2, 32, 128), [[0, 1]])
     directory = str(tmp_path / "nvme")
-    first = BlockMover(rows, 4, 16, nvme_directory=directory, nvme_backend="posix")
+    first = _mover_holding_one_block(rows, directory)
     try:
-        tiers = TieredManager(4, 16, write_mode="through")
-        out = tiers.prepare_store([b"k" * 12])
-        assert out is not None
-        first.execute(True, GPUBlocks([0], [1], [0]), out[1])
         assert first.nvme is not None
         files = sorted(p.name for p in (tmp_path / "nvme").iterdir())
         with pytest.raises(CacheLockedError, match="in use"):
