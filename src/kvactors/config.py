@@ -350,13 +350,15 @@ class RemoteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         _check_types(self)
         if self.url is None and not self.nodes:
             raise ConfigError("remote.url: give url or nodes")
-        from kvactors.media.remote import check_credentials, check_url, masked_url, parse_node
+        from kvactors.media.remote_nodes import (
+            check_credentials,
+            check_scheme,
+            check_url,
+            parse_node,
+        )
 
-        if self.url is not None and not self.url.startswith(REMOTE_SCHEMES):
-            raise ConfigError(
-                f"remote.url: expected {', '.join(s + '...' for s in REMOTE_SCHEMES)}, "
-                f"got {masked_url(self.url)!r}"
-            )
+        if self.url is not None:
+            check_scheme(self.url)
         for node in self.nodes:
             parse_node(node)  # ConfigError naming remote.nodes
         check_credentials(self.url, self.nodes, self.username, self.password)

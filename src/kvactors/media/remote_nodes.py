@@ -27,6 +27,7 @@ __all__ = [
     "Node",
     "RemoteNodes",
     "check_credentials",
+    "check_scheme",
     "check_url",
     "masked_url",
     "parse_node",
@@ -86,6 +87,16 @@ def parse_node(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def check_scheme(url: str) -> None:
+    """ConfigError naming ``remote.url`` for a URL of no scheme the tier speaks
+    (:data:`~kvactors.config.REMOTE_SCHEMES`); the password is shown as ``***``."""
+    if not url.startswith(REMOTE_SCHEMES):
+        raise ConfigError(
+            f"remote.url: expected {', '.join(s + '...' for s in REMOTE_SCHEMES)}, "
+            f"got {masked_url(url)!r}"
+        )
+
+
 def check_url(url: str, cluster: bool = False) -> None:
     """ConfigError naming ``remote.url`` where redis-py would not connect to ``url``
     as written: another scheme, a port that is no number 1..65535, a path that
@@ -95,11 +106,8 @@ def check_url(url: str, cluster: bool = False) -> None:
     connection); with ``cluster``, a database other than 0 (a cluster has only
     that one) or a ``unix://`` URL (``remote.cluster``: nodes are reached over
     TCP). The password is shown as ``***``."""
+    check_scheme(url)
     shown = masked_url(url)
-    if not url.startswith(REMOTE_SCHEMES):
-        raise ConfigError(
-            f"remote.url: expected {', '.join(s + '...' for s in REMOTE_SCHEMES)}, got {shown!r}"
-        )
     parts = urlsplit(url)
     query = parse_qs(parts.query)
     if parts.scheme == "unix":
